@@ -1,0 +1,1 @@
+"""ambit node agent."""

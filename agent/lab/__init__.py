@@ -1,0 +1,1 @@
+"""The netns lab: nodes and pods as network namespaces on one Linux machine (ambit's embedded default)."""
