@@ -43,7 +43,11 @@ def _cmd_lab_status(args: argparse.Namespace) -> int:
     from agent.lab import control
 
     lab = control.require(_lab_prefix(args))
-    print(render(control.status_rows(lab), args.output, ["kind", "name", "node", "ip", "cidr", "netns", "state"]))
+    print(
+        render(
+            control.status_rows(lab), args.output, ["kind", "name", "node", "ip", "cidr", "netns", "state"]
+        )
+    )
     return 0
 
 
@@ -71,7 +75,9 @@ def _cmd_lab_check(args: argparse.Namespace) -> int:
 
     lab = control.require(_lab_prefix(args))
     results = check_all_pairs(lab.plan)
-    rows = [{"from": r.src, "to": r.dst, "result": "ok" if r.ok else "FAIL", "detail": r.detail} for r in results]
+    rows = [
+        {"from": r.src, "to": r.dst, "result": "ok" if r.ok else "FAIL", "detail": r.detail} for r in results
+    ]
     print(render(rows, args.output))
     return 0 if all(r.ok for r in results) else 1
 
@@ -96,7 +102,9 @@ def add_lab(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     up.add_argument("--nodes", type=int, default=2, help="number of nodes (default %(default)s)")
     up.add_argument("--pods", type=int, default=2, help="pods per node (default %(default)s)")
     up.add_argument("--node-cidr", default=DEFAULT_NODE_CIDR, help="node addresses (default %(default)s)")
-    up.add_argument("--pod-cidr", default=DEFAULT_POD_CIDR, help="pod addresses, a /24 per node (default %(default)s)")
+    up.add_argument(
+        "--pod-cidr", default=DEFAULT_POD_CIDR, help="pod addresses, a /24 per node (default %(default)s)"
+    )
     up.set_defaults(func=_cmd_lab_up)
     verbs.add_parser("down", help="remove everything the lab made").set_defaults(func=_cmd_lab_down)
     status = verbs.add_parser("status", help="nodes, pods, addresses and lab processes")
@@ -109,13 +117,23 @@ def add_lab(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     check = verbs.add_parser("check", help="TCP echo from every pod to every other pod")
     check.add_argument("-o", "--output", choices=FORMATS, default="table")
     check.set_defaults(func=_cmd_lab_check)
-    verbs.add_parser("demo", help="the `make lab` walk-through: up, traffic, down").set_defaults(func=_cmd_lab_demo)
+    verbs.add_parser("demo", help="the `make lab` walk-through: up, traffic, down").set_defaults(
+        func=_cmd_lab_demo
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ambit", description="ambit: zero-trust mesh data plane")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_lab(sub)
+    # Each area owns its own subcommand and arguments; imports stay light so `ambit --help` is fast.
+    from agent.daemon import add_agent_command
+    from agent.debug import add_debug_command
+    from mgmt.cli import add_mgmt_command
+
+    add_agent_command(sub)
+    add_mgmt_command(sub)
+    add_debug_command(sub)
     return parser
 
 

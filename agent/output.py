@@ -23,7 +23,9 @@ def render(rows: Sequence[dict[str, Any]], fmt: str = "table", columns: Sequence
         return "(none)"
     cells = [[c.upper() for c in cols]] + [[_cell(r.get(c, "")) for c in cols] for r in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(cols))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in cells)
+    return "\n".join(
+        "  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in cells
+    )
 
 
 def _cell(value: Any) -> str:

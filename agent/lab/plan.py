@@ -80,9 +80,7 @@ class LabPlan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LabPlan:
-        nodes = tuple(
-            NodePlan(**{**n, "pods": tuple(PodPlan(**p) for p in n["pods"])}) for n in d["nodes"]
-        )
+        nodes = tuple(NodePlan(**{**n, "pods": tuple(PodPlan(**p) for p in n["pods"])}) for n in d["nodes"])
         return cls(**{**d, "nodes": nodes})
 
 
@@ -115,7 +113,9 @@ def plan_lab(
         raise UsageError(f"node CIDR {node_cidr} overlaps pod CIDR {pod_cidr}")
     node_hosts = node_net.num_addresses - 2
     if nodes > node_hosts:
-        raise UsageError(f"node CIDR {node_cidr} overflows: {nodes} nodes need {nodes} addresses, it has {node_hosts}")
+        raise UsageError(
+            f"node CIDR {node_cidr} overflows: {nodes} nodes need {nodes} addresses, it has {node_hosts}"
+        )
     if pod_net.prefixlen > NODE_POD_PREFIXLEN:
         raise UsageError(f"pod CIDR {pod_cidr} overflows: it must hold /{NODE_POD_PREFIXLEN} node slices")
     slices = list(pod_net.subnets(new_prefix=NODE_POD_PREFIXLEN))

@@ -68,9 +68,7 @@ def _probe_targets(targets: list[tuple[str, str]], port: int) -> list[tuple[str,
 def check_all_pairs(plan: LabPlan, port: int = ECHO_PORT) -> list[ProbeResult]:
     """Start an echo server in each pod, connect from every pod to every other pod, stop the servers."""
     pods = plan.pods()
-    servers = [
-        nsx.popen_in(p.netns, [sys.executable, "-c", _SERVER_SNIPPET, str(port)]) for p in pods
-    ]
+    servers = [nsx.popen_in(p.netns, [sys.executable, "-c", _SERVER_SNIPPET, str(port)]) for p in pods]
     try:
         _wait_listening(plan, port)
         results = []

@@ -1,0 +1,79 @@
+"""SPIFFE IDs: spiffe://<trust-domain>/ns/<ns>/sa/<sa> for workloads, spiffe://<td>/node/<name> for nodes."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from cryptography import x509
+
+# Trust domain and path charset per the SPIFFE ID spec (lowercase letters, digits, '.', '-', '_').
+_TD = re.compile(r"^[a-z0-9._-]+$")
+_SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+class SpiffeIdError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, order=True)
+class SpiffeId:
+    trust_domain: str
+    path: str  # always starts with '/'
+
+    def __str__(self) -> str:
+        return f"spiffe://{self.trust_domain}{self.path}"
+
+    @classmethod
+    def parse(cls, uri: str) -> SpiffeId:
+        if not uri.startswith("spiffe://"):
+            raise SpiffeIdError(f"not a SPIFFE ID (scheme must be spiffe://): {uri!r}")
+        rest = uri[len("spiffe://") :]
+        td, sep, path = rest.partition("/")
+        if not td or not _TD.match(td):
+            raise SpiffeIdError(f"bad trust domain in {uri!r}")
+        if not sep or not path:
+            raise SpiffeIdError(f"SPIFFE ID has no path: {uri!r}")
+        segments = path.split("/")
+        if any(not s or s in (".", "..") or not _SEGMENT.match(s) for s in segments):
+            raise SpiffeIdError(f"bad path segment in {uri!r}")
+        return cls(td, "/" + path)
+
+    @classmethod
+    def workload(cls, trust_domain: str, namespace: str, service_account: str) -> SpiffeId:
+        return cls.parse(f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
+
+    @classmethod
+    def node(cls, trust_domain: str, node_name: str) -> SpiffeId:
+        return cls.parse(f"spiffe://{trust_domain}/node/{node_name}")
+
+    @property
+    def segments(self) -> list[str]:
+        return self.path.strip("/").split("/")
+
+    @property
+    def namespace(self) -> str | None:
+        seg = self.segments
+        return seg[1] if len(seg) == 4 and seg[0] == "ns" and seg[2] == "sa" else None
+
+    @property
+    def service_account(self) -> str | None:
+        seg = self.segments
+        return seg[3] if len(seg) == 4 and seg[0] == "ns" and seg[2] == "sa" else None
+
+    @property
+    def node_name(self) -> str | None:
+        seg = self.segments
+        return seg[1] if len(seg) == 2 and seg[0] == "node" else None
+
+
+def spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
+    """The single SPIFFE URI SAN of a leaf certificate (raises ValueError otherwise)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise ValueError("certificate has no SAN extension") from None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        raise ValueError(f"certificate must carry exactly one URI SAN, has {len(uris)}")
+    return SpiffeId.parse(uris[0])

@@ -1,0 +1,1 @@
+"""ambit management plane: config store, node-scoped pull relay, certificate authority."""
