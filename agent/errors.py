@@ -1,4 +1,7 @@
-"""Errors shared across the agent. A UsageError is the user's mistake: the CLI prints it on one line, exit 2."""
+"""Errors shared across the agent.
+
+A UsageError is the operator's mistake: the CLI prints it on one line and exits 2.
+"""
 
 
 class UsageError(Exception):

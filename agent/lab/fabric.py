@@ -5,6 +5,7 @@ This module is the only owner of the lab's links and routes; it runs no `ip` com
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -139,20 +140,16 @@ def pids_in_netns(name: str) -> list[int]:
 def stop_pids(pids: list[int], grace: float = 5.0) -> None:
     """SIGTERM, then SIGKILL whatever is still alive after `grace` seconds."""
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + grace
     alive = list(pids)
     while alive and time.monotonic() < deadline:
         alive = [p for p in alive if _alive(p)]
         time.sleep(0.05)
     for pid in alive:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _alive(pid: int) -> bool:

@@ -92,7 +92,8 @@ def parse(doc: Any, where: str = "") -> Any:
     info = KINDS[kind]
     if doc.get("apiVersion") not in info.api_versions:
         raise ResourceError(
-            f"{kind}: apiVersion must be one of {', '.join(sorted(info.api_versions))}, got {doc.get('apiVersion')!r}",
+            f"{kind}: apiVersion must be one of {', '.join(sorted(info.api_versions))}, "
+            f"got {doc.get('apiVersion')!r}",
             where,
         )
     md = doc.get("metadata")
