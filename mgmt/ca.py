@@ -76,9 +76,17 @@ class CertificateAuthority:
         return self.chain[-1] if self.chain else self.cert
 
     def issue(
-        self, spiffe_id: SpiffeId, public_key: PublicKey, ttl: dt.timedelta = DEFAULT_LEAF_TTL
+        self,
+        spiffe_id: SpiffeId,
+        public_key: PublicKey,
+        ttl: dt.timedelta = DEFAULT_LEAF_TTL,
+        dns_names: tuple[str, ...] = (),
     ) -> list[x509.Certificate]:
-        """Sign a leaf SVID for `spiffe_id`; returns [leaf, this CA, intermediates...] (anchor excluded)."""
+        """Sign a leaf SVID for `spiffe_id`; returns [leaf, this CA, intermediates...] (anchor excluded).
+
+        `dns_names` is only for the management plane's own serving certificate, which gRPC clients check by
+        host name; workload SVIDs carry the URI SAN alone.
+        """
         if spiffe_id.trust_domain != self.trust_domain:
             raise ValueError(f"{spiffe_id} is outside trust domain {self.trust_domain}")
         now = _now()
@@ -100,7 +108,10 @@ class CertificateAuthority:
                 critical=False,
             )
             .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))]), critical=True
+                x509.SubjectAlternativeName(
+                    [x509.UniformResourceIdentifier(str(spiffe_id))] + [x509.DNSName(d) for d in dns_names]
+                ),
+                critical=True,
             )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(

@@ -1,0 +1,1 @@
+"""Authorization: policies compiled at config time into fast per-connection decisions."""
