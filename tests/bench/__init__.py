@@ -1,0 +1,1 @@
+"""Benchmarks: `make bench`. Each tests/bench/bench_<area>.py exposes run() -> list[dict]."""
