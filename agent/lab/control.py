@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
+from agent import netns as nsx
 from agent.errors import UsageError
 from agent.lab import fabric, state
 from agent.lab.plan import LabPlan
-from agent.lab.state import LabState
+from agent.lab.state import LabProcess, LabState
 
 Progress = Callable[[str], None]
 
@@ -68,6 +70,27 @@ def down(prefix: str, progress: Progress = _quiet) -> list[str]:
     return removed
 
 
+def start_process(prefix: str, name: str, netns_name: str, argv: list[str], log: Path) -> LabProcess:
+    """Start a long-running lab process (plane, agent) in a namespace; `down` stops it."""
+    lab = require(prefix)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = nsx.popen_in(netns_name, argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    entry = LabProcess(name=name, pid=proc.pid, netns=netns_name, log=str(log))
+    lab.processes = [p for p in lab.processes if p.name != name] + [entry]
+    state.save(lab)
+    return entry
+
+
+def stop_process(prefix: str, name: str) -> None:
+    lab = require(prefix)
+    for proc in lab.processes:
+        if proc.name == name:
+            fabric.stop_pids([proc.pid])
+    lab.processes = [p for p in lab.processes if p.name != name]
+    state.save(lab)
+
+
 def require(prefix: str) -> LabState:
     lab = state.load(prefix)
     if lab is None:
@@ -103,7 +126,7 @@ def status_rows(lab: LabState) -> list[dict[str, str]]:
                 }
             )
     for proc in lab.processes:
-        alive = bool(fabric.pids_in_netns(proc.netns)) and proc.pid in fabric.pids_in_netns(proc.netns)
+        alive = proc.pid in fabric.pids_in_netns(proc.netns)
         rows.append(
             {
                 "kind": "process",

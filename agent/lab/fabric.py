@@ -58,7 +58,10 @@ def _build_fabric(plan: LabPlan) -> None:
     with NetNS(plan.fabric_netns) as fab:
         _bring_up_lo(fab)
         fab.link("add", ifname=BRIDGE, kind="bridge")
-        fab.link("set", index=_link_index(fab, BRIDGE), state="up")
+        idx = _link_index(fab, BRIDGE)
+        if plan.mgmt_ip:
+            fab.addr("add", index=idx, address=plan.mgmt_ip, prefixlen=plan.node_prefixlen)
+        fab.link("set", index=idx, state="up")
 
 
 def _build_node(plan: LabPlan, node: NodePlan) -> None:

@@ -50,6 +50,8 @@ class LabPlan:
     node_cidr: str
     pod_cidr: str
     nodes: tuple[NodePlan, ...]
+    # The management plane's address: on the fabric bridge itself, the last host of the node CIDR.
+    mgmt_ip: str = ""
 
     @property
     def node_prefixlen(self) -> int:
@@ -112,9 +114,10 @@ def plan_lab(
     if node_net.overlaps(pod_net):
         raise UsageError(f"node CIDR {node_cidr} overlaps pod CIDR {pod_cidr}")
     node_hosts = node_net.num_addresses - 2
-    if nodes > node_hosts:
+    if nodes + 1 > node_hosts:
         raise UsageError(
-            f"node CIDR {node_cidr} overflows: {nodes} nodes need {nodes} addresses, it has {node_hosts}"
+            f"node CIDR {node_cidr} overflows: {nodes} nodes and the management plane need "
+            f"{nodes + 1} addresses, it has {node_hosts}"
         )
     if pod_net.prefixlen > NODE_POD_PREFIXLEN:
         raise UsageError(f"pod CIDR {pod_cidr} overflows: it must hold /{NODE_POD_PREFIXLEN} node slices")
@@ -156,4 +159,5 @@ def plan_lab(
         node_cidr=str(node_net),
         pod_cidr=str(pod_net),
         nodes=tuple(node_plans),
+        mgmt_ip=str(node_net.broadcast_address - 1),
     )

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -102,3 +103,32 @@ def test_exec_unknown_pod_exits_2(lab_prefix: str) -> None:
 def test_unknown_command_prints_help_and_exits_2() -> None:
     proc = ambit("frobnicate", check=False)
     assert proc.returncode == 2 and "usage: ambit" in proc.stderr
+
+
+def test_lab_processes_show_in_status_and_stop_with_down(lab_prefix: str, tmp_path: Path) -> None:
+    from agent.lab import control
+    from agent.lab.plan import plan_lab
+
+    plan = plan_lab(1, 1, lab_prefix)
+    control.up(plan)
+    try:
+        proc = control.start_process(
+            lab_prefix, "sleeper", plan.nodes[0].netns, ["sleep", "300"], tmp_path / "s.log"
+        )
+        status = json.loads(ambit("lab", "status", "-o", "json").stdout)
+        row = next(r for r in status if r["kind"] == "process")
+        assert row["name"] == "sleeper" and row["state"] == f"running pid {proc.pid}"
+        # The management plane's address answers on the fabric bridge from inside a node.
+        ping = ambit(
+            "lab",
+            "exec",
+            "node-1",
+            "--",
+            sys.executable,
+            "-c",
+            f"import socket; s=socket.socket(); s.settimeout(2); print(s.connect_ex(('{plan.mgmt_ip}', 9)))",
+        )
+        assert ping.stdout.strip() == "111"  # ECONNREFUSED: the address is there, no port 9 listener
+    finally:
+        control.down(lab_prefix)
+    assert not os.path.exists(f"/proc/{proc.pid}") or fabric._proc_state(proc.pid) == "Z"

@@ -49,3 +49,11 @@ def test_bad_arguments_are_usage_errors(kwargs: dict, message: str) -> None:
 def test_unknown_pod_names_the_known_ones() -> None:
     with pytest.raises(UsageError, match="pod-1-1"):
         plan_lab(1, 1).pod("pod-9-9")
+
+
+def test_management_plane_address_is_on_the_node_network_and_free() -> None:
+    plan = plan_lab(2, 1)
+    assert plan.mgmt_ip == "172.30.0.254"
+    assert plan.mgmt_ip not in {n.ip for n in plan.nodes}
+    with pytest.raises(UsageError, match="management plane"):
+        plan_lab(2, 1, node_cidr="172.30.0.0/30")
