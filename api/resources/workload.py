@@ -1,0 +1,196 @@
+"""Workload, Namespace and Service: where pods run, who they are, and whether the mesh captures them.
+
+Enrolment follows Istio ambient: the label `ambit.io/dataplane-mode: ambient` on the pod's Namespace or on
+the Workload itself enrols it; `ambit.io/dataplane-mode: none` on the Workload opts it out.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from api.resources import Meta, ResourceError, register
+from api.spiffe import SpiffeId, SpiffeIdError
+
+API_VERSION = "ambit.io/v1"
+DATAPLANE_LABEL = "ambit.io/dataplane-mode"
+AMBIENT = "ambient"
+OPT_OUT = "none"
+
+
+def _check_fields(spec: Mapping[str, Any], allowed: set[str]) -> None:
+    unknown = set(spec) - allowed
+    if unknown:
+        raise ResourceError(f"unknown spec field(s): {', '.join(sorted(unknown))}")
+
+
+def _str(spec: Mapping[str, Any], name: str, required: bool = True, default: str = "") -> str:
+    value = spec.get(name, None)
+    if value is None:
+        if required:
+            raise ResourceError(f"spec.{name} is required")
+        return default
+    if not isinstance(value, str) or not value:
+        raise ResourceError(f"spec.{name} must be a non-empty string")
+    return value
+
+
+def _ips(raw: Any, name: str) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ResourceError(f"spec.{name} must be a list of IP addresses")
+    out = []
+    for item in raw:
+        try:
+            out.append(str(ipaddress.ip_address(item)))
+        except (ValueError, TypeError):
+            raise ResourceError(f"spec.{name}: {item!r} is not an IP address") from None
+    return tuple(out)
+
+
+def _port(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ResourceError(f"{where}: {value!r} is not a port number (1-65535)")
+    return value
+
+
+def _str_map(raw: Any, name: str) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
+        raise ResourceError(f"spec.{name} must be a map of strings")
+    return dict(raw)
+
+
+@dataclass(frozen=True)
+class Namespace:
+    meta: Meta
+    kind: str = "Namespace"
+
+    @property
+    def ambient(self) -> bool:
+        return self.meta.labels.get(DATAPLANE_LABEL) == AMBIENT
+
+
+@register("Namespace", {API_VERSION, "v1"}, namespaced=False)
+def _parse_namespace(meta: Meta, spec: Mapping[str, Any]) -> Namespace:
+    _check_fields(spec, set())
+    return Namespace(meta)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One pod (or VM) the mesh knows: identity, placement and addresses."""
+
+    meta: Meta
+    service_account: str
+    node: str
+    ips: tuple[str, ...]
+    ports: tuple[int, ...] = ()
+    kind: str = "Workload"
+
+    @property
+    def uid(self) -> str:
+        return f"{self.meta.namespace}/{self.meta.name}"
+
+    @property
+    def namespace(self) -> str:
+        return self.meta.namespace
+
+    @property
+    def name(self) -> str:
+        return self.meta.name
+
+    @property
+    def labels(self) -> Mapping[str, str]:
+        return self.meta.labels
+
+    def spiffe_id(self, trust_domain: str) -> SpiffeId:
+        return SpiffeId.workload(trust_domain, self.meta.namespace, self.service_account)
+
+    def enrolled(self, namespace: Namespace | None) -> bool:
+        """Whether the mesh captures this workload's traffic, given its Namespace (None if not declared)."""
+        own = self.meta.labels.get(DATAPLANE_LABEL)
+        if own == OPT_OUT:
+            return False
+        if own == AMBIENT:
+            return True
+        return namespace is not None and namespace.ambient
+
+
+@register("Workload", {API_VERSION})
+def _parse_workload(meta: Meta, spec: Mapping[str, Any]) -> Workload:
+    _check_fields(spec, {"serviceAccount", "node", "ips", "ports"})
+    sa = _str(spec, "serviceAccount", required=False, default="default")
+    try:
+        SpiffeId.workload("check.local", meta.namespace, sa)
+    except SpiffeIdError:
+        raise ResourceError(f"spec.serviceAccount {sa!r} cannot form a SPIFFE ID") from None
+    ips = _ips(spec.get("ips"), "ips")
+    if not ips:
+        raise ResourceError("spec.ips must list at least one IP address")
+    raw_ports = spec.get("ports") or []
+    if not isinstance(raw_ports, list):
+        raise ResourceError("spec.ports must be a list of port numbers")
+    ports = tuple(_port(p, "spec.ports") for p in raw_ports)
+    return Workload(meta, sa, _str(spec, "node"), ips, ports)
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    port: int
+    target_port: int
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Service:
+    """A virtual address in front of the workloads whose labels match `selector`."""
+
+    meta: Meta
+    addresses: tuple[str, ...]
+    ports: tuple[ServicePort, ...]
+    selector: Mapping[str, str] = field(default_factory=dict)
+    kind: str = "Service"
+
+    @property
+    def uid(self) -> str:
+        return f"{self.meta.namespace}/{self.meta.name}"
+
+    def selects(self, workload: Workload) -> bool:
+        return (
+            bool(self.selector)
+            and workload.namespace == self.meta.namespace
+            and all(workload.labels.get(k) == v for k, v in self.selector.items())
+        )
+
+
+def _service_ports(raw: Any) -> tuple[ServicePort, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ResourceError("spec.ports must be a non-empty list")
+    out = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise ResourceError(f"spec.ports[{i}] must be a mapping")
+        unknown = set(item) - {"port", "targetPort", "name"}
+        if unknown:
+            raise ResourceError(f"spec.ports[{i}]: unknown field(s): {', '.join(sorted(unknown))}")
+        port = _port(item.get("port"), f"spec.ports[{i}].port")
+        target = _port(item.get("targetPort", port), f"spec.ports[{i}].targetPort")
+        name = item.get("name", "")
+        if not isinstance(name, str):
+            raise ResourceError(f"spec.ports[{i}].name must be a string")
+        out.append(ServicePort(port, target, name))
+    return tuple(out)
+
+
+@register("Service", {API_VERSION, "v1"})
+def _parse_service(meta: Meta, spec: Mapping[str, Any]) -> Service:
+    _check_fields(spec, {"addresses", "ports", "selector"})
+    addresses = _ips(spec.get("addresses"), "addresses")
+    if not addresses:
+        raise ResourceError("spec.addresses must list at least one IP address")
+    return Service(meta, addresses, _service_ports(spec.get("ports")), _str_map(spec.get("selector"), "selector"))
