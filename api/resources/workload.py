@@ -60,7 +60,9 @@ def _port(value: Any, where: str) -> int:
 def _str_map(raw: Any, name: str) -> dict[str, str]:
     if raw is None:
         return {}
-    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in raw.items()
+    ):
         raise ResourceError(f"spec.{name} must be a map of strings")
     return dict(raw)
 
@@ -193,4 +195,6 @@ def _parse_service(meta: Meta, spec: Mapping[str, Any]) -> Service:
     addresses = _ips(spec.get("addresses"), "addresses")
     if not addresses:
         raise ResourceError("spec.addresses must list at least one IP address")
-    return Service(meta, addresses, _service_ports(spec.get("ports")), _str_map(spec.get("selector"), "selector"))
+    return Service(
+        meta, addresses, _service_ports(spec.get("ports")), _str_map(spec.get("selector"), "selector")
+    )
