@@ -198,3 +198,25 @@ def _parse_service(meta: Meta, spec: Mapping[str, Any]) -> Service:
     return Service(
         meta, addresses, _service_ports(spec.get("ports")), _str_map(spec.get("selector"), "selector")
     )
+
+
+@dataclass(frozen=True)
+class Node:
+    """A mesh node: where its agent accepts HBONE (port 15008 on the first address)."""
+
+    meta: Meta
+    addresses: tuple[str, ...]
+    kind: str = "Node"
+
+    @property
+    def name(self) -> str:
+        return self.meta.name
+
+
+@register("Node", {API_VERSION, "v1"}, namespaced=False)
+def _parse_node(meta: Meta, spec: Mapping[str, Any]) -> Node:
+    _check_fields(spec, {"addresses"})
+    addresses = _ips(spec.get("addresses"), "addresses")
+    if not addresses:
+        raise ResourceError("spec.addresses must list at least one IP address")
+    return Node(meta, addresses)

@@ -1,0 +1,52 @@
+"""One record per proxied connection: what the proxy reports and what logs, metrics and admin read.
+
+The proxy owns the connections; observers only receive these immutable records.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class Direction(enum.Enum):
+    OUTBOUND = "outbound"  # captured from a local pod, sent through HBONE
+    INBOUND = "inbound"  # arrived on 15008 (HBONE) or 15006 (plaintext), delivered to a local pod
+    PASSTHROUGH = "passthrough"  # captured, destination not in the mesh: forwarded in clear
+
+
+@dataclass(frozen=True)
+class ConnectionRecord:
+    conn_id: int
+    direction: Direction
+    source_ip: str
+    source_port: int
+    destination_ip: str
+    destination_port: int
+    source_principal: str = ""  # SPIFFE ID as text, "" when unknown/plaintext
+    destination_principal: str = ""
+    source_workload: str = ""  # "<ns>/<name>"
+    destination_workload: str = ""
+    security_policy: str = "mutual_tls"  # Istio's connection_security_policy: mutual_tls | none
+    policy: str = ""  # "<ns>/<name>" of the deciding authorization policy
+    tls_version: str = ""
+    tls_cipher: str = ""
+    peer_cert_sha256: str = ""
+    start_time: float = 0.0  # time.time()
+
+
+@dataclass(frozen=True)
+class ConnectionClose:
+    record: ConnectionRecord
+    bytes_sent: int  # towards the destination
+    bytes_received: int  # from the destination
+    duration_s: float
+    response_flags: str = "-"  # Istio-style: "-" ok, "DENY" denied by policy, "UF" upstream failure, ...
+    error: str = ""
+
+
+class ConnectionObserver(Protocol):
+    def opened(self, record: ConnectionRecord) -> None: ...
+
+    def closed(self, close: ConnectionClose) -> None: ...
