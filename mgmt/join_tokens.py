@@ -1,0 +1,95 @@
+"""One-time, expiring join tokens that a node exchanges for its node certificate.
+
+Tokens live in `<state_dir>/join-tokens.json` (0600) so `ambit mgmt token` can mint one while the server
+runs; a flock serialises the two processes. Only a SHA-256 of each token is stored: a leaked state file does
+not let anyone join. A consumed token is kept (marked used) until it expires so a replay is reported as such.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from api.spiffe import SpiffeId
+from mgmt.ca_store import check_private, write_file
+
+TOKENS_FILE = "join-tokens.json"
+LOCK_FILE = "join-tokens.lock"
+DEFAULT_TOKEN_TTL = dt.timedelta(hours=1)
+# Expired and used tokens are remembered this long so a late replay is reported as expired/used.
+RETAIN_S = 24 * 3600.0
+
+
+class TokenError(Exception):
+    """A token was refused; `kind` is "unknown", "expired" or "used" (for audit and counters)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def fingerprint(token: str) -> str:
+    """What logs and audit records show instead of the token: a short digest prefix."""
+    return hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class JoinTokens:
+    def __init__(self, state_dir: Path, clock: Callable[[], float] = time.time) -> None:
+        self._dir = Path(state_dir)
+        self._clock = clock
+
+    @contextmanager
+    def _locked(self) -> Iterator[dict[str, Any]]:
+        self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with open(self._dir / LOCK_FILE, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            path = self._dir / TOKENS_FILE
+            entries: dict[str, Any] = {}
+            if path.exists():
+                check_private(path)
+                entries = json.loads(path.read_text() or "{}")
+            before = json.dumps(entries, sort_keys=True)
+            yield entries
+            now = self._clock()
+            live = {k: v for k, v in entries.items() if v["expires"] + RETAIN_S > now}
+            if json.dumps(live, sort_keys=True) != before:
+                write_file(path, json.dumps(live, sort_keys=True).encode(), 0o600)
+
+    def create(self, node: str, ttl: dt.timedelta | float = DEFAULT_TOKEN_TTL) -> str:
+        SpiffeId.node("example.org", node)  # validates the name with the SPIFFE path rules
+        seconds = ttl.total_seconds() if isinstance(ttl, dt.timedelta) else float(ttl)
+        if seconds <= 0:
+            raise ValueError("join token TTL must be positive")
+        token = secrets.token_urlsafe(32)
+        with self._locked() as entries:
+            entries[_digest(token)] = {"node": node, "expires": self._clock() + seconds, "used": False}
+        return token
+
+    def consume(self, token: str) -> str:
+        """The node the token was minted for; raises TokenError if unknown, expired or already used."""
+        with self._locked() as entries:
+            entry = entries.get(_digest(token))
+            if entry is None:
+                raise TokenError("unknown", f"unknown join token {fingerprint(token)}")
+            if entry["used"]:
+                raise TokenError(
+                    "used", f"join token {fingerprint(token)} was already used by {entry['node']}"
+                )
+            if entry["expires"] <= self._clock():
+                raise TokenError(
+                    "expired", f"join token {fingerprint(token)} for {entry['node']} has expired"
+                )
+            entry["used"] = True
+            return str(entry["node"])
