@@ -1,15 +1,173 @@
-"""The `ambit debug` subcommand (being built: see the open issues)."""
+"""`ambit debug`: read a node agent's admin API (127.0.0.1:15000) and show it as tables, JSON or YAML.
+
+With --node the query runs inside that lab node's network namespace (the admin API is loopback-only, so
+it is only reachable from the node itself), the way `ambit lab exec` reaches a pod.
+"""
 
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
 
 from agent.errors import UsageError
+from agent.output import FORMATS, render
+
+ADMIN_DEFAULT = "127.0.0.1:15000"
+TIMEOUT_S = 5.0
+
+# subcommand -> (admin path, preferred table columns; None = all keys of the first row)
+VIEWS: dict[str, tuple[str, Sequence[str] | None]] = {
+    "workloads": ("/workloads", None),
+    "services": ("/services", None),
+    "policies": ("/policies", None),
+    "certs": ("/certs", None),
+    "connections": ("/connections", None),
+    "bpf": ("/bpf", None),
+    "config": ("/config_dump", None),
+}
 
 
-def _not_built(_: argparse.Namespace) -> int:
-    raise UsageError("`ambit debug` is not built yet")
+def fetch(address: str, method: str, path: str) -> tuple[int, str]:
+    """One HTTP request to the admin API; (status, body), or (0, reason) when it cannot be reached.
+
+    Returns instead of raising so it can run in a forked child inside a netns (agent.netns.run_in).
+    """
+    host, _, port = address.rpartition(":")
+    try:
+        conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=TIMEOUT_S)
+        try:
+            conn.request(method, path)
+            resp = conn.getresponse()
+            return resp.status, resp.read().decode("utf-8", errors="replace")
+        finally:
+            conn.close()
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        return 0, str(exc) or type(exc).__name__
+
+
+def _query(args: argparse.Namespace, method: str, path: str) -> Any:
+    where = args.admin
+    if args.node:
+        from agent import netns
+        from agent.lab import control
+
+        netns_name = control.netns_for(control.require(args.prefix), args.node)
+        where = f"{args.admin} in {args.node} (netns {netns_name})"
+        try:
+            status, body = netns.run_in(netns_name, fetch, args.admin, method, path, timeout=TIMEOUT_S * 2)
+        except (netns.NetnsError, OSError) as exc:
+            raise UsageError(f"cannot enter {args.node}: {exc}".splitlines()[0]) from None
+    else:
+        status, body = fetch(args.admin, method, path)
+    if status == 0:
+        raise UsageError(f"cannot reach the agent admin API at {where}: {body} (is the agent running?)")
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise UsageError(f"agent at {where} answered {path} with non-JSON (HTTP {status})") from None
+    if status != 200:
+        message = data.get("error", body) if isinstance(data, dict) else body
+        raise UsageError(f"agent at {where}: {message} (HTTP {status})")
+    return data
+
+
+def _table(data: Any, columns: Sequence[str] | None) -> str:
+    """Rows as an aligned table; a mapping of row lists as titled sections; scalars as KEY/VALUE rows."""
+    if isinstance(data, list):
+        if all(isinstance(row, dict) for row in data):
+            return render(data, "table", columns)
+        return render([{"value": _compact(v)} for v in data], "table")
+    if isinstance(data, dict):
+        sections = {
+            k: v for k, v in data.items() if isinstance(v, list) and all(isinstance(r, dict) for r in v)
+        }
+        scalars = {k: v for k, v in data.items() if k not in sections}
+        parts = []
+        if scalars:
+            parts.append(render([{"key": k, "value": _compact(v)} for k, v in scalars.items()], "table"))
+        parts += [f"{name.upper()}:\n{render(rows, 'table', columns)}" for name, rows in sections.items()]
+        return "\n\n".join(parts) if parts else "(none)"
+    return _compact(data)
+
+
+def _compact(value: Any) -> str:
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    return "" if value is None else str(value)
+
+
+def _show(data: Any, fmt: str, columns: Sequence[str] | None = None) -> None:
+    if fmt == "table":
+        print(_table(data, columns))
+    elif fmt == "json":
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+    else:
+        print(yaml.safe_dump(data, sort_keys=False, default_flow_style=False).rstrip())
+
+
+def _cmd_view(args: argparse.Namespace) -> int:
+    path, columns = VIEWS[args.view]
+    data = _query(args, "GET", path)
+    # A nested document has no table form: the config dump defaults to YAML.
+    fmt = "yaml" if args.view == "config" and args.output == "table" else args.output
+    _show(data, fmt, columns)
+    return 0
+
+
+def _cmd_log_level(args: argparse.Namespace) -> int:
+    if args.level:
+        data = _query(args, "POST", f"/logging?level={args.level}")
+    else:
+        data = _query(args, "GET", "/logging")
+    _show(data, args.output)
+    return 0
 
 
 def add_debug_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    sub.add_parser("debug", help="inspect a node agent").set_defaults(func=_not_built)
+    from agent.lab.plan import DEFAULT_PREFIX
+
+    debug = sub.add_parser(
+        "debug",
+        help="inspect a node agent through its admin API",
+        description=f"Query a node agent's admin API (default {ADMIN_DEFAULT}).",
+    )
+    debug.add_argument("--node", help="lab node to query (runs inside its network namespace; needs root)")
+    debug.add_argument(
+        "--prefix",
+        default=os.environ.get("AMBIT_LAB_PREFIX", DEFAULT_PREFIX),
+        help="lab prefix for --node (default %(default)s, env AMBIT_LAB_PREFIX)",
+    )
+    debug.add_argument(
+        "--admin", default=ADMIN_DEFAULT, metavar="HOST:PORT", help="admin address (default %(default)s)"
+    )
+    views = debug.add_subparsers(dest="view", required=True, metavar="VIEW")
+    helps = {
+        "workloads": "workloads the node knows",
+        "services": "services the node knows",
+        "policies": "compiled authorization policies",
+        "certs": "certificates held (never keys)",
+        "connections": "live proxied connections",
+        "bpf": "redirection datapath: enrolled pods, counters",
+        "config": "the whole config dump (secrets redacted)",
+    }
+    for name, text in helps.items():
+        view = views.add_parser(name, help=text)
+        view.add_argument("-o", "--output", choices=FORMATS, default="table")
+        view.set_defaults(func=_cmd_view)
+    level = views.add_parser("log-level", help="show or set the agent's log level")
+    level.add_argument("level", nargs="?", help="new level: critical|error|warning|info|debug")
+    level.add_argument("-o", "--output", choices=FORMATS, default="table")
+    level.set_defaults(func=_cmd_log_level)
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m agent.debug` for quick use
+    from agent.cli import main
+
+    sys.exit(main(["debug", *sys.argv[1:]]))

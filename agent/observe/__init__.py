@@ -1,0 +1,1 @@
+"""What the node agent tells operators: Prometheus metrics, access and audit logs, metrics/readiness HTTP."""

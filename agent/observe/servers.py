@@ -1,0 +1,194 @@
+"""Small HTTP services of the agent: metrics (:15020), readiness (:15021), and the base the admin API uses.
+
+Each runs a ThreadingHTTPServer on its own daemon thread so it can be started and stopped from Python
+objects (tests start several side by side on port 0).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+
+log = logging.getLogger(__name__)
+
+METRICS_LISTEN = "0.0.0.0:15020"
+READINESS_LISTEN = "0.0.0.0:15021"
+READY_PATH = "/healthz/ready"
+_MAX_BODY = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]  # first value of each parameter
+    body: bytes = b""
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+Route = Callable[[Request], Response]
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """ "host:port" or "[v6]:port" -> (host, port); raises ValueError with the offending text."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"listen address {listen!r} is not HOST:PORT")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return host or "0.0.0.0", int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class HttpService:
+    """Serves `route(request)` on `listen` until stop(); a route that raises answers 500 and is logged."""
+
+    def __init__(self, name: str, listen: str, route: Route) -> None:
+        self.name = name
+        self._address = split_listen(listen)
+        self._route = route
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError(f"{self.name} server is not started")
+        return int(self._server.server_address[1])
+
+    @property
+    def host(self) -> str:
+        return self._address[0]
+
+    def start(self) -> None:
+        if self._server is not None:
+            return
+        host, _ = self._address
+        server_cls = _Server6 if ":" in host else _Server
+        self._server = server_cls(self._address, self._handler_class())
+        self._thread = threading.Thread(target=self._server.serve_forever, name=self.name, daemon=True)
+        self._thread.start()
+        log.info("%s listening on %s:%d", self.name, host, self.port)
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        service = self
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = "ambit"
+
+            def do_GET(self) -> None:
+                self._serve("GET")
+
+            def do_POST(self) -> None:
+                self._serve("POST")
+
+            def _serve(self, method: str) -> None:
+                url = urlsplit(self.path)
+                query = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+                length = min(int(self.headers.get("Content-Length") or 0), _MAX_BODY)
+                body = self.rfile.read(length) if length > 0 else b""
+                try:
+                    resp = service._route(Request(method, url.path, query, body))
+                except Exception as exc:
+                    log.exception("%s: %s %s failed", service.name, method, url.path)
+                    resp = Response(500, f"internal error: {type(exc).__name__}\n".encode())
+                self.send_response(resp.status)
+                self.send_header("Content-Type", resp.content_type)
+                self.send_header("Content-Length", str(len(resp.body)))
+                for name, value in resp.headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                if method != "HEAD":
+                    self.wfile.write(resp.body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (stdlib signature)
+                log.debug("%s: %s", service.name, format % args)
+
+        return Handler
+
+
+def text(status: int, body: str) -> Response:
+    return Response(status, body.encode())
+
+
+class MetricsServer(HttpService):
+    """Prometheus text exposition of `registry` on /metrics (and /stats/prometheus, ztunnel's path)."""
+
+    def __init__(self, registry: CollectorRegistry, listen: str = METRICS_LISTEN) -> None:
+        self.registry = registry
+        super().__init__("metrics", listen, self._serve)
+
+    def _serve(self, req: Request) -> Response:
+        if req.path not in ("/metrics", "/stats/prometheus"):
+            return text(404, "not found: try /metrics\n")
+        return Response(200, generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4)
+
+
+class ReadinessServer(HttpService):
+    """GET /healthz/ready: 200 when ready, else 503. Ready is `ready()` if given, else the set_ready flag."""
+
+    def __init__(self, listen: str = READINESS_LISTEN, ready: Callable[[], bool] | None = None) -> None:
+        self._ready_fn = ready
+        self._flag = threading.Event()
+        super().__init__("readiness", listen, self._serve)
+
+    def set_ready(self, ready: bool = True) -> None:
+        if ready:
+            self._flag.set()
+        else:
+            self._flag.clear()
+
+    def is_ready(self) -> bool:
+        if self._ready_fn is None:
+            return self._flag.is_set()
+        try:
+            return bool(self._ready_fn())
+        except Exception:
+            log.exception("readiness check failed")
+            return False
+
+    def _serve(self, req: Request) -> Response:
+        if req.path != READY_PATH:
+            return text(404, f"not found: try {READY_PATH}\n")
+        return text(200, "ready\n") if self.is_ready() else text(503, "not ready\n")

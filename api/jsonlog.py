@@ -1,0 +1,175 @@
+"""JSON-lines logs that rotate by size and never hold a secret; shared by the agent and the management plane.
+
+Every record passes through `redact()` first, so a caller that hands over a whole object (a config
+snapshot, an SVID row, an exception text) cannot leak a private key or a token into a file or an HTTP
+answer. `redact()` is also what the admin API runs its answers through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import enum
+import json
+import logging
+import os
+import re
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any
+
+log = logging.getLogger(__name__)
+
+REDACTED = "<redacted>"
+
+# Field names that carry secrets. A bare "key" is NOT one: Istio conditions (`when: [{key: source.ip}]`)
+# and label selectors use it for attribute names, which an operator needs to see; key material under such
+# a name is still caught by the value scan below.
+_SECRET_NAME = re.compile(
+    r"(token|secret|passw(or)?d|credential|private|(^|[_\-.])key[_\-.]?pem|.+key$|^key[_\-.])",
+    re.IGNORECASE,
+)
+# Names matched above that are known to be public.
+_PUBLIC_NAMES = frozenset({"public_key", "publickey", "label_key"})
+# A PEM private key block of any algorithm (PKCS#1 "RSA", SEC1 "EC", PKCS#8, "ENCRYPTED"); an unterminated
+# block (truncated text) is cut to the end of the string.
+_PEM_KEY = re.compile(
+    r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----.*?(-----END \1PRIVATE KEY-----|\Z)", re.DOTALL
+)
+_KEY_MARKER = "PRIVATE KEY"
+
+
+def secret_name(name: str) -> bool:
+    """True when a field called `name` holds secret material (its value is never shown)."""
+    return name.lower() not in _PUBLIC_NAMES and bool(_SECRET_NAME.search(name))
+
+
+def redact_text(text: str) -> str:
+    if _KEY_MARKER not in text:
+        return text
+    text = _PEM_KEY.sub(REDACTED, text)
+    # A marker left outside a well-formed block means mangled key text: drop the whole value.
+    return REDACTED if _KEY_MARKER in text else text
+
+
+def redact(value: Any) -> Any:
+    """A JSON-ready copy of `value` with secrets replaced by "<redacted>".
+
+    Handles mappings, sequences, sets, dataclasses, enums, bytes, paths and datetimes; anything else is
+    shown as its str() (scanned too).
+    """
+    return _redact(value, 0)
+
+
+_MAX_DEPTH = 64
+
+
+def _redact(value: Any, depth: int) -> Any:
+    if depth > _MAX_DEPTH:
+        return "<too deep>"
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return redact_text(bytes(value).decode("utf-8", errors="replace"))
+    if isinstance(value, enum.Enum):
+        return _redact(value.value, depth + 1)
+    if isinstance(value, Mapping):
+        return {str(k): _field(str(k), v, depth) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _field(f.name, getattr(value, f.name), depth) for f in dataclasses.fields(value)}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = sorted(value, key=str) if isinstance(value, set | frozenset) else value
+        return [_redact(v, depth + 1) for v in items]
+    if isinstance(value, datetime.datetime | datetime.date):
+        return value.isoformat()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return redact_text(str(value))
+
+
+def _field(name: str, value: Any, depth: int) -> Any:
+    if value not in (None, "", b"") and secret_name(name) and not isinstance(value, bool | int | float):
+        return REDACTED
+    return _redact(value, depth + 1)
+
+
+def utc_iso(ts: float) -> str:
+    """RFC 3339 UTC with milliseconds, the timestamp format of every log record."""
+    moment = datetime.datetime.fromtimestamp(ts, tz=datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+class JsonLog:
+    """Appends one JSON object per line to `path`; thread-safe; rotates to path.1..path.N by size.
+
+    A failing disk never breaks the caller: write errors are counted (`.errors`) and logged once per
+    burst, and the record is dropped.
+    """
+
+    def __init__(self, path: str | Path, max_bytes: int = 50 * 1024 * 1024, backups: int = 3) -> None:
+        if max_bytes <= 0 or backups < 0:
+            raise ValueError("max_bytes must be > 0 and backups >= 0")
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.records = 0
+        self.errors = 0
+        self._lock = threading.Lock()
+        self._out: IO[str] | None = None
+        self._size = 0
+        self._failing = False
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        line = json.dumps(redact(record), separators=(",", ":"), ensure_ascii=False) + "\n"
+        size = len(line.encode("utf-8"))
+        with self._lock:
+            try:
+                out = self._open()
+                if self._size and self._size + size > self.max_bytes:
+                    out = self._rotate()
+                out.write(line)
+                out.flush()
+                self._size += size
+                self.records += 1
+                self._failing = False
+            except OSError as exc:
+                self.errors += 1
+                self._close()
+                if not self._failing:
+                    log.error("cannot write log %s: %s (records dropped until it recovers)", self.path, exc)
+                self._failing = True
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _open(self) -> IO[str]:
+        if self._out is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            self._out = os.fdopen(fd, "a", encoding="utf-8")
+            self._size = os.fstat(fd).st_size
+        return self._out
+
+    def _rotate(self) -> IO[str]:
+        self._close()
+        if self.backups == 0:
+            self.path.unlink(missing_ok=True)
+        else:
+            for n in range(self.backups - 1, 0, -1):
+                older = self.path.with_name(f"{self.path.name}.{n}")
+                if older.exists():
+                    older.replace(self.path.with_name(f"{self.path.name}.{n + 1}"))
+            self.path.replace(self.path.with_name(f"{self.path.name}.1"))
+        return self._open()
+
+    def _close(self) -> None:
+        if self._out is not None:
+            with contextlib.suppress(OSError):
+                self._out.close()
+            self._out = None
+            self._size = 0
