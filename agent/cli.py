@@ -82,6 +82,14 @@ def _cmd_lab_check(args: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in results) else 1
 
 
+def _cmd_lab_mesh(args: argparse.Namespace) -> int:
+    from agent.lab import control, mesh
+
+    lab = control.require(_lab_prefix(args))
+    mesh.up(lab.plan, _progress)
+    return 0
+
+
 def _cmd_lab_demo(args: argparse.Namespace) -> int:
     from agent.lab.demo import run_demo
 
@@ -117,6 +125,9 @@ def add_lab(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     check = verbs.add_parser("check", help="TCP echo from every pod to every other pod")
     check.add_argument("-o", "--output", choices=FORMATS, default="table")
     check.set_defaults(func=_cmd_lab_check)
+    verbs.add_parser(
+        "mesh", help="start the management plane and an agent on every node of the lab"
+    ).set_defaults(func=_cmd_lab_mesh)
     verbs.add_parser("demo", help="the `make lab` walk-through: up, traffic, down").set_defaults(
         func=_cmd_lab_demo
     )

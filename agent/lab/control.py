@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ from agent.lab.plan import LabPlan
 from agent.lab.state import LabProcess, LabState
 
 Progress = Callable[[str], None]
+BPF_PIN_ROOT = Path("/sys/fs/bpf/ambit")
 
 
 def _quiet(_: str) -> None:
@@ -65,9 +67,20 @@ def down(prefix: str, progress: Progress = _quiet) -> list[str]:
         progress(f"removing {len(names)} namespaces")
         fabric.remove_netns(names)
         removed = names
+    _remove_mesh_leftovers(prefix, progress)
     state.remove(prefix)
     progress("lab down")
     return removed
+
+
+def _remove_mesh_leftovers(prefix: str, progress: Progress) -> None:
+    """The mesh's run directory (plane state, tokens, logs) and BPF pins an agent kept or could not remove."""
+    run = state.state_dir() / f"mesh-{prefix.rstrip('-')}"
+    pins = sorted(BPF_PIN_ROOT.glob(f"{prefix}*")) if BPF_PIN_ROOT.is_dir() else []
+    for path in [run, *pins]:
+        if path.exists():
+            progress(f"removing {path}")
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def start_process(prefix: str, name: str, netns_name: str, argv: list[str], log: Path) -> LabProcess:
