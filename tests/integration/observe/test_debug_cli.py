@@ -1,0 +1,94 @@
+"""`ambit debug` against a live admin API on loopback (no lab): every view, formats, unreachable agent."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import yaml
+
+from agent.admin import AdminServer
+
+PROVIDERS: dict[str, Any] = {
+    "workloads": [
+        {"uid": "shop/web", "ips": ["10.244.1.2"], "node": "node-1", "protocol": "HBONE"},
+        {"uid": "shop/database", "ips": ["10.244.1.3"], "node": "node-1", "protocol": "HBONE"},
+    ],
+    "services": [{"name": "shop/db", "addresses": ["10.96.0.10"], "ports": [5432]}],
+    "policies": [{"name": "shop/allow-web", "action": "ALLOW", "rules": 1}],
+    "certs": [{"identity": "spiffe://cluster.local/ns/shop/sa/web", "not_after": "2026-11-29T00:00:00Z"}],
+    "connections": [{"id": 1, "src": "10.244.1.2:40000", "dst": "10.244.2.2:8080", "bytes": 10}],
+    "bpf": {"counters": {"redirect": 3}, "rows": [{"pod_ip": "10.244.1.2", "workload": "shop/web"}]},
+    "config_dump": {"version": 4, "node": {"join_token": "jt-secret-123"}},
+}
+
+
+def ambit(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.fixture(scope="module")
+def admin() -> Iterator[str]:
+    root_level = logging.getLogger().level  # the default /logging setter changes this process's logging
+    server = AdminServer("127.0.0.1:0", {k: (lambda v=v: v) for k, v in PROVIDERS.items()})
+    server.start()
+    yield f"127.0.0.1:{server.port}"
+    server.stop()
+    logging.getLogger().setLevel(root_level)
+
+
+def test_workloads_table_and_json(admin: str) -> None:
+    table = ambit("debug", "--admin", admin, "workloads")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["UID", "IPS", "NODE", "PROTOCOL"]
+    assert lines[1].index("10.244.1.2") == lines[0].index("IPS")  # aligned columns
+    as_json = ambit("debug", "--admin", admin, "workloads", "-o", "json")
+    assert json.loads(as_json.stdout) == PROVIDERS["workloads"]
+    as_yaml = ambit("debug", "--admin", admin, "workloads", "-o", "yaml")
+    assert yaml.safe_load(as_yaml.stdout) == PROVIDERS["workloads"]
+
+
+def test_sections_and_config(admin: str) -> None:
+    bpf = ambit("debug", "--admin", admin, "bpf")
+    assert bpf.returncode == 0 and "ROWS:" in bpf.stdout and "redirect" in bpf.stdout
+    config = ambit("debug", "--admin", admin, "config")
+    assert yaml.safe_load(config.stdout)["version"] == 4
+    assert "jt-secret-123" not in config.stdout
+
+
+def test_log_level(admin: str) -> None:
+    shown = ambit("debug", "--admin", admin, "log-level", "-o", "json")
+    assert "level" in json.loads(shown.stdout)
+    changed = ambit("debug", "--admin", admin, "log-level", "debug", "-o", "json")
+    assert json.loads(changed.stdout) == {"level": "debug"}
+    bad = ambit("debug", "--admin", admin, "log-level", "loud")
+    assert bad.returncode == 2 and "loud" in bad.stderr
+
+
+def test_unreachable_agent_is_one_clear_line() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: connections are refused
+        proc = ambit("debug", "--admin", f"127.0.0.1:{port}", "workloads")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "cannot reach the agent admin API" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_missing_provider_is_reported(admin: str) -> None:
+    server = AdminServer("127.0.0.1:0", {})
+    server.start()
+    try:
+        proc = ambit("debug", "--admin", f"127.0.0.1:{server.port}", "certs")
+    finally:
+        server.stop()
+    assert proc.returncode == 2 and "no certs provider" in proc.stderr
