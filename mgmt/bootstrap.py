@@ -1,0 +1,99 @@
+"""Node bootstrap (port 15013): a one-time join token buys a node certificate spiffe://<td>/node/<name>.
+
+The listener is TLS with server authentication only: the node has no certificate yet, it checks ours
+against the trust bundle it was given out of band. The CSR is checked before the token is consumed so a
+typo in the request does not burn the token.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from concurrent import futures
+
+import grpc
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from api import ca_pb2, ca_pb2_grpc
+from api.spiffe import SpiffeId, SpiffeIdError
+from mgmt.ca import DEFAULT_LEAF_TTL, CertificateAuthority
+from mgmt.identity_service import Audit, CsrError, Refusals, load_csr, plane_server_credentials
+from mgmt.join_tokens import JoinTokens, TokenError, fingerprint
+
+log = logging.getLogger(__name__)
+
+BOOTSTRAP_PORT = 15013
+
+
+class BootstrapService(ca_pb2_grpc.BootstrapServicer):
+    def __init__(
+        self, ca: CertificateAuthority, tokens: JoinTokens, audit: Audit | None, node_ttl: dt.timedelta
+    ) -> None:
+        self._ca = ca
+        self._tokens = tokens
+        self._node_ttl = node_ttl
+        self.refusals = Refusals(audit, "join_refused")
+
+    def Join(self, request: ca_pb2.JoinRequest, context: grpc.ServicerContext) -> ca_pb2.JoinResponse:  # noqa: N802
+        fields = {"node": request.node, "token": fingerprint(request.token), "peer": context.peer()}
+        try:
+            node_id = SpiffeId.node(self._ca.trust_domain, request.node)
+        except SpiffeIdError as e:
+            self.refusals.refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"bad node name: {e}", **fields)
+        try:
+            key = load_csr(request.csr_pem, str(node_id))
+        except CsrError as e:
+            self.refusals.refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), **fields)
+        try:
+            token_node = self._tokens.consume(request.token)
+        except TokenError as e:
+            self.refusals.refuse(context, grpc.StatusCode.UNAUTHENTICATED, str(e), kind=e.kind, **fields)
+        if token_node != request.node:
+            self.refusals.refuse(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"join token was issued for node {token_node}, not {request.node}",
+                **fields,
+            )
+        chain = self._ca.issue(node_id, key, self._node_ttl)
+        self.refusals.count("joined")
+        self.refusals.audit("node_joined", **fields, serial=f"{chain[0].serial_number:x}")
+        log.info("node %s joined (%s)", request.node, context.peer())
+        return ca_pb2.JoinResponse(
+            chain_pem=b"".join(c.public_bytes(Encoding.PEM) for c in chain),
+            trust_bundle_pem=self._ca.bundle_pem(),
+            trust_domain=self._ca.trust_domain,
+        )
+
+
+class BootstrapServer:
+    def __init__(
+        self,
+        ca: CertificateAuthority,
+        tokens: JoinTokens,
+        listen: str = f"0.0.0.0:{BOOTSTRAP_PORT}",
+        audit: Audit | None = None,
+        node_ttl: dt.timedelta = DEFAULT_LEAF_TTL,
+    ) -> None:
+        self.service = BootstrapService(ca, tokens, audit, node_ttl)
+        self._ca = ca
+        self._listen = listen
+        self._server: grpc.Server | None = None
+        self.port = 0
+
+    def start(self) -> None:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="bootstrap"))
+        ca_pb2_grpc.add_BootstrapServicer_to_server(self.service, server)
+        self.port = server.add_secure_port(
+            self._listen, plane_server_credentials(self._ca, require_client_auth=False)
+        )
+        if not self.port:
+            raise OSError(f"bootstrap: cannot listen on {self._listen}")
+        server.start()
+        self._server = server
+        log.info("bootstrap listening on %s (port %d)", self._listen, self.port)
+
+    def stop(self, grace: float = 1.0) -> None:
+        if self._server is not None:
+            self._server.stop(grace).wait()
+            self._server = None
