@@ -1,0 +1,1 @@
+"""The agent side of the configuration relay (see client.py and docs/relay.md)."""

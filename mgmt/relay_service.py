@@ -1,0 +1,361 @@
+"""The relay's gRPC service: node-scoped delta subscriptions with ACK/NACK, and on-demand address lookup.
+
+Per stream the plane remembers what the node ACKed (key -> content hash). Each response is the difference
+between that and the node's current view (mgmt/scope.py), for the types it subscribed to only, and moves it
+to the store's version in one step. One response is in flight at a time: the next is computed after the
+ACK/NACK, so a NACKed update is never stacked on. A reconnecting node states what it holds
+(`initial_resource_versions`), so it gets only what changed, even from a restarted plane.
+
+Identity: the node name comes from the client certificate's SPIFFE ID (spiffe://<td>/node/<name>); asking
+as another node, or without a node identity, is refused with PERMISSION_DENIED and audited.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from cryptography import x509
+
+from api import relay_pb2, relay_pb2_grpc
+from api.spiffe import spiffe_id_of
+from mgmt.scope import ScopeIndex, View, filter_types, key_type
+from mgmt.store import ConfigSnapshot, ConfigStore
+
+log = logging.getLogger("ambit.mgmt.relay")
+audit_log = logging.getLogger("ambit.audit")
+
+
+class RefusedError(Exception):
+    """A request outside the caller's scope (already audited)."""
+
+
+@dataclass(frozen=True)
+class NackRecord:
+    node: str
+    version: int
+    nonce: str
+    error: str
+    at: float
+
+
+@dataclass
+class _Pending:
+    nonce: str
+    version: int
+    state: dict[str, str]  # key -> hash the node holds once it ACKs
+
+
+@dataclass
+class _Stream:
+    node: str
+    types: frozenset[str]
+    acked: dict[str, str]
+    acked_version: int
+    inbox: queue.Queue[Any] = field(default_factory=queue.Queue)
+    pending: _Pending | None = None
+    nacked_version: int = -1
+
+
+_WAKE = object()
+_CLOSED = object()
+
+
+class RelayService(relay_pb2_grpc.RelayServicer):
+    def __init__(self, store: ConfigStore, trust_domain: str, audit: logging.Logger | None = None) -> None:
+        self.store = store
+        self.trust_domain = trust_domain
+        self.audit = audit or audit_log
+        self._lock = threading.Lock()
+        self._index = ScopeIndex(store.current)
+        self._streams: set[_Stream] = set()  # guarded by _lock
+        self._peers: dict[str, set[str]] = {}  # node -> peer workload keys it looked up
+        self._acked: dict[str, int] = {}  # node -> last ACKed version
+        self._nacks: dict[str, NackRecord] = {}  # node -> last NACK
+        self._nonce = itertools.count(1)
+        self._counters: dict[str, int] = dict.fromkeys(
+            (
+                "streams",
+                "resumed_streams",
+                "responses",
+                "full_responses",
+                "resources_sent",
+                "removals_sent",
+                "acks",
+                "nacks",
+                "stale_acks",
+                "refused",
+                "lookups",
+            ),
+            0,
+        )
+        store.add_listener(self._on_config)
+
+    def close(self) -> None:
+        self.store.remove_listener(self._on_config)
+
+    # -- observability ---------------------------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counters)
+
+    def last_nack(self, node: str) -> NackRecord | None:
+        with self._lock:
+            return self._nacks.get(node)
+
+    def acked_version(self, node: str) -> int:
+        with self._lock:
+            return self._acked.get(node, 0)
+
+    def rows(self) -> list[dict[str, Any]]:
+        with self._lock:
+            nodes = sorted({s.node for s in self._streams} | set(self._acked) | set(self._nacks))
+            connected = {s.node for s in self._streams}
+            return [
+                {
+                    "node": n,
+                    "connected": n in connected,
+                    "acked_version": self._acked.get(n, 0),
+                    "peers": len(self._peers.get(n, ())),
+                    "last_nack": str(self._nacks[n].error) if n in self._nacks else "",
+                }
+                for n in nodes
+            ]
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counters[name] += n
+
+    # -- config changes --------------------------------------------------------------------------------
+    def _on_config(self, snapshot: ConfigSnapshot) -> None:
+        index = ScopeIndex(snapshot)
+        with self._lock:
+            self._index = index
+            streams = list(self._streams)
+        for s in streams:
+            s.inbox.put(_WAKE)
+
+    # -- identity --------------------------------------------------------------------------------------
+    def _peer_node(self, context: grpc.ServicerContext, method: str) -> str:
+        auth = context.auth_context()
+        pems = auth.get("x509_pem_cert") or []
+        reason = "no client certificate"
+        if pems:
+            try:
+                sid = spiffe_id_of(x509.load_pem_x509_certificate(pems[0]))
+            except ValueError as exc:
+                reason = f"bad client certificate: {exc}"
+            else:
+                if sid.trust_domain == self.trust_domain and sid.node_name:
+                    return sid.node_name
+                reason = f"{sid} is not a node identity of {self.trust_domain}"
+        self._refuse(context, method, "", "", reason)
+        raise AssertionError("unreachable")  # _refuse aborts the RPC
+
+    def _refuse(self, context: grpc.ServicerContext, method: str, node: str, asked: str, reason: str) -> None:
+        self._count("refused")
+        self.audit.warning(
+            "relay request refused: %s",
+            reason,
+            extra={
+                "event": "relay_refused",
+                "method": method,
+                "node": node,
+                "requested_node": asked,
+                "peer": context.peer(),
+                "reason": reason,
+            },
+        )
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
+
+    def _check_node(self, context: grpc.ServicerContext, method: str, cert_node: str, asked: str) -> None:
+        if asked and asked != cert_node:
+            self._refuse(
+                context, method, cert_node, asked, f"node {cert_node!r} may not ask as node {asked!r}"
+            )
+
+    # -- Subscribe -------------------------------------------------------------------------------------
+    def Subscribe(
+        self, request_iterator: Iterator[relay_pb2.SubscribeRequest], context: grpc.ServicerContext
+    ) -> Iterator[relay_pb2.SubscribeResponse]:
+        node = self._peer_node(context, "Subscribe")
+        first = next(request_iterator, None)
+        if first is None:
+            return
+        if first.WhichOneof("request") != "subscribe":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first request must be a subscribe")
+        self._check_node(context, "Subscribe", node, first.subscribe.node)
+        stream = self._open(node, first.subscribe)
+        context.add_callback(lambda: stream.inbox.put(_CLOSED))
+        reader = threading.Thread(
+            target=self._read, args=(request_iterator, stream), name=f"relay-read-{node}", daemon=True
+        )
+        reader.start()
+        try:
+            yield from self._serve(stream, context)
+        finally:
+            with self._lock:
+                self._streams.discard(stream)
+
+    def _open(self, node: str, sub: relay_pb2.Subscribe) -> _Stream:
+        acked = {k: h for rv in sub.initial_resource_versions.values() for k, h in rv.versions.items()}
+        stream = _Stream(node, frozenset(sub.types), acked, sub.resume_version)
+        with self._lock:
+            index = self._index
+            # Peers the node held before (from a previous stream, maybe a previous plane) stay in scope:
+            # the same as looking their addresses up again.
+            local = index.local_keys(node)
+            held = {k for k in acked if key_type(k) == "Workload" and k not in local and index.is_workload(k)}
+            self._peers.setdefault(node, set()).update(held)
+            self._streams.add(stream)
+            self._counters["streams"] += 1
+            if acked or sub.resume_version:
+                self._counters["resumed_streams"] += 1
+        log.info(
+            "node %s subscribed to %s (resume from version %d)",
+            node,
+            sorted(stream.types),
+            stream.acked_version,
+        )
+        return stream
+
+    def _read(self, requests: Iterator[relay_pb2.SubscribeRequest], stream: _Stream) -> None:
+        try:
+            for req in requests:
+                stream.inbox.put(req)
+        except grpc.RpcError:
+            pass
+        except Exception:
+            log.exception("reading the stream of node %s failed", stream.node)
+        stream.inbox.put(_CLOSED)
+
+    def _serve(self, stream: _Stream, context: grpc.ServicerContext) -> Iterator[relay_pb2.SubscribeResponse]:
+        while context.is_active():
+            if stream.pending is None:
+                response = self._next_response(stream)
+                if response is not None:
+                    yield response
+            item = stream.inbox.get()
+            if item is _CLOSED:
+                return
+            if item is _WAKE:
+                continue
+            self._handle(stream, item, context)
+
+    def _handle(
+        self, stream: _Stream, req: relay_pb2.SubscribeRequest, context: grpc.ServicerContext
+    ) -> None:
+        which = req.WhichOneof("request")
+        if which == "subscribe":
+            self._check_node(context, "Subscribe", stream.node, req.subscribe.node)
+            stream.types = frozenset(req.subscribe.types)
+            return
+        msg = req.ack if which == "ack" else req.nack
+        pending = stream.pending
+        if pending is None or msg.nonce != pending.nonce:
+            self._count("stale_acks")
+            return
+        stream.pending = None
+        if which == "ack":
+            stream.acked = pending.state
+            stream.acked_version = pending.version
+            with self._lock:
+                self._acked[stream.node] = pending.version
+                self._counters["acks"] += 1
+            return
+        stream.nacked_version = pending.version
+        record = NackRecord(stream.node, pending.version, pending.nonce, req.nack.error, time.time())
+        with self._lock:
+            self._nacks[stream.node] = record
+            self._counters["nacks"] += 1
+        log.warning(
+            "node %s rejected version %d: %s",
+            stream.node,
+            pending.version,
+            req.nack.error,
+            extra={"event": "relay_nack", "node": stream.node, "version": pending.version},
+        )
+
+    def _view(self, stream: _Stream) -> tuple[int, str, View]:
+        with self._lock:
+            index = self._index
+            peers = set(self._peers.get(stream.node, ()))
+        return (
+            index.snapshot.version,
+            index.snapshot.content_hash,
+            filter_types(index.view(stream.node, peers), stream.types),
+        )
+
+    def _next_response(self, stream: _Stream) -> relay_pb2.SubscribeResponse | None:
+        version, digest, view = self._view(stream)
+        if version == stream.nacked_version:
+            return None  # the node rejected this version: wait for the next one
+        changed = [r for k, r in view.items() if stream.acked.get(k) != r.hash]
+        removed = [k for k in stream.acked if k not in view]
+        if not changed and not removed and version == stream.acked_version:
+            return None
+        nonce = f"{next(self._nonce)}-{secrets.token_hex(4)}"
+        stream.pending = _Pending(nonce, version, {k: r.hash for k, r in view.items()})
+        deltas: dict[str, relay_pb2.TypeDelta] = {}
+        for r in changed:
+            delta = deltas.setdefault(r.kind, relay_pb2.TypeDelta(type=r.kind))
+            delta.resources.add(type=r.kind, key=str(r.key), hash=r.hash, document=r.document)
+        for k in removed:
+            t = key_type(k)
+            deltas.setdefault(t, relay_pb2.TypeDelta(type=t)).removed.append(k)
+        with self._lock:
+            self._counters["responses"] += 1
+            self._counters["resources_sent"] += len(changed)
+            self._counters["removals_sent"] += len(removed)
+            if not stream.acked:
+                self._counters["full_responses"] += 1
+        return relay_pb2.SubscribeResponse(
+            version=version,
+            nonce=nonce,
+            content_hash=digest,
+            trust_domain=self.trust_domain,
+            deltas=[deltas[t] for t in sorted(deltas)],
+        )
+
+    # -- Lookup ----------------------------------------------------------------------------------------
+    def Lookup(
+        self, request: relay_pb2.LookupRequest, context: grpc.ServicerContext
+    ) -> relay_pb2.LookupResponse:
+        node = self._peer_node(context, "Lookup")
+        self._check_node(context, "Lookup", node, request.node)
+        with self._lock:
+            index = self._index
+            self._counters["lookups"] += 1
+        keys = index.lookup(request.address)
+        local = index.local_keys(node)
+        peers = [k for k in keys if k not in local]
+        if peers:
+            self._add_peers(node, peers)
+        out = relay_pb2.LookupResponse(version=index.snapshot.version)
+        for k in keys:
+            res = index.snapshot.resources[k] if k in local else index.peer_resource(k)
+            if res is not None:
+                out.resources.add(type=res.kind, key=k, hash=res.hash, document=res.document)
+        return out
+
+    def _add_peers(self, node: str, keys: list[str]) -> None:
+        with self._lock:
+            held = self._peers.setdefault(node, set())
+            new = set(keys) - held
+            held.update(new)
+            streams = [s for s in self._streams if s.node == node] if new else []
+        for s in streams:
+            s.inbox.put(_WAKE)
+
+
+def views_by_node(index: ScopeIndex, nodes: Mapping[str, set[str]]) -> dict[str, View]:
+    """Every node's view at once (used by the benchmark and `ambit mgmt` debugging)."""
+    return {n: index.view(n, peers) for n, peers in nodes.items()}

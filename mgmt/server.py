@@ -1,0 +1,94 @@
+"""The management plane's gRPC server: mTLS only, client certificates required and chained to the mesh CA.
+
+The plane serves with its own SVID (spiffe://<td>/ns/ambit-system/sa/ambit-mgmt) plus the DNS name
+"ambit-mgmt", which node clients check (grpc.ssl_target_name_override) whatever address they dial. Services
+other than the relay (H2's CSR service, ...) attach through `extra_services` and read the caller's identity
+from the same verified peer certificate.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable, Sequence
+from concurrent import futures
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from api import relay_pb2_grpc
+from api.spiffe import SpiffeId
+from mgmt.ca import CertificateAuthority
+from mgmt.relay_service import RelayService
+from mgmt.store import ConfigStore
+
+log = logging.getLogger("ambit.mgmt.server")
+
+SERVER_NAME = "ambit-mgmt"  # DNS SAN of the plane's serving certificate; clients verify this name
+SERVING_TTL = dt.timedelta(days=30)
+MAX_WORKERS = 64  # every node's subscription stream holds one worker thread
+
+
+def mgmt_spiffe_id(trust_domain: str) -> SpiffeId:
+    return SpiffeId.workload(trust_domain, "ambit-system", "ambit-mgmt")
+
+
+def issue_key_and_chain(
+    ca: CertificateAuthority,
+    spiffe_id: SpiffeId,
+    ttl: dt.timedelta = SERVING_TTL,
+    dns_names: tuple[str, ...] = (),
+) -> tuple[bytes, bytes]:
+    """A fresh P-256 key and its certificate chain from `ca`, both PEM (the key stays in memory)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    chain = ca.issue(spiffe_id, key.public_key(), ttl, dns_names)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return key_pem, b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
+
+
+def node_channel_credentials(ca: CertificateAuthority, node: str) -> grpc.ChannelCredentials:
+    """Client credentials for a node, issued directly by `ca` (tests, benchmarks, local tooling)."""
+    key_pem, chain_pem = issue_key_and_chain(ca, SpiffeId.node(ca.trust_domain, node))
+    return grpc.ssl_channel_credentials(ca.bundle_pem(), key_pem, chain_pem)
+
+
+class MgmtServer:
+    def __init__(
+        self,
+        store: ConfigStore,
+        ca: CertificateAuthority,
+        listen: str,
+        trust_domain: str,
+        extra_services: Sequence[Callable[[grpc.Server], None]] = (),
+        max_workers: int = MAX_WORKERS,
+    ) -> None:
+        self.store = store
+        self.ca = ca
+        self.listen = listen
+        self.trust_domain = trust_domain
+        self.relay = RelayService(store, trust_domain)
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="mgmt-grpc"),
+            options=[("grpc.so_reuseport", 0)],
+        )
+        relay_pb2_grpc.add_RelayServicer_to_server(self.relay, self._server)
+        for add in extra_services:
+            add(self._server)
+        key_pem, chain_pem = issue_key_and_chain(ca, mgmt_spiffe_id(trust_domain), dns_names=(SERVER_NAME,))
+        credentials = grpc.ssl_server_credentials(
+            [(key_pem, chain_pem)], root_certificates=ca.bundle_pem(), require_client_auth=True
+        )
+        self.port = self._server.add_secure_port(listen, credentials)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {listen}")
+
+    def start(self) -> None:
+        self._server.start()
+        log.info("management plane relay listening on %s (port %d, mTLS)", self.listen, self.port)
+
+    def stop(self, grace: float | None = 0.5) -> None:
+        self.relay.close()
+        self._server.stop(grace).wait()
