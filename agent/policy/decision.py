@@ -34,3 +34,4 @@ class Decision:
     reason: str
     audited: bool = False  # an AUDIT policy matched: the decision goes to the audit log
     dry_run: bool = False  # a dry-run policy would have changed the outcome
+    audit_policy: str = ""  # "<namespace>/<name>" of the matching AUDIT policy when audited
