@@ -1,0 +1,241 @@
+"""Inbound: HBONE streams from peer nodes (:15008) and plaintext connections to local pods (:15006).
+
+HBONE: the engine verifies the client's chain and reports its SPIFFE ID (peer_verified); each CONNECT is
+checked here (the authority must name a workload on this node), authorized, and only then connected to the
+pod; the stream is accepted (200) once that connect succeeds, refused 503 when it fails, 403 when denied.
+
+The CONNECT carries only the destination, so the source pod IP is recovered from the mesh view: the one
+workload with the peer's SPIFFE identity on the node whose address the connection came from. When that is
+not unique the node's address stands for the source (and the pod sees the node); see docs/proxy.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+from agent.connections import ConnectionRecord, Direction
+from agent.policy.decision import ConnectionAttrs
+from agent.proxy.runtime import Runtime, accept_batch
+from agent.proxy.sockets import (
+    AuthorityError,
+    connect_nonblocking,
+    original_destination,
+    parse_authority,
+    peer_address,
+)
+from agent.proxy.sources import SourceIndex
+from agent.proxy.table import Entry, Path
+from agent.redirect.marks import INBOUND_PLAINTEXT_PORT
+from api.spiffe import SpiffeId, SpiffeIdError
+from native.engine import EngineError, Event
+
+log = logging.getLogger("ambit.proxy")
+
+STATUS_BAD_REQUEST = 400
+STATUS_FORBIDDEN = 403
+STATUS_NOT_FOUND = 404
+STATUS_UNAVAILABLE = 503
+
+
+@dataclass
+class ServerConn:
+    """One HBONE connection a peer node opened to us."""
+
+    peer_ip: str
+    peer_port: int
+    principal: SpiffeId | None = None
+    tls_version: str = ""
+    tls_cipher: str = ""
+    peer_cert_sha256: str = ""
+
+
+class Inbound:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.server_conns: dict[int, ServerConn] = {}
+        self._sources = SourceIndex()
+
+    # --- HBONE (15008) ---------------------------------------------------------------------------
+
+    def on_hbone_readable(self, listener: socket.socket) -> None:
+        accept_batch(listener, self._serve)
+
+    def _serve(self, sock: socket.socket) -> None:
+        rt = self.rt
+        rt.counters["hbone_accepted"] += 1
+        peer_ip, peer_port = peer_address(sock)
+        sock.setblocking(False)
+        try:
+            ctx = rt.tls.server()
+        except Exception as exc:  # no node identity yet: nothing to present
+            rt.counters["hbone_no_identity"] += 1
+            log.warning("refusing HBONE from %s: no node identity: %s", peer_ip, exc)
+            sock.close()
+            return
+        try:
+            conn_id = rt.engine.serve_hbone(sock.detach(), ctx)
+        except EngineError as exc:
+            rt.counters["hbone_serve_errors"] += 1
+            log.warning("HBONE from %s: %s", peer_ip, exc)
+            return
+        self.server_conns[conn_id] = ServerConn(peer_ip, peer_port)
+
+    def on_peer_verified(self, ev: Event) -> None:
+        conn = self.server_conns.get(ev.conn_id)
+        if conn is None:
+            return
+        try:
+            conn.principal = SpiffeId.parse(ev.peer_id)
+        except SpiffeIdError:
+            self.rt.counters["hbone_bad_peer_id"] += 1
+            log.warning("HBONE peer %s presented a non-SPIFFE identity %r", conn.peer_ip, ev.peer_id)
+        conn.tls_version, conn.tls_cipher = ev.tls_version, ev.tls_cipher
+        conn.peer_cert_sha256 = ev.peer_cert_sha256
+
+    def on_conn_gone(self, conn_id: int) -> bool:
+        return self.server_conns.pop(conn_id, None) is not None
+
+    def on_stream_request(self, ev: Event) -> None:
+        rt = self.rt
+        conn = self.server_conns.get(ev.conn_id)
+        if conn is None:
+            self._refuse_stream(ev, STATUS_FORBIDDEN, "stream on an unknown connection")
+            return
+        try:
+            dst_ip, dst_port = parse_authority(ev.authority)
+        except AuthorityError as exc:
+            self._refuse_stream(ev, STATUS_BAD_REQUEST, str(exc))
+            return
+        snap = rt.state()
+        dst = snap.workload_by_ip(dst_ip)
+        if dst is None or dst.node != rt.node:
+            self._refuse_stream(ev, STATUS_NOT_FOUND, f"{dst_ip} is not a workload on node {rt.node}")
+            return
+        if conn.principal is None:
+            self._refuse_stream(ev, STATUS_FORBIDDEN, f"peer {conn.peer_ip} has no SPIFFE identity")
+            return
+        src = self._sources.lookup(snap, conn.principal, conn.peer_ip)
+        src_ip = src.ips[0] if src is not None else conn.peer_ip
+        record = ConnectionRecord(
+            conn_id=0,
+            direction=Direction.INBOUND,
+            source_ip=src_ip,
+            source_port=0,  # the CONNECT does not carry the client's port
+            destination_ip=dst_ip,
+            destination_port=dst_port,
+            source_principal=str(conn.principal),
+            destination_principal=str(dst.spiffe_id(snap.trust_domain)),
+            source_workload=src.uid if src is not None else "",
+            destination_workload=dst.uid,
+            tls_version=conn.tls_version,
+            tls_cipher=conn.tls_cipher,
+            peer_cert_sha256=conn.peer_cert_sha256,
+            start_time=time.time(),
+        )
+        attrs = ConnectionAttrs(conn.principal, src_ip, dst_ip, dst_port, dst.uid, dst.namespace, tls=True)
+        decision = rt.authorize(attrs)
+        record = dataclasses.replace(record, policy=decision.policy)
+        if not decision.allow:
+            rt.counters["inbound_denied"] += 1
+            self._reject(ev, STATUS_FORBIDDEN)
+            rt.table.reject(record, "DENY", decision.reason)
+            return
+        spoof = src_ip if (src is not None and rt.preserve_source_ip) else None
+        try:
+            upstream = connect_nonblocking((dst_ip, dst_port), source_ip=spoof)
+        except OSError as exc:
+            self._reject(ev, STATUS_UNAVAILABLE)
+            rt.table.reject(record, "UF", f"connect: {exc}")
+            return
+        entry = Entry(rt.table.next_tag(), record, Path.HBONE_SERVER, attrs, ev.conn_id, ev.stream_id)
+        rt.table.add(entry)
+        rt.loop.watch_connect(upstream, lambda sock, err: self._upstream_ready(entry, sock, err))
+
+    def _upstream_ready(self, entry: Entry, upstream: socket.socket, err: int) -> None:
+        rt = self.rt
+        if rt.table.get(entry.tag) is not entry:  # closed (policy re-check, connection gone) meanwhile
+            upstream.close()
+            return
+        if err:
+            upstream.close()
+            rt.counters["upstream_connect_errors"] += 1
+            self._reject_ids(entry.engine_conn, entry.engine_stream, STATUS_UNAVAILABLE)
+            rt.table.finish(entry.tag, response_flags="UF", error=f"connect: {os.strerror(err)}")
+            return
+        try:
+            rt.engine.accept_stream(entry.engine_conn, entry.engine_stream, upstream.detach(), entry.tag)
+        except EngineError as exc:
+            rt.table.finish(entry.tag, response_flags="UF", error=str(exc))
+            return
+        rt.counters["inbound_hbone_streams"] += 1
+        rt.table.established(entry)
+
+    def _refuse_stream(self, ev: Event, status: int, why: str) -> None:
+        self.rt.counters[f"inbound_refused_{status}"] += 1
+        log.info("HBONE stream %r refused (%d): %s", ev.authority, status, why)
+        self._reject(ev, status)
+
+    def _reject(self, ev: Event, status: int) -> None:
+        self._reject_ids(ev.conn_id, ev.stream_id, status)
+
+    def _reject_ids(self, conn_id: int, stream_id: int, status: int) -> None:
+        try:
+            self.rt.engine.reject_stream(conn_id, stream_id, status)
+        except EngineError as exc:  # the connection went away in the meantime
+            log.debug("reject_stream(%d, %d): %s", conn_id, stream_id, exc)
+
+    # --- plaintext (15006) -----------------------------------------------------------------------
+
+    def on_plaintext_readable(self, listener: socket.socket) -> None:
+        accept_batch(listener, self._plaintext)
+
+    def _plaintext(self, client: socket.socket) -> None:
+        rt = self.rt
+        rt.counters["plaintext_accepted"] += 1
+        client.setblocking(False)
+        dst_ip, dst_port = original_destination(client)
+        src_ip, src_port = peer_address(client)
+        snap = rt.state()
+        dst = snap.workload_by_ip(dst_ip)
+        record = ConnectionRecord(
+            conn_id=0,
+            direction=Direction.INBOUND,
+            source_ip=src_ip,
+            source_port=src_port,
+            destination_ip=dst_ip,
+            destination_port=dst_port,
+            security_policy="none",
+            destination_workload=dst.uid if dst is not None else "",
+            destination_principal=str(dst.spiffe_id(snap.trust_domain)) if dst is not None else "",
+            start_time=time.time(),
+        )
+        if dst is None or dst.node != rt.node or dst_port == INBOUND_PLAINTEXT_PORT:
+            self._drop(client, record, "NR", f"{dst_ip}:{dst_port} is not a workload on node {rt.node}")
+            return
+        if rt.authorizer.mtls_mode(dst, dst_port) == "STRICT":
+            self._drop(client, record, "DENY", f"{dst.uid} requires mTLS (STRICT)")
+            return
+        attrs = ConnectionAttrs(None, src_ip, dst_ip, dst_port, dst.uid, dst.namespace, tls=False)
+        decision = rt.authorize(attrs)
+        record = dataclasses.replace(record, policy=decision.policy)
+        if not decision.allow:
+            self._drop(client, record, "DENY", decision.reason)
+            return
+        spoof = src_ip if rt.preserve_source_ip else None
+        try:
+            upstream = connect_nonblocking((dst_ip, dst_port), source_ip=spoof)
+        except OSError as exc:
+            self._drop(client, record, "UF", f"connect: {exc}")
+            return
+        entry = rt.table.add(Entry(rt.table.next_tag(), record, Path.SPLICE, attrs))
+        rt.splice_when_connected(client, upstream, entry)
+
+    def _drop(self, client: socket.socket, record: ConnectionRecord, flags: str, error: str) -> None:
+        client.close()
+        self.rt.counters[f"plaintext_refused_{flags}"] += 1
+        self.rt.table.reject(record, flags, error)

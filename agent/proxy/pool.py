@@ -1,0 +1,144 @@
+"""HBONE connection pool: mTLS connections to peer nodes, shared by streams of the same source identity.
+
+A pool key is (source workload SPIFFE ID, destination node): the client certificate carries the source
+identity, so two identities never share a connection, and one connection reaches every pod of a node.
+Each connection carries at most `max_streams` concurrent CONNECT streams; the pool opens another when all
+are full. Connections that carried no stream for `idle_timeout` seconds are handed back for a graceful
+close, and a connection is marked draining (no new streams) when its key's certificate rotates.
+This module is pure bookkeeping: the caller opens and closes the engine connections.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+PoolKey = tuple[str, str]  # (source SPIFFE ID, destination node name)
+
+DEFAULT_MAX_STREAMS = 100
+DEFAULT_IDLE_TIMEOUT = 60.0
+
+
+@dataclass
+class PooledConnection:
+    conn_id: int
+    key: PoolKey
+    peer: str  # "node-ip:15008"
+    generation: int  # credentials generation of the key when the connection was opened
+    opened_at: float
+    streams: int = 0
+    streams_total: int = 0
+    ready: bool = False  # TLS handshake and peer identity verified
+    draining: bool = False
+    closing: bool = False  # handed back for a graceful close; waiting for the engine's conn_closed
+    idle_since: float = 0.0
+    tls_version: str = ""
+    tls_cipher: str = ""
+    peer_cert_sha256: str = ""
+
+
+@dataclass
+class Pool:
+    max_streams: int = DEFAULT_MAX_STREAMS
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    clock: Callable[[], float] = time.monotonic
+    _by_id: dict[int, PooledConnection] = field(default_factory=dict)
+    _by_key: dict[PoolKey, list[PooledConnection]] = field(default_factory=dict)
+
+    def acquire(self, key: PoolKey, generation: int) -> PooledConnection | None:
+        """Reserve a stream slot on a live connection of `key`, preferring handshaken ones; None: open one."""
+        best: PooledConnection | None = None
+        for conn in self._by_key.get(key, ()):
+            if conn.draining or conn.streams >= self.max_streams:
+                continue
+            if conn.generation != generation:
+                conn.draining = True  # opened with a rotated-out certificate: let it finish, reuse none
+                continue
+            if best is None or (conn.ready and not best.ready):
+                best = conn
+        if best is not None:
+            self._reserve(best)
+        return best
+
+    def add(self, key: PoolKey, conn_id: int, peer: str, generation: int) -> PooledConnection:
+        """Register a connection the caller just opened, with a slot reserved for its first stream."""
+        conn = PooledConnection(conn_id, key, peer, generation, opened_at=self.clock())
+        self._by_id[conn_id] = conn
+        self._by_key.setdefault(key, []).append(conn)
+        self._reserve(conn)
+        return conn
+
+    def _reserve(self, conn: PooledConnection) -> None:
+        conn.streams += 1
+        conn.streams_total += 1
+
+    def release(self, conn_id: int) -> None:
+        """A stream of this connection ended."""
+        conn = self._by_id.get(conn_id)
+        if conn is None or conn.streams == 0:
+            return
+        conn.streams -= 1
+        if conn.streams == 0:
+            conn.idle_since = self.clock()
+
+    def handshake_done(self, conn_id: int, tls_version: str, tls_cipher: str, peer_cert_sha256: str) -> None:
+        conn = self._by_id.get(conn_id)
+        if conn is not None:
+            conn.ready = True
+            conn.tls_version, conn.tls_cipher = tls_version, tls_cipher
+            conn.peer_cert_sha256 = peer_cert_sha256
+
+    def get(self, conn_id: int) -> PooledConnection | None:
+        return self._by_id.get(conn_id)
+
+    def remove(self, conn_id: int) -> PooledConnection | None:
+        """Forget a connection (it failed or closed); returns it when it was pooled."""
+        conn = self._by_id.pop(conn_id, None)
+        if conn is not None:
+            siblings = self._by_key.get(conn.key, [])
+            siblings[:] = [c for c in siblings if c.conn_id != conn_id]
+            if not siblings:
+                self._by_key.pop(conn.key, None)
+        return conn
+
+    def expired(self) -> list[int]:
+        """Connections to close now: idle past the timeout, or draining with no stream left."""
+        now = self.clock()
+        out = []
+        for conn in self._by_id.values():
+            if conn.streams or conn.closing:
+                continue
+            idle = now - (conn.idle_since or conn.opened_at)
+            if conn.draining or idle >= self.idle_timeout:
+                conn.draining = conn.closing = True
+                out.append(conn.conn_id)
+        return out
+
+    def connections(self) -> list[PooledConnection]:
+        return list(self._by_id.values())
+
+    def rows(self) -> list[dict[str, object]]:
+        now = self.clock()
+        return [
+            {
+                "conn_id": c.conn_id,
+                "source": c.key[0],
+                "node": c.key[1],
+                "peer": c.peer,
+                "state": _state(c),
+                "streams": c.streams,
+                "streams_total": c.streams_total,
+                "age_s": round(now - c.opened_at, 1),
+                "tls": c.tls_version,
+            }
+            for c in self._by_id.values()
+        ]
+
+
+def _state(conn: PooledConnection) -> str:
+    if conn.closing:
+        return "closing"
+    if conn.draining:
+        return "draining"
+    return "ready" if conn.ready else "handshaking"

@@ -1,0 +1,277 @@
+"""The proxy facade the agent daemon runs: listeners, control loop, engine, pool and connection table."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent.connections import ConnectionObserver
+from agent.policy.decision import ConnectionAttrs
+from agent.proxy.inbound import Inbound
+from agent.proxy.loop import ControlLoop
+from agent.proxy.outbound import Outbound
+from agent.proxy.pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_STREAMS, Pool
+from agent.proxy.runtime import Authorizer, MeshView, Runtime
+from agent.proxy.sockets import listener
+from agent.proxy.table import ConnectionTable, Entry, Path
+from agent.proxy.tls import ProxyCredentials, TlsContexts
+from agent.redirect.marks import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
+from native.engine import Engine, EngineError, Event
+
+log = logging.getLogger("ambit.proxy")
+
+EVENT_BATCH = 256
+STATUS_FORBIDDEN = 403
+
+
+@dataclass(frozen=True)
+class Ports:
+    outbound: int = OUTBOUND_PORT
+    plaintext: int = INBOUND_PLAINTEXT_PORT
+    hbone: int = HBONE_PORT
+
+
+class Proxy:
+    """Listeners 15001 (outbound capture), 15006 (inbound plaintext), 15008 (HBONE) of one node.
+
+    `credentials`: `svid_for(SpiffeId)`, `trust_bundle_pem()` and `node_identity()` (an object with
+    `chain_pem`/`key_pem`: the certificate the node presents on 15008). Thread-safe: every public method
+    may be called from any thread.
+    """
+
+    def __init__(
+        self,
+        node: str,
+        state: Callable[[], MeshView],
+        credentials: ProxyCredentials,
+        authorizer: Authorizer,
+        observer: ConnectionObserver,
+        listen_ip: str,
+        *,
+        capture_ip: str = "0.0.0.0",
+        ports: Ports = Ports(),  # noqa: B008 (frozen, immutable default)
+        engine_threads: int = 1,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        preserve_source_ip: bool = True,
+        tls12: bool = False,
+    ) -> None:
+        self._listen_ip = listen_ip
+        self._capture_ip = capture_ip
+        self._ports = ports
+        self._loop = ControlLoop(name=f"ambit-proxy-{node}")
+        engine = Engine(threads=engine_threads)
+        self._rt = Runtime(
+            node=node,
+            state=state,
+            authorizer=authorizer,
+            engine=engine,
+            loop=self._loop,
+            table=ConnectionTable(observer),
+            pool=Pool(max_streams=max_streams, idle_timeout=idle_timeout),
+            tls=TlsContexts(engine, credentials, tls12=tls12),
+            preserve_source_ip=preserve_source_ip,
+        )
+        self._outbound = Outbound(self._rt)
+        self._inbound = Inbound(self._rt)
+        self._listeners: list[socket.socket] = []
+        self._handlers: dict[str, Callable[[Event], None]] = {
+            "handshake_done": self._on_handshake_done,
+            "peer_verified": self._inbound.on_peer_verified,
+            "stream_request": self._inbound.on_stream_request,
+            "stream_open": self._on_stream_open,
+            "stream_refused": self._on_stream_refused,
+            "stream_closed": self._on_stream_closed,
+            "splice_closed": self._on_stream_closed,
+            "conn_error": self._on_conn_gone,
+            "conn_closed": self._on_conn_gone,
+        }
+        self._started = False
+
+    @property
+    def ports(self) -> Ports:
+        """The bound ports (differ from the requested ones when those were 0)."""
+        return self._ports
+
+    def start(self) -> None:
+        rt = self._rt
+        rt.engine.start()
+        try:
+            out = listener(self._capture_ip, self._ports.outbound, transparent=True)
+            self._listeners.append(out)
+            plain = listener(self._capture_ip, self._ports.plaintext, transparent=True)
+            self._listeners.append(plain)
+            hbone = listener(self._listen_ip, self._ports.hbone, transparent=False)
+            self._listeners.append(hbone)
+        except BaseException:
+            self._close_listeners()
+            rt.engine.stop()
+            raise
+        self._ports = Ports(*(s.getsockname()[1] for s in (out, plain, hbone)))
+        self._loop.add_reader(out.fileno(), lambda: self._outbound.on_readable(out))
+        self._loop.add_reader(plain.fileno(), lambda: self._inbound.on_plaintext_readable(plain))
+        self._loop.add_reader(hbone.fileno(), lambda: self._inbound.on_hbone_readable(hbone))
+        self._loop.add_reader(rt.engine.eventfd, self._drain_events)
+        self._loop.every_tick(self._close_idle)
+        self._loop.start()
+        self._started = True
+        log.info("proxy on node %s: outbound %s:%d, plaintext %s:%d, HBONE %s:%d", rt.node,
+                 self._capture_ip, self._ports.outbound, self._capture_ip, self._ports.plaintext,
+                 self._listen_ip, self._ports.hbone)  # fmt: skip
+
+    def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        self._loop.stop()
+        self._close_listeners()
+        rt = self._rt
+        rt.engine.stop()
+        with self._loop.lock:
+            for entry in rt.table.entries():
+                rt.table.finish(entry.tag, error="proxy stopped")
+            rt.tls.close()
+
+    def _close_listeners(self) -> None:
+        for sock in self._listeners:
+            sock.close()
+        self._listeners.clear()
+
+    # --- control API ---------------------------------------------------------------------------
+
+    def inbound_connections(self) -> list[tuple[int, ConnectionAttrs]]:
+        """Live inbound connections and the attributes they were authorized on (for policy re-checks)."""
+        with self._loop.lock:
+            return [(e.tag, e.attrs) for e in self._rt.table.entries() if e.attrs is not None]
+
+    def close(self, conn_id: int, reason: str) -> None:
+        """End one connection (e.g. a new policy denies it); reported with response flag DENY."""
+        rt = self._rt
+        with self._loop.lock:
+            entry = rt.table.get(conn_id)
+            if entry is None:
+                return
+            rt.table.mark(entry, "DENY", reason)
+            rt.counters["closed_by_policy"] += 1
+            try:
+                if not entry.reported and entry.path is not Path.HBONE_CLIENT:
+                    # Still connecting upstream: the connect callback finds the entry gone and drops it.
+                    if entry.path is Path.HBONE_SERVER:
+                        rt.engine.reject_stream(entry.engine_conn, entry.engine_stream, STATUS_FORBIDDEN)
+                    rt.table.finish(conn_id)
+                elif entry.path is Path.SPLICE:
+                    rt.engine.close(entry.engine_conn)  # the engine then reports splice_closed
+                else:
+                    rt.engine.reset_stream(entry.engine_conn, entry.engine_stream)
+            except EngineError as exc:  # already gone: its close event is on the way
+                log.debug("closing connection %d: %s", conn_id, exc)
+
+    def rows(self) -> list[dict[str, object]]:
+        with self._loop.lock:
+            return self._rt.table.rows()
+
+    def pool_rows(self) -> list[dict[str, object]]:
+        with self._loop.lock:
+            return self._rt.pool.rows()
+
+    def engine_counters(self) -> dict[str, int]:
+        return self._rt.engine.counters()
+
+    def counters(self) -> dict[str, int]:
+        """The proxy's own counters (accepts, refusals by reason, policy closes, ...)."""
+        with self._loop.lock:
+            out = dict(self._rt.counters)
+            out["connections_active"] = len(self._rt.table)
+            out["hbone_pool_connections"] = len(self._rt.pool.connections())
+            out["observer_errors"] = self._rt.table.observer_errors
+            out["control_loop_errors"] = self._loop.callback_errors
+            return out
+
+    # --- engine events (control loop thread, lock held) -----------------------------------------
+
+    def _drain_events(self) -> None:
+        while True:
+            events = self._rt.engine.events(EVENT_BATCH)
+            for ev in events:
+                handler = self._handlers.get(ev.kind)
+                if handler is None:
+                    self._rt.counters["engine_events_unknown"] += 1
+                    continue
+                try:
+                    handler(ev)
+                except Exception:
+                    self._rt.counters["engine_event_errors"] += 1
+                    log.exception("handling engine event %s (conn %d) failed", ev.kind, ev.conn_id)
+            if len(events) < EVENT_BATCH:
+                return
+
+    def _on_handshake_done(self, ev: Event) -> None:
+        self._rt.pool.handshake_done(ev.conn_id, ev.tls_version, ev.tls_cipher, ev.peer_cert_sha256)
+
+    def _on_stream_open(self, ev: Event) -> None:
+        rt = self._rt
+        entry = rt.table.get(ev.tag)
+        if entry is None:
+            return
+        conn = rt.pool.get(entry.engine_conn)
+        if conn is not None:
+            rt.table.update_record(
+                entry, tls_version=conn.tls_version, tls_cipher=conn.tls_cipher,
+                peer_cert_sha256=conn.peer_cert_sha256,
+            )  # fmt: skip
+        rt.table.established(entry)
+
+    def _on_stream_refused(self, ev: Event) -> None:
+        entry = self._rt.table.get(ev.tag)
+        if entry is None:
+            return
+        self._release(entry)
+        flags = "DENY" if ev.status == STATUS_FORBIDDEN else "UF"
+        self._rt.table.finish(ev.tag, response_flags=flags, error=f"peer refused the stream: {ev.status}")
+
+    def _on_stream_closed(self, ev: Event) -> None:
+        entry = self._rt.table.get(ev.tag)
+        if entry is None:
+            return
+        self._release(entry)
+        sent, received = _bytes_towards_destination(entry, ev)
+        self._rt.table.finish(ev.tag, sent, received, error=ev.detail)
+
+    def _on_conn_gone(self, ev: Event) -> None:
+        rt = self._rt
+        if ev.kind == "conn_error":
+            rt.counters["hbone_connection_errors"] += 1
+            log.info("HBONE connection %d failed: %s", ev.conn_id, ev.detail)
+        if rt.pool.remove(ev.conn_id) is not None:
+            path = Path.HBONE_CLIENT
+        elif self._inbound.on_conn_gone(ev.conn_id):
+            path = Path.HBONE_SERVER
+        else:
+            return
+        flags = "UF" if ev.kind == "conn_error" else None
+        for entry in rt.table.on_engine_conn(ev.conn_id, path):
+            rt.table.finish(entry.tag, response_flags=flags, error=ev.detail or "HBONE connection closed")
+
+    def _release(self, entry: Entry) -> None:
+        if entry.path is Path.HBONE_CLIENT:
+            self._rt.pool.release(entry.engine_conn)
+
+    def _close_idle(self) -> None:
+        for conn_id in self._rt.pool.expired():
+            try:
+                self._rt.engine.close(conn_id)
+            except EngineError:
+                self._rt.pool.remove(conn_id)
+
+
+def _bytes_towards_destination(entry: Entry, ev: Event) -> tuple[int, int]:
+    """(sent to the destination, received from it) from the engine's per-fd counts.
+
+    The engine counts bytes_in as read from the local fd it was given (the client on the outbound side,
+    the pod on the inbound side) and bytes_out as written to it.
+    """
+    if entry.path is Path.HBONE_SERVER:
+        return ev.bytes_out, ev.bytes_in
+    return ev.bytes_in, ev.bytes_out

@@ -1,0 +1,110 @@
+"""What the proxy's handlers share: the engine, the control loop, the tables and the mesh view."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from agent.policy.decision import ConnectionAttrs, Decision
+from agent.proxy.loop import ControlLoop
+from agent.proxy.pool import Pool
+from agent.proxy.table import ConnectionTable, Entry
+from agent.proxy.tls import TlsContexts
+from api.resources.workload import Namespace, Workload
+from native.engine import Engine, EngineError
+
+log = logging.getLogger("ambit.proxy")
+
+
+class MeshView(Protocol):
+    """The parts of agent.state.MeshSnapshot the proxy reads."""
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def trust_domain(self) -> str: ...
+
+    @property
+    def workloads(self) -> Mapping[str, Workload]: ...
+
+    def workload_by_ip(self, ip: str) -> Workload | None: ...
+
+    def node_address(self, node_name: str) -> str | None: ...
+
+    def namespace_of(self, w: Workload) -> Namespace | None: ...
+
+
+class Authorizer(Protocol):
+    def authorize(self, attrs: ConnectionAttrs) -> Decision: ...
+
+    def mtls_mode(self, workload: Workload, port: int) -> str: ...
+
+
+@dataclass
+class Runtime:
+    node: str
+    state: Callable[[], MeshView]
+    authorizer: Authorizer
+    engine: Engine
+    loop: ControlLoop
+    table: ConnectionTable
+    pool: Pool
+    tls: TlsContexts
+    preserve_source_ip: bool
+    counters: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def authorize(self, attrs: ConnectionAttrs) -> Decision:
+        """The policy engine's decision; a failing policy engine denies (fail closed) and is counted."""
+        try:
+            return self.authorizer.authorize(attrs)
+        except Exception as exc:
+            self.counters["authorizer_errors"] += 1
+            log.exception("authorizer failed: %s -> %s", attrs.source_principal, attrs.destination_workload)
+            return Decision(allow=False, policy="", reason=f"authorizer error: {type(exc).__name__}")
+
+    def splice_when_connected(self, client: socket.socket, upstream: socket.socket, entry: Entry) -> None:
+        """Hand a plaintext pair to the engine once the upstream connect completes."""
+
+        def done(sock: socket.socket, err: int) -> None:
+            if self.table.get(entry.tag) is not entry:  # closed by policy meanwhile
+                client.close()
+                sock.close()
+                return
+            if err:
+                client.close()
+                sock.close()
+                self.counters["upstream_connect_errors"] += 1
+                self.table.finish(entry.tag, response_flags="UF", error=f"connect: {os.strerror(err)}")
+                return
+            try:
+                entry.engine_conn = self.engine.splice(client.detach(), sock.detach(), entry.tag)
+            except EngineError as exc:  # the engine owns (and closed) both fds even on error
+                self.table.finish(entry.tag, response_flags="UF", error=str(exc))
+                return
+            self.table.established(entry)
+
+        self.loop.watch_connect(upstream, done)
+
+
+def accept_batch(listener: socket.socket, handle: Callable[[socket.socket], None], limit: int = 64) -> None:
+    """Accept what the backlog holds (bounded, so one busy listener cannot starve the loop)."""
+    for _ in range(limit):
+        try:
+            sock, _addr = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # e.g. EMFILE: leave the rest in the backlog and retry next round
+            log.warning("accept on %s failed: %s", listener.getsockname(), exc)
+            return
+        try:
+            handle(sock)
+        except Exception:
+            log.exception("handling an accepted connection failed")
+            if sock.fileno() >= 0:
+                sock.close()

@@ -1,0 +1,144 @@
+"""Live proxied connections: what the admin API lists, what a policy change re-checks and closes.
+
+Every connection the proxy handles gets an entry keyed by a tag (the engine echoes it in its events).
+An entry is reported to the observer as opened once its path is established (or at once when it ends
+before that, e.g. denied), and as closed exactly once, with the byte counts from the engine.
+Observers are other people's code: an exception there is logged and counted, never propagated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+from agent.connections import ConnectionClose, ConnectionObserver, ConnectionRecord
+from agent.policy.decision import ConnectionAttrs
+
+log = logging.getLogger("ambit.proxy")
+
+
+class Path(enum.Enum):
+    HBONE_CLIENT = "hbone-out"  # a stream we opened on a pooled connection
+    HBONE_SERVER = "hbone-in"  # a stream a peer opened on 15008
+    SPLICE = "splice"  # plaintext pump: passthrough or 15006
+
+
+@dataclass
+class Entry:
+    tag: int
+    record: ConnectionRecord
+    path: Path
+    attrs: ConnectionAttrs | None = None  # inbound only: what the policy decided on
+    engine_conn: int = -1  # HBONE connection id or splice id
+    engine_stream: int = -1
+    started: float = field(default_factory=time.monotonic)
+    reported: bool = False
+    response_flags: str = "-"
+    error: str = ""
+
+
+class ConnectionTable:
+    def __init__(self, observer: ConnectionObserver) -> None:
+        self._observer = observer
+        self._entries: dict[int, Entry] = {}
+        self._tags = itertools.count(1)
+        self.observer_errors = 0
+
+    def next_tag(self) -> int:
+        return next(self._tags)
+
+    def add(self, entry: Entry) -> Entry:
+        self._entries[entry.tag] = entry
+        return entry
+
+    def get(self, tag: int) -> Entry | None:
+        return self._entries.get(tag)
+
+    def update_record(self, entry: Entry, **changes: object) -> None:
+        entry.record = dataclasses.replace(entry.record, **changes)  # type: ignore[arg-type]
+
+    def established(self, entry: Entry) -> None:
+        """The path is up: report the connection as opened."""
+        if not entry.reported:
+            entry.reported = True
+            self._notify("opened", entry.record)
+
+    def mark(self, entry: Entry, response_flags: str, error: str) -> None:
+        """Note why a connection is being ended before the engine reports its close."""
+        entry.response_flags, entry.error = response_flags, error
+
+    def finish(
+        self,
+        tag: int,
+        bytes_sent: int = 0,
+        bytes_received: int = 0,
+        response_flags: str | None = None,
+        error: str | None = None,
+    ) -> Entry | None:
+        """The connection ended: report it (opened first if it never was) and forget it."""
+        entry = self._entries.pop(tag, None)
+        if entry is None:
+            return None
+        if response_flags is not None and entry.response_flags == "-":
+            entry.response_flags = response_flags
+        if error and not entry.error:
+            entry.error = error
+        self.established(entry)
+        close = ConnectionClose(
+            record=entry.record,
+            bytes_sent=bytes_sent,
+            bytes_received=bytes_received,
+            duration_s=time.monotonic() - entry.started,
+            response_flags=entry.response_flags,
+            error=entry.error,
+        )
+        self._notify("closed", close)
+        return entry
+
+    def reject(self, record: ConnectionRecord, response_flags: str, error: str) -> None:
+        """A connection refused before any path existed (denied, unknown destination, ...)."""
+        tag = self.next_tag()
+        self.add(Entry(tag, record, Path.SPLICE))
+        self.finish(tag, response_flags=response_flags, error=error)
+
+    def on_engine_conn(self, engine_conn: int, path: Path) -> list[Entry]:
+        return [e for e in self._entries.values() if e.engine_conn == engine_conn and e.path is path]
+
+    def entries(self) -> list[Entry]:
+        return list(self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _notify(self, what: str, arg: object) -> None:
+        try:
+            getattr(self._observer, what)(arg)
+        except Exception:  # an observer bug must not take the data path down
+            self.observer_errors += 1
+            log.exception("connection observer failed in %s", what)
+
+    def rows(self) -> list[dict[str, object]]:
+        now = time.monotonic()
+        rows: list[dict[str, object]] = []
+        for e in self._entries.values():
+            r = e.record
+            rows.append(
+                {
+                    "id": e.tag,
+                    "direction": r.direction.value,
+                    "source": f"{r.source_ip}:{r.source_port}",
+                    "destination": f"{r.destination_ip}:{r.destination_port}",
+                    "source_principal": r.source_principal,
+                    "destination_principal": r.destination_principal,
+                    "source_workload": r.source_workload,
+                    "destination_workload": r.destination_workload,
+                    "path": e.path.value,
+                    "state": "established" if e.reported else "connecting",
+                    "age_s": round(now - e.started, 1),
+                }
+            )
+        return rows

@@ -1,0 +1,76 @@
+from agent.proxy.pool import Pool
+
+KEY = ("spiffe://td/ns/a/sa/x", "node-2")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_reuses_a_connection_until_full_then_opens_another() -> None:
+    pool = Pool(max_streams=2, idle_timeout=10)
+    assert pool.acquire(KEY, 1) is None
+    first = pool.add(KEY, 7, "172.30.0.2:15008", 1)
+    assert first.streams == 1
+    assert pool.acquire(KEY, 1) is first
+    assert first.streams == 2
+    assert pool.acquire(KEY, 1) is None  # full
+    second = pool.add(KEY, 8, "172.30.0.2:15008", 1)
+    assert second.streams == 1
+    pool.release(7)
+    assert pool.acquire(KEY, 1) is first
+
+
+def test_keys_never_share_connections() -> None:
+    pool = Pool()
+    pool.add(KEY, 1, "p", 1)
+    assert pool.acquire(("spiffe://td/ns/b/sa/y", "node-2"), 1) is None
+    assert pool.acquire(("spiffe://td/ns/a/sa/x", "node-3"), 1) is None
+
+
+def test_prefers_handshaken_connection() -> None:
+    pool = Pool(max_streams=10)
+    pool.add(KEY, 1, "p", 1)
+    pool.add(KEY, 2, "p", 1)
+    pool.handshake_done(2, "TLSv1.3", "TLS_AES_256_GCM_SHA384", "ab")
+    conn = pool.acquire(KEY, 1)
+    assert conn is not None and conn.conn_id == 2 and conn.tls_version == "TLSv1.3"
+
+
+def test_rotated_certificate_drains_old_connections() -> None:
+    pool = Pool()
+    old = pool.add(KEY, 1, "p", 1)
+    assert pool.acquire(KEY, 2) is None
+    assert old.draining
+    pool.release(1)
+    pool.release(1)
+    assert pool.expired() == [1]
+    assert pool.expired() == []  # handed back once
+
+
+def test_idle_connections_expire_and_removal_forgets() -> None:
+    clock = Clock()
+    pool = Pool(idle_timeout=30, clock=clock)
+    pool.add(KEY, 1, "p", 1)
+    clock.now += 60
+    assert pool.expired() == []  # still carries its stream
+    pool.release(1)
+    clock.now += 29
+    assert pool.expired() == []
+    clock.now += 2
+    assert pool.expired() == [1]
+    assert pool.acquire(KEY, 1) is None  # closing: no new streams
+    assert pool.remove(1) is not None
+    assert pool.remove(1) is None
+    assert pool.connections() == []
+
+
+def test_rows() -> None:
+    pool = Pool()
+    pool.add(KEY, 3, "172.30.0.2:15008", 1)
+    (row,) = pool.rows()
+    assert row["conn_id"] == 3 and row["state"] == "handshaking" and row["streams"] == 1
