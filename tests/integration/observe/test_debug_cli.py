@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
 import socket
@@ -38,7 +40,9 @@ def ambit(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def admin() -> Iterator[str]:
     root_level = logging.getLogger().level  # the default /logging setter changes this process's logging
-    server = AdminServer("127.0.0.1:0", {k: (lambda v=v: v) for k, v in PROVIDERS.items()})
+    server = AdminServer(
+        "127.0.0.1:0", {k: functools.partial(copy.deepcopy, v) for k, v in PROVIDERS.items()}
+    )
     server.start()
     yield f"127.0.0.1:{server.port}"
     server.stop()
