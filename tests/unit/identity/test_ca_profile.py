@@ -18,7 +18,7 @@ from api.spiffe import SpiffeId
 from mgmt.ca import MGMT_SERVER_NAME, CAError, CertificateAuthority, serving_cert
 
 # Debian's system pyOpenSSL (on the path for bcc) is too old for the venv's cryptography and breaks the
-# `pem` package's optional Twisted helpers with an AttributeError; hide it so `pem` takes its ImportError path.
+# `pem` package's optional Twisted helpers with an AttributeError; hiding it makes `pem` skip them.
 if "OpenSSL" not in sys.modules:
     sys.modules["OpenSSL"] = None  # type: ignore[assignment]
 from spiffe import X509Svid  # noqa: E402
