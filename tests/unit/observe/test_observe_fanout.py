@@ -88,5 +88,13 @@ def test_audit_log_redacts(tmp_path: Path) -> None:
     lines = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
     assert [r["event"] for r in lines] == ["config_applied", "csr_refused"]
     assert lines[0]["version"] == 3
+    audit.record("decision", **{"event": "authorization", "decision": "deny", "time": 5})
+    last = json.loads((tmp_path / "audit.log").read_text().splitlines()[-1])
+    assert (last["event"], last["event_"], last["decision"], last["time_"]) == (
+        "decision",
+        "authorization",
+        "deny",
+        5,
+    )
     text = (tmp_path / "audit.log").read_text()
     assert "t0k3n" not in text and "PRIVATE KEY" not in text
