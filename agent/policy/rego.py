@@ -57,7 +57,7 @@ def error_text(raw: str) -> str:
 def _verdict(raw: str) -> tuple[bool, str]:
     if raw == "undefined":
         raise RegoUndefined("query result is undefined (no rule matched and no default)")
-    if raw.startswith("(error"):
+    if raw.startswith("(error") or "(errormsg " in raw:  # errors can sit inside a result value
         raise RegoEvalError(error_text(raw))
     try:
         doc = json.loads(raw)
