@@ -54,7 +54,7 @@ class _Pending:
     state: dict[str, str]  # key -> hash the node holds once it ACKs
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: streams live in a set
 class _Stream:
     node: str
     types: frozenset[str]
