@@ -1,0 +1,247 @@
+"""PolicyEngine behaviour around decisions: updates (rejected ones keep the previous set), Rego cache,
+audit records, counters, rows, re-checking established connections, and PeerAuthentication precedence."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from test_policy_table import REGO_PORTS, ap, conn, engine_with, mesh, pa, rego, snapshot, src
+
+from agent.policy.engine import PolicyEngine
+from agent.policy.errors import PolicyError
+
+BAD_REGO = "package ambit\nimport rego.v1\nauthz := {"
+UNKNOWN_FUNCTION = 'package ambit\nimport rego.v1\nauthz := {"allow": nope(input.source_ip), "reason": ""}\n'
+
+
+@pytest.mark.parametrize(
+    ("docs", "message"),
+    [
+        ([rego(BAD_REGO, name="broken")], "RegoPolicy shop/broken: module does not compile"),
+        ([rego(UNKNOWN_FUNCTION, name="nofn")], "RegoPolicy shop/nofn: evaluation of a probe input fails"),
+        ([rego("package ambit\nauthz := 5\n", name="five")], "result must be a bool"),
+        ([mesh(), {**mesh(), "metadata": {"name": "second"}}], "more than one MeshConfig"),
+        ([mesh(trustDomain="other.org")], "trustDomain 'other.org' differs"),
+    ],
+    ids=["rego-syntax", "rego-unknown-function", "rego-bad-result", "two-meshconfigs", "trust-domain"],
+)
+def test_invalid_update_rejected_and_previous_set_stays(docs: list[dict[str, Any]], message: str) -> None:
+    engine = engine_with([ap(action="DENY", rules=[src(namespaces=["front"])])])
+    assert not engine.authorize(conn()).allow
+    with pytest.raises(PolicyError) as exc:
+        engine.update(snapshot(docs, version=2))
+    assert message in str(exc.value)
+    assert engine.version == 1
+    assert not engine.authorize(conn()).allow  # the DENY of version 1 still applies
+    assert engine.counters()["updates_rejected"] == 1
+    with pytest.raises(PolicyError):
+        engine.validate(snapshot(docs, version=2))
+
+
+def test_validate_does_not_apply() -> None:
+    engine = engine_with([])
+    engine.validate(snapshot([ap(action="DENY", rules=[{}])], version=2))
+    assert engine.authorize(conn()).allow and engine.version == 1
+
+
+def test_rego_cache_hits_and_invalidation_on_update() -> None:
+    engine = engine_with([rego(REGO_PORTS)])
+    for _ in range(3):
+        assert engine.authorize(conn()).allow
+    c = engine.counters()
+    assert (c["rego_cache_misses"], c["rego_cache_hits"], c["rego_cache_entries"]) == (1, 2, 1)
+    # New version: same name, different module. The cached allow must not survive.
+    deny_all = 'package ambit\nimport rego.v1\nauthz := {"allow": false, "reason": "closed"}\n'
+    engine.update(snapshot([rego(deny_all)], version=2))
+    assert engine.counters()["rego_cache_entries"] == 0
+    d = engine.authorize(conn())
+    assert not d.allow and "closed" in d.reason
+    assert engine.counters()["rego_cache_misses"] == 2
+
+
+def test_rego_errors_are_counted_and_deny() -> None:
+    conflict = (
+        "package ambit\nimport rego.v1\n"
+        'default authz := {"allow": true, "reason": "d"}\n'
+        'authz := {"allow": true, "reason": "a"} if input.destination_port > 1000\n'
+        'authz := {"allow": false, "reason": "b"} if input.destination_port == 9999\n'
+    )
+    engine = engine_with([rego(conflict)])
+    for _ in range(2):
+        d = engine.authorize(conn(port=9999))
+        assert not d.allow and "fail closed" in d.reason
+    assert engine.counters()["rego_errors"] == 2
+
+
+def test_policy_change_denies_established_connections() -> None:
+    engine = engine_with([])
+    live = [conn(), conn(principal="cluster.local/ns/back/sa/x"), conn(port=443)]
+    assert not any(engine.denies(a) for a in live)
+    engine.update(snapshot([ap(action="DENY", rules=[src(namespaces=["back"])])], version=2))
+    assert [engine.denies(a) for a in live] == [False, True, False]
+    assert engine.counters()["allow"] == 0  # denies() is not counted as a decision
+
+
+def test_audit_records() -> None:
+    records: list[dict[str, Any]] = []
+    engine = engine_with(
+        [
+            ap("audit-front", action="AUDIT", rules=[src(namespaces=["front"])]),
+            ap("deny-back", action="DENY", rules=[src(namespaces=["back"])]),
+        ],
+        audit=records.append,
+    )
+    engine.authorize(conn())  # allowed, audited
+    engine.authorize(conn(principal="cluster.local/ns/back/sa/x"))  # denied
+    engine.authorize(conn(principal="cluster.local/ns/other/sa/x"))  # allowed, not audited: no record
+    assert [(r["decision"], r["policy"], r["audit_policy"]) for r in records] == [
+        ("allow", "", "shop/audit-front"),
+        ("deny", "shop/deny-back", ""),
+    ]
+    assert records[0]["source_principal"] == "spiffe://cluster.local/ns/front/sa/client"
+    assert records[1]["config_version"] == 1 and records[1]["destination_port"] == 80
+    c = engine.counters()
+    assert (c["allow"], c["deny"], c["audited"]) == (2, 1, 1)
+
+
+def test_audit_all_and_failing_sink() -> None:
+    records: list[dict[str, Any]] = []
+    engine = engine_with([], audit=records.append, audit_all=True)
+    engine.authorize(conn())
+    assert len(records) == 1 and records[0]["reason"] == "no ALLOW policy applies"
+
+    def broken(record: dict[str, Any]) -> None:
+        raise OSError("disk full")
+
+    engine = engine_with([ap(action="DENY", rules=[{}])], audit=broken)
+    assert not engine.authorize(conn()).allow  # the decision survives a failing audit sink
+    assert engine.counters()["audit_errors"] == 1
+
+
+def test_rows_and_counters() -> None:
+    engine = engine_with(
+        [
+            mesh(defaultDeny=True),
+            ap("web", selector={"app": "web"}, rules=[{}], dry_run=True),
+            ap("mesh-deny", ns="ambit-system", action="DENY", rules=[src(ipBlocks=["1.2.3.4"])]),
+            pa(mode="STRICT", selector={"app": "web"}, ports={"8080": "DISABLE"}),
+            rego(REGO_PORTS),
+        ]
+    )
+    rows = {(r["kind"], r["name"]): r for r in engine.rows()}
+    assert rows[("MeshConfig", "default")]["detail"].startswith("defaultDeny=true rootNamespace=ambit-system")
+    assert rows[("AuthorizationPolicy", "web")]["scope"] == "workload"
+    assert rows[("AuthorizationPolicy", "web")]["detail"] == "ALLOW 1 rule(s) dry-run"
+    assert rows[("AuthorizationPolicy", "mesh-deny")]["scope"] == "mesh"
+    assert rows[("PeerAuthentication", "pa")]["detail"] == "mtls STRICT ports 8080=DISABLE"
+    assert rows[("RegoPolicy", "r")]["detail"] == "rego query data.ambit.authz"
+    c = engine.counters()
+    assert (c["authorization_policies"], c["rego_policies"], c["default_deny"], c["version"]) == (2, 1, 1, 1)
+
+
+def test_unusable_attributes_fail_closed() -> None:
+    engine = engine_with([ap(rules=[src(ipBlocks=["10.0.0.0/8"])])])
+    d = engine.authorize(conn(ip="not-an-ip"))
+    assert not d.allow
+
+
+def test_concurrent_updates_and_decisions() -> None:
+    engine = engine_with([])
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def decide() -> None:
+        try:
+            while not stop.is_set():
+                engine.authorize(conn())
+        except BaseException as exc:  # pragma: no cover - reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=decide) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for v in range(2, 40):
+        engine.update(snapshot([ap(action="DENY", rules=[src(namespaces=[f"ns{v}"])])], version=v))
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not failures and engine.counters()["errors"] == 0 and engine.version == 39
+
+
+WEB = "shop/web"
+MTLS_CASES = [
+    ("default-permissive", [], WEB, 80, "PERMISSIVE"),
+    ("meshconfig-default", [mesh(defaultMtlsMode="STRICT")], WEB, 80, "STRICT"),
+    ("mesh-strict", [pa(ns="ambit-system", mode="STRICT")], "other/api", 80, "STRICT"),
+    (
+        "namespace-over-mesh",
+        [pa("m", ns="ambit-system", mode="STRICT"), pa(mode="PERMISSIVE")],
+        WEB,
+        80,
+        "PERMISSIVE",
+    ),
+    ("namespace-other-ns", [pa(ns="other", mode="STRICT")], WEB, 80, "PERMISSIVE"),
+    (
+        "workload-over-namespace",
+        [pa("n", mode="DISABLE"), pa("w", mode="STRICT", selector={"app": "web"})],
+        WEB,
+        80,
+        "STRICT",
+    ),
+    (
+        "workload-selector-miss",
+        [pa("n", mode="DISABLE"), pa("w", mode="STRICT", selector={"app": "db"})],
+        WEB,
+        80,
+        "DISABLE",
+    ),
+    (
+        "workload-unset-inherits",
+        [pa("n", mode="STRICT"), pa("w", selector={"app": "web"}, ports={"8080": "DISABLE"})],
+        WEB,
+        80,
+        "STRICT",
+    ),
+    (
+        "port-level",
+        [pa("w", mode="STRICT", selector={"app": "web"}, ports={"8080": "DISABLE"})],
+        WEB,
+        8080,
+        "DISABLE",
+    ),
+    (
+        "port-level-other-port",
+        [pa("w", mode="STRICT", selector={"app": "web"}, ports={"8080": "DISABLE"})],
+        WEB,
+        80,
+        "STRICT",
+    ),
+    (
+        "port-unset-inherits",
+        [pa("w", mode="STRICT", selector={"app": "web"}, ports={"8080": "UNSET"})],
+        WEB,
+        8080,
+        "STRICT",
+    ),
+    ("same-scope-first-by-name", [pa("b", mode="DISABLE"), pa("a", mode="STRICT")], WEB, 80, "STRICT"),
+    ("custom-root", [mesh(rootNamespace="root"), pa(ns="root", mode="STRICT")], "other/api", 80, "STRICT"),
+    ("unknown-workload-namespace", [pa(mode="STRICT")], "shop/ghost", 80, "STRICT"),
+]
+
+
+@pytest.mark.parametrize(("case", "docs", "uid", "port", "mode"), MTLS_CASES, ids=[c[0] for c in MTLS_CASES])
+def test_mtls_mode(case: str, docs: list[dict[str, Any]], uid: str, port: int, mode: str) -> None:
+    engine = engine_with(docs)
+    assert engine.mtls_mode(uid, port) == mode
+    snap = snapshot(docs)
+    if uid in snap.workloads:
+        assert engine.mtls_mode(snap.workloads[uid], port) == mode
+
+
+def test_mtls_mode_follows_updates() -> None:
+    engine = PolicyEngine("cluster.local")
+    assert engine.mtls_mode("shop/web", 80) == "PERMISSIVE"
+    engine.update(snapshot([pa(mode="STRICT")]))
+    assert engine.mtls_mode("shop/web", 80) == "STRICT"
