@@ -1,0 +1,285 @@
+"""The redirection datapath of one node: owns the BPF programs and maps, their tc attachments and the
+routing rule, and follows enrolment changes live.
+
+Runs in the node's network namespace (the calling thread's netns). Programs and maps are pinned under
+`pin_dir`, and tc filters keep their program alive, so stop(keep_datapath=True) leaves pods' traffic
+flowing through the pinned state; the next start() reuses the maps and swaps in its freshly loaded
+program atomically on every link a previous agent had attached.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from agent.redirect import loader, marks, pins, rules, tc
+from agent.redirect.maps import CounterMap, PodEntry, PodMap, pod_key
+
+log = logging.getLogger(__name__)
+
+POD_HOOK = "pod_ingress"
+UPLINK_HOOK = "uplink_ingress"
+MAIN_TABLE = 254
+RTN_UNICAST = 1
+SCOPE_LINK = 253
+
+
+class RedirectError(RuntimeError):
+    pass
+
+
+class Redirector:
+    def __init__(self, node: str, pin_dir: Path, uplink: str | None = None) -> None:
+        """`uplink`: the interface other nodes' traffic arrives on; found from the routes when None."""
+        self.node = node
+        self.pin_dir = Path(pin_dir)
+        self._uplink_name = uplink
+        self._lock = threading.Lock()
+        self._ipr: IPRoute | None = None
+        self._programs: dict[str, loader.LoadedProgram] = {}
+        self._pods: PodMap | None = None
+        self._counters: CounterMap | None = None
+        self._attached: dict[int, tc.Attachment] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._lock:
+            if self._ipr is not None:
+                return
+            pins.ensure_bpffs()
+            self.pin_dir.mkdir(parents=True, exist_ok=True)
+            self._ipr = IPRoute()
+            try:
+                self._load()
+                rules.ensure(self._ipr)
+                self._adopt_attachments()
+                self._attach_uplink()
+                self._attach_pod_links()
+            except Exception:
+                self._close()
+                raise
+            log.info(
+                "redirector for %s started: %d links attached, %d pods enrolled (pins %s)",
+                self.node,
+                len(self._attached),
+                len(self._pods.entries()) if self._pods else 0,
+                self.pin_dir,
+            )
+
+    def stop(self, keep_datapath: bool = False) -> None:
+        """Detach everything and remove the pins, or with keep_datapath leave the datapath running."""
+        with self._lock:
+            if self._ipr is None:
+                return
+            if not keep_datapath:
+                for attachment in tc.attachments(self._ipr):
+                    tc.detach(self._ipr, attachment.index)
+                rules.remove(self._ipr)
+                pins.remove_pin_dir(self.pin_dir)
+            self._close()
+            log.info(
+                "redirector for %s stopped (datapath %s)", self.node, "kept" if keep_datapath else "removed"
+            )
+
+    def _close(self) -> None:
+        for program in self._programs.values():
+            program.close()
+        self._programs.clear()
+        self._pods = self._counters = None
+        self._attached.clear()
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+    def _load(self) -> None:
+        for hook in loader.HOOKS:
+            self._programs[hook] = loader.load(hook, self.pin_dir)
+        # Both programs share the pinned maps: any program's handle reaches the same map.
+        program = self._programs[POD_HOOK]
+        self._pods = PodMap(program.table("ambit_pods"))
+        self._counters = CounterMap(program.table("ambit_counters"))
+
+    def _adopt_attachments(self) -> None:
+        """Put this run's programs on every link a previous agent attached (atomic replace)."""
+        assert self._ipr is not None
+        for found in tc.attachments(self._ipr):
+            if found.hook in self._programs:
+                self._attach(found.index, found.hook)
+            else:  # left by an older version with a hook that no longer exists
+                tc.detach(self._ipr, found.index)
+
+    def _attach(self, index: int, hook: str) -> None:
+        assert self._ipr is not None
+        tc.attach(self._ipr, index, self._programs[hook].fd, hook)
+        self._attached[index] = tc.Attachment(index, self._ifname(index), hook)
+
+    def _attach_uplink(self) -> None:
+        index = self._uplink_index()
+        if index is None:
+            log.warning("no uplink found in this netns: plaintext from other nodes is not steered")
+            return
+        self._attach(index, UPLINK_HOOK)
+
+    # -- enrolment -------------------------------------------------------------------------------------
+
+    def enroll(self, pod_ip: str, workload_uid: str, strict: bool) -> None:
+        """Capture the pod's new connections (and plaintext sent to it); idempotent, also to change mode."""
+        _check_ip(pod_ip)
+        with self._lock:
+            pods = self._require_started()
+            index = self._pod_link(pod_ip)
+            if self._attached.get(index) is None:
+                self._attach(index, POD_HOOK)
+            pods.put(pod_ip, workload_uid, strict)
+        log.info("enrolled %s (%s, %s) on %s", pod_ip, workload_uid, _mode(strict), self._ifname(index))
+
+    def unenroll(self, pod_ip: str) -> None:
+        """Stop capturing the pod's new connections; connections already captured keep their sockets."""
+        _check_ip(pod_ip)
+        with self._lock:
+            removed = self._require_started().delete(pod_ip)
+        if removed:
+            log.info("unenrolled %s", pod_ip)
+
+    def enrolled(self) -> dict[str, PodEntry]:
+        """The pinned enrolment (after a restart: what the previous agent left), by pod IP."""
+        with self._lock:
+            return self._require_started().entries()
+
+    def _require_started(self) -> PodMap:
+        if self._pods is None:
+            raise RedirectError(f"redirector for {self.node} is not started")
+        return self._pods
+
+    # -- links -----------------------------------------------------------------------------------------
+
+    def _ifname(self, index: int) -> str:
+        assert self._ipr is not None
+        links = self._ipr.get_links(index)
+        return str(links[0].get_attr("IFLA_IFNAME")) if links else f"#{index}"
+
+    def _pod_link(self, pod_ip: str) -> int:
+        """The node-side link of a local pod: where the route to its address points."""
+        assert self._ipr is not None
+        try:
+            route = self._ipr.route("get", dst=pod_ip)[0]
+        except NetlinkError as exc:
+            raise RedirectError(f"no route to pod {pod_ip} on node {self.node}: {exc}") from exc
+        oif = route.get_attr("RTA_OIF")
+        uplink = self._uplink_index()
+        if route["type"] != RTN_UNICAST or oif is None or oif == uplink or route.get_attr("RTA_GATEWAY"):
+            via = self._ifname(oif) if oif else "nowhere"
+            raise RedirectError(f"pod {pod_ip} is not on node {self.node}: its route goes via {via}")
+        return int(oif)
+
+    def _uplink_index(self) -> int | None:
+        """The named uplink; else the default route's link; else the link with a node-subnet address."""
+        assert self._ipr is not None
+        if self._uplink_name:
+            found = self._ipr.link_lookup(ifname=self._uplink_name)
+            if not found:
+                raise RedirectError(f"uplink {self._uplink_name!r} not found on node {self.node}")
+            return int(found[0])
+        for route in self._main_routes():
+            if route["dst_len"] == 0 and route.get_attr("RTA_OIF"):
+                return int(route.get_attr("RTA_OIF"))
+        lo = self._ipr.link_lookup(ifname="lo")
+        for addr in self._ipr.get_addr(family=socket.AF_INET):
+            # Pod-side gateways are /32s; the node's own address sits in a subnet shared with other nodes.
+            if addr["prefixlen"] < 32 and addr["index"] not in lo:
+                return int(addr["index"])
+        return None
+
+    def _main_routes(self) -> list[Any]:
+        assert self._ipr is not None
+        return [
+            r
+            for r in self._ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE)
+            if r["type"] == RTN_UNICAST
+        ]
+
+    def _pod_links(self) -> set[int]:
+        """Links that carry a /32 route straight to one address: the node side of pod veths (CNI style)."""
+        uplink = self._uplink_index()
+        return {
+            int(r.get_attr("RTA_OIF"))
+            for r in self._main_routes()
+            if r["dst_len"] == 32
+            and r["scope"] == SCOPE_LINK
+            and not r.get_attr("RTA_GATEWAY")
+            and r.get_attr("RTA_OIF") not in (None, uplink)
+        }
+
+    def refresh_links(self) -> list[str]:
+        """Attach the pod program to pod links that appeared since start; returns the new links' names.
+
+        Every pod link gets it, enrolled or not: replies to connections the agent opens with a pod's
+        address (spoofed source) can come from any local pod and must reach the agent's socket."""
+        with self._lock:
+            self._require_started()
+            return self._attach_pod_links()
+
+    def _attach_pod_links(self) -> list[str]:
+        added = []
+        for index in sorted(self._pod_links() - set(self._attached)):
+            self._attach(index, POD_HOOK)
+            added.append(self._attached[index].ifname)
+        return added
+
+    # -- introspection ---------------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        with self._lock:
+            if self._counters is None:
+                return {}
+            return self._counters.values()
+
+    def rows(self) -> list[dict[str, str]]:
+        """Programs, attachments, routing, enrolled pods and per-path counters, for `ambit debug bpf`."""
+        with self._lock:
+            if self._ipr is None or self._pods is None or self._counters is None:
+                return []
+            rows = [
+                _row("program", p.hook, str(p.prog_id), f"tag {p.tag}, pinned {p.pin}")
+                for p in self._programs.values()
+            ]
+            rows += [
+                _row("attachment", a.ifname, a.hook, f"tc ingress prio {tc.FILTER_PRIO:#x}")
+                for a in tc.attachments(self._ipr)
+            ]
+            state = rules.present(self._ipr)
+            rows.append(
+                _row(
+                    "routing",
+                    f"fwmark {marks.ROUTE_MARK:#x}/{marks.ROUTE_MASK:#x} -> table {marks.ROUTE_TABLE}",
+                    "ok" if all(state.values()) else "MISSING",
+                    ", ".join(f"{k} {'present' if v else 'missing'}" for k, v in state.items()),
+                )
+            )
+            rows += [
+                _row("pod", ip, _mode(e.strict), e.workload) for ip, e in sorted(self._pods.entries().items())
+            ]
+            rows += [_row("counter", name, str(value), "") for name, value in self._counters.values().items()]
+            return rows
+
+
+def _row(kind: str, name: str, value: str, detail: str) -> dict[str, str]:
+    return {"kind": kind, "name": name, "value": value, "detail": detail}
+
+
+def _mode(strict: bool) -> str:
+    return "STRICT" if strict else "PERMISSIVE"
+
+
+def _check_ip(pod_ip: str) -> None:
+    try:
+        pod_key(pod_ip)
+    except ValueError as exc:
+        raise RedirectError(f"bad pod address {pod_ip!r}: {exc}") from None

@@ -1,0 +1,111 @@
+"""tc attachments of the datapath programs: a clsact qdisc and one direct-action bpf filter at ingress.
+
+Our filter is identified by a fixed priority and handle, so attaching again (a restarted agent loading
+a new program) is an atomic `replace`: packets never see a moment without a program. The kernel holds
+the program while the filter exists, which is why pods keep their captured connections across an agent
+restart. Every call works on the netns of the calling thread.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+INGRESS_PARENT = 0xFFFFFFF2  # clsact ingress (TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS))
+EGRESS_PARENT = 0xFFFFFFF3
+FILTER_PRIO = 0xA3B  # ours alone on the hook: other tools' filters keep their own priorities
+FILTER_HANDLE = 1
+NAME_PREFIX = "ambit_"
+ETH_P_ALL = 0x0003
+
+
+@dataclass(frozen=True)
+class Attachment:
+    index: int
+    ifname: str
+    hook: str  # the program's hook name (filter name without the prefix)
+
+
+def _ensure_clsact(ipr: IPRoute, index: int) -> None:
+    try:
+        ipr.tc("add", "clsact", index)
+    except NetlinkError as exc:
+        if exc.code != errno.EEXIST:
+            raise
+
+
+def attach(ipr: IPRoute, index: int, prog_fd: int, hook: str) -> None:
+    """Attach (or atomically replace) our ingress filter on link `index`."""
+    _ensure_clsact(ipr, index)
+    ipr.tc(
+        "replace-filter",
+        "bpf",
+        index,
+        FILTER_HANDLE,
+        fd=prog_fd,
+        name=NAME_PREFIX + hook,
+        parent=INGRESS_PARENT,
+        prio=FILTER_PRIO,
+        protocol=ETH_P_ALL,
+        classid=1,
+        direct_action=True,
+    )
+
+
+def _filters(ipr: IPRoute, index: int, parent: int) -> list[object]:
+    try:
+        return list(ipr.get_filters(index=index, parent=parent))
+    except NetlinkError as exc:
+        if exc.code in (errno.EINVAL, errno.ENOENT, errno.ENODEV):  # no clsact on the link, or link gone
+            return []
+        raise
+
+
+def _our_hook(msg: object) -> str | None:
+    """The hook name of our bpf filter message, None for other filters (and the chain headers)."""
+    if msg.get_attr("TCA_KIND") != "bpf":  # type: ignore[attr-defined]
+        return None
+    options = msg.get_attr("TCA_OPTIONS")  # type: ignore[attr-defined]
+    name = options.get_attr("TCA_BPF_NAME") if options is not None else None
+    if not name or not name.startswith(NAME_PREFIX):
+        return None
+    return str(name[len(NAME_PREFIX) :])
+
+
+def attachments(ipr: IPRoute) -> list[Attachment]:
+    """Our ingress filters on every link of this netns (including ones a previous agent left)."""
+    found = []
+    for link in ipr.get_links():
+        index = link["index"]
+        for msg in _filters(ipr, index, INGRESS_PARENT):
+            hook = _our_hook(msg)
+            if hook is not None:
+                found.append(Attachment(index, str(link.get_attr("IFLA_IFNAME")), hook))
+                break
+    return found
+
+
+def detach(ipr: IPRoute, index: int) -> None:
+    """Remove our filter from link `index`; the clsact qdisc goes too when nothing else uses it."""
+    try:
+        ipr.tc(
+            "del-filter",
+            "bpf",
+            index,
+            FILTER_HANDLE,
+            parent=INGRESS_PARENT,
+            prio=FILTER_PRIO,
+            protocol=ETH_P_ALL,
+        )
+    except NetlinkError as exc:
+        if exc.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+            raise
+    if not _filters(ipr, index, INGRESS_PARENT) and not _filters(ipr, index, EGRESS_PARENT):
+        try:
+            ipr.tc("del", "clsact", index)
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+                raise

@@ -1,0 +1,31 @@
+/* tc ingress on the node-side end of each pod veth: packets leaving a pod.
+ * Existing agent sockets first (replies to connections the agent opened towards this pod, and flows
+ * it already captured, even after the pod is unenrolled); then new connections of enrolled pods go to
+ * the outbound listener with their original destination. */
+#include "ambit_steer.h"
+
+int pod_ingress(struct __sk_buff *skb)
+{
+	struct ambit_packet pkt = {};
+	if (!ambit_parse(skb, &pkt))
+		return TC_ACT_OK;
+	ambit_count(AMBIT_CTR_POD_PACKETS);
+	if (ambit_agent_marked(skb))
+		return TC_ACT_OK;
+	int verdict = ambit_steer_established(skb, &pkt);
+	if (verdict >= 0)
+		return verdict;
+	struct ambit_pod_key key = {.ip = pkt.tuple.ipv4.saddr};
+	struct ambit_pod *pod = ambit_pods.lookup(&key);
+	if (!pod) {
+		ambit_count(AMBIT_CTR_NOT_ENROLLED_PASS);
+		return TC_ACT_OK;
+	}
+	if (!pkt.pure_syn) {
+		ambit_count(AMBIT_CTR_ENROLLED_FLOW_PASS);
+		return TC_ACT_OK;
+	}
+	return ambit_steer_to_listener(skb, &pkt, AMBIT_OUTBOUND_PORT, pod->mode,
+				       AMBIT_CTR_OUTBOUND_CAPTURED, AMBIT_CTR_OUTBOUND_STRICT_DROP,
+				       AMBIT_CTR_OUTBOUND_PERMISSIVE_PASS);
+}
