@@ -10,7 +10,6 @@ import argparse
 import http.client
 import json
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -165,9 +164,3 @@ def add_debug_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     level.add_argument("level", nargs="?", help="new level: critical|error|warning|info|debug")
     level.add_argument("-o", "--output", choices=FORMATS, default="table")
     level.set_defaults(func=_cmd_log_level)
-
-
-if __name__ == "__main__":  # pragma: no cover - `python -m agent.debug` for quick use
-    from agent.cli import main
-
-    sys.exit(main(["debug", *sys.argv[1:]]))
