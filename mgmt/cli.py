@@ -1,15 +1,150 @@
-"""The `ambit mgmt` subcommand (being built: see the open issues)."""
+"""The `ambit mgmt` subcommand: run the management plane, or mint a node join token.
+
+  ambit mgmt --config-dir D --state-dir S [--trust-domain cluster.local] [--listen 0.0.0.0:15012]
+             [--bootstrap-listen 0.0.0.0:15013] [--join-token NODE ...] [--audit-log F]
+  ambit mgmt token --state-dir S --node N [--ttl 1h]
+
+The plane owns: the config store (D, watched), the CA (persisted in S), join tokens (file-backed in S, so
+`ambit mgmt token` works while the plane runs), the mTLS relay + CSR service on --listen and the
+join-token bootstrap on --bootstrap-listen. The public trust bundle agents need is S/ca-bundle.pem.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import logging
+import re
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
 
 from agent.errors import UsageError
 
+DEFAULT_LISTEN = "0.0.0.0:15012"
+DEFAULT_BOOTSTRAP_LISTEN = "0.0.0.0:15013"
+_DURATION = re.compile(r"^(\d+)([smhd]?)$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
-def _not_built(_: argparse.Namespace) -> int:
-    raise UsageError("`ambit mgmt` is not built yet")
+
+def parse_duration(text: str) -> dt.timedelta:
+    m = _DURATION.match(text.strip())
+    if not m or int(m.group(1)) == 0:
+        raise UsageError(f"bad duration {text!r} (examples: 90s, 30m, 1h, 7d)")
+    return dt.timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    from api.spiffe import SpiffeId, SpiffeIdError
+    from mgmt.join_tokens import JoinTokens
+
+    try:
+        SpiffeId.node("check.local", args.node)
+    except SpiffeIdError:
+        raise UsageError(f"--node {args.node!r} is not a valid node name") from None
+    print(JoinTokens(Path(args.state_dir)).create(args.node, parse_duration(args.ttl)))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    if args.verb == "token":
+        return _cmd_token(args)
+    if not args.config_dir or not args.state_dir:
+        raise UsageError("ambit mgmt needs --config-dir and --state-dir")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    plane = Plane(args)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        plane.start()
+        stop.wait()
+    finally:
+        plane.stop()
+    return 0
+
+
+class Plane:
+    """Everything `ambit mgmt` runs, started in dependency order and stopped in reverse."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self._stops: list[Any] = []
+
+    def start(self) -> None:
+        from agent.observe.audit import AuditLog
+        from mgmt import ca_store
+        from mgmt.bootstrap import BootstrapServer
+        from mgmt.identity_service import add_identity_service
+        from mgmt.join_tokens import JoinTokens
+        from mgmt.server import MgmtServer
+        from mgmt.store import ConfigStore
+
+        a = self.args
+        state_dir = Path(a.state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # AuditLog.record(event, /, **fields) satisfies mgmt's Audit protocol at run time; mypy is stricter.
+        audit: Any = AuditLog(a.audit_log) if a.audit_log else None
+        store = ConfigStore(a.config_dir, state_dir, trust_domain=a.trust_domain)
+        errors = store.load()
+        if errors:
+            raise UsageError("config rejected:\n  " + "\n  ".join(str(e) for e in errors))
+        ca = ca_store.load_or_create(state_dir, a.trust_domain)
+        tokens = JoinTokens(state_dir)
+
+        def add_csr_service(grpc_server: Any) -> None:
+            add_identity_service(grpc_server, ca, store, audit)
+
+        server = MgmtServer(
+            store,
+            ca,
+            a.listen,
+            a.trust_domain,
+            extra_services=[add_csr_service],
+            audit=audit,
+        )
+        server.start()
+        self._stops.append(server.stop)
+        bootstrap = BootstrapServer(ca, tokens, a.bootstrap_listen, audit)
+        bootstrap.start()
+        self._stops.append(bootstrap.stop)
+        store.watch()
+        self._stops.append(store.stop)
+        for node in a.join_token or ():
+            print(f"join-token {node} {tokens.create(node)}", flush=True)
+        print(
+            f"mgmt: relay on port {server.port}, bootstrap on port {bootstrap.port}, config version "
+            f"{store.version}, trust bundle {state_dir / ca_store.BUNDLE_FILE}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def stop(self) -> None:
+        while self._stops:
+            try:
+                self._stops.pop()()
+            except Exception:
+                logging.getLogger("ambit.mgmt").exception("stopping the plane")
 
 
 def add_mgmt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    sub.add_parser("mgmt", help="run the management plane").set_defaults(func=_not_built)
+    p = sub.add_parser("mgmt", help="run the management plane (or `ambit mgmt token` for a join token)")
+    p.add_argument("--config-dir", help="directory of YAML resources (watched)")
+    p.add_argument("--state-dir", help="CA, join tokens and config version (private, 0700)")
+    p.add_argument(
+        "--trust-domain", default="cluster.local", help="SPIFFE trust domain (default %(default)s)"
+    )
+    p.add_argument("--listen", default=DEFAULT_LISTEN, help="relay + CSR service, mTLS (default %(default)s)")
+    p.add_argument(
+        "--bootstrap-listen", default=DEFAULT_BOOTSTRAP_LISTEN, help="join bootstrap (default %(default)s)"
+    )
+    p.add_argument("--join-token", nargs="+", metavar="NODE", help="print a one-time join token per NODE")
+    p.add_argument("--audit-log", help="JSON-lines audit log of refused requests and joins")
+    p.set_defaults(func=_cmd_run, verb=None)
+    verbs = p.add_subparsers(dest="verb", metavar="VERB")
+    token = verbs.add_parser("token", help="create a one-time join token for a node (prints it)")
+    token.add_argument("--state-dir", required=True, help="the plane's state directory")
+    token.add_argument("--node", required=True, help="node name the token admits")
+    token.add_argument("--ttl", default="1h", help="token lifetime, e.g. 10m, 1h (default %(default)s)")

@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from cryptography import x509
 
 from api import relay_pb2, relay_pb2_grpc
-from api.spiffe import spiffe_id_of
+from mgmt.identity_service import Audit, peer_spiffe_id
 from mgmt.scope import ScopeIndex, View, filter_types, key_type
 from mgmt.store import ConfigSnapshot, ConfigStore
 
@@ -70,10 +69,10 @@ _CLOSED = object()
 
 
 class RelayService(relay_pb2_grpc.RelayServicer):
-    def __init__(self, store: ConfigStore, trust_domain: str, audit: logging.Logger | None = None) -> None:
+    def __init__(self, store: ConfigStore, trust_domain: str, audit: Audit | None = None) -> None:
         self.store = store
         self.trust_domain = trust_domain
-        self.audit = audit or audit_log
+        self.audit = audit  # the plane's audit log (JSON lines); "ambit.audit" logging always gets a copy
         self._lock = threading.Lock()
         self._index = ScopeIndex(store.current)
         self._streams: set[_Stream] = set()  # guarded by _lock
@@ -145,35 +144,28 @@ class RelayService(relay_pb2_grpc.RelayServicer):
 
     # -- identity --------------------------------------------------------------------------------------
     def _peer_node(self, context: grpc.ServicerContext, method: str) -> str:
-        auth = context.auth_context()
-        pems = auth.get("x509_pem_cert") or []
-        reason = "no client certificate"
-        if pems:
-            try:
-                sid = spiffe_id_of(x509.load_pem_x509_certificate(pems[0]))
-            except ValueError as exc:
-                reason = f"bad client certificate: {exc}"
-            else:
-                if sid.trust_domain == self.trust_domain and sid.node_name:
-                    return sid.node_name
-                reason = f"{sid} is not a node identity of {self.trust_domain}"
+        sid = peer_spiffe_id(context)
+        if sid is None:
+            reason = "no client certificate with a SPIFFE ID"
+        elif sid.trust_domain == self.trust_domain and sid.node_name:
+            return sid.node_name
+        else:
+            reason = f"{sid} is not a node identity of {self.trust_domain}"
         self._refuse(context, method, "", "", reason)
         raise AssertionError("unreachable")  # _refuse aborts the RPC
 
     def _refuse(self, context: grpc.ServicerContext, method: str, node: str, asked: str, reason: str) -> None:
         self._count("refused")
-        self.audit.warning(
-            "relay request refused: %s",
-            reason,
-            extra={
-                "event": "relay_refused",
-                "method": method,
-                "node": node,
-                "requested_node": asked,
-                "peer": context.peer(),
-                "reason": reason,
-            },
-        )
+        fields = {
+            "method": method,
+            "node": node,
+            "requested_node": asked,
+            "peer": context.peer(),
+            "reason": reason,
+        }
+        audit_log.warning("relay request refused: %s", reason, extra={"event": "relay_refused", **fields})
+        if self.audit is not None:
+            self.audit.record("relay_refused", **fields)
         context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
 
     def _check_node(self, context: grpc.ServicerContext, method: str, cert_node: str, asked: str) -> None:

@@ -1,9 +1,9 @@
 """The management plane's gRPC server: mTLS only, client certificates required and chained to the mesh CA.
 
-The plane serves with its own SVID (spiffe://<td>/ns/ambit-system/sa/ambit-mgmt) plus the DNS name
-"ambit-mgmt", which node clients check (grpc.ssl_target_name_override) whatever address they dial. Services
-other than the relay (H2's CSR service, ...) attach through `extra_services` and read the caller's identity
-from the same verified peer certificate.
+Serving credentials come from mgmt/identity_service.py (one owner of the plane's serving certificate: DNS
+SAN "ambit-mgmt", which node clients check with grpc.ssl_target_name_override whatever address they dial;
+re-issued on CA rotation). Services other than the relay (the CSR service, ...) attach through
+`extra_services` and read the caller's identity from the same verified peer certificate.
 """
 
 from __future__ import annotations
@@ -19,25 +19,22 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from api import relay_pb2_grpc
 from api.spiffe import SpiffeId
-from mgmt.ca import CertificateAuthority
+from mgmt.ca import MGMT_SERVER_NAME, CertificateAuthority
+from mgmt.identity_service import Audit, plane_server_credentials
 from mgmt.relay_service import RelayService
 from mgmt.store import ConfigStore
 
 log = logging.getLogger("ambit.mgmt.server")
 
-SERVER_NAME = "ambit-mgmt"  # DNS SAN of the plane's serving certificate; clients verify this name
-SERVING_TTL = dt.timedelta(days=30)
+SERVER_NAME = MGMT_SERVER_NAME  # DNS SAN of the plane's serving certificate; clients verify this name
+NODE_TTL = dt.timedelta(hours=24)
 MAX_WORKERS = 64  # every node's subscription stream holds one worker thread
-
-
-def mgmt_spiffe_id(trust_domain: str) -> SpiffeId:
-    return SpiffeId.workload(trust_domain, "ambit-system", "ambit-mgmt")
 
 
 def issue_key_and_chain(
     ca: CertificateAuthority,
     spiffe_id: SpiffeId,
-    ttl: dt.timedelta = SERVING_TTL,
+    ttl: dt.timedelta = NODE_TTL,
     dns_names: tuple[str, ...] = (),
 ) -> tuple[bytes, bytes]:
     """A fresh P-256 key and its certificate chain from `ca`, both PEM (the key stays in memory)."""
@@ -64,12 +61,13 @@ class MgmtServer:
         trust_domain: str,
         extra_services: Sequence[Callable[[grpc.Server], None]] = (),
         max_workers: int = MAX_WORKERS,
+        audit: Audit | None = None,
     ) -> None:
         self.store = store
         self.ca = ca
         self.listen = listen
         self.trust_domain = trust_domain
-        self.relay = RelayService(store, trust_domain)
+        self.relay = RelayService(store, trust_domain, audit)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="mgmt-grpc"),
             options=[("grpc.so_reuseport", 0)],
@@ -77,10 +75,7 @@ class MgmtServer:
         relay_pb2_grpc.add_RelayServicer_to_server(self.relay, self._server)
         for add in extra_services:
             add(self._server)
-        key_pem, chain_pem = issue_key_and_chain(ca, mgmt_spiffe_id(trust_domain), dns_names=(SERVER_NAME,))
-        credentials = grpc.ssl_server_credentials(
-            [(key_pem, chain_pem)], root_certificates=ca.bundle_pem(), require_client_auth=True
-        )
+        credentials = plane_server_credentials(ca, require_client_auth=True)
         self.port = self._server.add_secure_port(listen, credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {listen}")

@@ -46,7 +46,7 @@ class RelayClient:
         self,
         target: str,
         node: str,
-        credentials: grpc.ChannelCredentials,
+        credentials: grpc.ChannelCredentials | Callable[[], grpc.ChannelCredentials],
         on_snapshot: Callable[[MeshSnapshot], None],
         validate: Callable[[MeshSnapshot], None] | None = None,
         server_name: str | None = None,
@@ -129,7 +129,7 @@ class RelayClient:
         """One subscription stream until it breaks; True if at least one response arrived."""
         outbox: queue.Queue[relay_pb2.SubscribeRequest | None] = queue.Queue()
         outbox.put(relay_pb2.SubscribeRequest(subscribe=self._subscribe_message()))
-        channel = grpc.secure_channel(self.target, self._credentials, options=self._options)
+        channel = self._new_channel()
         got = False
         try:
             call = relay_pb2_grpc.RelayStub(channel).Subscribe(_drain(outbox))
@@ -153,6 +153,11 @@ class RelayClient:
                 self._call, self._channel = None, None
             channel.close()
         return got
+
+    def _new_channel(self) -> grpc.Channel:
+        # A callable is asked on every (re)connect, so a renewed node certificate is used from then on.
+        creds = self._credentials() if callable(self._credentials) else self._credentials
+        return grpc.secure_channel(self.target, creds, options=self._options)
 
     def _subscribe_message(self) -> relay_pb2.Subscribe:
         with self._apply_lock:
@@ -242,7 +247,7 @@ class RelayClient:
         request = relay_pb2.LookupRequest(node=self.node, address=ip)
         if channel is not None:
             return relay_pb2_grpc.RelayStub(channel).Lookup(request, timeout=timeout)
-        with grpc.secure_channel(self.target, self._credentials, options=self._options) as temporary:
+        with self._new_channel() as temporary:
             return relay_pb2_grpc.RelayStub(temporary).Lookup(request, timeout=timeout)
 
 
