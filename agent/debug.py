@@ -21,15 +21,15 @@ from agent.output import FORMATS, render
 ADMIN_DEFAULT = "127.0.0.1:15000"
 TIMEOUT_S = 5.0
 
-# subcommand -> (admin path, preferred table columns; None = all keys of the first row)
-VIEWS: dict[str, tuple[str, Sequence[str] | None]] = {
-    "workloads": ("/workloads", None),
-    "services": ("/services", None),
-    "policies": ("/policies", None),
-    "certs": ("/certs", None),
-    "connections": ("/connections", None),
-    "bpf": ("/bpf", None),
-    "config": ("/config_dump", None),
+# subcommand -> admin API path
+VIEWS = {
+    "workloads": "/workloads",
+    "services": "/services",
+    "policies": "/policies",
+    "certs": "/certs",
+    "connections": "/connections",
+    "bpf": "/bpf",
+    "config": "/config_dump",
 }
 
 
@@ -77,11 +77,19 @@ def _query(args: argparse.Namespace, method: str, path: str) -> Any:
     return data
 
 
-def _table(data: Any, columns: Sequence[str] | None) -> str:
+def _rows_table(rows: Sequence[dict[str, Any]]) -> str:
+    # Columns: every key of every row, in order of first appearance (rows need not share keys); nested
+    # values are shown as compact JSON rather than Python reprs.
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    cells = [{k: _compact(v) if isinstance(v, dict) else v for k, v in row.items()} for row in rows]
+    return render(cells, "table", columns)
+
+
+def _table(data: Any) -> str:
     """Rows as an aligned table; a mapping of row lists as titled sections; scalars as KEY/VALUE rows."""
     if isinstance(data, list):
         if all(isinstance(row, dict) for row in data):
-            return render(data, "table", columns)
+            return _rows_table(data)
         return render([{"value": _compact(v)} for v in data], "table")
     if isinstance(data, dict):
         sections = {
@@ -91,7 +99,7 @@ def _table(data: Any, columns: Sequence[str] | None) -> str:
         parts = []
         if scalars:
             parts.append(render([{"key": k, "value": _compact(v)} for k, v in scalars.items()], "table"))
-        parts += [f"{name.upper()}:\n{render(rows, 'table', columns)}" for name, rows in sections.items()]
+        parts += [f"{name.upper()}:\n{_rows_table(rows)}" for name, rows in sections.items()]
         return "\n\n".join(parts) if parts else "(none)"
     return _compact(data)
 
@@ -102,9 +110,9 @@ def _compact(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _show(data: Any, fmt: str, columns: Sequence[str] | None = None) -> None:
+def _show(data: Any, fmt: str) -> None:
     if fmt == "table":
-        print(_table(data, columns))
+        print(_table(data))
     elif fmt == "json":
         print(json.dumps(data, indent=2, ensure_ascii=False))
     else:
@@ -112,11 +120,11 @@ def _show(data: Any, fmt: str, columns: Sequence[str] | None = None) -> None:
 
 
 def _cmd_view(args: argparse.Namespace) -> int:
-    path, columns = VIEWS[args.view]
+    path = VIEWS[args.view]
     data = _query(args, "GET", path)
     # A nested document has no table form: the config dump defaults to YAML.
     fmt = "yaml" if args.view == "config" and args.output == "table" else args.output
-    _show(data, fmt, columns)
+    _show(data, fmt)
     return 0
 
 

@@ -25,7 +25,10 @@ PROVIDERS: dict[str, Any] = {
     "services": [{"name": "shop/db", "addresses": ["10.96.0.10"], "ports": [5432]}],
     "policies": [{"name": "shop/allow-web", "action": "ALLOW", "rules": 1}],
     "certs": [{"identity": "spiffe://cluster.local/ns/shop/sa/web", "not_after": "2026-11-29T00:00:00Z"}],
-    "connections": [{"id": 1, "src": "10.244.1.2:40000", "dst": "10.244.2.2:8080", "bytes": 10}],
+    "connections": [
+        {"id": 1, "src": "10.244.1.2:40000", "dst": "10.244.2.2:8080", "bytes": 10},
+        {"id": 2, "src": "10.244.1.3:40001", "dst": "10.244.2.2:8080", "tls": {"version": "TLSv1.3"}},
+    ],
     "bpf": {"counters": {"redirect": 3}, "rows": [{"pod_ip": "10.244.1.2", "workload": "shop/web"}]},
     "config_dump": {"version": 4, "node": {"join_token": "jt-secret-123"}},
 }
@@ -59,6 +62,12 @@ def test_workloads_table_and_json(admin: str) -> None:
     assert json.loads(as_json.stdout) == PROVIDERS["workloads"]
     as_yaml = ambit("debug", "--admin", admin, "workloads", "-o", "yaml")
     assert yaml.safe_load(as_yaml.stdout) == PROVIDERS["workloads"]
+
+
+def test_rows_with_different_keys(admin: str) -> None:
+    table = ambit("debug", "--admin", admin, "connections")
+    assert table.stdout.splitlines()[0].split() == ["ID", "SRC", "DST", "BYTES", "TLS"]
+    assert '{"version":"TLSv1.3"}' in table.stdout
 
 
 def test_sections_and_config(admin: str) -> None:
