@@ -1,5 +1,5 @@
 """The C engine (bytes, TLS, HTTP/2 framing) and its thin Python API. Python owns policy; C owns bytes."""
 
-from native.engine import crypto_version
+from native.engine import Engine, EngineError, Event, crypto_version
 
-__all__ = ["crypto_version"]
+__all__ = ["Engine", "EngineError", "Event", "crypto_version"]

@@ -1,8 +1,188 @@
-"""Python API over the cffi extension; the only module that touches `native._engine`."""
+"""Python API over the cffi extension; the only module that touches `native._engine`.
+
+The engine runs its own epoll loop thread(s) in C. Python hands it sockets (by fd: the engine owns and
+closes them from then on), TLS material and decisions; it reports what happened as `Event`s, drained with
+`events()` whenever `eventfd` is readable. Ids (connections, streams, splices, TLS contexts) come from one
+engine-wide counter, so an id never names two things; `stream_id` is such an id, not the HTTP/2 stream id.
+
+Byte counters in events: a stream's `bytes_in`/`bytes_out` are DATA payload received from / sent to the
+HBONE peer; a connection's are TLS plaintext bytes; a splice's `bytes_in` is what was read from `fd_a`
+(written to `fd_b`) and `bytes_out` what was written to `fd_a`. Every connection ends with exactly one
+`conn_closed` (preceded by `conn_error` when it failed), after the end events of all its streams.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
 
 from native._engine import ffi, lib  # type: ignore[import-not-found]
+
+_KINDS = {
+    1: "handshake_done",
+    2: "conn_error",
+    3: "conn_closed",
+    4: "peer_verified",
+    5: "stream_request",
+    6: "stream_open",
+    7: "stream_refused",
+    8: "stream_closed",
+    9: "splice_closed",
+}
+_ERRLEN = 512
+
+
+class EngineError(Exception):
+    """A call the engine refused (bad argument, stopped engine, bad TLS material)."""
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str
+    conn_id: int
+    stream_id: int
+    tag: int
+    authority: str = ""
+    peer_id: str = ""
+    tls_version: str = ""
+    tls_cipher: str = ""
+    peer_cert_sha256: str = ""
+    status: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    detail: str = ""
 
 
 def crypto_version() -> str:
     """The OpenSSL build the engine links, e.g. 'OpenSSL 3.0.19 ...'."""
     return str(ffi.string(lib.ambit_crypto_version()).decode())
+
+
+def _text(field: object) -> str:
+    return bytes(ffi.string(field)).decode("utf-8", "replace")
+
+
+def _event(r: Any) -> Event:
+    # r is a cffi `ambit_event` struct view
+    return Event(
+        kind=_KINDS.get(r.kind, f"unknown_{r.kind}"),
+        conn_id=int(r.conn_id),
+        stream_id=int(r.stream_id),
+        tag=int(r.tag),
+        authority=_text(r.authority),
+        peer_id=_text(r.peer_id),
+        tls_version=_text(r.tls_version),
+        tls_cipher=_text(r.tls_cipher),
+        peer_cert_sha256=_text(r.peer_cert_sha256),
+        status=int(r.status),
+        bytes_in=int(r.bytes_in),
+        bytes_out=int(r.bytes_out),
+        detail=_text(r.detail),
+    )
+
+
+class Engine:
+    """One native engine: `threads` epoll loops; connections are spread over them by id."""
+
+    def __init__(self, threads: int = 1) -> None:
+        err = ffi.new("char[]", _ERRLEN)
+        handle = lib.ambit_engine_new(threads, err, _ERRLEN)
+        if handle == ffi.NULL:
+            raise EngineError(_text(err))
+        self._handle = handle
+        self._lock = threading.Lock()  # guards _handle against stop() racing a call
+        self._buf = ffi.new("ambit_event[]", 256)
+        self._buf_len = 256
+        self.eventfd: int = int(lib.ambit_engine_eventfd(handle))
+
+    def _h(self) -> object:
+        if self._handle is None:
+            raise EngineError("engine stopped")
+        return self._handle
+
+    def _call(self, fn: object, *args: object) -> int:
+        err = ffi.new("char[]", _ERRLEN)
+        with self._lock:
+            rv = int(fn(self._h(), *args, err, _ERRLEN))  # type: ignore[operator]
+        if rv < 0:
+            raise EngineError(_text(err))
+        return rv
+
+    def start(self) -> None:
+        self._call(lib.ambit_engine_start)
+
+    def stop(self) -> None:
+        """Stops the loops and closes every fd the engine owns (including `eventfd`). Idempotent."""
+        with self._lock:
+            handle, self._handle = self._handle, None
+        if handle is not None:
+            lib.ambit_engine_free(handle)
+
+    def events(self, max_events: int = 256) -> list[Event]:
+        """Pending events, oldest first, without blocking."""
+        with self._lock:
+            if self._handle is None:
+                return []
+            if max_events > self._buf_len:
+                self._buf = ffi.new("ambit_event[]", max_events)
+                self._buf_len = max_events
+            n = int(lib.ambit_engine_events(self._handle, self._buf, max_events))
+            return [_event(self._buf[i]) for i in range(n)]
+
+    def tls_context(
+        self, *, server: bool, chain_pem: bytes, key_pem: bytes, bundle_pem: bytes, tls12: bool = False
+    ) -> int:
+        """An mTLS context (peer verified against `bundle_pem` always); the key stays in memory."""
+        return self._call(
+            lib.ambit_tls_context,
+            int(server),
+            chain_pem,
+            len(chain_pem),
+            key_pem,
+            len(key_pem),
+            bundle_pem,
+            len(bundle_pem),
+            int(tls12),
+        )
+
+    def free_tls_context(self, ctx: int) -> None:
+        with self._lock:
+            if self._handle is not None and lib.ambit_free_tls_context(self._handle, ctx) < 0:
+                raise EngineError(f"unknown TLS context {ctx}")
+
+    def connect_hbone(self, fd: int, ctx: int, expected_peer: str, tag: int = 0) -> int:
+        return self._call(lib.ambit_connect_hbone, fd, ctx, expected_peer.encode(), tag)
+
+    def open_stream(self, conn_id: int, authority: str, local_fd: int, tag: int = 0) -> int:
+        return self._call(lib.ambit_open_stream, conn_id, authority.encode(), local_fd, tag)
+
+    def serve_hbone(self, fd: int, ctx: int, tag: int = 0) -> int:
+        return self._call(lib.ambit_serve_hbone, fd, ctx, tag)
+
+    def accept_stream(self, conn_id: int, stream_id: int, upstream_fd: int, tag: int = 0) -> None:
+        self._call(lib.ambit_accept_stream, conn_id, stream_id, upstream_fd, tag)
+
+    def reject_stream(self, conn_id: int, stream_id: int, status: int) -> None:
+        self._call(lib.ambit_reject_stream, conn_id, stream_id, status)
+
+    def reset_stream(self, conn_id: int, stream_id: int) -> None:
+        self._call(lib.ambit_reset_stream, conn_id, stream_id)
+
+    def splice(self, fd_a: int, fd_b: int, tag: int = 0) -> int:
+        return self._call(lib.ambit_splice, fd_a, fd_b, tag)
+
+    def close(self, conn_id: int) -> None:
+        """Graceful end of an HBONE connection (GOAWAY, streams finish, close_notify) or of a splice."""
+        self._call(lib.ambit_close, conn_id)
+
+    def counters(self) -> dict[str, int]:
+        with self._lock:
+            if self._handle is None:
+                return {}
+            out = ffi.new("uint64_t[]", lib.AMBIT_C_COUNT)
+            lib.ambit_engine_counters(self._handle, out, lib.AMBIT_C_COUNT)
+        return {_text(lib.ambit_counter_name(i)): int(out[i]) for i in range(lib.AMBIT_C_COUNT)}
+
+    def __del__(self) -> None:
+        self.stop()

@@ -2,7 +2,100 @@
 #ifndef AMBIT_ENGINE_H
 #define AMBIT_ENGINE_H
 
+#include <stddef.h>
+#include <stdint.h>
+
 /* Name and version of the crypto module the engine is linked against (reported for FIPS audits). */
 const char *ambit_crypto_version(void);
+
+enum ambit_event_kind {
+    AMBIT_EV_HANDSHAKE_DONE = 1,
+    AMBIT_EV_CONN_ERROR,
+    AMBIT_EV_CONN_CLOSED,
+    AMBIT_EV_PEER_VERIFIED,
+    AMBIT_EV_STREAM_REQUEST,
+    AMBIT_EV_STREAM_OPEN,
+    AMBIT_EV_STREAM_REFUSED,
+    AMBIT_EV_STREAM_CLOSED,
+    AMBIT_EV_SPLICE_CLOSED,
+};
+
+/* One event handed to Python; fixed size so a batch is one copy out of the queue. */
+typedef struct ambit_event {
+    int kind;
+    uint64_t conn_id;
+    uint64_t stream_id;
+    uint64_t tag;
+    char authority[256];
+    char peer_id[512];
+    char tls_version[16];
+    char tls_cipher[64];
+    char peer_cert_sha256[65];
+    int status;
+    uint64_t bytes_in;
+    uint64_t bytes_out;
+    char detail[256];
+} ambit_event;
+
+/* Engine-wide counters, indexed by this enum; names in ambit_counter_name(). */
+enum ambit_counter {
+    AMBIT_C_CONNS_OPENED,
+    AMBIT_C_CONNS_CLOSED,
+    AMBIT_C_CONNS_ACTIVE,
+    AMBIT_C_HANDSHAKES_DONE,
+    AMBIT_C_HANDSHAKES_RESUMED,
+    AMBIT_C_STREAMS_OPENED,
+    AMBIT_C_STREAMS_CLOSED,
+    AMBIT_C_STREAMS_ACTIVE,
+    AMBIT_C_STREAMS_REFUSED,
+    AMBIT_C_STREAMS_RESET,
+    AMBIT_C_STREAM_BYTES_IN,
+    AMBIT_C_STREAM_BYTES_OUT,
+    AMBIT_C_TLS_BYTES_IN,
+    AMBIT_C_TLS_BYTES_OUT,
+    AMBIT_C_SPLICES_OPENED,
+    AMBIT_C_SPLICES_CLOSED,
+    AMBIT_C_SPLICES_ACTIVE,
+    AMBIT_C_SPLICE_BYTES,
+    AMBIT_C_ERRORS_HANDSHAKE,
+    AMBIT_C_ERRORS_PEER_IDENTITY,
+    AMBIT_C_ERRORS_PROTOCOL,
+    AMBIT_C_ERRORS_IO,
+    AMBIT_C_ERRORS_COMMAND,
+    AMBIT_C_EVENTS_DROPPED,
+    AMBIT_C_COUNT
+};
+
+typedef struct ambit_engine ambit_engine;
+
+const char *ambit_counter_name(int index);
+ambit_engine *ambit_engine_new(int threads, char *err, size_t errlen);
+int ambit_engine_start(ambit_engine *e, char *err, size_t errlen);
+/* Stops the loop threads, closes every connection and fd the engine owns. */
+void ambit_engine_stop(ambit_engine *e);
+/* Frees the engine (stops it first if needed); closes the event fd. */
+void ambit_engine_free(ambit_engine *e);
+int ambit_engine_eventfd(ambit_engine *e);
+int ambit_engine_events(ambit_engine *e, ambit_event *out, int max);
+void ambit_engine_counters(ambit_engine *e, uint64_t *out, int n);
+
+int64_t ambit_tls_context(ambit_engine *e, int server, const char *chain_pem, size_t chain_len,
+                          const char *key_pem, size_t key_len, const char *bundle_pem, size_t bundle_len,
+                          int tls12, char *err, size_t errlen);
+int ambit_free_tls_context(ambit_engine *e, int64_t ctx);
+
+/* Each returns an id (>0) or -1 with err set; fds passed in belong to the engine from then on, even on error. */
+int64_t ambit_connect_hbone(ambit_engine *e, int fd, int64_t ctx, const char *expected_peer, uint64_t tag,
+                            char *err, size_t errlen);
+int64_t ambit_open_stream(ambit_engine *e, uint64_t conn_id, const char *authority, int local_fd, uint64_t tag,
+                          char *err, size_t errlen);
+int64_t ambit_serve_hbone(ambit_engine *e, int fd, int64_t ctx, uint64_t tag, char *err, size_t errlen);
+int ambit_accept_stream(ambit_engine *e, uint64_t conn_id, uint64_t stream_id, int upstream_fd, uint64_t tag,
+                        char *err, size_t errlen);
+int ambit_reject_stream(ambit_engine *e, uint64_t conn_id, uint64_t stream_id, int status, char *err,
+                        size_t errlen);
+int ambit_reset_stream(ambit_engine *e, uint64_t conn_id, uint64_t stream_id, char *err, size_t errlen);
+int64_t ambit_splice(ambit_engine *e, int fd_a, int fd_b, uint64_t tag, char *err, size_t errlen);
+int ambit_close(ambit_engine *e, uint64_t conn_id, char *err, size_t errlen);
 
 #endif

@@ -1,0 +1,937 @@
+/* HBONE connections: mTLS (OpenSSL, non-blocking) carrying HTTP/2 CONNECT streams (nghttp2), each stream
+ * bound to one TCP socket. Flow control is manual: received DATA is only acknowledged (WINDOW_UPDATE)
+ * once written to the stream's socket, and a socket is only read while its stream buffer has room, so a
+ * slow reader on either side throttles the sender (RFC 9113 section 5.2). */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <openssl/err.h>
+
+#include "internal.h"
+
+#define READY_ROUNDS 64 /* bound on pending work per loop turn, so epoll is polled fairly */
+
+enum { HS_TLS, HS_H2, HS_DONE };
+enum { END_NONE, END_GRACEFUL, END_ERROR };
+
+typedef struct hstream {
+    uint64_t id, tag;
+    int32_t h2id;
+    struct hconn *conn;
+    struct hstream *prev, *next;  /* the connection's streams */
+    struct hstream *ready_next;
+    int on_ready;
+    aio io;                       /* fd -1 until a socket is attached */
+    abuf in;                      /* socket -> peer */
+    abuf out;                     /* peer -> socket */
+    size_t unconsumed;            /* bytes written to the socket, not yet acknowledged to nghttp2 */
+    int readable, writable;
+    int tcp_eof, peer_eof, shut_wr, tcp_failed, local_reset, deferred;
+    int h2_closed;
+    uint32_t h2_error;
+    int is_connect;
+    int status;                   /* client: response :status; server: status we answered */
+    int opened;                   /* client: 2xx received; server: accepted */
+    char *authority;
+    uint64_t bytes_in, bytes_out;
+} hstream;
+
+typedef struct hconn {
+    uint64_t id, tag;
+    ambit_loop *l;
+    aio io;
+    SSL *ssl;
+    nghttp2_session *h2;
+    int server;
+    int state;
+    int readable, writable;
+    char *expected_peer;
+    char peer_id[512];
+    abuf wbuf;
+    hstream *streams;
+    struct hconn *dirty_next;
+    int on_dirty;
+    int ending;                   /* END_*: set anywhere, acted on in conn_service */
+    int err_counter;
+    int closing, goaway_recv, tearing_down;
+    char error[640];
+    size_t conn_unconsumed;
+    uint64_t bytes_in, bytes_out;
+} hconn;
+
+static void mark_dirty(hconn *c)
+{
+    if (c->on_dirty || c->tearing_down)
+        return;
+    c->on_dirty = 1;
+    c->dirty_next = c->l->dirty;
+    c->l->dirty = c;
+}
+
+static void mark_ready(hstream *s)
+{
+    if (s->on_ready || s->conn->tearing_down)
+        return;
+    s->on_ready = 1;
+    s->ready_next = s->conn->l->ready;
+    s->conn->l->ready = s;
+}
+
+/* Records the first failure; the connection ends at the next conn_service (never inside callbacks). */
+static void conn_fail(hconn *c, int counter, const char *fmt, const char *arg)
+{
+    if (c->ending == END_ERROR)
+        return;
+    c->ending = END_ERROR;
+    c->err_counter = counter;
+    snprintf(c->error, sizeof(c->error), fmt, arg ? arg : "");
+    mark_dirty(c);
+}
+
+/* ---- streams ---- */
+
+static hstream *stream_new(hconn *c, uint64_t id, uint64_t tag)
+{
+    hstream *s = calloc(1, sizeof(*s));
+    if (!s)
+        return NULL;
+    if (amap_put(&c->l->streams, id, s) < 0) {
+        free(s);
+        return NULL;
+    }
+    s->id = id;
+    s->tag = tag;
+    s->conn = c;
+    s->io.fd = -1;
+    s->io.owner = s;
+    s->next = c->streams;
+    if (c->streams)
+        c->streams->prev = s;
+    c->streams = s;
+    ctr_add(c->l->engine, AMBIT_C_STREAMS_OPENED, 1);
+    ctr_add(c->l->engine, AMBIT_C_STREAMS_ACTIVE, 1);
+    return s;
+}
+
+static void stream_emit_end(hstream *s, const char *detail)
+{
+    hconn *c = s->conn;
+    int refused = !c->server && !s->opened;
+    ambit_event ev;
+    event_init(&ev, refused ? AMBIT_EV_STREAM_REFUSED : AMBIT_EV_STREAM_CLOSED, c->id, s->id, s->tag);
+    ev.status = s->status;
+    ev.bytes_in = s->bytes_in;
+    ev.bytes_out = s->bytes_out;
+    copy_str(ev.authority, sizeof(ev.authority), s->authority);
+    copy_str(ev.detail, sizeof(ev.detail), detail);
+    event_emit(c->l->engine, &ev);
+    if (refused)
+        ctr_add(c->l->engine, AMBIT_C_STREAMS_REFUSED, 1);
+}
+
+static void stream_finish(hstream *s, const char *detail)
+{
+    hconn *c = s->conn;
+    ambit_engine *e = c->l->engine;
+    int reset = s->tcp_failed || s->local_reset || s->h2_error != NGHTTP2_NO_ERROR || !s->h2_closed;
+    if (!detail)
+        detail = s->local_reset  ? "reset by agent"
+                 : s->tcp_failed ? "socket error"
+                 : s->h2_error   ? "reset by peer"
+                 : !c->server && !s->opened ? "refused by peer"
+                                            : "";
+    if (s->io.fd >= 0) {
+        loop_del_fd(c->l, &s->io);
+        if (reset)
+            reset_close(s->io.fd);
+        else
+            close(s->io.fd);
+        s->io.fd = -1;
+    }
+    if (reset)
+        ctr_add(e, AMBIT_C_STREAMS_RESET, 1);
+    ctr_add(e, AMBIT_C_STREAMS_CLOSED, 1);
+    ctr_add(e, AMBIT_C_STREAMS_ACTIVE, -1);
+    stream_emit_end(s, detail);
+    if (s->h2id > 0 && !s->h2_closed && c->h2)
+        nghttp2_session_set_stream_user_data(c->h2, s->h2id, NULL);
+    if (s->prev)
+        s->prev->next = s->next;
+    else
+        c->streams = s->next;
+    if (s->next)
+        s->next->prev = s->prev;
+    amap_del(&c->l->streams, s->id);
+    abuf_free(&s->in);
+    abuf_free(&s->out);
+    free(s->authority);
+    free(s);
+    mark_dirty(c);
+}
+
+static void stream_tcp_fail(hstream *s)
+{
+    s->tcp_failed = 1;
+    if (!s->h2_closed && s->h2id > 0)
+        nghttp2_submit_rst_stream(s->conn->h2, NGHTTP2_FLAG_NONE, s->h2id, NGHTTP2_CANCEL);
+    mark_dirty(s->conn);
+}
+
+static void stream_ack(hstream *s, size_t n)
+{
+    hconn *c = s->conn;
+    nghttp2_session_consume(c->h2, s->h2id, n);
+    ctr_add(c->l->engine, AMBIT_C_STREAM_BYTES_IN, (int64_t)n);
+    mark_dirty(c);
+}
+
+/* Socket side of a stream: write what the peer sent, forward EOF, read while the buffer has room. */
+static void stream_service(hstream *s)
+{
+    hconn *c = s->conn;
+    if (s->unconsumed) {
+        stream_ack(s, s->unconsumed);
+        s->unconsumed = 0;
+    }
+    int fd = s->io.fd;
+    if (fd >= 0 && !s->tcp_failed) {
+        while (abuf_pending(&s->out) && s->writable) {
+            ssize_t n = write(fd, abuf_head(&s->out), abuf_pending(&s->out));
+            if (n > 0) {
+                abuf_consume(&s->out, (size_t)n);
+                stream_ack(s, (size_t)n);
+            } else if (n < 0 && errno == EAGAIN) {
+                s->writable = 0;
+            } else if (n < 0 && errno != EINTR) {
+                stream_tcp_fail(s);
+                break;
+            }
+        }
+        if (!s->tcp_failed && s->peer_eof && !abuf_pending(&s->out) && !s->shut_wr) {
+            shutdown(fd, SHUT_WR);
+            s->shut_wr = 1;
+        }
+        int sending = s->h2id > 0 && !s->h2_closed && (!c->server || s->opened);
+        int got = 0;
+        while (!s->tcp_failed && sending && s->readable && !s->tcp_eof &&
+               abuf_pending(&s->in) < AMBIT_STREAM_INBUF) {
+            size_t room = AMBIT_STREAM_INBUF - abuf_pending(&s->in);
+            if (abuf_reserve(&s->in, room) < 0) {
+                stream_tcp_fail(s);
+                break;
+            }
+            ssize_t n = read(fd, s->in.data + s->in.len, room);
+            if (n > 0) {
+                s->in.len += (size_t)n;
+                got = 1;
+            } else if (n == 0) {
+                s->tcp_eof = 1;
+                got = 1;
+            } else if (errno == EAGAIN) {
+                s->readable = 0;
+            } else if (errno != EINTR) {
+                stream_tcp_fail(s);
+            }
+        }
+        if (got && s->deferred) {
+            s->deferred = 0;
+            nghttp2_session_resume_data(c->h2, s->h2id);
+        }
+        if (got)
+            mark_dirty(c);
+    }
+    int drained = s->io.fd < 0 || s->tcp_failed || s->h2_error || !abuf_pending(&s->out);
+    if (s->h2_closed && drained)
+        stream_finish(s, NULL);
+}
+
+static void on_stream_io(ambit_loop *l, aio *io, uint32_t events)
+{
+    (void)l;
+    hstream *s = io->owner;
+    if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+        s->readable = 1;
+    if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR))
+        s->writable = 1;
+    mark_ready(s);
+}
+
+static int stream_attach(hstream *s, acmd *cmd)
+{
+    s->io.on_event = on_stream_io;
+    if (loop_add_fd(s->conn->l, &s->io, cmd->fd) < 0)
+        return -1;
+    cmd->fd = -1;
+    return 0;
+}
+
+static ssize_t stream_read_cb(nghttp2_session *session, int32_t stream_id, uint8_t *buf, size_t length,
+                              uint32_t *data_flags, nghttp2_data_source *source, void *user_data)
+{
+    (void)session, (void)stream_id, (void)user_data;
+    hstream *s = source->ptr;
+    size_t avail = abuf_pending(&s->in);
+    size_t n = avail < length ? avail : length;
+    if (n) {
+        memcpy(buf, abuf_head(&s->in), n);
+        abuf_consume(&s->in, n);
+        s->bytes_out += n;
+        ctr_add(s->conn->l->engine, AMBIT_C_STREAM_BYTES_OUT, (int64_t)n);
+        if (s->readable && !s->tcp_eof)
+            mark_ready(s);
+    }
+    if (n == avail && s->tcp_eof) {
+        *data_flags |= NGHTTP2_DATA_FLAG_EOF; /* the socket's FIN becomes END_STREAM */
+        return (ssize_t)n;
+    }
+    if (!n) {
+        s->deferred = 1;
+        return NGHTTP2_ERR_DEFERRED;
+    }
+    return (ssize_t)n;
+}
+
+/* ---- nghttp2 callbacks ---- */
+
+static ssize_t on_send(nghttp2_session *session, const uint8_t *data, size_t length, int flags, void *user_data)
+{
+    (void)session, (void)flags;
+    hconn *c = user_data;
+    if (abuf_pending(&c->wbuf) >= AMBIT_WBUF_HIGH)
+        return NGHTTP2_ERR_WOULDBLOCK;
+    if (abuf_append(&c->wbuf, data, length) < 0)
+        return NGHTTP2_ERR_CALLBACK_FAILURE;
+    return (ssize_t)length;
+}
+
+static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame, void *user_data)
+{
+    hconn *c = user_data;
+    if (!c->server || frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST)
+        return 0;
+    hstream *s = stream_new(c, engine_new_id(c->l->engine), c->tag);
+    if (!s)
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE; /* nghttp2 resets this stream only */
+    s->h2id = frame->hd.stream_id;
+    nghttp2_session_set_stream_user_data(session, s->h2id, s);
+    return 0;
+}
+
+static int on_header(nghttp2_session *session, const nghttp2_frame *frame, const uint8_t *name, size_t namelen,
+                     const uint8_t *value, size_t valuelen, uint8_t flags, void *user_data)
+{
+    (void)flags, (void)user_data;
+    hstream *s = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
+    if (!s || frame->hd.type != NGHTTP2_HEADERS)
+        return 0;
+    if (namelen == 7 && !memcmp(name, ":method", 7))
+        s->is_connect = valuelen == 7 && !memcmp(value, "CONNECT", 7);
+    else if (namelen == 10 && !memcmp(name, ":authority", 10) && !s->authority && valuelen < 256)
+        s->authority = strndup((const char *)value, valuelen);
+    else if (namelen == 7 && !memcmp(name, ":status", 7) && valuelen == 3)
+        s->status = (value[0] - '0') * 100 + (value[1] - '0') * 10 + (value[2] - '0');
+    return 0;
+}
+
+static void server_request(hconn *c, hstream *s)
+{
+    if (!s->is_connect || !s->authority || c->closing) {
+        /* Only CONNECT tunnels are served here (RFC 9113 8.5); answer other methods and finish. */
+        nghttp2_nv nv = {(uint8_t *)":status", (uint8_t *)(c->closing ? "503" : "405"), 7, 3,
+                         NGHTTP2_NV_FLAG_NONE};
+        s->status = c->closing ? 503 : 405;
+        nghttp2_submit_response(c->h2, s->h2id, &nv, 1, NULL);
+        nghttp2_submit_rst_stream(c->h2, NGHTTP2_FLAG_NONE, s->h2id, NGHTTP2_NO_ERROR);
+        return;
+    }
+    ambit_event ev;
+    event_init(&ev, AMBIT_EV_STREAM_REQUEST, c->id, s->id, c->tag);
+    copy_str(ev.authority, sizeof(ev.authority), s->authority);
+    copy_str(ev.peer_id, sizeof(ev.peer_id), c->peer_id);
+    event_emit(c->l->engine, &ev);
+}
+
+static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, void *user_data)
+{
+    hconn *c = user_data;
+    if (frame->hd.type == NGHTTP2_GOAWAY) {
+        c->goaway_recv = 1;
+        if (frame->goaway.error_code != NGHTTP2_NO_ERROR)
+            conn_fail(c, AMBIT_C_ERRORS_PROTOCOL, "peer sent GOAWAY: %s",
+                      nghttp2_http2_strerror(frame->goaway.error_code));
+        return 0;
+    }
+    hstream *s = frame->hd.stream_id ? nghttp2_session_get_stream_user_data(session, frame->hd.stream_id) : NULL;
+    if (!s)
+        return 0;
+    if (frame->hd.type == NGHTTP2_HEADERS) {
+        if (c->server && frame->headers.cat == NGHTTP2_HCAT_REQUEST) {
+            server_request(c, s);
+        } else if (!c->server && s->status >= 200 && s->status < 300 && !s->opened) {
+            s->opened = 1;
+            ambit_event ev;
+            event_init(&ev, AMBIT_EV_STREAM_OPEN, c->id, s->id, s->tag);
+            ev.status = s->status;
+            copy_str(ev.authority, sizeof(ev.authority), s->authority);
+            event_emit(c->l->engine, &ev);
+        }
+    }
+    if ((frame->hd.type == NGHTTP2_HEADERS || frame->hd.type == NGHTTP2_DATA) &&
+        (frame->hd.flags & NGHTTP2_FLAG_END_STREAM)) {
+        s->peer_eof = 1;
+        mark_ready(s);
+    }
+    return 0;
+}
+
+static int on_data_chunk(nghttp2_session *session, uint8_t flags, int32_t stream_id, const uint8_t *data,
+                         size_t len, void *user_data)
+{
+    (void)flags;
+    hconn *c = user_data;
+    hstream *s = nghttp2_session_get_stream_user_data(session, stream_id);
+    if (!s || s->tcp_failed || s->local_reset) {
+        if (s)
+            s->unconsumed += len;
+        else
+            c->conn_unconsumed += len;
+        return 0;
+    }
+    s->bytes_in += len;
+    /* Common case: the socket keeps up, so write straight from the TLS read buffer without queueing. */
+    if (s->io.fd >= 0 && s->writable && !abuf_pending(&s->out)) {
+        ssize_t n = write(s->io.fd, data, len);
+        if (n > 0) {
+            s->unconsumed += (size_t)n;
+            data += n;
+            len -= (size_t)n;
+        } else if (n < 0 && errno == EAGAIN) {
+            s->writable = 0;
+        }
+    }
+    if (len && abuf_append(&s->out, data, len) < 0)
+        return NGHTTP2_ERR_CALLBACK_FAILURE;
+    mark_ready(s);
+    return 0;
+}
+
+static int on_stream_close(nghttp2_session *session, int32_t stream_id, uint32_t error_code, void *user_data)
+{
+    hconn *c = user_data;
+    hstream *s = nghttp2_session_get_stream_user_data(session, stream_id);
+    if (!s || c->tearing_down)
+        return 0;
+    s->h2_closed = 1;
+    s->h2_error = error_code;
+    mark_ready(s);
+    return 0;
+}
+
+static int on_frame_send(nghttp2_session *session, const nghttp2_frame *frame, void *user_data)
+{
+    (void)session;
+    hconn *c = user_data;
+    if (frame->hd.type == NGHTTP2_GOAWAY && frame->goaway.error_code != NGHTTP2_NO_ERROR)
+        conn_fail(c, AMBIT_C_ERRORS_PROTOCOL, "protocol error, sent GOAWAY: %s",
+                  nghttp2_http2_strerror(frame->goaway.error_code));
+    return 0;
+}
+
+static int on_h2_error(nghttp2_session *session, int lib_error_code, const char *msg, size_t len, void *user_data)
+{
+    (void)session, (void)lib_error_code, (void)len;
+    hconn *c = user_data;
+    if (!c->ending && !c->error[0])
+        snprintf(c->error, sizeof(c->error), "h2: %s", msg); /* kept as detail if the connection fails */
+    return 0;
+}
+
+static nghttp2_session_callbacks *h2_cbs;
+static pthread_once_t h2_cbs_once = PTHREAD_ONCE_INIT;
+
+static void h2_callbacks_init(void)
+{
+    nghttp2_session_callbacks *cbs;
+    if (nghttp2_session_callbacks_new(&cbs) != 0)
+        return;
+    nghttp2_session_callbacks_set_send_callback(cbs, on_send);
+    nghttp2_session_callbacks_set_on_begin_headers_callback(cbs, on_begin_headers);
+    nghttp2_session_callbacks_set_on_header_callback(cbs, on_header);
+    nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, on_frame_recv);
+    nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, on_data_chunk);
+    nghttp2_session_callbacks_set_on_stream_close_callback(cbs, on_stream_close);
+    nghttp2_session_callbacks_set_on_frame_send_callback(cbs, on_frame_send);
+    nghttp2_session_callbacks_set_error_callback2(cbs, on_h2_error);
+    h2_cbs = cbs;
+}
+
+static int h2_setup(hconn *c)
+{
+    nghttp2_option *opt;
+    pthread_once(&h2_cbs_once, h2_callbacks_init);
+    if (!h2_cbs || nghttp2_option_new(&opt) != 0)
+        return -1;
+    nghttp2_option_set_no_auto_window_update(opt, 1);
+    int rv = c->server ? nghttp2_session_server_new2(&c->h2, h2_cbs, c, opt)
+                       : nghttp2_session_client_new2(&c->h2, h2_cbs, c, opt);
+    nghttp2_option_del(opt);
+    if (rv != 0)
+        return -1;
+    nghttp2_settings_entry iv[] = {
+        {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, AMBIT_STREAM_WINDOW},
+        {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, 16384},
+        {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
+    };
+    if (nghttp2_submit_settings(c->h2, NGHTTP2_FLAG_NONE, iv, c->server ? 2 : 3) != 0)
+        return -1;
+    return nghttp2_session_set_local_window_size(c->h2, NGHTTP2_FLAG_NONE, 0, AMBIT_CONN_WINDOW);
+}
+
+/* ---- TLS side ---- */
+
+static void handshake_done(hconn *c)
+{
+    ambit_engine *e = c->l->engine;
+    ambit_event ev;
+    event_init(&ev, c->server ? AMBIT_EV_PEER_VERIFIED : AMBIT_EV_HANDSHAKE_DONE, c->id, 0, c->tag);
+    tls_peer_info(c->ssl, &ev);
+    if (SSL_get_verify_result(c->ssl) != X509_V_OK) {
+        conn_fail(c, AMBIT_C_ERRORS_HANDSHAKE, "peer certificate not verified%s", "");
+        return;
+    }
+    if (!ev.peer_id[0]) {
+        conn_fail(c, AMBIT_C_ERRORS_PEER_IDENTITY, "peer certificate has no single URI SAN%s", "");
+        return;
+    }
+    if (!c->server && strcmp(ev.peer_id, c->expected_peer) != 0) {
+        conn_fail(c, AMBIT_C_ERRORS_PEER_IDENTITY, "peer identity mismatch: got %s", ev.peer_id);
+        return;
+    }
+    copy_str(c->peer_id, sizeof(c->peer_id), ev.peer_id);
+    ctr_add(e, AMBIT_C_HANDSHAKES_DONE, 1);
+    if (SSL_session_reused(c->ssl))
+        ctr_add(e, AMBIT_C_HANDSHAKES_RESUMED, 1);
+    event_emit(e, &ev);
+    c->state = HS_H2;
+    mark_dirty(c);
+}
+
+static void conn_read(hconn *c)
+{
+    char *buf = c->l->rbuf;
+    while (!c->ending) {
+        size_t fill = 0, n = 0;
+        int err = SSL_ERROR_NONE;
+        /* Batch several records per nghttp2 call. */
+        while (fill < AMBIT_READ_CHUNK - 16384) {
+            if (SSL_read_ex(c->ssl, buf + fill, AMBIT_READ_CHUNK - fill, &n) != 1) {
+                err = SSL_get_error(c->ssl, 0);
+                break;
+            }
+            fill += n;
+        }
+        if (fill) {
+            c->bytes_in += fill;
+            ctr_add(c->l->engine, AMBIT_C_TLS_BYTES_IN, (int64_t)fill);
+            ssize_t rv = nghttp2_session_mem_recv(c->h2, (const uint8_t *)buf, fill);
+            if (rv < 0) {
+                conn_fail(c, AMBIT_C_ERRORS_PROTOCOL, "h2 protocol error: %s", nghttp2_strerror((int)rv));
+                return;
+            }
+            mark_dirty(c);
+        }
+        if (err == SSL_ERROR_NONE)
+            continue;
+        if (err == SSL_ERROR_WANT_READ) {
+            c->readable = 0;
+            return;
+        }
+        if (err == SSL_ERROR_WANT_WRITE)
+            return;
+        if (err == SSL_ERROR_ZERO_RETURN || (err == SSL_ERROR_SYSCALL && ERR_peek_error() == 0 && errno == 0) ||
+            (err == SSL_ERROR_SSL && ERR_GET_REASON(ERR_peek_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING)) {
+            ERR_clear_error();
+            if (c->goaway_recv || c->closing)
+                c->ending = c->ending ? c->ending : END_GRACEFUL;
+            else
+                conn_fail(c, AMBIT_C_ERRORS_IO, "connection closed by peer without GOAWAY%s", "");
+            mark_dirty(c);
+            return;
+        }
+        char msg[200];
+        tls_last_error(msg, sizeof(msg), err == SSL_ERROR_SYSCALL ? strerror(errno) : "TLS read");
+        conn_fail(c, AMBIT_C_ERRORS_IO, "%s", msg);
+        return;
+    }
+}
+
+static void conn_flush(hconn *c)
+{
+    for (;;) {
+        if (abuf_pending(&c->wbuf) < AMBIT_WBUF_HIGH) {
+            int rv = nghttp2_session_send(c->h2);
+            if (rv != 0) {
+                conn_fail(c, AMBIT_C_ERRORS_PROTOCOL, "h2 send: %s", nghttp2_strerror(rv));
+                return;
+            }
+        }
+        if (!abuf_pending(&c->wbuf) || !c->writable)
+            return;
+        size_t w = 0;
+        if (SSL_write_ex(c->ssl, abuf_head(&c->wbuf), abuf_pending(&c->wbuf), &w) == 1) {
+            abuf_consume(&c->wbuf, w);
+            c->bytes_out += w;
+            ctr_add(c->l->engine, AMBIT_C_TLS_BYTES_OUT, (int64_t)w);
+            continue;
+        }
+        int err = SSL_get_error(c->ssl, 0);
+        if (err == SSL_ERROR_WANT_WRITE) {
+            c->writable = 0;
+            return;
+        }
+        if (err == SSL_ERROR_WANT_READ)
+            return;
+        char msg[200];
+        tls_last_error(msg, sizeof(msg), err == SSL_ERROR_SYSCALL ? strerror(errno) : "TLS write");
+        conn_fail(c, AMBIT_C_ERRORS_IO, "%s", msg);
+        return;
+    }
+}
+
+static void conn_handshake(hconn *c)
+{
+    ERR_clear_error();
+    int r = SSL_do_handshake(c->ssl);
+    if (r == 1) {
+        handshake_done(c);
+        return;
+    }
+    int err = SSL_get_error(c->ssl, r);
+    if (err == SSL_ERROR_WANT_READ) {
+        c->readable = 0;
+        return;
+    }
+    if (err == SSL_ERROR_WANT_WRITE) {
+        c->writable = 0;
+        return;
+    }
+    char msg[200];
+    long vr = SSL_get_verify_result(c->ssl);
+    if (vr != X509_V_OK)
+        snprintf(msg, sizeof(msg), "TLS handshake failed: certificate verify: %s", X509_verify_cert_error_string(vr));
+    else
+        tls_last_error(msg, sizeof(msg), err == SSL_ERROR_SYSCALL ? "TLS handshake failed (connection closed)"
+                                                                  : "TLS handshake failed");
+    ERR_clear_error();
+    conn_fail(c, AMBIT_C_ERRORS_HANDSHAKE, "%s", msg);
+}
+
+static void conn_drive(hconn *c)
+{
+    if (c->state == HS_TLS && !c->ending)
+        conn_handshake(c);
+    if (c->state == HS_H2 && !c->ending && c->readable)
+        conn_read(c);
+    mark_dirty(c);
+}
+
+static void on_conn_io(ambit_loop *l, aio *io, uint32_t events)
+{
+    (void)l;
+    hconn *c = io->owner;
+    if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+        c->readable = 1;
+    if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR))
+        c->writable = 1;
+    conn_drive(c);
+}
+
+static void conn_end(hconn *c)
+{
+    ambit_loop *l = c->l;
+    ambit_engine *e = l->engine;
+    c->tearing_down = 1;
+    if (c->ending == END_ERROR) {
+        ambit_event ev;
+        event_init(&ev, AMBIT_EV_CONN_ERROR, c->id, 0, c->tag);
+        copy_str(ev.peer_id, sizeof(ev.peer_id), c->peer_id);
+        copy_str(ev.detail, sizeof(ev.detail), c->error);
+        event_emit(e, &ev);
+        ctr_add(e, c->err_counter, 1);
+    }
+    /* Streams still alive lose their tunnel: their sockets are reset, as a peer RST would. */
+    if (c->streams) {
+        hstream **pp = &l->ready;
+        while (*pp) {
+            if ((*pp)->conn == c)
+                *pp = (*pp)->ready_next;
+            else
+                pp = &(*pp)->ready_next;
+        }
+    }
+    while (c->streams) {
+        hstream *s = c->streams;
+        if (!s->h2_closed)
+            s->h2_error = NGHTTP2_CANCEL;
+        s->h2_closed = 1;
+        stream_finish(s, "connection closed");
+    }
+    if (c->ending == END_GRACEFUL && c->state == HS_H2) {
+        SSL_shutdown(c->ssl); /* best effort close_notify; the socket is non-blocking */
+    }
+    ERR_clear_error();
+    loop_del_fd(l, &c->io);
+    if (c->ending == END_ERROR)
+        reset_close(c->io.fd);
+    else
+        close(c->io.fd);
+    SSL_free(c->ssl);
+    nghttp2_session_del(c->h2);
+    ambit_event ev;
+    event_init(&ev, AMBIT_EV_CONN_CLOSED, c->id, 0, c->tag);
+    copy_str(ev.peer_id, sizeof(ev.peer_id), c->peer_id);
+    copy_str(ev.detail, sizeof(ev.detail), c->ending == END_ERROR ? c->error : "");
+    ev.bytes_in = c->bytes_in;
+    ev.bytes_out = c->bytes_out;
+    event_emit(e, &ev);
+    ctr_add(e, AMBIT_C_CONNS_CLOSED, 1);
+    ctr_add(e, AMBIT_C_CONNS_ACTIVE, -1);
+    amap_del(&l->conns, c->id);
+    abuf_free(&c->wbuf);
+    free(c->expected_peer);
+    free(c);
+}
+
+static void conn_service(hconn *c)
+{
+    if (c->state == HS_H2 && !c->ending) {
+        if (c->conn_unconsumed) {
+            nghttp2_session_consume_connection(c->h2, c->conn_unconsumed);
+            c->conn_unconsumed = 0;
+        }
+        conn_flush(c);
+        if (!c->ending && !c->streams && !abuf_pending(&c->wbuf) && !nghttp2_session_want_read(c->h2) &&
+            !nghttp2_session_want_write(c->h2))
+            c->ending = END_GRACEFUL;
+    }
+    if (c->ending)
+        conn_end(c);
+}
+
+void hconn_process_pending(ambit_loop *l)
+{
+    for (int round = 0; round < READY_ROUNDS && (l->ready || l->dirty); round++) {
+        while (l->ready) {
+            hstream *s = l->ready;
+            l->ready = s->ready_next;
+            s->on_ready = 0;
+            stream_service(s);
+        }
+        while (l->dirty) {
+            hconn *c = l->dirty;
+            l->dirty = c->dirty_next;
+            c->on_dirty = 0;
+            conn_service(c);
+        }
+    }
+}
+
+/* ---- commands ---- */
+
+void hconn_start(ambit_loop *l, acmd *cmd, int server)
+{
+    ambit_engine *e = l->engine;
+    hconn *c = calloc(1, sizeof(*c));
+    const char *why = "out of memory";
+    if (!c)
+        goto fail;
+    c->id = cmd->id;
+    c->tag = cmd->tag;
+    c->l = l;
+    c->server = server;
+    c->io.owner = c;
+    c->io.on_event = on_conn_io;
+    c->io.fd = -1;
+    c->expected_peer = cmd->text;
+    cmd->text = NULL;
+    c->ssl = SSL_new(cmd->ctx);
+    why = "cannot create TLS or HTTP/2 session";
+    if (!c->ssl || SSL_set_fd(c->ssl, cmd->fd) != 1 || h2_setup(c) != 0 || amap_put(&l->conns, c->id, c) < 0)
+        goto fail;
+    if (server) {
+        SSL_set_accept_state(c->ssl);
+    } else {
+        SSL_set_connect_state(c->ssl);
+        tls_client_session_prepare(c->ssl, cmd->ctx, c->expected_peer);
+    }
+    ctr_add(e, AMBIT_C_CONNS_OPENED, 1);
+    ctr_add(e, AMBIT_C_CONNS_ACTIVE, 1);
+    c->io.fd = cmd->fd;
+    cmd->fd = -1;
+    if (loop_add_fd(l, &c->io, c->io.fd) < 0)
+        conn_fail(c, AMBIT_C_ERRORS_IO, "epoll: %s", strerror(errno));
+    return;
+fail:
+    if (c) {
+        SSL_free(c->ssl);
+        nghttp2_session_del(c->h2);
+        free(c->expected_peer);
+        free(c);
+    }
+    ERR_clear_error();
+    ambit_event ev;
+    event_init(&ev, AMBIT_EV_CONN_ERROR, cmd->id, 0, cmd->tag);
+    copy_str(ev.detail, sizeof(ev.detail), why);
+    event_emit(e, &ev);
+    event_init(&ev, AMBIT_EV_CONN_CLOSED, cmd->id, 0, cmd->tag);
+    copy_str(ev.detail, sizeof(ev.detail), why);
+    event_emit(e, &ev);
+    ctr_add(e, AMBIT_C_ERRORS_COMMAND, 1);
+}
+
+static void refuse_unknown(ambit_loop *l, acmd *cmd, const char *why)
+{
+    ambit_event ev;
+    event_init(&ev, AMBIT_EV_STREAM_REFUSED, cmd->id, cmd->id2, cmd->tag);
+    copy_str(ev.authority, sizeof(ev.authority), cmd->text);
+    copy_str(ev.detail, sizeof(ev.detail), why);
+    event_emit(l->engine, &ev);
+    ctr_add(l->engine, AMBIT_C_STREAMS_REFUSED, 1);
+}
+
+void hconn_open_stream(ambit_loop *l, acmd *cmd)
+{
+    hconn *c = amap_get(&l->conns, cmd->id);
+    if (!c || c->server || c->closing || c->ending || c->goaway_recv) {
+        refuse_unknown(l, cmd, !c ? "no such connection" : c->server ? "not a client connection"
+                                                                     : "connection closing");
+        return;
+    }
+    if (strlen(cmd->text) >= 256 || !*cmd->text) {
+        refuse_unknown(l, cmd, "bad authority");
+        return;
+    }
+    hstream *s = stream_new(c, cmd->id2, cmd->tag);
+    if (!s) {
+        refuse_unknown(l, cmd, "out of memory");
+        return;
+    }
+    s->authority = cmd->text;
+    cmd->text = NULL;
+    /* CONNECT carries only :method and :authority (RFC 9113 8.5). */
+    nghttp2_nv nv[] = {
+        {(uint8_t *)":method", (uint8_t *)"CONNECT", 7, 7, NGHTTP2_NV_FLAG_NONE},
+        {(uint8_t *)":authority", (uint8_t *)s->authority, 10, strlen(s->authority), NGHTTP2_NV_FLAG_NONE},
+    };
+    nghttp2_data_provider prov = {.source.ptr = s, .read_callback = stream_read_cb};
+    int32_t h2id = nghttp2_submit_request(c->h2, NULL, nv, 2, &prov, s);
+    if (h2id < 0 || stream_attach(s, cmd) < 0) {
+        s->h2_closed = 1;
+        s->local_reset = 1;
+        if (h2id > 0)
+            nghttp2_submit_rst_stream(c->h2, NGHTTP2_FLAG_NONE, h2id, NGHTTP2_CANCEL);
+        stream_finish(s, h2id < 0 ? nghttp2_strerror(h2id) : "epoll");
+        return;
+    }
+    s->h2id = h2id;
+    mark_dirty(c);
+}
+
+static hstream *server_stream(ambit_loop *l, acmd *cmd)
+{
+    hconn *c = amap_get(&l->conns, cmd->id);
+    hstream *s = amap_get(&l->streams, cmd->id2);
+    if (!c || !s || s->conn != c || !c->server || s->opened || s->status || s->h2_closed || c->ending) {
+        ctr_add(l->engine, AMBIT_C_ERRORS_COMMAND, 1);
+        return NULL;
+    }
+    return s;
+}
+
+void hconn_accept(ambit_loop *l, acmd *cmd)
+{
+    hstream *s = server_stream(l, cmd);
+    if (!s)
+        return; /* the stream ended meanwhile (its stream_closed event was sent); cmd_free closes the fd */
+    hconn *c = s->conn;
+    s->tag = cmd->tag;
+    if (stream_attach(s, cmd) < 0) {
+        s->local_reset = 1;
+        nghttp2_submit_rst_stream(c->h2, NGHTTP2_FLAG_NONE, s->h2id, NGHTTP2_INTERNAL_ERROR);
+        mark_dirty(c);
+        return;
+    }
+    nghttp2_nv nv = {(uint8_t *)":status", (uint8_t *)"200", 7, 3, NGHTTP2_NV_FLAG_NONE};
+    nghttp2_data_provider prov = {.source.ptr = s, .read_callback = stream_read_cb};
+    s->opened = 1;
+    s->status = 200;
+    nghttp2_submit_response(c->h2, s->h2id, &nv, 1, &prov);
+    mark_ready(s);
+    mark_dirty(c);
+}
+
+void hconn_reject(ambit_loop *l, acmd *cmd)
+{
+    hstream *s = server_stream(l, cmd);
+    if (!s)
+        return;
+    hconn *c = s->conn;
+    char status[4];
+    snprintf(status, sizeof(status), "%03d", cmd->status);
+    nghttp2_nv nv = {(uint8_t *)":status", (uint8_t *)status, 7, 3, NGHTTP2_NV_FLAG_NONE};
+    s->status = cmd->status;
+    nghttp2_submit_response(c->h2, s->h2id, &nv, 1, NULL);
+    /* The client may still be sending; NO_ERROR tells it to stop without error (RFC 9113 8.1). */
+    nghttp2_submit_rst_stream(c->h2, NGHTTP2_FLAG_NONE, s->h2id, NGHTTP2_NO_ERROR);
+    mark_dirty(c);
+}
+
+void hconn_reset(ambit_loop *l, acmd *cmd)
+{
+    hconn *c = amap_get(&l->conns, cmd->id);
+    hstream *s = amap_get(&l->streams, cmd->id2);
+    if (!c || !s || s->conn != c) {
+        ctr_add(l->engine, AMBIT_C_ERRORS_COMMAND, 1);
+        return;
+    }
+    s->local_reset = 1;
+    if (!s->h2_closed && s->h2id > 0)
+        nghttp2_submit_rst_stream(c->h2, NGHTTP2_FLAG_NONE, s->h2id, NGHTTP2_CANCEL);
+    else
+        s->h2_closed = 1;
+    mark_ready(s);
+    mark_dirty(c);
+}
+
+int hconn_close_cmd(ambit_loop *l, uint64_t id)
+{
+    hconn *c = amap_get(&l->conns, id);
+    if (!c)
+        return 0;
+    c->closing = 1;
+    if (c->state == HS_H2)
+        nghttp2_submit_goaway(c->h2, NGHTTP2_FLAG_NONE, nghttp2_session_get_last_proc_stream_id(c->h2),
+                              NGHTTP2_NO_ERROR, NULL, 0);
+    else if (!c->ending)
+        c->ending = END_GRACEFUL;
+    mark_dirty(c);
+    return 1;
+}
+
+void hconn_destroy_all(ambit_loop *l)
+{
+    l->ready = NULL;
+    l->dirty = NULL;
+    hconn *c;
+    while ((c = amap_any(&l->conns))) {
+        c->on_dirty = 0;
+        if (!c->ending)
+            c->ending = END_GRACEFUL;
+        conn_end(c);
+    }
+}

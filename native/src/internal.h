@@ -1,0 +1,156 @@
+/* Shared internals of the engine: loops, objects, buffers. Only the loop thread that owns an object
+ * touches it; Python threads talk to a loop through its command queue. */
+#ifndef AMBIT_INTERNAL_H
+#define AMBIT_INTERNAL_H
+
+#include <pthread.h>
+#include <stdint.h>
+#include <stddef.h>
+
+#include <nghttp2/nghttp2.h>
+#include <openssl/ssl.h>
+
+#include "engine.h"
+
+#define AMBIT_READ_CHUNK (256 * 1024)       /* one TLS read / socket read batch */
+#define AMBIT_WBUF_HIGH (256 * 1024)        /* pending TLS plaintext before we stop asking nghttp2 */
+#define AMBIT_STREAM_INBUF (128 * 1024)     /* TCP->h2 bytes buffered per stream (backpressure point) */
+#define AMBIT_STREAM_WINDOW (4 * 1024 * 1024)
+#define AMBIT_CONN_WINDOW (16 * 1024 * 1024)
+#define AMBIT_PIPE_SIZE (256 * 1024)
+
+/* Growable byte buffer with a consumed prefix. */
+typedef struct abuf {
+    char *data;
+    size_t off, len, cap;
+} abuf;
+
+int abuf_reserve(abuf *b, size_t extra);
+int abuf_append(abuf *b, const void *p, size_t n);
+void abuf_consume(abuf *b, size_t n);
+void abuf_free(abuf *b);
+static inline size_t abuf_pending(const abuf *b) { return b->len - b->off; }
+static inline char *abuf_head(const abuf *b) { return b->data + b->off; }
+
+/* uint64 -> pointer map (chained). */
+typedef struct amap_entry {
+    uint64_t key;
+    void *value;
+    struct amap_entry *next;
+} amap_entry;
+typedef struct amap {
+    amap_entry **slots;
+    size_t nslots, count;
+} amap;
+int amap_put(amap *m, uint64_t key, void *value);
+void *amap_get(const amap *m, uint64_t key);
+void *amap_del(amap *m, uint64_t key);
+void *amap_any(const amap *m);
+void amap_free(amap *m);
+
+/* Every fd registered in epoll carries one of these; the callback gets the epoll event mask. */
+struct ambit_loop;
+typedef struct aio {
+    int fd;
+    void (*on_event)(struct ambit_loop *loop, struct aio *io, uint32_t events);
+    void *owner;
+} aio;
+
+enum cmd_kind {
+    CMD_CONNECT, CMD_SERVE, CMD_OPEN_STREAM, CMD_ACCEPT, CMD_REJECT, CMD_RESET, CMD_SPLICE, CMD_CLOSE,
+};
+
+typedef struct acmd {
+    int kind;
+    uint64_t id;     /* conn / splice id */
+    uint64_t id2;    /* stream id */
+    int fd, fd2;
+    int status;
+    uint64_t tag;
+    SSL_CTX *ctx;    /* one reference owned by the command */
+    char *text;      /* expected peer / authority (malloc'd) */
+    struct acmd *next;
+} acmd;
+
+struct hconn;
+struct hstream;
+
+typedef struct ambit_loop {
+    struct ambit_engine *engine;
+    int index;
+    int epfd;
+    int wakefd;              /* eventfd: commands pending */
+    aio wake_io;
+    pthread_t thread;
+    int running;
+    pthread_mutex_t cmd_lock;
+    acmd *cmd_head, *cmd_tail;
+    amap conns;              /* conn id -> hconn */
+    amap splices;            /* splice id -> apump */
+    amap streams;            /* stream id -> hstream */
+    struct hstream *ready;   /* streams whose TCP side needs pumping */
+    struct hconn *dirty;     /* connections with output to flush or state to check */
+    char *rbuf;              /* shared read buffer, AMBIT_READ_CHUNK */
+} ambit_loop;
+
+typedef struct tls_ctx_entry {
+    int64_t id;
+    SSL_CTX *ctx;
+    struct tls_ctx_entry *next;
+} tls_ctx_entry;
+
+struct ambit_engine {
+    int nloops;
+    ambit_loop *loops;
+    int started, stopped;
+    int evfd;
+    pthread_mutex_t ev_lock;
+    ambit_event *evq;
+    size_t ev_head, ev_count, ev_cap;
+    pthread_mutex_t ctx_lock;
+    tls_ctx_entry *ctxs;
+    uint64_t next_id;        /* atomic: conn, splice, stream and ctx ids share it */
+    uint64_t counters[AMBIT_C_COUNT];
+};
+
+/* Counters are bumped with relaxed atomics from any loop and read from Python. */
+static inline void ctr_add(ambit_engine *e, int c, int64_t v)
+{
+    __atomic_add_fetch(&e->counters[c], (uint64_t)v, __ATOMIC_RELAXED);
+}
+uint64_t engine_new_id(ambit_engine *e);
+
+/* Event construction: a zeroed event with kind/ids set; emit copies it into the queue. */
+void event_init(ambit_event *ev, int kind, uint64_t conn_id, uint64_t stream_id, uint64_t tag);
+void event_emit(ambit_engine *e, const ambit_event *ev);
+void copy_str(char *dst, size_t cap, const char *src);
+
+int loop_add_fd(ambit_loop *l, aio *io, int fd);
+void loop_del_fd(ambit_loop *l, aio *io);
+void reset_close(int fd);
+int set_nonblock(int fd);
+
+/* tls.c */
+SSL_CTX *tls_ctx_build(int server, const char *chain, size_t chain_len, const char *key, size_t key_len,
+                       const char *bundle, size_t bundle_len, int tls12, char *err, size_t errlen);
+/* Fills peer_id (the single URI SAN or ""), sha256 hex, version, cipher from an established SSL. */
+void tls_peer_info(SSL *ssl, ambit_event *ev);
+void tls_client_session_prepare(SSL *ssl, SSL_CTX *ctx, const char *peer);
+void tls_last_error(char *buf, size_t cap, const char *what);
+
+/* hbone.c */
+void hconn_start(ambit_loop *l, acmd *c, int server);
+void hconn_open_stream(ambit_loop *l, acmd *c);
+void hconn_accept(ambit_loop *l, acmd *c);
+void hconn_reject(ambit_loop *l, acmd *c);
+void hconn_reset(ambit_loop *l, acmd *c);
+int hconn_close_cmd(ambit_loop *l, uint64_t id);
+void hconn_process_pending(ambit_loop *l);
+void hconn_destroy_all(ambit_loop *l);
+
+/* pump.c */
+void pump_start(ambit_loop *l, acmd *c);
+int pump_close_cmd(ambit_loop *l, uint64_t id);
+void pump_destroy_all(ambit_loop *l);
+
+#endif

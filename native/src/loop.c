@@ -1,0 +1,501 @@
+/* Engine object, loop threads, the Python->C command queue and the C->Python event queue. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define EVQ_MAX (1 << 20) /* events kept for a Python side that stops draining; beyond: counted, dropped */
+
+static const char *counter_names[AMBIT_C_COUNT] = {
+    "conns_opened", "conns_closed", "conns_active", "handshakes_done", "handshakes_resumed",
+    "streams_opened", "streams_closed", "streams_active", "streams_refused", "streams_reset",
+    "stream_bytes_in", "stream_bytes_out", "tls_bytes_in", "tls_bytes_out", "splices_opened",
+    "splices_closed", "splices_active", "splice_bytes", "errors_handshake", "errors_peer_identity",
+    "errors_protocol", "errors_io", "errors_command", "events_dropped",
+};
+
+const char *ambit_counter_name(int index)
+{
+    return (index >= 0 && index < AMBIT_C_COUNT) ? counter_names[index] : NULL;
+}
+
+uint64_t engine_new_id(ambit_engine *e)
+{
+    return __atomic_add_fetch(&e->next_id, 1, __ATOMIC_RELAXED);
+}
+
+static void set_err(char *err, size_t errlen, const char *msg)
+{
+    if (err)
+        copy_str(err, errlen, msg);
+}
+
+void event_init(ambit_event *ev, int kind, uint64_t conn_id, uint64_t stream_id, uint64_t tag)
+{
+    memset(ev, 0, sizeof(*ev));
+    ev->kind = kind;
+    ev->conn_id = conn_id;
+    ev->stream_id = stream_id;
+    ev->tag = tag;
+}
+
+void event_emit(ambit_engine *e, const ambit_event *ev)
+{
+    int wake = 0;
+    pthread_mutex_lock(&e->ev_lock);
+    if (e->ev_count == e->ev_cap) {
+        size_t cap = e->ev_cap ? e->ev_cap * 2 : 256;
+        ambit_event *q = cap <= EVQ_MAX ? malloc(cap * sizeof(*q)) : NULL;
+        if (!q) {
+            pthread_mutex_unlock(&e->ev_lock);
+            ctr_add(e, AMBIT_C_EVENTS_DROPPED, 1);
+            return;
+        }
+        for (size_t i = 0; i < e->ev_count; i++)
+            q[i] = e->evq[(e->ev_head + i) % e->ev_cap];
+        free(e->evq);
+        e->evq = q;
+        e->ev_head = 0;
+        e->ev_cap = cap;
+    }
+    e->evq[(e->ev_head + e->ev_count) % e->ev_cap] = *ev;
+    wake = e->ev_count++ == 0;
+    pthread_mutex_unlock(&e->ev_lock);
+    if (wake) {
+        uint64_t one = 1;
+        (void)!write(e->evfd, &one, sizeof(one));
+    }
+}
+
+int ambit_engine_events(ambit_engine *e, ambit_event *out, int max)
+{
+    uint64_t v;
+    /* Clear readiness first: an event pushed after this read re-arms the fd. */
+    (void)!read(e->evfd, &v, sizeof(v));
+    pthread_mutex_lock(&e->ev_lock);
+    int n = 0;
+    while (n < max && e->ev_count) {
+        out[n++] = e->evq[e->ev_head];
+        e->ev_head = (e->ev_head + 1) % e->ev_cap;
+        e->ev_count--;
+    }
+    int more = e->ev_count > 0;
+    pthread_mutex_unlock(&e->ev_lock);
+    if (more) {
+        uint64_t one = 1;
+        (void)!write(e->evfd, &one, sizeof(one));
+    }
+    return n;
+}
+
+int ambit_engine_eventfd(ambit_engine *e) { return e->evfd; }
+
+void ambit_engine_counters(ambit_engine *e, uint64_t *out, int n)
+{
+    for (int i = 0; i < n && i < AMBIT_C_COUNT; i++)
+        out[i] = __atomic_load_n(&e->counters[i], __ATOMIC_RELAXED);
+}
+
+int loop_add_fd(ambit_loop *l, aio *io, int fd)
+{
+    io->fd = fd;
+    /* Edge-triggered: every handler drains until EAGAIN or until it deliberately parks work on a list. */
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = io};
+    return epoll_ctl(l->epfd, EPOLL_CTL_ADD, fd, &ev);
+}
+
+void loop_del_fd(ambit_loop *l, aio *io)
+{
+    if (io->fd >= 0)
+        epoll_ctl(l->epfd, EPOLL_CTL_DEL, io->fd, NULL);
+}
+
+static void cmd_free(acmd *c)
+{
+    if (c->fd >= 0)
+        close(c->fd);
+    if (c->fd2 >= 0)
+        close(c->fd2);
+    if (c->ctx)
+        SSL_CTX_free(c->ctx);
+    free(c->text);
+    free(c);
+}
+
+static void cmd_run(ambit_loop *l, acmd *c)
+{
+    switch (c->kind) {
+    case CMD_CONNECT: hconn_start(l, c, 0); break;
+    case CMD_SERVE: hconn_start(l, c, 1); break;
+    case CMD_OPEN_STREAM: hconn_open_stream(l, c); break;
+    case CMD_ACCEPT: hconn_accept(l, c); break;
+    case CMD_REJECT: hconn_reject(l, c); break;
+    case CMD_RESET: hconn_reset(l, c); break;
+    case CMD_SPLICE: pump_start(l, c); break;
+    case CMD_CLOSE:
+        if (!hconn_close_cmd(l, c->id) && !pump_close_cmd(l, c->id))
+            ctr_add(l->engine, AMBIT_C_ERRORS_COMMAND, 1);
+        break;
+    }
+    cmd_free(c); /* handlers take what they keep (fds set to -1, ctx/text to NULL) */
+}
+
+static void on_wake(ambit_loop *l, aio *io, uint32_t events)
+{
+    (void)io;
+    (void)events;
+    uint64_t v;
+    (void)!read(l->wakefd, &v, sizeof(v));
+    pthread_mutex_lock(&l->cmd_lock);
+    acmd *c = l->cmd_head;
+    l->cmd_head = l->cmd_tail = NULL;
+    pthread_mutex_unlock(&l->cmd_lock);
+    while (c) {
+        acmd *next = c->next;
+        cmd_run(l, c);
+        c = next;
+    }
+}
+
+static void *loop_main(void *arg)
+{
+    ambit_loop *l = arg;
+    struct epoll_event evs[256];
+    while (__atomic_load_n(&l->running, __ATOMIC_ACQUIRE)) {
+        int n = epoll_wait(l->epfd, evs, 256, (l->ready || l->dirty) ? 0 : -1);
+        if (n < 0 && errno != EINTR)
+            break;
+        for (int i = 0; i < n; i++) {
+            aio *io = evs[i].data.ptr;
+            io->on_event(l, io, evs[i].events);
+        }
+        hconn_process_pending(l);
+    }
+    hconn_destroy_all(l);
+    pump_destroy_all(l);
+    return NULL;
+}
+
+static void loop_post(ambit_loop *l, acmd *c)
+{
+    c->next = NULL;
+    pthread_mutex_lock(&l->cmd_lock);
+    if (l->cmd_tail)
+        l->cmd_tail->next = c;
+    else
+        l->cmd_head = c;
+    l->cmd_tail = c;
+    pthread_mutex_unlock(&l->cmd_lock);
+    uint64_t one = 1;
+    (void)!write(l->wakefd, &one, sizeof(one));
+}
+
+ambit_engine *ambit_engine_new(int threads, char *err, size_t errlen)
+{
+    if (threads < 1 || threads > 64) {
+        set_err(err, errlen, "threads must be 1..64");
+        return NULL;
+    }
+    ambit_engine *e = calloc(1, sizeof(*e));
+    if (!e) {
+        set_err(err, errlen, "out of memory");
+        return NULL;
+    }
+    pthread_mutex_init(&e->ev_lock, NULL);
+    pthread_mutex_init(&e->ctx_lock, NULL);
+    e->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    e->loops = calloc((size_t)threads, sizeof(ambit_loop));
+    if (e->evfd < 0 || !e->loops) {
+        set_err(err, errlen, "cannot allocate engine");
+        ambit_engine_free(e);
+        return NULL;
+    }
+    for (int i = 0; i < threads; i++) {
+        ambit_loop *l = &e->loops[i];
+        l->engine = e;
+        l->index = i;
+        pthread_mutex_init(&l->cmd_lock, NULL);
+        l->epfd = epoll_create1(EPOLL_CLOEXEC);
+        l->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        l->rbuf = malloc(AMBIT_READ_CHUNK);
+        e->nloops = i + 1;
+        l->wake_io.on_event = on_wake;
+        l->wake_io.owner = l;
+        if (l->epfd < 0 || l->wakefd < 0 || !l->rbuf || loop_add_fd(l, &l->wake_io, l->wakefd) < 0) {
+            set_err(err, errlen, strerror(errno));
+            ambit_engine_free(e);
+            return NULL;
+        }
+    }
+    return e;
+}
+
+int ambit_engine_start(ambit_engine *e, char *err, size_t errlen)
+{
+    if (e->started) {
+        set_err(err, errlen, "engine already started");
+        return -1;
+    }
+    e->started = 1;
+    for (int i = 0; i < e->nloops; i++) {
+        ambit_loop *l = &e->loops[i];
+        l->running = 1;
+        if (pthread_create(&l->thread, NULL, loop_main, l) != 0) {
+            l->running = 0;
+            set_err(err, errlen, "cannot start loop thread");
+            ambit_engine_stop(e);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+void ambit_engine_stop(ambit_engine *e)
+{
+    if (e->stopped)
+        return;
+    e->stopped = 1;
+    for (int i = 0; i < e->nloops; i++) {
+        ambit_loop *l = &e->loops[i];
+        if (!l->running)
+            continue;
+        __atomic_store_n(&l->running, 0, __ATOMIC_RELEASE);
+        uint64_t one = 1;
+        (void)!write(l->wakefd, &one, sizeof(one));
+        pthread_join(l->thread, NULL);
+    }
+    /* Commands never run (engine stopped before they were processed) still own fds. */
+    for (int i = 0; i < e->nloops; i++) {
+        ambit_loop *l = &e->loops[i];
+        for (acmd *c = l->cmd_head, *next; c; c = next) {
+            next = c->next;
+            cmd_free(c);
+        }
+        l->cmd_head = l->cmd_tail = NULL;
+    }
+}
+
+void ambit_engine_free(ambit_engine *e)
+{
+    if (!e)
+        return;
+    ambit_engine_stop(e);
+    for (int i = 0; i < e->nloops; i++) {
+        ambit_loop *l = &e->loops[i];
+        if (l->epfd >= 0)
+            close(l->epfd);
+        if (l->wakefd >= 0)
+            close(l->wakefd);
+        free(l->rbuf);
+        amap_free(&l->conns);
+        amap_free(&l->splices);
+        amap_free(&l->streams);
+        pthread_mutex_destroy(&l->cmd_lock);
+    }
+    free(e->loops);
+    for (tls_ctx_entry *t = e->ctxs, *next; t; t = next) {
+        next = t->next;
+        SSL_CTX_free(t->ctx);
+        free(t);
+    }
+    if (e->evfd >= 0)
+        close(e->evfd);
+    free(e->evq);
+    pthread_mutex_destroy(&e->ev_lock);
+    pthread_mutex_destroy(&e->ctx_lock);
+    free(e);
+}
+
+int64_t ambit_tls_context(ambit_engine *e, int server, const char *chain_pem, size_t chain_len,
+                          const char *key_pem, size_t key_len, const char *bundle_pem, size_t bundle_len,
+                          int tls12, char *err, size_t errlen)
+{
+    SSL_CTX *ctx = tls_ctx_build(server, chain_pem, chain_len, key_pem, key_len, bundle_pem, bundle_len, tls12,
+                                 err, errlen);
+    if (!ctx)
+        return -1;
+    tls_ctx_entry *t = malloc(sizeof(*t));
+    if (!t) {
+        SSL_CTX_free(ctx);
+        set_err(err, errlen, "out of memory");
+        return -1;
+    }
+    t->id = (int64_t)engine_new_id(e);
+    t->ctx = ctx;
+    pthread_mutex_lock(&e->ctx_lock);
+    t->next = e->ctxs;
+    e->ctxs = t;
+    pthread_mutex_unlock(&e->ctx_lock);
+    return t->id;
+}
+
+int ambit_free_tls_context(ambit_engine *e, int64_t id)
+{
+    pthread_mutex_lock(&e->ctx_lock);
+    for (tls_ctx_entry **pp = &e->ctxs; *pp; pp = &(*pp)->next) {
+        if ((*pp)->id == id) {
+            tls_ctx_entry *t = *pp;
+            *pp = t->next;
+            pthread_mutex_unlock(&e->ctx_lock);
+            SSL_CTX_free(t->ctx); /* live SSL objects hold their own reference */
+            free(t);
+            return 0;
+        }
+    }
+    pthread_mutex_unlock(&e->ctx_lock);
+    return -1;
+}
+
+static SSL_CTX *ctx_ref(ambit_engine *e, int64_t id)
+{
+    SSL_CTX *out = NULL;
+    pthread_mutex_lock(&e->ctx_lock);
+    for (tls_ctx_entry *t = e->ctxs; t; t = t->next)
+        if (t->id == id) {
+            SSL_CTX_up_ref(t->ctx);
+            out = t->ctx;
+            break;
+        }
+    pthread_mutex_unlock(&e->ctx_lock);
+    return out;
+}
+
+static acmd *cmd_new(int kind)
+{
+    acmd *c = calloc(1, sizeof(*c));
+    if (c) {
+        c->kind = kind;
+        c->fd = c->fd2 = -1;
+    }
+    return c;
+}
+
+static ambit_loop *loop_of(ambit_engine *e, uint64_t id) { return &e->loops[id % (uint64_t)e->nloops]; }
+
+/* Shared entry checks: on failure the fds are closed here, since the caller gave them to us. */
+static acmd *cmd_prepare(ambit_engine *e, int kind, int fd, int fd2, char *err, size_t errlen)
+{
+    const char *why = NULL;
+    acmd *c = NULL;
+    if (e->stopped)
+        why = "engine stopped";
+    else if ((fd >= 0 && set_nonblock(fd) < 0) || (fd2 >= 0 && set_nonblock(fd2) < 0))
+        why = "bad file descriptor";
+    else if (!(c = cmd_new(kind)))
+        why = "out of memory";
+    if (why) {
+        set_err(err, errlen, why);
+        if (fd >= 0)
+            close(fd);
+        if (fd2 >= 0)
+            close(fd2);
+        return NULL;
+    }
+    c->fd = fd;
+    c->fd2 = fd2;
+    return c;
+}
+
+static int64_t post_conn(ambit_engine *e, int kind, int fd, int64_t ctx, const char *peer, uint64_t tag,
+                         char *err, size_t errlen)
+{
+    acmd *c = cmd_prepare(e, kind, fd, -1, err, errlen);
+    if (!c)
+        return -1;
+    c->ctx = ctx_ref(e, ctx);
+    c->text = peer ? strdup(peer) : NULL;
+    if (!c->ctx || (peer && !c->text)) {
+        set_err(err, errlen, c->ctx ? "out of memory" : "unknown TLS context");
+        cmd_free(c);
+        return -1;
+    }
+    c->tag = tag;
+    c->id = engine_new_id(e);
+    loop_post(loop_of(e, c->id), c);
+    return (int64_t)c->id;
+}
+
+int64_t ambit_connect_hbone(ambit_engine *e, int fd, int64_t ctx, const char *expected_peer, uint64_t tag,
+                            char *err, size_t errlen)
+{
+    return post_conn(e, CMD_CONNECT, fd, ctx, expected_peer ? expected_peer : "", tag, err, errlen);
+}
+
+int64_t ambit_serve_hbone(ambit_engine *e, int fd, int64_t ctx, uint64_t tag, char *err, size_t errlen)
+{
+    return post_conn(e, CMD_SERVE, fd, ctx, NULL, tag, err, errlen);
+}
+
+int64_t ambit_open_stream(ambit_engine *e, uint64_t conn_id, const char *authority, int local_fd, uint64_t tag,
+                          char *err, size_t errlen)
+{
+    acmd *c = cmd_prepare(e, CMD_OPEN_STREAM, local_fd, -1, err, errlen);
+    if (!c)
+        return -1;
+    if (!(c->text = strdup(authority ? authority : ""))) {
+        set_err(err, errlen, "out of memory");
+        cmd_free(c);
+        return -1;
+    }
+    c->id = conn_id;
+    c->id2 = engine_new_id(e);
+    c->tag = tag;
+    loop_post(loop_of(e, conn_id), c);
+    return (int64_t)c->id2;
+}
+
+static int post_stream_cmd(ambit_engine *e, int kind, uint64_t conn_id, uint64_t stream_id, int fd, int status,
+                           uint64_t tag, char *err, size_t errlen)
+{
+    acmd *c = cmd_prepare(e, kind, fd, -1, err, errlen);
+    if (!c)
+        return -1;
+    c->id = conn_id;
+    c->id2 = stream_id;
+    c->status = status;
+    c->tag = tag;
+    loop_post(loop_of(e, conn_id), c);
+    return 0;
+}
+
+int ambit_accept_stream(ambit_engine *e, uint64_t conn_id, uint64_t stream_id, int upstream_fd, uint64_t tag,
+                        char *err, size_t errlen)
+{
+    return post_stream_cmd(e, CMD_ACCEPT, conn_id, stream_id, upstream_fd, 0, tag, err, errlen);
+}
+
+int ambit_reject_stream(ambit_engine *e, uint64_t conn_id, uint64_t stream_id, int status, char *err,
+                        size_t errlen)
+{
+    if (status < 200 || status > 599) {
+        set_err(err, errlen, "status must be 200..599");
+        return -1;
+    }
+    return post_stream_cmd(e, CMD_REJECT, conn_id, stream_id, -1, status, 0, err, errlen);
+}
+
+int ambit_reset_stream(ambit_engine *e, uint64_t conn_id, uint64_t stream_id, char *err, size_t errlen)
+{
+    return post_stream_cmd(e, CMD_RESET, conn_id, stream_id, -1, 0, 0, err, errlen);
+}
+
+int64_t ambit_splice(ambit_engine *e, int fd_a, int fd_b, uint64_t tag, char *err, size_t errlen)
+{
+    acmd *c = cmd_prepare(e, CMD_SPLICE, fd_a, fd_b, err, errlen);
+    if (!c)
+        return -1;
+    c->id = engine_new_id(e);
+    c->tag = tag;
+    loop_post(loop_of(e, c->id), c);
+    return (int64_t)c->id;
+}
+
+int ambit_close(ambit_engine *e, uint64_t conn_id, char *err, size_t errlen)
+{
+    return post_stream_cmd(e, CMD_CLOSE, conn_id, 0, -1, 0, 0, err, errlen);
+}

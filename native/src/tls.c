@@ -1,0 +1,225 @@
+/* TLS contexts (mTLS both ways, key only in memory), peer identity extraction, client session reuse. */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/x509v3.h>
+
+#include "internal.h"
+
+#define SESSION_SLOTS 64
+
+static const unsigned char ALPN_H2[] = {2, 'h', '2'};
+static const unsigned char SESSION_ID_CTX[] = "ambit-hbone";
+
+/* Client sessions are kept per expected peer: one client context talks to many nodes, and a session
+ * must only be offered to the server it came from. */
+typedef struct session_slot {
+    char *peer;
+    SSL_SESSION *sess;
+} session_slot;
+
+typedef struct session_store {
+    pthread_mutex_t lock;
+    session_slot slots[SESSION_SLOTS];
+    unsigned next;
+} session_store;
+
+static int store_index = -1;
+static pthread_once_t store_once = PTHREAD_ONCE_INIT;
+
+static void store_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void *argp)
+{
+    (void)parent, (void)ad, (void)idx, (void)argl, (void)argp;
+    session_store *st = ptr;
+    if (!st)
+        return;
+    for (int i = 0; i < SESSION_SLOTS; i++) {
+        free(st->slots[i].peer);
+        if (st->slots[i].sess)
+            SSL_SESSION_free(st->slots[i].sess);
+    }
+    pthread_mutex_destroy(&st->lock);
+    free(st);
+}
+
+static void store_init(void) { store_index = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, store_free); }
+
+void tls_last_error(char *buf, size_t cap, const char *what)
+{
+    unsigned long e = ERR_get_error();
+    char reason[200] = "";
+    if (e)
+        ERR_error_string_n(e, reason, sizeof(reason));
+    ERR_clear_error();
+    snprintf(buf, cap, "%s%s%s", what, e ? ": " : "", reason);
+}
+
+static int on_new_session(SSL *ssl, SSL_SESSION *sess)
+{
+    const char *peer = SSL_get_app_data(ssl);
+    session_store *st = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), store_index);
+    if (!peer || !*peer || !st)
+        return 0;
+    pthread_mutex_lock(&st->lock);
+    session_slot *slot = NULL;
+    for (int i = 0; i < SESSION_SLOTS && !slot; i++)
+        if (st->slots[i].peer && !strcmp(st->slots[i].peer, peer))
+            slot = &st->slots[i];
+    if (!slot) {
+        slot = &st->slots[st->next++ % SESSION_SLOTS];
+        free(slot->peer);
+        slot->peer = strdup(peer);
+    }
+    if (slot->sess)
+        SSL_SESSION_free(slot->sess);
+    slot->sess = sess;
+    pthread_mutex_unlock(&st->lock);
+    return 1; /* we keep the reference */
+}
+
+void tls_client_session_prepare(SSL *ssl, SSL_CTX *ctx, const char *peer)
+{
+    SSL_set_app_data(ssl, (void *)peer);
+    session_store *st = SSL_CTX_get_ex_data(ctx, store_index);
+    if (!st || !peer)
+        return;
+    pthread_mutex_lock(&st->lock);
+    for (int i = 0; i < SESSION_SLOTS; i++)
+        if (st->slots[i].peer && !strcmp(st->slots[i].peer, peer) && st->slots[i].sess) {
+            SSL_set_session(ssl, st->slots[i].sess);
+            break;
+        }
+    pthread_mutex_unlock(&st->lock);
+}
+
+static int select_alpn(SSL *ssl, const unsigned char **out, unsigned char *outlen, const unsigned char *in,
+                       unsigned int inlen, void *arg)
+{
+    (void)ssl, (void)arg;
+    unsigned char *sel;
+    if (SSL_select_next_proto(&sel, outlen, ALPN_H2, sizeof(ALPN_H2), in, inlen) != OPENSSL_NPN_NEGOTIATED)
+        return SSL_TLSEXT_ERR_NOACK;
+    *out = sel;
+    return SSL_TLSEXT_ERR_OK;
+}
+
+static int load_chain(SSL_CTX *ctx, const char *pem, size_t len, char *err, size_t errlen)
+{
+    BIO *bio = BIO_new_mem_buf(pem, (int)len);
+    X509 *leaf = bio ? PEM_read_bio_X509(bio, NULL, NULL, NULL) : NULL;
+    int ok = leaf && SSL_CTX_use_certificate(ctx, leaf) == 1;
+    X509_free(leaf);
+    X509 *x;
+    while (ok && (x = PEM_read_bio_X509(bio, NULL, NULL, NULL)))
+        if (SSL_CTX_add0_chain_cert(ctx, x) != 1) {
+            X509_free(x);
+            ok = 0;
+        }
+    ERR_clear_error(); /* the loop ends on a "no start line" error */
+    BIO_free(bio);
+    if (!ok)
+        snprintf(err, errlen, "bad certificate chain PEM");
+    return ok;
+}
+
+static int load_key(SSL_CTX *ctx, const char *pem, size_t len, char *err, size_t errlen)
+{
+    BIO *bio = BIO_new_mem_buf(pem, (int)len);
+    EVP_PKEY *key = bio ? PEM_read_bio_PrivateKey(bio, NULL, NULL, NULL) : NULL;
+    int ok = key && SSL_CTX_use_PrivateKey(ctx, key) == 1 && SSL_CTX_check_private_key(ctx) == 1;
+    EVP_PKEY_free(key);
+    BIO_free(bio);
+    if (!ok)
+        snprintf(err, errlen, "bad private key or key does not match the certificate");
+    ERR_clear_error();
+    return ok;
+}
+
+static int load_bundle(SSL_CTX *ctx, const char *pem, size_t len, char *err, size_t errlen)
+{
+    BIO *bio = BIO_new_mem_buf(pem, (int)len);
+    X509_STORE *store = SSL_CTX_get_cert_store(ctx);
+    int n = 0;
+    X509 *x;
+    while (bio && (x = PEM_read_bio_X509(bio, NULL, NULL, NULL))) {
+        if (X509_STORE_add_cert(store, x) == 1)
+            n++;
+        X509_free(x);
+    }
+    ERR_clear_error();
+    BIO_free(bio);
+    if (!n)
+        snprintf(err, errlen, "trust bundle holds no certificate");
+    return n > 0;
+}
+
+SSL_CTX *tls_ctx_build(int server, const char *chain, size_t chain_len, const char *key, size_t key_len,
+                       const char *bundle, size_t bundle_len, int tls12, char *err, size_t errlen)
+{
+    pthread_once(&store_once, store_init);
+    SSL_CTX *ctx = SSL_CTX_new(server ? TLS_server_method() : TLS_client_method());
+    if (!ctx) {
+        tls_last_error(err, errlen, "SSL_CTX_new");
+        return NULL;
+    }
+    SSL_CTX_set_min_proto_version(ctx, tls12 ? TLS1_2_VERSION : TLS1_3_VERSION);
+    SSL_CTX_set_max_proto_version(ctx, TLS1_3_VERSION);
+    /* Partial writes let one SSL_write move a large buffer as many records without copying it aside. */
+    SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
+    if (!load_chain(ctx, chain, chain_len, err, errlen) || !load_key(ctx, key, key_len, err, errlen) ||
+        !load_bundle(ctx, bundle, bundle_len, err, errlen)) {
+        SSL_CTX_free(ctx);
+        return NULL;
+    }
+    if (server) {
+        SSL_CTX_set_alpn_select_cb(ctx, select_alpn, NULL);
+        SSL_CTX_set_session_id_context(ctx, SESSION_ID_CTX, sizeof(SESSION_ID_CTX) - 1);
+        SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_SERVER);
+    } else {
+        SSL_CTX_set_alpn_protos(ctx, ALPN_H2, sizeof(ALPN_H2));
+        session_store *st = calloc(1, sizeof(*st));
+        if (st) {
+            pthread_mutex_init(&st->lock, NULL);
+            SSL_CTX_set_ex_data(ctx, store_index, st);
+            SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+            SSL_CTX_sess_set_new_cb(ctx, on_new_session);
+        }
+    }
+    return ctx;
+}
+
+void tls_peer_info(SSL *ssl, ambit_event *ev)
+{
+    copy_str(ev->tls_version, sizeof(ev->tls_version), SSL_get_version(ssl));
+    copy_str(ev->tls_cipher, sizeof(ev->tls_cipher), SSL_get_cipher_name(ssl));
+    X509 *peer = SSL_get0_peer_certificate(ssl);
+    if (!peer)
+        return;
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int mdlen = 0;
+    if (X509_digest(peer, EVP_sha256(), md, &mdlen) == 1)
+        for (unsigned i = 0; i < mdlen && 2 * i + 2 < sizeof(ev->peer_cert_sha256); i++)
+            snprintf(ev->peer_cert_sha256 + 2 * i, 3, "%02x", md[i]);
+    /* A SPIFFE SVID carries exactly one URI SAN; anything else yields no identity. */
+    GENERAL_NAMES *names = X509_get_ext_d2i(peer, NID_subject_alt_name, NULL, NULL);
+    const ASN1_IA5STRING *uri = NULL;
+    int uris = 0;
+    for (int i = 0; names && i < sk_GENERAL_NAME_num(names); i++) {
+        const GENERAL_NAME *gn = sk_GENERAL_NAME_value(names, i);
+        if (gn->type == GEN_URI) {
+            uri = gn->d.uniformResourceIdentifier;
+            uris++;
+        }
+    }
+    if (uris == 1 && uri && (size_t)uri->length < sizeof(ev->peer_id) &&
+        memchr(uri->data, 0, (size_t)uri->length) == NULL) {
+        memcpy(ev->peer_id, uri->data, (size_t)uri->length);
+        ev->peer_id[uri->length] = 0;
+    }
+    GENERAL_NAMES_free(names);
+}

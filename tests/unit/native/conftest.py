@@ -1,0 +1,28 @@
+"""Fixtures for the native engine tests (helpers live in engine_testkit)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from engine_testkit import Events, Pki, make_pki
+
+from native.engine import Engine
+
+
+@pytest.fixture(scope="session")
+def pki() -> Pki:
+    return make_pki()
+
+
+@pytest.fixture
+def engine() -> Iterator[Engine]:
+    eng = Engine()
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+@pytest.fixture
+def events(engine: Engine) -> Events:
+    return Events(engine)
