@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -173,3 +174,33 @@ class JsonLog:
                 self._out.close()
             self._out = None
             self._size = 0
+
+
+_RESERVED = frozenset({"time", "event"})
+
+
+class AuditLog:
+    """What changed a node's or the plane's security posture: config versions applied, DENY/AUDIT
+    decisions, joins and CSRs issued or refused. One JSON line per event, redacted like every JsonLog."""
+
+    def __init__(self, path: str | Path, max_bytes: int = 50 * 1024 * 1024, backups: int = 5) -> None:
+        self._log = JsonLog(path, max_bytes=max_bytes, backups=backups)
+
+    @property
+    def path(self) -> Path:
+        return self._log.path
+
+    def record(self, event: str, /, **fields: Any) -> None:
+        """Append `event` with `fields`, e.g. record("config_applied", version=7) or
+        record("decision", action="DENY", policy="ns/p", source_principal="spiffe://...").
+
+        A field named like a reserved key ("time", "event") is kept with a trailing "_", so a caller
+        passing its own record dict through cannot overwrite when or what was recorded.
+        """
+        entry: dict[str, Any] = {"time": utc_iso(time.time()), "event": event}
+        for name, value in fields.items():
+            entry[f"{name}_" if name in _RESERVED else name] = value
+        self._log.write(entry)
+
+    def close(self) -> None:
+        self._log.close()
