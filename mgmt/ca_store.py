@@ -110,6 +110,7 @@ def _load_upstream(trust_domain: str, upstream: Upstream) -> CertificateAuthorit
     roots = _load_certs(upstream.root)
     if middle and middle[-1] == roots[0]:
         middle = middle[:-1]
+    _check_trust_domain(cert, trust_domain)
     return CertificateAuthority.intermediate(trust_domain, key, cert, (*middle, roots[0]))
 
 
@@ -132,10 +133,21 @@ def save(state_dir: Path, ca: CertificateAuthority) -> None:
     write_file(state_dir / BUNDLE_FILE, ca.bundle_pem(), 0o644)
 
 
+def _check_trust_domain(cert: x509.Certificate, trust_domain: str) -> None:
+    """A CA made for another trust domain would sign IDs its peers do not expect: refuse to start."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return  # an upstream CA need not name a trust domain
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if uris and f"spiffe://{trust_domain}" not in uris:
+        raise CAError(f"CA certificate is for {uris}, not spiffe://{trust_domain}")
+
+
 def _load_root(state_dir: Path, trust_domain: str) -> CertificateAuthority:
-    ca = CertificateAuthority(
-        trust_domain, _load_key(state_dir / KEY_FILE), _load_certs(state_dir / CERT_FILE)[0]
-    )
+    cert = _load_certs(state_dir / CERT_FILE)[0]
+    _check_trust_domain(cert, trust_domain)
+    ca = CertificateAuthority(trust_domain, _load_key(state_dir / KEY_FILE), cert)
     pending_key = state_dir / PENDING_KEY_FILE
     if pending_key.exists():
         ca.pending = (_load_key(pending_key), _load_certs(state_dir / PENDING_CERT_FILE)[0])

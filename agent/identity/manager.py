@@ -20,18 +20,27 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from cryptography import x509
 
 from agent.identity.backoff import Backoff
 from agent.identity.bootstrap import MGMT_SERVER_NAME, RETRYABLE, NodeIdentity, channel_options
 from agent.identity.svid import Svid, key_pem, make_csr, new_key
 from api import ca_pb2, ca_pb2_grpc
-from api.spiffe import SpiffeId, SpiffeIdError
+from api.spiffe import SpiffeId, SpiffeIdError, spiffe_id_of
 
 log = logging.getLogger(__name__)
 
 
 class IdentityError(Exception):
     """No certificate could be obtained for an identity (refused by the plane, or the plane is away)."""
+
+
+class FetchError(IdentityError):
+    """One failed exchange with the CA; `retryable` when the CA is away rather than refusing."""
+
+    def __init__(self, message: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 @dataclass(frozen=True)
@@ -232,10 +241,22 @@ class IdentityManager:
             return ca_pb2_grpc.IdentityStub(self._channel)
 
     def _sign(self, sid: str) -> tuple[bytes, bytes]:
-        """One CSR round trip: (chain PEM, key PEM). Raises grpc.RpcError."""
+        """One CSR round trip: (chain PEM, key PEM), checked to be for `sid` and our key."""
         key = new_key()
         request = ca_pb2.SignRequest(spiffe_id=sid, csr_pem=make_csr(key, sid), ttl_seconds=self._ttl_s)
-        response = self._stub().Sign(request, timeout=self._fetch_timeout_s)
+        try:
+            response = self._stub().Sign(request, timeout=self._fetch_timeout_s)
+        except grpc.RpcError as e:
+            self._count("fetch_errors")
+            raise FetchError(f"{sid}: {e.code().name}: {e.details()}", e.code() in RETRYABLE) from None
+        try:
+            leaf = x509.load_pem_x509_certificates(response.chain_pem)[0]
+            matches = str(spiffe_id_of(leaf)) == sid and leaf.public_key() == key.public_key()
+        except ValueError:
+            matches = False
+        if not matches:
+            self._count("fetch_errors")
+            raise FetchError(f"{sid}: the CA answered with a certificate for another identity or key", True)
         if response.trust_bundle_pem:
             self._set_bundle(response.trust_bundle_pem)
         return response.chain_pem, key_pem(key)
@@ -246,11 +267,9 @@ class IdentityManager:
         while True:
             try:
                 return self._install(sid, *self._sign(sid))
-            except grpc.RpcError as e:
-                self._count("fetch_errors")
-                code = e.code()
-                if code not in RETRYABLE or time.monotonic() >= deadline:
-                    raise IdentityError(f"no certificate for {sid}: {code.name}: {e.details()}") from None
+            except FetchError as e:
+                if not e.retryable or time.monotonic() >= deadline:
+                    raise IdentityError(f"no certificate for {e}") from None
                 time.sleep(min(backoff.next_delay(), max(0.0, deadline - time.monotonic())))
 
     def _install(self, sid: str, chain_pem: bytes, key_pem_bytes: bytes) -> Svid:
@@ -296,7 +315,7 @@ class IdentityManager:
         with self._lock:
             self.counters[name] += 1
 
-    def _retry_later(self, sid: str | None, error: grpc.RpcError) -> None:
+    def _retry_later(self, sid: str | None, error: FetchError) -> None:
         with self._lock:
             backoff = self._backoffs.setdefault(sid or "", Backoff())
             delay = backoff.next_delay()
@@ -304,12 +323,10 @@ class IdentityManager:
                 self._node_rotate_at = time.time() + delay
             elif sid in self._rotate_at:
                 self._rotate_at[sid] = time.time() + delay
-        self._count("fetch_errors")
         log.warning(
-            "renewing %s failed (%s: %s); keeping the current certificate, retry in %.1fs",
+            "renewing %s failed (%s); keeping the current certificate, retry in %.1fs",
             sid or "node identity",
-            error.code().name,
-            error.details(),
+            error,
             delay,
         )
 
@@ -348,7 +365,7 @@ class IdentityManager:
         for sid in due:
             try:
                 chain, key = self._sign(sid)
-            except grpc.RpcError as e:
+            except FetchError as e:
                 self._retry_later(sid, e)
                 continue
             with self._lock:
@@ -361,7 +378,7 @@ class IdentityManager:
         try:
             chain, key = self._sign(str(node.spiffe_id))
             node.renew(chain, key, self.trust_bundle_pem())
-        except grpc.RpcError as e:
+        except FetchError as e:
             self._retry_later(None, e)
             return
         with self._lock:

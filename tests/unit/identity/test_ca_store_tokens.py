@@ -41,6 +41,12 @@ def test_loose_key_permissions_refused(tmp_path: Path) -> None:
         ca_store.load_or_create(tmp_path, TD)
 
 
+def test_other_trust_domain_refused(tmp_path: Path) -> None:
+    ca_store.load_or_create(tmp_path, TD)
+    with pytest.raises(CAError, match="not spiffe://other.org"):
+        ca_store.load_or_create(tmp_path, "other.org")
+
+
 def test_rotation_state_survives_restart(tmp_path: Path) -> None:
     ca = ca_store.load_or_create(tmp_path, TD)
     old = ca.cert
