@@ -9,9 +9,11 @@ istio_tcp_sent_bytes_total what the server sent back, i.e. our ConnectionClose.b
 from __future__ import annotations
 
 import enum
+import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -19,6 +21,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from agent.connections import ConnectionClose, ConnectionRecord, Direction
+
+log = logging.getLogger(__name__)
 
 UNKNOWN = "unknown"
 ISTIO_LABELS = (
@@ -67,18 +71,20 @@ class _Snapshots(Collector):
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._bpf: dict[str, int] = {}
-        self._engine: dict[str, int] = {}
+        self._bpf: dict[str, float] = {}
+        self._engine: dict[str, float] = {}
         self._cert_expiry: dict[str, float] = {}
         self._process = psutil.Process()
 
     def set_bpf(self, counters: Mapping[str, int]) -> None:
+        clean = _numeric(counters, "BPF")
         with self._lock:
-            self._bpf = dict(counters)
+            self._bpf = clean
 
     def set_engine(self, counters: Mapping[str, int]) -> None:
+        clean = _numeric(counters, "engine")
         with self._lock:
-            self._engine = dict(counters)
+            self._engine = clean
 
     def set_cert_expiry(self, identity: str, not_after: float) -> None:
         with self._lock:
@@ -123,6 +129,17 @@ class _Snapshots(Collector):
         yield GaugeMetricFamily("ambit_process_resident_memory_bytes", "Resident memory", value=rss)
         yield GaugeMetricFamily("ambit_process_open_fds", "Open file descriptors", value=fds)
         yield GaugeMetricFamily("ambit_process_threads", "Threads of the agent process", value=threads)
+
+
+def _numeric(counters: Mapping[str, Any], what: str) -> dict[str, float]:
+    """Only numbers reach the exposition: one bad value must not break every scrape."""
+    clean = {}
+    for name, value in counters.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            clean[str(name)] = float(value)
+        else:
+            log.warning("ignoring non-numeric %s counter %s=%r", what, name, value)
+    return clean
 
 
 def _labelled_gauge(name: str, doc: str, label: str, values: Mapping[str, float]) -> GaugeMetricFamily:

@@ -232,7 +232,7 @@ def test_daemon_setters_and_process_metrics(
     assert value("ambit_process_open_fds") > 0
     assert value("ambit_process_cpu_seconds_total") > 0
 
-    metrics.set_bpf_counters({"redirect_outbound": 11})
+    metrics.set_bpf_counters({"redirect_outbound": 11, "bad": "x"})  # type: ignore[dict-item]
     assert ("ambit_bpf_counter", frozenset({("path", "skip_agent_mark")})) not in scrape(server.port)
 
 
