@@ -8,7 +8,7 @@ import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from agent.policy.decision import ConnectionAttrs
+from agent.policy.decision import ConnectionAttrs, Decision
 from api.resources.policy import AuthorizationPolicy, Condition, Operation, Rule, Source
 
 # Istio writes principals without the scheme; policies written for the default trust domain keep
@@ -114,7 +114,10 @@ class IpSet:
         if key is None:
             return False
         family, value = key
-        return any(bits == family and (value >> shift) in nets for bits, shift, nets in self._by_len)
+        for bits, shift, nets in self._by_len:  # noqa: SIM110 - hot path: a loop is cheaper than any()
+            if bits == family and (value >> shift) in nets:
+                return True
+        return False
 
 
 def principal_patterns(patterns: Iterable[str], trust_domain: str) -> list[str]:
@@ -243,6 +246,7 @@ class CompiledPolicy:
     selector: Mapping[str, str] | None
     namespace: str
     match: Check  # empty rules: never matches (Istio: an ALLOW policy without rules allows nothing)
+    decision: Decision  # what a match decides, built once: decisions allocate nothing per connection
 
 
 def _never(p: Peer) -> bool:
@@ -251,6 +255,12 @@ def _never(p: Peer) -> bool:
 
 def compile_policy(policy: AuthorizationPolicy, trust_domain: str) -> CompiledPolicy:
     rules = [compile_rule(r, trust_domain) for r in policy.rules]
+    if policy.action == "ALLOW":
+        decision = Decision(True, policy.uid, "allowed by ALLOW policy")
+    elif policy.action == "DENY":
+        decision = Decision(False, policy.uid, "denied by DENY policy")
+    else:
+        decision = Decision(True, "", "audited", audited=True, audit_policy=policy.uid)
     return CompiledPolicy(
         policy.uid,
         policy.action,
@@ -258,6 +268,7 @@ def compile_policy(policy: AuthorizationPolicy, trust_domain: str) -> CompiledPo
         policy.selector,
         policy.meta.namespace,
         _any(rules) if rules else _never,
+        decision,
     )
 
 

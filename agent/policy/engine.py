@@ -52,10 +52,11 @@ class Snapshot(Protocol):
 class PolicySet:
     """The policies that apply to one workload, split by action, in evaluation order."""
 
-    deny: tuple[CompiledPolicy, ...] = ()
-    audit: tuple[CompiledPolicy, ...] = ()
-    allow: tuple[CompiledPolicy, ...] = ()
-    rego: tuple[RegoModule, ...] = ()
+    deny: tuple[CompiledPolicy, ...]
+    audit: tuple[CompiledPolicy, ...]
+    allow: tuple[CompiledPolicy, ...]
+    rego: tuple[RegoModule, ...]
+    otherwise: Decision  # when nothing matched: no ALLOW matched, or the mesh default
 
 
 @dataclass
@@ -69,7 +70,7 @@ class CompiledConfig:
     sources: tuple[Any, ...]  # the parsed objects, for rows()
     # memo: workload uid -> (enforced set, set with dry-run policies enforced or None when there are none)
     sets: dict[str, tuple[PolicySet, PolicySet | None]] = field(default_factory=dict)
-    rego_cache: dict[tuple[int, ConnectionAttrs], tuple[bool, str]] = field(default_factory=dict)
+    rego_cache: dict[tuple[int, ConnectionAttrs], Decision] = field(default_factory=dict)
     mtls: dict[tuple[str, int], str] = field(default_factory=dict)
 
 
@@ -115,11 +116,19 @@ def _select(config: CompiledConfig, namespace: str, labels: Mapping[str, str], d
         for p in config.authz
         if (dry_run or not p.dry_run) and applies(p.namespace, p.selector, root, namespace, labels)
     ]
+    allow = tuple(p for p in chosen if p.action == "ALLOW")
+    if allow:
+        otherwise = Decision(False, "", f"no ALLOW policy matched ({len(allow)} apply)")
+    elif config.mesh.default_deny:
+        otherwise = Decision(False, "", "no ALLOW policy applies and MeshConfig defaultDeny is on")
+    else:
+        otherwise = Decision(True, "", "no ALLOW policy applies")
     return PolicySet(
         deny=tuple(p for p in chosen if p.action == "DENY"),
         audit=tuple(p for p in chosen if p.action == "AUDIT"),
-        allow=tuple(p for p in chosen if p.action == "ALLOW"),
+        allow=allow,
         rego=tuple(r for r in config.rego if applies(r.namespace, r.selector, root, namespace, labels)),
+        otherwise=otherwise,
     )
 
 
@@ -263,28 +272,26 @@ class PolicyEngine:
     ) -> Decision:
         for p in ps.deny:
             if p.match(peer):
-                return Decision(False, p.name, "denied by DENY policy")
-        rego_allow: Decision | None = None
+                return p.decision
+        decision: Decision | None = None
         for module in ps.rego:
-            allowed, reason = self._rego(config, module, attrs)
-            if not allowed:
-                return Decision(False, module.name, f"denied by RegoPolicy: {reason}")
-            rego_allow = rego_allow or Decision(True, module.name, f"allowed by RegoPolicy: {reason}")
-        audit = next((p.name for p in ps.audit if p.match(peer)), "")
-        if rego_allow is not None:
-            decision = rego_allow
-        elif ps.allow:
-            decision = next(
-                (Decision(True, p.name, "allowed by ALLOW policy") for p in ps.allow if p.match(peer)),
-                Decision(False, "", f"no ALLOW policy matched ({len(ps.allow)} apply)"),
-            )
-        elif config.mesh.default_deny:
-            decision = Decision(False, "", "no ALLOW policy applies and MeshConfig defaultDeny is on")
-        else:
-            decision = Decision(True, "", "no ALLOW policy applies")
-        return replace(decision, audited=True, audit_policy=audit) if audit else decision
+            verdict = self._rego(config, module, attrs)
+            if not verdict.allow:
+                return verdict
+            decision = decision or verdict  # a Rego allow is an ALLOW match
+        if decision is None:
+            for p in ps.allow:
+                if p.match(peer):
+                    decision = p.decision
+                    break
+            else:
+                decision = ps.otherwise
+        for p in ps.audit:
+            if p.match(peer):
+                return replace(decision, audited=True, audit_policy=p.name)
+        return decision
 
-    def _rego(self, config: CompiledConfig, module: RegoModule, attrs: ConnectionAttrs) -> tuple[bool, str]:
+    def _rego(self, config: CompiledConfig, module: RegoModule, attrs: ConnectionAttrs) -> Decision:
         key = (id(module), attrs)
         cached = config.rego_cache.get(key)
         if cached is not None:
@@ -293,15 +300,19 @@ class PolicyEngine:
         self._count("rego_cache_misses")
         namespace, labels = _workload_facts(config, attrs.destination_workload, attrs.destination_namespace)
         try:
-            result = module.evaluate(rego_input(attrs, labels, self.trust_domain))
+            allowed, reason = module.evaluate(rego_input(attrs, labels, self.trust_domain))
         except RegoEvalError as exc:
             # Not cached: an erroring module is counted on every connection it denies.
             self._count("rego_errors")
-            return False, f"evaluation failed (fail closed): {exc}"
+            return Decision(
+                False, module.name, f"denied by RegoPolicy: evaluation failed (fail closed): {exc}"
+            )
+        verb = "allowed" if allowed else "denied"
+        decision = Decision(allowed, module.name, f"{verb} by RegoPolicy: {reason}")
         if len(config.rego_cache) >= REGO_CACHE_MAX:
             config.rego_cache.clear()
-        config.rego_cache[key] = result
-        return result
+        config.rego_cache[key] = decision
+        return decision
 
     # -- peer authentication ------------------------------------------------------------------------
     def mtls_mode(self, workload: Workload | str, port: int) -> str:
