@@ -10,6 +10,7 @@ import argparse
 import http.client
 import json
 import os
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,6 +53,9 @@ def fetch(address: str, method: str, path: str) -> tuple[int, str]:
 
 
 def _query(args: argparse.Namespace, method: str, path: str) -> Any:
+    host, _, port = args.admin.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--admin {args.admin!r} is not HOST:PORT")
     where = args.admin
     if args.node:
         from agent import netns
@@ -130,7 +134,7 @@ def _cmd_view(args: argparse.Namespace) -> int:
 
 def _cmd_log_level(args: argparse.Namespace) -> int:
     if args.level:
-        data = _query(args, "POST", f"/logging?level={args.level}")
+        data = _query(args, "POST", "/logging?" + urllib.parse.urlencode({"level": args.level}))
     else:
         data = _query(args, "GET", "/logging")
     _show(data, args.output)

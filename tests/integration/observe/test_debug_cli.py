@@ -83,7 +83,7 @@ def test_log_level(admin: str) -> None:
     assert "level" in json.loads(shown.stdout)
     changed = ambit("debug", "--admin", admin, "log-level", "debug", "-o", "json")
     assert json.loads(changed.stdout) == {"level": "debug"}
-    bad = ambit("debug", "--admin", admin, "log-level", "loud")
+    bad = ambit("debug", "--admin", admin, "log-level", "loud&level=debug")
     assert bad.returncode == 2 and "loud" in bad.stderr
 
 
@@ -95,6 +95,8 @@ def test_unreachable_agent_is_one_clear_line() -> None:
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "cannot reach the agent admin API" in proc.stderr
     assert proc.stdout == ""
+    bad = ambit("debug", "--admin", "localhost", "workloads")
+    assert bad.returncode == 2 and "not HOST:PORT" in bad.stderr
 
 
 def test_missing_provider_is_reported(admin: str) -> None:
