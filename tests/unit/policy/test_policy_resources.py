@@ -160,3 +160,20 @@ def test_malformed_policy_rejected(case: str, document: dict[str, Any], message:
         parse(document, "policies.yaml:3")
     assert message in str(exc.value)
     assert str(exc.value).startswith("policies.yaml:3: ")
+
+
+def test_docs_examples_parse_and_compile() -> None:
+    """Every YAML example in docs/policy.md is a valid policy set (the docs cannot drift from the parser)."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from agent.policy.engine import PolicyEngine
+    from agent.state import MeshSnapshot
+
+    text = (Path(__file__).resolve().parents[3] / "docs" / "policy.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, re.S)
+    objects = [parse(d, "docs/policy.md") for b in blocks for d in yaml.safe_load_all(b)]
+    assert {o.kind for o in objects} == {"AuthorizationPolicy", "RegoPolicy", "MeshConfig"}
+    PolicyEngine("cluster.local").update(MeshSnapshot.from_objects(1, "cluster.local", "n1", objects))
