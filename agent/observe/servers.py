@@ -88,10 +88,6 @@ class HttpService:
             raise RuntimeError(f"{self.name} server is not started")
         return int(self._server.server_address[1])
 
-    @property
-    def host(self) -> str:
-        return self._address[0]
-
     def start(self) -> None:
         if self._server is not None:
             return
@@ -126,21 +122,27 @@ class HttpService:
             def _serve(self, method: str) -> None:
                 url = urlsplit(self.path)
                 query = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
-                length = min(int(self.headers.get("Content-Length") or 0), _MAX_BODY)
+                try:
+                    length = min(int(self.headers.get("Content-Length") or 0), _MAX_BODY)
+                except ValueError:
+                    self._answer(text(400, "bad Content-Length\n"))
+                    return
                 body = self.rfile.read(length) if length > 0 else b""
                 try:
                     resp = service._route(Request(method, url.path, query, body))
                 except Exception as exc:
                     log.exception("%s: %s %s failed", service.name, method, url.path)
                     resp = Response(500, f"internal error: {type(exc).__name__}\n".encode())
+                self._answer(resp)
+
+            def _answer(self, resp: Response) -> None:
                 self.send_response(resp.status)
                 self.send_header("Content-Type", resp.content_type)
                 self.send_header("Content-Length", str(len(resp.body)))
                 for name, value in resp.headers.items():
                     self.send_header(name, value)
                 self.end_headers()
-                if method != "HEAD":
-                    self.wfile.write(resp.body)
+                self.wfile.write(resp.body)
 
             def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (stdlib signature)
                 log.debug("%s: %s", service.name, format % args)

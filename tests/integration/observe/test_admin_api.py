@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -129,3 +130,17 @@ def test_refuses_non_loopback_bind_unless_forced() -> None:
         AdminServer("10.0.0.1:15000", providers={})
     AdminServer("0.0.0.0:0", providers={}, allow_non_loopback=True)  # constructed, not started
     AdminServer("[::1]:0", providers={})
+
+
+def test_garbage_requests_do_not_break_the_server(admin: AdminServer) -> None:
+    for raw in (
+        b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + b"\x00" * 64,  # a TLS ClientHello
+        b"POST /logging?level=debug HTTP/1.1\r\nHost: x\r\nContent-Length: nine\r\n\r\n",
+        b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",
+    ):
+        with socket.create_connection(("127.0.0.1", admin.port), timeout=10) as sock:
+            sock.sendall(raw)
+            sock.shutdown(socket.SHUT_WR)
+            answer = sock.recv(4096)
+        assert b" 200 " not in answer.split(b"\r\n", 1)[0]
+    assert request(admin.port, "/workloads")[0] == 200
