@@ -18,7 +18,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,7 @@ import grpc
 from api import relay_pb2, relay_pb2_grpc
 from mgmt.identity_service import Audit, peer_spiffe_id
 from mgmt.scope import ScopeIndex, View, filter_types, key_type
-from mgmt.store import ConfigSnapshot, ConfigStore
+from mgmt.store import ConfigSnapshot, ConfigStore, StoredResource
 
 log = logging.getLogger("ambit.mgmt.relay")
 audit_log = logging.getLogger("ambit.audit")
@@ -296,26 +296,16 @@ class RelayService(relay_pb2_grpc.RelayServicer):
             return None
         nonce = f"{next(self._nonce)}-{secrets.token_hex(4)}"
         stream.pending = _Pending(nonce, version, {k: r.hash for k, r in view.items()})
-        deltas: dict[str, relay_pb2.TypeDelta] = {}
-        for r in changed:
-            delta = deltas.setdefault(r.kind, relay_pb2.TypeDelta(type=r.kind))
-            delta.resources.add(type=r.kind, key=str(r.key), hash=r.hash, document=r.document)
-        for k in removed:
-            t = key_type(k)
-            deltas.setdefault(t, relay_pb2.TypeDelta(type=t)).removed.append(k)
         with self._lock:
             self._counters["responses"] += 1
             self._counters["resources_sent"] += len(changed)
             self._counters["removals_sent"] += len(removed)
             if not stream.acked:
                 self._counters["full_responses"] += 1
-        return relay_pb2.SubscribeResponse(
-            version=version,
-            nonce=nonce,
-            content_hash=digest,
-            trust_domain=self.trust_domain,
-            deltas=[deltas[t] for t in sorted(deltas)],
-        )
+        response = delta_response(changed, removed)
+        response.version, response.nonce = version, nonce
+        response.content_hash, response.trust_domain = digest, self.trust_domain
+        return response
 
     # -- Lookup ----------------------------------------------------------------------------------------
     def Lookup(
@@ -348,6 +338,13 @@ class RelayService(relay_pb2_grpc.RelayServicer):
             s.inbox.put(_WAKE)
 
 
-def views_by_node(index: ScopeIndex, nodes: Mapping[str, set[str]]) -> dict[str, View]:
-    """Every node's view at once (used by the benchmark and `ambit mgmt` debugging)."""
-    return {n: index.view(n, peers) for n, peers in nodes.items()}
+def delta_response(changed: Iterable[StoredResource], removed: Iterable[str]) -> relay_pb2.SubscribeResponse:
+    """The resources to add/replace and the keys to drop, grouped by type (version and nonce left unset)."""
+    deltas: dict[str, relay_pb2.TypeDelta] = {}
+    for r in changed:
+        delta = deltas.setdefault(r.kind, relay_pb2.TypeDelta(type=r.kind))
+        delta.resources.add(type=r.kind, key=str(r.key), hash=r.hash, document=r.document)
+    for k in removed:
+        t = key_type(k)
+        deltas.setdefault(t, relay_pb2.TypeDelta(type=t)).removed.append(k)
+    return relay_pb2.SubscribeResponse(deltas=[deltas[t] for t in sorted(deltas)])

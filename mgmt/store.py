@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,9 +88,28 @@ class ConfigLoadError(Exception):
         self.errors = errors
 
 
+# libyaml's loader parses ~10x faster than the pure-Python one and reports the same marks.
+_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+@dataclass(frozen=True)
+class _FileResult:
+    """One file's parse, reused while its (inode, mtime, size) stamp is unchanged."""
+
+    stamp: tuple[int, int, int]
+    read_at: float
+    resources: tuple[StoredResource, ...]
+    errors: tuple[ConfigError, ...]
+
+
+FileCache = dict[Path, _FileResult]
+# A file modified within this long of our read may have changed again in the same mtime tick ("racy git").
+RACY_WINDOW_S = 0.1
+
+
 def _documents(path: Path, text: str) -> list[tuple[int, Any]]:
     """(1-based line, document) for every non-empty document of one YAML stream."""
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     out: list[tuple[int, Any]] = []
     try:
         while loader.check_node():
@@ -108,7 +128,29 @@ def _documents(path: Path, text: str) -> list[tuple[int, Any]]:
     return [(line, doc) for line, doc in out if doc is not None]
 
 
-def _parse_file(path: Path, into: dict[str, StoredResource], errors: list[ConfigError]) -> None:
+def _stamp(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _parse_file_cached(path: Path, cache: FileCache) -> _FileResult:
+    try:
+        stamp = _stamp(path)
+    except OSError as exc:
+        return _FileResult((0, 0, 0), 0.0, (), (ConfigError(f"{path}:1", f"unreadable: {exc}"),))
+    hit = cache.get(path)
+    if hit is not None and hit.stamp == stamp and hit.read_at > stamp[1] / 1e9 + RACY_WINDOW_S:
+        return hit
+    read_at = time.time()
+    resources: list[StoredResource] = []
+    errors: list[ConfigError] = []
+    _parse_file(path, resources, errors)
+    result = _FileResult(stamp, read_at, tuple(resources), tuple(errors))
+    cache[path] = result
+    return result
+
+
+def _parse_file(path: Path, into: list[StoredResource], errors: list[ConfigError]) -> None:
     try:
         text = path.read_text(encoding="utf-8")
         docs = _documents(path, text)
@@ -130,11 +172,7 @@ def _parse_file(path: Path, into: dict[str, StoredResource], errors: list[Config
             errors.append(ConfigError(where, f"value not representable as JSON: {exc}"))
             continue
         key = key_of(obj)
-        previous = into.get(str(key))
-        if previous is not None:
-            errors.append(ConfigError(where, f"duplicate {key} (first defined at {previous.where})"))
-            continue
-        into[str(key)] = StoredResource(key, obj, data, content_hash(data), where)
+        into.append(StoredResource(key, obj, data, content_hash(data), where))
 
 
 def _config_files(config_dir: Path) -> list[Path]:
@@ -148,15 +186,31 @@ def _hidden(path: Path) -> bool:
     return any(part.startswith(".") for part in path.parts[-1:])
 
 
-def read_config(config_dir: Path) -> dict[str, StoredResource]:
-    """Parse every YAML file under `config_dir`; raises ConfigLoadError listing every problem found."""
+def read_config(config_dir: Path, cache: FileCache | None = None) -> dict[str, StoredResource]:
+    """Parse every YAML file under `config_dir`; raises ConfigLoadError listing every problem found.
+
+    With a `cache`, files whose stamp did not change are not parsed again (a 1,000-workload tree reloads
+    in the time of the one file that changed)."""
     load_kinds()
+    cache = {} if cache is None else cache
     resources: dict[str, StoredResource] = {}
     errors: list[ConfigError] = []
     if not config_dir.is_dir():
         raise ConfigLoadError([ConfigError(str(config_dir), "config directory does not exist")])
-    for path in _config_files(config_dir):
-        _parse_file(path, resources, errors)
+    files = _config_files(config_dir)
+    for gone in set(cache) - set(files):
+        del cache[gone]
+    for path in files:
+        result = _parse_file_cached(path, cache)
+        errors.extend(result.errors)
+        for res in result.resources:
+            previous = resources.get(str(res.key))
+            if previous is not None:
+                errors.append(
+                    ConfigError(res.where, f"duplicate {res.key} (first defined at {previous.where})")
+                )
+                continue
+            resources[str(res.key)] = res
     if errors:
         raise ConfigLoadError(errors)
     return resources
@@ -194,6 +248,7 @@ class ConfigStore:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._signature: tuple[tuple[str, int, int], ...] | None = None
+        self._files: FileCache = {}
         self._counters = {"loads": 0, "rejected_loads": 0, "versions": 0}
         self._persisted = self._read_persisted()
 
@@ -240,7 +295,7 @@ class ConfigStore:
         """Read the directory now. Returns the errors (empty: accepted); on errors the old config stays."""
         self._signature = self._scan()
         try:
-            resources = read_config(self.config_dir)
+            resources = read_config(self.config_dir, self._files)
         except ConfigLoadError as exc:
             with self._lock:
                 self._errors = exc.errors
