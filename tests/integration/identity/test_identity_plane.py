@@ -331,8 +331,8 @@ def test_root_rotation_keeps_live_connections(plane: Plane) -> None:
         after = _connect(server.port, new_client, client_side.trust_bundle_pem())
         assert _roundtrip(after) == PAY
         stale = _connect(server.port, old_client, client_side.trust_bundle_pem())
-        with pytest.raises((ssl.SSLError, ConnectionError, AssertionError)):
-            assert _roundtrip(stale) == PAY  # a certificate from the dropped root is refused
+        with pytest.raises((ssl.SSLError, ConnectionResetError)):  # the alert, or a reset racing it
+            _roundtrip(stale)  # a certificate from the dropped root is refused
         for conn in (live, fresh, after, stale):
             conn.close()
     finally:
