@@ -195,8 +195,21 @@ class PolicyEngine:
 
     def update(self, snapshot: Snapshot) -> None:
         """Compile and swap in the snapshot's policies; on PolicyError the previous set stays in force."""
+        previous = self._config
         try:
-            config = compile_config(snapshot, self.trust_domain)
+            if tuple(snapshot.policies) == previous.sources:
+                # Only workloads changed (an on-demand lookup): keep the compiled policies, drop the memos.
+                config = CompiledConfig(
+                    snapshot.version,
+                    previous.mesh,
+                    previous.authz,
+                    previous.rego,
+                    previous.peerauth,
+                    snapshot.workloads,
+                    previous.sources,
+                )
+            else:
+                config = compile_config(snapshot, self.trust_domain)
         except PolicyError as exc:
             self._count("updates_rejected")
             log.warning("policy update to version %s rejected: %s", snapshot.version, exc)

@@ -245,3 +245,17 @@ def test_mtls_mode_follows_updates() -> None:
     assert engine.mtls_mode("shop/web", 80) == "PERMISSIVE"
     engine.update(snapshot([pa(mode="STRICT")]))
     assert engine.mtls_mode("shop/web", 80) == "STRICT"
+
+
+def test_workload_only_update_reuses_compiled_policies_and_drops_memos() -> None:
+    docs = [rego(REGO_PORTS), ap(action="DENY", rules=[src(namespaces=["back"])])]
+    engine = engine_with(docs)
+    assert engine.authorize(conn()).allow
+    before = engine._config
+    snap = snapshot(docs, version=2)
+    extra = snapshot(docs).workloads["shop/web"]
+    engine.update(snap.with_workloads([extra]))
+    after = engine._config
+    assert after.version == 2 and after.rego is before.rego and after.authz is before.authz
+    assert after.rego_cache == {} and after.sets == {}
+    assert engine.authorize(conn()).allow
