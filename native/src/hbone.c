@@ -37,6 +37,7 @@ typedef struct hstream {
     int is_connect;
     int status;                   /* client: response :status; server: status we answered */
     int opened;                   /* client: 2xx received; server: accepted */
+    int rejected;                 /* server: RST_STREAM(NO_ERROR) follows the response once it is sent */
     char *authority;
     uint64_t bytes_in, bytes_out;
 } hstream;
@@ -129,9 +130,9 @@ static void stream_emit_end(hstream *s, const char *detail)
     ev.bytes_out = s->bytes_out;
     copy_str(ev.authority, sizeof(ev.authority), s->authority);
     copy_str(ev.detail, sizeof(ev.detail), detail);
-    event_emit(c->l->engine, &ev);
     if (refused)
         ctr_add(c->l->engine, AMBIT_C_STREAMS_REFUSED, 1);
+    event_emit(c->l->engine, &ev); /* counters first: Python may read them as soon as it sees the event */
 }
 
 static void stream_finish(hstream *s, const char *detail)
@@ -345,8 +346,8 @@ static void server_request(hconn *c, hstream *s)
         nghttp2_nv nv = {(uint8_t *)":status", (uint8_t *)(c->closing ? "503" : "405"), 7, 3,
                          NGHTTP2_NV_FLAG_NONE};
         s->status = c->closing ? 503 : 405;
+        s->rejected = 1;
         nghttp2_submit_response(c->h2, s->h2id, &nv, 1, NULL);
-        nghttp2_submit_rst_stream(c->h2, NGHTTP2_FLAG_NONE, s->h2id, NGHTTP2_NO_ERROR);
         return;
     }
     ambit_event ev;
@@ -434,11 +435,17 @@ static int on_stream_close(nghttp2_session *session, int32_t stream_id, uint32_t
 
 static int on_frame_send(nghttp2_session *session, const nghttp2_frame *frame, void *user_data)
 {
-    (void)session;
     hconn *c = user_data;
     if (frame->hd.type == NGHTTP2_GOAWAY && frame->goaway.error_code != NGHTTP2_NO_ERROR)
         conn_fail(c, AMBIT_C_ERRORS_PROTOCOL, "protocol error, sent GOAWAY: %s",
                   nghttp2_http2_strerror(frame->goaway.error_code));
+    if (frame->hd.type == NGHTTP2_HEADERS && c->server) {
+        hstream *s = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
+        /* A refusal: the client may still be sending; NO_ERROR asks it to stop without error (RFC 9113
+         * 8.1). Sent only after the response, since nghttp2 would otherwise drop the queued HEADERS. */
+        if (s && s->rejected && !s->h2_closed)
+            nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, s->h2id, NGHTTP2_NO_ERROR);
+    }
     return 0;
 }
 
@@ -661,8 +668,8 @@ static void conn_end(hconn *c)
         event_init(&ev, AMBIT_EV_CONN_ERROR, c->id, 0, c->tag);
         copy_str(ev.peer_id, sizeof(ev.peer_id), c->peer_id);
         copy_str(ev.detail, sizeof(ev.detail), c->error);
-        event_emit(e, &ev);
         ctr_add(e, c->err_counter, 1);
+        event_emit(e, &ev);
     }
     /* Streams still alive lose their tunnel: their sockets are reset, as a peer RST would. */
     if (c->streams) {
@@ -698,9 +705,9 @@ static void conn_end(hconn *c)
     copy_str(ev.detail, sizeof(ev.detail), c->ending == END_ERROR ? c->error : "");
     ev.bytes_in = c->bytes_in;
     ev.bytes_out = c->bytes_out;
-    event_emit(e, &ev);
     ctr_add(e, AMBIT_C_CONNS_CLOSED, 1);
     ctr_add(e, AMBIT_C_CONNS_ACTIVE, -1);
+    event_emit(e, &ev);
     amap_del(&l->conns, c->id);
     abuf_free(&c->wbuf);
     free(c->expected_peer);
@@ -784,6 +791,7 @@ fail:
         free(c);
     }
     ERR_clear_error();
+    ctr_add(e, AMBIT_C_ERRORS_COMMAND, 1);
     ambit_event ev;
     event_init(&ev, AMBIT_EV_CONN_ERROR, cmd->id, 0, cmd->tag);
     copy_str(ev.detail, sizeof(ev.detail), why);
@@ -791,7 +799,6 @@ fail:
     event_init(&ev, AMBIT_EV_CONN_CLOSED, cmd->id, 0, cmd->tag);
     copy_str(ev.detail, sizeof(ev.detail), why);
     event_emit(e, &ev);
-    ctr_add(e, AMBIT_C_ERRORS_COMMAND, 1);
 }
 
 static void refuse_unknown(ambit_loop *l, acmd *cmd, const char *why)
@@ -800,8 +807,8 @@ static void refuse_unknown(ambit_loop *l, acmd *cmd, const char *why)
     event_init(&ev, AMBIT_EV_STREAM_REFUSED, cmd->id, cmd->id2, cmd->tag);
     copy_str(ev.authority, sizeof(ev.authority), cmd->text);
     copy_str(ev.detail, sizeof(ev.detail), why);
-    event_emit(l->engine, &ev);
     ctr_add(l->engine, AMBIT_C_STREAMS_REFUSED, 1);
+    event_emit(l->engine, &ev);
 }
 
 void hconn_open_stream(ambit_loop *l, acmd *cmd)
@@ -885,9 +892,8 @@ void hconn_reject(ambit_loop *l, acmd *cmd)
     snprintf(status, sizeof(status), "%03d", cmd->status);
     nghttp2_nv nv = {(uint8_t *)":status", (uint8_t *)status, 7, 3, NGHTTP2_NV_FLAG_NONE};
     s->status = cmd->status;
+    s->rejected = 1;
     nghttp2_submit_response(c->h2, s->h2id, &nv, 1, NULL);
-    /* The client may still be sending; NO_ERROR tells it to stop without error (RFC 9113 8.1). */
-    nghttp2_submit_rst_stream(c->h2, NGHTTP2_FLAG_NONE, s->h2id, NGHTTP2_NO_ERROR);
     mark_dirty(c);
 }
 

@@ -415,9 +415,9 @@ static int64_t post_conn(ambit_engine *e, int kind, int fd, int64_t ctx, const c
         return -1;
     }
     c->tag = tag;
-    c->id = engine_new_id(e);
-    loop_post(loop_of(e, c->id), c);
-    return (int64_t)c->id;
+    uint64_t id = c->id = engine_new_id(e);
+    loop_post(loop_of(e, id), c); /* the loop may run and free the command at once */
+    return (int64_t)id;
 }
 
 int64_t ambit_connect_hbone(ambit_engine *e, int fd, int64_t ctx, const char *expected_peer, uint64_t tag,
@@ -443,10 +443,10 @@ int64_t ambit_open_stream(ambit_engine *e, uint64_t conn_id, const char *authori
         return -1;
     }
     c->id = conn_id;
-    c->id2 = engine_new_id(e);
+    uint64_t id = c->id2 = engine_new_id(e);
     c->tag = tag;
     loop_post(loop_of(e, conn_id), c);
-    return (int64_t)c->id2;
+    return (int64_t)id;
 }
 
 static int post_stream_cmd(ambit_engine *e, int kind, uint64_t conn_id, uint64_t stream_id, int fd, int status,
@@ -489,10 +489,10 @@ int64_t ambit_splice(ambit_engine *e, int fd_a, int fd_b, uint64_t tag, char *er
     acmd *c = cmd_prepare(e, CMD_SPLICE, fd_a, fd_b, err, errlen);
     if (!c)
         return -1;
-    c->id = engine_new_id(e);
+    uint64_t id = c->id = engine_new_id(e);
     c->tag = tag;
-    loop_post(loop_of(e, c->id), c);
-    return (int64_t)c->id;
+    loop_post(loop_of(e, id), c);
+    return (int64_t)id;
 }
 
 int ambit_close(ambit_engine *e, uint64_t conn_id, char *err, size_t errlen)

@@ -17,6 +17,7 @@ from mgmt.ca import CertificateAuthority
 from native.engine import Engine, Event
 
 TD = "cluster.local"
+CLIENT_ID = SpiffeId.workload(TD, "default", "client")
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,7 @@ class Pki:
 
 def make_pki() -> Pki:
     ca = CertificateAuthority.generate_root(TD)
-    return Pki(
-        ca,
-        ca.bundle_pem(),
-        issue(ca, SpiffeId.workload(TD, "default", "client")),
-        issue(ca, SpiffeId.node(TD, "node-2")),
-    )
+    return Pki(ca, ca.bundle_pem(), issue(ca, CLIENT_ID), issue(ca, SpiffeId.node(TD, "node-2")))
 
 
 class Events:
@@ -95,3 +91,44 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
         a = socket.create_connection(lst.getsockname())
         b, _ = lst.accept()
     return a, b
+
+
+@dataclass
+class Tunnel:
+    """A client and a server HBONE connection of one engine, joined by loopback TCP."""
+
+    engine: Engine
+    events: Events
+    client_ctx: int
+    server_ctx: int
+    client: int = 0
+    server: int = 0
+
+    def open(self, authority: str = "10.244.2.2:8080") -> tuple[socket.socket, socket.socket, Event, Event]:
+        """Opens and accepts a stream; returns (app side, upstream side, stream_open, stream_request)."""
+        app, local = socket.socketpair()
+        self.engine.open_stream(self.client, authority, local.detach(), tag=11)
+        req = self.events.kind("stream_request", conn_id=self.server)
+        upstream, ours = socket.socketpair()
+        self.engine.accept_stream(self.server, req.stream_id, ours.detach(), tag=22)
+        opened = self.events.kind("stream_open", conn_id=self.client)
+        return app, upstream, opened, req
+
+
+def contexts(engine: Engine, pki: Pki) -> tuple[int, int]:
+    client = engine.tls_context(
+        server=False, chain_pem=pki.client.chain_pem, key_pem=pki.client.key_pem, bundle_pem=pki.bundle
+    )
+    server = engine.tls_context(
+        server=True, chain_pem=pki.server.chain_pem, key_pem=pki.server.key_pem, bundle_pem=pki.bundle
+    )
+    return client, server
+
+
+def tunnel(engine: Engine, events: Events, pki: Pki, expected_peer: str | None = None) -> Tunnel:
+    cctx, sctx = contexts(engine, pki)
+    t = Tunnel(engine, events, cctx, sctx)
+    a, b = tcp_pair()
+    t.client = engine.connect_hbone(a.detach(), cctx, expected_peer or pki.server.spiffe_id, tag=1)
+    t.server = engine.serve_hbone(b.detach(), sctx, tag=2)
+    return t
