@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -184,6 +184,7 @@ class PolicyEngine:
                 "audit_errors",
                 "updates",
                 "updates_rejected",
+                "revoked",
             ),
             0,
         )
@@ -256,6 +257,23 @@ class PolicyEngine:
             return not self._decide(self._config, attrs).allow
         except Exception:
             return True
+
+    def recheck(self, connections: Iterable[tuple[int, ConnectionAttrs]]) -> list[tuple[int, Decision]]:
+        """The live connections (id, attrs) the current policies deny, with the denying decision: after
+        update(), the proxy closes these (e.g. `proxy.close(conn_id, decision.reason)`)."""
+        config = self._config
+        out = []
+        for conn_id, attrs in connections:
+            try:
+                decision = self._decide(config, attrs)
+            except Exception as exc:
+                decision = Decision(False, "", f"policy engine error (fail closed): {exc}")
+            if not decision.allow:
+                out.append((conn_id, decision))
+        if out:
+            with self._lock:
+                self._counts["revoked"] += len(out)
+        return out
 
     def _decide(self, config: CompiledConfig, attrs: ConnectionAttrs) -> Decision:
         uid = attrs.destination_workload

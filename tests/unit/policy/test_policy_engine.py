@@ -82,6 +82,9 @@ def test_policy_change_denies_established_connections() -> None:
     engine.update(snapshot([ap(action="DENY", rules=[src(namespaces=["back"])])], version=2))
     assert [engine.denies(a) for a in live] == [False, True, False]
     assert engine.counters()["allow"] == 0  # denies() is not counted as a decision
+    revoked = engine.recheck(enumerate(live))
+    assert [(i, d.policy) for i, d in revoked] == [(1, "shop/p")]
+    assert engine.counters()["revoked"] == 1
 
 
 def test_audit_records() -> None:
