@@ -232,12 +232,7 @@ class PolicyEngine:
     def authorize(self, attrs: ConnectionAttrs) -> Decision:
         """The decision for one inbound connection. Never raises: an internal error denies."""
         config = self._config
-        try:
-            decision = self._decide(config, attrs)
-        except Exception as exc:  # fail closed, whatever went wrong
-            log.exception("policy evaluation failed for %s", attrs.destination_workload)
-            self._count("errors")
-            decision = Decision(False, "", f"policy engine error (fail closed): {exc}")
+        decision = self._decide_or_deny(config, attrs)
         with self._lock:
             counts = self._counts
             counts["allow" if decision.allow else "deny"] += 1
@@ -253,10 +248,7 @@ class PolicyEngine:
 
     def denies(self, attrs: ConnectionAttrs) -> bool:
         """Whether the current policies deny an (established) connection; not counted, not audited."""
-        try:
-            return not self._decide(self._config, attrs).allow
-        except Exception:
-            return True
+        return not self._decide_or_deny(self._config, attrs).allow
 
     def recheck(self, connections: Iterable[tuple[int, ConnectionAttrs]]) -> list[tuple[int, Decision]]:
         """The live connections (id, attrs) the current policies deny, with the denying decision: after
@@ -264,16 +256,21 @@ class PolicyEngine:
         config = self._config
         out = []
         for conn_id, attrs in connections:
-            try:
-                decision = self._decide(config, attrs)
-            except Exception as exc:
-                decision = Decision(False, "", f"policy engine error (fail closed): {exc}")
+            decision = self._decide_or_deny(config, attrs)
             if not decision.allow:
                 out.append((conn_id, decision))
         if out:
             with self._lock:
                 self._counts["revoked"] += len(out)
         return out
+
+    def _decide_or_deny(self, config: CompiledConfig, attrs: ConnectionAttrs) -> Decision:
+        try:
+            return self._decide(config, attrs)
+        except Exception as exc:  # fail closed, whatever went wrong
+            log.exception("policy evaluation failed for %s", attrs.destination_workload)
+            self._count("errors")
+            return Decision(False, "", f"policy engine error (fail closed): {exc}")
 
     def _decide(self, config: CompiledConfig, attrs: ConnectionAttrs) -> Decision:
         uid = attrs.destination_workload

@@ -3,6 +3,7 @@ audit records, counters, rows, re-checking established connections, and PeerAuth
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Any
 
@@ -148,6 +149,14 @@ def test_unusable_attributes_fail_closed() -> None:
     engine = engine_with([ap(rules=[src(ipBlocks=["10.0.0.0/8"])])])
     d = engine.authorize(conn(ip="not-an-ip"))
     assert not d.allow
+
+
+def test_internal_error_denies_and_never_raises() -> None:
+    engine = engine_with([])
+    broken = dataclasses.replace(conn(), source_principal="spiffe://not/parsed")  # type: ignore[arg-type]
+    d = engine.authorize(broken)
+    assert not d.allow and "fail closed" in d.reason
+    assert engine.denies(broken) and engine.counters()["errors"] == 2
 
 
 def test_concurrent_updates_and_decisions() -> None:
