@@ -28,7 +28,8 @@ log = logging.getLogger("ambit.mgmt.server")
 
 SERVER_NAME = MGMT_SERVER_NAME  # DNS SAN of the plane's serving certificate; clients verify this name
 NODE_TTL = dt.timedelta(hours=24)
-MAX_WORKERS = 64  # every node's subscription stream holds one worker thread
+MAX_WORKERS = 256  # every node's subscription stream holds one worker thread (sync gRPC)
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 def issue_key_and_chain(
@@ -70,7 +71,15 @@ class MgmtServer:
         self.relay = RelayService(store, trust_domain, audit)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="mgmt-grpc"),
-            options=[("grpc.so_reuseport", 0)],
+            options=[
+                ("grpc.so_reuseport", 0),  # a second plane on the same port must fail, not share it
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                # Nodes ping every 30 s to notice a dead plane; gRPC's default would GOAWAY them.
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 20_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.keepalive_time_ms", 60_000),  # and the plane notices dead nodes' streams
+                ("grpc.keepalive_timeout_ms", 20_000),
+            ],
         )
         relay_pb2_grpc.add_RelayServicer_to_server(self.relay, self._server)
         for add in extra_services:

@@ -33,6 +33,9 @@ BACKOFF_INITIAL = 0.2
 BACKOFF_MAX = 5.0
 LOOKUP_TIMEOUT = 2.0
 NEGATIVE_LOOKUP_TTL = 5.0  # an address the plane does not know is not asked again for this long
+KEEPALIVE_MS = 30_000  # the plane allows pings this often (mgmt/server.py)
+KEEPALIVE_TIMEOUT_MS = 10_000
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a first sync of a large view exceeds gRPC's 4 MiB default
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,14 @@ class RelayClient:
         self._credentials = credentials
         self._on_snapshot = on_snapshot
         self._validate = validate
-        self._options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        self._options: list[tuple[str, Any]] = [
+            # A silently dead plane (no RST, e.g. a partition) is noticed by keepalive, then we reconnect.
+            ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+        if server_name:
+            self._options.append(("grpc.ssl_target_name_override", server_name))
         self._backoff = (backoff_initial, backoff_max)
         self._apply_lock = threading.RLock()  # one update (stream or lookup) applied at a time, in order
         self._snapshot = MeshSnapshot(node=node)
