@@ -18,11 +18,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from agent import netns as nsx
-from agent.redirect import marks
+from agent.lab import control
+from agent.lab.plan import LabPlan, plan_lab
+from agent.redirect import marks, pins
 
 IP_TRANSPARENT = 19  # linux/in.h
 MODULE = "tests.integration.redirect.redirect_lab"
@@ -122,15 +125,20 @@ def capture(ifname: str, needles: list[str]) -> None:
     """Counts frames on `ifname` and which needles appear in them, until stdin closes."""
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
     sock.bind((ifname, 0))
+    sock.setblocking(False)
     seen = {n: 0 for n in needles}
     frames = 0
     _emit({"event": "ready"})
-    while True:
+    done = False
+    while not done:
         readable, _, _ = select.select([sock, sys.stdin], [], [], 1.0)
-        if sys.stdin in readable and not sys.stdin.readline():
-            break
-        if sock in readable:
-            frame = sock.recv(65536)
+        done = sys.stdin in readable and not sys.stdin.readline()
+        # Drain what is queued (also after stdin closed: frames that passed before the test stopped us).
+        while True:
+            try:
+                frame = sock.recv(65536)
+            except BlockingIOError:
+                break
             frames += 1
             for n in needles:
                 seen[n] += frame.count(n.encode())
@@ -181,7 +189,7 @@ class Role:
             return self.events.get(timeout=timeout)
         except queue.Empty:
             raise AssertionError(
-                f"{self.proc.args} in {self.netns}: no output (rc {self.proc.poll()})"
+                f"{self.proc.args!r} in {self.netns}: no output (rc {self.proc.poll()})"
             ) from None
 
     def wait_for(self, event: str, timeout: float = 20.0) -> dict[str, Any]:
@@ -205,6 +213,12 @@ class Role:
     def close_stdin(self) -> None:
         assert self.proc.stdin is not None
         self.proc.stdin.close()
+
+    def __enter__(self) -> Role:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -266,6 +280,18 @@ class Capture(Role):
     def result(self) -> dict[str, Any]:
         self.close_stdin()
         return self.wait_for("result")
+
+
+@contextlib.contextmanager
+def two_node_lab(prefix: str) -> Iterator[LabPlan]:
+    """Two nodes with two pods each; down (and the agents' pins gone) afterwards."""
+    plan = plan_lab(2, 2, prefix)
+    control.up(plan)
+    try:
+        yield plan
+    finally:
+        control.down(prefix)
+        pins.cleanup_pins(prefix)
 
 
 def greeting_of(netns: str, ip: str, port: int, timeout: float = 3.0) -> str:

@@ -1,17 +1,19 @@
-"""Outbound capture in a two-node lab: enrolled pods reach the agent's listener with their original
-destination; pods that are not enrolled bypass it; STRICT pods fail closed when the listener is absent."""
+"""Capture in a two-node lab: enrolled pods reach the agent's listener with their original destination,
+pods that are not enrolled bypass it, STRICT pods fail closed without a listener, replies to the agent's
+own (spoofed-source) connections come back to it, and plaintext sent to an enrolled pod goes to :15006."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
-from agent.lab import control
-from agent.lab.plan import LabPlan, plan_lab
+from agent.lab.plan import LabPlan
+from agent.netns import NetnsError
 from agent.redirect import marks, pins
-from tests.integration.redirect.redirect_lab import Agent, Listener, greeting_of
+from tests.integration.redirect.redirect_lab import Agent, Listener, greeting_of, two_node_lab
 
 pytestmark = pytest.mark.root
 
@@ -20,23 +22,29 @@ ECHO_PORT = 7007
 
 @pytest.fixture
 def lab(lab_prefix: str) -> Iterator[LabPlan]:
-    plan = plan_lab(2, 2, lab_prefix)
-    control.up(plan)
-    try:
+    with two_node_lab(lab_prefix) as plan:
         yield plan
-    finally:
-        control.down(lab_prefix)
-        pins.cleanup_pins(lab_prefix)
+
+
+def start_agent(roles: ExitStack, lab: LabPlan, node_name: str) -> Agent:
+    node = lab.node(node_name)
+    agent = roles.enter_context(Agent(node.netns, node.name, pins.lab_pin_dir(lab.prefix, node.name)))
+    agent.call("start")
+    return agent
+
+
+def pod_servers(roles: ExitStack, lab: LabPlan) -> None:
+    for pod in lab.pods():
+        roles.enter_context(Listener(pod.netns, ECHO_PORT, pod.name, transparent=False))
 
 
 def test_enrolled_pod_is_captured_with_original_destination(lab: LabPlan) -> None:
     node = lab.node("node-1")
     pod, other, remote = lab.pod("pod-1-1"), lab.pod("pod-1-2"), lab.pod("pod-2-1")
-    server = Listener(remote.netns, ECHO_PORT, remote.name, transparent=False)
-    proxy = Listener(node.netns, marks.OUTBOUND_PORT, "agent")
-    agent = Agent(node.netns, node.name, pins.lab_pin_dir(lab.prefix, node.name))
-    try:
-        agent.call("start")
+    with ExitStack() as roles:
+        pod_servers(roles, lab)
+        proxy = roles.enter_context(Listener(node.netns, marks.OUTBOUND_PORT, "agent"))
+        agent = start_agent(roles, lab, node.name)
         agent.call("enroll", pod.ip, "default/pod-1-1", False)
         assert greeting_of(pod.netns, remote.ip, ECHO_PORT) == "agent"
         accepted = proxy.accepts()
@@ -51,8 +59,77 @@ def test_enrolled_pod_is_captured_with_original_destination(lab: LabPlan) -> Non
         assert {"kind": "pod", "name": pod.ip, "value": "PERMISSIVE", "detail": "default/pod-1-1"} in rows
         attached = {r["name"]: r["value"] for r in rows if r["kind"] == "attachment"}
         assert attached == {"vp1": "pod_ingress", "vp2": "pod_ingress", "eth0": "uplink_ingress"}
+        assert [r["value"] for r in rows if r["kind"] == "routing"] == ["ok"]
+
         agent.call("stop")
         assert not Path(pins.lab_pin_dir(lab.prefix, node.name)).exists()
-    finally:
-        for role in (agent, proxy, server):
-            role.stop()
+        # Detached: the enrolled pod reaches the server directly again.
+        assert greeting_of(pod.netns, remote.ip, ECHO_PORT) == remote.name
+
+
+def test_strict_pod_fails_closed_without_listener(lab: LabPlan) -> None:
+    node = lab.node("node-1")
+    strict, permissive, remote = lab.pod("pod-1-1"), lab.pod("pod-1-2"), lab.pod("pod-2-1")
+    with ExitStack() as roles:
+        pod_servers(roles, lab)
+        agent = start_agent(roles, lab, node.name)
+        agent.call("enroll", strict.ip, "default/strict", True)
+        agent.call("enroll", permissive.ip, "default/permissive", False)
+        with pytest.raises(NetnsError, match="timed out"):
+            greeting_of(strict.netns, remote.ip, ECHO_PORT, timeout=1.5)
+        assert greeting_of(permissive.netns, remote.ip, ECHO_PORT) == remote.name
+        counters = agent.call("counters")
+        assert counters["outbound_strict_drop"] >= 1
+        assert counters["outbound_permissive_pass"] >= 1
+        # The listener appears: both are captured from now on.
+        roles.enter_context(Listener(node.netns, marks.OUTBOUND_PORT, "agent"))
+        assert greeting_of(strict.netns, remote.ip, ECHO_PORT) == "agent"
+        assert greeting_of(permissive.netns, remote.ip, ECHO_PORT) == "agent"
+
+
+def test_replies_to_spoofed_agent_connections_reach_the_agent(lab: LabPlan) -> None:
+    """A forwarding proxy connects as the client pod (IP_TRANSPARENT + bind(pod ip) + SO_MARK): the
+    destination's replies come back on a pod veth (same node) or on the uplink (other node)."""
+    node = lab.node("node-1")
+    pod, neighbour, remote = lab.pod("pod-1-1"), lab.pod("pod-1-2"), lab.pod("pod-2-1")
+    with ExitStack() as roles:
+        pod_servers(roles, lab)
+        proxy = roles.enter_context(Listener(node.netns, marks.OUTBOUND_PORT, "agent", mode="forward"))
+        agent = start_agent(roles, lab, node.name)
+        agent.call("enroll", pod.ip, "default/pod-1-1", False)
+        assert greeting_of(pod.netns, neighbour.ip, ECHO_PORT) == neighbour.name
+        assert greeting_of(pod.netns, remote.ip, ECHO_PORT) == remote.name
+        assert {tuple(a["orig_dst"]) for a in proxy.accepts()} == {
+            (neighbour.ip, ECHO_PORT),
+            (remote.ip, ECHO_PORT),
+        }
+        assert agent.call("counters")["socket_assigned"] > 0
+
+
+def test_plaintext_to_enrolled_pod_goes_to_inbound_listener(lab: LabPlan) -> None:
+    node = lab.node("node-2")
+    target, strict_target, client = lab.pod("pod-2-1"), lab.pod("pod-2-2"), lab.pod("pod-1-2")
+    with ExitStack() as roles:
+        pod_servers(roles, lab)
+        agent = start_agent(roles, lab, node.name)
+        agent.call("enroll", target.ip, "default/target", False)
+        agent.call("enroll", strict_target.ip, "default/strict-target", True)
+        # No inbound listener yet: PERMISSIVE passes in clear, STRICT drops.
+        assert greeting_of(client.netns, target.ip, ECHO_PORT) == target.name
+        with pytest.raises(NetnsError, match="timed out"):
+            greeting_of(client.netns, strict_target.ip, ECHO_PORT, timeout=1.5)
+        inbound = roles.enter_context(Listener(node.netns, marks.INBOUND_PLAINTEXT_PORT, "inbound"))
+        assert greeting_of(client.netns, target.ip, ECHO_PORT) == "inbound"
+        assert greeting_of(client.netns, strict_target.ip, ECHO_PORT) == "inbound"
+        # From a pod of the same node that is not enrolled, too.
+        agent.call("unenroll", strict_target.ip)
+        assert greeting_of(strict_target.netns, target.ip, ECHO_PORT) == "inbound"
+        assert [(a["peer"][0], tuple(a["orig_dst"])) for a in inbound.accepts()] == [
+            (client.ip, (target.ip, ECHO_PORT)),
+            (client.ip, (strict_target.ip, ECHO_PORT)),
+            (strict_target.ip, (target.ip, ECHO_PORT)),
+        ]
+        counters = agent.call("counters")
+        assert counters["inbound_captured"] == 3
+        assert counters["inbound_permissive_pass"] >= 1
+        assert counters["inbound_strict_drop"] >= 1

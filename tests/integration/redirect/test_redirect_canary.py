@@ -1,0 +1,54 @@
+"""Nothing an enrolled pod sends crosses the node-to-node link in clear: a canary payload sent by an
+enrolled pod never shows up in a raw capture on the node's uplink, while the same payload from a pod that
+is not enrolled does (the control, which proves the capture sees pod traffic)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack
+
+import pytest
+
+from agent.lab.plan import LabPlan
+from agent.redirect import marks, pins
+from tests.integration.redirect.redirect_lab import Agent, Capture, Client, Listener, two_node_lab
+
+pytestmark = pytest.mark.root
+
+ECHO_PORT = 7007
+
+
+@pytest.fixture
+def lab(lab_prefix: str) -> Iterator[LabPlan]:
+    with two_node_lab(lab_prefix) as plan:
+        yield plan
+
+
+def test_canary_of_enrolled_pods_never_on_the_wire(lab: LabPlan) -> None:
+    enrolled_src, enrolled_dst = lab.pod("pod-1-1"), lab.pod("pod-2-1")
+    plain_src, plain_dst = lab.pod("pod-1-2"), lab.pod("pod-2-2")
+    canary, control = f"CANARY-{uuid.uuid4().hex}", f"CONTROL-{uuid.uuid4().hex}"
+    with ExitStack() as roles:
+        for pod in lab.pods():
+            roles.enter_context(Listener(pod.netns, ECHO_PORT, pod.name, transparent=False))
+        for node, pod in (("node-1", enrolled_src), ("node-2", enrolled_dst)):
+            netns = lab.node(node).netns
+            # The proxy stand-in takes the connection and keeps its bytes: with the real proxy they
+            # would leave inside the mTLS tunnel instead.
+            roles.enter_context(Listener(netns, marks.OUTBOUND_PORT, "agent"))
+            agent = roles.enter_context(Agent(netns, node, pins.lab_pin_dir(lab.prefix, node)))
+            agent.call("start")
+            agent.call("enroll", pod.ip, f"default/{pod.name}", True)
+        capture = roles.enter_context(Capture(lab.node("node-1").netns, "eth0", [canary, control]))
+
+        mesh = roles.enter_context(Client(enrolled_src.netns, enrolled_dst.ip, ECHO_PORT))
+        assert mesh.greeting == "agent"
+        assert mesh.roundtrip(canary) == canary
+        clear = roles.enter_context(Client(plain_src.netns, plain_dst.ip, ECHO_PORT))
+        assert clear.greeting == plain_dst.name
+        assert clear.roundtrip(control) == control
+
+        result = capture.result()
+        assert result["seen"][control] >= 1, result
+        assert result["seen"][canary] == 0, result
