@@ -139,6 +139,12 @@ static void stream_finish(hstream *s, const char *detail)
 {
     hconn *c = s->conn;
     ambit_engine *e = c->l->engine;
+    if (s->on_ready)
+        for (hstream **pp = &c->l->ready; *pp; pp = &(*pp)->ready_next)
+            if (*pp == s) {
+                *pp = s->ready_next;
+                break;
+            }
     int reset = s->tcp_failed || s->local_reset || s->h2_error != NGHTTP2_NO_ERROR || !s->h2_closed;
     if (!detail)
         detail = s->local_reset  ? "reset by agent"
@@ -663,6 +669,12 @@ static void conn_end(hconn *c)
     ambit_loop *l = c->l;
     ambit_engine *e = l->engine;
     c->tearing_down = 1;
+    if (c->on_dirty) /* re-queued by its own flush (e.g. a GOAWAY sent while ending) */
+        for (hconn **pp = &l->dirty; *pp; pp = &(*pp)->dirty_next)
+            if (*pp == c) {
+                *pp = c->dirty_next;
+                break;
+            }
     if (c->ending == END_ERROR) {
         ambit_event ev;
         event_init(&ev, AMBIT_EV_CONN_ERROR, c->id, 0, c->tag);
