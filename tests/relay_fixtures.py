@@ -126,6 +126,16 @@ def start_plane(
     return Plane(store, server)
 
 
+def wait_until(pred: Callable[[], object], timeout: float) -> bool:
+    """Poll `pred` until it is truthy (True) or `timeout` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 class Recorder:
     """on_snapshot target: keeps every snapshot the client applied and lets a test wait for one."""
 

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from mgmt.ca import CertificateAuthority
-from tests.relay_fixtures import TD, relay_client, start_plane, write_mesh
+from tests.relay_fixtures import TD, relay_client, start_plane, wait_until, write_mesh
 
 SYNC_TIMEOUT = 15.0
 
 
-def _wait(pred, timeout: float = SYNC_TIMEOUT) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+def _wait(pred: Callable[[], object]) -> bool:
+    return wait_until(pred, SYNC_TIMEOUT)
 
 
 def test_restart_resumes_from_acked_version_with_a_delta(tmp_path: Path) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -13,22 +11,9 @@ from api import relay_pb2, relay_pb2_grpc
 from api.spiffe import SpiffeId
 from mgmt.ca import CertificateAuthority
 from mgmt.server import SERVER_NAME, issue_key_and_chain, node_channel_credentials
-from tests.relay_fixtures import TD, Plane, start_plane, write_mesh
+from tests.relay_fixtures import TD, Plane
 
 OPTIONS = [("grpc.ssl_target_name_override", SERVER_NAME)]
-
-
-@pytest.fixture(scope="module")
-def ca() -> CertificateAuthority:
-    return CertificateAuthority.generate_root(TD)
-
-
-@pytest.fixture
-def plane(tmp_path: Path, ca: CertificateAuthority) -> Iterator[Plane]:
-    write_mesh(tmp_path / "config")
-    p = start_plane(tmp_path / "config", tmp_path / "state", ca)
-    yield p
-    p.stop()
 
 
 def _stub(plane: Plane, creds: grpc.ChannelCredentials) -> tuple[grpc.Channel, relay_pb2_grpc.RelayStub]:

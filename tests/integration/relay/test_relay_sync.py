@@ -3,29 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from agent.state import MeshSnapshot
 from mgmt.ca import CertificateAuthority
-from tests.relay_fixtures import TD, Plane, relay_client, start_plane, workload_doc, write_docs, write_mesh
+from tests.relay_fixtures import TD, Plane, relay_client, wait_until, workload_doc, write_docs
 
 SYNC_TIMEOUT = 15.0  # generous: a shared 2-vCPU machine; only the 1 s propagation is asserted
-
-
-@pytest.fixture(scope="module")
-def ca() -> CertificateAuthority:
-    return CertificateAuthority.generate_root(TD)
-
-
-@pytest.fixture
-def plane(tmp_path: Path, ca: CertificateAuthority) -> Iterator[Plane]:
-    write_mesh(tmp_path / "config")
-    p = start_plane(tmp_path / "config", tmp_path / "state", ca)
-    yield p
-    p.stop()
 
 
 def _has(uid: str):
@@ -79,9 +63,7 @@ def test_nacked_update_leaves_agent_on_old_version(
         good = rec.wait_for(lambda s: s.version == plane.store.version, SYNC_TIMEOUT)
         assert good is not None
         write_docs(tmp_path / "config" / "broken.yaml", [workload_doc("broken-1", 1, "10.244.1.60")])
-        deadline = time.monotonic() + SYNC_TIMEOUT
-        while plane.server.relay.last_nack("node-1") is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: plane.server.relay.last_nack("node-1") is not None, SYNC_TIMEOUT)
         nack = plane.server.relay.last_nack("node-1")
         assert nack is not None
         assert nack.version == good.version + 1
@@ -104,9 +86,7 @@ def test_invalid_yaml_keeps_last_good_config_on_agents(
         assert good is not None
         bad = tmp_path / "config" / "node-1.yaml"
         bad.write_text(bad.read_text() + "---\nkind: [unclosed\n")
-        deadline = time.monotonic() + SYNC_TIMEOUT
-        while not plane.store.errors and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: plane.store.errors, SYNC_TIMEOUT)
         assert plane.store.errors and plane.store.errors[0].where.startswith(f"{bad}:")
         assert plane.store.version == good.version
         assert client.version == good.version and client.snapshot is good
