@@ -170,6 +170,7 @@ class PolicyEngine:
         self._audit = audit
         self._audit_all = audit_all  # False: only denials, AUDIT matches and dry-run differences
         self._config = compile_config(_EmptySnapshot(), trust_domain)
+        self._validated: tuple[Snapshot, CompiledConfig] | None = None
         self._lock = threading.Lock()
         self._counts: dict[str, int] = dict.fromkeys(
             (
@@ -191,14 +192,18 @@ class PolicyEngine:
 
     # -- configuration ------------------------------------------------------------------------------
     def validate(self, snapshot: Snapshot) -> None:
-        """Raise PolicyError if the snapshot's policies do not compile (the relay's `validate` hook)."""
-        compile_config(snapshot, self.trust_domain)
+        """Raise PolicyError if the snapshot's policies do not compile (the relay's `validate` hook).
+        The result is kept, so the update() of the same snapshot that follows does not compile twice."""
+        self._validated = (snapshot, compile_config(snapshot, self.trust_domain))
 
     def update(self, snapshot: Snapshot) -> None:
         """Compile and swap in the snapshot's policies; on PolicyError the previous set stays in force."""
         previous = self._config
         try:
-            if tuple(snapshot.policies) == previous.sources:
+            validated, self._validated = self._validated, None
+            if validated is not None and validated[0] is snapshot:
+                config = validated[1]
+            elif tuple(snapshot.policies) == previous.sources:
                 # Only workloads changed (an on-demand lookup): keep the compiled policies, drop the memos.
                 config = CompiledConfig(
                     snapshot.version,

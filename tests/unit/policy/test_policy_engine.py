@@ -43,8 +43,13 @@ def test_invalid_update_rejected_and_previous_set_stays(docs: list[dict[str, Any
 
 def test_validate_does_not_apply() -> None:
     engine = engine_with([])
-    engine.validate(snapshot([ap(action="DENY", rules=[{}])], version=2))
+    snap = snapshot([ap(action="DENY", rules=[{}])], version=2)
+    engine.validate(snap)
     assert engine.authorize(conn()).allow and engine.version == 1
+    validated = engine._validated
+    engine.update(snap)  # the relay's order: validate, then update with the same snapshot
+    assert validated is not None and engine._config is validated[1]
+    assert not engine.authorize(conn()).allow
 
 
 def test_rego_cache_hits_and_invalidation_on_update() -> None:
