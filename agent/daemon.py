@@ -1,15 +1,325 @@
-"""The `ambit agent` subcommand (being built: see the open issues)."""
+"""`ambit agent`: the node daemon. Wires the components; each one owns its own kernel objects and sockets.
+
+Start order follows the trust chain: node identity (join token) -> config pull (relay, mTLS with the node
+certificate) -> datapath (proxy listeners before BPF redirection, so a captured SYN always finds a listener).
+Stop order is the reverse. A config update is validated by the policy engine before it is applied (a
+policy that does not compile NACKs the whole update), then enrolment and live connections follow it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
 
-from agent.errors import UsageError
+from agent import enrolment
+from agent.settings import PLANE_SERVER_NAME, AgentSettings, add_arguments
+
+log = logging.getLogger("ambit.agent")
+COUNTER_REFRESH_S = 2.0
 
 
-def _not_built(_: argparse.Namespace) -> int:
-    raise UsageError("`ambit agent` is not built yet")
+class _Credentials:
+    """What the proxy needs for TLS: workload SVIDs, the node identity for HBONE serving, the bundle."""
+
+    def __init__(self, identity: Any, node_identity: Any) -> None:
+        self._identity = identity
+        self._node_identity = node_identity
+
+    def svid_for(self, spiffe_id: Any) -> Any:
+        return self._identity.svid_for(spiffe_id)
+
+    def trust_bundle_pem(self) -> bytes:
+        return bytes(self._identity.trust_bundle_pem())
+
+    def node_identity(self) -> Any:
+        return self._node_identity
+
+
+class _CountingAuthorizer:
+    """The policy engine as the proxy sees it, with every decision counted by action."""
+
+    def __init__(self, policy: Any, metrics: Any) -> None:
+        self._policy = policy
+        self._metrics = metrics
+
+    def authorize(self, attrs: Any) -> Any:
+        decision = self._policy.authorize(attrs)
+        self._metrics.count_decision("ALLOW" if decision.allow else "DENY")
+        if decision.audited:
+            self._metrics.count_decision("AUDIT")
+        return decision
+
+    def mtls_mode(self, workload: Any, port: int) -> str:
+        return str(self._policy.mtls_mode(workload, port))
+
+
+class Agent:
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        self._stopping = threading.Event()
+        self._ready = threading.Event()
+        self._enrolled: dict[str, enrolment.Enrolment] = {}
+        self._apply_lock = threading.Lock()
+        self._stack: list[tuple[str, Callable[[], None]]] = []  # what to undo, in reverse order
+        self.relay: Any = None
+        self.identity: Any = None
+        self.policy: Any = None
+        self.proxy: Any = None
+        self.redirector: Any = None
+        self.metrics: Any = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        from prometheus_client import CollectorRegistry
+
+        from agent.identity.bootstrap import join
+        from agent.identity.manager import IdentityManager
+        from agent.observe.accesslog import AccessLog
+        from agent.observe.audit import AuditLog
+        from agent.observe.fanout import FanOut
+        from agent.observe.metrics import Metrics
+        from agent.policy.engine import PolicyEngine
+        from agent.proxy.proxy import Proxy
+        from agent.relay.client import RelayClient
+
+        s = self.settings
+        bundle = s.trust_bundle.read_bytes()
+        token = s.join_token_file.read_text().strip()
+        log.info("joining as node %s via %s", s.node, s.bootstrap)
+        node_identity = join(s.bootstrap, token, s.node, bundle)
+        del token
+
+        self.metrics = Metrics(CollectorRegistry())
+        audit = AuditLog(s.audit_log) if s.audit_log else None
+        observers: list[Any] = [self.metrics]
+        if s.access_log:
+            access = AccessLog(s.access_log)
+            observers.append(access)
+            self._stack.append(("access log", access.close))
+        self._servers(audit)
+
+        self.identity = IdentityManager(s.mgmt, node_identity, s.trust_domain)
+        self.identity.start()
+        self._stack.append(("identity", self.identity.stop))
+
+        self.policy = PolicyEngine(
+            s.trust_domain, audit=(lambda rec: audit.record("decision", **rec)) if audit else None
+        )
+        self.relay = RelayClient(
+            s.mgmt,
+            s.node,
+            node_identity.credentials(bundle),
+            on_snapshot=self._apply,
+            validate=self._validate,
+            server_name=PLANE_SERVER_NAME,
+        )
+        self.proxy = Proxy(
+            s.node,
+            state=lambda: self.relay.snapshot,
+            credentials=_Credentials(self.identity, node_identity),
+            authorizer=_CountingAuthorizer(self.policy, self.metrics),
+            observer=FanOut(*observers),
+            listen_ip=s.listen_ip,
+        )
+        self.proxy.start()
+        self._stack.append(("proxy", self.proxy.stop))
+        if s.redirect:
+            from agent.redirect.redirector import Redirector
+
+            self.redirector = Redirector(s.node, s.pin_dir)
+            self.redirector.start()
+            self._stack.append(("redirect", lambda: self.redirector.stop(keep_datapath=s.keep_datapath)))
+        self.relay.start()
+        self._stack.append(("relay", self.relay.stop))
+        threading.Thread(target=self._refresh_loop, name="counters", daemon=True).start()
+
+    def _servers(self, audit: Any) -> None:
+        from agent.admin import AdminServer
+        from agent.observe.servers import MetricsServer, ReadinessServer
+
+        s = self.settings
+        admin = AdminServer(s.admin, self._providers())
+        metrics = MetricsServer(self.metrics.registry, s.metrics)
+        ready = ReadinessServer(s.readiness, self._ready.is_set)
+        for name, server in (("admin", admin), ("metrics", metrics), ("readiness", ready)):
+            server.start()
+            self._stack.append((name, server.stop))
+        if audit is not None:
+            self._stack.append(("audit", audit.close))
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._ready.clear()
+        while self._stack:
+            name, undo = self._stack.pop()
+            try:
+                undo()
+            except Exception:
+                log.exception("stopping %s failed", name)
+
+    def run_until_signal(self) -> int:
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        self.start()
+        log.info("agent for node %s running", self.settings.node)
+        stop.wait()
+        log.info("shutting down (keep datapath: %s)", self.settings.keep_datapath)
+        self.stop()
+        return 0
+
+    # -- config ----------------------------------------------------------------------------------------
+
+    def _validate(self, snapshot: Any) -> None:
+        """Compile the snapshot's policies; raising here makes the relay NACK and keep the old config."""
+        try:
+            self.policy.update(snapshot)
+        except Exception:
+            self.metrics.count_ack(False)
+            raise
+
+    def _apply(self, snapshot: Any) -> None:
+        """Make the datapath follow a snapshot that the policy engine has already accepted."""
+        with self._apply_lock:
+            if self.redirector is not None:
+                self._reconcile_enrolment(snapshot)
+            self._recheck_connections()
+            self.metrics.count_ack(True)
+            self.metrics.set_relay_version(snapshot.version)
+            for w in snapshot.local_workloads():
+                # Fetch certificates ahead of the first connection; failures retry inside the manager.
+                threading.Thread(target=self._prefetch_svid, args=(w,), daemon=True).start()
+            self._ready.set()
+            log.info("config version %d applied (%d workloads)", snapshot.version, len(snapshot.workloads))
+
+    def _reconcile_enrolment(self, snapshot: Any) -> None:
+        wanted = enrolment.desired(
+            snapshot.local_workloads(),
+            lambda w: w.enrolled(snapshot.namespace_of(w)),
+            lambda w: self.policy.mtls_mode(w, 0),
+        )
+        change = enrolment.diff(self._enrolled, wanted)
+        for ip in sorted(change.unenroll):
+            self.redirector.unenroll(ip)
+            self._enrolled.pop(ip, None)
+            log.info("unenrolled %s", ip)
+        for ip, entry in sorted(change.enroll.items()):
+            self.redirector.enroll(ip, entry.workload_uid, entry.strict)
+            self._enrolled[ip] = entry
+            log.info(
+                "enrolled %s (%s, %s)", ip, entry.workload_uid, "STRICT" if entry.strict else "PERMISSIVE"
+            )
+
+    def _recheck_connections(self) -> None:
+        """A policy change applies to live connections too: close the ones it now denies."""
+        for conn_id, attrs in self.proxy.inbound_connections():
+            decision = self.policy.authorize(attrs)
+            if not decision.allow:
+                self.proxy.close(conn_id, f"denied after policy change: {decision.reason}")
+
+    def _prefetch_svid(self, workload: Any) -> None:
+        try:
+            self.identity.svid_for(workload.spiffe_id(self.settings.trust_domain))
+        except Exception as exc:  # the proxy fetches again on first use; the manager counts failures
+            log.warning("certificate for %s not ready yet: %s", workload.uid, exc)
+
+    def _refresh_loop(self) -> None:
+        while not self._stopping.wait(COUNTER_REFRESH_S):
+            try:
+                if self.redirector is not None:
+                    self.metrics.set_bpf_counters(self.redirector.counters())
+                self.metrics.set_engine_counters(self.proxy.engine_counters())
+                for row in self.identity.rows():
+                    self.metrics.set_cert_expiry(row["identity"], row["not_after_ts"])
+            except Exception:
+                log.exception("refreshing counters failed")
+
+    # -- admin -----------------------------------------------------------------------------------------
+
+    def _providers(self) -> dict[str, Callable[[], Any]]:
+        return {
+            "workloads": self._workload_rows,
+            "services": self._service_rows,
+            "policies": lambda: self.policy.rows() if self.policy else [],
+            "certs": lambda: self.identity.rows() if self.identity else [],
+            "connections": lambda: self.proxy.rows() if self.proxy else [],
+            "bpf": lambda: self.redirector.rows() if self.redirector else [],
+            "config_dump": self._config_dump,
+        }
+
+    def _snapshot(self) -> Any:
+        return self.relay.snapshot if self.relay else None
+
+    def _workload_rows(self) -> list[dict[str, Any]]:
+        snap = self._snapshot()
+        if snap is None:
+            return []
+        local = {w.uid for w in snap.local_workloads()}
+        return [
+            {
+                "workload": w.uid,
+                "node": w.node,
+                "ips": ",".join(w.ips),
+                "identity": str(w.spiffe_id(self.settings.trust_domain)),
+                "local": w.uid in local,
+                "enrolled": any(e.workload_uid == w.uid for e in self._enrolled.values()),
+            }
+            for w in sorted(snap.workloads.values(), key=lambda w: w.uid)
+        ]
+
+    def _service_rows(self) -> list[dict[str, Any]]:
+        snap = self._snapshot()
+        if snap is None:
+            return []
+        return [
+            {
+                "service": svc.uid,
+                "addresses": ",".join(svc.addresses),
+                "ports": ",".join(f"{p.port}->{p.target_port}" for p in svc.ports),
+                "endpoints": sum(1 for w in snap.workloads.values() if svc.selects(w)),
+            }
+            for svc in sorted(snap.services.values(), key=lambda s: s.uid)
+        ]
+
+    def _config_dump(self) -> dict[str, Any]:
+        s = self.settings
+        snap = self._snapshot()
+        return {
+            "node": s.node,
+            "trust_domain": s.trust_domain,
+            "mgmt": s.mgmt,
+            "listen_ip": s.listen_ip,
+            "redirect": s.redirect,
+            "config_version": snap.version if snap else 0,
+            "workloads": self._workload_rows(),
+            "services": self._service_rows(),
+            "policies": self.policy.rows() if self.policy else [],
+            "certs": self.identity.rows() if self.identity else [],
+        }
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = AgentSettings.from_args(args)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return Agent(settings).run_until_signal()
 
 
 def add_agent_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    sub.add_parser("agent", help="run the node agent").set_defaults(func=_not_built)
+    p = sub.add_parser("agent", help="run the node agent")
+    add_arguments(p)
+    p.set_defaults(func=_run)
