@@ -12,11 +12,10 @@ import logging
 from concurrent import futures
 
 import grpc
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from api import ca_pb2, ca_pb2_grpc
 from api.spiffe import SpiffeId, SpiffeIdError
-from mgmt.ca import DEFAULT_LEAF_TTL, CertificateAuthority
+from mgmt.ca import DEFAULT_LEAF_TTL, CertificateAuthority, certs_pem
 from mgmt.identity_service import Audit, CsrError, Refusals, load_csr, plane_server_credentials
 from mgmt.join_tokens import JoinTokens, TokenError, fingerprint
 
@@ -60,7 +59,7 @@ class BootstrapService(ca_pb2_grpc.BootstrapServicer):
         self.refusals.audit("node_joined", **fields, serial=f"{chain[0].serial_number:x}")
         log.info("node %s joined (%s)", request.node, context.peer())
         return ca_pb2.JoinResponse(
-            chain_pem=b"".join(c.public_bytes(Encoding.PEM) for c in chain),
+            chain_pem=certs_pem(chain),
             trust_bundle_pem=self._ca.bundle_pem(),
             trust_domain=self._ca.trust_domain,
         )

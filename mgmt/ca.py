@@ -96,8 +96,14 @@ def _new_root(trust_domain: str, ttl: dt.timedelta) -> tuple[ec.EllipticCurvePri
     return key, _ca_cert(name, key.public_key(), name, key, trust_domain, ttl)
 
 
-def _pem(certs: list[x509.Certificate] | tuple[x509.Certificate, ...]) -> bytes:
+def certs_pem(certs: list[x509.Certificate] | tuple[x509.Certificate, ...]) -> bytes:
     return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def check_ca_material(
@@ -199,7 +205,7 @@ class CertificateAuthority:
             return out
 
     def bundle_pem(self) -> bytes:
-        return _pem(self.anchors())
+        return certs_pem(self.anchors())
 
     def issue(
         self,
@@ -291,7 +297,4 @@ def serving_cert(ca: CertificateAuthority, ttl: dt.timedelta = SERVING_TTL) -> t
     chain = ca.issue(
         SpiffeId.parse(f"spiffe://{ca.trust_domain}/mgmt"), key.public_key(), ttl, (MGMT_SERVER_NAME,)
     )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return _pem(chain), key_pem
+    return certs_pem(chain), private_key_pem(key)

@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from mgmt.ca import CAError, CertificateAuthority
+from mgmt.ca import CAError, CertificateAuthority, certs_pem, private_key_pem
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +72,6 @@ def write_file(path: Path, data: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def _cert_pem(certs: list[x509.Certificate] | tuple[x509.Certificate, ...]) -> bytes:
-    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
-
-
 def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
     check_private(path)
     try:
@@ -118,16 +108,16 @@ def save(state_dir: Path, ca: CertificateAuthority) -> None:
     """Persist a root CA's signer, pending and previous roots, and the public bundle."""
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     if ca.is_root:
-        write_file(state_dir / KEY_FILE, _key_pem(ca.key), 0o600)
-        write_file(state_dir / CERT_FILE, _cert_pem([ca.cert]), 0o644)
+        write_file(state_dir / KEY_FILE, private_key_pem(ca.key), 0o600)
+        write_file(state_dir / CERT_FILE, certs_pem([ca.cert]), 0o644)
         if ca.pending:
-            write_file(state_dir / PENDING_KEY_FILE, _key_pem(ca.pending[0]), 0o600)
-            write_file(state_dir / PENDING_CERT_FILE, _cert_pem([ca.pending[1]]), 0o644)
+            write_file(state_dir / PENDING_KEY_FILE, private_key_pem(ca.pending[0]), 0o600)
+            write_file(state_dir / PENDING_CERT_FILE, certs_pem([ca.pending[1]]), 0o644)
         else:
             for name in (PENDING_KEY_FILE, PENDING_CERT_FILE):
                 (state_dir / name).unlink(missing_ok=True)
         if ca.previous:
-            write_file(state_dir / PREVIOUS_FILE, _cert_pem(ca.previous), 0o644)
+            write_file(state_dir / PREVIOUS_FILE, certs_pem(ca.previous), 0o644)
         else:
             (state_dir / PREVIOUS_FILE).unlink(missing_ok=True)
     write_file(state_dir / BUNDLE_FILE, ca.bundle_pem(), 0o644)

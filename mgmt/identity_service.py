@@ -15,12 +15,11 @@ from typing import Any, NoReturn, Protocol
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from api import ca_pb2, ca_pb2_grpc
 from api.spiffe import SpiffeId, SpiffeIdError, spiffe_id_of
-from mgmt.ca import DEFAULT_LEAF_TTL, CertificateAuthority, serving_cert
+from mgmt.ca import DEFAULT_LEAF_TTL, CertificateAuthority, certs_pem, serving_cert
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +156,6 @@ def plane_server_credentials(
     return ServingTls(ca, require_client_auth).credentials()
 
 
-def _public_pem(certs: list[x509.Certificate]) -> bytes:
-    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
-
-
 class IdentityService(ca_pb2_grpc.IdentityServicer):
     def __init__(
         self,
@@ -228,7 +223,7 @@ class IdentityService(ca_pb2_grpc.IdentityServicer):
             not_after=leaf.not_valid_after_utc.isoformat(),
         )
         log.info("signed %s for node %s (serial %x)", wanted, node, leaf.serial_number)
-        return ca_pb2.SignResponse(chain_pem=_public_pem(chain), trust_bundle_pem=self._ca.bundle_pem())
+        return ca_pb2.SignResponse(chain_pem=certs_pem(chain), trust_bundle_pem=self._ca.bundle_pem())
 
     def TrustBundle(  # noqa: N802
         self, request: ca_pb2.TrustBundleRequest, context: grpc.ServicerContext
