@@ -414,7 +414,6 @@ class PolicyEngine:
     def _emit(self, config: CompiledConfig, attrs: ConnectionAttrs, decision: Decision) -> None:
         assert self._audit is not None
         record = {
-            "event": "authorization",
             "decision": "allow" if decision.allow else "deny",
             "policy": decision.policy,
             "reason": decision.reason,
