@@ -85,8 +85,8 @@ class Proxy:
             "stream_refused": self._on_stream_refused,
             "stream_closed": self._on_stream_closed,
             "splice_closed": self._on_stream_closed,
-            "conn_error": self._on_conn_gone,
-            "conn_closed": self._on_conn_gone,
+            "conn_error": self._on_conn_error,
+            "conn_closed": self._on_conn_closed,
         }
         self._started = False
 
@@ -229,7 +229,8 @@ class Proxy:
             return
         self._release(entry)
         flags = "DENY" if ev.status == STATUS_FORBIDDEN else "UF"
-        self._rt.table.finish(ev.tag, response_flags=flags, error=f"peer refused the stream: {ev.status}")
+        why = f"stream refused ({ev.status or 'no status'}): {ev.detail}"
+        self._rt.table.finish(ev.tag, response_flags=flags, error=why)
 
     def _on_stream_closed(self, ev: Event) -> None:
         entry = self._rt.table.get(ev.tag)
@@ -239,20 +240,23 @@ class Proxy:
         sent, received = _bytes_towards_destination(entry, ev)
         self._rt.table.finish(ev.tag, sent, received, error=ev.detail)
 
-    def _on_conn_gone(self, ev: Event) -> None:
+    def _on_conn_error(self, ev: Event) -> None:
+        """The engine ends the connection's streams next (then conn_closed): make their records say why."""
         rt = self._rt
-        if ev.kind == "conn_error":
-            rt.counters["hbone_connection_errors"] += 1
-            log.info("HBONE connection %d failed: %s", ev.conn_id, ev.detail)
-        if rt.pool.remove(ev.conn_id) is not None:
-            path = Path.HBONE_CLIENT
-        elif self._inbound.on_conn_gone(ev.conn_id):
-            path = Path.HBONE_SERVER
-        else:
-            return
-        flags = "UF" if ev.kind == "conn_error" else None
-        for entry in rt.table.on_engine_conn(ev.conn_id, path):
-            rt.table.finish(entry.tag, response_flags=flags, error=ev.detail or "HBONE connection closed")
+        rt.counters["hbone_connection_errors"] += 1
+        log.info("HBONE connection %d (peer %s) failed: %s", ev.conn_id, ev.peer_id or "?", ev.detail)
+        client = rt.pool.remove(ev.conn_id) is not None  # no new streams on it
+        for entry in rt.table.on_engine_conn(ev.conn_id, Path.HBONE_CLIENT if client else Path.HBONE_SERVER):
+            if entry.response_flags == "-":
+                rt.table.mark(entry, "UF", f"HBONE connection failed: {ev.detail}")
+
+    def _on_conn_closed(self, ev: Event) -> None:
+        rt = self._rt
+        rt.pool.remove(ev.conn_id)
+        self._inbound.on_conn_gone(ev.conn_id)
+        for path in (Path.HBONE_CLIENT, Path.HBONE_SERVER):  # normally none left: streams end first
+            for entry in rt.table.on_engine_conn(ev.conn_id, path):
+                rt.table.finish(entry.tag, error=ev.detail or "HBONE connection closed")
 
     def _release(self, entry: Entry) -> None:
         if entry.path is Path.HBONE_CLIENT:
@@ -267,11 +271,12 @@ class Proxy:
 
 
 def _bytes_towards_destination(entry: Entry, ev: Event) -> tuple[int, int]:
-    """(sent to the destination, received from it) from the engine's per-fd counts.
+    """(sent to the destination, received from it) from the engine's counts.
 
-    The engine counts bytes_in as read from the local fd it was given (the client on the outbound side,
-    the pod on the inbound side) and bytes_out as written to it.
+    Streams count DATA received from (bytes_in) and sent to (bytes_out) the HBONE peer, which is the
+    destination's side for our client streams and the source's side for streams we serve. Splices count
+    what was read from fd_a (bytes_in) and written to it (bytes_out); fd_a is always the client.
     """
-    if entry.path is Path.HBONE_SERVER:
+    if entry.path is Path.HBONE_CLIENT:
         return ev.bytes_out, ev.bytes_in
     return ev.bytes_in, ev.bytes_out

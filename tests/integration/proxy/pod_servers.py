@@ -1,0 +1,101 @@
+"""Test servers run inside a lab pod (python pod_servers.py): echo, hashing sink, reset, whoami, count sink.
+
+Plain blocking sockets, one thread per connection: the servers must be obviously correct, not fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import socket
+import struct
+import threading
+from collections.abc import Callable
+
+ECHO, SHA_SINK, RESET, WHOAMI, COUNT_SINK = 8080, 8081, 8082, 8083, 8084
+BUF = 1 << 20
+
+
+def _echo(conn: socket.socket) -> None:
+    buf = bytearray(65536)
+    while n := conn.recv_into(buf):
+        conn.sendall(memoryview(buf)[:n])
+
+
+def _drain(conn: socket.socket, digest: hashlib._Hash | None) -> int:
+    buf = bytearray(BUF)
+    view = memoryview(buf)
+    total = 0
+    while n := conn.recv_into(buf):
+        total += n
+        if digest is not None:
+            digest.update(view[:n])
+    return total
+
+
+def _sha_sink(conn: socket.socket) -> None:
+    """Reads to EOF (the client half-closed), then answers over the still-open other half."""
+    digest = hashlib.sha256()
+    total = _drain(conn, digest)
+    conn.sendall(f"{total} {digest.hexdigest()}\n".encode())
+
+
+def _count_sink(conn: socket.socket) -> None:
+    conn.sendall(f"{_drain(conn, None)}\n".encode())
+
+
+def _reset(conn: socket.socket) -> None:
+    conn.settimeout(5)
+    with contextlib.suppress(TimeoutError):
+        conn.recv(1)
+    # SO_LINGER with a zero timeout turns close() into an RST.
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def _whoami(conn: socket.socket) -> None:
+    ip, port = conn.getpeername()[:2]
+    conn.sendall(f"{ip} {port}\n".encode())
+
+
+HANDLERS: dict[int, Callable[[socket.socket], None]] = {
+    ECHO: _echo,
+    SHA_SINK: _sha_sink,
+    RESET: _reset,
+    WHOAMI: _whoami,
+    COUNT_SINK: _count_sink,
+}
+
+
+def _serve_one(conn: socket.socket, handler: Callable[[socket.socket], None]) -> None:
+    try:
+        handler(conn)
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+def _accept_loop(lst: socket.socket, handler: Callable[[socket.socket], None]) -> None:
+    while True:
+        conn, _ = lst.accept()
+        threading.Thread(target=_serve_one, args=(conn, handler), daemon=True).start()
+
+
+def main() -> None:
+    threading.stack_size(256 * 1024)
+    threads = []
+    for port, handler in HANDLERS.items():
+        lst = socket.socket()
+        lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lst.bind(("0.0.0.0", port))
+        lst.listen(4096)
+        t = threading.Thread(target=_accept_loop, args=(lst, handler), daemon=True)
+        t.start()
+        threads.append(t)
+    print("ready", flush=True)
+    for t in threads:
+        t.join()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Runs one node's Proxy inside its lab netns from a JSON config (python -m ...proxy_driver CONFIG).
+
+Static mesh view, certificates issued by the test, an authorizer with an explicit deny list, and an
+observer that appends every connection record to a JSON-lines file; status (counters, rows, pool) is
+rewritten every 0.2 s so tests can read it. Stops on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from agent.connections import ConnectionClose, ConnectionRecord
+from agent.policy.decision import ConnectionAttrs, Decision
+from agent.proxy.proxy import Proxy
+from agent.state import MeshSnapshot
+from api.resources import Meta
+from api.resources.workload import DATAPLANE_LABEL, Namespace, Node, Workload
+from api.spiffe import SpiffeId
+
+
+@dataclasses.dataclass(frozen=True)
+class Pem:
+    chain_pem: bytes
+    key_pem: bytes
+
+
+class StaticCredentials:
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self._bundle = cfg["bundle_pem"].encode()
+        self._node = Pem(cfg["node_chain_pem"].encode(), cfg["node_key_pem"].encode())
+        self._svids = {k: Pem(v[0].encode(), v[1].encode()) for k, v in cfg["svids"].items()}
+
+    def svid_for(self, spiffe_id: SpiffeId) -> Pem:
+        return self._svids[str(spiffe_id)]
+
+    def trust_bundle_pem(self) -> bytes:
+        return self._bundle
+
+    def node_identity(self) -> Pem:
+        return self._node
+
+
+class ListAuthorizer:
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self._deny = {tuple(d) for d in cfg.get("deny", [])}
+        self._strict = set(cfg.get("strict", []))
+
+    def authorize(self, attrs: ConnectionAttrs) -> Decision:
+        src = str(attrs.source_principal) if attrs.source_principal else ""
+        if (src, attrs.destination_workload) in self._deny:
+            return Decision(False, "app/deny-list", "denied by test list")
+        return Decision(True, "", "allow all")
+
+    def mtls_mode(self, workload: Workload, port: int) -> str:
+        return "STRICT" if workload.uid in self._strict else "PERMISSIVE"
+
+
+class FileObserver:
+    def __init__(self, path: Path) -> None:
+        self._out = open(path, "a", buffering=1)  # noqa: SIM115 (lives as long as the process)
+        self._lock = threading.Lock()
+
+    def _write(self, event: str, record: ConnectionRecord, **extra: Any) -> None:
+        doc = {"event": event, **dataclasses.asdict(record), **extra}
+        doc["direction"] = record.direction.value
+        with self._lock:
+            self._out.write(json.dumps(doc) + "\n")
+
+    def opened(self, record: ConnectionRecord) -> None:
+        self._write("opened", record)
+
+    def closed(self, close: ConnectionClose) -> None:
+        self._write(
+            "closed", close.record, bytes_sent=close.bytes_sent, bytes_received=close.bytes_received,
+            response_flags=close.response_flags, error=close.error,
+        )  # fmt: skip
+
+
+def snapshot(cfg: dict[str, Any]) -> MeshSnapshot:
+    ns = Namespace(Meta(name="app", labels={DATAPLANE_LABEL: "ambient"}))
+    workloads = [
+        Workload(Meta(name=w["name"], namespace="app"), w["sa"], w["node"], (w["ip"],), ())
+        for w in cfg["workloads"]
+    ]
+    nodes = [Node(Meta(name=n), (ip,)) for n, ip in cfg["nodes"].items()]
+    return MeshSnapshot.from_objects(1, cfg["trust_domain"], cfg["node"], [ns, *workloads, *nodes])
+
+
+def main(config_path: str) -> int:
+    cfg = json.loads(Path(config_path).read_text())
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    snap = snapshot(cfg)
+    proxy = Proxy(
+        cfg["node"],
+        lambda: snap,
+        StaticCredentials(cfg),
+        ListAuthorizer(cfg),
+        FileObserver(Path(cfg["events"])),
+        cfg["listen_ip"],
+        max_streams=cfg.get("max_streams", 100),
+        preserve_source_ip=cfg.get("preserve_source_ip", True),
+        engine_threads=cfg.get("engine_threads", 1),
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    proxy.start()
+    status = Path(cfg["status"])
+    while not stop.wait(0.2):
+        doc = {
+            "counters": proxy.counters(),
+            "engine": proxy.engine_counters(),
+            "rows": proxy.rows(),
+            "pool": proxy.pool_rows(),
+        }
+        tmp = status.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, default=str))
+        os.replace(tmp, status)
+    proxy.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,304 @@
+"""A netns lab with one proxy per node, test servers in every pod and a capture steering pod traffic.
+
+Shared by the proxy integration tests and tests/bench/bench_tunnel.py. Capture: the eBPF redirect is the
+product's; here nftables `tproxy` (the fallback ARCHITECTURE.md lists) steers new pod connections to
+:15001 and `socket transparent` hands replies to the proxy's spoofed-source sockets, so these tests
+exercise the proxy alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import selectors
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent import netns as nsx
+from agent.lab import control
+from agent.lab.plan import LabPlan, plan_lab
+from agent.redirect.marks import INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, ROUTE_MARK, ROUTE_MASK, ROUTE_TABLE
+from api.spiffe import SpiffeId
+from mgmt.ca import CertificateAuthority
+
+TRUST_DOMAIN = "cluster.local"
+HERE = Path(__file__).resolve().parent
+ECHO, SHA_SINK, RESET, WHOAMI, COUNT_SINK = 8080, 8081, 8082, 8083, 8084
+
+# New pod connections -> 15001; new connections from other nodes to local pods -> 15006 (plaintext
+# inbound); packets of flows that belong to a transparent proxy socket -> that socket.
+CAPTURE_RULES = """
+table ip ambit_proxy_test {{
+  chain prerouting {{
+    type filter hook prerouting priority mangle; policy accept;
+    meta l4proto tcp socket transparent 1 meta mark set {mark:#x} accept
+    iifname "vp*" tcp flags & (syn | ack) == syn tproxy to :{outbound} meta mark set {mark:#x} accept
+    iifname "eth0" ip daddr {pod_cidr} tcp flags & (syn | ack) == syn tproxy to :{plaintext} \\
+      meta mark set {mark:#x} accept
+  }}
+}}
+"""
+
+
+def run_in_netns(netns: str, argv: list[str], stdin: bytes | None = None) -> None:
+    proc = nsx.popen_in(netns, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(stdin, timeout=30)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} in {netns}: {err.decode() or out.decode()}")
+
+
+def install_capture(netns: str, pod_cidr: str) -> None:
+    rules = CAPTURE_RULES.format(
+        mark=ROUTE_MARK, outbound=OUTBOUND_PORT, plaintext=INBOUND_PLAINTEXT_PORT, pod_cidr=pod_cidr
+    )
+    run_in_netns(netns, ["nft", "-f", "-"], rules.encode())
+    run_in_netns(
+        netns, ["ip", "rule", "add", "fwmark", f"{ROUTE_MARK:#x}/{ROUTE_MASK:#x}", "lookup", str(ROUTE_TABLE)]
+    )
+    run_in_netns(netns, ["ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", str(ROUTE_TABLE)])
+
+
+def issue(ca: CertificateAuthority, spiffe_id: SpiffeId) -> tuple[str, str]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    chain = ca.issue(spiffe_id, key.public_key())
+    chain_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return chain_pem.decode(), key_pem.decode()
+
+
+def service_account(pod: str) -> str:
+    return f"sa-{pod}"
+
+
+def principal(pod: str) -> str:
+    return str(SpiffeId.workload(TRUST_DOMAIN, "app", service_account(pod)))
+
+
+@dataclass
+class ProxyLab:
+    prefix: str
+    plan: LabPlan
+    workdir: Path
+    extra_workloads: list[dict[str, str]] = field(default_factory=list)
+
+    def pod_ip(self, pod: str) -> str:
+        return self.plan.pod(pod).ip
+
+    def pod_netns(self, pod: str) -> str:
+        return self.plan.pod(pod).netns
+
+    def events(self, node: str) -> list[dict[str, Any]]:
+        path = self.workdir / f"{node}.events.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def status(self, node: str) -> dict[str, Any]:
+        path = self.workdir / f"{node}.status.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def wait_closed(self, node: str, predicate: Any, timeout: float = 15.0) -> dict[str, Any]:
+        """The first `closed` record on `node` matching predicate (waits for it)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for ev in self.events(node):
+                if ev["event"] == "closed" and predicate(ev):
+                    return ev
+            time.sleep(0.1)
+        raise AssertionError(f"no matching closed record on {node}: {self.events(node)[-5:]}")
+
+    def wait_status(self, node: str, predicate: Any, timeout: float = 15.0) -> dict[str, Any]:
+        """The node's status once predicate(status) holds (the driver rewrites it every 0.2 s)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = self.status(node)
+            if st and predicate(st):
+                return st
+            time.sleep(0.1)
+        raise AssertionError(f"status of {node} never matched: {self.status(node)}")
+
+    def log(self, name: str) -> str:
+        path = self.workdir / f"{name}.log"
+        return path.read_text() if path.exists() else ""
+
+
+def start(
+    prefix: str,
+    workdir: Path,
+    nodes: int = 2,
+    pods: int = 2,
+    deny: Iterable[tuple[str, str]] = (),
+    strict: Iterable[str] = (),
+    extra_workloads: Iterable[dict[str, str]] = (),
+    max_streams: int = 100,
+    extra_nodes: dict[str, str] | None = None,
+) -> ProxyLab:
+    """Lab up, capture installed, one proxy per node and test servers in every pod, all ready."""
+    plan = plan_lab(nodes, pods, prefix)
+    control.up(plan)
+    lab = ProxyLab(prefix, plan, workdir, list(extra_workloads))
+    ca = CertificateAuthority.generate_root(TRUST_DOMAIN)
+    workloads = [
+        {"name": p.name, "sa": service_account(p.name), "node": p.node, "ip": p.ip} for p in plan.pods()
+    ] + lab.extra_workloads
+    nodes_map = {n.name: n.ip for n in plan.nodes} | (extra_nodes or {})
+    for node in plan.nodes:
+        install_capture(node.netns, node.pod_cidr)
+        chain, key = issue(ca, SpiffeId.node(TRUST_DOMAIN, node.name))
+        local = [w for w in workloads if w["node"] == node.name]
+        cfg = {
+            "node": node.name,
+            "listen_ip": node.ip,
+            "trust_domain": TRUST_DOMAIN,
+            "workloads": workloads,
+            "nodes": nodes_map,
+            "bundle_pem": ca.bundle_pem().decode(),
+            "node_chain_pem": chain,
+            "node_key_pem": key,
+            "svids": {principal(w["name"]): issue(ca, SpiffeId.parse(principal(w["name"]))) for w in local},
+            "deny": [list(d) for d in deny],
+            "strict": list(strict),
+            "max_streams": max_streams,
+            "events": str(workdir / f"{node.name}.events.jsonl"),
+            "status": str(workdir / f"{node.name}.status.json"),
+        }
+        cfg_path = workdir / f"{node.name}.json"
+        cfg_path.write_text(json.dumps(cfg))
+        cfg_path.chmod(0o600)
+        argv = [sys.executable, str(HERE / "proxy_driver.py"), str(cfg_path)]
+        control.start_process(
+            prefix, f"proxy-{node.name}", node.netns, argv, workdir / f"proxy-{node.name}.log"
+        )
+    for pod in plan.pods():
+        argv = [sys.executable, str(HERE / "pod_servers.py")]
+        control.start_process(
+            prefix, f"servers-{pod.name}", pod.netns, argv, workdir / f"servers-{pod.name}.log"
+        )
+    _wait_ready(lab)
+    return lab
+
+
+def _wait_ready(lab: ProxyLab, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    names = [f"proxy-{n.name}" for n in lab.plan.nodes]
+    while time.monotonic() < deadline:
+        proxies = all(lab.status(n.name) for n in lab.plan.nodes)
+        servers = all("ready" in lab.log(f"servers-{p.name}") for p in lab.plan.pods())
+        if proxies and servers:
+            return
+        time.sleep(0.1)
+    logs = {n: lab.log(n)[-2000:] for n in names}
+    raise RuntimeError(f"proxy lab not ready after {timeout}s: {logs}")
+
+
+def stop(lab: ProxyLab) -> None:
+    control.down(lab.prefix)
+
+
+# --- clients, run inside a pod netns with agent.netns.run_in --------------------------------------
+
+
+def request(ip: str, port: int, payload: bytes, timeout: float = 15.0) -> bytes:
+    """Connect, send, half-close, read the answer to EOF."""
+    with socket.create_connection((ip, port), timeout=timeout) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def pattern(size: int) -> tuple[bytes, int]:
+    """A 1 MiB pseudo-random block repeated, so large transfers cost no RAM; returns (block, size)."""
+    return hashlib.shake_256(b"ambit").digest(1 << 20), size
+
+
+def send_and_hash(ip: str, port: int, size: int, timeout: float = 120.0) -> tuple[str, str]:
+    """Stream `size` bytes to the hashing sink; returns (our sha256, the sink's answer)."""
+    block, _ = pattern(size)
+    digest = hashlib.sha256()
+    view = memoryview(block)
+    with socket.create_connection((ip, port), timeout=timeout) as sock:
+        left = size
+        while left:
+            chunk = view[: min(left, len(block))]
+            sock.sendall(chunk)
+            digest.update(chunk)
+            left -= len(chunk)
+        sock.shutdown(socket.SHUT_WR)
+        answer = sock.makefile("rb").readline().decode().strip()
+    return f"{size} {digest.hexdigest()}", answer
+
+
+def concurrent_echo(ip: str, port: int, count: int, timeout: float = 60.0) -> int:
+    """Open `count` connections at once, each echoing a distinct message; returns how many matched."""
+    sel = selectors.DefaultSelector()
+    want: dict[socket.socket, bytes] = {}
+    got: dict[socket.socket, bytearray] = {}
+    for i in range(count):
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex((ip, port))
+        want[sock] = f"stream {i:05d} ".encode() * 8
+        got[sock] = bytearray()
+        sel.register(sock, selectors.EVENT_WRITE)
+    ok = 0
+    deadline = time.monotonic() + timeout
+    while sel.get_map() and time.monotonic() < deadline:
+        for key, mask in sel.select(1.0):
+            sock = key.fileobj  # type: ignore[assignment]
+            if mask & selectors.EVENT_WRITE:
+                try:
+                    sock.sendall(want[sock])
+                except OSError:
+                    sel.unregister(sock)
+                    sock.close()
+                    continue
+                sel.modify(sock, selectors.EVENT_READ)
+                continue
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                data = b""
+            got[sock] += data
+            if not data or len(got[sock]) >= len(want[sock]):
+                ok += bytes(got[sock]) == want[sock]
+                sel.unregister(sock)
+                sock.close()
+    for key in list(sel.get_map().values()):
+        key.fileobj.close()  # type: ignore[union-attr]
+    return ok
+
+
+def connect_and_read(ip: str, port: int, payload: bytes = b"x", timeout: float = 10.0) -> str:
+    """What a client observes: 'data:<bytes>', 'eof' or 'reset'."""
+    try:
+        with socket.create_connection((ip, port), timeout=timeout) as sock:
+            sock.sendall(payload)
+            data = sock.recv(65536)
+            return f"data:{data.decode(errors='replace')}" if data else "eof"
+    except ConnectionResetError:
+        return "reset"
+    except ConnectionRefusedError:
+        return "refused"
+
+
+def in_pod(lab: ProxyLab, pod: str, fn: Any, *args: Any, timeout: float = 120.0) -> Any:
+    return nsx.run_in(lab.pod_netns(pod), fn, *args, timeout=timeout)
+
+
+def environ_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))

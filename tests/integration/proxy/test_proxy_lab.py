@@ -1,0 +1,261 @@
+"""The proxy end to end in a two-node netns lab: two proxies (one per node, each in its node netns),
+test servers in the pods, nftables tproxy as the capture. See proxy_lab.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import ssl
+import struct
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from proxy_lab import (
+    COUNT_SINK,
+    ECHO,
+    RESET,
+    SHA_SINK,
+    WHOAMI,
+    ProxyLab,
+    concurrent_echo,
+    connect_and_read,
+    environ_int,
+    in_pod,
+    principal,
+    request,
+    send_and_hash,
+)
+from proxy_lab import start as start_lab
+from proxy_lab import stop as stop_lab
+
+from agent import netns as nsx
+from agent.redirect.marks import HBONE_PORT
+
+pytestmark = pytest.mark.root
+
+IMPOSTOR_IP = "10.244.2.99"  # a workload the mesh places on "node-9", whose address is node-2's
+DENIED = ("pod-1-2", "pod-2-2")
+STRICT_POD = "pod-2-2"
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyLab]:
+    prefix = "t" + uuid.uuid4().hex[:4] + "-"
+    workdir = tmp_path_factory.mktemp("proxylab")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AMBIT_LAB_STATE_DIR", str(workdir))
+        mp.setenv("AMBIT_LAB_PREFIX", prefix)
+        started = None
+        try:
+            started = start_lab(
+                prefix,
+                workdir,
+                deny=[(principal(DENIED[0]), f"app/{DENIED[1]}")],
+                strict=[f"app/{STRICT_POD}"],
+                extra_workloads=[{"name": "impostor", "sa": "impostor", "node": "node-9", "ip": IMPOSTOR_IP}],
+                extra_nodes={"node-9": "172.30.0.2"},
+            )
+            yield started
+        finally:
+            if started is not None:
+                stop_lab(started)
+            else:
+                from agent.lab import control
+
+                control.down(prefix)
+
+
+def _closed(lab: ProxyLab, node: str, port: int, **match: object) -> dict[str, Any]:
+    return lab.wait_closed(
+        node, lambda ev: ev["destination_port"] == port and all(ev.get(k) == v for k, v in match.items())
+    )
+
+
+def test_cross_node_echo_carries_identities(lab: ProxyLab) -> None:
+    assert in_pod(lab, "pod-1-1", request, lab.pod_ip("pod-2-1"), ECHO, b"hello mesh") == b"hello mesh"
+    out = _closed(lab, "node-1", ECHO, destination_ip=lab.pod_ip("pod-2-1"), direction="outbound")
+    assert out["source_principal"] == principal("pod-1-1")
+    assert out["destination_principal"] == principal("pod-2-1")
+    assert out["response_flags"] == "-"
+    inbound = _closed(lab, "node-2", ECHO, source_principal=principal("pod-1-1"), direction="inbound")
+    assert inbound["source_ip"] == lab.pod_ip("pod-1-1")
+    assert inbound["destination_workload"] == "app/pod-2-1"
+    assert inbound["tls_version"].startswith("TLSv1.3")
+    assert inbound["bytes_sent"] == inbound["bytes_received"] == len(b"hello mesh")
+
+
+def test_same_node(lab: ProxyLab) -> None:
+    assert in_pod(lab, "pod-1-1", request, lab.pod_ip("pod-1-2"), ECHO, b"next door") == b"next door"
+    _closed(lab, "node-1", ECHO, destination_ip=lab.pod_ip("pod-1-2"), direction="inbound")
+
+
+def test_source_ip_is_preserved(lab: ProxyLab) -> None:
+    answer = in_pod(lab, "pod-1-1", request, lab.pod_ip("pod-2-1"), WHOAMI, b"")
+    assert answer.decode().split()[0] == lab.pod_ip("pod-1-1")
+
+
+def test_half_close(lab: ProxyLab) -> None:
+    payload = os.urandom(100_000)
+    answer = in_pod(lab, "pod-2-1", request, lab.pod_ip("pod-1-2"), SHA_SINK, payload)
+    assert answer.decode().strip() == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}"
+
+
+def test_large_transfer_checksum(lab: ProxyLab) -> None:
+    size = environ_int("AMBIT_PROXY_TRANSFER_BYTES", 1 << 30)
+    ours, theirs = in_pod(lab, "pod-1-1", send_and_hash, lab.pod_ip("pod-2-1"), SHA_SINK, size, timeout=300)
+    assert ours == theirs
+
+
+def test_thousand_concurrent_streams(lab: ProxyLab) -> None:
+    count = environ_int("AMBIT_PROXY_STREAMS", 1000)
+    assert in_pod(lab, "pod-2-2", concurrent_echo, lab.pod_ip("pod-1-1"), ECHO, count) == count
+    lab.wait_status("node-2", lambda st: st["counters"]["outbound_hbone_streams"] >= count)
+
+
+def test_peer_reset_reaches_the_client(lab: ProxyLab) -> None:
+    seen = in_pod(lab, "pod-1-1", connect_and_read, lab.pod_ip("pod-2-1"), RESET)
+    assert seen in ("reset", "eof")
+    _closed(lab, "node-2", RESET, direction="inbound")
+    assert in_pod(lab, "pod-1-1", request, lab.pod_ip("pod-2-1"), ECHO, b"still fine") == b"still fine"
+
+
+def _client_resets(ip: str, port: int) -> str:
+    sock = socket.create_connection((ip, port), timeout=10)
+    sock.sendall(b"x" * 1000)
+    got = b""
+    while len(got) < 1000:  # the echo proves the whole path is up before the reset
+        got += sock.recv(1000)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    return "done"
+
+
+def test_client_reset_is_propagated(lab: ProxyLab) -> None:
+    in_pod(lab, "pod-1-2", _client_resets, lab.pod_ip("pod-2-1"), ECHO)
+    rec = _closed(lab, "node-2", ECHO, source_principal=principal("pod-1-2"), destination_workload="app/pod-2-1")
+    assert rec["bytes_sent"] == 1000
+
+
+def test_wrong_peer_identity_is_refused(lab: ProxyLab) -> None:
+    seen = in_pod(lab, "pod-1-1", connect_and_read, IMPOSTOR_IP, ECHO)
+    assert seen in ("reset", "eof")
+    rec = _closed(lab, "node-1", ECHO, destination_ip=IMPOSTOR_IP)
+    assert rec["response_flags"] == "UF"
+    assert "identity" in rec["error"]
+    lab.wait_status("node-1", lambda st: st["engine"]["errors_peer_identity"] >= 1)
+
+
+def test_denied_by_policy(lab: ProxyLab) -> None:
+    src, dst = DENIED
+    seen = in_pod(lab, src, connect_and_read, lab.pod_ip(dst), ECHO)
+    assert seen in ("reset", "eof")
+    match = {"source_principal": principal(src), "destination_workload": f"app/{dst}"}
+    assert _closed(lab, "node-2", ECHO, direction="inbound", **match)["response_flags"] == "DENY"
+    assert _closed(lab, "node-1", ECHO, direction="outbound", **match)["response_flags"] == "DENY"
+
+
+def test_plaintext_inbound_permissive_and_strict(lab: ProxyLab) -> None:
+    node1 = lab.plan.node("node-1").netns
+    # From node-1 itself (not a captured pod) the connection arrives at node-2 in plaintext: port 15006.
+    assert nsx.run_in(node1, request, lab.pod_ip("pod-2-1"), ECHO, b"plain") == b"plain"
+    rec = _closed(lab, "node-2", ECHO, security_policy="none", destination_workload="app/pod-2-1")
+    assert rec["source_ip"] == lab.plan.node("node-1").ip
+    assert nsx.run_in(node1, connect_and_read, lab.pod_ip(STRICT_POD), ECHO) in ("reset", "eof")
+    assert (
+        _closed(lab, "node-2", ECHO, security_policy="none", destination_workload=f"app/{STRICT_POD}")[
+            "response_flags"
+        ]
+        == "DENY"
+    )
+
+
+# --- hostile input on 15008 -----------------------------------------------------------------------
+
+
+def _raw(ip: str, payload: bytes) -> str:
+    with socket.create_connection((ip, HBONE_PORT), timeout=10) as sock:
+        try:  # the agent may drop us before we are done sending: that is a pass too
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(65536):
+                pass
+        except OSError:
+            return "reset"
+    return "closed"
+
+
+def _tls_then(ip: str, cert_dir: str, payload: bytes) -> str:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cafile=f"{cert_dir}/bundle.pem")
+    ctx.load_cert_chain(f"{cert_dir}/chain.pem", f"{cert_dir}/key.pem")
+    ctx.set_alpn_protocols(["h2"])
+    with socket.create_connection((ip, HBONE_PORT), timeout=10) as raw, ctx.wrap_socket(raw) as tls:
+        tls.sendall(payload)
+        try:
+            while tls.recv(65536):
+                pass
+        except (ConnectionResetError, ssl.SSLError):
+            return "reset"
+    return "closed"
+
+
+def _cert_dir(lab: ProxyLab) -> str:
+    cfg = json.loads((lab.workdir / "node-1.json").read_text())
+    out = lab.workdir / "client-certs"
+    out.mkdir(exist_ok=True)
+    chain, key = cfg["svids"][principal("pod-1-1")]
+    (out / "chain.pem").write_text(chain)
+    (out / "key.pem").write_text(key)
+    (out / "bundle.pem").write_text(cfg["bundle_pem"])
+    return str(out)
+
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes, length: int | None = None) -> bytes:
+    n = len(payload) if length is None else length
+    return struct.pack(">I", n)[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        os.urandom(4096),
+        b"\x16\x03\x01\x40\x00" + os.urandom(100),  # a TLS record cut short
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    ],
+    ids=["garbage", "truncated-tls-record", "http1"],
+)
+def test_garbage_on_hbone_port(lab: ProxyLab, payload: bytes) -> None:
+    node2 = lab.plan.node("node-2")
+    assert nsx.run_in(lab.plan.node("node-1").netns, _raw, node2.ip, payload) in ("closed", "reset")
+    _assert_still_serving(lab)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        os.urandom(2048),  # not even the HTTP/2 preface
+        PREFACE + _frame(4, 0, 0, b"") + _frame(0, 0, 1, b"", length=16384),  # DATA frame cut short
+        PREFACE + _frame(4, 0, 0, b"\x00\x01\x00"),  # SETTINGS with a length not a multiple of 6
+        PREFACE + _frame(4, 0, 0, b"") + _frame(1, 4, 1, b"\xff\xff\xff\xff"),  # HEADERS with bad HPACK
+    ],
+    ids=["no-preface", "truncated-data", "bad-settings", "bad-hpack"],
+)
+def test_bad_frames_inside_mtls(lab: ProxyLab, payload: bytes) -> None:
+    node2 = lab.plan.node("node-2")
+    assert nsx.run_in(lab.plan.node("node-1").netns, _tls_then, node2.ip, _cert_dir(lab), payload) in (
+        "closed",
+        "reset",
+    )
+    _assert_still_serving(lab)
+
+
+def _assert_still_serving(lab: ProxyLab) -> None:
+    assert in_pod(lab, "pod-1-1", request, lab.pod_ip("pod-2-1"), ECHO, b"after") == b"after"
