@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 from proxy_lab import (
-    COUNT_SINK,
     ECHO,
     RESET,
     SHA_SINK,
@@ -136,7 +135,8 @@ def _client_resets(ip: str, port: int) -> str:
 
 def test_client_reset_is_propagated(lab: ProxyLab) -> None:
     in_pod(lab, "pod-1-2", _client_resets, lab.pod_ip("pod-2-1"), ECHO)
-    rec = _closed(lab, "node-2", ECHO, source_principal=principal("pod-1-2"), destination_workload="app/pod-2-1")
+    match = {"source_principal": principal("pod-1-2"), "destination_workload": "app/pod-2-1"}
+    rec = _closed(lab, "node-2", ECHO, **match)
     assert rec["bytes_sent"] == 1000
 
 
