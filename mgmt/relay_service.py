@@ -62,6 +62,7 @@ class _Stream:
     inbox: queue.Queue[Any] = field(default_factory=queue.Queue)
     pending: _Pending | None = None
     nacked_version: int = -1
+    greeted: bool = False  # the first response is sent even when empty: it tells the node it is current
 
 
 _WAKE = object()
@@ -292,8 +293,9 @@ class RelayService(relay_pb2_grpc.RelayServicer):
             return None  # the node rejected this version: wait for the next one
         changed = [r for k, r in view.items() if stream.acked.get(k) != r.hash]
         removed = [k for k in stream.acked if k not in view]
-        if not changed and not removed and version == stream.acked_version:
+        if not changed and not removed and version == stream.acked_version and stream.greeted:
             return None
+        stream.greeted = True
         nonce = f"{next(self._nonce)}-{secrets.token_hex(4)}"
         stream.pending = _Pending(nonce, version, {k: r.hash for k, r in view.items()})
         with self._lock:

@@ -32,6 +32,7 @@ log = logging.getLogger("ambit.agent.relay")
 BACKOFF_INITIAL = 0.2
 BACKOFF_MAX = 5.0
 LOOKUP_TIMEOUT = 2.0
+RESOLVE_TIMEOUT = 0.5
 NEGATIVE_LOOKUP_TTL = 5.0  # an address the plane does not know is not asked again for this long
 KEEPALIVE_MS = 30_000  # the plane allows pings this often (mgmt/server.py)
 KEEPALIVE_TIMEOUT_MS = 10_000
@@ -74,7 +75,7 @@ class RelayClient:
             self._options.append(("grpc.ssl_target_name_override", server_name))
         self._backoff = (backoff_initial, backoff_max)
         self._apply_lock = threading.RLock()  # one update (stream or lookup) applied at a time, in order
-        self._snapshot = MeshSnapshot(node=node)
+        self._snapshot = MeshSnapshot(node=node, resolver=self._resolve)
         self._held: dict[str, _Held] = {}  # what the node ACKed: key -> (hash, parsed object)
         self._looked_up: dict[str, tuple[int, Workload]] = {}  # uid -> (plane version, peer) until streamed
         self._negative: dict[str, float] = {}
@@ -180,6 +181,10 @@ class RelayClient:
     def _on_response(self, resp: relay_pb2.SubscribeResponse) -> relay_pb2.SubscribeRequest:
         self._count("responses")
         with self._apply_lock:
+            if not resp.deltas and resp.version == self.version:
+                # "You are current" (the first answer after a resume with nothing new): nothing to apply.
+                self._count("acks")
+                return relay_pb2.SubscribeRequest(ack=relay_pb2.Ack(nonce=resp.nonce, version=resp.version))
             try:
                 held, snapshot = self._build(resp)
                 if self._validate is not None:
@@ -215,19 +220,23 @@ class RelayClient:
                 del self._looked_up[uid]
             else:
                 objects.append(w)
-        return held, MeshSnapshot.from_objects(resp.version, trust_domain, self.node, objects)
+        return held, MeshSnapshot.from_objects(resp.version, trust_domain, self.node, objects, self._resolve)
 
-    def _publish(self, snapshot: MeshSnapshot) -> None:
+    def _publish(self, snapshot: MeshSnapshot, notify: bool = True) -> None:
         self._snapshot = snapshot
+        if not notify:
+            return
         try:
             self._on_snapshot(snapshot)
         except Exception:
             log.exception("applying config version %d failed after it was accepted", snapshot.version)
 
     # -- on-demand lookup ------------------------------------------------------------------------------
-    def lookup(self, ip: str, timeout: float = LOOKUP_TIMEOUT) -> Workload | None:
-        """The workload holding `ip`, asking the plane if this node does not know it yet (blocking)."""
-        known = self._snapshot.workload_by_ip(ip)
+    def lookup(self, ip: str, timeout: float = LOOKUP_TIMEOUT, notify: bool = True) -> Workload | None:
+        """The workload holding `ip`, asking the plane if this node does not know it yet (blocking).
+
+        The answer is merged into the snapshot (same version) and, with `notify`, on_snapshot is called."""
+        known = self._snapshot.known_workload_by_ip(ip)
         if known is not None:
             return known
         if self._negative.get(ip, 0.0) > time.monotonic():
@@ -248,8 +257,16 @@ class RelayClient:
             for w in peers:
                 if f"Workload/{w.uid}" not in self._held:
                     self._looked_up[w.uid] = (resp.version, w)
-            self._publish(self._snapshot.with_workloads(peers))
-        return self._snapshot.workload_by_ip(ip)
+            self._publish(self._snapshot.with_workloads(peers), notify)
+        return self._snapshot.known_workload_by_ip(ip)
+
+    def _resolve(self, ip: str) -> Workload | None:
+        """MeshSnapshot.workload_by_ip's miss path, run on the reader's thread (e.g. the proxy's loop): a
+        short timeout, no RPC while the plane is unreachable, and no on_snapshot call from a foreign thread
+        (a peer changes nothing local; the subscription delivers it to on_snapshot shortly after)."""
+        if not self.connected:
+            return None
+        return self.lookup(ip, RESOLVE_TIMEOUT, notify=False)
 
     def _lookup_rpc(self, ip: str, timeout: float) -> relay_pb2.LookupResponse:
         with self._conn_lock:

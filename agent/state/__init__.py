@@ -2,11 +2,17 @@
 
 The relay client builds a new snapshot for every update and swaps it in whole, so readers (proxy, policy,
 redirector) take `client.snapshot` once and work on a consistent picture; nobody mutates one in place.
+
+A node holds peer workloads (other nodes' pods) only once it has asked for them (mgmt/scope.py). So that the
+proxy needs no relay code, a snapshot from the relay client carries a `resolver`: `workload_by_ip` of an
+address it does not hold asks the plane on demand (bounded, and not at all while the plane is unreachable);
+`known_workload_by_ip` never asks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -26,9 +32,18 @@ class MeshSnapshot:
     services: Mapping[str, Service] = field(default_factory=dict)  # by uid "ns/name"
     nodes: Mapping[str, Node] = field(default_factory=dict)  # by name
     policies: tuple[Any, ...] = ()  # every other registered kind (AuthorizationPolicy, MeshConfig, ...)
+    # On-demand lookup of an unknown address (the relay client's); not part of the snapshot's value.
+    resolver: Callable[[str], Workload | None] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def from_objects(cls, version: int, trust_domain: str, node: str, objects: Iterable[Any]) -> MeshSnapshot:
+    def from_objects(
+        cls,
+        version: int,
+        trust_domain: str,
+        node: str,
+        objects: Iterable[Any],
+        resolver: Callable[[str], Workload | None] | None = None,
+    ) -> MeshSnapshot:
         """Sort parsed resources into a snapshot; policies keep a stable order (kind, namespace, name)."""
         workloads: dict[str, Workload] = {}
         namespaces: dict[str, Namespace] = {}
@@ -47,7 +62,9 @@ class MeshSnapshot:
             else:
                 policies.append(obj)
         policies.sort(key=lambda p: (p.kind, p.meta.namespace, p.meta.name))
-        return cls(version, trust_domain, node, workloads, namespaces, services, nodes, tuple(policies))
+        return cls(
+            version, trust_domain, node, workloads, namespaces, services, nodes, tuple(policies), resolver
+        )
 
     @cached_property
     def _by_ip(self) -> dict[str, Workload]:
@@ -63,6 +80,13 @@ class MeshSnapshot:
         return {ip: s for _, s in sorted(self.services.items()) for ip in s.addresses}
 
     def workload_by_ip(self, ip: str) -> Workload | None:
+        """The workload holding `ip`; one this node does not hold yet is looked up (see the module doc)."""
+        known = self._by_ip.get(ip)
+        if known is None and self.resolver is not None:
+            return self.resolver(ip)
+        return known
+
+    def known_workload_by_ip(self, ip: str) -> Workload | None:
         return self._by_ip.get(ip)
 
     def service_by_ip(self, ip: str) -> Service | None:
@@ -85,16 +109,7 @@ class MeshSnapshot:
         """The same version plus workloads learnt by on-demand lookup."""
         workloads = dict(self.workloads)
         workloads.update((w.uid, w) for w in extra)
-        return MeshSnapshot(
-            self.version,
-            self.trust_domain,
-            self.node,
-            workloads,
-            self.namespaces,
-            self.services,
-            self.nodes,
-            self.policies,
-        )
+        return dataclasses.replace(self, workloads=workloads)
 
 
 EMPTY = MeshSnapshot()
