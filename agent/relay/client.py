@@ -103,6 +103,19 @@ class RelayClient:
         with self._conn_lock:
             return dict(self._counters)
 
+    def status(self) -> dict[str, Any]:
+        """For the admin API / `ambit debug config`: where, whether connected, what version, last error."""
+        snap = self._snapshot
+        return {
+            "target": self.target,
+            "node": self.node,
+            "connected": self.connected,
+            "version": snap.version,
+            "resources": len(self._held),
+            "last_error": self.last_error,
+            **self.counters(),
+        }
+
     def _count(self, name: str, n: int = 1) -> None:
         with self._conn_lock:
             self._counters[name] += n
