@@ -139,12 +139,12 @@ def check_ca_material(
 @dataclass
 class CertificateAuthority:
     trust_domain: str
-    key: ec.EllipticCurvePrivateKey
+    key: ec.EllipticCurvePrivateKey = field(repr=False)
     cert: x509.Certificate
     # Certificates above this CA up to and including the trust anchor (empty when this CA is the root).
     chain: tuple[x509.Certificate, ...] = ()
     # A root that is trusted but does not sign yet (first step of a root rotation).
-    pending: tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None = None
+    pending: tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None = field(default=None, repr=False)
     # Roots that no longer sign but stay trusted until the leaves they signed have expired.
     previous: tuple[x509.Certificate, ...] = ()
     # Bumped on every change of signer or bundle, so servers know when to reload their TLS material.

@@ -232,7 +232,10 @@ class IdentityManager:
             if self._channel is None or self._channel_key != key:
                 # Credentials are fixed per channel: a new bundle or node certificate needs a new channel.
                 if self._channel is not None:
-                    self._channel.close()
+                    # Calls of other threads may still be in flight on it: close it once they are done.
+                    retired = threading.Timer(2 * self._fetch_timeout_s, self._channel.close)
+                    retired.daemon = True
+                    retired.start()
                 creds = self.node_identity.credentials(self._bundle)
                 self._channel = grpc.secure_channel(
                     self._target, creds, options=channel_options(self._server_name)
