@@ -250,6 +250,7 @@ class RelayService(relay_pb2_grpc.RelayServicer):
         if which == "subscribe":
             self._check_node(context, "Subscribe", stream.node, req.subscribe.node)
             stream.types = frozenset(req.subscribe.types)
+            stream.nacked_version = -1  # a new request deserves an answer, even at a version it NACKed
             return
         msg = req.ack if which == "ack" else req.nack
         pending = stream.pending
