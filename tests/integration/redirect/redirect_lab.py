@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from agent import netns as nsx
 from agent.lab import control
@@ -145,6 +145,30 @@ def capture(ifname: str, needles: list[str]) -> None:
     _emit({"event": "result", "frames": frames, "seen": seen})
 
 
+def sink(port: int) -> None:
+    """Receives connections one at a time and reports how many bytes each carried and for how long."""
+    srv = socket.create_server(("0.0.0.0", port))
+    _emit({"event": "ready"})
+    buf = bytearray(1 << 20)
+    while True:
+        conn, _ = srv.accept()
+        with conn:
+            total = conn.recv_into(buf)
+            started = time.monotonic()
+            while n := conn.recv_into(buf):
+                total += n
+            _emit({"event": "received", "bytes": total, "seconds": time.monotonic() - started})
+
+
+def blast(ip: str, port: int, seconds: float) -> None:
+    """Sends as fast as one connection goes for `seconds` (run in a pod with run_in)."""
+    chunk = b"\0" * (1 << 20)
+    with socket.create_connection((ip, port), timeout=10) as conn:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            conn.sendall(chunk)
+
+
 def main(argv: list[str]) -> None:
     role, *args = argv
     if role == "serve":
@@ -153,6 +177,8 @@ def main(argv: list[str]) -> None:
         client(args[0], int(args[1]))
     elif role == "agent":
         agent(args[0], args[1])
+    elif role == "sink":
+        sink(int(args[0]))
     elif role == "capture":
         capture(args[0], args[1:])
     else:
@@ -214,7 +240,7 @@ class Role:
         assert self.proc.stdin is not None
         self.proc.stdin.close()
 
-    def __enter__(self) -> Role:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -270,6 +296,18 @@ class Agent(Role):
         if op == "stop":
             self.proc.wait(timeout=10)
         return reply["result"]
+
+
+class Sink(Role):
+    def __init__(self, netns: str, port: int) -> None:
+        super().__init__(netns, "sink", str(port))
+        self.wait_for("ready")
+
+    def gbits(self, src_netns: str, ip: str, port: int, seconds: float) -> float:
+        """One stream from a pod to this sink for `seconds`: its throughput in Gbit/s."""
+        nsx.run_in(src_netns, blast, ip, port, seconds, timeout=seconds + 30)
+        got = self.wait_for("received")
+        return float(got["bytes"]) * 8 / float(got["seconds"]) / 1e9
 
 
 class Capture(Role):

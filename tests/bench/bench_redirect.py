@@ -1,0 +1,62 @@
+"""Cost of the redirection programs on traffic they do not capture: one TCP stream from a pod that is not
+enrolled to a pod on another node, without the programs and with them attached (on every pod veth and the
+uplink of both nodes, other pods enrolled). Expected ratio ~1.0: such a packet costs one socket lookup and
+one hash lookup."""
+
+from __future__ import annotations
+
+import statistics
+import uuid
+from contextlib import ExitStack
+from typing import Any
+
+from agent.lab.plan import LabPlan, PodPlan
+from agent.redirect import pins
+from tests.integration.redirect.redirect_lab import Agent, Sink, two_node_lab
+
+SINK_PORT = 7009
+SECONDS = 2.0
+
+
+def start_agent(roles: ExitStack, lab: LabPlan, node: str, spare: PodPlan) -> Agent:
+    """The node's redirector, with the node's first pod enrolled unless it is `spare` (the sink)."""
+    agent = roles.enter_context(Agent(lab.node(node).netns, node, pins.lab_pin_dir(lab.prefix, node)))
+    agent.call("start")
+    first = lab.node(node).pods[0]
+    if first != spare:
+        agent.call("enroll", first.ip, f"default/{first.name}", False)
+    return agent
+
+
+def run() -> list[dict[str, Any]]:
+    prefix = "b" + uuid.uuid4().hex[:4] + "-"
+    without: list[float] = []
+    with_programs: list[float] = []
+    with two_node_lab(prefix) as lab, ExitStack() as roles:
+        src, dst = lab.pod("pod-1-2"), lab.pod("pod-2-1")
+        sink = roles.enter_context(Sink(dst.netns, SINK_PORT))
+
+        def measure() -> float:
+            return sink.gbits(src.netns, dst.ip, SINK_PORT, SECONDS)
+
+        # Samples bracket the attached ones (without, with, with, without): drift on a shared machine
+        # then hits both sides alike.
+        without.append(measure())
+        agents = [start_agent(roles, lab, node.name, dst) for node in lab.nodes]
+        with_programs.extend(measure() for _ in range(2))
+        for agent in agents:
+            agent.call("stop")
+        without.append(measure())
+    base = "non-enrolled pod -> other node, 1 stream, no programs"
+    plain, attached = statistics.median(without), statistics.median(with_programs)
+    return [
+        {"name": base, "value": plain, "unit": "Gbit/s", "baseline": ""},
+        {
+            "name": "non-enrolled pod -> other node, 1 stream, programs attached",
+            "value": attached,
+            "unit": "Gbit/s",
+            "baseline": base,
+            "baseline_value": plain,
+            "ratio": attached / plain,
+        },
+    ]
