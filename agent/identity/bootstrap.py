@@ -17,7 +17,7 @@ import grpc
 from cryptography import x509
 
 from agent.identity.backoff import Backoff
-from agent.identity.svid import key_pem, make_csr, new_key
+from agent.identity.svid import Svid, key_pem, make_csr, new_key
 from api import ca_pb2, ca_pb2_grpc
 from api.spiffe import SpiffeId, spiffe_id_of
 
@@ -76,6 +76,11 @@ class NodeIdentity:
         return grpc.ssl_channel_credentials(
             root_certificates=bundle, private_key=key, certificate_chain=chain
         )
+
+    def svid(self) -> Svid:
+        """Chain and key read together: a renewal in between cannot pair one's chain with the other's key."""
+        with self._lock:
+            return Svid.from_pem(str(self.spiffe_id), self.chain_pem, self.key_pem)
 
     def renew(self, chain_pem: bytes, key_pem_bytes: bytes, trust_bundle_pem: bytes | None = None) -> None:
         if str(spiffe_id_of(x509.load_pem_x509_certificates(chain_pem)[0])) != str(self.spiffe_id):

@@ -64,7 +64,7 @@ class IdentityManager:
         server_name: str = MGMT_SERVER_NAME,
     ) -> None:
         self._target = ca_target
-        self.node_identity = node_identity
+        self.node = node_identity
         self._td = trust_domain
         self._ttl_s = int(ttl.total_seconds()) if ttl else 0  # 0: the plane's default
         self._bundle_refresh_s = bundle_refresh_s
@@ -114,6 +114,10 @@ class IdentityManager:
     def add_listener(self, listener: Callable[[IdentityChange], None]) -> None:
         with self._lock:
             self._listeners.append(listener)
+
+    def node_identity(self) -> Svid:
+        """The node's own certificate and key as one consistent snapshot (the proxy's 15008 identity)."""
+        return self.node.svid()
 
     def trust_bundle_pem(self) -> bytes:
         with self._lock:
@@ -169,7 +173,7 @@ class IdentityManager:
         """One row per identity for `ambit debug certs` (the node's own certificate first)."""
         now = time.time()
         with self._lock:
-            node = self.node_identity
+            node = self.node
             leaf = node.leaf
             rows = [
                 _row(
@@ -228,7 +232,7 @@ class IdentityManager:
 
     def _stub(self) -> ca_pb2_grpc.IdentityStub:
         with self._lock:
-            key = (self._bundle, self.node_identity.generation)
+            key = (self._bundle, self.node.generation)
             if self._channel is None or self._channel_key != key:
                 # Credentials are fixed per channel: a new bundle or node certificate needs a new channel.
                 if self._channel is not None:
@@ -236,7 +240,7 @@ class IdentityManager:
                     retired = threading.Timer(2 * self._fetch_timeout_s, self._channel.close)
                     retired.daemon = True
                     retired.start()
-                creds = self.node_identity.credentials(self._bundle)
+                creds = self.node.credentials(self._bundle)
                 self._channel = grpc.secure_channel(
                     self._target, creds, options=channel_options(self._server_name)
                 )
@@ -377,7 +381,7 @@ class IdentityManager:
                 self._install(sid, chain, key)
 
     def _renew_node(self) -> None:
-        node = self.node_identity
+        node = self.node
         try:
             chain, key = self._sign(str(node.spiffe_id))
             node.renew(chain, key, self.trust_bundle_pem())

@@ -140,7 +140,7 @@ def _anchors(bundle_pem: bytes) -> list[x509.Certificate]:
 
 def test_join_then_fetch_verified_svid(plane: Plane) -> None:
     manager = plane.manager("node-1")
-    node = manager.node_identity
+    node = manager.node
     assert str(spiffe_id_of(node.leaf)) == f"spiffe://{TD}/node/node-1"
     svid = manager.svid_for(CART)
     assert manager.svid_for(CART) is svid  # cached
@@ -150,6 +150,7 @@ def test_join_then_fetch_verified_svid(plane: Plane) -> None:
     assert str(X509Svid.parse(svid.chain_pem, svid.key_pem).spiffe_id) == CART
     rows = manager.rows()
     assert [r["identity"] for r in rows] == [str(node.spiffe_id), CART]
+    assert manager.node_identity().chain_pem == node.chain_pem  # what the proxy serves on 15008
     assert rows[1]["serial"] == f"{svid.serial:x}" and rows[1]["rotate_in_s"] > 0
     assert {"not_before", "not_after", "issuer"} <= rows[1].keys()
     assert any(e["event"] == "csr_signed" and e["spiffe_id"] == CART for e in plane.audit.events)
@@ -314,7 +315,7 @@ def test_root_rotation_keeps_live_connections(plane: Plane) -> None:
         _wait(lambda: client_side.svid_for(PAY).serial != old_client.serial, "client rotation")
         new_client = client_side.svid_for(PAY)
         assert x509.load_pem_x509_certificates(new_client.chain_pem)[0].issuer == new_root.subject
-        _wait(lambda: server_side.node_identity.leaf.issuer == new_root.subject, "node renewal")
+        _wait(lambda: server_side.node.leaf.issuer == new_root.subject, "node renewal")
         assert _roundtrip(live) == PAY  # the connection from before the rotation is still up
         fresh = _connect(server.port, new_client, client_side.trust_bundle_pem())
         assert _roundtrip(fresh) == PAY
@@ -323,7 +324,7 @@ def test_root_rotation_keeps_live_connections(plane: Plane) -> None:
         mixed.close()
 
         # Step 3: once the old leaves are gone the old root leaves the bundle; live connections stay up.
-        _wait(lambda: client_side.node_identity.leaf.issuer == new_root.subject, "node-2 renewal")
+        _wait(lambda: client_side.node.leaf.issuer == new_root.subject, "node-2 renewal")
         plane.ca.drop_previous_roots()
         for manager in (server_side, client_side):
             assert _anchors(manager.refresh_bundle()) == [new_root]
