@@ -9,6 +9,7 @@ policy that does not compile NACKs the whole update), then enrolment and live co
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import logging
 import signal
 import threading
@@ -224,10 +225,8 @@ class Agent:
 
     def _recheck_connections(self) -> None:
         """A policy change applies to live connections too: close the ones it now denies."""
-        for conn_id, attrs in self.proxy.inbound_connections():
-            decision = self.policy.authorize(attrs)
-            if not decision.allow:
-                self.proxy.close(conn_id, f"denied after policy change: {decision.reason}")
+        for conn_id, decision in self.policy.recheck(self.proxy.inbound_connections()):
+            self.proxy.close(conn_id, f"denied after policy change: {decision.reason}")
 
     def _prefetch_svid(self, workload: Any) -> None:
         try:
@@ -242,7 +241,8 @@ class Agent:
                     self.metrics.set_bpf_counters(self.redirector.counters())
                 self.metrics.set_engine_counters(self.proxy.engine_counters())
                 for row in self.identity.rows():
-                    self.metrics.set_cert_expiry(row["identity"], row["not_after_ts"])
+                    expiry = dt.datetime.fromisoformat(row["not_after"]).timestamp()
+                    self.metrics.set_cert_expiry(row["identity"], expiry)
             except Exception:
                 log.exception("refreshing counters failed")
 
