@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from api import ca_pb2, ca_pb2_grpc
 from api.spiffe import spiffe_id_of
 from mgmt import ca_store
 from mgmt.bootstrap import BootstrapServer
-from mgmt.ca import CertificateAuthority
+from mgmt.ca import CertificateAuthority, certs_pem, private_key_pem
 from mgmt.identity_service import add_identity_service, plane_server_credentials
 from mgmt.join_tokens import JoinTokens
 
@@ -101,22 +102,28 @@ class Plane:
         return manager
 
 
-@pytest.fixture
-def plane(tmp_path: Path) -> Iterator[Plane]:
-    ca = ca_store.load_or_create(tmp_path, TD)
-    tokens = JoinTokens(tmp_path)
+@contextmanager
+def running_plane(state: Path, upstream: ca_store.Upstream | None = None) -> Iterator[Plane]:
+    ca = ca_store.load_or_create(state, TD, upstream)
+    tokens = JoinTokens(state)
     audit = AuditRecorder()
     bootstrap = BootstrapServer(ca, tokens, "127.0.0.1:0", audit=audit)
-    p = Plane(
-        tmp_path, ca, tokens, bootstrap, audit, {"node-1": frozenset({CART}), "node-2": frozenset({PAY})}
-    )
+    p = Plane(state, ca, tokens, bootstrap, audit, {"node-1": frozenset({CART}), "node-2": frozenset({PAY})})
     bootstrap.start()
     p.start_csr()
-    yield p
-    for manager in p.managers:
-        manager.stop()
-    p.stop_csr()
-    bootstrap.stop(0)
+    try:
+        yield p
+    finally:
+        for manager in p.managers:
+            manager.stop()
+        p.stop_csr()
+        bootstrap.stop(0)
+
+
+@pytest.fixture
+def plane(tmp_path: Path) -> Iterator[Plane]:
+    with running_plane(tmp_path) as p:
+        yield p
 
 
 def _sign_raw(plane: Plane, node: NodeIdentity, spiffe_id: str, csr_pem: bytes) -> ca_pb2.SignResponse:
@@ -154,6 +161,25 @@ def test_join_then_fetch_verified_svid(plane: Plane) -> None:
     assert rows[1]["serial"] == f"{svid.serial:x}" and rows[1]["rotate_in_s"] > 0
     assert {"not_before", "not_after", "issuer"} <= rows[1].keys()
     assert any(e["event"] == "csr_signed" and e["spiffe_id"] == CART for e in plane.audit.events)
+
+
+def test_intermediate_plane_under_external_root(tmp_path: Path) -> None:
+    external = CertificateAuthority.generate_root(TD)  # the enterprise root: only its cert reaches the plane
+    intermediate = external.issue_intermediate(TD)
+    plug = tmp_path / "plugin"
+    plug.mkdir()
+    ca_store.write_file(plug / "ca-key.pem", private_key_pem(intermediate.key), 0o600)
+    (plug / "ca-cert.pem").write_bytes(certs_pem([intermediate.cert]))
+    (plug / "root-cert.pem").write_bytes(certs_pem([external.cert]))
+    with running_plane(tmp_path / "state", ca_store.Upstream.from_dir(plug)) as p:
+        manager = p.manager("node-1")  # joins with ca-bundle.pem, which holds the external root only
+        assert _anchors(manager.trust_bundle_pem()) == [external.cert]
+        svid = manager.svid_for(CART)
+        chain = x509.load_pem_x509_certificates(svid.chain_pem)
+        assert chain[1] == intermediate.cert
+        verifier = PolicyBuilder().store(Store([external.cert])).build_client_verifier()
+        assert verifier.verify(chain[0], chain[1:]).chain[-1] == external.cert
+        assert str(X509Svid.parse(svid.chain_pem, svid.key_pem).spiffe_id) == CART
 
 
 def test_refusals_have_clear_statuses_and_are_audited(plane: Plane) -> None:

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from agent.identity.svid import make_csr, new_key
 from mgmt import ca_store
-from mgmt.ca import CAError, CertificateAuthority
+from mgmt.ca import CAError, CertificateAuthority, certs_pem, private_key_pem
 from mgmt.identity_service import CsrError, load_csr
 from mgmt.join_tokens import JoinTokens, TokenError
 
@@ -65,19 +65,10 @@ def test_upstream_plugin_files(tmp_path: Path) -> None:
     inter = external.issue_intermediate(TD)
     plug = tmp_path / "plugin"
     plug.mkdir()
-    ca_store.write_file(
-        plug / "ca-key.pem",
-        inter.key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ),
-        0o600,
-    )
-    (plug / "ca-cert.pem").write_bytes(inter.cert.public_bytes(serialization.Encoding.PEM))
-    (plug / "root-cert.pem").write_bytes(external.cert.public_bytes(serialization.Encoding.PEM))
-    (plug / "cert-chain.pem").write_bytes(
-        inter.cert.public_bytes(serialization.Encoding.PEM)
-        + external.cert.public_bytes(serialization.Encoding.PEM)
-    )
+    ca_store.write_file(plug / "ca-key.pem", private_key_pem(inter.key), 0o600)
+    (plug / "ca-cert.pem").write_bytes(certs_pem([inter.cert]))
+    (plug / "root-cert.pem").write_bytes(certs_pem([external.cert]))
+    (plug / "cert-chain.pem").write_bytes(certs_pem([inter.cert, external.cert]))
     state = tmp_path / "state"
     ca = ca_store.load_or_create(state, TD, ca_store.Upstream.from_dir(plug))
     assert ca.cert == inter.cert and ca.chain == (external.cert,)
