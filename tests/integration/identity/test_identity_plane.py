@@ -260,6 +260,19 @@ def test_rotation_with_short_ttl(plane: Plane) -> None:
     assert manager.counters["rotated"] >= 1
 
 
+def test_retain_prefetches_and_forgets(plane: Plane) -> None:
+    manager = plane.manager("node-1")
+    changes: list[str] = []
+    manager.add_listener(lambda change: changes.append(change.spiffe_id))
+    manager.retain([CART])
+    _wait(lambda: CART in changes, "background prefetch")
+    assert [r["state"] for r in manager.rows() if r["identity"] == CART] == ["valid"]
+    manager.retain([])
+    assert [r["identity"] for r in manager.rows()] == [str(manager.node.spiffe_id)]
+    with pytest.raises(IdentityError, match="outside trust domain"):
+        manager.svid_for("spiffe://other.org/ns/shop/sa/cart")
+
+
 def test_ca_away_keeps_current_certificate_then_recovers(plane: Plane) -> None:
     manager = plane.manager("node-1", ttl=dt.timedelta(seconds=60), rotate_fraction=0.05, jitter_fraction=0.0)
     first = manager.svid_for(CART)
