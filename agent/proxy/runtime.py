@@ -103,6 +103,8 @@ def accept_batch(listener: socket.socket, handle: Callable[[socket.socket], None
             log.warning("accept on %s failed: %s", listener.getsockname(), exc)
             return
         try:
+            # Small HTTP/2 frames (HEADERS then DATA) must not wait out Nagle against a delayed ACK.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             handle(sock)
         except Exception:
             log.exception("handling an accepted connection failed")

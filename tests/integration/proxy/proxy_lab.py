@@ -35,15 +35,16 @@ TRUST_DOMAIN = "cluster.local"
 HERE = Path(__file__).resolve().parent
 ECHO, SHA_SINK, RESET, WHOAMI, COUNT_SINK = 8080, 8081, 8082, 8083, 8084
 
-# New pod connections -> 15001; new connections from other nodes to local pods -> 15006 (plaintext
-# inbound); packets of flows that belong to a transparent proxy socket -> that socket.
+# New connections from enrolled pods -> 15001; new connections from other nodes to enrolled local pods ->
+# 15006 (plaintext inbound); packets of flows owned by a transparent proxy socket -> that socket.
 CAPTURE_RULES = """
 table ip ambit_proxy_test {{
   chain prerouting {{
     type filter hook prerouting priority mangle; policy accept;
     meta l4proto tcp socket transparent 1 meta mark set {mark:#x} accept
-    iifname "vp*" tcp flags & (syn | ack) == syn tproxy to :{outbound} meta mark set {mark:#x} accept
-    iifname "eth0" ip daddr {pod_cidr} tcp flags & (syn | ack) == syn tproxy to :{plaintext} \\
+    iifname "vp*" ip saddr {{ {pods} }} tcp flags & (syn | ack) == syn tproxy to :{outbound} \\
+      meta mark set {mark:#x} accept
+    iifname "eth0" ip daddr {{ {pods} }} tcp flags & (syn | ack) == syn tproxy to :{plaintext} \\
       meta mark set {mark:#x} accept
   }}
 }}
@@ -57,11 +58,15 @@ def run_in_netns(netns: str, argv: list[str], stdin: bytes | None = None) -> Non
         raise RuntimeError(f"{' '.join(argv)} in {netns}: {err.decode() or out.decode()}")
 
 
-def install_capture(netns: str, pod_cidr: str) -> None:
-    rules = CAPTURE_RULES.format(
-        mark=ROUTE_MARK, outbound=OUTBOUND_PORT, plaintext=INBOUND_PLAINTEXT_PORT, pod_cidr=pod_cidr
-    )
-    run_in_netns(netns, ["nft", "-f", "-"], rules.encode())
+def install_capture(netns: str, enrolled_ips: list[str]) -> None:
+    if enrolled_ips:
+        rules = CAPTURE_RULES.format(
+            mark=ROUTE_MARK,
+            outbound=OUTBOUND_PORT,
+            plaintext=INBOUND_PLAINTEXT_PORT,
+            pods=", ".join(enrolled_ips),
+        )
+        run_in_netns(netns, ["nft", "-f", "-"], rules.encode())
     run_in_netns(
         netns, ["ip", "rule", "add", "fwmark", f"{ROUTE_MARK:#x}/{ROUTE_MASK:#x}", "lookup", str(ROUTE_TABLE)]
     )
@@ -144,8 +149,13 @@ def start(
     extra_workloads: Iterable[dict[str, str]] = (),
     max_streams: int = 100,
     extra_nodes: dict[str, str] | None = None,
+    enrolled: Iterable[str] | None = None,
 ) -> ProxyLab:
-    """Lab up, capture installed, one proxy per node and test servers in every pod, all ready."""
+    """Lab up, capture installed, one proxy per node and test servers in every pod, all ready.
+
+    `enrolled`: the pods whose traffic is captured (all when None); the others talk plain TCP.
+    """
+    enrolled_pods = None if enrolled is None else set(enrolled)
     plan = plan_lab(nodes, pods, prefix)
     control.up(plan)
     lab = ProxyLab(prefix, plan, workdir, list(extra_workloads))
@@ -155,7 +165,8 @@ def start(
     ] + lab.extra_workloads
     nodes_map = {n.name: n.ip for n in plan.nodes} | (extra_nodes or {})
     for node in plan.nodes:
-        install_capture(node.netns, node.pod_cidr)
+        captured = [p.ip for p in node.pods if enrolled_pods is None or p.name in enrolled_pods]
+        install_capture(node.netns, captured)
         chain, key = issue(ca, SpiffeId.node(TRUST_DOMAIN, node.name))
         local = [w for w in workloads if w["node"] == node.name]
         cfg = {

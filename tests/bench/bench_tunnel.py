@@ -1,0 +1,226 @@
+"""The HBONE tunnel against plain TCP and a stunnel mTLS tunnel, in one netns lab (2 nodes x 2 pods).
+
+- plain: pod-1-2 -> pod-2-2, neither enrolled (no capture, no proxy).
+- stunnel: pod-1-2 -> stunnel client in node-1 -> mTLS -> stunnel server in node-2 -> pod-2-2 (same
+  topology as the mesh: one tunnel hop per node, certificates from the same CA).
+- ambit: pod-1-1 -> capture -> proxy node-1 -> HBONE (mTLS, HTTP/2 CONNECT) -> proxy node-2 -> pod-2-1.
+Cases: throughput with 1 and 4 streams, request/response latency p50/p99 on one connection, new
+connections per second (connect, 1-byte echo, close). Each case runs AMBIT_BENCH_SECONDS (default 2 s).
+Rows compare stunnel to plain, and ambit to both.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent.lab import control
+from api.spiffe import SpiffeId
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration" / "proxy"))
+import proxy_lab  # noqa: E402
+
+SECONDS = float(os.environ.get("AMBIT_BENCH_SECONDS", "2"))
+STUNNEL_PORTS = {proxy_lab.COUNT_SINK: 19084, proxy_lab.ECHO: 19080}  # client-side listen port per service
+STUNNEL_SERVER_PORT = 19443
+CHUNK = 1 << 20
+
+
+# --- clients (run in a pod netns) ---------------------------------------------------------------
+
+
+def throughput(ip: str, port: int, streams: int, seconds: float) -> float:
+    """Gbit/s summed over `streams` connections, each sending for `seconds` to the counting sink."""
+    totals = [0] * streams
+    block = memoryview(b"\x5a" * CHUNK)
+
+    def one(i: int) -> None:
+        with socket.create_connection((ip, port), timeout=30) as sock:
+            deadline = time.monotonic() + seconds
+            sent = 0
+            while time.monotonic() < deadline:
+                sock.sendall(block)
+                sent += CHUNK
+            sock.shutdown(socket.SHUT_WR)
+            counted = int(sock.makefile("rb").readline())
+            totals[i] = counted if counted == sent else 0
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(totals) * 8 / (time.monotonic() - started) / 1e9
+
+
+def request_response(ip: str, port: int, seconds: float) -> tuple[float, float]:
+    """(p50, p99) in microseconds of 1-byte echoes on one connection."""
+    samples = []
+    with socket.create_connection((ip, port), timeout=30) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            sock.sendall(b"x")
+            if not sock.recv(1):
+                break
+            samples.append(time.perf_counter() - t0)
+    samples.sort()
+    return samples[len(samples) // 2] * 1e6, samples[int(len(samples) * 0.99)] * 1e6
+
+
+def connection_rate(ip: str, port: int, seconds: float) -> float:
+    """Connections per second: connect, one echoed byte, close, one after another."""
+    done = 0
+    deadline = time.monotonic() + seconds
+    started = time.monotonic()
+    while time.monotonic() < deadline:
+        with socket.create_connection((ip, port), timeout=30) as sock:
+            sock.sendall(b"x")
+            if sock.recv(1) == b"x":
+                done += 1
+    return done / (time.monotonic() - started)
+
+
+# --- stunnel ------------------------------------------------------------------------------------
+
+
+def _stunnel_conf(side: str, certs: Path, node_ip: str, peer_ip: str, pod_ip: str) -> str:
+    common = [
+        "foreground = yes",
+        "pid =",
+        "debug = 3",
+        f"cert = {certs}/{side}.chain.pem",
+        f"key = {certs}/{side}.key.pem",
+        f"CAfile = {certs}/bundle.pem",
+        "verifyChain = yes",
+        "socket = l:TCP_NODELAY=1",
+        "socket = r:TCP_NODELAY=1",
+    ]
+    services = []
+    for target, local in STUNNEL_PORTS.items():
+        if side == "client":
+            services += [f"[s{target}]", "client = yes", f"accept = {node_ip}:{local}",
+                         f"connect = {peer_ip}:{STUNNEL_SERVER_PORT + target - 8080}"]  # fmt: skip
+        else:
+            services += [f"[s{target}]", f"accept = {node_ip}:{STUNNEL_SERVER_PORT + target - 8080}",
+                         f"connect = {pod_ip}:{target}", "requireCert = yes"]  # fmt: skip
+    return "\n".join(common + services) + "\n"
+
+
+def _start_stunnel(lab: proxy_lab.ProxyLab, workdir: Path) -> None:
+    from mgmt.ca import CertificateAuthority
+
+    ca = CertificateAuthority.generate_root(proxy_lab.TRUST_DOMAIN)
+    (workdir / "bundle.pem").write_bytes(ca.bundle_pem())
+    for side in ("client", "server"):
+        chain, key = proxy_lab.issue(ca, SpiffeId.workload(proxy_lab.TRUST_DOMAIN, "bench", side))
+        (workdir / f"{side}.chain.pem").write_text(chain)
+        key_path = workdir / f"{side}.key.pem"
+        key_path.write_text(key)
+        key_path.chmod(0o600)
+    n1, n2 = lab.plan.node("node-1"), lab.plan.node("node-2")
+    pod_ip = lab.pod_ip("pod-2-2")
+    for side, node, peer in (("server", n2, n1), ("client", n1, n2)):
+        conf = workdir / f"stunnel-{side}.conf"
+        conf.write_text(_stunnel_conf(side, workdir, node.ip, peer.ip, pod_ip))
+        control.start_process(lab.prefix, f"stunnel-{side}", node.netns, ["stunnel4", str(conf)],
+                              workdir / f"stunnel-{side}.log")  # fmt: skip
+    _wait_listening(lab, "pod-1-2", n1.ip, STUNNEL_PORTS[proxy_lab.ECHO])
+
+
+def _probe(ip: str, port: int) -> bool:
+    try:
+        return connection_rate(ip, port, 0.01) > 0
+    except OSError:
+        return False
+
+
+def _wait_listening(lab: proxy_lab.ProxyLab, pod: str, ip: str, port: int) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proxy_lab.in_pod(lab, pod, _probe, ip, port):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{ip}:{port} not answering from {pod}")
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+Target = tuple[str, str, dict[int, int]]  # (client pod, destination ip, service port -> port to dial)
+
+
+def _cases(lab: proxy_lab.ProxyLab) -> dict[str, Target]:
+    n1 = lab.plan.node("node-1")
+    identity = {proxy_lab.ECHO: proxy_lab.ECHO, proxy_lab.COUNT_SINK: proxy_lab.COUNT_SINK}
+    return {
+        "plain": ("pod-1-2", lab.pod_ip("pod-2-2"), identity),
+        "stunnel": ("pod-1-2", n1.ip, dict(STUNNEL_PORTS)),
+        "ambit": ("pod-1-1", lab.pod_ip("pod-2-1"), identity),
+    }
+
+
+def _measure(lab: proxy_lab.ProxyLab, target: Target) -> dict[str, float]:
+    pod, ip, ports = target
+    sink, echo = ports[proxy_lab.COUNT_SINK], ports[proxy_lab.ECHO]
+
+    def run(fn: Callable[..., Any], *args: Any) -> Any:
+        return proxy_lab.in_pod(lab, pod, fn, *args, timeout=SECONDS * 10 + 30)
+
+    p50, p99 = run(request_response, ip, echo, SECONDS)
+    return {
+        "throughput 1 stream": run(throughput, ip, sink, 1, SECONDS),
+        "throughput 4 streams": run(throughput, ip, sink, 4, SECONDS),
+        "RR latency p50": p50,
+        "RR latency p99": p99,
+        "new connections/s": run(connection_rate, ip, echo, SECONDS),
+    }
+
+
+UNITS = {
+    "throughput 1 stream": "Gbit/s",
+    "throughput 4 streams": "Gbit/s",
+    "RR latency p50": "us",
+    "RR latency p99": "us",
+    "new connections/s": "conn/s",
+}
+
+
+def _row(
+    name: str, value: float, unit: str, baseline: str = "", baseline_value: float | None = None
+) -> dict[str, Any]:
+    row: dict[str, Any] = {"name": name, "value": value, "unit": unit, "baseline": baseline}
+    if baseline_value:
+        row["baseline_value"] = baseline_value
+        row["ratio"] = value / baseline_value
+    return row
+
+
+def run() -> list[dict[str, Any]]:
+    prefix = "bt" + uuid.uuid4().hex[:4] + "-"
+    with tempfile.TemporaryDirectory(prefix="ambit-bench-tunnel-") as tmp:
+        workdir = Path(tmp)
+        os.environ["AMBIT_LAB_STATE_DIR"] = str(workdir)
+        try:
+            lab = proxy_lab.start(prefix, workdir, enrolled=["pod-1-1", "pod-2-1"])
+            _start_stunnel(lab, workdir)
+            results = {path: _measure(lab, target) for path, target in _cases(lab).items()}
+        finally:
+            control.down(prefix)
+    rows = []
+    for metric, unit in UNITS.items():
+        plain, stunnel, ambit = (results[p][metric] for p in ("plain", "stunnel", "ambit"))
+        rows.append(_row(f"plain: {metric}", plain, unit))
+        rows.append(_row(f"stunnel: {metric}", stunnel, unit, f"plain: {metric}", plain))
+        rows.append(_row(f"ambit: {metric}", ambit, unit, f"plain: {metric}", plain))
+        rows.append(_row(f"ambit vs stunnel: {metric}", ambit, unit, f"stunnel: {metric}", stunnel))
+    return rows
