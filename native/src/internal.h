@@ -90,6 +90,7 @@ typedef struct ambit_loop {
     amap streams;            /* stream id -> hstream */
     struct hstream *ready;   /* streams whose TCP side needs pumping */
     struct hconn *dirty;     /* connections with output to flush or state to check */
+    struct apump *pumps_done; /* splices to free once the current epoll batch is handled */
     char *rbuf;              /* shared read buffer, AMBIT_READ_CHUNK */
 } ambit_loop;
 
@@ -151,6 +152,7 @@ void hconn_destroy_all(ambit_loop *l);
 /* pump.c */
 void pump_start(ambit_loop *l, acmd *c);
 int pump_close_cmd(ambit_loop *l, uint64_t id);
+void pump_process_pending(ambit_loop *l);
 void pump_destroy_all(ambit_loop *l);
 
 #endif

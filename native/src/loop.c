@@ -1,5 +1,6 @@
 /* Engine object, loop threads, the Python->C command queue and the C->Python event queue. */
 #include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -166,6 +167,11 @@ static void *loop_main(void *arg)
 {
     ambit_loop *l = arg;
     struct epoll_event evs[256];
+    /* A write to a reset socket must fail with EPIPE, not kill the host process. */
+    sigset_t pipe_set;
+    sigemptyset(&pipe_set);
+    sigaddset(&pipe_set, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &pipe_set, NULL);
     while (__atomic_load_n(&l->running, __ATOMIC_ACQUIRE)) {
         int n = epoll_wait(l->epfd, evs, 256, (l->ready || l->dirty) ? 0 : -1);
         if (n < 0 && errno != EINTR)
@@ -175,6 +181,7 @@ static void *loop_main(void *arg)
             io->on_event(l, io, evs[i].events);
         }
         hconn_process_pending(l);
+        pump_process_pending(l);
     }
     hconn_destroy_all(l);
     pump_destroy_all(l);

@@ -24,8 +24,9 @@ typedef struct apump {
     uint64_t id, tag;
     aio io_a, io_b;
     pdir ab, ba; /* ab: bytes read from fd_a, written to fd_b */
-    int failed;
+    int failed, done;
     char detail[128];
+    struct apump *done_next;
 } apump;
 
 static int pdir_init(pdir *d, int src, int dst)
@@ -95,7 +96,7 @@ static int pdir_run(pdir *d)
     return 0;
 }
 
-static void pump_finish(ambit_loop *l, apump *p, int emit)
+static void pump_free(ambit_loop *l, apump *p, int emit)
 {
     amap_del(&l->splices, p->id);
     loop_del_fd(l, &p->io_a);
@@ -123,6 +124,27 @@ static void pump_finish(ambit_loop *l, apump *p, int emit)
     free(p);
 }
 
+/* Freed after the current epoll batch: the batch may still hold an event for the other fd of the pair. */
+static void pump_finish(ambit_loop *l, apump *p)
+{
+    if (p->done)
+        return;
+    p->done = 1;
+    loop_del_fd(l, &p->io_a);
+    loop_del_fd(l, &p->io_b);
+    p->done_next = l->pumps_done;
+    l->pumps_done = p;
+}
+
+void pump_process_pending(ambit_loop *l)
+{
+    while (l->pumps_done) {
+        apump *p = l->pumps_done;
+        l->pumps_done = p->done_next;
+        pump_free(l, p, 1);
+    }
+}
+
 static void pump_fail(apump *p, const char *what)
 {
     p->failed = 1;
@@ -132,6 +154,8 @@ static void pump_fail(apump *p, const char *what)
 static void on_pump_event(ambit_loop *l, aio *io, uint32_t events)
 {
     apump *p = io->owner;
+    if (p->done)
+        return;
     int is_a = io == &p->io_a;
     pdir *out = is_a ? &p->ab : &p->ba; /* direction this fd feeds */
     pdir *in = is_a ? &p->ba : &p->ab;  /* direction that writes into this fd */
@@ -147,9 +171,9 @@ static void on_pump_event(ambit_loop *l, aio *io, uint32_t events)
     ctr_add(l->engine, AMBIT_C_SPLICE_BYTES, (int64_t)(p->ab.bytes + p->ba.bytes - before));
     if (p->failed) {
         ctr_add(l->engine, AMBIT_C_ERRORS_IO, 1);
-        pump_finish(l, p, 1);
+        pump_finish(l, p);
     } else if (p->ab.shut && p->ba.shut) {
-        pump_finish(l, p, 1);
+        pump_finish(l, p);
     }
 }
 
@@ -175,7 +199,7 @@ void pump_start(ambit_loop *l, acmd *c)
     ctr_add(l->engine, AMBIT_C_SPLICES_ACTIVE, 1);
     if (loop_add_fd(l, &p->io_a, p->io_a.fd) < 0 || loop_add_fd(l, &p->io_b, p->io_b.fd) < 0) {
         pump_fail(p, "epoll");
-        pump_finish(l, p, 1);
+        pump_finish(l, p);
     }
     return;
 fail:
@@ -196,14 +220,16 @@ int pump_close_cmd(ambit_loop *l, uint64_t id)
     apump *p = amap_get(&l->splices, id);
     if (!p)
         return 0;
-    copy_str(p->detail, sizeof(p->detail), "closed by agent");
-    pump_finish(l, p, 1);
+    if (!p->done)
+        copy_str(p->detail, sizeof(p->detail), "closed by agent");
+    pump_finish(l, p);
     return 1;
 }
 
 void pump_destroy_all(ambit_loop *l)
 {
+    pump_process_pending(l);
     apump *p;
     while ((p = amap_any(&l->splices)))
-        pump_finish(l, p, 0);
+        pump_free(l, p, 0);
 }

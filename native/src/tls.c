@@ -11,6 +11,7 @@
 #include "internal.h"
 
 #define SESSION_SLOTS 64
+#define TLS_READ_BUFFER (128 * 1024)
 
 static const unsigned char ALPN_H2[] = {2, 'h', '2'};
 static const unsigned char SESSION_ID_CTX[] = "ambit-hbone";
@@ -171,6 +172,11 @@ SSL_CTX *tls_ctx_build(int server, const char *chain, size_t chain_len, const ch
     /* Partial writes let one SSL_write move a large buffer as many records without copying it aside. */
     SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
     SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
+    /* Read ahead with a large buffer: one recv() brings many records instead of two syscalls per record. */
+    SSL_CTX_set_read_ahead(ctx, 1);
+    SSL_CTX_set_default_read_buffer_len(ctx, TLS_READ_BUFFER);
+    /* AES-128-GCM first: the same AEAD strength class as 256 for this use, and markedly faster. */
+    SSL_CTX_set_ciphersuites(ctx, "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256");
     if (!load_chain(ctx, chain, chain_len, err, errlen) || !load_key(ctx, key, key_len, err, errlen) ||
         !load_bundle(ctx, bundle, bundle_len, err, errlen)) {
         SSL_CTX_free(ctx);
