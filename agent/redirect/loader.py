@@ -82,9 +82,13 @@ def load(hook: str, pin_dir: Path) -> LoadedProgram:
     source = BPF_DIR / f"{hook}.c"
     try:
         bpf = BPF(text=expand_includes(source), cflags=cflags(pin_dir))
-        fd = bpf.load_func(hook.encode(), BPF.SCHED_CLS).fd
     except Exception as exc:
+        raise LoadError(f"compiling {source}: {exc}") from exc
+    program = LoadedProgram(hook=hook, bpf=bpf, fd=-1, pin=pin_dir / f"prog_{hook}")
+    try:
+        program.fd = bpf.load_func(hook.encode(), BPF.SCHED_CLS).fd
+        pins.pin_fd(program.fd, program.pin)
+    except Exception as exc:
+        program.close()
         raise LoadError(f"loading {source}: {exc}") from exc
-    program = LoadedProgram(hook=hook, bpf=bpf, fd=fd, pin=pin_dir / f"prog_{hook}")
-    pins.pin_fd(fd, program.pin)
     return program

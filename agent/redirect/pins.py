@@ -9,18 +9,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import functools
 import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 BPFFS = Path("/sys/fs/bpf")
 PIN_ROOT = BPFFS / "ambit"
 _MOUNT_LOCK = Path("/run/ambit-bpffs.lock")
-_libbcc = ctypes.CDLL("libbcc.so.0", use_errno=True)
-_libbcc.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
-_libbcc.bpf_obj_pin.restype = ctypes.c_int
 
 
 class PinError(RuntimeError):
@@ -61,9 +60,18 @@ def pin_fd(fd: int, path: Path) -> None:
     """Pin a map or program, replacing an older pin at `path` (a pin cannot be overwritten in place)."""
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-    if _libbcc.bpf_obj_pin(fd, str(path).encode()) != 0:
+    if _bpf_obj_pin()(fd, str(path).encode()) != 0:
         err = ctypes.get_errno()
         raise PinError(f"cannot pin fd {fd} at {path}: {os.strerror(err)}")
+
+
+@functools.cache
+def _bpf_obj_pin() -> Any:
+    """libbcc's bpf_obj_pin, loaded on first use: cleanup_pins must work where bcc is not installed."""
+    lib = ctypes.CDLL("libbcc.so.0", use_errno=True)
+    lib.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
+    lib.bpf_obj_pin.restype = ctypes.c_int
+    return lib.bpf_obj_pin
 
 
 def fdinfo(fd: int) -> dict[str, str]:

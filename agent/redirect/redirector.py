@@ -78,12 +78,14 @@ class Redirector:
         with self._lock:
             if self._ipr is None:
                 return
-            if not keep_datapath:
-                for attachment in tc.attachments(self._ipr):
-                    tc.detach(self._ipr, attachment.index)
-                rules.remove(self._ipr)
-                pins.remove_pin_dir(self.pin_dir)
-            self._close()
+            try:
+                if not keep_datapath:
+                    for attachment in tc.attachments(self._ipr):
+                        tc.detach(self._ipr, attachment.index)
+                    rules.remove(self._ipr)
+                    pins.remove_pin_dir(self.pin_dir)
+            finally:
+                self._close()
             log.info(
                 "redirector for %s stopped (datapath %s)", self.node, "kept" if keep_datapath else "removed"
             )
@@ -135,8 +137,8 @@ class Redirector:
         with self._lock:
             pods = self._require_started()
             index = self._pod_link(pod_ip)
-            if self._attached.get(index) is None:
-                self._attach(index, POD_HOOK)
+            # Always (re)attach: an atomic replace, and right even if the pod's veth was re-created.
+            self._attach(index, POD_HOOK)
             pods.put(pod_ip, workload_uid, strict)
         log.info("enrolled %s (%s, %s) on %s", pod_ip, workload_uid, _mode(strict), self._ifname(index))
 

@@ -46,6 +46,10 @@ def test_enrolled_pod_is_captured_with_original_destination(lab: LabPlan) -> Non
         proxy = roles.enter_context(Listener(node.netns, marks.OUTBOUND_PORT, "agent"))
         agent = start_agent(roles, lab, node.name)
         agent.call("enroll", pod.ip, "default/pod-1-1", False)
+        with pytest.raises(AssertionError, match="not on node node-1"):
+            agent.call("enroll", remote.ip, "default/pod-2-1", False)
+        with pytest.raises(AssertionError, match="bad pod address"):
+            agent.call("enroll", "fd00::1", "default/v6", False)
         assert greeting_of(pod.netns, remote.ip, ECHO_PORT) == "agent"
         accepted = proxy.accepts()
         assert [(a["peer"][0], tuple(a["orig_dst"])) for a in accepted] == [(pod.ip, (remote.ip, ECHO_PORT))]

@@ -1,0 +1,59 @@
+"""The Python mirror of bpf/ambit_maps.h matches the header, and the pin bookkeeping removes exactly a
+lab's own directories. No root needed: this reads the C source, it does not load it."""
+
+from __future__ import annotations
+
+import ctypes
+import re
+from pathlib import Path
+
+import pytest
+
+from agent.redirect import loader, maps, pins
+
+HEADER = (loader.BPF_DIR / "ambit_maps.h").read_text()
+
+
+def test_counter_enum_matches_python_names() -> None:
+    body = re.search(r"enum ambit_counter \{(.*?)\};", HEADER, re.S)
+    assert body is not None
+    names = re.findall(r"AMBIT_CTR_(\w+)", body.group(1))
+    assert names[-1] == "MAX"
+    assert tuple(n.lower() for n in names[:-1]) == maps.COUNTERS
+
+
+def test_pod_struct_matches_header() -> None:
+    assert f"#define AMBIT_WORKLOAD_LEN {maps.WORKLOAD_LEN}" in HEADER
+    assert f"AMBIT_MODE_STRICT = {maps.MODE_STRICT}," in HEADER
+    assert f"AMBIT_MODE_PERMISSIVE = {maps.MODE_PERMISSIVE}," in HEADER
+    body = re.search(r"struct ambit_pod \{(.*?)\};", HEADER, re.S)
+    assert body is not None
+    fields = re.findall(r"^\s*\w+\s+(\w+)(?:\[\w+\])?;", body.group(1), re.M)
+    assert fields == [f[0] for f in maps.Pod._fields_]
+    assert ctypes.sizeof(maps.Pod) == 4 + 4 + maps.WORKLOAD_LEN
+    assert ctypes.sizeof(maps.PodKey) == 4
+
+
+def test_pod_key_is_network_order_ipv4_only() -> None:
+    assert bytes(maps.pod_key("10.244.1.2")) == bytes([10, 244, 1, 2])
+    for bad in ("fd00::1", "10.244.1", "pod-1-1", ""):
+        with pytest.raises(ValueError):
+            maps.pod_key(bad)
+
+
+def test_includes_are_inlined_once() -> None:
+    for hook in loader.HOOKS:
+        text = loader.expand_includes(loader.BPF_DIR / f"{hook}.c")
+        assert '#include "' not in text
+        assert text.count("BPF_TABLE_PINNED(") == 2
+        assert f"int {hook}(struct __sk_buff *skb)" in text
+
+
+def test_cleanup_pins_takes_only_the_lab_nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pins, "PIN_ROOT", tmp_path)
+    for name in ("amb-node-1", "amb-node-12", "amb-x-node-1", "other", "amb-node-1x"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "pods").touch()
+    removed = pins.cleanup_pins("amb-")
+    assert [Path(p).name for p in removed] == ["amb-node-1", "amb-node-12"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["amb-node-1x", "amb-x-node-1", "other"]
