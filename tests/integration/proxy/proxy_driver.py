@@ -94,6 +94,17 @@ def snapshot(cfg: dict[str, Any]) -> MeshSnapshot:
     return MeshSnapshot.from_objects(1, cfg["trust_domain"], cfg["node"], [ns, *workloads, *nodes])
 
 
+def start_redirect(node: str, cfg: dict[str, Any]) -> Any:
+    """The product's eBPF capture (H3's Redirector) for this node's enrolled pods."""
+    from agent.redirect.redirector import Redirector
+
+    redirector = Redirector(node, Path(cfg["pin_dir"]))
+    redirector.start()
+    for ip, uid, strict in cfg["enrolled"]:
+        redirector.enroll(ip, uid, strict)
+    return redirector
+
+
 def main(config_path: str) -> int:
     cfg = json.loads(Path(config_path).read_text())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -112,6 +123,7 @@ def main(config_path: str) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     proxy.start()
+    redirector = start_redirect(cfg["node"], cfg["redirect"]) if cfg.get("redirect") else None
     status = Path(cfg["status"])
     while not stop.wait(0.2):
         doc = {
@@ -123,6 +135,8 @@ def main(config_path: str) -> int:
         tmp = status.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, default=str))
         os.replace(tmp, status)
+    if redirector is not None:
+        redirector.stop()
     proxy.stop()
     return 0
 

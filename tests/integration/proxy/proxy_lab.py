@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent import netns as nsx
 from agent.lab import control
 from agent.lab.plan import LabPlan, plan_lab
+from agent.redirect import pins
 from agent.redirect.marks import INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, ROUTE_MARK, ROUTE_MASK, ROUTE_TABLE
 from api.spiffe import SpiffeId
 from mgmt.ca import CertificateAuthority
@@ -150,12 +151,15 @@ def start(
     max_streams: int = 100,
     extra_nodes: dict[str, str] | None = None,
     enrolled: Iterable[str] | None = None,
+    capture: str = "nft",
 ) -> ProxyLab:
     """Lab up, capture installed, one proxy per node and test servers in every pod, all ready.
 
     `enrolled`: the pods whose traffic is captured (all when None); the others talk plain TCP.
+    `capture`: "nft" (tproxy rules installed here) or "bpf" (the proxy driver runs the Redirector).
     """
     enrolled_pods = None if enrolled is None else set(enrolled)
+    strict_uids = set(strict)
     plan = plan_lab(nodes, pods, prefix)
     control.up(plan)
     lab = ProxyLab(prefix, plan, workdir, list(extra_workloads))
@@ -165,8 +169,14 @@ def start(
     ] + lab.extra_workloads
     nodes_map = {n.name: n.ip for n in plan.nodes} | (extra_nodes or {})
     for node in plan.nodes:
-        captured = [p.ip for p in node.pods if enrolled_pods is None or p.name in enrolled_pods]
-        install_capture(node.netns, captured)
+        captured = [p for p in node.pods if enrolled_pods is None or p.name in enrolled_pods]
+        redirect: dict[str, Any] | None = None
+        if capture == "bpf":
+            pin_dir = str(pins.lab_pin_dir(prefix, node.name))
+            enrol = [(p.ip, f"app/{p.name}", f"app/{p.name}" in strict_uids) for p in captured]
+            redirect = {"pin_dir": pin_dir, "enrolled": enrol}
+        else:
+            install_capture(node.netns, [p.ip for p in captured])
         chain, key = issue(ca, SpiffeId.node(TRUST_DOMAIN, node.name))
         local = [w for w in workloads if w["node"] == node.name]
         cfg = {
@@ -180,8 +190,9 @@ def start(
             "node_key_pem": key,
             "svids": {principal(w["name"]): issue(ca, SpiffeId.parse(principal(w["name"]))) for w in local},
             "deny": [list(d) for d in deny],
-            "strict": list(strict),
+            "strict": sorted(strict_uids),
             "max_streams": max_streams,
+            "redirect": redirect,
             "events": str(workdir / f"{node.name}.events.jsonl"),
             "status": str(workdir / f"{node.name}.status.json"),
         }

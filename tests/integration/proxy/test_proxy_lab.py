@@ -41,8 +41,9 @@ DENIED = ("pod-1-2", "pod-2-2")
 STRICT_POD = "pod-2-2"
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyLab]:
+@pytest.fixture(scope="module", params=["nft", "bpf"])
+def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyLab]:
+    """The lab with either capture: nftables tproxy (proxy alone) or the product's eBPF redirect."""
     prefix = "t" + uuid.uuid4().hex[:4] + "-"
     workdir = tmp_path_factory.mktemp("proxylab")
     with pytest.MonkeyPatch.context() as mp:
@@ -57,6 +58,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyLab]:
                 strict=[f"app/{STRICT_POD}"],
                 extra_workloads=[{"name": "impostor", "sa": "impostor", "node": "node-9", "ip": IMPOSTOR_IP}],
                 extra_nodes={"node-9": "172.30.0.2"},
+                capture=request.param,
             )
             yield started
         finally:
