@@ -2,7 +2,8 @@
 
 Static mesh view, certificates issued by the test, an authorizer with an explicit deny list, and an
 observer that appends every connection record to a JSON-lines file; status (counters, rows, pool) is
-rewritten every 0.2 s so tests can read it. Stops on SIGTERM.
+rewritten every 0.2 s so tests can read it. SIGUSR1 closes every live inbound connection (what the daemon
+does when a policy update denies them). Stops on SIGTERM.
 """
 
 from __future__ import annotations
@@ -122,6 +123,11 @@ def main(config_path: str) -> int:
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # SIGUSR1 plays a policy update that denies everything: re-check and close live inbound connections.
+    signal.signal(
+        signal.SIGUSR1,
+        lambda *_: [proxy.close(cid, "policy changed") for cid, _ in proxy.inbound_connections()],
+    )
     proxy.start()
     redirector = start_redirect(cfg["node"], cfg["redirect"]) if cfg.get("redirect") else None
     status = Path(cfg["status"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
 import ssl
 import struct
@@ -32,6 +33,7 @@ from proxy_lab import start as start_lab
 from proxy_lab import stop as stop_lab
 
 from agent import netns as nsx
+from agent.lab import state
 from agent.redirect.marks import HBONE_PORT
 
 pytestmark = pytest.mark.root
@@ -173,6 +175,26 @@ def test_plaintext_inbound_permissive_and_strict(lab: ProxyLab) -> None:
         ]
         == "DENY"
     )
+
+
+def _cut_by_policy(ip: str, port: int, agent_pid: int) -> str:
+    with socket.create_connection((ip, port), timeout=10) as sock:
+        sock.sendall(b"before")
+        assert sock.recv(64) == b"before"
+        os.kill(agent_pid, signal.SIGUSR1)  # the destination agent re-checks: everything is denied now
+        try:
+            return "data" if sock.recv(64) else "eof"
+        except ConnectionResetError:
+            return "reset"
+
+
+def test_policy_change_closes_live_inbound_connections(lab: ProxyLab) -> None:
+    lab_state = state.load(lab.prefix)
+    assert lab_state is not None
+    (pid,) = [p.pid for p in lab_state.processes if p.name == "proxy-node-2"]
+    assert in_pod(lab, "pod-1-2", _cut_by_policy, lab.pod_ip("pod-2-1"), ECHO, pid) in ("eof", "reset")
+    rec = _closed(lab, "node-2", ECHO, error="policy changed", destination_workload="app/pod-2-1")
+    assert rec["response_flags"] == "DENY" and rec["bytes_sent"] == len(b"before")
 
 
 # --- hostile input on 15008 -----------------------------------------------------------------------
