@@ -47,6 +47,7 @@ typedef struct hconn {
     ambit_loop *l;
     aio io;
     SSL *ssl;
+    BIO *wbio;                    /* buffer BIO in front of the socket, owned by ssl */
     nghttp2_session *h2;
     int server;
     int state;
@@ -507,6 +508,37 @@ static int h2_setup(hconn *c)
 
 /* ---- TLS side ---- */
 
+/* Records are written through a buffer BIO, so one send() carries many 16 KiB records; reads use the
+ * socket directly (read-ahead on the context already batches them). */
+static int conn_set_bios(hconn *c, int fd)
+{
+    BIO *sock = BIO_new_socket(fd, BIO_NOCLOSE);
+    BIO *buf = BIO_new(BIO_f_buffer());
+    if (!sock || !buf || BIO_set_write_buffer_size(buf, AMBIT_TLS_WBUF) != 1 || BIO_up_ref(sock) != 1) {
+        BIO_free(sock);
+        BIO_free(buf);
+        return -1;
+    }
+    BIO_push(buf, sock);
+    SSL_set_bio(c->ssl, sock, buf); /* one reference each; the buffer BIO holds the second one */
+    c->wbio = buf;
+    return 0;
+}
+
+/* Pushes buffered records to the socket: 1 done, 0 would block, -1 error. */
+static int conn_bio_flush(hconn *c)
+{
+    if (!BIO_wpending(c->wbio))
+        return 1;
+    if (BIO_flush(c->wbio) == 1)
+        return 1;
+    if (BIO_should_retry(c->wbio)) {
+        c->writable = 0;
+        return 0;
+    }
+    return -1;
+}
+
 static void handshake_done(hconn *c)
 {
     ambit_engine *e = c->l->engine;
@@ -594,7 +626,7 @@ static void conn_flush(hconn *c)
             }
         }
         if (!abuf_pending(&c->wbuf) || !c->writable)
-            return;
+            break;
         size_t w = 0;
         if (SSL_write_ex(c->ssl, abuf_head(&c->wbuf), abuf_pending(&c->wbuf), &w) == 1) {
             abuf_consume(&c->wbuf, w);
@@ -614,6 +646,8 @@ static void conn_flush(hconn *c)
         conn_fail(c, AMBIT_C_ERRORS_IO, "%s", msg);
         return;
     }
+    if (c->writable && conn_bio_flush(c) < 0)
+        conn_fail(c, AMBIT_C_ERRORS_IO, "send: %s", strerror(errno));
 }
 
 static void conn_handshake(hconn *c)
@@ -734,8 +768,8 @@ static void conn_service(hconn *c)
             c->conn_unconsumed = 0;
         }
         conn_flush(c);
-        if (!c->ending && !c->streams && !abuf_pending(&c->wbuf) && !nghttp2_session_want_read(c->h2) &&
-            !nghttp2_session_want_write(c->h2))
+        if (!c->ending && !c->streams && !abuf_pending(&c->wbuf) && !BIO_wpending(c->wbio) &&
+            !nghttp2_session_want_read(c->h2) && !nghttp2_session_want_write(c->h2))
             c->ending = END_GRACEFUL;
     }
     if (c->ending)
@@ -780,7 +814,7 @@ void hconn_start(ambit_loop *l, acmd *cmd, int server)
     cmd->text = NULL;
     c->ssl = SSL_new(cmd->ctx);
     why = "cannot create TLS or HTTP/2 session";
-    if (!c->ssl || SSL_set_fd(c->ssl, cmd->fd) != 1 || h2_setup(c) != 0 || amap_put(&l->conns, c->id, c) < 0)
+    if (!c->ssl || conn_set_bios(c, cmd->fd) < 0 || h2_setup(c) != 0 || amap_put(&l->conns, c->id, c) < 0)
         goto fail;
     if (server) {
         SSL_set_accept_state(c->ssl);

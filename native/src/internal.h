@@ -18,6 +18,7 @@
 #define AMBIT_STREAM_WINDOW (4 * 1024 * 1024)
 #define AMBIT_CONN_WINDOW (16 * 1024 * 1024)
 #define AMBIT_PIPE_SIZE (256 * 1024)
+#define AMBIT_TLS_WBUF (256 * 1024)         /* TLS records coalesced per send() */
 
 /* Growable byte buffer with a consumed prefix. */
 typedef struct abuf {
