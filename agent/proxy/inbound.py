@@ -24,7 +24,6 @@ from agent.proxy.runtime import Runtime, accept_batch
 from agent.proxy.sockets import (
     AuthorityError,
     connect_nonblocking,
-    original_destination,
     parse_authority,
     peer_address,
 )
@@ -196,46 +195,33 @@ class Inbound:
 
     def _plaintext(self, client: socket.socket) -> None:
         rt = self.rt
-        rt.counters["plaintext_accepted"] += 1
-        client.setblocking(False)
-        dst_ip, dst_port = original_destination(client)
-        src_ip, src_port = peer_address(client)
+        record = rt.accepted(client, Direction.INBOUND, "plaintext_accepted")
+        src_ip, dst_ip, dst_port = record.source_ip, record.destination_ip, record.destination_port
         snap = rt.state()
         dst = snap.workload_by_ip(dst_ip)
-        record = ConnectionRecord(
-            conn_id=0,
-            direction=Direction.INBOUND,
-            source_ip=src_ip,
-            source_port=src_port,
-            destination_ip=dst_ip,
-            destination_port=dst_port,
-            security_policy="none",
-            destination_workload=dst.uid if dst is not None else "",
-            destination_principal=str(dst.spiffe_id(snap.trust_domain)) if dst is not None else "",
-            start_time=time.time(),
-        )
+        if dst is not None:
+            record = dataclasses.replace(
+                record,
+                destination_workload=dst.uid,
+                destination_principal=str(dst.spiffe_id(snap.trust_domain)),
+            )
         if dst is None or dst.node != rt.node or dst_port == INBOUND_PLAINTEXT_PORT:
-            self._drop(client, record, "NR", f"{dst_ip}:{dst_port} is not a workload on node {rt.node}")
+            rt.refuse(client, record, "NR", f"{dst_ip}:{dst_port} is not a workload on node {rt.node}")
             return
         if rt.authorizer.mtls_mode(dst, dst_port) == "STRICT":
-            self._drop(client, record, "DENY", f"{dst.uid} requires mTLS (STRICT)")
+            rt.refuse(client, record, "DENY", f"{dst.uid} requires mTLS (STRICT)")
             return
         attrs = ConnectionAttrs(None, src_ip, dst_ip, dst_port, dst.uid, dst.namespace, tls=False)
         decision = rt.authorize(attrs)
         record = dataclasses.replace(record, policy=decision.policy)
         if not decision.allow:
-            self._drop(client, record, "DENY", decision.reason)
+            rt.refuse(client, record, "DENY", decision.reason)
             return
         spoof = src_ip if rt.preserve_source_ip else None
         try:
             upstream = connect_nonblocking((dst_ip, dst_port), source_ip=spoof)
         except OSError as exc:
-            self._drop(client, record, "UF", f"connect: {exc}")
+            rt.refuse(client, record, "UF", f"connect: {exc}")
             return
         entry = rt.table.add(Entry(rt.table.next_tag(), record, Path.SPLICE, attrs))
         rt.splice_when_connected(client, upstream, entry)
-
-    def _drop(self, client: socket.socket, record: ConnectionRecord, flags: str, error: str) -> None:
-        client.close()
-        self.rt.counters[f"plaintext_refused_{flags}"] += 1
-        self.rt.table.reject(record, flags, error)

@@ -11,15 +11,12 @@ import dataclasses
 import logging
 import os
 import socket
-import time
 
 from agent.connections import ConnectionRecord, Direction
 from agent.proxy.runtime import MeshView, Runtime, accept_batch
 from agent.proxy.sockets import (
     connect_nonblocking,
     format_authority,
-    original_destination,
-    peer_address,
 )
 from agent.proxy.table import Entry, Path
 from agent.redirect.marks import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
@@ -42,23 +39,12 @@ class Outbound:
 
     def handle(self, client: socket.socket) -> None:
         rt = self.rt
-        rt.counters["outbound_accepted"] += 1
-        client.setblocking(False)
-        dst_ip, dst_port = original_destination(client)
-        src_ip, src_port = peer_address(client)
-        snap = rt.state()
-        record = ConnectionRecord(
-            conn_id=0,
-            direction=Direction.OUTBOUND,
-            source_ip=src_ip,
-            source_port=src_port,
-            destination_ip=dst_ip,
-            destination_port=dst_port,
-            start_time=time.time(),
-        )
+        record = rt.accepted(client, Direction.OUTBOUND, "outbound_accepted")
+        src_ip, dst_ip, dst_port = record.source_ip, record.destination_ip, record.destination_port
         if dst_port in _LOOP_PORTS:
-            self._refuse(client, record, "NR", f"destination {dst_ip}:{dst_port} is a capture port (loop)")
+            rt.refuse(client, record, "NR", f"destination {dst_ip}:{dst_port} is a capture port (loop)")
             return
+        snap = rt.state()
         dst = snap.workload_by_ip(dst_ip)
         if dst is None or not dst.enrolled(snap.namespace_of(dst)):
             self._passthrough(client, record)
@@ -66,16 +52,9 @@ class Outbound:
         src = snap.workload_by_ip(src_ip)
         if src is None:
             # Without a source workload there is no identity to present: refuse rather than guess.
-            self._refuse(client, record, "NR", f"source {src_ip} is not a known workload")
+            self.rt.refuse(client, record, "NR", f"source {src_ip} is not a known workload")
             return
         self._hbone(client, record, snap, src, dst)
-
-    def _refuse(self, client: socket.socket, record: ConnectionRecord, flags: str, error: str) -> None:
-        client.close()
-        self.rt.counters[f"outbound_refused_{flags}"] += 1
-        log.info("outbound %s:%d -> %s:%d refused: %s", record.source_ip, record.source_port,
-                 record.destination_ip, record.destination_port, error)  # fmt: skip
-        self.rt.table.reject(record, flags, error)
 
     def _passthrough(self, client: socket.socket, record: ConnectionRecord) -> None:
         rt = self.rt
@@ -84,7 +63,7 @@ class Outbound:
         try:
             upstream = connect_nonblocking((record.destination_ip, record.destination_port))
         except OSError as exc:
-            self._refuse(client, record, "UF", f"connect: {os.strerror(exc.errno or 0)}")
+            self.rt.refuse(client, record, "UF", f"connect: {os.strerror(exc.errno or 0)}")
             return
         entry = rt.table.add(Entry(rt.table.next_tag(), record, Path.SPLICE))
         rt.splice_when_connected(client, upstream, entry)
@@ -104,13 +83,13 @@ class Outbound:
         )
         node_ip = snap.node_address(dst.node)
         if node_ip is None:
-            self._refuse(client, record, "UH", f"node {dst.node} of {dst.uid} has no address")
+            self.rt.refuse(client, record, "UH", f"node {dst.node} of {dst.uid} has no address")
             return
         try:
             ctx, generation = rt.tls.client(src_id)
         except Exception as exc:  # no SVID (CA unreachable, not authorized for this identity, ...)
             log.warning("no client certificate for %s: %s", src_id, exc)
-            self._refuse(client, record, "UF", f"no certificate for {src_id}: {exc}")
+            self.rt.refuse(client, record, "UF", f"no certificate for {src_id}: {exc}")
             return
         key = (str(src_id), dst.node)
         conn = rt.pool.acquire(key, generation)
@@ -118,13 +97,13 @@ class Outbound:
             try:
                 sock = connect_nonblocking((node_ip, HBONE_PORT))
             except OSError as exc:
-                self._refuse(client, record, "UF", f"connect {node_ip}:{HBONE_PORT}: {exc}")
+                self.rt.refuse(client, record, "UF", f"connect {node_ip}:{HBONE_PORT}: {exc}")
                 return
             expected = str(SpiffeId.node(td, dst.node))
             try:
                 conn_id = rt.engine.connect_hbone(sock.detach(), ctx, expected)
             except EngineError as exc:
-                self._refuse(client, record, "UF", f"HBONE to {node_ip}: {exc}")
+                self.rt.refuse(client, record, "UF", f"HBONE to {node_ip}: {exc}")
                 return
             conn = rt.pool.add(key, conn_id, f"{node_ip}:{HBONE_PORT}", generation)
             rt.counters["hbone_connections_opened"] += 1

@@ -6,13 +6,16 @@ import collections
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from agent.connections import ConnectionRecord, Direction
 from agent.policy.decision import ConnectionAttrs, Decision
 from agent.proxy.loop import ControlLoop
 from agent.proxy.pool import Pool
+from agent.proxy.sockets import original_destination, peer_address
 from agent.proxy.table import ConnectionTable, Entry
 from agent.proxy.tls import TlsContexts
 from api.resources.workload import Namespace, Workload
@@ -67,6 +70,32 @@ class Runtime:
             self.counters["authorizer_errors"] += 1
             log.exception("authorizer failed: %s -> %s", attrs.source_principal, attrs.destination_workload)
             return Decision(allow=False, policy="", reason=f"authorizer error: {type(exc).__name__}")
+
+    def accepted(self, client: socket.socket, direction: Direction, counter: str) -> ConnectionRecord:
+        """The record of a connection a capture listener accepted: its original destination and peer."""
+        self.counters[counter] += 1
+        client.setblocking(False)
+        dst_ip, dst_port = original_destination(client)
+        src_ip, src_port = peer_address(client)
+        return ConnectionRecord(
+            conn_id=0,
+            direction=direction,
+            source_ip=src_ip,
+            source_port=src_port,
+            destination_ip=dst_ip,
+            destination_port=dst_port,
+            security_policy="mutual_tls" if direction is Direction.OUTBOUND else "none",
+            start_time=time.time(),
+        )
+
+    def refuse(self, client: socket.socket, record: ConnectionRecord, flags: str, error: str) -> None:
+        """Close a captured connection before any path exists; counted and reported."""
+        client.close()
+        self.counters[f"{record.direction.value}_refused_{flags}"] += 1
+        r = record
+        log.info("%s %s:%d -> %s:%d refused: %s", r.direction.value, r.source_ip, r.source_port,
+                 r.destination_ip, r.destination_port, error)  # fmt: skip
+        self.table.reject(record, flags, error)
 
     def splice_when_connected(self, client: socket.socket, upstream: socket.socket, entry: Entry) -> None:
         """Hand a plaintext pair to the engine once the upstream connect completes."""

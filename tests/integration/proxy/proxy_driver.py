@@ -106,6 +106,11 @@ def start_redirect(node: str, cfg: dict[str, Any]) -> Any:
     return redirector
 
 
+def close_inbound(proxy: Proxy) -> None:
+    for conn_id, _attrs in proxy.inbound_connections():
+        proxy.close(conn_id, "policy changed")
+
+
 def main(config_path: str) -> int:
     cfg = json.loads(Path(config_path).read_text())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -124,10 +129,7 @@ def main(config_path: str) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     # SIGUSR1 plays a policy update that denies everything: re-check and close live inbound connections.
-    signal.signal(
-        signal.SIGUSR1,
-        lambda *_: [proxy.close(cid, "policy changed") for cid, _ in proxy.inbound_connections()],
-    )
+    signal.signal(signal.SIGUSR1, lambda *_: close_inbound(proxy))
     proxy.start()
     redirector = start_redirect(cfg["node"], cfg["redirect"]) if cfg.get("redirect") else None
     status = Path(cfg["status"])

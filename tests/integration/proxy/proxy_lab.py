@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent import netns as nsx
 from agent.lab import control
 from agent.lab.plan import LabPlan, plan_lab
+from agent.lab.probe import echo_roundtrip
 from agent.redirect import pins
 from agent.redirect.marks import INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, ROUTE_MARK, ROUTE_MASK, ROUTE_TABLE
 from api.spiffe import SpiffeId
@@ -234,13 +235,7 @@ def stop(lab: ProxyLab) -> None:
 
 def request(ip: str, port: int, payload: bytes, timeout: float = 15.0) -> bytes:
     """Connect, send, half-close, read the answer to EOF."""
-    with socket.create_connection((ip, port), timeout=timeout) as sock:
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-        return b"".join(chunks)
+    return echo_roundtrip(ip, port, payload, timeout)
 
 
 def pattern(size: int) -> tuple[bytes, int]:
