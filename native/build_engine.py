@@ -41,6 +41,8 @@ int ambit_engine_start(ambit_engine *e, char *err, size_t errlen);
 void ambit_engine_stop(ambit_engine *e);
 void ambit_engine_free(ambit_engine *e);
 int ambit_engine_eventfd(ambit_engine *e);
+void ambit_engine_set_timeouts(ambit_engine *e, int handshake_ms, int keepalive_idle_ms,
+                               int keepalive_timeout_ms);
 int ambit_engine_events(ambit_engine *e, ambit_event *out, int max);
 void ambit_engine_counters(ambit_engine *e, uint64_t *out, int n);
 int64_t ambit_tls_context(ambit_engine *e, int server, const char *chain_pem, size_t chain_len,

@@ -109,6 +109,19 @@ class Engine:
             raise EngineError(_text(err))
         return rv
 
+    def set_timeouts(
+        self, handshake_s: float = 10.0, keepalive_idle_s: float = 30.0, keepalive_timeout_s: float = 10.0
+    ) -> None:
+        """TLS handshake deadline; HTTP/2 PING after `keepalive_idle_s` of silence, and the connection ends
+        (conn_error) when nothing arrives within `keepalive_timeout_s` of it. 0 disables each."""
+        with self._lock:
+            lib.ambit_engine_set_timeouts(
+                self._h(),
+                int(handshake_s * 1000),
+                int(keepalive_idle_s * 1000),
+                int(keepalive_timeout_s * 1000),
+            )
+
     def start(self) -> None:
         self._call(lib.ambit_engine_start)
 

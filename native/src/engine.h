@@ -76,6 +76,8 @@ void ambit_engine_stop(ambit_engine *e);
 /* Frees the engine (stops it first if needed); closes the event fd. */
 void ambit_engine_free(ambit_engine *e);
 int ambit_engine_eventfd(ambit_engine *e);
+/* Handshake deadline, keepalive PING after idle, and PING answer deadline, in ms (0 disables each). */
+void ambit_engine_set_timeouts(ambit_engine *e, int handshake_ms, int keepalive_idle_ms, int keepalive_timeout_ms);
 int ambit_engine_events(ambit_engine *e, ambit_event *out, int max);
 void ambit_engine_counters(ambit_engine *e, uint64_t *out, int n);
 

@@ -64,6 +64,7 @@ typedef struct hconn {
     char error[640];
     size_t conn_unconsumed;
     uint64_t bytes_in, bytes_out;
+    uint64_t started_ms, last_rx_ms, ping_sent_ms;
 } hconn;
 
 static void mark_dirty(hconn *c)
@@ -581,6 +582,8 @@ static void conn_read(hconn *c)
             fill += n;
         }
         if (fill) {
+            c->last_rx_ms = now_ms();
+            c->ping_sent_ms = 0; /* any traffic proves the peer alive */
             c->bytes_in += fill;
             ctr_add(c->l->engine, AMBIT_C_TLS_BYTES_IN, (int64_t)fill);
             ssize_t rv = nghttp2_session_mem_recv(c->h2, (const uint8_t *)buf, fill);
@@ -812,6 +815,7 @@ void hconn_start(ambit_loop *l, acmd *cmd, int server)
     c->io.fd = -1;
     c->expected_peer = cmd->text;
     cmd->text = NULL;
+    c->started_ms = c->last_rx_ms = now_ms();
     c->ssl = SSL_new(cmd->ctx);
     why = "cannot create TLS or HTTP/2 session";
     if (!c->ssl || conn_set_bios(c, cmd->fd) < 0 || h2_setup(c) != 0 || amap_put(&l->conns, c->id, c) < 0)
@@ -973,6 +977,38 @@ int hconn_close_cmd(ambit_loop *l, uint64_t id)
         c->ending = END_GRACEFUL;
     mark_dirty(c);
     return 1;
+}
+
+static void conn_tick(void *value, void *arg)
+{
+    hconn *c = value;
+    uint64_t now = *(const uint64_t *)arg;
+    ambit_engine *e = c->l->engine;
+    if (c->ending)
+        return;
+    uint64_t hs = (uint64_t)__atomic_load_n(&e->handshake_timeout_ms, __ATOMIC_RELAXED);
+    uint64_t idle = (uint64_t)__atomic_load_n(&e->keepalive_idle_ms, __ATOMIC_RELAXED);
+    uint64_t answer = (uint64_t)__atomic_load_n(&e->keepalive_timeout_ms, __ATOMIC_RELAXED);
+    if (c->state == HS_TLS) {
+        if (hs && now - c->started_ms > hs)
+            conn_fail(c, AMBIT_C_ERRORS_HANDSHAKE, "TLS handshake timed out%s", "");
+        return;
+    }
+    if (c->ping_sent_ms) {
+        if (answer && now - c->ping_sent_ms > answer)
+            conn_fail(c, AMBIT_C_ERRORS_IO, "keepalive: no answer to PING%s", "");
+    } else if (idle && now - c->last_rx_ms > idle) {
+        /* An idle pooled connection must notice a dead peer (no FIN after a crash or a cut link). */
+        nghttp2_submit_ping(c->h2, NGHTTP2_FLAG_NONE, NULL);
+        c->ping_sent_ms = now;
+        mark_dirty(c);
+    }
+}
+
+void hconn_tick(ambit_loop *l)
+{
+    uint64_t now = now_ms();
+    amap_each(&l->conns, conn_tick, &now);
 }
 
 void hconn_destroy_all(ambit_loop *l)

@@ -19,6 +19,7 @@
 #define AMBIT_CONN_WINDOW (16 * 1024 * 1024)
 #define AMBIT_PIPE_SIZE (256 * 1024)
 #define AMBIT_TLS_WBUF (256 * 1024)         /* TLS records coalesced per send() */
+#define AMBIT_TICK_MS 200
 
 /* Growable byte buffer with a consumed prefix. */
 typedef struct abuf {
@@ -47,6 +48,7 @@ int amap_put(amap *m, uint64_t key, void *value);
 void *amap_get(const amap *m, uint64_t key);
 void *amap_del(amap *m, uint64_t key);
 void *amap_any(const amap *m);
+void amap_each(const amap *m, void (*fn)(void *value, void *arg), void *arg);
 void amap_free(amap *m);
 
 /* Every fd registered in epoll carries one of these; the callback gets the epoll event mask. */
@@ -82,6 +84,8 @@ typedef struct ambit_loop {
     int epfd;
     int wakefd;              /* eventfd: commands pending */
     aio wake_io;
+    int timerfd;             /* periodic tick: handshake deadlines and keepalive */
+    aio timer_io;
     pthread_t thread;
     int running;
     pthread_mutex_t cmd_lock;
@@ -112,6 +116,9 @@ struct ambit_engine {
     pthread_mutex_t ctx_lock;
     tls_ctx_entry *ctxs;
     uint64_t next_id;        /* atomic: conn, splice, stream and ctx ids share it */
+    int handshake_timeout_ms; /* atomic; 0 disables */
+    int keepalive_idle_ms;    /* atomic; PING after this much silence, 0 disables */
+    int keepalive_timeout_ms; /* atomic; no answer to the PING within this ends the connection */
     uint64_t counters[AMBIT_C_COUNT];
 };
 
@@ -149,6 +156,8 @@ void hconn_reset(ambit_loop *l, acmd *c);
 int hconn_close_cmd(ambit_loop *l, uint64_t id);
 void hconn_process_pending(ambit_loop *l);
 void hconn_destroy_all(ambit_loop *l);
+void hconn_tick(ambit_loop *l);
+uint64_t now_ms(void);
 
 /* pump.c */
 void pump_start(ambit_loop *l, acmd *c);

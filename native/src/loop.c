@@ -6,6 +6,8 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/timerfd.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -163,6 +165,28 @@ static void on_wake(ambit_loop *l, aio *io, uint32_t events)
     }
 }
 
+static void on_tick(ambit_loop *l, aio *io, uint32_t events)
+{
+    (void)events;
+    uint64_t v;
+    (void)!read(io->fd, &v, sizeof(v));
+    hconn_tick(l);
+}
+
+uint64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+void ambit_engine_set_timeouts(ambit_engine *e, int handshake_ms, int keepalive_idle_ms, int keepalive_timeout_ms)
+{
+    __atomic_store_n(&e->handshake_timeout_ms, handshake_ms, __ATOMIC_RELAXED);
+    __atomic_store_n(&e->keepalive_idle_ms, keepalive_idle_ms, __ATOMIC_RELAXED);
+    __atomic_store_n(&e->keepalive_timeout_ms, keepalive_timeout_ms, __ATOMIC_RELAXED);
+}
+
 static void *loop_main(void *arg)
 {
     ambit_loop *l = arg;
@@ -215,6 +239,7 @@ ambit_engine *ambit_engine_new(int threads, char *err, size_t errlen)
     }
     pthread_mutex_init(&e->ev_lock, NULL);
     pthread_mutex_init(&e->ctx_lock, NULL);
+    ambit_engine_set_timeouts(e, 10000, 30000, 10000);
     e->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     e->loops = calloc((size_t)threads, sizeof(ambit_loop));
     if (e->evfd < 0 || !e->loops) {
@@ -233,7 +258,13 @@ ambit_engine *ambit_engine_new(int threads, char *err, size_t errlen)
         e->nloops = i + 1;
         l->wake_io.on_event = on_wake;
         l->wake_io.owner = l;
-        if (l->epfd < 0 || l->wakefd < 0 || !l->rbuf || loop_add_fd(l, &l->wake_io, l->wakefd) < 0) {
+        l->timerfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+        l->timer_io.on_event = on_tick;
+        l->timer_io.owner = l;
+        struct itimerspec tick = {{0, AMBIT_TICK_MS * 1000000L}, {0, AMBIT_TICK_MS * 1000000L}};
+        if (l->epfd < 0 || l->wakefd < 0 || l->timerfd < 0 || !l->rbuf ||
+            loop_add_fd(l, &l->wake_io, l->wakefd) < 0 || timerfd_settime(l->timerfd, 0, &tick, NULL) < 0 ||
+            loop_add_fd(l, &l->timer_io, l->timerfd) < 0) {
             set_err(err, errlen, strerror(errno));
             ambit_engine_free(e);
             return NULL;
@@ -298,6 +329,8 @@ void ambit_engine_free(ambit_engine *e)
             close(l->epfd);
         if (l->wakefd >= 0)
             close(l->wakefd);
+        if (l->timerfd >= 0)
+            close(l->timerfd);
         free(l->rbuf);
         amap_free(&l->conns);
         amap_free(&l->splices);

@@ -132,6 +132,14 @@ void *amap_any(const amap *m)
     return NULL;
 }
 
+/* fn must not add or remove entries of m. */
+void amap_each(const amap *m, void (*fn)(void *value, void *arg), void *arg)
+{
+    for (size_t i = 0; i < m->nslots; i++)
+        for (amap_entry *en = m->slots[i]; en; en = en->next)
+            fn(en->value, arg);
+}
+
 void amap_free(amap *m)
 {
     for (size_t i = 0; i < m->nslots; i++)
