@@ -10,6 +10,7 @@ number lets the pool stop reusing connections made with the old certificate.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,6 +33,29 @@ class ProxyCredentials(Protocol):
     def trust_bundle_pem(self) -> bytes: ...
 
     def node_identity(self) -> Pem: ...
+
+
+class SvidSource(Protocol):
+    def svid_for(self, spiffe_id: SpiffeId) -> Pem: ...
+
+    def trust_bundle_pem(self) -> bytes: ...
+
+
+class NodeCredentials:
+    """ProxyCredentials from the IdentityManager (workload SVIDs, bundle) and the node's own identity."""
+
+    def __init__(self, svids: SvidSource, node_identity: Callable[[], Pem]) -> None:
+        self._svids = svids
+        self._node_identity = node_identity
+
+    def svid_for(self, spiffe_id: SpiffeId) -> Pem:
+        return self._svids.svid_for(spiffe_id)
+
+    def trust_bundle_pem(self) -> bytes:
+        return self._svids.trust_bundle_pem()
+
+    def node_identity(self) -> Pem:
+        return self._node_identity()
 
 
 class ContextFactory(Protocol):

@@ -204,11 +204,11 @@ def start(
         control.start_process(
             prefix, f"proxy-{node.name}", node.netns, argv, workdir / f"proxy-{node.name}.log"
         )
-    for pod in plan.pods():
+    # Test servers in every pod, and in the last node's own netns: a destination outside the mesh.
+    outside = plan.nodes[-1]
+    for name, netns in [(p.name, p.netns) for p in plan.pods()] + [(outside.name, outside.netns)]:
         argv = [sys.executable, str(HERE / "pod_servers.py")]
-        control.start_process(
-            prefix, f"servers-{pod.name}", pod.netns, argv, workdir / f"servers-{pod.name}.log"
-        )
+        control.start_process(prefix, f"servers-{name}", netns, argv, workdir / f"servers-{name}.log")
     _wait_ready(lab)
     return lab
 
@@ -219,6 +219,7 @@ def _wait_ready(lab: ProxyLab, timeout: float = 30.0) -> None:
     while time.monotonic() < deadline:
         proxies = all(lab.status(n.name) for n in lab.plan.nodes)
         servers = all("ready" in lab.log(f"servers-{p.name}") for p in lab.plan.pods())
+        servers = servers and "ready" in lab.log(f"servers-{lab.plan.nodes[-1].name}")
         if proxies and servers:
             return
         time.sleep(0.1)

@@ -34,7 +34,7 @@ from proxy_lab import stop as stop_lab
 
 from agent import netns as nsx
 from agent.lab import state
-from agent.redirect.marks import HBONE_PORT
+from agent.redirect.marks import HBONE_PORT, OUTBOUND_PORT
 
 pytestmark = pytest.mark.root
 
@@ -99,6 +99,19 @@ def test_same_node(lab: ProxyLab) -> None:
 def test_source_ip_is_preserved(lab: ProxyLab) -> None:
     answer = in_pod(lab, "pod-1-1", request, lab.pod_ip("pod-2-1"), WHOAMI, b"")
     assert answer.decode().split()[0] == lab.pod_ip("pod-1-1")
+
+
+def test_destination_outside_the_mesh_passes_through(lab: ProxyLab) -> None:
+    outside = lab.plan.node("node-2").ip  # node-2's own netns runs the test servers too; it is no workload
+    assert in_pod(lab, "pod-1-1", request, outside, ECHO, b"passthrough") == b"passthrough"
+    rec = _closed(lab, "node-1", ECHO, destination_ip=outside)
+    assert (rec["direction"], rec["security_policy"], rec["bytes_sent"]) == ("passthrough", "none", 11)
+
+
+def test_capture_port_as_destination_is_refused(lab: ProxyLab) -> None:
+    node1 = lab.plan.node("node-1").ip
+    assert in_pod(lab, "pod-1-1", connect_and_read, node1, OUTBOUND_PORT) in ("reset", "eof")
+    assert _closed(lab, "node-1", OUTBOUND_PORT, destination_ip=node1)["response_flags"] == "NR"
 
 
 def test_half_close(lab: ProxyLab) -> None:
