@@ -12,7 +12,8 @@
 #error "AMBIT_PIN_DIR (the bpffs directory for the pins) must be defined"
 #endif
 
-#define AMBIT_MAX_PODS 65536
+#define AMBIT_MAX_PODS 16384
+#define AMBIT_MAX_FLOWS 16384
 #define AMBIT_WORKLOAD_LEN 120
 
 /* How an enrolled pod's traffic is treated when the agent's listener is absent. */
@@ -32,6 +33,14 @@ struct ambit_pod {
 	char workload[AMBIT_WORKLOAD_LEN];  /* workload uid "ns/name", NUL padded; for debugging only */
 };
 
+/* Key of ambit_captured: a connection as its SYN was captured (client side first), network byte order. */
+struct ambit_flow_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+};
+
 /* Index of ambit_counters (per-CPU packet counts, one per program path). Order is mirrored in maps.py. */
 enum ambit_counter {
 	AMBIT_CTR_POD_PACKETS = 0,         /* TCP/IPv4 packets seen on pod veths */
@@ -43,6 +52,7 @@ enum ambit_counter {
 	AMBIT_CTR_OUTBOUND_CAPTURED,       /* SYN assigned to the outbound listener */
 	AMBIT_CTR_OUTBOUND_STRICT_DROP,    /* SYN of a STRICT pod dropped: outbound listener absent */
 	AMBIT_CTR_OUTBOUND_PERMISSIVE_PASS,/* SYN of a PERMISSIVE pod passed in clear: listener absent */
+	AMBIT_CTR_OUTBOUND_ORPHAN_DROP,    /* STRICT pod, captured flow whose agent socket is gone: dropped */
 	AMBIT_CTR_INBOUND_CAPTURED,        /* plaintext SYN to an enrolled pod assigned to the inbound listener */
 	AMBIT_CTR_INBOUND_STRICT_DROP,     /* plaintext SYN to a STRICT pod dropped: inbound listener absent */
 	AMBIT_CTR_INBOUND_PERMISSIVE_PASS, /* plaintext SYN to a PERMISSIVE pod passed: listener absent */
@@ -51,7 +61,12 @@ enum ambit_counter {
 };
 
 BPF_TABLE_PINNED("hash", struct ambit_pod_key, struct ambit_pod, ambit_pods, AMBIT_MAX_PODS,
-		 AMBIT_PIN_DIR "/pods");
+		 AMBIT_PIN_DIR "/pods", BPF_F_NO_PREALLOC);
+/* Connections handed to a listener (value: the listener's port). When such a flow's agent socket is gone
+ * (agent killed), its next packets are not a flow older than enrolment: a STRICT pod's are dropped. LRU:
+ * an evicted entry only loses that check. */
+BPF_TABLE_PINNED("lru_hash", struct ambit_flow_key, __u32, ambit_captured, AMBIT_MAX_FLOWS,
+		 AMBIT_PIN_DIR "/captured");
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, ambit_counters, AMBIT_CTR_MAX, AMBIT_PIN_DIR "/counters");
 
 #endif

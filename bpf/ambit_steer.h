@@ -59,6 +59,17 @@ static __always_inline int ambit_parse(struct __sk_buff *skb, struct ambit_packe
 	return 1;
 }
 
+static __always_inline struct ambit_flow_key ambit_flow_of(struct ambit_packet *pkt)
+{
+	struct ambit_flow_key flow = {
+		.saddr = pkt->tuple.ipv4.saddr,
+		.daddr = pkt->tuple.ipv4.daddr,
+		.sport = pkt->tuple.ipv4.sport,
+		.dport = pkt->tuple.ipv4.dport,
+	};
+	return flow;
+}
+
 static __always_inline int ambit_agent_marked(struct __sk_buff *skb)
 {
 	if ((skb->mark & AMBIT_AGENT_SOCKET_MARK) != AMBIT_AGENT_SOCKET_MARK)
@@ -109,8 +120,15 @@ static __always_inline int ambit_steer_to_listener(struct __sk_buff *skb, struct
 	listener.ipv4.dport = bpf_htons(port);
 	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &listener, sizeof(listener.ipv4),
 						 BPF_F_CURRENT_NETNS, 0);
-	if (sk && sk->state == BPF_TCP_LISTEN)
-		return ambit_assign(skb, sk, captured);
+	if (sk && sk->state == BPF_TCP_LISTEN) {
+		int verdict = ambit_assign(skb, sk, captured);
+		if (verdict == TC_ACT_OK) {
+			struct ambit_flow_key flow = ambit_flow_of(pkt);
+			__u32 listener_port = port;
+			ambit_captured.update(&flow, &listener_port);
+		}
+		return verdict;
+	}
 	if (sk)
 		bpf_sk_release(sk);
 	if (mode == AMBIT_MODE_STRICT) {

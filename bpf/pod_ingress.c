@@ -31,6 +31,12 @@ int pod_ingress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 	if (!pkt.pure_syn) {
+		/* No agent socket, yet the agent took this flow: the agent died with it. Fail closed. */
+		struct ambit_flow_key flow = ambit_flow_of(&pkt);
+		if (pod->mode == AMBIT_MODE_STRICT && ambit_captured.lookup(&flow)) {
+			ambit_count(AMBIT_CTR_OUTBOUND_ORPHAN_DROP);
+			return TC_ACT_SHOT;
+		}
 		ambit_count(AMBIT_CTR_ENROLLED_FLOW_PASS);
 		return TC_ACT_OK;
 	}

@@ -27,6 +27,7 @@ COUNTERS = (
     "outbound_captured",
     "outbound_strict_drop",
     "outbound_permissive_pass",
+    "outbound_orphan_drop",
     "inbound_captured",
     "inbound_strict_drop",
     "inbound_permissive_pass",
@@ -47,6 +48,17 @@ class Pod(ctypes.Structure):
         ("mode", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),
         ("workload", ctypes.c_char * WORKLOAD_LEN),
+    ]
+
+
+class FlowKey(ctypes.Structure):
+    """struct ambit_flow_key (addresses and ports in network byte order)."""
+
+    _fields_ = [
+        ("saddr", ctypes.c_uint32),
+        ("daddr", ctypes.c_uint32),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
     ]
 
 
@@ -117,6 +129,17 @@ class PodMap:
             ip = socket.inet_ntoa(bytes(key))
             out[ip] = PodEntry(value.workload.decode(errors="replace"), value.mode == MODE_STRICT)
         return out
+
+
+class FlowMap:
+    """ambit_captured: connections handed to a listener (LRU), value the listener's port."""
+
+    def __init__(self, table: Any) -> None:
+        check_layout("ambit_captured", table, FlowKey, ctypes.c_uint32)
+        self._table = table
+
+    def count(self) -> int:
+        return sum(1 for _ in self._table)
 
 
 class CounterMap:

@@ -19,7 +19,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from agent.redirect import loader, marks, pins, rules, tc
-from agent.redirect.maps import CounterMap, PodEntry, PodMap, pod_key
+from agent.redirect.maps import CounterMap, FlowMap, PodEntry, PodMap, pod_key
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class Redirector:
         self._programs: dict[str, loader.LoadedProgram] = {}
         self._pods: PodMap | None = None
         self._counters: CounterMap | None = None
+        self._flows: FlowMap | None = None
         self._attached: dict[int, tc.Attachment] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -94,7 +95,7 @@ class Redirector:
         for program in self._programs.values():
             program.close()
         self._programs.clear()
-        self._pods = self._counters = None
+        self._pods = self._counters = self._flows = None
         self._attached.clear()
         if self._ipr is not None:
             self._ipr.close()
@@ -107,6 +108,7 @@ class Redirector:
         program = self._programs[POD_HOOK]
         self._pods = PodMap(program.table("ambit_pods"))
         self._counters = CounterMap(program.table("ambit_counters"))
+        self._flows = FlowMap(program.table("ambit_captured"))
 
     def _adopt_attachments(self) -> None:
         """Put this run's programs on every link a previous agent attached (atomic replace)."""
@@ -268,6 +270,10 @@ class Redirector:
             rows += [
                 _row("pod", ip, _mode(e.strict), e.workload) for ip, e in sorted(self._pods.entries().items())
             ]
+            if self._flows is not None:
+                rows.append(
+                    _row("flows", "captured", str(self._flows.count()), "connections handed to listeners")
+                )
             rows += [_row("counter", name, str(value), "") for name, value in self._counters.values().items()]
             return rows
 

@@ -14,6 +14,7 @@ import os
 import queue
 import select
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -86,8 +87,12 @@ def serve(port: int, tag: str, transparent: bool, mode: str) -> None:
         _emit({"event": "accept", "peer": list(peer), "orig_dst": list(orig_dst)})
         if mode == "forward":
             threading.Thread(target=_forward, args=(conn, peer, orig_dst), daemon=True).start()
-        else:
-            threading.Thread(target=_echo, args=(conn, tag), daemon=True).start()
+            continue
+        if mode == "reset":
+            # Linger 0: when this process dies the kernel resets the connection and frees the socket
+            # at once (a FIN would leave it in FIN_WAIT, still catching the pod's packets).
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        threading.Thread(target=_echo, args=(conn, tag), daemon=True).start()
 
 
 def client(ip: str, port: int) -> None:
@@ -143,6 +148,18 @@ def capture(ifname: str, needles: list[str]) -> None:
             for n in needles:
                 seen[n] += frame.count(n.encode())
     _emit({"event": "result", "frames": frames, "seen": seen})
+
+
+def send_raw_segment(src: tuple[str, int], dst: tuple[str, int], payload: bytes) -> None:
+    """One hand-made TCP segment (ACK|PSH) of an existing flow, as a pod would send mid-connection."""
+    tcp = struct.pack("!HHIIBBHHH", src[1], dst[1], 1, 1, 5 << 4, 0x18, 65535, 0, 0)
+    total = 20 + len(tcp) + len(payload)
+    ip = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, total, 0, 0, 64, socket.IPPROTO_TCP, 0,
+        socket.inet_aton(src[0]), socket.inet_aton(dst[0]),
+    )  # fmt: skip
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+        raw.sendto(ip + tcp + payload, (dst[0], 0))
 
 
 def sink(port: int) -> None:
@@ -245,6 +262,10 @@ class Role:
 
     def __exit__(self, *_: object) -> None:
         self.stop()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -10,9 +10,17 @@ from contextlib import ExitStack
 
 import pytest
 
+from agent import netns as nsx
 from agent.lab.plan import LabPlan
 from agent.redirect import marks, pins
-from tests.integration.redirect.redirect_lab import Agent, Capture, Client, Listener, two_node_lab
+from tests.integration.redirect.redirect_lab import (
+    Agent,
+    Capture,
+    Client,
+    Listener,
+    send_raw_segment,
+    two_node_lab,
+)
 
 pytestmark = pytest.mark.root
 
@@ -52,3 +60,30 @@ def test_canary_of_enrolled_pods_never_on_the_wire(lab: LabPlan) -> None:
         result = capture.result()
         assert result["seen"][control] >= 1, result
         assert result["seen"][canary] == 0, result
+
+
+def test_strict_flow_orphaned_by_a_dead_agent_never_leaks(lab: LabPlan) -> None:
+    """The agent dies with a captured connection of a STRICT pod: later segments of that connection are
+    dropped, not forwarded in clear; a flow the agent never took (older than enrolment) still passes."""
+    node = lab.node("node-1")
+    pod, remote = lab.pod("pod-1-1"), lab.pod("pod-2-1")
+    orphan, older = f"ORPHAN-{uuid.uuid4().hex}", f"OLDER-{uuid.uuid4().hex}"
+    with ExitStack() as roles:
+        roles.enter_context(Listener(remote.netns, ECHO_PORT, remote.name, transparent=False))
+        proxy = roles.enter_context(Listener(node.netns, marks.OUTBOUND_PORT, "agent", mode="reset"))
+        agent = roles.enter_context(Agent(node.netns, node.name, pins.lab_pin_dir(lab.prefix, node.name)))
+        agent.call("start")
+        agent.call("enroll", pod.ip, "default/pod-1-1", True)
+        capture = roles.enter_context(Capture(node.netns, "eth0", [orphan, older]))
+        client = roles.enter_context(Client(pod.netns, remote.ip, ECHO_PORT))
+        assert client.roundtrip("hello") == "hello"
+        (accepted,) = proxy.accepts()
+        flow_src = (accepted["peer"][0], accepted["peer"][1])
+        proxy.kill()
+
+        nsx.run_in(pod.netns, send_raw_segment, flow_src, (remote.ip, ECHO_PORT), orphan.encode())
+        nsx.run_in(pod.netns, send_raw_segment, (pod.ip, 1), (remote.ip, ECHO_PORT), older.encode())
+        result = capture.result()
+        assert result["seen"][older] >= 1, result
+        assert result["seen"][orphan] == 0, result
+        assert agent.call("counters")["outbound_orphan_drop"] >= 1

@@ -32,6 +32,9 @@ def test_pod_struct_matches_header() -> None:
     assert fields == [f[0] for f in maps.Pod._fields_]
     assert ctypes.sizeof(maps.Pod) == 4 + 4 + maps.WORKLOAD_LEN
     assert ctypes.sizeof(maps.PodKey) == 4
+    flow = re.search(r"struct ambit_flow_key \{(.*?)\};", HEADER, re.S)
+    assert flow is not None
+    assert re.findall(r"(\w+);", flow.group(1)) == [f[0] for f in maps.FlowKey._fields_]
 
 
 def test_pod_key_is_network_order_ipv4_only() -> None:
@@ -45,7 +48,7 @@ def test_includes_are_inlined_once() -> None:
     for hook in loader.HOOKS:
         text = loader.expand_includes(loader.BPF_DIR / f"{hook}.c")
         assert '#include "' not in text
-        assert text.count("BPF_TABLE_PINNED(") == 2
+        assert text.count("BPF_TABLE_PINNED(") == 3
         assert f"int {hook}(struct __sk_buff *skb)" in text
 
 
