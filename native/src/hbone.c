@@ -564,6 +564,7 @@ static void handshake_done(hconn *c)
         ctr_add(e, AMBIT_C_HANDSHAKES_RESUMED, 1);
     event_emit(e, &ev);
     c->state = HS_H2;
+    c->readable = 1; /* read-ahead may already hold the peer's first frames */
     mark_dirty(c);
 }
 

@@ -121,3 +121,33 @@ def test_socket_closed_mid_handshake(engine: Engine, events: Events, pki: Pki) -
     b.close()
     cid = engine.connect_hbone(a.detach(), cctx, pki.server.spiffe_id)
     assert events.kind("conn_error", conn_id=cid).detail
+
+
+@pytest.mark.parametrize("tls12", [False, True])
+def test_tls12_only_when_enabled(
+    engine: Engine, events: Events, pki: Pki, tmp_path: Path, tls12: bool
+) -> None:
+    sctx = engine.tls_context(
+        server=True,
+        chain_pem=pki.server.chain_pem,
+        key_pem=pki.server.key_pem,
+        bundle_pem=pki.bundle,
+        tls12=tls12,
+    )
+    raw, ours = tcp_pair()
+    sid = engine.serve_hbone(ours.detach(), sctx)
+    client = raw_client(pki, tmp_path)
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        with client.wrap_socket(raw) as tls:
+            tls.sendall(PREFACE + EMPTY_SETTINGS)
+            version = tls.version()
+            tls.recv(100)  # the server's SETTINGS
+    except (ssl.SSLError, OSError):
+        version = None
+    if tls12:
+        assert version == "TLSv1.2"
+        assert events.kind("peer_verified", conn_id=sid).tls_version == "TLSv1.2"
+    else:
+        assert version is None
+        assert "TLS handshake failed" in events.kind("conn_error", conn_id=sid).detail
