@@ -7,6 +7,7 @@ same lock to read or change the proxy's tables.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
@@ -43,6 +44,7 @@ class ControlLoop:
         self._readers: dict[int, Callable[[], None]] = {}
         self._connects: dict[int, _Connect] = {}
         self._tickers: list[Callable[[], None]] = []
+        self._soon: collections.deque[Callable[[], None]] = collections.deque()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._stopping = False
@@ -59,6 +61,14 @@ class ControlLoop:
 
     def every_tick(self, callback: Callable[[], None]) -> None:
         self._tickers.append(callback)
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run fn on the loop thread (callable from any thread, e.g. a worker that fetched a certificate)."""
+        if self._stopping:
+            return
+        self._soon.append(fn)
+        with contextlib.suppress(OSError):  # a full pipe already wakes the loop; a closed one: stopped
+            os.write(self._wake_w, b"x")
 
     def watch_connect(self, sock: socket.socket, done: ConnectDone, timeout: float = CONNECT_TIMEOUT) -> None:
         """Call done(sock, err) once a non-blocking connect finishes (err 0) or fails or times out."""
@@ -102,7 +112,9 @@ class ControlLoop:
     def _dispatch(self, fd: int) -> None:
         if fd == self._wake_r:
             with contextlib.suppress(BlockingIOError):
-                os.read(self._wake_r, 64)
+                os.read(self._wake_r, 4096)
+            while self._soon:
+                self._call(self._soon.popleft())
             return
         reader = self._readers.get(fd)
         if reader is not None:

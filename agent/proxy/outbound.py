@@ -52,7 +52,7 @@ class Outbound:
         src = snap.workload_by_ip(src_ip)
         if src is None:
             # Without a source workload there is no identity to present: refuse rather than guess.
-            self.rt.refuse(client, record, "NR", f"source {src_ip} is not a known workload")
+            rt.refuse(client, record, "NR", f"source {src_ip} is not a known workload")
             return
         self._hbone(client, record, snap, src, dst)
 
@@ -63,7 +63,7 @@ class Outbound:
         try:
             upstream = connect_nonblocking((record.destination_ip, record.destination_port))
         except OSError as exc:
-            self.rt.refuse(client, record, "UF", f"connect: {os.strerror(exc.errno or 0)}")
+            rt.refuse(client, record, "UF", f"connect: {os.strerror(exc.errno or 0)}")
             return
         entry = rt.table.add(Entry(rt.table.next_tag(), record, Path.SPLICE))
         rt.splice_when_connected(client, upstream, entry)
@@ -83,27 +83,46 @@ class Outbound:
         )
         node_ip = snap.node_address(dst.node)
         if node_ip is None:
-            self.rt.refuse(client, record, "UH", f"node {dst.node} of {dst.uid} has no address")
+            rt.refuse(client, record, "UH", f"node {dst.node} of {dst.uid} has no address")
             return
+        if rt.tls.has_client(src_id):
+            self._open(client, record, src_id, SpiffeId.node(td, dst.node), node_ip)
+            return
+
+        def resume(err: Exception | None) -> None:
+            if err is None:
+                self._open(client, record, src_id, SpiffeId.node(td, dst.node), node_ip)
+            else:
+                log.warning("no client certificate for %s: %s", src_id, err)
+                rt.refuse(client, record, "UF", f"no certificate for {src_id}: {err}")
+
+        rt.counters["outbound_waited_for_svid"] += 1
+        rt.off_loop(str(src_id), lambda: rt.tls.fetch(src_id), resume)
+
+    def _open(
+        self, client: socket.socket, record: ConnectionRecord, src_id: SpiffeId, peer: SpiffeId, node_ip: str
+    ) -> None:
+        """Open the CONNECT stream on a pooled connection to the destination node (or a new one)."""
+        rt = self.rt
+        node = peer.node_name or ""
         try:
             ctx, generation = rt.tls.client(src_id)
         except Exception as exc:  # no SVID (CA unreachable, not authorized for this identity, ...)
             log.warning("no client certificate for %s: %s", src_id, exc)
-            self.rt.refuse(client, record, "UF", f"no certificate for {src_id}: {exc}")
+            rt.refuse(client, record, "UF", f"no certificate for {src_id}: {exc}")
             return
-        key = (str(src_id), dst.node)
+        key = (str(src_id), node)
         conn = rt.pool.acquire(key, generation)
         if conn is None:
             try:
                 sock = connect_nonblocking((node_ip, HBONE_PORT))
             except OSError as exc:
-                self.rt.refuse(client, record, "UF", f"connect {node_ip}:{HBONE_PORT}: {exc}")
+                rt.refuse(client, record, "UF", f"connect {node_ip}:{HBONE_PORT}: {exc}")
                 return
-            expected = str(SpiffeId.node(td, dst.node))
             try:
-                conn_id = rt.engine.connect_hbone(sock.detach(), ctx, expected)
+                conn_id = rt.engine.connect_hbone(sock.detach(), ctx, str(peer))
             except EngineError as exc:
-                self.rt.refuse(client, record, "UF", f"HBONE to {node_ip}: {exc}")
+                rt.refuse(client, record, "UF", f"HBONE to {node_ip}: {exc}")
                 return
             conn = rt.pool.add(key, conn_id, f"{node_ip}:{HBONE_PORT}", generation)
             rt.counters["hbone_connections_opened"] += 1

@@ -128,6 +128,7 @@ class Proxy:
         self._loop.stop()
         self._close_listeners()
         rt = self._rt
+        rt.workers.shutdown(wait=False, cancel_futures=True)
         rt.engine.stop()
         with self._loop.lock:
             for entry in rt.table.entries():

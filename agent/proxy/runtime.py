@@ -8,6 +8,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -60,7 +61,33 @@ class Runtime:
     pool: Pool
     tls: TlsContexts
     preserve_source_ip: bool
+    workers: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="ambit-proxy-fetch")
+    )
     counters: collections.Counter[str] = field(default_factory=collections.Counter)
+    _waiting: dict[str, list[Callable[[Exception | None], None]]] = field(default_factory=dict)
+
+    def off_loop(self, key: str, work: Callable[[], None], then: Callable[[Exception | None], None]) -> None:
+        """Run blocking `work` (e.g. a first SVID fetch) on a worker, once per key however many wait for it;
+        each `then(error or None)` runs on the control loop afterwards, so the loop itself never blocks."""
+        waiting = self._waiting.setdefault(key, [])
+        waiting.append(then)
+        if len(waiting) > 1:
+            return
+
+        def run() -> None:
+            err: Exception | None = None
+            try:
+                work()
+            except Exception as exc:
+                err = exc
+            self.loop.call_soon(lambda: self._resume(key, err))
+
+        self.workers.submit(run)
+
+    def _resume(self, key: str, err: Exception | None) -> None:
+        for then in self._waiting.pop(key, []):
+            then(err)
 
     def authorize(self, attrs: ConnectionAttrs) -> Decision:
         """The policy engine's decision; a failing policy engine denies (fail closed) and is counted."""

@@ -83,6 +83,14 @@ class TlsContexts:
         self._server: _Cached | None = None
         self._generations = 0
 
+    def has_client(self, source: SpiffeId) -> bool:
+        """Whether a context for `source` exists, i.e. client() will not wait for a first SVID fetch."""
+        return str(source) in self._clients
+
+    def fetch(self, source: SpiffeId) -> None:
+        """Fetch `source`'s SVID into the identity cache (blocking: call it off the control loop)."""
+        self._credentials.svid_for(source)
+
     def client(self, source: SpiffeId) -> tuple[int, int]:
         """(context, generation) presenting `source`'s SVID; may block on the first SVID fetch."""
         svid = self._credentials.svid_for(source)

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,14 @@ class StaticCredentials:
         self._bundle = cfg["bundle_pem"].encode()
         self._node = Pem(cfg["node_chain_pem"].encode(), cfg["node_key_pem"].encode())
         self._svids = {k: Pem(v[0].encode(), v[1].encode()) for k, v in cfg["svids"].items()}
+        # Like the IdentityManager, the first request for an identity waits for the CA.
+        self._first_fetch_delay = float(cfg.get("first_fetch_delay", 0.0))
+        self._fetched: set[str] = set()
 
     def svid_for(self, spiffe_id: SpiffeId) -> Pem:
+        if str(spiffe_id) not in self._fetched:
+            time.sleep(self._first_fetch_delay)
+            self._fetched.add(str(spiffe_id))
         return self._svids[str(spiffe_id)]
 
     def trust_bundle_pem(self) -> bytes:

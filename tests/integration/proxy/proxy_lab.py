@@ -193,6 +193,7 @@ def start(
             "deny": [list(d) for d in deny],
             "strict": sorted(strict_uids),
             "max_streams": max_streams,
+            "first_fetch_delay": 0.2,
             "redirect": redirect,
             "events": str(workdir / f"{node.name}.events.jsonl"),
             "status": str(workdir / f"{node.name}.status.json"),
