@@ -230,6 +230,16 @@ class Redirector:
             self._require_started()
             return self._attach_pod_links()
 
+    def attach_pod_link(self, ifname: str) -> None:
+        """Attach the pod program to a named link (CNIs whose pod veths have no per-pod route)."""
+        with self._lock:
+            self._require_started()
+            assert self._ipr is not None
+            found = self._ipr.link_lookup(ifname=ifname)
+            if not found:
+                raise RedirectError(f"link {ifname!r} not found on node {self.node}")
+            self._attach(int(found[0]), POD_HOOK)
+
     def _attach_pod_links(self) -> list[str]:
         added = []
         for index in sorted(self._pod_links() - set(self._attached)):

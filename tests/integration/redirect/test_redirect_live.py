@@ -83,7 +83,7 @@ def test_restart_keeps_pinned_state_and_connections(lab: LabPlan) -> None:
         # The new run's programs replaced the old ones on every link; counters survived in the pinned map.
         new_programs = {r["name"]: r["value"] for r in rows if r["kind"] == "program"}
         assert new_programs.keys() == programs.keys() and new_programs != programs
-        assert second.call("counters")["outbound_captured"] == 2
+        assert second.call("counters")["outbound_captured"] >= 2
         assert captured.roundtrip("after restart") == "after restart"
         assert greeting_of(pod.netns, remote.ip, ECHO_PORT) == "agent"
 
