@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import faulthandler
 import logging
 import signal
 import threading
@@ -65,6 +66,7 @@ class Agent:
         self._ready = threading.Event()
         self._enrolled: dict[str, enrolment.Enrolment] = {}
         self._apply_lock = threading.Lock()
+        self._recheck_wanted = threading.Event()
         self._stack: list[tuple[str, Callable[[], None]]] = []  # what to undo, in reverse order
         self.relay: Any = None
         self.identity: Any = None
@@ -121,7 +123,7 @@ class Agent:
         self.relay = RelayClient(
             s.mgmt,
             s.node,
-            node_identity.credentials(bundle),
+            lambda: node_identity.credentials(bundle),
             on_snapshot=self._apply,
             validate=self._validate,
             server_name=PLANE_SERVER_NAME,
@@ -145,6 +147,7 @@ class Agent:
         self.relay.start()
         self._stack.append(("relay", self.relay.stop))
         threading.Thread(target=self._refresh_loop, name="counters", daemon=True).start()
+        threading.Thread(target=self._recheck_loop, name="policy-recheck", daemon=True).start()
 
     def _servers(self, audit: Any) -> None:
         from agent.admin import AdminServer
@@ -196,7 +199,8 @@ class Agent:
         with self._apply_lock:
             if self.redirector is not None:
                 self._reconcile_enrolment(snapshot)
-            self._recheck_connections()
+            # Not on this (relay) thread: the proxy's loop may be waiting on the relay for a lookup.
+            self._recheck_wanted.set()
             self.metrics.count_ack(True)
             self.metrics.set_relay_version(snapshot.version)
             for w in snapshot.local_workloads():
@@ -223,10 +227,17 @@ class Agent:
                 "enrolled %s (%s, %s)", ip, entry.workload_uid, "STRICT" if entry.strict else "PERMISSIVE"
             )
 
-    def _recheck_connections(self) -> None:
+    def _recheck_loop(self) -> None:
         """A policy change applies to live connections too: close the ones it now denies."""
-        for conn_id, decision in self.policy.recheck(self.proxy.inbound_connections()):
-            self.proxy.close(conn_id, f"denied after policy change: {decision.reason}")
+        while not self._stopping.is_set():
+            if not self._recheck_wanted.wait(timeout=1.0):
+                continue
+            self._recheck_wanted.clear()
+            try:
+                for conn_id, decision in self.policy.recheck(self.proxy.inbound_connections()):
+                    self.proxy.close(conn_id, f"denied after policy change: {decision.reason}")
+            except Exception:
+                log.exception("re-checking live connections failed")
 
     def _prefetch_svid(self, workload: Any) -> None:
         try:
@@ -312,6 +323,8 @@ class Agent:
 
 def _run(args: argparse.Namespace) -> int:
     settings = AgentSettings.from_args(args)
+    # `kill -USR1 <pid>` dumps every thread's stack to the log: how a stuck agent gets debugged in place.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import signal
 import struct
 import subprocess
@@ -42,15 +43,31 @@ class Capture:
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        argv = ["tcpdump", "-i", self.ifname, "-U", "-n", "-s", "0", "-w", str(self.path), "tcp"]
+        # --immediate-mode: without it libpcap hands packets over in ~1 s blocks, and a short capture
+        # stopped early reads none. -Z root: tcpdump would drop to its own user, who cannot write here.
+        argv = [
+            "tcpdump",
+            "--immediate-mode",
+            "-Z",
+            "root",
+            "-i",
+            self.ifname,
+            "-U",
+            "-n",
+            "-s",
+            "0",
+            "-w",
+            str(self.path),
+            "tcp",
+        ]
         self._proc = nsx.popen_in(self.netns, argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        # tcpdump creates the file once it listens; packets before that would be missed.
-        deadline = time.monotonic() + 5
-        while not self.path.exists() and time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
-                raise RuntimeError(f"tcpdump on {self.netns}/{self.ifname} failed: {err.strip()}")
-            time.sleep(0.05)
+        # tcpdump says "listening on ..." once the capture is attached; packets before that are missed.
+        assert self._proc.stderr is not None
+        ready, _, _ = select.select([self._proc.stderr], [], [], 10)
+        line = self._proc.stderr.readline().decode(errors="replace") if ready else ""
+        if "listening on" not in line:
+            self._proc.kill()
+            raise RuntimeError(f"tcpdump on {self.netns}/{self.ifname} did not start: {line.strip()}")
 
     def stop(self, needle: bytes = b"", server_ports: set[int] | None = None) -> CaptureReport:
         if self._proc is not None:
