@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,13 @@ class RedirectError(RuntimeError):
     pass
 
 
+@dataclass
+class SyncResult:
+    enrolled: list[str] = field(default_factory=list)
+    unenrolled: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
 class Redirector:
     def __init__(self, node: str, pin_dir: Path, uplink: str | None = None) -> None:
         """`uplink`: the interface other nodes' traffic arrives on; found from the routes when None."""
@@ -46,6 +55,7 @@ class Redirector:
         self._pods: PodMap | None = None
         self._counters: CounterMap | None = None
         self._flows: FlowMap | None = None
+        self._enroll_errors = 0
         self._attached: dict[int, tc.Attachment] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -152,6 +162,28 @@ class Redirector:
         if removed:
             log.info("unenrolled %s", pod_ip)
 
+    def sync(self, desired: Mapping[str, PodEntry]) -> SyncResult:
+        """Make the pinned enrolment equal `desired` (pod IP -> entry): enrol what is missing or changed,
+        unenrol the rest, including pods a previous agent left. A pod that cannot be enrolled (not on this
+        node, bad address) is logged, counted and reported; it never stops the others."""
+        current = self.enrolled()
+        result = SyncResult()
+        for ip in sorted(current.keys() - desired.keys()):
+            self.unenroll(ip)
+            result.unenrolled.append(ip)
+        for ip, entry in sorted(desired.items()):
+            if current.get(ip) == entry:
+                continue
+            try:
+                self.enroll(ip, entry.workload, entry.strict)
+            except RedirectError as exc:
+                log.warning("cannot enrol %s (%s): %s", ip, entry.workload, exc)
+                self._enroll_errors += 1
+                result.failed[ip] = str(exc)
+            else:
+                result.enrolled.append(ip)
+        return result
+
     def enrolled(self) -> dict[str, PodEntry]:
         """The pinned enrolment (after a restart: what the previous agent left), by pod IP."""
         with self._lock:
@@ -253,7 +285,7 @@ class Redirector:
         with self._lock:
             if self._counters is None:
                 return {}
-            return self._counters.values()
+            return {**self._counters.values(), "enroll_errors": self._enroll_errors}
 
     def rows(self) -> list[dict[str, str]]:
         """Programs, attachments, routing, enrolled pods and per-path counters, for `ambit debug bpf`."""

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Self
 
@@ -110,13 +111,19 @@ def client(ip: str, port: int) -> None:
 
 def agent(node: str, pin_dir: str) -> None:
     """The Redirector driven over stdin: {"op": "start"|"enroll"|"unenroll"|"stop"|..., "args": [...]}."""
+    from agent.redirect.maps import PodEntry
     from agent.redirect.redirector import Redirector
 
     redirector = Redirector(node, Path(pin_dir))
     for line in sys.stdin:
         request = json.loads(line)
         try:
-            result = getattr(redirector, request["op"])(*request.get("args", []))
+            args = request.get("args", [])
+            if request["op"] == "sync":  # JSON has no PodEntry: {ip: [workload, strict]}
+                args = [{ip: PodEntry(w, strict) for ip, (w, strict) in args[0].items()}]
+            result = getattr(redirector, request["op"])(*args)
+            if is_dataclass(result):
+                result = asdict(result)  # type: ignore[arg-type]
             if isinstance(result, dict):
                 result = {k: (v.__dict__ if hasattr(v, "__dict__") else v) for k, v in result.items()}
             _emit({"ok": True, "result": result})

@@ -86,6 +86,19 @@ def test_restart_keeps_pinned_state_and_connections(lab: LabPlan) -> None:
         assert second.call("counters")["outbound_captured"] >= 2
         assert captured.roundtrip("after restart") == "after restart"
         assert greeting_of(pod.netns, remote.ip, ECHO_PORT) == "agent"
+        # What the pinned state already says is not re-done.
+        assert second.call("sync", {pod.ip: ["default/pod-1-1", True]})["enrolled"] == []
+
+        # Reconciling against config: the pod is no longer wanted, an off-node pod cannot be enrolled.
+        synced = second.call("sync", {remote.ip: ["default/pod-2-1", False]})
+        assert synced == {
+            "enrolled": [],
+            "unenrolled": [pod.ip],
+            "failed": {remote.ip: f"pod {remote.ip} is not on node node-1: its route goes via eth0"},
+        }
+        assert second.call("enrolled") == {}
+        assert second.call("counters")["enroll_errors"] == 1
+        assert greeting_of(pod.netns, remote.ip, ECHO_PORT) == remote.name
 
         second.call("stop", False)
         assert not Path(pin_dir).exists()
