@@ -279,30 +279,43 @@ static int stream_attach(hstream *s, acmd *cmd)
     return 0;
 }
 
+/* nghttp2 asks how much DATA to send; the bytes themselves are copied once, by on_send_data (NO_COPY). */
 static ssize_t stream_read_cb(nghttp2_session *session, int32_t stream_id, uint8_t *buf, size_t length,
                               uint32_t *data_flags, nghttp2_data_source *source, void *user_data)
 {
-    (void)session, (void)stream_id, (void)user_data;
+    (void)session, (void)stream_id, (void)buf, (void)user_data;
     hstream *s = source->ptr;
     size_t avail = abuf_pending(&s->in);
     size_t n = avail < length ? avail : length;
-    if (n) {
-        memcpy(buf, abuf_head(&s->in), n);
-        abuf_consume(&s->in, n);
-        s->bytes_out += n;
-        ctr_add(s->conn->l->engine, AMBIT_C_STREAM_BYTES_OUT, (int64_t)n);
-        if (s->readable && !s->tcp_eof)
-            mark_ready(s);
-    }
-    if (n == avail && s->tcp_eof) {
+    if (n == avail && s->tcp_eof)
         *data_flags |= NGHTTP2_DATA_FLAG_EOF; /* the socket's FIN becomes END_STREAM */
-        return (ssize_t)n;
-    }
-    if (!n) {
+    else if (!n) {
         s->deferred = 1;
         return NGHTTP2_ERR_DEFERRED;
     }
+    if (n)
+        *data_flags |= NGHTTP2_DATA_FLAG_NO_COPY;
     return (ssize_t)n;
+}
+
+/* Runs right after stream_read_cb within the same nghttp2_session_send, so the stream is alive. It never
+ * returns WOULDBLOCK (a retry could come after the stream is gone); wbuf may exceed its mark by a frame. */
+static int on_send_data(nghttp2_session *session, nghttp2_frame *frame, const uint8_t *framehd, size_t length,
+                        nghttp2_data_source *source, void *user_data)
+{
+    (void)session, (void)frame;
+    hconn *c = user_data;
+    hstream *s = source->ptr;
+    if (abuf_reserve(&c->wbuf, 9 + length) < 0 || length > abuf_pending(&s->in))
+        return NGHTTP2_ERR_CALLBACK_FAILURE;
+    abuf_append(&c->wbuf, framehd, 9);
+    abuf_append(&c->wbuf, abuf_head(&s->in), length);
+    abuf_consume(&s->in, length);
+    s->bytes_out += length;
+    ctr_add(c->l->engine, AMBIT_C_STREAM_BYTES_OUT, (int64_t)length);
+    if (s->readable && !s->tcp_eof)
+        mark_ready(s);
+    return 0;
 }
 
 /* ---- nghttp2 callbacks ---- */
@@ -475,6 +488,7 @@ static void h2_callbacks_init(void)
     if (nghttp2_session_callbacks_new(&cbs) != 0)
         return;
     nghttp2_session_callbacks_set_send_callback(cbs, on_send);
+    nghttp2_session_callbacks_set_send_data_callback(cbs, on_send_data);
     nghttp2_session_callbacks_set_on_begin_headers_callback(cbs, on_begin_headers);
     nghttp2_session_callbacks_set_on_header_callback(cbs, on_header);
     nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, on_frame_recv);
