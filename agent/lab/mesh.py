@@ -114,8 +114,13 @@ def _write_yaml(path: Path, docs: list[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
-def set_policies(plan: LabPlan, docs: list[dict[str, Any]]) -> None:
-    _write_yaml(run_dir(plan.prefix) / "config" / "policies.yaml", docs)
+def set_policies(plan: LabPlan, docs: list[dict[str, Any]]) -> bool:
+    """Replace the lab's policies; False when they are already these (the plane makes no new version)."""
+    path = run_dir(plan.prefix) / "config" / "policies.yaml"
+    if path.exists() and path.read_text() == yaml.safe_dump_all(docs, sort_keys=False):
+        return False
+    _write_yaml(path, docs)
+    return True
 
 
 def _ambit(*args: str) -> list[str]:
