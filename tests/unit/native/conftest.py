@@ -15,9 +15,10 @@ def pki() -> Pki:
     return make_pki()
 
 
-@pytest.fixture
-def engine() -> Iterator[Engine]:
-    eng = Engine()
+@pytest.fixture(params=[1, 2], ids=["1-loop", "2-loops"])
+def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
+    """With 2 loops, the client and server ends of a tunnel live on different threads."""
+    eng = Engine(threads=request.param)
     eng.start()
     yield eng
     eng.stop()
