@@ -152,7 +152,8 @@ class Redirector:
             # Always (re)attach: an atomic replace, and right even if the pod's veth was re-created.
             self._attach(index, POD_HOOK)
             pods.put(pod_ip, workload_uid, strict)
-        log.info("enrolled %s (%s, %s) on %s", pod_ip, workload_uid, _mode(strict), self._ifname(index))
+            link = self._attached[index].ifname
+        log.info("enrolled %s (%s, %s) on %s", pod_ip, workload_uid, _mode(strict), link)
 
     def unenroll(self, pod_ip: str) -> None:
         """Stop capturing the pod's new connections; connections already captured keep their sockets."""
@@ -178,7 +179,8 @@ class Redirector:
                 self.enroll(ip, entry.workload, entry.strict)
             except RedirectError as exc:
                 log.warning("cannot enrol %s (%s): %s", ip, entry.workload, exc)
-                self._enroll_errors += 1
+                with self._lock:
+                    self._enroll_errors += 1
                 result.failed[ip] = str(exc)
             else:
                 result.enrolled.append(ip)
@@ -283,9 +285,12 @@ class Redirector:
 
     def counters(self) -> dict[str, int]:
         with self._lock:
-            if self._counters is None:
-                return {}
-            return {**self._counters.values(), "enroll_errors": self._enroll_errors}
+            return self._counter_values()
+
+    def _counter_values(self) -> dict[str, int]:
+        if self._counters is None:
+            return {}
+        return {**self._counters.values(), "enroll_errors": self._enroll_errors}
 
     def rows(self) -> list[dict[str, str]]:
         """Programs, attachments, routing, enrolled pods and per-path counters, for `ambit debug bpf`."""
@@ -316,7 +321,7 @@ class Redirector:
                 rows.append(
                     _row("flows", "captured", str(self._flows.count()), "connections handed to listeners")
                 )
-            rows += [_row("counter", name, str(value), "") for name, value in self._counters.values().items()]
+            rows += [_row("counter", name, str(value), "") for name, value in self._counter_values().items()]
             return rows
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -55,7 +56,7 @@ def attach(ipr: IPRoute, index: int, prog_fd: int, hook: str) -> None:
     )
 
 
-def _filters(ipr: IPRoute, index: int, parent: int) -> list[object]:
+def _filters(ipr: IPRoute, index: int, parent: int) -> list[Any]:
     try:
         return list(ipr.get_filters(index=index, parent=parent))
     except NetlinkError as exc:
@@ -64,11 +65,11 @@ def _filters(ipr: IPRoute, index: int, parent: int) -> list[object]:
         raise
 
 
-def _our_hook(msg: object) -> str | None:
+def _our_hook(msg: Any) -> str | None:
     """The hook name of our bpf filter message, None for other filters (and the chain headers)."""
-    if msg.get_attr("TCA_KIND") != "bpf":  # type: ignore[attr-defined]
+    if msg.get_attr("TCA_KIND") != "bpf":
         return None
-    options = msg.get_attr("TCA_OPTIONS")  # type: ignore[attr-defined]
+    options = msg.get_attr("TCA_OPTIONS")
     name = options.get_attr("TCA_BPF_NAME") if options is not None else None
     if not name or not name.startswith(NAME_PREFIX):
         return None
