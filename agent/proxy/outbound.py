@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import random
 import socket
 
 from agent.connections import ConnectionRecord, Direction
@@ -20,7 +21,7 @@ from agent.proxy.sockets import (
 )
 from agent.proxy.table import Entry, Path
 from agent.redirect.marks import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
-from api.resources.workload import Workload
+from api.resources.workload import Service, Workload
 from api.spiffe import SpiffeId
 from native.engine import EngineError
 
@@ -46,6 +47,14 @@ class Outbound:
             return
         snap = rt.state()
         dst = snap.workload_by_ip(dst_ip)
+        if dst is None and (service := snap.service_by_ip(dst_ip)) is not None:
+            picked = self._endpoint(snap, service, dst_port)
+            if picked is None:
+                rt.refuse(client, record, "NR", f"service {service.uid} has no endpoint for port {dst_port}")
+                return
+            dst, target_port = picked
+            # The record names what is actually reached: the chosen endpoint.
+            record = dataclasses.replace(record, destination_ip=dst.ips[0], destination_port=target_port)
         if dst is None or not dst.enrolled(snap.namespace_of(dst)):
             self._passthrough(client, record)
             return
@@ -55,6 +64,14 @@ class Outbound:
             rt.refuse(client, record, "NR", f"source {src_ip} is not a known workload")
             return
         self._hbone(client, record, snap, src, dst)
+
+    def _endpoint(self, snap: MeshView, service: Service, port: int) -> tuple[Workload, int] | None:
+        """A random endpoint of `service` (spreads load as kube-proxy does) and the target port for `port`."""
+        target = next((p.target_port for p in service.ports if p.port == port), None)
+        endpoints = snap.service_endpoints(service)
+        if target is None or not endpoints:
+            return None
+        return random.choice(endpoints), target
 
     def _passthrough(self, client: socket.socket, record: ConnectionRecord) -> None:
         rt = self.rt

@@ -19,7 +19,7 @@ from agent.proxy.pool import Pool
 from agent.proxy.sockets import original_destination, peer_address
 from agent.proxy.table import ConnectionTable, Entry
 from agent.proxy.tls import TlsContexts
-from api.resources.workload import Namespace, Workload
+from api.resources.workload import Namespace, Service, Workload
 from native.engine import Engine, EngineError
 
 log = logging.getLogger("ambit.proxy")
@@ -38,6 +38,10 @@ class MeshView(Protocol):
     def workloads(self) -> Mapping[str, Workload]: ...
 
     def workload_by_ip(self, ip: str) -> Workload | None: ...
+
+    def service_by_ip(self, ip: str) -> Service | None: ...
+
+    def service_endpoints(self, service: Service) -> list[Workload]: ...
 
     def node_address(self, node_name: str) -> str | None: ...
 

@@ -24,7 +24,7 @@ from agent.policy.decision import ConnectionAttrs, Decision
 from agent.proxy.proxy import Proxy
 from agent.state import MeshSnapshot
 from api.resources import Meta
-from api.resources.workload import DATAPLANE_LABEL, Namespace, Node, Workload
+from api.resources.workload import DATAPLANE_LABEL, Namespace, Node, Service, ServicePort, Workload
 from api.spiffe import SpiffeId
 
 
@@ -95,11 +95,22 @@ class FileObserver:
 def snapshot(cfg: dict[str, Any]) -> MeshSnapshot:
     ns = Namespace(Meta(name="app", labels={DATAPLANE_LABEL: "ambient"}))
     workloads = [
-        Workload(Meta(name=w["name"], namespace="app"), w["sa"], w["node"], (w["ip"],), ())
+        Workload(
+            Meta(name=w["name"], namespace="app", labels={"app": w["name"]}), w["sa"], w["node"], (w["ip"],)
+        )
         for w in cfg["workloads"]
     ]
     nodes = [Node(Meta(name=n), (ip,)) for n, ip in cfg["nodes"].items()]
-    return MeshSnapshot.from_objects(1, cfg["trust_domain"], cfg["node"], [ns, *workloads, *nodes])
+    services = [
+        Service(
+            Meta(name=s["name"], namespace="app"),
+            (s["ip"],),
+            (ServicePort(s["port"], s["target"]),),
+            {"app": s["selects"]},
+        )  # fmt: skip
+        for s in cfg.get("services", [])
+    ]
+    return MeshSnapshot.from_objects(1, cfg["trust_domain"], cfg["node"], [ns, *workloads, *nodes, *services])
 
 
 def start_redirect(node: str, cfg: dict[str, Any]) -> Any:

@@ -36,6 +36,7 @@ from mgmt.ca import CertificateAuthority
 TRUST_DOMAIN = "cluster.local"
 HERE = Path(__file__).resolve().parent
 ECHO, SHA_SINK, RESET, WHOAMI, COUNT_SINK = 8080, 8081, 8082, 8083, 8084
+SERVICE_IP, SERVICE_PORT = "10.96.0.10", 80  # Service "app/echo": port 80 -> pod-2-1:8080
 
 # New connections from enrolled pods -> 15001; new connections from other nodes to enrolled local pods ->
 # 15006 (plaintext inbound); packets of flows owned by a transparent proxy socket -> that socket.
@@ -193,6 +194,9 @@ def start(
             "deny": [list(d) for d in deny],
             "strict": sorted(strict_uids),
             "max_streams": max_streams,
+            "services": [
+                {"name": "echo", "ip": SERVICE_IP, "port": SERVICE_PORT, "target": ECHO, "selects": "pod-2-1"}
+            ],
             "first_fetch_delay": 0.2,
             "redirect": redirect,
             "events": str(workdir / f"{node.name}.events.jsonl"),

@@ -18,6 +18,8 @@ import pytest
 from proxy_lab import (
     ECHO,
     RESET,
+    SERVICE_IP,
+    SERVICE_PORT,
     SHA_SINK,
     WHOAMI,
     ProxyLab,
@@ -99,6 +101,13 @@ def test_same_node(lab: ProxyLab) -> None:
 def test_source_ip_is_preserved(lab: ProxyLab) -> None:
     answer = in_pod(lab, "pod-1-1", request, lab.pod_ip("pod-2-1"), WHOAMI, b"")
     assert answer.decode().split()[0] == lab.pod_ip("pod-1-1")
+
+
+def test_service_address_reaches_an_endpoint(lab: ProxyLab) -> None:
+    assert in_pod(lab, "pod-2-2", request, SERVICE_IP, SERVICE_PORT, b"via service") == b"via service"
+    match = {"source_principal": principal("pod-2-2"), "destination_ip": lab.pod_ip("pod-2-1")}
+    rec = _closed(lab, "node-2", ECHO, direction="outbound", **match)
+    assert rec["destination_workload"] == "app/pod-2-1" and rec["response_flags"] == "-"
 
 
 def test_destination_outside_the_mesh_passes_through(lab: ProxyLab) -> None:
