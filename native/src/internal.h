@@ -137,6 +137,7 @@ void copy_str(char *dst, size_t cap, const char *src);
 int loop_add_fd(ambit_loop *l, aio *io, int fd);
 void loop_del_fd(ambit_loop *l, aio *io);
 void reset_close(int fd);
+void set_nodelay(int fd);
 int set_nonblock(int fd);
 
 /* tls.c */

@@ -12,7 +12,7 @@
 
 #include "internal.h"
 
-#define EVQ_MAX (1 << 20) /* events kept for a Python side that stops draining; beyond: counted, dropped */
+#define EVQ_MAX (1 << 16) /* events kept for a Python side that stops draining; beyond: counted, dropped */
 
 static const char *counter_names[AMBIT_C_COUNT] = {
     "conns_opened", "conns_closed", "conns_active", "handshakes_done", "handshakes_resumed",
@@ -438,6 +438,10 @@ static acmd *cmd_prepare(ambit_engine *e, int kind, int fd, int fd2, char *err, 
     }
     c->fd = fd;
     c->fd2 = fd2;
+    if (fd >= 0)
+        set_nodelay(fd);
+    if (fd2 >= 0)
+        set_nodelay(fd2);
     return c;
 }
 

@@ -3,6 +3,8 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -169,6 +171,14 @@ int set_nonblock(int fd)
     if (fl < 0)
         return -1;
     return fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+}
+
+/* The engine batches its own writes, so Nagle would only add latency to small request/response
+ * exchanges. Fails harmlessly on non-TCP sockets. */
+void set_nodelay(int fd)
+{
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 }
 
 /* SO_LINGER 0 makes close() send a TCP RST: how a reset stream is mapped back onto TCP. */

@@ -1,5 +1,5 @@
 """Loopback throughput through the native engine: HBONE (mTLS + HTTP/2 CONNECT) vs the engine's own
-plaintext splice, with 1 and 4 concurrent streams.
+plaintext splice, with 1 and 4 concurrent streams, and the request/response round trip (p50).
 
 Path: Python source -> TCP -> client engine stream -> TLS over TCP -> server engine -> TCP -> Python sink.
 Baseline: the same sockets joined by `Engine.splice` (kernel splice, no TLS, no framing), so the ratio is
@@ -26,6 +26,7 @@ from native.engine import Engine, Event
 CASE_S = 3.0
 WARMUP_S = 0.5
 CHUNK = 1 << 20
+RR_ROUNDS = 3000
 TD = "cluster.local"
 
 
@@ -99,22 +100,58 @@ def _measure(pairs: list[tuple[socket.socket, socket.socket]]) -> float:
     return (b1 - b0) * 8 / (t1 - t0) / 1e9
 
 
-def _splice_case(streams: int) -> float:
+def _rr_p50_us(pair: tuple[socket.socket, socket.socket]) -> float:
+    """Median round trip of a 64-byte request answered by a 64-byte response, in microseconds."""
+    client, server = pair
+    for s in pair:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    msg = b"x" * 64
+
+    def echo() -> None:
+        try:
+            while data := server.recv(64):
+                server.sendall(data)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=echo, daemon=True)
+    t.start()
+    samples = []
+    for _ in range(RR_ROUNDS):
+        t0 = time.perf_counter()
+        client.sendall(msg)
+        got = 0
+        while got < len(msg):
+            got += len(client.recv(64))
+        samples.append(time.perf_counter() - t0)
+    client.close()
+    t.join(5)
+    server.close()
+    samples.sort()
+    return samples[len(samples) // 2] * 1e6
+
+
+def _splice_pairs(engine: Engine, streams: int) -> list[tuple[socket.socket, socket.socket]]:
+    pairs = []
+    for _ in range(streams):
+        src, a = _tcp_pair()
+        b, dst = _tcp_pair()
+        engine.splice(a.detach(), b.detach())
+        pairs.append((src, dst))
+    return pairs
+
+
+def _splice_case(streams: int, rr: bool = False) -> float:
     engine = Engine()
     engine.start()
     try:
-        pairs = []
-        for _ in range(streams):
-            src, a = _tcp_pair()
-            b, dst = _tcp_pair()
-            engine.splice(a.detach(), b.detach())
-            pairs.append((src, dst))
-        return _measure(pairs)
+        pairs = _splice_pairs(engine, streams)
+        return _rr_p50_us(pairs[0]) if rr else _measure(pairs)
     finally:
         engine.stop()
 
 
-def _hbone_case(streams: int) -> float:
+def _hbone_case(streams: int, rr: bool = False) -> float:
     ca = CertificateAuthority.generate_root(TD)
     client_chain, client_key = _svid(ca, SpiffeId.workload(TD, "default", "bench"))
     server_chain, server_key = _svid(ca, SpiffeId.node(TD, "node-2"))
@@ -140,7 +177,7 @@ def _hbone_case(streams: int) -> float:
             up, dst = _tcp_pair()
             server.accept_stream(sid, req.stream_id, up.detach())
             pairs.append((src, dst))
-        return _measure(pairs)
+        return _rr_p50_us(pairs[0]) if rr else _measure(pairs)
     finally:
         client.stop()
         server.stop()
@@ -163,6 +200,19 @@ def run() -> list[dict[str, Any]]:
                 "ratio": tunnel / base if base else None,
             }
         )
+    base_rr = _splice_case(1, rr=True)
+    tunnel_rr = _hbone_case(1, rr=True)
+    rows.append({"name": "splice RR p50", "value": base_rr, "unit": "us", "baseline": ""})
+    rows.append(
+        {
+            "name": "HBONE RR p50",
+            "value": tunnel_rr,
+            "unit": "us",
+            "baseline": "splice RR p50",
+            "baseline_value": base_rr,
+            "ratio": tunnel_rr / base_rr if base_rr else None,
+        }
+    )
     return rows
 
 
