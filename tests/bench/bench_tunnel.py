@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -24,9 +23,7 @@ from typing import Any
 
 from agent.lab import control
 from api.spiffe import SpiffeId
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration" / "proxy"))
-import proxy_lab  # noqa: E402
+from tests.integration.proxy import proxy_lab
 
 SECONDS = float(os.environ.get("AMBIT_BENCH_SECONDS", "2"))
 STUNNEL_PORTS = {proxy_lab.COUNT_SINK: 19084, proxy_lab.ECHO: 19080}  # client-side listen port per service

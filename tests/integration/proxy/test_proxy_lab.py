@@ -15,7 +15,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from proxy_lab import (
+
+from agent import netns as nsx
+from agent.lab import state
+from agent.redirect.marks import HBONE_PORT, OUTBOUND_PORT
+from tests.integration.proxy.proxy_lab import (
     ECHO,
     RESET,
     SERVICE_IP,
@@ -31,12 +35,8 @@ from proxy_lab import (
     request,
     send_and_hash,
 )
-from proxy_lab import start as start_lab
-from proxy_lab import stop as stop_lab
-
-from agent import netns as nsx
-from agent.lab import state
-from agent.redirect.marks import HBONE_PORT, OUTBOUND_PORT
+from tests.integration.proxy.proxy_lab import start as start_lab
+from tests.integration.proxy.proxy_lab import stop as stop_lab
 
 pytestmark = pytest.mark.root
 
