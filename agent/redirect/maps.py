@@ -12,6 +12,8 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from agent.redirect import pins
+
 WORKLOAD_LEN = 120  # AMBIT_WORKLOAD_LEN
 MODE_PERMISSIVE = 0  # AMBIT_MODE_PERMISSIVE
 MODE_STRICT = 1  # AMBIT_MODE_STRICT
@@ -87,6 +89,15 @@ def check_layout(
         theirs_fields = [f[0] for f in getattr(theirs, "_fields_", [])]
         if ours_fields and ours_fields != theirs_fields:
             raise LayoutError(f"map {name!r} {what}: fields {theirs_fields} in C, {ours_fields} here")
+        # bcc reuses a pinned map without comparing it with the declaration: a map pinned by an agent
+        # with another layout would be silently misread, so compare with what the kernel holds.
+        kernel = int(pins.fdinfo(table.map_fd).get(f"{what}_size", "-1"))
+        if kernel != ctypes.sizeof(ours):
+            raise LayoutError(
+                f"pinned map {name!r} has {what}s of {kernel} bytes, this agent's layout "
+                f"{ctypes.sizeof(ours)}: an incompatible agent pinned it; stop that datapath without "
+                "--keep-datapath first"
+            )
 
 
 def pod_key(ip: str) -> PodKey:

@@ -1,5 +1,6 @@
-"""The Python mirror of bpf/ambit_maps.h matches the header, and the pin bookkeeping removes exactly a
-lab's own directories. No root needed: this reads the C source, it does not load it."""
+"""The Python mirror of bpf/ambit_maps.h matches the header (and the kernel's pinned maps), and the pin
+bookkeeping removes exactly a lab's own directories. Only the last test needs root: the others read the
+C source, they do not load it."""
 
 from __future__ import annotations
 
@@ -60,3 +61,40 @@ def test_cleanup_pins_takes_only_the_lab_nodes(tmp_path: Path, monkeypatch: pyte
     removed = pins.cleanup_pins("amb-")
     assert [Path(p).name for p in removed] == ["amb-node-1", "amb-node-12"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["amb-node-1x", "amb-x-node-1", "other"]
+
+
+def _start_over_foreign_pin(pin_dir: str) -> str:
+    from bcc import BPF
+
+    from agent.redirect.redirector import Redirector
+
+    # An agent with another layout pinned `pods` (8-byte values) before this one starts.
+    foreign = BPF(text=f'BPF_TABLE_PINNED("hash", u32, u64, ambit_pods, 16, "{pin_dir}/pods");')
+    redirector = Redirector("node-x", Path(pin_dir))
+    try:
+        redirector.start()
+    except maps.LayoutError as exc:
+        return str(exc)
+    finally:
+        foreign.cleanup()
+    redirector.stop()
+    return "started"
+
+
+@pytest.mark.root
+def test_pinned_map_of_another_layout_is_refused(lab_prefix: str) -> None:
+    from pyroute2 import netns
+
+    from agent import netns as nsx
+
+    name = f"{lab_prefix}bare"
+    pin_dir = pins.PIN_ROOT / f"{lab_prefix}node-x"
+    pins.ensure_bpffs()
+    pin_dir.mkdir(parents=True, exist_ok=True)
+    netns.create(name)  # an empty namespace: the redirector must never touch the host's links
+    try:
+        message = nsx.run_in(name, _start_over_foreign_pin, str(pin_dir))
+    finally:
+        netns.remove(name)
+        pins.remove_pin_dir(pin_dir)
+    assert "pinned map 'ambit_pods' has values of 8 bytes" in message
