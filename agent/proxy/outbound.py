@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import socket
+from collections.abc import Callable
 
 from agent.connections import ConnectionRecord, Direction
 from agent.proxy.runtime import MeshView, Runtime, accept_batch
@@ -41,13 +42,25 @@ class Outbound:
     def handle(self, client: socket.socket) -> None:
         rt = self.rt
         record = rt.accepted(client, Direction.OUTBOUND, "outbound_accepted")
-        src_ip, dst_ip, dst_port = record.source_ip, record.destination_ip, record.destination_port
-        if dst_port in _LOOP_PORTS:
-            rt.refuse(client, record, "NR", f"destination {dst_ip}:{dst_port} is a capture port (loop)")
+        if record.destination_port in _LOOP_PORTS:
+            where = f"{record.destination_ip}:{record.destination_port}"
+            rt.refuse(client, record, "NR", f"destination {where} is a capture port (loop)")
             return
+        self._route(client, record, looked_up=False)
+
+    def _route(self, client: socket.socket, record: ConnectionRecord, looked_up: bool) -> None:
+        rt = self.rt
+        src_ip, dst_ip, dst_port = record.source_ip, record.destination_ip, record.destination_port
         snap = rt.state()
         dst = snap.workload_by_ip(dst_ip)
-        if dst is None and (service := snap.service_by_ip(dst_ip)) is not None:
+        service = snap.service_by_ip(dst_ip) if dst is None else None
+        unknown = dst is None and (service is None or not snap.service_endpoints(service))
+        if unknown and not looked_up and rt.lookup is not None:
+            # Peer workloads reach this node on demand: ask the plane (blocking, so off the loop) before
+            # deciding that the destination is outside the mesh.
+            self._lookup_then_route(client, record, rt.lookup)
+            return
+        if service is not None:
             picked = self._endpoint(snap, service, dst_port)
             if picked is None:
                 rt.refuse(client, record, "NR", f"service {service.uid} has no endpoint for port {dst_port}")
@@ -64,6 +77,20 @@ class Outbound:
             rt.refuse(client, record, "NR", f"source {src_ip} is not a known workload")
             return
         self._hbone(client, record, snap, src, dst)
+
+    def _lookup_then_route(
+        self, client: socket.socket, record: ConnectionRecord, lookup: Callable[[str], object]
+    ) -> None:
+        ip = record.destination_ip
+
+        def resume(err: Exception | None) -> None:
+            if err is not None:
+                self.rt.counters["outbound_lookup_errors"] += 1
+                log.warning("lookup of %s failed (%s): treating it as outside the mesh", ip, err)
+            self._route(client, record, looked_up=True)
+
+        self.rt.counters["outbound_waited_for_lookup"] += 1
+        self.rt.off_loop(f"lookup {ip}", lambda: _ignore(lookup(ip)), resume)
 
     def _endpoint(self, snap: MeshView, service: Service, port: int) -> tuple[Workload, int] | None:
         """A random endpoint of `service` (spreads load as kube-proxy does) and the target port for `port`."""
@@ -152,3 +179,7 @@ class Outbound:
             rt.table.finish(entry.tag, response_flags="UF", error=str(exc))
             return
         rt.counters["outbound_hbone_streams"] += 1
+
+
+def _ignore(_: object) -> None:
+    """The lookup's answer lands in the snapshot (the relay merges it); the caller reads it from there."""

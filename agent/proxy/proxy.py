@@ -37,8 +37,9 @@ class Proxy:
     """Listeners 15001 (outbound capture), 15006 (inbound plaintext), 15008 (HBONE) of one node.
 
     `credentials`: `svid_for(SpiffeId)`, `trust_bundle_pem()` and `node_identity()` (an object with
-    `chain_pem`/`key_pem`: the certificate the node presents on 15008). Thread-safe: every public method
-    may be called from any thread.
+    `chain_pem`/`key_pem`: the certificate the node presents on 15008). `lookup(ip)`: the relay's on-demand
+    lookup (blocking; its answer is merged into `state()`), asked off the loop when a destination is unknown.
+    Thread-safe: every public method may be called from any thread.
     """
 
     def __init__(
@@ -57,6 +58,7 @@ class Proxy:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         preserve_source_ip: bool = True,
         tls12: bool = False,
+        lookup: Callable[[str], object] | None = None,
     ) -> None:
         self._listen_ip = listen_ip
         self._capture_ip = capture_ip
@@ -73,6 +75,7 @@ class Proxy:
             pool=Pool(max_streams=max_streams, idle_timeout=idle_timeout),
             tls=TlsContexts(engine, credentials, tls12=tls12),
             preserve_source_ip=preserve_source_ip,
+            lookup=lookup,
         )
         self._outbound = Outbound(self._rt)
         self._inbound = Inbound(self._rt)

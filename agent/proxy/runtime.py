@@ -65,6 +65,8 @@ class Runtime:
     pool: Pool
     tls: TlsContexts
     preserve_source_ip: bool
+    # On-demand lookup of an unknown IP (RelayClient.lookup): blocking; merges what it finds into state().
+    lookup: Callable[[str], object] | None = None
     workers: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="ambit-proxy-fetch")
     )

@@ -92,13 +92,14 @@ class FileObserver:
         )  # fmt: skip
 
 
-def snapshot(cfg: dict[str, Any]) -> MeshSnapshot:
+def snapshot(cfg: dict[str, Any], local_only: bool = False) -> MeshSnapshot:
     ns = Namespace(Meta(name="app", labels={DATAPLANE_LABEL: "ambient"}))
     workloads = [
         Workload(
             Meta(name=w["name"], namespace="app", labels={"app": w["name"]}), w["sa"], w["node"], (w["ip"],)
         )
         for w in cfg["workloads"]
+        if not local_only or w["node"] == cfg["node"]
     ]
     nodes = [Node(Meta(name=n), (ip,)) for n, ip in cfg["nodes"].items()]
     services = [
@@ -111,6 +112,25 @@ def snapshot(cfg: dict[str, Any]) -> MeshSnapshot:
         for s in cfg.get("services", [])
     ]
     return MeshSnapshot.from_objects(1, cfg["trust_domain"], cfg["node"], [ns, *workloads, *nodes, *services])
+
+
+class OnDemandView:
+    """Like the RelayClient: peers (workloads on other nodes) are known only after a lookup by IP."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self._full = snapshot(cfg)
+        self.current = snapshot(cfg, local_only=bool(cfg.get("on_demand_peers")))
+        self.lookups = 0
+
+    def lookup(self, ip: str) -> Workload | None:
+        self.lookups += 1
+        time.sleep(0.05)  # a round trip to the plane
+        found = self._full.workload_by_ip(ip)
+        service = self._full.service_by_ip(ip)
+        extra = [found] if found else self._full.service_endpoints(service) if service else []
+        if extra:
+            self.current = self.current.with_workloads(extra)
+        return found
 
 
 def start_redirect(node: str, cfg: dict[str, Any]) -> Any:
@@ -132,10 +152,10 @@ def close_inbound(proxy: Proxy) -> None:
 def main(config_path: str) -> int:
     cfg = json.loads(Path(config_path).read_text())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    snap = snapshot(cfg)
+    view = OnDemandView(cfg)
     proxy = Proxy(
         cfg["node"],
-        lambda: snap,
+        lambda: view.current,
         StaticCredentials(cfg),
         ListAuthorizer(cfg),
         FileObserver(Path(cfg["events"])),
@@ -143,6 +163,7 @@ def main(config_path: str) -> int:
         max_streams=cfg.get("max_streams", 100),
         preserve_source_ip=cfg.get("preserve_source_ip", True),
         engine_threads=cfg.get("engine_threads", 1),
+        lookup=view.lookup,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -154,6 +175,7 @@ def main(config_path: str) -> int:
     while not stop.wait(0.2):
         doc = {
             "counters": proxy.counters(),
+            "lookups": view.lookups,
             "engine": proxy.engine_counters(),
             "rows": proxy.rows(),
             "pool": proxy.pool_rows(),

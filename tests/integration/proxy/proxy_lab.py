@@ -198,6 +198,9 @@ def start(
                 {"name": "echo", "ip": SERVICE_IP, "port": SERVICE_PORT, "target": ECHO, "selects": "pod-2-1"}
             ],
             "first_fetch_delay": 0.2,
+            # The first node learns its peers on demand (like the relay's node-scoped view); the others hold
+            # every workload, so their inbound side can name the source pod.
+            "on_demand_peers": node.name == plan.nodes[0].name,
             "redirect": redirect,
             "events": str(workdir / f"{node.name}.events.jsonl"),
             "status": str(workdir / f"{node.name}.status.json"),

@@ -87,6 +87,7 @@ def test_cross_node_echo_carries_identities(lab: ProxyLab) -> None:
     assert out["destination_principal"] == principal("pod-2-1")
     assert out["response_flags"] == "-"
     assert out["bytes_sent"] == out["bytes_received"] == len(b"hello mesh")
+    lab.wait_status("node-1", lambda st: st["lookups"] >= 1)  # node-1 learnt pod-2-1 on demand
     inbound = _closed(lab, "node-2", ECHO, source_principal=principal("pod-1-1"), direction="inbound")
     assert inbound["source_ip"] == lab.pod_ip("pod-1-1")
     assert inbound["destination_workload"] == "app/pod-2-1"
