@@ -12,6 +12,7 @@
 
 #define SESSION_SLOTS 64
 #define TLS_READ_BUFFER (128 * 1024)
+#define SESSION_LIFETIME_S 600
 
 static const unsigned char ALPN_H2[] = {2, 'h', '2'};
 static const unsigned char SESSION_ID_CTX[] = "ambit-hbone";
@@ -182,6 +183,8 @@ SSL_CTX *tls_ctx_build(int server, const char *chain, size_t chain_len, const ch
         SSL_CTX_free(ctx);
         return NULL;
     }
+    /* A resumed session skips the certificate exchange: keep that window well under an SVID's lifetime. */
+    SSL_CTX_set_timeout(ctx, SESSION_LIFETIME_S);
     if (server) {
         SSL_CTX_set_alpn_select_cb(ctx, select_alpn, NULL);
         SSL_CTX_set_session_id_context(ctx, SESSION_ID_CTX, sizeof(SESSION_ID_CTX) - 1);
