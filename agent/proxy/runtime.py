@@ -168,7 +168,9 @@ def accept_batch(listener: socket.socket, handle: Callable[[socket.socket], None
             # Small HTTP/2 frames (HEADERS then DATA) must not wait out Nagle against a delayed ACK.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             handle(sock)
+        except OSError as exc:  # e.g. the client reset before we looked at it: common, not a bug
+            log.debug("accepted connection gone: %s", exc)
+            sock.close()  # no-op once the fd was handed to the engine (detached)
         except Exception:
             log.exception("handling an accepted connection failed")
-            if sock.fileno() >= 0:
-                sock.close()
+            sock.close()
