@@ -2,8 +2,8 @@
 
 The engine runs its own epoll loop thread(s) in C. Python hands it sockets (by fd: the engine owns and
 closes them from then on), TLS material and decisions; it reports what happened as `Event`s, drained with
-`events()` whenever `eventfd` is readable. Ids (connections, streams, splices, TLS contexts) come from one
-engine-wide counter, so an id never names two things; `stream_id` is such an id, not the HTTP/2 stream id.
+`events()` whenever `eventfd` is readable. Connections and splices share one id space (`close()` takes
+either); stream ids (engine-assigned, not HTTP/2 stream ids) and TLS context ids have their own.
 
 Byte counters in events: a stream's `bytes_in`/`bytes_out` are DATA payload received from / sent to the
 HBONE peer; a connection's are TLS plaintext bytes; a splice's `bytes_in` is what was read from `fd_a`

@@ -336,7 +336,7 @@ static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame
     hconn *c = user_data;
     if (!c->server || frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST)
         return 0;
-    hstream *s = stream_new(c, engine_new_id(c->l->engine), c->tag);
+    hstream *s = stream_new(c, engine_new_id(&c->l->engine->next_stream_id), c->tag);
     if (!s)
         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE; /* nghttp2 resets this stream only */
     s->h2id = frame->hd.stream_id;

@@ -115,7 +115,9 @@ struct ambit_engine {
     size_t ev_head, ev_count, ev_cap;
     pthread_mutex_t ctx_lock;
     tls_ctx_entry *ctxs;
-    uint64_t next_id;        /* atomic: conn, splice, stream and ctx ids share it */
+    uint64_t next_id;        /* atomic: connection and splice ids (one space: close() takes either) */
+    uint64_t next_stream_id; /* atomic: streams, always named together with their connection */
+    uint64_t next_ctx_id;    /* atomic: TLS contexts */
     int handshake_timeout_ms; /* atomic; 0 disables */
     int keepalive_idle_ms;    /* atomic; PING after this much silence, 0 disables */
     int keepalive_timeout_ms; /* atomic; no answer to the PING within this ends the connection */
@@ -127,7 +129,8 @@ static inline void ctr_add(ambit_engine *e, int c, int64_t v)
 {
     __atomic_add_fetch(&e->counters[c], (uint64_t)v, __ATOMIC_RELAXED);
 }
-uint64_t engine_new_id(ambit_engine *e);
+/* Ids come from per-kind counters, so connections spread evenly over loops (id % loops). */
+uint64_t engine_new_id(uint64_t *counter);
 
 /* Event construction: a zeroed event with kind/ids set; emit copies it into the queue. */
 void event_init(ambit_event *ev, int kind, uint64_t conn_id, uint64_t stream_id, uint64_t tag);

@@ -27,9 +27,9 @@ const char *ambit_counter_name(int index)
     return (index >= 0 && index < AMBIT_C_COUNT) ? counter_names[index] : NULL;
 }
 
-uint64_t engine_new_id(ambit_engine *e)
+uint64_t engine_new_id(uint64_t *counter)
 {
-    return __atomic_add_fetch(&e->next_id, 1, __ATOMIC_RELAXED);
+    return __atomic_add_fetch(counter, 1, __ATOMIC_RELAXED);
 }
 
 static void set_err(char *err, size_t errlen, const char *msg)
@@ -365,7 +365,7 @@ int64_t ambit_tls_context(ambit_engine *e, int server, const char *chain_pem, si
         set_err(err, errlen, "out of memory");
         return -1;
     }
-    t->id = (int64_t)engine_new_id(e);
+    t->id = (int64_t)engine_new_id(&e->next_ctx_id);
     t->ctx = ctx;
     pthread_mutex_lock(&e->ctx_lock);
     t->next = e->ctxs;
@@ -459,7 +459,7 @@ static int64_t post_conn(ambit_engine *e, int kind, int fd, int64_t ctx, const c
         return -1;
     }
     c->tag = tag;
-    uint64_t id = c->id = engine_new_id(e);
+    uint64_t id = c->id = engine_new_id(&e->next_id);
     loop_post(loop_of(e, id), c); /* the loop may run and free the command at once */
     return (int64_t)id;
 }
@@ -487,7 +487,7 @@ int64_t ambit_open_stream(ambit_engine *e, uint64_t conn_id, const char *authori
         return -1;
     }
     c->id = conn_id;
-    uint64_t id = c->id2 = engine_new_id(e);
+    uint64_t id = c->id2 = engine_new_id(&e->next_stream_id);
     c->tag = tag;
     loop_post(loop_of(e, conn_id), c);
     return (int64_t)id;
@@ -533,7 +533,7 @@ int64_t ambit_splice(ambit_engine *e, int fd_a, int fd_b, uint64_t tag, char *er
     acmd *c = cmd_prepare(e, CMD_SPLICE, fd_a, fd_b, err, errlen);
     if (!c)
         return -1;
-    uint64_t id = c->id = engine_new_id(e);
+    uint64_t id = c->id = engine_new_id(&e->next_id);
     c->tag = tag;
     loop_post(loop_of(e, id), c);
     return (int64_t)id;
