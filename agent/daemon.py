@@ -64,7 +64,6 @@ class Agent:
         self.settings = settings
         self._stopping = threading.Event()
         self._ready = threading.Event()
-        self._enrolled: dict[str, enrolment.Enrolment] = {}
         self._apply_lock = threading.Lock()
         self._recheck_wanted = threading.Event()
         self._stack: list[tuple[str, Callable[[], None]]] = []  # what to undo, in reverse order
@@ -215,17 +214,16 @@ class Agent:
             lambda w: w.enrolled(snapshot.namespace_of(w)),
             lambda w: self.policy.mtls_mode(w, 0),
         )
-        change = enrolment.diff(self._enrolled, wanted)
-        for ip in sorted(change.unenroll):
-            self.redirector.unenroll(ip)
-            self._enrolled.pop(ip, None)
+        # sync() also drops pods a previous agent left enrolled in the pinned map, and reports (never
+        # raises for) a pod it cannot enrol, so one bad workload cannot stall the others.
+        result = self.redirector.sync(wanted)
+        for ip in result.unenrolled:
             log.info("unenrolled %s", ip)
-        for ip, entry in sorted(change.enroll.items()):
-            self.redirector.enroll(ip, entry.workload_uid, entry.strict)
-            self._enrolled[ip] = entry
-            log.info(
-                "enrolled %s (%s, %s)", ip, entry.workload_uid, "STRICT" if entry.strict else "PERMISSIVE"
-            )
+        for ip in result.enrolled:
+            mode = "STRICT" if wanted[ip].strict else "PERMISSIVE"
+            log.info("enrolled %s (%s, %s)", ip, wanted[ip].workload, mode)
+        for ip, reason in result.failed.items():
+            log.error("could not enrol %s: %s", ip, reason)
 
     def _recheck_loop(self) -> None:
         """A policy change applies to live connections too: close the ones it now denies."""
@@ -278,6 +276,7 @@ class Agent:
         if snap is None:
             return []
         local = {w.uid for w in snap.local_workloads()}
+        enrolled = {e.workload for e in self.redirector.enrolled().values()} if self.redirector else set()
         return [
             {
                 "workload": w.uid,
@@ -285,7 +284,7 @@ class Agent:
                 "ips": ",".join(w.ips),
                 "identity": str(w.spiffe_id(self.settings.trust_domain)),
                 "local": w.uid in local,
-                "enrolled": any(e.workload_uid == w.uid for e in self._enrolled.values()),
+                "enrolled": w.uid in enrolled,
             }
             for w in sorted(snap.workloads.values(), key=lambda w: w.uid)
         ]

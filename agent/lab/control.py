@@ -14,7 +14,6 @@ from agent.lab.plan import LabPlan
 from agent.lab.state import LabProcess, LabState
 
 Progress = Callable[[str], None]
-BPF_PIN_ROOT = Path("/sys/fs/bpf/ambit")
 
 
 def _quiet(_: str) -> None:
@@ -75,12 +74,14 @@ def down(prefix: str, progress: Progress = _quiet) -> list[str]:
 
 def _remove_mesh_leftovers(prefix: str, progress: Progress) -> None:
     """The mesh's run directory (plane state, tokens, logs) and BPF pins an agent kept or could not remove."""
+    from agent.redirect.pins import cleanup_pins
+
     run = state.state_dir() / f"mesh-{prefix.rstrip('-')}"
-    pins = sorted(BPF_PIN_ROOT.glob(f"{prefix}*")) if BPF_PIN_ROOT.is_dir() else []
-    for path in [run, *pins]:
-        if path.exists():
-            progress(f"removing {path}")
-            shutil.rmtree(path, ignore_errors=True)
+    if run.exists():
+        progress(f"removing {run}")
+        shutil.rmtree(run, ignore_errors=True)
+    for pinned in cleanup_pins(prefix):
+        progress(f"removed BPF pins {pinned}")
 
 
 def start_process(prefix: str, name: str, netns_name: str, argv: list[str], log: Path) -> LabProcess:

@@ -24,6 +24,7 @@ from agent.errors import UsageError
 from agent.lab import control, state
 from agent.lab.plan import LabPlan
 from agent.redirect.marks import HBONE_PORT
+from agent.redirect.pins import lab_pin_dir
 
 MESH_NAMESPACE = "demo"
 TRUST_DOMAIN = "cluster.local"
@@ -36,10 +37,6 @@ APP_PORT = 8080
 
 def run_dir(prefix: str) -> Path:
     return state.state_dir() / f"mesh-{prefix.rstrip('-')}"
-
-
-def pin_dir(prefix: str, node: str) -> Path:
-    return control.BPF_PIN_ROOT / f"{prefix}{node}"
 
 
 def service_account(pod: str) -> str:
@@ -231,7 +228,7 @@ def start_agent(plan: LabPlan, node_name: str, mgmt_state: Path, progress: Calla
             "--listen-ip",
             node.ip,
             "--pin-dir",
-            str(pin_dir(plan.prefix, node.name)),
+            str(lab_pin_dir(plan.prefix, node.name)),
             "--access-log",
             str(rd / "logs" / f"access-{node.name}.jsonl"),
             "--audit-log",

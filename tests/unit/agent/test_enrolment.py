@@ -1,4 +1,5 @@
 from agent import enrolment
+from agent.redirect.maps import PodEntry
 from api.resources import Meta
 from api.resources.workload import Namespace, Workload
 
@@ -26,16 +27,7 @@ def test_desired_follows_namespace_and_workload_labels() -> None:
         local, lambda w: w.enrolled(namespaces(w)), lambda w: "STRICT" if w.name == "a" else "PERMISSIVE"
     )
     assert got == {
-        "10.0.0.1": enrolment.Enrolment("shop/a", True),
-        "10.0.0.2": enrolment.Enrolment("shop/a", True),
-        "10.0.0.4": enrolment.Enrolment("legacy/c", False),
+        "10.0.0.1": PodEntry("shop/a", True),
+        "10.0.0.2": PodEntry("shop/a", True),
+        "10.0.0.4": PodEntry("legacy/c", False),
     }
-
-
-def test_diff_enrolls_new_and_changed_and_removes_gone() -> None:
-    current = {"10.0.0.1": enrolment.Enrolment("ns/a", False), "10.0.0.2": enrolment.Enrolment("ns/b", False)}
-    wanted = {"10.0.0.1": enrolment.Enrolment("ns/a", True), "10.0.0.3": enrolment.Enrolment("ns/c", False)}
-    change = enrolment.diff(current, wanted)
-    assert change.enroll == wanted
-    assert change.unenroll == frozenset({"10.0.0.2"})
-    assert enrolment.diff(wanted, wanted).enroll == {}
