@@ -25,6 +25,22 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
+def _with_ratios(area: str, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fill baseline_value and ratio from the named baseline row of the same area, unless the bench did."""
+    by_name = {r["name"]: r for r in results}
+    out = []
+    for r in results:
+        row = {"area": area, **r}
+        base = by_name.get(r.get("baseline") or "")
+        if base is not None and row.get("ratio") is None:
+            row["baseline_value"] = base.get("value")
+            bv, v = base.get("value"), r.get("value")
+            if isinstance(bv, int | float) and isinstance(v, int | float) and bv:
+                row["ratio"] = v / bv
+        out.append(row)
+    return out
+
+
 def main(argv: list[str]) -> int:
     wanted = set(argv)
     areas = sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name.startswith("bench_"))
@@ -43,8 +59,7 @@ def main(argv: list[str]) -> int:
             failed.append(area)
             continue
         print(f"bench: {area} done in {time.monotonic() - started:.1f}s", file=sys.stderr, flush=True)
-        for r in results:
-            rows.append({"area": area, **r})
+        rows.extend(_with_ratios(area, results))
     table = [
         {
             "area": r["area"],
