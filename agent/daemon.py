@@ -24,23 +24,6 @@ log = logging.getLogger("ambit.agent")
 COUNTER_REFRESH_S = 2.0
 
 
-class _Credentials:
-    """What the proxy needs for TLS: workload SVIDs, the node identity for HBONE serving, the bundle."""
-
-    def __init__(self, identity: Any, node_identity: Any) -> None:
-        self._identity = identity
-        self._node_identity = node_identity
-
-    def svid_for(self, spiffe_id: Any) -> Any:
-        return self._identity.svid_for(spiffe_id)
-
-    def trust_bundle_pem(self) -> bytes:
-        return bytes(self._identity.trust_bundle_pem())
-
-    def node_identity(self) -> Any:
-        return self._node_identity
-
-
 class _CountingAuthorizer:
     """The policy engine as the proxy sees it, with every decision counted by action."""
 
@@ -122,7 +105,8 @@ class Agent:
         self.relay = RelayClient(
             s.mgmt,
             s.node,
-            lambda: node_identity.credentials(bundle),
+            # Rebuilt on reconnect: follows node-certificate renewals and trust-bundle (root) rotations.
+            lambda: self.identity.node.credentials(self.identity.trust_bundle_pem()),
             on_snapshot=self._apply,
             validate=self._validate,
             server_name=PLANE_SERVER_NAME,
@@ -130,7 +114,7 @@ class Agent:
         self.proxy = Proxy(
             s.node,
             state=lambda: self.relay.snapshot,
-            credentials=_Credentials(self.identity, node_identity),
+            credentials=self.identity,
             authorizer=_CountingAuthorizer(self.policy, self.metrics),
             observer=FanOut(*observers),
             listen_ip=s.listen_ip,
