@@ -74,9 +74,10 @@ class Plane:
         self._stops: list[Any] = []
 
     def start(self) -> None:
-        from agent.observe.audit import AuditLog
+        from api.jsonlog import AuditLog
         from mgmt import ca_store
         from mgmt.bootstrap import BootstrapServer
+        from mgmt.ca import CAError
         from mgmt.identity_service import add_identity_service
         from mgmt.join_tokens import JoinTokens
         from mgmt.server import MgmtServer
@@ -91,7 +92,11 @@ class Plane:
         errors = store.load()
         if errors:
             raise UsageError("config rejected:\n  " + "\n  ".join(str(e) for e in errors))
-        ca = ca_store.load_or_create(state_dir, a.trust_domain)
+        upstream = ca_store.Upstream.from_dir(Path(a.ca_dir)) if a.ca_dir else None
+        try:
+            ca = ca_store.load_or_create(state_dir, a.trust_domain, upstream)
+        except (CAError, OSError) as exc:
+            raise UsageError(f"certificate authority: {exc}") from None
         tokens = JoinTokens(state_dir)
 
         def add_csr_service(grpc_server: Any) -> None:
@@ -141,6 +146,11 @@ def add_mgmt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         "--bootstrap-listen", default=DEFAULT_BOOTSTRAP_LISTEN, help="join bootstrap (default %(default)s)"
     )
     p.add_argument("--join-token", nargs="+", metavar="NODE", help="print a one-time join token per NODE")
+    p.add_argument(
+        "--ca-dir",
+        help="run as an intermediate CA under an external root: DIR holds ca-cert.pem, ca-key.pem (0600), "
+        "root-cert.pem and optionally cert-chain.pem (default: a self-signed root kept in --state-dir)",
+    )
     p.add_argument("--audit-log", help="JSON-lines audit log of refused requests and joins")
     p.set_defaults(func=_cmd_run, verb=None)
     verbs = p.add_subparsers(dest="verb", metavar="VERB")
