@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from agent.connections import ConnectionObserver
 from agent.policy.decision import ConnectionAttrs
-from agent.proxy.inbound import Inbound
+from agent.proxy.inbound import STATUS_FORBIDDEN, Inbound
 from agent.proxy.loop import ControlLoop
 from agent.proxy.outbound import Outbound
 from agent.proxy.pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_STREAMS, Pool
@@ -23,7 +23,6 @@ from native.engine import Engine, EngineError, Event
 log = logging.getLogger("ambit.proxy")
 
 EVENT_BATCH = 256
-STATUS_FORBIDDEN = 403
 
 
 @dataclass(frozen=True)
