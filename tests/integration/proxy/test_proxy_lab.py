@@ -217,7 +217,12 @@ def test_policy_change_closes_live_inbound_connections(lab: ProxyLab) -> None:
     assert lab_state is not None
     (pid,) = [p.pid for p in lab_state.processes if p.name == "proxy-node-2"]
     assert in_pod(lab, "pod-1-2", _cut_by_policy, lab.pod_ip("pod-2-1"), ECHO, pid) in ("eof", "reset")
-    rec = _closed(lab, "node-2", ECHO, error="policy changed", destination_workload="app/pod-2-1")
+    rec = _closed(lab, "node-2", ECHO, error="policy changed", security_policy="mutual_tls")
+    assert rec["response_flags"] == "DENY" and rec["bytes_sent"] == len(b"before")
+    # A plaintext (15006) connection is re-checked and closed the same way.
+    node1 = lab.plan.node("node-1").netns
+    assert nsx.run_in(node1, _cut_by_policy, lab.pod_ip("pod-2-1"), ECHO, pid) in ("eof", "reset")
+    rec = _closed(lab, "node-2", ECHO, error="policy changed", security_policy="none")
     assert rec["response_flags"] == "DENY" and rec["bytes_sent"] == len(b"before")
 
 
