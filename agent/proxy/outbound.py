@@ -72,9 +72,9 @@ class Outbound:
             self._passthrough(client, record)
             return
         src = snap.workload_by_ip(src_ip)
-        if src is None:
-            # Without a source workload there is no identity to present: refuse rather than guess.
-            rt.refuse(client, record, "NR", f"source {src_ip} is not a known workload")
+        if src is None or src.node != rt.node:
+            # Only a local workload's identity may be presented; without one there is nothing to present.
+            rt.refuse(client, record, "NR", f"source {src_ip} is not a workload on node {rt.node}")
             return
         self._hbone(client, record, snap, src, dst)
 
