@@ -161,6 +161,7 @@ def main(config_path: str) -> int:
         FileObserver(Path(cfg["events"])),
         cfg["listen_ip"],
         max_streams=cfg.get("max_streams", 100),
+        idle_timeout=cfg.get("idle_timeout", 60.0),
         preserve_source_ip=cfg.get("preserve_source_ip", True),
         engine_threads=cfg.get("engine_threads", 1),
         lookup=view.lookup,

@@ -198,6 +198,7 @@ def start(
                 {"name": "echo", "ip": SERVICE_IP, "port": SERVICE_PORT, "target": ECHO, "selects": "pod-2-1"}
             ],
             "first_fetch_delay": 0.2,
+            "idle_timeout": 3.0,  # pooled connections come and go during the run
             # The first node learns its peers on demand (like the relay's node-scoped view); the others hold
             # every workload, so their inbound side can name the source pod.
             "on_demand_peers": node.name == plan.nodes[0].name,

@@ -95,6 +95,16 @@ def test_cross_node_echo_carries_identities(lab: ProxyLab) -> None:
     assert inbound["bytes_sent"] == inbound["bytes_received"] == len(b"hello mesh")
 
 
+def test_idle_pooled_connection_is_closed_and_replaced(lab: ProxyLab) -> None:
+    def pooled(st: dict[str, Any]) -> list[dict[str, Any]]:
+        return [r for r in st["pool"] if r["source"] == principal("pod-2-1") and r["node"] == "node-1"]
+
+    assert in_pod(lab, "pod-2-1", request, lab.pod_ip("pod-1-2"), ECHO, b"one") == b"one"
+    lab.wait_status("node-2", lambda st: len(pooled(st)) == 1)
+    lab.wait_status("node-2", lambda st: not pooled(st))  # idle past the timeout: closed gracefully
+    assert in_pod(lab, "pod-2-1", request, lab.pod_ip("pod-1-2"), ECHO, b"two") == b"two"
+
+
 def test_same_node(lab: ProxyLab) -> None:
     assert in_pod(lab, "pod-1-1", request, lab.pod_ip("pod-1-2"), ECHO, b"next door") == b"next door"
     _closed(lab, "node-1", ECHO, destination_ip=lab.pod_ip("pod-1-2"), direction="inbound")
