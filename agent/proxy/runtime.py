@@ -122,12 +122,9 @@ class Runtime:
         )
 
     def refuse(self, client: socket.socket, record: ConnectionRecord, flags: str, error: str) -> None:
-        """Close a captured connection before any path exists; counted and reported."""
+        """Close a captured connection before any path exists; counted, reported (and logged) by the table."""
         client.close()
         self.counters[f"{record.direction.value}_refused_{flags}"] += 1
-        r = record
-        log.info("%s %s:%d -> %s:%d refused: %s", r.direction.value, r.source_ip, r.source_port,
-                 r.destination_ip, r.destination_port, error)  # fmt: skip
         self.table.reject(record, flags, error)
 
     def splice_when_connected(self, client: socket.socket, upstream: socket.socket, entry: Entry) -> None:
