@@ -118,6 +118,7 @@ class Agent:
             authorizer=_CountingAuthorizer(self.policy, self.metrics),
             observer=FanOut(*observers),
             listen_ip=s.listen_ip,
+            lookup=self.relay.lookup,
         )
         self.proxy.start()
         self._stack.append(("proxy", self.proxy.stop))
