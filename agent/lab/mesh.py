@@ -25,6 +25,7 @@ from agent.lab import control, state
 from agent.lab.plan import LabPlan
 from agent.redirect.marks import HBONE_PORT
 from agent.redirect.pins import lab_pin_dir
+from api.resources.workload import DATAPLANE_LABEL
 
 MESH_NAMESPACE = "demo"
 TRUST_DOMAIN = "cluster.local"
@@ -48,7 +49,8 @@ def principal(pod: str) -> str:
     return f"{TRUST_DOMAIN}/ns/{MESH_NAMESPACE}/sa/{service_account(pod)}"
 
 
-def mesh_documents(plan: LabPlan) -> list[dict[str, Any]]:
+def mesh_documents(plan: LabPlan, opted_out: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """The lab's mesh; pods in `opted_out` carry `ambit.io/dataplane-mode: none` (not captured, plaintext)."""
     docs: list[dict[str, Any]] = [
         {
             "apiVersion": "ambit.io/v1",
@@ -70,7 +72,12 @@ def mesh_documents(plan: LabPlan) -> list[dict[str, Any]]:
                 {
                     "apiVersion": "ambit.io/v1",
                     "kind": "Workload",
-                    "metadata": {"name": pod.name, "namespace": MESH_NAMESPACE, "labels": {"app": pod.name}},
+                    "metadata": {
+                        "name": pod.name,
+                        "namespace": MESH_NAMESPACE,
+                        "labels": {"app": pod.name}
+                        | ({DATAPLANE_LABEL: "none"} if pod.name in opted_out else {}),
+                    },
                     "spec": {
                         "serviceAccount": service_account(pod.name),
                         "node": node.name,
@@ -111,9 +118,17 @@ def _write_yaml(path: Path, docs: list[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
+def set_opted_out(plan: LabPlan, pods: frozenset[str]) -> bool:
+    """Take `pods` out of the mesh (and every other pod back in); False when nothing changes."""
+    return _replace(run_dir(plan.prefix) / "config" / "mesh.yaml", mesh_documents(plan, pods))
+
+
 def set_policies(plan: LabPlan, docs: list[dict[str, Any]]) -> bool:
     """Replace the lab's policies; False when they are already these (the plane makes no new version)."""
-    path = run_dir(plan.prefix) / "config" / "policies.yaml"
+    return _replace(run_dir(plan.prefix) / "config" / "policies.yaml", docs)
+
+
+def _replace(path: Path, docs: list[dict[str, Any]]) -> bool:
     if path.exists() and path.read_text() == yaml.safe_dump_all(docs, sort_keys=False):
         return False
     _write_yaml(path, docs)

@@ -199,3 +199,126 @@ def test_debug_commands_on_live_agents(meshlab: LabPlan, sub: str) -> None:
         assert {r["workload"] for r in data} >= {"demo/pod-1-1", "demo/pod-1-2"}
     if sub == "certs":
         assert any("node/node-1" in json.dumps(r) for r in data)
+
+
+# -- the policy issue's end-to-end subset, through the real plane and agents ------------------------------
+
+
+def _version(plan: LabPlan, node: str) -> int:
+    return int(mesh.admin_get(plan, node, "/config_dump")["config_version"])
+
+
+def _audit(plan: LabPlan, node: str) -> list[dict[str, object]]:
+    path = mesh.run_dir(plan.prefix) / "logs" / f"audit-{node}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _policy(
+    kind: str, name: str, spec: dict[str, object], namespace: str = mesh.MESH_NAMESPACE
+) -> dict[str, object]:
+    api = "ambit.io/v1" if kind in ("RegoPolicy", "MeshConfig") else "security.istio.io/v1"
+    meta: dict[str, object] = {"name": name}
+    if kind != "MeshConfig":
+        meta["namespace"] = namespace
+    return {"apiVersion": api, "kind": kind, "metadata": meta, "spec": spec}
+
+
+def test_default_deny_until_a_namespace_allow(meshlab: LabPlan) -> None:
+    _set_policies(meshlab, [_policy("MeshConfig", "default", {"defaultDeny": True})])
+    assert _echo(meshlab, "pod-1-2", "pod-2-2", b"x") != b"x"
+    allow_ns = _policy(
+        "AuthorizationPolicy",
+        "demo-from-demo",
+        {"action": "ALLOW", "rules": [{"from": [{"source": {"namespaces": [mesh.MESH_NAMESPACE]}}]}]},
+    )
+    _set_policies(meshlab, [_policy("MeshConfig", "default", {"defaultDeny": True}), allow_ns])
+    assert _echo(meshlab, "pod-1-2", "pod-2-2", b"x") == b"x"
+
+
+REGO_DENY_POD_1_2 = """package ambit
+import rego.v1
+default authz := {"allow": true, "reason": "default"}
+authz := {"allow": false, "reason": "pod-1-2 may not talk to pod-2-2"} if {
+  input.source_service_account == "sa-pod-1-2"
+}
+"""
+
+
+def test_rego_policy_denies_and_audits_its_reason(meshlab: LabPlan) -> None:
+    rego = _policy(
+        "RegoPolicy",
+        "no-pod-1-2",
+        {"selector": {"matchLabels": {"app": "pod-2-2"}}, "module": REGO_DENY_POD_1_2},
+    )
+    _set_policies(meshlab, [rego])
+    assert _echo(meshlab, "pod-1-1", "pod-2-2", b"ok") == b"ok"
+    assert _echo(meshlab, "pod-1-2", "pod-2-2", b"no") != b"no"
+    assert any("pod-1-2 may not talk to pod-2-2" in json.dumps(r) for r in _audit(meshlab, "node-2"))
+
+
+def test_broken_rego_is_nacked_and_the_previous_policy_stays(meshlab: LabPlan) -> None:
+    deny = _policy(
+        "AuthorizationPolicy",
+        "deny-pod-1-2",
+        {
+            "selector": {"matchLabels": {"app": "pod-2-2"}},
+            "action": "DENY",
+            "rules": [{"from": [{"source": {"principals": [mesh.principal("pod-1-2")]}}]}],
+        },
+    )
+    _set_policies(meshlab, [deny])
+    applied = _version(meshlab, "node-2")
+    nacks = _metrics(meshlab, "node-2").get("ambit_relay_nacks_total", 0.0)
+    broken = _policy("RegoPolicy", "broken", {"module": "package ambit\nthis is not rego"})
+    assert mesh.set_policies(meshlab, [deny, broken])
+    deadline = time.monotonic() + 10
+    while _metrics(meshlab, "node-2").get("ambit_relay_nacks_total", 0.0) == nacks:
+        assert time.monotonic() < deadline, "node-2 never NACKed the broken Rego module"
+        time.sleep(0.1)
+    assert _version(meshlab, "node-2") == applied
+    assert _echo(meshlab, "pod-1-2", "pod-2-2", b"no") != b"no"
+    assert _echo(meshlab, "pod-1-1", "pod-2-2", b"ok") == b"ok"
+
+
+def test_dry_run_deny_allows_but_audits(meshlab: LabPlan) -> None:
+    dry = _policy(
+        "AuthorizationPolicy",
+        "would-deny-pod-1-1",
+        {
+            "selector": {"matchLabels": {"app": "pod-2-2"}},
+            "action": "DENY",
+            "dryRun": True,
+            "rules": [{"from": [{"source": {"principals": [mesh.principal("pod-1-1")]}}]}],
+        },
+    )
+    _set_policies(meshlab, [dry])
+    before = len(_audit(meshlab, "node-2"))
+    assert _echo(meshlab, "pod-1-1", "pod-2-2", b"dry") == b"dry"
+    new = _audit(meshlab, "node-2")[before:]
+    assert any("would-deny-pod-1-1" in json.dumps(r) and "dry" in json.dumps(r) for r in new), new
+
+
+def test_plaintext_from_outside_the_mesh_strict_refuses_permissive_accepts(meshlab: LabPlan) -> None:
+    _set_policies(meshlab, [])
+    try:
+        _set_opted_out(meshlab, frozenset({"pod-1-2"}))
+        # PERMISSIVE (default): plaintext from the opted-out pod is accepted on 15006 and delivered.
+        assert _echo(meshlab, "pod-1-2", "pod-2-2", b"plain") == b"plain"
+        strict = _policy("PeerAuthentication", "strict", {"mtls": {"mode": "STRICT"}})
+        _set_policies(meshlab, [strict])
+        assert _echo(meshlab, "pod-1-2", "pod-2-2", b"plain") != b"plain"
+        assert _echo(meshlab, "pod-1-1", "pod-2-2", b"mtls") == b"mtls"
+    finally:
+        _set_policies(meshlab, [])
+        _set_opted_out(meshlab, frozenset())
+
+
+def _set_opted_out(plan: LabPlan, pods: frozenset[str]) -> None:
+    """Change which pods are outside the mesh and wait until node-1 (their node) has applied it."""
+    before = _version(plan, "node-1")
+    if not mesh.set_opted_out(plan, pods):
+        return
+    deadline = time.monotonic() + 10
+    while _version(plan, "node-1") == before:
+        assert time.monotonic() < deadline, "enrolment change never reached node-1"
+        time.sleep(0.1)
