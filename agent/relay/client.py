@@ -32,7 +32,6 @@ log = logging.getLogger("ambit.agent.relay")
 BACKOFF_INITIAL = 0.2
 BACKOFF_MAX = 5.0
 LOOKUP_TIMEOUT = 2.0
-RESOLVE_TIMEOUT = 0.5
 NEGATIVE_LOOKUP_TTL = 5.0  # an address the plane does not know is not asked again for this long
 KEEPALIVE_MS = 30_000  # the plane allows pings this often (mgmt/server.py)
 KEEPALIVE_TIMEOUT_MS = 10_000
@@ -75,7 +74,7 @@ class RelayClient:
             self._options.append(("grpc.ssl_target_name_override", server_name))
         self._backoff = (backoff_initial, backoff_max)
         self._apply_lock = threading.RLock()  # one update (stream or lookup) applied at a time, in order
-        self._snapshot = MeshSnapshot(node=node, resolver=self._resolve)
+        self._snapshot = MeshSnapshot(node=node)
         self._held: dict[str, _Held] = {}  # what the node ACKed: key -> (hash, parsed object)
         self._looked_up: dict[str, tuple[int, Workload]] = {}  # uid -> (plane version, peer) until streamed
         self._negative: dict[str, float] = {}
@@ -233,7 +232,7 @@ class RelayClient:
                 del self._looked_up[uid]
             else:
                 objects.append(w)
-        return held, MeshSnapshot.from_objects(resp.version, trust_domain, self.node, objects, self._resolve)
+        return held, MeshSnapshot.from_objects(resp.version, trust_domain, self.node, objects)
 
     def _publish(self, snapshot: MeshSnapshot, notify: bool = True) -> None:
         self._snapshot = snapshot
@@ -272,14 +271,6 @@ class RelayClient:
                     self._looked_up[w.uid] = (resp.version, w)
             self._publish(self._snapshot.with_workloads(peers), notify)
         return self._snapshot.known_workload_by_ip(ip)
-
-    def _resolve(self, ip: str) -> Workload | None:
-        """MeshSnapshot.workload_by_ip's miss path, run on the reader's thread (e.g. the proxy's loop): a
-        short timeout, no RPC while the plane is unreachable, and no on_snapshot call from a foreign thread
-        (a peer changes nothing local; the subscription delivers it to on_snapshot shortly after)."""
-        if not self.connected:
-            return None
-        return self.lookup(ip, RESOLVE_TIMEOUT, notify=False)
 
     def _lookup_rpc(self, ip: str, timeout: float) -> relay_pb2.LookupResponse:
         with self._conn_lock:

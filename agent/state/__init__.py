@@ -3,16 +3,15 @@
 The relay client builds a new snapshot for every update and swaps it in whole, so readers (proxy, policy,
 redirector) take `client.snapshot` once and work on a consistent picture; nobody mutates one in place.
 
-A node holds peer workloads (other nodes' pods) only once it has asked for them (mgmt/scope.py). So that the
-proxy needs no relay code, a snapshot from the relay client carries a `resolver`: `workload_by_ip` of an
-address it does not hold asks the plane on demand (bounded, and not at all while the plane is unreachable);
-`known_workload_by_ip` never asks.
+A node holds peer workloads (other nodes' pods) only once it has asked for them (mgmt/scope.py): the proxy
+asks through RelayClient.lookup, off its event loop. A snapshot never calls the plane itself: readers run on
+threads (the proxy's loop, the relay's own thread) that must not block on the relay.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -33,7 +32,6 @@ class MeshSnapshot:
     nodes: Mapping[str, Node] = field(default_factory=dict)  # by name
     policies: tuple[Any, ...] = ()  # every other registered kind (AuthorizationPolicy, MeshConfig, ...)
     # On-demand lookup of an unknown address (the relay client's); not part of the snapshot's value.
-    resolver: Callable[[str], Workload | None] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_objects(
@@ -42,7 +40,6 @@ class MeshSnapshot:
         trust_domain: str,
         node: str,
         objects: Iterable[Any],
-        resolver: Callable[[str], Workload | None] | None = None,
     ) -> MeshSnapshot:
         """Sort parsed resources into a snapshot; policies keep a stable order (kind, namespace, name)."""
         workloads: dict[str, Workload] = {}
@@ -62,9 +59,7 @@ class MeshSnapshot:
             else:
                 policies.append(obj)
         policies.sort(key=lambda p: (p.kind, p.meta.namespace, p.meta.name))
-        return cls(
-            version, trust_domain, node, workloads, namespaces, services, nodes, tuple(policies), resolver
-        )
+        return cls(version, trust_domain, node, workloads, namespaces, services, nodes, tuple(policies))
 
     @cached_property
     def _by_ip(self) -> dict[str, Workload]:
@@ -80,14 +75,11 @@ class MeshSnapshot:
         return {ip: s for _, s in sorted(self.services.items()) for ip in s.addresses}
 
     def workload_by_ip(self, ip: str) -> Workload | None:
-        """The workload holding `ip`; one this node does not hold yet is looked up (see the module doc)."""
-        known = self._by_ip.get(ip)
-        if known is None and self.resolver is not None:
-            return self.resolver(ip)
-        return known
-
-    def known_workload_by_ip(self, ip: str) -> Workload | None:
+        """The workload holding `ip`, if this node holds it (never asks the plane)."""
         return self._by_ip.get(ip)
+
+    # The proxy's name for the same lookup: it states that the call never blocks.
+    known_workload_by_ip = workload_by_ip
 
     def service_by_ip(self, ip: str) -> Service | None:
         return self._service_by_ip.get(ip)

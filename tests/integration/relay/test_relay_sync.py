@@ -49,12 +49,11 @@ def test_node_never_receives_another_nodes_workloads(plane: Plane, ca: Certifica
         )
         assert streamed is not None
         assert client.lookup("192.0.2.77") is None  # unknown address: nothing
-        # Readers of a snapshot (the proxy) resolve unknown addresses without knowing about the relay.
-        snap = client.snapshot
-        assert snap.known_workload_by_ip("10.244.2.3") is None
-        resolved = snap.workload_by_ip("10.244.2.3")
+        # A snapshot never asks the plane itself; an explicit lookup merges the peer into the next one.
+        assert client.snapshot.workload_by_ip("10.244.2.3") is None
+        resolved = client.lookup("10.244.2.3")
         assert resolved is not None and resolved.uid == "demo/web-22"
-        assert client.snapshot.known_workload_by_ip("10.244.2.3") == resolved
+        assert client.snapshot.workload_by_ip("10.244.2.3") == resolved
         assert plane.server.relay.counters()["lookups"] == 3
 
 
