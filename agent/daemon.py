@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent import enrolment
+from agent.identity.bootstrap import JoinError
 from agent.settings import PLANE_SERVER_NAME, AgentSettings, add_arguments
 
 log = logging.getLogger("ambit.agent")
@@ -313,7 +314,12 @@ def _run(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return Agent(settings).run_until_signal()
+    try:
+        return Agent(settings).run_until_signal()
+    except JoinError as exc:
+        # The plane's answer says it all (bad, used or expired token; wrong node; unreachable).
+        log.error("cannot join the mesh: %s", exc)
+        return 1
 
 
 def add_agent_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -17,7 +17,7 @@ PLANE_SERVER_NAME = "ambit-mgmt"  # DNS SAN of the plane's serving certificate
 
 def host_port(text: str, what: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise UsageError(f"{what} must be HOST:PORT, got {text!r}")
     return host, int(port)
 
