@@ -196,7 +196,11 @@ class CertificateAuthority:
         return not self.chain
 
     def anchors(self) -> list[x509.Certificate]:
-        """Every root a peer must trust now: the signing one, a pending one, and previous ones."""
+        """Every root a peer must trust now: the signing one FIRST, then a pending one, then previous ones.
+
+        The order is a contract: agents compare their certificates with the first anchor to notice that the
+        signer changed (a root rotation was activated) and re-issue at once instead of at half life.
+        """
         with self._lock:
             out = [self.trust_anchor]
             if self.pending:
@@ -281,6 +285,22 @@ class CertificateAuthority:
             self.previous = (self.cert, *self.previous)
             self.key, self.cert = self.pending
             self.pending = None
+            self.generation += 1
+
+    def adopt(self, other: CertificateAuthority) -> None:
+        """Take over `other`'s signer and roots in place (a running plane reloading its state dir).
+
+        Everything holding this object (CSR service, serving credentials) sees the change at once; the
+        generation bump makes the servers re-issue their TLS material on the next handshake.
+        """
+        if other.trust_domain != self.trust_domain:
+            raise CAError(f"CA state is for {other.trust_domain}, the plane serves {self.trust_domain}")
+        check_ca_material(other.key, other.cert, other.chain)
+        if other.pending is not None:
+            check_ca_material(other.pending[0], other.pending[1], ())
+        with self._lock:
+            self.key, self.cert, self.chain = other.key, other.cert, other.chain
+            self.pending, self.previous = other.pending, other.previous
             self.generation += 1
 
     def drop_previous_roots(self) -> None:

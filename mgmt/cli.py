@@ -3,10 +3,13 @@
   ambit mgmt --config-dir D --state-dir S [--trust-domain cluster.local] [--listen 0.0.0.0:15012]
              [--bootstrap-listen 0.0.0.0:15013] [--join-token NODE ...] [--audit-log F]
   ambit mgmt token --state-dir S --node N [--ttl 1h]
+  ambit mgmt rotate-root --state-dir S [--step prepare|activate|drop|all] [--wait SECONDS]
 
 The plane owns: the config store (D, watched), the CA (persisted in S), join tokens (file-backed in S, so
 `ambit mgmt token` works while the plane runs), the mTLS relay + CSR service on --listen and the
 join-token bootstrap on --bootstrap-listen. The public trust bundle agents need is S/ca-bundle.pem.
+`rotate-root` rewrites the CA files in S; the running plane notices the new revision and reloads them
+(mgmt.ca_store.CaReloader), which is what the command waits for.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ DEFAULT_LISTEN = "0.0.0.0:15012"
 DEFAULT_BOOTSTRAP_LISTEN = "0.0.0.0:15013"
 _DURATION = re.compile(r"^(\d+)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+ROTATION_STEP_CHOICES = ("prepare", "activate", "drop", "all")  # mgmt.ca_store.ROTATION_STEPS + all
 
 
 def parse_duration(text: str) -> dt.timedelta:
@@ -48,9 +52,74 @@ def _cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+# How long rotate-root waits for the running plane to confirm it loaded a step (it polls every second).
+PLANE_CONFIRM_TIMEOUT_S = 30.0
+# Default pause between the steps of `--step all`: twice the agents' default trust-bundle poll (30 s), so
+# every agent trusts the new root before it signs, and has re-issued its certificates before the old
+# root is dropped.
+DEFAULT_STEP_WAIT_S = 60.0
+
+
+def _cmd_rotate_root(args: argparse.Namespace) -> int:
+    import time
+
+    from mgmt import ca_store
+    from mgmt.ca import CAError
+
+    state_dir = Path(args.state_dir)
+    if not state_dir.is_dir():
+        raise UsageError(f"--state-dir {state_dir}: no such directory (no plane state)")
+    if args.wait is not None and args.wait < 0:
+        raise UsageError("--wait must be >= 0 seconds")
+    if args.step == "all":
+        try:
+            state = ca_store.rotation_state(ca_store.load_state(state_dir))
+        except CAError as exc:
+            raise UsageError(str(exc)) from None
+        if state != "idle":
+            raise UsageError(f"a rotation is already under way ({state}); resume it with single --step runs")
+        steps = list(ca_store.ROTATION_STEPS)
+        wait = DEFAULT_STEP_WAIT_S if args.wait is None else args.wait
+    else:
+        steps = [args.step]
+        wait = args.wait or 0.0
+    for i, step in enumerate(steps):
+        try:
+            ca, revision = ca_store.rotate_step(state_dir, step)
+        except CAError as exc:
+            raise UsageError(str(exc)) from None
+        except OSError as exc:
+            raise UsageError(f"{state_dir}: {exc}") from None
+        what = {
+            "prepare": f"new root {ca.pending[1].subject.rfc4514_string() if ca.pending else '?'} "
+            "added to the trust bundle",
+            "activate": f"new certificates now chain to {ca.cert.subject.rfc4514_string()}",
+            "drop": f"old root(s) removed; the bundle holds {len(ca.anchors())} root",
+        }[step]
+        print(f"{step}: {what} (revision {revision})", flush=True)
+        if not ca_store.wait_loaded(state_dir, revision, PLANE_CONFIRM_TIMEOUT_S):
+            if len(steps) > 1:
+                print(
+                    f"ambit: no running plane loaded revision {revision} within "
+                    f"{PLANE_CONFIRM_TIMEOUT_S:.0f} s (is it running on this state dir?); "
+                    f"stopped after {step}",
+                    file=sys.stderr,
+                )
+                return 1
+            print(f"{step}: saved; no running plane confirmed it (it takes effect when the plane starts)")
+            continue
+        print(f"{step}: the running plane loaded revision {revision}", flush=True)
+        if wait and (len(steps) == 1 or i < len(steps) - 1):  # no pause after the last step of all
+            print(f"{step}: waiting {wait:.0f} s for agents to follow", flush=True)
+            time.sleep(wait)
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     if args.verb == "token":
         return _cmd_token(args)
+    if args.verb == "rotate-root":
+        return _cmd_rotate_root(args)
     if not args.config_dir or not args.state_dir:
         raise UsageError("ambit mgmt needs --config-dir and --state-dir")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -97,6 +166,10 @@ class Plane:
             ca = ca_store.load_or_create(state_dir, a.trust_domain, upstream)
         except (CAError, OSError) as exc:
             raise UsageError(f"certificate authority: {exc}") from None
+        if upstream is None:  # a root kept in the state dir: follow `ambit mgmt rotate-root`
+            reloader = ca_store.CaReloader(state_dir, ca)
+            reloader.start()
+            self._stops.append(reloader.stop)
         tokens = JoinTokens(state_dir)
 
         def add_csr_service(grpc_server: Any) -> None:
@@ -158,3 +231,21 @@ def add_mgmt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     token.add_argument("--state-dir", required=True, help="the plane's state directory")
     token.add_argument("--node", required=True, help="node name the token admits")
     token.add_argument("--ttl", default="1h", help="token lifetime, e.g. 10m, 1h (default %(default)s)")
+    rotate = verbs.add_parser(
+        "rotate-root",
+        help="rotate the root CA of a running plane without dropping connections",
+        description="prepare: a new root joins the trust bundle; activate: new certificates chain to it "
+        "(agents re-issue theirs at their next bundle poll); drop: the old root leaves the bundle. The "
+        "running plane reloads each step from the state dir.",
+    )
+    rotate.add_argument("--state-dir", required=True, help="the plane's state directory")
+    rotate.add_argument(
+        "--step", choices=[*ROTATION_STEP_CHOICES], default="all", help="step to run (default %(default)s)"
+    )
+    rotate.add_argument(
+        "--wait",
+        type=float,
+        metavar="SECONDS",
+        help="after the plane loaded a step, wait this long for agents to follow (default 0 for one step; "
+        f"{DEFAULT_STEP_WAIT_S:.0f} between the steps of `all`: at least twice the agents' bundle poll)",
+    )

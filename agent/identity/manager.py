@@ -6,6 +6,11 @@ rotation retries with backoff and the current certificate keeps being served unt
 bundle arrives with every signing answer and is also polled, so a root rotation (new root added to the
 bundle before anything is signed by it) reaches this node before any peer presents a certificate from it.
 The node's own certificate is renewed the same way, in place in its NodeIdentity.
+
+When a new bundle's FIRST anchor (the plane's signing root, see mgmt.ca.CertificateAuthority.anchors) is
+not the root a held certificate chains to, the signer has changed (a root rotation was activated): those
+certificates are re-issued within `reissue_spread_s` (jittered so a node's identities do not all ask at
+once) instead of at half life, so the old root can be dropped soon after.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from agent.identity.backoff import Backoff
 from agent.identity.bootstrap import MGMT_SERVER_NAME, RETRYABLE, NodeIdentity, channel_options
@@ -62,6 +68,7 @@ class IdentityManager:
         rotate_fraction: float = 0.5,
         jitter_fraction: float = 0.1,
         server_name: str = MGMT_SERVER_NAME,
+        reissue_spread_s: float = 5.0,
     ) -> None:
         self._target = ca_target
         self.node = node_identity
@@ -72,6 +79,7 @@ class IdentityManager:
         self._fraction = rotate_fraction
         self._jitter = jitter_fraction
         self._server_name = server_name
+        self._reissue_spread_s = reissue_spread_s
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._svids: dict[str, Svid] = {}
@@ -87,7 +95,13 @@ class IdentityManager:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.generation = 0  # bumped on every SVID or bundle change (cheap check for cached TLS contexts)
-        self.counters: dict[str, int] = {"issued": 0, "rotated": 0, "fetch_errors": 0, "bundle_updates": 0}
+        self.counters: dict[str, int] = {
+            "issued": 0,
+            "rotated": 0,
+            "fetch_errors": 0,
+            "bundle_updates": 0,
+            "signer_changes": 0,
+        }
 
     # Public API -----------------------------------------------------------------------------------
 
@@ -306,8 +320,40 @@ class IdentityManager:
             self._bundle = bundle
             self.counters["bundle_updates"] += 1
             self.generation += 1
+            stale = self._reissue_if_signer_changed(bundle)
         log.info("trust bundle updated (%d roots)", bundle.count(b"BEGIN CERTIFICATE"))
+        if stale:
+            log.info(
+                "the CA signs with a new root: re-issuing %d certificate(s) signed by the old one", stale
+            )
         self._notify(IdentityChange("bundle"))
+
+    def _reissue_if_signer_changed(self, bundle: bytes) -> int:
+        """Schedule soon the re-issue of every certificate not chaining to the bundle's signing root.
+
+        Called with the lock held; returns how many certificates were scheduled.
+        """
+        try:
+            signer = x509.load_pem_x509_certificates(bundle)[0]
+        except ValueError:
+            return 0
+        now = time.time()
+
+        def soon() -> float:
+            return now + random.uniform(0.0, self._reissue_spread_s)
+
+        stale = 0
+        for sid, svid in self._svids.items():
+            if sid in self._rotate_at and not _chains_to(svid.chain_pem, signer):
+                self._rotate_at[sid] = min(self._rotate_at[sid], soon())
+                stale += 1
+        if not _chains_to(self.node.chain_pem, signer):
+            self._node_rotate_at = min(self._node_rotate_at, soon())
+            stale += 1
+        if stale:
+            self.counters["signer_changes"] += 1
+            self._wake.notify_all()
+        return stale
 
     def _notify(self, change: IdentityChange) -> None:
         with self._lock:
@@ -393,6 +439,16 @@ class IdentityManager:
             self._backoffs.pop("", None)
         log.info("renewed node identity %s (serial %x)", node.spiffe_id, node.leaf.serial_number)
         self._notify(IdentityChange("node", str(node.spiffe_id)))
+
+
+def _chains_to(chain_pem: bytes, anchor: x509.Certificate) -> bool:
+    """Whether the top of `chain_pem` (leaf first, anchor excluded) was signed by `anchor`."""
+    try:
+        top = x509.load_pem_x509_certificates(chain_pem)[-1]
+        top.verify_directly_issued_by(anchor)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _row(
