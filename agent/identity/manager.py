@@ -321,7 +321,7 @@ class IdentityManager:
             self.counters["bundle_updates"] += 1
             self.generation += 1
             stale = self._reissue_if_signer_changed(bundle)
-        log.info("trust bundle updated (%d roots)", bundle.count(b"BEGIN CERTIFICATE"))
+        log.info("trust bundle updated: %s", _describe_bundle(bundle))
         if stale:
             log.info(
                 "the CA signs with a new root: re-issuing %d certificate(s) signed by the old one", stale
@@ -439,6 +439,15 @@ class IdentityManager:
             self._backoffs.pop("", None)
         log.info("renewed node identity %s (serial %x)", node.spiffe_id, node.leaf.serial_number)
         self._notify(IdentityChange("node", str(node.spiffe_id)))
+
+
+def _describe_bundle(bundle: bytes) -> str:
+    """'N root(s) trusted, signing root <subject>' (public names only) for the log."""
+    try:
+        roots = x509.load_pem_x509_certificates(bundle)
+    except ValueError:
+        return "unparsable bundle"
+    return f"{len(roots)} root(s) trusted, signing root {roots[0].subject.rfc4514_string()}"
 
 
 def _chains_to(chain_pem: bytes, anchor: x509.Certificate) -> bool:

@@ -377,3 +377,52 @@ def test_root_rotation_keeps_live_connections(plane: Plane) -> None:
             conn.close()
     finally:
         server.close()
+
+
+def test_rotate_root_through_the_state_dir_reaches_plane_and_agents(plane: Plane) -> None:
+    """The operator's path: rotate_step rewrites the files, the plane's reloader adopts them, agents follow
+    by themselves (bundle poll; re-issue when the signing root changes): no rotate_now, no restart."""
+    reloader = ca_store.CaReloader(plane.state, plane.ca, interval=0.05)
+    reloader.start()
+    fast = {"bundle_refresh_s": 0.2, "reissue_spread_s": 0.2}
+    server_side = plane.manager("node-1", **fast)
+    client_side = plane.manager("node-2", **fast)
+    server = EchoServer(
+        lambda: server_side.svid_for(CART).ssl_context(server_side.trust_bundle_pem(), server=True)
+    )
+    try:
+        old_client = client_side.svid_for(PAY)
+        live = _connect(server.port, old_client, client_side.trust_bundle_pem())
+        assert _roundtrip(live) == PAY
+        old_root = plane.ca.cert
+
+        prepared, revision = ca_store.rotate_step(plane.state, "prepare")
+        assert prepared.pending is not None
+        new_root = prepared.pending[1]
+        assert ca_store.wait_loaded(plane.state, revision, 10)
+        for manager in (server_side, client_side):
+            _wait(lambda m=manager: set(_anchors(m.trust_bundle_pem())) == {old_root, new_root}, "new bundle")  # type: ignore[misc]
+        assert client_side.svid_for(PAY).serial == old_client.serial  # nothing re-issued yet
+
+        _, revision = ca_store.rotate_step(plane.state, "activate")
+        assert ca_store.wait_loaded(plane.state, revision, 10)
+        for manager, sid in ((server_side, CART), (client_side, PAY)):
+            _wait(lambda m=manager, s=sid: m.svid_for(s).leaf.issuer == new_root.subject, f"{sid} re-issued")  # type: ignore[misc]
+            _wait(lambda m=manager: m.node.leaf.issuer == new_root.subject, "node certificate re-issued")  # type: ignore[misc]
+            assert manager.counters["signer_changes"] >= 1
+        assert _roundtrip(live) == PAY
+
+        _, revision = ca_store.rotate_step(plane.state, "drop")
+        assert ca_store.wait_loaded(plane.state, revision, 10)
+        for manager in (server_side, client_side):
+            _wait(lambda m=manager: _anchors(m.trust_bundle_pem()) == [new_root], "old root dropped")  # type: ignore[misc]
+        assert _roundtrip(live) == PAY  # still up across all three steps
+        fresh = _connect(server.port, client_side.svid_for(PAY), client_side.trust_bundle_pem())
+        assert _roundtrip(fresh) == PAY
+        for conn in (live, fresh):
+            conn.close()
+        # The plane itself (CSR service, serving certificate) now runs on the new root alone.
+        assert _anchors(client_side.refresh_bundle()) == [new_root]
+    finally:
+        server.close()
+        reloader.stop()
