@@ -13,6 +13,8 @@ HBONE peer; a connection's are TLS plaintext bytes; a splice's `bytes_in` is wha
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +46,7 @@ class Event:
     stream_id: int
     tag: int
     authority: str = ""
+    forwarded: str = ""  # stream_request: the raw `forwarded` header ("" when absent; never trusted here)
     peer_id: str = ""
     tls_version: str = ""
     tls_cipher: str = ""
@@ -59,6 +62,19 @@ def crypto_version() -> str:
     return str(ffi.string(lib.ambit_crypto_version()).decode())
 
 
+def forwarded_for(ip: str) -> bytes:
+    """The RFC 7239 `forwarded` value naming `ip` as the client: for=192.0.2.1, for="[2001:db8::1]"."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        raise EngineError(f"forwarded: {ip!r} is not an IP address") from None
+    if addr.version == 6:
+        if addr.scope_id:  # type: ignore[union-attr]
+            raise EngineError(f"forwarded: {ip!r} has a zone")
+        return f'for="[{addr.compressed}]"'.encode()
+    return f"for={addr.compressed}".encode()
+
+
 def _text(field: object) -> str:
     return bytes(ffi.string(field)).decode("utf-8", "replace")
 
@@ -71,6 +87,7 @@ def _event(r: Any) -> Event:
         stream_id=int(r.stream_id),
         tag=int(r.tag),
         authority=_text(r.authority),
+        forwarded=_text(r.forwarded),
         peer_id=_text(r.peer_id),
         tls_version=_text(r.tls_version),
         tls_cipher=_text(r.tls_cipher),
@@ -167,8 +184,17 @@ class Engine:
     def connect_hbone(self, fd: int, ctx: int, expected_peer: str, tag: int = 0) -> int:
         return self._call(lib.ambit_connect_hbone, fd, ctx, expected_peer.encode(), tag)
 
-    def open_stream(self, conn_id: int, authority: str, local_fd: int, tag: int = 0) -> int:
-        return self._call(lib.ambit_open_stream, conn_id, authority.encode(), local_fd, tag)
+    def open_stream(
+        self, conn_id: int, authority: str, local_fd: int, tag: int = 0, forwarded: str = ""
+    ) -> int:
+        """A CONNECT stream to `authority`; `forwarded` (an IP address, or "") names the client to the peer
+        as the request header `forwarded: for=<ip>` (RFC 7239; IPv6 quoted and bracketed)."""
+        try:
+            header = forwarded_for(forwarded) if forwarded else ffi.NULL
+        except EngineError:
+            os.close(local_fd)  # the engine owns local_fd from the call on, even when it fails
+            raise
+        return self._call(lib.ambit_open_stream, conn_id, authority.encode(), header, local_fd, tag)
 
     def serve_hbone(self, fd: int, ctx: int, tag: int = 0) -> int:
         return self._call(lib.ambit_serve_hbone, fd, ctx, tag)

@@ -4,9 +4,10 @@ HBONE: the engine verifies the client's chain and reports its SPIFFE ID (peer_ve
 checked here (the authority must name a workload on this node), authorized, and only then connected to the
 pod; the stream is accepted (200) once that connect succeeds, refused 503 when it fails, 403 when denied.
 
-The CONNECT carries only the destination, so the source pod IP is recovered from the mesh view: the one
-workload with the peer's SPIFFE identity on the node whose address the connection came from. When that is
-not unique the node's address stands for the source (and the pod sees the node); see docs/proxy.md.
+The source pod IP comes from the CONNECT's `forwarded: for=<ip>` header, believed only when it matches the
+authenticated peer identity (see `_claimed_source` and docs/proxy.md). Without a believable claim it is
+recovered from the mesh view: the one workload with the peer's SPIFFE identity on the node whose address
+the connection came from; when that is not unique the node's address stands for the source.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from dataclasses import dataclass
 
 from agent.connections import ConnectionRecord, Direction
 from agent.policy.decision import ConnectionAttrs
-from agent.proxy.runtime import Runtime, accept_batch
+from agent.proxy.forwarded import ForwardedError, parse_forwarded_for
+from agent.proxy.runtime import MeshView, Runtime, accept_batch
 from agent.proxy.sockets import (
     AuthorityError,
     connect_nonblocking,
@@ -30,6 +32,7 @@ from agent.proxy.sockets import (
 from agent.proxy.sources import SourceIndex
 from agent.proxy.table import Entry, Path
 from agent.redirect.marks import INBOUND_PLAINTEXT_PORT
+from api.resources.workload import Workload
 from api.spiffe import SpiffeId, SpiffeIdError
 from native.engine import EngineError, Event
 
@@ -118,8 +121,12 @@ class Inbound:
         if conn.principal is None:
             self._refuse_stream(ev, STATUS_FORBIDDEN, f"peer {conn.peer_ip} has no SPIFFE identity")
             return
-        src = self._sources.lookup(snap, conn.principal, conn.peer_ip)
-        src_ip = src.ips[0] if src is not None else conn.peer_ip
+        claimed = self._claimed_source(ev, snap, conn)
+        if claimed is not None:
+            src_ip, src = claimed
+        else:
+            src = self._sources.lookup(snap, conn.principal, conn.peer_ip)
+            src_ip = src.ips[0] if src is not None else conn.peer_ip
         record = ConnectionRecord(
             conn_id=0,
             direction=Direction.INBOUND,
@@ -144,7 +151,7 @@ class Inbound:
             self._reject(ev, STATUS_FORBIDDEN)
             rt.table.reject(record, "DENY", decision.reason)
             return
-        spoof = src_ip if (src is not None and rt.preserve_source_ip) else None
+        spoof = src_ip if ((claimed is not None or src is not None) and rt.preserve_source_ip) else None
         try:
             upstream = connect_nonblocking((dst_ip, dst_port), source_ip=spoof)
         except OSError as exc:
@@ -154,6 +161,39 @@ class Inbound:
         entry = Entry(rt.table.next_tag(), record, Path.HBONE_SERVER, attrs, ev.conn_id, ev.stream_id)
         rt.table.add(entry)
         rt.loop.watch_connect(upstream, lambda sock, err: self._upstream_ready(entry, sock, err))
+
+    def _claimed_source(
+        self, ev: Event, snap: MeshView, conn: ServerConn
+    ) -> tuple[str, Workload | None] | None:
+        """(source IP, its workload when known) from the stream's `forwarded` claim, or None.
+
+        Trust: the claim is the peer node's word, so it is believed only when it cannot name a pod of an
+        identity the peer does not hold: a known workload at that IP must have exactly the peer's SPIFFE
+        ID; an IP this node does not know (node-scoped view) is accepted from a workload identity of this
+        trust domain only. A node, foreign or non-workload identity never gets its claim believed.
+        """
+        rt = self.rt
+        try:
+            ip = parse_forwarded_for(ev.forwarded)
+        except ForwardedError as exc:
+            rt.counters["hbone_forwarded_invalid"] += 1
+            log.info("HBONE stream from %s: ignoring forwarded header: %s", conn.peer_ip, exc)
+            return None
+        principal = conn.principal
+        if ip is None or principal is None:
+            return None
+        known = snap.known_workload_by_ip(ip)
+        if known is not None:
+            believed = known.spiffe_id(snap.trust_domain) == principal
+        else:
+            believed = principal.trust_domain == snap.trust_domain and principal.namespace is not None
+        if not believed:
+            rt.counters["hbone_forwarded_rejected"] += 1
+            log.warning("HBONE peer %s (%s) claimed source %s, which is not its identity's: ignored",
+                        conn.peer_ip, principal, ip)  # fmt: skip
+            return None
+        rt.counters["hbone_forwarded_used"] += 1
+        return ip, known
 
     def _upstream_ready(self, entry: Entry, upstream: socket.socket, err: int) -> None:
         rt = self.rt

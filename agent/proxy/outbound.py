@@ -173,7 +173,9 @@ class Outbound:
         entry = rt.table.add(Entry(rt.table.next_tag(), record, Path.HBONE_CLIENT, engine_conn=conn.conn_id))
         authority = format_authority(record.destination_ip, record.destination_port)
         try:
-            entry.engine_stream = rt.engine.open_stream(conn.conn_id, authority, client.detach(), entry.tag)
+            entry.engine_stream = rt.engine.open_stream(
+                conn.conn_id, authority, client.detach(), entry.tag, forwarded=record.source_ip
+            )
         except EngineError as exc:  # the engine closed the client fd
             rt.pool.release(conn.conn_id)
             rt.table.finish(entry.tag, response_flags="UF", error=str(exc))

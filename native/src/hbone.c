@@ -39,8 +39,15 @@ typedef struct hstream {
     int opened;                   /* client: 2xx received; server: accepted */
     int rejected;                 /* server: RST_STREAM(NO_ERROR) follows the response once it is sent */
     char *authority;
+    char *forwarded;              /* client: header sent; server: header received (NULL when absent) */
+    int forwarded_bad;            /* server: repeated or too long: reported as FORWARDED_INVALID */
     uint64_t bytes_in, bytes_out;
 } hstream;
+
+/* What stream_request carries for a forwarded header that cannot be one valid value: no RFC 7239
+ * element starts with a space, so the proxy's strict parser rejects it (a truncated value might not be). */
+#define FORWARDED_INVALID " invalid (repeated or too long)"
+
 
 typedef struct hconn {
     uint64_t id, tag;
@@ -179,6 +186,7 @@ static void stream_finish(hstream *s, const char *detail)
     abuf_free(&s->in);
     abuf_free(&s->out);
     free(s->authority);
+    free(s->forwarded);
     free(s);
     mark_dirty(c);
 }
@@ -353,8 +361,19 @@ static int on_header(nghttp2_session *session, const nghttp2_frame *frame, const
         return 0;
     if (namelen == 7 && !memcmp(name, ":method", 7))
         s->is_connect = valuelen == 7 && !memcmp(value, "CONNECT", 7);
-    else if (namelen == 10 && !memcmp(name, ":authority", 10) && !s->authority && valuelen < 256)
+    else if (namelen == 10 && !memcmp(name, ":authority", 10) && !s->authority && valuelen < AMBIT_HEADER_MAX)
         s->authority = strndup((const char *)value, valuelen);
+    else if (namelen == 9 && !memcmp(name, "forwarded", 9) && frame->headers.cat == NGHTTP2_HCAT_REQUEST) {
+        /* Kept raw and bounded; Python parses it. A second field line or an oversized one is never
+         * combined or truncated (either could turn into a different valid claim). */
+        if (s->forwarded || s->forwarded_bad || valuelen >= AMBIT_HEADER_MAX) {
+            free(s->forwarded);
+            s->forwarded = NULL;
+            s->forwarded_bad = 1;
+        } else if (!(s->forwarded = strndup((const char *)value, valuelen))) {
+            return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+        }
+    }
     else if (namelen == 7 && !memcmp(name, ":status", 7) && valuelen == 3)
         s->status = (value[0] - '0') * 100 + (value[1] - '0') * 10 + (value[2] - '0');
     return 0;
@@ -374,6 +393,7 @@ static void server_request(hconn *c, hstream *s)
     ambit_event ev;
     event_init(&ev, AMBIT_EV_STREAM_REQUEST, c->id, s->id, c->tag);
     copy_str(ev.authority, sizeof(ev.authority), s->authority);
+    copy_str(ev.forwarded, sizeof(ev.forwarded), s->forwarded_bad ? FORWARDED_INVALID : s->forwarded);
     copy_str(ev.peer_id, sizeof(ev.peer_id), c->peer_id);
     event_emit(c->l->engine, &ev);
 }
@@ -884,8 +904,12 @@ void hconn_open_stream(ambit_loop *l, acmd *cmd)
                                                                      : "connection closing");
         return;
     }
-    if (strlen(cmd->text) >= 256 || !*cmd->text) {
+    if (strlen(cmd->text) >= AMBIT_HEADER_MAX || !*cmd->text) {
         refuse_unknown(l, cmd, "bad authority");
+        return;
+    }
+    if (cmd->text2 && (strlen(cmd->text2) >= AMBIT_HEADER_MAX || strpbrk(cmd->text2, "\r\n"))) {
+        refuse_unknown(l, cmd, "bad forwarded header");
         return;
     }
     hstream *s = stream_new(c, cmd->id2, cmd->tag);
@@ -895,13 +919,17 @@ void hconn_open_stream(ambit_loop *l, acmd *cmd)
     }
     s->authority = cmd->text;
     cmd->text = NULL;
-    /* CONNECT carries only :method and :authority (RFC 9113 8.5). */
+    s->forwarded = cmd->text2;
+    cmd->text2 = NULL;
+    /* CONNECT carries :method and :authority (RFC 9113 8.5), and the source as `forwarded` (RFC 7239). */
     nghttp2_nv nv[] = {
         {(uint8_t *)":method", (uint8_t *)"CONNECT", 7, 7, NGHTTP2_NV_FLAG_NONE},
         {(uint8_t *)":authority", (uint8_t *)s->authority, 10, strlen(s->authority), NGHTTP2_NV_FLAG_NONE},
+        {(uint8_t *)"forwarded", (uint8_t *)(s->forwarded ? s->forwarded : ""), 9,
+         s->forwarded ? strlen(s->forwarded) : 0, NGHTTP2_NV_FLAG_NONE},
     };
     nghttp2_data_provider prov = {.source.ptr = s, .read_callback = stream_read_cb};
-    int32_t h2id = nghttp2_submit_request(c->h2, NULL, nv, 2, &prov, s);
+    int32_t h2id = nghttp2_submit_request(c->h2, NULL, nv, s->forwarded ? 3 : 2, &prov, s);
     if (h2id < 0 || stream_attach(s, cmd) < 0) {
         s->h2_closed = 1;
         s->local_reset = 1;

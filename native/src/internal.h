@@ -20,6 +20,7 @@
 #define AMBIT_PIPE_SIZE (256 * 1024)
 #define AMBIT_TLS_WBUF (256 * 1024)         /* TLS records coalesced per send() */
 #define AMBIT_TICK_MS 200
+#define AMBIT_HEADER_MAX 256          /* longest :authority / forwarded value kept (with NUL) */
 
 /* Growable byte buffer with a consumed prefix. */
 typedef struct abuf {
@@ -72,6 +73,7 @@ typedef struct acmd {
     uint64_t tag;
     SSL_CTX *ctx;    /* one reference owned by the command */
     char *text;      /* expected peer / authority (malloc'd) */
+    char *text2;     /* forwarded header value (malloc'd) or NULL */
     struct acmd *next;
 } acmd;
 

@@ -1,9 +1,10 @@
 """Runs one node's Proxy inside its lab netns from a JSON config (python -m ...proxy_driver CONFIG).
 
-Static mesh view, certificates issued by the test, an authorizer with an explicit deny list, and an
-observer that appends every connection record to a JSON-lines file; status (counters, rows, pool) is
-rewritten every 0.2 s so tests can read it. SIGUSR1 closes every live inbound connection (what the daemon
-does when a policy update denies them). Stops on SIGTERM.
+Static mesh view, certificates issued by the test, an authorizer with an explicit deny list (plus the
+product's PolicyEngine when the config carries policy documents), and an observer that appends every
+connection record to a JSON-lines file; status (counters, rows, pool) is rewritten every 0.2 s so tests
+can read it. SIGUSR1 closes every live inbound connection (what the daemon does when a policy update
+denies them). Stops on SIGTERM.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from agent.connections import ConnectionClose, ConnectionRecord
 from agent.policy.decision import ConnectionAttrs, Decision
 from agent.proxy.proxy import Proxy
 from agent.state import MeshSnapshot
-from api.resources import Meta
+from api.resources import Meta, load_kinds, parse
 from api.resources.workload import DATAPLANE_LABEL, Namespace, Node, Service, ServicePort, Workload
 from api.spiffe import SpiffeId
 
@@ -71,6 +72,32 @@ class ListAuthorizer:
         return "STRICT" if workload.uid in self._strict else "PERMISSIVE"
 
 
+class PolicyAuthorizer:
+    """The product's PolicyEngine over the config's policy documents, then the test deny list."""
+
+    def __init__(self, engine: Any, fallback: ListAuthorizer) -> None:
+        self._engine = engine
+        self._fallback = fallback
+
+    def authorize(self, attrs: ConnectionAttrs) -> Decision:
+        decision: Decision = self._engine.authorize(attrs)
+        return decision if not decision.allow else self._fallback.authorize(attrs)
+
+    def mtls_mode(self, workload: Workload, port: int) -> str:
+        return self._fallback.mtls_mode(workload, port)
+
+
+def authorizer(cfg: dict[str, Any], snap: MeshSnapshot) -> ListAuthorizer | PolicyAuthorizer:
+    deny_list = ListAuthorizer(cfg)
+    if not cfg.get("policies"):
+        return deny_list
+    from agent.policy.engine import PolicyEngine
+
+    engine = PolicyEngine(cfg["trust_domain"])
+    engine.update(snap)
+    return PolicyAuthorizer(engine, deny_list)
+
+
 class FileObserver:
     def __init__(self, path: Path) -> None:
         self._out = open(path, "a", buffering=1)  # noqa: SIM115 (lives as long as the process)
@@ -111,7 +138,9 @@ def snapshot(cfg: dict[str, Any], local_only: bool = False) -> MeshSnapshot:
         )  # fmt: skip
         for s in cfg.get("services", [])
     ]
-    return MeshSnapshot.from_objects(1, cfg["trust_domain"], cfg["node"], [ns, *workloads, *nodes, *services])
+    policies = [parse(doc, f"policies[{i}]") for i, doc in enumerate(cfg.get("policies", []))]
+    objects = [ns, *workloads, *nodes, *services, *policies]
+    return MeshSnapshot.from_objects(1, cfg["trust_domain"], cfg["node"], objects)
 
 
 class OnDemandView:
@@ -152,18 +181,24 @@ def close_inbound(proxy: Proxy) -> None:
 def main(config_path: str) -> int:
     cfg = json.loads(Path(config_path).read_text())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if cfg.get("redirect"):
+        # libbcc must be loaded before regopy (PolicyEngine): the other order makes bcc's first compile
+        # abort with "double free or corruption" (two copies of LLVM/libstdc++ state in one process).
+        import bcc  # noqa: F401
+
+    load_kinds()
     view = OnDemandView(cfg)
     proxy = Proxy(
         cfg["node"],
         lambda: view.current,
         StaticCredentials(cfg),
-        ListAuthorizer(cfg),
+        authorizer(cfg, view.current),
         FileObserver(Path(cfg["events"])),
         cfg["listen_ip"],
         max_streams=cfg.get("max_streams", 100),
         idle_timeout=cfg.get("idle_timeout", 60.0),
         preserve_source_ip=cfg.get("preserve_source_ip", True),
-        engine_threads=cfg.get("engine_threads", 1),
+        **({"engine_threads": cfg["engine_threads"]} if cfg.get("engine_threads") else {}),
         lookup=view.lookup,
     )
     stop = threading.Event()

@@ -154,11 +154,15 @@ def start(
     extra_nodes: dict[str, str] | None = None,
     enrolled: Iterable[str] | None = None,
     capture: str = "nft",
+    policies: Iterable[dict[str, Any]] = (),
+    engine_threads: int | None = None,
 ) -> ProxyLab:
     """Lab up, capture installed, one proxy per node and test servers in every pod, all ready.
 
     `enrolled`: the pods whose traffic is captured (all when None); the others talk plain TCP.
     `capture`: "nft" (tproxy rules installed here) or "bpf" (the proxy driver runs the Redirector).
+    `policies`: policy documents (api.resources) decided by the product's PolicyEngine in every proxy.
+    `engine_threads`: the proxies' engine loop threads (None: the Proxy's default).
     """
     enrolled_pods = None if enrolled is None else set(enrolled)
     strict_uids = set(strict)
@@ -194,6 +198,8 @@ def start(
             "deny": [list(d) for d in deny],
             "strict": sorted(strict_uids),
             "max_streams": max_streams,
+            "policies": list(policies),
+            "engine_threads": engine_threads,
             "services": [
                 {"name": "echo", "ip": SERVICE_IP, "port": SERVICE_PORT, "target": ECHO, "selects": "pod-2-1"}
             ],

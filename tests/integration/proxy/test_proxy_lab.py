@@ -43,6 +43,24 @@ pytestmark = pytest.mark.root
 IMPOSTOR_IP = "10.244.2.99"  # a workload the mesh places on "node-9", whose address is node-2's
 DENIED = ("pod-1-2", "pod-2-2")
 STRICT_POD = "pod-2-2"
+# Decided at node-1, whose view learns peers only on demand: it knows pod-2-2's IP only from the CONNECT's
+# forwarded header (without it every stream from node-2 would come from node-2's address).
+IP_DENIED_SRC, IP_DENIED_DST = "pod-2-2", "pod-1-2"
+IP_BLOCK_POLICY = {
+    "apiVersion": "security.istio.io/v1",
+    "kind": "AuthorizationPolicy",
+    "metadata": {"name": "deny-by-ip", "namespace": "app"},
+    "spec": {
+        "selector": {"matchLabels": {"app": IP_DENIED_DST}},
+        "action": "DENY",
+        "rules": [
+            {
+                "from": [{"source": {"ipBlocks": ["10.244.2.3/32"]}}],
+                "to": [{"operation": {"ports": [WHOAMI]}}],
+            }
+        ],
+    },
+}
 
 
 @pytest.fixture(scope="module", params=["nft", "bpf"])
@@ -63,6 +81,7 @@ def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                 extra_workloads=[{"name": "impostor", "sa": "impostor", "node": "node-9", "ip": IMPOSTOR_IP}],
                 extra_nodes={"node-9": "172.30.0.2"},
                 capture=request.param,
+                policies=[IP_BLOCK_POLICY],
             )
             yield started
         finally:
@@ -113,6 +132,28 @@ def test_same_node(lab: ProxyLab) -> None:
 def test_source_ip_is_preserved(lab: ProxyLab) -> None:
     answer = in_pod(lab, "pod-1-1", request, lab.pod_ip("pod-2-1"), WHOAMI, b"")
     assert answer.decode().split()[0] == lab.pod_ip("pod-1-1")
+
+
+def test_true_source_ip_across_nodes(lab: ProxyLab) -> None:
+    """node-1 does not know node-2's pods (on-demand view): the source comes from the forwarded header."""
+    answer = in_pod(lab, "pod-2-1", request, lab.pod_ip("pod-1-1"), WHOAMI, b"")
+    assert answer.decode().split()[0] == lab.pod_ip("pod-2-1")
+    rec = _closed(lab, "node-1", WHOAMI, direction="inbound", source_principal=principal("pod-2-1"))
+    assert rec["source_ip"] == lab.pod_ip("pod-2-1")
+    lab.wait_status("node-1", lambda st: st["counters"].get("hbone_forwarded_used", 0) >= 1)
+
+
+def test_ip_block_policy_sees_the_true_source(lab: ProxyLab) -> None:
+    assert lab.pod_ip(IP_DENIED_SRC) == "10.244.2.3"
+    seen = in_pod(lab, IP_DENIED_SRC, connect_and_read, lab.pod_ip(IP_DENIED_DST), WHOAMI)
+    assert seen in ("reset", "eof")
+    match = {"source_ip": lab.pod_ip(IP_DENIED_SRC), "destination_workload": f"app/{IP_DENIED_DST}"}
+    rec = _closed(lab, "node-1", WHOAMI, direction="inbound", **match)
+    assert rec["response_flags"] == "DENY"
+    assert "deny-by-ip" in rec["policy"]
+    # another pod of the same node is not in the block: allowed, and seen with its own address
+    answer = in_pod(lab, "pod-2-1", request, lab.pod_ip(IP_DENIED_DST), WHOAMI, b"")
+    assert answer.decode().split()[0] == lab.pod_ip("pod-2-1")
 
 
 def test_service_address_reaches_an_endpoint(lab: ProxyLab) -> None:

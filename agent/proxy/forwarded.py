@@ -1,0 +1,55 @@
+"""The source pod a peer node claims for an HBONE stream: the CONNECT's `forwarded` header (RFC 7239).
+
+Strict on purpose: the only accepted form is one element with one `for=` pair naming an IP address
+(`for=10.244.1.2`, `for="10.244.1.2"`, `for="[fd00::2]"`), exactly what our engine sends. Lists, other
+parameters, ports, obfuscated names (`_x`, `unknown`), zones, loopback/unspecified/multicast addresses
+and anything malformed are refused; the caller then treats the header as absent. Whether a well-formed
+claim is believed is a separate decision (inbound.py: it must match the peer's identity).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+MAX_LENGTH = 255  # the engine never hands over more (longer headers arrive as an invalid marker)
+
+# RFC 7239: forwarded-pair = token "=" value; value = token / quoted-string. No whitespace around "=".
+_PAIR = re.compile(r'(?i:for)=(?:"([^"\\]*)"|([^\s",;=]+))')
+
+
+class ForwardedError(ValueError):
+    """The header is present but is not one valid `for=<ip>` claim."""
+
+
+def parse_forwarded_for(value: str) -> str | None:
+    """The IP address claimed by `value` (normalized), None when the header is absent ("").
+
+    Raises ForwardedError for anything but a single `for=<ip>` pair.
+    """
+    if not value:
+        return None
+    if len(value) > MAX_LENGTH or not value.isascii():
+        raise ForwardedError("forwarded header too long or not ASCII")
+    m = _PAIR.fullmatch(value.strip(" \t"))
+    if m is None:
+        raise ForwardedError(f"forwarded header is not a single for= pair: {value[:64]!r}")
+    quoted, bare = m.group(1), m.group(2)
+    node = quoted if quoted is not None else bare
+    if node.startswith("["):  # IPv6 must be bracketed and therefore quoted (RFC 7239 section 6)
+        if quoted is None or not node.endswith("]"):
+            raise ForwardedError(f"forwarded IPv6 node not quoted and bracketed: {node[:64]!r}")
+        text, version = node[1:-1], 6
+    else:
+        text, version = node, 4
+    if "%" in text:
+        raise ForwardedError("forwarded address has a zone")
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        raise ForwardedError(f"forwarded node is not an IP address: {node[:64]!r}") from None
+    if addr.version != version:
+        raise ForwardedError(f"forwarded node {node[:64]!r}: IPv6 must be bracketed, IPv4 must not")
+    if addr.is_unspecified or addr.is_loopback or addr.is_multicast:
+        raise ForwardedError(f"forwarded address {addr} cannot be a pod")
+    return addr.compressed

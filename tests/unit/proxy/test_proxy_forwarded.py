@@ -1,0 +1,70 @@
+"""The strict parser of the CONNECT's `forwarded` header (RFC 7239): one for=<ip>, nothing else."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.proxy.forwarded import ForwardedError, parse_forwarded_for
+from native.engine import EngineError, forwarded_for
+
+
+@pytest.mark.parametrize(
+    "value,ip",
+    [
+        ("", None),
+        ("for=10.244.1.2", "10.244.1.2"),
+        ('for="10.244.1.2"', "10.244.1.2"),
+        ("For=10.244.1.2", "10.244.1.2"),
+        (' for="[fd00:0:0::2]" ', "fd00::2"),
+    ],
+)
+def test_accepted(value: str, ip: str | None) -> None:
+    assert parse_forwarded_for(value) == ip
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "for=10.244.1.2, for=10.244.1.3",  # a list: which hop?
+        "for=10.244.1.2;by=10.0.0.1",  # other parameters
+        "by=10.244.1.2",
+        "for=10.244.1.2:8080",
+        'for="10.244.1.2:8080"',
+        'for="[fd00::2]:80"',
+        "for=[fd00::2]",  # IPv6 must be quoted
+        'for="fd00::2"',  # ... and bracketed
+        'for="[10.244.1.2]"',
+        "for=unknown",
+        "for=_hidden",
+        "for=010.244.1.2",  # leading zeros: ambiguous (octal)
+        "for=10.244.1",
+        'for="[fe80::1%eth0]"',
+        "for=127.0.0.1",
+        "for=0.0.0.0",
+        "for=224.0.0.1",
+        'for="[::1]"',
+        "for =10.244.1.2",
+        "for= 10.244.1.2",
+        'for="10.244.1.2',
+        'for="10.244.1.2\\"',
+        "for=10.244.1.2\r\nx: y",
+        "for=١٠.244.1.2",  # non-ASCII digits
+        "for=10.244.1.2" + " " * 300,
+        "x" * 1000,
+        " invalid (repeated or too long)",  # the engine's marker
+        "for=",
+        "=",
+    ],
+)
+def test_refused(value: str) -> None:
+    with pytest.raises(ForwardedError):
+        parse_forwarded_for(value)
+
+
+def test_what_the_engine_sends_parses_back() -> None:
+    for ip in ("10.244.1.2", "fd00::2", "2001:db8:cafe::17"):
+        assert parse_forwarded_for(forwarded_for(ip).decode()) == ip
+    assert forwarded_for("fd00::2") == b'for="[fd00::2]"'
+    for bad in ("10.244.1.256", "fe80::1%eth0", "node-1", ""):
+        with pytest.raises(EngineError):
+            forwarded_for(bad)
