@@ -13,6 +13,7 @@ one root with the certificate of another in a single issuance.
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 import threading
 from dataclasses import dataclass, field
 
@@ -45,8 +46,9 @@ def _now() -> dt.datetime:
 
 
 def _ca_name(trust_domain: str, role: str) -> x509.Name:
-    # The serial-free timestamp keeps successive roots of a rotation distinguishable by name in bundles.
-    stamp = _now().strftime("%Y%m%dT%H%M%S")
+    # Successive roots of a rotation must differ by name: verifiers (and `ambit debug certs` readers) pick
+    # issuers by subject. A timestamp alone collides when two roots are made within one second.
+    stamp = f"{_now().strftime('%Y%m%dT%H%M%S')} {secrets.token_hex(3)}"
     return x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ambit"),

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import sys
 
 import pytest
 from cryptography import x509
@@ -12,16 +11,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+from spiffe import X509Svid
 
 from agent.identity.svid import key_pem, new_key
 from api.spiffe import SpiffeId
 from mgmt.ca import MGMT_SERVER_NAME, CAError, CertificateAuthority, serving_cert
-
-# Debian's system pyOpenSSL (on the path for bcc) is too old for the venv's cryptography and breaks the
-# `pem` package's optional Twisted helpers with an AttributeError; hiding it makes `pem` skip them.
-if "OpenSSL" not in sys.modules:
-    sys.modules["OpenSSL"] = None  # type: ignore[assignment]
-from spiffe import X509Svid  # noqa: E402
 
 TD = "cluster.local"
 WORKLOAD = SpiffeId.workload(TD, "shop", "cart")
