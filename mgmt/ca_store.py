@@ -204,6 +204,12 @@ def load_or_create(
 ) -> CertificateAuthority:
     """The plane's CA: from `upstream` files (intermediate mode), from the state dir, or a new root."""
     state_dir = Path(state_dir)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with locked(state_dir):  # a rotate-root run must not interleave its files with ours
+        return _load_or_create(state_dir, trust_domain, upstream)
+
+
+def _load_or_create(state_dir: Path, trust_domain: str, upstream: Upstream | None) -> CertificateAuthority:
     if upstream is not None:
         ca = _load_upstream(trust_domain, upstream)
         log.info(
