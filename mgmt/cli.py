@@ -74,7 +74,7 @@ def _cmd_rotate_root(args: argparse.Namespace) -> int:
     if args.step == "all":
         try:
             state = ca_store.rotation_state(ca_store.load_state(state_dir))
-        except CAError as exc:
+        except (CAError, OSError) as exc:
             raise UsageError(str(exc)) from None
         if state != "idle":
             raise UsageError(f"a rotation is already under way ({state}); resume it with single --step runs")

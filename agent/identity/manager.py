@@ -36,6 +36,11 @@ from api.spiffe import SpiffeId, SpiffeIdError, spiffe_id_of
 
 log = logging.getLogger(__name__)
 
+# How often the trust bundle is polled: a root rotation step reaches this node within one interval.
+DEFAULT_BUNDLE_REFRESH_S = 30.0
+# After the signing root changed, held certificates are re-issued within this many seconds (jittered).
+DEFAULT_REISSUE_SPREAD_S = 5.0
+
 
 class IdentityError(Exception):
     """No certificate could be obtained for an identity (refused by the plane, or the plane is away)."""
@@ -63,12 +68,12 @@ class IdentityManager:
         trust_domain: str,
         *,
         ttl: dt.timedelta | None = None,
-        bundle_refresh_s: float = 30.0,
+        bundle_refresh_s: float = DEFAULT_BUNDLE_REFRESH_S,
         fetch_timeout_s: float = 10.0,
         rotate_fraction: float = 0.5,
         jitter_fraction: float = 0.1,
         server_name: str = MGMT_SERVER_NAME,
-        reissue_spread_s: float = 5.0,
+        reissue_spread_s: float = DEFAULT_REISSUE_SPREAD_S,
     ) -> None:
         self._target = ca_target
         self.node = node_identity
