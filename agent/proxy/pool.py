@@ -3,8 +3,12 @@
 A pool key is (source workload SPIFFE ID, destination node): the client certificate carries the source
 identity, so two identities never share a connection, and one connection reaches every pod of a node.
 Each connection carries at most `max_streams` concurrent CONNECT streams; the pool opens another when all
-are full. Connections that carried no stream for `idle_timeout` seconds are handed back for a graceful
-close, and a connection is marked draining (no new streams) when its key's certificate rotates.
+are full. Busy keys are also spread: while every connection of a key carries a stream and the key has fewer
+than `spread` connections, a new stream gets a new connection. One TLS connection is one engine loop thread
+on each node, so several busy streams on one connection would share one core for their crypto; spread over
+`spread` (2 x engine threads) connections they use every loop. New streams go to the least busy connection.
+Connections that carried no stream for `idle_timeout` seconds are handed back for a graceful close, and a
+connection is marked draining (no new streams) when its key's certificate rotates.
 This module is pure bookkeeping: the caller opens and closes the engine connections.
 """
 
@@ -18,6 +22,7 @@ PoolKey = tuple[str, str]  # (source SPIFFE ID, destination node name)
 
 DEFAULT_MAX_STREAMS = 100
 DEFAULT_IDLE_TIMEOUT = 60.0
+DEFAULT_SPREAD = 1
 
 
 @dataclass
@@ -42,23 +47,30 @@ class PooledConnection:
 class Pool:
     max_streams: int = DEFAULT_MAX_STREAMS
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    spread: int = DEFAULT_SPREAD  # connections per key that concurrent streams are spread over
     clock: Callable[[], float] = time.monotonic
     _by_id: dict[int, PooledConnection] = field(default_factory=dict)
     _by_key: dict[PoolKey, list[PooledConnection]] = field(default_factory=dict)
 
     def acquire(self, key: PoolKey, generation: int) -> PooledConnection | None:
-        """Reserve a stream slot on a live connection of `key`, preferring handshaken ones; None: open one."""
+        """Reserve a stream slot on the least busy live connection of `key` (handshaken first on a tie);
+        None: open one (none has room, or all are busy and the key may spread over more)."""
         best: PooledConnection | None = None
+        live = 0
         for conn in self._by_key.get(key, ()):
-            if conn.draining or conn.streams >= self.max_streams:
+            if conn.draining or conn.closing:
                 continue
             if conn.generation != generation:
                 conn.draining = True  # opened with a rotated-out certificate: let it finish, reuse none
                 continue
-            if best is None or (conn.ready and not best.ready):
+            live += 1
+            if conn.streams >= self.max_streams:
+                continue
+            if best is None or (conn.streams, not conn.ready) < (best.streams, not best.ready):
                 best = conn
-        if best is not None:
-            self._reserve(best)
+        if best is None or (best.streams and live < self.spread):
+            return None
+        self._reserve(best)
         return best
 
     def add(self, key: PoolKey, conn_id: int, peer: str, generation: int) -> PooledConnection:

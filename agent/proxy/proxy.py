@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,12 @@ log = logging.getLogger("ambit.proxy")
 EVENT_BATCH = 256
 
 
+def default_engine_threads() -> int:
+    """Two engine loops when the machine has two CPUs or more: busy streams spread over pooled connections
+    (see pool.py) then encrypt on both; more loops than that mostly add wake-ups on a node agent."""
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
 @dataclass(frozen=True)
 class Ports:
     outbound: int = OUTBOUND_PORT
@@ -35,9 +42,12 @@ class Ports:
 class Proxy:
     """Listeners 15001 (outbound capture), 15006 (inbound plaintext), 15008 (HBONE) of one node.
 
-    `credentials`: `svid_for(SpiffeId)`, `trust_bundle_pem()` and `node_identity()` (an object with
-    `chain_pem`/`key_pem`: the certificate the node presents on 15008). `lookup(ip)`: the relay's on-demand
-    lookup (blocking; its answer is merged into `state()`), asked off the loop when a destination is unknown.
+    `engine_threads`: the engine's loop threads (None: `default_engine_threads()`); `connections_per_key`:
+    how many pooled connections concurrent streams of one (source identity, node) spread over (None: 2 x
+    engine threads). `credentials`: `svid_for(SpiffeId)`, `trust_bundle_pem()` and `node_identity()` (an
+    object with `chain_pem`/`key_pem`: the certificate the node presents on 15008). `lookup(ip)`: the
+    relay's on-demand lookup (blocking; its answer is merged into `state()`), asked off the loop when a
+    destination is unknown.
     Thread-safe: every public method may be called from any thread.
     """
 
@@ -52,8 +62,9 @@ class Proxy:
         *,
         capture_ip: str = "0.0.0.0",
         ports: Ports = Ports(),  # noqa: B008 (frozen, immutable default)
-        engine_threads: int = 1,
+        engine_threads: int | None = None,
         max_streams: int = DEFAULT_MAX_STREAMS,
+        connections_per_key: int | None = None,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         preserve_source_ip: bool = True,
         tls12: bool = False,
@@ -63,7 +74,8 @@ class Proxy:
         self._capture_ip = capture_ip
         self._ports = ports
         self._loop = ControlLoop(name=f"ambit-proxy-{node}")
-        engine = Engine(threads=engine_threads)
+        threads = engine_threads or default_engine_threads()
+        engine = Engine(threads=threads)
         self._rt = Runtime(
             node=node,
             state=state,
@@ -71,7 +83,9 @@ class Proxy:
             engine=engine,
             loop=self._loop,
             table=ConnectionTable(observer),
-            pool=Pool(max_streams=max_streams, idle_timeout=idle_timeout),
+            pool=Pool(
+                max_streams=max_streams, idle_timeout=idle_timeout, spread=connections_per_key or 2 * threads
+            ),
             tls=TlsContexts(engine, credentials, tls12=tls12),
             preserve_source_ip=preserve_source_ip,
             lookup=lookup,

@@ -15,6 +15,7 @@
 #define AMBIT_READ_CHUNK (256 * 1024)       /* one TLS read / socket read batch */
 #define AMBIT_WBUF_HIGH (256 * 1024)        /* pending TLS plaintext before we stop asking nghttp2 */
 #define AMBIT_STREAM_INBUF (128 * 1024)     /* TCP->h2 bytes buffered per stream (backpressure point) */
+#define AMBIT_MAX_FRAME (128 * 1024)       /* largest DATA frame we send / accept (SETTINGS_MAX_FRAME_SIZE) */
 #define AMBIT_STREAM_WINDOW (4 * 1024 * 1024)
 #define AMBIT_CONN_WINDOW (16 * 1024 * 1024)
 #define AMBIT_PIPE_SIZE (256 * 1024)

@@ -6,6 +6,8 @@
 - ambit: pod-1-1 -> capture -> proxy node-1 -> HBONE (mTLS, HTTP/2 CONNECT) -> proxy node-2 -> pod-2-1.
 Cases: throughput with 1 and 4 streams, request/response latency p50/p99 on one connection, new
 connections per second (connect, 1-byte echo, close). Each case runs AMBIT_BENCH_SECONDS (default 2 s).
+The proxies run with the Proxy's defaults; AMBIT_BENCH_ENGINE_THREADS / AMBIT_BENCH_CONNECTIONS_PER_KEY
+override them (to compare configurations).
 Rows compare stunnel to plain, and ambit to both.
 """
 
@@ -202,13 +204,24 @@ def _row(
     return row
 
 
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
 def run() -> list[dict[str, Any]]:
     prefix = "bt" + uuid.uuid4().hex[:4] + "-"
     with tempfile.TemporaryDirectory(prefix="ambit-bench-tunnel-") as tmp:
         workdir = Path(tmp)
         os.environ["AMBIT_LAB_STATE_DIR"] = str(workdir)
         try:
-            lab = proxy_lab.start(prefix, workdir, enrolled=["pod-1-1", "pod-2-1"])
+            lab = proxy_lab.start(
+                prefix,
+                workdir,
+                enrolled=["pod-1-1", "pod-2-1"],
+                engine_threads=_env_int("AMBIT_BENCH_ENGINE_THREADS"),
+                connections_per_key=_env_int("AMBIT_BENCH_CONNECTIONS_PER_KEY"),
+            )
             _start_stunnel(lab, workdir)
             results = {path: _measure(lab, target) for path, target in _cases(lab).items()}
         finally:

@@ -198,7 +198,8 @@ def main(config_path: str) -> int:
         max_streams=cfg.get("max_streams", 100),
         idle_timeout=cfg.get("idle_timeout", 60.0),
         preserve_source_ip=cfg.get("preserve_source_ip", True),
-        **({"engine_threads": cfg["engine_threads"]} if cfg.get("engine_threads") else {}),
+        engine_threads=cfg.get("engine_threads"),
+        connections_per_key=cfg.get("connections_per_key"),
         lookup=view.lookup,
     )
     stop = threading.Event()

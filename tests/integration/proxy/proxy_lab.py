@@ -156,13 +156,14 @@ def start(
     capture: str = "nft",
     policies: Iterable[dict[str, Any]] = (),
     engine_threads: int | None = None,
+    connections_per_key: int | None = None,
 ) -> ProxyLab:
     """Lab up, capture installed, one proxy per node and test servers in every pod, all ready.
 
     `enrolled`: the pods whose traffic is captured (all when None); the others talk plain TCP.
     `capture`: "nft" (tproxy rules installed here) or "bpf" (the proxy driver runs the Redirector).
     `policies`: policy documents (api.resources) decided by the product's PolicyEngine in every proxy.
-    `engine_threads`: the proxies' engine loop threads (None: the Proxy's default).
+    `engine_threads`, `connections_per_key`: the Proxy's knobs (None: its defaults).
     """
     enrolled_pods = None if enrolled is None else set(enrolled)
     strict_uids = set(strict)
@@ -200,6 +201,7 @@ def start(
             "max_streams": max_streams,
             "policies": list(policies),
             "engine_threads": engine_threads,
+            "connections_per_key": connections_per_key,
             "services": [
                 {"name": "echo", "ip": SERVICE_IP, "port": SERVICE_PORT, "target": ECHO, "selects": "pod-2-1"}
             ],

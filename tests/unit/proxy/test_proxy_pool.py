@@ -74,3 +74,27 @@ def test_rows() -> None:
     pool.add(KEY, 3, "172.30.0.2:15008", 1)
     (row,) = pool.rows()
     assert row["conn_id"] == 3 and row["state"] == "handshaking" and row["streams"] == 1
+
+
+def test_busy_key_spreads_over_connections_then_shares_the_least_busy() -> None:
+    pool = Pool(max_streams=100, spread=3)
+    first = pool.add(KEY, 1, "p", 1)
+    assert pool.acquire(KEY, 1) is None  # first is busy, the key may have 3: open another
+    second = pool.add(KEY, 2, "p", 1)
+    assert pool.acquire(KEY, 1) is None
+    third = pool.add(KEY, 3, "p", 1)
+    got = [pool.acquire(KEY, 1) for _ in range(3)]  # at the cap: least busy first
+    assert sorted(c.conn_id for c in got if c) == [1, 2, 3]
+    pool.release(2)
+    pool.release(2)
+    assert second.streams == 0
+    assert pool.acquire(KEY, 1) is second  # an idle connection is reused before opening more
+    assert (first.streams, second.streams, third.streams) == (2, 1, 2)
+
+
+def test_idle_key_keeps_one_connection() -> None:
+    pool = Pool(spread=4)
+    conn = pool.add(KEY, 1, "p", 1)
+    for _ in range(5):  # one stream after another: never more than one connection
+        pool.release(1)
+        assert pool.acquire(KEY, 1) is conn
