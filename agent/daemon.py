@@ -96,7 +96,9 @@ class Agent:
             self._stack.append(("access log", access.close))
         self._servers(audit)
 
-        self.identity = IdentityManager(s.mgmt, node_identity, s.trust_domain)
+        self.identity = IdentityManager(
+            s.mgmt, node_identity, s.trust_domain, bundle_refresh_s=s.bundle_refresh_s
+        )
         self.identity.start()
         self._stack.append(("identity", self.identity.stop))
 

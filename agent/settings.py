@@ -40,6 +40,7 @@ class AgentSettings:
     access_log: Path | None = None
     audit_log: Path | None = None
     log_level: str = "info"
+    bundle_refresh_s: float = 30.0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> AgentSettings:
@@ -53,6 +54,10 @@ class AgentSettings:
             ipaddress.ip_address(args.listen_ip)
         except ValueError:
             raise UsageError(f"--listen-ip must be an IP address, got {args.listen_ip!r}") from None
+        if not 0.5 <= args.bundle_refresh <= 3600:
+            raise UsageError(
+                f"--bundle-refresh must be between 0.5 and 3600 seconds, got {args.bundle_refresh}"
+            )
         for what in ("trust_bundle", "join_token_file"):
             path = Path(getattr(args, what))
             if not path.is_file():
@@ -74,6 +79,7 @@ class AgentSettings:
             access_log=Path(args.access_log) if args.access_log else None,
             audit_log=Path(args.audit_log) if args.audit_log else None,
             log_level=args.log_level,
+            bundle_refresh_s=args.bundle_refresh,
         )
 
 
@@ -97,4 +103,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--access-log", default="", help="JSON-lines access log file")
     p.add_argument("--audit-log", default="", help="JSON-lines audit log file")
+    p.add_argument(
+        "--bundle-refresh",
+        type=float,
+        default=30.0,
+        help="seconds between trust-bundle polls (root rotation reaches the agent within this)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

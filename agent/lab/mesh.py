@@ -248,6 +248,9 @@ def start_agent(plan: LabPlan, node_name: str, mgmt_state: Path, progress: Calla
             str(rd / "logs" / f"access-{node.name}.jsonl"),
             "--audit-log",
             str(rd / "logs" / f"audit-{node.name}.jsonl"),
+            # A lab is small and short-lived: poll the trust bundle often so root rotations show quickly.
+            "--bundle-refresh",
+            "5",
         ),
         log,
     )

@@ -3,7 +3,7 @@ running plane while a long-lived connection from pod-1-1 to pod-2-1 (through HBO
 connections work after every step, and at the end every certificate the agents hold chains to the new root.
 
 No timings are asserted: each step is followed by waiting (generous deadlines) for what the agents show:
-their log line for a new trust bundle (default poll 30 s) and `ambit debug certs` for re-issued certificates.
+their log line for a new trust bundle (the lab agents poll every 5 s) and `ambit debug certs` for re-issued certificates.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from agent.lab.probe import ECHO_PORT, echo_roundtrip
 
 pytestmark = pytest.mark.root
 
-STEP_DEADLINE_S = 150.0  # several default bundle polls (30 s) plus re-issue jitter
+STEP_DEADLINE_S = 150.0  # generous: many bundle polls plus re-issue jitter
 NODES = ("node-1", "node-2")
 
 
