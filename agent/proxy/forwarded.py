@@ -4,13 +4,17 @@ Strict on purpose: the only accepted form is one element with one `for=` pair na
 (`for=10.244.1.2`, `for="10.244.1.2"`, `for="[fd00::2]"`), exactly what our engine sends. Lists, other
 parameters, ports, obfuscated names (`_x`, `unknown`), zones, loopback/unspecified/multicast addresses
 and anything malformed are refused; the caller then treats the header as absent. Whether a well-formed
-claim is believed is a separate decision (inbound.py: it must match the peer's identity).
+claim is believed is `believe` (docs/proxy.md, "Source address").
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+from typing import Protocol
+
+from api.resources.workload import Workload
+from api.spiffe import SpiffeId
 
 MAX_LENGTH = 255  # the engine never hands over more (longer headers arrive as an invalid marker)
 
@@ -53,3 +57,23 @@ def parse_forwarded_for(value: str) -> str | None:
     if addr.is_unspecified or addr.is_loopback or addr.is_multicast:
         raise ForwardedError(f"forwarded address {addr} cannot be a pod")
     return addr.compressed
+
+
+class ClaimView(Protocol):
+    @property
+    def trust_domain(self) -> str: ...
+
+    def known_workload_by_ip(self, ip: str) -> Workload | None: ...
+
+
+def believe(ip: str, peer: SpiffeId, view: ClaimView) -> tuple[bool, Workload | None]:
+    """Whether the authenticated `peer` may claim `ip` as its source, and the workload known there.
+
+    The claim is the peer node's word, so it must not name a pod of an identity the peer does not hold: a
+    workload known at `ip` must have exactly the peer's SPIFFE ID; an address unknown here (node-scoped
+    view) is believed from a workload identity of this trust domain only (not a node or foreign identity).
+    """
+    known = view.known_workload_by_ip(ip)
+    if known is not None:
+        return known.spiffe_id(view.trust_domain) == peer, known
+    return peer.trust_domain == view.trust_domain and peer.namespace is not None, None

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from agent.connections import ConnectionRecord, Direction
 from agent.policy.decision import ConnectionAttrs
-from agent.proxy.forwarded import ForwardedError, parse_forwarded_for
+from agent.proxy.forwarded import ForwardedError, believe, parse_forwarded_for
 from agent.proxy.runtime import MeshView, Runtime, accept_batch
 from agent.proxy.sockets import (
     AuthorityError,
@@ -165,13 +165,8 @@ class Inbound:
     def _claimed_source(
         self, ev: Event, snap: MeshView, conn: ServerConn
     ) -> tuple[str, Workload | None] | None:
-        """(source IP, its workload when known) from the stream's `forwarded` claim, or None.
-
-        Trust: the claim is the peer node's word, so it is believed only when it cannot name a pod of an
-        identity the peer does not hold: a known workload at that IP must have exactly the peer's SPIFFE
-        ID; an IP this node does not know (node-scoped view) is accepted from a workload identity of this
-        trust domain only. A node, foreign or non-workload identity never gets its claim believed.
-        """
+        """(source IP, its workload when known) from the stream's `forwarded` claim when it is well-formed
+        and believed (`forwarded.believe`: only for the peer's own identity), else None."""
         rt = self.rt
         try:
             ip = parse_forwarded_for(ev.forwarded)
@@ -182,11 +177,7 @@ class Inbound:
         principal = conn.principal
         if ip is None or principal is None:
             return None
-        known = snap.known_workload_by_ip(ip)
-        if known is not None:
-            believed = known.spiffe_id(snap.trust_domain) == principal
-        else:
-            believed = principal.trust_domain == snap.trust_domain and principal.namespace is not None
+        believed, known = believe(ip, principal, snap)
         if not believed:
             rt.counters["hbone_forwarded_rejected"] += 1
             log.warning("HBONE peer %s (%s) claimed source %s, which is not its identity's: ignored",

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from agent.proxy.forwarded import ForwardedError, parse_forwarded_for
+from agent.proxy.forwarded import ForwardedError, believe, parse_forwarded_for
+from agent.state import MeshSnapshot
+from api.resources import Meta
+from api.resources.workload import Namespace, Workload
+from api.spiffe import SpiffeId
 from native.engine import EngineError, forwarded_for
 
 
@@ -68,3 +72,31 @@ def test_what_the_engine_sends_parses_back() -> None:
     for bad in ("10.244.1.256", "fe80::1%eth0", "node-1", ""):
         with pytest.raises(EngineError):
             forwarded_for(bad)
+
+
+def _view() -> MeshSnapshot:
+    ns = Namespace(Meta(name="app"))
+    pods = [
+        Workload(Meta(name="a", namespace="app"), "sa-a", "node-1", ("10.244.1.2",)),
+        Workload(Meta(name="b", namespace="app"), "sa-b", "node-1", ("10.244.1.3",)),
+    ]
+    return MeshSnapshot.from_objects(1, "cluster.local", "node-2", [ns, *pods])
+
+
+@pytest.mark.parametrize(
+    "ip,peer,believed,workload",
+    [
+        ("10.244.1.2", "spiffe://cluster.local/ns/app/sa/sa-a", True, "app/a"),  # its own pod
+        ("10.244.1.3", "spiffe://cluster.local/ns/app/sa/sa-a", False, "app/b"),  # another identity's pod
+        ("10.244.9.9", "spiffe://cluster.local/ns/app/sa/sa-a", True, None),  # unknown here: a workload id
+        ("10.244.9.9", "spiffe://cluster.local/node/node-1", False, None),  # a node identity claims nothing
+        ("10.244.9.9", "spiffe://other.td/ns/app/sa/sa-a", False, None),  # another trust domain
+        ("10.244.1.2", "spiffe://other.td/ns/app/sa/sa-a", False, "app/a"),
+    ],
+)
+def test_a_claim_is_believed_only_for_the_peers_own_identity(
+    ip: str, peer: str, believed: bool, workload: str | None
+) -> None:
+    ok, known = believe(ip, SpiffeId.parse(peer), _view())
+    assert ok is believed
+    assert (known.uid if known else None) == workload
