@@ -31,6 +31,7 @@ typedef struct hstream {
     abuf out;                     /* peer -> socket */
     size_t unconsumed;            /* bytes written to the socket, not yet acknowledged to nghttp2 */
     int readable, writable;
+    int rdhup;                    /* the socket reported EOF/hang-up: read until read() says 0 */
     int tcp_eof, peer_eof, shut_wr, tcp_failed, local_reset, deferred;
     int h2_closed;
     uint32_t h2_error;
@@ -246,6 +247,11 @@ static void stream_service(hstream *s)
             if (n > 0) {
                 s->in.len += (size_t)n;
                 got = 1;
+                /* A short read drained the socket; edge-triggered epoll reports the next bytes, so skip
+                 * the read() that would only say EAGAIN (one syscall per message per hop). Not once a
+                 * hang-up was reported: that edge is gone and the EOF must still be read. */
+                if ((size_t)n < room && !s->rdhup)
+                    s->readable = 0;
             } else if (n == 0) {
                 s->tcp_eof = 1;
                 got = 1;
@@ -273,6 +279,8 @@ static void on_stream_io(ambit_loop *l, aio *io, uint32_t events)
     hstream *s = io->owner;
     if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
         s->readable = 1;
+    if (events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+        s->rdhup = 1;
     if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR))
         s->writable = 1;
     mark_ready(s);
