@@ -60,6 +60,8 @@ typedef struct hconn {
     int server;
     int state;
     int readable, writable;
+    int rdhup;                    /* the socket reported EOF/hang-up: read until OpenSSL sees it */
+    int sock_drained;             /* OpenSSL's last socket read returned less than it asked for */
     char *expected_peer;
     char peer_id[512];
     abuf wbuf;
@@ -572,9 +574,25 @@ static int h2_setup(hconn *c)
 
 /* Records are written through a buffer BIO, so one send() carries many 16 KiB records; reads use the
  * socket directly (read-ahead on the context already batches them). */
+/* Watches OpenSSL's socket reads: a short one means the socket was drained (see conn_read). */
+static long on_sock_bio(BIO *b, int oper, const char *argp, size_t len, int argi, long argl, int ret,
+                        size_t *processed)
+{
+    (void)argp, (void)argi, (void)argl;
+    if (oper == (BIO_CB_READ | BIO_CB_RETURN)) {
+        hconn *c = (hconn *)BIO_get_callback_arg(b);
+        c->sock_drained = ret > 0 && processed && *processed < len;
+    }
+    return ret;
+}
+
 static int conn_set_bios(hconn *c, int fd)
 {
     BIO *sock = BIO_new_socket(fd, BIO_NOCLOSE);
+    if (sock) {
+        BIO_set_callback_ex(sock, on_sock_bio);
+        BIO_set_callback_arg(sock, (char *)c);
+    }
     BIO *buf = BIO_new(BIO_f_buffer());
     if (!sock || !buf || BIO_set_write_buffer_size(buf, AMBIT_TLS_WBUF) != 1 || BIO_up_ref(sock) != 1) {
         BIO_free(sock);
@@ -634,14 +652,22 @@ static void conn_read(hconn *c)
     char *buf = c->l->rbuf;
     while (!c->ending) {
         size_t fill = 0, n = 0;
-        int err = SSL_ERROR_NONE;
+        int err = SSL_ERROR_NONE, drained = 0;
         /* Batch several records per nghttp2 call. */
         while (fill < AMBIT_READ_CHUNK - 16384) {
+            c->sock_drained = 0;
             if (SSL_read_ex(c->ssl, buf + fill, AMBIT_READ_CHUNK - fill, &n) != 1) {
                 err = SSL_get_error(c->ssl, 0);
                 break;
             }
             fill += n;
+            /* Everything buffered is decrypted and the socket read was short: the socket is drained, and
+             * edge-triggered epoll reports what comes next, so skip the read() that would say EAGAIN. Not
+             * after a hang-up event: that edge is gone and the EOF (or close_notify) must still be read. */
+            if (c->sock_drained && !c->rdhup && !SSL_has_pending(c->ssl)) {
+                drained = 1;
+                break;
+            }
         }
         if (fill) {
             c->last_rx_ms = now_ms();
@@ -654,6 +680,10 @@ static void conn_read(hconn *c)
                 return;
             }
             mark_dirty(c);
+        }
+        if (drained) {
+            c->readable = 0;
+            return;
         }
         if (err == SSL_ERROR_NONE)
             continue;
@@ -758,6 +788,8 @@ static void on_conn_io(ambit_loop *l, aio *io, uint32_t events)
     hconn *c = io->owner;
     if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
         c->readable = 1;
+    if (events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+        c->rdhup = 1;
     if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR))
         c->writable = 1;
     conn_drive(c);

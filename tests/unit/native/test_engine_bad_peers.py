@@ -48,10 +48,10 @@ def read_until_closed(sock: ssl.SSLSocket) -> None:
         # a HEADERS frame with an undecodable HPACK block
         (PREFACE + EMPTY_SETTINGS + frame_header(4, 1, 0x4, 1) + b"\xff\xff\xff\xff", ("protocol error",)),
         # truncated: a frame announces 100 bytes, 10 arrive, then the client goes away (a FIN, or a RST
-        # when the server's SETTINGS were still unread)
+        # when the server's SETTINGS were still unread: seen by a read, or by the next send)
         (
             PREFACE + EMPTY_SETTINGS + frame_header(100, 1, 0x4, 1) + b"\x00" * 10,
-            ("without GOAWAY", "reset by peer"),
+            ("without GOAWAY", "reset by peer", "Broken pipe"),
         ),
     ],
     ids=["http1", "garbage-after-preface", "bad-hpack", "truncated-frame"],
