@@ -318,6 +318,22 @@ def concurrent_echo(ip: str, port: int, count: int, timeout: float = 60.0) -> in
     return ok
 
 
+def hold_streams(ip: str, port: int, count: int, hold: float, timeout: float = 15.0) -> int:
+    """Open `count` echo connections at once, each answering one byte, keep them `hold` seconds, close them;
+    returns how many answered."""
+    socks = [socket.create_connection((ip, port), timeout=timeout) for _ in range(count)]
+    try:
+        ok = 0
+        for sock in socks:
+            sock.sendall(b"x")
+            ok += sock.recv(1) == b"x"
+        time.sleep(hold)
+        return ok
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def connect_and_read(ip: str, port: int, payload: bytes = b"x", timeout: float = 10.0) -> str:
     """What a client observes: 'data:<bytes>', 'eof' or 'reset'."""
     try:

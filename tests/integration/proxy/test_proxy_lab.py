@@ -30,6 +30,7 @@ from tests.integration.proxy.proxy_lab import (
     concurrent_echo,
     connect_and_read,
     environ_int,
+    hold_streams,
     in_pod,
     principal,
     request,
@@ -122,6 +123,16 @@ def test_idle_pooled_connection_is_closed_and_replaced(lab: ProxyLab) -> None:
     lab.wait_status("node-2", lambda st: len(pooled(st)) == 1)
     lab.wait_status("node-2", lambda st: not pooled(st))  # idle past the timeout: closed gracefully
     assert in_pod(lab, "pod-2-1", request, lab.pod_ip("pod-1-2"), ECHO, b"two") == b"two"
+
+
+def test_busy_key_spreads_over_connections(lab: ProxyLab) -> None:
+    """Concurrent streams of one identity to one node do not all share one TLS connection (engine loop)."""
+
+    def pooled(st: dict[str, Any]) -> list[dict[str, Any]]:
+        return [r for r in st["pool"] if r["source"] == principal("pod-2-1") and r["node"] == "node-1"]
+
+    assert in_pod(lab, "pod-2-1", hold_streams, lab.pod_ip("pod-1-1"), ECHO, 4, 0.5) == 4
+    lab.wait_status("node-2", lambda st: len(pooled(st)) >= 2)
 
 
 def test_same_node(lab: ProxyLab) -> None:
