@@ -3,7 +3,7 @@ running plane while a long-lived connection from pod-1-1 to pod-2-1 (through HBO
 connections work after every step, and at the end every certificate the agents hold chains to the new root.
 
 No timings are asserted: each step is followed by waiting (generous deadlines) for what the agents show:
-their log line for a new trust bundle (the lab agents poll every 5 s) and `ambit debug certs` for re-issued certificates.
+their log line for a new trust bundle (lab agents poll every 5 s) and `ambit debug certs` for re-issued certs.
 """
 
 from __future__ import annotations
