@@ -61,13 +61,21 @@ class Capture:
             "tcp",
         ]
         self._proc = nsx.popen_in(self.netns, argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        # tcpdump says "listening on ..." once the capture is attached; packets before that are missed.
+        # tcpdump says "listening on ..." once the capture is attached; packets before that are missed. Other
+        # lines may come first (gRPC's fork handlers, when the parent used gRPC, write to the child's stderr).
         assert self._proc.stderr is not None
-        ready, _, _ = select.select([self._proc.stderr], [], [], 10)
-        line = self._proc.stderr.readline().decode(errors="replace") if ready else ""
-        if "listening on" not in line:
-            self._proc.kill()
-            raise RuntimeError(f"tcpdump on {self.netns}/{self.ifname} did not start: {line.strip()}")
+        seen: list[str] = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self._proc.stderr], [], [], max(0.0, deadline - time.monotonic()))
+            line = self._proc.stderr.readline().decode(errors="replace") if ready else ""
+            if "listening on" in line:
+                return
+            if not line:
+                break
+            seen.append(line.strip())
+        self._proc.kill()
+        raise RuntimeError(f"tcpdump on {self.netns}/{self.ifname} did not start: {' | '.join(seen[-3:])}")
 
     def stop(self, needle: bytes = b"", server_ports: set[int] | None = None) -> CaptureReport:
         if self._proc is not None:
