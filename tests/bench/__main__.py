@@ -26,13 +26,13 @@ def _fmt(v: Any) -> str:
 
 
 def _with_ratios(area: str, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Fill baseline_value and ratio from the named baseline row of the same area, unless the bench did."""
+    """Fill baseline_value and ratio from the named baseline row of the same area."""
     by_name = {r["name"]: r for r in results}
     out = []
     for r in results:
         row = {"area": area, **r}
         base = by_name.get(r.get("baseline") or "")
-        if base is not None and row.get("ratio") is None:
+        if base is not None:
             row["baseline_value"] = base.get("value")
             bv, v = base.get("value"), r.get("value")
             if isinstance(bv, int | float) and isinstance(v, int | float) and bv:

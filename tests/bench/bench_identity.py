@@ -84,8 +84,4 @@ def run() -> list[dict[str, Any]]:
             "baseline": "identity.ca_sign",
         },
     ]
-    for row in rows:
-        if row["baseline"]:
-            row["baseline_value"] = sign_rate
-            row["ratio"] = row["value"] / sign_rate
     return rows

@@ -124,16 +124,6 @@ def run() -> list[dict[str, Any]]:
             }
         )
         rows.extend(_delivery(config, Path(tmp) / "plane-state", nodes))
-    return _with_ratios(rows)
-
-
-def _with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Fill baseline_value and ratio (value / baseline_value) from rows of the same run."""
-    by_name = {r["name"]: r["value"] for r in rows}
-    for r in rows:
-        if r["baseline"] in by_name and by_name[r["baseline"]]:
-            r["baseline_value"] = by_name[r["baseline"]]
-            r["ratio"] = r["value"] / by_name[r["baseline"]]
     return rows
 
 
