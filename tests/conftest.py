@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from agent.lab.plan import LabPlan
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -25,3 +30,26 @@ def lab_prefix(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
     monkeypatch.setenv("AMBIT_LAB_STATE_DIR", str(tmp_path))
     monkeypatch.setenv("AMBIT_LAB_PREFIX", prefix)
     yield prefix
+
+
+@contextlib.contextmanager
+def running_mesh(
+    tmp_path_factory: pytest.TempPathFactory, pods_per_node: int, echo_pods: Sequence[str], echo_port: int
+) -> Iterator[LabPlan]:
+    """A 2-node lab with the real plane and agents, echo servers in `echo_pods`; for module-scoped fixtures
+    (a unique prefix and state dir, like `lab_prefix`, and everything torn down after)."""
+    from agent.lab import control, mesh
+    from agent.lab.plan import plan_lab
+
+    prefix = "m" + uuid.uuid4().hex[:4] + "-"
+    os.environ["AMBIT_LAB_STATE_DIR"] = str(tmp_path_factory.mktemp("labstate"))
+    plan = plan_lab(2, pods_per_node, prefix)
+    control.up(plan)
+    try:
+        mesh.up(plan, lambda _: None)
+        for pod in echo_pods:
+            mesh.start_echo_server(plan, pod, echo_port)
+        yield plan
+    finally:
+        control.down(prefix)
+        os.environ.pop("AMBIT_LAB_STATE_DIR", None)

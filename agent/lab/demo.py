@@ -56,10 +56,7 @@ def _start_http_server(plan: LabPlan) -> None:
     ]
     log = mesh.run_dir(plan.prefix) / "logs" / "http-server.log"
     control.start_process(plan.prefix, f"http-{pod.name}", pod.netns, argv, log)
-    for _ in range(50):
-        if nsx.run_in(pod.netns, mesh._tcp_open, pod.ip, mesh.APP_PORT, timeout=5):
-            return
-    raise RuntimeError(f"HTTP server in {pod.name} did not start")
+    mesh.wait_listening(pod.netns, pod.ip, mesh.APP_PORT, f"HTTP server in {pod.name}")
 
 
 def _request(plan: LabPlan, src: str, canary: str) -> tuple[int, str]:

@@ -180,12 +180,31 @@ def start_plane(plan: LabPlan, progress: Callable[[str], None]) -> Path:
         log,
     )
     bundle = mgmt_state / "ca-bundle.pem"
-    _wait("management plane", lambda: bundle.exists() and _listening(plan, plan.mgmt_ip, RELAY_PORT), 30, log)
+    _wait(
+        "management plane",
+        lambda: bundle.exists() and _listening(plan.fabric_netns, plan.mgmt_ip, RELAY_PORT),
+        30,
+        log,
+    )
     return mgmt_state
 
 
-def _listening(plan: LabPlan, ip: str, port: int) -> bool:
-    return bool(nsx.run_in(plan.fabric_netns, _tcp_open, ip, port, timeout=5))
+def _listening(netns_name: str, ip: str, port: int) -> bool:
+    return bool(nsx.run_in(netns_name, _tcp_open, ip, port, timeout=5))
+
+
+def wait_listening(netns_name: str, ip: str, port: int, what: str, timeout: float = 10.0) -> None:
+    """Return once something accepts TCP on ip:port inside `netns_name` (UsageError after `timeout`)."""
+    _wait(what, lambda: _listening(netns_name, ip, port), timeout)
+
+
+def start_echo_server(plan: LabPlan, pod_name: str, port: int) -> None:
+    """A TCP echo server in a pod, as a lab process (`down` stops it); returns once it accepts."""
+    pod = plan.pod(pod_name)
+    argv = [sys.executable, "-c", f"from agent.lab.probe import serve_echo; serve_echo({port})"]
+    log = run_dir(plan.prefix) / "logs" / f"echo-{pod.name}.log"
+    control.start_process(plan.prefix, f"echo-{pod.name}", pod.netns, argv, log)
+    wait_listening(pod.netns, pod.ip, port, f"echo server in {pod.name}")
 
 
 def _tcp_open(ip: str, port: int) -> bool:

@@ -16,46 +16,20 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent import netns as nsx
-from agent.lab import control, mesh
+from agent.lab import mesh
 from agent.lab.capture import Capture
-from agent.lab.plan import LabPlan, plan_lab
+from agent.lab.plan import LabPlan
 from agent.lab.probe import ECHO_PORT, echo_roundtrip
 from agent.redirect.marks import HBONE_PORT
+from tests.conftest import running_mesh
 
 pytestmark = pytest.mark.root
 
 
 @pytest.fixture(scope="module")
 def meshlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabPlan]:
-    import os
-
-    prefix = f"e2e{os.getpid() % 10000}-"
-    os.environ["AMBIT_LAB_STATE_DIR"] = str(tmp_path_factory.mktemp("labstate"))
-    plan = plan_lab(2, 2, prefix)
-    control.up(plan)
-    try:
-        mesh.up(plan, lambda _: None)
-        for pod in ("pod-2-1", "pod-2-2", "pod-1-2"):
-            p = plan.pod(pod)
-            argv = [sys.executable, "-c", f"from agent.lab.probe import serve_echo; serve_echo({ECHO_PORT})"]
-            control.start_process(
-                prefix, f"echo-{pod}", p.netns, argv, mesh.run_dir(prefix) / "logs" / "echo.log"
-            )
-        for pod in ("pod-2-1", "pod-2-2", "pod-1-2"):
-            _wait_port(plan, pod)
+    with running_mesh(tmp_path_factory, 2, ("pod-2-1", "pod-2-2", "pod-1-2"), ECHO_PORT) as plan:
         yield plan
-    finally:
-        control.down(prefix)
-        os.environ.pop("AMBIT_LAB_STATE_DIR", None)
-
-
-def _wait_port(plan: LabPlan, pod: str) -> None:
-    p = plan.pod(pod)
-    for _ in range(100):
-        if nsx.run_in(p.netns, mesh._tcp_open, p.ip, ECHO_PORT):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"echo server in {pod} did not start")
 
 
 def _echo(plan: LabPlan, src: str, dst: str, payload: bytes) -> bytes | str:

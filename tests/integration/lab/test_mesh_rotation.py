@@ -9,7 +9,6 @@ their log line for a new trust bundle (lab agents poll every 5 s) and `ambit deb
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -21,9 +20,10 @@ import pytest
 from cryptography import x509
 
 from agent import netns as nsx
-from agent.lab import control, mesh
-from agent.lab.plan import LabPlan, plan_lab
+from agent.lab import mesh
+from agent.lab.plan import LabPlan
 from agent.lab.probe import ECHO_PORT, echo_roundtrip
+from tests.conftest import running_mesh
 
 pytestmark = pytest.mark.root
 
@@ -33,22 +33,8 @@ NODES = ("node-1", "node-2")
 
 @pytest.fixture(scope="module")
 def rotlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabPlan]:
-    prefix = f"rot{os.getpid() % 10000}-"
-    os.environ["AMBIT_LAB_STATE_DIR"] = str(tmp_path_factory.mktemp("rotlabstate"))
-    plan = plan_lab(2, 1, prefix)
-    control.up(plan)
-    try:
-        mesh.up(plan, lambda _: None)
-        dst = plan.pod("pod-2-1")
-        argv = [sys.executable, "-c", f"from agent.lab.probe import serve_echo; serve_echo({ECHO_PORT})"]
-        control.start_process(
-            prefix, "echo-pod-2-1", dst.netns, argv, mesh.run_dir(prefix) / "logs" / "echo.log"
-        )
-        _until(lambda: bool(nsx.run_in(dst.netns, mesh._tcp_open, dst.ip, ECHO_PORT)), "echo server")
+    with running_mesh(tmp_path_factory, 1, ("pod-2-1",), ECHO_PORT) as plan:
         yield plan
-    finally:
-        control.down(prefix)
-        os.environ.pop("AMBIT_LAB_STATE_DIR", None)
 
 
 def _until(ready: Callable[[], bool], what: str, deadline_s: float = STEP_DEADLINE_S) -> None:
