@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -53,3 +56,24 @@ def running_mesh(
     finally:
         control.down(prefix)
         os.environ.pop("AMBIT_LAB_STATE_DIR", None)
+
+
+def ambit_debug_json(prefix: str, node: str, view: str) -> Any:
+    """`ambit debug --node NODE VIEW -o json` on a lab; asserts exit 0 and no private key in its output."""
+    argv = [
+        sys.executable,
+        "-m",
+        "agent.cli",
+        "debug",
+        "--node",
+        node,
+        "--prefix",
+        prefix,
+        view,
+        "-o",
+        "json",
+    ]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "PRIVATE KEY" not in out.stdout
+    return json.loads(out.stdout)

@@ -23,21 +23,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from api.spiffe import SpiffeId
 from mgmt.ca import CertificateAuthority
 from native.engine import Engine, Event
+from tests.unit.native.engine_testkit import tcp_pair
 
 CASE_S = 3.0
 WARMUP_S = 0.5
 CHUNK = 1 << 20
 RR_ROUNDS = 3000
 TD = "cluster.local"
-
-
-def _tcp_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.socket() as lst:
-        lst.bind(("127.0.0.1", 0))
-        lst.listen(1)
-        a = socket.create_connection(lst.getsockname())
-        b, _ = lst.accept()
-    return a, b
 
 
 def _svid(ca: CertificateAuthority, sid: SpiffeId) -> tuple[bytes, bytes]:
@@ -138,8 +130,8 @@ def _rr_p50_us(pair: tuple[socket.socket, socket.socket], done: Callable[[], Non
 def _splice_pairs(engine: Engine, streams: int) -> list[tuple[socket.socket, socket.socket]]:
     pairs = []
     for _ in range(streams):
-        src, a = _tcp_pair()
-        b, dst = _tcp_pair()
+        src, a = tcp_pair()
+        b, dst = tcp_pair()
         engine.splice(a.detach(), b.detach())
         pairs.append((src, dst))
     return pairs
@@ -169,16 +161,16 @@ def _hbone_case(streams: int, rr: bool = False, events_per_rr: list[float] | Non
         sctx = server.tls_context(
             server=True, chain_pem=server_chain, key_pem=server_key, bundle_pem=ca.bundle_pem()
         )
-        a, b = _tcp_pair()
+        a, b = tcp_pair()
         cid = client.connect_hbone(a.detach(), cctx, str(SpiffeId.node(TD, "node-2")))
         sid = server.serve_hbone(b.detach(), sctx)
         pending: list[Event] = []
         pairs = []
         for i in range(streams):
-            src, local = _tcp_pair()
+            src, local = tcp_pair()
             client.open_stream(cid, f"10.244.2.2:{8000 + i}", local.detach())
             req = _wait(server, lambda e: e.kind == "stream_request", pending)
-            up, dst = _tcp_pair()
+            up, dst = tcp_pair()
             server.accept_stream(sid, req.stream_id, up.detach())
             pairs.append((src, dst))
         if not rr:

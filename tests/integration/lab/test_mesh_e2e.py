@@ -21,7 +21,7 @@ from agent.lab.capture import Capture
 from agent.lab.plan import LabPlan
 from agent.lab.probe import ECHO_PORT, echo_roundtrip
 from agent.redirect.marks import HBONE_PORT
-from tests.conftest import running_mesh
+from tests.conftest import ambit_debug_json, running_mesh
 
 pytestmark = pytest.mark.root
 
@@ -148,27 +148,7 @@ def test_metrics_count_the_connections(meshlab: LabPlan) -> None:
     "sub", ["workloads", "services", "policies", "certs", "connections", "bpf", "config"]
 )
 def test_debug_commands_on_live_agents(meshlab: LabPlan, sub: str) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "agent.cli",
-            "debug",
-            "--node",
-            "node-1",
-            "--prefix",
-            meshlab.prefix,
-            sub,
-            "-o",
-            "json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode == 0, out.stderr
-    data = json.loads(out.stdout)
-    assert "PRIVATE KEY" not in out.stdout
+    data = ambit_debug_json(meshlab.prefix, "node-1", sub)
     if sub == "workloads":
         assert {r["workload"] for r in data} >= {"demo/pod-1-1", "demo/pod-1-2"}
     if sub == "certs":

@@ -8,7 +8,6 @@ their log line for a new trust bundle (lab agents poll every 5 s) and `ambit deb
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from agent import netns as nsx
 from agent.lab import mesh
 from agent.lab.plan import LabPlan
 from agent.lab.probe import ECHO_PORT, echo_roundtrip
-from tests.conftest import running_mesh
+from tests.conftest import ambit_debug_json, running_mesh
 
 pytestmark = pytest.mark.root
 
@@ -115,27 +114,7 @@ def _rotate(state: Path, step: str) -> str:
 
 
 def _certs(plan: LabPlan, node: str) -> list[dict[str, Any]]:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "agent.cli",
-            "debug",
-            "--node",
-            node,
-            "--prefix",
-            plan.prefix,
-            "certs",
-            "-o",
-            "json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode == 0, out.stderr
-    assert "PRIVATE KEY" not in out.stdout
-    rows: list[dict[str, Any]] = json.loads(out.stdout)
+    rows: list[dict[str, Any]] = ambit_debug_json(plan.prefix, node, "certs")
     return rows
 
 

@@ -5,13 +5,13 @@ is not enrolled does (the control, which proves the capture sees pod traffic).""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from contextlib import ExitStack
 
 import pytest
 
 from agent import netns as nsx
 from agent.lab.plan import LabPlan
+from agent.lab.probe import ECHO_PORT
 from agent.redirect import marks, pins
 from tests.integration.redirect.redirect_lab import (
     Agent,
@@ -19,18 +19,9 @@ from tests.integration.redirect.redirect_lab import (
     Client,
     Listener,
     send_raw_segment,
-    two_node_lab,
 )
 
 pytestmark = pytest.mark.root
-
-ECHO_PORT = 7007
-
-
-@pytest.fixture
-def lab(lab_prefix: str) -> Iterator[LabPlan]:
-    with two_node_lab(lab_prefix) as plan:
-        yield plan
 
 
 def test_canary_of_enrolled_pods_never_on_the_wire(lab: LabPlan) -> None:

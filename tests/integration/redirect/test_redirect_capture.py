@@ -4,26 +4,18 @@ own (spoofed-source) connections come back to it, and plaintext sent to an enrol
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
 from agent.lab.plan import LabPlan
+from agent.lab.probe import ECHO_PORT
 from agent.netns import NetnsError
 from agent.redirect import marks, pins
-from tests.integration.redirect.redirect_lab import Agent, Listener, greeting_of, two_node_lab
+from tests.integration.redirect.redirect_lab import Agent, Listener, greeting_of
 
 pytestmark = pytest.mark.root
-
-ECHO_PORT = 7007
-
-
-@pytest.fixture
-def lab(lab_prefix: str) -> Iterator[LabPlan]:
-    with two_node_lab(lab_prefix) as plan:
-        yield plan
 
 
 def start_agent(roles: ExitStack, lab: LabPlan, node_name: str) -> Agent:

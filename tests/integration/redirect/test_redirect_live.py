@@ -3,25 +3,17 @@ with the datapath kept leaves pinned state and captured connections working."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
 from agent.lab.plan import LabPlan
+from agent.lab.probe import ECHO_PORT
 from agent.redirect import marks, pins
-from tests.integration.redirect.redirect_lab import Agent, Client, Listener, greeting_of, two_node_lab
+from tests.integration.redirect.redirect_lab import Agent, Client, Listener, greeting_of
 
 pytestmark = pytest.mark.root
-
-ECHO_PORT = 7007
-
-
-@pytest.fixture
-def lab(lab_prefix: str) -> Iterator[LabPlan]:
-    with two_node_lab(lab_prefix) as plan:
-        yield plan
 
 
 def test_enrol_and_unenrol_while_connections_run(lab: LabPlan) -> None:
