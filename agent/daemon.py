@@ -195,9 +195,10 @@ class Agent:
             self._recheck_wanted.set()
             self.metrics.count_ack(True)
             self.metrics.set_relay_version(snapshot.version)
-            for w in snapshot.local_workloads():
-                # Fetch certificates ahead of the first connection; failures retry inside the manager.
-                threading.Thread(target=self._prefetch_svid, args=(w,), daemon=True).start()
+            # Certificates of local workloads are fetched ahead of their first connection (in the manager's
+            # background, with its retries); those of workloads that left this node are forgotten.
+            td = self.settings.trust_domain
+            self.identity.retain(str(w.spiffe_id(td)) for w in snapshot.local_workloads())
             self._ready.set()
             log.info("config version %d applied (%d workloads)", snapshot.version, len(snapshot.workloads))
 
@@ -229,12 +230,6 @@ class Agent:
                     self.proxy.close(conn_id, f"denied after policy change: {decision.reason}")
             except Exception:
                 log.exception("re-checking live connections failed")
-
-    def _prefetch_svid(self, workload: Any) -> None:
-        try:
-            self.identity.svid_for(workload.spiffe_id(self.settings.trust_domain))
-        except Exception as exc:  # the proxy fetches again on first use; the manager counts failures
-            log.warning("certificate for %s not ready yet: %s", workload.uid, exc)
 
     def _refresh_loop(self) -> None:
         while not self._stopping.wait(COUNTER_REFRESH_S):
