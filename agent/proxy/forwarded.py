@@ -63,7 +63,7 @@ class ClaimView(Protocol):
     @property
     def trust_domain(self) -> str: ...
 
-    def known_workload_by_ip(self, ip: str) -> Workload | None: ...
+    def workload_by_ip(self, ip: str) -> Workload | None: ...
 
 
 def believe(ip: str, peer: SpiffeId, view: ClaimView) -> tuple[bool, Workload | None]:
@@ -73,7 +73,7 @@ def believe(ip: str, peer: SpiffeId, view: ClaimView) -> tuple[bool, Workload | 
     workload known at `ip` must have exactly the peer's SPIFFE ID; an address unknown here (node-scoped
     view) is believed from a workload identity of this trust domain only (not a node or foreign identity).
     """
-    known = view.known_workload_by_ip(ip)
+    known = view.workload_by_ip(ip)
     if known is not None:
         return known.spiffe_id(view.trust_domain) == peer, known
     return peer.trust_domain == view.trust_domain and peer.namespace is not None, None

@@ -114,7 +114,7 @@ class Inbound:
             self._refuse_stream(ev, STATUS_BAD_REQUEST, str(exc))
             return
         snap = rt.state()
-        dst = snap.known_workload_by_ip(dst_ip)
+        dst = snap.workload_by_ip(dst_ip)
         if dst is None or dst.node != rt.node:
             self._refuse_stream(ev, STATUS_NOT_FOUND, f"{dst_ip} is not a workload on node {rt.node}")
             return
@@ -229,7 +229,7 @@ class Inbound:
         record = rt.accepted(client, Direction.INBOUND, "plaintext_accepted")
         src_ip, dst_ip, dst_port = record.source_ip, record.destination_ip, record.destination_port
         snap = rt.state()
-        dst = snap.known_workload_by_ip(dst_ip)
+        dst = snap.workload_by_ip(dst_ip)
         if dst is not None:
             record = dataclasses.replace(
                 record,

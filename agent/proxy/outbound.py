@@ -52,7 +52,7 @@ class Outbound:
         rt = self.rt
         src_ip, dst_ip, dst_port = record.source_ip, record.destination_ip, record.destination_port
         snap = rt.state()
-        dst = snap.known_workload_by_ip(dst_ip)
+        dst = snap.workload_by_ip(dst_ip)
         service = snap.service_by_ip(dst_ip) if dst is None else None
         unknown = dst is None and (service is None or not snap.service_endpoints(service))
         if unknown and not looked_up and rt.lookup is not None:
@@ -71,7 +71,7 @@ class Outbound:
         if dst is None or not dst.enrolled(snap.namespace_of(dst)):
             self._passthrough(client, record)
             return
-        src = snap.known_workload_by_ip(src_ip)
+        src = snap.workload_by_ip(src_ip)
         if src is None or src.node != rt.node:
             # Only a local workload's identity may be presented; without one there is nothing to present.
             rt.refuse(client, record, "NR", f"source {src_ip} is not a workload on node {rt.node}")

@@ -248,7 +248,7 @@ class RelayClient:
         """The workload holding `ip`, asking the plane if this node does not know it yet (blocking).
 
         The answer is merged into the snapshot (same version) and, with `notify`, on_snapshot is called."""
-        known = self._snapshot.known_workload_by_ip(ip)
+        known = self._snapshot.workload_by_ip(ip)
         if known is not None:
             return known
         if self._negative.get(ip, 0.0) > time.monotonic():
@@ -270,7 +270,7 @@ class RelayClient:
                 if f"Workload/{w.uid}" not in self._held:
                     self._looked_up[w.uid] = (resp.version, w)
             self._publish(self._snapshot.with_workloads(peers), notify)
-        return self._snapshot.known_workload_by_ip(ip)
+        return self._snapshot.workload_by_ip(ip)
 
     def _lookup_rpc(self, ip: str, timeout: float) -> relay_pb2.LookupResponse:
         with self._conn_lock:

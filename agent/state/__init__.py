@@ -78,9 +78,6 @@ class MeshSnapshot:
         """The workload holding `ip`, if this node holds it (never asks the plane)."""
         return self._by_ip.get(ip)
 
-    # The proxy's name for the same lookup: it states that the call never blocks.
-    known_workload_by_ip = workload_by_ip
-
     def service_by_ip(self, ip: str) -> Service | None:
         return self._service_by_ip.get(ip)
 
