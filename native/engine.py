@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +60,8 @@ class Event:
     tag: int
     authority: str = ""
     forwarded: str = ""  # stream_request: the raw `forwarded` header ("" when absent; never trusted here)
+    baggage: str = ""  # stream_request: the peer's `baggage` header ("" when absent, repeated or too long)
+    traceparent: str = ""  # stream_request: the peer's `traceparent` header (same rules)
     peer_id: str = ""
     tls_version: str = ""
     tls_cipher: str = ""
@@ -87,6 +90,17 @@ def forwarded_for(ip: str) -> bytes:
     return f"for={addr.compressed}".encode()
 
 
+def _extra_headers(headers: Sequence[tuple[str, str]]) -> bytes:
+    out = []
+    for name, value in headers:
+        if not name or name != name.lower() or any(ch in name for ch in ":\r\n\0 "):
+            raise EngineError(f"bad header name {name!r}")
+        if any(ch in value for ch in "\r\n\0"):
+            raise EngineError(f"bad value for header {name!r}")
+        out.append(f"{name}: {value}\n")
+    return "".join(out).encode()
+
+
 def _text(field: object) -> str:
     return bytes(ffi.string(field)).decode("utf-8", "replace")
 
@@ -100,6 +114,8 @@ def _event(r: Any) -> Event:
         tag=int(r.tag),
         authority=_text(r.authority),
         forwarded=_text(r.forwarded),
+        baggage=_text(r.baggage),
+        traceparent=_text(r.traceparent),
         peer_id=_text(r.peer_id),
         tls_version=_text(r.tls_version),
         tls_cipher=_text(r.tls_cipher),
@@ -212,16 +228,25 @@ class Engine:
         return self._call(lib.ambit_connect_hbone, fd, ctx, expected_peer.encode(), tag)
 
     def open_stream(
-        self, conn_id: int, authority: str, local_fd: int, tag: int = 0, forwarded: str = ""
+        self,
+        conn_id: int,
+        authority: str,
+        local_fd: int,
+        tag: int = 0,
+        forwarded: str = "",
+        headers: Sequence[tuple[str, str]] = (),
     ) -> int:
         """A CONNECT stream to `authority`; `forwarded` (an IP address, or "") names the client to the peer
-        as the request header `forwarded: for=<ip>` (RFC 7239; IPv6 quoted and bracketed)."""
+        as the request header `forwarded: for=<ip>` (RFC 7239; IPv6 quoted and bracketed). `headers`: more
+        request headers (e.g. baggage, traceparent): lowercase names, at most 8, 2 KiB in all; a malformed
+        one raises EngineError (checked here) or refuses the stream (stream_refused, checked in C)."""
         try:
             header = forwarded_for(forwarded) if forwarded else ffi.NULL
+            extra = _extra_headers(headers) if headers else ffi.NULL
         except EngineError:
             os.close(local_fd)  # the engine owns local_fd from the call on, even when it fails
             raise
-        return self._call(lib.ambit_open_stream, conn_id, authority.encode(), header, local_fd, tag)
+        return self._call(lib.ambit_open_stream, conn_id, authority.encode(), header, extra, local_fd, tag)
 
     def serve_hbone(self, fd: int, ctx: int, tag: int = 0) -> int:
         return self._call(lib.ambit_serve_hbone, fd, ctx, tag)

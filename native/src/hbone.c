@@ -48,6 +48,8 @@ typedef struct hstream {
     char *authority;
     char *forwarded;              /* client: header sent; server: header received (NULL when absent) */
     int forwarded_bad;            /* server: repeated or too long: reported as FORWARDED_INVALID */
+    char *baggage, *traceparent;  /* server: telemetry headers received (NULL when absent, repeated, long) */
+    int baggage_bad, traceparent_bad;
     uint64_t bytes_in, bytes_out;
 } hstream;
 
@@ -210,6 +212,8 @@ static void stream_finish(hstream *s, const char *detail)
     abuf_free(&s->out);
     free(s->authority);
     free(s->forwarded);
+    free(s->baggage);
+    free(s->traceparent);
     free(s);
     mark_dirty(c);
 }
@@ -457,6 +461,18 @@ static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame
     return 0;
 }
 
+/* Telemetry headers: the first value, bounded; a repeated or oversized one is dropped (never truncated). */
+static void keep_once(char **slot, int *bad, const uint8_t *value, size_t len, size_t cap)
+{
+    if (*slot || *bad || len >= cap) {
+        free(*slot);
+        *slot = NULL;
+        *bad = 1;
+        return;
+    }
+    *slot = strndup((const char *)value, len);
+}
+
 static int on_header(nghttp2_session *session, const nghttp2_frame *frame, const uint8_t *name, size_t namelen,
                      const uint8_t *value, size_t valuelen, uint8_t flags, void *user_data)
 {
@@ -479,6 +495,11 @@ static int on_header(nghttp2_session *session, const nghttp2_frame *frame, const
             return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
         }
     }
+    else if (namelen == 7 && !memcmp(name, "baggage", 7) && frame->headers.cat == NGHTTP2_HCAT_REQUEST)
+        keep_once(&s->baggage, &s->baggage_bad, value, valuelen, sizeof(((ambit_event *)0)->baggage));
+    else if (namelen == 11 && !memcmp(name, "traceparent", 11) && frame->headers.cat == NGHTTP2_HCAT_REQUEST)
+        keep_once(&s->traceparent, &s->traceparent_bad, value, valuelen,
+                  sizeof(((ambit_event *)0)->traceparent));
     else if (namelen == 7 && !memcmp(name, ":status", 7) && valuelen == 3)
         s->status = (value[0] - '0') * 100 + (value[1] - '0') * 10 + (value[2] - '0');
     return 0;
@@ -524,6 +545,8 @@ static void announce_requests(hconn *c)
         copy_str(ev.authority, sizeof(ev.authority), s->authority);
         copy_str(ev.forwarded, sizeof(ev.forwarded), s->forwarded_bad ? FORWARDED_INVALID : s->forwarded);
         copy_str(ev.peer_id, sizeof(ev.peer_id), c->peer_id);
+        copy_str(ev.baggage, sizeof(ev.baggage), s->baggage);
+        copy_str(ev.traceparent, sizeof(ev.traceparent), s->traceparent);
         s->announced = 1;
         event_emit(c->l->engine, &ev);
     }
@@ -1151,6 +1174,40 @@ static void refuse_unknown(ambit_loop *l, acmd *cmd, const char *why)
     event_emit(l->engine, &ev);
 }
 
+/* "name: value\n" lines -> nv entries pointing into text (lengths only, no copy). -1 when malformed: names
+ * lowercase [a-z0-9-] and not one the engine owns or HTTP/2 forbids, values without CR/NUL, bounded. */
+static int parse_extra_headers(char *text, nghttp2_nv *nv)
+{
+    static const char *const reserved[] = {"forwarded", "connection", "host", "te", "transfer-encoding",
+                                           "upgrade", "keep-alive", "proxy-connection", NULL};
+    int n = 0;
+    if (!text || !*text)
+        return 0;
+    if (strlen(text) > AMBIT_EXTRA_BYTES || strchr(text, '\r'))
+        return -1;
+    for (char *line = text; *line;) {
+        char *end = strchr(line, '\n');
+        size_t len = end ? (size_t)(end - line) : strlen(line);
+        char *colon = memchr(line, ':', len);
+        if (!colon || colon == line || n == AMBIT_EXTRA_HEADERS)
+            return -1;
+        size_t nlen = (size_t)(colon - line);
+        for (size_t i = 0; i < nlen; i++)
+            if (!((line[i] >= 'a' && line[i] <= 'z') || (line[i] >= '0' && line[i] <= '9') || line[i] == '-'))
+                return -1;
+        for (int r = 0; reserved[r]; r++)
+            if (strlen(reserved[r]) == nlen && !memcmp(reserved[r], line, nlen))
+                return -1;
+        char *value = colon + 1;
+        while (value < line + len && *value == ' ')
+            value++;
+        nv[n++] = (nghttp2_nv){(uint8_t *)line, (uint8_t *)value, nlen, (size_t)(line + len - value),
+                               NGHTTP2_NV_FLAG_NONE};
+        line = end ? end + 1 : line + len;
+    }
+    return n;
+}
+
 void hconn_open_stream(ambit_loop *l, acmd *cmd)
 {
     hconn *c = amap_get(&l->conns, cmd->id);
@@ -1167,6 +1224,12 @@ void hconn_open_stream(ambit_loop *l, acmd *cmd)
         refuse_unknown(l, cmd, "bad forwarded header");
         return;
     }
+    nghttp2_nv nv[3 + AMBIT_EXTRA_HEADERS];
+    int extra = parse_extra_headers(cmd->text3, nv + 3);
+    if (extra < 0) {
+        refuse_unknown(l, cmd, "bad extra request header");
+        return;
+    }
     hstream *s = stream_new(c, cmd->id2, cmd->tag);
     if (!s) {
         refuse_unknown(l, cmd, "out of memory");
@@ -1176,15 +1239,19 @@ void hconn_open_stream(ambit_loop *l, acmd *cmd)
     cmd->text = NULL;
     s->forwarded = cmd->text2;
     cmd->text2 = NULL;
-    /* CONNECT carries :method and :authority (RFC 9113 8.5), and the source as `forwarded` (RFC 7239). */
-    nghttp2_nv nv[] = {
-        {(uint8_t *)":method", (uint8_t *)"CONNECT", 7, 7, NGHTTP2_NV_FLAG_NONE},
-        {(uint8_t *)":authority", (uint8_t *)s->authority, 10, strlen(s->authority), NGHTTP2_NV_FLAG_NONE},
-        {(uint8_t *)"forwarded", (uint8_t *)(s->forwarded ? s->forwarded : ""), 9,
-         s->forwarded ? strlen(s->forwarded) : 0, NGHTTP2_NV_FLAG_NONE},
-    };
+    /* CONNECT carries :method and :authority (RFC 9113 8.5), the source as `forwarded` (RFC 7239), then
+     * the caller's extra headers (nghttp2 copies them: cmd->text3 is freed after this command). */
+    nv[0] = (nghttp2_nv){(uint8_t *)":method", (uint8_t *)"CONNECT", 7, 7, NGHTTP2_NV_FLAG_NONE};
+    nv[1] = (nghttp2_nv){(uint8_t *)":authority", (uint8_t *)s->authority, 10, strlen(s->authority),
+                         NGHTTP2_NV_FLAG_NONE};
+    int nnv = 2;
+    if (s->forwarded)
+        nv[nnv++] = (nghttp2_nv){(uint8_t *)"forwarded", (uint8_t *)s->forwarded, 9, strlen(s->forwarded),
+                                 NGHTTP2_NV_FLAG_NONE};
+    for (int i = 0; i < extra; i++)
+        nv[nnv++] = nv[3 + i];
     nghttp2_data_provider prov = {.source.ptr = s, .read_callback = stream_read_cb};
-    int32_t h2id = nghttp2_submit_request(c->h2, NULL, nv, s->forwarded ? 3 : 2, &prov, s);
+    int32_t h2id = nghttp2_submit_request(c->h2, NULL, nv, (size_t)nnv, &prov, s);
     if (h2id < 0 || stream_attach(s, cmd) < 0) {
         s->h2_closed = 1;
         s->local_reset = 1;

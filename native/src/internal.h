@@ -26,6 +26,8 @@
 #define AMBIT_TLS_WBUF (256 * 1024)         /* TLS records coalesced per send() */
 #define AMBIT_TICK_MS 200
 #define AMBIT_HEADER_MAX 256          /* longest :authority / forwarded value kept (with NUL) */
+#define AMBIT_EXTRA_HEADERS 8         /* extra request headers per CONNECT (open_stream) */
+#define AMBIT_EXTRA_BYTES 2048        /* their total size */
 #define AMBIT_LINGER_MS 2000          /* longest a reset socket waits to transmit its queued bytes */
 
 /* Growable byte buffer with a consumed prefix. */
@@ -80,6 +82,7 @@ typedef struct acmd {
     SSL_CTX *ctx;    /* one reference owned by the command */
     char *text;      /* expected peer / authority (malloc'd) */
     char *text2;     /* forwarded header value (malloc'd) or NULL */
+    char *text3;     /* extra request headers, "name: value\n" lines (malloc'd) or NULL */
     struct acmd *next;
 } acmd;
 

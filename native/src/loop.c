@@ -152,6 +152,7 @@ static void cmd_free(acmd *c)
         SSL_CTX_free(c->ctx);
     free(c->text);
     free(c->text2);
+    free(c->text3);
     free(c);
 }
 
@@ -542,13 +543,15 @@ int64_t ambit_serve_hbone(ambit_engine *e, int fd, int64_t ctx, uint64_t tag, ch
 }
 
 int64_t ambit_open_stream(ambit_engine *e, uint64_t conn_id, const char *authority, const char *forwarded,
-                          int local_fd, uint64_t tag, char *err, size_t errlen)
+                          const char *extra, int local_fd, uint64_t tag, char *err, size_t errlen)
 {
     acmd *c = cmd_prepare(e, CMD_OPEN_STREAM, local_fd, -1, err, errlen);
     if (!c)
         return -1;
     int with_fwd = forwarded && *forwarded;
-    if (!(c->text = strdup(authority ? authority : "")) || (with_fwd && !(c->text2 = strdup(forwarded)))) {
+    int with_extra = extra && *extra;
+    if (!(c->text = strdup(authority ? authority : "")) || (with_fwd && !(c->text2 = strdup(forwarded))) ||
+        (with_extra && !(c->text3 = strdup(extra)))) {
         set_err(err, errlen, "out of memory");
         cmd_free(c);
         return -1;
