@@ -12,6 +12,7 @@ import argparse
 import datetime as dt
 import faulthandler
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -23,6 +24,18 @@ from agent.settings import PLANE_SERVER_NAME, AgentSettings, add_arguments
 
 log = logging.getLogger("ambit.agent")
 COUNTER_REFRESH_S = 2.0
+# SIGTERM to exit: Kubernetes waits 30 s before SIGKILL, but a rolling restart waits for us; well under 2 s.
+STOP_BUDGET_S = 1.5
+
+
+class _Stopped(Exception):
+    """start() noticed a stop request between two steps."""
+
+
+def _exit_now(why: str) -> None:
+    log.error("%s: exiting now", why)
+    logging.shutdown()
+    os._exit(0)
 
 
 class _CountingAuthorizer:
@@ -91,6 +104,7 @@ class Agent:
         log.info("joining as node %s via %s", s.node, s.bootstrap)
         node_identity = join(s.bootstrap, token, s.node, bundle)
         del token
+        self._check_stopping()
 
         self.metrics = Metrics(CollectorRegistry())
         audit = AuditLog(s.audit_log) if s.audit_log else None
@@ -106,6 +120,7 @@ class Agent:
         )
         self.identity.start()
         self._stack.append(("identity", self.identity.stop))
+        self._check_stopping()
 
         self.policy = PolicyEngine(
             s.trust_domain, audit=(lambda rec: audit.record("decision", **rec)) if audit else None
@@ -130,12 +145,14 @@ class Agent:
         )
         self.proxy.start()
         self._stack.append(("proxy", self.proxy.stop))
+        self._check_stopping()
         if s.redirect:
             from agent.redirect.redirector import Redirector
 
             self.redirector = Redirector(s.node, s.pin_dir)
             self.redirector.start()
             self._stack.append(("redirect", lambda: self.redirector.stop(keep_datapath=s.keep_datapath)))
+            self._check_stopping()
         self.relay.start()
         self._stack.append(("relay", self.relay.stop))
         threading.Thread(target=self._refresh_loop, name="counters", daemon=True).start()
@@ -166,15 +183,48 @@ class Agent:
                 log.exception("stopping %s failed", name)
 
     def run_until_signal(self) -> int:
-        stop = threading.Event()
+        """Run until SIGTERM/SIGINT, then stop within STOP_BUDGET_S, whatever stage the agent is in.
+
+        start() runs on its own thread so the main thread is always free to take the signal: a join still
+        retrying, a BPF compile or a slow teardown cannot hold a rolling restart (25 s during bootstrap
+        before). A stage that does not finish within the budget is cut short by exiting the process; the
+        kernel frees its ports, and the next agent's start reconciles the datapath it left (pins, rules)."""
+        stop, signalled = threading.Event(), threading.Event()
+
+        def on_signal(*_: object) -> None:
+            signalled.set()
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-        self.start()
-        log.info("agent for node %s running", self.settings.node)
+            signal.signal(sig, on_signal)
+        failed: list[BaseException] = []
+
+        def starter() -> None:
+            try:
+                self.start()
+                log.info("agent for node %s running", self.settings.node)
+            except BaseException as exc:  # re-raised on the main thread below
+                failed.append(exc)
+                stop.set()
+
+        thread = threading.Thread(target=starter, name="start", daemon=True)
+        thread.start()
         stop.wait()
+        if failed and not signalled.is_set():
+            raise failed[0]  # start() failed on its own (and has undone what it did)
         log.info("shutting down (keep datapath: %s)", self.settings.keep_datapath)
+        self._stopping.set()
+        watchdog = threading.Timer(STOP_BUDGET_S, _exit_now, args=("stopping took too long",))
+        watchdog.daemon = True
+        watchdog.start()
+        thread.join()  # start() sees _stopping at its next step and undoes what it did
         self.stop()
+        watchdog.cancel()
         return 0
+
+    def _check_stopping(self) -> None:
+        if self._stopping.is_set():
+            raise _Stopped("stopped while starting")
 
     # -- config ----------------------------------------------------------------------------------------
 
@@ -318,6 +368,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     try:
         return Agent(settings).run_until_signal()
+    except _Stopped:
+        return 0
     except JoinError as exc:
         # The plane's answer says it all (bad, used or expired token; wrong node; unreachable).
         log.error("cannot join the mesh: %s", exc)

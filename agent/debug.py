@@ -11,12 +11,14 @@ import http.client
 import json
 import os
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import yaml
 
+from agent.cliargs import HelpFormatter, Shared, examples, share
 from agent.errors import UsageError
+from agent.lab.plan import DEFAULT_PREFIX
 from agent.output import FORMATS, render
 
 ADMIN_DEFAULT = "127.0.0.1:15000"
@@ -125,11 +127,82 @@ def _show(data: Any, fmt: str) -> None:
 
 def _cmd_view(args: argparse.Namespace) -> int:
     path = VIEWS[args.view]
-    data = _query(args, "GET", path)
+    data = filter_view(_query(args, "GET", path), _filters(args))
     # A nested document has no table form: the config dump defaults to YAML.
     fmt = "yaml" if args.view == "config" and args.output == "table" else args.output
     _show(data, fmt)
     return 0
+
+
+def _cmd_all(args: argparse.Namespace) -> int:
+    """Every view in one answer (istioctl's `ztunnel-config all`), filtered alike."""
+    filters = _filters(args)
+    data = {
+        view: filter_view(_query(args, "GET", path), filters)
+        for view, path in VIEWS.items()
+        if view != "config"
+    }
+    if args.output == "table":
+        print("\n\n".join(f"== {view.upper()} ==\n{_table(rows)}" for view, rows in data.items()))
+    else:
+        _show(data, args.output)
+    return 0
+
+
+def _filters(args: argparse.Namespace) -> dict[str, str]:
+    return {
+        k: v
+        for k, v in (("namespace", args.namespace), ("workload", args.workload), ("address", args.address))
+        if v
+    }
+
+
+def filter_view(data: Any, filters: dict[str, str]) -> Any:
+    """Keep the rows of a view that match every filter; a mapping of row lists is filtered list by list.
+
+    Rows differ by view, so a filter matches values rather than named columns: a namespace is a value
+    "NS", a "NS/name" uid or a SPIFFE ".../ns/NS/..." ID; a workload a "name" or "*/name"; an address an
+    IP alone, in a list ("a,b") or with a port ("ip:port", "[v6]:port")."""
+    if not filters:
+        return data
+    if isinstance(data, list):
+        return [row for row in data if not isinstance(row, dict) or _matches(row, filters)]
+    if isinstance(data, dict):
+        return {k: filter_view(v, filters) if isinstance(v, list) else v for k, v in data.items()}
+    return data
+
+
+def _matches(row: dict[str, Any], filters: dict[str, str]) -> bool:
+    values = list(_strings(row))
+    tests = {
+        "namespace": lambda v, ns: v == ns or v.startswith(ns + "/") or f"/ns/{ns}/" in v,
+        "workload": lambda v, w: v == w or v.endswith("/" + w),
+        "address": lambda v, a: a in _addresses(v),
+    }
+    return all(any(tests[name](v, want) for v in values) for name, want in filters.items())
+
+
+def _strings(value: Any) -> Any:
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, str):
+        yield value
+
+
+def _addresses(value: str) -> set[str]:
+    out = set()
+    for part in value.replace(" ", ",").split(","):
+        part = part.strip()
+        if part.startswith("["):
+            out.add(part[1:].partition("]")[0])
+        elif part.count(":") == 1:
+            out.add(part.partition(":")[0])
+        out.add(part)
+    return out
 
 
 def _cmd_log_level(args: argparse.Namespace) -> int:
@@ -141,38 +214,73 @@ def _cmd_log_level(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_debug_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from agent.lab.plan import DEFAULT_PREFIX
+HELPS = {
+    "workloads": "workloads the node knows (every workload it could reach, local or not)",
+    "services": "services the node knows",
+    "policies": "compiled authorization policies",
+    "certs": "certificates held (never keys)",
+    "connections": "live proxied connections",
+    "bpf": "redirection datapath: enrolled pods, counters",
+    "config": "the whole config dump (secrets redacted)",
+}
 
+
+_PREFIX = os.environ.get("AMBIT_LAB_PREFIX", DEFAULT_PREFIX)
+# Accepted before or after the view: `debug --node n -o json workloads` == `debug workloads --node n -o json`.
+DEBUG_OPTIONS = [
+    Shared(("--node",), "node", "", "lab node to query (runs inside its network namespace; needs root)"),
+    Shared(
+        ("--prefix",),
+        "prefix",
+        _PREFIX,
+        f"lab prefix for --node (default {_PREFIX}, env AMBIT_LAB_PREFIX)",
+    ),
+    Shared(
+        ("--admin",),
+        "admin",
+        ADMIN_DEFAULT,
+        f"admin address (default {ADMIN_DEFAULT})",
+        {"metavar": "HOST:PORT"},
+    ),
+    Shared(("-o", "--output"), "output", "table", "output format (default table)", {"choices": FORMATS}),
+    Shared(("-n", "--namespace"), "namespace", "", "only rows of this namespace"),
+    Shared(("--workload",), "workload", "", "only rows of this workload (name or NS/NAME)"),
+    Shared(("--address",), "address", "", "only rows with this IP"),
+]
+
+
+def add_debug_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`ambit debug [OPTIONS] VIEW [OPTIONS]`; another area adds a view with add_view(views, ...)."""
     debug = sub.add_parser(
         "debug",
         help="inspect a node agent through its admin API",
-        description=f"Query a node agent's admin API (default {ADMIN_DEFAULT}).",
-    )
-    debug.add_argument("--node", help="lab node to query (runs inside its network namespace; needs root)")
-    debug.add_argument(
-        "--prefix",
-        default=os.environ.get("AMBIT_LAB_PREFIX", DEFAULT_PREFIX),
-        help="lab prefix for --node (default %(default)s, env AMBIT_LAB_PREFIX)",
-    )
-    debug.add_argument(
-        "--admin", default=ADMIN_DEFAULT, metavar="HOST:PORT", help="admin address (default %(default)s)"
+        description=f"Query a node agent's admin API (default {ADMIN_DEFAULT}, loopback only). Options may "
+        "come before or after the view.",
+        formatter_class=HelpFormatter,
+        epilog=examples(
+            "ambit debug workloads                              # the agent on this host",
+            "ambit debug --node node-1 workloads -n demo        # a lab node, namespace demo only",
+            "ambit debug connections --node node-2 -o json",
+            "ambit debug all --node node-1 --address 10.244.2.2",
+            "ambit debug --node node-1 log-level debug",
+        ),
     )
     views = debug.add_subparsers(dest="view", required=True, metavar="VIEW")
-    helps = {
-        "workloads": "workloads the node knows",
-        "services": "services the node knows",
-        "policies": "compiled authorization policies",
-        "certs": "certificates held (never keys)",
-        "connections": "live proxied connections",
-        "bpf": "redirection datapath: enrolled pods, counters",
-        "config": "the whole config dump (secrets redacted)",
-    }
-    for name, text in helps.items():
-        view = views.add_parser(name, help=text)
-        view.add_argument("-o", "--output", choices=FORMATS, default="table")
-        view.set_defaults(func=_cmd_view)
-    level = views.add_parser("log-level", help="show or set the agent's log level")
+    for name, text in HELPS.items():
+        add_view(views, name, text, _cmd_view)
+    add_view(views, "all", "every view above but config, in one answer", _cmd_all)
+    level = add_view(views, "log-level", "show or set the agent's log level", _cmd_log_level)
     level.add_argument("level", nargs="?", help="new level: critical|error|warning|info|debug")
-    level.add_argument("-o", "--output", choices=FORMATS, default="table")
-    level.set_defaults(func=_cmd_log_level)
+    share([debug], DEBUG_OPTIONS)
+
+
+def add_view(
+    views: argparse._SubParsersAction,  # type: ignore[type-arg]
+    name: str,
+    text: str,
+    func: Callable[[argparse.Namespace], int],
+) -> argparse.ArgumentParser:
+    view: argparse.ArgumentParser = views.add_parser(name, help=text, description=text)
+    view.set_defaults(func=func)
+    share([view], DEBUG_OPTIONS)
+    return view

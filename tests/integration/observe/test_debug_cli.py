@@ -107,3 +107,28 @@ def test_missing_provider_is_reported(admin: str) -> None:
     finally:
         server.stop()
     assert proc.returncode == 2 and "no certs provider" in proc.stderr
+
+
+def test_filters_in_any_position(admin: str) -> None:
+    by_ns = ambit("debug", "-n", "shop", "--admin", admin, "workloads", "-o", "json")
+    assert len(json.loads(by_ns.stdout)) == 2
+    assert json.loads(ambit("debug", "workloads", "-n", "other", "--admin", admin, "-o", "json").stdout) == []
+    web = json.loads(ambit("debug", "--workload", "web", "--admin", admin, "workloads", "-o", "json").stdout)
+    assert [w["uid"] for w in web] == ["shop/web"]
+    # An address matches an IP in a list and an ip:port column alike.
+    conns = json.loads(
+        ambit("debug", "connections", "--address", "10.244.1.3", "--admin", admin, "-o", "json").stdout
+    )
+    assert [c["id"] for c in conns] == [2]
+    by_ip = ambit("debug", "workloads", "--address", "10.244.1.2", "--admin", admin, "-o", "json")
+    assert [w["uid"] for w in json.loads(by_ip.stdout)] == ["shop/web"]
+
+
+def test_all_view(admin: str) -> None:
+    everything = json.loads(ambit("debug", "all", "--admin", admin, "-o", "json").stdout)
+    assert set(everything) == {"workloads", "services", "policies", "certs", "connections", "bpf"}
+    assert everything["workloads"] == PROVIDERS["workloads"]
+    only = json.loads(ambit("debug", "all", "--address", "10.244.1.3", "--admin", admin, "-o", "json").stdout)
+    assert [w["uid"] for w in only["workloads"]] == ["shop/database"] and len(only["connections"]) == 1
+    table = ambit("debug", "--admin", admin, "all")
+    assert table.returncode == 0 and "== WORKLOADS ==" in table.stdout and "== CERTS ==" in table.stdout

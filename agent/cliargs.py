@@ -1,0 +1,60 @@
+"""Options that may appear anywhere in an `ambit` command line: `ambit lab up --prefix X` and
+`ambit lab --prefix X up` mean the same, as do `ambit debug --node n -o json workloads` and
+`ambit debug workloads --node n -o json` (istioctl and cilium-dbg accept flags in any position).
+
+argparse hands every level of subcommand its own namespace defaults, so an option declared at two levels
+with a real default lets the inner level overwrite what the user gave the outer one. Here each shared
+option is declared at every level with default SUPPRESS (absent unless given) and the real default is
+filled in once, after parsing.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Shared:
+    flags: tuple[str, ...]
+    dest: str
+    default: Any
+    help: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            *self.flags, dest=self.dest, default=argparse.SUPPRESS, help=self.help, **self.kwargs
+        )
+
+
+# The defaults of every shared option, by dest, for apply_defaults (one option may be shared by several
+# trees, e.g. --prefix by `lab` and `debug`).
+_DEFAULTS: dict[str, Any] = {}
+
+
+def share(parsers: Iterable[argparse.ArgumentParser], options: Iterable[Shared]) -> None:
+    """Declare `options` on each of `parsers` (a command and all its subcommands)."""
+    opts = list(options)
+    for opt in opts:
+        _DEFAULTS.setdefault(opt.dest, opt.default)
+    for parser in parsers:
+        for opt in opts:
+            opt.add_to(parser)
+
+
+def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    for dest, default in _DEFAULTS.items():
+        if not hasattr(args, dest):
+            setattr(args, dest, default)
+    return args
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the line breaks of descriptions and epilogs, so examples in help read as typed."""
+
+
+def examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
