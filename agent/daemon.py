@@ -106,7 +106,9 @@ class Agent:
         del token
         self._check_stopping()
 
-        self.metrics = Metrics(CollectorRegistry())
+        self.metrics = Metrics(
+            CollectorRegistry(), snapshot=lambda: self.relay.snapshot if self.relay else None
+        )
         audit = AuditLog(s.audit_log) if s.audit_log else None
         observers: list[Any] = [self.metrics]
         if s.access_log:

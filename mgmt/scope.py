@@ -12,7 +12,9 @@ Scope decision (least privilege that still lets a node route and authorize):
   endpoints) returns them in minimal form (uid, service account, node, ips, ports) and from then on they stay
   in that node's subscription. Minimal form keeps exactly two kinds of label: the enrolment label (the node
   must know whether to speak HBONE to the peer) and the keys some Service of the peer's namespace selects on
-  (so `Service.selects` picks endpoints on the node); every other label stays on the plane.
+  (so `Service.selects` picks endpoints on the node), plus the labels Istio's telemetry names a workload
+  by (TELEMETRY_LABELS: canonical service and revision, app, version: the node's metrics label both ends of
+  a connection with them, as ztunnel does); every other label stays on the plane.
 Asking as another node than the certificate's is refused by the relay (PERMISSION_DENIED) and audited.
 """
 
@@ -27,6 +29,17 @@ from mgmt.store import ConfigSnapshot, StoredResource, canonical_json, content_h
 
 DEFAULT_ROOT_NAMESPACE = "ambit-system"
 CORE_KINDS = frozenset({"Workload", "Namespace", "Service", "Node"})
+# Where Istio reads a workload's canonical service and revision (its metrics' *_canonical_*, *_app, *_version).
+TELEMETRY_LABELS = frozenset(
+    {
+        "service.istio.io/canonical-name",
+        "service.istio.io/canonical-revision",
+        "app.kubernetes.io/name",
+        "app.kubernetes.io/version",
+        "app",
+        "version",
+    }
+)
 
 View = dict[str, StoredResource]  # by str(ResourceKey)
 
@@ -122,7 +135,7 @@ class ScopeIndex:
         return peer
 
     def _minimal_document(self, w: Workload) -> dict[str, Any]:
-        keep = self._selector_keys.get(w.namespace, set()) | {DATAPLANE_LABEL}
+        keep = self._selector_keys.get(w.namespace, set()) | {DATAPLANE_LABEL} | TELEMETRY_LABELS
         labels = {k: v for k, v in w.labels.items() if k in keep}
         metadata: dict[str, Any] = {"name": w.name, "namespace": w.namespace}
         if labels:

@@ -34,6 +34,8 @@ BOOTSTRAP_PORT = 15013
 READY_PORT = 15021
 ADMIN_PORT = 15000
 APP_PORT = 8080
+SERVICE_NAME = "web"
+SERVICE_VIP = "10.96.0.10"
 
 
 def run_dir(prefix: str) -> Path:
@@ -75,7 +77,7 @@ def mesh_documents(plan: LabPlan, opted_out: frozenset[str] = frozenset()) -> li
                     "metadata": {
                         "name": pod.name,
                         "namespace": MESH_NAMESPACE,
-                        "labels": {"app": pod.name}
+                        "labels": {"app": pod.name, "version": "v1"}
                         | ({DATAPLANE_LABEL: "none"} if pod.name in opted_out else {}),
                     },
                     "spec": {
@@ -86,6 +88,19 @@ def mesh_documents(plan: LabPlan, opted_out: frozenset[str] = frozenset()) -> li
                     },
                 }
             )
+    # A Service in front of the README's HTTP server: a VIP to dial, and the destination_service of metrics.
+    docs.append(
+        {
+            "apiVersion": "ambit.io/v1",
+            "kind": "Service",
+            "metadata": {"name": SERVICE_NAME, "namespace": MESH_NAMESPACE},
+            "spec": {
+                "addresses": [SERVICE_VIP],
+                "ports": [{"port": 80, "targetPort": APP_PORT, "name": "http"}],
+                "selector": {"app": app_pod(plan)},
+            },
+        }
+    )
     return docs
 
 

@@ -12,11 +12,18 @@ import enum
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import psutil
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import (
+    PLATFORM_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -24,18 +31,44 @@ from agent.connections import ConnectionClose, ConnectionRecord, Direction
 
 log = logging.getLogger(__name__)
 
+# prometheus-client adds a `<name>_created` sample to every counter and histogram; Istio exports none,
+# and each one doubles the series a scrape stores.
+disable_created_metrics()
+
 UNKNOWN = "unknown"
+# ztunnel's label set for its TCP metrics, in its order (Istio's standard metrics, TCP part).
 ISTIO_LABELS = (
     "reporter",
     "source_workload",
+    "source_canonical_service",
+    "source_canonical_revision",
     "source_workload_namespace",
     "source_principal",
+    "source_app",
+    "source_version",
+    "source_cluster",
+    "destination_service",
+    "destination_service_namespace",
+    "destination_service_name",
     "destination_workload",
+    "destination_canonical_service",
+    "destination_canonical_revision",
     "destination_workload_namespace",
     "destination_principal",
-    "connection_security_policy",
+    "destination_app",
+    "destination_version",
+    "destination_cluster",
+    "request_protocol",
     "response_flags",
+    "connection_security_policy",
 )
+DEFAULT_CLUSTER = "Kubernetes"  # Istio's default cluster ID
+SERVICE_DOMAIN = "svc.cluster.local"
+# Istio derives the canonical service and revision from these labels, first present wins.
+CANONICAL_NAME_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
+CANONICAL_REVISION_LABELS = ("service.istio.io/canonical-revision", "app.kubernetes.io/version", "version")
+# Connection lifetimes: from a health check's milliseconds to a long-lived stream's hour.
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 3600.0)
 
 
 def _split_uid(uid: str) -> tuple[str, str]:
@@ -46,27 +79,98 @@ def _split_uid(uid: str) -> tuple[str, str]:
     return (name or UNKNOWN), (ns or UNKNOWN)
 
 
-def istio_labels(record: ConnectionRecord, response_flags: str = "-") -> dict[str, str]:
-    src_name, src_ns = _split_uid(record.source_workload)
-    dst_name, dst_ns = _split_uid(record.destination_workload)
+def _first_label(labels: Mapping[str, str], keys: tuple[str, ...], default: str) -> str:
+    return next((labels[k] for k in keys if labels.get(k)), default)
+
+
+def _namespace_of(principal: str) -> str:
+    """The namespace a SPIFFE workload ID names (spiffe://TD/ns/NS/sa/SA), else unknown."""
+    parts = principal.split("/")
+    if len(parts) >= 7 and parts[3] == "ns" and parts[5] == "sa":
+        return parts[4] or UNKNOWN
+    return UNKNOWN
+
+
+def _workload_labels(side: str, uid: str, workload: Any, cluster: str, principal: str) -> dict[str, str]:
+    name, ns = _split_uid(uid or (workload.uid if workload is not None else ""))
+    if ns == UNKNOWN:
+        # A peer this node never looked up (the client of an inbound connection): its verified identity
+        # still names its namespace, as ztunnel derives it from the peer certificate.
+        ns = _namespace_of(principal)
+    if workload is None:
+        canonical, revision, where = name, UNKNOWN, UNKNOWN
+    else:
+        labels = dict(workload.labels)
+        canonical = _first_label(labels, CANONICAL_NAME_LABELS, workload.name)
+        revision = _first_label(labels, CANONICAL_REVISION_LABELS, "latest")
+        where = cluster
     return {
-        # ztunnel reports inbound connections as the destination, everything it originates as the source.
-        "reporter": "destination" if record.direction is Direction.INBOUND else "source",
-        "source_workload": src_name,
-        "source_workload_namespace": src_ns,
-        "source_principal": record.source_principal or UNKNOWN,
-        "destination_workload": dst_name,
-        "destination_workload_namespace": dst_ns,
-        "destination_principal": record.destination_principal or UNKNOWN,
-        "connection_security_policy": record.security_policy or UNKNOWN,
-        "response_flags": response_flags or "-",
+        f"{side}_workload": name,
+        f"{side}_canonical_service": canonical,
+        f"{side}_canonical_revision": revision,
+        f"{side}_workload_namespace": ns,
+        # As ztunnel: app and version are the canonical service and revision.
+        f"{side}_app": canonical,
+        f"{side}_version": revision,
+        f"{side}_cluster": where,
     }
 
 
-class _Snapshots(Collector):
-    """Values the daemon sets as whole snapshots (BPF and engine counters, cert expiry) and process stats.
+def _service_labels(record: ConnectionRecord, snapshot: Any, workload: Any) -> dict[str, str]:
+    """The destination service: the one whose address the client dialled, else one selecting the pod."""
+    service = None
+    if snapshot is not None:
+        service = snapshot.service_by_ip(record.destination_ip)
+        if service is None and workload is not None:
+            service = next((s for _, s in sorted(snapshot.services.items()) if s.selects(workload)), None)
+    if service is None:
+        return dict.fromkeys(
+            ("destination_service", "destination_service_namespace", "destination_service_name"), UNKNOWN
+        )
+    name, ns = _split_uid(service.uid)
+    return {
+        "destination_service": f"{name}.{ns}.{SERVICE_DOMAIN}",
+        "destination_service_namespace": ns,
+        "destination_service_name": name,
+    }
 
-    Collected at scrape time, so a counter that disappears from a snapshot disappears from /metrics.
+
+def _lookup(snapshot: Any, uid: str, ip: str) -> Any:
+    if snapshot is None:
+        return None
+    return snapshot.workloads.get(uid) if uid else snapshot.workload_by_ip(ip)
+
+
+def istio_labels(
+    record: ConnectionRecord, response_flags: str = "-", snapshot: Any = None, cluster: str = DEFAULT_CLUSTER
+) -> dict[str, str]:
+    """Istio's TCP labels of a connection; `snapshot` (the node's MeshSnapshot) adds what the record does
+    not carry: workload labels (canonical service, revision) and the destination service."""
+    src = _lookup(snapshot, record.source_workload, record.source_ip)
+    dst = _lookup(snapshot, record.destination_workload, record.destination_ip)
+    labels = {
+        # ztunnel reports inbound connections as the destination, everything it originates as the source.
+        "reporter": "destination" if record.direction is Direction.INBOUND else "source",
+        **_workload_labels("source", record.source_workload, src, cluster, record.source_principal),
+        "source_principal": record.source_principal or UNKNOWN,
+        **_service_labels(record, snapshot, dst),
+        **_workload_labels(
+            "destination", record.destination_workload, dst, cluster, record.destination_principal
+        ),
+        "destination_principal": record.destination_principal or UNKNOWN,
+        "request_protocol": "tcp",
+        "response_flags": response_flags or "-",
+        "connection_security_policy": record.security_policy or UNKNOWN,
+    }
+    return {name: labels[name] for name in ISTIO_LABELS}
+
+
+class _Snapshots(Collector):
+    """Values the daemon sets as whole snapshots (BPF and engine counters, cert expiry).
+
+    Collected at scrape time, so a counter that disappears from a snapshot disappears from /metrics. The
+    BPF and engine counters only grow (until the agent restarts), so they are exported as counters; the
+    engine's `*_active` values are levels, exported as gauges.
     """
 
     def __init__(self) -> None:
@@ -74,7 +178,6 @@ class _Snapshots(Collector):
         self._bpf: dict[str, float] = {}
         self._engine: dict[str, float] = {}
         self._cert_expiry: dict[str, float] = {}
-        self._process = psutil.Process()
 
     def set_bpf(self, counters: Mapping[str, int]) -> None:
         clean = _numeric(counters, "BPF")
@@ -97,8 +200,11 @@ class _Snapshots(Collector):
     def collect(self) -> Iterable[Metric]:
         with self._lock:
             bpf, engine, certs = dict(self._bpf), dict(self._engine), dict(self._cert_expiry)
-        yield _labelled_gauge("ambit_bpf_counter", "BPF datapath counters by path", "path", bpf)
-        yield _labelled_gauge("ambit_engine_counter", "C engine counters by name", "name", engine)
+        yield _labelled_counter("ambit_bpf_counter", "BPF datapath counters by path", "path", bpf)
+        levels = {k: v for k, v in engine.items() if k.endswith("_active")}
+        totals = {k: v for k, v in engine.items() if k not in levels}
+        yield _labelled_counter("ambit_engine_counter", "C engine counters by name", "name", totals)
+        yield _labelled_gauge("ambit_engine_active", "C engine live objects by kind", "name", levels)
         now = time.time()
         yield _labelled_gauge(
             "ambit_certificate_expiry_seconds",
@@ -112,23 +218,6 @@ class _Snapshots(Collector):
             "identity",
             certs,
         )
-        yield from self._process_metrics()
-
-    def _process_metrics(self) -> Iterable[Metric]:
-        try:
-            with self._process.oneshot():
-                cpu = self._process.cpu_times()
-                rss = self._process.memory_info().rss
-                fds = self._process.num_fds()
-                threads = self._process.num_threads()
-        except psutil.Error:
-            return
-        c = CounterMetricFamily("ambit_process_cpu_seconds", "CPU time of the agent process (user+system)")
-        c.add_metric([], cpu.user + cpu.system)
-        yield c
-        yield GaugeMetricFamily("ambit_process_resident_memory_bytes", "Resident memory", value=rss)
-        yield GaugeMetricFamily("ambit_process_open_fds", "Open file descriptors", value=fds)
-        yield GaugeMetricFamily("ambit_process_threads", "Threads of the agent process", value=threads)
 
 
 def _numeric(counters: Mapping[str, Any], what: str) -> dict[str, float]:
@@ -142,6 +231,13 @@ def _numeric(counters: Mapping[str, Any], what: str) -> dict[str, float]:
     return clean
 
 
+def _labelled_counter(name: str, doc: str, label: str, values: Mapping[str, float]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for key, value in sorted(values.items()):
+        family.add_metric([str(key)], float(value))
+    return family
+
+
 def _labelled_gauge(name: str, doc: str, label: str, values: Mapping[str, float]) -> GaugeMetricFamily:
     family = GaugeMetricFamily(name, doc, labels=[label])
     for key, value in sorted(values.items()):
@@ -152,8 +248,17 @@ def _labelled_gauge(name: str, doc: str, label: str, values: Mapping[str, float]
 class Metrics:
     """ConnectionObserver that feeds Istio's TCP metrics, plus the setters the daemon calls."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        snapshot: Callable[[], Any] | None = None,
+        cluster: str = DEFAULT_CLUSTER,
+        component: str = "agent",
+    ) -> None:
         self.registry = registry
+        self._snapshot = snapshot or (lambda: None)
+        self.cluster = cluster
+        register_standard(registry, component)
         self._opened = Counter(
             "istio_tcp_connections_opened", "TCP connections opened", ISTIO_LABELS, registry=registry
         )
@@ -172,6 +277,13 @@ class Metrics:
             ISTIO_LABELS,
             registry=registry,
         )
+        self._duration = Histogram(
+            "ambit_tcp_connection_duration_seconds",
+            "Lifetime of proxied TCP connections, observed when they close",
+            ["reporter", "response_flags"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
         self._decisions = Counter(
             "ambit_policy_decisions", "Authorization decisions by action", ["action"], registry=registry
         )
@@ -184,12 +296,23 @@ class Metrics:
         registry.register(self._snapshots)
 
     # ConnectionObserver
+    def _labels(self, record: ConnectionRecord, response_flags: str = "-") -> dict[str, str]:
+        try:
+            snapshot = self._snapshot()
+        except Exception:  # labels from the record alone beat a lost count
+            log.exception("metrics: reading the mesh snapshot failed")
+            snapshot = None
+        return istio_labels(record, response_flags, snapshot, self.cluster)
+
     def opened(self, record: ConnectionRecord) -> None:
-        self._opened.labels(**istio_labels(record)).inc()
+        self._opened.labels(**self._labels(record)).inc()
 
     def closed(self, close: ConnectionClose) -> None:
-        labels = istio_labels(close.record, close.response_flags)
+        labels = self._labels(close.record, close.response_flags)
         self._closed.labels(**labels).inc()
+        self._duration.labels(labels["reporter"], labels["response_flags"]).observe(
+            max(0.0, close.duration_s)
+        )
         if close.bytes_received > 0:
             self._sent.labels(**labels).inc(close.bytes_received)
         if close.bytes_sent > 0:
@@ -217,3 +340,26 @@ class Metrics:
 
     def set_engine_counters(self, counters: Mapping[str, int]) -> None:
         self._snapshots.set_engine(counters)
+
+
+def build_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ambit")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def register_standard(registry: CollectorRegistry, component: str) -> None:
+    """What every ambit process exports: prometheus-client's process and platform collectors (process_*,
+    python_info) and a build-info gauge (1, labelled with the version), as Prometheus' conventions go."""
+    ProcessCollector(registry=registry)
+    registry.register(PLATFORM_COLLECTOR)
+    info = Gauge(
+        "ambit_build_info",
+        "ambit build: 1, labelled with version and component",
+        ["version", "component"],
+        registry=registry,
+    )
+    info.labels(build_version(), component).set(1)
