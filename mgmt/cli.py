@@ -172,8 +172,10 @@ class Plane:
             self._stops.append(reloader.stop)
         tokens = JoinTokens(state_dir)
 
+        csr_services: list[Any] = []
+
         def add_csr_service(grpc_server: Any) -> None:
-            add_identity_service(grpc_server, ca, store, audit)
+            csr_services.append(add_identity_service(grpc_server, ca, store, audit))
 
         server = MgmtServer(
             store,
@@ -190,6 +192,15 @@ class Plane:
         self._stops.append(bootstrap.stop)
         store.watch()
         self._stops.append(store.stop)
+        if a.metrics_listen:
+            from mgmt.metrics import PlaneCollector, PlaneMetrics
+
+            joins = bootstrap.service.refusals
+            csr = csr_services[0].counters
+            collector = PlaneCollector(store, server.relay, ca, csr, lambda: dict(joins.counts))
+            metrics = PlaneMetrics(collector)
+            metrics.start(a.metrics_listen)
+            self._stops.append(metrics.stop)
         for node in a.join_token or ():
             print(f"join-token {node} {tokens.create(node)}", flush=True)
         print(
@@ -225,6 +236,12 @@ def add_mgmt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         "root-cert.pem and optionally cert-chain.pem (default: a self-signed root kept in --state-dir)",
     )
     p.add_argument("--audit-log", help="JSON-lines audit log of refused requests and joins")
+    p.add_argument(
+        "--metrics-listen",
+        default="",
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics here (istiod uses 15014; default: off)",
+    )
     p.set_defaults(func=_cmd_run, verb=None)
     verbs = p.add_subparsers(dest="verb", metavar="VERB")
     token = verbs.add_parser("token", help="create a one-time join token for a node (prints it)")

@@ -29,7 +29,7 @@ from mgmt.store import ConfigSnapshot, StoredResource, canonical_json, content_h
 
 DEFAULT_ROOT_NAMESPACE = "ambit-system"
 CORE_KINDS = frozenset({"Workload", "Namespace", "Service", "Node"})
-# Where Istio reads a workload's canonical service and revision (its metrics' *_canonical_*, *_app, *_version).
+# Where Istio reads a workload's canonical service and revision (metrics' *_canonical_*, *_app, *_version).
 TELEMETRY_LABELS = frozenset(
     {
         "service.istio.io/canonical-name",

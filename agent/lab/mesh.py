@@ -31,6 +31,8 @@ MESH_NAMESPACE = "demo"
 TRUST_DOMAIN = "cluster.local"
 RELAY_PORT = 15012
 BOOTSTRAP_PORT = 15013
+PLANE_METRICS_PORT = 15014
+METRICS_PORT = 15020
 READY_PORT = 15021
 ADMIN_PORT = 15000
 APP_PORT = 8080
@@ -252,6 +254,8 @@ def start_plane(plan: LabPlan, progress: Callable[[str], None]) -> Path:
             f"{plan.mgmt_ip}:{RELAY_PORT}",
             "--bootstrap-listen",
             f"{plan.mgmt_ip}:{BOOTSTRAP_PORT}",
+            "--metrics-listen",
+            f"{plan.mgmt_ip}:{PLANE_METRICS_PORT}",
         ),
         log,
     )

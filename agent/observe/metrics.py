@@ -15,25 +15,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from prometheus_client import (
-    PLATFORM_COLLECTOR,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    ProcessCollector,
-    disable_created_metrics,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from agent.connections import ConnectionClose, ConnectionRecord, Direction
+from api.promstd import register_standard
 
 log = logging.getLogger(__name__)
-
-# prometheus-client adds a `<name>_created` sample to every counter and histogram; Istio exports none,
-# and each one doubles the series a scrape stores.
-disable_created_metrics()
 
 UNKNOWN = "unknown"
 # ztunnel's label set for its TCP metrics, in its order (Istio's standard metrics, TCP part).
@@ -277,6 +266,13 @@ class Metrics:
             ISTIO_LABELS,
             registry=registry,
         )
+        # A level, so dashboards need no opened-minus-closed arithmetic (wrong across counter resets and
+        # label sets: closes carry response flags, opens do not).
+        self._open = Gauge(
+            "ambit_tcp_connections_open", "Proxied TCP connections open now", ["reporter"], registry=registry
+        )
+        self._open_ids: dict[int, str] = {}  # conn_id -> reporter; as large as the proxy's own table
+        self._open_lock = threading.Lock()
         self._duration = Histogram(
             "ambit_tcp_connection_duration_seconds",
             "Lifetime of proxied TCP connections, observed when they close",
@@ -305,11 +301,20 @@ class Metrics:
         return istio_labels(record, response_flags, snapshot, self.cluster)
 
     def opened(self, record: ConnectionRecord) -> None:
-        self._opened.labels(**self._labels(record)).inc()
+        labels = self._labels(record)
+        self._opened.labels(**labels).inc()
+        with self._open_lock:
+            if record.conn_id not in self._open_ids:
+                self._open_ids[record.conn_id] = labels["reporter"]
+                self._open.labels(labels["reporter"]).inc()
 
     def closed(self, close: ConnectionClose) -> None:
         labels = self._labels(close.record, close.response_flags)
         self._closed.labels(**labels).inc()
+        with self._open_lock:
+            reporter = self._open_ids.pop(close.record.conn_id, None)
+            if reporter is not None:
+                self._open.labels(reporter).dec()
         self._duration.labels(labels["reporter"], labels["response_flags"]).observe(
             max(0.0, close.duration_s)
         )
@@ -341,25 +346,3 @@ class Metrics:
     def set_engine_counters(self, counters: Mapping[str, int]) -> None:
         self._snapshots.set_engine(counters)
 
-
-def build_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("ambit")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
-def register_standard(registry: CollectorRegistry, component: str) -> None:
-    """What every ambit process exports: prometheus-client's process and platform collectors (process_*,
-    python_info) and a build-info gauge (1, labelled with the version), as Prometheus' conventions go."""
-    ProcessCollector(registry=registry)
-    registry.register(PLATFORM_COLLECTOR)
-    info = Gauge(
-        "ambit_build_info",
-        "ambit build: 1, labelled with version and component",
-        ["version", "component"],
-        registry=registry,
-    )
-    info.labels(build_version(), component).set(1)

@@ -23,8 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.connections import ConnectionClose, ConnectionObserver, ConnectionRecord, Direction
 from agent.observe.accesslog import AccessLog
 from agent.observe.fanout import FanOut
-from agent.observe.metrics import Metrics, build_version
+from agent.observe.metrics import Metrics
 from agent.observe.servers import MetricsServer, ReadinessServer
+from api.promstd import build_version
 
 SRC_ID = "spiffe://cluster.local/ns/shop/sa/web"
 DST_ID = "spiffe://cluster.local/ns/shop/sa/db"
