@@ -21,6 +21,7 @@ from typing import Any
 from agent import enrolment
 from agent.identity.bootstrap import JoinError
 from agent.settings import PLANE_SERVER_NAME, AgentSettings, add_arguments
+from api import logformat
 
 log = logging.getLogger("ambit.agent")
 COUNTER_REFRESH_S = 2.0
@@ -364,10 +365,7 @@ def _run(args: argparse.Namespace) -> int:
     settings = AgentSettings.from_args(args)
     # `kill -USR1 <pid>` dumps every thread's stack to the log: how a stuck agent gets debugged in place.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logformat.configure(settings.log_level, settings.log_format)
     try:
         return Agent(settings).run_until_signal()
     except _Stopped:

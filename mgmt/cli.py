@@ -122,7 +122,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return _cmd_rotate_root(args)
     if not args.config_dir or not args.state_dir:
         raise UsageError("ambit mgmt needs --config-dir and --state-dir")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from api import logformat
+
+    logformat.configure("info", args.log_format)
     plane = Plane(args)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -236,6 +238,7 @@ def add_mgmt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         "root-cert.pem and optionally cert-chain.pem (default: a self-signed root kept in --state-dir)",
     )
     p.add_argument("--audit-log", help="JSON-lines audit log of refused requests and joins")
+    p.add_argument("--log-format", default="text", choices=["text", "json"], help="stderr log: text or JSON")
     p.add_argument(
         "--metrics-listen",
         default="",

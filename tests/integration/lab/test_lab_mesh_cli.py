@@ -357,6 +357,31 @@ def test_dashboard_queries_against_real_prometheus(lab: tuple[LabPlan, str], tmp
         prometheus.wait(timeout=20)
 
 
+def test_access_log_says_why_policy_denied(lab: tuple[LabPlan, str]) -> None:
+    plan, _ = lab
+    log = mesh.run_dir(plan.prefix) / "logs" / "access-node-2.jsonl"
+    mesh.set_policies(plan, [mesh.allow_only("pod-2-1", ["pod-1-1"], name="only-pod-1-1")])
+    try:
+        url = "http://10.244.2.2:8080/"
+        _until(
+            "the deny policy",
+            lambda: (
+                ambit(
+                    "lab", "exec", "pod-1-2", "--", "curl", "-s", "--max-time", "2", url, check=False
+                ).returncode
+                != 0
+            ),
+        )
+    finally:
+        mesh.set_policies(plan, [])
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    denied = [r for r in records if r.get("event") == "close" and r["response_flags"] == "DENY"]
+    assert denied and all(r["deny_reason"] for r in denied), denied[-1:]
+    assert all(
+        r["deny_reason"] == "" for r in records if r.get("event") == "close" and r["response_flags"] == "-"
+    )
+
+
 def _exited(pid: int, within: float) -> bool:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
