@@ -25,6 +25,7 @@ ENDPOINTS = {
     "/services": "services",
     "/policies": "policies",
     "/certs": "certs",
+    "/trust_bundle": "trust_bundle",
     "/connections": "connections",
     "/bpf": "bpf",
 }

@@ -302,12 +302,41 @@ class Agent:
         return {
             "workloads": self._workload_rows,
             "services": self._service_rows,
-            "policies": lambda: self.policy.rows() if self.policy else [],
-            "certs": lambda: self.identity.rows() if self.identity else [],
+            "policies": self._policy_rows,
+            "certs": self._cert_rows,
+            "trust_bundle": self._trust_bundle_rows,
             "connections": lambda: self.proxy.rows() if self.proxy else [],
             "bpf": lambda: self.redirector.rows() if self.redirector else [],
             "config_dump": self._config_dump,
         }
+
+    def _trust_bundle_rows(self) -> list[dict[str, Any]]:
+        from agent.observe import views
+
+        return views.bundle(self.identity.trust_bundle_pem()) if self.identity else []
+
+    def _policy_rows(self) -> list[dict[str, Any]]:
+        from agent.observe import views
+
+        snap = self._snapshot()
+        rows = self.policy.rows() if self.policy else []
+        return views.policies(rows, snap.policies if snap else ())
+
+    def _cert_rows(self) -> list[dict[str, Any]]:
+        from agent.observe import views
+
+        if self.identity is None:
+            return []
+
+        def chain_of(row: dict[str, Any]) -> bytes | None:
+            # Only what is held: never a CSR from the admin API (pending or expired identities show none).
+            if row.get("state") == "node":
+                return bytes(self.identity.node_identity().chain_pem)
+            if row.get("state") == "valid":
+                return bytes(self.identity.svid_for(row["identity"]).chain_pem)
+            return None
+
+        return views.certificates(self.identity.rows(), chain_of, self.identity.trust_bundle_pem())
 
     def _snapshot(self) -> Any:
         return self.relay.snapshot if self.relay else None
@@ -356,8 +385,8 @@ class Agent:
             "config_version": snap.version if snap else 0,
             "workloads": self._workload_rows(),
             "services": self._service_rows(),
-            "policies": self.policy.rows() if self.policy else [],
-            "certs": self.identity.rows() if self.identity else [],
+            "policies": self._policy_rows(),
+            "certs": self._cert_rows(),
         }
 
 

@@ -30,6 +30,7 @@ VIEWS = {
     "services": "/services",
     "policies": "/policies",
     "certs": "/certs",
+    "trust-bundle": "/trust_bundle",
     "connections": "/connections",
     "bpf": "/bpf",
     "config": "/config_dump",
@@ -128,10 +129,32 @@ def _show(data: Any, fmt: str) -> None:
 def _cmd_view(args: argparse.Namespace) -> int:
     path = VIEWS[args.view]
     data = filter_view(_query(args, "GET", path), _filters(args))
+    if args.view == "certs" and args.output == "table":
+        print(_rows_table(cert_lines(data)) if data else "(none)")
+        return 0
     # A nested document has no table form: the config dump defaults to YAML.
     fmt = "yaml" if args.view == "config" and args.output == "table" else args.output
     _show(data, fmt)
     return 0
+
+
+def cert_lines(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One table line per certificate (leaf, intermediates, root), as istioctl ztunnel-config shows them."""
+    out = []
+    for row in rows:
+        for cert in row.get("chain") or [{"type": "leaf"}]:
+            leaf = cert["type"] == "leaf"
+            out.append(
+                {
+                    "identity": row.get("identity", "") if leaf else "",
+                    "type": cert["type"],
+                    "state": row.get("state", "") if leaf else cert.get("state", "ok"),
+                    "serial": cert.get("serial", row.get("serial", "") if leaf else ""),
+                    "not_after": cert.get("not_after", row.get("not_after", "") if leaf else ""),
+                    "subject": cert.get("subject", ""),
+                }
+            )
+    return out
 
 
 def _cmd_all(args: argparse.Namespace) -> int:
@@ -218,7 +241,8 @@ HELPS = {
     "workloads": "workloads the node knows (every workload it could reach, local or not)",
     "services": "services the node knows",
     "policies": "compiled authorization policies",
-    "certs": "certificates held (never keys)",
+    "certs": "certificates held (never keys): each identity's chain, leaf to trust-bundle root",
+    "trust-bundle": "the trust anchors the node verifies peers against",
     "connections": "live proxied connections",
     "bpf": "redirection datapath: enrolled pods, counters",
     "config": "the whole config dump (secrets redacted)",

@@ -91,6 +91,39 @@ def test_readme_look_around(lab: tuple[LabPlan, str]) -> None:
     )
 
 
+def test_debug_certificate_chains_trust_bundle_and_policies_in_full(lab: tuple[LabPlan, str]) -> None:
+    plan, _ = lab
+    certs = json.loads(ambit("debug", "certs", "--node", "node-2", "-o", "json").stdout)
+    bundle = json.loads(ambit("debug", "trust-bundle", "--node", "node-2", "-o", "json").stdout)
+    assert bundle and all(a["type"] == "trust anchor" for a in bundle)
+    node = next(r for r in certs if r["state"] == "node")
+    assert node["identity"].endswith("/node/node-2")
+    for row in [r for r in certs if r["state"] in ("node", "valid")]:
+        types = [c["type"] for c in row["chain"]]
+        assert types[0] == "leaf" and types[-1] == "root", types
+        assert row["chain"][0]["san"] == row["identity"]
+        assert row["chain"][-1]["sha256"] in {a["sha256"] for a in bundle}  # verified against the bundle
+    table = ambit("debug", "certs", "--node", "node-2").stdout.splitlines()
+    assert table[0].split()[:3] == ["IDENTITY", "TYPE", "STATE"]
+    assert any(line.split()[0] == "root" for line in table[1:])
+
+    mesh.set_policies(plan, [mesh.allow_only("pod-2-1", ["pod-1-1"], name="full-rules")])
+    try:
+
+        def shown() -> list[dict[str, Any]]:
+            rows = json.loads(ambit("debug", "policies", "--node", "node-2", "-o", "json").stdout)
+            return [r for r in rows if r["name"] == "full-rules"]
+
+        _until("the policy on node-2", lambda: bool(shown()))
+        spec = shown()[0]["spec"]
+        assert spec["action"] == "ALLOW" and spec["selector"] == {"app": "pod-2-1"}
+        assert spec["rules"] == [
+            {"from": [{"source": {"principals": ["cluster.local/ns/demo/sa/sa-pod-1-1"]}}]}
+        ]
+    finally:
+        mesh.set_policies(plan, [])
+
+
 def test_second_mesh_run_keeps_what_runs(lab: tuple[LabPlan, str]) -> None:
     plan, _ = lab
     before = _pids(plan.prefix)
