@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import io
 import json
 import os
+import shlex
+import subprocess
 import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -55,12 +58,54 @@ def fetch(address: str, method: str, path: str) -> tuple[int, str]:
         return 0, str(exc) or type(exc).__name__
 
 
+MAX_ANSWER = 64 * 1024 * 1024  # a config dump of a large mesh, with room to spare
+
+
+def fetch_through(command: str, method: str, path: str) -> tuple[int, str]:
+    """One request over a command whose stdin/stdout reach the admin port (ssh -W, kubectl exec ... nc):
+    the admin API stays on loopback and the operator's own transport carries the query, as a port-forward
+    would. (status, body) or (0, reason), as fetch()."""
+    argv = shlex.split(command)
+    if not argv:
+        return 0, "empty --tunnel command"
+    request = f"{method} {path} HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
+    try:
+        done = subprocess.run(argv, input=request, capture_output=True, timeout=TIMEOUT_S * 2, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return 0, f"{argv[0]}: {exc}"
+    if not done.stdout:
+        # The command's last word on it (ssh's, nc's) makes the one error line.
+        said = [line for line in done.stderr.decode(errors="replace").splitlines() if line.strip()]
+        return 0, said[-1].strip() if said else f"{argv[0]} exited {done.returncode}"
+    if len(done.stdout) > MAX_ANSWER:
+        return 0, f"answer larger than {MAX_ANSWER} bytes"
+    response = http.client.HTTPResponse(_Answer(done.stdout))  # type: ignore[arg-type]
+    try:
+        response.begin()
+        return response.status, response.read().decode("utf-8", errors="replace")
+    except (http.client.HTTPException, ValueError) as exc:
+        return 0, f"not an HTTP answer through {argv[0]}: {exc}"
+
+
+class _Answer:
+    """The bytes a tunnel command printed, as the socket http.client reads a response from."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def makefile(self, mode: str, *args: Any, **kwargs: Any) -> io.BytesIO:
+        return io.BytesIO(self._data)
+
+
 def _query(args: argparse.Namespace, method: str, path: str) -> Any:
     host, _, port = args.admin.rpartition(":")
     if not host or not port.isdigit():
         raise UsageError(f"--admin {args.admin!r} is not HOST:PORT")
     where = args.admin
-    if args.node:
+    if args.tunnel:
+        where = f"the other end of `{args.tunnel}`"
+        status, body = fetch_through(args.tunnel, method, path)
+    elif args.node:
         from agent import netns
         from agent.lab import control
 
@@ -158,13 +203,21 @@ def cert_lines(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _cmd_all(args: argparse.Namespace) -> int:
-    """Every view in one answer (istioctl's `ztunnel-config all`), filtered alike."""
+    """Every view in one answer (istioctl's `ztunnel-config all`), filtered alike. A view whose component
+    does not run on that agent says so in its place; an agent that cannot be reached is one error."""
     filters = _filters(args)
-    data = {
-        view: filter_view(_query(args, "GET", path), filters)
-        for view, path in VIEWS.items()
-        if view != "config"
-    }
+    data: dict[str, Any] = {}
+    failures: list[UsageError] = []
+    for view, path in VIEWS.items():
+        if view == "config":
+            continue
+        try:
+            data[view] = filter_view(_query(args, "GET", path), filters)
+        except UsageError as exc:
+            failures.append(exc)
+            data[view] = {"error": str(exc)}
+    if len(failures) == len(data):
+        raise failures[0]
     if args.output == "table":
         print("\n\n".join(f"== {view.upper()} ==\n{_table(rows)}" for view, rows in data.items()))
     else:
@@ -238,7 +291,7 @@ def _cmd_log_level(args: argparse.Namespace) -> int:
 
 
 HELPS = {
-    "workloads": "workloads the node knows (every workload it could reach, local or not)",
+    "workloads": "workloads the node holds: its own, and the peers it looked up",
     "services": "services the node knows",
     "policies": "compiled authorization policies",
     "certs": "certificates held (never keys): each identity's chain, leaf to trust-bundle root",
@@ -267,6 +320,14 @@ DEBUG_OPTIONS = [
         {"metavar": "HOST:PORT"},
     ),
     Shared(("-o", "--output"), "output", "table", "output format (default table)", {"choices": FORMATS}),
+    Shared(
+        ("--tunnel",),
+        "tunnel",
+        "",
+        "reach a remote agent's loopback admin API through this command's stdin/stdout, e.g. "
+        "'ssh -W 127.0.0.1:15000 node1'",
+        {"metavar": "CMD"},
+    ),
     Shared(("-n", "--namespace"), "namespace", "", "only rows of this namespace"),
     Shared(("--workload",), "workload", "", "only rows of this workload (name or NS/NAME)"),
     Shared(("--address",), "address", "", "only rows with this IP"),
@@ -287,6 +348,7 @@ def add_debug_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[
             "ambit debug connections --node node-2 -o json",
             "ambit debug all --node node-1 --address 10.244.2.2",
             "ambit debug --node node-1 log-level debug",
+            "ambit debug workloads --tunnel 'ssh -W 127.0.0.1:15000 node1'   # a remote node, over ssh",
         ),
     )
     views = debug.add_subparsers(dest="view", required=True, metavar="VIEW")
