@@ -22,9 +22,9 @@ def test_node_view_holds_own_workloads_and_what_they_depend_on(tmp_path: Path) -
     workloads = sorted(k for k in view if k.startswith("Workload/"))
     assert workloads == ["Workload/demo/web-11", "Workload/demo/web-12"]
     assert {"Node/node-1", "Node/node-2", "Node/node-3", "Service/demo/web", "MeshConfig/mesh"} <= set(view)
-    assert {"Namespace/demo", "Namespace/ambit-system"} <= set(view)
+    assert {"Namespace/demo", "Namespace/istio-system"} <= set(view)
     assert "AuthorizationPolicy/demo/demo-allow" in view
-    assert "AuthorizationPolicy/ambit-system/mesh-wide" in view  # root namespace: mesh-wide
+    assert "AuthorizationPolicy/istio-system/mesh-wide" in view  # root namespace: mesh-wide
     assert "AuthorizationPolicy/other/other-only" not in view
     assert "Namespace/other" not in view
 

@@ -134,13 +134,13 @@ def test_rows_and_counters() -> None:
         [
             mesh(defaultDeny=True),
             ap("web", selector={"app": "web"}, rules=[{}], dry_run=True),
-            ap("mesh-deny", ns="ambit-system", action="DENY", rules=[src(ipBlocks=["1.2.3.4"])]),
+            ap("mesh-deny", ns="istio-system", action="DENY", rules=[src(ipBlocks=["1.2.3.4"])]),
             pa(mode="STRICT", selector={"app": "web"}, ports={"8080": "DISABLE"}),
             rego(REGO_PORTS),
         ]
     )
     rows = {(r["kind"], r["name"]): r for r in engine.rows()}
-    assert rows[("MeshConfig", "default")]["detail"].startswith("defaultDeny=true rootNamespace=ambit-system")
+    assert rows[("MeshConfig", "default")]["detail"].startswith("defaultDeny=true rootNamespace=istio-system")
     assert rows[("AuthorizationPolicy", "web")]["scope"] == "workload"
     assert rows[("AuthorizationPolicy", "web")]["detail"] == "ALLOW 1 rule(s) dry-run"
     assert rows[("AuthorizationPolicy", "mesh-deny")]["scope"] == "mesh"
@@ -191,10 +191,10 @@ WEB = "shop/web"
 MTLS_CASES = [
     ("default-permissive", [], WEB, 80, "PERMISSIVE"),
     ("meshconfig-default", [mesh(defaultMtlsMode="STRICT")], WEB, 80, "STRICT"),
-    ("mesh-strict", [pa(ns="ambit-system", mode="STRICT")], "other/api", 80, "STRICT"),
+    ("mesh-strict", [pa(ns="istio-system", mode="STRICT")], "other/api", 80, "STRICT"),
     (
         "namespace-over-mesh",
-        [pa("m", ns="ambit-system", mode="STRICT"), pa(mode="PERMISSIVE")],
+        [pa("m", ns="istio-system", mode="STRICT"), pa(mode="PERMISSIVE")],
         WEB,
         80,
         "PERMISSIVE",

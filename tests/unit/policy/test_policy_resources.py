@@ -70,7 +70,7 @@ def test_defaults_and_other_kinds() -> None:
     r = parse(doc("RegoPolicy", {"module": "package ambit\n"}, api="ambit.io/v1"))
     assert isinstance(r, RegoPolicy) and r.query == "data.ambit.authz"
     m = parse(doc("MeshConfig", {"defaultDeny": True}, api="ambit.io/v1", ns=None))
-    assert isinstance(m, MeshConfig) and m.default_deny and m.root_namespace == "ambit-system"
+    assert isinstance(m, MeshConfig) and m.default_deny and m.root_namespace == "istio-system"
     assert m.trust_domain is None and m.default_mtls_mode == "PERMISSIVE"
 
 
