@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from agent import enrolment
 from agent.policy.decision import ConnectionAttrs
 from agent.policy.engine import PolicyEngine
 from agent.state import MeshSnapshot
@@ -896,3 +897,62 @@ def test_decision(case: Case) -> None:
     assert decision.dry_run is case.dry_run, decision
     assert case.reason in decision.reason, decision
     assert engine.denies(conn(**attrs)) is (not case.allow)
+
+
+# -- enrolment: istio.io/dataplane-mode and ambit.io/dataplane-mode on Namespaces and Workloads -------------
+ISTIO_MODE = "istio.io/dataplane-mode"
+AMBIT_MODE = "ambit.io/dataplane-mode"
+
+
+@dataclass(frozen=True)
+class Enrol:
+    id: str
+    namespace: dict[str, str] | None  # the Namespace's labels; None: no Namespace object declared
+    workload: dict[str, str]
+    enrolled: bool
+
+
+ENROLMENT = [
+    Enrol("istio-namespace", {ISTIO_MODE: "ambient"}, {}, True),
+    Enrol("ambit-namespace", {AMBIT_MODE: "ambient"}, {}, True),
+    Enrol("istio-workload", {}, {ISTIO_MODE: "ambient"}, True),
+    Enrol("ambit-workload", {}, {AMBIT_MODE: "ambient"}, True),
+    Enrol("workload-without-namespace-object", None, {ISTIO_MODE: "ambient"}, True),
+    Enrol("nothing", {}, {}, False),
+    Enrol("no-namespace-object", None, {}, False),
+    Enrol("istio-opt-out", {ISTIO_MODE: "ambient"}, {ISTIO_MODE: "none"}, False),
+    Enrol("ambit-opt-out-istio-namespace", {ISTIO_MODE: "ambient"}, {AMBIT_MODE: "none"}, False),
+    Enrol("istio-opt-out-ambit-namespace", {AMBIT_MODE: "ambient"}, {ISTIO_MODE: "none"}, False),
+    Enrol("workload-ambient-over-namespace-none", {ISTIO_MODE: "none"}, {ISTIO_MODE: "ambient"}, True),
+    Enrol("namespace-none", {ISTIO_MODE: "none"}, {}, False),
+    Enrol("workload-conflict-none-wins", {}, {ISTIO_MODE: "ambient", AMBIT_MODE: "none"}, False),
+    Enrol("workload-conflict-none-wins-2", {}, {ISTIO_MODE: "none", AMBIT_MODE: "ambient"}, False),
+    Enrol("namespace-conflict-none-wins", {ISTIO_MODE: "ambient", AMBIT_MODE: "none"}, {}, False),
+    Enrol("both-labels-agree", {ISTIO_MODE: "ambient", AMBIT_MODE: "ambient"}, {}, True),
+    Enrol("unknown-value-is-unset", {ISTIO_MODE: "ambient"}, {ISTIO_MODE: "sidecar"}, True),
+    Enrol("case-matters", {ISTIO_MODE: "Ambient"}, {}, False),
+    Enrol("other-istio-label", {"istio-injection": "enabled"}, {}, False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ENROLMENT, ids=[c.id for c in ENROLMENT])
+def test_enrolment(case: Enrol) -> None:
+    """Parsed from the YAML Kubernetes and Istio use (a v1 Namespace), decided by the agent's rule."""
+    docs: list[dict[str, Any]] = []
+    if case.namespace is not None:
+        docs.append(
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "app", "labels": case.namespace}}
+        )
+    docs.append(
+        {
+            "apiVersion": "ambit.io/v1",
+            "kind": "Workload",
+            "metadata": {"name": "w", "namespace": "app", "labels": case.workload},
+            "spec": {"serviceAccount": "w", "node": "node-1", "ips": ["10.244.1.9"]},
+        }
+    )
+    snap = MeshSnapshot.from_objects(1, TD, "node-1", [parse(d, "test") for d in docs])
+    w = snap.workloads["app/w"]
+    assert w.enrolled(snap.namespace_of(w)) is case.enrolled
+    wanted = enrolment.desired([w], lambda x: x.enrolled(snap.namespace_of(x)), lambda x: "PERMISSIVE")
+    assert ("10.244.1.9" in wanted) is case.enrolled
