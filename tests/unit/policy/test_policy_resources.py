@@ -234,26 +234,19 @@ BAD = [
     ("custom-no-provider", rules_doc({}, action="CUSTOM"), "spec.provider must be a mapping"),
     ("custom-empty-provider", rules_doc({}, action="CUSTOM", provider={"name": ""}), "spec.provider.name"),
     ("custom-provider-field", rules_doc({}, action="CUSTOM", provider={"nom": "x"}), "unknown field(s) nom"),
-    (
-        "custom-principals",
-        rules_doc({"from": [{"source": {"principals": ["cluster.local/ns/a/sa/b"]}}]}, **CUSTOM),
-        "source.principals: not supported with CUSTOM",
-    ),
-    (
-        "custom-not-namespaces",
-        rules_doc({"from": [{"source": {"notNamespaces": ["a"]}}]}, **CUSTOM),
-        "source.notNamespaces: not supported with CUSTOM",
-    ),
-    (
-        "custom-service-accounts",
-        rules_doc({"from": [{"source": {"serviceAccounts": ["a/b"]}}]}, **CUSTOM),
-        "source.serviceAccounts: not supported with CUSTOM",
-    ),
-    (
-        "custom-request-principals",
-        rules_doc({"from": [{"source": {"requestPrincipals": ["*"]}}]}, **CUSTOM),
-        "source.requestPrincipals: not supported with CUSTOM",
-    ),
+    *[
+        (
+            f"custom-{field}",
+            rules_doc({"from": [{"source": {field: value}}]}, **CUSTOM),
+            f"source.{field}: not supported with CUSTOM",
+        )
+        for field, value in (
+            ("principals", ["cluster.local/ns/a/sa/b"]),
+            ("notNamespaces", ["a"]),
+            ("serviceAccounts", ["a/b"]),
+            ("requestPrincipals", ["*"]),
+        )
+    ],
     (
         "custom-when-principal",
         rules_doc({"when": [{"key": "source.principal", "values": ["a/ns/b/sa/c"]}]}, **CUSTOM),

@@ -217,6 +217,11 @@ ALLOW_P = "shop/p"
 DRY = "istio.io/dry-run"
 SVC_REF = {"kind": "Service", "group": "", "name": "web"}
 PROVIDER = {"name": "ext-authz"}
+HEADER_AND_PORT = [
+    {"key": "request.headers[x-user]", "values": ["a"]},
+    {"key": "destination.port", "values": ["80"]},
+]
+DENY_HEADER_AND_PORT = ap(action="DENY", rules=[{"when": HEADER_AND_PORT}])
 
 CASES = [
     # -- no policy / defaults -------------------------------------------------------------------------
@@ -542,20 +547,16 @@ CASES = [
         dry_run=True,
         reason="dry-run: shop/p would deny",
     ),
-    Case(
-        "annotation-dry-run-True",
-        [ap(action="DENY", rules=[{}], annotations={DRY: "True"})],
-        True,
-        "",
-        dry_run=True,
-    ),
-    Case(
-        "annotation-dry-run-1",
-        [ap(action="DENY", rules=[{}], annotations={DRY: "1"})],
-        True,
-        "",
-        dry_run=True,
-    ),
+    *[
+        Case(
+            f"annotation-dry-run-{v}",
+            [ap(action="DENY", rules=[{}], annotations={DRY: v})],
+            True,
+            "",
+            dry_run=True,
+        )
+        for v in ("True", "1", "t", "TRUE")
+    ],
     Case(
         "annotation-dry-run-false",
         [ap(action="DENY", rules=[{}], annotations={DRY: "false"})],
@@ -724,37 +725,13 @@ CASES = [
     ),
     Case(
         "deny-when-header-and-port",
-        [
-            ap(
-                action="DENY",
-                rules=[
-                    {
-                        "when": [
-                            {"key": "request.headers[x-user]", "values": ["a"]},
-                            {"key": "destination.port", "values": ["80"]},
-                        ]
-                    }
-                ],
-            )
-        ],
+        [DENY_HEADER_AND_PORT],
         False,
         ALLOW_P,
     ),
     Case(
         "deny-when-header-and-port-miss",
-        [
-            ap(
-                action="DENY",
-                rules=[
-                    {
-                        "when": [
-                            {"key": "request.headers[x-user]", "values": ["a"]},
-                            {"key": "destination.port", "values": ["80"]},
-                        ]
-                    }
-                ],
-            )
-        ],
+        [DENY_HEADER_AND_PORT],
         True,
         "",
         {"port": 8080},
