@@ -7,6 +7,7 @@ address with an optional port, in the forms our engine and ztunnel send: `for=10
 address needs the quoted-string; IPv6 is bracketed). Refused: other parameters, repeated ones, empty pairs,
 quoted-pairs (backslashes), obfuscated names and ports (`_x`, `unknown`), zones, port 0 or leading zeros,
 loopback/unspecified/multicast addresses and anything malformed; the caller then treats the header as absent.
+An IPv4-mapped IPv6 address (`[::ffff:10.244.1.2]`) is the IPv4 address, so ipBlocks see what they name.
 Whether a well-formed claim is believed is `believe` (docs/proxy.md, "Source address").
 """
 
@@ -27,7 +28,7 @@ MAX_LENGTH = 255  # the engine never hands over more (longer headers arrive as a
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _PAIR = re.compile(rf'({_TOKEN})=(?:"([^"\\]*)"|({_TOKEN}))')
 _PORT = re.compile(r"[1-9][0-9]{0,4}")
-_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})(?::[1-9][0-9]{0,4})?")
+_HOST = re.compile(r"(?:\*\.)?[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})(?::[1-9][0-9]{0,4})?")
 _ALLOWED = ("for", "host")
 
 
@@ -106,6 +107,8 @@ def _node(node: str, quoted: bool) -> tuple[str, int | None]:
         raise ForwardedError(f"forwarded node is not an IP address: {node[:64]!r}") from None
     if addr.version != version:
         raise ForwardedError(f"forwarded node {node[:64]!r}: IPv6 must be bracketed, IPv4 must not")
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped  # a dual-stack socket's view of an IPv4 client: policies see the IPv4 address
     if addr.is_unspecified or addr.is_loopback or addr.is_multicast:
         raise ForwardedError(f"forwarded address {addr} cannot be a pod")
     return addr.compressed, port

@@ -28,6 +28,8 @@ from native.engine import EngineError, forwarded_for
         ('for="10.244.1.2:43210";host=reviews.bookinfo.svc.cluster.local', "10.244.1.2"),  # ztunnel via a VIP
         ('host="reviews.bookinfo.svc.cluster.local:9080";For="[fd00::2]:1"', "fd00::2"),
         ('FOR="10.244.1.2"', "10.244.1.2"),
+        ('for="[::ffff:10.244.1.2]:80"', "10.244.1.2"),  # IPv4-mapped: the IPv4 address (ipBlocks)
+        ('for="10.244.1.2:80";host=*.example.com', "10.244.1.2"),
     ],
 )
 def test_accepted(value: str, ip: str | None) -> None:
@@ -69,6 +71,8 @@ def test_claim_fields(value: str, claim: Forwarded) -> None:
         'for="[fe80::1%eth0]:80"',
         'for="127.0.0.1:80"',
         'for="[::1]:80"',
+        'for="[::ffff:127.0.0.1]"',
+        "for=10.244.1.2;host=*",
         "for=10.244.1.2;for=10.244.1.3",  # two claims
         "for=10.244.1.2;host=a;host=b",
         "for=10.244.1.2;",  # empty pair
