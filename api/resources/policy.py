@@ -41,6 +41,15 @@ SOURCE_FIELDS = {
     "ipBlocks": "ip_blocks",
     "notIpBlocks": "not_ip_blocks",
 }
+# Source fields taken from the peer's identity (Istio refuses them in CUSTOM policies).
+_PEER_IDENTITY_FIELDS = (
+    "principals",
+    "notPrincipals",
+    "namespaces",
+    "notNamespaces",
+    "serviceAccounts",
+    "notServiceAccounts",
+)
 L7_SOURCE = ("requestPrincipals", "notRequestPrincipals", "remoteIpBlocks", "notRemoteIpBlocks")
 L7_OPERATION = ("hosts", "notHosts", "methods", "notMethods", "paths", "notPaths")
 CONDITION_KEYS = ("source.principal", "source.namespace", "source.ip", "destination.port", "destination.ip")
@@ -425,8 +434,8 @@ def _target_refs(spec: Mapping[str, Any]) -> tuple[TargetRef, ...]:
         namespace = ref.get("namespace", "")
         if not isinstance(group, str) or not isinstance(namespace, str):
             raise ResourceError(f"{where}: group and namespace must be strings")
-        out.append(TargetRef(_text(ref.get("kind"), f"{where}.kind"), _text(ref.get("name"), f"{where}.name"),
-                             group, namespace))  # fmt: skip
+        kind, name = _text(ref.get("kind"), f"{where}.kind"), _text(ref.get("name"), f"{where}.name")
+        out.append(TargetRef(kind, name, group, namespace))
     return tuple(out)
 
 
@@ -454,10 +463,8 @@ def _check_custom(spec: Mapping[str, Any], rules: tuple[Rule, ...]) -> str:
     name = _text(provider.get("name"), "spec.provider.name")
     for i, rule in enumerate(rules):
         for j, src in enumerate(rule.sources):
-            ids = [
-                f for f, attr in SOURCE_FIELDS.items() if "ipblocks" not in f.lower() and getattr(src, attr)
-            ]
-            used = ids + [f for f in src.l7 if f in ("requestPrincipals", "notRequestPrincipals")]
+            used = [f for f in _PEER_IDENTITY_FIELDS if getattr(src, SOURCE_FIELDS[f])]
+            used += [f for f in src.l7 if f in ("requestPrincipals", "notRequestPrincipals")]
             if used:
                 raise ResourceError(f"spec.rules[{i}].from[{j}].source.{used[0]}: not supported with CUSTOM")
         for c in rule.conditions:
