@@ -155,3 +155,29 @@ def test_a_claim_is_believed_only_for_the_peers_own_identity(
     ok, known = believe(ip, SpiffeId.parse(peer), _view())
     assert ok is believed
     assert (known.uid if known else None) == workload
+
+
+def test_hostile_values_only_ever_raise_forwarded_error() -> None:
+    """Mutations of valid headers (seeded: reproducible) give a claim or ForwardedError, nothing else."""
+    import random
+
+    rng = random.Random(7239)
+    seeds = ['for="10.244.1.2:43210";host=web.shop', 'for="[fd00::2]:80"', "for=10.244.1.2"]
+    alphabet = '";=:[],%_\\ \t.0123456789abcdef:xXforhst*-/'
+    for _ in range(3000):
+        chars = list(rng.choice(seeds))
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(len(chars) + 1)
+            op = rng.randrange(3)
+            if op == 0:
+                chars.insert(at, rng.choice(alphabet))
+            elif chars and op == 1:
+                del chars[min(at, len(chars) - 1)]
+            elif chars:
+                chars[min(at, len(chars) - 1)] = rng.choice(alphabet)
+        value = "".join(chars)
+        try:
+            claim = parse_forwarded(value)
+        except ForwardedError:
+            continue
+        assert claim is None or isinstance(claim, Forwarded)
