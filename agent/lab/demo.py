@@ -95,10 +95,11 @@ def _steps(plan: LabPlan, progress: Progress) -> list[str]:
             "policy": r.get("policy", ""),
             "flags": r.get("response_flags", ""),
             "bytes": f"{r.get('bytes_sent', 0)}/{r.get('bytes_received', 0)}",
+            "reason": r.get("deny_reason", ""),
         }
         for r in _access_records(plan, server_node)
     ]
-    print(render(rows, "table", ["node", "source", "destination", "policy", "flags", "bytes"]))
+    print(render(rows, "table", ["node", "source", "destination", "policy", "flags", "bytes", "reason"]))
     if not any(r["source"].endswith(mesh.principal(ALLOWED_POD)) for r in rows):
         failures.append(f"{server_node}'s access log lacks the allowed connection's source identity")
     if not any(r["flags"] == "DENY" for r in rows):

@@ -49,11 +49,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LabPlan, str
     os.environ["AMBIT_LAB_STATE_DIR"] = str(tmp_path_factory.mktemp("labstate"))
     os.environ["AMBIT_LAB_PREFIX"] = prefix
     try:
-        ambit("lab", "up")
+        up = ambit("lab", "up")
         first = ambit("lab", "mesh")
         loaded = state.load(prefix)
         assert loaded is not None
-        yield loaded.plan, first.stderr
+        yield loaded.plan, up.stderr + first.stderr
     finally:
         ambit("lab", "down", check=False)
         for key, value in saved.items():
@@ -72,6 +72,8 @@ def _pids(prefix: str) -> dict[str, int]:
 def test_mesh_prints_each_step(lab: tuple[LabPlan, str]) -> None:
     _, first = lab
     for step in (
+        "node-1: namespace",
+        "node-2: namespace",
         "starting the management plane",
         "starting the agent on node-1",
         "waiting for the agent on node-2",
