@@ -29,17 +29,13 @@ from agent.lab import mesh, state
 from agent.lab.demo import demo_prefix
 from agent.lab.plan import LabPlan
 from agent.observe.metrics import ISTIO_LABELS
+from tests.conftest import ambit_cli
 
 pytestmark = pytest.mark.root
 
 
 def ambit(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, timeout=180
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"ambit {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
+    return ambit_cli(*args, check=check, timeout=180)
 
 
 @pytest.fixture(scope="module")
