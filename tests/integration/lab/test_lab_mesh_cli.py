@@ -374,6 +374,14 @@ def test_dashboard_queries_against_real_prometheus(lab: tuple[LabPlan, str], tmp
         ):
             assert answers[title], f"{title}: no data"
         assert float(answers["Nodes connected"][0]["value"][1]) == 2
+        # The plane's per-node view: both nodes ACKed, and are at the version it serves.
+        acks = _query(plan, "ambit_mgmt_node_acks_total")["data"]["result"]
+        assert {r["metric"]["node"] for r in acks} == {"node-1", "node-2"}
+        assert all(float(r["value"][1]) >= 1 for r in acks)
+        _until(
+            "both nodes at the served version",
+            lambda: _value(plan, "max(ambit_mgmt_config_version) - min(ambit_mgmt_node_acked_version)") == 0,
+        )
         services = {
             r["metric"].get("destination_service") for r in answers["Connections /s by destination service"]
         }
