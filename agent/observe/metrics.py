@@ -105,13 +105,35 @@ def _workload_labels(side: str, uid: str, workload: Any, cluster: str, principal
     }
 
 
-def _service_labels(record: ConnectionRecord, snapshot: Any, workload: Any) -> dict[str, str]:
+def _first_selecting(snapshot: Any, workload: Any) -> Any:
+    return next((s for _, s in sorted(snapshot.services.items()) if s.selects(workload)), None)
+
+
+class _SelectingService:
+    """The first service selecting a workload, remembered per snapshot (snapshots are immutable), so a
+    mesh with many services costs one scan per workload and config version, not one per connection."""
+
+    def __init__(self) -> None:
+        self._snapshot: Any = None
+        self._by_uid: dict[str, Any] = {}
+
+    def __call__(self, snapshot: Any, workload: Any) -> Any:
+        if snapshot is not self._snapshot:
+            self._snapshot, self._by_uid = snapshot, {}
+        if workload.uid not in self._by_uid:
+            self._by_uid[workload.uid] = _first_selecting(snapshot, workload)
+        return self._by_uid[workload.uid]
+
+
+def _service_labels(
+    record: ConnectionRecord, snapshot: Any, workload: Any, selecting: Callable[[Any, Any], Any]
+) -> dict[str, str]:
     """The destination service: the one whose address the client dialled, else one selecting the pod."""
     service = None
     if snapshot is not None:
         service = snapshot.service_by_ip(record.destination_ip)
         if service is None and workload is not None:
-            service = next((s for _, s in sorted(snapshot.services.items()) if s.selects(workload)), None)
+            service = selecting(snapshot, workload)
     if service is None:
         return dict.fromkeys(
             ("destination_service", "destination_service_namespace", "destination_service_name"), UNKNOWN
@@ -131,7 +153,11 @@ def _lookup(snapshot: Any, uid: str, ip: str) -> Any:
 
 
 def istio_labels(
-    record: ConnectionRecord, response_flags: str = "-", snapshot: Any = None, cluster: str = DEFAULT_CLUSTER
+    record: ConnectionRecord,
+    response_flags: str = "-",
+    snapshot: Any = None,
+    cluster: str = DEFAULT_CLUSTER,
+    selecting: Callable[[Any, Any], Any] = _first_selecting,
 ) -> dict[str, str]:
     """Istio's TCP labels of a connection; `snapshot` (the node's MeshSnapshot) adds what the record does
     not carry: workload labels (canonical service, revision) and the destination service."""
@@ -142,7 +168,7 @@ def istio_labels(
         "reporter": "destination" if record.direction is Direction.INBOUND else "source",
         **_workload_labels("source", record.source_workload, src, cluster, record.source_principal),
         "source_principal": record.source_principal or UNKNOWN,
-        **_service_labels(record, snapshot, dst),
+        **_service_labels(record, snapshot, dst, selecting),
         **_workload_labels(
             "destination", record.destination_workload, dst, cluster, record.destination_principal
         ),
@@ -246,6 +272,7 @@ class Metrics:
     ) -> None:
         self.registry = registry
         self._snapshot = snapshot or (lambda: None)
+        self._selecting = _SelectingService()
         self.cluster = cluster
         register_standard(registry, component)
         self._opened = Counter(
@@ -298,7 +325,7 @@ class Metrics:
         except Exception:  # labels from the record alone beat a lost count
             log.exception("metrics: reading the mesh snapshot failed")
             snapshot = None
-        return istio_labels(record, response_flags, snapshot, self.cluster)
+        return istio_labels(record, response_flags, snapshot, self.cluster, self._selecting)
 
     def opened(self, record: ConnectionRecord) -> None:
         labels = self._labels(record)
@@ -345,4 +372,3 @@ class Metrics:
 
     def set_engine_counters(self, counters: Mapping[str, int]) -> None:
         self._snapshots.set_engine(counters)
-
