@@ -23,6 +23,7 @@ ENDPOINTS = {
     "/config_dump": "config_dump",
     "/workloads": "workloads",
     "/services": "services",
+    "/reachable": "reachable",
     "/policies": "policies",
     "/certs": "certs",
     "/trust_bundle": "trust_bundle",

@@ -302,6 +302,7 @@ class Agent:
         return {
             "workloads": self._workload_rows,
             "services": self._service_rows,
+            "reachable": self._reachable_rows,
             "policies": self._policy_rows,
             "certs": self._cert_rows,
             "trust_bundle": self._trust_bundle_rows,
@@ -357,6 +358,25 @@ class Agent:
                 "enrolled": w.uid in enrolled,
             }
             for w in sorted(snap.workloads.values(), key=lambda w: w.uid)
+        ]
+
+    def _reachable_rows(self) -> list[dict[str, Any]]:
+        """Every workload the node could reach (ztunnel's full list), asked of the plane when viewed."""
+        if self.relay is None:
+            return []
+        snap = self._snapshot()
+        held = set(snap.workloads) if snap else set()
+        td = self.settings.trust_domain
+        return [
+            {
+                "workload": w.uid,
+                "node": w.node,
+                "ips": ",".join(w.ips),
+                "identity": str(w.spiffe_id(td)),
+                "local": w.node == self.settings.node,
+                "held": w.uid in held,
+            }
+            for w in sorted(self.relay.reachable(), key=lambda w: w.uid)
         ]
 
     def _service_rows(self) -> list[dict[str, Any]]:

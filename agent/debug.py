@@ -31,6 +31,7 @@ TIMEOUT_S = 5.0
 VIEWS = {
     "workloads": "/workloads",
     "services": "/services",
+    "reachable": "/reachable",
     "policies": "/policies",
     "certs": "/certs",
     "trust-bundle": "/trust_bundle",
@@ -293,6 +294,7 @@ def _cmd_log_level(args: argparse.Namespace) -> int:
 HELPS = {
     "workloads": "workloads the node holds: its own, and the peers it looked up",
     "services": "services the node knows",
+    "reachable": "every workload of the mesh the node could reach (asked of the plane; HELD: known locally)",
     "policies": "compiled authorization policies",
     "certs": "certificates held (never keys): each identity's chain, leaf to trust-bundle root",
     "trust-bundle": "the trust anchors the node verifies peers against",

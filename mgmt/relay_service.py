@@ -26,7 +26,7 @@ import grpc
 
 from api import relay_pb2, relay_pb2_grpc
 from mgmt.identity_service import Audit, peer_spiffe_id
-from mgmt.scope import ScopeIndex, View, filter_types, key_type
+from mgmt.scope import LIST_ALL, ScopeIndex, View, filter_types, key_type
 from mgmt.store import ConfigSnapshot, ConfigStore, StoredResource
 
 log = logging.getLogger("ambit.mgmt.relay")
@@ -95,6 +95,7 @@ class RelayService(relay_pb2_grpc.RelayServicer):
                 "stale_acks",
                 "refused",
                 "lookups",
+                "listings",
             ),
             0,
         )
@@ -326,13 +327,14 @@ class RelayService(relay_pb2_grpc.RelayServicer):
     ) -> relay_pb2.LookupResponse:
         node = self._peer_node(context, "Lookup")
         self._check_node(context, "Lookup", node, request.node)
+        listing = request.address == LIST_ALL
         with self._lock:
             index = self._index
-            self._counters["lookups"] += 1
-        keys = index.lookup(request.address)
+            self._counters["listings" if listing else "lookups"] += 1
+        keys = index.all_workload_keys() if listing else index.lookup(request.address)
         local = index.local_keys(node)
         peers = [k for k in keys if k not in local]
-        if peers:
+        if peers and not listing:  # a listing is for the operator's eyes: nothing joins the subscription
             self._add_peers(node, peers)
         out = relay_pb2.LookupResponse(version=index.snapshot.version)
         for k in keys:

@@ -122,6 +122,19 @@ def test_debug_certificate_chains_trust_bundle_and_policies_in_full(lab: tuple[L
         mesh.set_policies(plan, [])
 
 
+def test_debug_reachable_lists_every_workload_without_holding_them(lab: tuple[LabPlan, str]) -> None:
+    rows = json.loads(ambit("debug", "reachable", "--node", "node-1", "-o", "json").stdout)
+    assert {r["workload"] for r in rows} == {f"demo/pod-{n}-{j}" for n in (1, 2) for j in (1, 2)}
+    other = next(r for r in rows if r["workload"] == "demo/pod-2-2")  # never dialled from node-1
+    assert (other["node"], other["local"], other["held"]) == ("node-2", False, False)
+    assert all(r["held"] for r in rows if r["local"])
+    held = {
+        r["workload"]
+        for r in json.loads(ambit("debug", "workloads", "--node", "node-1", "-o", "json").stdout)
+    }
+    assert "demo/pod-2-2" not in held
+
+
 def test_second_mesh_run_keeps_what_runs(lab: tuple[LabPlan, str]) -> None:
     plan, _ = lab
     before = _pids(plan.prefix)

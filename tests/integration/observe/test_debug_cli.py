@@ -130,6 +130,7 @@ def test_all_view(admin: str) -> None:
     assert set(everything) == {
         "workloads",
         "services",
+        "reachable",
         "policies",
         "certs",
         "trust-bundle",
