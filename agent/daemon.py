@@ -417,8 +417,6 @@ def _run(args: argparse.Namespace) -> int:
     logformat.configure(settings.log_level, settings.log_format)
     try:
         return Agent(settings).run_until_signal()
-    except _Stopped:
-        return 0
     except JoinError as exc:
         # The plane's answer says it all (bad, used or expired token; wrong node; unreachable).
         log.error("cannot join the mesh: %s", exc)
