@@ -424,6 +424,18 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_agent_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("agent", help="run the node agent")
+    from agent.cliargs import HelpFormatter, examples
+
+    p = sub.add_parser(
+        "agent",
+        help="run the node agent",
+        formatter_class=HelpFormatter,
+        epilog=examples(
+            "ambit mgmt token --state-dir /var/lib/ambit/mgmt --node node1 > /etc/ambit/join-token",
+            "ambit agent --node node1 --mgmt 10.0.0.10:15012 --bootstrap 10.0.0.10:15013 \\",
+            "    --trust-bundle /etc/ambit/ca-bundle.pem --join-token-file /etc/ambit/join-token \\",
+            "    --listen-ip 10.0.0.11 --access-log /var/log/ambit-access.jsonl --log-format json",
+        ),
+    )
     add_arguments(p)
     p.set_defaults(func=_run)

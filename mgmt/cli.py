@@ -221,7 +221,16 @@ class Plane:
 
 
 def add_mgmt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("mgmt", help="run the management plane (or `ambit mgmt token` for a join token)")
+    p = sub.add_parser(
+        "mgmt",
+        help="run the management plane (or `ambit mgmt token` for a join token)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  ambit mgmt --config-dir /etc/ambit/config --state-dir /var/lib/ambit/mgmt \\\n"
+        "      --metrics-listen 0.0.0.0:15014 --log-format json\n"
+        "  ambit mgmt token --state-dir /var/lib/ambit/mgmt --node node1 --ttl 1h\n"
+        "  ambit mgmt rotate-root --state-dir /var/lib/ambit/mgmt --step prepare",
+    )
     p.add_argument("--config-dir", help="directory of YAML resources (watched)")
     p.add_argument("--state-dir", help="CA, join tokens and config version (private, 0700)")
     p.add_argument(
