@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from agent.cliargs import HelpFormatter, Shared, apply_defaults, examples, share
+from agent.cliargs import PREFIX_OPTION, HelpFormatter, Shared, apply_defaults, examples, share
 from agent.errors import UsageError
 from agent.output import FORMATS, render
 
@@ -115,9 +115,8 @@ def _cmd_lab_demo(args: argparse.Namespace) -> int:
 
 
 def add_lab(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from agent.lab.plan import DEFAULT_NODE_CIDR, DEFAULT_POD_CIDR, DEFAULT_PREFIX
+    from agent.lab.plan import DEFAULT_NODE_CIDR, DEFAULT_POD_CIDR
 
-    prefix = os.environ.get("AMBIT_LAB_PREFIX", DEFAULT_PREFIX)
     lab = sub.add_parser(
         "lab",
         help="local lab of network namespaces (nodes and pods on this machine)",
@@ -168,12 +167,7 @@ def add_lab(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     share(
         [lab, up, down, status, ex, check, mesh, config, config_check, demo],
         [
-            Shared(
-                ("--prefix",),
-                "prefix",
-                prefix,
-                f"name prefix of every lab namespace (default {prefix}, env AMBIT_LAB_PREFIX)",
-            ),
+            PREFIX_OPTION,
             Shared(
                 ("-o", "--output"), "output", "table", "output format (default table)", {"choices": FORMATS}
             ),

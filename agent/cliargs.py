@@ -11,16 +11,19 @@ filled in once, after parsing.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from agent.lab.plan import DEFAULT_PREFIX
 
 
 @dataclass(frozen=True)
 class Shared:
     flags: tuple[str, ...]
     dest: str
-    default: Any
+    default: Any  # a callable is called when the option is absent (e.g. to read the environment then)
     help: str
     kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -35,11 +38,24 @@ class Shared:
 _DEFAULTS: dict[str, Any] = {}
 
 
+def lab_prefix() -> str:
+    """The lab prefix when none is given: AMBIT_LAB_PREFIX, else the default (read when parsing)."""
+    return os.environ.get("AMBIT_LAB_PREFIX", DEFAULT_PREFIX)
+
+
+PREFIX_OPTION = Shared(
+    ("--prefix",),
+    "prefix",
+    lab_prefix,
+    f"name prefix of the lab's namespaces (default {DEFAULT_PREFIX}, env AMBIT_LAB_PREFIX)",
+)
+
+
 def share(parsers: Iterable[argparse.ArgumentParser], options: Iterable[Shared]) -> None:
     """Declare `options` on each of `parsers` (a command and all its subcommands)."""
     opts = list(options)
     for opt in opts:
-        _DEFAULTS.setdefault(opt.dest, opt.default)
+        _DEFAULTS[opt.dest] = opt.default
     for parser in parsers:
         for opt in opts:
             opt.add_to(parser)
@@ -48,7 +64,7 @@ def share(parsers: Iterable[argparse.ArgumentParser], options: Iterable[Shared])
 def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
     for dest, default in _DEFAULTS.items():
         if not hasattr(args, dest):
-            setattr(args, dest, default)
+            setattr(args, dest, default() if callable(default) else default)
     return args
 
 

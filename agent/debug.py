@@ -10,7 +10,6 @@ import argparse
 import http.client
 import io
 import json
-import os
 import shlex
 import subprocess
 import urllib.parse
@@ -19,9 +18,8 @@ from typing import Any
 
 import yaml
 
-from agent.cliargs import HelpFormatter, Shared, examples, share
+from agent.cliargs import PREFIX_OPTION, HelpFormatter, Shared, examples, share
 from agent.errors import UsageError
-from agent.lab.plan import DEFAULT_PREFIX
 from agent.output import FORMATS, render
 
 ADMIN_DEFAULT = "127.0.0.1:15000"
@@ -304,16 +302,10 @@ HELPS = {
 }
 
 
-_PREFIX = os.environ.get("AMBIT_LAB_PREFIX", DEFAULT_PREFIX)
 # Accepted before or after the view: `debug --node n -o json workloads` == `debug workloads --node n -o json`.
 DEBUG_OPTIONS = [
     Shared(("--node",), "node", "", "lab node to query (runs inside its network namespace; needs root)"),
-    Shared(
-        ("--prefix",),
-        "prefix",
-        _PREFIX,
-        f"lab prefix for --node (default {_PREFIX}, env AMBIT_LAB_PREFIX)",
-    ),
+    PREFIX_OPTION,
     Shared(
         ("--admin",),
         "admin",

@@ -108,3 +108,12 @@ def test_closed_pipe_is_no_traceback() -> None:
         os.close(write_end)
     assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
     assert out.returncode == 141
+
+
+def test_prefix_default_read_when_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    parser = build_parser()
+    monkeypatch.setenv("AMBIT_LAB_PREFIX", "env1-")
+    assert vars(apply_defaults(parser.parse_args(["lab", "status"])))["prefix"] == "env1-"
+    assert vars(apply_defaults(parser.parse_args(["debug", "--node", "n", "certs"])))["prefix"] == "env1-"
+    monkeypatch.delenv("AMBIT_LAB_PREFIX")
+    assert vars(apply_defaults(parser.parse_args(["lab", "status"])))["prefix"] == "amb-"
