@@ -26,7 +26,8 @@ from api import logformat
 log = logging.getLogger("ambit.agent")
 COUNTER_REFRESH_S = 2.0
 # SIGTERM to exit: Kubernetes waits 30 s before SIGKILL, but a rolling restart waits for us; well under 2 s.
-STOP_BUDGET_S = 1.5
+STOP_BUDGET_S = 1.3
+SIGNAL_POLL_S = 0.1
 
 
 class _Stopped(Exception):
@@ -212,7 +213,10 @@ class Agent:
 
         thread = threading.Thread(target=starter, name="start", daemon=True)
         thread.start()
-        stop.wait()
+        # Short waits, not one: the kernel may deliver SIGTERM to any thread, and Python runs its handler
+        # only when the main thread next executes bytecode, which an untimed wait would never let it do.
+        while not stop.wait(SIGNAL_POLL_S):
+            pass
         if failed and not signalled.is_set():
             raise failed[0]  # start() failed on its own (and has undone what it did)
         log.info("shutting down (keep datapath: %s)", self.settings.keep_datapath)

@@ -131,7 +131,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         plane.start()
-        stop.wait()
+        # Timed waits: a signal the kernel hands to another thread runs its Python handler only once the
+        # main thread executes bytecode again.
+        while not stop.wait(0.2):
+            pass
     finally:
         plane.stop()
     return 0
