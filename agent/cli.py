@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from agent.cliargs import PREFIX_OPTION, HelpFormatter, Shared, apply_defaults, examples, share
+from agent.cliargs import PREFIX_OPTION, HelpFormatter, Shared, add_command, apply_defaults, examples, share
 from agent.errors import UsageError
 from agent.output import FORMATS, render
 
@@ -117,11 +117,11 @@ def _cmd_lab_demo(args: argparse.Namespace) -> int:
 def add_lab(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from agent.lab.plan import DEFAULT_NODE_CIDR, DEFAULT_POD_CIDR
 
-    lab = sub.add_parser(
+    lab = add_command(
+        sub,
         "lab",
-        help="local lab of network namespaces (nodes and pods on this machine)",
-        formatter_class=HelpFormatter,
-        epilog=examples(
+        "local lab of network namespaces (nodes and pods on this machine)",
+        (
             "ambit lab up --nodes 2 --pods 2          # idempotent",
             "ambit lab mesh                           # plane + one agent per node, HTTP on pod-2-1:8080",
             "ambit lab exec pod-1-1 -- curl -s http://10.244.2.2:8080/",
@@ -183,14 +183,11 @@ def _cmd_completion(args: argparse.Namespace) -> int:
 
 
 def add_completion(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "completion",
-        help="print the shell completion script",
-        formatter_class=HelpFormatter,
-        epilog=examples(
-            'eval "$(ambit completion bash)"          # in ~/.bashrc',
-            "ambit completion zsh > ~/.zfunc/_ambit",
-        ),
+        "print the shell completion script",
+        ('eval "$(ambit completion bash)"          # in ~/.bashrc', "ambit completion zsh > ~/.zfunc/_ambit"),
     )
     p.add_argument("shell", choices=("bash", "zsh", "fish", "tcsh"), help="shell to complete for")
     p.set_defaults(func=_cmd_completion)

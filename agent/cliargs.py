@@ -74,3 +74,21 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def examples(*lines: str) -> str:
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def add_command(
+    sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+    name: str,
+    help: str,  # noqa: A002 (argparse's own name)
+    example_lines: tuple[str, ...],
+    description: str | None = None,
+) -> argparse.ArgumentParser:
+    """A subcommand whose help ends with examples, laid out as typed."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=help,
+        description=description,
+        formatter_class=HelpFormatter,
+        epilog=examples(*example_lines),
+    )
+    return parser

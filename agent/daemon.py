@@ -428,13 +428,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_agent_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from agent.cliargs import HelpFormatter, examples
+    from agent.cliargs import add_command
 
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "agent",
-        help="run the node agent",
-        formatter_class=HelpFormatter,
-        epilog=examples(
+        "run the node agent",
+        (
             "ambit mgmt token --state-dir /var/lib/ambit/mgmt --node node1 > /etc/ambit/join-token",
             "ambit agent --node node1 --mgmt 10.0.0.10:15012 --bootstrap 10.0.0.10:15013 \\",
             "    --trust-bundle /etc/ambit/ca-bundle.pem --join-token-file /etc/ambit/join-token \\",

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from agent.cliargs import PREFIX_OPTION, HelpFormatter, Shared, examples, share
+from agent.cliargs import PREFIX_OPTION, Shared, add_command, share
 from agent.errors import UsageError
 from agent.output import FORMATS, render
 
@@ -330,13 +330,13 @@ DEBUG_OPTIONS = [
 
 def add_debug_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """`ambit debug [OPTIONS] VIEW [OPTIONS]`; another area adds a view with add_view(views, ...)."""
-    debug = sub.add_parser(
+    debug = add_command(
+        sub,
         "debug",
-        help="inspect a node agent through its admin API",
+        "inspect a node agent through its admin API",
         description=f"Query a node agent's admin API (default {ADMIN_DEFAULT}, loopback only). Options may "
         "come before or after the view.",
-        formatter_class=HelpFormatter,
-        epilog=examples(
+        example_lines=(
             "ambit debug workloads                              # the agent on this host",
             "ambit debug --node node-1 workloads -n demo        # a lab node, namespace demo only",
             "ambit debug connections --node node-2 -o json",
