@@ -994,6 +994,12 @@ static void conn_end(hconn *c)
     ambit_engine *e = l->engine;
     c->tearing_down = 1;
     c->reqs = c->reqs_tail = NULL;
+    if (c->ending == END_ERROR && c->state == HS_H2 && c->h2) {
+        /* Best effort: let the peer see our GOAWAY (protocol error, reset flood) before the reset. Streams
+         * are still alive here: nghttp2 may call their data callbacks. */
+        c->writable = 1;
+        conn_flush(c);
+    }
     if (c->on_dirty) /* re-queued by its own flush (e.g. a GOAWAY sent while ending) */
         for (hconn **pp = &l->dirty; *pp; pp = &(*pp)->dirty_next)
             if (*pp == c) {
@@ -1024,11 +1030,6 @@ static void conn_end(hconn *c)
             s->h2_error = NGHTTP2_CANCEL;
         s->h2_closed = 1;
         stream_finish(s, "connection closed");
-    }
-    if (c->ending == END_ERROR && c->state == HS_H2 && c->h2) {
-        /* Best effort: let the peer see our GOAWAY (protocol error, reset flood) before the reset. */
-        c->writable = 1;
-        conn_flush(c);
     }
     if (c->server)
         limits_conn_end(e, c->src_key, c->hs_counted);

@@ -28,7 +28,7 @@
 #define AMBIT_HEADER_MAX 256          /* longest :authority / forwarded value kept (with NUL) */
 #define AMBIT_EXTRA_HEADERS 8         /* extra request headers per CONNECT (open_stream) */
 #define AMBIT_EXTRA_BYTES 2048        /* their total size */
-#define AMBIT_LINGER_MS 2000          /* longest a reset socket waits to transmit its queued bytes */
+#define AMBIT_LINGER_MS 2000          /* longest a reset socket waits without progress to transmit its bytes */
 
 /* Growable byte buffer with a consumed prefix. */
 typedef struct abuf {
