@@ -194,6 +194,11 @@ void limits_handshake_over(ambit_engine *e, uint64_t src);
 void limits_conn_end(ambit_engine *e, uint64_t src, int pending);
 int limits_stream_start(ambit_engine *e, uint64_t peer);
 void limits_stream_end(ambit_engine *e, uint64_t peer);
+/* An authenticated connection of `peer` starts (+1) or ends (-1): its share (and reset window) lives while
+ * it has connections or streams. */
+void limits_peer_conn(ambit_engine *e, uint64_t peer, int delta);
+/* Counts one stream reset caused by `peer`; 1 when that exceeds its AMBIT_L_RESETS_PER_S budget. */
+int limits_reset(ambit_engine *e, uint64_t peer, uint64_t now);
 void limits_free(ambit_engine *e);
 
 /* pump.c */
