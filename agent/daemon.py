@@ -68,11 +68,6 @@ class Agent:
             raise
 
     def _start(self) -> None:
-        if self.settings.redirect:
-            # bcc before regopy (the policy engine): in the other order bcc's first compile aborts with
-            # "double free or corruption" (observed on this machine; cause not isolated).
-            import bcc  # noqa: F401
-
         from prometheus_client import CollectorRegistry
 
         from agent.identity.bootstrap import join

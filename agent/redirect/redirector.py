@@ -4,7 +4,8 @@ routing rule, and follows enrolment changes live.
 Runs in the node's network namespace (the calling thread's netns). Programs and maps are pinned under
 `pin_dir`, and tc filters keep their program alive, so stop(keep_datapath=True) leaves pods' traffic
 flowing through the pinned state; the next start() reuses the maps and swaps in its freshly loaded
-program atomically on every link a previous agent had attached.
+program atomically on every link a previous agent had attached. The programs' instructions come from
+the compile cache (cache.py): bcc runs in a child when they are not cached, never in this process.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from agent.redirect import loader, marks, pins, rules, tc
+from agent.redirect import cache, loader, marks, pins, rules, tc
 from agent.redirect.maps import CounterMap, FlowMap, PodEntry, PodMap, pod_key
+from agent.redirect.sources import HOOKS
+from agent.redirect.syscall import MapFd
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +47,26 @@ class SyncResult:
 
 
 class Redirector:
-    def __init__(self, node: str, pin_dir: Path, uplink: str | None = None) -> None:
-        """`uplink`: the interface other nodes' traffic arrives on; found from the routes when None."""
+    def __init__(
+        self,
+        node: str,
+        pin_dir: Path,
+        uplink: str | None = None,
+        cache_dir: Path | None = None,
+        bpf_dir: Path | None = None,
+    ) -> None:
+        """`uplink`: the interface other nodes' traffic arrives on; found from the routes when None.
+        `cache_dir`: the compile cache (cache.DEFAULT_DIR); `bpf_dir`: the program sources (bpf/)."""
         self.node = node
         self.pin_dir = Path(pin_dir)
         self._uplink_name = uplink
+        self._cache_dir = cache_dir
+        self._bpf_dir = bpf_dir
         self._lock = threading.Lock()
         self._ipr: IPRoute | None = None
         self._programs: dict[str, loader.LoadedProgram] = {}
+        self._maps: dict[str, MapFd] = {}
+        self.bpf_origin = ""  # "cache" or "compiled": where the last start's instructions came from
         self._pods: PodMap | None = None
         self._counters: CounterMap | None = None
         self._flows: FlowMap | None = None
@@ -105,6 +120,8 @@ class Redirector:
         for program in self._programs.values():
             program.close()
         self._programs.clear()
+        loader.close_maps(self._maps)
+        self._maps.clear()
         self._pods = self._counters = self._flows = None
         self._attached.clear()
         if self._ipr is not None:
@@ -112,13 +129,15 @@ class Redirector:
             self._ipr = None
 
     def _load(self) -> None:
-        for hook in loader.HOOKS:
-            self._programs[hook] = loader.load(hook, self.pin_dir)
-        # Both programs share the pinned maps: any program's handle reaches the same map.
-        program = self._programs[POD_HOOK]
-        self._pods = PodMap(program.table("ambit_pods"))
-        self._counters = CounterMap(program.table("ambit_counters"))
-        self._flows = FlowMap(program.table("ambit_captured"))
+        compiled = cache.artifact(self._cache_dir, self._bpf_dir)
+        self.bpf_origin = compiled.origin
+        self._maps = loader.open_maps(compiled, self.pin_dir)
+        # Checked against maps.py before any program that writes them is loaded.
+        self._pods = PodMap(compiled.maps["ambit_pods"], self._maps["ambit_pods"])
+        self._counters = CounterMap(compiled.maps["ambit_counters"], self._maps["ambit_counters"])
+        self._flows = FlowMap(compiled.maps["ambit_captured"], self._maps["ambit_captured"])
+        for hook in HOOKS:
+            self._programs[hook] = loader.load(hook, compiled, self._maps, self.pin_dir)
 
     def _adopt_attachments(self) -> None:
         """Put this run's programs on every link a previous agent attached (atomic replace)."""
@@ -298,7 +317,9 @@ class Redirector:
             if self._ipr is None or self._pods is None or self._counters is None:
                 return []
             rows = [
-                _row("program", p.hook, str(p.prog_id), f"tag {p.tag}, pinned {p.pin}")
+                _row(
+                    "program", p.hook, str(p.prog_id), f"tag {p.tag}, pinned {p.pin}, from {self.bpf_origin}"
+                )
                 for p in self._programs.values()
             ]
             rows += [
