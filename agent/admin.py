@@ -27,6 +27,7 @@ ENDPOINTS = {
     "/certs": "certs",
     "/connections": "connections",
     "/bpf": "bpf",
+    "/threads": "threads",
 }
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 

@@ -12,96 +12,26 @@ opted out (plain) and is also the stunnel path. Rows are ratios to a baseline of
 
 from __future__ import annotations
 
-import contextlib
 import os
-import resource
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from agent import netns as nsx
-from agent.lab import control, mesh, state
+from agent.lab import control, mesh
 from agent.lab.plan import LabPlan, plan_lab
 from agent.redirect import cache
 from tests.bench import bench_tunnel
+from tests.integration.agent import footprint
 from tests.integration.proxy import proxy_lab
 
 SECONDS = float(os.environ.get("AMBIT_BENCH_SECONDS", "2"))
 ECHO = proxy_lab.ECHO  # the port stunnel's server side forwards to
 HELD = (1000, 5000)
 PLAIN_PODS = frozenset({"pod-1-2", "pod-2-2"})
-MODULE = "tests.bench.bench_agent"
-
-
-# --- in a pod: a process holding many connections (commands on stdin) ---------------------------------
-
-
-def hold(ip: str, port: int) -> None:
-    """`open N` adds N echo-checked connections (prints the total), `close` closes them all."""
-    resource.setrlimit(resource.RLIMIT_NOFILE, (20000, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-    held: list[socket.socket] = []
-    for line in sys.stdin:
-        verb, *args = line.split()
-        if verb == "open":
-            for _ in range(int(args[0])):
-                sock = socket.create_connection((ip, port), timeout=30)
-                sock.sendall(b"x")
-                if sock.recv(1) != b"x":
-                    raise SystemExit("echo failed")
-                held.append(sock)
-        elif verb == "close":
-            for sock in held:
-                sock.close()
-            held.clear()
-        print(len(held), flush=True)
-
-
-def ping_pong(ip: str, port: int, seconds: float) -> int:
-    """1-byte request/response on one connection for `seconds`; how many completed."""
-    done = 0
-    with socket.create_connection((ip, port), timeout=30) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            sock.sendall(b"x")
-            if not sock.recv(1):
-                break
-            done += 1
-    return done
-
-
-# --- process accounting ----------------------------------------------------------------------------
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for {pid}")
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU of the process and its waited-for children (the BPF compiler)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-
-
-def pid_of(prefix: str, name: str) -> int:
-    lab = state.load(prefix)
-    assert lab is not None
-    return next(p.pid for p in lab.processes if p.name == name)
-
-
-def cpu_during(pids: list[int], work: Callable[[], Any]) -> tuple[Any, list[float]]:
-    before = [cpu_s(p) for p in pids]
-    result = work()
-    return result, [cpu_s(p) - b for p, b in zip(pids, before, strict=True)]
 
 
 # --- the run ---------------------------------------------------------------------------------------
@@ -111,41 +41,18 @@ def _start_agent(plan: LabPlan, node: str, mgmt_state: Path) -> tuple[float, flo
     """(seconds to ready, CPU seconds at ready) of a fresh agent on `node`."""
     started = time.monotonic()
     mesh.start_agent(plan, node, mgmt_state, lambda _: None)
-    pid = pid_of(plan.prefix, f"agent-{node}")
+    pid = footprint.pid_of(plan.prefix, f"agent-{node}")
     while not mesh._agent_ready(plan.node(node).netns):
         if time.monotonic() - started > 60:
             raise RuntimeError(f"agent on {node} not ready after 60 s")
         time.sleep(0.05)
-    return time.monotonic() - started, cpu_s(pid)
-
-
-@contextlib.contextmanager
-def _holder(lab: LabPlan, pod: str, ip: str) -> Iterator[Callable[[str], int]]:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    argv = [sys.executable, "-m", MODULE, "hold", ip, str(ECHO)]
-    proc = nsx.popen_in(lab.pod(pod).netns, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-    stdin, stdout = proc.stdin, proc.stdout
-    assert stdin is not None and stdout is not None
-
-    def command(line: str) -> int:
-        stdin.write(line.encode() + b"\n")
-        stdin.flush()
-        answer = stdout.readline()
-        if not answer:
-            raise RuntimeError(f"connection holder failed at {line!r}")
-        return int(answer)
-
-    try:
-        yield command
-    finally:
-        proc.kill()
-        proc.wait()
+    return time.monotonic() - started, footprint.cpu_s(pid)
 
 
 def _settled_rss(pids: list[int], seconds: float = 3.0) -> float:
     """The larger agent's RSS once things settled (idle timers, pooled connections closing)."""
     time.sleep(seconds)
-    return max(rss_mib(p) for p in pids)
+    return max(footprint.rss_mib(p) for p in pids)
 
 
 def _measure(plan: LabPlan, workdir: Path) -> dict[str, float]:
@@ -159,16 +66,16 @@ def _measure(plan: LabPlan, workdir: Path) -> dict[str, float]:
         mesh.start_echo_server(plan, pod, ECHO)
     lab = proxy_lab.ProxyLab(plan.prefix, plan, workdir)
     bench_tunnel._start_stunnel(lab, workdir)
-    agents = [pid_of(plan.prefix, f"agent-{n.name}") for n in plan.nodes]
-    tunnels = [pid_of(plan.prefix, f"stunnel-{side}") for side in ("client", "server")]
+    agents = [footprint.pid_of(plan.prefix, f"agent-{n.name}") for n in plan.nodes]
+    tunnels = [footprint.pid_of(plan.prefix, f"stunnel-{side}") for side in ("client", "server")]
     ambit_dst, plain_dst, stunnel_dst = plan.pod("pod-2-1").ip, plan.pod("pod-2-2").ip, plan.node("node-1").ip
 
     out["agent RSS idle"] = _settled_rss(agents)
-    out["stunnel RSS idle"] = max(rss_mib(p) for p in tunnels)
-    with _holder(plan, "pod-1-1", ambit_dst) as holder:
+    out["stunnel RSS idle"] = max(footprint.rss_mib(p) for p in tunnels)
+    with footprint.holder(plan, "pod-1-1", ambit_dst, ECHO) as holder:
         for count in HELD:
             holder(f"open {count - holder('open 0')}")
-            out[f"agent RSS {count} conns"] = max(rss_mib(p) for p in agents)
+            out[f"agent RSS {count} conns"] = max(footprint.rss_mib(p) for p in agents)
         holder("close")
     out["agent RSS after 5000 closed"] = _settled_rss(agents, 5.0)
 
@@ -182,11 +89,11 @@ def _measure(plan: LabPlan, workdir: Path) -> dict[str, float]:
     }
     for name in ("ambit", "stunnel"):
         pod, dst, port, pids = paths[name]
-        done, cpu = cpu_during(pids, in_pod(pod, ping_pong, dst, port, SECONDS))
+        done, cpu = footprint.cpu_during(pids, in_pod(pod, footprint.ping_pong, dst, port, SECONDS))
         # Per tunnel process (the busier end): CPU-s per second, per 1,000 round trips per second.
         out[f"{name}: CPU per 1,000 RR/s"] = max(cpu) / SECONDS / (done / SECONDS / 1000)
     for name, (pod, dst, port, pids) in paths.items():
-        rate, cpu = cpu_during(pids, in_pod(pod, bench_tunnel.connection_rate, dst, port, SECONDS))
+        rate, cpu = footprint.cpu_during(pids, in_pod(pod, bench_tunnel.connection_rate, dst, port, SECONDS))
         out[f"{name}: new connections/s"] = rate
         if pids:
             out[f"{name}: CPU per new connection"] = sum(cpu) / (rate * SECONDS) * 1e6
@@ -232,8 +139,3 @@ def run() -> list[dict[str, Any]]:
                 else:
                     os.environ[key] = value
     return [{"name": n, "value": values[n], "unit": u, "baseline": b} for n, u, b in ROWS]
-
-
-if __name__ == "__main__":
-    if sys.argv[1] == "hold":
-        hold(sys.argv[2], int(sys.argv[3]))
