@@ -17,7 +17,7 @@ from tests.integration.agent import footprint
 
 pytestmark = pytest.mark.root
 
-# The steady-state threads of an agent (docs/observability.md lists what each does). Threads that come
+# The steady-state threads of an agent (docs/footprint.md lists what each does). Threads that come
 # and go: one per admin/metrics request being served, the proxy's destination lookups.
 STEADY = {
     "python": ["MainThread", "admin", "metrics", "readiness", "identity-rotation", "housekeeping"],
