@@ -65,11 +65,12 @@ def ping_pong(ip: str, port: int, seconds: float) -> int:
 # --- process accounting ----------------------------------------------------------------------------
 
 
-def rss_mib(pid: int) -> float:
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """A memory figure of /proc/PID/status in MiB: VmRSS, RssAnon (the heap, stacks), RssFile."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for {pid}")
+    raise RuntimeError(f"no {field} for {pid}")
 
 
 def cpu_s(pid: int) -> float:

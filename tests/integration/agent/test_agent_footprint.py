@@ -57,10 +57,7 @@ def test_every_thread_is_named_and_counted(meshlab: LabPlan) -> None:
 
 
 def _anon_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no RssAnon for {pid}")
+    return footprint.rss_mib(pid, "RssAnon")
 
 
 def test_memory_comes_back_after_a_burst_of_connections(meshlab: LabPlan) -> None:
