@@ -192,9 +192,18 @@ def prune(cache_dir: Path, keep: Path | None = None) -> list[Path]:
     return removed
 
 
+def _remove_stale_scratch() -> None:
+    """Scratch directories of compiles whose agent was killed mid-way (their maps are pinned there)."""
+    for entry in pins.PIN_ROOT.glob("compile-*-*"):
+        pid = entry.name.split("-")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def compile_in_child(bpf_dir: Path) -> dict[str, Any]:
     """Run compiler.py in a child process against a scratch pin directory; its JSON artifact."""
     pins.ensure_bpffs()
+    _remove_stale_scratch()
     # bpffs refuses dots in names (kernel/bpf/inode.c reserves them).
     scratch = pins.PIN_ROOT / f"compile-{os.getpid()}-{secrets.token_hex(4)}"
     scratch.mkdir(parents=True, mode=0o700)

@@ -101,8 +101,9 @@ def test_the_key_follows_sources_and_flags(tmp_path: Path) -> None:
     assert cache.cache_key(copy) != key
 
 
-def _starts(pin_dir: str, cache_dir: str, bpf_dir: str) -> list[str]:
-    """Three starts with the datapath kept between them; the header changes before the third."""
+def _starts(pin_dir: str, cache_dir: str, bpf_dir: str) -> tuple[list[str], list[str]]:
+    """Three starts with the datapath kept between them; the header changes before the third. Returns
+    where each start's programs came from, and the compile scratch directories left behind."""
     from agent.redirect.redirector import Redirector
 
     origins = []
@@ -114,7 +115,7 @@ def _starts(pin_dir: str, cache_dir: str, bpf_dir: str) -> list[str]:
         redirector.start()
         origins.append(redirector.bpf_origin)
         redirector.stop(keep_datapath=not change)
-    return origins
+    return origins, [p.name for p in pins.PIN_ROOT.glob(f"compile-{os.getpid()}-*")]
 
 
 @pytest.mark.root
@@ -129,12 +130,28 @@ def test_compiled_once_reused_then_recompiled_after_a_source_change(lab_prefix: 
     pin_dir = pins.PIN_ROOT / f"{lab_prefix}node-x"
     netns.create(name)  # an empty namespace: the redirector must never touch the host's links
     try:
-        origins = nsx.run_in(name, _starts, str(pin_dir), str(cache_dir), str(bpf_dir), timeout=600)
+        origins, scratch = nsx.run_in(name, _starts, str(pin_dir), str(cache_dir), str(bpf_dir), timeout=600)
     finally:
         netns.remove(name)
         pins.remove_pin_dir(pin_dir)
     assert origins == ["compiled", "cache", "compiled"]
     assert len(list(cache_dir.glob("*.json"))) == 2
+    assert scratch == []
+
+
+@pytest.mark.root
+def test_scratch_of_a_killed_compile_is_removed(tmp_path: Path) -> None:
+    pins.ensure_bpffs()
+    pins.PIN_ROOT.mkdir(exist_ok=True)
+    dead, alive = pins.PIN_ROOT / "compile-999999999-ab", pins.PIN_ROOT / f"compile-{os.getpid()}-ab"
+    for scratch in (dead, alive):
+        scratch.mkdir()
+    try:
+        cache._remove_stale_scratch()
+        assert not dead.exists() and alive.exists()
+    finally:
+        for scratch in (dead, alive):
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 @pytest.mark.root
