@@ -162,15 +162,16 @@ class Agent:
 
     def _servers(self, audit: Any) -> None:
         from agent.admin import AdminServer
-        from agent.observe.servers import MetricsServer, ReadinessServer
+        from agent.observe.servers import MetricsServer, ReadinessServer, ServiceGroup
 
         s = self.settings
         admin = AdminServer(s.admin, self._providers())
         metrics = MetricsServer(self.metrics.registry, s.metrics)
         ready = ReadinessServer(s.readiness, self._ready.is_set)
-        for name, server in (("admin", admin), ("metrics", metrics), ("readiness", ready)):
-            server.start()
-            self._stack.append((name, server.stop))
+        # One thread accepts on the three ports (requests still get a thread each).
+        servers = ServiceGroup("http", [admin, metrics, ready])
+        servers.start()
+        self._stack.append(("admin, metrics and readiness servers", servers.stop))
         if audit is not None:
             self._stack.append(("audit", audit.close))
 

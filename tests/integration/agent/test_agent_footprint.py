@@ -20,10 +20,10 @@ pytestmark = pytest.mark.root
 # The steady-state threads of an agent (docs/footprint.md lists what each does). Threads that come
 # and go: one per admin/metrics request being served, the proxy's destination lookups.
 STEADY = {
-    "python": ["MainThread", "admin", "metrics", "readiness", "identity-rotation", "housekeeping"],
+    "python": ["MainThread", "http", "identity-rotation", "housekeeping"],
     "native": ["engine-loop", "grpc_global_tim", "event_engine", "lifeguard"],
 }
-MAX_STEADY_THREADS = 18
+MAX_STEADY_THREADS = 16
 TRANSIENT = ("process_request_thread", "ambit-proxy-fetch")
 HELD = 2000
 
