@@ -80,6 +80,9 @@ class BootstrapServer:
         self._server: grpc.Server | None = None
         self.port = 0
 
+    def counters(self) -> dict[str, int]:
+        return dict(self.service.refusals.counts)
+
     def start(self) -> None:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="bootstrap"))
         ca_pb2_grpc.add_BootstrapServicer_to_server(self.service, server)

@@ -172,8 +172,10 @@ class Plane:
             self._stops.append(reloader.stop)
         tokens = JoinTokens(state_dir)
 
+        csr: list[Any] = []
+
         def add_csr_service(grpc_server: Any) -> None:
-            add_identity_service(grpc_server, ca, store, audit)
+            csr.append(add_identity_service(grpc_server, ca, store, audit))
 
         server = MgmtServer(
             store,
@@ -190,6 +192,9 @@ class Plane:
         self._stops.append(bootstrap.stop)
         store.watch()
         self._stops.append(store.stop)
+        self._start_admission_and_admin(
+            ca, server.relay, {"csr": csr[0].counters, "bootstrap": bootstrap.counters}
+        )
         for node in a.join_token or ():
             print(f"join-token {node} {tokens.create(node)}", flush=True)
         print(
@@ -198,6 +203,23 @@ class Plane:
             file=sys.stderr,
             flush=True,
         )
+
+    def _start_admission_and_admin(self, ca: Any, relay: Any, counters: dict[str, Any]) -> None:
+        from mgmt.admin import PlaneAdmin
+
+        a = self.args
+        if a.webhook_listen:
+            from mgmt.webhook import WebhookServer
+
+            dns = tuple(d for d in a.webhook_dns.split(",") if d)
+            webhook = WebhookServer(ca, a.trust_domain, a.webhook_listen, dns)
+            webhook.start()
+            self._stops.append(webhook.stop)
+            counters["webhook"] = webhook.counters
+        admin = PlaneAdmin(relay, a.admin_listen, counters)
+        admin.start()
+        self._stops.append(admin.stop)
+        admin.set_ready()
 
     def stop(self) -> None:
         while self._stops:
@@ -225,6 +247,19 @@ def add_mgmt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         "root-cert.pem and optionally cert-chain.pem (default: a self-signed root kept in --state-dir)",
     )
     p.add_argument("--audit-log", help="JSON-lines audit log of refused requests and joins")
+    p.add_argument(
+        "--admin-listen",
+        default="127.0.0.1:15014",
+        help="readiness, per-node ACK/NACK status (`ambit debug status`), counters (default %(default)s)",
+    )
+    p.add_argument(
+        "--webhook-listen", help="serve the validating admission webhook (HTTPS) here, e.g. 0.0.0.0:15017"
+    )
+    p.add_argument(
+        "--webhook-dns",
+        default="",
+        help="comma-separated DNS names of the webhook certificate (the Service: ambit-mgmt.NS.svc)",
+    )
     p.set_defaults(func=_cmd_run, verb=None)
     verbs = p.add_subparsers(dest="verb", metavar="VERB")
     token = verbs.add_parser("token", help="create a one-time join token for a node (prints it)")

@@ -247,7 +247,9 @@ class WebhookServer:
             return dict(self.validator.counts)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._server.serve_forever, name="webhook", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), name="webhook", daemon=True
+        )
         self._thread.start()
         log.info("admission webhook listening on port %d (%s)", self.port, WEBHOOK_PATH)
 
