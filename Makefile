@@ -64,3 +64,13 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) api/.built native/.built native/_engine* native/src/*.o build *.egg-info
+
+# helm for the chart tests (deploy/helm/ambit): built from the Go module proxy, cached outside the clone.
+setup: helm
+.PHONY: helm image
+helm:
+	@bash scripts/install-helm.sh >/dev/null
+
+# The ambit image (Dockerfile) with docker, podman or buildah; a clear message when none can build.
+image:
+	@bash scripts/build-image.sh
