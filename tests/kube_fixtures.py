@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -27,3 +28,12 @@ def kube_api() -> Iterator[ApiServer]:
 def unique(prefix: str) -> str:
     """A DNS-1123 name no other test of the session uses."""
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture(scope="session")
+def kube_crds(kube_api: ApiServer) -> ApiServer:
+    """`kube_api` with ambit's CRDs (deploy/crds: Istio's security.istio.io kinds, ambit.io) established."""
+    crds = Path(__file__).resolve().parents[1] / "deploy" / "crds"
+    kube_api.kubectl_run("apply", "--server-side", "--force-conflicts", "-f", f"{crds}/")
+    kube_api.kubectl_run("wait", "--for=condition=Established", "--timeout=60s", "-f", f"{crds}/")
+    return kube_api
