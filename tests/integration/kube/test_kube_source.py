@@ -102,39 +102,49 @@ def test_service_named_target_port_is_resolved_through_its_endpointslice(kube_pl
         assert [w.uid for w in snap.service_endpoints(svc)] == [f"{ns}/web-0"]
 
 
-def _policy(ns: str, name: str, action: str, **operation: list[str]) -> str:
-    op = f"\n    - operation: {operation}" if operation else ""
+def _policy(ns: str, name: str, action: str, port: int = 8080, principal: str = "") -> str:
+    """Istio YAML as users apply it (v1beta1, ports as strings); a `principal` pattern is the source."""
+    source = f"principals: ['{principal}']" if principal else f"namespaces: [{ns}]"
     return f"""apiVersion: security.istio.io/v1beta1
 kind: AuthorizationPolicy
 metadata: {{name: {name}, namespace: {ns}}}
 spec:
   action: {action}
   rules:
-  - from: [{{source: {{namespaces: [{ns}]}}}}]
-    to:{op or " []"}
+  - from: [{{source: {{{source}}}}}]
+    to: [{{operation: {{ports: ["{port}"]}}}}]
 """
 
 
+# The CRD's schema takes any string as a principal; Istio (and ambit) allow '*' only at either end.
+BAD_PRINCIPAL = "cluster.local/*/sa/*"
+
+
 def test_invalid_policy_is_reported_and_skipped_while_others_apply(kube_plane: KubePlane) -> None:
-    """The CRD schema accepts Istio's L7 fields; ambit enforces L4 and refuses them, per object."""
+    """What the CRD schema cannot check (a principal pattern) is refused by the plane, per object."""
     api = kube_plane.api
     ns = unique("ns")
     kube.ensure_namespace(api.client(), ns, AMBIENT_LABELS)
-    api.kubectl_run("apply", "-f", "-", stdin=_policy(ns, "l7", "ALLOW", methods=["GET"]))
-    api.kubectl_run("apply", "-f", "-", stdin=_policy(ns, "deny-peers", "DENY", ports=["8080"]))
+    api.kubectl_run("apply", "-f", "-", stdin=_policy(ns, "bad-pattern", "ALLOW", principal=BAD_PRINCIPAL))
+    api.kubectl_run("apply", "-f", "-", stdin=_policy(ns, "deny-peers", "DENY"))
     store = kube_plane.store
     assert wait_until(lambda: f"AuthorizationPolicy/{ns}/deny-peers" in store.current.resources, SYNC_TIMEOUT)
-    assert f"AuthorizationPolicy/{ns}/l7" not in store.current.resources
+    assert f"AuthorizationPolicy/{ns}/bad-pattern" not in store.current.resources
     assert wait_until(
-        lambda: any(e.key == f"AuthorizationPolicy/{ns}/l7" for e in store.errors), SYNC_TIMEOUT
+        lambda: any(e.key == f"AuthorizationPolicy/{ns}/bad-pattern" for e in store.errors), SYNC_TIMEOUT
     )
-    error = next(e for e in store.errors if e.key == f"AuthorizationPolicy/{ns}/l7")
-    assert "methods" in error.reason and error.where == f"AuthorizationPolicy {ns}/l7"
+    error = next(e for e in store.errors if e.key == f"AuthorizationPolicy/{ns}/bad-pattern")
+    assert (
+        "only allowed as a whole value" in error.reason
+        and error.where == f"AuthorizationPolicy {ns}/bad-pattern"
+    )
     assert kube_plane.source.counters()["rejected_objects"] >= 1
 
     def event_reasons() -> list[str]:
-        out = api.kubectl_run("get", "events", "-n", ns, "--field-selector", "involvedObject.name=l7", "-o",
-                              "jsonpath={.items[*].reason}")  # fmt: skip
+        selector = "involvedObject.name=bad-pattern"
+        out = api.kubectl_run(
+            "get", "events", "-n", ns, f"--field-selector={selector}", "-o=jsonpath={.items[*].reason}"
+        )
         return out.stdout.split()
 
     assert wait_until(lambda: "InvalidConfig" in event_reasons(), SYNC_TIMEOUT)
@@ -145,11 +155,11 @@ def test_broken_edit_keeps_the_last_valid_policy(kube_plane: KubePlane) -> None:
     ns = unique("ns")
     kube.ensure_namespace(api.client(), ns, AMBIENT_LABELS)
     key = f"AuthorizationPolicy/{ns}/deny"
-    api.kubectl_run("apply", "-f", "-", stdin=_policy(ns, "deny", "DENY", ports=["8080"]))
+    api.kubectl_run("apply", "-f", "-", stdin=_policy(ns, "deny", "DENY"))
     store = kube_plane.store
     assert wait_until(lambda: key in store.current.resources, SYNC_TIMEOUT)
     good = store.current.resources[key]
-    api.kubectl_run("apply", "-f", "-", stdin=_policy(ns, "deny", "DENY", paths=["/admin"]))
+    api.kubectl_run("apply", "-f", "-", stdin=_policy(ns, "deny", "DENY", principal=BAD_PRINCIPAL))
     assert wait_until(lambda: any(e.key == key for e in store.errors), SYNC_TIMEOUT)
     assert store.current.resources[key].hash == good.hash
     api.kubectl_run("delete", "authorizationpolicy", "-n", ns, "deny")
@@ -170,7 +180,7 @@ def test_watches_resume_after_an_apiserver_restart(kube_plane: KubePlane) -> Non
     api.restart_apiserver()
     kube.delete_pod(api.client(), ns, "old-0")
     _pod(kube_plane, ns, "new-0", node, "10.250.3.6")
-    api.kubectl_run("apply", "-f", "-", stdin=_policy(ns, "after-restart", "DENY", ports=["8080"]))
+    api.kubectl_run("apply", "-f", "-", stdin=_policy(ns, "after-restart", "DENY"))
     with relay_client(kube_plane.target, kube_plane.ca, node) as (_, rec):
         snap = rec.wait_for(
             lambda s: (
