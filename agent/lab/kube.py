@@ -90,6 +90,17 @@ def running_status(ip: str, host_ip: str = "") -> dict[str, Any]:
         "podIPs": [{"ip": ip}],
         "startTime": now,
         "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
+        "containerStatuses": [
+            {
+                "name": "app",
+                "ready": True,
+                "started": True,
+                "restartCount": 0,
+                "image": LAB_IMAGE,
+                "imageID": "",
+                "state": {"running": {"startedAt": now}},
+            }
+        ],
     }
     if host_ip:
         status["hostIP"] = host_ip
