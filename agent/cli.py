@@ -29,6 +29,10 @@ def _cmd_lab_up(args: argparse.Namespace) -> int:
 
     plan = plan_lab(args.nodes, args.pods, args.prefix, args.node_cidr, args.pod_cidr)
     control.up(plan, _progress)
+    if args.kube:
+        from agent.lab import kubelab
+
+        kubelab.up(plan, _progress)
     return 0
 
 
@@ -93,7 +97,10 @@ def _cmd_lab_mesh(args: argparse.Namespace) -> int:
 def _cmd_lab_demo(args: argparse.Namespace) -> int:
     from agent.lab.demo import run_demo
 
-    return run_demo(args.prefix, _progress)
+    return run_demo(args.prefix, _progress, kube=args.kube)
+
+
+_KUBE_HELP = "workloads as Pods in a real Kubernetes API server (the plane watches it; docs/kube.md)"
 
 
 def add_lab(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -113,6 +120,7 @@ def add_lab(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     up.add_argument(
         "--pod-cidr", default=DEFAULT_POD_CIDR, help="pod addresses, a /24 per node (default %(default)s)"
     )
+    up.add_argument("--kube", action="store_true", help=_KUBE_HELP)
     up.set_defaults(func=_cmd_lab_up)
     verbs.add_parser("down", help="remove everything the lab made").set_defaults(func=_cmd_lab_down)
     status = verbs.add_parser("status", help="nodes, pods, addresses and lab processes")
@@ -128,9 +136,9 @@ def add_lab(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     verbs.add_parser(
         "mesh", help="start the management plane and an agent on every node of the lab"
     ).set_defaults(func=_cmd_lab_mesh)
-    verbs.add_parser("demo", help="the `make lab` walk-through: up, traffic, down").set_defaults(
-        func=_cmd_lab_demo
-    )
+    demo = verbs.add_parser("demo", help="the `make lab` walk-through: up, traffic, down")
+    demo.add_argument("--kube", action="store_true", help=_KUBE_HELP + "; kubectl apply changes traffic")
+    demo.set_defaults(func=_cmd_lab_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

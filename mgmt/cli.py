@@ -1,15 +1,17 @@
 """The `ambit mgmt` subcommand: run the management plane, or mint a node join token.
 
-  ambit mgmt --config-dir D --state-dir S [--trust-domain cluster.local] [--listen 0.0.0.0:15012]
-             [--bootstrap-listen 0.0.0.0:15013] [--join-token NODE ...] [--audit-log F]
+  ambit mgmt [--source files] --config-dir D --state-dir S [--trust-domain cluster.local]
+             [--listen 0.0.0.0:15012] [--bootstrap-listen 0.0.0.0:15013] [--join-token NODE ...]
+             [--audit-log F]
+  ambit mgmt --source kube [--kubeconfig F] --state-dir S [...]   (config from the Kubernetes API)
   ambit mgmt token --state-dir S --node N [--ttl 1h]
   ambit mgmt rotate-root --state-dir S [--step prepare|activate|drop|all] [--wait SECONDS]
 
-The plane owns: the config store (D, watched), the CA (persisted in S), join tokens (file-backed in S, so
-`ambit mgmt token` works while the plane runs), the mTLS relay + CSR service on --listen and the
-join-token bootstrap on --bootstrap-listen. The public trust bundle agents need is S/ca-bundle.pem.
-`rotate-root` rewrites the CA files in S; the running plane notices the new revision and reloads them
-(mgmt.ca_store.CaReloader), which is what the command waits for.
+The plane owns: the config store (D watched, or the API server's objects), the CA (persisted in S), join
+tokens (file-backed in S, so `ambit mgmt token` works while the plane runs), the mTLS relay + CSR
+service on --listen and the join-token bootstrap on --bootstrap-listen. The public trust bundle agents
+need is S/ca-bundle.pem. `rotate-root` rewrites the CA files in S; the running plane notices the new
+revision and reloads them (mgmt.ca_store.CaReloader), which is what the command waits for.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from agent.errors import UsageError
 
 DEFAULT_LISTEN = "0.0.0.0:15012"
 DEFAULT_BOOTSTRAP_LISTEN = "0.0.0.0:15013"
+KUBE_SYNC_TIMEOUT_S = 60.0  # first list of every watched type, before the plane serves anything
 _DURATION = re.compile(r"^(\d+)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 ROTATION_STEP_CHOICES = ("prepare", "activate", "drop", "all")  # mgmt.ca_store.ROTATION_STEPS + all
@@ -120,8 +123,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return _cmd_token(args)
     if args.verb == "rotate-root":
         return _cmd_rotate_root(args)
-    if not args.config_dir or not args.state_dir:
-        raise UsageError("ambit mgmt needs --config-dir and --state-dir")
+    if not args.state_dir or (args.source == "files" and not args.config_dir):
+        raise UsageError("ambit mgmt needs --state-dir, and --config-dir with --source files")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     plane = Plane(args)
     stop = threading.Event()
@@ -150,17 +153,13 @@ class Plane:
         from mgmt.identity_service import add_identity_service
         from mgmt.join_tokens import JoinTokens
         from mgmt.server import MgmtServer
-        from mgmt.store import ConfigStore
 
         a = self.args
         state_dir = Path(a.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         # AuditLog.record(event, /, **fields) satisfies mgmt's Audit protocol at run time; mypy is stricter.
         audit: Any = AuditLog(a.audit_log) if a.audit_log else None
-        store = ConfigStore(a.config_dir, state_dir, trust_domain=a.trust_domain)
-        errors = store.load()
-        if errors:
-            raise UsageError("config rejected:\n  " + "\n  ".join(str(e) for e in errors))
+        store = self._config_store(state_dir)
         upstream = ca_store.Upstream.from_dir(Path(a.ca_dir)) if a.ca_dir else None
         try:
             ca = ca_store.load_or_create(state_dir, a.trust_domain, upstream)
@@ -221,6 +220,29 @@ class Plane:
         self._stops.append(admin.stop)
         admin.set_ready()
 
+    def _config_store(self, state_dir: Path) -> Any:
+        """The store, fed by the files (invalid documents are logged and skipped) or by the API server."""
+        from mgmt.store import ConfigStore
+
+        a = self.args
+        if a.source == "files":
+            store = ConfigStore(a.config_dir, state_dir, trust_domain=a.trust_domain)
+            for err in store.load():
+                print(f"mgmt: skipped invalid document: {err}", file=sys.stderr, flush=True)
+            return store
+        from mgmt.kube.client import api_client
+        from mgmt.kube.source import KubeSource
+
+        store = ConfigStore(None, state_dir, trust_domain=a.trust_domain)
+        source = KubeSource(api_client(a.kubeconfig), store)
+        source.start()
+        self._stops.append(source.stop)
+        if not source.wait_synced(KUBE_SYNC_TIMEOUT_S):
+            raise UsageError(
+                f"the Kubernetes API was not listed within {KUBE_SYNC_TIMEOUT_S:.0f} s (see the log)"
+            )
+        return store
+
     def stop(self) -> None:
         while self._stops:
             try:
@@ -231,7 +253,16 @@ class Plane:
 
 def add_mgmt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("mgmt", help="run the management plane (or `ambit mgmt token` for a join token)")
-    p.add_argument("--config-dir", help="directory of YAML resources (watched)")
+    p.add_argument(
+        "--source",
+        choices=["files", "kube"],
+        default="files",
+        help="config from --config-dir (files) or from the Kubernetes API (kube; docs/kube.md)",
+    )
+    p.add_argument("--config-dir", help="directory of YAML resources (watched; --source files)")
+    p.add_argument(
+        "--kubeconfig", help="--source kube: kubeconfig file (default: in-cluster, then $KUBECONFIG)"
+    )
     p.add_argument("--state-dir", help="CA, join tokens and config version (private, 0700)")
     p.add_argument(
         "--trust-domain", default="cluster.local", help="SPIFFE trust domain (default %(default)s)"

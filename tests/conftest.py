@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.kube_fixtures import kube_api, kube_crds  # noqa: F401 (the session's real API server, for every test dir)
+from tests.kube_fixtures import kube_api, kube_crds  # noqa: F401 (the session's real API server)
 
 if TYPE_CHECKING:
     from agent.lab.plan import LabPlan

@@ -25,16 +25,20 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from agent import netns as nsx
 from agent.errors import UsageError
+
+T = TypeVar("T")
 
 BUILD_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "build-kube.sh"
 SERVICE_CIDR = "10.96.0.0/16"
@@ -137,13 +141,48 @@ def _issue_certs(work: Path) -> None:
     )
 
 
+@dataclass(frozen=True)
+class ApiAccess:
+    """What a client needs to reach the server; picklable, so a lab child in another netns can use it."""
+
+    url: str
+    ca_file: str
+    token: str
+
+    def client(self) -> Any:
+        """A `kubernetes.client.ApiClient` authenticated as the admin."""
+        from kubernetes import client
+
+        cfg = client.Configuration()
+        cfg.host = self.url
+        cfg.ssl_ca_cert = self.ca_file
+        cfg.api_key = {"authorization": self.token}
+        cfg.api_key_prefix = {"authorization": "Bearer"}
+        return client.ApiClient(cfg)
+
+
+def readyz(access: ApiAccess) -> str:
+    """Empty when /readyz answers 200, else why not."""
+    ctx = ssl.create_default_context(cafile=access.ca_file)
+    req = urllib.request.Request(f"{access.url}/readyz", headers={"Authorization": f"Bearer {access.token}"})
+    try:
+        with urllib.request.urlopen(req, context=ctx, timeout=2) as resp:
+            return "" if resp.status == 200 else f"HTTP {resp.status}"
+    except OSError as exc:
+        return str(exc)
+
+
 @dataclass
 class ApiServer:
-    """etcd + kube-apiserver on loopback; `start()` waits for /readyz, `restart_apiserver()` keeps etcd."""
+    """etcd + kube-apiserver on loopback; `start()` waits for /readyz, `restart_apiserver()` keeps etcd.
+
+    With `netns`, both run inside that network namespace (the lab's fabric, where its plane runs) on the
+    well-known ports; clients then reach it only from inside (see `access` and `in_netns`)."""
 
     work: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ambit-kube-", dir=_tmpfs())))
     port: int = 0
     token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    netns: str | None = None
     _etcd: subprocess.Popen[bytes] | None = None
     _apiserver: subprocess.Popen[bytes] | None = None
     _etcd_port: int = 0
@@ -170,8 +209,9 @@ class ApiServer:
         os.chmod(self.work, 0o700)
         _issue_certs(self.work)
         _write_private(self.work / "tokens.csv", f'{self.token},{ADMIN_USER},1,"system:masters"\n'.encode())
-        self._etcd_port = free_port()
-        peer = free_port()
+        # A fresh namespace has every port free; on the host, ask the kernel for unused ones.
+        self._etcd_port = 2379 if self.netns else free_port()
+        peer = 2380 if self.netns else free_port()
         etcd_url = f"http://127.0.0.1:{self._etcd_port}"
         self._etcd = self._spawn(
             "etcd",
@@ -188,7 +228,7 @@ class ApiServer:
                 "--log-level=warn",
             ],
         )
-        self.port = self.port or free_port()
+        self.port = self.port or (6443 if self.netns else free_port())
         self._write_kubeconfig()
         self._start_apiserver()
         return self
@@ -196,6 +236,10 @@ class ApiServer:
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.work / f"{name}.log", "ab")  # noqa: SIM115 (the child owns it from here)
         try:
+            if self.netns:
+                return nsx.popen_in(
+                    self.netns, argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
             return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         finally:
             log.close()
@@ -223,26 +267,28 @@ class ApiServer:
         self.wait_ready()
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
-        ctx = ssl.create_default_context(cafile=str(self.ca_file))
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
             for name, proc in (("etcd", self._etcd), ("kube-apiserver", self._apiserver)):
                 if proc is not None and proc.poll() is not None:
                     raise RuntimeError(f"{name} exited ({proc.returncode}): {self._log_tail(name)}")
-            req = urllib.request.Request(
-                f"{self.url}/readyz", headers={"Authorization": f"Bearer {self.token}"}
-            )
-            try:
-                with urllib.request.urlopen(req, context=ctx, timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError as exc:
-                last = str(exc)
+            last = self.in_netns(readyz, self.access)
+            if not last:
+                return
             time.sleep(0.2)
         raise RuntimeError(
             f"kube-apiserver not ready after {timeout:.0f} s ({last}): {self._log_tail('kube-apiserver')}"
         )
+
+    def in_netns(self, fn: Callable[..., T], *args: Any) -> T:  # type: ignore[type-var]
+        """fn(*args) where the server is reachable: here, or in a child inside `netns`."""
+        return nsx.run_in(self.netns, fn, *args) if self.netns else fn(*args)
+
+    @property
+    def pids(self) -> dict[str, int]:
+        procs = (("etcd", self._etcd), ("kube-apiserver", self._apiserver))
+        return {name: p.pid for name, p in procs if p is not None}
 
     def _log_tail(self, name: str) -> str:
         try:
@@ -274,8 +320,11 @@ current-context: testbed
         self._apiserver = None
 
     def restart_apiserver(self) -> None:
-        """Stop kube-apiserver and start it again on the same port and etcd (clients see a broken watch)."""
-        self.stop_apiserver()
+        """Kill kube-apiserver and start it again on the same port and etcd (clients see broken watches)."""
+        if self._apiserver is not None:
+            self._apiserver.kill()  # a crash: no graceful close of the watches (which takes 10+ s anyway)
+            self._apiserver.wait()
+        self._apiserver = None
         self._start_apiserver()
 
     def stop(self) -> None:
@@ -284,32 +333,33 @@ current-context: testbed
         self._etcd = None
         shutil.rmtree(self.work, ignore_errors=True)
 
-    def client(self) -> Any:
-        """A `kubernetes.client.ApiClient` authenticated as the admin."""
-        from kubernetes import client
+    @property
+    def access(self) -> ApiAccess:
+        return ApiAccess(self.url, str(self.ca_file), self.token)
 
-        cfg = client.Configuration()
-        cfg.host = self.url
-        cfg.ssl_ca_cert = str(self.ca_file)
-        cfg.api_key = {"authorization": self.token}
-        cfg.api_key_prefix = {"authorization": "Bearer"}
-        return client.ApiClient(cfg)
+    def client(self) -> Any:
+        """A `kubernetes.client.ApiClient` authenticated as the admin (from this namespace)."""
+        return self.access.client()
 
     def kubectl_run(
         self, *args: str, stdin: str | None = None, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
-        """The pinned kubectl against this server (never the machine's own)."""
-        return subprocess.run(
+        """The pinned kubectl against this server (not the machine's own); `check` raises with its stderr."""
+        netns = self.netns
+        out = subprocess.run(
             [str(self.kubectl), f"--kubeconfig={self.kubeconfig}", *args],
+            preexec_fn=(lambda: nsx.enter(netns)) if netns else None,
             input=stdin,
             capture_output=True,
             text=True,
             timeout=60,
-            check=check,
         )
+        if check and out.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)}: exit {out.returncode}: {out.stderr.strip()}")
+        return out
 
 
-def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 3.0) -> None:
     if proc is None or proc.poll() is not None:
         return
     proc.terminate()

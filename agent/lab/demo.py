@@ -125,12 +125,19 @@ def _steps(plan: LabPlan, progress: Progress) -> list[str]:
     return failures
 
 
-def run_demo(prefix: str, progress: Progress) -> int:
+def run_demo(prefix: str, progress: Progress, kube: bool = False) -> int:
+    """`kube`: workloads and the policy come from a real API server (agent/lab/kubedemo.py)."""
     plan = plan_lab(2, 2, prefix)
     lab = control.up(plan, progress)
     try:
         print(render(control.status_rows(lab), "table", ["kind", "name", "node", "ip", "netns", "state"]))
-        failures = _steps(plan, progress)
+        if kube:
+            from agent.lab import kubedemo, kubelab
+
+            kubelab.up(plan, progress)
+            failures = kubedemo.steps(plan, progress)
+        else:
+            failures = _steps(plan, progress)
     except Exception as exc:
         progress(f"demo failed: {exc}")
         _show_logs(plan)

@@ -159,15 +159,18 @@ def start_plane(plan: LabPlan, progress: Callable[[str], None]) -> Path:
     if not config.exists():
         write_config(plan)
     log = rd / "logs" / "mgmt.log"
-    progress(f"management plane on {plan.mgmt_ip}:{RELAY_PORT} (config {config})")
+    from agent.lab import kubelab  # kubelab builds on this module
+
+    source = "the lab's API server" if kubelab.active(plan.prefix) else config
+    progress(f"management plane on {plan.mgmt_ip}:{RELAY_PORT} (config from {source})")
     control.start_process(
         plan.prefix,
         "mgmt",
         plan.fabric_netns,
         _ambit(
             "mgmt",
-            "--config-dir",
-            str(config),
+            # A lab brought up with --kube reads its config from the lab's API server instead.
+            *(kubelab.plane_source_args(plan.prefix) or ["--config-dir", str(config)]),
             "--state-dir",
             str(mgmt_state),
             "--trust-domain",
