@@ -47,8 +47,7 @@ def authored(obj: Mapping[str, Any], namespace: str = "") -> dict[str, Any]:
 
 
 def _principal_problem(value: str) -> str | None:
-    if value.startswith("spiffe://"):
-        return "write principals without the spiffe:// scheme, as in Istio (<td>/ns/<ns>/sa/<sa>)"
+    # api.resources already refused the spiffe:// scheme.
     if "*" in value:
         return None  # a prefix or suffix pattern (api.resources checked the wildcard's place)
     parts = value.split("/")

@@ -128,7 +128,7 @@ class Validator:
         namespace = request.get("namespace") or ""
         where = f"{obj.get('kind')} {namespace + '/' if namespace else ''}{request.get('name') or ''}"
         try:
-            check_policy(obj, self.trust_domain, namespace if isinstance(namespace, str) else "")
+            policy = check_policy(obj, self.trust_domain, namespace if isinstance(namespace, str) else "")
         except PolicyRejected as exc:
             self.count("rejected")
             self.count(f"rejected_{obj.get('kind')}")
@@ -139,7 +139,8 @@ class Validator:
             log.exception("checking %s failed", where)
             return _admission_response(uid, f"internal error while checking the object: {exc}")
         self.count("allowed")
-        return _admission_response(uid, None)
+        # What the node enforces differently from Istio (L7 attributes, targetRefs): kubectl prints these.
+        return _admission_response(uid, None, list(getattr(policy, "warnings", ())))
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

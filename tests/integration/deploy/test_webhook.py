@@ -136,7 +136,7 @@ def test_valid_objects_are_allowed(webhook: tuple[WebhookServer, CertificateAuth
         (_rego("package ambit\nauthz := ab sent("), "module does not compile"),
         (
             _authz({"rules": [{"from": [{"source": {"principals": ["spiffe://cluster.local/ns/a/sa/b"]}}]}]}),
-            "without the spiffe:// scheme",
+            "without 'spiffe://'",
         ),
         (
             _authz({"rules": [{"from": [{"source": {"principals": ["cluster.local/ns/a"]}}]}]}),
@@ -146,8 +146,7 @@ def test_valid_objects_are_allowed(webhook: tuple[WebhookServer, CertificateAuth
         (_authz({"rules": [{"when": [{"key": "source.principal", "values": ["nope"]}]}]}), "when[0]"),
         (_authz({"selector": {"matchLabels": {"bad key!": "x"}}}), "label key"),
         (_authz({"selector": {"matchLabels": {"app": "-bad-"}}}), "label value"),
-        (_authz({"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}), "L7 attribute"),
-        (_authz({"action": "CUSTOM", "provider": {"name": "ext"}}), "CUSTOM"),
+        (_authz({"action": "CUSTOM", "provider": {"name": "ext"}}), "CUSTOM action without rules"),
     ],
 )
 def test_invalid_objects_are_refused_with_the_reason(
@@ -159,6 +158,15 @@ def test_invalid_objects_are_refused_with_the_reason(
     assert response["status"]["code"] == 422
     assert reason in response["status"]["message"]
     assert server.counters()["rejected"] == 1
+
+
+def test_what_the_node_enforces_differently_comes_back_as_warnings(
+    webhook: tuple[WebhookServer, CertificateAuthority],
+) -> None:
+    server, ca = webhook
+    response = _verdict(server.port, ca, _authz({"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}))
+    assert response["allowed"] is True
+    assert response["warnings"] and any("methods" in w for w in response["warnings"])
 
 
 def test_delete_is_allowed_and_bad_requests_are_http_errors(
