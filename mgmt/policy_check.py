@@ -16,9 +16,9 @@ from typing import Any
 
 from api.resources import ResourceError, load_kinds, parse
 from api.resources.policy import AuthorizationPolicy, Source
+from mgmt.documents import normalized
 
 POLICY_KINDS = frozenset({"AuthorizationPolicy", "PeerAuthentication", "RegoPolicy", "MeshConfig"})
-AUTHORED_METADATA = ("name", "namespace", "labels", "annotations")
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -30,19 +30,13 @@ class PolicyRejected(ValueError):
     """The object is not acceptable; the message says which field and why."""
 
 
-def authored(obj: Mapping[str, Any], namespace: str = "") -> dict[str, Any]:
-    """The object as its author wrote it: what the API server adds (status, uid, managedFields...) dropped.
-
-    `namespace` fills metadata.namespace when the object does not carry it (an AdmissionReview names it in
-    the request).
-    """
-    md = obj.get("metadata")
-    md = md if isinstance(md, Mapping) else {}
-    meta = {k: md[k] for k in AUTHORED_METADATA if k in md}
-    if namespace and "namespace" not in meta:
-        meta["namespace"] = namespace
-    doc = {k: obj[k] for k in ("apiVersion", "kind", "spec") if k in obj}
-    doc["metadata"] = meta
+def authored(obj: Mapping[str, Any], namespace: str = "") -> Any:
+    """The object as its author wrote it (mgmt/documents: server-owned fields dropped); `namespace` fills
+    metadata.namespace when the object does not carry it (an AdmissionReview names it in the request)."""
+    doc = normalized(dict(obj))
+    md = doc.get("metadata") if isinstance(doc, dict) else None
+    if namespace and isinstance(md, dict) and not md.get("namespace"):
+        md["namespace"] = namespace
     return doc
 
 
