@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
@@ -90,17 +89,21 @@ def test_cluster_role_grants_what_the_plane_uses_and_nothing_else(
     try:
         user = f"system:serviceaccount:{ns}:ambit-mgmt"
 
+        from kubernetes import client
+
+        authz = client.AuthorizationV1Api(kube_api.client())
+
         def can(verb: str, resource: str, subresource: str = "") -> bool:
             # A SubjectAccessReview, as the authorizer answers it (no discovery as the impersonated user).
             name, _, group = resource.partition(".")
-            attrs = {"verb": verb, "resource": name, "group": group, "subresource": subresource}
-            review = {
-                "apiVersion": "authorization.k8s.io/v1",
-                "kind": "SubjectAccessReview",
-                "spec": {"user": user, "groups": ["system:serviceaccounts"], "resourceAttributes": attrs},
-            }
-            out = kube_api.kubectl_run("create", "-o", "json", "-f", "-", stdin=json.dumps(review))
-            return bool(json.loads(out.stdout)["status"].get("allowed"))
+            attrs = client.V1ResourceAttributes(
+                verb=verb, resource=name, group=group, subresource=subresource
+            )
+            spec = client.V1SubjectAccessReviewSpec(
+                user=user, groups=["system:serviceaccounts"], resource_attributes=attrs
+            )
+            review = authz.create_subject_access_review(client.V1SubjectAccessReview(spec=spec))
+            return bool(review.status.allowed)
 
         # The authorizer sees new roles through its own informer: wait until it has this one.
         assert wait_until(lambda: can("watch", "pods"), 10.0)
@@ -130,3 +133,17 @@ def test_cluster_role_grants_what_the_plane_uses_and_nothing_else(
             assert not can(verb, resource), f"may {verb} {resource}"
     finally:
         kube_api.kubectl_run("delete", "clusterrole,clusterrolebinding", ns, check=False)
+
+
+def test_rendered_command_lines_are_what_ambit_accepts(root_cert: Path) -> None:
+    # The chart and the CLI evolve apart; argparse is the judge of the flags the chart passes.
+    from agent.cli import build_parser
+
+    objs = _objects(render("ambit-system", root_cert))
+    plane_args = objs["Deployment/ambit-mgmt"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    plane = build_parser().parse_args(plane_args)
+    assert plane.source == "kube" and plane.kube_bootstrap == "ambit-system/ambit-agent/ambit-agent"
+    assert plane.webhook_dns == "ambit-mgmt.ambit-system.svc" and plane.ca_dir == "/etc/ambit/ca"
+    agent_args = objs["DaemonSet/ambit-agent"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    agent = build_parser().parse_args([a.replace("$(NODE_NAME)", "node-1") for a in agent_args])
+    assert agent.kube_token_file == "/var/run/secrets/ambit/token" and agent.join_token_file is None
