@@ -147,3 +147,22 @@ def test_rendered_command_lines_are_what_ambit_accepts(root_cert: Path) -> None:
     agent_args = objs["DaemonSet/ambit-agent"]["spec"]["template"]["spec"]["containers"][0]["args"]
     agent = build_parser().parse_args([a.replace("$(NODE_NAME)", "node-1") for a in agent_args])
     assert agent.kube_token_file == "/var/run/secrets/ambit/token" and agent.join_token_file is None
+
+
+def test_cluster_role_reads_exactly_what_the_kube_source_watches(root_cert: Path) -> None:
+    from mgmt.kube import source
+
+    watched = {
+        (t.group_version.rpartition("/")[0], t.plural)
+        for t in (source.NAMESPACES, source.PODS, source.SERVICES, source.ENDPOINT_SLICES, source.NODES)
+        + (source.REGO_POLICIES, source.MESH_CONFIGS)
+    } | {(source.ISTIO_SECURITY, plural) for _, plural in source.ISTIO_KINDS}
+    role = _objects(render("ambit-system", root_cert))["ClusterRole/ambit-mgmt"]
+    readable = {
+        (group, resource)
+        for rule in role["rules"]
+        if {"list", "watch"} <= set(rule["verbs"])
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+    }
+    assert readable == watched
