@@ -225,6 +225,7 @@ class Plane:
             webhook.start()
             self._stops.append(webhook.stop)
             counters["webhook"] = webhook.counters
+            print(f"mgmt: admission webhook on port {webhook.port}", file=sys.stderr, flush=True)
         admin = PlaneAdmin(relay, a.admin_listen or ADMIN_LISTEN, counters)
         try:
             admin.start()
@@ -235,6 +236,7 @@ class Plane:
             logging.getLogger("ambit.mgmt").warning("admin API not started on %s: %s", ADMIN_LISTEN, exc)
             return
         self._stops.append(admin.stop)
+        print(f"mgmt: admin on port {admin.port}", file=sys.stderr, flush=True)
         admin.set_ready()
 
     def _config_store(self, state_dir: Path) -> Any:
