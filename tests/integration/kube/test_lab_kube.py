@@ -7,8 +7,6 @@ absent from the API (its netns exists, like a pod whose sandbox is up before its
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,6 +20,7 @@ from agent.lab.plan import LabPlan, plan_lab
 from agent.lab.probe import ECHO_PORT, echo_roundtrip
 from agent.redirect.marks import HBONE_PORT
 from api.resources.workload import AMBIENT, DATAPLANE_LABEL
+from tests.conftest import live_connection
 
 pytestmark = pytest.mark.root
 LATE_POD = "pod-2-2"
@@ -115,14 +114,6 @@ def test_service_vip_with_named_target_port_is_reachable(kubelab_plan: LabPlan) 
 def test_kubectl_apply_of_a_deny_policy_closes_a_live_connection(kubelab_plan: LabPlan) -> None:
     plan = kubelab_plan
     src, dst = plan.pod("pod-1-2"), plan.pod("pod-2-1")
-    code = (
-        "import socket\n"
-        f"s=socket.create_connection(('{dst.ip}',{ECHO_PORT}),timeout=30)\n"
-        "s.sendall(b'hi'); assert s.recv(2)==b'hi'; print('up',flush=True)\n"
-        "s.settimeout(30)\n"
-        "try:\n  d=s.recv(10)\n  print('closed' if d==b'' else 'data',flush=True)\n"
-        "except OSError as e: print('closed',type(e).__name__,flush=True)\n"
-    )
     deny = {
         "apiVersion": "security.istio.io/v1",
         "kind": "AuthorizationPolicy",
@@ -133,14 +124,11 @@ def test_kubectl_apply_of_a_deny_policy_closes_a_live_connection(kubelab_plan: L
             "rules": [{"from": [{"source": {"principals": [mesh.principal("pod-1-2")]}}]}],
         },
     }
-    proc = nsx.popen_in(src.netns, [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "up"
-        kubelab.apply(plan, [deny])
-        proc.wait(timeout=10)
-        assert proc.stdout.read().startswith("closed")
+        with live_connection(src.netns, dst.ip, ECHO_PORT) as proc:
+            kubelab.apply(plan, [deny])
+            proc.wait(timeout=10)
+            assert proc.stdout is not None and proc.stdout.read().startswith("closed")
         assert _echo(plan, "pod-1-1", dst.ip, b"others still pass") == b"others still pass"
     finally:
-        proc.kill()
         kubelab.kubectl(plan, "delete", "authorizationpolicy", "-n", mesh.MESH_NAMESPACE, "deny-pod-1-2")
