@@ -59,7 +59,6 @@ class Handler(Protocol):
     def retain(self, rtype: ResourceType, names: set[str]) -> None:
         """A list ended: `names` (object_name) are all the objects of `rtype`; forget the others."""
 
-
     def apply(self, rtype: ResourceType, event: str, obj: dict[str, Any]) -> None: ...
 
 
