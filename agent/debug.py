@@ -141,6 +141,20 @@ def _cmd_log_level(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    # The plane's admin API, not the agent's: what every node ACKed or NACKed (mgmt/admin.py).
+    status, body = fetch(args.plane, "GET", "/debug/status")
+    if status == 0:
+        raise UsageError(f"cannot reach the plane's admin API at {args.plane}: {body} (--plane HOST:PORT)")
+    if status != 200:
+        raise UsageError(f"plane at {args.plane} answered HTTP {status}: {body[:200]}")
+    data = json.loads(body)
+    _show(data["nodes"] if args.output == "table" else data, args.output)
+    if args.output == "table":
+        print(f"\nplane config version {data['version']} ({data['content_hash'][:12]})")
+    return 0
+
+
 def add_debug_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from agent.lab.plan import DEFAULT_PREFIX
 
@@ -172,6 +186,12 @@ def add_debug_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[
         view = views.add_parser(name, help=text)
         view.add_argument("-o", "--output", choices=FORMATS, default="table")
         view.set_defaults(func=_cmd_view)
+    status = views.add_parser(
+        "status", help="per node: the config version it ACKed or NACKed (the plane's view)"
+    )
+    status.add_argument("--plane", default="127.0.0.1:15014", metavar="HOST:PORT", help="plane admin address")
+    status.add_argument("-o", "--output", choices=FORMATS, default="table")
+    status.set_defaults(func=_cmd_status)
     level = views.add_parser("log-level", help="show or set the agent's log level")
     level.add_argument("level", nargs="?", help="new level: critical|error|warning|info|debug")
     level.add_argument("-o", "--output", choices=FORMATS, default="table")

@@ -171,8 +171,10 @@ class Plane:
             self._stops.append(reloader.stop)
         tokens = JoinTokens(state_dir)
 
+        csr: list[Any] = []
+
         def add_csr_service(grpc_server: Any) -> None:
-            add_identity_service(grpc_server, ca, store, audit)
+            csr.append(add_identity_service(grpc_server, ca, store, audit))
 
         server = MgmtServer(
             store,
@@ -184,11 +186,14 @@ class Plane:
         )
         server.start()
         self._stops.append(server.stop)
-        bootstrap = BootstrapServer(ca, tokens, a.bootstrap_listen, audit)
+        bootstrap = BootstrapServer(ca, tokens, a.bootstrap_listen, audit, kube=self._kube_verifier())
         bootstrap.start()
         self._stops.append(bootstrap.stop)
         store.watch()
         self._stops.append(store.stop)
+        self._start_admission_and_admin(
+            ca, server.relay, {"csr": csr[0].counters, "bootstrap": bootstrap.counters}
+        )
         for node in a.join_token or ():
             print(f"join-token {node} {tokens.create(node)}", flush=True)
         print(
@@ -197,6 +202,40 @@ class Plane:
             file=sys.stderr,
             flush=True,
         )
+
+    def _kube_verifier(self) -> Any:
+        """With --kube-bootstrap: nodes may join with their agent pod's ServiceAccount token."""
+        a = self.args
+        if not a.kube_bootstrap:
+            return None
+        from mgmt.kube.client import api_client
+        from mgmt.kube_bootstrap import AgentPods, KubeNodeVerifier
+
+        return KubeNodeVerifier(api_client(a.kubeconfig), AgentPods.parse(a.kube_bootstrap))
+
+    def _start_admission_and_admin(self, ca: Any, relay: Any, counters: dict[str, Any]) -> None:
+        from mgmt.admin import ADMIN_LISTEN, PlaneAdmin
+
+        a = self.args
+        if a.webhook_listen:
+            from mgmt.webhook import WebhookServer
+
+            dns = tuple(d for d in a.webhook_dns.split(",") if d)
+            webhook = WebhookServer(ca, a.trust_domain, a.webhook_listen, dns)
+            webhook.start()
+            self._stops.append(webhook.stop)
+            counters["webhook"] = webhook.counters
+        admin = PlaneAdmin(relay, a.admin_listen or ADMIN_LISTEN, counters)
+        try:
+            admin.start()
+        except OSError as exc:
+            if a.admin_listen:  # asked for: the probes depend on it
+                raise UsageError(f"--admin-listen {a.admin_listen}: {exc}") from None
+            # The default port is taken (another plane on this host, a test): run without the admin API.
+            logging.getLogger("ambit.mgmt").warning("admin API not started on %s: %s", ADMIN_LISTEN, exc)
+            return
+        self._stops.append(admin.stop)
+        admin.set_ready()
 
     def _config_store(self, state_dir: Path) -> Any:
         """The store, fed by the files (invalid documents are logged and skipped) or by the API server."""
@@ -256,6 +295,25 @@ def add_mgmt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         "root-cert.pem and optionally cert-chain.pem (default: a self-signed root kept in --state-dir)",
     )
     p.add_argument("--audit-log", help="JSON-lines audit log of refused requests and joins")
+    p.add_argument(
+        "--admin-listen",
+        help="readiness, per-node ACK/NACK status (`ambit debug status`), counters (default 127.0.0.1:15014, "
+        "skipped with a warning when that port is taken)",
+    )
+    p.add_argument(
+        "--webhook-listen", help="serve the validating admission webhook (HTTPS) here, e.g. 0.0.0.0:15017"
+    )
+    p.add_argument(
+        "--webhook-dns",
+        default="",
+        help="comma-separated DNS names of the webhook certificate (the Service: ambit-mgmt.NS.svc)",
+    )
+    p.add_argument(
+        "--kube-bootstrap",
+        metavar="NS/SA/DAEMONSET",
+        help="admit nodes presenting the ServiceAccount token of a pod of this agent DaemonSet on that node "
+        "(TokenReview; --kubeconfig or in-cluster credentials), e.g. ambit-system/ambit-agent/ambit-agent",
+    )
     p.set_defaults(func=_cmd_run, verb=None)
     verbs = p.add_subparsers(dest="verb", metavar="VERB")
     token = verbs.add_parser("token", help="create a one-time join token for a node (prints it)")

@@ -123,19 +123,37 @@ class RelayService(relay_pb2_grpc.RelayServicer):
             return self._acked.get(node, 0)
 
     def rows(self) -> list[dict[str, Any]]:
+        """Per node, what it holds (like `istioctl proxy-status`): the version it ACKed, the last one it
+        NACKed and why, and a state against the plane's current version:
+
+        SYNCED (ACKed the current version), NACKED (rejected a version newer than what it ACKed: it runs
+        older config), STALE (connected, not yet at the current version), DISCONNECTED."""
+        current = self.store.version
         with self._lock:
             nodes = sorted({s.node for s in self._streams} | set(self._acked) | set(self._nacks))
             connected = {s.node for s in self._streams}
-            return [
-                {
-                    "node": n,
-                    "connected": n in connected,
-                    "acked_version": self._acked.get(n, 0),
-                    "peers": len(self._peers.get(n, ())),
-                    "last_nack": str(self._nacks[n].error) if n in self._nacks else "",
-                }
-                for n in nodes
-            ]
+            rows = []
+            for n in nodes:
+                acked = self._acked.get(n, 0)
+                nack = self._nacks.get(n)
+                if nack is not None and nack.version > acked:
+                    state = "NACKED"
+                elif n not in connected:
+                    state = "DISCONNECTED"
+                else:
+                    state = "SYNCED" if acked == current else "STALE"
+                rows.append(
+                    {
+                        "node": n,
+                        "state": state,
+                        "connected": n in connected,
+                        "acked_version": acked,
+                        "nacked_version": nack.version if nack else 0,
+                        "last_nack": nack.error if nack else "",
+                        "peers": len(self._peers.get(n, ())),
+                    }
+                )
+            return rows
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:

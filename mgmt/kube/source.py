@@ -7,7 +7,8 @@ into the document the file source would hold and parsed by the same code (mgmt/s
 sources give the store, the scope and the agents identical resources.
 
 Validity is per object, as in the file source: an invalid object is logged once per resourceVersion,
-counted, reported as a Warning Event on the object, and skipped; if an earlier version of it was valid,
+counted, reported as a Warning Event on the object and in its status (mgmt/policy_status: condition
+Accepted), and skipped; if an earlier version of it was valid,
 that version stays in force (a broken edit of a DENY policy keeps denying). Nothing is published before
 every type has been listed once: a plane that knew the workloads but not yet the policies would hand out
 an allow-everything view.
@@ -28,6 +29,8 @@ from typing import Any
 from mgmt.kube import translate
 from mgmt.kube.events import EventRecorder
 from mgmt.kube.reflector import Reflector, ResourceType, object_name
+from mgmt.policy_check import POLICY_KINDS, PolicyRejected, check_policy
+from mgmt.policy_status import StatusWriter
 from mgmt.store import ConfigError, ConfigStore, StoredResource, stored
 
 log = logging.getLogger("ambit.mgmt.kube")
@@ -95,6 +98,7 @@ class KubeSource:
         self._dirty = threading.Event()
         self._stop = threading.Event()
         self._events = EventRecorder(api_client) if events else None
+        self._status = StatusWriter(api_client) if events else None
         self._counters = {"invalid_objects": 0, "rejected_objects": 0, "publishes": 0}
         self.last_publish_at = 0.0  # monotonic time of the last publish (bench: event-to-version latency)
         self.reflectors = [Reflector(api_client, t, self) for t in watched_types(api_client)]
@@ -109,6 +113,8 @@ class KubeSource:
     def start(self) -> None:
         if self._events is not None:
             self._events.start()
+        if self._status is not None:
+            self._status.start()
         for r in self.reflectors:
             r.start()
         self._publisher.start()
@@ -135,6 +141,8 @@ class KubeSource:
         self._publisher.join(timeout=5)
         if self._events is not None:
             self._events.stop()
+        if self._status is not None:
+            self._status.stop()
 
     def counters(self) -> dict[str, int]:
         out = dict(self._counters)
@@ -143,6 +151,8 @@ class KubeSource:
                 out[f"{r.rtype.plural}_{k}"] = v
         if self._events is not None:
             out.update(self._events.counters)
+        if self._status is not None:
+            out.update(self._status.counters)
         return out
 
     def invalid(self) -> list[ConfigError]:
@@ -216,11 +226,28 @@ class KubeSource:
             self._invalid.pop(source, None)
             return
         res = stored(doc, source)
+        if kind in POLICY_KINDS:
+            res = self._checked_policy(res, doc, source, obj or {})
         if isinstance(res, ConfigError):
             self._reject(source, res, obj or {})
             return  # a last good version of `key`, if any, stays in _resources
         self._invalid.pop(source, None)
         self._resources[key] = res
+
+    def _checked_policy(
+        self, res: StoredResource | ConfigError, doc: dict[str, Any], source: str, obj: Mapping[str, Any]
+    ) -> StoredResource | ConfigError:
+        """A policy that parses but would not compile on the agents (a Rego module that does not build,
+        ...) is skipped like one that does not parse: otherwise every agent would NACK the whole version.
+        The verdict goes into the object's status either way."""
+        if not isinstance(res, ConfigError):
+            try:
+                check_policy(doc, self.store.trust_domain)
+            except PolicyRejected as exc:
+                res = ConfigError(source, str(exc), str(res.key))
+        if self._status is not None:
+            self._status.report(obj, res.reason if isinstance(res, ConfigError) else None)
+        return res
 
     def _reject(self, source: str, error: ConfigError, obj: Mapping[str, Any]) -> None:
         rv = str((obj.get("metadata") or {}).get("resourceVersion", ""))
