@@ -67,6 +67,9 @@ class _Stream:
 
 _WAKE = object()
 _CLOSED = object()
+# A missed lookup is watched this long (over the agents' 5 s negative cache), at most this many per node.
+MISS_WATCH_S = 30.0
+MAX_MISSES_PER_NODE = 1024
 
 
 class RelayService(relay_pb2_grpc.RelayServicer):
@@ -78,6 +81,10 @@ class RelayService(relay_pb2_grpc.RelayServicer):
         self._index = ScopeIndex(store.current)
         self._streams: set[_Stream] = set()  # guarded by _lock
         self._peers: dict[str, set[str]] = {}  # node -> peer workload keys it looked up
+        # node -> address -> monotonic deadline: lookups that found nothing. A workload that appears at
+        # that address later joins the node's subscription, so the node (which caches the miss) learns it
+        # by push rather than after its negative cache expires: a new pod speaks HBONE from its first SYN.
+        self._misses: dict[str, dict[str, float]] = {}
         self._acked: dict[str, int] = {}  # node -> last ACKed version
         self._nacks: dict[str, NackRecord] = {}  # node -> last NACK
         self._nonce = itertools.count(1)
@@ -157,9 +164,31 @@ class RelayService(relay_pb2_grpc.RelayServicer):
         index = ScopeIndex(snapshot)
         with self._lock:
             self._index = index
+            self._resolve_misses(index)
             streams = list(self._streams)
         for s in streams:
             s.inbox.put(_WAKE)
+
+    def _resolve_misses(self, index: ScopeIndex) -> None:
+        """Under the lock: addresses nodes missed that the new version has, become their peers."""
+        now = time.monotonic()
+        for node, misses in list(self._misses.items()):
+            local = index.local_keys(node)
+            for address, until in list(misses.items()):
+                keys = [k for k in index.lookup(address) if k not in local] if until > now else []
+                if until <= now or keys:
+                    del misses[address]
+                if keys:
+                    self._peers.setdefault(node, set()).update(keys)
+            if not misses:
+                del self._misses[node]
+
+    def _remember_miss(self, node: str, address: str) -> None:
+        with self._lock:
+            misses = self._misses.setdefault(node, {})
+            if len(misses) >= MAX_MISSES_PER_NODE and address not in misses:
+                del misses[min(misses, key=misses.__getitem__)]  # the oldest goes first
+            misses[address] = time.monotonic() + MISS_WATCH_S
 
     # -- identity --------------------------------------------------------------------------------------
     def _peer_node(self, context: grpc.ServicerContext, method: str) -> str:
@@ -342,6 +371,8 @@ class RelayService(relay_pb2_grpc.RelayServicer):
         peers = [k for k in keys if k not in local]
         if peers:
             self._add_peers(node, peers)
+        elif not keys:
+            self._remember_miss(node, request.address)
         out = relay_pb2.LookupResponse(version=index.snapshot.version)
         for k in keys:
             res = index.snapshot.resources[k] if k in local else index.peer_resource(k)

@@ -32,6 +32,7 @@ import yaml
 from api.resources import ResourceError, ResourceKey, key_of, load_kinds, parse
 from api.resources.workload import Workload
 from mgmt.documents import is_list, key_hint, normalized
+from mgmt.kube.translate import from_kubernetes
 
 log = logging.getLogger("ambit.mgmt.store")
 
@@ -212,8 +213,11 @@ def _parse_file(path: Path, stamp: tuple[int, int, int], read_at: float) -> _Fil
     except (OSError, UnicodeDecodeError) as exc:
         return _FileResult(stamp, read_at, (), (ConfigError(f"{path}:1", f"unreadable: {exc}"),), False)
     resources: list[StoredResource] = []
-    for line, doc in docs:
-        res = stored(doc, f"{path}:{line}")
+    for line, raw in docs:
+        native, translated = from_kubernetes(raw)
+        if native and translated is None:
+            continue  # a Kubernetes object that is not (yet) part of the mesh: a pending Pod, ...
+        res = stored(translated if native else raw, f"{path}:{line}")
         if isinstance(res, ConfigError):
             errors.append(res)
         else:

@@ -19,6 +19,7 @@ import ipaddress
 import os
 import secrets
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -240,7 +241,13 @@ class ApiServer:
                 return nsx.popen_in(
                     self.netns, argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
                 )
-            return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            return subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
         finally:
             log.close()
 
@@ -368,6 +375,14 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 3.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def _die_with_parent() -> None:
+    """A test session killed before its teardown must not leave an API server behind (PR_SET_PDEATHSIG).
+    Lab servers (netns) outlive `ambit lab up` on purpose: `ambit lab down` stops them."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def _tmpfs() -> str | None:

@@ -1,7 +1,8 @@
 """List + watch of one resource type, with client-go's informer semantics, over raw JSON.
 
-- List (paginated) gives the full set and a resourceVersion; the handler gets it as one `replace`, which
-  also stands for deletions that happened while we were not watching (a relist after a gap).
+- List (paginated) gives the full set and a resourceVersion: each object goes to the handler as it is
+  read (one page of 500 in memory at a time, not 5,000 pods), then `retain` names the whole set, which
+  stands for the deletions that happened while we were not watching (a relist after a gap).
 - Watch from that resourceVersion with bookmarks on: every event and bookmark moves the version forward,
   so a reconnect resumes exactly where the stream stopped (nothing missed, nothing replayed twice).
 - 410 Gone (the version was compacted away, or a restarted API server's watch cache does not reach back
@@ -20,7 +21,7 @@ import logging
 import random
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -55,9 +56,16 @@ class ResourceType:
 
 
 class Handler(Protocol):
-    def replace(self, rtype: ResourceType, items: list[dict[str, Any]]) -> None: ...
+    def retain(self, rtype: ResourceType, names: set[str]) -> None:
+        """A list ended: `names` (object_name) are all the objects of `rtype`; forget the others."""
 
     def apply(self, rtype: ResourceType, event: str, obj: dict[str, Any]) -> None: ...
+
+
+def object_name(obj: Mapping[str, Any]) -> str:
+    """`namespace/name`, or `name` for a cluster-scoped object."""
+    md = obj.get("metadata") or {}
+    return f"{md.get('namespace')}/{md.get('name')}" if md.get("namespace") else str(md.get("name"))
 
 
 class Gone(Exception):
@@ -127,7 +135,7 @@ class Reflector:
                 log.info("%s: resourceVersion %s is gone, relisting", self.rtype, self.resource_version)
                 need_list = True
             except Absent:
-                self.handler.replace(self.rtype, [])
+                self.handler.retain(self.rtype, set())
                 self.synced.set()
                 need_list = True
                 self._stop.wait(ABSENT_RECHECK_S)
@@ -164,7 +172,7 @@ class Reflector:
         raise ApiException(status=raw.status, reason=f"{raw.reason}: {body[:300]!r}")
 
     def _list(self) -> None:
-        items: list[dict[str, Any]] = []
+        names: set[str] = set()
         cont = ""
         while True:
             query: list[tuple[str, Any]] = [("limit", PAGE_SIZE)]
@@ -175,14 +183,16 @@ class Reflector:
                 page = json.loads(response.data)
             finally:
                 response.release_conn()
-            items.extend(page.get("items") or ())
+            for obj in page.get("items") or ():
+                names.add(object_name(obj))
+                self.handler.apply(self.rtype, "ADDED", obj)
             meta = page.get("metadata") or {}
             cont = meta.get("continue") or ""
             if not cont:
                 self.resource_version = str(meta.get("resourceVersion") or "")
                 break
         self.counters["lists"] += 1
-        self.handler.replace(self.rtype, items)
+        self.handler.retain(self.rtype, names)
         self.synced.set()
 
     def _watch(self) -> None:

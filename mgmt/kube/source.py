@@ -28,7 +28,7 @@ from typing import Any
 
 from mgmt.kube import translate
 from mgmt.kube.events import EventRecorder
-from mgmt.kube.reflector import Reflector, ResourceType
+from mgmt.kube.reflector import Reflector, ResourceType, object_name
 from mgmt.policy_check import POLICY_KINDS, PolicyRejected, check_policy
 from mgmt.policy_status import StatusWriter
 from mgmt.store import ConfigError, ConfigStore, StoredResource, stored
@@ -74,11 +74,6 @@ def watched_types(api_client: Any) -> list[ResourceType]:
     version = istio_version(api_client)
     istio = [ResourceType(kind, f"{ISTIO_SECURITY}/{version}", plural) for kind, plural in ISTIO_KINDS]
     return [NAMESPACES, PODS, SERVICES, ENDPOINT_SLICES, NODES, *istio, REGO_POLICIES, MESH_CONFIGS]
-
-
-def _name(obj: Mapping[str, Any]) -> str:
-    md = obj.get("metadata") or {}
-    return f"{md.get('namespace')}/{md.get('name')}" if md.get("namespace") else str(md.get("name"))
 
 
 @dataclass
@@ -165,29 +160,26 @@ class KubeSource:
             return [i.error for i in self._invalid.values()]
 
     # -- Reflector handler -----------------------------------------------------------------------------
-    def replace(self, rtype: ResourceType, items: list[dict[str, Any]]) -> None:
+    def retain(self, rtype: ResourceType, names: set[str]) -> None:
         with self._lock:
-            fresh = {_name(o) for o in items}
-            for gone in self._names.get(rtype.kind, set()) - fresh:
+            for gone in self._names.get(rtype.kind, set()) - names:
                 self._delete(rtype, gone)
-            for obj in items:
-                self._upsert(rtype, obj)
         self._dirty.set()
 
     def apply(self, rtype: ResourceType, event: str, obj: dict[str, Any]) -> None:
         with self._lock:
             if event == "DELETED":
-                self._delete(rtype, _name(obj))
+                self._delete(rtype, object_name(obj))
             else:
                 self._upsert(rtype, obj)
         self._dirty.set()
 
     # -- state (under the lock) ------------------------------------------------------------------------
     def _upsert(self, rtype: ResourceType, obj: Mapping[str, Any]) -> None:
-        name = _name(obj)
+        name = object_name(obj)
         self._names.setdefault(rtype.kind, set()).add(name)
         if rtype.kind == "Service":
-            self._services[name] = obj
+            self._services[name] = _slim(obj)
             self._set_service(name)
         elif rtype.kind == "EndpointSlice":
             owner = self._slice_owner(obj)
@@ -291,6 +283,18 @@ class KubeSource:
             self.store.publish(resources, errors)
             self._counters["publishes"] += 1
             self.last_publish_at = time.monotonic()
+
+
+def _slim(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """What is kept of an object between events: its spec and identity (no managedFields, no status)."""
+    md = obj.get("metadata") or {}
+    keep = ("name", "namespace", "labels", "uid", "resourceVersion")
+    return {
+        "apiVersion": obj.get("apiVersion"),
+        "kind": obj.get("kind"),
+        "metadata": {k: md[k] for k in keep if k in md},
+        "spec": obj.get("spec") or {},
+    }
 
 
 def _resource_key(kind: str, name: str) -> str:

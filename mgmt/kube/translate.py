@@ -132,3 +132,20 @@ def policy(obj: Mapping[str, Any]) -> dict[str, Any]:
     """A policy CRD object as its document (the Istio YAML a user applied, minus server state)."""
     doc: dict[str, Any] = normalized(dict(obj))
     return doc
+
+
+def from_kubernetes(raw: Any) -> tuple[bool, dict[str, Any] | None]:
+    """For the file source: (True, document or None) when `raw` is a core Kubernetes object in its own
+    shape (`kubectl get pods,services,nodes -o yaml`), translated as the Kubernetes source would;
+    (False, None) for anything else (ambit's own forms, which parse as they are). Named targetPorts need
+    EndpointSlices, which a file does not carry: those ports are left out."""
+    if not isinstance(raw, Mapping) or raw.get("apiVersion") != "v1":
+        return False, None
+    kind, spec = raw.get("kind"), raw.get("spec") or {}
+    if kind == "Pod":
+        return True, workload(raw)
+    if kind == "Service" and isinstance(spec, Mapping) and "addresses" not in spec:
+        return True, service(raw)
+    if kind == "Node" and isinstance(spec, Mapping) and "addresses" not in spec:
+        return True, node(raw)
+    return False, None

@@ -192,3 +192,18 @@ def test_watches_resume_after_an_apiserver_restart(kube_plane: KubePlane) -> Non
         )
         assert snap is not None
     assert kube_plane.source.counters()["pods_watches"] > watches
+
+
+def test_a_pod_appearing_at_an_address_a_node_missed_is_pushed_to_it(kube_plane: KubePlane) -> None:
+    """A node that looked up an IP before its pod ran holds the miss in a 5 s negative cache; the plane
+    remembers the miss and pushes the workload when it appears, so the first connection speaks HBONE."""
+    api = kube_plane.api.client()
+    ns = unique("ns")
+    kube.ensure_namespace(api, ns, AMBIENT_LABELS)
+    client_node, server_node = _node(kube_plane, "172.31.0.5"), _node(kube_plane, "172.31.0.6")
+    with relay_client(kube_plane.target, kube_plane.ca, client_node) as (client, rec):
+        assert rec.wait_for(lambda s: server_node in s.nodes, SYNC_TIMEOUT) is not None
+        assert client.lookup("10.250.4.5") is None
+        _pod(kube_plane, ns, "late-0", server_node, "10.250.4.5")
+        snap = rec.wait_for(_has_workload(f"{ns}/late-0", "10.250.4.5"), SYNC_TIMEOUT)
+        assert snap is not None and snap.workloads[f"{ns}/late-0"].node == server_node

@@ -209,3 +209,52 @@ items:
     assert res.where.endswith("from-cluster.yaml:5")
     assert b"managedFields" not in res.document and b"last-applied" not in res.document
     assert "Namespace/extra" in store.current.resources
+
+
+def test_accepts_core_kubernetes_objects_as_kubectl_prints_them(tmp_path: Path) -> None:
+    """`kubectl get pods,services,nodes -o yaml` into the config dir: translated as the Kubernetes source
+    does (a Running pod with an IP is a Workload, a pending one is not; Services by cluster IP)."""
+    store = _store(tmp_path)
+    store.load()
+    (tmp_path / "config" / "cluster-dump.yaml").write_text(
+        """apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: api-0, namespace: demo, labels: {app: api}, uid: a, resourceVersion: "9"}
+  spec:
+    nodeName: node-1
+    serviceAccountName: api
+    containers: [{name: c, image: x, ports: [{containerPort: 9000, protocol: TCP}]}]
+  status: {phase: Running, podIP: 10.244.1.77, podIPs: [{ip: 10.244.1.77}]}
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: api-1, namespace: demo}
+  spec: {nodeName: node-1, containers: [{name: c, image: x}]}
+  status: {phase: Pending}
+- apiVersion: v1
+  kind: Service
+  metadata: {name: api, namespace: demo}
+  spec:
+    type: ClusterIP
+    clusterIP: 10.96.0.77
+    clusterIPs: [10.96.0.77]
+    selector: {app: api}
+    sessionAffinity: None
+    ports: [{name: http, port: 80, protocol: TCP, targetPort: 9000}]
+  status: {loadBalancer: {}}
+- apiVersion: v1
+  kind: Node
+  metadata: {name: node-9, labels: {kubernetes.io/os: linux}}
+  spec: {podCIDR: 10.244.9.0/24, podCIDRs: [10.244.9.0/24], providerID: "x"}
+  status: {addresses: [{type: InternalIP, address: 172.30.0.9}, {type: Hostname, address: node-9}]}
+"""
+    )
+    assert store.load() == []
+    w = store.current.resources["Workload/demo/api-0"].obj
+    assert (w.node, w.service_account, w.ips, w.ports) == ("node-1", "api", ("10.244.1.77",), (9000,))
+    assert "Workload/demo/api-1" not in store.current.resources
+    svc = store.current.resources["Service/demo/api"].obj
+    assert svc.addresses == ("10.96.0.77",) and [(p.port, p.target_port) for p in svc.ports] == [(80, 9000)]
+    assert store.current.resources["Node/node-9"].obj.addresses == ("172.30.0.9",)
