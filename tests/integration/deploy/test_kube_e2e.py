@@ -125,3 +125,8 @@ def test_agent_joins_with_its_pod_token_and_syncs(
     with urllib.request.urlopen(f"http://127.0.0.1:{plane['admin']}/debug/counters", timeout=10) as resp:
         counters = json.loads(resp.read())
     assert counters["bootstrap"]["joined"] == 1 and counters["bootstrap"]["refused_permission_denied"] == 1
+    # The same port is the plane's Prometheus endpoint (istiod's 15014).
+    with urllib.request.urlopen(f"http://127.0.0.1:{plane['admin']}/metrics", timeout=10) as resp:
+        metrics = resp.read().decode()
+    assert 'ambit_mgmt_joins_total{result="joined"} 1.0' in metrics
+    assert f'ambit_mgmt_node_connected{{node="{node_a}"}} 0.0' in metrics
