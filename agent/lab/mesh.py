@@ -194,14 +194,15 @@ def config_dir(prefix: str) -> Path:
 
 
 def config_problems(directory: str | Path) -> list[dict[str, str]]:
-    """What the plane would reject in `directory` (empty when it accepts it), as `where`/`reason` rows."""
+    """What the plane would reject in `directory` (empty when it accepts all of it), as `where`/`reason`
+    rows: since documents are valid one by one, those it skips (the rest applies)."""
     from mgmt.store import ConfigLoadError, read_config
 
     try:
-        read_config(Path(directory))
+        _, errors = read_config(Path(directory))
     except ConfigLoadError as exc:
-        return [{"where": e.where, "reason": e.reason} for e in exc.errors]
-    return []
+        errors = exc.errors
+    return [{"where": e.where, "reason": e.reason} for e in errors]
 
 
 def status_rows(prefix: str) -> list[dict[str, str]]:
