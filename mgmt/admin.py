@@ -1,5 +1,6 @@
-"""The plane's admin HTTP (port 15014, istiod's monitoring port): readiness and what each node holds.
+"""The plane's admin HTTP (port 15014, istiod's monitoring port): metrics, readiness, what each node holds.
 
+  GET /metrics         Prometheus text (mgmt/metrics.py; also at /stats/prometheus)
   GET /healthz/ready   200 once the plane serves (the chart's probes)
   GET /debug/status    the config version and, per node, the version it ACKed or NACKed (`ambit debug
                        status`, like `istioctl proxy-status`)
@@ -16,6 +17,9 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
 from agent.observe.servers import READY_PATH, HttpService, Request, Response
 from mgmt.relay_service import RelayService
 
@@ -23,6 +27,7 @@ ADMIN_PORT = 15014
 ADMIN_LISTEN = f"127.0.0.1:{ADMIN_PORT}"
 STATUS_PATH = "/debug/status"
 COUNTERS_PATH = "/debug/counters"
+METRICS_PATHS = ("/metrics", "/stats/prometheus")
 
 
 def _json(status: int, value: Any) -> Response:
@@ -40,8 +45,10 @@ class PlaneAdmin(HttpService):
         relay: RelayService,
         listen: str = ADMIN_LISTEN,
         counters: Mapping[str, Callable[[], Mapping[str, int]]] | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self._relay = relay
+        self._registry = registry
         self._counters = {"relay": relay.counters, **(counters or {})}
         self._ready = threading.Event()
         super().__init__("mgmt-admin", listen, self._serve)
@@ -57,8 +64,14 @@ class PlaneAdmin(HttpService):
             return _json(200 if ready else 503, {"ready": ready})
         if req.path == STATUS_PATH:
             return _json(200, plane_status(self._relay))
+        if req.path in METRICS_PATHS and self._registry is not None:
+            return Response(200, generate_latest(self._registry), CONTENT_TYPE_LATEST)
         if req.path == COUNTERS_PATH:
             return _json(200, {name: dict(get()) for name, get in self._counters.items()})
         return _json(
-            404, {"error": f"no endpoint {req.path}", "endpoints": [READY_PATH, STATUS_PATH, COUNTERS_PATH]}
+            404,
+            {
+                "error": f"no endpoint {req.path}",
+                "endpoints": [*METRICS_PATHS, READY_PATH, STATUS_PATH, COUNTERS_PATH],
+            },
         )

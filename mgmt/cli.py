@@ -125,14 +125,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return _cmd_rotate_root(args)
     if not args.state_dir or (args.source == "files" and not args.config_dir):
         raise UsageError("ambit mgmt needs --state-dir, and --config-dir with --source files")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from api import logformat
+
+    logformat.configure("info", args.log_format)
     plane = Plane(args)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
         plane.start()
-        stop.wait()
+        # Timed waits: a signal the kernel hands to another thread runs its Python handler only once the
+        # main thread executes bytecode again.
+        while not stop.wait(0.2):
+            pass
     finally:
         plane.stop()
     return 0
@@ -153,6 +158,7 @@ class Plane:
         from mgmt.ca import CAError
         from mgmt.identity_service import add_identity_service
         from mgmt.join_tokens import JoinTokens
+        from mgmt.metrics import PlaneCollector, PlaneMetrics
         from mgmt.server import MgmtServer
 
         a = self.args
@@ -172,10 +178,10 @@ class Plane:
             self._stops.append(reloader.stop)
         tokens = JoinTokens(state_dir)
 
-        csr: list[Any] = []
+        csr_services: list[Any] = []
 
         def add_csr_service(grpc_server: Any) -> None:
-            csr.append(add_identity_service(grpc_server, ca, store, audit))
+            csr_services.append(add_identity_service(grpc_server, ca, store, audit))
 
         server = MgmtServer(
             store,
@@ -192,10 +198,13 @@ class Plane:
         self._stops.append(bootstrap.stop)
         store.watch()
         self._stops.append(store.stop)
+        csr = csr_services[0].counters
+        metrics = PlaneMetrics(PlaneCollector(store, server.relay, ca, csr, bootstrap.counters))
         self._start_admission_and_admin(
             ca,
             server.relay,
-            {"csr": csr[0].counters, "bootstrap": bootstrap.counters, **self._config_counters},
+            {"csr": csr, "bootstrap": bootstrap.counters, **self._config_counters},
+            metrics.registry,
         )
         for node in a.join_token or ():
             print(f"join-token {node} {tokens.create(node)}", flush=True)
@@ -216,7 +225,9 @@ class Plane:
 
         return KubeNodeVerifier(api_client(a.kubeconfig), AgentPods.parse(a.kube_bootstrap))
 
-    def _start_admission_and_admin(self, ca: Any, relay: Any, counters: dict[str, Any]) -> None:
+    def _start_admission_and_admin(
+        self, ca: Any, relay: Any, counters: dict[str, Any], registry: Any
+    ) -> None:
         from mgmt.admin import ADMIN_LISTEN, PlaneAdmin
 
         a = self.args
@@ -228,7 +239,8 @@ class Plane:
             webhook.start()
             self._stops.append(webhook.stop)
             counters["webhook"] = webhook.counters
-        admin = PlaneAdmin(relay, a.admin_listen or ADMIN_LISTEN, counters)
+            print(f"mgmt: admission webhook on port {webhook.port}", file=sys.stderr, flush=True)
+        admin = PlaneAdmin(relay, a.admin_listen or ADMIN_LISTEN, counters, registry)
         try:
             admin.start()
         except OSError as exc:
@@ -238,6 +250,7 @@ class Plane:
             logging.getLogger("ambit.mgmt").warning("admin API not started on %s: %s", ADMIN_LISTEN, exc)
             return
         self._stops.append(admin.stop)
+        print(f"mgmt: admin on port {admin.port}", file=sys.stderr, flush=True)
         admin.set_ready()
 
     def _config_store(self, state_dir: Path) -> Any:
@@ -275,7 +288,16 @@ class Plane:
 
 
 def add_mgmt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("mgmt", help="run the management plane (or `ambit mgmt token` for a join token)")
+    p = sub.add_parser(
+        "mgmt",
+        help="run the management plane (or `ambit mgmt token` for a join token)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  ambit mgmt --config-dir /etc/ambit/config --state-dir /var/lib/ambit/mgmt \\\n"
+        "      --admin-listen 0.0.0.0:15014 --log-format json\n"
+        "  ambit mgmt token --state-dir /var/lib/ambit/mgmt --node node1 --ttl 1h\n"
+        "  ambit mgmt rotate-root --state-dir /var/lib/ambit/mgmt --step prepare",
+    )
     p.add_argument(
         "--source",
         choices=["files", "kube"],
@@ -301,10 +323,14 @@ def add_mgmt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         "root-cert.pem and optionally cert-chain.pem (default: a self-signed root kept in --state-dir)",
     )
     p.add_argument("--audit-log", help="JSON-lines audit log of refused requests and joins")
+    p.add_argument("--log-format", default="text", choices=["text", "json"], help="stderr log: text or JSON")
     p.add_argument(
         "--admin-listen",
-        help="readiness, per-node ACK/NACK status (`ambit debug status`), counters (default 127.0.0.1:15014, "
-        "skipped with a warning when that port is taken)",
+        "--metrics-listen",
+        dest="admin_listen",
+        metavar="HOST:PORT",
+        help="istiod's 15014: Prometheus /metrics, readiness, per-node ACK/NACK status (`ambit debug "
+        "status`), counters (default 127.0.0.1:15014, skipped with a warning when that port is taken)",
     )
     p.add_argument(
         "--webhook-listen", help="serve the validating admission webhook (HTTPS) here, e.g. 0.0.0.0:15017"

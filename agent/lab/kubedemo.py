@@ -25,8 +25,7 @@ POLICY_TIMEOUT_S = 20.0
 def steps(plan: LabPlan, progress: Progress) -> list[str]:
     """The walk-through; returns the failed expectations (empty when all went as designed)."""
     failures: list[str] = []
-    mesh.up(plan, progress)
-    demo._start_http_server(plan)
+    mesh.up(plan, progress)  # also starts the HTTP server on pod-2-1 (demo.SERVER_POD)
     progress(kubelab.kubectl(plan, "get", "pods", "-n", mesh.MESH_NAMESPACE, "-o", "wide").rstrip())
     canary = "ambit-canary-" + secrets.token_hex(8)
     status, body = demo._request(plan, demo.DENIED_POD, canary)

@@ -84,3 +84,24 @@ def test_plane_writes_accepted_conditions_and_skips_what_would_not_compile(plane
     _wait_accepted(api, "authorizationpolicy", ns, "probe", "True", 1)
     _wait_accepted(api, "regopolicy", ns, "probe", "True", 1)
     assert plane.source.counters()["status_written"] == written + 3
+
+
+def test_cluster_scoped_mesh_config_gets_its_verdict(plane: KubePlane) -> None:
+    api = plane.api
+    name = unique("mesh")
+    doc = f"apiVersion: ambit.io/v1\nkind: MeshConfig\nmetadata: {{name: {name}}}\n"
+    doc += "spec: {trustDomain: other.td}\n"
+    api.kubectl_run("apply", "-f", "-", stdin=doc)
+    try:
+        got: dict[str, Any] = {}
+
+        def written() -> bool:
+            obj = json.loads(api.kubectl_run("get", "meshconfig", name, "-o", "json").stdout)
+            got.update(next(iter(obj.get("status", {}).get("conditions", [])), {}))
+            return got.get("status") == "False"
+
+        assert wait_until(written, TIMEOUT), got
+        assert "differs from this agent's trust domain" in got["message"]
+        assert f"MeshConfig/{name}" not in plane.store.current.resources
+    finally:
+        api.kubectl_run("delete", "meshconfig", name)

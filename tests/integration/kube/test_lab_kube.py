@@ -137,12 +137,12 @@ def test_kubectl_apply_of_a_deny_policy_closes_a_live_connection(kubelab_plan: L
 
 def test_plane_admin_api_counts_the_kube_source(kubelab_plan: LabPlan) -> None:
     """The plane (--source kube) reports its informers' and the store's counters on its admin port."""
-    from mgmt.admin import ADMIN_PORT
+    url = f"http://{kubelab_plan.mgmt_ip}:{mesh.PLANE_METRICS_PORT}/debug/counters"
 
     def get() -> str:
         import urllib.request
 
-        with urllib.request.urlopen(f"http://127.0.0.1:{ADMIN_PORT}/debug/counters", timeout=5) as resp:
+        with urllib.request.urlopen(url, timeout=5) as resp:
             return str(resp.read().decode())
 
     counters = json.loads(nsx.run_in(kubelab_plan.fabric_netns, get, timeout=10))

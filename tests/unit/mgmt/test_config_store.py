@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
+import pytest
 import yaml
 
 from mgmt.store import ConfigStore
@@ -258,3 +260,19 @@ items:
     svc = store.current.resources["Service/demo/api"].obj
     assert svc.addresses == ("10.96.0.77",) and [(p.port, p.target_port) for p in svc.ports] == [(80, 9000)]
     assert store.current.resources["Node/node-9"].obj.addresses == ("172.30.0.9",)
+
+
+def test_invalid_document_logged_once_until_it_changes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = _store(tmp_path)
+    store.load()
+    bad = tmp_path / "config" / "bad.yaml"
+    bad.write_text("kind: Nope\n")
+    with caplog.at_level(logging.ERROR, logger="ambit.mgmt.store"):
+        store.load()
+        store.load()  # what the watch's re-read of a file caught half-written does
+        assert len([r for r in caplog.records if "skipped invalid document" in r.message]) == 1
+        bad.write_text("kind: Nope2\n")
+        store.load()
+        assert len([r for r in caplog.records if "skipped invalid document" in r.message]) == 2
