@@ -137,15 +137,17 @@ def test_kubectl_apply_of_a_deny_policy_closes_a_live_connection(kubelab_plan: L
 
 def test_plane_admin_api_counts_the_kube_source(kubelab_plan: LabPlan) -> None:
     """The plane (--source kube) reports its informers' and the store's counters on its admin port."""
-    url = f"http://{kubelab_plan.mgmt_ip}:{mesh.PLANE_METRICS_PORT}/debug/counters"
+    base = f"http://{kubelab_plan.mgmt_ip}:{mesh.PLANE_METRICS_PORT}"
 
-    def get() -> str:
+    def get(path: str) -> str:
         import urllib.request
 
-        with urllib.request.urlopen(url, timeout=5) as resp:
+        with urllib.request.urlopen(base + path, timeout=5) as resp:
             return str(resp.read().decode())
 
-    counters = json.loads(nsx.run_in(kubelab_plan.fabric_netns, get, timeout=10))
+    counters = json.loads(nsx.run_in(kubelab_plan.fabric_netns, get, "/debug/counters", timeout=10))
     assert counters["kube"]["pods_lists"] >= 1 and counters["kube"]["pods_watches"] >= 1
     assert counters["kube"]["publishes"] >= 1
     assert counters["config"]["versions"] >= 1
+    metrics = nsx.run_in(kubelab_plan.fabric_netns, get, "/metrics", timeout=10)
+    assert "ambit_mgmt_config_rejected_documents_total" in metrics
