@@ -4,7 +4,7 @@
   GET /healthz/ready   200 once the plane serves (the chart's probes)
   GET /debug/status    the config version and, per node, the version it ACKed or NACKed (`ambit debug
                        status`, like `istioctl proxy-status`)
-  GET /debug/counters  relay, CSR, bootstrap and webhook counters
+  GET /debug/counters  relay, CSR, bootstrap, webhook and config-source (files or kube) counters
 
 Nothing here is secret (node names, versions, NACK messages): the chart binds it to the pod's address for
 the kubelet's probes; elsewhere it stays on loopback by default.

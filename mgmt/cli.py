@@ -149,6 +149,7 @@ class Plane:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self._stops: list[Any] = []
+        self._config_counters: dict[str, Any] = {}  # the config source's, for the admin API
 
     def start(self) -> None:
         from api.jsonlog import AuditLog
@@ -200,7 +201,10 @@ class Plane:
         csr = csr_services[0].counters
         metrics = PlaneMetrics(PlaneCollector(store, server.relay, ca, csr, bootstrap.counters))
         self._start_admission_and_admin(
-            ca, server.relay, {"csr": csr, "bootstrap": bootstrap.counters}, metrics.registry
+            ca,
+            server.relay,
+            {"csr": csr, "bootstrap": bootstrap.counters, **self._config_counters},
+            metrics.registry,
         )
         for node in a.join_token or ():
             print(f"join-token {node} {tokens.create(node)}", flush=True)
@@ -258,6 +262,7 @@ class Plane:
             store = ConfigStore(a.config_dir, state_dir, trust_domain=a.trust_domain)
             for err in store.load():
                 print(f"mgmt: skipped invalid document: {err}", file=sys.stderr, flush=True)
+            self._config_counters = {"config": store.counters}
             return store
         from mgmt.kube.client import api_client
         from mgmt.kube.source import KubeSource
@@ -266,6 +271,8 @@ class Plane:
         source = KubeSource(api_client(a.kubeconfig), store)
         source.start()
         self._stops.append(source.stop)
+        # invalid_objects, rejected_objects, per-type lists/relists/watches/errors, Events posted/dropped
+        self._config_counters = {"config": store.counters, "kube": source.counters}
         if not source.wait_synced(KUBE_SYNC_TIMEOUT_S):
             raise UsageError(
                 f"the Kubernetes API was not listed within {KUBE_SYNC_TIMEOUT_S:.0f} s (see the log)"

@@ -49,8 +49,13 @@ class PlaneCollector(Collector):
         )
         yield GaugeMetricFamily(
             "ambit_mgmt_config_errors",
-            "Problems in the config directory now (its last change was rejected; the last good stays)",
+            "Invalid config documents or Kubernetes objects now (each skipped; its last good version stays)",
             value=len(self.store.errors),
+        )
+        yield CounterMetricFamily(
+            "ambit_mgmt_config_rejected_documents",
+            "Distinct invalid documents or objects the config source skipped since start",
+            value=store.get("rejected_documents", 0),
         )
         yield _counter(
             "ambit_mgmt_config_loads",

@@ -2,7 +2,8 @@
 
 The mesh comes up with no policy: pod-1-2 reaches pod-2-1. Then `kubectl apply` of an Istio
 AuthorizationPolicy (only pod-1-1's identity may reach pod-2-1) changes live traffic: pod-1-2 is refused
-from then on, pod-1-1 still gets through over HBONE.
+from then on, pod-1-1 still gets through, over HBONE only (a capture of the node link never sees the
+request's canary in clear).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import time
 import yaml
 
 from agent.lab import demo, kubelab, mesh
+from agent.lab.capture import Capture
 from agent.lab.control import Progress
 from agent.lab.plan import LabPlan
+from agent.redirect.marks import HBONE_PORT
 
 POLICY_TIMEOUT_S = 20.0
 
@@ -43,8 +46,16 @@ def steps(plan: LabPlan, progress: Progress) -> list[str]:
              f"({body.strip()}), {took:.1f} s after the apply")  # fmt: skip
     if status != 0:
         failures.append(f"the applied policy did not deny {demo.DENIED_POD} within {POLICY_TIMEOUT_S:.0f} s")
+    src_node = plan.node(plan.pod(demo.ALLOWED_POD).node)
+    capture = Capture(plan.fabric_netns, src_node.fabric_ifname)
+    capture.start()
     status, body = demo._request(plan, demo.ALLOWED_POD, canary)
-    progress(f"{demo.ALLOWED_POD} -> {demo.SERVER_POD}: HTTP {status} {body.strip()!r}")
+    report = capture.stop(canary.encode(), {HBONE_PORT, mesh.APP_PORT})
+    hbone = report.ports.get(HBONE_PORT, 0)
+    progress(f"{demo.ALLOWED_POD} -> {demo.SERVER_POD}: HTTP {status} {body.strip()!r}; on {src_node.name}'s "
+             f"link {hbone} HBONE packets, canary in clear {report.needle_hits} times")  # fmt: skip
     if status != 200:
         failures.append(f"allowed request failed after the apply: {status} {body}")
+    if report.needle_hits or mesh.APP_PORT in report.ports or not report.ports.get(HBONE_PORT):
+        failures.append("the allowed request did not cross the node link as HBONE only")
     return failures

@@ -194,13 +194,13 @@ def config_dir(prefix: str) -> Path:
 
 
 def config_problems(directory: str | Path) -> list[dict[str, str]]:
-    """What the plane would reject in `directory` (empty when it accepts all of it), as `where`/`reason`
-    rows: since documents are valid one by one, those it skips (the rest applies)."""
+    """The documents the plane would reject in `directory` (empty when it takes them all), as
+    `where`/`reason` rows (the plane skips each of them and applies the rest)."""
     from mgmt.store import ConfigLoadError, read_config
 
     try:
         _, errors = read_config(Path(directory))
-    except ConfigLoadError as exc:
+    except ConfigLoadError as exc:  # no such directory
         errors = exc.errors
     return [{"where": e.where, "reason": e.reason} for e in errors]
 
@@ -222,7 +222,10 @@ def _report_config(prefix: str, progress: Callable[[str], None]) -> None:
     for p in problems:
         progress(f"config REJECTED by the plane: {p['where']}: {p['reason']}")
     if problems:
-        progress("the plane keeps its last good config; fix the file(s), then `ambit lab config check`")
+        progress(
+            "the plane applies the other documents and keeps the last good version of these objects; "
+            "fix the file(s), then `ambit lab config check`"
+        )
 
 
 def start_plane(plan: LabPlan, progress: Callable[[str], None]) -> Path:

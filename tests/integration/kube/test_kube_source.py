@@ -8,6 +8,7 @@ from __future__ import annotations
 from agent.lab import kube
 from agent.state import MeshSnapshot
 from api.resources.workload import AMBIENT, DATAPLANE_LABEL
+from mgmt.kube.reflector import Reflector, ResourceType
 from tests.kube_fixtures import SYNC_TIMEOUT, KubePlane, unique
 from tests.relay_fixtures import relay_client, wait_until
 
@@ -207,3 +208,29 @@ def test_a_pod_appearing_at_an_address_a_node_missed_is_pushed_to_it(kube_plane:
         _pod(kube_plane, ns, "late-0", server_node, "10.250.4.5")
         snap = rec.wait_for(_has_workload(f"{ns}/late-0", "10.250.4.5"), SYNC_TIMEOUT)
         assert snap is not None and snap.workloads[f"{ns}/late-0"].node == server_node
+
+
+class _Seen:
+    def __init__(self) -> None:
+        self.retained: list[set[str]] = []
+        self.applied: list[str] = []
+
+    def retain(self, rtype: ResourceType, names: set[str]) -> None:
+        self.retained.append(names)
+
+    def apply(self, rtype: ResourceType, event: str, obj: dict[str, object]) -> None:
+        self.applied.append(event)
+
+
+def test_a_type_whose_crd_is_not_installed_counts_as_listed_and_empty(kube_plane: KubePlane) -> None:
+    """A cluster without (say) ambit's CRDs still gets a plane: the absent type is empty, not a hang."""
+    seen = _Seen()
+    reflector = Reflector(
+        kube_plane.api.client(), ResourceType("Gadget", "gadgets.example.org/v1", "gadgets"), seen
+    )
+    reflector.start()
+    try:
+        assert reflector.synced.wait(SYNC_TIMEOUT)
+        assert seen.retained == [set()] and seen.applied == []
+    finally:
+        reflector.stop()

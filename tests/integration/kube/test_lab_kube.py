@@ -6,6 +6,7 @@ absent from the API (its netns exists, like a pod whose sandbox is up before its
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -132,3 +133,21 @@ def test_kubectl_apply_of_a_deny_policy_closes_a_live_connection(kubelab_plan: L
         assert _echo(plan, "pod-1-1", dst.ip, b"others still pass") == b"others still pass"
     finally:
         kubelab.kubectl(plan, "delete", "authorizationpolicy", "-n", mesh.MESH_NAMESPACE, "deny-pod-1-2")
+
+
+def test_plane_admin_api_counts_the_kube_source(kubelab_plan: LabPlan) -> None:
+    """The plane (--source kube) reports its informers' and the store's counters on its admin port."""
+    base = f"http://{kubelab_plan.mgmt_ip}:{mesh.PLANE_METRICS_PORT}"
+
+    def get(path: str) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(base + path, timeout=5) as resp:
+            return str(resp.read().decode())
+
+    counters = json.loads(nsx.run_in(kubelab_plan.fabric_netns, get, "/debug/counters", timeout=10))
+    assert counters["kube"]["pods_lists"] >= 1 and counters["kube"]["pods_watches"] >= 1
+    assert counters["kube"]["publishes"] >= 1
+    assert counters["config"]["versions"] >= 1
+    metrics = nsx.run_in(kubelab_plan.fabric_netns, get, "/metrics", timeout=10)
+    assert "ambit_mgmt_config_rejected_documents_total" in metrics

@@ -262,7 +262,7 @@ items:
     assert store.current.resources["Node/node-9"].obj.addresses == ("172.30.0.9",)
 
 
-def test_rejected_config_logged_once_until_it_changes(
+def test_invalid_document_logged_once_until_it_changes(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     store = _store(tmp_path)
@@ -271,7 +271,7 @@ def test_rejected_config_logged_once_until_it_changes(
     bad.write_text("kind: Nope\n")
     with caplog.at_level(logging.ERROR, logger="ambit.mgmt.store"):
         store.load()
-        store.load()  # what the watch's re-read of a tree with an invalid document does
+        store.load()  # what the watch's re-read of a file caught half-written does
         assert len([r for r in caplog.records if "skipped invalid document" in r.message]) == 1
         bad.write_text("kind: Nope2\n")
         store.load()
