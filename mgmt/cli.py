@@ -235,7 +235,11 @@ class Plane:
             from mgmt.webhook import WebhookServer
 
             dns = tuple(d for d in a.webhook_dns.split(",") if d)
-            webhook = WebhookServer(ca, a.trust_domain, a.webhook_listen, dns)
+
+            def mesh_configs() -> list[str]:
+                return [r.obj.meta.name for r in relay.store.current.of_kind("MeshConfig")]
+
+            webhook = WebhookServer(ca, a.trust_domain, a.webhook_listen, dns, mesh_configs)
             webhook.start()
             self._stops.append(webhook.stop)
             counters["webhook"] = webhook.counters

@@ -22,7 +22,7 @@ import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from agent.identity.svid import Svid, key_pem, new_key
@@ -87,8 +87,10 @@ def _admission_response(uid: str, problem: str | None, warnings: list[str] | Non
 class Validator:
     """AdmissionReview v1 in, AdmissionReview v1 out. Counted; rejections logged (rate-limited)."""
 
-    def __init__(self, trust_domain: str) -> None:
+    def __init__(self, trust_domain: str, mesh_configs: Callable[[], Iterable[str]] | None = None) -> None:
         self.trust_domain = trust_domain
+        # Names of the MeshConfigs in force: the mesh-wide settings must stay one object.
+        self._mesh_configs = mesh_configs or tuple
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
         self._last_log = 0.0
@@ -129,6 +131,13 @@ class Validator:
         where = f"{obj.get('kind')} {namespace + '/' if namespace else ''}{request.get('name') or ''}"
         try:
             policy = check_policy(obj, self.trust_domain, namespace if isinstance(namespace, str) else "")
+            if policy.kind == "MeshConfig":
+                others = sorted(set(self._mesh_configs()) - {policy.meta.name})
+                if others:
+                    raise PolicyRejected(
+                        f"MeshConfig {policy.meta.name}: MeshConfig {others[0]} already holds the mesh-wide "
+                        "settings; edit that one (two would be ambiguous, and every node would refuse both)"
+                    )
         except PolicyRejected as exc:
             self.count("rejected")
             self.count(f"rejected_{obj.get('kind')}")
@@ -234,9 +243,10 @@ class WebhookServer:
         trust_domain: str,
         listen: str = f"0.0.0.0:{WEBHOOK_PORT}",
         dns_names: tuple[str, ...] = (),
+        mesh_configs: Callable[[], Iterable[str]] | None = None,
     ) -> None:
         host, _, port = listen.rpartition(":")
-        self.validator = Validator(trust_domain)
+        self.validator = Validator(trust_domain, mesh_configs)
         self.tls = WebhookTls(ca, dns_names)
         self.tls.context()  # fail at start, not at the first review, if the CA cannot issue
         self._server = _HttpsServer((host.strip("[]") or "0.0.0.0", int(port)), self.tls, self.validator)

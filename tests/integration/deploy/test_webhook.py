@@ -222,3 +222,19 @@ def test_concurrent_connections_are_bounded(webhook: tuple[WebhookServer, Certif
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+def test_a_second_mesh_config_is_refused() -> None:
+    ca = CertificateAuthority.generate_root("cluster.local")
+    server = WebhookServer(ca, "cluster.local", "127.0.0.1:0", (SERVICE_DNS,), lambda: ["mesh"])
+    server.start()
+    try:
+
+        def mesh(name: str) -> dict[str, Any]:
+            return {"apiVersion": "ambit.io/v1", "kind": "MeshConfig", "metadata": {"name": name}, "spec": {}}
+
+        assert _verdict(server.port, ca, mesh("mesh"))["allowed"] is True  # an edit of the one in force
+        second = _verdict(server.port, ca, mesh("other"))
+        assert second["allowed"] is False and "MeshConfig mesh already holds" in second["status"]["message"]
+    finally:
+        server.stop()
