@@ -19,7 +19,6 @@ import ipaddress
 import os
 import secrets
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -41,6 +40,7 @@ from agent.errors import UsageError
 
 T = TypeVar("T")
 
+SETPRIV = "/usr/bin/setpriv"  # util-linux, on every Debian system
 BUILD_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "build-kube.sh"
 SERVICE_CIDR = "10.96.0.0/16"
 ADMIN_USER = "ambit-admin"
@@ -241,12 +241,15 @@ class ApiServer:
                 return nsx.popen_in(
                     self.netns, argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
                 )
+            # A test session killed before its teardown must not leave an API server behind: the child
+            # gets SIGKILL when its parent dies (PR_SET_PDEATHSIG, set by setpriv before it execs argv; no
+            # Python preexec_fn, which gRPC's fork handlers break). Lab servers (netns) outlive
+            # `ambit lab up` on purpose: `ambit lab down` stops them.
             return subprocess.Popen(
-                argv,
+                [SETPRIV, "--pdeathsig=KILL", *argv],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
             )
         finally:
             log.close()
@@ -352,18 +355,20 @@ current-context: testbed
         self, *args: str, stdin: str | None = None, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
         """The pinned kubectl against this server (not the machine's own); `check` raises with its stderr."""
-        netns = self.netns
-        out = subprocess.run(
-            [str(self.kubectl), f"--kubeconfig={self.kubeconfig}", *args],
-            preexec_fn=(lambda: nsx.enter(netns)) if netns else None,
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        out = kubectl(self.kubeconfig, *args, netns=self.netns, stdin=stdin)
         if check and out.returncode != 0:
             raise RuntimeError(f"kubectl {' '.join(args)}: exit {out.returncode}: {out.stderr.strip()}")
         return out
+
+
+def kubectl(
+    kubeconfig: Path, *args: str, netns: str | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The pinned kubectl with `kubeconfig`, inside `netns` when given (entered by nsenter)."""
+    argv = [str(bin_dir() / "kubectl"), f"--kubeconfig={kubeconfig}", *args]
+    if netns:
+        argv = [nsx.NSENTER, f"--net={nsx.path_of(netns)}", "--", *argv]
+    return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=60)
 
 
 def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 3.0) -> None:
@@ -375,14 +380,6 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 3.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-
-
-def _die_with_parent() -> None:
-    """A test session killed before its teardown must not leave an API server behind (PR_SET_PDEATHSIG).
-    Lab servers (netns) outlive `ambit lab up` on purpose: `ambit lab down` stops them."""
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def _tmpfs() -> str | None:

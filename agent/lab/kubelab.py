@@ -10,7 +10,6 @@ the status a kubelet reports (Running, podIP = the lab pod's address). The plane
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -21,7 +20,8 @@ import yaml
 from agent import netns as nsx
 from agent.errors import UsageError
 from agent.lab import kube, mesh, state
-from agent.lab.apiserver import ApiServer, bin_dir
+from agent.lab.apiserver import ApiServer
+from agent.lab.apiserver import kubectl as run_kubectl
 from agent.lab.plan import LabPlan, PodPlan
 from agent.lab.state import LabProcess
 from api.resources.workload import AMBIENT, DATAPLANE_LABEL
@@ -50,15 +50,7 @@ def plane_source_args(prefix: str) -> list[str]:
 
 def kubectl(plan: LabPlan, *args: str, stdin: str | None = None) -> str:
     """The pinned kubectl against the lab's API server (from inside the fabric namespace)."""
-    netns = plan.fabric_netns
-    out = subprocess.run(
-        [str(bin_dir() / "kubectl"), f"--kubeconfig={kubeconfig(plan.prefix)}", *args],
-        preexec_fn=lambda: nsx.enter(netns),
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = run_kubectl(kubeconfig(plan.prefix), *args, netns=plan.fabric_netns, stdin=stdin)
     if out.returncode != 0:
         raise UsageError(f"kubectl {' '.join(args)}: {out.stderr.strip()}")
     return out.stdout
