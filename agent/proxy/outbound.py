@@ -84,9 +84,16 @@ class Outbound:
         ip = record.destination_ip
 
         def resume(err: Exception | None) -> None:
+            rt = self.rt
             if err is not None:
-                self.rt.counters["outbound_lookup_errors"] += 1
-                log.warning("lookup of %s failed (%s): treating it as outside the mesh", ip, err)
+                rt.counters["outbound_lookup_errors"] += 1
+                if rt.state().in_mesh_range(ip):
+                    # Never fail open: a mesh address whose owner we could not learn is refused, not sent
+                    # in plaintext (it may well be a pod that requires mTLS).
+                    rt.counters["outbound_lookup_refused"] += 1
+                    rt.refuse(client, record, "NR", f"lookup of mesh address {ip} failed: {err}")
+                    return
+                rt.warn.warning("lookup_failed", "lookup of %s failed (%s): outside the mesh ranges", ip, err)
             self._route(client, record, looked_up=True)
 
         self.rt.counters["outbound_waited_for_lookup"] += 1

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from agent.connections import ConnectionRecord, Direction
 from agent.policy.decision import ConnectionAttrs, Decision
+from agent.proxy.lograte import RateLimitedLog
 from agent.proxy.loop import ControlLoop
 from agent.proxy.pool import Pool
 from agent.proxy.sockets import original_destination, peer_address
@@ -46,6 +47,8 @@ class MeshView(Protocol):
 
     def node_address(self, node_name: str) -> str | None: ...
 
+    def in_mesh_range(self, ip: str) -> bool: ...
+
     def namespace_of(self, w: Workload) -> Namespace | None: ...
 
 
@@ -72,6 +75,8 @@ class Runtime:
         default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="ambit-proxy-fetch")
     )
     counters: collections.Counter[str] = field(default_factory=collections.Counter)
+    # Warnings a peer or an outage can repeat at will: one line per kind per interval (counters stay exact).
+    warn: RateLimitedLog = field(default_factory=lambda: RateLimitedLog(log))
     _waiting: dict[str, list[Callable[[Exception | None], None]]] = field(default_factory=dict)
 
     def off_loop(self, key: str, work: Callable[[], None], then: Callable[[Exception | None], None]) -> None:

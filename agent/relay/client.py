@@ -38,6 +38,13 @@ KEEPALIVE_TIMEOUT_MS = 10_000
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a first sync of a large view exceeds gRPC's 4 MiB default
 
 
+class LookupFailed(Exception):
+    """The plane could not be asked (unreachable, timed out, bad answer): the address's owner is unknown.
+
+    Distinct from "nobody holds it" (lookup returns None): a caller must not treat a mesh address as
+    outside the mesh because a lookup failed (docs/proxy.md, "never fail open")."""
+
+
 @dataclass(frozen=True)
 class _Held:
     hash: str
@@ -247,7 +254,9 @@ class RelayClient:
     def lookup(self, ip: str, timeout: float = LOOKUP_TIMEOUT, notify: bool = True) -> Workload | None:
         """The workload holding `ip`, asking the plane if this node does not know it yet (blocking).
 
-        The answer is merged into the snapshot (same version) and, with `notify`, on_snapshot is called."""
+        None: the plane holds no workload there (cached NEGATIVE_LOOKUP_TTL). Raises LookupFailed when the
+        plane could not answer (never cached). The answer is merged into the snapshot (same version) and,
+        with `notify`, on_snapshot is called."""
         known = self._snapshot.workload_by_ip(ip)
         if known is not None:
             return known
@@ -259,8 +268,7 @@ class RelayClient:
             workloads = [_parse_resource(r, f"lookup {ip}: {r.key}") for r in resp.resources]
         except (grpc.RpcError, ValueError) as exc:
             self._count("lookup_errors")
-            log.warning("lookup of %s failed: %s", ip, exc)
-            return None
+            raise LookupFailed(f"lookup of {ip} failed: {_rpc_reason(exc)}") from exc
         peers = [w for w in workloads if isinstance(w, Workload)]
         if not peers:
             self._negative[ip] = time.monotonic() + NEGATIVE_LOOKUP_TTL
@@ -280,6 +288,12 @@ class RelayClient:
             return relay_pb2_grpc.RelayStub(channel).Lookup(request, timeout=timeout)
         with self._new_channel() as temporary:
             return relay_pb2_grpc.RelayStub(temporary).Lookup(request, timeout=timeout)
+
+
+def _rpc_reason(exc: Exception) -> str:
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        return f"{exc.code()}: {exc.details()}"
+    return str(exc)
 
 
 def _drain(outbox: queue.Queue[relay_pb2.SubscribeRequest | None]) -> Iterator[relay_pb2.SubscribeRequest]:

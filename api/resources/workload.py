@@ -51,6 +51,20 @@ def _ips(raw: Any, name: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _cidrs(raw: Any, name: str) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ResourceError(f"spec.{name} must be a list of CIDR blocks")
+    out = []
+    for item in raw:
+        try:
+            out.append(str(ipaddress.ip_network(item)))  # strict: host bits set is a typo, not a range
+        except (ValueError, TypeError):
+            raise ResourceError(f"spec.{name}: {item!r} is not a CIDR block") from None
+    return tuple(out)
+
+
 def _port(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
         raise ResourceError(f"{where}: {value!r} is not a port number (1-65535)")
@@ -202,10 +216,12 @@ def _parse_service(meta: Meta, spec: Mapping[str, Any]) -> Service:
 
 @dataclass(frozen=True)
 class Node:
-    """A mesh node: where its agent accepts HBONE (port 15008 on the first address)."""
+    """A mesh node: where its agent accepts HBONE (port 15008 on the first address), and the pod ranges it
+    hands out (Kubernetes `spec.podCIDRs`): an address in them is a mesh pod even when nobody knows it yet."""
 
     meta: Meta
     addresses: tuple[str, ...]
+    pod_cidrs: tuple[str, ...] = ()
     kind: str = "Node"
 
     @property
@@ -215,8 +231,26 @@ class Node:
 
 @register("Node", {API_VERSION, "v1"}, namespaced=False)
 def _parse_node(meta: Meta, spec: Mapping[str, Any]) -> Node:
-    _check_fields(spec, {"addresses"})
+    _check_fields(spec, {"addresses", "podCIDRs"})
     addresses = _ips(spec.get("addresses"), "addresses")
     if not addresses:
         raise ResourceError("spec.addresses must list at least one IP address")
-    return Node(meta, addresses)
+    return Node(meta, addresses, _cidrs(spec.get("podCIDRs"), "podCIDRs"))
+
+
+@dataclass(frozen=True)
+class ServiceCIDR:
+    """Ranges Service addresses are allocated from (Kubernetes `networking.k8s.io/v1` ServiceCIDR)."""
+
+    meta: Meta
+    cidrs: tuple[str, ...]
+    kind: str = "ServiceCIDR"
+
+
+@register("ServiceCIDR", {API_VERSION, "networking.k8s.io/v1"}, namespaced=False)
+def _parse_service_cidr(meta: Meta, spec: Mapping[str, Any]) -> ServiceCIDR:
+    _check_fields(spec, {"cidrs"})
+    cidrs = _cidrs(spec.get("cidrs"), "cidrs")
+    if not cidrs:
+        raise ResourceError("spec.cidrs must list at least one CIDR block")
+    return ServiceCIDR(meta, cidrs)

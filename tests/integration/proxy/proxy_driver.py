@@ -23,9 +23,18 @@ from typing import Any
 from agent.connections import ConnectionClose, ConnectionRecord
 from agent.policy.decision import ConnectionAttrs, Decision
 from agent.proxy.proxy import Proxy
+from agent.relay.client import LookupFailed
 from agent.state import MeshSnapshot
 from api.resources import Meta, load_kinds, parse
-from api.resources.workload import DATAPLANE_LABEL, Namespace, Node, Service, ServicePort, Workload
+from api.resources.workload import (
+    DATAPLANE_LABEL,
+    Namespace,
+    Node,
+    Service,
+    ServiceCIDR,
+    ServicePort,
+    Workload,
+)
 from api.spiffe import SpiffeId
 
 
@@ -128,7 +137,9 @@ def snapshot(cfg: dict[str, Any], local_only: bool = False) -> MeshSnapshot:
         for w in cfg["workloads"]
         if not local_only or w["node"] == cfg["node"]
     ]
-    nodes = [Node(Meta(name=n), (ip,)) for n, ip in cfg["nodes"].items()]
+    pod_cidrs = cfg.get("pod_cidrs", {})
+    nodes = [Node(Meta(name=n), (ip,), tuple(pod_cidrs.get(n, ()))) for n, ip in cfg["nodes"].items()]
+    service_cidrs = [ServiceCIDR(Meta(name="services"), tuple(c)) for c in [cfg.get("service_cidrs")] if c]
     services = [
         Service(
             Meta(name=s["name"], namespace="app"),
@@ -139,7 +150,7 @@ def snapshot(cfg: dict[str, Any], local_only: bool = False) -> MeshSnapshot:
         for s in cfg.get("services", [])
     ]
     policies = [parse(doc, f"policies[{i}]") for i, doc in enumerate(cfg.get("policies", []))]
-    objects = [ns, *workloads, *nodes, *services, *policies]
+    objects = [ns, *workloads, *nodes, *services, *service_cidrs, *policies]
     return MeshSnapshot.from_objects(1, cfg["trust_domain"], cfg["node"], objects)
 
 
@@ -150,10 +161,14 @@ class OnDemandView:
         self._full = snapshot(cfg)
         self.current = snapshot(cfg, local_only=bool(cfg.get("on_demand_peers")))
         self.lookups = 0
+        # While this file exists the plane is "unreachable": lookups fail (a relay hiccup).
+        self._fail_file = Path(cfg["lookup_fail_file"]) if cfg.get("lookup_fail_file") else None
 
     def lookup(self, ip: str) -> Workload | None:
         self.lookups += 1
         time.sleep(0.05)  # a round trip to the plane
+        if self._fail_file is not None and self._fail_file.exists():
+            raise LookupFailed(f"lookup of {ip} failed: plane unreachable (test)")
         found = self._full.workload_by_ip(ip)
         service = self._full.service_by_ip(ip)
         extra = [found] if found else self._full.service_endpoints(service) if service else []

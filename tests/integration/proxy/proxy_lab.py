@@ -37,6 +37,7 @@ TRUST_DOMAIN = "cluster.local"
 HERE = Path(__file__).resolve().parent
 ECHO, SHA_SINK, RESET, WHOAMI, COUNT_SINK = 8080, 8081, 8082, 8083, 8084
 SERVICE_IP, SERVICE_PORT = "10.96.0.10", 80  # Service "app/echo": port 80 -> pod-2-1:8080
+SERVICE_CIDR = "10.96.0.0/16"
 
 # New connections from enrolled pods -> 15001; new connections from other nodes to enrolled local pods ->
 # 15006 (plaintext inbound); packets of flows owned by a transparent proxy socket -> that socket.
@@ -137,6 +138,11 @@ class ProxyLab:
             time.sleep(0.1)
         raise AssertionError(f"status of {node} never matched: {self.status(node)}")
 
+    @property
+    def lookup_fail_file(self) -> Path:
+        """While it exists, the proxies' on-demand lookups fail (the plane is unreachable)."""
+        return self.workdir / "lookups-fail"
+
     def log(self, name: str) -> str:
         path = self.workdir / f"{name}.log"
         return path.read_text() if path.exists() else ""
@@ -192,6 +198,9 @@ def start(
             "trust_domain": TRUST_DOMAIN,
             "workloads": workloads,
             "nodes": nodes_map,
+            "pod_cidrs": {n.name: [n.pod_cidr] for n in plan.nodes},
+            "service_cidrs": [SERVICE_CIDR],
+            "lookup_fail_file": str(lab.lookup_fail_file),
             "bundle_pem": ca.bundle_pem().decode(),
             "node_chain_pem": chain,
             "node_key_pem": key,

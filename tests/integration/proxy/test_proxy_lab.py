@@ -4,6 +4,7 @@ test servers in the pods, nftables tproxy as the capture. See proxy_lab.py."""
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import signal
@@ -179,6 +180,24 @@ def test_destination_outside_the_mesh_passes_through(lab: ProxyLab) -> None:
     assert in_pod(lab, "pod-1-1", request, outside, ECHO, b"passthrough") == b"passthrough"
     rec = _closed(lab, "node-1", ECHO, destination_ip=outside)
     assert (rec["direction"], rec["security_policy"], rec["bytes_sent"]) == ("passthrough", "none", 11)
+
+
+def test_failed_lookup_never_turns_a_mesh_address_into_plaintext(lab: ProxyLab) -> None:
+    """A relay hiccup during a lookup: a destination in a node's pod CIDR is refused, not passed through;
+    a destination outside every mesh range still passes through."""
+    unknown_pod = str(ipaddress.ip_network(lab.plan.node("node-2").pod_cidr)[77])  # node-1 never learnt it
+    outside = lab.plan.node("node-2").ip
+    lab.lookup_fail_file.touch()
+    try:
+        assert in_pod(lab, "pod-1-1", connect_and_read, unknown_pod, ECHO) in ("reset", "eof")
+        rec = _closed(lab, "node-1", ECHO, destination_ip=unknown_pod)
+        assert (rec["direction"], rec["response_flags"]) == ("outbound", "NR")
+        assert "lookup" in rec["error"]
+        assert in_pod(lab, "pod-1-1", request, outside, ECHO, b"still out") == b"still out"
+    finally:
+        lab.lookup_fail_file.unlink()
+    st = lab.wait_status("node-1", lambda st: st["counters"].get("outbound_lookup_refused", 0) >= 1)
+    assert st["counters"]["outbound_lookup_errors"] >= 2
 
 
 def test_capture_port_as_destination_is_refused(lab: ProxyLab) -> None:
