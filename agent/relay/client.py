@@ -24,6 +24,7 @@ import grpc
 
 from agent.state import MeshSnapshot
 from api import relay_pb2, relay_pb2_grpc
+from api.keepalive import RELAY_KEEPALIVE, Keepalive
 from api.resources import KINDS, key_of, load_kinds, parse
 from api.resources.workload import Workload
 
@@ -33,8 +34,6 @@ BACKOFF_INITIAL = 0.2
 BACKOFF_MAX = 5.0
 LOOKUP_TIMEOUT = 2.0
 NEGATIVE_LOOKUP_TTL = 5.0  # an address the plane does not know is not asked again for this long
-KEEPALIVE_MS = 30_000  # the plane allows pings this often (mgmt/server.py)
-KEEPALIVE_TIMEOUT_MS = 10_000
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a first sync of a large view exceeds gRPC's 4 MiB default
 
 
@@ -63,6 +62,7 @@ class RelayClient:
         types: tuple[str, ...] | None = None,
         backoff_initial: float = BACKOFF_INITIAL,
         backoff_max: float = BACKOFF_MAX,
+        keepalive: Keepalive = RELAY_KEEPALIVE,
     ) -> None:
         load_kinds()
         self.target = target
@@ -72,9 +72,9 @@ class RelayClient:
         self._on_snapshot = on_snapshot
         self._validate = validate
         self._options: list[tuple[str, Any]] = [
-            # A silently dead plane (no RST, e.g. a partition) is noticed by keepalive, then we reconnect.
-            ("grpc.keepalive_time_ms", KEEPALIVE_MS),
-            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            # A silently dead plane (no RST, e.g. a partition) is noticed by keepalive, then we reconnect;
+            # the plane's ping policy is derived from the same Keepalive (api/keepalive.py).
+            *keepalive.client_options(),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
         if server_name:
