@@ -34,6 +34,7 @@ COUNTERS = (
     "inbound_strict_drop",
     "inbound_permissive_pass",
     "assign_error",
+    "strict_unmediated_drop",
 )
 
 

@@ -1,4 +1,7 @@
-"""tc attachments of the datapath programs: a clsact qdisc and one direct-action bpf filter at ingress.
+"""tc attachments of the datapath programs: a clsact qdisc and direct-action bpf filters, one per hook.
+
+A hook named `*_egress` sits at clsact egress, every other one at ingress; a link carries at most one of
+ours per direction (pod veths: pod_ingress and pod_egress).
 
 Our filter is identified by a fixed priority and handle, so attaching again (a restarted agent loading
 a new program) is an atomic `replace`: packets never see a moment without a program. The kernel holds
@@ -30,6 +33,10 @@ class Attachment:
     hook: str  # the program's hook name (filter name without the prefix)
 
 
+def parent_of(hook: str) -> int:
+    return EGRESS_PARENT if hook.endswith("_egress") else INGRESS_PARENT
+
+
 def _ensure_clsact(ipr: IPRoute, index: int) -> None:
     try:
         ipr.tc("add", "clsact", index)
@@ -39,7 +46,7 @@ def _ensure_clsact(ipr: IPRoute, index: int) -> None:
 
 
 def attach(ipr: IPRoute, index: int, prog_fd: int, hook: str) -> None:
-    """Attach (or atomically replace) our ingress filter on link `index`."""
+    """Attach (or atomically replace) our filter for `hook` on link `index` (its direction's only one)."""
     _ensure_clsact(ipr, index)
     ipr.tc(
         "replace-filter",
@@ -48,7 +55,7 @@ def attach(ipr: IPRoute, index: int, prog_fd: int, hook: str) -> None:
         FILTER_HANDLE,
         fd=prog_fd,
         name=NAME_PREFIX + hook,
-        parent=INGRESS_PARENT,
+        parent=parent_of(hook),
         prio=FILTER_PRIO,
         protocol=ETH_P_ALL,
         classid=1,
@@ -77,27 +84,28 @@ def _our_hook(msg: Any) -> str | None:
 
 
 def attachments(ipr: IPRoute) -> list[Attachment]:
-    """Our ingress filters on every link of this netns (including ones a previous agent left)."""
+    """Our filters on every link of this netns, both directions (including ones a previous agent left)."""
     found = []
     for link in ipr.get_links():
         index = link["index"]
-        for msg in _filters(ipr, index, INGRESS_PARENT):
-            hook = _our_hook(msg)
-            if hook is not None:
-                found.append(Attachment(index, str(link.get_attr("IFLA_IFNAME")), hook))
-                break
+        for parent in (INGRESS_PARENT, EGRESS_PARENT):
+            for msg in _filters(ipr, index, parent):
+                hook = _our_hook(msg)
+                if hook is not None:
+                    found.append(Attachment(index, str(link.get_attr("IFLA_IFNAME")), hook))
+                    break
     return found
 
 
-def detach(ipr: IPRoute, index: int) -> None:
-    """Remove our filter from link `index`; the clsact qdisc goes too when nothing else uses it."""
+def detach(ipr: IPRoute, index: int, hook: str) -> None:
+    """Remove our filter for `hook` from link `index`; the clsact qdisc goes too when nothing uses it."""
     try:
         ipr.tc(
             "del-filter",
             "bpf",
             index,
             FILTER_HANDLE,
-            parent=INGRESS_PARENT,
+            parent=parent_of(hook),
             prio=FILTER_PRIO,
             protocol=ETH_P_ALL,
         )
