@@ -31,7 +31,7 @@ from agent.proxy.sockets import (
 )
 from agent.proxy.sources import SourceIndex
 from agent.proxy.table import Entry, Path
-from agent.redirect.marks import INBOUND_PLAINTEXT_PORT
+from agent.redirect.marks import HBONE_PORT, INBOUND_PLAINTEXT_PORT
 from api.resources.workload import Workload
 from api.spiffe import SpiffeId, SpiffeIdError
 from native.engine import EngineError, Event
@@ -238,6 +238,14 @@ class Inbound:
             )
         if dst is None or dst.node != rt.node or dst_port == INBOUND_PLAINTEXT_PORT:
             rt.refuse(client, record, "NR", f"{dst_ip}:{dst_port} is not a workload on node {rt.node}")
+            return
+        if dst_port == HBONE_PORT:
+            # HBONE addressed to the pod itself (how ztunnel dials): mTLS the plaintext path must never
+            # splice in clear past the policy. Refused until it is steered to the HBONE listener.
+            rt.counters["plaintext_refused_hbone"] += 1
+            rt.refuse(
+                client, record, "NR", f"HBONE to {dst.uid} on {dst_ip}:{dst_port} is not relayed as plaintext"
+            )
             return
         if rt.authorizer.mtls_mode(dst, dst_port) == "STRICT":
             rt.refuse(client, record, "DENY", f"{dst.uid} requires mTLS (STRICT)")

@@ -233,7 +233,7 @@ def start(
     # Test servers in every pod, and in the last node's own netns: a destination outside the mesh.
     outside = plan.nodes[-1]
     for name, netns in [(p.name, p.netns) for p in plan.pods()] + [(outside.name, outside.netns)]:
-        argv = [sys.executable, str(HERE / "pod_servers.py")]
+        argv = [sys.executable, str(HERE / "pod_servers.py")] + (["pod"] if name != outside.name else [])
         control.start_process(prefix, f"servers-{name}", netns, argv, workdir / f"servers-{name}.log")
     _wait_ready(lab)
     return lab

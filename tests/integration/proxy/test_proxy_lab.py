@@ -282,6 +282,17 @@ def test_plaintext_inbound_permissive_and_strict(lab: ProxyLab) -> None:
     )
 
 
+def test_hbone_to_a_pod_address_is_never_relayed_as_plaintext(lab: ProxyLab) -> None:
+    """A ztunnel-style peer dials <pod ip>:15008; the capture hands it to 15006, which must refuse it (the
+    pod's own 15008 echo answering would mean the HBONE bytes were spliced in clear)."""
+    node1 = lab.plan.node("node-1").netns
+    assert nsx.run_in(node1, connect_and_read, lab.pod_ip("pod-2-1"), HBONE_PORT) in ("reset", "eof")
+    rec = _closed(lab, "node-2", HBONE_PORT, destination_ip=lab.pod_ip("pod-2-1"))
+    assert (rec["direction"], rec["response_flags"]) == ("inbound", "NR")
+    assert "HBONE" in rec["error"]
+    lab.wait_status("node-2", lambda st: st["counters"].get("plaintext_refused_hbone", 0) >= 1)
+
+
 def _cut_by_policy(ip: str, port: int, agent_pid: int) -> str:
     with socket.create_connection((ip, port), timeout=10) as sock:
         sock.sendall(b"before")
