@@ -67,6 +67,36 @@ class SpiffeId:
         return seg[1] if len(seg) == 2 and seg[0] == "node" else None
 
 
+def check_trust_domain(td: str) -> str:
+    """`td` when it is a valid SPIFFE trust domain name, else SpiffeIdError."""
+    if not _TD.match(td):
+        raise SpiffeIdError(f"bad trust domain {td!r}")
+    return td
+
+
+@dataclass(frozen=True)
+class TrustDomains:
+    """The trust domains whose identities this mesh believes: its own, plus configured aliases (Istio's
+    `trustDomainAliases`: identities of a domain being migrated from). An identity of any other domain, even
+    one signed by the same root, names nothing here: no namespace, no service account, no workload.
+
+    Every place that turns a peer's SPIFFE ID into a namespace or service account goes through `workload`,
+    so that decision is made once."""
+
+    local: str
+    aliases: frozenset[str] = frozenset()
+
+    def accepts(self, sid: SpiffeId) -> bool:
+        return sid.trust_domain == self.local or sid.trust_domain in self.aliases
+
+    def workload(self, sid: SpiffeId) -> SpiffeId | None:
+        """The workload identity `sid` stands for, in the local domain (an alias maps onto it), or None when
+        `sid` is not a workload ID (`/ns/<ns>/sa/<sa>`) of an accepted domain."""
+        if not self.accepts(sid) or sid.namespace is None:
+            return None
+        return sid if sid.trust_domain == self.local else SpiffeId(self.local, sid.path)
+
+
 def spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
     """The single SPIFFE URI SAN of a leaf certificate (raises ValueError otherwise)."""
     try:

@@ -34,15 +34,16 @@ class Peer:
 
     __slots__ = ("principal", "namespace", "port", "source_ip", "destination_ip", "_src", "_dst")
 
-    def __init__(self, attrs: ConnectionAttrs) -> None:
+    def __init__(self, attrs: ConnectionAttrs, trust_domain: str) -> None:
         sp = attrs.source_principal
         if sp is None:
             self.principal: str | None = None
             self.namespace: str | None = None
         else:
             self.principal = sp.trust_domain + sp.path
-            seg = sp.path.split("/")
-            self.namespace = seg[2] if len(seg) == 5 and seg[1] == "ns" and seg[3] == "sa" else None
+            # A namespace is only ever read from an identity of this mesh's domain (the proxy maps aliases
+            # onto it): `spiffe://evil.example/ns/demo/...` is not namespace demo.
+            self.namespace = sp.namespace if sp.trust_domain == trust_domain else None
         self.port = attrs.destination_port
         self.source_ip = attrs.source_ip
         self.destination_ip = attrs.destination_ip

@@ -50,7 +50,11 @@ class ServerConn:
 
     peer_ip: str
     peer_port: int
+    # The workload identity streams are authorized as (an alias domain's mapped onto this mesh's); None
+    # until the engine verified the peer, and for good when the peer is refused (`refused` says why).
     principal: SpiffeId | None = None
+    presented: str = ""  # the SPIFFE ID in the client certificate, as presented
+    refused: str = ""
     tls_version: str = ""
     tls_cipher: str = ""
     peer_cert_sha256: str = ""
@@ -88,16 +92,44 @@ class Inbound:
         self.server_conns[conn_id] = ServerConn(peer_ip, peer_port)
 
     def on_peer_verified(self, ev: Event) -> None:
+        """Only a workload identity of this mesh's trust domain (or an alias) may open streams on 15008:
+        anything else (another domain signed by the same root, a node's or the plane's identity, a
+        non-SPIFFE name) is refused before any stream is served: counted, audited, connection closed."""
         conn = self.server_conns.get(ev.conn_id)
         if conn is None:
             return
-        try:
-            conn.principal = SpiffeId.parse(ev.peer_id)
-        except SpiffeIdError:
-            self.rt.counters["hbone_bad_peer_id"] += 1
-            log.warning("HBONE peer %s presented a non-SPIFFE identity %r", conn.peer_ip, ev.peer_id)
         conn.tls_version, conn.tls_cipher = ev.tls_version, ev.tls_cipher
-        conn.peer_cert_sha256 = ev.peer_cert_sha256
+        conn.peer_cert_sha256, conn.presented = ev.peer_cert_sha256, ev.peer_id
+        try:
+            presented = SpiffeId.parse(ev.peer_id)
+        except SpiffeIdError:
+            self._refuse_peer(
+                ev.conn_id, conn, "hbone_bad_peer_id", f"non-SPIFFE identity {ev.peer_id[:128]!r}"
+            )
+            return
+        trust = self.rt.state().trust
+        conn.principal = trust.workload(presented)
+        if conn.principal is not None:
+            return
+        if not trust.accepts(presented):
+            why = f"trust domain {presented.trust_domain!r} is not this mesh's ({trust.local})"
+            self._refuse_peer(ev.conn_id, conn, "hbone_foreign_trust_domain", f"{presented}: {why}")
+        else:
+            self._refuse_peer(
+                ev.conn_id, conn, "hbone_not_workload", f"{presented} is not a workload identity"
+            )
+
+    def _refuse_peer(self, conn_id: int, conn: ServerConn, counter: str, why: str) -> None:
+        rt = self.rt
+        conn.refused = why
+        rt.counters[counter] += 1
+        rt.counters["hbone_peer_refused"] += 1
+        rt.audit("hbone_peer_refused", counter, why, peer_ip=conn.peer_ip, peer_id=conn.presented,
+                 peer_cert_sha256=conn.peer_cert_sha256)  # fmt: skip
+        try:
+            rt.engine.close(conn_id)  # GOAWAY: streams already sent are refused below, none is served
+        except EngineError as exc:  # already gone
+            log.debug("closing refused HBONE connection %d: %s", conn_id, exc)
 
     def on_conn_gone(self, conn_id: int) -> bool:
         return self.server_conns.pop(conn_id, None) is not None
@@ -108,6 +140,10 @@ class Inbound:
         if conn is None:
             self._refuse_stream(ev, STATUS_FORBIDDEN, "stream on an unknown connection")
             return
+        if conn.principal is None:  # before anything else: a refused peer learns nothing about this node
+            why = conn.refused or "not verified yet"
+            self._refuse_stream(ev, STATUS_FORBIDDEN, f"peer {conn.peer_ip} refused: {why}")
+            return
         try:
             dst_ip, dst_port = parse_authority(ev.authority)
         except AuthorityError as exc:
@@ -117,9 +153,6 @@ class Inbound:
         dst = snap.workload_by_ip(dst_ip)
         if dst is None or dst.node != rt.node:
             self._refuse_stream(ev, STATUS_NOT_FOUND, f"{dst_ip} is not a workload on node {rt.node}")
-            return
-        if conn.principal is None:
-            self._refuse_stream(ev, STATUS_FORBIDDEN, f"peer {conn.peer_ip} has no SPIFFE identity")
             return
         claimed = self._claimed_source(ev, snap, conn)
         if claimed is not None:
@@ -134,7 +167,7 @@ class Inbound:
             source_port=0,  # the CONNECT does not carry the client's port
             destination_ip=dst_ip,
             destination_port=dst_port,
-            source_principal=str(conn.principal),
+            source_principal=conn.presented or str(conn.principal),
             destination_principal=str(dst.spiffe_id(snap.trust_domain)),
             source_workload=src.uid if src is not None else "",
             destination_workload=dst.uid,

@@ -18,6 +18,7 @@ from functools import cached_property
 from typing import Any
 
 from api.resources.workload import Namespace, Node, Service, ServiceCIDR, Workload
+from api.spiffe import TrustDomains
 
 CORE_KINDS = frozenset({"Workload", "Namespace", "Service", "Node", "ServiceCIDR"})
 
@@ -87,6 +88,13 @@ class MeshSnapshot:
     @cached_property
     def _service_by_ip(self) -> dict[str, Service]:
         return {ip: s for _, s in sorted(self.services.items()) for ip in s.addresses}
+
+    @cached_property
+    def trust(self) -> TrustDomains:
+        """This mesh's trust domain and the aliases MeshConfig names: the only identities believed."""
+        configs = [p for p in self.policies if p.kind == "MeshConfig"]
+        aliases = {a for p in configs for a in getattr(p, "trust_domain_aliases", ())}
+        return TrustDomains(self.trust_domain, frozenset(aliases - {self.trust_domain}))
 
     @cached_property
     def _mesh_ranges(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:

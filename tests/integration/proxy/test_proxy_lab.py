@@ -11,6 +11,7 @@ import signal
 import socket
 import ssl
 import struct
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -20,17 +21,21 @@ import pytest
 from agent import netns as nsx
 from agent.lab import state
 from agent.redirect.marks import HBONE_PORT, OUTBOUND_PORT
+from tests.forge import forged_leaf
 from tests.integration.proxy.proxy_lab import (
     ECHO,
     RESET,
     SERVICE_IP,
     SERVICE_PORT,
     SHA_SINK,
+    TRUST_DOMAIN,
     WHOAMI,
+    Client,
     ProxyLab,
     concurrent_echo,
     connect_and_read,
     environ_int,
+    hbone_stream,
     hold_streams,
     in_pod,
     principal,
@@ -291,6 +296,45 @@ def test_hbone_to_a_pod_address_is_never_relayed_as_plaintext(lab: ProxyLab) -> 
     assert (rec["direction"], rec["response_flags"]) == ("inbound", "NR")
     assert "HBONE" in rec["error"]
     lab.wait_status("node-2", lambda st: st["counters"].get("plaintext_refused_hbone", 0) >= 1)
+
+
+def _client(lab: ProxyLab, uri: str, *, is_ca: bool = False) -> Client:
+    assert lab.ca is not None
+    chain, key = forged_leaf(lab.ca, uri, is_ca=is_ca)
+    return Client(chain, key, lab.ca.bundle_pem())
+
+
+def _stream_from_node1(lab: ProxyLab, client: Client, dst_pod: str, port: int, forwarded: str = "") -> str:
+    node2 = lab.plan.node("node-2")
+    authority = f"{lab.pod_ip(dst_pod)}:{port}"
+    return str(nsx.run_in(lab.plan.node("node-1").netns, hbone_stream, node2.ip, "node-2", client, authority,
+                          forwarded))  # fmt: skip
+
+
+def test_hbone_from_a_workload_identity_of_this_mesh_is_served(lab: ProxyLab) -> None:
+    assert _stream_from_node1(lab, _client(lab, principal("pod-1-1")), "pod-2-1", ECHO) == "200 x"
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "spiffe://evil.example/ns/app/sa/sa-pod-1-1",  # another trust domain, same root
+        f"spiffe://{TRUST_DOMAIN}/node/node-1",  # a node identity
+        f"spiffe://{TRUST_DOMAIN}/node/node-77",  # a node the config does not know
+        f"spiffe://{TRUST_DOMAIN}/mgmt",  # the plane's identity
+    ],
+    ids=["foreign-domain", "node", "unknown-node", "plane"],
+)
+def test_hbone_refuses_every_identity_but_this_meshs_workloads(lab: ProxyLab, uri: str) -> None:
+    got = _stream_from_node1(lab, _client(lab, uri), "pod-2-1", ECHO)
+    assert not got.startswith("200"), got
+    deadline = time.monotonic() + 10
+    while not [a for a in lab.audit("node-2") if a.get("peer_id") == uri] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (entry, *_) = [a for a in lab.audit("node-2") if a.get("peer_id") == uri]
+    assert entry["event"] == "hbone_peer_refused" and entry["reason"]
+    assert not [e for e in lab.events("node-2") if e.get("source_principal") == uri]  # no stream served
+    lab.wait_status("node-2", lambda st: st["counters"].get("hbone_peer_refused", 0) >= 1)
 
 
 def _cut_by_policy(ip: str, port: int, agent_pid: int) -> str:
