@@ -107,3 +107,16 @@ def spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
     if len(uris) != 1:
         raise ValueError(f"certificate must carry exactly one URI SAN, has {len(uris)}")
     return SpiffeId.parse(uris[0])
+
+
+def leaf_spiffe_id(cert: x509.Certificate) -> SpiffeId:
+    """The SPIFFE ID of a peer's end-entity certificate. A CA certificate (basicConstraints CA:true) is
+    refused even when it chains to our root: an identity is a leaf's, never a signer's (X.509 path
+    validation alone lets a CA certificate stand as the end entity). Raises ValueError."""
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is not None and constraints.ca:
+        raise ValueError("a CA certificate (CA:true) was presented as an end-entity identity")
+    return spiffe_id_of(cert)
