@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from agent.connections import ConnectionRecord, Direction
 from agent.policy.decision import ConnectionAttrs
-from agent.proxy.forwarded import ForwardedError, believe, parse_forwarded_for
+from agent.proxy.forwarded import Belief, ForwardedError, believe, parse_forwarded_for
 from agent.proxy.runtime import MeshView, Runtime, accept_batch
 from agent.proxy.sockets import (
     AuthorityError,
@@ -134,7 +134,7 @@ class Inbound:
     def on_conn_gone(self, conn_id: int) -> bool:
         return self.server_conns.pop(conn_id, None) is not None
 
-    def on_stream_request(self, ev: Event) -> None:
+    def on_stream_request(self, ev: Event, looked_up: bool = False) -> None:
         rt = self.rt
         conn = self.server_conns.get(ev.conn_id)
         if conn is None:
@@ -154,7 +154,12 @@ class Inbound:
         if dst is None or dst.node != rt.node:
             self._refuse_stream(ev, STATUS_NOT_FOUND, f"{dst_ip} is not a workload on node {rt.node}")
             return
-        claimed = self._claimed_source(ev, snap, conn)
+        claim = self._parse_claim(ev, conn)
+        if claim is not None and not looked_up and rt.lookup is not None and self._unknown(snap, claim):
+            # The claim can only be believed for a workload we know: learn who holds the address first.
+            self._lookup_claim(ev, claim)
+            return
+        claimed = self._believed_source(claim, snap, conn)
         if claimed is not None:
             src_ip, src = claimed
         else:
@@ -195,28 +200,52 @@ class Inbound:
         rt.table.add(entry)
         rt.loop.watch_connect(upstream, lambda sock, err: self._upstream_ready(entry, sock, err))
 
-    def _claimed_source(
-        self, ev: Event, snap: MeshView, conn: ServerConn
-    ) -> tuple[str, Workload | None] | None:
-        """(source IP, its workload when known) from the stream's `forwarded` claim when it is well-formed
-        and believed (`forwarded.believe`: only for the peer's own identity), else None."""
-        rt = self.rt
+    def _parse_claim(self, ev: Event, conn: ServerConn) -> str | None:
+        """The IP the stream's `forwarded` header claims (None when absent or malformed, counted)."""
         try:
-            ip = parse_forwarded_for(ev.forwarded)
+            return parse_forwarded_for(ev.forwarded)
         except ForwardedError as exc:
-            rt.counters["hbone_forwarded_invalid"] += 1
-            log.info("HBONE stream from %s: ignoring forwarded header: %s", conn.peer_ip, exc)
+            self.rt.counters["hbone_forwarded_invalid"] += 1
+            self.rt.warn.warning("forwarded_invalid", "HBONE stream from %s: ignoring forwarded header: %s",
+                                 conn.peer_ip, exc)  # fmt: skip
             return None
+
+    @staticmethod
+    def _unknown(snap: MeshView, ip: str) -> bool:
+        return snap.workload_by_ip(ip) is None and not snap.is_node_address(ip)
+
+    def _lookup_claim(self, ev: Event, ip: str) -> None:
+        rt = self.rt
+        rt.counters["hbone_forwarded_lookups"] += 1
+
+        def resume(err: Exception | None) -> None:
+            if err is None:
+                self.on_stream_request(ev, looked_up=True)
+                return
+            # Fail closed: without knowing who holds the claimed address the stream's source is unknown,
+            # and an ipBlocks DENY could be dodged by falling back to another address.
+            rt.counters["hbone_forwarded_lookup_failed"] += 1
+            self._refuse_stream(ev, STATUS_UNAVAILABLE, f"cannot check claimed source {ip}: {err}")
+
+        rt.lookup_off_loop(ip, resume)
+
+    def _believed_source(
+        self, ip: str | None, snap: MeshView, conn: ServerConn
+    ) -> tuple[str, Workload | None] | None:
+        """(source IP, its workload) when the claim is believed (`forwarded.believe`: the address of a
+        workload of exactly the peer's identity), else None (counted by why)."""
         principal = conn.principal
         if ip is None or principal is None:
             return None
-        believed, known = believe(ip, principal, snap)
-        if not believed:
+        belief, known = believe(ip, principal, snap)
+        if belief is not Belief.BELIEVED:
+            rt = self.rt
             rt.counters["hbone_forwarded_rejected"] += 1
-            log.warning("HBONE peer %s (%s) claimed source %s, which is not its identity's: ignored",
-                        conn.peer_ip, principal, ip)  # fmt: skip
+            rt.counters[f"hbone_forwarded_rejected_{belief.value}"] += 1
+            rt.warn.warning("forwarded_rejected", "HBONE peer %s (%s) claimed source %s (%s): ignored",
+                            conn.peer_ip, principal, ip, belief.value)  # fmt: skip
             return None
-        rt.counters["hbone_forwarded_used"] += 1
+        self.rt.counters["hbone_forwarded_used"] += 1
         return ip, known
 
     def _upstream_ready(self, entry: Entry, upstream: socket.socket, err: int) -> None:

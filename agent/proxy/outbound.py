@@ -12,7 +12,6 @@ import logging
 import os
 import random
 import socket
-from collections.abc import Callable
 
 from agent.connections import ConnectionRecord, Direction
 from agent.proxy.runtime import MeshView, Runtime, accept_batch
@@ -58,7 +57,7 @@ class Outbound:
         if unknown and not looked_up and rt.lookup is not None:
             # Peer workloads reach this node on demand: ask the plane (blocking, so off the loop) before
             # deciding that the destination is outside the mesh.
-            self._lookup_then_route(client, record, rt.lookup)
+            self._lookup_then_route(client, record)
             return
         if service is not None:
             picked = self._endpoint(snap, service, dst_port)
@@ -78,9 +77,7 @@ class Outbound:
             return
         self._hbone(client, record, snap, src, dst)
 
-    def _lookup_then_route(
-        self, client: socket.socket, record: ConnectionRecord, lookup: Callable[[str], object]
-    ) -> None:
+    def _lookup_then_route(self, client: socket.socket, record: ConnectionRecord) -> None:
         ip = record.destination_ip
 
         def resume(err: Exception | None) -> None:
@@ -97,7 +94,7 @@ class Outbound:
             self._route(client, record, looked_up=True)
 
         self.rt.counters["outbound_waited_for_lookup"] += 1
-        self.rt.off_loop(f"lookup {ip}", lambda: _ignore(lookup(ip)), resume)
+        self.rt.lookup_off_loop(ip, resume)
 
     def _endpoint(self, snap: MeshView, service: Service, port: int) -> tuple[Workload, int] | None:
         """A random endpoint of `service` (spreads load as kube-proxy does) and the target port for `port`."""
@@ -188,7 +185,3 @@ class Outbound:
             rt.table.finish(entry.tag, response_flags="UF", error=str(exc))
             return
         rt.counters["outbound_hbone_streams"] += 1
-
-
-def _ignore(_: object) -> None:
-    """The lookup's answer lands in the snapshot (the relay merges it); the caller reads it from there."""

@@ -53,6 +53,8 @@ class MeshView(Protocol):
 
     def in_mesh_range(self, ip: str) -> bool: ...
 
+    def is_node_address(self, ip: str) -> bool: ...
+
     @property
     def trust(self) -> TrustDomains: ...
 
@@ -105,6 +107,17 @@ class Runtime:
             self.loop.call_soon(lambda: self._resume(key, err))
 
         self.workers.submit(run)
+
+    def lookup_off_loop(self, ip: str, then: Callable[[Exception | None], None]) -> None:
+        """Ask the plane who holds `ip` (RelayClient.lookup, blocking) on a worker; the answer lands in
+        state(), and `then(error or None)` runs on the loop. Requires `lookup`."""
+        lookup = self.lookup
+        assert lookup is not None
+
+        def ask() -> None:
+            lookup(ip)
+
+        self.off_loop(f"lookup {ip}", ask, then)
 
     def _resume(self, key: str, err: Exception | None) -> None:
         for then in self._waiting.pop(key, []):

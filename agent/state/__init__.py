@@ -110,6 +110,13 @@ class MeshSnapshot:
             return False
         return any(addr in net for net in self._mesh_ranges)
 
+    @cached_property
+    def _node_addresses(self) -> frozenset[str]:
+        return frozenset(a for n in self.nodes.values() for a in n.addresses)
+
+    def is_node_address(self, ip: str) -> bool:
+        return ip in self._node_addresses
+
     def workload_by_ip(self, ip: str) -> Workload | None:
         """The workload holding `ip`, if this node holds it (never asks the plane)."""
         return self._by_ip.get(ip)

@@ -337,6 +337,29 @@ def test_hbone_refuses_every_identity_but_this_meshs_workloads(lab: ProxyLab, ur
     lab.wait_status("node-2", lambda st: st["counters"].get("hbone_peer_refused", 0) >= 1)
 
 
+@pytest.mark.parametrize(
+    ("claim", "why"),
+    [
+        ("10.244.1.200", "unknown"),  # no workload there
+        ("pod-1-2", "other_identity"),  # another identity's pod
+        ("node-2", "node_address"),
+        ("node-1", "node_address"),
+    ],
+)
+def test_forwarded_is_believed_only_for_the_peers_own_workload(lab: ProxyLab, claim: str, why: str) -> None:
+    """A peer holding pod-1-1's SVID claims other sources; node-2 (which knows every workload) ignores each
+    claim and recovers the true source from the mesh view instead (pod-1-1 on node-1's address)."""
+    nodes = {n.name: n.ip for n in lab.plan.nodes}
+    ip = nodes.get(claim) or (lab.pod_ip(claim) if claim.startswith("pod-") else claim)
+    got = _stream_from_node1(lab, _client(lab, principal("pod-1-1")), "pod-2-1", WHOAMI, forwarded=ip)
+    assert got.split()[:2] == ["200", lab.pod_ip("pod-1-1")], got
+    lab.wait_status("node-2", lambda st: st["counters"].get(f"hbone_forwarded_rejected_{why}", 0) >= 1)
+    own = _stream_from_node1(
+        lab, _client(lab, principal("pod-1-1")), "pod-2-1", WHOAMI, lab.pod_ip("pod-1-1")
+    )
+    assert own.split()[:2] == ["200", lab.pod_ip("pod-1-1")]  # its own address is believed
+
+
 def _cut_by_policy(ip: str, port: int, agent_pid: int) -> str:
     with socket.create_connection((ip, port), timeout=10) as sock:
         sock.sendall(b"before")
