@@ -351,13 +351,25 @@ def test_forwarded_is_believed_only_for_the_peers_own_workload(lab: ProxyLab, cl
     claim and recovers the true source from the mesh view instead (pod-1-1 on node-1's address)."""
     nodes = {n.name: n.ip for n in lab.plan.nodes}
     ip = nodes.get(claim) or (lab.pod_ip(claim) if claim.startswith("pod-") else claim)
-    got = _stream_from_node1(lab, _client(lab, principal("pod-1-1")), "pod-2-1", WHOAMI, forwarded=ip)
-    assert got.split()[:2] == ["200", lab.pod_ip("pod-1-1")], got
+    for forwarded, source in ((ip, lab.pod_ip("pod-1-1")), (lab.pod_ip("pod-1-1"), lab.pod_ip("pod-1-1"))):
+        seen = len(lab.events("node-2"))
+        got = _stream_from_node1(lab, _client(lab, principal("pod-1-1")), "pod-2-1", WHOAMI, forwarded)
+        assert got.startswith("200"), got
+        # The decision is the record's source (also the upstream bind): read it there, not from the pod's
+        # answer, which the engine's open data-loss defect can drop (issue 12, core-engine).
+        assert _new_closed(lab, "node-2", seen, WHOAMI)["source_ip"] == source, forwarded
     lab.wait_status("node-2", lambda st: st["counters"].get(f"hbone_forwarded_rejected_{why}", 0) >= 1)
-    own = _stream_from_node1(
-        lab, _client(lab, principal("pod-1-1")), "pod-2-1", WHOAMI, lab.pod_ip("pod-1-1")
-    )
-    assert own.split()[:2] == ["200", lab.pod_ip("pod-1-1")]  # its own address is believed
+
+
+def _new_closed(lab: ProxyLab, node: str, seen: int, port: int) -> dict[str, Any]:
+    """The first closed record for `port` among those written after the first `seen` events of `node`."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        for ev in lab.events(node)[seen:]:
+            if ev["event"] == "closed" and ev["destination_port"] == port:
+                return ev
+        time.sleep(0.1)
+    raise AssertionError(f"no new closed record for port {port} on {node}")
 
 
 def _cut_by_policy(ip: str, port: int, agent_pid: int) -> str:
