@@ -327,3 +327,6 @@ def test_namespace_is_never_read_from_a_foreign_trust_domain() -> None:
     assert not engine.authorize(conn("evil.example/ns/front/sa/client")).allow
     deny_others = engine_with([ap(action="DENY", rules=[src(notNamespaces=["front"])])])
     assert not deny_others.authorize(conn("evil.example/ns/front/sa/client")).allow
+    by_account = engine_with([ap(action="ALLOW", rules=[src(serviceAccounts=["front/client"])])])
+    assert by_account.authorize(conn()).allow
+    assert not by_account.authorize(conn("evil.example/ns/front/sa/client")).allow
