@@ -160,7 +160,8 @@ class Outbound:
             rt.refuse(client, record, "UF", f"no certificate for {src_id}: {exc}")
             return
         key = (str(src_id), node)
-        conn = rt.pool.acquire(key, generation)
+        where = f"{node_ip}:{HBONE_PORT}"
+        conn = rt.pool.acquire(key, generation, where, str(peer))
         if conn is None:
             try:
                 sock = connect_nonblocking((node_ip, HBONE_PORT))
@@ -172,7 +173,7 @@ class Outbound:
             except EngineError as exc:
                 rt.refuse(client, record, "UF", f"HBONE to {node_ip}: {exc}")
                 return
-            conn = rt.pool.add(key, conn_id, f"{node_ip}:{HBONE_PORT}", generation)
+            conn = rt.pool.add(key, conn_id, where, generation, str(peer))
             rt.counters["hbone_connections_opened"] += 1
         entry = rt.table.add(Entry(rt.table.next_tag(), record, Path.HBONE_CLIENT, engine_conn=conn.conn_id))
         authority = format_authority(record.destination_ip, record.destination_port)

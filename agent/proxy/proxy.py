@@ -20,6 +20,7 @@ from agent.proxy.status import refused_stream_flags
 from agent.proxy.table import ConnectionTable, Entry, Path
 from agent.proxy.tls import ProxyCredentials, TlsContexts
 from agent.redirect.marks import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
+from api.spiffe import SpiffeId
 from native.engine import Engine, EngineError, Event
 
 log = logging.getLogger("ambit.proxy")
@@ -108,6 +109,7 @@ class Proxy:
             "conn_closed": self._on_conn_closed,
         }
         self._started = False
+        self._routed_snapshot: object = None
 
     @property
     def ports(self) -> Ports:
@@ -205,6 +207,7 @@ class Proxy:
             out = dict(self._rt.counters)
             out["connections_active"] = len(self._rt.table)
             out["hbone_pool_connections"] = len(self._rt.pool.connections())
+            out["hbone_pool_drained_moved"] = self._rt.pool.drained_moved
             out["observer_errors"] = self._rt.table.observer_errors
             out["control_loop_errors"] = self._loop.callback_errors
             return out
@@ -283,11 +286,23 @@ class Proxy:
             self._rt.pool.release(entry.engine_conn)
 
     def _close_idle(self) -> None:
+        snap = self._rt.state()
+        if snap is not self._routed_snapshot:  # a new config: pooled connections to moved nodes drain
+            self._routed_snapshot = snap
+            self._rt.pool.drain_moved(lambda node: _hbone_route(snap, node))
         for conn_id in self._rt.pool.expired():
             try:
                 self._rt.engine.close(conn_id)
             except EngineError:
                 self._rt.pool.remove(conn_id)
+
+
+def _hbone_route(snap: MeshView, node: str) -> tuple[str, str] | None:
+    """Where a node's HBONE listener is now and who it must be (as outbound opens pooled connections)."""
+    addr = snap.node_address(node)
+    if addr is None:
+        return None
+    return f"{addr}:{HBONE_PORT}", str(SpiffeId.node(snap.trust_domain, node))
 
 
 def _bytes_towards_destination(entry: Entry, ev: Event) -> tuple[int, int]:

@@ -372,6 +372,43 @@ def _new_closed(lab: ProxyLab, node: str, seen: int, port: int) -> dict[str, Any
     raise AssertionError(f"no new closed record for port {port} on {node}")
 
 
+def _reconfigure(lab: ProxyLab, node: str, change: Any) -> None:
+    """Rewrite `node`'s config with change(cfg) and have its proxy re-read it (a new config version)."""
+    path = lab.workdir / f"{node}.json"
+    cfg = json.loads(path.read_text())
+    change(cfg)
+    path.write_text(json.dumps(cfg))
+    before = lab.status(node).get("reloads", 0)
+    os.kill(_pid(lab, f"proxy-{node}"), signal.SIGUSR2)
+    lab.wait_status(node, lambda st: st.get("reloads", 0) > before)
+
+
+def _pid(lab: ProxyLab, name: str) -> int:
+    lab_state = state.load(lab.prefix)
+    assert lab_state is not None
+    (pid,) = [p.pid for p in lab_state.processes if p.name == name]
+    return pid
+
+
+def test_pooled_connections_follow_a_node_that_moved(lab: ProxyLab) -> None:
+    """node-2's address changes (here: to node-1's, whose agent is not node-2): the idle pooled connection
+    to the old address (which a new stream would otherwise reuse) must take no new stream."""
+    node1, node2 = lab.plan.node("node-1").ip, lab.plan.node("node-2").ip
+    assert in_pod(lab, "pod-1-1", request, lab.pod_ip("pod-2-1"), ECHO, b"warm") == b"warm"
+    mine = (principal("pod-1-1"), "node-2", f"{node2}:{HBONE_PORT}", "ready")
+    pooled = lambda st: any((r["source"], r["node"], r["peer"], r["state"]) == mine for r in st["pool"])  # noqa: E731
+    lab.wait_status("node-1", pooled)
+    try:
+        _reconfigure(lab, "node-1", lambda cfg: cfg["nodes"].update({"node-2": node1}))
+        seen = len(lab.events("node-1"))
+        assert in_pod(lab, "pod-1-1", connect_and_read, lab.pod_ip("pod-2-1"), ECHO) in ("reset", "eof")
+        assert _new_closed(lab, "node-1", seen, ECHO)["response_flags"] == "UF"  # node-1 is not node-2
+        lab.wait_status("node-1", lambda st: st["counters"].get("hbone_pool_drained_moved", 0) >= 1)
+    finally:
+        _reconfigure(lab, "node-1", lambda cfg: cfg["nodes"].update({"node-2": node2}))
+    assert in_pod(lab, "pod-1-1", request, lab.pod_ip("pod-2-1"), ECHO, b"back") == b"back"
+
+
 def _cut_by_policy(ip: str, port: int, agent_pid: int) -> str:
     with socket.create_connection((ip, port), timeout=10) as sock:
         sock.sendall(b"before")
