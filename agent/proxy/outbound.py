@@ -41,6 +41,8 @@ class Outbound:
     def handle(self, client: socket.socket) -> None:
         rt = self.rt
         record = rt.accepted(client, Direction.OUTBOUND, "outbound_accepted")
+        if rt.over_budget(rt.budgets.outbound_sources, record.source_ip, client, record):
+            return
         if record.destination_port in _LOOP_PORTS:
             where = f"{record.destination_ip}:{record.destination_port}"
             rt.refuse(client, record, "NR", f"destination {where} is a capture port (loop)")
@@ -96,6 +98,9 @@ class Outbound:
         self.rt.counters["outbound_waited_for_lookup"] += 1
         self.rt.lookup_off_loop(ip, resume)
 
+    def _held(self, entry: Entry) -> Entry:
+        return self.rt.hold(self.rt.budgets.outbound_sources, entry.record.source_ip, entry)
+
     def _endpoint(self, snap: MeshView, service: Service, port: int) -> tuple[Workload, int] | None:
         """A random endpoint of `service` (spreads load as kube-proxy does) and the target port for `port`."""
         target = next((p.target_port for p in service.ports if p.port == port), None)
@@ -113,7 +118,7 @@ class Outbound:
         except OSError as exc:
             rt.refuse(client, record, "UF", f"connect: {os.strerror(exc.errno or 0)}")
             return
-        entry = rt.table.add(Entry(rt.table.next_tag(), record, Path.SPLICE))
+        entry = rt.table.add(self._held(Entry(rt.table.next_tag(), record, Path.SPLICE)))
         rt.splice_when_connected(client, upstream, entry)
 
     def _hbone(
@@ -175,7 +180,9 @@ class Outbound:
                 return
             conn = rt.pool.add(key, conn_id, where, generation, str(peer))
             rt.counters["hbone_connections_opened"] += 1
-        entry = rt.table.add(Entry(rt.table.next_tag(), record, Path.HBONE_CLIENT, engine_conn=conn.conn_id))
+        entry = rt.table.add(
+            self._held(Entry(rt.table.next_tag(), record, Path.HBONE_CLIENT, engine_conn=conn.conn_id))
+        )
         authority = format_authority(record.destination_ip, record.destination_port)
         try:
             entry.engine_stream = rt.engine.open_stream(

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from agent.connections import ConnectionObserver
 from agent.policy.decision import ConnectionAttrs
 from agent.proxy.inbound import STATUS_FORBIDDEN, Inbound
+from agent.proxy.limits import Budgets, Limits
 from agent.proxy.loop import ControlLoop
 from agent.proxy.outbound import Outbound
 from agent.proxy.pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_STREAMS, Pool
@@ -50,6 +51,7 @@ class Proxy:
     object with `chain_pem`/`key_pem`: the certificate the node presents on 15008). `lookup(ip)`: the
     relay's on-demand lookup (blocking; its answer is merged into `state()`), asked off the loop when a
     destination is unknown. `audit(event, **fields)`: the agent's audit log, for identity refusals.
+    `limits`: per source address / per peer identity budgets (agent/proxy/limits.py; None: the defaults).
     Thread-safe: every public method may be called from any thread.
     """
 
@@ -72,6 +74,7 @@ class Proxy:
         tls12: bool = False,
         lookup: Callable[[str], object] | None = None,
         audit: AuditSink | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self._listen_ip = listen_ip
         self._capture_ip = capture_ip
@@ -93,6 +96,7 @@ class Proxy:
             preserve_source_ip=preserve_source_ip,
             lookup=lookup,
             audit_sink=audit,
+            budgets=Budgets(limits or Limits()),
         )
         self._outbound = Outbound(self._rt)
         self._inbound = Inbound(self._rt)
@@ -208,6 +212,7 @@ class Proxy:
             out["connections_active"] = len(self._rt.table)
             out["hbone_pool_connections"] = len(self._rt.pool.connections())
             out["hbone_pool_drained_moved"] = self._rt.pool.drained_moved
+            out.update(self._rt.budgets.counters())
             out["observer_errors"] = self._rt.table.observer_errors
             out["control_loop_errors"] = self._loop.callback_errors
             return out
