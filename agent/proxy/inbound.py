@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from agent.connections import ConnectionRecord, Direction
 from agent.policy.decision import ConnectionAttrs
 from agent.proxy.forwarded import Belief, ForwardedError, believe, parse_forwarded_for
-from agent.proxy.runtime import MeshView, Runtime, accept_batch
+from agent.proxy.runtime import MeshView, Runtime
 from agent.proxy.sockets import (
     AuthorityError,
     connect_nonblocking,
@@ -71,7 +71,7 @@ class Inbound:
     # --- HBONE (15008) ---------------------------------------------------------------------------
 
     def on_hbone_readable(self, listener: socket.socket) -> None:
-        accept_batch(listener, self._serve)
+        self.rt.accept(listener, self._serve)
 
     def _serve(self, sock: socket.socket) -> None:
         rt = self.rt
@@ -326,7 +326,7 @@ class Inbound:
     # --- plaintext (15006) -----------------------------------------------------------------------
 
     def on_plaintext_readable(self, listener: socket.socket) -> None:
-        accept_batch(listener, self._plaintext)
+        self.rt.accept(listener, self._plaintext)
 
     def _plaintext(self, client: socket.socket) -> None:
         rt = self.rt

@@ -14,7 +14,7 @@ import random
 import socket
 
 from agent.connections import ConnectionRecord, Direction
-from agent.proxy.runtime import MeshView, Runtime, accept_batch
+from agent.proxy.runtime import MeshView, Runtime
 from agent.proxy.sockets import (
     connect_nonblocking,
     format_authority,
@@ -36,7 +36,7 @@ class Outbound:
         self.rt = rt
 
     def on_readable(self, listener: socket.socket) -> None:
-        accept_batch(listener, self.handle)
+        self.rt.accept(listener, self.handle)
 
     def handle(self, client: socket.socket) -> None:
         rt = self.rt
