@@ -90,14 +90,14 @@ class Inbound:
             ctx = rt.tls.server()
         except Exception as exc:  # no node identity yet: nothing to present
             rt.counters["hbone_no_identity"] += 1
-            log.warning("refusing HBONE from %s: no node identity: %s", peer_ip, exc)
+            rt.warn.warning("hbone_no_identity", "refusing HBONE from %s: no node identity: %s", peer_ip, exc)
             sock.close()
             return
         try:
             conn_id = rt.engine.serve_hbone(sock.detach(), ctx)
         except EngineError as exc:
             rt.counters["hbone_serve_errors"] += 1
-            log.warning("HBONE from %s: %s", peer_ip, exc)
+            rt.warn.warning("hbone_serve_errors", "HBONE from %s: %s", peer_ip, exc)
             return
         self.server_conns[conn_id] = ServerConn(peer_ip, peer_port)
         budgets.hbone_handshakes.take(peer_ip)
@@ -311,7 +311,8 @@ class Inbound:
 
     def _refuse_stream(self, ev: Event, status: int, why: str) -> None:
         self.rt.counters[f"inbound_refused_{status}"] += 1
-        log.info("HBONE stream %r refused (%d): %s", ev.authority, status, why)
+        what, key = ev.authority[:128], f"refused_{status}"
+        self.rt.warn.log(logging.INFO, key, "HBONE stream %r refused (%d): %s", what, status, why)
         self._reject(ev, status)
 
     def _reject(self, ev: Event, status: int) -> None:

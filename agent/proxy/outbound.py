@@ -146,7 +146,7 @@ class Outbound:
             if err is None:
                 self._open(client, record, src_id, SpiffeId.node(td, dst.node), node_ip)
             else:
-                log.warning("no client certificate for %s: %s", src_id, err)
+                rt.warn.warning(f"svid {src_id}", "no client certificate for %s: %s", src_id, err)
                 rt.refuse(client, record, "UF", f"no certificate for {src_id}: {err}")
 
         rt.counters["outbound_waited_for_svid"] += 1
@@ -161,7 +161,7 @@ class Outbound:
         try:
             ctx, generation = rt.tls.client(src_id)
         except Exception as exc:  # no SVID (CA unreachable, not authorized for this identity, ...)
-            log.warning("no client certificate for %s: %s", src_id, exc)
+            rt.warn.warning(f"svid {src_id}", "no client certificate for %s: %s", src_id, exc)
             rt.refuse(client, record, "UF", f"no certificate for {src_id}: {exc}")
             return
         key = (str(src_id), node)

@@ -261,6 +261,9 @@ def test_wrong_peer_identity_is_refused(lab: ProxyLab) -> None:
     assert rec["response_flags"] == "UF"
     assert "identity" in rec["error"]
     lab.wait_status("node-1", lambda st: st["engine"]["errors_peer_identity"] >= 1)
+    # An identity refusal is a security event: it reaches the audit log, with what the server presented.
+    audited = [a for a in lab.audit("node-1") if a["event"] == "hbone_server_refused"]
+    assert audited and "node-2" in audited[0]["peer_id"] and "identity mismatch" in audited[0]["reason"]
 
 
 def test_denied_by_policy(lab: ProxyLab) -> None:
