@@ -19,6 +19,7 @@ import pytest
 from agent.proxy.accept import Acceptor
 from agent.proxy.lograte import RateLimitedLog
 from agent.proxy.loop import ControlLoop
+from tests.relay_fixtures import wait_until
 
 CLIENTS = 40
 CLIENT = """
@@ -27,15 +28,6 @@ socks = [socket.create_connection(("127.0.0.1", int(sys.argv[1]))) for _ in rang
 print("connected", flush=True)
 sys.stdin.read()
 """
-
-
-def _wait(pred: object, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():  # type: ignore[operator]
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_listener_at_the_fd_limit_backs_off_and_resumes(caplog: pytest.LogCaptureFixture) -> None:
@@ -54,7 +46,7 @@ def test_listener_at_the_fd_limit_backs_off_and_resumes(caplog: pytest.LogCaptur
         resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 5, hard))
         loop.add_reader(listener.fileno(), lambda: acceptor.accept(listener, held.append))
         loop.start()
-        assert _wait(lambda: counters["accept_resource_exhausted"] >= 1)
+        assert wait_until(lambda: counters["accept_resource_exhausted"] >= 1, 10)
         time.sleep(1.0)  # without the pause this second holds tens of thousands of failed accepts
         with loop.lock:
             exhausted, accepted = counters["accept_resource_exhausted"], len(held)
@@ -64,7 +56,7 @@ def test_listener_at_the_fd_limit_backs_off_and_resumes(caplog: pytest.LogCaptur
         warned = [r for r in caplog.records if "pausing the listener" in r.getMessage()]
         assert len(warned) == 1  # once per interval, however many tries
         # Descriptors free again: the paused listener is watched again and drains its backlog.
-        assert _wait(lambda: len(held) == CLIENTS)
+        assert wait_until(lambda: len(held) == CLIENTS, 10)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         loop.stop()
