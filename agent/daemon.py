@@ -143,6 +143,7 @@ class Agent:
             observer=FanOut(*observers),
             listen_ip=s.listen_ip,
             lookup=self.relay.lookup,
+            audit=audit.record if audit else None,  # identity refusals on 15008
         )
         before = threads.tids()
         self.proxy.start()

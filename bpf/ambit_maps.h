@@ -57,6 +57,7 @@ enum ambit_counter {
 	AMBIT_CTR_INBOUND_STRICT_DROP,     /* plaintext SYN to a STRICT pod dropped: inbound listener absent */
 	AMBIT_CTR_INBOUND_PERMISSIVE_PASS, /* plaintext SYN to a PERMISSIVE pod passed: listener absent */
 	AMBIT_CTR_ASSIGN_ERROR,            /* bpf_sk_assign failed: packet dropped */
+	AMBIT_CTR_STRICT_UNMEDIATED_DROP,  /* SYN into a STRICT pod not made by the agent (e.g. from the node) */
 	AMBIT_CTR_MAX
 };
 

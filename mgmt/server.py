@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from api import relay_pb2_grpc
+from api.keepalive import RELAY_KEEPALIVE, Keepalive
 from api.spiffe import SpiffeId
 from mgmt.ca import MGMT_SERVER_NAME, CertificateAuthority
 from mgmt.identity_service import Audit, plane_server_credentials
@@ -63,6 +64,7 @@ class MgmtServer:
         extra_services: Sequence[Callable[[grpc.Server], None]] = (),
         max_workers: int = MAX_WORKERS,
         audit: Audit | None = None,
+        keepalive: Keepalive = RELAY_KEEPALIVE,
     ) -> None:
         self.store = store
         self.ca = ca
@@ -74,11 +76,8 @@ class MgmtServer:
             options=[
                 ("grpc.so_reuseport", 0),  # a second plane on the same port must fail, not share it
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                # Nodes ping every 30 s to notice a dead plane; gRPC's default would GOAWAY them.
-                ("grpc.http2.min_recv_ping_interval_without_data_ms", 20_000),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.keepalive_time_ms", 60_000),  # and the plane notices dead nodes' streams
-                ("grpc.keepalive_timeout_ms", 20_000),
+                # Nodes ping their idle streams; the ping policy must allow exactly that (api/keepalive.py).
+                *keepalive.server_options(),
             ],
         )
         relay_pb2_grpc.add_RelayServicer_to_server(self.relay, self._server)

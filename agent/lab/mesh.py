@@ -68,7 +68,7 @@ def mesh_documents(plan: LabPlan, opted_out: frozenset[str] = frozenset()) -> li
                 "apiVersion": "ambit.io/v1",
                 "kind": "Node",
                 "metadata": {"name": node.name},
-                "spec": {"addresses": [node.ip]},
+                "spec": {"addresses": [node.ip], "podCIDRs": [node.pod_cidr]},
             }
         )
         for pod in node.pods:

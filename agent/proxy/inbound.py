@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from agent.connections import ConnectionRecord, Direction
 from agent.policy.decision import ConnectionAttrs
-from agent.proxy.forwarded import ForwardedError, believe, parse_forwarded_for
-from agent.proxy.runtime import MeshView, Runtime, accept_batch
+from agent.proxy.forwarded import Belief, ForwardedError, believe, parse_forwarded_for
+from agent.proxy.runtime import MeshView, Runtime
 from agent.proxy.sockets import (
     AuthorityError,
     connect_nonblocking,
@@ -31,7 +31,7 @@ from agent.proxy.sockets import (
 )
 from agent.proxy.sources import SourceIndex
 from agent.proxy.table import Entry, Path
-from agent.redirect.marks import INBOUND_PLAINTEXT_PORT
+from agent.redirect.marks import HBONE_PORT, INBOUND_PLAINTEXT_PORT
 from api.resources.workload import Workload
 from api.spiffe import SpiffeId, SpiffeIdError
 from native.engine import EngineError, Event
@@ -50,7 +50,13 @@ class ServerConn:
 
     peer_ip: str
     peer_port: int
+    # The workload identity streams are authorized as (an alias domain's mapped onto this mesh's); None
+    # until the engine verified the peer, and for good when the peer is refused (`refused` says why).
     principal: SpiffeId | None = None
+    presented: str = ""  # the SPIFFE ID in the client certificate, as presented
+    refused: str = ""
+    handshaking: bool = True  # holds a unit of the per-source handshake budget until peer_verified
+    identity_held: str = ""  # the identity whose connection budget this connection holds a unit of
     tls_version: str = ""
     tls_cipher: str = ""
     peer_cert_sha256: str = ""
@@ -65,48 +71,111 @@ class Inbound:
     # --- HBONE (15008) ---------------------------------------------------------------------------
 
     def on_hbone_readable(self, listener: socket.socket) -> None:
-        accept_batch(listener, self._serve)
+        self.rt.accept(listener, self._serve)
 
     def _serve(self, sock: socket.socket) -> None:
         rt = self.rt
         rt.counters["hbone_accepted"] += 1
         peer_ip, peer_port = peer_address(sock)
+        budgets = rt.budgets
+        for budget in (budgets.hbone_handshakes, budgets.hbone_sources):
+            if budget.full(peer_ip):
+                # Unauthenticated: closed before any TLS state exists (no handshake memory to spend).
+                rt.warn.warning(budget.name, "HBONE from %s over its %s budget (%d): closed", peer_ip,
+                                budget.name, budget.limit)  # fmt: skip
+                sock.close()
+                return
         sock.setblocking(False)
         try:
             ctx = rt.tls.server()
         except Exception as exc:  # no node identity yet: nothing to present
             rt.counters["hbone_no_identity"] += 1
-            log.warning("refusing HBONE from %s: no node identity: %s", peer_ip, exc)
+            rt.warn.warning("hbone_no_identity", "refusing HBONE from %s: no node identity: %s", peer_ip, exc)
             sock.close()
             return
         try:
             conn_id = rt.engine.serve_hbone(sock.detach(), ctx)
         except EngineError as exc:
             rt.counters["hbone_serve_errors"] += 1
-            log.warning("HBONE from %s: %s", peer_ip, exc)
+            rt.warn.warning("hbone_serve_errors", "HBONE from %s: %s", peer_ip, exc)
             return
         self.server_conns[conn_id] = ServerConn(peer_ip, peer_port)
+        budgets.hbone_handshakes.take(peer_ip)
+        budgets.hbone_sources.take(peer_ip)
 
     def on_peer_verified(self, ev: Event) -> None:
+        """Only a workload identity of this mesh's trust domain (or an alias) may open streams on 15008:
+        anything else (another domain signed by the same root, a node's or the plane's identity, a
+        non-SPIFFE name) is refused before any stream is served: counted, audited, connection closed."""
         conn = self.server_conns.get(ev.conn_id)
         if conn is None:
             return
-        try:
-            conn.principal = SpiffeId.parse(ev.peer_id)
-        except SpiffeIdError:
-            self.rt.counters["hbone_bad_peer_id"] += 1
-            log.warning("HBONE peer %s presented a non-SPIFFE identity %r", conn.peer_ip, ev.peer_id)
         conn.tls_version, conn.tls_cipher = ev.tls_version, ev.tls_cipher
-        conn.peer_cert_sha256 = ev.peer_cert_sha256
+        conn.peer_cert_sha256, conn.presented = ev.peer_cert_sha256, ev.peer_id
+        self._handshake_over(conn)
+        try:
+            presented = SpiffeId.parse(ev.peer_id)
+        except SpiffeIdError:
+            self._refuse_peer(
+                ev.conn_id, conn, "hbone_bad_peer_id", f"non-SPIFFE identity {ev.peer_id[:128]!r}"
+            )
+            return
+        trust = self.rt.state().trust
+        principal = trust.workload(presented)
+        if principal is not None:
+            identities = self.rt.budgets.hbone_identities
+            if identities.full(str(principal)):
+                why = f"{principal} holds {identities.limit} connections ({identities.name})"
+                self._refuse_peer(ev.conn_id, conn, f"limit_{identities.name}", why)
+                return
+            identities.take(str(principal))
+            conn.principal, conn.identity_held = principal, str(principal)
+            return
+        if not trust.accepts(presented):
+            why = f"trust domain {presented.trust_domain!r} is not this mesh's ({trust.local})"
+            self._refuse_peer(ev.conn_id, conn, "hbone_foreign_trust_domain", f"{presented}: {why}")
+        else:
+            self._refuse_peer(
+                ev.conn_id, conn, "hbone_not_workload", f"{presented} is not a workload identity"
+            )
+
+    def _refuse_peer(self, conn_id: int, conn: ServerConn, counter: str, why: str) -> None:
+        rt = self.rt
+        conn.refused = why
+        rt.counters[counter] += 1
+        rt.counters["hbone_peer_refused"] += 1
+        rt.audit("hbone_peer_refused", counter, why, peer_ip=conn.peer_ip, peer_id=conn.presented,
+                 peer_cert_sha256=conn.peer_cert_sha256)  # fmt: skip
+        try:
+            rt.engine.close(conn_id)  # GOAWAY: streams already sent are refused below, none is served
+        except EngineError as exc:  # already gone
+            log.debug("closing refused HBONE connection %d: %s", conn_id, exc)
 
     def on_conn_gone(self, conn_id: int) -> bool:
-        return self.server_conns.pop(conn_id, None) is not None
+        conn = self.server_conns.pop(conn_id, None)
+        if conn is None:
+            return False
+        budgets = self.rt.budgets
+        self._handshake_over(conn)
+        budgets.hbone_sources.give_back(conn.peer_ip)
+        if conn.identity_held:
+            budgets.hbone_identities.give_back(conn.identity_held)
+        return True
 
-    def on_stream_request(self, ev: Event) -> None:
+    def _handshake_over(self, conn: ServerConn) -> None:
+        if conn.handshaking:
+            conn.handshaking = False
+            self.rt.budgets.hbone_handshakes.give_back(conn.peer_ip)
+
+    def on_stream_request(self, ev: Event, looked_up: bool = False) -> None:
         rt = self.rt
         conn = self.server_conns.get(ev.conn_id)
         if conn is None:
             self._refuse_stream(ev, STATUS_FORBIDDEN, "stream on an unknown connection")
+            return
+        if conn.principal is None:  # before anything else: a refused peer learns nothing about this node
+            why = conn.refused or "not verified yet"
+            self._refuse_stream(ev, STATUS_FORBIDDEN, f"peer {conn.peer_ip} refused: {why}")
             return
         try:
             dst_ip, dst_port = parse_authority(ev.authority)
@@ -118,10 +187,12 @@ class Inbound:
         if dst is None or dst.node != rt.node:
             self._refuse_stream(ev, STATUS_NOT_FOUND, f"{dst_ip} is not a workload on node {rt.node}")
             return
-        if conn.principal is None:
-            self._refuse_stream(ev, STATUS_FORBIDDEN, f"peer {conn.peer_ip} has no SPIFFE identity")
+        claim = self._parse_claim(ev, conn)
+        if claim is not None and not looked_up and rt.lookup is not None and self._unknown(snap, claim):
+            # The claim can only be believed for a workload we know: learn who holds the address first.
+            self._lookup_claim(ev, claim)
             return
-        claimed = self._claimed_source(ev, snap, conn)
+        claimed = self._believed_source(claim, snap, conn)
         if claimed is not None:
             src_ip, src = claimed
         else:
@@ -134,7 +205,7 @@ class Inbound:
             source_port=0,  # the CONNECT does not carry the client's port
             destination_ip=dst_ip,
             destination_port=dst_port,
-            source_principal=str(conn.principal),
+            source_principal=conn.presented or str(conn.principal),
             destination_principal=str(dst.spiffe_id(snap.trust_domain)),
             source_workload=src.uid if src is not None else "",
             destination_workload=dst.uid,
@@ -151,6 +222,18 @@ class Inbound:
             self._reject(ev, STATUS_FORBIDDEN)
             rt.table.reject(record, "DENY", decision.reason)
             return
+        # One identity, or one peer node with all its identities, must not hold this node's streams (an fd
+        # and buffers each) to the others' cost.
+        budgets = rt.budgets
+        held = ((budgets.hbone_streams, str(conn.principal)), (budgets.hbone_source_streams, conn.peer_ip))
+        for budget, key in held:
+            if budget.full(key):
+                rt.warn.warning(
+                    budget.name, "%s holds %d streams (limit): refusing its new ones", key, budget.limit
+                )
+                self._reject(ev, STATUS_UNAVAILABLE)
+                rt.table.reject(record, "UO", f"{key} is over its {budget.name} limit ({budget.limit})")
+                return
         spoof = src_ip if ((claimed is not None or src is not None) and rt.preserve_source_ip) else None
         try:
             upstream = connect_nonblocking((dst_ip, dst_port), source_ip=spoof)
@@ -159,31 +242,57 @@ class Inbound:
             rt.table.reject(record, "UF", f"connect: {exc}")
             return
         entry = Entry(rt.table.next_tag(), record, Path.HBONE_SERVER, attrs, ev.conn_id, ev.stream_id)
+        for budget, key in held:
+            rt.hold(budget, key, entry)
         rt.table.add(entry)
         rt.loop.watch_connect(upstream, lambda sock, err: self._upstream_ready(entry, sock, err))
 
-    def _claimed_source(
-        self, ev: Event, snap: MeshView, conn: ServerConn
-    ) -> tuple[str, Workload | None] | None:
-        """(source IP, its workload when known) from the stream's `forwarded` claim when it is well-formed
-        and believed (`forwarded.believe`: only for the peer's own identity), else None."""
-        rt = self.rt
+    def _parse_claim(self, ev: Event, conn: ServerConn) -> str | None:
+        """The IP the stream's `forwarded` header claims (None when absent or malformed, counted)."""
         try:
-            ip = parse_forwarded_for(ev.forwarded)
+            return parse_forwarded_for(ev.forwarded)
         except ForwardedError as exc:
-            rt.counters["hbone_forwarded_invalid"] += 1
-            log.info("HBONE stream from %s: ignoring forwarded header: %s", conn.peer_ip, exc)
+            self.rt.counters["hbone_forwarded_invalid"] += 1
+            self.rt.warn.warning("forwarded_invalid", "HBONE stream from %s: ignoring forwarded header: %s",
+                                 conn.peer_ip, exc)  # fmt: skip
             return None
+
+    @staticmethod
+    def _unknown(snap: MeshView, ip: str) -> bool:
+        return snap.workload_by_ip(ip) is None and not snap.is_node_address(ip)
+
+    def _lookup_claim(self, ev: Event, ip: str) -> None:
+        rt = self.rt
+        rt.counters["hbone_forwarded_lookups"] += 1
+
+        def resume(err: Exception | None) -> None:
+            if err is None:
+                self.on_stream_request(ev, looked_up=True)
+                return
+            # Fail closed: without knowing who holds the claimed address the stream's source is unknown,
+            # and an ipBlocks DENY could be dodged by falling back to another address.
+            rt.counters["hbone_forwarded_lookup_failed"] += 1
+            self._refuse_stream(ev, STATUS_UNAVAILABLE, f"cannot check claimed source {ip}: {err}")
+
+        rt.lookup_off_loop(ip, resume)
+
+    def _believed_source(
+        self, ip: str | None, snap: MeshView, conn: ServerConn
+    ) -> tuple[str, Workload | None] | None:
+        """(source IP, its workload) when the claim is believed (`forwarded.believe`: the address of a
+        workload of exactly the peer's identity), else None (counted by why)."""
         principal = conn.principal
         if ip is None or principal is None:
             return None
-        believed, known = believe(ip, principal, snap)
-        if not believed:
+        belief, known = believe(ip, principal, snap)
+        if belief is not Belief.BELIEVED:
+            rt = self.rt
             rt.counters["hbone_forwarded_rejected"] += 1
-            log.warning("HBONE peer %s (%s) claimed source %s, which is not its identity's: ignored",
-                        conn.peer_ip, principal, ip)  # fmt: skip
+            rt.counters[f"hbone_forwarded_rejected_{belief.value}"] += 1
+            rt.warn.warning("forwarded_rejected", "HBONE peer %s (%s) claimed source %s (%s): ignored",
+                            conn.peer_ip, principal, ip, belief.value)  # fmt: skip
             return None
-        rt.counters["hbone_forwarded_used"] += 1
+        self.rt.counters["hbone_forwarded_used"] += 1
         return ip, known
 
     def _upstream_ready(self, entry: Entry, upstream: socket.socket, err: int) -> None:
@@ -207,7 +316,8 @@ class Inbound:
 
     def _refuse_stream(self, ev: Event, status: int, why: str) -> None:
         self.rt.counters[f"inbound_refused_{status}"] += 1
-        log.info("HBONE stream %r refused (%d): %s", ev.authority, status, why)
+        what, key = ev.authority[:128], f"refused_{status}"
+        self.rt.warn.log(logging.INFO, key, "HBONE stream %r refused (%d): %s", what, status, why)
         self._reject(ev, status)
 
     def _reject(self, ev: Event, status: int) -> None:
@@ -222,11 +332,13 @@ class Inbound:
     # --- plaintext (15006) -----------------------------------------------------------------------
 
     def on_plaintext_readable(self, listener: socket.socket) -> None:
-        accept_batch(listener, self._plaintext)
+        self.rt.accept(listener, self._plaintext)
 
     def _plaintext(self, client: socket.socket) -> None:
         rt = self.rt
         record = rt.accepted(client, Direction.INBOUND, "plaintext_accepted")
+        if rt.over_budget(rt.budgets.plaintext_sources, record.source_ip, client, record):
+            return
         src_ip, dst_ip, dst_port = record.source_ip, record.destination_ip, record.destination_port
         snap = rt.state()
         dst = snap.workload_by_ip(dst_ip)
@@ -238,6 +350,14 @@ class Inbound:
             )
         if dst is None or dst.node != rt.node or dst_port == INBOUND_PLAINTEXT_PORT:
             rt.refuse(client, record, "NR", f"{dst_ip}:{dst_port} is not a workload on node {rt.node}")
+            return
+        if dst_port == HBONE_PORT:
+            # HBONE addressed to the pod itself (how ztunnel dials): mTLS the plaintext path must never
+            # splice in clear past the policy. Refused until it is steered to the HBONE listener.
+            rt.counters["plaintext_refused_hbone"] += 1
+            rt.refuse(
+                client, record, "NR", f"HBONE to {dst.uid} on {dst_ip}:{dst_port} is not relayed as plaintext"
+            )
             return
         if rt.authorizer.mtls_mode(dst, dst_port) == "STRICT":
             rt.refuse(client, record, "DENY", f"{dst.uid} requires mTLS (STRICT)")
@@ -254,5 +374,6 @@ class Inbound:
         except OSError as exc:
             rt.refuse(client, record, "UF", f"connect: {exc}")
             return
-        entry = rt.table.add(Entry(rt.table.next_tag(), record, Path.SPLICE, attrs))
+        entry = Entry(rt.table.next_tag(), record, Path.SPLICE, attrs)
+        rt.table.add(rt.hold(rt.budgets.plaintext_sources, record.source_ip, entry))
         rt.splice_when_connected(client, upstream, entry)

@@ -12,10 +12,9 @@ import logging
 import os
 import random
 import socket
-from collections.abc import Callable
 
 from agent.connections import ConnectionRecord, Direction
-from agent.proxy.runtime import MeshView, Runtime, accept_batch
+from agent.proxy.runtime import MeshView, Runtime
 from agent.proxy.sockets import (
     connect_nonblocking,
     format_authority,
@@ -37,11 +36,13 @@ class Outbound:
         self.rt = rt
 
     def on_readable(self, listener: socket.socket) -> None:
-        accept_batch(listener, self.handle)
+        self.rt.accept(listener, self.handle)
 
     def handle(self, client: socket.socket) -> None:
         rt = self.rt
         record = rt.accepted(client, Direction.OUTBOUND, "outbound_accepted")
+        if rt.over_budget(rt.budgets.outbound_sources, record.source_ip, client, record):
+            return
         if record.destination_port in _LOOP_PORTS:
             where = f"{record.destination_ip}:{record.destination_port}"
             rt.refuse(client, record, "NR", f"destination {where} is a capture port (loop)")
@@ -58,7 +59,7 @@ class Outbound:
         if unknown and not looked_up and rt.lookup is not None:
             # Peer workloads reach this node on demand: ask the plane (blocking, so off the loop) before
             # deciding that the destination is outside the mesh.
-            self._lookup_then_route(client, record, rt.lookup)
+            self._lookup_then_route(client, record)
             return
         if service is not None:
             picked = self._endpoint(snap, service, dst_port)
@@ -78,19 +79,27 @@ class Outbound:
             return
         self._hbone(client, record, snap, src, dst)
 
-    def _lookup_then_route(
-        self, client: socket.socket, record: ConnectionRecord, lookup: Callable[[str], object]
-    ) -> None:
+    def _lookup_then_route(self, client: socket.socket, record: ConnectionRecord) -> None:
         ip = record.destination_ip
 
         def resume(err: Exception | None) -> None:
+            rt = self.rt
             if err is not None:
-                self.rt.counters["outbound_lookup_errors"] += 1
-                log.warning("lookup of %s failed (%s): treating it as outside the mesh", ip, err)
+                rt.counters["outbound_lookup_errors"] += 1
+                if rt.state().in_mesh_range(ip):
+                    # Never fail open: a mesh address whose owner we could not learn is refused, not sent
+                    # in plaintext (it may well be a pod that requires mTLS).
+                    rt.counters["outbound_lookup_refused"] += 1
+                    rt.refuse(client, record, "NR", f"lookup of mesh address {ip} failed: {err}")
+                    return
+                rt.warn.warning("lookup_failed", "lookup of %s failed (%s): outside the mesh ranges", ip, err)
             self._route(client, record, looked_up=True)
 
         self.rt.counters["outbound_waited_for_lookup"] += 1
-        self.rt.off_loop(f"lookup {ip}", lambda: _ignore(lookup(ip)), resume)
+        self.rt.lookup_off_loop(ip, resume)
+
+    def _held(self, entry: Entry) -> Entry:
+        return self.rt.hold(self.rt.budgets.outbound_sources, entry.record.source_ip, entry)
 
     def _endpoint(self, snap: MeshView, service: Service, port: int) -> tuple[Workload, int] | None:
         """A random endpoint of `service` (spreads load as kube-proxy does) and the target port for `port`."""
@@ -109,7 +118,7 @@ class Outbound:
         except OSError as exc:
             rt.refuse(client, record, "UF", f"connect: {os.strerror(exc.errno or 0)}")
             return
-        entry = rt.table.add(Entry(rt.table.next_tag(), record, Path.SPLICE))
+        entry = rt.table.add(self._held(Entry(rt.table.next_tag(), record, Path.SPLICE)))
         rt.splice_when_connected(client, upstream, entry)
 
     def _hbone(
@@ -137,7 +146,7 @@ class Outbound:
             if err is None:
                 self._open(client, record, src_id, SpiffeId.node(td, dst.node), node_ip)
             else:
-                log.warning("no client certificate for %s: %s", src_id, err)
+                rt.warn.warning(f"svid {src_id}", "no client certificate for %s: %s", src_id, err)
                 rt.refuse(client, record, "UF", f"no certificate for {src_id}: {err}")
 
         rt.counters["outbound_waited_for_svid"] += 1
@@ -152,11 +161,12 @@ class Outbound:
         try:
             ctx, generation = rt.tls.client(src_id)
         except Exception as exc:  # no SVID (CA unreachable, not authorized for this identity, ...)
-            log.warning("no client certificate for %s: %s", src_id, exc)
+            rt.warn.warning(f"svid {src_id}", "no client certificate for %s: %s", src_id, exc)
             rt.refuse(client, record, "UF", f"no certificate for {src_id}: {exc}")
             return
         key = (str(src_id), node)
-        conn = rt.pool.acquire(key, generation)
+        where = f"{node_ip}:{HBONE_PORT}"
+        conn = rt.pool.acquire(key, generation, where, str(peer))
         if conn is None:
             try:
                 sock = connect_nonblocking((node_ip, HBONE_PORT))
@@ -168,9 +178,11 @@ class Outbound:
             except EngineError as exc:
                 rt.refuse(client, record, "UF", f"HBONE to {node_ip}: {exc}")
                 return
-            conn = rt.pool.add(key, conn_id, f"{node_ip}:{HBONE_PORT}", generation)
+            conn = rt.pool.add(key, conn_id, where, generation, str(peer))
             rt.counters["hbone_connections_opened"] += 1
-        entry = rt.table.add(Entry(rt.table.next_tag(), record, Path.HBONE_CLIENT, engine_conn=conn.conn_id))
+        entry = rt.table.add(
+            self._held(Entry(rt.table.next_tag(), record, Path.HBONE_CLIENT, engine_conn=conn.conn_id))
+        )
         authority = format_authority(record.destination_ip, record.destination_port)
         try:
             entry.engine_stream = rt.engine.open_stream(
@@ -181,7 +193,3 @@ class Outbound:
             rt.table.finish(entry.tag, response_flags="UF", error=str(exc))
             return
         rt.counters["outbound_hbone_streams"] += 1
-
-
-def _ignore(_: object) -> None:
-    """The lookup's answer lands in the snapshot (the relay merges it); the caller reads it from there."""

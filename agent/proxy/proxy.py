@@ -11,20 +11,23 @@ from dataclasses import dataclass
 from agent.connections import ConnectionObserver
 from agent.policy.decision import ConnectionAttrs
 from agent.proxy.inbound import STATUS_FORBIDDEN, Inbound
+from agent.proxy.limits import Budgets, Limits
 from agent.proxy.loop import ControlLoop
 from agent.proxy.outbound import Outbound
 from agent.proxy.pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_STREAMS, Pool
-from agent.proxy.runtime import Authorizer, MeshView, Runtime
+from agent.proxy.runtime import AuditSink, Authorizer, MeshView, Runtime
 from agent.proxy.sockets import listener
 from agent.proxy.status import refused_stream_flags
 from agent.proxy.table import ConnectionTable, Entry, Path
 from agent.proxy.tls import ProxyCredentials, TlsContexts
 from agent.redirect.marks import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
+from api.spiffe import SpiffeId
 from native.engine import Engine, EngineError, Event
 
 log = logging.getLogger("ambit.proxy")
 
 EVENT_BATCH = 256
+PEER_IDENTITY_MISMATCH = "peer identity mismatch"  # the engine's conn_error detail (native/src/hbone.c)
 
 
 def default_engine_threads() -> int:
@@ -48,7 +51,8 @@ class Proxy:
     engine threads). `credentials`: `svid_for(SpiffeId)`, `trust_bundle_pem()` and `node_identity()` (an
     object with `chain_pem`/`key_pem`: the certificate the node presents on 15008). `lookup(ip)`: the
     relay's on-demand lookup (blocking; its answer is merged into `state()`), asked off the loop when a
-    destination is unknown.
+    destination is unknown. `audit(event, **fields)`: the agent's audit log, for identity refusals.
+    `limits`: per source address / per peer identity budgets (agent/proxy/limits.py; None: the defaults).
     Thread-safe: every public method may be called from any thread.
     """
 
@@ -70,6 +74,8 @@ class Proxy:
         preserve_source_ip: bool = True,
         tls12: bool = False,
         lookup: Callable[[str], object] | None = None,
+        audit: AuditSink | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self._listen_ip = listen_ip
         self._capture_ip = capture_ip
@@ -90,6 +96,8 @@ class Proxy:
             tls=TlsContexts(engine, credentials, tls12=tls12),
             preserve_source_ip=preserve_source_ip,
             lookup=lookup,
+            audit_sink=audit,
+            budgets=Budgets(limits or Limits()),
         )
         self._outbound = Outbound(self._rt)
         self._inbound = Inbound(self._rt)
@@ -107,6 +115,7 @@ class Proxy:
             "peer_goaway": self._on_peer_goaway,
         }
         self._started = False
+        self._routed_snapshot: object = None
 
     @property
     def ports(self) -> Ports:
@@ -204,6 +213,8 @@ class Proxy:
             out = dict(self._rt.counters)
             out["connections_active"] = len(self._rt.table)
             out["hbone_pool_connections"] = len(self._rt.pool.connections())
+            out["hbone_pool_drained_moved"] = self._rt.pool.drained_moved
+            out.update(self._rt.budgets.counters())
             out["observer_errors"] = self._rt.table.observer_errors
             out["control_loop_errors"] = self._loop.callback_errors
             return out
@@ -263,8 +274,17 @@ class Proxy:
         """The engine ends the connection's streams next (then conn_closed): make their records say why."""
         rt = self._rt
         rt.counters["hbone_connection_errors"] += 1
-        log.info("HBONE connection %d (peer %s) failed: %s", ev.conn_id, ev.peer_id or "?", ev.detail)
-        client = rt.pool.remove(ev.conn_id) is not None  # no new streams on it
+        pooled = rt.pool.remove(ev.conn_id)  # no new streams on it
+        client = pooled is not None
+        if pooled is not None and ev.detail.startswith(PEER_IDENTITY_MISMATCH):
+            # We refused the server: it is not the node the destination is scheduled on. A security event.
+            rt.counters["hbone_server_identity_refused"] += 1
+            presented = ev.peer_id or ev.detail.partition("got ")[2]
+            rt.audit("hbone_server_refused", "hbone_server_refused", ev.detail, peer=pooled.peer,
+                     peer_id=presented, expected_peer_id=pooled.peer_id, source=pooled.key[0])  # fmt: skip
+        else:  # per connection, often a peer's problem: counted always, the text log rate-limited
+            rt.warn.log(logging.INFO, "hbone_connection_errors", "HBONE connection %d (peer %s) failed: %s",
+                        ev.conn_id, ev.peer_id or "?", ev.detail)  # fmt: skip
         for entry in rt.table.on_engine_conn(ev.conn_id, Path.HBONE_CLIENT if client else Path.HBONE_SERVER):
             if entry.response_flags == "-":
                 rt.table.mark(entry, "UF", f"HBONE connection failed: {ev.detail}")
@@ -287,11 +307,23 @@ class Proxy:
             self._rt.pool.release(entry.engine_conn)
 
     def _close_idle(self) -> None:
+        snap = self._rt.state()
+        if snap is not self._routed_snapshot:  # a new config: pooled connections to moved nodes drain
+            self._routed_snapshot = snap
+            self._rt.pool.drain_moved(lambda node: _hbone_route(snap, node))
         for conn_id in self._rt.pool.expired():
             try:
                 self._rt.engine.close(conn_id)
             except EngineError:
                 self._rt.pool.remove(conn_id)
+
+
+def _hbone_route(snap: MeshView, node: str) -> tuple[str, str] | None:
+    """Where a node's HBONE listener is now and who it must be (as outbound opens pooled connections)."""
+    addr = snap.node_address(node)
+    if addr is None:
+        return None
+    return f"{addr}:{HBONE_PORT}", str(SpiffeId.node(snap.trust_domain, node))
 
 
 def _bytes_towards_destination(entry: Entry, ev: Event) -> tuple[int, int]:

@@ -14,15 +14,29 @@ from typing import Protocol
 
 from agent.connections import ConnectionRecord, Direction
 from agent.policy.decision import ConnectionAttrs, Decision
+from agent.proxy.accept import Acceptor
+from agent.proxy.limits import Budget, Budgets, Limits
+from agent.proxy.lograte import RateLimitedLog
 from agent.proxy.loop import ControlLoop
 from agent.proxy.pool import Pool
 from agent.proxy.sockets import original_destination, peer_address
 from agent.proxy.table import ConnectionTable, Entry
 from agent.proxy.tls import TlsContexts
 from api.resources.workload import Namespace, Service, Workload
+from api.spiffe import TrustDomains
 from native.engine import Engine, EngineError
 
 log = logging.getLogger("ambit.proxy")
+audit_log = logging.getLogger("ambit.audit")
+
+MAX_OFF_LOOP_KEYS = 1024  # distinct blocking calls (SVID fetches, lookups) waiting for the two workers
+
+
+class OverloadedError(Exception):
+    """Too much blocking work is already waiting: refused rather than queued."""
+
+
+AuditSink = Callable[..., None]  # audit(event, **fields): the agent's JSON audit log (AuditLog.record)
 
 
 class MeshView(Protocol):
@@ -45,6 +59,13 @@ class MeshView(Protocol):
     def service_endpoints(self, service: Service) -> list[Workload]: ...
 
     def node_address(self, node_name: str) -> str | None: ...
+
+    def in_mesh_range(self, ip: str) -> bool: ...
+
+    def is_node_address(self, ip: str) -> bool: ...
+
+    @property
+    def trust(self) -> TrustDomains: ...
 
     def namespace_of(self, w: Workload) -> Namespace | None: ...
 
@@ -72,11 +93,29 @@ class Runtime:
         default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="ambit-proxy-fetch")
     )
     counters: collections.Counter[str] = field(default_factory=collections.Counter)
+    # Warnings a peer or an outage can repeat at will: one line per kind per interval (counters stay exact).
+    warn: RateLimitedLog = field(default_factory=lambda: RateLimitedLog(log))
+    audit_sink: AuditSink | None = None
+    budgets: Budgets = field(default_factory=lambda: Budgets(Limits()))
+    _audit_text: RateLimitedLog = field(default_factory=lambda: RateLimitedLog(audit_log))
     _waiting: dict[str, list[Callable[[Exception | None], None]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._acceptor = Acceptor(self.loop, self.counters, self.warn)
+
+    def accept(self, listener: socket.socket, handle: Callable[[socket.socket], None]) -> None:
+        """Accept on a listener (bounded batch; paused, not spinning, at the fd limit: accept.py)."""
+        self._acceptor.accept(listener, handle)
 
     def off_loop(self, key: str, work: Callable[[], None], then: Callable[[Exception | None], None]) -> None:
         """Run blocking `work` (e.g. a first SVID fetch) on a worker, once per key however many wait for it;
         each `then(error or None)` runs on the control loop afterwards, so the loop itself never blocks."""
+        if key not in self._waiting and len(self._waiting) >= MAX_OFF_LOOP_KEYS:
+            # Bounded: a flood of distinct lookups (claimed sources, unknown destinations) must not queue
+            # without end; the caller fails closed on the error.
+            self.counters["off_loop_overloaded"] += 1
+            then(OverloadedError(f"{len(self._waiting)} blocking calls already waiting"))
+            return
         waiting = self._waiting.setdefault(key, [])
         waiting.append(then)
         if len(waiting) > 1:
@@ -92,9 +131,30 @@ class Runtime:
 
         self.workers.submit(run)
 
+    def lookup_off_loop(self, ip: str, then: Callable[[Exception | None], None]) -> None:
+        """Ask the plane who holds `ip` (RelayClient.lookup, blocking) on a worker; the answer lands in
+        state(), and `then(error or None)` runs on the loop. Requires `lookup`."""
+        lookup = self.lookup
+        assert lookup is not None
+
+        def ask() -> None:
+            lookup(ip)
+
+        self.off_loop(f"lookup {ip}", ask, then)
+
     def _resume(self, key: str, err: Exception | None) -> None:
         for then in self._waiting.pop(key, []):
             then(err)
+
+    def audit(self, event: str, key: str, reason: str, **fields: object) -> None:
+        """A security refusal: always to the audit log (one JSON line each), to the `ambit.audit` text log
+        rate-limited per `key` (a flood of refused peers must not flood the text log)."""
+        if self.audit_sink is not None:
+            try:
+                self.audit_sink(event, reason=reason, **fields)
+            except Exception:  # the audit log is not allowed to break the proxy; counted instead
+                self.counters["audit_errors"] += 1
+        self._audit_text.warning(key, "%s: %s %s", event, reason, fields)
 
     def authorize(self, attrs: ConnectionAttrs) -> Decision:
         """The policy engine's decision; a failing policy engine denies (fail closed) and is counted."""
@@ -128,6 +188,29 @@ class Runtime:
         self.counters[f"{record.direction.value}_refused_{flags}"] += 1
         self.table.reject(record, flags, error)
 
+    def hold(self, budget: Budget, key: str, entry: Entry) -> Entry:
+        """`entry` holds one unit of `budget` for `key` until the table finishes it (checked by `over_budget`
+        first; the loop is single-threaded, so nothing else takes a unit in between)."""
+        budget.take(key)
+        before = entry.on_finish  # an entry may hold units of several budgets
+
+        def give_back() -> None:
+            budget.give_back(key)
+            if before is not None:
+                before()
+
+        entry.on_finish = give_back
+        return entry
+
+    def over_budget(self, budget: Budget, key: str, client: socket.socket, record: ConnectionRecord) -> bool:
+        """When `key` has spent `budget`, refuse this new connection (UO): counted, logged rate-limited."""
+        if not budget.full(key):
+            return False
+        self.warn.warning(budget.name, "%s over its %s budget (%d): refusing its new connection",
+                          key, budget.name, budget.limit)  # fmt: skip
+        self.refuse(client, record, "UO", f"{key} is over its {budget.name} limit ({budget.limit})")
+        return True
+
     def splice_when_connected(self, client: socket.socket, upstream: socket.socket, entry: Entry) -> None:
         """Hand a plaintext pair to the engine once the upstream connect completes."""
 
@@ -150,25 +233,3 @@ class Runtime:
             self.table.established(entry)
 
         self.loop.watch_connect(upstream, done)
-
-
-def accept_batch(listener: socket.socket, handle: Callable[[socket.socket], None], limit: int = 64) -> None:
-    """Accept what the backlog holds (bounded, so one busy listener cannot starve the loop)."""
-    for _ in range(limit):
-        try:
-            sock, _addr = listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:  # e.g. EMFILE: leave the rest in the backlog and retry next round
-            log.warning("accept on %s failed: %s", listener.getsockname(), exc)
-            return
-        try:
-            # Small HTTP/2 frames (HEADERS then DATA) must not wait out Nagle against a delayed ACK.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            handle(sock)
-        except OSError as exc:  # e.g. the client reset before we looked at it: common, not a bug
-            log.debug("accepted connection gone: %s", exc)
-            sock.close()  # no-op once the fd was handed to the engine (detached)
-        except Exception:
-            log.exception("handling an accepted connection failed")
-            sock.close()

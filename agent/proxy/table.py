@@ -4,7 +4,8 @@ Every connection the proxy handles gets an entry keyed by a tag (the engine echo
 An entry is reported to the observer as opened once its path is established (or at once when it ends
 before that, e.g. denied), and as closed exactly once, with the byte counts from the engine.
 Observers are other people's code: an exception there is logged and counted, never propagated. Every
-close is also logged at INFO with both SPIFFE IDs, the response flags and the byte counts.
+close is also logged at DEBUG with both SPIFFE IDs, the response flags and the byte counts (the access log
+is where connections are recorded; the text log keeps what an operator must act on).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import enum
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent.connections import ConnectionClose, ConnectionObserver, ConnectionRecord
@@ -40,6 +42,7 @@ class Entry:
     reported: bool = False
     response_flags: str = "-"
     error: str = ""
+    on_finish: Callable[[], None] | None = None  # gives back what the entry holds (a per-peer budget slot)
 
 
 class ConnectionTable:
@@ -85,6 +88,8 @@ class ConnectionTable:
         entry = self._entries.pop(tag, None)
         if entry is None:
             return None
+        if entry.on_finish is not None:
+            entry.on_finish()
         if response_flags is not None and entry.response_flags == "-":
             entry.response_flags = response_flags
         if error and not entry.error:
@@ -100,7 +105,8 @@ class ConnectionTable:
         )
         self._notify("closed", close)
         r = entry.record
-        log.info("%s %s:%d (%s) -> %s:%d (%s) flags=%s sent=%d received=%d%s", r.direction.value,
+        # DEBUG: one line per connection is the access log's job (observer); the text log stays readable.
+        log.debug("%s %s:%d (%s) -> %s:%d (%s) flags=%s sent=%d received=%d%s", r.direction.value,
                  r.source_ip, r.source_port, r.source_principal or "-", r.destination_ip, r.destination_port,
                  r.destination_principal or "-", close.response_flags, bytes_sent, bytes_received,
                  f" error={close.error}" if close.error else "")  # fmt: skip

@@ -38,6 +38,7 @@ COUNTERS = (
     "inbound_strict_drop",
     "inbound_permissive_pass",
     "assign_error",
+    "strict_unmediated_drop",
 )
 
 

@@ -25,6 +25,8 @@ from agent.redirect.syscall import MapFd
 log = logging.getLogger(__name__)
 
 POD_HOOK = "pod_ingress"
+POD_EGRESS_HOOK = "pod_egress"  # STRICT pods refuse plaintext the node itself sends (bpf/pod_egress.c)
+POD_HOOKS = (POD_HOOK, POD_EGRESS_HOOK)
 UPLINK_HOOK = "uplink_ingress"
 MAIN_TABLE = 254
 RTN_UNICAST = 1
@@ -67,7 +69,7 @@ class Redirector:
         self._counters: CounterMap | None = None
         self._flows: FlowMap | None = None
         self._enroll_errors = 0
-        self._attached: dict[int, tc.Attachment] = {}
+        self._attached: dict[tuple[int, str], tc.Attachment] = {}  # by (link index, hook)
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -90,7 +92,7 @@ class Redirector:
             log.info(
                 "redirector for %s started: %d links attached, %d pods enrolled (pins %s)",
                 self.node,
-                len(self._attached),
+                len(self._attached_links()),
                 len(self._pods.entries()) if self._pods else 0,
                 self.pin_dir,
             )
@@ -103,7 +105,7 @@ class Redirector:
             try:
                 if not keep_datapath:
                     for attachment in tc.attachments(self._ipr):
-                        tc.detach(self._ipr, attachment.index)
+                        tc.detach(self._ipr, attachment.index, attachment.hook)
                     rules.remove(self._ipr)
                     pins.remove_pin_dir(self.pin_dir)
             finally:
@@ -142,12 +144,24 @@ class Redirector:
             if found.hook in self._programs:
                 self._attach(found.index, found.hook)
             else:  # left by an older version with a hook that no longer exists
-                tc.detach(self._ipr, found.index)
+                tc.detach(self._ipr, found.index, found.hook)
+        # A pod link adopted from an agent that had no egress program gets it now.
+        for index in {i for i, hook in self._attached if hook == POD_HOOK}:
+            self._attach(index, POD_EGRESS_HOOK)
 
     def _attach(self, index: int, hook: str) -> None:
         assert self._ipr is not None
         tc.attach(self._ipr, index, self._programs[hook].fd, hook)
-        self._attached[index] = tc.Attachment(index, self._ifname(index), hook)
+        self._attached[(index, hook)] = tc.Attachment(index, self._ifname(index), hook)
+
+    def _attach_pod(self, index: int) -> str:
+        """Both pod programs on a pod's node-side link; returns the link's name."""
+        for hook in POD_HOOKS:
+            self._attach(index, hook)
+        return self._attached[(index, POD_HOOK)].ifname
+
+    def _attached_links(self) -> set[int]:
+        return {index for index, _hook in self._attached}
 
     def _attach_uplink(self) -> None:
         index = self._uplink_index()
@@ -165,9 +179,8 @@ class Redirector:
             pods = self._require_started()
             index = self._pod_link(pod_ip)
             # Always (re)attach: an atomic replace, and right even if the pod's veth was re-created.
-            self._attach(index, POD_HOOK)
+            link = self._attach_pod(index)
             pods.put(pod_ip, workload_uid, strict)
-            link = self._attached[index].ifname
         log.info("enrolled %s (%s, %s) on %s", pod_ip, workload_uid, _mode(strict), link)
 
     def unenroll(self, pod_ip: str) -> None:
@@ -280,14 +293,10 @@ class Redirector:
             found = self._ipr.link_index(ifname)
             if found is None:
                 raise RedirectError(f"link {ifname!r} not found on node {self.node}")
-            self._attach(found, POD_HOOK)
+            self._attach_pod(found)
 
     def _attach_pod_links(self) -> list[str]:
-        added = []
-        for index in sorted(self._pod_links() - set(self._attached)):
-            self._attach(index, POD_HOOK)
-            added.append(self._attached[index].ifname)
-        return added
+        return [self._attach_pod(index) for index in sorted(self._pod_links() - self._attached_links())]
 
     # -- introspection ---------------------------------------------------------------------------------
 
@@ -312,7 +321,7 @@ class Redirector:
                 for p in self._programs.values()
             ]
             rows += [
-                _row("attachment", a.ifname, a.hook, f"tc ingress prio {tc.FILTER_PRIO:#x}")
+                _row("attachment", a.ifname, a.hook, f"tc {_direction(a.hook)} prio {tc.FILTER_PRIO:#x}")
                 for a in tc.attachments(self._ipr)
             ]
             state = rules.present(self._ipr)
@@ -337,6 +346,10 @@ class Redirector:
 
 def _row(kind: str, name: str, value: str, detail: str) -> dict[str, str]:
     return {"kind": kind, "name": name, "value": value, "detail": detail}
+
+
+def _direction(hook: str) -> str:
+    return "egress" if tc.parent_of(hook) == tc.EGRESS_PARENT else "ingress"
 
 
 def _mode(strict: bool) -> str:

@@ -15,7 +15,7 @@ from agent.redirect import marks
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 # One program per hook; each lives in bpf/<hook>.c with an entry function of the same name.
-HOOKS = ("pod_ingress", "uplink_ingress")
+HOOKS = ("pod_ingress", "pod_egress", "uplink_ingress")
 _LOCAL_INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$')
 
 

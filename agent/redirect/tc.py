@@ -1,4 +1,5 @@
-"""tc attachments of the datapath programs: a clsact qdisc and one direct-action bpf filter at ingress.
+"""tc attachments of the datapath programs: a clsact qdisc and direct-action bpf filters, one per hook
+(pod veths carry pod_ingress at ingress and pod_egress at egress).
 
 Our filter is identified by a fixed priority and handle, so attaching again (a restarted agent loading
 a new program) is an atomic `replace`: packets never see a moment without a program. The kernel holds
@@ -28,6 +29,11 @@ class Attachment:
     hook: str  # the program's hook name (filter name without the prefix)
 
 
+def parent_of(hook: str) -> int:
+    """A hook named `*_egress` sits at clsact egress, any other at ingress (one of ours per direction)."""
+    return EGRESS_PARENT if hook.endswith("_egress") else INGRESS_PARENT
+
+
 def _ensure_clsact(nl: RtNetlink, index: int) -> None:
     try:
         nl.clsact_add(index)
@@ -37,10 +43,10 @@ def _ensure_clsact(nl: RtNetlink, index: int) -> None:
 
 
 def attach(nl: RtNetlink, index: int, prog_fd: int, hook: str) -> None:
-    """Attach (or atomically replace) our ingress filter on link `index`."""
+    """Attach (or atomically replace) our filter for `hook` on link `index` (its direction's only one)."""
     _ensure_clsact(nl, index)
     nl.bpf_filter_replace(
-        index, INGRESS_PARENT, FILTER_PRIO, ETH_P_ALL, FILTER_HANDLE, prog_fd, NAME_PREFIX + hook
+        index, parent_of(hook), FILTER_PRIO, ETH_P_ALL, FILTER_HANDLE, prog_fd, NAME_PREFIX + hook
     )
 
 
@@ -61,21 +67,22 @@ def _our_hook(found: Filter) -> str | None:
 
 
 def attachments(nl: RtNetlink) -> list[Attachment]:
-    """Our ingress filters on every link of this netns (including ones a previous agent left)."""
+    """Our filters on every link of this netns, both directions (including ones a previous agent left)."""
     found = []
     for link in nl.links():
-        for msg in _filters(nl, link.index, INGRESS_PARENT):
-            hook = _our_hook(msg)
-            if hook is not None:
-                found.append(Attachment(link.index, link.name, hook))
-                break
+        for parent in (INGRESS_PARENT, EGRESS_PARENT):
+            for msg in _filters(nl, link.index, parent):
+                hook = _our_hook(msg)
+                if hook is not None:
+                    found.append(Attachment(link.index, link.name, hook))
+                    break
     return found
 
 
-def detach(nl: RtNetlink, index: int) -> None:
-    """Remove our filter from link `index`; the clsact qdisc goes too when nothing else uses it."""
+def detach(nl: RtNetlink, index: int, hook: str) -> None:
+    """Remove our filter for `hook` from link `index`; the clsact qdisc goes too when nothing uses it."""
     try:
-        nl.bpf_filter_delete(index, INGRESS_PARENT, FILTER_PRIO, ETH_P_ALL, FILTER_HANDLE)
+        nl.bpf_filter_delete(index, parent_of(hook), FILTER_PRIO, ETH_P_ALL, FILTER_HANDLE)
     except NetlinkError as exc:
         if exc.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
             raise

@@ -24,6 +24,7 @@ import grpc
 
 from agent.state import MeshSnapshot
 from api import relay_pb2, relay_pb2_grpc
+from api.keepalive import RELAY_KEEPALIVE, Keepalive
 from api.resources import KINDS, key_of, load_kinds, parse
 from api.resources.workload import Workload
 
@@ -34,9 +35,14 @@ BACKOFF_INITIAL = 0.2
 BACKOFF_MAX = 5.0
 LOOKUP_TIMEOUT = 2.0
 NEGATIVE_LOOKUP_TTL = 5.0  # an address the plane does not know is not asked again for this long
-KEEPALIVE_MS = 30_000  # the plane allows pings this often (mgmt/server.py)
-KEEPALIVE_TIMEOUT_MS = 10_000
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a first sync of a large view exceeds gRPC's 4 MiB default
+
+
+class LookupFailed(Exception):
+    """The plane could not be asked (unreachable, timed out, bad answer): the address's owner is unknown.
+
+    Distinct from "nobody holds it" (lookup returns None): a caller must not treat a mesh address as
+    outside the mesh because a lookup failed (docs/proxy.md, "never fail open")."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,7 @@ class RelayClient:
         types: tuple[str, ...] | None = None,
         backoff_initial: float = BACKOFF_INITIAL,
         backoff_max: float = BACKOFF_MAX,
+        keepalive: Keepalive = RELAY_KEEPALIVE,
     ) -> None:
         load_kinds()
         self.target = target
@@ -66,9 +73,9 @@ class RelayClient:
         self._on_snapshot = on_snapshot
         self._validate = validate
         self._options: list[tuple[str, Any]] = [
-            # A silently dead plane (no RST, e.g. a partition) is noticed by keepalive, then we reconnect.
-            ("grpc.keepalive_time_ms", KEEPALIVE_MS),
-            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            # A silently dead plane (no RST, e.g. a partition) is noticed by keepalive, then we reconnect;
+            # the plane's ping policy is derived from the same Keepalive (api/keepalive.py).
+            *keepalive.client_options(),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
         if server_name:
@@ -248,7 +255,9 @@ class RelayClient:
     def lookup(self, ip: str, timeout: float = LOOKUP_TIMEOUT, notify: bool = True) -> Workload | None:
         """The workload holding `ip`, asking the plane if this node does not know it yet (blocking).
 
-        The answer is merged into the snapshot (same version) and, with `notify`, on_snapshot is called."""
+        None: the plane holds no workload there (cached NEGATIVE_LOOKUP_TTL). Raises LookupFailed when the
+        plane could not answer (never cached). The answer is merged into the snapshot (same version) and,
+        with `notify`, on_snapshot is called."""
         known = self._snapshot.workload_by_ip(ip)
         if known is not None:
             return known
@@ -260,8 +269,7 @@ class RelayClient:
             workloads = [_parse_resource(r, f"lookup {ip}: {r.key}") for r in resp.resources]
         except (grpc.RpcError, ValueError) as exc:
             self._count("lookup_errors")
-            log.warning("lookup of %s failed: %s", ip, exc)
-            return None
+            raise LookupFailed(f"lookup of {ip} failed: {_rpc_reason(exc)}") from exc
         peers = [w for w in workloads if isinstance(w, Workload)]
         if not peers:
             self._negative[ip] = time.monotonic() + NEGATIVE_LOOKUP_TTL
@@ -288,6 +296,12 @@ class RelayClient:
             return relay_pb2_grpc.RelayStub(channel).Lookup(request, timeout=timeout)
         with self._new_channel() as temporary:
             return relay_pb2_grpc.RelayStub(temporary).Lookup(request, timeout=timeout)
+
+
+def _rpc_reason(exc: Exception) -> str:
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        return f"{exc.code()}: {exc.details()}"
+    return str(exc)
 
 
 def _drain(outbox: queue.Queue[relay_pb2.SubscribeRequest | None]) -> Iterator[relay_pb2.SubscribeRequest]:

@@ -11,14 +11,16 @@ threads (the proxy's loop, the relay's own thread) that must not block on the re
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from api.resources.workload import Namespace, Node, Service, Workload
+from api.resources.workload import Namespace, Node, Service, ServiceCIDR, Workload
+from api.spiffe import TrustDomains
 
-CORE_KINDS = frozenset({"Workload", "Namespace", "Service", "Node"})
+CORE_KINDS = frozenset({"Workload", "Namespace", "Service", "Node", "ServiceCIDR"})
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class MeshSnapshot:
     services: Mapping[str, Service] = field(default_factory=dict)  # by uid "ns/name"
     nodes: Mapping[str, Node] = field(default_factory=dict)  # by name
     policies: tuple[Any, ...] = ()  # every other registered kind (AuthorizationPolicy, MeshConfig, ...)
-    # On-demand lookup of an unknown address (the relay client's); not part of the snapshot's value.
+    service_cidrs: Mapping[str, ServiceCIDR] = field(default_factory=dict)  # by name
 
     @classmethod
     def from_objects(
@@ -46,6 +48,7 @@ class MeshSnapshot:
         namespaces: dict[str, Namespace] = {}
         services: dict[str, Service] = {}
         nodes: dict[str, Node] = {}
+        service_cidrs: dict[str, ServiceCIDR] = {}
         policies: list[Any] = []
         for obj in objects:
             if isinstance(obj, Workload):
@@ -56,10 +59,22 @@ class MeshSnapshot:
                 services[obj.uid] = obj
             elif isinstance(obj, Node):
                 nodes[obj.name] = obj
+            elif isinstance(obj, ServiceCIDR):
+                service_cidrs[obj.meta.name] = obj
             else:
                 policies.append(obj)
         policies.sort(key=lambda p: (p.kind, p.meta.namespace, p.meta.name))
-        return cls(version, trust_domain, node, workloads, namespaces, services, nodes, tuple(policies))
+        return cls(
+            version,
+            trust_domain,
+            node,
+            workloads,
+            namespaces,
+            services,
+            nodes,
+            tuple(policies),
+            service_cidrs,
+        )
 
     @cached_property
     def _by_ip(self) -> dict[str, Workload]:
@@ -73,6 +88,34 @@ class MeshSnapshot:
     @cached_property
     def _service_by_ip(self) -> dict[str, Service]:
         return {ip: s for _, s in sorted(self.services.items()) for ip in s.addresses}
+
+    @cached_property
+    def trust(self) -> TrustDomains:
+        """This mesh's trust domain and the aliases MeshConfig names: the only identities believed."""
+        configs = [p for p in self.policies if p.kind == "MeshConfig"]
+        aliases = {a for p in configs for a in getattr(p, "trust_domain_aliases", ())}
+        return TrustDomains(self.trust_domain, frozenset(aliases - {self.trust_domain}))
+
+    @cached_property
+    def _mesh_ranges(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        cidrs = [c for n in self.nodes.values() for c in n.pod_cidrs]
+        cidrs += [c for s in self.service_cidrs.values() for c in s.cidrs]
+        return tuple(ipaddress.ip_network(c) for c in cidrs)
+
+    def in_mesh_range(self, ip: str) -> bool:
+        """Whether `ip` lies in a Node's pod CIDRs or a ServiceCIDR: a mesh address even when unknown here."""
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self._mesh_ranges)
+
+    @cached_property
+    def _node_addresses(self) -> frozenset[str]:
+        return frozenset(a for n in self.nodes.values() for a in n.addresses)
+
+    def is_node_address(self, ip: str) -> bool:
+        return ip in self._node_addresses
 
     def workload_by_ip(self, ip: str) -> Workload | None:
         """The workload holding `ip`, if this node holds it (never asks the plane)."""

@@ -9,7 +9,7 @@ with different values, `none` wins (the owner asked not to be captured). Other v
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,16 +50,26 @@ def _str(spec: Mapping[str, Any], name: str, required: bool = True, default: str
 
 
 def _ips(raw: Any, name: str) -> tuple[str, ...]:
+    return _parsed_list(raw, name, ipaddress.ip_address, "an IP address", "IP addresses")
+
+
+def _cidrs(raw: Any, name: str) -> tuple[str, ...]:
+    # ip_network is strict: host bits set (10.244.1.1/24) is a typo, not a range.
+    return _parsed_list(raw, name, ipaddress.ip_network, "a CIDR block", "CIDR blocks")
+
+
+def _parsed_list(raw: Any, name: str, parse: Callable[[Any], object], one: str, many: str) -> tuple[str, ...]:
+    """spec.<name>: a list of values `parse` accepts, normalized to their text (None: empty)."""
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        raise ResourceError(f"spec.{name} must be a list of IP addresses")
+        raise ResourceError(f"spec.{name} must be a list of {many}")
     out = []
     for item in raw:
         try:
-            out.append(str(ipaddress.ip_address(item)))
+            out.append(str(parse(item)))
         except (ValueError, TypeError):
-            raise ResourceError(f"spec.{name}: {item!r} is not an IP address") from None
+            raise ResourceError(f"spec.{name}: {item!r} is not {one}") from None
     return tuple(out)
 
 
@@ -212,11 +222,12 @@ def _parse_service(meta: Meta, spec: Mapping[str, Any]) -> Service:
 
 @dataclass(frozen=True)
 class Node:
-    """A mesh node: where its agent accepts HBONE (port 15008 on the first address)."""
+    """A mesh node: where its agent accepts HBONE (port 15008 on the first address), and the pod ranges it
+    hands out (Kubernetes `spec.podCIDRs`): an address in them is a mesh pod even when nobody knows it yet."""
 
     meta: Meta
     addresses: tuple[str, ...]
-    pod_cidrs: tuple[str, ...] = ()  # Kubernetes' spec.podCIDRs (informational: shown, not enforced)
+    pod_cidrs: tuple[str, ...] = ()
     kind: str = "Node"
 
     @property
@@ -230,11 +241,22 @@ def _parse_node(meta: Meta, spec: Mapping[str, Any]) -> Node:
     addresses = _ips(spec.get("addresses"), "addresses")
     if not addresses:
         raise ResourceError("spec.addresses must list at least one IP address")
-    raw_cidrs = spec.get("podCIDRs") or []
-    if not isinstance(raw_cidrs, list):
-        raise ResourceError("spec.podCIDRs must be a list of CIDR blocks")
-    try:
-        cidrs = tuple(str(ipaddress.ip_network(c)) for c in raw_cidrs)
-    except (ValueError, TypeError):
-        raise ResourceError(f"spec.podCIDRs: {raw_cidrs!r} are not CIDR blocks") from None
-    return Node(meta, addresses, cidrs)
+    return Node(meta, addresses, _cidrs(spec.get("podCIDRs"), "podCIDRs"))
+
+
+@dataclass(frozen=True)
+class ServiceCIDR:
+    """Ranges Service addresses are allocated from (Kubernetes `networking.k8s.io/v1` ServiceCIDR)."""
+
+    meta: Meta
+    cidrs: tuple[str, ...]
+    kind: str = "ServiceCIDR"
+
+
+@register("ServiceCIDR", {API_VERSION, "networking.k8s.io/v1"}, namespaced=False)
+def _parse_service_cidr(meta: Meta, spec: Mapping[str, Any]) -> ServiceCIDR:
+    _check_fields(spec, {"cidrs"})
+    cidrs = _cidrs(spec.get("cidrs"), "cidrs")
+    if not cidrs:
+        raise ResourceError("spec.cidrs must list at least one CIDR block")
+    return ServiceCIDR(meta, cidrs)

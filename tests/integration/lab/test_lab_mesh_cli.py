@@ -229,16 +229,9 @@ def test_cross_node_metrics_have_istio_types_and_labels(lab: tuple[LabPlan, str]
         "response_flags": "-",
         "connection_security_policy": "mutual_tls",
     }
-    # The destination node never looked the client up (peers come on demand): it knows the client by its
-    # verified identity (principal, hence namespace) only, and says "unknown" for the rest, as Istio does.
-    derived_source = {k: "unknown" for k in expected if k.startswith("source_")} | {
-        "source_principal": principal + "pod-1-1",
-        "source_workload_namespace": "demo",
-    }
-    for node, reporter, want in (
-        ("node-1", "source", expected),
-        ("node-2", "destination", expected | derived_source),
-    ):
+    # The destination node knows the client workload too: it looks up the CONNECT's claimed source address
+    # to check that it belongs to the verified identity (docs/proxy.md, "Source address").
+    for node, reporter, want in (("node-1", "source", expected), ("node-2", "destination", expected)):
         families = list(text_string_to_metric_families(_scrape(plan, node)))
         types = {f.name: f.type for f in families}
         for name in (

@@ -9,10 +9,12 @@ import contextlib
 import hashlib
 import socket
 import struct
+import sys
 import threading
 from collections.abc import Callable
 
 ECHO, SHA_SINK, RESET, WHOAMI, COUNT_SINK = 8080, 8081, 8082, 8083, 8084
+HBONE_PORT = 15008  # agent.redirect.marks.HBONE_PORT (this script runs without the project on its path)
 BUF = 1 << 20
 
 
@@ -81,10 +83,16 @@ def _accept_loop(lst: socket.socket, handler: Callable[[socket.socket], None]) -
         threading.Thread(target=_serve_one, args=(conn, handler), daemon=True).start()
 
 
+# In pods only (a node's netns has the proxy on 15008): what a ztunnel-style peer would dial. The proxy must
+# never relay plaintext here, so an echo answering proves that it did.
+POD_HANDLERS = {HBONE_PORT: _echo}
+
+
 def main() -> None:
     threading.stack_size(256 * 1024)
     threads = []
-    for port, handler in HANDLERS.items():
+    handlers = HANDLERS | (POD_HANDLERS if sys.argv[1:] == ["pod"] else {})
+    for port, handler in handlers.items():
         lst = socket.socket()
         lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         lst.bind(("0.0.0.0", port))

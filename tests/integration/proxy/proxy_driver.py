@@ -23,9 +23,18 @@ from typing import Any
 from agent.connections import ConnectionClose, ConnectionRecord
 from agent.policy.decision import ConnectionAttrs, Decision
 from agent.proxy.proxy import Proxy
+from agent.relay.client import LookupFailed
 from agent.state import MeshSnapshot
 from api.resources import Meta, load_kinds, parse
-from api.resources.workload import DATAPLANE_LABEL, Namespace, Node, Service, ServicePort, Workload
+from api.resources.workload import (
+    DATAPLANE_LABEL,
+    Namespace,
+    Node,
+    Service,
+    ServiceCIDR,
+    ServicePort,
+    Workload,
+)
 from api.spiffe import SpiffeId
 
 
@@ -128,7 +137,9 @@ def snapshot(cfg: dict[str, Any], local_only: bool = False) -> MeshSnapshot:
         for w in cfg["workloads"]
         if not local_only or w["node"] == cfg["node"]
     ]
-    nodes = [Node(Meta(name=n), (ip,)) for n, ip in cfg["nodes"].items()]
+    pod_cidrs = cfg.get("pod_cidrs", {})
+    nodes = [Node(Meta(name=n), (ip,), tuple(pod_cidrs.get(n, ()))) for n, ip in cfg["nodes"].items()]
+    service_cidrs = [ServiceCIDR(Meta(name="services"), tuple(c)) for c in [cfg.get("service_cidrs")] if c]
     services = [
         Service(
             Meta(name=s["name"], namespace="app"),
@@ -139,7 +150,7 @@ def snapshot(cfg: dict[str, Any], local_only: bool = False) -> MeshSnapshot:
         for s in cfg.get("services", [])
     ]
     policies = [parse(doc, f"policies[{i}]") for i, doc in enumerate(cfg.get("policies", []))]
-    objects = [ns, *workloads, *nodes, *services, *policies]
+    objects = [ns, *workloads, *nodes, *services, *service_cidrs, *policies]
     return MeshSnapshot.from_objects(1, cfg["trust_domain"], cfg["node"], objects)
 
 
@@ -147,19 +158,41 @@ class OnDemandView:
     """Like the RelayClient: peers (workloads on other nodes) are known only after a lookup by IP."""
 
     def __init__(self, cfg: dict[str, Any]) -> None:
+        self.reloads = 0
+        self.reload(cfg)
+        self.lookups = 0
+        # While this file exists the plane is "unreachable": lookups fail (a relay hiccup).
+        self._fail_file = Path(cfg["lookup_fail_file"]) if cfg.get("lookup_fail_file") else None
+
+    def reload(self, cfg: dict[str, Any]) -> None:
+        """A new config version (SIGUSR2 re-reads the config file): peers are learnt again on demand."""
         self._full = snapshot(cfg)
         self.current = snapshot(cfg, local_only=bool(cfg.get("on_demand_peers")))
-        self.lookups = 0
+        self.reloads += 1
 
     def lookup(self, ip: str) -> Workload | None:
         self.lookups += 1
         time.sleep(0.05)  # a round trip to the plane
+        if self._fail_file is not None and self._fail_file.exists():
+            raise LookupFailed(f"lookup of {ip} failed: plane unreachable (test)")
         found = self._full.workload_by_ip(ip)
         service = self._full.service_by_ip(ip)
         extra = [found] if found else self._full.service_endpoints(service) if service else []
         if extra:
             self.current = self.current.with_workloads(extra)
         return found
+
+
+class FileAudit:
+    """The agent's audit log as the proxy sees it (AuditLog.record): one JSON line per event."""
+
+    def __init__(self, path: Path) -> None:
+        self._out = open(path, "a", buffering=1)  # noqa: SIM115 (lives as long as the process)
+        self._lock = threading.Lock()
+
+    def __call__(self, event: str, /, **fields: Any) -> None:
+        with self._lock:
+            self._out.write(json.dumps({"event": event, **fields}) + "\n")
 
 
 def start_redirect(node: str, cfg: dict[str, Any]) -> Any:
@@ -201,11 +234,13 @@ def main(config_path: str) -> int:
         engine_threads=cfg.get("engine_threads"),
         connections_per_key=cfg.get("connections_per_key"),
         lookup=view.lookup,
+        audit=FileAudit(Path(cfg["audit"])),
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     # SIGUSR1 plays a policy update that denies everything: re-check and close live inbound connections.
     signal.signal(signal.SIGUSR1, lambda *_: close_inbound(proxy))
+    signal.signal(signal.SIGUSR2, lambda *_: view.reload(json.loads(Path(config_path).read_text())))
     proxy.start()
     redirector = start_redirect(cfg["node"], cfg["redirect"]) if cfg.get("redirect") else None
     status = Path(cfg["status"])
@@ -213,6 +248,7 @@ def main(config_path: str) -> int:
         doc = {
             "counters": proxy.counters(),
             "lookups": view.lookups,
+            "reloads": view.reloads,
             "engine": proxy.engine_counters(),
             "rows": proxy.rows(),
             "pool": proxy.pool_rows(),

@@ -29,7 +29,14 @@ from agent.lab import control
 from agent.lab.plan import LabPlan, plan_lab
 from agent.lab.probe import echo_roundtrip
 from agent.redirect import pins
-from agent.redirect.marks import INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, ROUTE_MARK, ROUTE_MASK, ROUTE_TABLE
+from agent.redirect.marks import (
+    HBONE_PORT,
+    INBOUND_PLAINTEXT_PORT,
+    OUTBOUND_PORT,
+    ROUTE_MARK,
+    ROUTE_MASK,
+    ROUTE_TABLE,
+)
 from api.spiffe import SpiffeId
 from mgmt.ca import CertificateAuthority
 
@@ -37,6 +44,7 @@ TRUST_DOMAIN = "cluster.local"
 HERE = Path(__file__).resolve().parent
 ECHO, SHA_SINK, RESET, WHOAMI, COUNT_SINK = 8080, 8081, 8082, 8083, 8084
 SERVICE_IP, SERVICE_PORT = "10.96.0.10", 80  # Service "app/echo": port 80 -> pod-2-1:8080
+SERVICE_CIDR = "10.96.0.0/16"
 
 # New connections from enrolled pods -> 15001; new connections from other nodes to enrolled local pods ->
 # 15006 (plaintext inbound); packets of flows owned by a transparent proxy socket -> that socket.
@@ -100,6 +108,7 @@ class ProxyLab:
     plan: LabPlan
     workdir: Path
     extra_workloads: list[dict[str, str]] = field(default_factory=list)
+    ca: CertificateAuthority | None = None  # the lab's CA: tests forge or issue client certificates with it
 
     def pod_ip(self, pod: str) -> str:
         return self.plan.pod(pod).ip
@@ -137,6 +146,15 @@ class ProxyLab:
             time.sleep(0.1)
         raise AssertionError(f"status of {node} never matched: {self.status(node)}")
 
+    @property
+    def lookup_fail_file(self) -> Path:
+        """While it exists, the proxies' on-demand lookups fail (the plane is unreachable)."""
+        return self.workdir / "lookups-fail"
+
+    def audit(self, node: str) -> list[dict[str, Any]]:
+        path = self.workdir / f"{node}.audit.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
     def log(self, name: str) -> str:
         path = self.workdir / f"{name}.log"
         return path.read_text() if path.exists() else ""
@@ -169,8 +187,8 @@ def start(
     strict_uids = set(strict)
     plan = plan_lab(nodes, pods, prefix)
     control.up(plan)
-    lab = ProxyLab(prefix, plan, workdir, list(extra_workloads))
     ca = CertificateAuthority.generate_root(TRUST_DOMAIN)
+    lab = ProxyLab(prefix, plan, workdir, list(extra_workloads), ca)
     workloads = [
         {"name": p.name, "sa": service_account(p.name), "node": p.node, "ip": p.ip} for p in plan.pods()
     ] + lab.extra_workloads
@@ -192,6 +210,10 @@ def start(
             "trust_domain": TRUST_DOMAIN,
             "workloads": workloads,
             "nodes": nodes_map,
+            "pod_cidrs": {n.name: [n.pod_cidr] for n in plan.nodes},
+            "service_cidrs": [SERVICE_CIDR],
+            "lookup_fail_file": str(lab.lookup_fail_file),
+            "audit": str(workdir / f"{node.name}.audit.jsonl"),
             "bundle_pem": ca.bundle_pem().decode(),
             "node_chain_pem": chain,
             "node_key_pem": key,
@@ -224,7 +246,7 @@ def start(
     # Test servers in every pod, and in the last node's own netns: a destination outside the mesh.
     outside = plan.nodes[-1]
     for name, netns in [(p.name, p.netns) for p in plan.pods()] + [(outside.name, outside.netns)]:
-        argv = [sys.executable, str(HERE / "pod_servers.py")]
+        argv = [sys.executable, str(HERE / "pod_servers.py")] + (["pod"] if name != outside.name else [])
         control.start_process(prefix, f"servers-{name}", netns, argv, workdir / f"servers-{name}.log")
     _wait_ready(lab)
     return lab
@@ -345,6 +367,51 @@ def connect_and_read(ip: str, port: int, payload: bytes = b"x", timeout: float =
         return "reset"
     except ConnectionRefusedError:
         return "refused"
+
+
+@dataclass(frozen=True)
+class Client:
+    """An HBONE client identity of the test's choosing (a real SVID, or one `tests.forge` made)."""
+
+    chain_pem: bytes
+    key_pem: bytes
+    bundle_pem: bytes
+
+
+def hbone_stream(node_ip: str, node: str, client: Client, authority: str, forwarded: str = "") -> str:
+    """One CONNECT from `client` to the agent of `node` at node_ip:15008, through the real engine (run it
+    in a netns); sends b"x", half-closes. Returns "200 <answer>", "refused <status>" or "failed <why>"."""
+    import select as select_
+
+    from native.engine import Engine
+
+    engine = Engine(threads=1)
+    engine.start()
+    try:
+        ctx = engine.tls_context(
+            server=False, chain_pem=client.chain_pem, key_pem=client.key_pem, bundle_pem=client.bundle_pem
+        )
+        sock = socket.create_connection((node_ip, HBONE_PORT), timeout=10)
+        conn = engine.connect_hbone(sock.detach(), ctx, str(SpiffeId.node(TRUST_DOMAIN, node)))
+        app, local = socket.socketpair()
+        engine.open_stream(conn, authority, local.detach(), tag=7, forwarded=forwarded)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            for ev in engine.events():
+                if ev.kind == "stream_open" and ev.tag == 7:
+                    app.settimeout(10)
+                    app.sendall(b"x")
+                    app.shutdown(socket.SHUT_WR)
+                    answer = b"".join(iter(lambda: app.recv(65536), b""))
+                    return f"200 {answer.decode(errors='replace').strip()}"
+                if ev.kind == "stream_refused" and ev.tag == 7:
+                    return f"refused {ev.status}"
+                if ev.kind in ("conn_error", "stream_closed", "conn_closed"):
+                    return f"failed {ev.kind}: {ev.detail}"
+            select_.select([engine.eventfd], [], [], 0.5)
+        return "failed: timeout"
+    finally:
+        engine.stop()
 
 
 def in_pod(lab: ProxyLab, pod: str, fn: Any, *args: Any, timeout: float = 120.0) -> Any:

@@ -4,12 +4,14 @@ test servers in the pods, nftables tproxy as the capture. See proxy_lab.py."""
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import signal
 import socket
 import ssl
 import struct
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -19,17 +21,21 @@ import pytest
 from agent import netns as nsx
 from agent.lab import state
 from agent.redirect.marks import HBONE_PORT, OUTBOUND_PORT
+from tests.forge import forged_leaf
 from tests.integration.proxy.proxy_lab import (
     ECHO,
     RESET,
     SERVICE_IP,
     SERVICE_PORT,
     SHA_SINK,
+    TRUST_DOMAIN,
     WHOAMI,
+    Client,
     ProxyLab,
     concurrent_echo,
     connect_and_read,
     environ_int,
+    hbone_stream,
     hold_streams,
     in_pod,
     principal,
@@ -181,6 +187,24 @@ def test_destination_outside_the_mesh_passes_through(lab: ProxyLab) -> None:
     assert (rec["direction"], rec["security_policy"], rec["bytes_sent"]) == ("passthrough", "none", 11)
 
 
+def test_failed_lookup_never_turns_a_mesh_address_into_plaintext(lab: ProxyLab) -> None:
+    """A relay hiccup during a lookup: a destination in a node's pod CIDR is refused, not passed through;
+    a destination outside every mesh range still passes through."""
+    unknown_pod = str(ipaddress.ip_network(lab.plan.node("node-2").pod_cidr)[77])  # node-1 never learnt it
+    outside = lab.plan.node("node-2").ip
+    lab.lookup_fail_file.touch()
+    try:
+        assert in_pod(lab, "pod-1-1", connect_and_read, unknown_pod, ECHO) in ("reset", "eof")
+        rec = _closed(lab, "node-1", ECHO, destination_ip=unknown_pod)
+        assert (rec["direction"], rec["response_flags"]) == ("outbound", "NR")
+        assert "lookup" in rec["error"]
+        assert in_pod(lab, "pod-1-1", request, outside, ECHO, b"still out") == b"still out"
+    finally:
+        lab.lookup_fail_file.unlink()
+    wanted = {"outbound_lookup_refused": 1, "outbound_lookup_errors": 2}
+    lab.wait_status("node-1", lambda st: all(st["counters"].get(c, 0) >= n for c, n in wanted.items()))
+
+
 def test_capture_port_as_destination_is_refused(lab: ProxyLab) -> None:
     node1 = lab.plan.node("node-1").ip
     assert in_pod(lab, "pod-1-1", connect_and_read, node1, OUTBOUND_PORT) in ("reset", "eof")
@@ -237,6 +261,9 @@ def test_wrong_peer_identity_is_refused(lab: ProxyLab) -> None:
     assert rec["response_flags"] == "UF"
     assert "identity" in rec["error"]
     lab.wait_status("node-1", lambda st: st["engine"]["errors_peer_identity"] >= 1)
+    # An identity refusal is a security event: it reaches the audit log, with what the server presented.
+    audited = [a for a in lab.audit("node-1") if a["event"] == "hbone_server_refused"]
+    assert audited and "node-2" in audited[0]["peer_id"] and "identity mismatch" in audited[0]["reason"]
 
 
 def test_denied_by_policy(lab: ProxyLab) -> None:
@@ -261,6 +288,128 @@ def test_plaintext_inbound_permissive_and_strict(lab: ProxyLab) -> None:
         ]
         == "DENY"
     )
+
+
+def test_hbone_to_a_pod_address_is_never_relayed_as_plaintext(lab: ProxyLab) -> None:
+    """A ztunnel-style peer dials <pod ip>:15008; the capture hands it to 15006, which must refuse it (the
+    pod's own 15008 echo answering would mean the HBONE bytes were spliced in clear)."""
+    node1 = lab.plan.node("node-1").netns
+    assert nsx.run_in(node1, connect_and_read, lab.pod_ip("pod-2-1"), HBONE_PORT) in ("reset", "eof")
+    rec = _closed(lab, "node-2", HBONE_PORT, destination_ip=lab.pod_ip("pod-2-1"))
+    assert (rec["direction"], rec["response_flags"]) == ("inbound", "NR")
+    assert "HBONE" in rec["error"]
+    lab.wait_status("node-2", lambda st: st["counters"].get("plaintext_refused_hbone", 0) >= 1)
+
+
+def _client(lab: ProxyLab, uri: str, *, is_ca: bool = False) -> Client:
+    assert lab.ca is not None
+    chain, key = forged_leaf(lab.ca, uri, is_ca=is_ca)
+    return Client(chain, key, lab.ca.bundle_pem())
+
+
+def _stream_from_node1(lab: ProxyLab, client: Client, dst_pod: str, port: int, forwarded: str = "") -> str:
+    node2 = lab.plan.node("node-2")
+    authority = f"{lab.pod_ip(dst_pod)}:{port}"
+    return str(nsx.run_in(lab.plan.node("node-1").netns, hbone_stream, node2.ip, "node-2", client, authority,
+                          forwarded))  # fmt: skip
+
+
+def test_hbone_from_a_workload_identity_of_this_mesh_is_served(lab: ProxyLab) -> None:
+    assert _stream_from_node1(lab, _client(lab, principal("pod-1-1")), "pod-2-1", ECHO) == "200 x"
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "spiffe://evil.example/ns/app/sa/sa-pod-1-1",  # another trust domain, same root
+        f"spiffe://{TRUST_DOMAIN}/node/node-1",  # a node identity
+        f"spiffe://{TRUST_DOMAIN}/node/node-77",  # a node the config does not know
+        f"spiffe://{TRUST_DOMAIN}/mgmt",  # the plane's identity
+    ],
+    ids=["foreign-domain", "node", "unknown-node", "plane"],
+)
+def test_hbone_refuses_every_identity_but_this_meshs_workloads(lab: ProxyLab, uri: str) -> None:
+    got = _stream_from_node1(lab, _client(lab, uri), "pod-2-1", ECHO)
+    assert not got.startswith("200"), got
+    deadline = time.monotonic() + 10
+    while not [a for a in lab.audit("node-2") if a.get("peer_id") == uri] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (entry, *_) = [a for a in lab.audit("node-2") if a.get("peer_id") == uri]
+    assert entry["event"] == "hbone_peer_refused" and entry["reason"]
+    assert not [e for e in lab.events("node-2") if e.get("source_principal") == uri]  # no stream served
+    lab.wait_status("node-2", lambda st: st["counters"].get("hbone_peer_refused", 0) >= 1)
+
+
+@pytest.mark.parametrize(
+    ("claim", "why"),
+    [
+        ("10.244.1.200", "unknown"),  # no workload there
+        ("pod-1-2", "other_identity"),  # another identity's pod
+        ("node-2", "node_address"),
+        ("node-1", "node_address"),
+    ],
+)
+def test_forwarded_is_believed_only_for_the_peers_own_workload(lab: ProxyLab, claim: str, why: str) -> None:
+    """A peer holding pod-1-1's SVID claims other sources; node-2 (which knows every workload) ignores each
+    claim and recovers the true source from the mesh view instead (pod-1-1 on node-1's address)."""
+    nodes = {n.name: n.ip for n in lab.plan.nodes}
+    ip = nodes.get(claim) or (lab.pod_ip(claim) if claim.startswith("pod-") else claim)
+    for forwarded, source in ((ip, lab.pod_ip("pod-1-1")), (lab.pod_ip("pod-1-1"), lab.pod_ip("pod-1-1"))):
+        seen = len(lab.events("node-2"))
+        got = _stream_from_node1(lab, _client(lab, principal("pod-1-1")), "pod-2-1", WHOAMI, forwarded)
+        assert got.startswith("200"), got
+        # The decision is the record's source (also the upstream bind): read it there, not from the pod's
+        # answer, which the engine's open data-loss defect can drop (issue 12, core-engine).
+        assert _new_closed(lab, "node-2", seen, WHOAMI)["source_ip"] == source, forwarded
+    lab.wait_status("node-2", lambda st: st["counters"].get(f"hbone_forwarded_rejected_{why}", 0) >= 1)
+
+
+def _new_closed(lab: ProxyLab, node: str, seen: int, port: int) -> dict[str, Any]:
+    """The first closed record for `port` among those written after the first `seen` events of `node`."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        for ev in lab.events(node)[seen:]:
+            if ev["event"] == "closed" and ev["destination_port"] == port:
+                return ev
+        time.sleep(0.1)
+    raise AssertionError(f"no new closed record for port {port} on {node}")
+
+
+def _reconfigure(lab: ProxyLab, node: str, change: Any) -> None:
+    """Rewrite `node`'s config with change(cfg) and have its proxy re-read it (a new config version)."""
+    path = lab.workdir / f"{node}.json"
+    cfg = json.loads(path.read_text())
+    change(cfg)
+    path.write_text(json.dumps(cfg))
+    before = lab.status(node).get("reloads", 0)
+    os.kill(_pid(lab, f"proxy-{node}"), signal.SIGUSR2)
+    lab.wait_status(node, lambda st: st.get("reloads", 0) > before)
+
+
+def _pid(lab: ProxyLab, name: str) -> int:
+    lab_state = state.load(lab.prefix)
+    assert lab_state is not None
+    (pid,) = [p.pid for p in lab_state.processes if p.name == name]
+    return pid
+
+
+def test_pooled_connections_follow_a_node_that_moved(lab: ProxyLab) -> None:
+    """node-2's address changes (here: to node-1's, whose agent is not node-2): the idle pooled connection
+    to the old address (which a new stream would otherwise reuse) must take no new stream."""
+    node1, node2 = lab.plan.node("node-1").ip, lab.plan.node("node-2").ip
+    assert in_pod(lab, "pod-1-1", request, lab.pod_ip("pod-2-1"), ECHO, b"warm") == b"warm"
+    mine = (principal("pod-1-1"), "node-2", f"{node2}:{HBONE_PORT}", "ready")
+    pooled = lambda st: any((r["source"], r["node"], r["peer"], r["state"]) == mine for r in st["pool"])  # noqa: E731
+    lab.wait_status("node-1", pooled)
+    try:
+        _reconfigure(lab, "node-1", lambda cfg: cfg["nodes"].update({"node-2": node1}))
+        seen = len(lab.events("node-1"))
+        assert in_pod(lab, "pod-1-1", connect_and_read, lab.pod_ip("pod-2-1"), ECHO) in ("reset", "eof")
+        assert _new_closed(lab, "node-1", seen, ECHO)["response_flags"] == "UF"  # node-1 is not node-2
+        lab.wait_status("node-1", lambda st: st["counters"].get("hbone_pool_drained_moved", 0) >= 1)
+    finally:
+        _reconfigure(lab, "node-1", lambda cfg: cfg["nodes"].update({"node-2": node2}))
+    assert in_pod(lab, "pod-1-1", request, lab.pod_ip("pod-2-1"), ECHO, b"back") == b"back"
 
 
 def _cut_by_policy(ip: str, port: int, agent_pid: int) -> str:

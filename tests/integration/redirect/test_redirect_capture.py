@@ -4,11 +4,13 @@ own (spoofed-source) connections come back to it, and plaintext sent to an enrol
 
 from __future__ import annotations
 
+import socket
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
+from agent import netns as nsx
 from agent.lab.plan import LabPlan
 from agent.lab.probe import ECHO_PORT
 from agent.netns import NetnsError
@@ -57,8 +59,9 @@ def test_enrolled_pod_is_captured_with_original_destination(lab: LabPlan) -> Non
         assert counters["not_enrolled_pass"] > 0
         rows = agent.call("rows")
         assert {"kind": "pod", "name": pod.ip, "value": "PERMISSIVE", "detail": "default/pod-1-1"} in rows
-        attached = {r["name"]: r["value"] for r in rows if r["kind"] == "attachment"}
-        assert attached == {"vp1": "pod_ingress", "vp2": "pod_ingress", "eth0": "uplink_ingress"}
+        attached = {(r["name"], r["value"]) for r in rows if r["kind"] == "attachment"}
+        pod_hooks = {(link, hook) for link in ("vp1", "vp2") for hook in ("pod_ingress", "pod_egress")}
+        assert attached == pod_hooks | {("eth0", "uplink_ingress")}
         assert [r["value"] for r in rows if r["kind"] == "routing"] == ["ok"]
 
         agent.call("stop")
@@ -67,14 +70,20 @@ def test_enrolled_pod_is_captured_with_original_destination(lab: LabPlan) -> Non
         assert greeting_of(pod.netns, remote.ip, ECHO_PORT) == remote.name
 
 
+def _strict_and_permissive(roles: ExitStack, lab: LabPlan) -> Agent:
+    """Servers in every pod; node-1's agent with pod-1-1 enrolled STRICT and pod-1-2 PERMISSIVE."""
+    pod_servers(roles, lab)
+    agent = start_agent(roles, lab, "node-1")
+    agent.call("enroll", lab.pod("pod-1-1").ip, "default/strict", True)
+    agent.call("enroll", lab.pod("pod-1-2").ip, "default/permissive", False)
+    return agent
+
+
 def test_strict_pod_fails_closed_without_listener(lab: LabPlan) -> None:
     node = lab.node("node-1")
     strict, permissive, remote = lab.pod("pod-1-1"), lab.pod("pod-1-2"), lab.pod("pod-2-1")
     with ExitStack() as roles:
-        pod_servers(roles, lab)
-        agent = start_agent(roles, lab, node.name)
-        agent.call("enroll", strict.ip, "default/strict", True)
-        agent.call("enroll", permissive.ip, "default/permissive", False)
+        agent = _strict_and_permissive(roles, lab)
         with pytest.raises(NetnsError, match="timed out"):
             greeting_of(strict.netns, remote.ip, ECHO_PORT, timeout=1.5)
         assert greeting_of(permissive.netns, remote.ip, ECHO_PORT) == remote.name
@@ -133,3 +142,34 @@ def test_plaintext_to_enrolled_pod_goes_to_inbound_listener(lab: LabPlan) -> Non
         assert counters["inbound_captured"] >= 3
         assert counters["inbound_permissive_pass"] >= 1
         assert counters["inbound_strict_drop"] >= 1
+
+
+def _marked_greeting(ip: str, port: int) -> str:
+    """What the agent's upstream connects look like: SO_MARK with the agent's socket mark."""
+    with socket.socket() as conn:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, marks.AGENT_SOCKET_MARK)
+        conn.settimeout(3.0)
+        conn.connect((ip, port))
+        return conn.makefile("rb").readline().decode().strip()
+
+
+def test_strict_pod_refuses_plaintext_from_the_node_itself(lab: LabPlan) -> None:
+    """A host-network process crosses neither ingress program: pod_egress drops its SYN into a STRICT pod,
+    with or without the agent's listeners; the agent's own (marked) connects and PERMISSIVE pods pass."""
+    node = lab.node("node-1")
+    strict, permissive = lab.pod("pod-1-1"), lab.pod("pod-1-2")
+    with ExitStack() as roles:
+        agent = _strict_and_permissive(roles, lab)
+        with pytest.raises(NetnsError, match="timed out"):
+            greeting_of(node.netns, strict.ip, ECHO_PORT, timeout=1.5)
+        roles.enter_context(Listener(node.netns, marks.INBOUND_PLAINTEXT_PORT, "inbound"))
+        with pytest.raises(NetnsError, match="timed out"):
+            greeting_of(node.netns, strict.ip, ECHO_PORT, timeout=1.5)
+        assert greeting_of(node.netns, permissive.ip, ECHO_PORT) == permissive.name
+        assert nsx.run_in(node.netns, _marked_greeting, strict.ip, ECHO_PORT) == strict.name
+        assert agent.call("counters")["strict_unmediated_drop"] >= 2
+        rows = agent.call("rows")
+        hooks = {(r["name"], r["value"]) for r in rows if r["kind"] == "attachment"}
+        assert {("vp1", "pod_ingress"), ("vp1", "pod_egress")} <= hooks
+        agent.call("unenroll", strict.ip)  # not enrolled: the node reaches it as before
+        assert greeting_of(node.netns, strict.ip, ECHO_PORT) == strict.name

@@ -70,8 +70,9 @@ def test_restart_keeps_pinned_state_and_connections(lab: LabPlan) -> None:
         second.call("start")
         assert second.call("enrolled") == {pod.ip: {"workload": "default/pod-1-1", "strict": True}}
         rows = second.call("rows")
-        attached = {r["name"]: r["value"] for r in rows if r["kind"] == "attachment"}
-        assert attached == {"vp1": "pod_ingress", "vp2": "pod_ingress", "eth0": "uplink_ingress"}
+        attached = {(r["name"], r["value"]) for r in rows if r["kind"] == "attachment"}
+        pod_hooks = {(link, hook) for link in ("vp1", "vp2") for hook in ("pod_ingress", "pod_egress")}
+        assert attached == pod_hooks | {("eth0", "uplink_ingress")}
         # The new run's programs replaced the old ones on every link; counters survived in the pinned map.
         new_programs = {r["name"]: r["value"] for r in rows if r["kind"] == "program"}
         assert new_programs.keys() == programs.keys() and new_programs != programs

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import grpc
+import pytest
 
-from agent.relay.client import RelayClient
+from agent.relay.client import LookupFailed, RelayClient
 from agent.state import MeshSnapshot
 from api import relay_pb2
 from mgmt.store import canonical_json, content_hash
@@ -98,11 +99,15 @@ def test_validate_rejection_is_the_nack_detail() -> None:
     assert client.version == 0
 
 
-def test_lookup_while_the_plane_is_away_finds_nothing() -> None:
+def test_lookup_while_the_plane_is_away_fails_and_is_not_cached_as_absent() -> None:
+    """A failed lookup is not "nobody there": the caller must be able to fail closed (docs/proxy.md)."""
     client = _client([])
     assert not client.connected
     assert client.snapshot.workload_by_ip("10.244.9.9") is None
-    assert client.lookup("10.244.9.9", timeout=0.2) is None
+    for _ in range(2):  # the failure is not remembered as a negative answer
+        with pytest.raises(LookupFailed, match="10.244.9.9"):
+            client.lookup("10.244.9.9", timeout=0.2)
+    assert client.counters()["lookup_errors"] == 2
 
 
 def test_empty_snapshot_and_service_endpoints() -> None:

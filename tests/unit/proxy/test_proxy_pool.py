@@ -100,6 +100,37 @@ def test_idle_key_keeps_one_connection() -> None:
         assert pool.acquire(KEY, 1) is conn
 
 
+def test_a_node_that_moved_gets_new_connections_and_the_old_ones_drain() -> None:
+    pool = Pool(max_streams=10)
+    old = pool.add(KEY, 1, "172.30.0.2:15008", 1, "spiffe://td/node/node-2")
+    assert pool.acquire(KEY, 1, "172.30.0.2:15008", "spiffe://td/node/node-2") is old
+    # The Node's address changed: the old connection takes no new stream, and closes once idle.
+    assert pool.acquire(KEY, 1, "172.30.0.12:15008", "spiffe://td/node/node-2") is None
+    assert old.draining and pool.drained_moved == 1
+    assert pool.expired() == []  # still carries its two streams
+    pool.release(1)
+    pool.release(1)
+    assert pool.expired() == [1]
+
+
+def test_drain_moved_follows_the_config_without_waiting_for_a_stream() -> None:
+    pool = Pool()
+    moved = pool.add(KEY, 1, "172.30.0.2:15008", 1, "spiffe://td/node/node-2")
+    renamed = pool.add(
+        ("spiffe://td/ns/a/sa/x", "node-3"), 2, "172.30.0.3:15008", 1, "spiffe://td/node/node-3"
+    )
+    gone = pool.add(("spiffe://td/ns/a/sa/x", "node-4"), 3, "172.30.0.4:15008", 1, "spiffe://td/node/node-4")
+    same = pool.add(("spiffe://td/ns/a/sa/x", "node-5"), 4, "172.30.0.5:15008", 1, "spiffe://td/node/node-5")
+    now = {
+        "node-2": ("172.30.0.12:15008", "spiffe://td/node/node-2"),  # new address
+        "node-3": ("172.30.0.3:15008", "spiffe://other/node/node-3"),  # new identity
+        "node-5": ("172.30.0.5:15008", "spiffe://td/node/node-5"),
+    }
+    assert pool.drain_moved(now.get) == 3
+    assert (moved.draining, renamed.draining, gone.draining, same.draining) == (True, True, True, False)
+    assert pool.drain_moved(now.get) == 0  # counted once
+
+
 def test_a_key_keeps_only_spread_idle_connections_after_a_burst() -> None:
     clock = Clock()
     pool = Pool(max_streams=1, idle_timeout=60, spread=2, clock=clock)
