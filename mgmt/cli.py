@@ -76,7 +76,8 @@ def _config_nodes(config_dir: Path) -> frozenset[str]:
     from mgmt.store import ConfigLoadError, read_config
 
     try:
-        resources = read_config(config_dir)
+        # Invalid documents are skipped (per-document validity): a Node whose document is broken is unknown.
+        resources, _ = read_config(config_dir)
     except ConfigLoadError as exc:
         raise UsageError(f"config rejected: {exc.errors[0]}") from None
     return frozenset(r.obj.name for r in resources.values() if r.kind == "Node")
