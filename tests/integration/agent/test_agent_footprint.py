@@ -1,5 +1,5 @@
-"""What a running node agent costs: no LLVM (nor rego-cpp without a RegoPolicy) in its address space, every thread named and accounted for,
-and memory that comes back once a burst of connections has closed."""
+"""What a running node agent costs: no LLVM (nor rego-cpp without a RegoPolicy) in its address space,
+every thread named and accounted for, and memory that comes back once a burst of connections has closed."""
 
 from __future__ import annotations
 
