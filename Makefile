@@ -8,10 +8,11 @@ PYTEST_ARGS ?=
 
 PROTOS := $(wildcard api/*.proto)
 NATIVE_SRC := $(wildcard native/src/*.c native/src/*.h) native/build_engine.py
+GATEWAY_SRC := $(wildcard gateway/native/src/*.c gateway/native/src/*.h) gateway/native/build_gateway.py
 
-.PHONY: setup system venv native protos test unit lint lab bench clean
+.PHONY: setup system venv native gateway protos test unit lint lab bench clean
 
-setup: system venv protos native
+setup: system venv protos native gateway
 
 system:
 	@bash scripts/setup-system.sh
@@ -38,6 +39,13 @@ native/.built: $(NATIVE_SRC) $(VENV)/.installed
 
 native: native/.built
 
+# The gateway's data plane (llhttp from Debian's node-llhttp sources, libmodsecurity, OpenSSL).
+gateway/native/.built: $(GATEWAY_SRC) $(VENV)/.installed
+	@$(PY) gateway/native/build_gateway.py
+	@touch $@
+
+gateway: gateway/native/.built
+
 test: setup
 	@bash scripts/run-tests.sh $(PYTEST_ARGS)
 
@@ -45,8 +53,8 @@ unit: setup
 	@$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
 lint: setup
-	@$(VENV)/bin/ruff check agent mgmt api native tests
-	@$(VENV)/bin/mypy agent mgmt native
+	@$(VENV)/bin/ruff check agent mgmt api native gateway tests
+	@$(VENV)/bin/mypy agent mgmt native gateway
 
 lab: setup
 	@$(VENV)/bin/ambit lab demo
@@ -55,4 +63,4 @@ bench: setup
 	@$(PY) -m tests.bench
 
 clean:
-	rm -rf $(VENV) api/.built native/.built native/_engine* native/src/*.o build *.egg-info
+	rm -rf $(VENV) api/.built native/.built native/_engine* native/src/*.o gateway/native/.built gateway/native/_gateway* build *.egg-info

@@ -1,0 +1,1035 @@
+/* HTTP/1.1 from clients (plain or TLS) to HTTP/1.1 backends: llhttp parses requests and responses, the WAF
+ * sees the request line and headers as they complete and the body as it arrives (the body is held, up to
+ * the route's limit, until phase 2 has passed: nothing reaches a backend before the WAF said yes), then
+ * the request is re-framed (Content-Length, hop-by-hop headers dropped, X-Forwarded-*, X-Request-Id) and
+ * sent on a pooled keep-alive connection; the response is relayed as received while its parser finds the
+ * message end. One request per connection at a time: a pipelined next request waits in the input buffer.
+ * Objects are never freed inside a handler: they are marked dead and reaped after the epoll batch. */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <netinet/tcp.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+enum { ST_HEAD, ST_BODY, ST_WAIT };
+enum { DL_NONE, DL_HEAD, DL_BODY, DL_UPSTREAM, DL_IDLE };
+
+typedef struct hdr {
+    size_t name_off, name_len, val_off, val_len;
+} hdr;
+
+struct gw_upstream {
+    ep_item ep;
+    gw_loop *loop;
+    gw_upstream *next;       /* idle list */
+    int fd;
+    int dead;
+    struct sockaddr_storage addr;
+    socklen_t addrlen;
+    gw_conn *conn;           /* the client exchange it serves; NULL while idle */
+    gbuf out;
+    llhttp_t parser;
+    int resp_done, got_bytes, reused, eof;
+    uint64_t idle_since;
+};
+
+struct gw_conn {
+    ep_item ep;
+    gw_loop *loop;
+    gw_conn *next, *prev;
+    int fd;
+    int dead;
+    SSL *ssl;
+    int handshaking;
+    int listener_id;
+    char client_ip[INET6_ADDRSTRLEN];
+    int client_port;
+    char local_ip[INET6_ADDRSTRLEN];
+    int local_port;
+    int closing;             /* close once `out` is flushed */
+    int state;
+    int deadline_kind;
+    uint64_t deadline;
+    gbuf in, out;
+    llhttp_t parser;
+    /* the request in progress */
+    gw_config *cfg;
+    gbuf head;               /* URL and header bytes; hdrs index into it */
+    size_t url_len;
+    hdr *hdrs;
+    int nhdrs, caphdrs;
+    int in_value;
+    gbuf body;
+    const gw_route *route;
+    Transaction *tx;
+    gw_verdict verdict;
+    char request_id[24];
+    int early_status, early_action;
+    int req_keepalive, is_head;
+    gw_upstream *up;
+    int retried;
+};
+
+static llhttp_settings_t req_settings, resp_settings;
+static pthread_once_t settings_once = PTHREAD_ONCE_INIT;
+/* per-thread lists of the dead, freed after each epoll batch (a later event of the batch may name them) */
+static __thread gw_conn *dead_conns;
+static __thread gw_upstream *dead_ups;
+
+static void conn_drive(gw_conn *c);
+static void up_drive(gw_upstream *u);
+static void respond(gw_conn *c, int status, int action, const char *detail);
+
+/* ---------- small helpers ---------- */
+
+static uint64_t rng_next(gw_loop *l)
+{
+    uint64_t x = l->rng;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    return l->rng = x;
+}
+
+static void addr_text(const struct sockaddr_storage *ss, char *ip, int *port)
+{
+    if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ss;
+        inet_ntop(AF_INET6, &a->sin6_addr, ip, INET6_ADDRSTRLEN);
+        *port = ntohs(a->sin6_port);
+    } else {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)ss;
+        inet_ntop(AF_INET, &a->sin_addr, ip, INET6_ADDRSTRLEN);
+        *port = ntohs(a->sin_port);
+    }
+}
+
+static void set_deadline(gw_conn *c, int kind, int ms)
+{
+    c->deadline_kind = ms > 0 ? kind : DL_NONE;
+    c->deadline = ms > 0 ? gw_now_ms() + (uint64_t)ms : 0;
+}
+
+static const char *hdr_name(const gw_conn *c, const hdr *h) { return c->head.data + h->name_off; }
+static const char *hdr_val(const gw_conn *c, const hdr *h) { return c->head.data + h->val_off; }
+
+static const char *find_header(void *ctx, const char *name, size_t *vlen)
+{
+    gw_conn *c = ctx;
+    size_t nl = strlen(name);
+    for (int i = 0; i < c->nhdrs; i++) {
+        const hdr *h = &c->hdrs[i];
+        if (h->name_len == nl && strncasecmp(hdr_name(c, h), name, nl) == 0) {
+            *vlen = h->val_len;
+            return hdr_val(c, h);
+        }
+    }
+    return NULL;
+}
+
+/* ---------- lifetime ---------- */
+
+static void up_kill(gw_upstream *u)
+{
+    if (u->dead)
+        return;
+    u->dead = 1;
+    close(u->fd); /* also removes it from epoll */
+    u->next = dead_ups;
+    dead_ups = u;
+}
+
+static void request_reset(gw_conn *c)
+{
+    waf_end(c->tx);
+    c->tx = NULL;
+    gw_config_release(c->cfg);
+    c->cfg = NULL;
+    c->route = NULL;
+    gbuf_reset(&c->head);
+    gbuf_reset(&c->body);
+    c->url_len = 0;
+    c->nhdrs = 0;
+    c->in_value = 0;
+    c->early_status = c->early_action = 0;
+    c->retried = 0;
+    memset(&c->verdict, 0, sizeof(c->verdict));
+}
+
+static void conn_kill(gw_conn *c)
+{
+    if (c->dead)
+        return;
+    c->dead = 1;
+    if (c->up) {
+        up_kill(c->up);
+        c->up = NULL;
+    }
+    if (c->ssl) {
+        SSL_free(c->ssl);
+        c->ssl = NULL;
+    }
+    close(c->fd);
+    request_reset(c);
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        c->loop->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    atomic_fetch_sub(&c->loop->g->conns, 1);
+    gw_count(c->loop->g, GW_C_CONNS_ACTIVE, (uint64_t)-1);
+    c->next = dead_conns;
+    dead_conns = c;
+}
+
+void http1_reap(void)
+{
+    while (dead_conns) {
+        gw_conn *c = dead_conns;
+        dead_conns = c->next;
+        gbuf_free(&c->in);
+        gbuf_free(&c->out);
+        gbuf_free(&c->head);
+        gbuf_free(&c->body);
+        free(c->hdrs);
+        free(c);
+    }
+    while (dead_ups) {
+        gw_upstream *u = dead_ups;
+        dead_ups = u->next;
+        gbuf_free(&u->out);
+        free(u);
+    }
+}
+
+/* ---------- client I/O ---------- */
+
+/* >0 bytes, 0 EOF, -1 error, -2 would block */
+static ssize_t client_read(gw_conn *c, char *buf, size_t n)
+{
+    if (!c->ssl) {
+        ssize_t r = read(c->fd, buf, n);
+        return r >= 0 ? r : (errno == EAGAIN || errno == EINTR) ? -2 : -1;
+    }
+    int r = SSL_read(c->ssl, buf, (int)n);
+    if (r > 0)
+        return r;
+    int e = SSL_get_error(c->ssl, r);
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE)
+        return -2;
+    return e == SSL_ERROR_ZERO_RETURN ? 0 : -1;
+}
+
+static int client_flush(gw_conn *c)
+{
+    while (gbuf_size(&c->out)) {
+        ssize_t w;
+        if (c->ssl) {
+            int r = SSL_write(c->ssl, gbuf_head(&c->out), (int)gbuf_size(&c->out));
+            if (r <= 0) {
+                int e = SSL_get_error(c->ssl, r);
+                return e == SSL_ERROR_WANT_WRITE || e == SSL_ERROR_WANT_READ ? 0 : -1;
+            }
+            w = r;
+        } else {
+            w = send(c->fd, gbuf_head(&c->out), gbuf_size(&c->out), MSG_NOSIGNAL);
+            if (w < 0)
+                return errno == EAGAIN || errno == EINTR ? 0 : -1;
+        }
+        gw_count(c->loop->g, GW_C_BYTES_OUT, (uint64_t)w);
+        gbuf_consume(&c->out, (size_t)w);
+    }
+    return 0;
+}
+
+/* ---------- events and stats ---------- */
+
+static void copy_cut(char *dst, size_t dlen, const char *src, size_t slen)
+{
+    size_t n = slen < dlen - 1 ? slen : dlen - 1;
+    memcpy(dst, src, n);
+    dst[n] = 0;
+}
+
+static void record(gw_conn *c, int action, int status, const char *detail)
+{
+    gw *g = c->loop->g;
+    if (c->route)
+        atomic_fetch_add(&g->route_stats[c->route->stat_slot][action], 1);
+    if (action == GW_ACTION_ALLOWED)
+        return;
+    gw_count(g, action == GW_ACTION_BLOCKED ? GW_C_WAF_BLOCKED
+                : action == GW_ACTION_DETECTED ? GW_C_WAF_DETECTED : GW_C_WAF_ERRORS, 1);
+    gw_event ev;
+    memset(&ev, 0, sizeof(ev));
+    ev.action = action;
+    ev.status = status;
+    ev.stat_slot = c->route ? c->route->stat_slot : -1;
+    ev.score = c->verdict.score;
+    ev.nrules = c->verdict.nrules;
+    memcpy(ev.request_id, c->request_id, sizeof(ev.request_id));
+    if (c->route)
+        copy_cut(ev.route, sizeof(ev.route), c->route->name, strlen(c->route->name));
+    snprintf(ev.client, sizeof(ev.client), "%s:%d", c->client_ip, c->client_port);
+    size_t hl;
+    const char *host = find_header(c, "host", &hl);
+    if (host)
+        copy_cut(ev.host, sizeof(ev.host), host, hl);
+    copy_cut(ev.method, sizeof(ev.method), llhttp_method_name(c->parser.method),
+             strlen(llhttp_method_name(c->parser.method)));
+    copy_cut(ev.uri, sizeof(ev.uri), c->head.data ? c->head.data : "", c->url_len);
+    memcpy(ev.rules, c->verdict.rules, sizeof(ev.rules));
+    snprintf(ev.detail, sizeof(ev.detail), "%s", detail ? detail : c->verdict.detail);
+    gw_emit(g, &ev);
+}
+
+static const char *reason_phrase(int status)
+{
+    switch (status) {
+    case 400: return "Bad Request";
+    case 403: return "Forbidden";
+    case 404: return "Not Found";
+    case 408: return "Request Timeout";
+    case 413: return "Content Too Large";
+    case 431: return "Request Header Fields Too Large";
+    case 500: return "Internal Server Error";
+    case 502: return "Bad Gateway";
+    case 503: return "Service Unavailable";
+    case 504: return "Gateway Timeout";
+    default: return "Error";
+    }
+}
+
+/* A response of the gateway's own; the connection closes after it (the request may be unread). */
+static void respond(gw_conn *c, int status, int action, const char *detail)
+{
+    char body[160], head[512];
+    int bl = snprintf(body, sizeof(body), "%d %s\nrequest id: %s\n", status, reason_phrase(status),
+                      c->request_id);
+    int hl = snprintf(head, sizeof(head),
+                      "HTTP/1.1 %d %s\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n"
+                      "x-request-id: %s\r\nconnection: close\r\n\r\n",
+                      status, reason_phrase(status), bl, c->request_id);
+    gbuf_append(&c->out, head, (size_t)hl);
+    if (!c->is_head)
+        gbuf_append(&c->out, body, (size_t)bl);
+    if (action != GW_ACTION_ALLOWED)
+        record(c, action, status, detail);
+    if (c->up) {
+        up_kill(c->up);
+        c->up = NULL;
+    }
+    c->state = ST_WAIT;
+    c->closing = 1;
+    set_deadline(c, DL_IDLE, 5000); /* a client that never reads the answer is dropped */
+    if (client_flush(c) < 0 || !gbuf_size(&c->out))
+        conn_kill(c);
+}
+
+/* ---------- request parsing (llhttp callbacks; parser.data is the connection) ---------- */
+
+static int over_head_limit(gw_conn *c, size_t more)
+{
+    if (gbuf_size(&c->head) + more <= c->loop->g->limits.max_header_bytes)
+        return 0;
+    c->early_status = 431;
+    gw_count(c->loop->g, GW_C_HEADERS_TOO_LARGE, 1);
+    return 1;
+}
+
+static int on_message_begin(llhttp_t *p)
+{
+    gw_conn *c = p->data;
+    request_reset(c);
+    c->cfg = gw_current_config(c->loop->g);
+    snprintf(c->request_id, sizeof(c->request_id), "%016llx", (unsigned long long)rng_next(c->loop));
+    c->state = ST_HEAD;
+    set_deadline(c, DL_HEAD, c->loop->g->limits.header_timeout_ms);
+    gw_count(c->loop->g, GW_C_REQUESTS, 1);
+    return 0;
+}
+
+static int on_url(llhttp_t *p, const char *at, size_t len)
+{
+    gw_conn *c = p->data;
+    if (over_head_limit(c, len))
+        return -1;
+    gbuf_append(&c->head, at, len);
+    c->url_len += len;
+    return 0;
+}
+
+static int on_header_field(llhttp_t *p, const char *at, size_t len)
+{
+    gw_conn *c = p->data;
+    if (over_head_limit(c, len))
+        return -1;
+    if (c->nhdrs == 0 || c->in_value) { /* a new header line begins */
+        if (c->nhdrs >= c->loop->g->limits.max_headers) {
+            c->early_status = 431;
+            gw_count(c->loop->g, GW_C_HEADERS_TOO_LARGE, 1);
+            return -1;
+        }
+        if (c->nhdrs == c->caphdrs) {
+            int cap = c->caphdrs ? c->caphdrs * 2 : 32;
+            hdr *h = realloc(c->hdrs, sizeof(*h) * (size_t)cap);
+            if (!h)
+                return -1;
+            c->hdrs = h;
+            c->caphdrs = cap;
+        }
+        c->hdrs[c->nhdrs++] = (hdr){.name_off = c->head.len, .val_off = c->head.len};
+        c->in_value = 0;
+    }
+    gbuf_append(&c->head, at, len);
+    c->hdrs[c->nhdrs - 1].name_len += len;
+    return 0;
+}
+
+static int on_header_value(llhttp_t *p, const char *at, size_t len)
+{
+    gw_conn *c = p->data;
+    if (over_head_limit(c, len))
+        return -1;
+    hdr *h = &c->hdrs[c->nhdrs - 1];
+    if (!c->in_value) {
+        c->in_value = 1;
+        h->val_off = c->head.len;
+    }
+    gbuf_append(&c->head, at, len);
+    h->val_len += len;
+    return 0;
+}
+
+/* The path used for routing: origin-form up to '?' or '#'; absolute-form without scheme and authority;
+ * "*" (OPTIONS) routes as "/". */
+static const char *route_path(gw_conn *c, size_t *len, const char **auth, size_t *auth_len)
+{
+    const char *u = c->head.data, *end = u + c->url_len;
+    *auth = NULL;
+    *auth_len = 0;
+    const char *sep = c->url_len > 8 ? strstr(u, "://") : NULL;
+    if (sep && sep < end && u[0] != '/') {
+        const char *a = sep + 3, *slash = a;
+        while (slash < end && *slash != '/' && *slash != '?')
+            slash++;
+        *auth = a;
+        *auth_len = (size_t)(slash - a);
+        u = slash;
+    }
+    const char *q = u;
+    while (q < end && *q != '?' && *q != '#')
+        q++;
+    if (q == u || u[0] != '/') {
+        *len = 1;
+        return "/";
+    }
+    *len = (size_t)(q - u);
+    return u;
+}
+
+static size_t host_only(const char *h, size_t len)
+{
+    if (len && h[0] == '[') { /* [v6]:port */
+        const char *close = memchr(h, ']', len);
+        return close ? (size_t)(close - h + 1) : len;
+    }
+    const char *colon = memchr(h, ':', len);
+    return colon ? (size_t)(colon - h) : len;
+}
+
+static void waf_inspect_head(gw_conn *c)
+{
+    const gw_route *r = c->route;
+    char method[24], version[8], *uri = strndup(c->head.data, c->url_len);
+    snprintf(method, sizeof(method), "%s", llhttp_method_name(c->parser.method));
+    snprintf(version, sizeof(version), "%d.%d", c->parser.http_major, c->parser.http_minor);
+    c->tx = uri ? waf_begin(r->waf, &c->verdict, c->client_ip, c->client_port, c->local_ip, c->local_port,
+                            method, uri, version)
+                : NULL;
+    free(uri);
+    if (!c->tx) {
+        if (r->waf_mode == GW_WAF_BLOCK) { /* fail closed */
+            c->early_status = 403;
+            c->early_action = GW_ACTION_ERROR;
+        } else {
+            record(c, GW_ACTION_ERROR, 0, "WAF transaction failed; forwarded (detect-only route)");
+        }
+        return;
+    }
+    for (int i = 0; i < c->nhdrs; i++)
+        waf_header(c->tx, hdr_name(c, &c->hdrs[i]), c->hdrs[i].name_len, hdr_val(c, &c->hdrs[i]),
+                   c->hdrs[i].val_len);
+    if (waf_headers_done(c->tx, &c->verdict) && r->waf_mode == GW_WAF_BLOCK) {
+        c->early_status = c->verdict.status;
+        c->early_action = GW_ACTION_BLOCKED;
+    }
+}
+
+static int on_headers_complete(llhttp_t *p)
+{
+    gw_conn *c = p->data;
+    gbuf_append(&c->head, "", 1); /* NUL after the last byte: strstr/strndup stay inside */
+    c->head.len--;
+    c->is_head = p->method == HTTP_HEAD;
+    c->req_keepalive = llhttp_should_keep_alive(p);
+    size_t plen, alen, hl = 0;
+    const char *auth;
+    const char *path = route_path(c, &plen, &auth, &alen);
+    const char *host = auth ? auth : find_header(c, "host", &hl);
+    if (auth)
+        hl = alen;
+    hl = host ? host_only(host, hl) : 0;
+    c->route = config_match(c->cfg, c->listener_id, host ? host : "", hl, path, plen, find_header, c);
+    if (!c->route) {
+        gw_count(c->loop->g, GW_C_NO_ROUTE, 1);
+        c->early_status = 404;
+        return -1;
+    }
+    if ((p->flags & F_CONTENT_LENGTH) && p->content_length > c->route->max_body) {
+        gw_count(c->loop->g, GW_C_BODY_TOO_LARGE, 1);
+        c->early_status = 413;
+        return -1;
+    }
+    if (c->route->waf && c->route->waf_mode != GW_WAF_OFF) {
+        waf_inspect_head(c);
+        if (c->early_status)
+            return -1;
+    }
+    size_t el;
+    const char *expect = find_header(c, "expect", &el);
+    if (expect && el == 12 && strncasecmp(expect, "100-continue", 12) == 0 && p->http_minor == 1)
+        gbuf_append(&c->out, "HTTP/1.1 100 Continue\r\n\r\n", 25);
+    c->state = ST_BODY;
+    set_deadline(c, DL_BODY, c->loop->g->limits.body_timeout_ms);
+    return 0;
+}
+
+static int on_body(llhttp_t *p, const char *at, size_t len)
+{
+    gw_conn *c = p->data;
+    if (gbuf_size(&c->body) + len > c->route->max_body) {
+        gw_count(c->loop->g, GW_C_BODY_TOO_LARGE, 1);
+        c->early_status = 413;
+        return -1;
+    }
+    if (gbuf_append(&c->body, at, len) < 0) {
+        c->early_status = 503;
+        return -1;
+    }
+    if (c->tx)
+        waf_body(c->tx, at, len);
+    return 0;
+}
+
+static int on_message_complete(llhttp_t *p)
+{
+    (void)p;
+    return HPE_PAUSED; /* one request at a time: the rest of the input waits */
+}
+
+/* ---------- upstream ---------- */
+
+static int resp_on_headers_complete(llhttp_t *p)
+{
+    gw_upstream *u = p->data;
+    return u->conn && u->conn->is_head ? 1 : 0; /* a HEAD response has no body whatever it says */
+}
+
+static int resp_on_message_complete(llhttp_t *p)
+{
+    gw_upstream *u = p->data;
+    if (p->status_code >= 100 && p->status_code < 200 && p->status_code != 101)
+        return 0; /* an interim response: the final one follows on the same parser */
+    u->resp_done = 1;
+    return HPE_PAUSED;
+}
+
+static void settings_init(void)
+{
+    llhttp_settings_init(&req_settings);
+    req_settings.on_message_begin = on_message_begin;
+    req_settings.on_url = on_url;
+    req_settings.on_header_field = on_header_field;
+    req_settings.on_header_value = on_header_value;
+    req_settings.on_headers_complete = on_headers_complete;
+    req_settings.on_body = on_body;
+    req_settings.on_message_complete = on_message_complete;
+    llhttp_settings_init(&resp_settings);
+    resp_settings.on_headers_complete = resp_on_headers_complete;
+    resp_settings.on_message_complete = resp_on_message_complete;
+}
+
+static int hop_by_hop(const char *name, size_t len)
+{
+    static const char *const names[] = {"connection", "keep-alive", "proxy-connection", "te",
+                                        "transfer-encoding", "upgrade", "trailer", "content-length",
+                                        "expect", "x-request-id", "x-forwarded-proto", NULL};
+    for (int i = 0; names[i]; i++)
+        if (strlen(names[i]) == len && strncasecmp(names[i], name, len) == 0)
+            return 1;
+    return 0;
+}
+
+static void build_request(gw_conn *c, gbuf *out)
+{
+    char line[256];
+    const char *method = llhttp_method_name(c->parser.method);
+    gbuf_append(out, method, strlen(method));
+    gbuf_append(out, " ", 1);
+    gbuf_append(out, c->head.data, c->url_len);
+    gbuf_append(out, " HTTP/1.1\r\n", 11);
+    size_t xff_len = 0;
+    const char *xff = NULL;
+    for (int i = 0; i < c->nhdrs; i++) {
+        const hdr *h = &c->hdrs[i];
+        if (hop_by_hop(hdr_name(c, h), h->name_len))
+            continue;
+        if (h->name_len == 15 && strncasecmp(hdr_name(c, h), "x-forwarded-for", 15) == 0) {
+            xff = hdr_val(c, h);
+            xff_len = h->val_len;
+            continue;
+        }
+        gbuf_append(out, hdr_name(c, h), h->name_len);
+        gbuf_append(out, ": ", 2);
+        gbuf_append(out, hdr_val(c, h), h->val_len);
+        gbuf_append(out, "\r\n", 2);
+    }
+    int n = snprintf(line, sizeof(line), "x-forwarded-for: %.*s%s%s\r\nx-forwarded-proto: %s\r\n"
+                     "x-request-id: %s\r\n", (int)(xff_len > 128 ? 128 : xff_len), xff ? xff : "",
+                     xff ? ", " : "", c->client_ip, c->ssl ? "https" : "http", c->request_id);
+    gbuf_append(out, line, (size_t)n);
+    if (gbuf_size(&c->body) || (c->parser.flags & (F_CONTENT_LENGTH | F_CHUNKED))) {
+        n = snprintf(line, sizeof(line), "content-length: %zu\r\n", gbuf_size(&c->body));
+        gbuf_append(out, line, (size_t)n);
+    }
+    gbuf_append(out, "\r\n", 2);
+    gbuf_append(out, gbuf_head(&c->body), gbuf_size(&c->body));
+}
+
+static int same_addr(const gw_upstream *u, const struct sockaddr_storage *a, socklen_t len)
+{
+    return u->addrlen == len && memcmp(&u->addr, a, len) == 0;
+}
+
+static gw_upstream *pool_take(gw_loop *l, const struct sockaddr_storage *a, socklen_t len)
+{
+    for (gw_upstream **pp = &l->idle; *pp; pp = &(*pp)->next)
+        if (same_addr(*pp, a, len)) {
+            gw_upstream *u = *pp;
+            *pp = u->next;
+            u->next = NULL;
+            l->nidle--;
+            return u;
+        }
+    return NULL;
+}
+
+static void pool_remove(gw_loop *l, gw_upstream *u)
+{
+    for (gw_upstream **pp = &l->idle; *pp; pp = &(*pp)->next)
+        if (*pp == u) {
+            *pp = u->next;
+            l->nidle--;
+            return;
+        }
+}
+
+static int pool_count(gw_loop *l, const gw_upstream *like)
+{
+    int n = 0;
+    for (gw_upstream *u = l->idle; u; u = u->next)
+        n += same_addr(u, &like->addr, like->addrlen);
+    return n;
+}
+
+static gw_upstream *up_connect(gw_loop *l, const struct sockaddr_storage *a, socklen_t len)
+{
+    int fd = socket(a->ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return NULL;
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    if (connect(fd, (const struct sockaddr *)a, len) < 0 && errno != EINPROGRESS) {
+        close(fd);
+        return NULL;
+    }
+    gw_upstream *u = calloc(1, sizeof(*u));
+    if (!u) {
+        close(fd);
+        return NULL;
+    }
+    u->ep.kind = EP_UPSTREAM;
+    u->loop = l;
+    u->fd = fd;
+    u->addr = *a;
+    u->addrlen = len;
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = u};
+    if (epoll_ctl(l->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        close(fd);
+        free(u);
+        return NULL;
+    }
+    gw_count(l->g, GW_C_UPSTREAM_CONNECTS, 1);
+    return u;
+}
+
+static void upstream_start(gw_conn *c)
+{
+    gw_loop *l = c->loop;
+    const gw_backend *b = &c->cfg->backends[c->route->backend];
+    int i = (int)(l->rr++ % (unsigned)b->naddrs);
+    gw_upstream *u = c->retried ? NULL : pool_take(l, &b->addrs[i], b->addrlens[i]);
+    if (u) {
+        u->reused = 1;
+        gw_count(l->g, GW_C_UPSTREAM_REUSED, 1);
+    } else {
+        u = up_connect(l, &b->addrs[i], b->addrlens[i]);
+    }
+    if (!u) {
+        gw_count(l->g, GW_C_UPSTREAM_ERRORS, 1);
+        respond(c, 502, GW_ACTION_ALLOWED, "upstream connect failed");
+        return;
+    }
+    u->conn = c;
+    c->up = u;
+    u->resp_done = u->got_bytes = u->eof = 0;
+    gbuf_reset(&u->out);
+    build_request(c, &u->out);
+    llhttp_init(&u->parser, HTTP_RESPONSE, &resp_settings);
+    u->parser.data = u;
+    set_deadline(c, DL_UPSTREAM, l->g->limits.upstream_timeout_ms);
+    up_drive(u);
+}
+
+/* WAF phase 2, then forward (or answer). Called once the whole request is in. */
+static void request_ready(gw_conn *c)
+{
+    c->state = ST_WAIT;
+    set_deadline(c, DL_NONE, 0);
+    const gw_route *r = c->route;
+    int action = GW_ACTION_ALLOWED;
+    if (c->tx) {
+        int hit = waf_body_done(c->tx, &c->verdict);
+        waf_end(c->tx);
+        c->tx = NULL;
+        if (hit && r->waf_mode == GW_WAF_BLOCK) {
+            respond(c, c->verdict.status, GW_ACTION_BLOCKED, NULL);
+            return;
+        }
+        if (c->verdict.nrules && r->waf_mode == GW_WAF_DETECT)
+            action = GW_ACTION_DETECTED;
+    }
+    record(c, action, 0, "forwarded");
+    if (r->backend < 0) {
+        respond(c, 500, GW_ACTION_ALLOWED, "route has no backend");
+        return;
+    }
+    upstream_start(c);
+}
+
+/* The response is complete: pool the upstream connection, and go on with the client's next request. */
+static void exchange_done(gw_conn *c, gw_upstream *u)
+{
+    int keep = !u->eof && llhttp_should_keep_alive(&u->parser);
+    c->up = NULL;
+    u->conn = NULL;
+    gw_count(c->loop->g, GW_C_RESPONSES, 1);
+    if (keep && pool_count(c->loop, u) < GW_IDLE_POOL) {
+        u->idle_since = gw_now_ms();
+        u->next = c->loop->idle;
+        c->loop->idle = u;
+        c->loop->nidle++;
+    } else {
+        up_kill(u);
+    }
+    if (!keep || !c->req_keepalive)
+        c->closing = 1;
+    request_reset(c);
+    c->state = ST_HEAD;
+    set_deadline(c, DL_IDLE, c->loop->g->limits.idle_timeout_ms);
+    llhttp_resume(&c->parser);
+    conn_drive(c);
+}
+
+static void upstream_failed(gw_upstream *u, const char *why)
+{
+    gw_conn *c = u->conn;
+    if (!c) { /* idle: the backend closed it */
+        pool_remove(u->loop, u);
+        up_kill(u);
+        return;
+    }
+    c->up = NULL;
+    up_kill(u);
+    if (u->got_bytes) { /* part of the response is already on its way: all we can do is close */
+        gw_count(c->loop->g, GW_C_UPSTREAM_ERRORS, 1);
+        c->closing = 1;
+        if (client_flush(c) < 0 || !gbuf_size(&c->out))
+            conn_kill(c);
+        return;
+    }
+    if (u->reused && !c->retried) { /* a pooled connection the backend had closed: one fresh try */
+        c->retried = 1;
+        upstream_start(c);
+        return;
+    }
+    gw_count(c->loop->g, GW_C_UPSTREAM_ERRORS, 1);
+    respond(c, 502, GW_ACTION_ALLOWED, why);
+}
+
+static void up_drive(gw_upstream *u)
+{
+    gw_conn *c = u->conn;
+    if (u->dead)
+        return;
+    if (!c) { /* an idle pooled connection that became readable: closed or junk, drop it */
+        upstream_failed(u, "idle");
+        return;
+    }
+    while (gbuf_size(&u->out)) {
+        ssize_t w = send(u->fd, gbuf_head(&u->out), gbuf_size(&u->out), MSG_NOSIGNAL);
+        if (w < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                break;
+            upstream_failed(u, strerror(errno));
+            return;
+        }
+        gbuf_consume(&u->out, (size_t)w);
+    }
+    char buf[GW_READ_CHUNK];
+    while (!u->resp_done && gbuf_size(&c->out) < GW_OUT_HIGH) {
+        ssize_t n = read(u->fd, buf, sizeof(buf));
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                break;
+            upstream_failed(u, strerror(errno));
+            return;
+        }
+        if (n == 0) {
+            u->eof = 1;
+            if (u->got_bytes && llhttp_finish(&u->parser) == HPE_OK && llhttp_message_needs_eof(&u->parser))
+                u->resp_done = 1; /* a response delimited by the connection's end */
+            else if (u->got_bytes && u->resp_done == 0 && llhttp_get_errno(&u->parser) == HPE_OK)
+                u->resp_done = 1; /* finish() completed it */
+            if (!u->resp_done) {
+                upstream_failed(u, "upstream closed before a complete response");
+                return;
+            }
+            break;
+        }
+        u->got_bytes = 1;
+        set_deadline(c, DL_UPSTREAM, c->loop->g->limits.upstream_timeout_ms);
+        llhttp_errno_t err = llhttp_execute(&u->parser, buf, (size_t)n);
+        size_t keep = (size_t)n;
+        if (err == HPE_PAUSED)
+            keep = (size_t)(llhttp_get_error_pos(&u->parser) - buf);
+        else if (err != HPE_OK) {
+            upstream_failed(u, llhttp_get_error_reason(&u->parser));
+            return;
+        }
+        gbuf_append(&c->out, buf, keep);
+        if (keep < (size_t)n)
+            u->eof = 1; /* bytes after the response: the connection is not reusable */
+    }
+    if (client_flush(c) < 0) {
+        conn_kill(c);
+        return;
+    }
+    if (u->resp_done)
+        exchange_done(c, u);
+}
+
+void http1_upstream_event(gw_upstream *u, uint32_t events)
+{
+    (void)events;
+    up_drive(u);
+}
+
+/* ---------- client side ---------- */
+
+static void parse_input(gw_conn *c)
+{
+    llhttp_errno_t err = llhttp_execute(&c->parser, gbuf_head(&c->in), gbuf_size(&c->in));
+    if (err == HPE_OK) {
+        gbuf_reset(&c->in);
+        return;
+    }
+    if (err == HPE_PAUSED || err == HPE_PAUSED_UPGRADE) {
+        gbuf_consume(&c->in, (size_t)(llhttp_get_error_pos(&c->parser) - gbuf_head(&c->in)));
+        if (err == HPE_PAUSED_UPGRADE) /* no protocol switch through the gateway: close after this one */
+            c->req_keepalive = 0;
+        request_ready(c);
+        return;
+    }
+    gbuf_reset(&c->in);
+    if (c->early_status) {
+        int action = c->early_action ? c->early_action : GW_ACTION_ALLOWED;
+        respond(c, c->early_status, action, c->early_status == 404 ? "no route" : NULL);
+        return;
+    }
+    gw_count(c->loop->g, GW_C_BAD_REQUESTS, 1);
+    if (!c->request_id[0])
+        snprintf(c->request_id, sizeof(c->request_id), "%016llx", (unsigned long long)rng_next(c->loop));
+    respond(c, 400, GW_ACTION_ALLOWED, llhttp_get_error_reason(&c->parser));
+}
+
+static void conn_drive(gw_conn *c)
+{
+    if (c->dead)
+        return;
+    if (c->handshaking) {
+        int r = SSL_do_handshake(c->ssl);
+        if (r != 1) {
+            int e = SSL_get_error(c->ssl, r);
+            if (e != SSL_ERROR_WANT_READ && e != SSL_ERROR_WANT_WRITE) {
+                gw_count(c->loop->g, GW_C_TLS_ERRORS, 1);
+                conn_kill(c);
+            }
+            return;
+        }
+        c->handshaking = 0;
+        gw_count(c->loop->g, GW_C_TLS_HANDSHAKES, 1);
+    }
+    if (client_flush(c) < 0) {
+        conn_kill(c);
+        return;
+    }
+    if (c->closing) {
+        if (!gbuf_size(&c->out))
+            conn_kill(c);
+        return;
+    }
+    if (c->up && gbuf_size(&c->out) < GW_OUT_HIGH) /* the client drained: read more of the response */
+        up_drive(c->up);
+    if (c->dead || c->state == ST_WAIT)
+        return;
+    if (gbuf_size(&c->in)) { /* a pipelined request left by the previous exchange */
+        parse_input(c);
+        if (c->dead || c->state == ST_WAIT) {
+            return;
+        }
+    }
+    char buf[GW_READ_CHUNK];
+    while (!c->dead && c->state != ST_WAIT) {
+        ssize_t n = client_read(c, buf, sizeof(buf));
+        if (n == -2)
+            break;
+        if (n <= 0) { /* EOF or error: a half-received request cannot be answered usefully */
+            conn_kill(c);
+            return;
+        }
+        gw_count(c->loop->g, GW_C_BYTES_IN, (uint64_t)n);
+        gbuf_append(&c->in, buf, (size_t)n);
+        parse_input(c);
+    }
+    if (!c->dead && client_flush(c) < 0)
+        conn_kill(c);
+}
+
+void http1_client_event(gw_conn *c, uint32_t events)
+{
+    (void)events;
+    conn_drive(c);
+}
+
+void http1_accept(gw_loop *l, int fd, int listener_id, const struct sockaddr_storage *peer)
+{
+    pthread_once(&settings_once, settings_init);
+    gw_config *cfg = gw_current_config(l->g);
+    int found = 0;
+    gw_tls *tls = cfg ? config_listener_tls(cfg, listener_id, &found) : NULL;
+    gw_conn *c = found ? calloc(1, sizeof(*c)) : NULL;
+    SSL *ssl = c && tls ? SSL_new(tls->ctx) : NULL;
+    gw_config_release(cfg);
+    if (!c || (tls && !ssl)) { /* no config for this listener yet, or out of memory */
+        gw_count(l->g, GW_C_CONNS_REFUSED, 1);
+        free(c);
+        close(fd);
+        return;
+    }
+    c->ep.kind = EP_CLIENT;
+    c->loop = l;
+    c->fd = fd;
+    c->listener_id = listener_id;
+    c->ssl = ssl;
+    if (ssl) {
+        SSL_set_fd(ssl, fd);
+        SSL_set_accept_state(ssl);
+        c->handshaking = 1;
+    }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    addr_text(peer, c->client_ip, &c->client_port);
+    struct sockaddr_storage local;
+    socklen_t ll = sizeof(local);
+    if (getsockname(fd, (struct sockaddr *)&local, &ll) == 0)
+        addr_text(&local, c->local_ip, &c->local_port);
+    llhttp_init(&c->parser, HTTP_REQUEST, &req_settings);
+    c->parser.data = c;
+    c->next = l->conns;
+    if (l->conns)
+        l->conns->prev = c;
+    l->conns = c;
+    atomic_fetch_add(&l->g->conns, 1);
+    gw_count(l->g, GW_C_CONNS_ACTIVE, 1);
+    set_deadline(c, DL_HEAD, l->g->limits.header_timeout_ms);
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = c};
+    if (epoll_ctl(l->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        conn_kill(c);
+        return;
+    }
+    conn_drive(c);
+}
+
+void http1_tick(gw_loop *l, uint64_t now)
+{
+    for (gw_conn *c = l->conns, *next; c; c = next) {
+        next = c->next;
+        if (c->deadline_kind == DL_NONE || now < c->deadline)
+            continue;
+        int kind = c->deadline_kind;
+        c->deadline_kind = DL_NONE;
+        if (kind == DL_IDLE || c->closing || (kind == DL_HEAD && !c->cfg)) {
+            conn_kill(c); /* idle keep-alive, a stalled handshake, or an answer nobody reads */
+        } else if (kind == DL_UPSTREAM) {
+            gw_count(l->g, GW_C_UPSTREAM_TIMEOUTS, 1);
+            if (c->up && c->up->got_bytes) {
+                conn_kill(c);
+            } else {
+                respond(c, 504, GW_ACTION_ALLOWED, "upstream timed out");
+            }
+        } else {
+            gw_count(l->g, GW_C_TIMEOUTS, 1);
+            respond(c, 408, GW_ACTION_ALLOWED, "request timed out");
+        }
+    }
+    /* idle upstream connections are kept 15 s: backends commonly drop idle keep-alives after 20 s+ */
+    for (gw_upstream *u = l->idle, *next; u; u = next) {
+        next = u->next;
+        if (now - u->idle_since > 15000) {
+            pool_remove(l, u);
+            up_kill(u);
+        }
+    }
+}
+
+void http1_close_all(gw_loop *l)
+{
+    while (l->conns)
+        conn_kill(l->conns);
+    while (l->idle) {
+        gw_upstream *u = l->idle;
+        pool_remove(l, u);
+        up_kill(u);
+    }
+    http1_reap();
+}
