@@ -133,6 +133,7 @@ class RouteEntry:
     path: str
     path_exact: bool
     headers: tuple[tuple[str, str], ...]
+    method: str
     backend: int
     waf: WafRules | None
     waf_mode: int
@@ -168,14 +169,17 @@ class Config:
         return index
 
     def route(self, entry: RouteEntry) -> None:
-        headers = "".join(f"{k.lower()}\n{v}\n" for k, v in entry.headers).encode()
-        keep = [entry.hostname.lower().encode(), entry.path.encode(), headers, entry.name.encode()]
+        headers = "".join(f"{k.lower()}\n{v}\n" for k, v in entry.headers)
+        # The char arrays must outlive the call: a struct field does not keep its pointee alive.
+        text = {
+            name: ffi.new("char[]", value.encode())
+            for name, value in (("hostname", entry.hostname.lower()), ("path", entry.path),
+                                ("headers", headers), ("method", entry.method), ("name", entry.name))
+        }
         spec = ffi.new("gw_route_spec *", {
-            "listener_id": entry.listener_id, "hostname": ffi.new("char[]", keep[0]),
-            "path_exact": int(entry.path_exact), "path": ffi.new("char[]", keep[1]),
-            "headers": ffi.new("char[]", keep[2]), "backend": entry.backend,
-            "waf": entry.waf.handle if entry.waf else ffi.NULL, "waf_mode": entry.waf_mode,
-            "max_body": entry.max_body, "stat_slot": entry.stat_slot, "name": ffi.new("char[]", keep[3]),
+            **text, "listener_id": entry.listener_id, "path_exact": int(entry.path_exact),
+            "backend": entry.backend, "waf": entry.waf.handle if entry.waf else ffi.NULL,
+            "waf_mode": entry.waf_mode, "max_body": entry.max_body, "stat_slot": entry.stat_slot,
         })
         self._keep.append(entry.waf)
         err = _err()

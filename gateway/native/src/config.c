@@ -34,6 +34,7 @@ void gw_config_release(gw_config *c)
         free(r->hostname);
         free(r->path);
         free(r->name);
+        free(r->method);
         for (int h = 0; h < r->nheaders; h++) {
             free(r->headers[h].name);
             free(r->headers[h].value);
@@ -186,6 +187,7 @@ int gw_config_route(gw_config *c, const gw_route_spec *s, char *err, size_t errl
     r->max_body = s->max_body;
     r->stat_slot = s->stat_slot;
     r->name = strdup(s->name ? s->name : "");
+    r->method = strdup(s->method ? s->method : "");
     c->nroutes++;
     if (parse_headers(r, s->headers ? s->headers : "") < 0) {
         gw_errf(err, errlen, "bad header match list");
@@ -217,13 +219,14 @@ static int path_match(const gw_route *r, const char *path, size_t len)
     return len == r->path_len || path[r->path_len] == '/';
 }
 
-const gw_route *config_match(const gw_config *c, int listener_id, const char *host, size_t host_len,
-                             const char *path, size_t path_len, gw_header_lookup header, void *ctx)
+const gw_route *config_match(const gw_config *c, int listener_id, const char *method, const char *host,
+                             size_t host_len, const char *path, size_t path_len, gw_header_lookup header,
+                             void *ctx)
 {
     for (int i = 0; i < c->nroutes; i++) {
         const gw_route *r = &c->routes[i];
         if (r->listener_id != listener_id || !host_match(r->hostname, host, host_len) ||
-            !path_match(r, path, path_len))
+            !path_match(r, path, path_len) || (r->method[0] && strcmp(r->method, method) != 0))
             continue;
         int ok = 1;
         for (int h = 0; ok && h < r->nheaders; h++) {

@@ -61,6 +61,7 @@ typedef struct gw_route_spec {
     int path_exact;          /* 1 Exact, 0 PathPrefix (element-wise, Gateway API) */
     const char *path;
     const char *headers;     /* "name\nvalue\n" pairs, names lower case, exact value match */
+    const char *method;      /* "" any, else the exact method */
     int backend;             /* index from gw_config_backend, -1 answers 500 */
     gw_waf *waf;             /* NULL: no WAF */
     int waf_mode;

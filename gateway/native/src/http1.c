@@ -488,7 +488,8 @@ static int on_headers_complete(llhttp_t *p)
     if (auth)
         hl = alen;
     hl = host ? host_only(host, hl) : 0;
-    c->route = config_match(c->cfg, c->listener_id, host ? host : "", hl, path, plen, find_header, c);
+    c->route = config_match(c->cfg, c->listener_id, llhttp_method_name(p->method), host ? host : "", hl,
+                            path, plen, find_header, c);
     if (!c->route) {
         gw_count(c->loop->g, GW_C_NO_ROUTE, 1);
         c->early_status = 404;

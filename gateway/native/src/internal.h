@@ -78,6 +78,7 @@ typedef struct gw_route {
     size_t path_len;
     int nheaders;
     gw_header_match *headers;
+    char *method;
     int backend;
     gw_waf *waf;
     int waf_mode;
@@ -103,8 +104,9 @@ gw_tls *config_listener_tls(const gw_config *c, int listener_id, int *found);
 /* The first route whose listener, host, path and headers match; NULL when none. Header lookups go
  * through `header` (name lower case) so the caller keeps its own storage. */
 typedef const char *(*gw_header_lookup)(void *ctx, const char *name, size_t *vlen);
-const gw_route *config_match(const gw_config *c, int listener_id, const char *host, size_t host_len,
-                             const char *path, size_t path_len, gw_header_lookup header, void *ctx);
+const gw_route *config_match(const gw_config *c, int listener_id, const char *method, const char *host,
+                             size_t host_len, const char *path, size_t path_len, gw_header_lookup header,
+                             void *ctx);
 
 /* ---- the gateway and its loops (loop.c, http1.c) ---- */
 enum {
