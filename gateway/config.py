@@ -30,9 +30,23 @@ class GatewayConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Certificate:
-    hostname: str                     # "" default (no SNI match needed)
+    names: tuple[str, ...]            # its DNS SANs: the SNI names it answers
     chain_pem: bytes
     key_pem: bytes = field(repr=False)
+
+
+def _dns_names(chain_pem: bytes, where: str) -> tuple[str, ...]:
+    from cryptography import x509
+
+    try:
+        leaf = x509.load_pem_x509_certificate(chain_pem)
+    except ValueError as exc:
+        raise GatewayConfigError(f"{where}: not a PEM certificate: {exc}") from None
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ()
+    return tuple(n.lower() for n in san.get_values_for_type(x509.DNSName))
 
 
 @dataclass(frozen=True)
@@ -133,23 +147,24 @@ def _sort_key(hostname: str, match: RouteMatch, route: HTTPRoute, rule_i: int, m
 
 def _certificates(gw: Gateway, listener: Listener, objs: Objects, cert_dir: Path | None) -> tuple[Certificate, ...]:
     certs = []
-    for i, ref in enumerate(listener.certificate_refs):
-        host = listener.hostname if i == 0 else ""
+    for ref in listener.certificate_refs:
+        where = f"Gateway {gw.meta.name} listener {listener.name} certificate {ref.name}"
         if ref.kind == "File":
             if cert_dir is None:
                 raise GatewayConfigError(f"Gateway {gw.meta.name}: File certificates need a config directory")
             base = cert_dir / ref.name
             try:
-                certs.append(Certificate(host, base.with_suffix(".crt").read_bytes(),
-                                         base.with_suffix(".key").read_bytes()))
+                chain, key = base.with_suffix(".crt").read_bytes(), base.with_suffix(".key").read_bytes()
             except OSError as exc:
-                raise GatewayConfigError(f"Gateway {gw.meta.name} listener {listener.name}: {exc}") from None
+                raise GatewayConfigError(f"{where}: {exc}") from None
+            certs.append(Certificate(_dns_names(chain, where), chain, key))
             continue
         found = [s for s in objs.secrets if s.meta.name == ref.name and s.meta.namespace == ref.namespace]
         if not found:
             raise GatewayConfigError(
                 f"Gateway {gw.meta.name} listener {listener.name}: Secret {ref.namespace}/{ref.name} not found")
-        certs.append(Certificate(host, found[0].certificate_pem, found[0].key_pem))
+        chain = found[0].certificate_pem
+        certs.append(Certificate(_dns_names(chain, where), chain, found[0].key_pem))
     return tuple(certs)
 
 

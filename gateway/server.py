@@ -61,8 +61,9 @@ class GatewayServer:
             tls = None
             if lst.certificates:
                 tls = dp.ServerTls()
-                for cert in lst.certificates:
-                    tls.add(cert.hostname, cert.chain_pem, cert.key_pem)
+                for i, cert in enumerate(lst.certificates):  # the first is also the default (no SNI match)
+                    for name in ("",) * (i == 0) + cert.names:
+                        tls.add(name, cert.chain_pem, cert.key_pem)
             cfg.listener(lst.listener_id, tls)
         for addrs in plan.backends:
             cfg.backend(list(addrs))

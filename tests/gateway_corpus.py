@@ -70,18 +70,20 @@ class Replay:
     def add(self, row: dict[str, object], response: bytes) -> None:
         cat = str(row["category"])
         reached = BACKEND_MARK in response.split(b"\r\n\r\n", 1)[0].lower()
+        status = status_of(response)
         if row["expect"] == "block":
             self.attacks[cat] += 1
-            if not reached:
+            # refused by the gateway (WAF 403, or a protocol refusal), not lost to a missing route
+            if not reached and 400 <= status < 500 and status != 404:
                 self.attacks_blocked[cat] += 1
             else:
-                self.misses.append(f"attack passed: {row['id']}")
+                self.misses.append(f"attack not blocked: {row['id']} -> {status}")
         else:
             self.benign[cat] += 1
             if reached:
                 return
             self.benign_blocked[cat] += 1
-            self.misses.append(f"benign blocked: {row['id']} -> {status_of(response)}")
+            self.misses.append(f"benign blocked: {row['id']} -> {status}")
 
     def attack_rate(self) -> float:
         return sum(self.attacks_blocked.values()) / max(1, sum(self.attacks.values()))
