@@ -24,11 +24,16 @@ def _run(args: argparse.Namespace) -> int:
         if args.check:
             for warning in check(plan):
                 print(f"warning: {warning}")
-            print(f"ok: Gateway {plan.gateway}: {len(plan.listeners)} listeners, {len(plan.routes)} routes, "
-                  f"{len(plan.entries)} table entries")
+            print(
+                f"ok: Gateway {plan.gateway}: {len(plan.listeners)} listeners, {len(plan.routes)} routes, "
+                f"{len(plan.entries)} table entries"
+            )
             return 0
-        options = ServerOptions(threads=args.threads, audit_log=Path(args.audit_log) if args.audit_log else None,
-                                metrics_listen=args.metrics)
+        options = ServerOptions(
+            threads=args.threads,
+            audit_log=Path(args.audit_log) if args.audit_log else None,
+            metrics_listen=args.metrics,
+        )
         server = GatewayServer(plan, options)
     except (gwconfig.GatewayConfigError, WafConfigError, dp.DataplaneError) as exc:
         print(f"ambit gateway: config refused: {exc}", file=sys.stderr)
@@ -54,7 +59,9 @@ def _run(args: argparse.Namespace) -> int:
 def add_gateway_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("gateway", help="edge gateway with a WAF (Gateway API config from files)")
     p.add_argument("--config-dir", required=True, help="directory of Gateway/HTTPRoute/WafPolicy/... YAML")
-    p.add_argument("--gateway", default="", help="namespace/name of the Gateway to serve (default: the only one)")
+    p.add_argument(
+        "--gateway", default="", help="namespace/name of the Gateway to serve (default: the only one)"
+    )
     p.add_argument("--threads", type=int, default=1, help="data plane loop threads")
     p.add_argument("--audit-log", default="", help="JSON-lines audit log of WAF blocks and detections")
     p.add_argument("--metrics", default="", help="Prometheus listen address host:port (default: none)")

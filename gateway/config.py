@@ -30,7 +30,7 @@ class GatewayConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Certificate:
-    names: tuple[str, ...]            # its DNS SANs: the SNI names it answers
+    names: tuple[str, ...]  # its DNS SANs: the SNI names it answers
     chain_pem: bytes
     key_pem: bytes = field(repr=False)
 
@@ -55,7 +55,7 @@ class ListenerPlan:
     name: str
     bind: str
     port: int
-    certificates: tuple[Certificate, ...]   # empty: plain HTTP
+    certificates: tuple[Certificate, ...]  # empty: plain HTTP
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,8 @@ class EntryPlan:
     listener_id: int
     hostname: str
     match: RouteMatch
-    backend: int                      # index into GatewayPlan.backends, -1 for none
-    route: str                        # namespace/name of the HTTPRoute
+    backend: int  # index into GatewayPlan.backends, -1 for none
+    route: str  # namespace/name of the HTTPRoute
     policy: WafPolicy | None
     sort_key: tuple[Any, ...]
 
@@ -73,9 +73,9 @@ class EntryPlan:
 class GatewayPlan:
     gateway: str
     listeners: tuple[ListenerPlan, ...]
-    backends: tuple[tuple[str, ...], ...]   # each: "ip:port" addresses
+    backends: tuple[tuple[str, ...], ...]  # each: "ip:port" addresses
     entries: tuple[EntryPlan, ...]
-    routes: tuple[str, ...]                 # namespace/name of every attached HTTPRoute
+    routes: tuple[str, ...]  # namespace/name of every attached HTTPRoute
     warnings: tuple[str, ...] = ()
 
 
@@ -113,10 +113,16 @@ def load_dir(directory: Path) -> Objects:
 
 
 def add(objs: Objects, res: Any) -> None:
-    for kind, bucket in ((Gateway, objs.gateways), (HTTPRoute, objs.routes), (WafPolicy, objs.policies),
-                         (Service, objs.services), (TlsSecret, objs.secrets)):
+    buckets: tuple[tuple[type, list[Any]], ...] = (
+        (Gateway, objs.gateways),
+        (HTTPRoute, objs.routes),
+        (WafPolicy, objs.policies),
+        (Service, objs.services),
+        (TlsSecret, objs.secrets),
+    )
+    for kind, bucket in buckets:
         if isinstance(res, kind):
-            bucket.append(res)  # type: ignore[attr-defined]
+            bucket.append(res)
             return
     raise GatewayConfigError(f"{res.kind} {res.meta.name}: not a kind the gateway uses")
 
@@ -127,8 +133,10 @@ def _host_intersection(listener: str, route: str) -> str | None:
         return route
     if not route:
         return listener
+
     def covers(wild: str, name: str) -> bool:
         return wild.startswith("*.") and name.endswith(wild[1:]) and len(name) > len(wild) - 1
+
     if covers(listener, route):
         return route
     if covers(route, listener):
@@ -136,16 +144,27 @@ def _host_intersection(listener: str, route: str) -> str | None:
     return None
 
 
-def _sort_key(hostname: str, match: RouteMatch, route: HTTPRoute, rule_i: int, match_i: int) -> tuple[Any, ...]:
+def _sort_key(
+    hostname: str, match: RouteMatch, route: HTTPRoute, rule_i: int, match_i: int
+) -> tuple[Any, ...]:
     wildcard = hostname.startswith("*.")
     return (
-        -(0 if wildcard else len(hostname)), -(len(hostname) if wildcard else 0),
-        0 if match.path_exact else 1, -len(match.path), 0 if match.method else 1, -len(match.headers),
-        route.meta.namespace, route.meta.name, rule_i, match_i,
+        -(0 if wildcard else len(hostname)),
+        -(len(hostname) if wildcard else 0),
+        0 if match.path_exact else 1,
+        -len(match.path),
+        0 if match.method else 1,
+        -len(match.headers),
+        route.meta.namespace,
+        route.meta.name,
+        rule_i,
+        match_i,
     )
 
 
-def _certificates(gw: Gateway, listener: Listener, objs: Objects, cert_dir: Path | None) -> tuple[Certificate, ...]:
+def _certificates(
+    gw: Gateway, listener: Listener, objs: Objects, cert_dir: Path | None
+) -> tuple[Certificate, ...]:
     certs = []
     for ref in listener.certificate_refs:
         where = f"Gateway {gw.meta.name} listener {listener.name} certificate {ref.name}"
@@ -161,8 +180,7 @@ def _certificates(gw: Gateway, listener: Listener, objs: Objects, cert_dir: Path
             continue
         found = [s for s in objs.secrets if s.meta.name == ref.name and s.meta.namespace == ref.namespace]
         if not found:
-            raise GatewayConfigError(
-                f"Gateway {gw.meta.name} listener {listener.name}: Secret {ref.namespace}/{ref.name} not found")
+            raise GatewayConfigError(f"{where}: Secret {ref.namespace}/{ref.name} not found")
         chain = found[0].certificate_pem
         certs.append(Certificate(_dns_names(chain, where), chain, found[0].key_pem))
     return tuple(certs)
@@ -177,7 +195,8 @@ def _policies(objs: Objects, gw: Gateway) -> tuple[WafPolicy | None, dict[tuple[
                 other = by_target[key]
                 raise GatewayConfigError(
                     f"WafPolicy {pol.meta.namespace}/{pol.meta.name} and {other.meta.namespace}/"
-                    f"{other.meta.name} both target {ref.kind} {ref.namespace}/{ref.name}")
+                    f"{other.meta.name} both target {ref.kind} {ref.namespace}/{ref.name}"
+                )
             by_target[key] = pol
     gw_policy = by_target.get(("Gateway", gw.meta.namespace, gw.meta.name))
     routes = {(ns, name): p for (kind, ns, name), p in by_target.items() if kind == "HTTPRoute"}
@@ -188,8 +207,9 @@ def _backend_addresses(objs: Objects, route: HTTPRoute, rule_i: int) -> tuple[st
     """The rule's backends as ip:port (weights are honoured by repeating addresses), or why not."""
     out: list[str] = []
     for ref in route.rules[rule_i].backend_refs:
-        svc = next((s for s in objs.services if s.meta.name == ref.name and s.meta.namespace == ref.namespace),
-                   None)
+        svc = next(
+            (s for s in objs.services if s.meta.name == ref.name and s.meta.namespace == ref.namespace), None
+        )
         if svc is None:
             return f"Service {ref.namespace}/{ref.name} not found"
         port = next((p for p in svc.ports if p.port == ref.port), None)
@@ -206,7 +226,9 @@ def plan(objs: Objects, gateway: str = "", cert_dir: Path | None = None) -> Gate
     """The tables for the Gateway named `gateway` ("namespace/name", or the only one)."""
     gws = [g for g in objs.gateways if not gateway or f"{g.meta.namespace}/{g.meta.name}" == gateway]
     if len(gws) != 1:
-        raise GatewayConfigError(f"want exactly one Gateway{' ' + gateway if gateway else ''}, found {len(gws)}")
+        raise GatewayConfigError(
+            f"want exactly one Gateway{' ' + gateway if gateway else ''}, found {len(gws)}"
+        )
     gw = gws[0]
     warnings: list[str] = []
     bind = gw.addresses[0] if gw.addresses else "0.0.0.0"
@@ -239,15 +261,33 @@ def plan(objs: Objects, gateway: str = "", cert_dir: Path | None = None) -> Gate
                 backend = len(backends)
                 backends.append(addrs)
             for lid, lst in targets:
-                hosts = [h for h in (_host_intersection(lst.hostname, rh) for rh in route.hostnames or ("",))
-                         if h is not None]
+                hosts = [
+                    h
+                    for h in (_host_intersection(lst.hostname, rh) for rh in route.hostnames or ("",))
+                    if h is not None
+                ]
                 for host in dict.fromkeys(hosts):
                     for match_i, match in enumerate(rule.matches):
-                        entries.append(EntryPlan(lid, host, match, backend, rname, policy,
-                                                 _sort_key(host, match, route, rule_i, match_i)))
+                        entries.append(
+                            EntryPlan(
+                                lid,
+                                host,
+                                match,
+                                backend,
+                                rname,
+                                policy,
+                                _sort_key(host, match, route, rule_i, match_i),
+                            )
+                        )
     entries.sort(key=lambda e: e.sort_key)
-    return GatewayPlan(f"{gw.meta.namespace}/{gw.meta.name}", listeners, tuple(backends), tuple(entries),
-                       tuple(attached), tuple(warnings))
+    return GatewayPlan(
+        f"{gw.meta.namespace}/{gw.meta.name}",
+        listeners,
+        tuple(backends),
+        tuple(entries),
+        tuple(attached),
+        tuple(warnings),
+    )
 
 
 def _attached_listeners(gw: Gateway, route: HTTPRoute) -> list[tuple[int, Listener]]:

@@ -92,11 +92,26 @@ class WafRules:
         blob = "".join(f"{k}: {v}\r\n" for k, v in headers).encode("utf-8", "surrogateescape")
         out = ffi.new("gw_verdict *")
         rc = lib.gw_waf_check(
-            self._h, mode, client[0].encode(), client[1], method.encode(), uri.encode("utf-8", "surrogateescape"),
-            version.encode(), blob, len(blob), body, len(body), out,
+            self._h,
+            mode,
+            client[0].encode(),
+            client[1],
+            method.encode(),
+            uri.encode("utf-8", "surrogateescape"),
+            version.encode(),
+            blob,
+            len(blob),
+            body,
+            len(body),
+            out,
         )
         verdict = Verdict(
-            ACTIONS[out.action], out.status, out.score, _matches(_text(out.rules)), out.nrules, _text(out.detail)
+            ACTIONS[out.action],
+            out.status,
+            out.score,
+            _matches(_text(out.rules)),
+            out.nrules,
+            _text(out.detail),
         )
         if rc < 0:
             raise DataplaneError(f"WAF error: {verdict.detail}")
@@ -119,8 +134,12 @@ class ServerTls:
 
     def add(self, hostname: str, chain_pem: bytes, key_pem: bytes) -> None:
         err = _err()
-        if lib.gw_tls_add_cert(self._h, hostname.encode(), chain_pem, len(chain_pem), key_pem, len(key_pem),
-                               err, _ERRLEN) < 0:
+        if (
+            lib.gw_tls_add_cert(
+                self._h, hostname.encode(), chain_pem, len(chain_pem), key_pem, len(key_pem), err, _ERRLEN
+            )
+            < 0
+        ):
             raise DataplaneError(f"certificate for {hostname or 'default'}: {_text(err)}")
 
 
@@ -173,14 +192,27 @@ class Config:
         # The char arrays must outlive the call: a struct field does not keep its pointee alive.
         text = {
             name: ffi.new("char[]", value.encode())
-            for name, value in (("hostname", entry.hostname.lower()), ("path", entry.path),
-                                ("headers", headers), ("method", entry.method), ("name", entry.name))
+            for name, value in (
+                ("hostname", entry.hostname.lower()),
+                ("path", entry.path),
+                ("headers", headers),
+                ("method", entry.method),
+                ("name", entry.name),
+            )
         }
-        spec = ffi.new("gw_route_spec *", {
-            **text, "listener_id": entry.listener_id, "path_exact": int(entry.path_exact),
-            "backend": entry.backend, "waf": entry.waf.handle if entry.waf else ffi.NULL,
-            "waf_mode": entry.waf_mode, "max_body": entry.max_body, "stat_slot": entry.stat_slot,
-        })
+        spec = ffi.new(
+            "gw_route_spec *",
+            {
+                **text,
+                "listener_id": entry.listener_id,
+                "path_exact": int(entry.path_exact),
+                "backend": entry.backend,
+                "waf": entry.waf.handle if entry.waf else ffi.NULL,
+                "waf_mode": entry.waf_mode,
+                "max_body": entry.max_body,
+                "stat_slot": entry.stat_slot,
+            },
+        )
         self._keep.append(entry.waf)
         err = _err()
         if lib.gw_config_route(self._h, spec, err, _ERRLEN) < 0:
@@ -217,8 +249,18 @@ class WafEvent:
 
 def _event(r: Any) -> WafEvent:
     return WafEvent(
-        ACTIONS[r.action], r.status, r.stat_slot, r.score, r.nrules, _text(r.request_id), _text(r.route),
-        _text(r.client), _text(r.host), _text(r.method), _text(r.uri), _matches(_text(r.rules)),
+        ACTIONS[r.action],
+        r.status,
+        r.stat_slot,
+        r.score,
+        r.nrules,
+        _text(r.request_id),
+        _text(r.route),
+        _text(r.client),
+        _text(r.host),
+        _text(r.method),
+        _text(r.uri),
+        _matches(_text(r.rules)),
         _text(r.detail),
     )
 
@@ -276,7 +318,7 @@ class Gateway:
                 return out
 
     def counters(self) -> dict[str, int]:
-        names = []
+        names: list[str] = []
         while (name := lib.gw_counter_name(len(names))) != ffi.NULL:
             names.append(_text(name))
         values = ffi.new("uint64_t[]", len(names))

@@ -14,15 +14,20 @@ from gateway.dataplane import ACTIONS
 
 
 class _DataplaneCollector(Collector):
-    def __init__(self, route_stats: Callable[[], Mapping[str, Mapping[str, int]]],
-                 counters: Callable[[], Mapping[str, int]]) -> None:
+    def __init__(
+        self,
+        route_stats: Callable[[], Mapping[str, Mapping[str, int]]],
+        counters: Callable[[], Mapping[str, int]],
+    ) -> None:
         self._route_stats = route_stats
         self._counters = counters
 
     def collect(self) -> Iterable[Metric]:
-        waf = CounterMetricFamily("ambit_waf_requests", "Requests by WAF action and route "
-                                  "(allowed, blocked, detected in detect-only mode, error)",
-                                  labels=["action", "route"])
+        waf = CounterMetricFamily(
+            "ambit_waf_requests",
+            "Requests by WAF action and route (allowed, blocked, detected in detect-only mode, error)",
+            labels=["action", "route"],
+        )
         for route, stats in sorted(self._route_stats().items()):
             for action in ACTIONS:
                 waf.add_metric([action, route], stats.get(action, 0))
@@ -33,11 +38,21 @@ class _DataplaneCollector(Collector):
 
 
 class GatewayMetrics:
-    def __init__(self, route_stats: Callable[[], Mapping[str, Mapping[str, int]]],
-                 counters: Callable[[], Mapping[str, int]]) -> None:
+    def __init__(
+        self,
+        route_stats: Callable[[], Mapping[str, Mapping[str, int]]],
+        counters: Callable[[], Mapping[str, int]],
+    ) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_DataplaneCollector(route_stats, counters))
-        self.rule_matches = Counter("ambit_waf_rule_matches", "CRS/custom rule matches on blocked or "
-                                    "detected requests", ["rule", "route", "action"], registry=self.registry)
-        self.audit_errors = Counter("ambit_gateway_audit_dropped", "WAF events lost before Python saw them "
-                                    "(event queue full)", registry=self.registry)
+        self.rule_matches = Counter(
+            "ambit_waf_rule_matches",
+            "CRS/custom rule matches on blocked or detected requests",
+            ["rule", "route", "action"],
+            registry=self.registry,
+        )
+        self.audit_errors = Counter(
+            "ambit_gateway_audit_dropped",
+            "WAF events lost before Python saw them (event queue full)",
+            registry=self.registry,
+        )

@@ -26,7 +26,7 @@ class ServerOptions:
     threads: int = 1
     limits: dp.Limits = dp.Limits()
     audit_log: Path | None = None
-    metrics_listen: str = ""   # "host:port"; "" for none
+    metrics_listen: str = ""  # "host:port"; "" for none
 
 
 class GatewayServer:
@@ -71,11 +71,22 @@ class GatewayServer:
             pol = e.policy
             waf = self._rules.compile(pol) if pol else None
             mode = dp.WAF_OFF if pol is None else dp.WAF_BLOCK if pol.blocking else dp.WAF_DETECT
-            cfg.route(dp.RouteEntry(
-                e.listener_id, e.hostname, e.match.path, e.match.path_exact,
-                tuple((h.name, h.value) for h in e.match.headers), e.match.method, e.backend, waf, mode,
-                pol.body_limit if pol else 8 * 1024 * 1024, self._slot(e.route), e.route,
-            ))
+            cfg.route(
+                dp.RouteEntry(
+                    e.listener_id,
+                    e.hostname,
+                    e.match.path,
+                    e.match.path_exact,
+                    tuple((h.name, h.value) for h in e.match.headers),
+                    e.match.method,
+                    e.backend,
+                    waf,
+                    mode,
+                    pol.body_limit if pol else 8 * 1024 * 1024,
+                    self._slot(e.route),
+                    e.route,
+                )
+            )
         for warning in plan.warnings:
             log.warning("gateway config: %s", warning)
         return cfg
@@ -150,9 +161,17 @@ class GatewayServer:
             self.metrics.rule_matches.labels(rule.rule_id, ev.route or "-", ev.action).inc()
         if self.audit:
             self.audit.record(
-                f"waf_{ev.action}", request_id=ev.request_id, route=ev.route, client=ev.client, host=ev.host,
-                method=ev.method, uri=ev.uri, status=ev.status, anomaly_score=ev.score,
-                rules=[{"id": r.rule_id, "msg": r.message} for r in ev.rules], rules_matched=ev.nrules,
+                f"waf_{ev.action}",
+                request_id=ev.request_id,
+                route=ev.route,
+                client=ev.client,
+                host=ev.host,
+                method=ev.method,
+                uri=ev.uri,
+                status=ev.status,
+                anomaly_score=ev.score,
+                rules=[{"id": r.rule_id, "msg": r.message} for r in ev.rules],
+                rules_matched=ev.nrules,
                 detail=ev.detail,
             )
         self._log(ev)
@@ -165,8 +184,19 @@ class GatewayServer:
         more = f" (+{self._suppressed} more since the last line)" if self._suppressed else ""
         self._last_log, self._suppressed = now, 0
         ids = ",".join(r.rule_id for r in ev.rules) or "-"
-        log.warning("waf %s %s %s %s route=%s client=%s score=%d rules=%s id=%s%s", ev.action, ev.status,
-                    ev.method, ev.uri[:80], ev.route, ev.client, ev.score, ids, ev.request_id, more)
+        log.warning(
+            "waf %s %s %s %s route=%s client=%s score=%d rules=%s id=%s%s",
+            ev.action,
+            ev.status,
+            ev.method,
+            ev.uri[:80],
+            ev.route,
+            ev.client,
+            ev.score,
+            ids,
+            ev.request_id,
+            more,
+        )
 
 
 def load_plan(config_dir: Path, gateway: str = "") -> gwconfig.GatewayPlan:

@@ -127,7 +127,9 @@ def _exclusion_lines(policy: str, exc: Exclusion, cat: CrsCatalogue, custom_ids:
     lines = []
     for spec in exc.rule_ids:
         if not _range_ok(spec, known):
-            raise WafConfigError(f"WafPolicy {policy}: exclusion rule id {spec} matches no CRS or custom rule")
+            raise WafConfigError(
+                f"WafPolicy {policy}: exclusion rule id {spec} matches no CRS or custom rule"
+            )
         lines.append(f"SecRuleRemoveById {spec}")
     for tag in exc.tags:
         if tag not in cat.tags:
@@ -147,8 +149,11 @@ def rules_text(policy: WafPolicy, rules_dir: Path = CRS_RULES_DIR) -> str:
     cat = crs_catalogue(rules_dir)
     custom = [_check_custom(name, r) for r in policy.custom_rules]
     custom_ids = {int(m) for r in custom for m in re.findall(r"\bid:(\d+)", r)}
-    parts = [_base(policy.blocking, policy.body_limit), _STRICT_BODY if policy.strict_body else "",
-             _crs_setup(policy.paranoia_level, policy.inbound_threshold)]
+    parts = [
+        _base(policy.blocking, policy.body_limit),
+        _STRICT_BODY if policy.strict_body else "",
+        _crs_setup(policy.paranoia_level, policy.inbound_threshold),
+    ]
     parts.extend(r + "\n" for r in custom)
     # Only the request rules: the gateway does not inspect responses.
     for conf in sorted(rules_dir.glob("REQUEST-*.conf")):

@@ -97,9 +97,11 @@ class Replay:
             a = f"{self.attacks_blocked[cat]}/{self.attacks[cat]}" if self.attacks[cat] else "-"
             b = f"{self.benign_blocked[cat]}/{self.benign[cat]}" if self.benign[cat] else "-"
             lines.append(f"| {cat} | {a} | {b} |")
-        lines.append(f"| **total** | {sum(self.attacks_blocked.values())}/{sum(self.attacks.values())} "
-                     f"({self.attack_rate():.1%}) | {sum(self.benign_blocked.values())}/"
-                     f"{sum(self.benign.values())} ({self.benign_block_rate():.1%}) |")
+        lines.append(
+            f"| **total** | {sum(self.attacks_blocked.values())}/{sum(self.attacks.values())} "
+            f"({self.attack_rate():.1%}) | {sum(self.benign_blocked.values())}/"
+            f"{sum(self.benign.values())} ({self.benign_block_rate():.1%}) |"
+        )
         return "\n".join(lines)
 
 
@@ -161,8 +163,12 @@ class Backend:
                         self.seen.append(head)
                 body = b"ok\n"
                 is_head = head.startswith(b"HEAD ")
-                conn.sendall(b"HTTP/1.1 200 OK\r\n" + BACKEND_MARK + b"\r\ncontent-length: 3\r\n\r\n"
-                             + (b"" if is_head else body))
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\n"
+                    + BACKEND_MARK
+                    + b"\r\ncontent-length: 3\r\n\r\n"
+                    + (b"" if is_head else body)
+                )
 
     def close(self) -> None:
         self._stop = True

@@ -21,15 +21,25 @@ def free_port() -> int:
 
 def gateway_doc(listeners: list[dict[str, Any]], name: str = "edge") -> dict[str, Any]:
     return {
-        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "Gateway",
         "metadata": {"name": name, "namespace": "default"},
-        "spec": {"gatewayClassName": "ambit", "addresses": [{"type": "IPAddress", "value": "127.0.0.1"}],
-                 "listeners": listeners},
+        "spec": {
+            "gatewayClassName": "ambit",
+            "addresses": [{"type": "IPAddress", "value": "127.0.0.1"}],
+            "listeners": listeners,
+        },
     }
 
 
-def route_doc(name: str, backend: str, *, hostnames: list[str] | None = None,
-              matches: list[dict[str, Any]] | None = None, section: str = "") -> dict[str, Any]:
+def route_doc(
+    name: str,
+    backend: str,
+    *,
+    hostnames: list[str] | None = None,
+    matches: list[dict[str, Any]] | None = None,
+    section: str = "",
+) -> dict[str, Any]:
     parent: dict[str, Any] = {"name": "edge"}
     if section:
         parent["sectionName"] = section
@@ -39,18 +49,33 @@ def route_doc(name: str, backend: str, *, hostnames: list[str] | None = None,
     spec: dict[str, Any] = {"parentRefs": [parent], "rules": [rule]}
     if hostnames:
         spec["hostnames"] = hostnames
-    return {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
-            "metadata": {"name": name, "namespace": "default"}, "spec": spec}
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": spec,
+    }
 
 
 def service_doc(name: str, port: int) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"},
-            "spec": {"addresses": ["127.0.0.1"], "ports": [{"port": 80, "targetPort": port}]}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"addresses": ["127.0.0.1"], "ports": [{"port": 80, "targetPort": port}]},
+    }
 
 
 def policy_doc(name: str, kind: str, target: str, **spec: Any) -> dict[str, Any]:
-    return {"apiVersion": "ambit.io/v1", "kind": "WafPolicy", "metadata": {"name": name, "namespace": "default"},
-            "spec": {"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": kind, "name": target}], **spec}}
+    return {
+        "apiVersion": "ambit.io/v1",
+        "kind": "WafPolicy",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "targetRefs": [{"group": "gateway.networking.k8s.io", "kind": kind, "name": target}],
+            **spec,
+        },
+    }
 
 
 def write_config(directory: Path, docs: list[dict[str, Any]]) -> Path:

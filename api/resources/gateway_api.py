@@ -69,7 +69,7 @@ def _hostname(raw: Any, where: str) -> str:
 
 @dataclass(frozen=True)
 class CertificateRef:
-    kind: str          # "Secret" or "File"
+    kind: str  # "Secret" or "File"
     name: str
     namespace: str
 
@@ -78,10 +78,10 @@ class CertificateRef:
 class Listener:
     name: str
     port: int
-    protocol: str      # HTTP or HTTPS
+    protocol: str  # HTTP or HTTPS
     hostname: str = ""
     certificate_refs: tuple[CertificateRef, ...] = ()
-    routes_from: str = "Same"   # allowedRoutes.namespaces.from: Same or All
+    routes_from: str = "Same"  # allowedRoutes.namespaces.from: Same or All
 
 
 @dataclass(frozen=True)
@@ -133,8 +133,12 @@ def _listener(raw: Any, where: str, namespace: str) -> Listener:
         if routes_from not in ("Same", "All"):
             raise ResourceError(f"{where}.allowedRoutes.namespaces.from must be Same or All")
     return Listener(
-        _name(raw.get("name"), f"{where}.name"), _port(raw.get("port"), f"{where}.port"), protocol,
-        _hostname(raw.get("hostname"), f"{where}.hostname"), refs, routes_from,
+        _name(raw.get("name"), f"{where}.name"),
+        _port(raw.get("port"), f"{where}.port"),
+        protocol,
+        _hostname(raw.get("hostname"), f"{where}.hostname"),
+        refs,
+        routes_from,
     )
 
 
@@ -154,8 +158,9 @@ def _parse_gateway(meta: Meta, spec: Mapping[str, Any]) -> Gateway:
         if addr.get("type", "IPAddress") != "IPAddress":
             raise ResourceError(f"spec.addresses[{i}]: only IPAddress is supported")
         addresses.append(_name(addr.get("value"), f"spec.addresses[{i}].value"))
-    return Gateway(meta, _name(spec.get("gatewayClassName"), "spec.gatewayClassName"), listeners,
-                   tuple(addresses))
+    return Gateway(
+        meta, _name(spec.get("gatewayClassName"), "spec.gatewayClassName"), listeners, tuple(addresses)
+    )
 
 
 # ---- HTTPRoute ----
@@ -171,7 +176,7 @@ class ParentRef:
 
 @dataclass(frozen=True)
 class HeaderMatch:
-    name: str          # lower case
+    name: str  # lower case
     value: str
 
 
@@ -246,17 +251,25 @@ def _backend(raw: Any, where: str, namespace: str) -> BackendRef:
     weight = raw.get("weight", 1)
     if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 1_000_000:
         raise ResourceError(f"{where}.weight must be 0-1000000")
-    return BackendRef(_name(raw.get("name"), f"{where}.name"), raw.get("namespace", namespace),
-                      _port(raw.get("port"), f"{where}.port"), weight)
+    return BackendRef(
+        _name(raw.get("name"), f"{where}.name"),
+        raw.get("namespace", namespace),
+        _port(raw.get("port"), f"{where}.port"),
+        weight,
+    )
 
 
 def _rule(raw: Any, where: str, namespace: str) -> RouteRule:
     raw = _map(raw, where)
     _fields(raw, {"name", "matches", "backendRefs"}, where)
-    matches = tuple(_match(m, f"{where}.matches[{i}]")
-                    for i, m in enumerate(_list(raw.get("matches"), f"{where}.matches")))
-    backends = tuple(_backend(b, f"{where}.backendRefs[{i}]", namespace)
-                     for i, b in enumerate(_list(raw.get("backendRefs"), f"{where}.backendRefs")))
+    matches = tuple(
+        _match(m, f"{where}.matches[{i}]")
+        for i, m in enumerate(_list(raw.get("matches"), f"{where}.matches"))
+    )
+    backends = tuple(
+        _backend(b, f"{where}.backendRefs[{i}]", namespace)
+        for i, b in enumerate(_list(raw.get("backendRefs"), f"{where}.backendRefs"))
+    )
     name = raw.get("name", "")
     if not isinstance(name, str):
         raise ResourceError(f"{where}.name must be a string")
@@ -277,12 +290,17 @@ def _parse_httproute(meta: Meta, spec: Mapping[str, Any]) -> HTTPRoute:
         if not isinstance(section, str):
             raise ResourceError(f"{w}.sectionName must be a string")
         port = _port(p["port"], f"{w}.port") if "port" in p else 0
-        parents.append(ParentRef(_name(p.get("name"), f"{w}.name"), p.get("namespace", meta.namespace),
-                                 section, port))
-    hostnames = tuple(_hostname(h, f"spec.hostnames[{i}]")
-                      for i, h in enumerate(_list(spec.get("hostnames"), "spec.hostnames")))
-    rules = tuple(_rule(r, f"spec.rules[{i}]", meta.namespace)
-                  for i, r in enumerate(_list(spec.get("rules"), "spec.rules")))
+        parents.append(
+            ParentRef(_name(p.get("name"), f"{w}.name"), p.get("namespace", meta.namespace), section, port)
+        )
+    hostnames = tuple(
+        _hostname(h, f"spec.hostnames[{i}]")
+        for i, h in enumerate(_list(spec.get("hostnames"), "spec.hostnames"))
+    )
+    rules = tuple(
+        _rule(r, f"spec.rules[{i}]", meta.namespace)
+        for i, r in enumerate(_list(spec.get("rules"), "spec.rules"))
+    )
     return HTTPRoute(meta, tuple(parents), hostnames, rules or (RouteRule("", (RouteMatch(),), ()),))
 
 

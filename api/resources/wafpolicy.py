@@ -159,8 +159,20 @@ def _exclusions(raw: Any) -> tuple[Exclusion, ...]:
 
 @register("WafPolicy", {API_VERSION})
 def _parse_wafpolicy(meta: Meta, spec: Mapping[str, Any]) -> WafPolicy:
-    _fields(spec, {"targetRefs", "mode", "paranoiaLevel", "inboundAnomalyThreshold", "requestBodyLimit",
-                   "exclusions", "customRules", "strictBodyParsing"}, "spec")
+    _fields(
+        spec,
+        {
+            "targetRefs",
+            "mode",
+            "paranoiaLevel",
+            "inboundAnomalyThreshold",
+            "requestBodyLimit",
+            "exclusions",
+            "customRules",
+            "strictBodyParsing",
+        },
+        "spec",
+    )
     mode = spec.get("mode", "Block")
     if mode not in MODES:
         raise ResourceError(f"spec.mode must be one of {', '.join(MODES)}, got {mode!r}")

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,8 +31,10 @@ GET = b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: t\r\nAccept: */*\r\nConnectio
 
 
 def get(port: int, path: bytes = b"/", host: bytes = b"shop.example", extra: bytes = b"") -> bytes:
-    return exchange(port, (GET % (path, host)).replace(b"\r\n\r\n", b"\r\n" + extra + b"\r\n") if extra
-                    else GET % (path, host))
+    return exchange(
+        port,
+        (GET % (path, host)).replace(b"\r\n\r\n", b"\r\n" + extra + b"\r\n") if extra else GET % (path, host),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +46,33 @@ def backends() -> Iterator[tuple[Backend, Backend]]:
 
 
 @pytest.fixture(scope="module")
-def edge(tmp_path_factory: pytest.TempPathFactory, backends: tuple[Backend, Backend]) -> Iterator[GatewayServer]:
+def edge(
+    tmp_path_factory: pytest.TempPathFactory, backends: tuple[Backend, Backend]
+) -> Iterator[GatewayServer]:
     a, b = backends
     docs = [
-        gateway_doc([{"name": "http", "port": free_port(), "protocol": "HTTP", "hostname": "*.example"},
-                     {"name": "corpus", "port": free_port(), "protocol": "HTTP"}]),
-        service_doc("shop", a.port), service_doc("api", b.port),
+        gateway_doc(
+            [
+                {"name": "http", "port": free_port(), "protocol": "HTTP", "hostname": "*.example"},
+                {"name": "corpus", "port": free_port(), "protocol": "HTTP"},
+            ]
+        ),
+        service_doc("shop", a.port),
+        service_doc("api", b.port),
         route_doc("shop", "shop", hostnames=["shop.example"]),
-        route_doc("api", "api", hostnames=["shop.example"], matches=[
-            {"path": {"type": "PathPrefix", "value": "/api"}},
-            {"path": {"type": "Exact", "value": "/admin"}, "headers": [{"name": "X-Team", "value": "ops"}],
-             "method": "POST"}]),
+        route_doc(
+            "api",
+            "api",
+            hostnames=["shop.example"],
+            matches=[
+                {"path": {"type": "PathPrefix", "value": "/api"}},
+                {
+                    "path": {"type": "Exact", "value": "/admin"},
+                    "headers": [{"name": "X-Team", "value": "ops"}],
+                    "method": "POST",
+                },
+            ],
+        ),
         route_doc("detect", "shop", hostnames=["*.detect.example"]),
         route_doc("corpus", "shop", section="corpus"),
         policy_doc("strict", "Gateway", "edge", requestBodyLimit=4096),
@@ -69,7 +88,7 @@ def port_of(server: GatewayServer) -> int:
     return server.ports["http"]
 
 
-def audit_records(server: GatewayServer) -> list[dict[str, object]]:
+def audit_records(server: GatewayServer) -> list[dict[str, Any]]:
     server.drain()
     assert server.options.audit_log
     return [json.loads(line) for line in server.options.audit_log.read_text().splitlines()]
@@ -89,14 +108,15 @@ def test_attack_is_blocked_with_request_id_audit_and_counters(edge: GatewayServe
     assert rid.encode() in resp.split(b"\r\n\r\n", 1)[1]
     record = next(r for r in audit_records(edge) if r["request_id"] == rid)
     assert record["event"] == "waf_blocked" and record["route"] == "default/shop"
-    assert record["client"].startswith("127.0.0.1:") and record["anomaly_score"] >= 5  # type: ignore[union-attr,operator]
-    assert {"942100", "949110"} <= {r["id"] for r in record["rules"]}  # type: ignore[union-attr,index]
+    assert record["client"].startswith("127.0.0.1:") and record["anomaly_score"] >= 5
+    assert {"942100", "949110"} <= {r["id"] for r in record["rules"]}
     assert edge.gateway.route_stats(edge._slots["default/shop"])["blocked"] == before + 1
     assert edge.metrics.rule_matches.labels("942100", "default/shop", "blocked")._value.get() >= 1
 
 
-def test_clean_request_reaches_backend_with_forwarding_headers(edge: GatewayServer,
-                                                              backends: tuple[Backend, Backend]) -> None:
+def test_clean_request_reaches_backend_with_forwarding_headers(
+    edge: GatewayServer, backends: tuple[Backend, Backend]
+) -> None:
     resp = get(port_of(edge), b"/shoes?size=42")
     assert status_of(resp) == 200 and b"x-backend: reached" in resp
     head = backends[0].seen[-1].lower()
@@ -111,8 +131,10 @@ def test_routing_by_path_header_and_method(edge: GatewayServer, backends: tuple[
     assert b.seen[-1].startswith(b"GET /api/v1/items ")
     get(port_of(edge), b"/apix")  # PathPrefix matches whole segments: /apix is the shop's
     assert a.seen[-1].startswith(b"GET /apix ")
-    post = (b"POST /admin HTTP/1.1\r\nHost: shop.example\r\nUser-Agent: t\r\nAccept: */*\r\nX-Team: ops\r\n"
-            b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+    post = (
+        b"POST /admin HTTP/1.1\r\nHost: shop.example\r\nUser-Agent: t\r\nAccept: */*\r\nX-Team: ops\r\n"
+        b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
     exchange(port_of(edge), post)
     assert b.seen[-1].startswith(b"POST /admin ")
     exchange(port_of(edge), post.replace(b"X-Team: ops", b"X-Team: dev"))
@@ -132,12 +154,16 @@ def test_detect_only_route_forwards_and_audits(edge: GatewayServer) -> None:
 
 def test_body_limit_and_streamed_body_inspection(edge: GatewayServer) -> None:
     big = b"a=" + b"x" * 5000
-    req = (b"POST / HTTP/1.1\r\nHost: shop.example\r\nUser-Agent: t\r\nAccept: */*\r\n"
-           b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n" % len(big)) + big
+    req = (
+        b"POST / HTTP/1.1\r\nHost: shop.example\r\nUser-Agent: t\r\nAccept: */*\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n" % len(big)
+    ) + big
     assert status_of(exchange(port_of(edge), req)) == 413
-    chunked_attack = (b"POST / HTTP/1.1\r\nHost: shop.example\r\nUser-Agent: t\r\nAccept: */*\r\n"
-                      b"Content-Type: application/x-www-form-urlencoded\r\nTransfer-Encoding: chunked\r\n\r\n"
-                      b"4\r\nq=1'\r\n10\r\n OR 1=1-- abcdef\r\n0\r\n\r\n")
+    chunked_attack = (
+        b"POST / HTTP/1.1\r\nHost: shop.example\r\nUser-Agent: t\r\nAccept: */*\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"4\r\nq=1'\r\n10\r\n OR 1=1-- abcdef\r\n0\r\n\r\n"
+    )
     assert status_of(exchange(port_of(edge), chunked_attack)) == 403
 
 
@@ -167,8 +193,14 @@ def test_header_timeout(tmp_path: Path, backends: tuple[Backend, Backend]) -> No
     from gateway.dataplane import Limits
 
     port = free_port()
-    directory = write_config(tmp_path, [gateway_doc([{"name": "http", "port": port, "protocol": "HTTP"}]),
-                                        service_doc("shop", backends[0].port), route_doc("shop", "shop")])
+    directory = write_config(
+        tmp_path,
+        [
+            gateway_doc([{"name": "http", "port": port, "protocol": "HTTP"}]),
+            service_doc("shop", backends[0].port),
+            route_doc("shop", "shop"),
+        ],
+    )
     with running_gateway(directory, ServerOptions(limits=Limits(header_timeout_ms=300))) as server:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
@@ -178,8 +210,14 @@ def test_header_timeout(tmp_path: Path, backends: tuple[Backend, Backend]) -> No
 
 def test_backend_down_is_502(tmp_path: Path) -> None:
     port = free_port()
-    directory = write_config(tmp_path, [gateway_doc([{"name": "http", "port": port, "protocol": "HTTP"}]),
-                                        service_doc("gone", free_port()), route_doc("gone", "gone")])
+    directory = write_config(
+        tmp_path,
+        [
+            gateway_doc([{"name": "http", "port": port, "protocol": "HTTP"}]),
+            service_doc("gone", free_port()),
+            route_doc("gone", "gone"),
+        ],
+    )
     with running_gateway(directory):
         assert status_of(get(port)) == 502
 
@@ -193,13 +231,25 @@ def _tls_material(names: list[str]) -> tuple[bytes, dict[str, tuple[bytes, bytes
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    def build(subject: str, issuer: x509.Name, key: ec.EllipticCurvePrivateKey, signer: ec.EllipticCurvePrivateKey,
-              ca: bool, san: str = "") -> x509.Certificate:
+    def build(
+        subject: str,
+        issuer: x509.Name,
+        key: ec.EllipticCurvePrivateKey,
+        signer: ec.EllipticCurvePrivateKey,
+        ca: bool,
+        san: str = "",
+    ) -> x509.Certificate:
         now = dt.datetime.now(dt.UTC)
-        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-             .issuer_name(issuer).public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(hours=1))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
         if san:
             b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(san)]), critical=False)
         return b.sign(signer, hashes.SHA256())
@@ -212,8 +262,10 @@ def _tls_material(names: list[str]) -> tuple[bytes, dict[str, tuple[bytes, bytes
     for name in names:
         key = ec.generate_private_key(ec.SECP256R1())
         leaf = build(name, ca_name, key, ca_key, False, name)
-        out[name] = (leaf.public_bytes(pem), key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                                serialization.NoEncryption()))
+        out[name] = (
+            leaf.public_bytes(pem),
+            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        )
     return ca_cert.public_bytes(pem), out
 
 
@@ -221,28 +273,58 @@ def test_https_listener_with_sni_certificates(tmp_path: Path, backends: tuple[Ba
     ca_pem, certs = _tls_material(["shop.example", "api.example"])
     import base64
 
-    secret = {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
-              "metadata": {"name": "api-cert", "namespace": "default"},
-              "data": {"tls.crt": base64.b64encode(certs["api.example"][0]).decode(),
-                       "tls.key": base64.b64encode(certs["api.example"][1]).decode()}}
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "kubernetes.io/tls",
+        "metadata": {"name": "api-cert", "namespace": "default"},
+        "data": {
+            "tls.crt": base64.b64encode(certs["api.example"][0]).decode(),
+            "tls.key": base64.b64encode(certs["api.example"][1]).decode(),
+        },
+    }
     (tmp_path / "shop.crt").write_bytes(certs["shop.example"][0])
     (tmp_path / "shop.key").write_bytes(certs["shop.example"][1])
     port = free_port()
-    listener = {"name": "https", "port": port, "protocol": "HTTPS", "tls": {"certificateRefs": [
-        {"group": "ambit.io", "kind": "File", "name": "shop"}, {"kind": "Secret", "name": "api-cert"}]}}
-    directory = write_config(tmp_path, [gateway_doc([listener]), secret, service_doc("shop", backends[0].port),
-                                        route_doc("shop", "shop"), policy_doc("strict", "Gateway", "edge")])
+    listener = {
+        "name": "https",
+        "port": port,
+        "protocol": "HTTPS",
+        "tls": {
+            "certificateRefs": [
+                {"group": "ambit.io", "kind": "File", "name": "shop"},
+                {"kind": "Secret", "name": "api-cert"},
+            ]
+        },
+    }
+    directory = write_config(
+        tmp_path,
+        [
+            gateway_doc([listener]),
+            secret,
+            service_doc("shop", backends[0].port),
+            route_doc("shop", "shop"),
+            policy_doc("strict", "Gateway", "edge"),
+        ],
+    )
     ctx = ssl.create_default_context(cadata=ca_pem.decode())
     with running_gateway(directory) as server:
-        for name, version in (("shop.example", ssl.TLSVersion.TLSv1_3), ("api.example", ssl.TLSVersion.TLSv1_2)):
+        for name, version in (
+            ("shop.example", ssl.TLSVersion.TLSv1_3),
+            ("api.example", ssl.TLSVersion.TLSv1_2),
+        ):
             ctx.minimum_version = ctx.maximum_version = version
-            with socket.create_connection(("127.0.0.1", port)) as raw, \
-                    ctx.wrap_socket(raw, server_hostname=name) as tls:
+            with (
+                socket.create_connection(("127.0.0.1", port)) as raw,
+                ctx.wrap_socket(raw, server_hostname=name) as tls,
+            ):
                 assert tls.version() == ("TLSv1.3" if version == ssl.TLSVersion.TLSv1_3 else "TLSv1.2")
                 tls.sendall(GET % (b"/x?q=1%27%20OR%201=1--", name.encode()))
                 assert status_of(tls.recv(65536)) == 403
-            with socket.create_connection(("127.0.0.1", port)) as raw, \
-                    ctx.wrap_socket(raw, server_hostname=name) as tls:
+            with (
+                socket.create_connection(("127.0.0.1", port)) as raw,
+                ctx.wrap_socket(raw, server_hostname=name) as tls,
+            ):
                 tls.sendall(GET % (b"/ok", name.encode()))
                 data = b""
                 while chunk := tls.recv(65536):
@@ -264,12 +346,20 @@ def test_https_listener_with_sni_certificates(tmp_path: Path, backends: tuple[Ba
 
 
 def test_config_refused_with_reason_by_the_cli(tmp_path: Path) -> None:
-    directory = write_config(tmp_path, [
-        gateway_doc([{"name": "http", "port": free_port(), "protocol": "HTTP"}]),
-        service_doc("shop", 1), route_doc("shop", "shop"),
-        policy_doc("bad", "Gateway", "edge", exclusions=[{"ruleIds": ["4242"]}]),
-    ])
-    run = subprocess.run([sys.executable, "-m", "agent.cli", "gateway", "--config-dir", str(directory), "--check"],
-                         capture_output=True, text=True, timeout=60)
+    directory = write_config(
+        tmp_path,
+        [
+            gateway_doc([{"name": "http", "port": free_port(), "protocol": "HTTP"}]),
+            service_doc("shop", 1),
+            route_doc("shop", "shop"),
+            policy_doc("bad", "Gateway", "edge", exclusions=[{"ruleIds": ["4242"]}]),
+        ],
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "gateway", "--config-dir", str(directory), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 2
     assert "4242 matches no CRS or custom rule" in run.stderr

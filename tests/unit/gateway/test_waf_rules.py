@@ -110,7 +110,9 @@ def test_custom_rule_blocks(cache: RuleSetCache) -> None:
         ({"custom_rules": ('SecRule ARGS "@rx a" "id:942100,phase:1,deny"',)}, "rules refused"),
     ],
 )
-def test_bad_policies_are_refused_with_the_reason(cache: RuleSetCache, kw: dict[str, object], reason: str) -> None:
+def test_bad_policies_are_refused_with_the_reason(
+    cache: RuleSetCache, kw: dict[str, object], reason: str
+) -> None:
     with pytest.raises(WafConfigError, match=reason):
         cache.compile(policy(**kw))
 
@@ -121,15 +123,27 @@ def test_identical_policies_share_one_rule_set(cache: RuleSetCache) -> None:
 
 
 def test_wafpolicy_resource_parses_and_rejects_bad_fields() -> None:
-    doc = {"apiVersion": "ambit.io/v1", "kind": "WafPolicy", "metadata": {"name": "w"},
-           "spec": {"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "r"}],
-                    "mode": "DetectOnly", "paranoiaLevel": 2,
-                    "exclusions": [{"ruleIds": [942100, "920000-920999"]}, {"ruleId": 942100, "targets": ["ARGS:q"]}]}}
+    doc = {
+        "apiVersion": "ambit.io/v1",
+        "kind": "WafPolicy",
+        "metadata": {"name": "w"},
+        "spec": {
+            "targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "r"}],
+            "mode": "DetectOnly",
+            "paranoiaLevel": 2,
+            "exclusions": [{"ruleIds": [942100, "920000-920999"]}, {"ruleId": 942100, "targets": ["ARGS:q"]}],
+        },
+    }
     pol = parse(doc)
     assert pol.mode == "DetectOnly" and pol.paranoia_level == 2 and not pol.blocking
     assert pol.exclusions[0].rule_ids == ("942100", "920000-920999")
-    for bad in ({"paranoiaLevel": 5}, {"mode": "Panic"}, {"exclusions": [{"ruleId": "1", "targets": ['ARGS:"x']}]},
-                {"targetRefs": [{"kind": "Service", "name": "s"}]}, {"surprise": 1}):
+    for bad in (
+        {"paranoiaLevel": 5},
+        {"mode": "Panic"},
+        {"exclusions": [{"ruleId": "1", "targets": ['ARGS:"x']}]},
+        {"targetRefs": [{"kind": "Service", "name": "s"}]},
+        {"surprise": 1},
+    ):
         broken = {**doc, "spec": {**doc["spec"], **bad}}
         with pytest.raises(ResourceError):
             parse(broken)
