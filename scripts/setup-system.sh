@@ -8,7 +8,7 @@ packages=(
     iproute2 nftables tcpdump stunnel4 gcc make
     # gateway: libmodsecurity + OWASP CRS 3.3.4 for the WAF; llhttp's C sources (node-llhttp); nginx with
     # the ModSecurity connector as the bench's comparison
-    libmodsecurity3 libmodsecurity-dev modsecurity-crs node-llhttp nginx libnginx-mod-http-modsecurity
+    libmodsecurity3 libmodsecurity-dev modsecurity-crs node-llhttp nginx libnginx-mod-http-modsecurity wrk
 )
 
 missing=()

@@ -1,0 +1,185 @@
+"""The edge gateway: WAF accuracy on the CRS corpus and request rate / p99 through the gateway with the WAF
+off and at paranoia level 1, against nginx + ModSecurity (Debian's libnginx-mod-http-modsecurity) with the
+very same rule text, in the same run.
+
+- Corpus: ../shared/corpora/waf when present (else the vendored sample rows), replayed byte for byte over
+  real sockets through a gateway with CRS 3.3.4 at PL1, inbound threshold 5; a per-category table goes to
+  stderr.
+- Rate: wrk (1 thread, AMBIT_BENCH_CONNECTIONS keep-alive connections, default 16, AMBIT_BENCH_SECONDS each,
+  default 3) sends one clean GET through each proxy to the same backend (an nginx answering 200). The
+  gateway runs one data plane thread and nginx one worker, so each proxy has one core.
+Rows compare WAF on to WAF off (target >= 0.7) and the gateway to nginx + ModSecurity (target > 1).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from api.resources import Meta
+from api.resources.wafpolicy import TargetRef, WafPolicy
+from gateway.waf import rules_text
+from tests.gateway_corpus import SAMPLE, Backend, full_corpus_rows, load_rows, replay
+from tests.gateway_fixtures import (
+    free_port,
+    gateway_doc,
+    policy_doc,
+    route_doc,
+    running_gateway,
+    service_doc,
+    write_config,
+)
+
+SECONDS = float(os.environ.get("AMBIT_BENCH_SECONDS", "3"))
+CONNECTIONS = int(os.environ.get("AMBIT_BENCH_CONNECTIONS", "16"))
+NGINX_MODSEC = "/usr/lib/nginx/modules/ngx_http_modsecurity_module.so"
+PATH = "/products?id=42&sort=price"
+
+
+def _wrk(port: int) -> tuple[float, float]:
+    """(requests/s, p99 ms) of one clean GET on keep-alive connections."""
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{SECONDS:g}s", "--latency", "-H", "User-Agent: ambit-bench",
+         "-H", "Accept: */*", f"http://127.0.0.1:{port}{PATH}"],
+        capture_output=True, text=True, check=True, timeout=SECONDS + 60,
+    ).stdout
+    if "Non-2xx" in out:
+        raise RuntimeError(f"wrk saw errors:\n{out}")
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    m = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", out)
+    assert m, out
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+    return rps, float(m.group(1)) * scale
+
+
+@contextmanager
+def _nginx(body: str) -> Iterator[None]:
+    prefix = Path(tempfile.mkdtemp(prefix="ambit-bench-nginx-"))
+    os.chmod(prefix, 0o755)
+    for d in ("tmp", "logs"):
+        (prefix / d).mkdir()
+    conf = prefix / "nginx.conf"
+    conf.write_text(f"""{body.split("@@http@@")[0]}
+worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/logs/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/tmp/body;
+    proxy_temp_path {prefix}/tmp/proxy;
+    fastcgi_temp_path {prefix}/tmp/fastcgi;
+    uwsgi_temp_path {prefix}/tmp/uwsgi;
+    scgi_temp_path {prefix}/tmp/scgi;
+    {body.split("@@http@@")[1]}
+}}
+""")
+    proc = subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(conf)], stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.5)
+        if proc.poll() is not None:
+            raise RuntimeError(f"nginx did not start: {proc.stderr.read().decode() if proc.stderr else ''}")
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        shutil.rmtree(prefix, ignore_errors=True)
+
+
+def _corpus_rows(tmp: Path, backend_port: int) -> list[dict[str, Any]]:
+    rows = full_corpus_rows()
+    source = "../shared/corpora/waf" if rows else f"vendored sample ({SAMPLE.name})"
+    rows = rows or load_rows(SAMPLE)
+    port = free_port()
+    docs = [gateway_doc([{"name": "http", "port": port, "protocol": "HTTP"}]), service_doc("app", backend_port),
+            route_doc("app", "app"), policy_doc("crs", "Gateway", "edge")]
+    with running_gateway(write_config(tmp / "corpus", docs)):
+        result = replay(port, rows)
+    print(f"\nWAF corpus ({source}), CRS 3.3.4 PL1, threshold 5, through the gateway:\n{result.table()}",
+          file=sys.stderr)
+    for miss in result.misses:
+        print(f"  {miss}", file=sys.stderr)
+    return [
+        {"name": "corpus attacks blocked", "value": 100 * result.attack_rate(), "unit": "%"},
+        {"name": "corpus benign blocked", "value": 100 * result.benign_block_rate(), "unit": "%"},
+    ]
+
+
+def _gateway_rate(tmp: Path, backend_port: int, waf: bool) -> tuple[float, float]:
+    port = free_port()
+    docs = [gateway_doc([{"name": "http", "port": port, "protocol": "HTTP"}]), service_doc("app", backend_port),
+            route_doc("app", "app")]
+    if waf:
+        docs.append(policy_doc("crs", "Gateway", "edge"))
+    with running_gateway(write_config(tmp / f"rate-{waf}", docs)):
+        _wrk_warm(port)
+        return _wrk(port)
+
+
+def _wrk_warm(port: int) -> None:
+    subprocess.run(["wrk", "-t1", "-c4", "-d1s", f"http://127.0.0.1:{port}/"], capture_output=True, timeout=60)
+
+
+def _nginx_modsec_rate(tmp: Path, backend_port: int) -> tuple[float, float]:
+    rules = tmp / "modsec-rules.conf"
+    rules.write_text(rules_text(WafPolicy(Meta("crs", "default"), (TargetRef("Gateway", "edge", "default"),))))
+    port = free_port()
+    conf = f"""load_module {NGINX_MODSEC};
+@@http@@
+    upstream app {{ server 127.0.0.1:{backend_port}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        modsecurity on;
+        modsecurity_rules_file {rules};
+        location / {{
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}"""
+    with _nginx(conf):
+        _wrk_warm(port)
+        return _wrk(port)
+
+
+def run() -> list[dict[str, Any]]:
+    if not shutil.which("wrk") or not Path(NGINX_MODSEC).exists():
+        raise RuntimeError("bench_gateway needs wrk, nginx and libnginx-mod-http-modsecurity (make setup)")
+    rows: list[dict[str, Any]] = []
+    tmp = Path(tempfile.mkdtemp(prefix="ambit-bench-gw-"))
+    backend_port = free_port()
+    backend_conf = f"""@@http@@
+    server {{ listen 127.0.0.1:{backend_port}; keepalive_requests 100000; location / {{ return 200 "ok\\n"; }} }}"""
+    corpus_backend = Backend()
+    try:
+        rows += _corpus_rows(tmp, corpus_backend.port)
+        with _nginx(backend_conf):
+            off = _gateway_rate(tmp, backend_port, waf=False)
+            on = _gateway_rate(tmp, backend_port, waf=True)
+            nginx = _nginx_modsec_rate(tmp, backend_port)
+    finally:
+        corpus_backend.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    rows += [
+        {"name": "gateway WAF off req/s", "value": off[0], "unit": "req/s"},
+        {"name": "gateway WAF PL1 req/s", "value": on[0], "unit": "req/s", "baseline": "gateway WAF off req/s"},
+        {"name": "nginx+ModSecurity PL1 req/s", "value": nginx[0], "unit": "req/s"},
+        {"name": "gateway WAF PL1 req/s vs nginx", "value": on[0], "unit": "req/s",
+         "baseline": "nginx+ModSecurity PL1 req/s"},
+        {"name": "gateway WAF off p99", "value": off[1], "unit": "ms"},
+        {"name": "gateway WAF PL1 p99", "value": on[1], "unit": "ms", "baseline": "gateway WAF off p99"},
+        {"name": "nginx+ModSecurity PL1 p99", "value": nginx[1], "unit": "ms"},
+        {"name": "gateway WAF PL1 p99 vs nginx", "value": on[1], "unit": "ms",
+         "baseline": "nginx+ModSecurity PL1 p99"},
+    ]
+    return rows
