@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -19,6 +20,8 @@ def _run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     directory = Path(args.config_dir)
+    if args.lab_pod:
+        return _start_in_lab(args, directory)
     try:
         plan = load_plan(directory, args.gateway)
         if args.check:
@@ -56,7 +59,23 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_in_lab(args: argparse.Namespace, directory: Path) -> int:
+    from agent.lab import gateway as lab_gateway
+    from gateway.server import check, load_plan
+
+    plan = load_plan(directory, args.gateway)
+    check(plan)  # refuse a bad config here rather than in the background process
+    ports = [lp.port for lp in plan.listeners]
+    audit = lab_gateway.start(args.prefix, args.lab_pod, directory.resolve(), ports[0])
+    print(
+        f"ambit gateway: {plan.gateway} running in lab pod {args.lab_pod} on ports {ports}; audit log {audit}"
+    )
+    return 0
+
+
 def add_gateway_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from agent.lab.plan import DEFAULT_PREFIX
+
     p = sub.add_parser("gateway", help="edge gateway with a WAF (Gateway API config from files)")
     p.add_argument("--config-dir", required=True, help="directory of Gateway/HTTPRoute/WafPolicy/... YAML")
     p.add_argument(
@@ -66,4 +85,6 @@ def add_gateway_command(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--audit-log", default="", help="JSON-lines audit log of WAF blocks and detections")
     p.add_argument("--metrics", default="", help="Prometheus listen address host:port (default: none)")
     p.add_argument("--check", action="store_true", help="validate and compile the config, then exit")
+    p.add_argument("--lab-pod", default="", help="start it in the background inside this lab pod (ambit lab)")
+    p.add_argument("--prefix", default=os.environ.get("AMBIT_LAB_PREFIX", DEFAULT_PREFIX), help="lab prefix")
     p.set_defaults(func=_run)

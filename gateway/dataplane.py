@@ -228,6 +228,7 @@ class Limits:
     idle_timeout_ms: int = 60_000
     upstream_timeout_ms: int = 30_000
     max_connections: int = 10_000
+    event_queue: int = 4096
 
 
 @dataclass(frozen=True)

@@ -118,16 +118,20 @@ class Backend:
 
     MAX_SEEN = 1000
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind((host, port))
         self.sock.listen(256)
         self.port = self.sock.getsockname()[1]
         self.seen: list[bytes] = []
         self._lock = threading.Lock()
         self._stop = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        if port == 0:
+            threading.Thread(target=self._accept, daemon=True).start()
+
+    def serve_forever(self) -> None:
+        self._accept()
 
     def _accept(self) -> None:
         while not self._stop:

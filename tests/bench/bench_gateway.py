@@ -48,9 +48,22 @@ PATH = "/products?id=42&sort=price"
 def _wrk(port: int) -> tuple[float, float]:
     """(requests/s, p99 ms) of one clean GET on keep-alive connections."""
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{SECONDS:g}s", "--latency", "-H", "User-Agent: ambit-bench",
-         "-H", "Accept: */*", f"http://127.0.0.1:{port}{PATH}"],
-        capture_output=True, text=True, check=True, timeout=SECONDS + 60,
+        [
+            "wrk",
+            "-t1",
+            f"-c{CONNECTIONS}",
+            f"-d{SECONDS:g}s",
+            "--latency",
+            "-H",
+            "User-Agent: ambit-bench",
+            "-H",
+            "Accept: */*",
+            f"http://127.0.0.1:{port}{PATH}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=SECONDS + 60,
     ).stdout
     if "Non-2xx" in out:
         raise RuntimeError(f"wrk saw errors:\n{out}")
@@ -101,12 +114,18 @@ def _corpus_rows(tmp: Path, backend_port: int) -> list[dict[str, Any]]:
     source = "../shared/corpora/waf" if rows else f"vendored sample ({SAMPLE.name})"
     rows = rows or load_rows(SAMPLE)
     port = free_port()
-    docs = [gateway_doc([{"name": "http", "port": port, "protocol": "HTTP"}]), service_doc("app", backend_port),
-            route_doc("app", "app"), policy_doc("crs", "Gateway", "edge")]
+    docs = [
+        gateway_doc([{"name": "http", "port": port, "protocol": "HTTP"}]),
+        service_doc("app", backend_port),
+        route_doc("app", "app"),
+        policy_doc("crs", "Gateway", "edge"),
+    ]
     with running_gateway(write_config(tmp / "corpus", docs)):
         result = replay(port, rows)
-    print(f"\nWAF corpus ({source}), CRS 3.3.4 PL1, threshold 5, through the gateway:\n{result.table()}",
-          file=sys.stderr)
+    print(
+        f"\nWAF corpus ({source}), CRS 3.3.4 PL1, threshold 5, through the gateway:\n{result.table()}",
+        file=sys.stderr,
+    )
     for miss in result.misses:
         print(f"  {miss}", file=sys.stderr)
     return [
@@ -117,8 +136,11 @@ def _corpus_rows(tmp: Path, backend_port: int) -> list[dict[str, Any]]:
 
 def _gateway_rate(tmp: Path, backend_port: int, waf: bool) -> tuple[float, float]:
     port = free_port()
-    docs = [gateway_doc([{"name": "http", "port": port, "protocol": "HTTP"}]), service_doc("app", backend_port),
-            route_doc("app", "app")]
+    docs = [
+        gateway_doc([{"name": "http", "port": port, "protocol": "HTTP"}]),
+        service_doc("app", backend_port),
+        route_doc("app", "app"),
+    ]
     if waf:
         docs.append(policy_doc("crs", "Gateway", "edge"))
     with running_gateway(write_config(tmp / f"rate-{waf}", docs)):
@@ -127,12 +149,16 @@ def _gateway_rate(tmp: Path, backend_port: int, waf: bool) -> tuple[float, float
 
 
 def _wrk_warm(port: int) -> None:
-    subprocess.run(["wrk", "-t1", "-c4", "-d1s", f"http://127.0.0.1:{port}/"], capture_output=True, timeout=60)
+    subprocess.run(
+        ["wrk", "-t1", "-c4", "-d1s", f"http://127.0.0.1:{port}/"], capture_output=True, timeout=60
+    )
 
 
 def _nginx_modsec_rate(tmp: Path, backend_port: int) -> tuple[float, float]:
     rules = tmp / "modsec-rules.conf"
-    rules.write_text(rules_text(WafPolicy(Meta("crs", "default"), (TargetRef("Gateway", "edge", "default"),))))
+    rules.write_text(
+        rules_text(WafPolicy(Meta("crs", "default"), (TargetRef("Gateway", "edge", "default"),)))
+    )
     port = free_port()
     conf = f"""load_module {NGINX_MODSEC};
 @@http@@
@@ -159,7 +185,11 @@ def run() -> list[dict[str, Any]]:
     tmp = Path(tempfile.mkdtemp(prefix="ambit-bench-gw-"))
     backend_port = free_port()
     backend_conf = f"""@@http@@
-    server {{ listen 127.0.0.1:{backend_port}; keepalive_requests 100000; location / {{ return 200 "ok\\n"; }} }}"""
+    server {{
+        listen 127.0.0.1:{backend_port};
+        keepalive_requests 100000;
+        location / {{ return 200 "ok\\n"; }}
+    }}"""
     corpus_backend = Backend()
     try:
         rows += _corpus_rows(tmp, corpus_backend.port)
@@ -172,14 +202,27 @@ def run() -> list[dict[str, Any]]:
         shutil.rmtree(tmp, ignore_errors=True)
     rows += [
         {"name": "gateway WAF off req/s", "value": off[0], "unit": "req/s"},
-        {"name": "gateway WAF PL1 req/s", "value": on[0], "unit": "req/s", "baseline": "gateway WAF off req/s"},
+        {
+            "name": "gateway WAF PL1 req/s",
+            "value": on[0],
+            "unit": "req/s",
+            "baseline": "gateway WAF off req/s",
+        },
         {"name": "nginx+ModSecurity PL1 req/s", "value": nginx[0], "unit": "req/s"},
-        {"name": "gateway WAF PL1 req/s vs nginx", "value": on[0], "unit": "req/s",
-         "baseline": "nginx+ModSecurity PL1 req/s"},
+        {
+            "name": "gateway WAF PL1 req/s vs nginx",
+            "value": on[0],
+            "unit": "req/s",
+            "baseline": "nginx+ModSecurity PL1 req/s",
+        },
         {"name": "gateway WAF off p99", "value": off[1], "unit": "ms"},
         {"name": "gateway WAF PL1 p99", "value": on[1], "unit": "ms", "baseline": "gateway WAF off p99"},
         {"name": "nginx+ModSecurity PL1 p99", "value": nginx[1], "unit": "ms"},
-        {"name": "gateway WAF PL1 p99 vs nginx", "value": on[1], "unit": "ms",
-         "baseline": "nginx+ModSecurity PL1 p99"},
+        {
+            "name": "gateway WAF PL1 p99 vs nginx",
+            "value": on[1],
+            "unit": "ms",
+            "baseline": "nginx+ModSecurity PL1 p99",
+        },
     ]
     return rows

@@ -87,6 +87,7 @@ typedef struct gw_limits {
     int idle_timeout_ms;         /* keep-alive between requests */
     int upstream_timeout_ms;     /* connect + response head from the backend (504) */
     int max_connections;         /* client connections per gateway (over it: accepted and closed) */
+    int event_queue;             /* WAF events held for Python (over it: dropped, counted) */
 } gw_limits;
 
 typedef struct gw_event {

@@ -17,7 +17,6 @@
 #define GW_IDLE_POOL 32          /* idle upstream connections kept per backend address per loop */
 #define GW_OUT_HIGH (256 * 1024) /* client output above this: stop reading the upstream */
 #define GW_READ_CHUNK 16384
-#define GW_EVENTS_MAX 4096
 
 void gw_errf(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
@@ -133,8 +132,8 @@ struct gw {
     atomic_int stopping;
     int evfd;
     pthread_mutex_t ev_lock;
-    gw_event *events;        /* ring of GW_EVENTS_MAX */
-    size_t ev_head, ev_count;
+    gw_event *events;        /* ring of ev_cap */
+    size_t ev_cap, ev_head, ev_count;
     atomic_uint_fast64_t counters[GW_C_COUNT];
     atomic_uint_fast64_t route_stats[GW_MAX_ROUTE_SLOTS][GW_ACTION_COUNT];
     atomic_int conns;

@@ -34,7 +34,8 @@ gw *gw_new(int threads, const gw_limits *limits, char *err, size_t errlen)
         return NULL;
     }
     gw *g = calloc(1, sizeof(*g));
-    gw_event *events = calloc(GW_EVENTS_MAX, sizeof(gw_event));
+    size_t ev_cap = limits->event_queue > 0 ? (size_t)limits->event_queue : 4096;
+    gw_event *events = calloc(ev_cap, sizeof(gw_event));
     gw_loop *loops = calloc((size_t)threads, sizeof(gw_loop));
     int evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (!g || !events || !loops || evfd < 0) {
@@ -48,6 +49,7 @@ gw *gw_new(int threads, const gw_limits *limits, char *err, size_t errlen)
     }
     g->limits = *limits;
     g->events = events;
+    g->ev_cap = ev_cap;
     g->loops = loops;
     g->nloops = threads;
     g->evfd = evfd;
@@ -99,9 +101,9 @@ void gw_apply(gw *g, gw_config *c)
 void gw_emit(gw *g, const gw_event *ev)
 {
     pthread_mutex_lock(&g->ev_lock);
-    int dropped = g->ev_count == GW_EVENTS_MAX;
+    int dropped = g->ev_count == g->ev_cap;
     if (!dropped) {
-        g->events[(g->ev_head + g->ev_count) % GW_EVENTS_MAX] = *ev;
+        g->events[(g->ev_head + g->ev_count) % g->ev_cap] = *ev;
         g->ev_count++;
     }
     pthread_mutex_unlock(&g->ev_lock);
@@ -123,7 +125,7 @@ int gw_events(gw *g, gw_event *out, int max)
     int n = 0;
     while (n < max && g->ev_count) {
         out[n++] = g->events[g->ev_head];
-        g->ev_head = (g->ev_head + 1) % GW_EVENTS_MAX;
+        g->ev_head = (g->ev_head + 1) % g->ev_cap;
         g->ev_count--;
     }
     if (g->ev_count) { /* more left: keep the eventfd readable */
