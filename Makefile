@@ -8,7 +8,8 @@ PYTEST_ARGS ?=
 
 PROTOS := $(wildcard api/*.proto)
 NATIVE_SRC := $(wildcard native/src/*.c native/src/*.h) native/build_engine.py
-GATEWAY_SRC := $(wildcard gateway/native/src/*.c gateway/native/src/*.h) gateway/native/build_gateway.py
+GATEWAY_SRC := $(wildcard gateway/native/src/*.c gateway/native/src/*.h) gateway/native/build_gateway.py \
+	native/src/util.c native/src/internal.h
 
 .PHONY: setup system venv native gateway protos test unit lint lab bench clean
 

@@ -26,10 +26,12 @@ ffibuilder.cdef(cdef_from_header(HEADER.read_text()))
 ffibuilder.set_source(
     "gateway.native._gateway",
     '#include "gw.h"',
+    # the engine's byte buffers (native/src/util.c) are shared, not copied
     sources=[str(p) for p in sorted(SRC.glob("*.c"))]
+    + [str(ROOT / "native" / "src" / "util.c")]
     + [str(LLHTTP_SRC / name) for name in ("llhttp.c", "api.c", "http.c")],
     include_dirs=[str(SRC), str(LLHTTP_INCLUDE)],
-    libraries=["modsecurity", "ssl", "crypto", "pthread"],
+    libraries=["modsecurity", "ssl", "crypto", "nghttp2", "pthread"],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11", "-D_GNU_SOURCE", "-Wno-unused-parameter"],
 )
 

@@ -34,7 +34,7 @@ struct gw_upstream {
     struct sockaddr_storage addr;
     socklen_t addrlen;
     gw_conn *conn;           /* the client exchange it serves; NULL while idle */
-    gbuf out;
+    abuf out;
     llhttp_t parser;
     int resp_done, got_bytes, reused, eof;
     uint64_t idle_since;
@@ -57,16 +57,16 @@ struct gw_conn {
     int state;
     int deadline_kind;
     uint64_t deadline;
-    gbuf in, out;
+    abuf in, out;
     llhttp_t parser;
     /* the request in progress */
     gw_config *cfg;
-    gbuf head;               /* URL and header bytes; hdrs index into it */
+    abuf head;               /* URL and header bytes; hdrs index into it */
     size_t url_len;
     hdr *hdrs;
     int nhdrs, caphdrs;
     int in_value;
-    gbuf body;
+    abuf body;
     const gw_route *route;
     Transaction *tx;
     gw_verdict verdict;
@@ -153,8 +153,8 @@ static void request_reset(gw_conn *c)
     gw_config_release(c->cfg);
     c->cfg = NULL;
     c->route = NULL;
-    gbuf_reset(&c->head);
-    gbuf_reset(&c->body);
+    abuf_clear(&c->head);
+    abuf_clear(&c->body);
     c->url_len = 0;
     c->nhdrs = 0;
     c->in_value = 0;
@@ -195,17 +195,17 @@ void http1_reap(void)
     while (dead_conns) {
         gw_conn *c = dead_conns;
         dead_conns = c->next;
-        gbuf_free(&c->in);
-        gbuf_free(&c->out);
-        gbuf_free(&c->head);
-        gbuf_free(&c->body);
+        abuf_free(&c->in);
+        abuf_free(&c->out);
+        abuf_free(&c->head);
+        abuf_free(&c->body);
         free(c->hdrs);
         free(c);
     }
     while (dead_ups) {
         gw_upstream *u = dead_ups;
         dead_ups = u->next;
-        gbuf_free(&u->out);
+        abuf_free(&u->out);
         free(u);
     }
 }
@@ -230,22 +230,22 @@ static ssize_t client_read(gw_conn *c, char *buf, size_t n)
 
 static int client_flush(gw_conn *c)
 {
-    while (gbuf_size(&c->out)) {
+    while (abuf_pending(&c->out)) {
         ssize_t w;
         if (c->ssl) {
-            int r = SSL_write(c->ssl, gbuf_head(&c->out), (int)gbuf_size(&c->out));
+            int r = SSL_write(c->ssl, abuf_head(&c->out), (int)abuf_pending(&c->out));
             if (r <= 0) {
                 int e = SSL_get_error(c->ssl, r);
                 return e == SSL_ERROR_WANT_WRITE || e == SSL_ERROR_WANT_READ ? 0 : -1;
             }
             w = r;
         } else {
-            w = send(c->fd, gbuf_head(&c->out), gbuf_size(&c->out), MSG_NOSIGNAL);
+            w = send(c->fd, abuf_head(&c->out), abuf_pending(&c->out), MSG_NOSIGNAL);
             if (w < 0)
                 return errno == EAGAIN || errno == EINTR ? 0 : -1;
         }
         gw_count(c->loop->g, GW_C_BYTES_OUT, (uint64_t)w);
-        gbuf_consume(&c->out, (size_t)w);
+        abuf_consume(&c->out, (size_t)w);
     }
     return 0;
 }
@@ -318,9 +318,9 @@ static void respond(gw_conn *c, int status, int action, const char *detail)
                       "HTTP/1.1 %d %s\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n"
                       "x-request-id: %s\r\nconnection: close\r\n\r\n",
                       status, reason_phrase(status), bl, c->request_id);
-    gbuf_append(&c->out, head, (size_t)hl);
+    abuf_append(&c->out, head, (size_t)hl);
     if (!c->is_head)
-        gbuf_append(&c->out, body, (size_t)bl);
+        abuf_append(&c->out, body, (size_t)bl);
     if (action != GW_ACTION_ALLOWED)
         record(c, action, status, detail);
     if (c->up) {
@@ -330,7 +330,7 @@ static void respond(gw_conn *c, int status, int action, const char *detail)
     c->state = ST_WAIT;
     c->closing = 1;
     set_deadline(c, DL_IDLE, 5000); /* a client that never reads the answer is dropped */
-    if (client_flush(c) < 0 || !gbuf_size(&c->out))
+    if (client_flush(c) < 0 || !abuf_pending(&c->out))
         conn_kill(c);
 }
 
@@ -338,7 +338,7 @@ static void respond(gw_conn *c, int status, int action, const char *detail)
 
 static int over_head_limit(gw_conn *c, size_t more)
 {
-    if (gbuf_size(&c->head) + more <= c->loop->g->limits.max_header_bytes)
+    if (abuf_pending(&c->head) + more <= c->loop->g->limits.max_header_bytes)
         return 0;
     c->early_status = 431;
     gw_count(c->loop->g, GW_C_HEADERS_TOO_LARGE, 1);
@@ -362,7 +362,7 @@ static int on_url(llhttp_t *p, const char *at, size_t len)
     gw_conn *c = p->data;
     if (over_head_limit(c, len))
         return -1;
-    gbuf_append(&c->head, at, len);
+    abuf_append(&c->head, at, len);
     c->url_len += len;
     return 0;
 }
@@ -389,7 +389,7 @@ static int on_header_field(llhttp_t *p, const char *at, size_t len)
         c->hdrs[c->nhdrs++] = (hdr){.name_off = c->head.len, .val_off = c->head.len};
         c->in_value = 0;
     }
-    gbuf_append(&c->head, at, len);
+    abuf_append(&c->head, at, len);
     c->hdrs[c->nhdrs - 1].name_len += len;
     return 0;
 }
@@ -404,7 +404,7 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len)
         c->in_value = 1;
         h->val_off = c->head.len;
     }
-    gbuf_append(&c->head, at, len);
+    abuf_append(&c->head, at, len);
     h->val_len += len;
     return 0;
 }
@@ -477,7 +477,7 @@ static void waf_inspect_head(gw_conn *c)
 static int on_headers_complete(llhttp_t *p)
 {
     gw_conn *c = p->data;
-    gbuf_append(&c->head, "", 1); /* NUL after the last byte: strstr/strndup stay inside */
+    abuf_append(&c->head, "", 1); /* NUL after the last byte: strstr/strndup stay inside */
     c->head.len--;
     c->is_head = p->method == HTTP_HEAD;
     c->req_keepalive = llhttp_should_keep_alive(p);
@@ -508,7 +508,7 @@ static int on_headers_complete(llhttp_t *p)
     size_t el;
     const char *expect = find_header(c, "expect", &el);
     if (expect && el == 12 && strncasecmp(expect, "100-continue", 12) == 0 && p->http_minor == 1)
-        gbuf_append(&c->out, "HTTP/1.1 100 Continue\r\n\r\n", 25);
+        abuf_append(&c->out, "HTTP/1.1 100 Continue\r\n\r\n", 25);
     c->state = ST_BODY;
     set_deadline(c, DL_BODY, c->loop->g->limits.body_timeout_ms);
     return 0;
@@ -517,12 +517,12 @@ static int on_headers_complete(llhttp_t *p)
 static int on_body(llhttp_t *p, const char *at, size_t len)
 {
     gw_conn *c = p->data;
-    if (gbuf_size(&c->body) + len > c->route->max_body) {
+    if (abuf_pending(&c->body) + len > c->route->max_body) {
         gw_count(c->loop->g, GW_C_BODY_TOO_LARGE, 1);
         c->early_status = 413;
         return -1;
     }
-    if (gbuf_append(&c->body, at, len) < 0) {
+    if (abuf_append(&c->body, at, len) < 0) {
         c->early_status = 503;
         return -1;
     }
@@ -580,14 +580,14 @@ static int hop_by_hop(const char *name, size_t len)
     return 0;
 }
 
-static void build_request(gw_conn *c, gbuf *out)
+static void build_request(gw_conn *c, abuf *out)
 {
     char line[256];
     const char *method = llhttp_method_name(c->parser.method);
-    gbuf_append(out, method, strlen(method));
-    gbuf_append(out, " ", 1);
-    gbuf_append(out, c->head.data, c->url_len);
-    gbuf_append(out, " HTTP/1.1\r\n", 11);
+    abuf_append(out, method, strlen(method));
+    abuf_append(out, " ", 1);
+    abuf_append(out, c->head.data, c->url_len);
+    abuf_append(out, " HTTP/1.1\r\n", 11);
     size_t xff_len = 0;
     const char *xff = NULL;
     for (int i = 0; i < c->nhdrs; i++) {
@@ -599,21 +599,21 @@ static void build_request(gw_conn *c, gbuf *out)
             xff_len = h->val_len;
             continue;
         }
-        gbuf_append(out, hdr_name(c, h), h->name_len);
-        gbuf_append(out, ": ", 2);
-        gbuf_append(out, hdr_val(c, h), h->val_len);
-        gbuf_append(out, "\r\n", 2);
+        abuf_append(out, hdr_name(c, h), h->name_len);
+        abuf_append(out, ": ", 2);
+        abuf_append(out, hdr_val(c, h), h->val_len);
+        abuf_append(out, "\r\n", 2);
     }
     int n = snprintf(line, sizeof(line), "x-forwarded-for: %.*s%s%s\r\nx-forwarded-proto: %s\r\n"
                      "x-request-id: %s\r\n", (int)(xff_len > 128 ? 128 : xff_len), xff ? xff : "",
                      xff ? ", " : "", c->client_ip, c->ssl ? "https" : "http", c->request_id);
-    gbuf_append(out, line, (size_t)n);
-    if (gbuf_size(&c->body) || (c->parser.flags & (F_CONTENT_LENGTH | F_CHUNKED))) {
-        n = snprintf(line, sizeof(line), "content-length: %zu\r\n", gbuf_size(&c->body));
-        gbuf_append(out, line, (size_t)n);
+    abuf_append(out, line, (size_t)n);
+    if (abuf_pending(&c->body) || (c->parser.flags & (F_CONTENT_LENGTH | F_CHUNKED))) {
+        n = snprintf(line, sizeof(line), "content-length: %zu\r\n", abuf_pending(&c->body));
+        abuf_append(out, line, (size_t)n);
     }
-    gbuf_append(out, "\r\n", 2);
-    gbuf_append(out, gbuf_head(&c->body), gbuf_size(&c->body));
+    abuf_append(out, "\r\n", 2);
+    abuf_append(out, abuf_head(&c->body), abuf_pending(&c->body));
 }
 
 static int same_addr(const gw_upstream *u, const struct sockaddr_storage *a, socklen_t len)
@@ -703,7 +703,7 @@ static void upstream_start(gw_conn *c)
     u->conn = c;
     c->up = u;
     u->resp_done = u->got_bytes = u->eof = 0;
-    gbuf_reset(&u->out);
+    abuf_clear(&u->out);
     build_request(c, &u->out);
     llhttp_init(&u->parser, HTTP_RESPONSE, &resp_settings);
     u->parser.data = u;
@@ -774,7 +774,7 @@ static void upstream_failed(gw_upstream *u, const char *why)
     if (u->got_bytes) { /* part of the response is already on its way: all we can do is close */
         gw_count(c->loop->g, GW_C_UPSTREAM_ERRORS, 1);
         c->closing = 1;
-        if (client_flush(c) < 0 || !gbuf_size(&c->out))
+        if (client_flush(c) < 0 || !abuf_pending(&c->out))
             conn_kill(c);
         return;
     }
@@ -796,18 +796,18 @@ static void up_drive(gw_upstream *u)
         upstream_failed(u, "idle");
         return;
     }
-    while (gbuf_size(&u->out)) {
-        ssize_t w = send(u->fd, gbuf_head(&u->out), gbuf_size(&u->out), MSG_NOSIGNAL);
+    while (abuf_pending(&u->out)) {
+        ssize_t w = send(u->fd, abuf_head(&u->out), abuf_pending(&u->out), MSG_NOSIGNAL);
         if (w < 0) {
             if (errno == EAGAIN || errno == EINTR)
                 break;
             upstream_failed(u, strerror(errno));
             return;
         }
-        gbuf_consume(&u->out, (size_t)w);
+        abuf_consume(&u->out, (size_t)w);
     }
     char buf[GW_READ_CHUNK];
-    while (!u->resp_done && gbuf_size(&c->out) < GW_OUT_HIGH) {
+    while (!u->resp_done && abuf_pending(&c->out) < GW_OUT_HIGH) {
         ssize_t n = read(u->fd, buf, sizeof(buf));
         if (n < 0) {
             if (errno == EAGAIN || errno == EINTR)
@@ -837,7 +837,7 @@ static void up_drive(gw_upstream *u)
             upstream_failed(u, llhttp_get_error_reason(&u->parser));
             return;
         }
-        gbuf_append(&c->out, buf, keep);
+        abuf_append(&c->out, buf, keep);
         if (keep < (size_t)n)
             u->eof = 1; /* bytes after the response: the connection is not reusable */
     }
@@ -859,19 +859,19 @@ void http1_upstream_event(gw_upstream *u, uint32_t events)
 
 static void parse_input(gw_conn *c)
 {
-    llhttp_errno_t err = llhttp_execute(&c->parser, gbuf_head(&c->in), gbuf_size(&c->in));
+    llhttp_errno_t err = llhttp_execute(&c->parser, abuf_head(&c->in), abuf_pending(&c->in));
     if (err == HPE_OK) {
-        gbuf_reset(&c->in);
+        abuf_clear(&c->in);
         return;
     }
     if (err == HPE_PAUSED || err == HPE_PAUSED_UPGRADE) {
-        gbuf_consume(&c->in, (size_t)(llhttp_get_error_pos(&c->parser) - gbuf_head(&c->in)));
+        abuf_consume(&c->in, (size_t)(llhttp_get_error_pos(&c->parser) - abuf_head(&c->in)));
         if (err == HPE_PAUSED_UPGRADE) /* no protocol switch through the gateway: close after this one */
             c->req_keepalive = 0;
         request_ready(c);
         return;
     }
-    gbuf_reset(&c->in);
+    abuf_clear(&c->in);
     if (c->early_status) {
         int action = c->early_action ? c->early_action : GW_ACTION_ALLOWED;
         respond(c, c->early_status, action, c->early_status == 404 ? "no route" : NULL);
@@ -905,15 +905,15 @@ static void conn_drive(gw_conn *c)
         return;
     }
     if (c->closing) {
-        if (!gbuf_size(&c->out))
+        if (!abuf_pending(&c->out))
             conn_kill(c);
         return;
     }
-    if (c->up && gbuf_size(&c->out) < GW_OUT_HIGH) /* the client drained: read more of the response */
+    if (c->up && abuf_pending(&c->out) < GW_OUT_HIGH) /* the client drained: read more of the response */
         up_drive(c->up);
     if (c->dead || c->state == ST_WAIT)
         return;
-    if (gbuf_size(&c->in)) { /* a pipelined request left by the previous exchange */
+    if (abuf_pending(&c->in)) { /* a pipelined request left by the previous exchange */
         parse_input(c);
         if (c->dead || c->state == ST_WAIT) {
             return;
@@ -929,7 +929,7 @@ static void conn_drive(gw_conn *c)
             return;
         }
         gw_count(c->loop->g, GW_C_BYTES_IN, (uint64_t)n);
-        gbuf_append(&c->in, buf, (size_t)n);
+        abuf_append(&c->in, buf, (size_t)n);
         parse_input(c);
     }
     if (!c->dead && client_flush(c) < 0)

@@ -20,18 +20,9 @@
 
 void gw_errf(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
-/* ---- byte buffers ---- */
-typedef struct gbuf {
-    char *data;
-    size_t off, len, cap;
-} gbuf;
-int gbuf_append(gbuf *b, const void *p, size_t n);
-int gbuf_reserve(gbuf *b, size_t extra);
-void gbuf_consume(gbuf *b, size_t n);
-void gbuf_reset(gbuf *b);
-void gbuf_free(gbuf *b);
-static inline size_t gbuf_size(const gbuf *b) { return b->len - b->off; }
-static inline char *gbuf_head(const gbuf *b) { return b->data + b->off; }
+/* ---- byte buffers: the engine's (native/src/util.c is compiled into this extension too) ---- */
+#include "../../../native/src/internal.h"
+static inline void abuf_clear(abuf *b) { b->off = b->len = 0; }
 
 /* ---- WAF (waf.c) ---- */
 struct gw_waf {
