@@ -16,66 +16,7 @@
 #include <netinet/tcp.h>
 #include <unistd.h>
 
-#include "internal.h"
-
-enum { ST_HEAD, ST_BODY, ST_WAIT };
-enum { DL_NONE, DL_HEAD, DL_BODY, DL_UPSTREAM, DL_IDLE };
-
-typedef struct hdr {
-    size_t name_off, name_len, val_off, val_len;
-} hdr;
-
-struct gw_upstream {
-    ep_item ep;
-    gw_loop *loop;
-    gw_upstream *next;       /* idle list */
-    int fd;
-    int dead;
-    struct sockaddr_storage addr;
-    socklen_t addrlen;
-    gw_conn *conn;           /* the client exchange it serves; NULL while idle */
-    abuf out;
-    llhttp_t parser;
-    int resp_done, got_bytes, reused, eof;
-    uint64_t idle_since;
-};
-
-struct gw_conn {
-    ep_item ep;
-    gw_loop *loop;
-    gw_conn *next, *prev;
-    int fd;
-    int dead;
-    SSL *ssl;
-    int handshaking;
-    int listener_id;
-    char client_ip[INET6_ADDRSTRLEN];
-    int client_port;
-    char local_ip[INET6_ADDRSTRLEN];
-    int local_port;
-    int closing;             /* close once `out` is flushed */
-    int state;
-    int deadline_kind;
-    uint64_t deadline;
-    abuf in, out;
-    llhttp_t parser;
-    /* the request in progress */
-    gw_config *cfg;
-    abuf head;               /* URL and header bytes; hdrs index into it */
-    size_t url_len;
-    hdr *hdrs;
-    int nhdrs, caphdrs;
-    int in_value;
-    abuf body;
-    const gw_route *route;
-    Transaction *tx;
-    gw_verdict verdict;
-    char request_id[24];
-    int early_status, early_action;
-    int req_keepalive, is_head;
-    gw_upstream *up;
-    int retried;
-};
+#include "conn.h"
 
 static llhttp_settings_t req_settings, resp_settings;
 static pthread_once_t settings_once = PTHREAD_ONCE_INIT;
@@ -172,11 +113,18 @@ static void conn_kill(gw_conn *c)
         up_kill(c->up);
         c->up = NULL;
     }
+    if (c->h2)
+        h2_close(c);
+    if (c->stream) {
+        h2_stream_detach(c->stream);
+        c->stream = NULL;
+    }
     if (c->ssl) {
         SSL_free(c->ssl);
         c->ssl = NULL;
     }
-    close(c->fd);
+    if (c->fd >= 0)
+        close(c->fd);
     request_reset(c);
     if (c->prev)
         c->prev->next = c->next;
@@ -184,8 +132,10 @@ static void conn_kill(gw_conn *c)
         c->loop->conns = c->next;
     if (c->next)
         c->next->prev = c->prev;
-    atomic_fetch_sub(&c->loop->g->conns, 1);
-    gw_count(c->loop->g, GW_C_CONNS_ACTIVE, (uint64_t)-1);
+    if (c->fd >= 0) {
+        atomic_fetch_sub(&c->loop->g->conns, 1);
+        gw_count(c->loop->g, GW_C_CONNS_ACTIVE, (uint64_t)-1);
+    }
     c->next = dead_conns;
     dead_conns = c;
 }
@@ -215,6 +165,8 @@ void http1_reap(void)
 /* >0 bytes, 0 EOF, -1 error, -2 would block */
 static ssize_t client_read(gw_conn *c, char *buf, size_t n)
 {
+    if (c->fd < 0) /* an h2 stream's request: its bytes are pushed by h2.c */
+        return -2;
     if (!c->ssl) {
         ssize_t r = read(c->fd, buf, n);
         return r >= 0 ? r : (errno == EAGAIN || errno == EINTR) ? -2 : -1;
@@ -228,7 +180,7 @@ static ssize_t client_read(gw_conn *c, char *buf, size_t n)
     return e == SSL_ERROR_ZERO_RETURN ? 0 : -1;
 }
 
-static int client_flush(gw_conn *c)
+int http1_flush_socket(gw_conn *c)
 {
     while (abuf_pending(&c->out)) {
         ssize_t w;
@@ -248,6 +200,16 @@ static int client_flush(gw_conn *c)
         abuf_consume(&c->out, (size_t)w);
     }
     return 0;
+}
+
+static int client_flush(gw_conn *c)
+{
+    if (c->fd >= 0)
+        return http1_flush_socket(c);
+    if (!c->stream) /* the client reset the stream */
+        return -1;
+    abuf_consume(&c->out, h2_stream_output(c->stream, abuf_head(&c->out), abuf_pending(&c->out)));
+    return c->dead ? -1 : 0;
 }
 
 /* ---------- events and stats ---------- */
@@ -606,7 +568,7 @@ static void build_request(gw_conn *c, abuf *out)
     }
     int n = snprintf(line, sizeof(line), "x-forwarded-for: %.*s%s%s\r\nx-forwarded-proto: %s\r\n"
                      "x-request-id: %s\r\n", (int)(xff_len > 128 ? 128 : xff_len), xff ? xff : "",
-                     xff ? ", " : "", c->client_ip, c->ssl ? "https" : "http", c->request_id);
+                     xff ? ", " : "", c->client_ip, c->is_tls ? "https" : "http", c->request_id);
     abuf_append(out, line, (size_t)n);
     if (abuf_pending(&c->body) || (c->parser.flags & (F_CONTENT_LENGTH | F_CHUNKED))) {
         n = snprintf(line, sizeof(line), "content-length: %zu\r\n", abuf_pending(&c->body));
@@ -845,7 +807,8 @@ static void up_drive(gw_upstream *u)
         conn_kill(c);
         return;
     }
-    if (u->resp_done)
+    /* handing the response to an h2 stream can end the stream, and with it this exchange */
+    if (u->resp_done && !c->dead && !u->dead)
         exchange_done(c, u);
 }
 
@@ -883,6 +846,48 @@ static void parse_input(gw_conn *c)
     respond(c, 400, GW_ACTION_ALLOWED, llhttp_get_error_reason(&c->parser));
 }
 
+/* An HTTP/2 connection: every byte read goes to nghttp2 (h2.c), which feeds the streams' requests. */
+static void h2_drive(gw_conn *c)
+{
+    char buf[GW_READ_CHUNK];
+    for (;;) {
+        ssize_t n = client_read(c, buf, sizeof(buf));
+        if (n == -2)
+            break;
+        if (n <= 0 || h2_feed(c, buf, (size_t)n) < 0) {
+            conn_kill(c);
+            return;
+        }
+        gw_count(c->loop->g, GW_C_BYTES_IN, (uint64_t)n);
+        set_deadline(c, DL_IDLE, c->loop->g->limits.idle_timeout_ms);
+        if (c->dead)
+            return;
+    }
+    if (h2_send(c) < 0 || http1_flush_socket(c) < 0 || h2_wants_close(c))
+        conn_kill(c);
+}
+
+/* Prior knowledge (RFC 9113 3.3) on a plain listener, or ALPN h2 after the TLS handshake. */
+static int h2_begin(gw_conn *c)
+{
+    if (h2_start(c) < 0) {
+        conn_kill(c);
+        return -1;
+    }
+    set_deadline(c, DL_IDLE, c->loop->g->limits.idle_timeout_ms);
+    return 0;
+}
+
+static int h2_preface_seen(gw_conn *c)
+{
+    size_t n = abuf_pending(&c->in);
+    if (c->ssl || c->request_id[0] || n == 0) /* only as the first bytes of a plain connection */
+        return 0;
+    if (memcmp(abuf_head(&c->in), H2_PREFACE, n < 24 ? n : 24) != 0)
+        return 0;
+    return n >= 24 ? 1 : -1; /* -1: could still be the preface, wait for more */
+}
+
 static void conn_drive(gw_conn *c)
 {
     if (c->dead)
@@ -899,6 +904,15 @@ static void conn_drive(gw_conn *c)
         }
         c->handshaking = 0;
         gw_count(c->loop->g, GW_C_TLS_HANDSHAKES, 1);
+        const unsigned char *proto;
+        unsigned int plen;
+        SSL_get0_alpn_selected(c->ssl, &proto, &plen);
+        if (plen == 2 && memcmp(proto, "h2", 2) == 0 && h2_begin(c) < 0)
+            return;
+    }
+    if (c->h2) {
+        h2_drive(c);
+        return;
     }
     if (client_flush(c) < 0) {
         conn_kill(c);
@@ -930,10 +944,78 @@ static void conn_drive(gw_conn *c)
         }
         gw_count(c->loop->g, GW_C_BYTES_IN, (uint64_t)n);
         abuf_append(&c->in, buf, (size_t)n);
+        int pri = h2_preface_seen(c);
+        if (pri < 0)
+            continue;
+        if (pri > 0) {
+            if (h2_begin(c) < 0)
+                return;
+            size_t len = abuf_pending(&c->in);
+            char *data = malloc(len);
+            if (data)
+                memcpy(data, abuf_head(&c->in), len);
+            abuf_clear(&c->in);
+            int bad = !data || h2_feed(c, data, len) < 0;
+            free(data);
+            if (bad)
+                conn_kill(c);
+            else
+                h2_drive(c);
+            return;
+        }
         parse_input(c);
     }
     if (!c->dead && client_flush(c) < 0)
         conn_kill(c);
+}
+
+void http1_drive(gw_conn *c)
+{
+    conn_drive(c);
+}
+
+void http1_kill(gw_conn *c)
+{
+    conn_kill(c);
+}
+
+void http1_push_input(gw_conn *c, const char *data, size_t len)
+{
+    if (c->dead)
+        return;
+    if (abuf_append(&c->in, data, len) < 0) {
+        conn_kill(c);
+        return;
+    }
+    if (c->state != ST_WAIT)
+        parse_input(c);
+    conn_drive(c);
+}
+
+gw_conn *http1_stream_conn(gw_conn *parent, h2_stream *st)
+{
+    gw_conn *c = calloc(1, sizeof(*c));
+    if (!c)
+        return NULL;
+    gw_loop *l = parent->loop;
+    c->ep.kind = EP_CLIENT;
+    c->loop = l;
+    c->fd = -1;
+    c->stream = st;
+    c->listener_id = parent->listener_id;
+    c->is_tls = parent->is_tls;
+    c->client_port = parent->client_port;
+    c->local_port = parent->local_port;
+    memcpy(c->client_ip, parent->client_ip, sizeof(c->client_ip));
+    memcpy(c->local_ip, parent->local_ip, sizeof(c->local_ip));
+    llhttp_init(&c->parser, HTTP_REQUEST, &req_settings);
+    c->parser.data = c;
+    c->next = l->conns;
+    if (l->conns)
+        l->conns->prev = c;
+    l->conns = c;
+    set_deadline(c, DL_HEAD, l->g->limits.header_timeout_ms);
+    return c;
 }
 
 void http1_client_event(gw_conn *c, uint32_t events)
@@ -962,6 +1044,7 @@ void http1_accept(gw_loop *l, int fd, int listener_id, const struct sockaddr_sto
     c->fd = fd;
     c->listener_id = listener_id;
     c->ssl = ssl;
+    c->is_tls = ssl != NULL;
     if (ssl) {
         SSL_set_fd(ssl, fd);
         SSL_set_accept_state(ssl);

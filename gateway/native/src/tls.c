@@ -1,6 +1,6 @@
 /* Server TLS for HTTPS listeners: one SSL_CTX per certificate, the default one's servername callback
  * switches to the certificate whose hostname matches the client's SNI (exact first, then "*.suffix" for
- * exactly one more label, RFC 6125 6.4.3); no match keeps the default. TLS 1.2 and 1.3, ALPN http/1.1. */
+ * exactly one more label, RFC 6125 6.4.3); no match keeps the default. TLS 1.2 and 1.3, ALPN h2 and http/1.1. */
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -24,7 +24,7 @@ static int alpn_select(SSL *ssl, const unsigned char **out, unsigned char *outle
 {
     (void)ssl;
     (void)arg;
-    static const unsigned char ours[] = "\x08http/1.1";
+    static const unsigned char ours[] = "\x02h2\x08http/1.1"; /* h2 preferred */
     if (SSL_select_next_proto((unsigned char **)out, outlen, ours, sizeof(ours) - 1, in, inlen) !=
         OPENSSL_NPN_NEGOTIATED)
         return SSL_TLSEXT_ERR_NOACK;

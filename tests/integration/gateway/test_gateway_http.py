@@ -24,6 +24,7 @@ from tests.gateway_fixtures import (
     route_doc,
     running_gateway,
     service_doc,
+    tls_material,
     write_config,
 )
 
@@ -222,55 +223,8 @@ def test_backend_down_is_502(tmp_path: Path) -> None:
         assert status_of(get(port)) == 502
 
 
-def _tls_material(names: list[str]) -> tuple[bytes, dict[str, tuple[bytes, bytes]]]:
-    """A throwaway CA and one leaf per name (DNS SAN); returns the CA PEM and name -> (chain, key)."""
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    def build(
-        subject: str,
-        issuer: x509.Name,
-        key: ec.EllipticCurvePrivateKey,
-        signer: ec.EllipticCurvePrivateKey,
-        ca: bool,
-        san: str = "",
-    ) -> x509.Certificate:
-        now = dt.datetime.now(dt.UTC)
-        b = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-            .issuer_name(issuer)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=1))
-            .not_valid_after(now + dt.timedelta(hours=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if san:
-            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(san)]), critical=False)
-        return b.sign(signer, hashes.SHA256())
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gateway test CA")])
-    ca_cert = build("gateway test CA", ca_name, ca_key, ca_key, True)
-    pem = serialization.Encoding.PEM
-    out = {}
-    for name in names:
-        key = ec.generate_private_key(ec.SECP256R1())
-        leaf = build(name, ca_name, key, ca_key, False, name)
-        out[name] = (
-            leaf.public_bytes(pem),
-            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-        )
-    return ca_cert.public_bytes(pem), out
-
-
 def test_https_listener_with_sni_certificates(tmp_path: Path, backends: tuple[Backend, Backend]) -> None:
-    ca_pem, certs = _tls_material(["shop.example", "api.example"])
+    ca_pem, certs = tls_material(["shop.example", "api.example"])
     import base64
 
     secret = {
