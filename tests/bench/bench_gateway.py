@@ -27,6 +27,7 @@ from typing import Any
 
 from api.resources import Meta
 from api.resources.wafpolicy import TargetRef, WafPolicy
+from gateway.server import ServerOptions
 from gateway.waf import rules_text
 from tests.gateway_corpus import SAMPLE, Backend, full_corpus_rows, load_rows, replay
 from tests.gateway_fixtures import (
@@ -41,6 +42,8 @@ from tests.gateway_fixtures import (
 
 SECONDS = float(os.environ.get("AMBIT_BENCH_SECONDS", "3"))
 CONNECTIONS = int(os.environ.get("AMBIT_BENCH_CONNECTIONS", "16"))
+# data plane threads of the gateway and nginx workers: 1 each by default, so each proxy has one core
+WORKERS = int(os.environ.get("AMBIT_BENCH_GATEWAY_WORKERS", "1"))
 NGINX_MODSEC = "/usr/lib/nginx/modules/ngx_http_modsecurity_module.so"
 PATH = "/products?id=42&sort=price"
 
@@ -75,14 +78,14 @@ def _wrk(port: int) -> tuple[float, float]:
 
 
 @contextmanager
-def _nginx(body: str) -> Iterator[None]:
+def _nginx(body: str, workers: int = 1) -> Iterator[None]:
     prefix = Path(tempfile.mkdtemp(prefix="ambit-bench-nginx-"))
     os.chmod(prefix, 0o755)
     for d in ("tmp", "logs"):
         (prefix / d).mkdir()
     conf = prefix / "nginx.conf"
     conf.write_text(f"""{body.split("@@http@@")[0]}
-worker_processes 1;
+worker_processes {workers};
 daemon off;
 pid {prefix}/nginx.pid;
 error_log {prefix}/logs/error.log warn;
@@ -143,7 +146,7 @@ def _gateway_rate(tmp: Path, backend_port: int, waf: bool) -> tuple[float, float
     ]
     if waf:
         docs.append(policy_doc("crs", "Gateway", "edge"))
-    with running_gateway(write_config(tmp / f"rate-{waf}", docs)):
+    with running_gateway(write_config(tmp / f"rate-{waf}", docs), ServerOptions(threads=WORKERS)):
         _wrk_warm(port)
         return _wrk(port)
 
@@ -173,7 +176,7 @@ def _nginx_modsec_rate(tmp: Path, backend_port: int) -> tuple[float, float]:
             proxy_set_header Connection "";
         }}
     }}"""
-    with _nginx(conf):
+    with _nginx(conf, WORKERS):
         _wrk_warm(port)
         return _wrk(port)
 

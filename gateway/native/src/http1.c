@@ -414,8 +414,8 @@ static void waf_inspect_head(gw_conn *c)
     char method[24], version[8], *uri = strndup(c->head.data, c->url_len);
     snprintf(method, sizeof(method), "%s", llhttp_method_name(c->parser.method));
     snprintf(version, sizeof(version), "%d.%d", c->parser.http_major, c->parser.http_minor);
-    c->tx = uri ? waf_begin(r->waf, &c->verdict, c->client_ip, c->client_port, c->local_ip, c->local_port,
-                            method, uri, version)
+    c->tx = uri ? waf_begin(r->waf, &c->verdict, c->request_id, c->client_ip, c->client_port, c->local_ip,
+                            c->local_port, method, uri, version)
                 : NULL;
     free(uri);
     if (!c->tx) {

@@ -30,8 +30,8 @@ struct gw_waf {
     atomic_int refs;
 };
 gw_waf *waf_retain(gw_waf *w);
-Transaction *waf_begin(gw_waf *w, gw_verdict *v, const char *cip, int cport, const char *sip, int sport,
-                       const char *method, const char *uri, const char *version);
+Transaction *waf_begin(gw_waf *w, gw_verdict *v, const char *id, const char *cip, int cport, const char *sip,
+                       int sport, const char *method, const char *uri, const char *version);
 void waf_header(Transaction *tx, const char *name, size_t nlen, const char *value, size_t vlen);
 int waf_headers_done(Transaction *tx, gw_verdict *v);   /* 1: intervention (v->status) */
 void waf_body(Transaction *tx, const char *data, size_t len);

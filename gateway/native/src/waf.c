@@ -131,10 +131,12 @@ void gw_waf_release(gw_waf *w)
     }
 }
 
-Transaction *waf_begin(gw_waf *w, gw_verdict *v, const char *cip, int cport, const char *sip, int sport,
-                       const char *method, const char *uri, const char *version)
+Transaction *waf_begin(gw_waf *w, gw_verdict *v, const char *id, const char *cip, int cport, const char *sip,
+                       int sport, const char *method, const char *uri, const char *version)
 {
-    Transaction *tx = msc_new_transaction(msc, w->rules, v);
+    /* our request id as the transaction's unique id: one id in audit records and ModSecurity's logs */
+    Transaction *tx = id ? msc_new_transaction_with_id(msc, w->rules, (char *)id, v)
+                         : msc_new_transaction(msc, w->rules, v);
     if (!tx) {
         gw_errf(v->detail, sizeof(v->detail), "msc_new_transaction failed");
         return NULL;
@@ -215,7 +217,7 @@ int gw_waf_check(gw_waf *w, int mode, const char *client_ip, int client_port, co
                  const char *body, size_t body_len, gw_verdict *out)
 {
     memset(out, 0, sizeof(*out));
-    Transaction *tx = waf_begin(w, out, client_ip, client_port, "127.0.0.1", 80, method, uri, version);
+    Transaction *tx = waf_begin(w, out, NULL, client_ip, client_port, "127.0.0.1", 80, method, uri, version);
     if (!tx) {
         out->action = GW_ACTION_ERROR;
         return -1;
