@@ -10,6 +10,10 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.hbone import Identity
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -36,6 +40,7 @@ def _run(args: argparse.Namespace) -> int:
             threads=args.threads,
             audit_log=Path(args.audit_log) if args.audit_log else None,
             metrics_listen=args.metrics,
+            identity=read_identity(Path(args.identity_dir)) if args.identity_dir else None,
         )
         server = GatewayServer(plan, options)
     except (gwconfig.GatewayConfigError, WafConfigError, dp.DataplaneError) as exc:
@@ -57,6 +62,24 @@ def _run(args: argparse.Namespace) -> int:
     done.wait()
     server.stop()
     return 0
+
+
+def read_identity(directory: Path) -> Identity:
+    from cryptography import x509
+
+    from gateway.hbone import Identity
+
+    chain = (directory / "svid.pem").read_bytes()
+    leaf = x509.load_pem_x509_certificate(chain)
+    uris = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.UniformResourceIdentifier
+    )
+    return Identity(
+        uris[0] if uris else "",
+        chain,
+        (directory / "key.pem").read_bytes(),
+        (directory / "bundle.pem").read_bytes(),
+    )
 
 
 def _start_in_lab(args: argparse.Namespace, directory: Path) -> int:
@@ -84,6 +107,12 @@ def add_gateway_command(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--threads", type=int, default=1, help="data plane loop threads")
     p.add_argument("--audit-log", default="", help="JSON-lines audit log of WAF blocks and detections")
     p.add_argument("--metrics", default="", help="Prometheus listen address host:port (default: none)")
+    p.add_argument(
+        "--identity-dir",
+        default="",
+        help="the gateway's SVID for HBONE backends: svid.pem "
+        "(chain), key.pem, bundle.pem (read into memory)",
+    )
     p.add_argument("--check", action="store_true", help="validate and compile the config, then exit")
     p.add_argument("--lab-pod", default="", help="start it in the background inside this lab pod (ambit lab)")
     p.add_argument("--prefix", default=os.environ.get("AMBIT_LAB_PREFIX", DEFAULT_PREFIX), help="lab prefix")

@@ -49,6 +49,20 @@ def _dns_names(chain_pem: bytes, where: str) -> tuple[str, ...]:
     return tuple(n.lower() for n in san.get_values_for_type(x509.DNSName))
 
 
+# A Service whose backends are inside the mesh: reached over HBONE with the gateway's own identity.
+UPSTREAM_ANNOTATION = "ambit.io/gateway-upstream"  # "hbone" (default: plain TCP to the addresses)
+PEER_ANNOTATION = "ambit.io/hbone-peer"  # SPIFFE id the HBONE server must present
+SERVER_ANNOTATION = "ambit.io/hbone-server"  # ip:port of the HBONE server (default <address>:15008)
+HBONE_PORT = 15008
+
+
+@dataclass(frozen=True)
+class HboneBackend:
+    server: tuple[str, int]
+    peer: str
+    authorities: tuple[str, ...]  # CONNECT targets, "ip:port"
+
+
 @dataclass(frozen=True)
 class ListenerPlan:
     listener_id: int
@@ -73,7 +87,7 @@ class EntryPlan:
 class GatewayPlan:
     gateway: str
     listeners: tuple[ListenerPlan, ...]
-    backends: tuple[tuple[str, ...], ...]  # each: "ip:port" addresses
+    backends: tuple[tuple[str, ...] | HboneBackend, ...]  # plain "ip:port" addresses, or HBONE
     entries: tuple[EntryPlan, ...]
     routes: tuple[str, ...]  # namespace/name of every attached HTTPRoute
     warnings: tuple[str, ...] = ()
@@ -203,9 +217,25 @@ def _policies(objs: Objects, gw: Gateway) -> tuple[WafPolicy | None, dict[tuple[
     return gw_policy, routes
 
 
-def _backend_addresses(objs: Objects, route: HTTPRoute, rule_i: int) -> tuple[str, ...] | str:
-    """The rule's backends as ip:port (weights are honoured by repeating addresses), or why not."""
+def _hbone_backend(svc: Service, authorities: list[str]) -> HboneBackend | str:
+    peer = svc.meta.annotations.get(PEER_ANNOTATION, "")
+    if not peer.startswith("spiffe://"):
+        return f"Service {svc.meta.name}: an HBONE upstream needs {PEER_ANNOTATION}: spiffe://..."
+    server = svc.meta.annotations.get(SERVER_ANNOTATION, f"{svc.addresses[0]}:{HBONE_PORT}")
+    host, _, port = server.rpartition(":")
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        port_n = int(port)
+    except ValueError:
+        return f"Service {svc.meta.name}: {SERVER_ANNOTATION} {server!r} is not ip:port"
+    return HboneBackend((host.strip("[]"), port_n), peer, tuple(authorities))
+
+
+def _backend_addresses(objs: Objects, route: HTTPRoute, rule_i: int) -> tuple[str, ...] | HboneBackend | str:
+    """The rule's backends as ip:port (weights are honoured by repeating addresses), an HBONE backend (one
+    Service), or why not."""
     out: list[str] = []
+    hbone: list[Service] = []
     for ref in route.rules[rule_i].backend_refs:
         svc = next(
             (s for s in objs.services if s.meta.name == ref.name and s.meta.namespace == ref.namespace), None
@@ -215,10 +245,19 @@ def _backend_addresses(objs: Objects, route: HTTPRoute, rule_i: int) -> tuple[st
         port = next((p for p in svc.ports if p.port == ref.port), None)
         if port is None:
             return f"Service {ref.namespace}/{ref.name} has no port {ref.port}"
+        mode = svc.meta.annotations.get(UPSTREAM_ANNOTATION, "plain")
+        if mode not in ("plain", "hbone"):
+            return f"Service {ref.namespace}/{ref.name}: {UPSTREAM_ANNOTATION} must be plain or hbone"
+        if mode == "hbone":
+            hbone.append(svc)
         for addr in svc.addresses:
             ip = ipaddress.ip_address(addr)
             text = f"[{ip}]:{port.target_port}" if ip.version == 6 else f"{ip}:{port.target_port}"
             out.extend([text] * min(ref.weight, 16))
+    if hbone:
+        if len(route.rules[rule_i].backend_refs) != 1:
+            return "an HBONE Service must be the rule's only backend"
+        return _hbone_backend(hbone[0], out)
     return tuple(out)
 
 
@@ -240,7 +279,7 @@ def plan(objs: Objects, gateway: str = "", cert_dir: Path | None = None) -> Gate
     if len(set(ports)) != len(ports):
         raise GatewayConfigError(f"Gateway {gw.meta.name}: one listener per port (SNI selects certificates)")
     gw_policy, route_policies = _policies(objs, gw)
-    backends: list[tuple[str, ...]] = []
+    backends: list[tuple[str, ...] | HboneBackend] = []
     entries: list[EntryPlan] = []
     attached: list[str] = []
     for route in sorted(objs.routes, key=lambda r: (r.meta.namespace, r.meta.name)):

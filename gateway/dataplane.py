@@ -180,6 +180,14 @@ class Config:
         if lib.gw_config_listener(self._h, listener_id, tls.handle if tls else ffi.NULL) < 0:
             raise DataplaneError("out of memory")
 
+    def backend_external(self, provider: int) -> int:
+        """A backend whose connections Python opens (Gateway.events() asks, upstream_ready() answers)."""
+        err = _err()
+        index = int(lib.gw_config_backend_external(self._h, provider, err, _ERRLEN))
+        if index < 0:
+            raise DataplaneError(_text(err))
+        return index
+
     def backend(self, addresses: list[str]) -> int:
         err = _err()
         index = int(lib.gw_config_backend(self._h, " ".join(addresses).encode(), err, _ERRLEN))
@@ -248,7 +256,19 @@ class WafEvent:
     detail: str
 
 
-def _event(r: Any) -> WafEvent:
+@dataclass(frozen=True)
+class UpstreamRequest:
+    """A request waits for a connection to an external backend: answer with Gateway.upstream_ready."""
+
+    provider: int
+    token: int
+    request_id: str
+    client: str
+
+
+def _event(r: Any) -> WafEvent | UpstreamRequest:
+    if r.kind == lib.GW_EVENT_UPSTREAM:
+        return UpstreamRequest(int(r.provider), int(r.token), _text(r.request_id), _text(r.client))
     return WafEvent(
         ACTIONS[r.action],
         r.status,
@@ -310,13 +330,17 @@ class Gateway:
     def eventfd(self) -> int:
         return int(lib.gw_eventfd(self._handle()))
 
-    def events(self) -> list[WafEvent]:
-        out: list[WafEvent] = []
+    def events(self) -> list[WafEvent | UpstreamRequest]:
+        out: list[WafEvent | UpstreamRequest] = []
         while True:
             n = int(lib.gw_events(self._handle(), self._evbuf, 64))
             out.extend(_event(self._evbuf[i]) for i in range(max(n, 0)))
             if n < 64:
                 return out
+
+    def upstream_ready(self, token: int, fd: int) -> None:
+        """Hands the connected `fd` (-1: failed, the client gets 502) to the waiting request; C owns it."""
+        lib.gw_upstream_ready(self._handle(), token, fd)
 
     def counters(self) -> dict[str, int]:
         names: list[str] = []

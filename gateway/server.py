@@ -15,6 +15,7 @@ from pathlib import Path
 from api.jsonlog import AuditLog
 from gateway import config as gwconfig
 from gateway import dataplane as dp
+from gateway.hbone import HboneUpstreams, Identity
 from gateway.metrics import GatewayMetrics
 from gateway.waf import RuleSetCache
 
@@ -27,6 +28,7 @@ class ServerOptions:
     limits: dp.Limits = dp.Limits()
     audit_log: Path | None = None
     metrics_listen: str = ""  # "host:port"; "" for none
+    identity: Identity | None = None  # the gateway's SVID, for HBONE backends
 
 
 class GatewayServer:
@@ -34,6 +36,7 @@ class GatewayServer:
         self.options = options or ServerOptions()
         self._rules = RuleSetCache()
         self._slots: dict[str, int] = {}
+        self.upstreams: HboneUpstreams | None = None
         self._plan = plan
         self._config = self._build(plan)  # compiles everything first: a bad policy fails before binding
         self.gateway = dp.Gateway(self.options.threads, self.options.limits)
@@ -41,6 +44,7 @@ class GatewayServer:
         self.audit = AuditLog(self.options.audit_log) if self.options.audit_log else None
         self.metrics = GatewayMetrics(self._route_stats, self.gateway.counters)
         self._stop = threading.Event()
+        self._drain_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._last_log = 0.0
         self._suppressed = 0
@@ -65,8 +69,14 @@ class GatewayServer:
                     for name in ("",) * (i == 0) + cert.names:
                         tls.add(name, cert.chain_pem, cert.key_pem)
             cfg.listener(lst.listener_id, tls)
-        for addrs in plan.backends:
-            cfg.backend(list(addrs))
+        targets: list[gwconfig.HboneBackend] = []
+        for backend in plan.backends:
+            if isinstance(backend, gwconfig.HboneBackend):
+                cfg.backend_external(len(targets))
+                targets.append(backend)
+            else:
+                cfg.backend(list(backend))
+        self._hbone(targets)
         for e in plan.entries:
             pol = e.policy
             waf = self._rules.compile(pol) if pol else None
@@ -90,6 +100,14 @@ class GatewayServer:
         for warning in plan.warnings:
             log.warning("gateway config: %s", warning)
         return cfg
+
+    def _hbone(self, targets: list[gwconfig.HboneBackend]) -> None:
+        if targets and self.options.identity is None:
+            raise gwconfig.GatewayConfigError("HBONE backends need the gateway's identity (--identity-dir)")
+        if self.upstreams is not None:
+            self.upstreams.retarget(targets)
+        elif targets and self.options.identity is not None:
+            self.upstreams = HboneUpstreams(self.options.identity, targets)
 
     def reload(self, plan: gwconfig.GatewayPlan) -> None:
         """New routes, backends, certificates and policies; listeners (ports) need a restart."""
@@ -130,6 +148,8 @@ class GatewayServer:
             self._thread.join(timeout=5)
         self.drain()
         self.gateway.stop()
+        if self.upstreams:
+            self.upstreams.stop()
         if self.audit:
             self.audit.close()
 
@@ -139,22 +159,37 @@ class GatewayServer:
         return {route: self.gateway.route_stats(slot) for route, slot in self._slots.items()}
 
     def _event_loop(self) -> None:
-        fd = self.gateway.eventfd
+        fds = [self.gateway.eventfd] + ([self.upstreams.eventfd] if self.upstreams else [])
         while not self._stop.is_set():
-            ready, _, _ = select.select([fd], [], [], 0.5)
+            ready, _, _ = select.select(fds, [], [], 0.5)
             if ready:
                 self.drain()
 
     def drain(self) -> list[dp.WafEvent]:
         """Handles pending WAF events now (the event thread does this continuously)."""
-        events = self.gateway.events()
-        for ev in events:
-            self._handle(ev)
+        with self._drain_lock:
+            return self._drain()
+
+    def _drain(self) -> list[dp.WafEvent]:
+        if self.upstreams:
+            self.upstreams.drain()
+        events: list[dp.WafEvent] = []
+        for ev in self.gateway.events():
+            if isinstance(ev, dp.UpstreamRequest):
+                self._open_upstream(ev)
+            else:
+                events.append(ev)
+                self._handle(ev)
         dropped = self.gateway.counters().get("events_dropped", 0)
         if dropped > self._dropped_seen:
             self.metrics.audit_errors.inc(dropped - self._dropped_seen)
             self._dropped_seen = dropped
         return events
+
+    def _open_upstream(self, req: dp.UpstreamRequest) -> None:
+        client_ip = req.client.rpartition(":")[0].strip("[]")
+        fd = self.upstreams.open(req.provider, client_ip) if self.upstreams else -1
+        self.gateway.upstream_ready(req.token, fd)
 
     def _handle(self, ev: dp.WafEvent) -> None:
         for rule in ev.rules:

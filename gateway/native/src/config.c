@@ -100,9 +100,35 @@ static int parse_addr(const char *text, struct sockaddr_storage *ss, socklen_t *
     return inet_pton(AF_INET, host, &a4->sin_addr) == 1 ? 0 : -1;
 }
 
+static int add_backend(gw_config *c, const gw_backend *b, char *err, size_t errlen)
+{
+    gw_backend *nb = realloc(c->backends, sizeof(*nb) * (size_t)(c->nbackends + 1));
+    if (!nb) {
+        gw_errf(err, errlen, "out of memory");
+        return -1;
+    }
+    c->backends = nb;
+    nb[c->nbackends] = *b;
+    return c->nbackends++;
+}
+
+int gw_config_backend_external(gw_config *c, int provider, char *err, size_t errlen)
+{
+    gw_backend b = {.provider = provider};
+    if (provider < 0 || provider > 65535) {
+        gw_errf(err, errlen, "provider id %d out of range", provider);
+        return -1;
+    }
+    /* pooled idle connections are matched by address: a provider's is AF_UNSPEC + its id */
+    b.addrs[0].ss_family = AF_UNSPEC;
+    memcpy((char *)&b.addrs[0] + sizeof(sa_family_t), &provider, sizeof(provider));
+    b.addrlens[0] = sizeof(sa_family_t) + sizeof(provider);
+    return add_backend(c, &b, err, errlen);
+}
+
 int gw_config_backend(gw_config *c, const char *addrs, char *err, size_t errlen)
 {
-    gw_backend b = {0};
+    gw_backend b = {.provider = -1};
     char *copy = strdup(addrs), *save = NULL;
     for (char *tok = strtok_r(copy, " ", &save); tok; tok = strtok_r(NULL, " ", &save)) {
         if (b.naddrs == GW_MAX_BACKEND_ADDRS) {
@@ -122,14 +148,7 @@ int gw_config_backend(gw_config *c, const char *addrs, char *err, size_t errlen)
         gw_errf(err, errlen, "backend without addresses");
         return -1;
     }
-    gw_backend *nb = realloc(c->backends, sizeof(*nb) * (size_t)(c->nbackends + 1));
-    if (!nb) {
-        gw_errf(err, errlen, "out of memory");
-        return -1;
-    }
-    c->backends = nb;
-    nb[c->nbackends] = b;
-    return c->nbackends++;
+    return add_backend(c, &b, err, errlen);
 }
 
 static int parse_headers(gw_route *r, const char *spec)

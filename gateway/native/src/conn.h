@@ -65,6 +65,7 @@ struct gw_conn {
     gw_upstream *up;
     int retried;
     int is_tls;              /* arrived over TLS (x-forwarded-proto), also for an h2 stream's request */
+    uint64_t await_token;    /* waiting for an external backend's connection (gw_upstream_ready) */
     gw_h2 *h2;               /* this connection speaks HTTP/2 (ALPN h2 or prior knowledge) */
     h2_stream *stream;       /* this is one HTTP/2 stream's request: no fd, bytes go through h2.c */
 };

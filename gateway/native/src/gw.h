@@ -74,6 +74,9 @@ gw_config *gw_config_new(void);
 int gw_config_listener(gw_config *c, int listener_id, gw_tls *tls);  /* tls NULL: plain HTTP */
 /* addrs: "ip:port" separated by spaces (IPv6 as [ip]:port); returns the backend index or -1. */
 int gw_config_backend(gw_config *c, const char *addrs, char *err, size_t errlen);
+/* A backend whose connections Python makes (e.g. HBONE streams through the mesh engine): each new upstream
+ * connection is asked for with a GW_EVENT_UPSTREAM event and arrives through gw_upstream_ready. */
+int gw_config_backend_external(gw_config *c, int provider, char *err, size_t errlen);
 /* Routes are tried in the order added: the caller sorts them by Gateway API precedence. */
 int gw_config_route(gw_config *c, const gw_route_spec *spec, char *err, size_t errlen);
 void gw_config_release(gw_config *c);
@@ -90,7 +93,15 @@ typedef struct gw_limits {
     int event_queue;             /* WAF events held for Python (over it: dropped, counted) */
 } gw_limits;
 
+enum {
+    GW_EVENT_WAF = 0,        /* a WAF decision to audit */
+    GW_EVENT_UPSTREAM = 1,   /* a request waits for a connected fd of backend `provider`: gw_upstream_ready */
+};
+
 typedef struct gw_event {
+    int kind;                /* GW_EVENT_* */
+    int provider;            /* GW_EVENT_UPSTREAM: the backend's provider id */
+    uint64_t token;          /* GW_EVENT_UPSTREAM: hand back with the fd */
     int action;              /* GW_ACTION_* */
     int status;              /* what the client was answered */
     int stat_slot;
@@ -119,3 +130,6 @@ int gw_eventfd(gw *g);       /* readable while events are pending */
 int gw_events(gw *g, gw_event *out, int max);
 void gw_counters(gw *g, uint64_t *out, int n);
 void gw_route_stats(gw *g, int slot, uint64_t *out);   /* GW_ACTION_COUNT values */
+/* The connected fd for a GW_EVENT_UPSTREAM token (-1: could not connect, the client gets 502). The gateway
+ * owns fd from here, also when the request is gone (it is closed). */
+int gw_upstream_ready(gw *g, uint64_t token, int fd);

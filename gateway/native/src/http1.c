@@ -101,6 +101,7 @@ static void request_reset(gw_conn *c)
     c->in_value = 0;
     c->early_status = c->early_action = 0;
     c->retried = 0;
+    c->await_token = 0;
     memset(&c->verdict, 0, sizeof(c->verdict));
 }
 
@@ -614,17 +615,9 @@ static int pool_count(gw_loop *l, const gw_upstream *like)
     return n;
 }
 
-static gw_upstream *up_connect(gw_loop *l, const struct sockaddr_storage *a, socklen_t len)
+/* An upstream object around a connected (or connecting) socket, registered with the loop. */
+static gw_upstream *up_wrap(gw_loop *l, int fd, const struct sockaddr_storage *a, socklen_t len)
 {
-    int fd = socket(a->ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0)
-        return NULL;
-    int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    if (connect(fd, (const struct sockaddr *)a, len) < 0 && errno != EINPROGRESS) {
-        close(fd);
-        return NULL;
-    }
     gw_upstream *u = calloc(1, sizeof(*u));
     if (!u) {
         close(fd);
@@ -641,19 +634,89 @@ static gw_upstream *up_connect(gw_loop *l, const struct sockaddr_storage *a, soc
         free(u);
         return NULL;
     }
-    gw_count(l->g, GW_C_UPSTREAM_CONNECTS, 1);
     return u;
+}
+
+static gw_upstream *up_connect(gw_loop *l, const struct sockaddr_storage *a, socklen_t len)
+{
+    int fd = socket(a->ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return NULL;
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    if (connect(fd, (const struct sockaddr *)a, len) < 0 && errno != EINPROGRESS) {
+        close(fd);
+        return NULL;
+    }
+    gw_upstream *u = up_wrap(l, fd, a, len);
+    if (u)
+        gw_count(l->g, GW_C_UPSTREAM_CONNECTS, 1);
+    return u;
+}
+
+static void upstream_attach(gw_conn *c, gw_upstream *u)
+{
+    u->conn = c;
+    c->up = u;
+    u->resp_done = u->got_bytes = u->eof = 0;
+    abuf_clear(&u->out);
+    build_request(c, &u->out);
+    llhttp_init(&u->parser, HTTP_RESPONSE, &resp_settings);
+    u->parser.data = u;
+    set_deadline(c, DL_UPSTREAM, c->loop->g->limits.upstream_timeout_ms);
+    up_drive(u);
+}
+
+/* An external backend: Python makes the connection (e.g. an HBONE stream into the mesh). */
+static void upstream_request(gw_conn *c, const gw_backend *b)
+{
+    gw_loop *l = c->loop;
+    c->await_token = (++l->next_token << 8) | (uint64_t)l->index;
+    gw_event ev;
+    memset(&ev, 0, sizeof(ev));
+    ev.kind = GW_EVENT_UPSTREAM;
+    ev.provider = b->provider;
+    ev.token = c->await_token;
+    memcpy(ev.request_id, c->request_id, sizeof(ev.request_id));
+    snprintf(ev.client, sizeof(ev.client), "%s:%d", c->client_ip, c->client_port);
+    gw_emit(l->g, &ev);
+    set_deadline(c, DL_UPSTREAM, l->g->limits.upstream_timeout_ms);
+}
+
+void http1_upstream_ready(gw_loop *l, uint64_t token, int fd)
+{
+    gw_conn *c = l->conns;
+    while (c && (c->dead || c->await_token != token))
+        c = c->next;
+    if (!c) { /* the request is gone (timed out, client left) */
+        if (fd >= 0)
+            close(fd);
+        return;
+    }
+    c->await_token = 0;
+    const gw_backend *b = &c->cfg->backends[c->route->backend];
+    gw_upstream *u = fd >= 0 ? up_wrap(l, fd, &b->addrs[0], b->addrlens[0]) : NULL;
+    if (!u) {
+        gw_count(l->g, GW_C_UPSTREAM_ERRORS, 1);
+        respond(c, 502, GW_ACTION_ALLOWED, "backend connection failed");
+        return;
+    }
+    gw_count(l->g, GW_C_UPSTREAM_CONNECTS, 1);
+    upstream_attach(c, u);
 }
 
 static void upstream_start(gw_conn *c)
 {
     gw_loop *l = c->loop;
     const gw_backend *b = &c->cfg->backends[c->route->backend];
-    int i = (int)(l->rr++ % (unsigned)b->naddrs);
+    int i = b->provider >= 0 ? 0 : (int)(l->rr++ % (unsigned)b->naddrs);
     gw_upstream *u = c->retried ? NULL : pool_take(l, &b->addrs[i], b->addrlens[i]);
     if (u) {
         u->reused = 1;
         gw_count(l->g, GW_C_UPSTREAM_REUSED, 1);
+    } else if (b->provider >= 0) {
+        upstream_request(c, b);
+        return;
     } else {
         u = up_connect(l, &b->addrs[i], b->addrlens[i]);
     }
@@ -662,15 +725,7 @@ static void upstream_start(gw_conn *c)
         respond(c, 502, GW_ACTION_ALLOWED, "upstream connect failed");
         return;
     }
-    u->conn = c;
-    c->up = u;
-    u->resp_done = u->got_bytes = u->eof = 0;
-    abuf_clear(&u->out);
-    build_request(c, &u->out);
-    llhttp_init(&u->parser, HTTP_RESPONSE, &resp_settings);
-    u->parser.data = u;
-    set_deadline(c, DL_UPSTREAM, l->g->limits.upstream_timeout_ms);
-    up_drive(u);
+    upstream_attach(c, u);
 }
 
 /* WAF phase 2, then forward (or answer). Called once the whole request is in. */
@@ -754,7 +809,11 @@ static void up_drive(gw_upstream *u)
     gw_conn *c = u->conn;
     if (u->dead)
         return;
-    if (!c) { /* an idle pooled connection that became readable: closed or junk, drop it */
+    if (!c) { /* an idle pooled connection had an event: drop it if the backend closed it or sent junk */
+        char probe;
+        ssize_t n = recv(u->fd, &probe, 1, MSG_PEEK | MSG_DONTWAIT);
+        if (n < 0 && (errno == EAGAIN || errno == EINTR))
+            return; /* only writable again (edge-triggered EPOLLOUT): still a good connection */
         upstream_failed(u, "idle");
         return;
     }

@@ -50,6 +50,7 @@ gw_tls *tls_retain(gw_tls *t);
 
 /* ---- config (config.c) ---- */
 typedef struct gw_backend {
+    int provider;            /* >= 0: an external backend (connections from Python), naddrs is 0 */
     int naddrs;
     struct sockaddr_storage addrs[GW_MAX_BACKEND_ADDRS];
     socklen_t addrlens[GW_MAX_BACKEND_ADDRS];
@@ -150,8 +151,17 @@ typedef struct gw_listener_ep {
 typedef struct gw_conn gw_conn;
 typedef struct gw_upstream gw_upstream;
 
+typedef struct gw_ready {
+    uint64_t token;
+    int fd;
+    struct gw_ready *next;
+} gw_ready;
+
 struct gw_loop {
     struct gw *g;
+    pthread_mutex_t ready_lock;
+    gw_ready *ready;         /* upstream fds handed in by Python, for this loop's requests */
+    uint64_t next_token;
     int index;
     int epfd;
     int wakefd;
@@ -171,5 +181,6 @@ void http1_upstream_event(gw_upstream *u, uint32_t events);
 void http1_tick(gw_loop *l, uint64_t now);
 void http1_close_all(gw_loop *l);
 void http1_reap(void);
+void http1_upstream_ready(gw_loop *l, uint64_t token, int fd);
 
 #endif

@@ -59,6 +59,7 @@ gw *gw_new(int threads, const gw_limits *limits, char *err, size_t errlen)
         loops[i].g = g;
         loops[i].index = i;
         loops[i].epfd = loops[i].wakefd = -1;
+        pthread_mutex_init(&loops[i].ready_lock, NULL);
         if (getrandom(&loops[i].rng, sizeof(loops[i].rng), 0) != sizeof(loops[i].rng))
             loops[i].rng = gw_now_ms() ^ ((uint64_t)i << 32);
         loops[i].rng |= 1;
@@ -137,6 +138,26 @@ int gw_events(gw *g, gw_event *out, int max)
     return n;
 }
 
+int gw_upstream_ready(gw *g, uint64_t token, int fd)
+{
+    size_t index = (size_t)(token & 0xff);
+    gw_ready *r = index < (size_t)g->nloops ? malloc(sizeof(*r)) : NULL;
+    if (!r) {
+        if (fd >= 0)
+            close(fd);
+        return -1;
+    }
+    gw_loop *l = &g->loops[index];
+    r->token = token;
+    r->fd = fd;
+    pthread_mutex_lock(&l->ready_lock);
+    r->next = l->ready;
+    l->ready = r;
+    pthread_mutex_unlock(&l->ready_lock);
+    uint64_t one = 1;
+    return write(l->wakefd, &one, sizeof(one)) == sizeof(one) ? 0 : -1;
+}
+
 int gw_eventfd(gw *g)
 {
     return g->evfd;
@@ -195,6 +216,16 @@ static void *loop_main(void *arg)
                 uint64_t v;
                 if (read(l->wakefd, &v, sizeof(v)) < 0)
                     v = 0;
+                pthread_mutex_lock(&l->ready_lock);
+                gw_ready *r = l->ready;
+                l->ready = NULL;
+                pthread_mutex_unlock(&l->ready_lock);
+                while (r) {
+                    gw_ready *next = r->next;
+                    http1_upstream_ready(l, r->token, r->fd);
+                    free(r);
+                    r = next;
+                }
             }
             }
         }
@@ -268,6 +299,13 @@ void gw_stop(gw *g)
             close(l->epfd);
         if (l->wakefd >= 0)
             close(l->wakefd);
+        for (gw_ready *r = l->ready, *next; r; r = next) { /* handed in after the loop stopped */
+            next = r->next;
+            if (r->fd >= 0)
+                close(r->fd);
+            free(r);
+        }
+        pthread_mutex_destroy(&l->ready_lock);
         free(l->listeners);
     }
     for (int j = 0; j < g->nlisteners; j++)
