@@ -317,3 +317,43 @@ def test_config_refused_with_reason_by_the_cli(tmp_path: Path) -> None:
     )
     assert run.returncode == 2
     assert "4242 matches no CRS or custom rule" in run.stderr
+
+
+def test_metrics_endpoint(tmp_path: Path, backends: tuple[Backend, Backend]) -> None:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port, metrics_port = free_port(), free_port()
+    directory = write_config(
+        tmp_path,
+        [
+            gateway_doc([{"name": "http", "port": port, "protocol": "HTTP"}]),
+            service_doc("shop", backends[0].port),
+            route_doc("shop", "shop"),
+            policy_doc("crs", "Gateway", "edge"),
+        ],
+    )
+    with running_gateway(directory, ServerOptions(metrics_listen=f"127.0.0.1:{metrics_port}")) as server:
+        assert status_of(get(port)) == 200
+        assert status_of(get(port, b"/?q=1%27%20OR%201=1--")) == 403
+        server.drain()
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+    assert samples[("ambit_waf_requests_total", (("action", "allowed"), ("route", "default/shop")))] == 1
+    assert samples[("ambit_waf_requests_total", (("action", "blocked"), ("route", "default/shop")))] == 1
+    assert (
+        samples[
+            (
+                "ambit_waf_rule_matches_total",
+                (("action", "blocked"), ("route", "default/shop"), ("rule", "942100")),
+            )
+        ]
+        == 1
+    )
+    assert samples[("ambit_gateway_requests_total", ())] == 2
