@@ -4,6 +4,16 @@
 
 #include "internal.h"
 
+/* Header fields as llhttp reports them (a name or value may come in several pieces): offsets into one
+ * byte buffer, so the pieces of one field stay contiguous. */
+typedef struct hdr_list {
+    struct hdr *v;
+    int n, cap, in_value;
+} hdr_list;
+int hdr_list_field(hdr_list *l, abuf *store, const char *at, size_t len);  /* -1: out of memory */
+void hdr_list_value(hdr_list *l, abuf *store, const char *at, size_t len);
+static inline void hdr_list_clear(hdr_list *l) { l->n = l->in_value = 0; }
+
 typedef struct gw_h2 gw_h2;
 typedef struct h2_stream h2_stream;
 
@@ -52,9 +62,7 @@ struct gw_conn {
     gw_config *cfg;
     abuf head;               /* URL and header bytes; hdrs index into it */
     size_t url_len;
-    hdr *hdrs;
-    int nhdrs, caphdrs;
-    int in_value;
+    hdr_list hdrs;
     abuf body;
     const gw_route *route;
     Transaction *tx;

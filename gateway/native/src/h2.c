@@ -16,10 +16,6 @@ const char H2_PREFACE[24] = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 #define H2_MAX_STREAMS 100
 #define H2_RESP_HIGH (1024 * 1024) /* response body held per stream before the backend is paused */
 
-typedef struct rhdr {
-    size_t name_off, name_len, val_off, val_len;
-} rhdr;
-
 struct h2_stream {
     int32_t id;
     gw_h2 *h2;
@@ -33,8 +29,7 @@ struct h2_stream {
     /* the response */
     llhttp_t rparser;
     abuf rhead;
-    rhdr *rh;
-    int nrh, caprh, in_value;
+    hdr_list rh;
     abuf rbody;
     int submitted, resp_done, deferred, want_drive, head_method;
 };
@@ -55,33 +50,13 @@ static pthread_once_t once = PTHREAD_ONCE_INIT;
 static int r_field(llhttp_t *p, const char *at, size_t len)
 {
     h2_stream *st = p->data;
-    if (st->nrh == 0 || st->in_value) {
-        if (st->nrh == st->caprh) {
-            int cap = st->caprh ? st->caprh * 2 : 16;
-            rhdr *h = realloc(st->rh, sizeof(*h) * (size_t)cap);
-            if (!h)
-                return -1;
-            st->rh = h;
-            st->caprh = cap;
-        }
-        st->rh[st->nrh++] = (rhdr){.name_off = st->rhead.len, .val_off = st->rhead.len};
-        st->in_value = 0;
-    }
-    abuf_append(&st->rhead, at, len);
-    st->rh[st->nrh - 1].name_len += len;
-    return 0;
+    return hdr_list_field(&st->rh, &st->rhead, at, len);
 }
 
 static int r_value(llhttp_t *p, const char *at, size_t len)
 {
     h2_stream *st = p->data;
-    rhdr *h = &st->rh[st->nrh - 1];
-    if (!st->in_value) {
-        st->in_value = 1;
-        h->val_off = st->rhead.len;
-    }
-    abuf_append(&st->rhead, at, len);
-    h->val_len += len;
+    hdr_list_value(&st->rh, &st->rhead, at, len);
     return 0;
 }
 
@@ -127,15 +102,15 @@ static int r_headers_complete(llhttp_t *p)
     snprintf(status, sizeof(status), "%03d", code > 999 ? 999 : code);
     int n = 0;
     nva[n++] = (nghttp2_nv){(uint8_t *)":status", (uint8_t *)status, 7, 3, NGHTTP2_NV_FLAG_NONE};
-    for (int i = 0; i < st->nrh && n < 128; i++) {
-        char *name = st->rhead.data + st->rh[i].name_off;
-        if (hop_by_hop(name, st->rh[i].name_len))
+    for (int i = 0; i < st->rh.n && n < 128; i++) {
+        char *name = st->rhead.data + st->rh.v[i].name_off;
+        if (hop_by_hop(name, st->rh.v[i].name_len))
             continue;
-        for (size_t k = 0; k < st->rh[i].name_len; k++) /* h2 field names are lower case */
+        for (size_t k = 0; k < st->rh.v[i].name_len; k++) /* h2 field names are lower case */
             if (name[k] >= 'A' && name[k] <= 'Z')
                 name[k] = (char)(name[k] + 32);
-        nva[n++] = (nghttp2_nv){(uint8_t *)name, (uint8_t *)st->rhead.data + st->rh[i].val_off,
-                                st->rh[i].name_len, st->rh[i].val_len, NGHTTP2_NV_FLAG_NONE};
+        nva[n++] = (nghttp2_nv){(uint8_t *)name, (uint8_t *)st->rhead.data + st->rh.v[i].val_off,
+                                st->rh.v[i].name_len, st->rh.v[i].val_len, NGHTTP2_NV_FLAG_NONE};
     }
     int no_body = st->head_method || code == 204 || code == 304;
     nghttp2_data_provider prd = {.source.ptr = st, .read_callback = read_body};
@@ -160,7 +135,7 @@ static int r_message_complete(llhttp_t *p)
 {
     h2_stream *st = p->data;
     if (p->status_code >= 100 && p->status_code < 200) {
-        st->nrh = 0;
+        hdr_list_clear(&st->rh);
         abuf_clear(&st->rhead);
         return 0;
     }
@@ -212,7 +187,7 @@ static void stream_free(h2_stream *st)
     abuf_free(&st->authority);
     abuf_free(&st->rhead);
     abuf_free(&st->rbody);
-    free(st->rh);
+    free(st->rh.v);
     free(st);
 }
 

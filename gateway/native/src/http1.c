@@ -65,8 +65,8 @@ static const char *find_header(void *ctx, const char *name, size_t *vlen)
 {
     gw_conn *c = ctx;
     size_t nl = strlen(name);
-    for (int i = 0; i < c->nhdrs; i++) {
-        const hdr *h = &c->hdrs[i];
+    for (int i = 0; i < c->hdrs.n; i++) {
+        const hdr *h = &c->hdrs.v[i];
         if (h->name_len == nl && strncasecmp(hdr_name(c, h), name, nl) == 0) {
             *vlen = h->val_len;
             return hdr_val(c, h);
@@ -97,8 +97,7 @@ static void request_reset(gw_conn *c)
     abuf_clear(&c->head);
     abuf_clear(&c->body);
     c->url_len = 0;
-    c->nhdrs = 0;
-    c->in_value = 0;
+    hdr_list_clear(&c->hdrs);
     c->early_status = c->early_action = 0;
     c->retried = 0;
     c->await_token = 0;
@@ -150,7 +149,7 @@ void http1_reap(void)
         abuf_free(&c->out);
         abuf_free(&c->head);
         abuf_free(&c->body);
-        free(c->hdrs);
+        free(c->hdrs.v);
         free(c);
     }
     while (dead_ups) {
@@ -330,31 +329,47 @@ static int on_url(llhttp_t *p, const char *at, size_t len)
     return 0;
 }
 
+int hdr_list_field(hdr_list *l, abuf *store, const char *at, size_t len)
+{
+    if (l->n == 0 || l->in_value) { /* a new field begins */
+        if (l->n == l->cap) {
+            int cap = l->cap ? l->cap * 2 : 32;
+            hdr *h = realloc(l->v, sizeof(*h) * (size_t)cap);
+            if (!h)
+                return -1;
+            l->v = h;
+            l->cap = cap;
+        }
+        l->v[l->n++] = (hdr){.name_off = store->len, .val_off = store->len};
+        l->in_value = 0;
+    }
+    abuf_append(store, at, len);
+    l->v[l->n - 1].name_len += len;
+    return 0;
+}
+
+void hdr_list_value(hdr_list *l, abuf *store, const char *at, size_t len)
+{
+    hdr *h = &l->v[l->n - 1];
+    if (!l->in_value) {
+        l->in_value = 1;
+        h->val_off = store->len;
+    }
+    abuf_append(store, at, len);
+    h->val_len += len;
+}
+
 static int on_header_field(llhttp_t *p, const char *at, size_t len)
 {
     gw_conn *c = p->data;
     if (over_head_limit(c, len))
         return -1;
-    if (c->nhdrs == 0 || c->in_value) { /* a new header line begins */
-        if (c->nhdrs >= c->loop->g->limits.max_headers) {
-            c->early_status = 431;
-            gw_count(c->loop->g, GW_C_HEADERS_TOO_LARGE, 1);
-            return -1;
-        }
-        if (c->nhdrs == c->caphdrs) {
-            int cap = c->caphdrs ? c->caphdrs * 2 : 32;
-            hdr *h = realloc(c->hdrs, sizeof(*h) * (size_t)cap);
-            if (!h)
-                return -1;
-            c->hdrs = h;
-            c->caphdrs = cap;
-        }
-        c->hdrs[c->nhdrs++] = (hdr){.name_off = c->head.len, .val_off = c->head.len};
-        c->in_value = 0;
+    if ((c->hdrs.n == 0 || c->hdrs.in_value) && c->hdrs.n >= c->loop->g->limits.max_headers) {
+        c->early_status = 431;
+        gw_count(c->loop->g, GW_C_HEADERS_TOO_LARGE, 1);
+        return -1;
     }
-    abuf_append(&c->head, at, len);
-    c->hdrs[c->nhdrs - 1].name_len += len;
-    return 0;
+    return hdr_list_field(&c->hdrs, &c->head, at, len);
 }
 
 static int on_header_value(llhttp_t *p, const char *at, size_t len)
@@ -362,13 +377,7 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len)
     gw_conn *c = p->data;
     if (over_head_limit(c, len))
         return -1;
-    hdr *h = &c->hdrs[c->nhdrs - 1];
-    if (!c->in_value) {
-        c->in_value = 1;
-        h->val_off = c->head.len;
-    }
-    abuf_append(&c->head, at, len);
-    h->val_len += len;
+    hdr_list_value(&c->hdrs, &c->head, at, len);
     return 0;
 }
 
@@ -428,9 +437,9 @@ static void waf_inspect_head(gw_conn *c)
         }
         return;
     }
-    for (int i = 0; i < c->nhdrs; i++)
-        waf_header(c->tx, hdr_name(c, &c->hdrs[i]), c->hdrs[i].name_len, hdr_val(c, &c->hdrs[i]),
-                   c->hdrs[i].val_len);
+    for (int i = 0; i < c->hdrs.n; i++)
+        waf_header(c->tx, hdr_name(c, &c->hdrs.v[i]), c->hdrs.v[i].name_len, hdr_val(c, &c->hdrs.v[i]),
+                   c->hdrs.v[i].val_len);
     if (waf_headers_done(c->tx, &c->verdict) && r->waf_mode == GW_WAF_BLOCK) {
         c->early_status = c->verdict.status;
         c->early_action = GW_ACTION_BLOCKED;
@@ -553,8 +562,8 @@ static void build_request(gw_conn *c, abuf *out)
     abuf_append(out, " HTTP/1.1\r\n", 11);
     size_t xff_len = 0;
     const char *xff = NULL;
-    for (int i = 0; i < c->nhdrs; i++) {
-        const hdr *h = &c->hdrs[i];
+    for (int i = 0; i < c->hdrs.n; i++) {
+        const hdr *h = &c->hdrs.v[i];
         if (hop_by_hop(hdr_name(c, h), h->name_len))
             continue;
         if (h->name_len == 15 && strncasecmp(hdr_name(c, h), "x-forwarded-for", 15) == 0) {
@@ -1051,6 +1060,18 @@ void http1_push_input(gw_conn *c, const char *data, size_t len)
     conn_drive(c);
 }
 
+/* A new request-side connection: its parser, the loop's list (deadline scans), the head deadline. */
+static void conn_register(gw_loop *l, gw_conn *c)
+{
+    llhttp_init(&c->parser, HTTP_REQUEST, &req_settings);
+    c->parser.data = c;
+    c->next = l->conns;
+    if (l->conns)
+        l->conns->prev = c;
+    l->conns = c;
+    set_deadline(c, DL_HEAD, l->g->limits.header_timeout_ms);
+}
+
 gw_conn *http1_stream_conn(gw_conn *parent, h2_stream *st)
 {
     gw_conn *c = calloc(1, sizeof(*c));
@@ -1067,13 +1088,7 @@ gw_conn *http1_stream_conn(gw_conn *parent, h2_stream *st)
     c->local_port = parent->local_port;
     memcpy(c->client_ip, parent->client_ip, sizeof(c->client_ip));
     memcpy(c->local_ip, parent->local_ip, sizeof(c->local_ip));
-    llhttp_init(&c->parser, HTTP_REQUEST, &req_settings);
-    c->parser.data = c;
-    c->next = l->conns;
-    if (l->conns)
-        l->conns->prev = c;
-    l->conns = c;
-    set_deadline(c, DL_HEAD, l->g->limits.header_timeout_ms);
+    conn_register(l, c);
     return c;
 }
 
@@ -1116,15 +1131,9 @@ void http1_accept(gw_loop *l, int fd, int listener_id, const struct sockaddr_sto
     socklen_t ll = sizeof(local);
     if (getsockname(fd, (struct sockaddr *)&local, &ll) == 0)
         addr_text(&local, c->local_ip, &c->local_port);
-    llhttp_init(&c->parser, HTTP_REQUEST, &req_settings);
-    c->parser.data = c;
-    c->next = l->conns;
-    if (l->conns)
-        l->conns->prev = c;
-    l->conns = c;
+    conn_register(l, c);
     atomic_fetch_add(&l->g->conns, 1);
     gw_count(l->g, GW_C_CONNS_ACTIVE, 1);
-    set_deadline(c, DL_HEAD, l->g->limits.header_timeout_ms);
     struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = c};
     if (epoll_ctl(l->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
         conn_kill(c);
