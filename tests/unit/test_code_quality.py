@@ -18,6 +18,9 @@ def test_ruff_clean() -> None:
 
 def test_mypy_clean() -> None:
     proc = subprocess.run(
-        [str(BIN / "mypy"), "agent", "mgmt", "api", "native", "gateway"], cwd=ROOT, capture_output=True, text=True
+        [str(BIN / "mypy"), "agent", "mgmt", "api", "native", "gateway"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
