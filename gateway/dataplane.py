@@ -21,7 +21,7 @@ MAX_ROUTE_SLOTS = int(lib.GW_MAX_ROUTE_SLOTS)
 WAF_OFF = int(lib.GW_WAF_OFF)
 WAF_DETECT = int(lib.GW_WAF_DETECT)
 WAF_BLOCK = int(lib.GW_WAF_BLOCK)
-ACTIONS = ("allowed", "blocked", "detected", "error")
+ACTIONS = ("allowed", "blocked", "detected", "error", "refused")
 
 
 class DataplaneError(Exception):

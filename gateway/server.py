@@ -196,7 +196,7 @@ class GatewayServer:
             self.metrics.rule_matches.labels(rule.rule_id, ev.route or "-", ev.action).inc()
         if self.audit:
             self.audit.record(
-                f"waf_{ev.action}",
+                "request_refused" if ev.action == "refused" else f"waf_{ev.action}",
                 request_id=ev.request_id,
                 route=ev.route,
                 client=ev.client,

@@ -20,7 +20,8 @@ enum {
     GW_ACTION_BLOCKED = 1,
     GW_ACTION_DETECTED = 2,  /* detect-only route: rules matched, request forwarded */
     GW_ACTION_ERROR = 3,     /* WAF error: refused on blocking routes, forwarded on detect-only ones */
-    GW_ACTION_COUNT = 4,
+    GW_ACTION_REFUSED = 4,   /* broke HTTP or a limit: 400, 408, 413, 431 */
+    GW_ACTION_COUNT = 5,
 };
 
 typedef struct gw_verdict {

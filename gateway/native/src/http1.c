@@ -228,8 +228,9 @@ static void record(gw_conn *c, int action, int status, const char *detail)
         atomic_fetch_add(&g->route_stats[c->route->stat_slot][action], 1);
     if (action == GW_ACTION_ALLOWED)
         return;
-    gw_count(g, action == GW_ACTION_BLOCKED ? GW_C_WAF_BLOCKED
-                : action == GW_ACTION_DETECTED ? GW_C_WAF_DETECTED : GW_C_WAF_ERRORS, 1);
+    if (action != GW_ACTION_REFUSED) /* refusals have their own counters (bad_requests, ...) */
+        gw_count(g, action == GW_ACTION_BLOCKED ? GW_C_WAF_BLOCKED
+                    : action == GW_ACTION_DETECTED ? GW_C_WAF_DETECTED : GW_C_WAF_ERRORS, 1);
     gw_event ev;
     memset(&ev, 0, sizeof(ev));
     ev.action = action;
@@ -903,15 +904,20 @@ static void parse_input(gw_conn *c)
         return;
     }
     abuf_clear(&c->in);
+    if (c->early_status == 404) {
+        respond(c, 404, GW_ACTION_ALLOWED, "no route");
+        return;
+    }
     if (c->early_status) {
-        int action = c->early_action ? c->early_action : GW_ACTION_ALLOWED;
-        respond(c, c->early_status, action, c->early_status == 404 ? "no route" : NULL);
+        const char *why = c->early_status == 413 ? "request body over the route's limit"
+                          : c->early_status == 431 ? "request head over the header limits" : NULL;
+        respond(c, c->early_status, c->early_action ? c->early_action : GW_ACTION_REFUSED, why);
         return;
     }
     gw_count(c->loop->g, GW_C_BAD_REQUESTS, 1);
     if (!c->request_id[0])
         snprintf(c->request_id, sizeof(c->request_id), "%016llx", (unsigned long long)rng_next(c->loop));
-    respond(c, 400, GW_ACTION_ALLOWED, llhttp_get_error_reason(&c->parser));
+    respond(c, 400, GW_ACTION_REFUSED, llhttp_get_error_reason(&c->parser));
 }
 
 /* An HTTP/2 connection: every byte read goes to nghttp2 (h2.c), which feeds the streams' requests. */
@@ -1161,7 +1167,7 @@ void http1_tick(gw_loop *l, uint64_t now)
             }
         } else {
             gw_count(l->g, GW_C_TIMEOUTS, 1);
-            respond(c, 408, GW_ACTION_ALLOWED, "request timed out");
+            respond(c, 408, GW_ACTION_REFUSED, "request timed out");
         }
     }
     /* idle upstream connections are kept 15 s: backends commonly drop idle keep-alives after 20 s+ */

@@ -170,7 +170,11 @@ def test_body_limit_and_streamed_body_inspection(edge: GatewayServer) -> None:
 
 def test_header_count_and_size_limits(edge: GatewayServer) -> None:
     many = b"".join(b"X-H%d: v\r\n" % i for i in range(150))
-    assert status_of(get(port_of(edge), extra=many)) == 431
+    resp = get(port_of(edge), extra=many)
+    assert status_of(resp) == 431
+    rid = resp.split(b"x-request-id: ")[1].split(b"\r\n")[0].decode()
+    refused = next(r for r in audit_records(edge) if r["request_id"] == rid)
+    assert refused["event"] == "request_refused" and refused["status"] == 431
     huge = b"X-Big: " + b"v" * 40_000 + b"\r\n"
     assert status_of(get(port_of(edge), extra=huge)) == 431
 
