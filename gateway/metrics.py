@@ -25,8 +25,8 @@ class _DataplaneCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         waf = CounterMetricFamily(
             "ambit_waf_requests",
-            "Requests by route and action: allowed, blocked, detected (detect-only), error, refused (broke HTTP "
-            "or a limit)",
+            "Requests by route and action: allowed, blocked, detected (detect-only), error, "
+            "refused (broke HTTP or a limit)",
             labels=["action", "route"],
         )
         for route, stats in sorted(self._route_stats().items()):
