@@ -27,9 +27,10 @@ from typing import Any
 
 from api.resources import Meta
 from api.resources.wafpolicy import TargetRef, WafPolicy
+from gateway.dataplane import WAF_BLOCK
 from gateway.server import ServerOptions
-from gateway.waf import rules_text
-from tests.gateway_corpus import SAMPLE, Backend, full_corpus_rows, load_rows, replay
+from gateway.waf import RuleSetCache, rules_text
+from tests.gateway_corpus import SAMPLE, Backend, full_corpus_rows, load_rows, raw_request, replay
 from tests.gateway_fixtures import (
     free_port,
     gateway_doc,
@@ -131,10 +132,28 @@ def _corpus_rows(tmp: Path, backend_port: int) -> list[dict[str, Any]]:
     )
     for miss in result.misses:
         print(f"  {miss}", file=sys.stderr)
+    agree = _oracle_agreement(rows)
     return [
+        {"name": "corpus rows whose fired CRS rules equal the oracle's", "value": 100 * agree, "unit": "%"},
         {"name": "corpus attacks blocked", "value": 100 * result.attack_rate(), "unit": "%"},
         {"name": "corpus benign blocked", "value": 100 * result.benign_block_rate(), "unit": "%"},
     ]
+
+
+def _oracle_agreement(rows: list[dict[str, Any]]) -> float:
+    """Share of rows where the rules that fired (in-process, same rule set) are exactly the oracle's."""
+    rules = RuleSetCache().compile(
+        WafPolicy(Meta("crs", "default"), (TargetRef("Gateway", "edge", "default"),))
+    )
+    same = 0
+    for row in rows:
+        head, _, body = raw_request(row).partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        method, uri, version = lines[0].split(" ", 2)
+        headers = [(k, v) for k, _, v in (line.partition(": ") for line in lines[1:])]
+        verdict = rules.check(WAF_BLOCK, method, uri, version.split("/")[1], headers, body)
+        same += sorted({r.rule_id for r in verdict.rules} - {"949110"}) == sorted(row["oracle_rules"])
+    return same / max(1, len(rows))
 
 
 def _gateway_rate(tmp: Path, backend_port: int, waf: bool) -> tuple[float, float]:
