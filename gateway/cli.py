@@ -104,7 +104,12 @@ def add_gateway_command(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument(
         "--gateway", default="", help="namespace/name of the Gateway to serve (default: the only one)"
     )
-    p.add_argument("--threads", type=int, default=1, help="data plane loop threads")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="data plane loop threads; the WAF runs on each (default: 2 when there are 2+ CPUs)",
+    )
     p.add_argument("--audit-log", default="", help="JSON-lines audit log of WAF blocks and detections")
     p.add_argument("--metrics", default="", help="Prometheus listen address host:port (default: none)")
     p.add_argument(
