@@ -118,7 +118,8 @@ class Backend:
 
     MAX_SEEN = 1000
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, body: bytes = b"ok\n") -> None:
+        self.body = body
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
@@ -165,13 +166,12 @@ class Backend:
                 with self._lock:
                     if len(self.seen) < self.MAX_SEEN:
                         self.seen.append(head)
-                body = b"ok\n"
                 is_head = head.startswith(b"HEAD ")
                 conn.sendall(
                     b"HTTP/1.1 200 OK\r\n"
                     + BACKEND_MARK
-                    + b"\r\ncontent-length: 3\r\n\r\n"
-                    + (b"" if is_head else body)
+                    + b"\r\ncontent-length: %d\r\n\r\n" % len(self.body)
+                    + (b"" if is_head else self.body)
                 )
 
     def close(self) -> None:

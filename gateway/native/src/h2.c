@@ -40,6 +40,7 @@ struct gw_h2 {
     h2_stream *streams;
     int nstreams;
     int busy;                /* inside nghttp2 (recv or send): output waits for the next h2_send */
+    gw_conn *flushing;       /* the stream connection whose output is being taken: never driven from inside */
 };
 
 static llhttp_settings_t resp_settings;
@@ -164,9 +165,16 @@ size_t h2_stream_output(h2_stream *st, const char *data, size_t len)
     llhttp_errno_t err = llhttp_execute(&st->rparser, data, len);
     if (err != HPE_OK && err != HPE_PAUSED)
         nghttp2_submit_rst_stream(st->h2->s, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_INTERNAL_ERROR);
-    gw_conn *parent = st->h2->c;
-    if (!st->h2->busy && h2_send(parent) == 0) /* st may be gone after this */
-        http1_flush_socket(parent);
+    gw_h2 *h = st->h2;
+    if (!h->busy) {
+        /* st may be gone after h2_send (its stream closed); the caller goes on reading its backend, so
+         * its own connection is not driven from in here */
+        gw_conn *parent = h->c, *prev = h->flushing;
+        h->flushing = st->pc;
+        if (h2_send(parent) == 0)
+            http1_flush_socket(parent);
+        h->flushing = prev;
+    }
     return len;
 }
 
@@ -422,7 +430,7 @@ int h2_send(gw_conn *c)
         int drove = 0;
         h->busy = 0; /* a driven stream's output submits frames; they are sent by the next round */
         for (h2_stream *st = h->streams; st; st = st->next)
-            if (st->want_drive && st->pc) {
+            if (st->want_drive && st->pc && st->pc != h->flushing) {
                 st->want_drive = 0;
                 drove = 1;
                 h->busy = 1;

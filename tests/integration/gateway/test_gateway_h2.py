@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import ssl
 from collections.abc import Iterator
+from pathlib import Path
 
 import h2.config
 import h2.connection
@@ -146,3 +147,25 @@ def test_h2_over_tls_alpn(edge: tuple[GatewayServer, bytes]) -> None:
         assert tls.selected_alpn_protocol() == "h2"
         _check(_exchange(tls, _cases()))
     assert server.gateway.counters()["waf_blocked"] == blocked + 2
+
+
+def test_h2_large_responses_on_concurrent_streams(tmp_path: Path) -> None:
+    """Bodies far over the per-stream buffer (1 MiB) and the initial window: flow control and the
+    pause/resume of the backend read, on three streams at once; every byte arrives, in order."""
+    body = bytes(range(256)) * 8192  # 2 MiB
+    big = Backend(body=body)
+    try:
+        port = free_port()
+        docs = [
+            gateway_doc([{"name": "http", "port": port, "protocol": "HTTP"}]),
+            service_doc("big", big.port),
+            route_doc("big", "big"),
+        ]
+        with (
+            running_gateway(write_config(tmp_path, docs)),
+            socket.create_connection(("127.0.0.1", port), timeout=20) as sock,
+        ):
+            results = _exchange(sock, [(_get(f"/{i}"), b"") for i in range(3)])
+        assert [(s, b == body) for s, b in results.values()] == [(200, True)] * 3
+    finally:
+        big.close()
