@@ -79,6 +79,23 @@ struct gw_conn {
 };
 
 
+static inline const char *hdr_name(const gw_conn *c, const hdr *h) { return c->head.data + h->name_off; }
+static inline const char *hdr_val(const gw_conn *c, const hdr *h) { return c->head.data + h->val_off; }
+
+/* http1.c, for upstream.c: the client side of an exchange */
+void http1_respond(gw_conn *c, int status, int action, const char *detail);  /* then close */
+int http1_flush(gw_conn *c);          /* c->out to the client (socket, TLS or h2 stream); -1 on error */
+void http1_deadline(gw_conn *c, int kind, int ms);
+void http1_exchange_done(gw_conn *c, gw_upstream *u);   /* response complete: pool u, next request */
+
+/* upstream.c */
+void upstream_start(gw_conn *c);      /* the request is in and allowed: send it to the route's backend */
+void upstream_kill(gw_upstream *u);
+void upstream_drive(gw_upstream *u);   /* send the request, relay what the backend sent */
+void upstream_pool_put(gw_loop *l, gw_upstream *u);
+void upstream_pool_expire(gw_loop *l, uint64_t now);   /* UINT64_MAX: all */
+void upstream_reap(void);
+
 /* http1.c, for h2.c: a request-side connection without a socket for one h2 stream, fed with the stream's
  * request as HTTP/1.1 bytes; its answer comes back through h2_stream_output. */
 gw_conn *http1_stream_conn(gw_conn *parent, h2_stream *st);

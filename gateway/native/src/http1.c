@@ -1,10 +1,9 @@
-/* HTTP/1.1 from clients (plain or TLS) to HTTP/1.1 backends: llhttp parses requests and responses, the WAF
- * sees the request line and headers as they complete and the body as it arrives (the body is held, up to
- * the route's limit, until phase 2 has passed: nothing reaches a backend before the WAF said yes), then
- * the request is re-framed (Content-Length, hop-by-hop headers dropped, X-Forwarded-*, X-Request-Id) and
- * sent on a pooled keep-alive connection; the response is relayed as received while its parser finds the
- * message end. One request per connection at a time: a pipelined next request waits in the input buffer.
- * Objects are never freed inside a handler: they are marked dead and reaped after the epoll batch. */
+/* Client connections (plain or TLS; HTTP/2 ones hand their streams to h2.c): llhttp parses each request, the
+ * WAF sees the request line and headers as they complete and the body as it arrives (the body is held, up
+ * to the route's limit, until phase 2 has passed: nothing reaches a backend before the WAF said yes), then
+ * upstream.c forwards it and relays the response. One request per connection at a time: a pipelined next
+ * request waits in the input buffer. Objects are never freed inside a handler: they are marked dead and
+ * reaped after the epoll batch. */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <stdio.h>
@@ -18,15 +17,12 @@
 
 #include "conn.h"
 
-static llhttp_settings_t req_settings, resp_settings;
+static llhttp_settings_t req_settings;
 static pthread_once_t settings_once = PTHREAD_ONCE_INIT;
 /* per-thread lists of the dead, freed after each epoll batch (a later event of the batch may name them) */
 static __thread gw_conn *dead_conns;
-static __thread gw_upstream *dead_ups;
 
 static void conn_drive(gw_conn *c);
-static void up_drive(gw_upstream *u);
-static void respond(gw_conn *c, int status, int action, const char *detail);
 
 /* ---------- small helpers ---------- */
 
@@ -52,14 +48,12 @@ static void addr_text(const struct sockaddr_storage *ss, char *ip, int *port)
     }
 }
 
-static void set_deadline(gw_conn *c, int kind, int ms)
+void http1_deadline(gw_conn *c, int kind, int ms)
 {
     c->deadline_kind = ms > 0 ? kind : DL_NONE;
     c->deadline = ms > 0 ? gw_now_ms() + (uint64_t)ms : 0;
 }
 
-static const char *hdr_name(const gw_conn *c, const hdr *h) { return c->head.data + h->name_off; }
-static const char *hdr_val(const gw_conn *c, const hdr *h) { return c->head.data + h->val_off; }
 
 static const char *find_header(void *ctx, const char *name, size_t *vlen)
 {
@@ -76,16 +70,6 @@ static const char *find_header(void *ctx, const char *name, size_t *vlen)
 }
 
 /* ---------- lifetime ---------- */
-
-static void up_kill(gw_upstream *u)
-{
-    if (u->dead)
-        return;
-    u->dead = 1;
-    close(u->fd); /* also removes it from epoll */
-    u->next = dead_ups;
-    dead_ups = u;
-}
 
 static void request_reset(gw_conn *c)
 {
@@ -104,13 +88,13 @@ static void request_reset(gw_conn *c)
     memset(&c->verdict, 0, sizeof(c->verdict));
 }
 
-static void conn_kill(gw_conn *c)
+void http1_kill(gw_conn *c)
 {
     if (c->dead)
         return;
     c->dead = 1;
     if (c->up) {
-        up_kill(c->up);
+        upstream_kill(c->up);
         c->up = NULL;
     }
     if (c->h2)
@@ -152,12 +136,7 @@ void http1_reap(void)
         free(c->hdrs.v);
         free(c);
     }
-    while (dead_ups) {
-        gw_upstream *u = dead_ups;
-        dead_ups = u->next;
-        abuf_free(&u->out);
-        free(u);
-    }
+    upstream_reap();
 }
 
 /* ---------- client I/O ---------- */
@@ -202,7 +181,7 @@ int http1_flush_socket(gw_conn *c)
     return 0;
 }
 
-static int client_flush(gw_conn *c)
+int http1_flush(gw_conn *c)
 {
     if (c->fd >= 0)
         return http1_flush_socket(c);
@@ -272,7 +251,7 @@ static const char *reason_phrase(int status)
 }
 
 /* A response of the gateway's own; the connection closes after it (the request may be unread). */
-static void respond(gw_conn *c, int status, int action, const char *detail)
+void http1_respond(gw_conn *c, int status, int action, const char *detail)
 {
     char body[160], head[512];
     int bl = snprintf(body, sizeof(body), "%d %s\nrequest id: %s\n", status, reason_phrase(status),
@@ -287,14 +266,14 @@ static void respond(gw_conn *c, int status, int action, const char *detail)
     if (action != GW_ACTION_ALLOWED)
         record(c, action, status, detail);
     if (c->up) {
-        up_kill(c->up);
+        upstream_kill(c->up);
         c->up = NULL;
     }
     c->state = ST_WAIT;
     c->closing = 1;
-    set_deadline(c, DL_IDLE, 5000); /* a client that never reads the answer is dropped */
-    if (client_flush(c) < 0 || !abuf_pending(&c->out))
-        conn_kill(c);
+    http1_deadline(c, DL_IDLE, 5000); /* a client that never reads the answer is dropped */
+    if (http1_flush(c) < 0 || !abuf_pending(&c->out))
+        http1_kill(c);
 }
 
 /* ---------- request parsing (llhttp callbacks; parser.data is the connection) ---------- */
@@ -315,7 +294,7 @@ static int on_message_begin(llhttp_t *p)
     c->cfg = gw_current_config(c->loop->g);
     snprintf(c->request_id, sizeof(c->request_id), "%016llx", (unsigned long long)rng_next(c->loop));
     c->state = ST_HEAD;
-    set_deadline(c, DL_HEAD, c->loop->g->limits.header_timeout_ms);
+    http1_deadline(c, DL_HEAD, c->loop->g->limits.header_timeout_ms);
     gw_count(c->loop->g, GW_C_REQUESTS, 1);
     return 0;
 }
@@ -483,7 +462,7 @@ static int on_headers_complete(llhttp_t *p)
     if (expect && el == 12 && strncasecmp(expect, "100-continue", 12) == 0 && p->http_minor == 1)
         abuf_append(&c->out, "HTTP/1.1 100 Continue\r\n\r\n", 25);
     c->state = ST_BODY;
-    set_deadline(c, DL_BODY, c->loop->g->limits.body_timeout_ms);
+    http1_deadline(c, DL_BODY, c->loop->g->limits.body_timeout_ms);
     return 0;
 }
 
@@ -510,23 +489,6 @@ static int on_message_complete(llhttp_t *p)
     return HPE_PAUSED; /* one request at a time: the rest of the input waits */
 }
 
-/* ---------- upstream ---------- */
-
-static int resp_on_headers_complete(llhttp_t *p)
-{
-    gw_upstream *u = p->data;
-    return u->conn && u->conn->is_head ? 1 : 0; /* a HEAD response has no body whatever it says */
-}
-
-static int resp_on_message_complete(llhttp_t *p)
-{
-    gw_upstream *u = p->data;
-    if (p->status_code >= 100 && p->status_code < 200 && p->status_code != 101)
-        return 0; /* an interim response: the final one follows on the same parser */
-    u->resp_done = 1;
-    return HPE_PAUSED;
-}
-
 static void settings_init(void)
 {
     llhttp_settings_init(&req_settings);
@@ -537,212 +499,13 @@ static void settings_init(void)
     req_settings.on_headers_complete = on_headers_complete;
     req_settings.on_body = on_body;
     req_settings.on_message_complete = on_message_complete;
-    llhttp_settings_init(&resp_settings);
-    resp_settings.on_headers_complete = resp_on_headers_complete;
-    resp_settings.on_message_complete = resp_on_message_complete;
-}
-
-static int hop_by_hop(const char *name, size_t len)
-{
-    static const char *const names[] = {"connection", "keep-alive", "proxy-connection", "te",
-                                        "transfer-encoding", "upgrade", "trailer", "content-length",
-                                        "expect", "x-request-id", "x-forwarded-proto", NULL};
-    for (int i = 0; names[i]; i++)
-        if (strlen(names[i]) == len && strncasecmp(names[i], name, len) == 0)
-            return 1;
-    return 0;
-}
-
-static void build_request(gw_conn *c, abuf *out)
-{
-    char line[256];
-    const char *method = llhttp_method_name(c->parser.method);
-    abuf_append(out, method, strlen(method));
-    abuf_append(out, " ", 1);
-    abuf_append(out, c->head.data, c->url_len);
-    abuf_append(out, " HTTP/1.1\r\n", 11);
-    size_t xff_len = 0;
-    const char *xff = NULL;
-    for (int i = 0; i < c->hdrs.n; i++) {
-        const hdr *h = &c->hdrs.v[i];
-        if (hop_by_hop(hdr_name(c, h), h->name_len))
-            continue;
-        if (h->name_len == 15 && strncasecmp(hdr_name(c, h), "x-forwarded-for", 15) == 0) {
-            xff = hdr_val(c, h);
-            xff_len = h->val_len;
-            continue;
-        }
-        abuf_append(out, hdr_name(c, h), h->name_len);
-        abuf_append(out, ": ", 2);
-        abuf_append(out, hdr_val(c, h), h->val_len);
-        abuf_append(out, "\r\n", 2);
-    }
-    int n = snprintf(line, sizeof(line), "x-forwarded-for: %.*s%s%s\r\nx-forwarded-proto: %s\r\n"
-                     "x-request-id: %s\r\n", (int)(xff_len > 128 ? 128 : xff_len), xff ? xff : "",
-                     xff ? ", " : "", c->client_ip, c->is_tls ? "https" : "http", c->request_id);
-    abuf_append(out, line, (size_t)n);
-    if (abuf_pending(&c->body) || (c->parser.flags & (F_CONTENT_LENGTH | F_CHUNKED))) {
-        n = snprintf(line, sizeof(line), "content-length: %zu\r\n", abuf_pending(&c->body));
-        abuf_append(out, line, (size_t)n);
-    }
-    abuf_append(out, "\r\n", 2);
-    abuf_append(out, abuf_head(&c->body), abuf_pending(&c->body));
-}
-
-static int same_addr(const gw_upstream *u, const struct sockaddr_storage *a, socklen_t len)
-{
-    return u->addrlen == len && memcmp(&u->addr, a, len) == 0;
-}
-
-static gw_upstream *pool_take(gw_loop *l, const struct sockaddr_storage *a, socklen_t len)
-{
-    for (gw_upstream **pp = &l->idle; *pp; pp = &(*pp)->next)
-        if (same_addr(*pp, a, len)) {
-            gw_upstream *u = *pp;
-            *pp = u->next;
-            u->next = NULL;
-            l->nidle--;
-            return u;
-        }
-    return NULL;
-}
-
-static void pool_remove(gw_loop *l, gw_upstream *u)
-{
-    for (gw_upstream **pp = &l->idle; *pp; pp = &(*pp)->next)
-        if (*pp == u) {
-            *pp = u->next;
-            l->nidle--;
-            return;
-        }
-}
-
-static int pool_count(gw_loop *l, const gw_upstream *like)
-{
-    int n = 0;
-    for (gw_upstream *u = l->idle; u; u = u->next)
-        n += same_addr(u, &like->addr, like->addrlen);
-    return n;
-}
-
-/* An upstream object around a connected (or connecting) socket, registered with the loop. */
-static gw_upstream *up_wrap(gw_loop *l, int fd, const struct sockaddr_storage *a, socklen_t len)
-{
-    gw_upstream *u = calloc(1, sizeof(*u));
-    if (!u) {
-        close(fd);
-        return NULL;
-    }
-    u->ep.kind = EP_UPSTREAM;
-    u->loop = l;
-    u->fd = fd;
-    u->addr = *a;
-    u->addrlen = len;
-    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = u};
-    if (epoll_ctl(l->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
-        close(fd);
-        free(u);
-        return NULL;
-    }
-    return u;
-}
-
-static gw_upstream *up_connect(gw_loop *l, const struct sockaddr_storage *a, socklen_t len)
-{
-    int fd = socket(a->ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0)
-        return NULL;
-    int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    if (connect(fd, (const struct sockaddr *)a, len) < 0 && errno != EINPROGRESS) {
-        close(fd);
-        return NULL;
-    }
-    gw_upstream *u = up_wrap(l, fd, a, len);
-    if (u)
-        gw_count(l->g, GW_C_UPSTREAM_CONNECTS, 1);
-    return u;
-}
-
-static void upstream_attach(gw_conn *c, gw_upstream *u)
-{
-    u->conn = c;
-    c->up = u;
-    u->resp_done = u->got_bytes = u->eof = 0;
-    abuf_clear(&u->out);
-    build_request(c, &u->out);
-    llhttp_init(&u->parser, HTTP_RESPONSE, &resp_settings);
-    u->parser.data = u;
-    set_deadline(c, DL_UPSTREAM, c->loop->g->limits.upstream_timeout_ms);
-    up_drive(u);
-}
-
-/* An external backend: Python makes the connection (e.g. an HBONE stream into the mesh). */
-static void upstream_request(gw_conn *c, const gw_backend *b)
-{
-    gw_loop *l = c->loop;
-    c->await_token = (++l->next_token << 8) | (uint64_t)l->index;
-    gw_event ev;
-    memset(&ev, 0, sizeof(ev));
-    ev.kind = GW_EVENT_UPSTREAM;
-    ev.provider = b->provider;
-    ev.token = c->await_token;
-    memcpy(ev.request_id, c->request_id, sizeof(ev.request_id));
-    snprintf(ev.client, sizeof(ev.client), "%s:%d", c->client_ip, c->client_port);
-    gw_emit(l->g, &ev);
-    set_deadline(c, DL_UPSTREAM, l->g->limits.upstream_timeout_ms);
-}
-
-void http1_upstream_ready(gw_loop *l, uint64_t token, int fd)
-{
-    gw_conn *c = l->conns;
-    while (c && (c->dead || c->await_token != token))
-        c = c->next;
-    if (!c) { /* the request is gone (timed out, client left) */
-        if (fd >= 0)
-            close(fd);
-        return;
-    }
-    c->await_token = 0;
-    const gw_backend *b = &c->cfg->backends[c->route->backend];
-    gw_upstream *u = fd >= 0 ? up_wrap(l, fd, &b->addrs[0], b->addrlens[0]) : NULL;
-    if (!u) {
-        gw_count(l->g, GW_C_UPSTREAM_ERRORS, 1);
-        respond(c, 502, GW_ACTION_ALLOWED, "backend connection failed");
-        return;
-    }
-    gw_count(l->g, GW_C_UPSTREAM_CONNECTS, 1);
-    upstream_attach(c, u);
-}
-
-static void upstream_start(gw_conn *c)
-{
-    gw_loop *l = c->loop;
-    const gw_backend *b = &c->cfg->backends[c->route->backend];
-    int i = b->provider >= 0 ? 0 : (int)(l->rr++ % (unsigned)b->naddrs);
-    gw_upstream *u = c->retried ? NULL : pool_take(l, &b->addrs[i], b->addrlens[i]);
-    if (u) {
-        u->reused = 1;
-        gw_count(l->g, GW_C_UPSTREAM_REUSED, 1);
-    } else if (b->provider >= 0) {
-        upstream_request(c, b);
-        return;
-    } else {
-        u = up_connect(l, &b->addrs[i], b->addrlens[i]);
-    }
-    if (!u) {
-        gw_count(l->g, GW_C_UPSTREAM_ERRORS, 1);
-        respond(c, 502, GW_ACTION_ALLOWED, "upstream connect failed");
-        return;
-    }
-    upstream_attach(c, u);
 }
 
 /* WAF phase 2, then forward (or answer). Called once the whole request is in. */
 static void request_ready(gw_conn *c)
 {
     c->state = ST_WAIT;
-    set_deadline(c, DL_NONE, 0);
+    http1_deadline(c, DL_NONE, 0);
     const gw_route *r = c->route;
     int action = GW_ACTION_ALLOWED;
     if (c->tx) {
@@ -750,7 +513,7 @@ static void request_ready(gw_conn *c)
         waf_end(c->tx);
         c->tx = NULL;
         if (hit && r->waf_mode == GW_WAF_BLOCK) {
-            respond(c, c->verdict.status, GW_ACTION_BLOCKED, NULL);
+            http1_respond(c, c->verdict.status, GW_ACTION_BLOCKED, NULL);
             return;
         }
         if (c->verdict.nrules && r->waf_mode == GW_WAF_DETECT)
@@ -758,134 +521,32 @@ static void request_ready(gw_conn *c)
     }
     record(c, action, 0, "forwarded");
     if (r->backend < 0) {
-        respond(c, 500, GW_ACTION_ALLOWED, "route has no backend");
+        http1_respond(c, 500, GW_ACTION_ALLOWED, "route has no backend");
         return;
     }
     upstream_start(c);
 }
 
 /* The response is complete: pool the upstream connection, and go on with the client's next request. */
-static void exchange_done(gw_conn *c, gw_upstream *u)
+void http1_exchange_done(gw_conn *c, gw_upstream *u)
 {
     int keep = !u->eof && llhttp_should_keep_alive(&u->parser);
     c->up = NULL;
     u->conn = NULL;
     gw_count(c->loop->g, GW_C_RESPONSES, 1);
-    if (keep && pool_count(c->loop, u) < GW_IDLE_POOL) {
-        u->idle_since = gw_now_ms();
-        u->next = c->loop->idle;
-        c->loop->idle = u;
-        c->loop->nidle++;
-    } else {
-        up_kill(u);
-    }
+    if (keep)
+        upstream_pool_put(c->loop, u);
+    else
+        upstream_kill(u);
     if (!keep || !c->req_keepalive)
         c->closing = 1;
     request_reset(c);
     c->state = ST_HEAD;
-    set_deadline(c, DL_IDLE, c->loop->g->limits.idle_timeout_ms);
+    http1_deadline(c, DL_IDLE, c->loop->g->limits.idle_timeout_ms);
     llhttp_resume(&c->parser);
     conn_drive(c);
 }
 
-static void upstream_failed(gw_upstream *u, const char *why)
-{
-    gw_conn *c = u->conn;
-    if (!c) { /* idle: the backend closed it */
-        pool_remove(u->loop, u);
-        up_kill(u);
-        return;
-    }
-    c->up = NULL;
-    up_kill(u);
-    if (u->got_bytes) { /* part of the response is already on its way: all we can do is close */
-        gw_count(c->loop->g, GW_C_UPSTREAM_ERRORS, 1);
-        c->closing = 1;
-        if (client_flush(c) < 0 || !abuf_pending(&c->out))
-            conn_kill(c);
-        return;
-    }
-    if (u->reused && !c->retried) { /* a pooled connection the backend had closed: one fresh try */
-        c->retried = 1;
-        upstream_start(c);
-        return;
-    }
-    gw_count(c->loop->g, GW_C_UPSTREAM_ERRORS, 1);
-    respond(c, 502, GW_ACTION_ALLOWED, why);
-}
-
-static void up_drive(gw_upstream *u)
-{
-    gw_conn *c = u->conn;
-    if (u->dead)
-        return;
-    if (!c) { /* an idle pooled connection had an event: drop it if the backend closed it or sent junk */
-        char probe;
-        ssize_t n = recv(u->fd, &probe, 1, MSG_PEEK | MSG_DONTWAIT);
-        if (n < 0 && (errno == EAGAIN || errno == EINTR))
-            return; /* only writable again (edge-triggered EPOLLOUT): still a good connection */
-        upstream_failed(u, "idle");
-        return;
-    }
-    while (abuf_pending(&u->out)) {
-        ssize_t w = send(u->fd, abuf_head(&u->out), abuf_pending(&u->out), MSG_NOSIGNAL);
-        if (w < 0) {
-            if (errno == EAGAIN || errno == EINTR)
-                break;
-            upstream_failed(u, strerror(errno));
-            return;
-        }
-        abuf_consume(&u->out, (size_t)w);
-    }
-    char buf[GW_READ_CHUNK];
-    while (!u->resp_done && abuf_pending(&c->out) < GW_OUT_HIGH) {
-        ssize_t n = read(u->fd, buf, sizeof(buf));
-        if (n < 0) {
-            if (errno == EAGAIN || errno == EINTR)
-                break;
-            upstream_failed(u, strerror(errno));
-            return;
-        }
-        if (n == 0) {
-            u->eof = 1;
-            if (u->got_bytes && llhttp_finish(&u->parser) == HPE_OK && llhttp_message_needs_eof(&u->parser))
-                u->resp_done = 1; /* a response delimited by the connection's end */
-            else if (u->got_bytes && u->resp_done == 0 && llhttp_get_errno(&u->parser) == HPE_OK)
-                u->resp_done = 1; /* finish() completed it */
-            if (!u->resp_done) {
-                upstream_failed(u, "upstream closed before a complete response");
-                return;
-            }
-            break;
-        }
-        u->got_bytes = 1;
-        set_deadline(c, DL_UPSTREAM, c->loop->g->limits.upstream_timeout_ms);
-        llhttp_errno_t err = llhttp_execute(&u->parser, buf, (size_t)n);
-        size_t keep = (size_t)n;
-        if (err == HPE_PAUSED)
-            keep = (size_t)(llhttp_get_error_pos(&u->parser) - buf);
-        else if (err != HPE_OK) {
-            upstream_failed(u, llhttp_get_error_reason(&u->parser));
-            return;
-        }
-        abuf_append(&c->out, buf, keep);
-        if (keep < (size_t)n)
-            u->eof = 1; /* bytes after the response: the connection is not reusable */
-    }
-    if (client_flush(c) < 0) {
-        conn_kill(c);
-        return;
-    }
-    /* handing the response to an h2 stream can end the stream, and with it this exchange */
-    if (u->resp_done && !c->dead && !u->dead)
-        exchange_done(c, u);
-}
-
-void http1_upstream_event(gw_upstream *u, uint32_t events)
-{
-    (void)events;
-    up_drive(u);
-}
 
 /* ---------- client side ---------- */
 
@@ -905,19 +566,19 @@ static void parse_input(gw_conn *c)
     }
     abuf_clear(&c->in);
     if (c->early_status == 404) {
-        respond(c, 404, GW_ACTION_ALLOWED, "no route");
+        http1_respond(c, 404, GW_ACTION_ALLOWED, "no route");
         return;
     }
     if (c->early_status) {
         const char *why = c->early_status == 413 ? "request body over the route's limit"
                           : c->early_status == 431 ? "request head over the header limits" : NULL;
-        respond(c, c->early_status, c->early_action ? c->early_action : GW_ACTION_REFUSED, why);
+        http1_respond(c, c->early_status, c->early_action ? c->early_action : GW_ACTION_REFUSED, why);
         return;
     }
     gw_count(c->loop->g, GW_C_BAD_REQUESTS, 1);
     if (!c->request_id[0])
         snprintf(c->request_id, sizeof(c->request_id), "%016llx", (unsigned long long)rng_next(c->loop));
-    respond(c, 400, GW_ACTION_REFUSED, llhttp_get_error_reason(&c->parser));
+    http1_respond(c, 400, GW_ACTION_REFUSED, llhttp_get_error_reason(&c->parser));
 }
 
 /* An HTTP/2 connection: every byte read goes to nghttp2 (h2.c), which feeds the streams' requests. */
@@ -929,26 +590,26 @@ static void h2_drive(gw_conn *c)
         if (n == -2)
             break;
         if (n <= 0 || h2_feed(c, buf, (size_t)n) < 0) {
-            conn_kill(c);
+            http1_kill(c);
             return;
         }
         gw_count(c->loop->g, GW_C_BYTES_IN, (uint64_t)n);
-        set_deadline(c, DL_IDLE, c->loop->g->limits.idle_timeout_ms);
+        http1_deadline(c, DL_IDLE, c->loop->g->limits.idle_timeout_ms);
         if (c->dead)
             return;
     }
     if (h2_send(c) < 0 || http1_flush_socket(c) < 0 || h2_wants_close(c))
-        conn_kill(c);
+        http1_kill(c);
 }
 
 /* Prior knowledge (RFC 9113 3.3) on a plain listener, or ALPN h2 after the TLS handshake. */
 static int h2_begin(gw_conn *c)
 {
     if (h2_start(c) < 0) {
-        conn_kill(c);
+        http1_kill(c);
         return -1;
     }
-    set_deadline(c, DL_IDLE, c->loop->g->limits.idle_timeout_ms);
+    http1_deadline(c, DL_IDLE, c->loop->g->limits.idle_timeout_ms);
     return 0;
 }
 
@@ -972,7 +633,7 @@ static void conn_drive(gw_conn *c)
             int e = SSL_get_error(c->ssl, r);
             if (e != SSL_ERROR_WANT_READ && e != SSL_ERROR_WANT_WRITE) {
                 gw_count(c->loop->g, GW_C_TLS_ERRORS, 1);
-                conn_kill(c);
+                http1_kill(c);
             }
             return;
         }
@@ -988,17 +649,17 @@ static void conn_drive(gw_conn *c)
         h2_drive(c);
         return;
     }
-    if (client_flush(c) < 0) {
-        conn_kill(c);
+    if (http1_flush(c) < 0) {
+        http1_kill(c);
         return;
     }
     if (c->closing) {
         if (!abuf_pending(&c->out))
-            conn_kill(c);
+            http1_kill(c);
         return;
     }
     if (c->up && abuf_pending(&c->out) < GW_OUT_HIGH) /* the client drained: read more of the response */
-        up_drive(c->up);
+        upstream_drive(c->up);
     if (c->dead || c->state == ST_WAIT)
         return;
     if (abuf_pending(&c->in)) { /* a pipelined request left by the previous exchange */
@@ -1013,7 +674,7 @@ static void conn_drive(gw_conn *c)
         if (n == -2)
             break;
         if (n <= 0) { /* EOF or error: a half-received request cannot be answered usefully */
-            conn_kill(c);
+            http1_kill(c);
             return;
         }
         gw_count(c->loop->g, GW_C_BYTES_IN, (uint64_t)n);
@@ -1032,15 +693,15 @@ static void conn_drive(gw_conn *c)
             int bad = !data || h2_feed(c, data, len) < 0;
             free(data);
             if (bad)
-                conn_kill(c);
+                http1_kill(c);
             else
                 h2_drive(c);
             return;
         }
         parse_input(c);
     }
-    if (!c->dead && client_flush(c) < 0)
-        conn_kill(c);
+    if (!c->dead && http1_flush(c) < 0)
+        http1_kill(c);
 }
 
 void http1_drive(gw_conn *c)
@@ -1048,17 +709,12 @@ void http1_drive(gw_conn *c)
     conn_drive(c);
 }
 
-void http1_kill(gw_conn *c)
-{
-    conn_kill(c);
-}
-
 void http1_push_input(gw_conn *c, const char *data, size_t len)
 {
     if (c->dead)
         return;
     if (abuf_append(&c->in, data, len) < 0) {
-        conn_kill(c);
+        http1_kill(c);
         return;
     }
     if (c->state != ST_WAIT)
@@ -1075,7 +731,7 @@ static void conn_register(gw_loop *l, gw_conn *c)
     if (l->conns)
         l->conns->prev = c;
     l->conns = c;
-    set_deadline(c, DL_HEAD, l->g->limits.header_timeout_ms);
+    http1_deadline(c, DL_HEAD, l->g->limits.header_timeout_ms);
 }
 
 gw_conn *http1_stream_conn(gw_conn *parent, h2_stream *st)
@@ -1142,7 +798,7 @@ void http1_accept(gw_loop *l, int fd, int listener_id, const struct sockaddr_sto
     gw_count(l->g, GW_C_CONNS_ACTIVE, 1);
     struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = c};
     if (epoll_ctl(l->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
-        conn_kill(c);
+        http1_kill(c);
         return;
     }
     conn_drive(c);
@@ -1157,37 +813,26 @@ void http1_tick(gw_loop *l, uint64_t now)
         int kind = c->deadline_kind;
         c->deadline_kind = DL_NONE;
         if (kind == DL_IDLE || c->closing || (kind == DL_HEAD && !c->cfg)) {
-            conn_kill(c); /* idle keep-alive, a stalled handshake, or an answer nobody reads */
+            http1_kill(c); /* idle keep-alive, a stalled handshake, or an answer nobody reads */
         } else if (kind == DL_UPSTREAM) {
             gw_count(l->g, GW_C_UPSTREAM_TIMEOUTS, 1);
             if (c->up && c->up->got_bytes) {
-                conn_kill(c);
+                http1_kill(c);
             } else {
-                respond(c, 504, GW_ACTION_ALLOWED, "upstream timed out");
+                http1_respond(c, 504, GW_ACTION_ALLOWED, "upstream timed out");
             }
         } else {
             gw_count(l->g, GW_C_TIMEOUTS, 1);
-            respond(c, 408, GW_ACTION_REFUSED, "request timed out");
+            http1_respond(c, 408, GW_ACTION_REFUSED, "request timed out");
         }
     }
-    /* idle upstream connections are kept 15 s: backends commonly drop idle keep-alives after 20 s+ */
-    for (gw_upstream *u = l->idle, *next; u; u = next) {
-        next = u->next;
-        if (now - u->idle_since > 15000) {
-            pool_remove(l, u);
-            up_kill(u);
-        }
-    }
+    upstream_pool_expire(l, now);
 }
 
 void http1_close_all(gw_loop *l)
 {
     while (l->conns)
-        conn_kill(l->conns);
-    while (l->idle) {
-        gw_upstream *u = l->idle;
-        pool_remove(l, u);
-        up_kill(u);
-    }
+        http1_kill(l->conns);
+    upstream_pool_expire(l, UINT64_MAX);
     http1_reap();
 }
