@@ -433,6 +433,14 @@ static int on_headers_complete(llhttp_t *p)
     c->head.len--;
     c->is_head = p->method == HTTP_HEAD;
     c->req_keepalive = llhttp_should_keep_alive(p);
+    int hosts = 0;
+    for (int i = 0; i < c->hdrs.n; i++)
+        hosts += c->hdrs.v[i].name_len == 4 && strncasecmp(hdr_name(c, &c->hdrs.v[i]), "host", 4) == 0;
+    if (hosts > 1) { /* RFC 9112 3.2: 400; routing by one and the backend using another is a bypass */
+        gw_count(c->loop->g, GW_C_BAD_REQUESTS, 1);
+        c->early_status = 400;
+        return -1;
+    }
     size_t plen, alen, hl = 0;
     const char *auth;
     const char *path = route_path(c, &plen, &auth, &alen);
@@ -570,8 +578,10 @@ static void parse_input(gw_conn *c)
         return;
     }
     if (c->early_status) {
-        const char *why = c->early_status == 413 ? "request body over the route's limit"
-                          : c->early_status == 431 ? "request head over the header limits" : NULL;
+        const char *why = c->early_status == 413   ? "request body over the route's limit"
+                          : c->early_status == 431 ? "request head over the header limits"
+                          : c->early_status == 400 ? "more than one Host header"
+                                                   : NULL;
         http1_respond(c, c->early_status, c->early_action ? c->early_action : GW_ACTION_REFUSED, why);
         return;
     }

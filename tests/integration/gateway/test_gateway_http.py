@@ -142,6 +142,11 @@ def test_routing_by_path_header_and_method(edge: GatewayServer, backends: tuple[
     assert a.seen[-1].startswith(b"POST /admin ")
 
 
+def test_two_host_headers_are_refused(edge: GatewayServer) -> None:
+    # routed by one, served by the other would let a request pick its own route's WAF policy
+    assert status_of(get(port_of(edge), b"/", b"shop.example", b"Host: a.detect.example\r\n")) == 400
+
+
 def test_unknown_host_is_404(edge: GatewayServer) -> None:
     assert status_of(get(port_of(edge), b"/", b"other.example")) == 404
 
