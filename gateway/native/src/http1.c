@@ -388,6 +388,47 @@ static const char *route_path(gw_conn *c, size_t *len, const char **auth, size_t
     return u;
 }
 
+/* The path as a backend resolves it, for routing only (the request goes on as received): "%2e" decoded to
+ * ".", "." and ".." segments removed (RFC 3986 5.2.4), repeated slashes merged. Otherwise
+ * "/public/../admin" would match a "/public" route (and its WAF policy) while the backend serves /admin.
+ * Writes into out (at least len + 1 bytes); returns the new length. */
+static size_t normalize_path(const char *in, size_t len, char *out)
+{
+    size_t n = 0, i = 0;
+    while (i < len) {
+        /* one segment: in[i] is '/' */
+        size_t j = i + 1;
+        char seg[4];
+        size_t sl = 0, start = j;
+        while (j < len && in[j] != '/') {
+            int dot = in[j] == '.' || (j + 2 < len && in[j] == '%' && in[j + 1] == '2' &&
+                                       (in[j + 2] == 'e' || in[j + 2] == 'E'));
+            if (sl < 3)
+                seg[sl] = dot ? '.' : 'x';
+            sl++;
+            j += dot && in[j] == '%' ? 3 : 1;
+        }
+        int is_dot = sl == 1 && seg[0] == '.', is_dotdot = sl == 2 && seg[0] == '.' && seg[1] == '.';
+        if (is_dotdot) {
+            while (n > 0 && out[n - 1] != '/') /* drop the last segment */
+                n--;
+            if (n > 0)
+                n--;
+        } else if (!is_dot && j > start) {
+            out[n++] = '/';
+            for (size_t k = start; k < j; k++)
+                out[n++] = in[k];
+        }
+        if (j == len && (is_dot || is_dotdot || j == start)) /* "/a/." and "/a/" keep the trailing slash */
+            out[n++] = '/';
+        i = j;
+    }
+    if (n == 0)
+        out[n++] = '/';
+    out[n] = 0;
+    return n;
+}
+
 static size_t host_only(const char *h, size_t len)
 {
     if (len && h[0] == '[') { /* [v6]:port */
@@ -443,13 +484,20 @@ static int on_headers_complete(llhttp_t *p)
     }
     size_t plen, alen, hl = 0;
     const char *auth;
-    const char *path = route_path(c, &plen, &auth, &alen);
+    const char *raw_path = route_path(c, &plen, &auth, &alen);
+    char *path = malloc(plen + 2);
+    if (!path) {
+        c->early_status = 503;
+        return -1;
+    }
+    plen = normalize_path(raw_path, plen, path);
     const char *host = auth ? auth : find_header(c, "host", &hl);
     if (auth)
         hl = alen;
     hl = host ? host_only(host, hl) : 0;
     c->route = config_match(c->cfg, c->listener_id, llhttp_method_name(p->method), host ? host : "", hl,
                             path, plen, find_header, c);
+    free(path);
     if (!c->route) {
         gw_count(c->loop->g, GW_C_NO_ROUTE, 1);
         c->early_status = 404;

@@ -147,6 +147,36 @@ def test_two_host_headers_are_refused(edge: GatewayServer) -> None:
     assert status_of(get(port_of(edge), b"/", b"shop.example", b"Host: a.detect.example\r\n")) == 400
 
 
+def test_routing_uses_the_path_the_backend_resolves(
+    tmp_path: Path, backends: tuple[Backend, Backend]
+) -> None:
+    """Dot segments (also %2e-encoded) and repeated slashes cannot steer a request around its route's WAF:
+    /admin has a blocking policy, / none; the request goes on as received."""
+    a, b = backends
+    port = free_port()
+    directory = write_config(
+        tmp_path,
+        [
+            gateway_doc([{"name": "http", "port": port, "protocol": "HTTP"}]),
+            service_doc("open", a.port),
+            service_doc("admin", b.port),
+            route_doc("open", "open"),
+            route_doc("admin", "admin", matches=[{"path": {"type": "PathPrefix", "value": "/admin"}}]),
+            policy_doc("strict", "HTTPRoute", "admin"),
+        ],
+    )
+    with running_gateway(directory):
+        for path in (b"//admin//x", b"/admin/./x"):  # clean: the admin backend, as received
+            resp = get(port, path)
+            assert status_of(resp) == 200 and b.seen[-1].startswith(b"GET " + path + b" "), path
+        seen_open = len(a.seen)
+        for path in (b"/pub/../admin/x", b"/pub/%2e%2e/admin/x", b"/pub/%2E./admin/x"):
+            assert status_of(get(port, path)) == 403, path  # the admin route's WAF, not the open route
+        assert len(a.seen) == seen_open
+        get(port, b"/admin/../pub")
+        assert a.seen[-1].startswith(b"GET /admin/../pub ")
+
+
 def test_unknown_host_is_404(edge: GatewayServer) -> None:
     assert status_of(get(port_of(edge), b"/", b"other.example")) == 404
 
