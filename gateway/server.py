@@ -9,7 +9,8 @@ import select
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from api.jsonlog import AuditLog
@@ -29,6 +30,8 @@ class ServerOptions:
     audit_log: Path | None = None
     metrics_listen: str = ""  # "host:port"; "" for none
     identity: Identity | None = None  # the gateway's SVID, for HBONE backends
+    # listening sockets made by the caller (socket activation, tests), by listener name; the rest are bound
+    sockets: Mapping[str, socket.socket] = field(default_factory=dict)
 
 
 class GatewayServer:
@@ -124,11 +127,7 @@ class GatewayServer:
 
     def start(self) -> None:
         for lst in self._plan.listeners:
-            family = socket.AF_INET6 if ":" in lst.bind else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((lst.bind, lst.port))
-            sock.listen(1024)
+            sock = self.options.sockets.get(lst.name) or _bind(lst)
             self.ports[lst.name] = sock.getsockname()[1]
             self.gateway.listen(sock.detach(), lst.listener_id)
         self.gateway.apply(self._config)
@@ -232,6 +231,15 @@ class GatewayServer:
             ev.request_id,
             more,
         )
+
+
+def _bind(lst: gwconfig.ListenerPlan) -> socket.socket:
+    family = socket.AF_INET6 if ":" in lst.bind else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((lst.bind, lst.port))
+    sock.listen(1024)
+    return sock
 
 
 def load_plan(config_dir: Path, gateway: str = "") -> gwconfig.GatewayPlan:

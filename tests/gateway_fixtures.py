@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,8 +13,24 @@ import yaml
 
 from gateway.server import GatewayServer, ServerOptions, load_plan
 
+# Listening sockets reserved by free_port(), handed to the gateway by running_gateway: the port stays ours
+# from the moment the test writes it into a config (other jobs on the machine cannot take it meanwhile).
+_RESERVED: dict[int, socket.socket] = {}
+
 
 def free_port() -> int:
+    """A loopback port for an in-process gateway's listener, kept bound until running_gateway uses it."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    s.listen(1024)
+    port = int(s.getsockname()[1])
+    _RESERVED[port] = s
+    return port
+
+
+def closed_port() -> int:
+    """A port nobody listens on now, for servers that bind by themselves (or for "nothing there")."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -86,7 +103,9 @@ def write_config(directory: Path, docs: list[dict[str, Any]]) -> Path:
 
 @contextlib.contextmanager
 def running_gateway(directory: Path, options: ServerOptions | None = None) -> Iterator[GatewayServer]:
-    server = GatewayServer(load_plan(directory), options)
+    plan = load_plan(directory)
+    sockets = {lst.name: _RESERVED.pop(lst.port) for lst in plan.listeners if lst.port in _RESERVED}
+    server = GatewayServer(plan, dataclasses.replace(options or ServerOptions(), sockets=sockets))
     server.start()
     try:
         yield server

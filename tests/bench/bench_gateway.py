@@ -5,9 +5,10 @@ very same rule text, in the same run.
 - Corpus: ../shared/corpora/waf when present (else the vendored sample rows), replayed byte for byte over
   real sockets through a gateway with CRS 3.3.4 at PL1, inbound threshold 5; a per-category table goes to
   stderr.
-- Rate: wrk (1 thread, AMBIT_BENCH_CONNECTIONS keep-alive connections, default 16, AMBIT_BENCH_SECONDS each,
-  default 3) sends one clean GET through each proxy to the same backend (an nginx answering 200). The
-  gateway runs one data plane thread and nginx one worker, so each proxy has one core.
+- Rate: wrk (1 thread, AMBIT_BENCH_CONNECTIONS keep-alive connections, default 16, AMBIT_BENCH_SECONDS per
+  run, default 2) sends one clean GET through each proxy to the same backend (an nginx answering 200); the
+  three proxies run side by side and are measured in turns, AMBIT_BENCH_ROUNDS rounds (default 3), medians
+  reported. The gateway runs one data plane thread and nginx one worker (AMBIT_BENCH_GATEWAY_WORKERS).
 Rows compare WAF on to WAF off (target >= 0.7) and the gateway to nginx + ModSecurity (target > 1).
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,6 +34,7 @@ from gateway.server import ServerOptions
 from gateway.waf import RuleSetCache, rules_text
 from tests.gateway_corpus import SAMPLE, Backend, full_corpus_rows, load_rows, raw_request, replay
 from tests.gateway_fixtures import (
+    closed_port,
     free_port,
     gateway_doc,
     policy_doc,
@@ -41,7 +44,8 @@ from tests.gateway_fixtures import (
     write_config,
 )
 
-SECONDS = float(os.environ.get("AMBIT_BENCH_SECONDS", "3"))
+SECONDS = float(os.environ.get("AMBIT_BENCH_SECONDS", "2"))
+ROUNDS = int(os.environ.get("AMBIT_BENCH_ROUNDS", "3"))
 CONNECTIONS = int(os.environ.get("AMBIT_BENCH_CONNECTIONS", "16"))
 # data plane threads of the gateway and nginx workers: 1 each by default, so each proxy has one core
 WORKERS = int(os.environ.get("AMBIT_BENCH_GATEWAY_WORKERS", "1"))
@@ -156,7 +160,8 @@ def _oracle_agreement(rows: list[dict[str, Any]]) -> float:
     return same / max(1, len(rows))
 
 
-def _gateway_rate(tmp: Path, backend_port: int, waf: bool) -> tuple[float, float]:
+@contextmanager
+def _gateway(tmp: Path, backend_port: int, waf: bool) -> Iterator[int]:
     port = free_port()
     docs = [
         gateway_doc([{"name": "http", "port": port, "protocol": "HTTP"}]),
@@ -166,8 +171,7 @@ def _gateway_rate(tmp: Path, backend_port: int, waf: bool) -> tuple[float, float
     if waf:
         docs.append(policy_doc("crs", "Gateway", "edge"))
     with running_gateway(write_config(tmp / f"rate-{waf}", docs), ServerOptions(threads=WORKERS)):
-        _wrk_warm(port)
-        return _wrk(port)
+        yield port
 
 
 def _wrk_warm(port: int) -> None:
@@ -176,12 +180,13 @@ def _wrk_warm(port: int) -> None:
     )
 
 
-def _nginx_modsec_rate(tmp: Path, backend_port: int) -> tuple[float, float]:
+@contextmanager
+def _nginx_modsec(tmp: Path, backend_port: int) -> Iterator[int]:
     rules = tmp / "modsec-rules.conf"
     rules.write_text(
         rules_text(WafPolicy(Meta("crs", "default"), (TargetRef("Gateway", "edge", "default"),)))
     )
-    port = free_port()
+    port = closed_port()  # nginx binds it
     conf = f"""load_module {NGINX_MODSEC};
 @@http@@
     upstream app {{ server 127.0.0.1:{backend_port}; keepalive 64; }}
@@ -196,8 +201,19 @@ def _nginx_modsec_rate(tmp: Path, backend_port: int) -> tuple[float, float]:
         }}
     }}"""
     with _nginx(conf, WORKERS):
+        yield port
+
+
+def _interleaved(ports: list[int]) -> list[tuple[float, float]]:
+    """(req/s, p99) per port, the median of ROUNDS runs taken in turn: on a shared machine the load
+    changes from second to second, and turns spread it over all three proxies alike."""
+    for port in ports:
         _wrk_warm(port)
-        return _wrk(port)
+    runs: list[list[tuple[float, float]]] = [[] for _ in ports]
+    for _ in range(ROUNDS):
+        for i, port in enumerate(ports):
+            runs[i].append(_wrk(port))
+    return [(statistics.median(r for r, _ in rs), statistics.median(p for _, p in rs)) for rs in runs]
 
 
 def run() -> list[dict[str, Any]]:
@@ -205,7 +221,7 @@ def run() -> list[dict[str, Any]]:
         raise RuntimeError("bench_gateway needs wrk, nginx and libnginx-mod-http-modsecurity (make setup)")
     rows: list[dict[str, Any]] = []
     tmp = Path(tempfile.mkdtemp(prefix="ambit-bench-gw-"))
-    backend_port = free_port()
+    backend_port = closed_port()  # nginx binds it
     backend_conf = f"""@@http@@
     server {{
         listen 127.0.0.1:{backend_port};
@@ -215,10 +231,13 @@ def run() -> list[dict[str, Any]]:
     corpus_backend = Backend()
     try:
         rows += _corpus_rows(tmp, corpus_backend.port)
-        with _nginx(backend_conf):
-            off = _gateway_rate(tmp, backend_port, waf=False)
-            on = _gateway_rate(tmp, backend_port, waf=True)
-            nginx = _nginx_modsec_rate(tmp, backend_port)
+        with (
+            _nginx(backend_conf),
+            _gateway(tmp, backend_port, waf=False) as off_port,
+            _gateway(tmp, backend_port, waf=True) as on_port,
+            _nginx_modsec(tmp, backend_port) as nginx_port,
+        ):
+            off, on, nginx = _interleaved([off_port, on_port, nginx_port])
     finally:
         corpus_backend.close()
         shutil.rmtree(tmp, ignore_errors=True)

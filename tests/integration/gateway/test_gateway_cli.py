@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from tests.gateway_corpus import Backend, exchange, status_of
-from tests.gateway_fixtures import free_port, gateway_doc, policy_doc, route_doc, service_doc, write_config
+from tests.gateway_fixtures import closed_port, gateway_doc, policy_doc, route_doc, service_doc, write_config
 
 ATTACK = (
     b"GET /?q=1%27%20OR%201=1-- HTTP/1.1\r\nHost: a\r\nUser-Agent: t\r\nAccept: */*\r\n"
@@ -36,7 +36,7 @@ def _wait_status(port: int, want: int, timeout: float = 20.0) -> int:
 
 def test_serve_reload_refuse_and_stop(tmp_path: Path) -> None:
     backend = Backend()
-    port = free_port()
+    port = closed_port()  # the gateway process binds it
     docs = [
         gateway_doc([{"name": "http", "port": port, "protocol": "HTTP"}]),
         service_doc("app", backend.port),

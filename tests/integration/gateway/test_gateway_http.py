@@ -18,6 +18,7 @@ import pytest
 from gateway.server import GatewayServer, ServerOptions
 from tests.gateway_corpus import SAMPLE, Backend, exchange, load_rows, replay, status_of
 from tests.gateway_fixtures import (
+    closed_port,
     free_port,
     gateway_doc,
     policy_doc,
@@ -254,7 +255,7 @@ def test_backend_down_is_502(tmp_path: Path) -> None:
         tmp_path,
         [
             gateway_doc([{"name": "http", "port": port, "protocol": "HTTP"}]),
-            service_doc("gone", free_port()),
+            service_doc("gone", closed_port()),
             route_doc("gone", "gone"),
         ],
     )
@@ -342,7 +343,7 @@ def test_config_refused_with_reason_by_the_cli(tmp_path: Path) -> None:
     directory = write_config(
         tmp_path,
         [
-            gateway_doc([{"name": "http", "port": free_port(), "protocol": "HTTP"}]),
+            gateway_doc([{"name": "http", "port": closed_port(), "protocol": "HTTP"}]),
             service_doc("shop", 1),
             route_doc("shop", "shop"),
             policy_doc("bad", "Gateway", "edge", exclusions=[{"ruleIds": ["4242"]}]),
@@ -363,7 +364,7 @@ def test_metrics_endpoint(tmp_path: Path, backends: tuple[Backend, Backend]) -> 
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_port(), closed_port()
     directory = write_config(
         tmp_path,
         [
