@@ -24,8 +24,11 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from api.resources import Meta
 from api.resources.wafpolicy import TargetRef, WafPolicy
@@ -53,8 +56,8 @@ NGINX_MODSEC = "/usr/lib/nginx/modules/ngx_http_modsecurity_module.so"
 PATH = "/products?id=42&sort=price"
 
 
-def _wrk(port: int) -> tuple[float, float]:
-    """(requests/s, p99 ms) of one clean GET on keep-alive connections."""
+def _wrk(port: int) -> tuple[float, float, int]:
+    """(requests/s, p99 ms, requests) of one clean GET on keep-alive connections."""
     out = subprocess.run(
         [
             "wrk",
@@ -79,11 +82,18 @@ def _wrk(port: int) -> tuple[float, float]:
     m = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", out)
     assert m, out
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
-    return rps, float(m.group(1)) * scale
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    return rps, float(m.group(1)) * scale, total
+
+
+def _cpu_seconds(proc: psutil.Process) -> float:
+    """CPU time (user + system) of a process; for an nginx master, of its workers."""
+    procs = proc.children() or [proc] if proc.pid != os.getpid() else [proc]
+    return sum(p.cpu_times().user + p.cpu_times().system for p in procs)
 
 
 @contextmanager
-def _nginx(body: str, workers: int = 1) -> Iterator[None]:
+def _nginx(body: str, workers: int = 1) -> Iterator[psutil.Process]:
     prefix = Path(tempfile.mkdtemp(prefix="ambit-bench-nginx-"))
     os.chmod(prefix, 0o755)
     for d in ("tmp", "logs"):
@@ -110,7 +120,7 @@ http {{
         time.sleep(0.5)
         if proc.poll() is not None:
             raise RuntimeError(f"nginx did not start: {proc.stderr.read().decode() if proc.stderr else ''}")
-        yield
+        yield psutil.Process(proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -181,7 +191,7 @@ def _wrk_warm(port: int) -> None:
 
 
 @contextmanager
-def _nginx_modsec(tmp: Path, backend_port: int) -> Iterator[int]:
+def _nginx_modsec(tmp: Path, backend_port: int) -> Iterator[tuple[int, psutil.Process]]:
     rules = tmp / "modsec-rules.conf"
     rules.write_text(
         rules_text(WafPolicy(Meta("crs", "default"), (TargetRef("Gateway", "edge", "default"),)))
@@ -200,20 +210,30 @@ def _nginx_modsec(tmp: Path, backend_port: int) -> Iterator[int]:
             proxy_set_header Connection "";
         }}
     }}"""
-    with _nginx(conf, WORKERS):
-        yield port
+    with _nginx(conf, WORKERS) as proc:
+        yield port, proc
 
 
-def _interleaved(ports: list[int]) -> list[tuple[float, float]]:
-    """(req/s, p99) per port, the median of ROUNDS runs taken in turn: on a shared machine the load
-    changes from second to second, and turns spread it over all three proxies alike."""
-    for port in ports:
+@dataclass(frozen=True)
+class Rate:
+    rps: float
+    p99_ms: float
+    cpu_us: float  # CPU time the proxy spent per request
+
+
+def _interleaved(targets: list[tuple[int, psutil.Process]]) -> list[Rate]:
+    """Medians of ROUNDS runs per proxy, taken in turns: on a shared machine the load changes from second
+    to second, and turns spread it over all proxies alike. CPU per request is the steadiest number: it does
+    not depend on how much of a core the proxy got."""
+    for port, _ in targets:
         _wrk_warm(port)
-    runs: list[list[tuple[float, float]]] = [[] for _ in ports]
+    runs: list[list[tuple[float, float, float]]] = [[] for _ in targets]
     for _ in range(ROUNDS):
-        for i, port in enumerate(ports):
-            runs[i].append(_wrk(port))
-    return [(statistics.median(r for r, _ in rs), statistics.median(p for _, p in rs)) for rs in runs]
+        for i, (port, proc) in enumerate(targets):
+            before = _cpu_seconds(proc)
+            rps, p99, total = _wrk(port)
+            runs[i].append((rps, p99, (_cpu_seconds(proc) - before) * 1e6 / max(1, total)))
+    return [Rate(*(statistics.median(r[k] for r in rs) for k in range(3))) for rs in runs]
 
 
 def run() -> list[dict[str, Any]]:
@@ -235,35 +255,50 @@ def run() -> list[dict[str, Any]]:
             _nginx(backend_conf),
             _gateway(tmp, backend_port, waf=False) as off_port,
             _gateway(tmp, backend_port, waf=True) as on_port,
-            _nginx_modsec(tmp, backend_port) as nginx_port,
+            _nginx_modsec(tmp, backend_port) as (nginx_port, nginx_proc),
         ):
-            off, on, nginx = _interleaved([off_port, on_port, nginx_port])
+            me = psutil.Process()  # the gateways run in this process (their C threads)
+            off, on, nginx = _interleaved([(off_port, me), (on_port, me), (nginx_port, nginx_proc)])
     finally:
         corpus_backend.close()
         shutil.rmtree(tmp, ignore_errors=True)
     rows += [
-        {"name": "gateway WAF off req/s", "value": off[0], "unit": "req/s"},
+        {"name": "gateway WAF off req/s", "value": off.rps, "unit": "req/s"},
         {
             "name": "gateway WAF PL1 req/s",
-            "value": on[0],
+            "value": on.rps,
             "unit": "req/s",
             "baseline": "gateway WAF off req/s",
         },
-        {"name": "nginx+ModSecurity PL1 req/s", "value": nginx[0], "unit": "req/s"},
+        {"name": "nginx+ModSecurity PL1 req/s", "value": nginx.rps, "unit": "req/s"},
         {
             "name": "gateway WAF PL1 req/s vs nginx",
-            "value": on[0],
+            "value": on.rps,
             "unit": "req/s",
             "baseline": "nginx+ModSecurity PL1 req/s",
         },
-        {"name": "gateway WAF off p99", "value": off[1], "unit": "ms"},
-        {"name": "gateway WAF PL1 p99", "value": on[1], "unit": "ms", "baseline": "gateway WAF off p99"},
-        {"name": "nginx+ModSecurity PL1 p99", "value": nginx[1], "unit": "ms"},
+        {"name": "gateway WAF off p99", "value": off.p99_ms, "unit": "ms"},
+        {"name": "gateway WAF PL1 p99", "value": on.p99_ms, "unit": "ms", "baseline": "gateway WAF off p99"},
+        {"name": "nginx+ModSecurity PL1 p99", "value": nginx.p99_ms, "unit": "ms"},
         {
             "name": "gateway WAF PL1 p99 vs nginx",
-            "value": on[1],
+            "value": on.p99_ms,
             "unit": "ms",
             "baseline": "nginx+ModSecurity PL1 p99",
+        },
+        {"name": "gateway WAF off CPU per request", "value": off.cpu_us, "unit": "us"},
+        {
+            "name": "gateway WAF PL1 CPU per request",
+            "value": on.cpu_us,
+            "unit": "us",
+            "baseline": "gateway WAF off CPU per request",
+        },
+        {"name": "nginx+ModSecurity PL1 CPU per request", "value": nginx.cpu_us, "unit": "us"},
+        {
+            "name": "gateway WAF PL1 CPU per request vs nginx",
+            "value": on.cpu_us,
+            "unit": "us",
+            "baseline": "nginx+ModSecurity PL1 CPU per request",
         },
     ]
     return rows
