@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -33,7 +34,6 @@ import psutil
 from api.resources import Meta
 from api.resources.wafpolicy import TargetRef, WafPolicy
 from gateway.dataplane import WAF_BLOCK
-from gateway.server import ServerOptions
 from gateway.waf import RuleSetCache, rules_text
 from tests.gateway_corpus import SAMPLE, Backend, full_corpus_rows, load_rows, raw_request, replay
 from tests.gateway_fixtures import (
@@ -88,7 +88,7 @@ def _wrk(port: int) -> tuple[float, float, int]:
 
 def _cpu_seconds(proc: psutil.Process) -> float:
     """CPU time (user + system) of a process; for an nginx master, of its workers."""
-    procs = proc.children() or [proc] if proc.pid != os.getpid() else [proc]
+    procs = proc.children() if proc.name().startswith("nginx") else [proc]
     return sum(p.cpu_times().user + p.cpu_times().system for p in procs)
 
 
@@ -171,8 +171,9 @@ def _oracle_agreement(rows: list[dict[str, Any]]) -> float:
 
 
 @contextmanager
-def _gateway(tmp: Path, backend_port: int, waf: bool) -> Iterator[int]:
-    port = free_port()
+def _gateway(tmp: Path, backend_port: int, waf: bool) -> Iterator[tuple[int, psutil.Process]]:
+    """`ambit gateway` as its own process, as it runs in production (and as nginx runs here)."""
+    port = closed_port()
     docs = [
         gateway_doc([{"name": "http", "port": port, "protocol": "HTTP"}]),
         service_doc("app", backend_port),
@@ -180,8 +181,31 @@ def _gateway(tmp: Path, backend_port: int, waf: bool) -> Iterator[int]:
     ]
     if waf:
         docs.append(policy_doc("crs", "Gateway", "edge"))
-    with running_gateway(write_config(tmp / f"rate-{waf}", docs), ServerOptions(threads=WORKERS)):
-        yield port
+    directory = write_config(tmp / f"rate-{waf}", docs)
+    argv = [
+        sys.executable,
+        "-m",
+        "agent.cli",
+        "gateway",
+        "--config-dir",
+        str(directory),
+        "--threads",
+        str(WORKERS),
+    ]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if proc.poll() is not None:
+                raise RuntimeError("ambit gateway exited")
+            time.sleep(0.1)
+        yield port, psutil.Process(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
 
 
 def _wrk_warm(port: int) -> None:
@@ -253,12 +277,13 @@ def run() -> list[dict[str, Any]]:
         rows += _corpus_rows(tmp, corpus_backend.port)
         with (
             _nginx(backend_conf),
-            _gateway(tmp, backend_port, waf=False) as off_port,
-            _gateway(tmp, backend_port, waf=True) as on_port,
+            _gateway(tmp, backend_port, waf=False) as (off_port, off_proc),
+            _gateway(tmp, backend_port, waf=True) as (on_port, on_proc),
             _nginx_modsec(tmp, backend_port) as (nginx_port, nginx_proc),
         ):
-            me = psutil.Process()  # the gateways run in this process (their C threads)
-            off, on, nginx = _interleaved([(off_port, me), (on_port, me), (nginx_port, nginx_proc)])
+            off, on, nginx = _interleaved(
+                [(off_port, off_proc), (on_port, on_proc), (nginx_port, nginx_proc)]
+            )
     finally:
         corpus_backend.close()
         shutil.rmtree(tmp, ignore_errors=True)
