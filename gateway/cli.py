@@ -97,9 +97,20 @@ def _start_in_lab(args: argparse.Namespace, directory: Path) -> int:
 
 
 def add_gateway_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from agent.cliargs import add_command
     from agent.lab.plan import DEFAULT_PREFIX
 
-    p = sub.add_parser("gateway", help="edge gateway with a WAF (Gateway API config from files)")
+    p = add_command(
+        sub,
+        "gateway",
+        "edge gateway with a WAF (Gateway API config from files)",
+        (
+            "ambit gateway --config-dir edge/ --check            # compile every WafPolicy, resolve refs",
+            "ambit gateway --config-dir edge/ --audit-log waf.jsonl --metrics 127.0.0.1:15020",
+            "ambit gateway --config-dir edge/ --identity-dir svid/  # HBONE backends as the gateway",
+            "ambit gateway --config-dir edge/ --lab-pod pod-1-2     # inside a lab pod (ambit lab mesh)",
+        ),
+    )
     p.add_argument("--config-dir", required=True, help="directory of Gateway/HTTPRoute/WafPolicy/... YAML")
     p.add_argument(
         "--gateway", default="", help="namespace/name of the Gateway to serve (default: the only one)"
