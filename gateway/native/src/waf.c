@@ -184,8 +184,10 @@ int waf_body_done(Transaction *tx, gw_verdict *v)
 
 void waf_end(Transaction *tx)
 {
-    if (tx)
-        msc_transaction_cleanup(tx);
+    if (!tx)
+        return;
+    msc_process_logging(tx);
+    msc_transaction_cleanup(tx);
 }
 
 /* Splits "Name: value\r\n" lines; a line without a colon is a WAF error (the caller built it). */
