@@ -11,9 +11,12 @@ NATIVE_SRC := $(wildcard native/src/*.c native/src/*.h) native/build_engine.py
 GATEWAY_SRC := $(wildcard gateway/native/src/*.c gateway/native/src/*.h) gateway/native/build_gateway.py \
 	native/src/util.c native/src/internal.h
 
-.PHONY: setup system venv native gateway protos test unit lint lab bench clean
+# `make lab KUBE=1`: the same demo with workloads and policies from a real Kubernetes API server.
+KUBE ?=
 
-setup: system venv protos native gateway
+.PHONY: setup system venv native gateway protos kube test unit lint lab bench clean
+
+setup: system venv protos native gateway kube
 
 system:
 	@bash scripts/setup-system.sh
@@ -50,6 +53,11 @@ gateway/native/.built: $(GATEWAY_SRC) $(VENV)/.installed
 
 gateway: gateway/native/.built
 
+# kube-apiserver, etcd and kubectl for the tests and `make lab KUBE=1`: built once per version, cached
+# outside the clone (a cold build takes 6-13 minutes; the script prints its progress).
+kube:
+	@bash scripts/build-kube.sh >/dev/null
+
 test: setup
 	@bash scripts/run-tests.sh $(PYTEST_ARGS)
 
@@ -61,10 +69,22 @@ lint: setup
 	@$(VENV)/bin/mypy agent mgmt native gateway
 
 lab: setup
-	@$(VENV)/bin/ambit lab demo
+	@$(VENV)/bin/ambit lab demo $(if $(KUBE),--kube)
 
 bench: setup
 	@$(PY) -m tests.bench
 
 clean:
 	rm -rf $(VENV) api/.built native/.built native/_engine* native/src/*.o gateway/native/.built gateway/native/_gateway* build *.egg-info
+
+	rm -rf $(VENV) api/.built native/.built native/_engine* native/src/*.o build *.egg-info
+
+# helm for the chart tests (deploy/helm/ambit): built from the Go module proxy, cached outside the clone.
+setup: helm
+.PHONY: helm image
+helm:
+	@bash scripts/install-helm.sh >/dev/null
+
+# The ambit image (Dockerfile) with docker, podman or buildah; a clear message when none can build.
+image:
+	@bash scripts/build-image.sh

@@ -35,6 +35,7 @@ VIEWS = {
     "trust-bundle": "/trust_bundle",
     "connections": "/connections",
     "bpf": "/bpf",
+    "threads": "/threads",
     "config": "/config_dump",
 }
 
@@ -289,6 +290,20 @@ def _cmd_log_level(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    # The plane's admin API, not the agent's: what every node ACKed or NACKed (mgmt/admin.py).
+    status, body = fetch(args.plane, "GET", "/debug/status")
+    if status == 0:
+        raise UsageError(f"cannot reach the plane's admin API at {args.plane}: {body} (--plane HOST:PORT)")
+    if status != 200:
+        raise UsageError(f"plane at {args.plane} answered HTTP {status}: {body[:200]}")
+    data = json.loads(body)
+    _show(data["nodes"] if args.output == "table" else data, args.output)
+    if args.output == "table":
+        print(f"\nplane config version {data['version']} ({data['content_hash'][:12]})")
+    return 0
+
+
 HELPS = {
     "workloads": "workloads the node holds: its own, and the peers it looked up",
     "services": "services the node knows",
@@ -298,6 +313,7 @@ HELPS = {
     "trust-bundle": "the trust anchors the node verifies peers against",
     "connections": "live proxied connections",
     "bpf": "redirection datapath: enrolled pods, counters",
+    "threads": "every thread of the agent process (Python and native), by name",
     "config": "the whole config dump (secrets redacted)",
 }
 
@@ -349,6 +365,10 @@ def add_debug_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     for name, text in HELPS.items():
         add_view(views, name, text, _cmd_view)
     add_view(views, "all", "every view above but config, in one answer", _cmd_all)
+    status = add_view(
+        views, "status", "per node: the config version it ACKed or NACKed (the plane's view)", _cmd_status
+    )
+    status.add_argument("--plane", default="127.0.0.1:15014", metavar="HOST:PORT", help="plane admin address")
     level = add_view(views, "log-level", "show or set the agent's log level", _cmd_log_level)
     level.add_argument("level", nargs="?", help="new level: critical|error|warning|info|debug")
     share([debug], DEBUG_OPTIONS)

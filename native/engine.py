@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,18 @@ _KINDS = {
     7: "stream_refused",
     8: "stream_closed",
     9: "splice_closed",
+    10: "peer_goaway",
+}
+# Engine limits (ambit_engine_set_limit); 0 means unlimited, see docs/engine.md.
+LIMITS = {
+    "pending_handshakes": 0,
+    "pending_per_source": 1,
+    "conns_per_source": 2,
+    "streams_per_peer": 3,
+    "max_concurrent_streams": 4,
+    "resets_per_s": 5,
+    "stream_buffer": 6,
+    "conn_buffer": 7,
 }
 _ERRLEN = 512
 
@@ -47,6 +60,8 @@ class Event:
     tag: int
     authority: str = ""
     forwarded: str = ""  # stream_request: the raw `forwarded` header ("" when absent; never trusted here)
+    baggage: str = ""  # stream_request: the peer's `baggage` header ("" when absent, repeated or too long)
+    traceparent: str = ""  # stream_request: the peer's `traceparent` header (same rules)
     peer_id: str = ""
     tls_version: str = ""
     tls_cipher: str = ""
@@ -62,6 +77,16 @@ def crypto_version() -> str:
     return str(ffi.string(lib.ambit_crypto_version()).decode())
 
 
+def cert_is_ca(pem: bytes) -> bool:
+    """Whether the first certificate of `pem` may act as a CA (CA:true or keyCertSign): the check every
+    HBONE handshake applies to the peer's leaf (end entities must be CA:false), for reuse by the relay and
+    the plane. Raises EngineError when the PEM does not parse."""
+    rv = int(lib.ambit_cert_is_ca(pem, len(pem)))
+    if rv < 0:
+        raise EngineError("not a PEM certificate")
+    return rv == 1
+
+
 def forwarded_for(ip: str) -> bytes:
     """The RFC 7239 `forwarded` value naming `ip` as the client: for=192.0.2.1, for="[2001:db8::1]"."""
     try:
@@ -73,6 +98,17 @@ def forwarded_for(ip: str) -> bytes:
             raise EngineError(f"forwarded: {ip!r} has a zone")
         return f'for="[{addr.compressed}]"'.encode()
     return f"for={addr.compressed}".encode()
+
+
+def _extra_headers(headers: Sequence[tuple[str, str]]) -> bytes:
+    out = []
+    for name, value in headers:
+        if not name or name != name.lower() or any(ch in name for ch in ":\r\n\0 "):
+            raise EngineError(f"bad header name {name!r}")
+        if any(ch in value for ch in "\r\n\0"):
+            raise EngineError(f"bad value for header {name!r}")
+        out.append(f"{name}: {value}\n")
+    return "".join(out).encode()
 
 
 def _text(field: object) -> str:
@@ -88,6 +124,8 @@ def _event(r: Any) -> Event:
         tag=int(r.tag),
         authority=_text(r.authority),
         forwarded=_text(r.forwarded),
+        baggage=_text(r.baggage),
+        traceparent=_text(r.traceparent),
         peer_id=_text(r.peer_id),
         tls_version=_text(r.tls_version),
         tls_cipher=_text(r.tls_cipher),
@@ -139,6 +177,21 @@ class Engine:
                 int(keepalive_timeout_s * 1000),
             )
 
+    def set_limits(self, **limits: int) -> None:
+        """Caps by name (LIMITS), each refusing only the offending peer's new work, counted:
+        pending_handshakes (engine-wide) and pending_per_source, conns_per_source, streams_per_peer
+        (all connections of one authenticated identity), max_concurrent_streams (advertised to new
+        connections), resets_per_s (per peer identity; beyond it GOAWAY ENHANCE_YOUR_CALM), stream_buffer
+        and conn_buffer (bytes read from sockets awaiting the peer's window). 0 = unlimited."""
+        for name, value in limits.items():
+            which = LIMITS.get(name)
+            if which is None:
+                raise EngineError(f"unknown limit {name!r}")
+            with self._lock:
+                rv = int(lib.ambit_engine_set_limit(self._h(), which, int(value)))
+            if rv < 0:
+                raise EngineError(f"bad value {value!r} for limit {name}")
+
     def start(self) -> None:
         self._call(lib.ambit_engine_start)
 
@@ -185,16 +238,25 @@ class Engine:
         return self._call(lib.ambit_connect_hbone, fd, ctx, expected_peer.encode(), tag)
 
     def open_stream(
-        self, conn_id: int, authority: str, local_fd: int, tag: int = 0, forwarded: str = ""
+        self,
+        conn_id: int,
+        authority: str,
+        local_fd: int,
+        tag: int = 0,
+        forwarded: str = "",
+        headers: Sequence[tuple[str, str]] = (),
     ) -> int:
         """A CONNECT stream to `authority`; `forwarded` (an IP address, or "") names the client to the peer
-        as the request header `forwarded: for=<ip>` (RFC 7239; IPv6 quoted and bracketed)."""
+        as the request header `forwarded: for=<ip>` (RFC 7239; IPv6 quoted and bracketed). `headers`: more
+        request headers (e.g. baggage, traceparent): lowercase names, at most 8, 2 KiB in all; a malformed
+        one raises EngineError (checked here) or refuses the stream (stream_refused, checked in C)."""
         try:
             header = forwarded_for(forwarded) if forwarded else ffi.NULL
+            extra = _extra_headers(headers) if headers else ffi.NULL
         except EngineError:
             os.close(local_fd)  # the engine owns local_fd from the call on, even when it fails
             raise
-        return self._call(lib.ambit_open_stream, conn_id, authority.encode(), header, local_fd, tag)
+        return self._call(lib.ambit_open_stream, conn_id, authority.encode(), header, extra, local_fd, tag)
 
     def serve_hbone(self, fd: int, ctx: int, tag: int = 0) -> int:
         return self._call(lib.ambit_serve_hbone, fd, ctx, tag)

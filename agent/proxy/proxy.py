@@ -104,6 +104,7 @@ class Proxy:
             "splice_closed": self._on_stream_closed,
             "conn_error": self._on_conn_error,
             "conn_closed": self._on_conn_closed,
+            "peer_goaway": self._on_peer_goaway,
         }
         self._started = False
 
@@ -267,6 +268,11 @@ class Proxy:
         for entry in rt.table.on_engine_conn(ev.conn_id, Path.HBONE_CLIENT if client else Path.HBONE_SERVER):
             if entry.response_flags == "-":
                 rt.table.mark(entry, "UF", f"HBONE connection failed: {ev.detail}")
+
+    def _on_peer_goaway(self, ev: Event) -> None:
+        """The peer drains this connection (graceful GOAWAY): its streams finish, new ones go elsewhere."""
+        self._rt.counters["hbone_peer_goaway"] += 1
+        self._rt.pool.remove(ev.conn_id)
 
     def _on_conn_closed(self, ev: Event) -> None:
         rt = self._rt

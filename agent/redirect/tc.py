@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
-from typing import Any
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from agent.redirect.rtnl import Filter, NetlinkError, RtNetlink
 
 INGRESS_PARENT = 0xFFFFFFF2  # clsact ingress (TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS))
 EGRESS_PARENT = 0xFFFFFFF3
@@ -30,83 +28,60 @@ class Attachment:
     hook: str  # the program's hook name (filter name without the prefix)
 
 
-def _ensure_clsact(ipr: IPRoute, index: int) -> None:
+def _ensure_clsact(nl: RtNetlink, index: int) -> None:
     try:
-        ipr.tc("add", "clsact", index)
+        nl.clsact_add(index)
     except NetlinkError as exc:
         if exc.code != errno.EEXIST:
             raise
 
 
-def attach(ipr: IPRoute, index: int, prog_fd: int, hook: str) -> None:
+def attach(nl: RtNetlink, index: int, prog_fd: int, hook: str) -> None:
     """Attach (or atomically replace) our ingress filter on link `index`."""
-    _ensure_clsact(ipr, index)
-    ipr.tc(
-        "replace-filter",
-        "bpf",
-        index,
-        FILTER_HANDLE,
-        fd=prog_fd,
-        name=NAME_PREFIX + hook,
-        parent=INGRESS_PARENT,
-        prio=FILTER_PRIO,
-        protocol=ETH_P_ALL,
-        classid=1,
-        direct_action=True,
+    _ensure_clsact(nl, index)
+    nl.bpf_filter_replace(
+        index, INGRESS_PARENT, FILTER_PRIO, ETH_P_ALL, FILTER_HANDLE, prog_fd, NAME_PREFIX + hook
     )
 
 
-def _filters(ipr: IPRoute, index: int, parent: int) -> list[Any]:
+def _filters(nl: RtNetlink, index: int, parent: int) -> list[Filter]:
     try:
-        return list(ipr.get_filters(index=index, parent=parent))
+        return nl.filters(index, parent)
     except NetlinkError as exc:
         if exc.code in (errno.EINVAL, errno.ENOENT, errno.ENODEV):  # no clsact on the link, or link gone
             return []
         raise
 
 
-def _our_hook(msg: Any) -> str | None:
-    """The hook name of our bpf filter message, None for other filters (and the chain headers)."""
-    if msg.get_attr("TCA_KIND") != "bpf":
+def _our_hook(found: Filter) -> str | None:
+    """The hook name of our bpf filter, None for other filters (and the chain headers)."""
+    if found.kind != "bpf" or not found.bpf_name.startswith(NAME_PREFIX):
         return None
-    options = msg.get_attr("TCA_OPTIONS")
-    name = options.get_attr("TCA_BPF_NAME") if options is not None else None
-    if not name or not name.startswith(NAME_PREFIX):
-        return None
-    return str(name[len(NAME_PREFIX) :])
+    return found.bpf_name[len(NAME_PREFIX) :]
 
 
-def attachments(ipr: IPRoute) -> list[Attachment]:
+def attachments(nl: RtNetlink) -> list[Attachment]:
     """Our ingress filters on every link of this netns (including ones a previous agent left)."""
     found = []
-    for link in ipr.get_links():
-        index = link["index"]
-        for msg in _filters(ipr, index, INGRESS_PARENT):
+    for link in nl.links():
+        for msg in _filters(nl, link.index, INGRESS_PARENT):
             hook = _our_hook(msg)
             if hook is not None:
-                found.append(Attachment(index, str(link.get_attr("IFLA_IFNAME")), hook))
+                found.append(Attachment(link.index, link.name, hook))
                 break
     return found
 
 
-def detach(ipr: IPRoute, index: int) -> None:
+def detach(nl: RtNetlink, index: int) -> None:
     """Remove our filter from link `index`; the clsact qdisc goes too when nothing else uses it."""
     try:
-        ipr.tc(
-            "del-filter",
-            "bpf",
-            index,
-            FILTER_HANDLE,
-            parent=INGRESS_PARENT,
-            prio=FILTER_PRIO,
-            protocol=ETH_P_ALL,
-        )
+        nl.bpf_filter_delete(index, INGRESS_PARENT, FILTER_PRIO, ETH_P_ALL, FILTER_HANDLE)
     except NetlinkError as exc:
         if exc.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
             raise
-    if not _filters(ipr, index, INGRESS_PARENT) and not _filters(ipr, index, EGRESS_PARENT):
+    if not _filters(nl, index, INGRESS_PARENT) and not _filters(nl, index, EGRESS_PARENT):
         try:
-            ipr.tc("del", "clsact", index)
+            nl.clsact_delete(index)
         except NetlinkError as exc:
             if exc.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
                 raise

@@ -216,6 +216,7 @@ class Node:
 
     meta: Meta
     addresses: tuple[str, ...]
+    pod_cidrs: tuple[str, ...] = ()  # Kubernetes' spec.podCIDRs (informational: shown, not enforced)
     kind: str = "Node"
 
     @property
@@ -225,8 +226,15 @@ class Node:
 
 @register("Node", {API_VERSION, "v1"}, namespaced=False)
 def _parse_node(meta: Meta, spec: Mapping[str, Any]) -> Node:
-    _check_fields(spec, {"addresses"})
+    _check_fields(spec, {"addresses", "podCIDRs"})
     addresses = _ips(spec.get("addresses"), "addresses")
     if not addresses:
         raise ResourceError("spec.addresses must list at least one IP address")
-    return Node(meta, addresses)
+    raw_cidrs = spec.get("podCIDRs") or []
+    if not isinstance(raw_cidrs, list):
+        raise ResourceError("spec.podCIDRs must be a list of CIDR blocks")
+    try:
+        cidrs = tuple(str(ipaddress.ip_network(c)) for c in raw_cidrs)
+    except (ValueError, TypeError):
+        raise ResourceError(f"spec.podCIDRs: {raw_cidrs!r} are not CIDR blocks") from None
+    return Node(meta, addresses, cidrs)

@@ -8,6 +8,9 @@
 
 /* Name and version of the crypto module the engine is linked against (reported for FIPS audits). */
 const char *ambit_crypto_version(void);
+/* 1 when the first certificate of `pem` may act as a CA (CA:true or keyCertSign), 0 for an end entity,
+ * -1 when it does not parse. The check every handshake applies to the peer's leaf, for reuse elsewhere. */
+int ambit_cert_is_ca(const char *pem, size_t len);
 
 enum ambit_event_kind {
     AMBIT_EV_HANDSHAKE_DONE = 1,
@@ -19,6 +22,7 @@ enum ambit_event_kind {
     AMBIT_EV_STREAM_REFUSED,
     AMBIT_EV_STREAM_CLOSED,
     AMBIT_EV_SPLICE_CLOSED,
+    AMBIT_EV_PEER_GOAWAY,    /* client: the peer sent a graceful GOAWAY (status = its last stream id) */
 };
 
 /* One event handed to Python; fixed size so a batch is one copy out of the queue. */
@@ -29,6 +33,8 @@ typedef struct ambit_event {
     uint64_t tag;
     char authority[256];
     char forwarded[256];     /* stream_request: the `forwarded` request header ("" when absent) */
+    char baggage[512];       /* stream_request: the peer's `baggage` header ("" when absent or too long) */
+    char traceparent[64];    /* stream_request: the peer's `traceparent` header (W3C, "" when absent) */
     char peer_id[512];
     char tls_version[16];
     char tls_cipher[64];
@@ -65,7 +71,28 @@ enum ambit_counter {
     AMBIT_C_ERRORS_IO,
     AMBIT_C_ERRORS_COMMAND,
     AMBIT_C_EVENTS_DROPPED,
+    AMBIT_C_RESETS_LINGERED,
+    AMBIT_C_STREAMS_RESET_EARLY,
+    AMBIT_C_REFUSED_HANDSHAKES,    /* pending-handshake caps (engine-wide, per source) */
+    AMBIT_C_REFUSED_CONNS_SOURCE,  /* connections per source address */
+    AMBIT_C_REFUSED_STREAMS_PEER,  /* served streams per peer identity */
+    AMBIT_C_REFUSED_STREAMS_CONN,  /* a peer exceeding our SETTINGS_MAX_CONCURRENT_STREAMS */
+    AMBIT_C_RESET_FLOODS,          /* connections ended for exceeding the stream reset budget */
+    AMBIT_C_MALLOC_TRIMS,
     AMBIT_C_COUNT
+};
+
+/* Limits (ambit_engine_set_limit), each refusing only the offending peer's new work; 0 = unlimited. */
+enum ambit_limit {
+    AMBIT_L_PENDING_HANDSHAKES,  /* server TLS handshakes in progress, engine-wide */
+    AMBIT_L_PENDING_PER_SOURCE,  /* ... from one source address */
+    AMBIT_L_CONNS_PER_SOURCE,    /* server connections from one source address */
+    AMBIT_L_STREAMS_PER_PEER,    /* served streams of one authenticated peer identity, all connections */
+    AMBIT_L_MAX_CONCURRENT_STREAMS, /* SETTINGS_MAX_CONCURRENT_STREAMS we advertise (new connections) */
+    AMBIT_L_RESETS_PER_S,        /* stream resets a peer may cause per second on one connection */
+    AMBIT_L_STREAM_BUFFER,       /* bytes buffered per stream socket->peer (reading pauses when full) */
+    AMBIT_L_CONN_BUFFER,         /* bytes buffered socket->peer over all streams of one connection */
+    AMBIT_L_COUNT
 };
 
 typedef struct ambit_engine ambit_engine;
@@ -80,6 +107,8 @@ void ambit_engine_free(ambit_engine *e);
 int ambit_engine_eventfd(ambit_engine *e);
 /* Handshake deadline, keepalive PING after idle, and PING answer deadline, in ms (0 disables each). */
 void ambit_engine_set_timeouts(ambit_engine *e, int handshake_ms, int keepalive_idle_ms, int keepalive_timeout_ms);
+/* Returns 0, or -1 for an unknown limit or a negative value. */
+int ambit_engine_set_limit(ambit_engine *e, int which, int value);
 int ambit_engine_events(ambit_engine *e, ambit_event *out, int max);
 void ambit_engine_counters(ambit_engine *e, uint64_t *out, int n);
 
@@ -91,9 +120,11 @@ int ambit_free_tls_context(ambit_engine *e, int64_t ctx);
 /* Each returns an id (>0) or -1 with err set; fds passed in belong to the engine from then on, even on error. */
 int64_t ambit_connect_hbone(ambit_engine *e, int fd, int64_t ctx, const char *expected_peer, uint64_t tag,
                             char *err, size_t errlen);
-/* forwarded: value of the `forwarded` request header (RFC 7239, e.g. "for=10.244.1.2"), NULL or "" for none. */
+/* forwarded: value of the `forwarded` request header (RFC 7239, e.g. "for=10.244.1.2"), NULL or "" for none.
+ * extra: more request headers as "name: value\n" lines (e.g. baggage, traceparent), NULL or "" for none;
+ * names lowercase [a-z0-9-], at most AMBIT_EXTRA_HEADERS of them, AMBIT_EXTRA_BYTES in all. */
 int64_t ambit_open_stream(ambit_engine *e, uint64_t conn_id, const char *authority, const char *forwarded,
-                          int local_fd, uint64_t tag, char *err, size_t errlen);
+                          const char *extra, int local_fd, uint64_t tag, char *err, size_t errlen);
 int64_t ambit_serve_hbone(ambit_engine *e, int fd, int64_t ctx, uint64_t tag, char *err, size_t errlen);
 int ambit_accept_stream(ambit_engine *e, uint64_t conn_id, uint64_t stream_id, int upstream_fd, uint64_t tag,
                         char *err, size_t errlen);

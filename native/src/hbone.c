@@ -33,6 +33,12 @@ typedef struct hstream {
     int readable, writable;
     int rdhup;                    /* the socket reported EOF/hang-up: read until read() says 0 */
     int tcp_eof, peer_eof, shut_wr, tcp_failed, local_reset, deferred;
+    int wr_dead;                  /* a write to the socket failed: what it still holds is read first */
+    int rst_pending;              /* the socket failed: RST_STREAM once the bytes read from it are sent */
+    struct hstream *req_next;     /* server: on the connection's list of requests not yet announced */
+    int announced;                /* server: stream_request emitted, Python's answer pending or given */
+    int quiet;                    /* server: reset before it was announced: counted, no event */
+    int peer_counted;             /* server: holds one of its peer identity's stream slots (limits.c) */
     int h2_closed;
     uint32_t h2_error;
     int is_connect;
@@ -42,6 +48,8 @@ typedef struct hstream {
     char *authority;
     char *forwarded;              /* client: header sent; server: header received (NULL when absent) */
     int forwarded_bad;            /* server: repeated or too long: reported as FORWARDED_INVALID */
+    char *baggage, *traceparent;  /* server: telemetry headers received (NULL when absent, repeated, long) */
+    int baggage_bad, traceparent_bad;
     uint64_t bytes_in, bytes_out;
 } hstream;
 
@@ -66,6 +74,7 @@ typedef struct hconn {
     char peer_id[512];
     abuf wbuf;
     hstream *streams;
+    hstream *reqs, *reqs_tail;    /* server: requests of this read batch, announced once it is parsed */
     struct hconn *dirty_next;
     int on_dirty;
     int ending;                   /* END_*: set anywhere, acted on in conn_service */
@@ -73,6 +82,13 @@ typedef struct hconn {
     int closing, goaway_recv, tearing_down;
     char error[640];
     size_t conn_unconsumed;
+    size_t in_total;              /* socket->peer bytes buffered over all streams (AMBIT_L_CONN_BUFFER) */
+    int in_starved;               /* a stream stopped reading on in_total: wake them when it drains */
+    uint64_t src_key, peer_key;   /* server: limits.c accounting keys */
+    int hs_counted;               /* server: counted as a pending handshake */
+    int wbio_big;                 /* the write buffer BIO was grown after the handshake */
+    uint64_t reset_window_ms;     /* start of the current one-second reset budget window */
+    uint32_t resets_in_window;
     uint64_t bytes_in, bytes_out;
     uint64_t started_ms, last_rx_ms, ping_sent_ms;
 } hconn;
@@ -166,7 +182,9 @@ static void stream_finish(hstream *s, const char *detail)
                                             : "";
     if (s->io.fd >= 0) {
         loop_del_fd(c->l, &s->io);
-        if (reset)
+        if (reset && !s->tcp_failed && !s->local_reset)
+            linger_reset(c->l, s->io.fd, &s->out); /* the peer's last bytes still reach the socket */
+        else if (reset)
             reset_close(s->io.fd);
         else
             close(s->io.fd);
@@ -176,7 +194,11 @@ static void stream_finish(hstream *s, const char *detail)
         ctr_add(e, AMBIT_C_STREAMS_RESET, 1);
     ctr_add(e, AMBIT_C_STREAMS_CLOSED, 1);
     ctr_add(e, AMBIT_C_STREAMS_ACTIVE, -1);
-    stream_emit_end(s, detail);
+    if (!s->quiet)
+        stream_emit_end(s, detail);
+    if (s->peer_counted)
+        limits_stream_end(e, c->peer_key);
+    c->in_total -= abuf_pending(&s->in);
     if (s->h2id > 0 && !s->h2_closed && c->h2)
         nghttp2_session_set_stream_user_data(c->h2, s->h2id, NULL);
     if (s->prev)
@@ -190,16 +212,44 @@ static void stream_finish(hstream *s, const char *detail)
     abuf_free(&s->out);
     free(s->authority);
     free(s->forwarded);
+    free(s->baggage);
+    free(s->traceparent);
     free(s);
     mark_dirty(c);
 }
 
+static int stream_sending(const hstream *s)
+{
+    return s->h2id > 0 && !s->h2_closed && (!s->conn->server || s->opened);
+}
+
+/* The socket failed (e.g. the client reset it right after its last bytes). What was already read from it
+ * still goes to the peer, as a TCP receiver reads queued data before the reset; then RST_STREAM. */
 static void stream_tcp_fail(hstream *s)
 {
+    hconn *c = s->conn;
     s->tcp_failed = 1;
-    if (!s->h2_closed && s->h2id > 0)
-        nghttp2_submit_rst_stream(s->conn->h2, NGHTTP2_FLAG_NONE, s->h2id, NGHTTP2_CANCEL);
-    mark_dirty(s->conn);
+    if (stream_sending(s) && abuf_pending(&s->in) && !s->rst_pending) {
+        s->rst_pending = 1;
+        if (s->deferred) {
+            s->deferred = 0;
+            nghttp2_session_resume_data(c->h2, s->h2id);
+        }
+    } else if (!s->h2_closed && s->h2id > 0 && !s->rst_pending) {
+        nghttp2_submit_rst_stream(c->h2, NGHTTP2_FLAG_NONE, s->h2id, NGHTTP2_CANCEL);
+    }
+    mark_dirty(c);
+}
+
+/* The last byte read before the socket failed went out as DATA: now the reset. */
+static void stream_rst_if_sent(hstream *s)
+{
+    if (s->rst_pending == 1 && !abuf_pending(&s->in)) {
+        s->rst_pending = 2;
+        if (!s->h2_closed)
+            nghttp2_submit_rst_stream(s->conn->h2, NGHTTP2_FLAG_NONE, s->h2id, NGHTTP2_CANCEL);
+        mark_dirty(s->conn);
+    }
 }
 
 static void stream_ack(hstream *s, size_t n)
@@ -208,6 +258,21 @@ static void stream_ack(hstream *s, size_t n)
     nghttp2_session_consume(c->h2, s->h2id, n);
     ctr_add(c->l->engine, AMBIT_C_STREAM_BYTES_IN, (int64_t)n);
     mark_dirty(c);
+}
+
+/* Writing failed (the client reset the socket): bytes it sent before the reset are still queued in the
+ * socket and go to the peer first, so read on until the error shows up on the read side too. */
+static void stream_write_failed(hstream *s)
+{
+    s->wr_dead = 1;
+    if (abuf_pending(&s->out)) {
+        stream_ack(s, abuf_pending(&s->out)); /* dropped: nobody can receive it */
+        abuf_free(&s->out);
+    }
+    if (!stream_sending(s) || s->tcp_eof)
+        stream_tcp_fail(s);
+    else
+        s->readable = s->rdhup = 1;
 }
 
 /* Socket side of a stream: write what the peer sent, forward EOF, read while the buffer has room. */
@@ -220,7 +285,7 @@ static void stream_service(hstream *s)
     }
     int fd = s->io.fd;
     if (fd >= 0 && !s->tcp_failed) {
-        while (abuf_pending(&s->out) && s->writable) {
+        while (abuf_pending(&s->out) && s->writable && !s->wr_dead) {
             ssize_t n = write(fd, abuf_head(&s->out), abuf_pending(&s->out));
             if (n > 0) {
                 abuf_consume(&s->out, (size_t)n);
@@ -228,19 +293,28 @@ static void stream_service(hstream *s)
             } else if (n < 0 && errno == EAGAIN) {
                 s->writable = 0;
             } else if (n < 0 && errno != EINTR) {
-                stream_tcp_fail(s);
+                stream_write_failed(s);
                 break;
             }
         }
-        if (!s->tcp_failed && s->peer_eof && !abuf_pending(&s->out) && !s->shut_wr) {
+        if (!s->tcp_failed && !s->wr_dead && s->peer_eof && !abuf_pending(&s->out) && !s->shut_wr) {
             shutdown(fd, SHUT_WR);
             s->shut_wr = 1;
         }
-        int sending = s->h2id > 0 && !s->h2_closed && (!c->server || s->opened);
+        int sending = stream_sending(s);
         int got = 0;
-        while (!s->tcp_failed && sending && s->readable && !s->tcp_eof &&
-               abuf_pending(&s->in) < AMBIT_STREAM_INBUF) {
-            size_t room = AMBIT_STREAM_INBUF - abuf_pending(&s->in);
+        ambit_engine *e = c->l->engine;
+        size_t cap = (size_t)__atomic_load_n(&e->limits[AMBIT_L_STREAM_BUFFER], __ATOMIC_RELAXED);
+        size_t conn_cap = (size_t)__atomic_load_n(&e->limits[AMBIT_L_CONN_BUFFER], __ATOMIC_RELAXED);
+        while (!s->tcp_failed && sending && s->readable && !s->tcp_eof && abuf_pending(&s->in) < cap) {
+            /* A peer that stops granting window pins at most cap per stream and conn_cap per connection. */
+            if (conn_cap && c->in_total >= conn_cap) {
+                c->in_starved = 1;
+                break;
+            }
+            size_t room = cap - abuf_pending(&s->in);
+            if (conn_cap && room > conn_cap - c->in_total)
+                room = conn_cap - c->in_total;
             if (abuf_reserve(&s->in, room) < 0) {
                 stream_tcp_fail(s);
                 break;
@@ -248,12 +322,15 @@ static void stream_service(hstream *s)
             ssize_t n = read(fd, s->in.data + s->in.len, room);
             if (n > 0) {
                 s->in.len += (size_t)n;
+                c->in_total += (size_t)n;
                 got = 1;
                 /* A short read drained the socket; edge-triggered epoll reports the next bytes, so skip
                  * the read() that would only say EAGAIN (one syscall per message per hop). Not once a
                  * hang-up was reported: that edge is gone and the EOF must still be read. */
                 if ((size_t)n < room && !s->rdhup)
                     s->readable = 0;
+            } else if (n == 0 && s->wr_dead) {
+                stream_tcp_fail(s);
             } else if (n == 0) {
                 s->tcp_eof = 1;
                 got = 1;
@@ -270,8 +347,11 @@ static void stream_service(hstream *s)
         if (got)
             mark_dirty(c);
     }
-    int drained = s->io.fd < 0 || s->tcp_failed || s->h2_error || !abuf_pending(&s->out);
-    if (s->h2_closed && drained)
+    int drained = s->io.fd < 0 || s->tcp_failed || s->wr_dead || s->h2_error || !abuf_pending(&s->out);
+    /* Reset by the peer while Python decides: kept (with the bytes it sent) until accept or reject, so an
+     * upload followed by a reset still reaches the pod, as it would over TCP. */
+    int awaiting = c->server && s->announced && !s->opened && !s->status && !s->local_reset && !c->tearing_down;
+    if (s->h2_closed && drained && !awaiting)
         stream_finish(s, NULL);
 }
 
@@ -305,7 +385,7 @@ static ssize_t stream_read_cb(nghttp2_session *session, int32_t stream_id, uint8
     hstream *s = source->ptr;
     size_t avail = abuf_pending(&s->in);
     size_t n = avail < length ? avail : length;
-    if (n == avail && s->tcp_eof)
+    if (n == avail && s->tcp_eof && !s->rst_pending)
         *data_flags |= NGHTTP2_DATA_FLAG_EOF; /* the socket's FIN becomes END_STREAM */
     else if (!n) {
         s->deferred = 1;
@@ -329,9 +409,18 @@ static int on_send_data(nghttp2_session *session, nghttp2_frame *frame, const ui
     abuf_append(&c->wbuf, framehd, 9);
     abuf_append(&c->wbuf, abuf_head(&s->in), length);
     abuf_consume(&s->in, length);
+    c->in_total -= length;
+    if (c->in_starved) { /* budget freed: the streams that stopped on it read again */
+        c->in_starved = 0;
+        for (hstream *o = c->streams; o; o = o->next)
+            if (o->readable && !o->tcp_eof && o != s)
+                mark_ready(o);
+    }
     s->bytes_out += length;
     ctr_add(c->l->engine, AMBIT_C_STREAM_BYTES_OUT, (int64_t)length);
-    if (s->readable && !s->tcp_eof)
+    if (s->rst_pending)
+        stream_rst_if_sent(s);
+    else if (s->readable && !s->tcp_eof)
         mark_ready(s);
     return 0;
 }
@@ -354,12 +443,34 @@ static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame
     hconn *c = user_data;
     if (!c->server || frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST)
         return 0;
-    hstream *s = stream_new(c, engine_new_id(&c->l->engine->next_stream_id), c->tag);
-    if (!s)
+    ambit_engine *e = c->l->engine;
+    if (!limits_stream_start(e, c->peer_key)) {
+        /* This peer identity holds its share of streams (over all its connections): refuse only this one. */
+        ctr_add(e, AMBIT_C_REFUSED_STREAMS_PEER, 1);
+        nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, frame->hd.stream_id, NGHTTP2_REFUSED_STREAM);
+        return 0;
+    }
+    hstream *s = stream_new(c, engine_new_id(&e->next_stream_id), c->tag);
+    if (!s) {
+        limits_stream_end(e, c->peer_key);
         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE; /* nghttp2 resets this stream only */
+    }
+    s->peer_counted = 1;
     s->h2id = frame->hd.stream_id;
     nghttp2_session_set_stream_user_data(session, s->h2id, s);
     return 0;
+}
+
+/* Telemetry headers: the first value, bounded; a repeated or oversized one is dropped (never truncated). */
+static void keep_once(char **slot, int *bad, const uint8_t *value, size_t len, size_t cap)
+{
+    if (*slot || *bad || len >= cap) {
+        free(*slot);
+        *slot = NULL;
+        *bad = 1;
+        return;
+    }
+    *slot = strndup((const char *)value, len);
 }
 
 static int on_header(nghttp2_session *session, const nghttp2_frame *frame, const uint8_t *name, size_t namelen,
@@ -384,6 +495,11 @@ static int on_header(nghttp2_session *session, const nghttp2_frame *frame, const
             return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
         }
     }
+    else if (namelen == 7 && !memcmp(name, "baggage", 7) && frame->headers.cat == NGHTTP2_HCAT_REQUEST)
+        keep_once(&s->baggage, &s->baggage_bad, value, valuelen, sizeof(((ambit_event *)0)->baggage));
+    else if (namelen == 11 && !memcmp(name, "traceparent", 11) && frame->headers.cat == NGHTTP2_HCAT_REQUEST)
+        keep_once(&s->traceparent, &s->traceparent_bad, value, valuelen,
+                  sizeof(((ambit_event *)0)->traceparent));
     else if (namelen == 7 && !memcmp(name, ":status", 7) && valuelen == 3)
         s->status = (value[0] - '0') * 100 + (value[1] - '0') * 10 + (value[2] - '0');
     return 0;
@@ -400,24 +516,83 @@ static void server_request(hconn *c, hstream *s)
         nghttp2_submit_response(c->h2, s->h2id, &nv, 1, NULL);
         return;
     }
-    ambit_event ev;
-    event_init(&ev, AMBIT_EV_STREAM_REQUEST, c->id, s->id, c->tag);
-    copy_str(ev.authority, sizeof(ev.authority), s->authority);
-    copy_str(ev.forwarded, sizeof(ev.forwarded), s->forwarded_bad ? FORWARDED_INVALID : s->forwarded);
-    copy_str(ev.peer_id, sizeof(ev.peer_id), c->peer_id);
-    event_emit(c->l->engine, &ev);
+    /* Announced once the whole read batch is parsed: a stream the peer reset within the same batch (rapid
+     * reset: HEADERS then RST_STREAM) never costs Python an event. */
+    s->req_next = NULL;
+    if (c->reqs_tail)
+        c->reqs_tail->req_next = s;
+    else
+        c->reqs = s;
+    c->reqs_tail = s;
+}
+
+/* Emits stream_request for the requests of the batch just parsed; the ones already reset without sending
+ * a byte are counted (streams_reset_early) and dropped without any event. */
+static void announce_requests(hconn *c)
+{
+    hstream *s = c->reqs;
+    c->reqs = c->reqs_tail = NULL;
+    for (hstream *next; s; s = next) {
+        next = s->req_next;
+        if (s->h2_closed && !s->bytes_in) { /* with bytes it is announced: its upload must arrive */
+            s->quiet = 1;
+            ctr_add(c->l->engine, AMBIT_C_STREAMS_RESET_EARLY, 1);
+            mark_ready(s);
+            continue;
+        }
+        ambit_event ev;
+        event_init(&ev, AMBIT_EV_STREAM_REQUEST, c->id, s->id, c->tag);
+        copy_str(ev.authority, sizeof(ev.authority), s->authority);
+        copy_str(ev.forwarded, sizeof(ev.forwarded), s->forwarded_bad ? FORWARDED_INVALID : s->forwarded);
+        copy_str(ev.peer_id, sizeof(ev.peer_id), c->peer_id);
+        copy_str(ev.baggage, sizeof(ev.baggage), s->baggage);
+        copy_str(ev.traceparent, sizeof(ev.traceparent), s->traceparent);
+        s->announced = 1;
+        event_emit(c->l->engine, &ev);
+    }
+}
+
+/* Rapid reset (CVE-2023-44487): each peer reset costs us a stream's setup, so a peer may cause at most
+ * AMBIT_L_RESETS_PER_S per second: over all connections of one authenticated identity when serving, per
+ * connection otherwise; beyond, GOAWAY(ENHANCE_YOUR_CALM) and the connection ends. */
+static void conn_count_reset(hconn *c)
+{
+    ambit_engine *e = c->l->engine;
+    uint32_t budget = (uint32_t)__atomic_load_n(&e->limits[AMBIT_L_RESETS_PER_S], __ATOMIC_RELAXED);
+    uint64_t now = now_ms();
+    if (now - c->reset_window_ms >= 1000) {
+        c->reset_window_ms = now;
+        c->resets_in_window = 0;
+    }
+    int over = c->server && c->peer_key ? limits_reset(e, c->peer_key, now) : ++c->resets_in_window > budget;
+    if (!budget || !over || c->ending)
+        return;
+    ctr_add(e, AMBIT_C_RESET_FLOODS, 1);
+    nghttp2_session_terminate_session(c->h2, NGHTTP2_ENHANCE_YOUR_CALM);
+    conn_fail(c, AMBIT_C_ERRORS_PROTOCOL, "stream reset budget exceeded (rapid reset)%s", "");
 }
 
 static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, void *user_data)
 {
     hconn *c = user_data;
     if (frame->hd.type == NGHTTP2_GOAWAY) {
-        c->goaway_recv = 1;
-        if (frame->goaway.error_code != NGHTTP2_NO_ERROR)
+        if (frame->goaway.error_code != NGHTTP2_NO_ERROR) {
+            c->goaway_recv = 1;
             conn_fail(c, AMBIT_C_ERRORS_PROTOCOL, "peer sent GOAWAY: %s",
                       nghttp2_http2_strerror(frame->goaway.error_code));
+        } else if (!c->goaway_recv) {
+            /* Graceful: no new stream on this connection (open_stream refuses); the proxy re-pools. */
+            c->goaway_recv = 1;
+            ambit_event ev;
+            event_init(&ev, AMBIT_EV_PEER_GOAWAY, c->id, 0, c->tag);
+            copy_str(ev.peer_id, sizeof(ev.peer_id), c->peer_id);
+            ev.status = (int)frame->goaway.last_stream_id;
+            event_emit(c->l->engine, &ev);
+        }
         return 0;
     }
+    if (frame->hd.type == NGHTTP2_RST_STREAM)
+        conn_count_reset(c);
     hstream *s = frame->hd.stream_id ? nghttp2_session_get_stream_user_data(session, frame->hd.stream_id) : NULL;
     if (!s)
         return 0;
@@ -447,7 +622,7 @@ static int on_data_chunk(nghttp2_session *session, uint8_t flags, int32_t stream
     (void)flags;
     hconn *c = user_data;
     hstream *s = nghttp2_session_get_stream_user_data(session, stream_id);
-    if (!s || s->tcp_failed || s->local_reset) {
+    if (!s || s->tcp_failed || s->local_reset || s->wr_dead) {
         if (s)
             s->unconsumed += len;
         else
@@ -490,6 +665,8 @@ static int on_frame_send(nghttp2_session *session, const nghttp2_frame *frame, v
     if (frame->hd.type == NGHTTP2_GOAWAY && frame->goaway.error_code != NGHTTP2_NO_ERROR)
         conn_fail(c, AMBIT_C_ERRORS_PROTOCOL, "protocol error, sent GOAWAY: %s",
                   nghttp2_http2_strerror(frame->goaway.error_code));
+    if (frame->hd.type == NGHTTP2_RST_STREAM && frame->rst_stream.error_code == NGHTTP2_REFUSED_STREAM)
+        ctr_add(c->l->engine, AMBIT_C_REFUSED_STREAMS_CONN, 1);
     if (frame->hd.type == NGHTTP2_HEADERS && c->server) {
         hstream *s = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
         /* A refusal: the client may still be sending; NO_ERROR asks it to stop without error (RFC 9113
@@ -561,8 +738,9 @@ static int h2_setup(hconn *c)
         return -1;
     nghttp2_settings_entry iv[] = {
         {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, AMBIT_STREAM_WINDOW},
-        {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, 16384},
-        {NGHTTP2_SETTINGS_MAX_FRAME_SIZE, AMBIT_MAX_FRAME},
+        {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS,
+         (uint32_t)__atomic_load_n(&c->l->engine->limits[AMBIT_L_MAX_CONCURRENT_STREAMS], __ATOMIC_RELAXED)},
+        {NGHTTP2_SETTINGS_MAX_FRAME_SIZE, AMBIT_ACCEPT_FRAME},
         {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
     };
     if (nghttp2_submit_settings(c->h2, NGHTTP2_FLAG_NONE, iv, c->server ? 3 : 4) != 0)
@@ -594,7 +772,9 @@ static int conn_set_bios(hconn *c, int fd)
         BIO_set_callback_arg(sock, (char *)c);
     }
     BIO *buf = BIO_new(BIO_f_buffer());
-    if (!sock || !buf || BIO_set_write_buffer_size(buf, AMBIT_TLS_WBUF) != 1 || BIO_up_ref(sock) != 1) {
+    /* The buffer starts at BIO_f_buffer's default size and grows to AMBIT_TLS_WBUF after the handshake
+     * (conn_flush): an unauthenticated handshake must not cost a 256 KiB buffer. */
+    if (!sock || !buf || BIO_up_ref(sock) != 1) {
         BIO_free(sock);
         BIO_free(buf);
         return -1;
@@ -638,6 +818,17 @@ static void handshake_done(hconn *c)
         return;
     }
     copy_str(c->peer_id, sizeof(c->peer_id), ev.peer_id);
+    if (c->server) {
+        c->peer_key = limits_peer_key(c->peer_id);
+        limits_peer_conn(e, c->peer_key, 1);
+        limits_handshake_over(e, c->src_key);
+        c->hs_counted = 0;
+        /* The HTTP/2 session of a served connection exists only once its peer is authenticated. */
+        if (h2_setup(c) != 0) {
+            conn_fail(c, AMBIT_C_ERRORS_COMMAND, "cannot create HTTP/2 session%s", "");
+            return;
+        }
+    }
     ctr_add(e, AMBIT_C_HANDSHAKES_DONE, 1);
     if (SSL_session_reused(c->ssl))
         ctr_add(e, AMBIT_C_HANDSHAKES_RESUMED, 1);
@@ -675,6 +866,7 @@ static void conn_read(hconn *c)
             c->bytes_in += fill;
             ctr_add(c->l->engine, AMBIT_C_TLS_BYTES_IN, (int64_t)fill);
             ssize_t rv = nghttp2_session_mem_recv(c->h2, (const uint8_t *)buf, fill);
+            announce_requests(c);
             if (rv < 0) {
                 conn_fail(c, AMBIT_C_ERRORS_PROTOCOL, "h2 protocol error: %s", nghttp2_strerror((int)rv));
                 return;
@@ -712,6 +904,8 @@ static void conn_read(hconn *c)
 
 static void conn_flush(hconn *c)
 {
+    if (!c->wbio_big && !BIO_wpending(c->wbio)) /* resizing drops pending bytes: only when empty */
+        c->wbio_big = BIO_set_write_buffer_size(c->wbio, AMBIT_TLS_WBUF) == 1;
     for (;;) {
         if (abuf_pending(&c->wbuf) < AMBIT_WBUF_HIGH) {
             int rv = nghttp2_session_send(c->h2);
@@ -764,7 +958,9 @@ static void conn_handshake(hconn *c)
     }
     char msg[200];
     long vr = SSL_get_verify_result(c->ssl);
-    if (vr != X509_V_OK)
+    if (vr == X509_V_ERR_APPLICATION_VERIFICATION)
+        snprintf(msg, sizeof(msg), "TLS handshake failed: peer leaf certificate is a CA (CA:true)");
+    else if (vr != X509_V_OK)
         snprintf(msg, sizeof(msg), "TLS handshake failed: certificate verify: %s", X509_verify_cert_error_string(vr));
     else
         tls_last_error(msg, sizeof(msg), err == SSL_ERROR_SYSCALL ? "TLS handshake failed (connection closed)"
@@ -800,6 +996,13 @@ static void conn_end(hconn *c)
     ambit_loop *l = c->l;
     ambit_engine *e = l->engine;
     c->tearing_down = 1;
+    c->reqs = c->reqs_tail = NULL;
+    if (c->ending == END_ERROR && c->state == HS_H2 && c->h2) {
+        /* Best effort: let the peer see our GOAWAY (protocol error, reset flood) before the reset. Streams
+         * are still alive here: nghttp2 may call their data callbacks. */
+        c->writable = 1;
+        conn_flush(c);
+    }
     if (c->on_dirty) /* re-queued by its own flush (e.g. a GOAWAY sent while ending) */
         for (hconn **pp = &l->dirty; *pp; pp = &(*pp)->dirty_next)
             if (*pp == c) {
@@ -831,12 +1034,21 @@ static void conn_end(hconn *c)
         s->h2_closed = 1;
         stream_finish(s, "connection closed");
     }
+    if (c->server) {
+        limits_conn_end(e, c->src_key, c->hs_counted);
+        if (c->peer_key)
+            limits_peer_conn(e, c->peer_key, -1);
+    }
     if (c->ending == END_GRACEFUL && c->state == HS_H2) {
         SSL_shutdown(c->ssl); /* best effort close_notify; the socket is non-blocking */
     }
     ERR_clear_error();
     loop_del_fd(l, &c->io);
-    if (c->ending == END_ERROR)
+    /* A failed handshake queued its TLS alert in the buffer BIO: send it, then a plain close (a reset
+     * could discard it), so the peer learns why instead of seeing a bare EOF. */
+    int alerted = c->state == HS_TLS && c->ssl && BIO_wpending(c->wbio) && BIO_flush(c->wbio) == 1;
+    ERR_clear_error();
+    if (c->ending == END_ERROR && !alerted)
         reset_close(c->io.fd);
     else
         close(c->io.fd);
@@ -849,6 +1061,7 @@ static void conn_end(hconn *c)
     ev.bytes_in = c->bytes_in;
     ev.bytes_out = c->bytes_out;
     ctr_add(e, AMBIT_C_CONNS_CLOSED, 1);
+    __atomic_add_fetch(&e->freed_since_trim, 1, __ATOMIC_RELAXED);
     ctr_add(e, AMBIT_C_CONNS_ACTIVE, -1);
     event_emit(e, &ev);
     amap_del(&l->conns, c->id);
@@ -896,14 +1109,29 @@ void hconn_process_pending(ambit_loop *l)
 void hconn_start(ambit_loop *l, acmd *cmd, int server)
 {
     ambit_engine *e = l->engine;
-    hconn *c = calloc(1, sizeof(*c));
-    const char *why = "out of memory";
+    const char *why = NULL;
+    uint64_t src = 0;
+    hconn *c = NULL;
+    if (server) {
+        src = limits_source_key(cmd->fd);
+        if ((why = limits_conn_start(e, src))) {
+            /* Over a cap: refused before any TLS state exists, counted; the client sees a reset. */
+            ctr_add(e, strstr(why, "connections") ? AMBIT_C_REFUSED_CONNS_SOURCE : AMBIT_C_REFUSED_HANDSHAKES, 1);
+            reset_close(cmd->fd);
+            cmd->fd = -1;
+            goto report;
+        }
+    }
+    c = calloc(1, sizeof(*c));
+    why = "out of memory";
     if (!c)
         goto fail;
     c->id = cmd->id;
     c->tag = cmd->tag;
     c->l = l;
     c->server = server;
+    c->src_key = src;
+    c->hs_counted = server;
     c->io.owner = c;
     c->io.on_event = on_conn_io;
     c->io.fd = -1;
@@ -912,7 +1140,8 @@ void hconn_start(ambit_loop *l, acmd *cmd, int server)
     c->started_ms = c->last_rx_ms = now_ms();
     c->ssl = SSL_new(cmd->ctx);
     why = "cannot create TLS or HTTP/2 session";
-    if (!c->ssl || conn_set_bios(c, cmd->fd) < 0 || h2_setup(c) != 0 || amap_put(&l->conns, c->id, c) < 0)
+    if (!c->ssl || conn_set_bios(c, cmd->fd) < 0 || (!server && h2_setup(c) != 0) ||
+        amap_put(&l->conns, c->id, c) < 0)
         goto fail;
     if (server) {
         SSL_set_accept_state(c->ssl);
@@ -934,8 +1163,11 @@ fail:
         free(c->expected_peer);
         free(c);
     }
+    if (server)
+        limits_conn_end(e, src, 1);
     ERR_clear_error();
     ctr_add(e, AMBIT_C_ERRORS_COMMAND, 1);
+report:;
     ambit_event ev;
     event_init(&ev, AMBIT_EV_CONN_ERROR, cmd->id, 0, cmd->tag);
     copy_str(ev.detail, sizeof(ev.detail), why);
@@ -955,6 +1187,40 @@ static void refuse_unknown(ambit_loop *l, acmd *cmd, const char *why)
     event_emit(l->engine, &ev);
 }
 
+/* "name: value\n" lines -> nv entries pointing into text (lengths only, no copy). -1 when malformed: names
+ * lowercase [a-z0-9-] and not one the engine owns or HTTP/2 forbids, values without CR/NUL, bounded. */
+static int parse_extra_headers(char *text, nghttp2_nv *nv)
+{
+    static const char *const reserved[] = {"forwarded", "connection", "host", "te", "transfer-encoding",
+                                           "upgrade", "keep-alive", "proxy-connection", NULL};
+    int n = 0;
+    if (!text || !*text)
+        return 0;
+    if (strlen(text) > AMBIT_EXTRA_BYTES || strchr(text, '\r'))
+        return -1;
+    for (char *line = text; *line;) {
+        char *end = strchr(line, '\n');
+        size_t len = end ? (size_t)(end - line) : strlen(line);
+        char *colon = memchr(line, ':', len);
+        if (!colon || colon == line || n == AMBIT_EXTRA_HEADERS)
+            return -1;
+        size_t nlen = (size_t)(colon - line);
+        for (size_t i = 0; i < nlen; i++)
+            if (!((line[i] >= 'a' && line[i] <= 'z') || (line[i] >= '0' && line[i] <= '9') || line[i] == '-'))
+                return -1;
+        for (int r = 0; reserved[r]; r++)
+            if (strlen(reserved[r]) == nlen && !memcmp(reserved[r], line, nlen))
+                return -1;
+        char *value = colon + 1;
+        while (value < line + len && *value == ' ')
+            value++;
+        nv[n++] = (nghttp2_nv){(uint8_t *)line, (uint8_t *)value, nlen, (size_t)(line + len - value),
+                               NGHTTP2_NV_FLAG_NONE};
+        line = end ? end + 1 : line + len;
+    }
+    return n;
+}
+
 void hconn_open_stream(ambit_loop *l, acmd *cmd)
 {
     hconn *c = amap_get(&l->conns, cmd->id);
@@ -971,6 +1237,12 @@ void hconn_open_stream(ambit_loop *l, acmd *cmd)
         refuse_unknown(l, cmd, "bad forwarded header");
         return;
     }
+    nghttp2_nv nv[3 + AMBIT_EXTRA_HEADERS];
+    int extra = parse_extra_headers(cmd->text3, nv + 3);
+    if (extra < 0) {
+        refuse_unknown(l, cmd, "bad extra request header");
+        return;
+    }
     hstream *s = stream_new(c, cmd->id2, cmd->tag);
     if (!s) {
         refuse_unknown(l, cmd, "out of memory");
@@ -980,15 +1252,19 @@ void hconn_open_stream(ambit_loop *l, acmd *cmd)
     cmd->text = NULL;
     s->forwarded = cmd->text2;
     cmd->text2 = NULL;
-    /* CONNECT carries :method and :authority (RFC 9113 8.5), and the source as `forwarded` (RFC 7239). */
-    nghttp2_nv nv[] = {
-        {(uint8_t *)":method", (uint8_t *)"CONNECT", 7, 7, NGHTTP2_NV_FLAG_NONE},
-        {(uint8_t *)":authority", (uint8_t *)s->authority, 10, strlen(s->authority), NGHTTP2_NV_FLAG_NONE},
-        {(uint8_t *)"forwarded", (uint8_t *)(s->forwarded ? s->forwarded : ""), 9,
-         s->forwarded ? strlen(s->forwarded) : 0, NGHTTP2_NV_FLAG_NONE},
-    };
+    /* CONNECT carries :method and :authority (RFC 9113 8.5), the source as `forwarded` (RFC 7239), then
+     * the caller's extra headers (nghttp2 copies them: cmd->text3 is freed after this command). */
+    nv[0] = (nghttp2_nv){(uint8_t *)":method", (uint8_t *)"CONNECT", 7, 7, NGHTTP2_NV_FLAG_NONE};
+    nv[1] = (nghttp2_nv){(uint8_t *)":authority", (uint8_t *)s->authority, 10, strlen(s->authority),
+                         NGHTTP2_NV_FLAG_NONE};
+    int nnv = 2;
+    if (s->forwarded)
+        nv[nnv++] = (nghttp2_nv){(uint8_t *)"forwarded", (uint8_t *)s->forwarded, 9, strlen(s->forwarded),
+                                 NGHTTP2_NV_FLAG_NONE};
+    for (int i = 0; i < extra; i++)
+        nv[nnv++] = nv[3 + i];
     nghttp2_data_provider prov = {.source.ptr = s, .read_callback = stream_read_cb};
-    int32_t h2id = nghttp2_submit_request(c->h2, NULL, nv, s->forwarded ? 3 : 2, &prov, s);
+    int32_t h2id = nghttp2_submit_request(c->h2, NULL, nv, (size_t)nnv, &prov, s);
     if (h2id < 0 || stream_attach(s, cmd) < 0) {
         s->h2_closed = 1;
         s->local_reset = 1;
@@ -1005,7 +1281,8 @@ static hstream *server_stream(ambit_loop *l, acmd *cmd)
 {
     hconn *c = amap_get(&l->conns, cmd->id);
     hstream *s = amap_get(&l->streams, cmd->id2);
-    if (!c || !s || s->conn != c || !c->server || s->opened || s->status || s->h2_closed || c->ending) {
+    if (!c || !s || s->conn != c || !c->server || s->opened || s->status || c->ending ||
+        (s->h2_closed && !s->announced)) {
         ctr_add(l->engine, AMBIT_C_ERRORS_COMMAND, 1);
         return NULL;
     }
@@ -1029,7 +1306,8 @@ void hconn_accept(ambit_loop *l, acmd *cmd)
     nghttp2_data_provider prov = {.source.ptr = s, .read_callback = stream_read_cb};
     s->opened = 1;
     s->status = 200;
-    nghttp2_submit_response(c->h2, s->h2id, &nv, 1, &prov);
+    if (!s->h2_closed) /* else: reset meanwhile; its bytes are written, then the socket is reset */
+        nghttp2_submit_response(c->h2, s->h2id, &nv, 1, &prov);
     mark_ready(s);
     mark_dirty(c);
 }
@@ -1045,7 +1323,9 @@ void hconn_reject(ambit_loop *l, acmd *cmd)
     nghttp2_nv nv = {(uint8_t *)":status", (uint8_t *)status, 7, 3, NGHTTP2_NV_FLAG_NONE};
     s->status = cmd->status;
     s->rejected = 1;
-    nghttp2_submit_response(c->h2, s->h2id, &nv, 1, NULL);
+    if (!s->h2_closed)
+        nghttp2_submit_response(c->h2, s->h2id, &nv, 1, NULL);
+    mark_ready(s);
     mark_dirty(c);
 }
 

@@ -1,5 +1,6 @@
 /* Engine object, loop threads, the Python->C command queue and the C->Python event queue. */
 #include <errno.h>
+#include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,6 +13,9 @@
 
 #include "internal.h"
 
+#define TRIM_AFTER_FREED 64  /* connections freed since the last trim */
+#define TRIM_INTERVAL_MS 1000
+#define MMAP_THRESHOLD (128 * 1024)
 #define EVQ_MAX (1 << 16) /* events kept for a Python side that stops draining; beyond: counted, dropped */
 
 static const char *counter_names[AMBIT_C_COUNT] = {
@@ -19,7 +23,9 @@ static const char *counter_names[AMBIT_C_COUNT] = {
     "streams_opened", "streams_closed", "streams_active", "streams_refused", "streams_reset",
     "stream_bytes_in", "stream_bytes_out", "tls_bytes_in", "tls_bytes_out", "splices_opened",
     "splices_closed", "splices_active", "splice_bytes", "errors_handshake", "errors_peer_identity",
-    "errors_protocol", "errors_io", "errors_command", "events_dropped",
+    "errors_protocol", "errors_io", "errors_command", "events_dropped", "resets_lingered",
+    "streams_reset_early", "refused_handshakes", "refused_conns_source", "refused_streams_peer",
+    "refused_streams_conn", "reset_floods", "malloc_trims",
 };
 
 const char *ambit_counter_name(int index)
@@ -88,6 +94,12 @@ int ambit_engine_events(ambit_engine *e, ambit_event *out, int max)
         e->ev_count--;
     }
     int more = e->ev_count > 0;
+    if (!more && e->ev_cap > 256) {
+        /* A burst (e.g. thousands of failed handshakes) grew the queue: give it back once drained. */
+        free(e->evq);
+        e->evq = NULL;
+        e->ev_cap = e->ev_head = 0;
+    }
     pthread_mutex_unlock(&e->ev_lock);
     if (more) {
         uint64_t one = 1;
@@ -97,6 +109,18 @@ int ambit_engine_events(ambit_engine *e, ambit_event *out, int max)
 }
 
 int ambit_engine_eventfd(ambit_engine *e) { return e->evfd; }
+
+int ambit_engine_set_limit(ambit_engine *e, int which, int value)
+{
+    if (which < 0 || which >= AMBIT_L_COUNT || value < 0)
+        return -1;
+    if (which == AMBIT_L_STREAM_BUFFER && (value < 16384 || value > AMBIT_STREAM_INBUF_MAX))
+        return -1;
+    if (which == AMBIT_L_MAX_CONCURRENT_STREAMS && value < 1)
+        return -1;
+    __atomic_store_n(&e->limits[which], value, __ATOMIC_RELAXED);
+    return 0;
+}
 
 void ambit_engine_counters(ambit_engine *e, uint64_t *out, int n)
 {
@@ -128,6 +152,7 @@ static void cmd_free(acmd *c)
         SSL_CTX_free(c->ctx);
     free(c->text);
     free(c->text2);
+    free(c->text3);
     free(c);
 }
 
@@ -166,12 +191,30 @@ static void on_wake(ambit_loop *l, aio *io, uint32_t events)
     }
 }
 
+/* Connection state is allocated and freed on the loop threads, whose glibc arenas keep freed memory
+ * (a burst of 10,000 aborted handshakes left ~350 MB resident with nothing alive). After a burst of
+ * closed connections, at most once a second, hand the free pages back to the kernel. */
+static void maybe_trim(ambit_engine *e)
+{
+    uint64_t now = now_ms();
+    if (__atomic_load_n(&e->freed_since_trim, __ATOMIC_RELAXED) < TRIM_AFTER_FREED ||
+        now - __atomic_load_n(&e->last_trim_ms, __ATOMIC_RELAXED) < TRIM_INTERVAL_MS)
+        return;
+    __atomic_store_n(&e->freed_since_trim, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&e->last_trim_ms, now, __ATOMIC_RELAXED);
+    malloc_trim(0);
+    ctr_add(e, AMBIT_C_MALLOC_TRIMS, 1);
+}
+
 static void on_tick(ambit_loop *l, aio *io, uint32_t events)
 {
     (void)events;
     uint64_t v;
     (void)!read(io->fd, &v, sizeof(v));
     hconn_tick(l);
+    linger_tick(l);
+    if (l->index == 0)
+        maybe_trim(l->engine);
 }
 
 uint64_t now_ms(void)
@@ -207,9 +250,11 @@ static void *loop_main(void *arg)
         }
         hconn_process_pending(l);
         pump_process_pending(l);
+        linger_reap(l, 0);
     }
     hconn_destroy_all(l);
     pump_destroy_all(l);
+    linger_reap(l, 1);
     return NULL;
 }
 
@@ -227,12 +272,21 @@ static void loop_post(ambit_loop *l, acmd *c)
     (void)!write(l->wakefd, &one, sizeof(one));
 }
 
+static void malloc_tune(void) { mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD); }
+
 ambit_engine *ambit_engine_new(int threads, char *err, size_t errlen)
 {
     if (threads < 1 || threads > 64) {
         set_err(err, errlen, "threads must be 1..64");
         return NULL;
     }
+    /* Per-connection buffers of 128 KiB and more (TLS read-ahead, record coalescing, stream buffers) are
+     * freed on the loop threads in bursts. With glibc's dynamic mmap threshold the first free raises the
+     * threshold and later buffers come from the thread arenas, whose freed space stays resident between
+     * live chunks (~2 KB per aborted handshake, for good). A fixed threshold keeps them mmapped, so
+     * freeing one returns it to the kernel. Process-wide, set once. */
+    static pthread_once_t malloc_once = PTHREAD_ONCE_INIT;
+    pthread_once(&malloc_once, malloc_tune);
     ambit_engine *e = calloc(1, sizeof(*e));
     if (!e) {
         set_err(err, errlen, "out of memory");
@@ -240,7 +294,17 @@ ambit_engine *ambit_engine_new(int threads, char *err, size_t errlen)
     }
     pthread_mutex_init(&e->ev_lock, NULL);
     pthread_mutex_init(&e->ctx_lock, NULL);
+    pthread_mutex_init(&e->limits_lock, NULL);
     ambit_engine_set_timeouts(e, 10000, 30000, 10000);
+    static const int defaults[AMBIT_L_COUNT] = {
+        [AMBIT_L_PENDING_HANDSHAKES] = 4096,
+        [AMBIT_L_PENDING_PER_SOURCE] = 512,
+        [AMBIT_L_MAX_CONCURRENT_STREAMS] = AMBIT_DEFAULT_MAX_STREAMS,
+        [AMBIT_L_RESETS_PER_S] = 200,
+        [AMBIT_L_STREAM_BUFFER] = AMBIT_STREAM_INBUF,
+        [AMBIT_L_CONN_BUFFER] = AMBIT_CONN_INBUF,
+    };
+    memcpy(e->limits, defaults, sizeof(defaults));
     e->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     e->loops = calloc((size_t)threads, sizeof(ambit_loop));
     if (e->evfd < 0 || !e->loops) {
@@ -349,6 +413,8 @@ void ambit_engine_free(ambit_engine *e)
     free(e->evq);
     pthread_mutex_destroy(&e->ev_lock);
     pthread_mutex_destroy(&e->ctx_lock);
+    limits_free(e);
+    pthread_mutex_destroy(&e->limits_lock);
     free(e);
 }
 
@@ -477,13 +543,15 @@ int64_t ambit_serve_hbone(ambit_engine *e, int fd, int64_t ctx, uint64_t tag, ch
 }
 
 int64_t ambit_open_stream(ambit_engine *e, uint64_t conn_id, const char *authority, const char *forwarded,
-                          int local_fd, uint64_t tag, char *err, size_t errlen)
+                          const char *extra, int local_fd, uint64_t tag, char *err, size_t errlen)
 {
     acmd *c = cmd_prepare(e, CMD_OPEN_STREAM, local_fd, -1, err, errlen);
     if (!c)
         return -1;
     int with_fwd = forwarded && *forwarded;
-    if (!(c->text = strdup(authority ? authority : "")) || (with_fwd && !(c->text2 = strdup(forwarded)))) {
+    int with_extra = extra && *extra;
+    if (!(c->text = strdup(authority ? authority : "")) || (with_fwd && !(c->text2 = strdup(forwarded))) ||
+        (with_extra && !(c->text3 = strdup(extra)))) {
         set_err(err, errlen, "out of memory");
         cmd_free(c);
         return -1;

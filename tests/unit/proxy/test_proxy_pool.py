@@ -98,3 +98,18 @@ def test_idle_key_keeps_one_connection() -> None:
     for _ in range(5):  # one stream after another: never more than one connection
         pool.release(1)
         assert pool.acquire(KEY, 1) is conn
+
+
+def test_a_key_keeps_only_spread_idle_connections_after_a_burst() -> None:
+    clock = Clock()
+    pool = Pool(max_streams=1, idle_timeout=60, spread=2, clock=clock)
+    for conn_id in range(1, 6):  # a burst: five concurrent streams, one connection each
+        pool.add(KEY, conn_id, "p", 1)
+    for conn_id in range(1, 5):
+        clock.now += 1
+        pool.release(conn_id)
+    # Four idle, one busy: the two most recently used idle ones stay warm, the others close now.
+    assert sorted(pool.expired()) == [1, 2]
+    assert pool.expired() == []
+    pool.release(5)
+    assert pool.expired() == [3]  # 5 and 4 are the two warm ones now
