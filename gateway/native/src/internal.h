@@ -129,6 +129,7 @@ struct gw {
     atomic_uint_fast64_t counters[GW_C_COUNT];
     atomic_uint_fast64_t route_stats[GW_MAX_ROUTE_SLOTS][GW_ACTION_COUNT];
     atomic_int conns;
+    atomic_uint next_loop;   /* round robin of accepted connections over the loops */
 };
 
 static inline void gw_count(struct gw *g, int c, uint64_t n) { atomic_fetch_add(&g->counters[c], n); }
@@ -152,8 +153,9 @@ typedef struct gw_conn gw_conn;
 typedef struct gw_upstream gw_upstream;
 
 typedef struct gw_ready {
-    uint64_t token;
+    uint64_t token;          /* 0: a client connection accepted by another loop, for listener_id */
     int fd;
+    int listener_id;
     struct gw_ready *next;
 } gw_ready;
 

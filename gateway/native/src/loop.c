@@ -138,24 +138,29 @@ int gw_events(gw *g, gw_event *out, int max)
     return n;
 }
 
-int gw_upstream_ready(gw *g, uint64_t token, int fd)
+static void loop_push(gw_loop *l, gw_ready *r)
 {
-    size_t index = (size_t)(token & 0xff);
-    gw_ready *r = index < (size_t)g->nloops ? malloc(sizeof(*r)) : NULL;
-    if (!r) {
-        if (fd >= 0)
-            close(fd);
-        return -1;
-    }
-    gw_loop *l = &g->loops[index];
-    r->token = token;
-    r->fd = fd;
     pthread_mutex_lock(&l->ready_lock);
     r->next = l->ready;
     l->ready = r;
     pthread_mutex_unlock(&l->ready_lock);
     uint64_t one = 1;
-    return write(l->wakefd, &one, sizeof(one)) == sizeof(one) ? 0 : -1;
+    if (write(l->wakefd, &one, sizeof(one)) < 0)
+        one = 0; /* the counter is already non-zero: the loop wakes anyway */
+}
+
+int gw_upstream_ready(gw *g, uint64_t token, int fd)
+{
+    size_t index = (size_t)(token & 0xff);
+    gw_ready *r = token && index < (size_t)g->nloops ? malloc(sizeof(*r)) : NULL;
+    if (!r) {
+        if (fd >= 0)
+            close(fd);
+        return -1;
+    }
+    *r = (gw_ready){.token = token, .fd = fd};
+    loop_push(&g->loops[index], r);
+    return 0;
 }
 
 int gw_eventfd(gw *g)
@@ -175,9 +180,22 @@ void gw_route_stats(gw *g, int slot, uint64_t *out)
         out[a] = slot >= 0 && slot < GW_MAX_ROUTE_SLOTS ? atomic_load(&g->route_stats[slot][a]) : 0;
 }
 
+static void adopt(gw_loop *l, int fd, int listener_id)
+{
+    struct sockaddr_storage peer;
+    socklen_t plen = sizeof(peer);
+    if (getpeername(fd, (struct sockaddr *)&peer, &plen) < 0) {
+        close(fd);
+        return;
+    }
+    http1_accept(l, fd, listener_id, &peer);
+}
+
+/* Connections are dealt round robin over the loops: the loop that wakes first would otherwise take a whole
+ * burst of clients (EPOLLEXCLUSIVE wakes one loop, and it drains the backlog), leaving the others idle. */
 static void accept_ready(gw_loop *l, gw_listener_ep *le)
 {
-    for (;;) {
+    for (int budget = 64; budget > 0; budget--) {
         struct sockaddr_storage peer;
         socklen_t plen = sizeof(peer);
         int fd = accept4(le->fd, (struct sockaddr *)&peer, &plen, SOCK_NONBLOCK | SOCK_CLOEXEC);
@@ -189,7 +207,14 @@ static void accept_ready(gw_loop *l, gw_listener_ep *le)
             close(fd);
             continue;
         }
-        http1_accept(l, fd, le->listener_id, &peer);
+        gw_loop *target = &l->g->loops[atomic_fetch_add(&l->g->next_loop, 1) % (unsigned)l->g->nloops];
+        gw_ready *r = target != l ? malloc(sizeof(*r)) : NULL;
+        if (r) {
+            *r = (gw_ready){.token = 0, .fd = fd, .listener_id = le->listener_id};
+            loop_push(target, r);
+        } else {
+            http1_accept(l, fd, le->listener_id, &peer);
+        }
     }
 }
 
@@ -222,7 +247,10 @@ static void *loop_main(void *arg)
                 pthread_mutex_unlock(&l->ready_lock);
                 while (r) {
                     gw_ready *next = r->next;
-                    http1_upstream_ready(l, r->token, r->fd);
+                    if (r->token)
+                        http1_upstream_ready(l, r->token, r->fd);
+                    else
+                        adopt(l, r->fd, r->listener_id);
                     free(r);
                     r = next;
                 }
