@@ -6,11 +6,11 @@ Scope decision (least privilege that still lets a node route and authorize):
 - every Node (the HBONE address of any peer's node is needed to route to it);
 - every Service (addresses, ports, selector: a client may dial any service VIP);
 - policy objects (every kind registered besides Workload/Namespace/Service/Node) in the namespaces of its
-  own workloads, in the root namespace (MeshConfig's `root_namespace`, default "ambit-system") and every
+  own workloads, in the root namespace (MeshConfig's `root_namespace`, default "istio-system") and every
   cluster-scoped one;
 - PEER workloads only on demand: a lookup by IP (a workload IP, or a service VIP which yields its
   endpoints) returns them in minimal form (uid, service account, node, ips, ports) and from then on they stay
-  in that node's subscription. Minimal form keeps exactly two kinds of label: the enrolment label (the node
+  in that node's subscription. Minimal form keeps exactly two kinds of label: the enrolment labels (the node
   must know whether to speak HBONE to the peer) and the keys some Service of the peer's namespace selects on
   (so `Service.selects` picks endpoints on the node); every other label stays on the plane.
 Asking as another node than the certificate's is refused by the relay (PERMISSION_DENIED) and audited.
@@ -22,10 +22,10 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from api.resources.workload import DATAPLANE_LABEL, Service, Workload
+from api.resources.policy import DEFAULT_ROOT_NAMESPACE
+from api.resources.workload import DATAPLANE_LABELS, Service, Workload
 from mgmt.store import ConfigSnapshot, StoredResource, canonical_json, content_hash
 
-DEFAULT_ROOT_NAMESPACE = "ambit-system"
 CORE_KINDS = frozenset({"Workload", "Namespace", "Service", "Node"})
 
 View = dict[str, StoredResource]  # by str(ResourceKey)
@@ -122,7 +122,7 @@ class ScopeIndex:
         return peer
 
     def _minimal_document(self, w: Workload) -> dict[str, Any]:
-        keep = self._selector_keys.get(w.namespace, set()) | {DATAPLANE_LABEL}
+        keep = self._selector_keys.get(w.namespace, set()) | set(DATAPLANE_LABELS)
         labels = {k: v for k, v in w.labels.items() if k in keep}
         metadata: dict[str, Any] = {"name": w.name, "namespace": w.namespace}
         if labels:

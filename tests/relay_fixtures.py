@@ -58,7 +58,7 @@ def write_mesh(config_dir: Path, nodes: int = 2, pods: int = 2) -> None:
                 "metadata": {"name": "demo", "labels": {"ambit.io/dataplane-mode": "ambient"}},
             },
             {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "other"}},
-            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ambit-system"}},
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "istio-system"}},
             *[
                 {
                     "apiVersion": "ambit.io/v1",
@@ -79,7 +79,7 @@ def write_mesh(config_dir: Path, nodes: int = 2, pods: int = 2) -> None:
                 },
             },
             _policy("demo-allow", "demo"),
-            _policy("mesh-wide", "ambit-system"),
+            _policy("mesh-wide", "istio-system"),
             _policy("other-only", "other"),
         ],
     )

@@ -1,5 +1,9 @@
 """AuthorizationPolicy rules compiled into closures over sets, so a per-connection decision is a few
 set lookups and string prefix tests: no YAML, no ipaddress objects, no per-call allocation beyond one Peer.
+
+L7 attributes get ztunnel's fail-closed meaning at compile time, so deciding never looks at them: an ALLOW
+rule that uses any never matches; in a DENY (or CUSTOM, AUDIT) rule each source, operation or condition is
+reduced to its L4 fields, and one with no L4 field left matches every connection.
 """
 
 from __future__ import annotations
@@ -32,15 +36,17 @@ def ip_key(ip: str) -> IpKey | None:
 class Peer:
     """The attributes of one connection in the shape the matchers read; IPs are converted on first use."""
 
-    __slots__ = ("principal", "namespace", "port", "source_ip", "destination_ip", "_src", "_dst")
+    __slots__ = ("principal", "path", "namespace", "port", "source_ip", "destination_ip", "_src", "_dst")
 
     def __init__(self, attrs: ConnectionAttrs) -> None:
         sp = attrs.source_principal
         if sp is None:
             self.principal: str | None = None
+            self.path: str | None = None
             self.namespace: str | None = None
         else:
             self.principal = sp.trust_domain + sp.path
+            self.path = sp.path  # "/ns/<ns>/sa/<sa>" for a workload: what serviceAccounts match
             seg = sp.path.split("/")
             self.namespace = seg[2] if len(seg) == 5 and seg[1] == "ns" and seg[3] == "sa" else None
         self.port = attrs.destination_port
@@ -171,6 +177,22 @@ def _on_namespace(m: StringMatch, negate: bool) -> Check:
     return lambda p: p.namespace is not None and m(p.namespace)
 
 
+def _on_service_account(paths: frozenset[str], negate: bool) -> Check:
+    # As ztunnel: namespace and service account of the peer's SPIFFE ID, any trust domain; plaintext
+    # peers never match serviceAccounts and always match notServiceAccounts (like principals).
+    if negate:
+        return lambda p: p.path is None or p.path not in paths
+    return lambda p: p.path is not None and p.path in paths
+
+
+def _service_account_paths(accounts: Iterable[str]) -> frozenset[str]:
+    out = set()
+    for account in accounts:
+        ns, _, sa = account.partition("/")
+        out.add(f"/ns/{ns}/sa/{sa}")
+    return frozenset(out)
+
+
 def _on_source_ip(ips: IpSet, negate: bool) -> Check:
     if negate:
         return lambda p: p.src_key() not in ips
@@ -197,15 +219,18 @@ def _source(src: Source, trust_domain: str) -> Check:
     for values, negate in ((src.namespaces, False), (src.not_namespaces, True)):
         if values:
             checks.append(_on_namespace(StringMatch(values), negate))
+    for values, negate in ((src.service_accounts, False), (src.not_service_accounts, True)):
+        if values:
+            checks.append(_on_service_account(_service_account_paths(values), negate))
     for values, negate in ((src.ip_blocks, False), (src.not_ip_blocks, True)):
         if values:
             checks.append(_on_source_ip(IpSet(values), negate))
-    return _all(checks)
+    return _all(checks) if checks else _always  # only L7 fields (or empty lists): no L4 constraint
 
 
 def _operation(op: Operation) -> Check:
     checks = [_on_port(frozenset(v), negate) for v, negate in ((op.ports, False), (op.not_ports, True)) if v]
-    return _all(checks)
+    return _all(checks) if checks else _always
 
 
 def _condition(cond: Condition, trust_domain: str) -> Check:
@@ -227,14 +252,24 @@ def _always(p: Peer) -> bool:
     return True
 
 
-def compile_rule(rule: Rule, trust_domain: str) -> Check:
-    """A rule matches when any of its sources, any of its operations and all of its conditions match."""
+def _never(p: Peer) -> bool:
+    return False
+
+
+def compile_rule(rule: Rule, trust_domain: str, action: str = "ALLOW") -> Check:
+    """A rule matches when any of its sources, any of its operations and all of its conditions match.
+
+    L7 attributes cannot be checked at L4 (ztunnel's semantics, fail closed): in an ALLOW rule they make the
+    rule match nothing; elsewhere only the L4 part of each entry counts (an L7 condition matches anything).
+    """
+    if rule.l7_attributes and action == "ALLOW":
+        return _never
     checks: list[Check] = []
     if rule.sources:
         checks.append(_any([_source(s, trust_domain) for s in rule.sources]))
     if rule.operations:
         checks.append(_any([_operation(o) for o in rule.operations]))
-    checks.extend(_condition(c, trust_domain) for c in rule.conditions)
+    checks.extend(_condition(c, trust_domain) for c in rule.conditions if not c.l7)
     return _all(checks) if checks else _always
 
 
@@ -249,16 +284,23 @@ class CompiledPolicy:
     decision: Decision  # what a match decides, built once: decisions allocate nothing per connection
 
 
-def _never(p: Peer) -> bool:
-    return False
-
-
 def compile_policy(policy: AuthorizationPolicy, trust_domain: str) -> CompiledPolicy:
-    rules = [compile_rule(r, trust_domain) for r in policy.rules]
+    rules = [compile_rule(r, trust_domain, policy.action) for r in policy.rules]
+    l4_only = (
+        " (its L7 attributes enforced on the L4 part only)"
+        if any(r.l7_attributes for r in policy.rules)
+        else ""
+    )
     if policy.action == "ALLOW":
         decision = Decision(True, policy.uid, "allowed by ALLOW policy")
     elif policy.action == "DENY":
-        decision = Decision(False, policy.uid, "denied by DENY policy")
+        decision = Decision(False, policy.uid, "denied by DENY policy" + l4_only)
+    elif policy.action == "CUSTOM":
+        decision = Decision(
+            False,
+            policy.uid,
+            f"denied by CUSTOM policy: provider {policy.provider!r} unreachable from the node (fail closed)",
+        )
     else:
         decision = Decision(True, "", "audited", audited=True, audit_policy=policy.uid)
     return CompiledPolicy(

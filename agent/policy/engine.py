@@ -1,12 +1,17 @@
 """The policy engine: compiles a mesh snapshot's policies at config time; decides per connection.
 
-Order (Istio's): DENY policies, then RegoPolicies (a Rego deny is a DENY, a Rego allow an ALLOW match),
+Order (Istio's): CUSTOM and DENY policies (CUSTOM denies what it matches: the node has no external
+authorizer, so it fails closed), then RegoPolicies (a Rego deny is a DENY, a Rego allow an ALLOW match),
 then AUDIT (flags the decision for the audit log), then ALLOW. No ALLOW policy applying to the workload
 means allow, unless MeshConfig.defaultDeny. Any error while deciding denies (fail closed) with a reason.
 
 A compiled config is immutable and swapped in with one reference assignment, so the relay thread can
 update while proxy threads decide. Per-workload policy sets, Rego results and mTLS modes are memoised in
 the compiled config, so a new config version invalidates them all at once.
+
+Policies bound to a waypoint (`targetRefs`) are kept for `rows()` but not enforced. What the node enforces
+differently from a policy's full meaning (L7 attributes, targetRefs, CUSTOM) is that policy's warnings:
+logged once when they appear, listed by `rows()`, counted (`policy_warnings`).
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ class CompiledConfig:
     peerauth: PeerAuthIndex
     workloads: Mapping[str, Workload]
     sources: tuple[Any, ...]  # the parsed objects, for rows()
+    warnings: Mapping[str, tuple[str, ...]]  # policy uid -> what the node enforces differently (rows())
     # memo: workload uid -> (enforced set, set with dry-run policies enforced or None when there are none)
     sets: dict[str, tuple[PolicySet, PolicySet | None]] = field(default_factory=dict)
     rego_cache: dict[tuple[int, ConnectionAttrs], Decision] = field(default_factory=dict)
@@ -89,10 +95,14 @@ def compile_config(snapshot: Snapshot, trust_domain: str) -> CompiledConfig:
         )
     authz = []
     rego = []
+    warnings = {}
     for p in sorted(policies, key=lambda p: (p.kind, p.meta.namespace, p.meta.name)):
         try:
             if isinstance(p, AuthorizationPolicy):
-                authz.append(compile_policy(p, trust_domain))
+                if p.warnings:
+                    warnings[p.uid] = p.warnings
+                if p.enforced_by_node:
+                    authz.append(compile_policy(p, trust_domain))
             elif isinstance(p, RegoPolicy):
                 rego.append(RegoModule(p))
         except PolicyError:
@@ -105,7 +115,7 @@ def compile_config(snapshot: Snapshot, trust_domain: str) -> CompiledConfig:
         mesh.default_mtls_mode,
     )
     return CompiledConfig(
-        snapshot.version, mesh, tuple(authz), tuple(rego), peerauth, snapshot.workloads, policies
+        snapshot.version, mesh, tuple(authz), tuple(rego), peerauth, snapshot.workloads, policies, warnings
     )
 
 
@@ -124,7 +134,8 @@ def _select(config: CompiledConfig, namespace: str, labels: Mapping[str, str], d
     else:
         otherwise = Decision(True, "", "no ALLOW policy applies")
     return PolicySet(
-        deny=tuple(p for p in chosen if p.action == "DENY"),
+        deny=tuple(p for p in chosen if p.action == "CUSTOM")
+        + tuple(p for p in chosen if p.action == "DENY"),
         audit=tuple(p for p in chosen if p.action == "AUDIT"),
         allow=allow,
         rego=tuple(r for r in config.rego if applies(r.namespace, r.selector, root, namespace, labels)),
@@ -213,6 +224,7 @@ class PolicyEngine:
                     previous.peerauth,
                     snapshot.workloads,
                     previous.sources,
+                    previous.warnings,
                 )
             else:
                 config = compile_config(snapshot, self.trust_domain)
@@ -222,6 +234,10 @@ class PolicyEngine:
             raise
         self._config = config
         self._count("updates")
+        for uid, texts in config.warnings.items():  # once per warning: config changes are human-paced
+            for text in texts:
+                if text not in previous.warnings.get(uid, ()):
+                    log.warning("AuthorizationPolicy %s: %s", uid, text)
         log.info(
             "policies version %s: %d authorization, %d rego",
             config.version,
@@ -373,9 +389,13 @@ class PolicyEngine:
                 rows.append(_row(config, p, "mesh", "", self._mesh_detail(p)))
             elif isinstance(p, AuthorizationPolicy):
                 detail = f"{p.action} {len(p.rules)} rule(s)" + (" dry-run" if p.dry_run else "")
-                rows.append(
-                    _row(config, p, _scope(p.meta.namespace, p.selector, root), _sel(p.selector), detail)
-                )
+                if p.provider:
+                    detail += f" provider {p.provider}"
+                if p.target_refs:
+                    scope, selector = "waypoint (not enforced)", ",".join(str(t) for t in p.target_refs)
+                else:
+                    scope, selector = _scope(p.meta.namespace, p.selector, root), _sel(p.selector)
+                rows.append(_row(config, p, scope, selector, detail))
             elif isinstance(p, PeerAuthentication):
                 ports = " ".join(f"{port}={m}" for port, m in sorted(p.port_modes.items()))
                 detail = f"mtls {p.mode}" + (f" ports {ports}" if ports else "")
@@ -401,6 +421,7 @@ class PolicyEngine:
             out = dict(self._counts)
         out["version"] = config.version
         out["authorization_policies"] = len(config.authz)
+        out["policy_warnings"] = len(config.warnings)  # policies the node enforces differently (or not)
         out["rego_policies"] = len(config.rego)
         out["rego_cache_entries"] = len(config.rego_cache)
         out["default_deny"] = int(config.mesh.default_deny)
@@ -460,6 +481,7 @@ def _row(config: CompiledConfig, p: Any, scope: str, selector: str, detail: str)
         "scope": scope,
         "selector": selector,
         "detail": detail,
+        "warnings": list(config.warnings.get(p.uid, ())) if isinstance(p, AuthorizationPolicy) else [],
         "version": config.version,
     }
 

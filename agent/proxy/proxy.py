@@ -16,6 +16,7 @@ from agent.proxy.outbound import Outbound
 from agent.proxy.pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_STREAMS, Pool
 from agent.proxy.runtime import Authorizer, MeshView, Runtime
 from agent.proxy.sockets import listener
+from agent.proxy.status import refused_stream_flags
 from agent.proxy.table import ConnectionTable, Entry, Path
 from agent.proxy.tls import ProxyCredentials, TlsContexts
 from agent.redirect.marks import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
@@ -245,7 +246,7 @@ class Proxy:
         if entry is None:
             return
         self._release(entry)
-        flags = "DENY" if ev.status == STATUS_FORBIDDEN else "UF"
+        flags = refused_stream_flags(ev.status)
         why = f"stream refused ({ev.status or 'no status'}): {ev.detail}"
         self._rt.table.finish(ev.tag, response_flags=flags, error=why)
 

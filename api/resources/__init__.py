@@ -25,6 +25,7 @@ class Meta:
     name: str
     namespace: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)  # e.g. Istio's istio.io/dry-run
 
 
 class Resource(Protocol):
@@ -68,13 +69,13 @@ def key_of(res: Resource) -> ResourceKey:
     return ResourceKey(res.kind, res.meta.namespace, res.meta.name)
 
 
-def _labels(raw: Any, where: str) -> dict[str, str]:
+def _labels(raw: Any, where: str, name: str = "labels") -> dict[str, str]:
     if raw is None:
         return {}
     if not isinstance(raw, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in raw.items()
     ):
-        raise ResourceError("metadata.labels must be a map of strings", where)
+        raise ResourceError(f"metadata.{name} must be a map of strings", where)
     return dict(raw)
 
 
@@ -107,7 +108,12 @@ def parse(doc: Any, where: str = "") -> Any:
         raise ResourceError(f"{kind}: metadata.namespace must be a non-empty string", where)
     if not info.namespaced and namespace:
         raise ResourceError(f"{kind} is cluster-scoped: metadata.namespace is not allowed", where)
-    meta = Meta(md["name"], namespace, _labels(md.get("labels"), where))
+    meta = Meta(
+        md["name"],
+        namespace,
+        _labels(md.get("labels"), where),
+        _labels(md.get("annotations"), where, "annotations"),
+    )
     spec = doc.get("spec", {})
     if spec is None:
         spec = {}

@@ -1,7 +1,9 @@
 """Workload, Namespace and Service: where pods run, who they are, and whether the mesh captures them.
 
-Enrolment follows Istio ambient: the label `ambit.io/dataplane-mode: ambient` on the pod's Namespace or on
-the Workload itself enrols it; `ambit.io/dataplane-mode: none` on the Workload opts it out.
+Enrolment follows Istio ambient (its CNI's rule): `ambient` on the pod's Namespace or on the Workload itself
+enrols it; `none` on the Workload opts it out, whatever its Namespace says. Istio's label
+`istio.io/dataplane-mode` and ambit's `ambit.io/dataplane-mode` are read alike; when one object carries both
+with different values, `none` wins (the owner asked not to be captured). Other values mean "not set".
 """
 
 from __future__ import annotations
@@ -16,8 +18,18 @@ from api.spiffe import SpiffeId, SpiffeIdError
 
 API_VERSION = "ambit.io/v1"
 DATAPLANE_LABEL = "ambit.io/dataplane-mode"
+ISTIO_DATAPLANE_LABEL = "istio.io/dataplane-mode"
+DATAPLANE_LABELS = (DATAPLANE_LABEL, ISTIO_DATAPLANE_LABEL)
 AMBIENT = "ambient"
 OPT_OUT = "none"
+
+
+def dataplane_mode(labels: Mapping[str, str]) -> str | None:
+    """AMBIENT, OPT_OUT or None (not set) from either dataplane-mode label; OPT_OUT wins a conflict."""
+    values = {labels.get(name) for name in DATAPLANE_LABELS}
+    if OPT_OUT in values:
+        return OPT_OUT
+    return AMBIENT if AMBIENT in values else None
 
 
 def _check_fields(spec: Mapping[str, Any], allowed: set[str]) -> None:
@@ -88,7 +100,7 @@ class Namespace:
 
     @property
     def ambient(self) -> bool:
-        return self.meta.labels.get(DATAPLANE_LABEL) == AMBIENT
+        return dataplane_mode(self.meta.labels) == AMBIENT
 
 
 @register("Namespace", {API_VERSION, "v1"}, namespaced=False)
@@ -129,11 +141,9 @@ class Workload:
 
     def enrolled(self, namespace: Namespace | None) -> bool:
         """Whether the mesh captures this workload's traffic, given its Namespace (None if not declared)."""
-        own = self.meta.labels.get(DATAPLANE_LABEL)
-        if own == OPT_OUT:
-            return False
-        if own == AMBIENT:
-            return True
+        own = dataplane_mode(self.meta.labels)
+        if own is not None:
+            return own == AMBIENT
         return namespace is not None and namespace.ambient
 
 

@@ -105,3 +105,77 @@ def test_bad_policy_nacked_previous_set_stays_then_good_set_applies(
         assert [(i, d.policy) for i, d in revoked] == [(1, "demo/no-demo")]
     finally:
         client.stop()
+
+
+ISTIO_YAML = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-admin
+  namespace: demo
+  annotations:
+    istio.io/dry-run: "true"
+spec:
+  action: DENY
+  rules:
+  - to:
+    - operation:
+        methods: ["POST"]
+        paths: ["/admin*"]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: mesh-deny-other
+  namespace: istio-system
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        serviceAccounts: ["other/client"]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: waypoint-only
+  namespace: demo
+spec:
+  targetRefs:
+  - kind: Service
+    group: ""
+    name: web
+  action: DENY
+  rules:
+  - {}
+"""
+
+
+def test_istio_yaml_keeps_its_meaning_through_the_relay(
+    plane: tuple[Plane, CertificateAuthority], tmp_path: Path
+) -> None:
+    """The dry-run annotation, the istio-system root and targetRefs reach the agent's engine intact."""
+    server, ca = plane
+    (tmp_path / "config" / "istio.yaml").write_text(ISTIO_YAML)
+    engine = PolicyEngine(TD)
+    client = RelayClient(
+        server.target,
+        "node-1",
+        node_channel_credentials(ca, "node-1"),
+        on_snapshot=engine.update,
+        validate=engine.validate,
+        server_name=SERVER_NAME,
+    )
+    client.start()
+    try:
+        # deny-admin (L7 attributes) and waypoint-only (targetRefs) are the two policies with warnings.
+        _wait(lambda: engine.counters()["policy_warnings"] == 2, "the Istio policies")
+        demo = engine.authorize(_from("demo"))
+        # Enforced, deny-admin would deny everything (its L7-only rule, fail closed): dry-run reports it.
+        assert demo.allow and demo.dry_run and "dry-run: demo/deny-admin would deny" in demo.reason
+        other = engine.authorize(_from("other"))  # _from's service account is "client"
+        assert not other.allow and other.policy == "istio-system/mesh-deny-other"
+        rows = {r["name"]: r for r in engine.rows()}
+        assert rows["waypoint-only"]["scope"] == "waypoint (not enforced)"
+    finally:
+        client.stop()

@@ -88,7 +88,7 @@ def test_unacked_response_blocks_the_next_until_answered(raw: RawStream, plane: 
     # Asking again is answered (from the ACKed state: nothing, so everything subscribed).
     raw.send(subscribe=relay_pb2.Subscribe(node="node-1", types=["Node", "Namespace"]))
     again = raw.recv()
-    assert {"Node/node-1", "Namespace/demo", "Namespace/ambit-system"} <= _keys(again)
+    assert {"Node/node-1", "Namespace/demo", "Namespace/istio-system"} <= _keys(again)
     assert "Namespace/other" not in _keys(again)
 
 

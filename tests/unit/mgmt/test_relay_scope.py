@@ -22,9 +22,9 @@ def test_node_view_holds_own_workloads_and_what_they_depend_on(tmp_path: Path) -
     workloads = sorted(k for k in view if k.startswith("Workload/"))
     assert workloads == ["Workload/demo/web-11", "Workload/demo/web-12"]
     assert {"Node/node-1", "Node/node-2", "Node/node-3", "Service/demo/web", "MeshConfig/mesh"} <= set(view)
-    assert {"Namespace/demo", "Namespace/ambit-system"} <= set(view)
+    assert {"Namespace/demo", "Namespace/istio-system"} <= set(view)
     assert "AuthorizationPolicy/demo/demo-allow" in view
-    assert "AuthorizationPolicy/ambit-system/mesh-wide" in view  # root namespace: mesh-wide
+    assert "AuthorizationPolicy/istio-system/mesh-wide" in view  # root namespace: mesh-wide
     assert "AuthorizationPolicy/other/other-only" not in view
     assert "Namespace/other" not in view
 
@@ -62,3 +62,22 @@ def test_own_workload_is_never_downgraded_to_peer_form(tmp_path: Path) -> None:
     index = _index(tmp_path)
     view = index.view("node-1", ["Workload/demo/web-11"])
     assert json.loads(view["Workload/demo/web-11"].document)["metadata"]["labels"]["tier"] == "gold"
+
+
+def test_minimal_peer_documents_keep_both_enrolment_labels(tmp_path: Path) -> None:
+    """A peer's Istio or ambit dataplane-mode label decides whether the node speaks HBONE to it."""
+    write_mesh(tmp_path / "config", nodes=2)
+    labels = {"istio.io/dataplane-mode": "ambient", "ambit.io/dataplane-mode": "none", "team": "x"}
+    (tmp_path / "config" / "extra.yaml").write_text(
+        "apiVersion: ambit.io/v1\nkind: Workload\n"
+        f"metadata: {{name: labelled, namespace: other, labels: {json.dumps(labels)}}}\n"
+        "spec: {serviceAccount: labelled, node: node-2, ips: [10.244.2.200]}\n"
+    )
+    store = ConfigStore(tmp_path / "config")
+    assert store.load() == []
+    view = ScopeIndex(store.current).view("node-1", ["Workload/other/labelled"])
+    peer = json.loads(view["Workload/other/labelled"].document)
+    assert peer["metadata"]["labels"] == {
+        "istio.io/dataplane-mode": "ambient",
+        "ambit.io/dataplane-mode": "none",
+    }

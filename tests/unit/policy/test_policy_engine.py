@@ -8,7 +8,7 @@ import threading
 from typing import Any
 
 import pytest
-from test_policy_table import REGO_PORTS, ap, conn, engine_with, mesh, pa, rego, snapshot, src
+from test_policy_table import REGO_PORTS, SVC_REF, ap, conn, engine_with, mesh, op, pa, rego, snapshot, src
 
 from agent.policy.engine import PolicyEngine
 from agent.policy.errors import PolicyError
@@ -134,13 +134,13 @@ def test_rows_and_counters() -> None:
         [
             mesh(defaultDeny=True),
             ap("web", selector={"app": "web"}, rules=[{}], dry_run=True),
-            ap("mesh-deny", ns="ambit-system", action="DENY", rules=[src(ipBlocks=["1.2.3.4"])]),
+            ap("mesh-deny", ns="istio-system", action="DENY", rules=[src(ipBlocks=["1.2.3.4"])]),
             pa(mode="STRICT", selector={"app": "web"}, ports={"8080": "DISABLE"}),
             rego(REGO_PORTS),
         ]
     )
     rows = {(r["kind"], r["name"]): r for r in engine.rows()}
-    assert rows[("MeshConfig", "default")]["detail"].startswith("defaultDeny=true rootNamespace=ambit-system")
+    assert rows[("MeshConfig", "default")]["detail"].startswith("defaultDeny=true rootNamespace=istio-system")
     assert rows[("AuthorizationPolicy", "web")]["scope"] == "workload"
     assert rows[("AuthorizationPolicy", "web")]["detail"] == "ALLOW 1 rule(s) dry-run"
     assert rows[("AuthorizationPolicy", "mesh-deny")]["scope"] == "mesh"
@@ -148,6 +148,47 @@ def test_rows_and_counters() -> None:
     assert rows[("RegoPolicy", "r")]["detail"] == "rego query data.ambit.authz"
     c = engine.counters()
     assert (c["authorization_policies"], c["rego_policies"], c["default_deny"], c["version"]) == (2, 1, 1, 1)
+
+
+WARNED = [
+    ap("l7", rules=[op(methods=["GET"])]),
+    ap("waypoint", rules=[{}], targetRefs=[SVC_REF]),
+    ap("ext", action="CUSTOM", provider={"name": "authz"}, rules=[op(ports=["9"])]),
+    ap("plain", action="DENY", rules=[src(namespaces=["x"])]),
+]
+
+
+def test_warnings_are_logged_once_listed_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("WARNING", logger="agent.policy.engine")
+    engine = engine_with(WARNED)
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 3  # one each for waypoint, ext (CUSTOM) and l7; none for plain
+    assert any(m.startswith("AuthorizationPolicy shop/waypoint: bound to targetRefs") for m in logged)
+    rows = {r["name"]: r for r in engine.rows()}
+    assert (
+        rows["waypoint"]["scope"] == "waypoint (not enforced)"
+        and rows["waypoint"]["selector"] == "Service/web"
+    )
+    assert rows["ext"]["detail"] == "CUSTOM 1 rule(s) provider authz"
+    assert "never match at L4" in rows["l7"]["warnings"][0]
+    assert rows["plain"]["warnings"] == []
+    c = engine.counters()
+    assert c["policy_warnings"] == 3 and c["authorization_policies"] == 3  # the waypoint one is not compiled
+    caplog.clear()
+    more = ap("more", rules=[{"when": [{"key": "connection.sni", "values": ["a"]}]}])
+    engine.update(snapshot([*WARNED, more], version=2))
+    assert [r.getMessage() for r in caplog.records] == [
+        "AuthorizationPolicy shop/more: rule(s) 0 use L7 attributes (connection.sni) and never match at L4 "
+        "(more restrictive than requested); use a waypoint for L7"
+    ]  # only the new policy's warning: the others were logged already
+    assert engine.counters()["policy_warnings"] == 4
+
+
+def test_warnings_survive_a_workload_only_update() -> None:
+    engine = engine_with(WARNED)
+    snap = snapshot(WARNED, version=2)
+    engine.update(snap.with_workloads([]))
+    assert engine.version == 2 and engine.counters()["policy_warnings"] == 3
 
 
 def test_unusable_attributes_fail_closed() -> None:
@@ -191,10 +232,10 @@ WEB = "shop/web"
 MTLS_CASES = [
     ("default-permissive", [], WEB, 80, "PERMISSIVE"),
     ("meshconfig-default", [mesh(defaultMtlsMode="STRICT")], WEB, 80, "STRICT"),
-    ("mesh-strict", [pa(ns="ambit-system", mode="STRICT")], "other/api", 80, "STRICT"),
+    ("mesh-strict", [pa(ns="istio-system", mode="STRICT")], "other/api", 80, "STRICT"),
     (
         "namespace-over-mesh",
-        [pa("m", ns="ambit-system", mode="STRICT"), pa(mode="PERMISSIVE")],
+        [pa("m", ns="istio-system", mode="STRICT"), pa(mode="PERMISSIVE")],
         WEB,
         80,
         "PERMISSIVE",

@@ -1,7 +1,10 @@
-"""Table-driven authorization tests: each field, negation, scope, precedence, default-deny, dry-run, Rego.
+"""Table-driven authorization tests: each field, negation, scope, precedence, default-deny, dry-run, Rego,
+and the Istio semantics an Istio YAML keeps here: the istio-system root namespace, the istio.io/dry-run
+annotation, serviceAccounts, L7 attributes enforced as ztunnel does at L4, targetRefs, CUSTOM; plus the
+enrolment labels (istio.io/ and ambit.io/dataplane-mode).
 
-Every case compiles its policies into a fresh engine over a mesh of three workloads (shop/web, shop/db,
-other/api) and checks one decision for one connection.
+Every authorization case compiles its policies into a fresh engine over a mesh of three workloads (shop/web,
+shop/db, other/api) and checks one decision for one connection.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from agent import enrolment
 from agent.policy.decision import ConnectionAttrs
 from agent.policy.engine import PolicyEngine
 from agent.state import MeshSnapshot
@@ -46,8 +50,10 @@ def ap(
     rules: list[dict[str, Any]] | None = None,
     dry_run: bool | None = None,
     api: str = "security.istio.io/v1",
+    annotations: dict[str, str] | None = None,
+    **extra: Any,  # more spec fields: provider, targetRefs, targetRef
 ) -> dict[str, Any]:
-    spec: dict[str, Any] = {}
+    spec: dict[str, Any] = dict(extra)
     if action:
         spec["action"] = action
     if selector is not None:
@@ -56,17 +62,25 @@ def ap(
         spec["rules"] = rules
     if dry_run is not None:
         spec["dryRun"] = dry_run
-    return {
-        "apiVersion": api,
-        "kind": "AuthorizationPolicy",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": spec,
-    }
+    metadata: dict[str, Any] = {"name": name, "namespace": ns}
+    if annotations is not None:
+        metadata["annotations"] = annotations
+    return {"apiVersion": api, "kind": "AuthorizationPolicy", "metadata": metadata, "spec": spec}
 
 
 def src(**fields: Any) -> dict[str, Any]:
     """One rule with one `from` source."""
     return {"from": [{"source": fields}]}
+
+
+def op(**fields: Any) -> dict[str, Any]:
+    """One rule with one `to` operation."""
+    return {"to": [{"operation": fields}]}
+
+
+def when(key: str, *values: str) -> dict[str, Any]:
+    """One rule with one `when` condition."""
+    return {"when": [{"key": key, "values": list(values)}]}
 
 
 def mesh(**spec: Any) -> dict[str, Any]:
@@ -200,6 +214,14 @@ class Case:
 
 NO = None  # plaintext peer
 ALLOW_P = "shop/p"
+DRY = "istio.io/dry-run"
+SVC_REF = {"kind": "Service", "group": "", "name": "web"}
+PROVIDER = {"name": "ext-authz"}
+HEADER_AND_PORT = [
+    {"key": "request.headers[x-user]", "values": ["a"]},
+    {"key": "destination.port", "values": ["80"]},
+]
+DENY_HEADER_AND_PORT = ap(action="DENY", rules=[{"when": HEADER_AND_PORT}])
 
 CASES = [
     # -- no policy / defaults -------------------------------------------------------------------------
@@ -383,21 +405,21 @@ CASES = [
     Case("namespace-scope-other-ns", [ap(action="DENY", rules=[{}])], True, "", {"dst": "other/api"}),
     Case(
         "mesh-scope",
-        [ap(action="DENY", ns="ambit-system", rules=[{}])],
+        [ap(action="DENY", ns="istio-system", rules=[{}])],
         False,
-        "ambit-system/p",
+        "istio-system/p",
         {"dst": "other/api"},
     ),
     Case(
         "root-selector-all-namespaces",
-        [ap(action="DENY", ns="ambit-system", selector={"app": "web"}, rules=[{}])],
+        [ap(action="DENY", ns="istio-system", selector={"app": "web"}, rules=[{}])],
         False,
-        "ambit-system/p",
+        "istio-system/p",
         {"dst": "other/api"},
     ),
     Case(
         "root-selector-miss",
-        [ap(action="DENY", ns="ambit-system", selector={"app": "web"}, rules=[{}])],
+        [ap(action="DENY", ns="istio-system", selector={"app": "web"}, rules=[{}])],
         True,
         "",
         {"dst": "shop/db"},
@@ -478,7 +500,360 @@ CASES = [
         "shop/r",
         {"principal": "cluster.local/ns/back/sa/x"},
     ),
-    Case("rego-labels", [rego(REGO_LABELS, ns="ambit-system")], False, "ambit-system/r", {"dst": "shop/db"}),
+    Case("rego-labels", [rego(REGO_LABELS, ns="istio-system")], False, "istio-system/r", {"dst": "shop/db"}),
+    # -- root namespace: Istio's istio-system by default, MeshConfig overrides --------------------------
+    Case(
+        "root-default-istio-system",
+        [ap(action="DENY", ns="istio-system", rules=[{}])],
+        False,
+        "istio-system/p",
+        {"dst": "shop/db"},
+    ),
+    Case(
+        "ambit-system-is-not-root",
+        [ap(action="DENY", ns="ambit-system", rules=[{}])],
+        True,
+        "",
+        {"dst": "other/api"},
+    ),
+    Case(
+        "root-override-leaves-istio-system",
+        [mesh(rootNamespace="mesh-root"), ap(action="DENY", ns="istio-system", rules=[{}])],
+        True,
+        "",
+        {"dst": "other/api"},
+    ),
+    Case(
+        "root-override-ambit-system",
+        [mesh(rootNamespace="ambit-system"), ap(action="DENY", ns="ambit-system", rules=[{}])],
+        False,
+        "ambit-system/p",
+        {"dst": "other/api"},
+    ),
+    Case(
+        "root-allow-mesh-wide",
+        [ap(ns="istio-system", rules=[src(namespaces=["x"])])],
+        False,
+        "",
+        {"dst": "other/api"},
+        reason="no ALLOW policy matched",
+    ),
+    # -- istio.io/dry-run annotation ----------------------------------------------------------------------
+    Case(
+        "annotation-dry-run-deny",
+        [ap(action="DENY", rules=[{}], annotations={DRY: "true"})],
+        True,
+        "",
+        dry_run=True,
+        reason="dry-run: shop/p would deny",
+    ),
+    *[
+        Case(
+            f"annotation-dry-run-{v}",
+            [ap(action="DENY", rules=[{}], annotations={DRY: v})],
+            True,
+            "",
+            dry_run=True,
+        )
+        for v in ("True", "1", "t", "TRUE")
+    ],
+    Case(
+        "annotation-dry-run-false",
+        [ap(action="DENY", rules=[{}], annotations={DRY: "false"})],
+        False,
+        ALLOW_P,
+    ),
+    Case(
+        "annotation-dry-run-allow",
+        [mesh(defaultDeny=True), ap(rules=[{}], annotations={DRY: "true"})],
+        False,
+        "",
+        dry_run=True,
+        reason="would allow",
+    ),
+    Case(
+        "annotation-dry-run-allow-nothing",
+        [ap(rules=None, annotations={DRY: "true"})],
+        True,
+        "",
+        dry_run=True,
+        reason="would deny",
+    ),
+    Case(
+        "annotation-dry-run-and-spec-agree",
+        [ap(action="DENY", rules=[{}], dry_run=True, annotations={DRY: "true"})],
+        True,
+        "",
+        dry_run=True,
+    ),
+    Case(
+        "annotation-other-ignored", [ap(action="DENY", rules=[{}], annotations={"team": "a"})], False, ALLOW_P
+    ),
+    # -- serviceAccounts / notServiceAccounts ("ns/sa"; a bare name is the policy's namespace) -------------
+    Case("sa-match", [ap(rules=[src(serviceAccounts=["front/client"])])], True, ALLOW_P),
+    Case("sa-miss", [ap(rules=[src(serviceAccounts=["front/other"])])], False, ""),
+    Case("sa-list-or", [ap(rules=[src(serviceAccounts=["a/b", "front/client"])])], True, ALLOW_P),
+    Case("sa-bare-is-policy-namespace", [ap(rules=[src(serviceAccounts=["client"])])], False, ""),
+    Case(
+        "sa-bare-match",
+        [ap(rules=[src(serviceAccounts=["client"])])],
+        True,
+        ALLOW_P,
+        {"principal": "cluster.local/ns/shop/sa/client"},
+    ),
+    Case("sa-plaintext", [ap(rules=[src(serviceAccounts=["front/client"])])], False, "", {"principal": NO}),
+    Case(
+        "sa-node-identity",
+        [ap(rules=[src(serviceAccounts=["node/node-2"])])],
+        False,
+        "",
+        {"principal": "cluster.local/node/node-2"},
+    ),
+    Case(
+        "sa-any-trust-domain",
+        [ap(rules=[src(serviceAccounts=["front/client"])])],
+        True,
+        ALLOW_P,
+        {"principal": "example.org/ns/front/sa/client"},
+        td="example.org",
+    ),
+    Case(
+        "sa-and-ip", [ap(rules=[src(serviceAccounts=["front/client"], ipBlocks=["192.168.0.0/16"])])], False
+    ),
+    Case("not-sa-excluded", [ap(rules=[src(notServiceAccounts=["front/client"])])], False, ""),
+    Case("not-sa-other", [ap(rules=[src(notServiceAccounts=["front/x"])])], True, ALLOW_P),
+    Case(
+        "not-sa-plaintext",
+        [ap(rules=[src(notServiceAccounts=["front/client"])])],
+        True,
+        ALLOW_P,
+        {"principal": NO},
+    ),
+    Case("deny-sa", [ap(action="DENY", rules=[src(serviceAccounts=["front/client"])])], False, ALLOW_P),
+    Case("deny-sa-miss", [ap(action="DENY", rules=[src(serviceAccounts=["back/client"])])], True, ""),
+    # -- L7 attributes in ALLOW: the rule never matches (ztunnel), other rules still do ---------------------
+    Case(
+        "allow-methods-never",
+        [ap(rules=[{**src(namespaces=["front"]), **op(methods=["GET"])}])],
+        False,
+        "",
+        reason="no ALLOW policy matched",
+    ),
+    Case("allow-methods-with-ports", [ap(rules=[op(ports=["80"], methods=["GET"])])], False, ""),
+    Case("allow-not-methods", [ap(rules=[op(notMethods=["DELETE"])])], False, ""),
+    Case("allow-paths", [ap(rules=[op(paths=["/api/*"])])], False, "", {"principal": NO}),
+    Case("allow-not-paths", [ap(rules=[op(notPaths=["/admin"])])], False, ""),
+    Case("allow-hosts", [ap(rules=[op(hosts=["web.shop.svc.cluster.local"])])], False, ""),
+    Case("allow-not-hosts", [ap(rules=[op(notHosts=["evil.example"])])], False, ""),
+    Case("allow-request-principals", [ap(rules=[src(requestPrincipals=["*"])])], False, ""),
+    Case("allow-not-request-principals", [ap(rules=[src(notRequestPrincipals=["x/y"])])], False, ""),
+    Case("allow-remote-ip-blocks", [ap(rules=[src(remoteIpBlocks=["10.0.0.0/8"])])], False, ""),
+    Case("allow-when-header", [ap(rules=[when("request.headers[x-user]", "alice")])], False, ""),
+    Case("allow-when-claims", [ap(rules=[when("request.auth.claims[iss]", "https://idp")])], False, ""),
+    Case(
+        "allow-when-request-principal", [ap(rules=[when("request.auth.principal", "idp/alice")])], False, ""
+    ),
+    Case("allow-when-audiences", [ap(rules=[when("request.auth.audiences", "web")])], False, ""),
+    Case("allow-when-presenter", [ap(rules=[when("request.auth.presenter", "app")])], False, ""),
+    Case("allow-when-remote-ip", [ap(rules=[when("remote.ip", "10.0.0.0/8")])], False, ""),
+    Case("allow-when-sni", [ap(rules=[when("connection.sni", "web.example")])], False, ""),
+    Case("allow-when-envoy-filter", [ap(rules=[when("experimental.envoy.filters.a.b[c]", "d")])], False, ""),
+    Case(
+        "allow-l7-rule-dropped-l4-rule-kept",
+        [ap(rules=[op(methods=["GET"]), src(namespaces=["front"])])],
+        True,
+        ALLOW_P,
+    ),
+    Case("allow-ports-stay-l4", [ap(rules=[op(ports=["80"])])], True, ALLOW_P),
+    # -- L7 attributes in DENY: enforced on their L4 part (fail closed), an L7-only entry matches all --
+    Case(
+        "deny-methods-l4-part",
+        [ap(action="DENY", rules=[op(ports=["80"], methods=["GET"])])],
+        False,
+        ALLOW_P,
+        reason="L4 part",
+    ),
+    Case(
+        "deny-methods-l4-part-miss",
+        [ap(action="DENY", rules=[op(ports=["80"], methods=["GET"])])],
+        True,
+        "",
+        {"port": 8080},
+    ),
+    Case("deny-methods-only", [ap(action="DENY", rules=[op(methods=["POST"])])], False, ALLOW_P, {"port": 9}),
+    Case(
+        "deny-paths-plaintext",
+        [ap(action="DENY", rules=[op(paths=["/admin"])])],
+        False,
+        ALLOW_P,
+        {"principal": NO},
+    ),
+    Case(
+        "deny-mixed-to-list",
+        [
+            ap(
+                action="DENY",
+                rules=[{"to": [{"operation": {"methods": ["GET"]}}, {"operation": {"ports": ["443"]}}]}],
+            )
+        ],
+        False,
+        ALLOW_P,
+    ),
+    Case(
+        "deny-request-principals-and-namespace",
+        [ap(action="DENY", rules=[src(namespaces=["front"], requestPrincipals=["*"])])],
+        False,
+        ALLOW_P,
+    ),
+    Case(
+        "deny-request-principals-and-namespace-miss",
+        [ap(action="DENY", rules=[src(namespaces=["back"], requestPrincipals=["*"])])],
+        True,
+        "",
+    ),
+    Case(
+        "deny-not-request-principals-only",
+        [ap(action="DENY", rules=[src(notRequestPrincipals=["*"])])],
+        False,
+        ALLOW_P,
+    ),
+    Case(
+        "deny-remote-ip-and-ip",
+        [ap(action="DENY", rules=[src(ipBlocks=["10.9.0.0/16"], remoteIpBlocks=["1.2.3.4"])])],
+        True,
+        "",
+    ),
+    Case(
+        "deny-when-header-and-port",
+        [DENY_HEADER_AND_PORT],
+        False,
+        ALLOW_P,
+    ),
+    Case(
+        "deny-when-header-and-port-miss",
+        [DENY_HEADER_AND_PORT],
+        True,
+        "",
+        {"port": 8080},
+    ),
+    Case(
+        "deny-when-header-only",
+        [ap(action="DENY", rules=[when("request.headers[x-user]", "a")])],
+        False,
+        ALLOW_P,
+    ),
+    Case(
+        "deny-l7-and-allow",
+        [ap("a", rules=[{}]), ap("d", action="DENY", rules=[op(methods=["GET"])])],
+        False,
+        "shop/d",
+    ),
+    Case(
+        "audit-l7-l4-part",
+        [ap("a", action="AUDIT", rules=[op(ports=["80"], paths=["/x"])])],
+        True,
+        "",
+        audited=True,
+    ),
+    Case(
+        "dry-run-deny-l7",
+        [ap(action="DENY", rules=[op(methods=["GET"])], annotations={DRY: "true"})],
+        True,
+        "",
+        dry_run=True,
+        reason="would deny",
+    ),
+    # -- targetRef(s): a waypoint's policy, not enforced by the node ----------------------------------------
+    Case(
+        "target-refs-allow-not-enforced", [ap(rules=[src(namespaces=["x"])], targetRefs=[SVC_REF])], True, ""
+    ),
+    Case("target-ref-deny-not-enforced", [ap(action="DENY", rules=[{}], targetRef=SVC_REF)], True, ""),
+    Case(
+        "target-refs-gateway-not-enforced",
+        [
+            ap(
+                action="DENY",
+                rules=[{}],
+                targetRefs=[{"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "waypoint"}],
+            )
+        ],
+        True,
+        "",
+    ),
+    Case(
+        "target-refs-default-deny",
+        [mesh(defaultDeny=True), ap(rules=[{}], targetRefs=[SVC_REF])],
+        False,
+        "",
+        reason="defaultDeny",
+    ),
+    Case(
+        "target-refs-next-to-selector-policy",
+        [ap("w", rules=[{}], targetRefs=[SVC_REF]), ap("d", action="DENY", rules=[{}])],
+        False,
+        "shop/d",
+    ),
+    # -- CUSTOM: no external authorizer on the node, so what it matches is denied (fail closed) -------------
+    Case(
+        "custom-denies-match",
+        [ap(action="CUSTOM", provider=PROVIDER, rules=[op(ports=["80"])])],
+        False,
+        ALLOW_P,
+        reason="CUSTOM",
+    ),
+    Case(
+        "custom-miss-allows",
+        [ap(action="CUSTOM", provider=PROVIDER, rules=[op(ports=["80"])])],
+        True,
+        "",
+        {"port": 8080},
+    ),
+    Case(
+        "custom-paths-l4-part",
+        [ap(action="CUSTOM", provider=PROVIDER, rules=[op(paths=["/admin/*"])])],
+        False,
+        ALLOW_P,
+        {"principal": NO},
+    ),
+    Case(
+        "custom-before-allow",
+        [ap("a", rules=[{}]), ap("c", action="CUSTOM", provider=PROVIDER, rules=[{}])],
+        False,
+        "shop/c",
+        reason="fail closed",
+    ),
+    Case(
+        "custom-before-deny",
+        [ap("a", action="DENY", rules=[{}]), ap("c", action="CUSTOM", provider=PROVIDER, rules=[{}])],
+        False,
+        "shop/c",
+    ),
+    Case(
+        "custom-ip-blocks",
+        [ap(action="CUSTOM", provider=PROVIDER, rules=[src(ipBlocks=["10.0.0.0/24"])])],
+        False,
+        ALLOW_P,
+    ),
+    Case(
+        "custom-target-refs-not-enforced",
+        [ap(action="CUSTOM", provider=PROVIDER, rules=[{}], targetRefs=[SVC_REF])],
+        True,
+        "",
+    ),
+    Case(
+        "custom-root-selector",
+        [ap(action="CUSTOM", ns="istio-system", selector={"app": "web"}, provider=PROVIDER, rules=[{}])],
+        False,
+        "istio-system/p",
+        {"dst": "other/api"},
+    ),
+    Case(
+        "custom-root-selector-miss",
+        [ap(action="CUSTOM", ns="istio-system", selector={"app": "web"}, provider=PROVIDER, rules=[{}])],
+        True,
+        "",
+        {"dst": "shop/db"},
+    ),
 ]
 
 
@@ -499,3 +874,62 @@ def test_decision(case: Case) -> None:
     assert decision.dry_run is case.dry_run, decision
     assert case.reason in decision.reason, decision
     assert engine.denies(conn(**attrs)) is (not case.allow)
+
+
+# -- enrolment: istio.io/dataplane-mode and ambit.io/dataplane-mode on Namespaces and Workloads -------------
+ISTIO_MODE = "istio.io/dataplane-mode"
+AMBIT_MODE = "ambit.io/dataplane-mode"
+
+
+@dataclass(frozen=True)
+class Enrol:
+    id: str
+    namespace: dict[str, str] | None  # the Namespace's labels; None: no Namespace object declared
+    workload: dict[str, str]
+    enrolled: bool
+
+
+ENROLMENT = [
+    Enrol("istio-namespace", {ISTIO_MODE: "ambient"}, {}, True),
+    Enrol("ambit-namespace", {AMBIT_MODE: "ambient"}, {}, True),
+    Enrol("istio-workload", {}, {ISTIO_MODE: "ambient"}, True),
+    Enrol("ambit-workload", {}, {AMBIT_MODE: "ambient"}, True),
+    Enrol("workload-without-namespace-object", None, {ISTIO_MODE: "ambient"}, True),
+    Enrol("nothing", {}, {}, False),
+    Enrol("no-namespace-object", None, {}, False),
+    Enrol("istio-opt-out", {ISTIO_MODE: "ambient"}, {ISTIO_MODE: "none"}, False),
+    Enrol("ambit-opt-out-istio-namespace", {ISTIO_MODE: "ambient"}, {AMBIT_MODE: "none"}, False),
+    Enrol("istio-opt-out-ambit-namespace", {AMBIT_MODE: "ambient"}, {ISTIO_MODE: "none"}, False),
+    Enrol("workload-ambient-over-namespace-none", {ISTIO_MODE: "none"}, {ISTIO_MODE: "ambient"}, True),
+    Enrol("namespace-none", {ISTIO_MODE: "none"}, {}, False),
+    Enrol("workload-conflict-none-wins", {}, {ISTIO_MODE: "ambient", AMBIT_MODE: "none"}, False),
+    Enrol("workload-conflict-none-wins-2", {}, {ISTIO_MODE: "none", AMBIT_MODE: "ambient"}, False),
+    Enrol("namespace-conflict-none-wins", {ISTIO_MODE: "ambient", AMBIT_MODE: "none"}, {}, False),
+    Enrol("both-labels-agree", {ISTIO_MODE: "ambient", AMBIT_MODE: "ambient"}, {}, True),
+    Enrol("unknown-value-is-unset", {ISTIO_MODE: "ambient"}, {ISTIO_MODE: "sidecar"}, True),
+    Enrol("case-matters", {ISTIO_MODE: "Ambient"}, {}, False),
+    Enrol("other-istio-label", {"istio-injection": "enabled"}, {}, False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ENROLMENT, ids=[c.id for c in ENROLMENT])
+def test_enrolment(case: Enrol) -> None:
+    """Parsed from the YAML Kubernetes and Istio use (a v1 Namespace), decided by the agent's rule."""
+    docs: list[dict[str, Any]] = []
+    if case.namespace is not None:
+        docs.append(
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "app", "labels": case.namespace}}
+        )
+    docs.append(
+        {
+            "apiVersion": "ambit.io/v1",
+            "kind": "Workload",
+            "metadata": {"name": "w", "namespace": "app", "labels": case.workload},
+            "spec": {"serviceAccount": "w", "node": "node-1", "ips": ["10.244.1.9"]},
+        }
+    )
+    snap = MeshSnapshot.from_objects(1, TD, "node-1", [parse(d, "test") for d in docs])
+    w = snap.workloads["app/w"]
+    assert w.enrolled(snap.namespace_of(w)) is case.enrolled
+    wanted = enrolment.desired([w], lambda x: x.enrolled(snap.namespace_of(x)), lambda x: "PERMISSIVE")
+    assert ("10.244.1.9" in wanted) is case.enrolled

@@ -1,10 +1,11 @@
-"""The strict parser of the CONNECT's `forwarded` header (RFC 7239): one for=<ip>, nothing else."""
+"""The strict parser of the CONNECT's `forwarded` header (RFC 7239): one for=<ip>[:port] (our engine's and
+ztunnel's forms) and at most one host= (ztunnel's), nothing else."""
 
 from __future__ import annotations
 
 import pytest
 
-from agent.proxy.forwarded import ForwardedError, believe, parse_forwarded_for
+from agent.proxy.forwarded import Forwarded, ForwardedError, believe, parse_forwarded, parse_forwarded_for
 from agent.state import MeshSnapshot
 from api.resources import Meta
 from api.resources.workload import Namespace, Workload
@@ -20,10 +21,31 @@ from native.engine import EngineError, forwarded_for
         ('for="10.244.1.2"', "10.244.1.2"),
         ("For=10.244.1.2", "10.244.1.2"),
         (' for="[fd00:0:0::2]" ', "fd00::2"),
+        ('for="10.244.1.2:43210"', "10.244.1.2"),  # ztunnel: for="<source ip:port>"
+        ('for="[fd00::2]:43210"', "fd00::2"),
+        ('for="10.244.1.2:1"', "10.244.1.2"),
+        ('for="10.244.1.2:65535"', "10.244.1.2"),
+        ('for="10.244.1.2:43210";host=reviews.bookinfo.svc.cluster.local', "10.244.1.2"),  # ztunnel via a VIP
+        ('host="reviews.bookinfo.svc.cluster.local:9080";For="[fd00::2]:1"', "fd00::2"),
+        ('FOR="10.244.1.2"', "10.244.1.2"),
+        ('for="[::ffff:10.244.1.2]:80"', "10.244.1.2"),  # IPv4-mapped: the IPv4 address (ipBlocks)
+        ('for="10.244.1.2:80";host=*.example.com', "10.244.1.2"),
     ],
 )
 def test_accepted(value: str, ip: str | None) -> None:
     assert parse_forwarded_for(value) == ip
+
+
+@pytest.mark.parametrize(
+    "value,claim",
+    [
+        ("for=10.244.1.2", Forwarded("10.244.1.2")),
+        ('for="[fd00::2]:80"', Forwarded("fd00::2", 80)),
+        ('for="10.244.1.2:43210";host=web.shop', Forwarded("10.244.1.2", 43210, "web.shop")),
+    ],
+)
+def test_claim_fields(value: str, claim: Forwarded) -> None:
+    assert parse_forwarded(value) == claim
 
 
 @pytest.mark.parametrize(
@@ -32,9 +54,42 @@ def test_accepted(value: str, ip: str | None) -> None:
         "for=10.244.1.2, for=10.244.1.3",  # a list: which hop?
         "for=10.244.1.2;by=10.0.0.1",  # other parameters
         "by=10.244.1.2",
-        "for=10.244.1.2:8080",
-        'for="10.244.1.2:8080"',
-        'for="[fd00::2]:80"',
+        "for=10.244.1.2:8080",  # a port needs the quoted-string (":" is not a token character)
+        'for="10.244.1.2:0"',
+        'for="10.244.1.2:65536"',
+        'for="10.244.1.2:080"',  # leading zero
+        'for="10.244.1.2:"',
+        'for="10.244.1.2:_obf"',  # obfuscated port
+        'for="10.244.1.2:80:81"',
+        'for="10.244.1.2:+80"',
+        'for="[fd00::2]:"',
+        'for="[fd00::2]x"',
+        'for="[fd00::2]:0"',
+        'for="[fd00::2"',
+        'for="fd00::2:80"',  # IPv6 with a port, unbracketed
+        'for="[10.244.1.2]:80"',
+        'for="[fe80::1%eth0]:80"',
+        'for="127.0.0.1:80"',
+        'for="[::1]:80"',
+        'for="[::ffff:127.0.0.1]"',
+        "for=10.244.1.2;host=*",
+        "for=10.244.1.2;for=10.244.1.3",  # two claims
+        "for=10.244.1.2;host=a;host=b",
+        "for=10.244.1.2;",  # empty pair
+        ";for=10.244.1.2",
+        "for=10.244.1.2;;host=a",
+        "for=10.244.1.2;proto=https",  # other RFC 7239 parameters are not accepted
+        "for=10.244.1.2;x=y",
+        "host=web.shop",  # no for
+        "for=10.244.1.2; host=web.shop",  # whitespace around ";"
+        'for=10.244.1.2;host="web shop"',
+        "for=10.244.1.2;host=-web",
+        'for=10.244.1.2;host="web.shop:0"',
+        'for=10.244.1.2;host="[fd00::1]"',
+        'for="10.244.1.2";host=web\\x',
+        'for="_hidden:80"',
+        'for="unknown"',
+        'for=""',
         "for=[fd00::2]",  # IPv6 must be quoted
         'for="fd00::2"',  # ... and bracketed
         'for="[10.244.1.2]"',
@@ -100,3 +155,29 @@ def test_a_claim_is_believed_only_for_the_peers_own_identity(
     ok, known = believe(ip, SpiffeId.parse(peer), _view())
     assert ok is believed
     assert (known.uid if known else None) == workload
+
+
+def test_hostile_values_only_ever_raise_forwarded_error() -> None:
+    """Mutations of valid headers (seeded: reproducible) give a claim or ForwardedError, nothing else."""
+    import random
+
+    rng = random.Random(7239)
+    seeds = ['for="10.244.1.2:43210";host=web.shop', 'for="[fd00::2]:80"', "for=10.244.1.2"]
+    alphabet = '";=:[],%_\\ \t.0123456789abcdef:xXforhst*-/'
+    for _ in range(3000):
+        chars = list(rng.choice(seeds))
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(len(chars) + 1)
+            op = rng.randrange(3)
+            if op == 0:
+                chars.insert(at, rng.choice(alphabet))
+            elif chars and op == 1:
+                del chars[min(at, len(chars) - 1)]
+            elif chars:
+                chars[min(at, len(chars) - 1)] = rng.choice(alphabet)
+        value = "".join(chars)
+        try:
+            claim = parse_forwarded(value)
+        except ForwardedError:
+            continue
+        assert claim is None or isinstance(claim, Forwarded)
