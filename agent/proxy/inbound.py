@@ -26,6 +26,7 @@ from agent.proxy.runtime import MeshView, Runtime, accept_batch
 from agent.proxy.sockets import (
     AuthorityError,
     connect_nonblocking,
+    original_destination,
     parse_authority,
     peer_address,
 )
@@ -46,8 +47,9 @@ STATUS_UNAVAILABLE = 503
 
 @dataclass
 class ServerConn:
-    """One HBONE connection a peer node opened to us."""
+    """One HBONE connection a peer opened to a local workload's address (`local_ip`:15008)."""
 
+    local_ip: str
     peer_ip: str
     peer_port: int
     principal: SpiffeId | None = None
@@ -65,18 +67,55 @@ class Inbound:
     # --- HBONE (15008) ---------------------------------------------------------------------------
 
     def on_hbone_readable(self, listener: socket.socket) -> None:
-        accept_batch(listener, self._serve)
+        accept_batch(listener, self._accept)
 
-    def _serve(self, sock: socket.socket) -> None:
+    def _accept(self, sock: socket.socket) -> None:
+        """A peer dialled `<local pod ip>:15008` (steered here by the capture): serve it as that pod."""
+        local_ip, _ = original_destination(sock)
+        peer_ip, peer_port = peer_address(sock)
+        self.serve(sock, local_ip, peer_ip, peer_port)
+
+    def serve(self, sock: socket.socket, local_ip: str, peer_ip: str, peer_port: int) -> None:
+        """Serve HBONE on `sock`, presenting the SVID of the local workload that owns `local_ip` (the
+        address the peer dialled: ztunnel sends no SNI, so the address is all there is to choose by).
+        An address that is no local workload has no identity to present: the connection is closed."""
         rt = self.rt
         rt.counters["hbone_accepted"] += 1
-        peer_ip, peer_port = peer_address(sock)
         sock.setblocking(False)
-        try:
-            ctx = rt.tls.server()
-        except Exception as exc:  # no node identity yet: nothing to present
+        snap = rt.state()
+        local = snap.workload_by_ip(local_ip)
+        if local is None or local.node != rt.node:
+            rt.counters["hbone_not_a_local_workload"] += 1
+            rt.warn.warning("hbone_not_local", "refusing HBONE from %s to %s: not a workload on node %s",
+                            peer_ip, local_ip, rt.node)  # fmt: skip
+            sock.close()
+            return
+        identity = local.spiffe_id(snap.trust_domain)
+        if rt.tls.has_server(identity):
+            self._serve_as(sock, identity, local_ip, peer_ip, peer_port)
+            return
+
+        def resume(err: Exception | None) -> None:
+            if err is None:
+                self._serve_as(sock, identity, local_ip, peer_ip, peer_port)
+                return
             rt.counters["hbone_no_identity"] += 1
-            log.warning("refusing HBONE from %s: no node identity: %s", peer_ip, exc)
+            log.warning("refusing HBONE from %s to %s: no certificate for %s: %s", peer_ip, local_ip,
+                        identity, err)  # fmt: skip
+            sock.close()
+
+        rt.counters["hbone_waited_for_svid"] += 1
+        rt.off_loop(str(identity), lambda: rt.tls.fetch(identity), resume)
+
+    def _serve_as(
+        self, sock: socket.socket, identity: SpiffeId, local_ip: str, peer_ip: str, peer_port: int
+    ) -> None:
+        rt = self.rt
+        try:
+            ctx = rt.tls.server(identity)
+        except Exception as exc:  # no SVID (CA unreachable, ...): nothing to present
+            rt.counters["hbone_no_identity"] += 1
+            log.warning("refusing HBONE from %s: no certificate for %s: %s", peer_ip, identity, exc)
             sock.close()
             return
         try:
@@ -85,7 +124,7 @@ class Inbound:
             rt.counters["hbone_serve_errors"] += 1
             log.warning("HBONE from %s: %s", peer_ip, exc)
             return
-        self.server_conns[conn_id] = ServerConn(peer_ip, peer_port)
+        self.server_conns[conn_id] = ServerConn(local_ip, peer_ip, peer_port)
 
     def on_peer_verified(self, ev: Event) -> None:
         conn = self.server_conns.get(ev.conn_id)
@@ -113,6 +152,12 @@ class Inbound:
         except AuthorityError as exc:
             self._refuse_stream(ev, STATUS_BAD_REQUEST, str(exc))
             return
+        if dst_ip != conn.local_ip:
+            # As ztunnel: the connection was dialled to the destination pod itself; a CONNECT naming
+            # another address would borrow this pod's identity (its certificate) for someone else's.
+            why = f"authority {dst_ip} is not the address this connection was dialled to ({conn.local_ip})"
+            self._refuse_stream(ev, STATUS_BAD_REQUEST, why)
+            return
         snap = rt.state()
         dst = snap.workload_by_ip(dst_ip)
         if dst is None or dst.node != rt.node:
@@ -121,7 +166,7 @@ class Inbound:
         if conn.principal is None:
             self._refuse_stream(ev, STATUS_FORBIDDEN, f"peer {conn.peer_ip} has no SPIFFE identity")
             return
-        claimed = self._claimed_source(ev, snap, conn)
+        claimed = self._peer_source(snap, conn) or self._claimed_source(ev, snap, conn)
         if claimed is not None:
             src_ip, src = claimed
         else:
@@ -161,6 +206,24 @@ class Inbound:
         entry = Entry(rt.table.next_tag(), record, Path.HBONE_SERVER, attrs, ev.conn_id, ev.stream_id)
         rt.table.add(entry)
         rt.loop.watch_connect(upstream, lambda sock, err: self._upstream_ready(entry, sock, err))
+
+    def _peer_source(self, snap: MeshView, conn: ServerConn) -> tuple[str, Workload | None] | None:
+        """(source IP, its workload when known) from the HBONE connection's TCP peer address, which is the
+        source pod's own when the peer originates from it (as ztunnel and ambit do). The address is a claim
+        like `forwarded` (a node can bind any address), so it gets the same trust decision
+        (`forwarded.believe`); an address outside the mesh's pod ranges (a peer node's own, an older
+        ambit dialling from its node address) is no pod and falls through to `forwarded`."""
+        principal = conn.principal
+        if principal is None or not snap.in_mesh_range(conn.peer_ip):
+            return None
+        believed, known = believe(conn.peer_ip, principal, snap)
+        if not believed:
+            self.rt.counters["hbone_peer_address_rejected"] += 1
+            self.rt.warn.warning("hbone_peer_address", "HBONE peer %s (%s) is not its identity's address: "
+                                 "not believed as the source", conn.peer_ip, principal)  # fmt: skip
+            return None
+        self.rt.counters["hbone_peer_address_used"] += 1
+        return conn.peer_ip, known
 
     def _claimed_source(
         self, ev: Event, snap: MeshView, conn: ServerConn

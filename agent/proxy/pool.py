@@ -1,7 +1,10 @@
-"""HBONE connection pool: mTLS connections to peer nodes, shared by streams of the same source identity.
+"""HBONE connection pool: mTLS connections from one source pod to one destination pod, as ztunnel pools.
 
-A pool key is (source workload SPIFFE ID, destination node): the client certificate carries the source
-identity, so two identities never share a connection, and one connection reaches every pod of a node.
+A pool key is (source SPIFFE ID, source pod IP, destination SPIFFE ID, destination pod IP): the outer
+connection goes from the source pod's address to `<destination pod ip>:15008`, the client certificate
+carries the source identity and the server's the destination's, so none of the four may differ between
+streams sharing a connection (the expected peer is in the key so a reused pod IP never inherits a
+connection verified for its previous owner).
 Each connection carries at most `max_streams` concurrent CONNECT streams; the pool opens another when all
 are full. Busy keys are also spread: while every connection of a key carries a stream and the key has fewer
 than `spread` connections, a new stream gets a new connection. One TLS connection is one engine loop thread
@@ -18,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-PoolKey = tuple[str, str]  # (source SPIFFE ID, destination node name)
+PoolKey = tuple[str, str, str, str]  # (source SPIFFE ID, source IP, destination SPIFFE ID, destination IP)
 
 DEFAULT_MAX_STREAMS = 100
 DEFAULT_IDLE_TIMEOUT = 60.0
@@ -29,7 +32,7 @@ DEFAULT_SPREAD = 1
 class PooledConnection:
     conn_id: int
     key: PoolKey
-    peer: str  # "node-ip:15008"
+    peer: str  # "pod-ip:15008"
     generation: int  # credentials generation of the key when the connection was opened
     opened_at: float
     streams: int = 0
@@ -136,7 +139,8 @@ class Pool:
             {
                 "conn_id": c.conn_id,
                 "source": c.key[0],
-                "node": c.key[1],
+                "source_ip": c.key[1],
+                "destination": c.key[2],
                 "peer": c.peer,
                 "state": _state(c),
                 "streams": c.streams,

@@ -41,12 +41,13 @@ class Ports:
 
 
 class Proxy:
-    """Listeners 15001 (outbound capture), 15006 (inbound plaintext), 15008 (HBONE) of one node.
+    """Listeners 15001 (outbound capture), 15006 (inbound plaintext), 15008 (HBONE to local pods) of one node.
 
     `engine_threads`: the engine's loop threads (None: `default_engine_threads()`); `connections_per_key`:
-    how many pooled connections concurrent streams of one (source identity, node) spread over (None: 2 x
-    engine threads). `credentials`: `svid_for(SpiffeId)`, `trust_bundle_pem()` and `node_identity()` (an
-    object with `chain_pem`/`key_pem`: the certificate the node presents on 15008). `lookup(ip)`: the
+    how many pooled connections concurrent streams of one (source pod, destination pod) spread over (None:
+    2 x engine threads). `credentials`: `svid_for(SpiffeId)` and `trust_bundle_pem()` (the IdentityManager:
+    local workloads present their own SVIDs on both sides of HBONE). `listen_ip`: the node's address
+    (logged; HBONE is served on every local pod's address). `lookup(ip)`: the
     relay's on-demand lookup (blocking; its answer is merged into `state()`), asked off the loop when a
     destination is unknown.
     Thread-safe: every public method may be called from any thread.
@@ -91,8 +92,8 @@ class Proxy:
             preserve_source_ip=preserve_source_ip,
             lookup=lookup,
         )
-        self._outbound = Outbound(self._rt)
         self._inbound = Inbound(self._rt)
+        self._outbound = Outbound(self._rt, self._inbound.serve)
         self._listeners: list[socket.socket] = []
         self._handlers: dict[str, Callable[[Event], None]] = {
             "handshake_done": self._on_handshake_done,
@@ -106,6 +107,7 @@ class Proxy:
             "conn_closed": self._on_conn_closed,
         }
         self._started = False
+        self._seen_snapshot: object = None
 
     @property
     def ports(self) -> Ports:
@@ -120,7 +122,9 @@ class Proxy:
             self._listeners.append(out)
             plain = listener(self._capture_ip, self._ports.plaintext, transparent=True)
             self._listeners.append(plain)
-            hbone = listener(self._listen_ip, self._ports.hbone, transparent=False)
+            # HBONE arrives on `<local pod ip>:15008` (as ztunnel dials it), steered here by the capture
+            # like 15001/15006: the listener is transparent on the capture address, never the node's alone.
+            hbone = listener(self._capture_ip, self._ports.hbone, transparent=True)
             self._listeners.append(hbone)
         except BaseException:
             self._close_listeners()
@@ -131,12 +135,12 @@ class Proxy:
         self._loop.add_reader(plain.fileno(), lambda: self._inbound.on_plaintext_readable(plain))
         self._loop.add_reader(hbone.fileno(), lambda: self._inbound.on_hbone_readable(hbone))
         self._loop.add_reader(rt.engine.eventfd, self._drain_events)
-        self._loop.every_tick(self._close_idle)
+        self._loop.every_tick(self._on_tick)
         self._loop.start()
         self._started = True
-        log.info("proxy on node %s: outbound %s:%d, plaintext %s:%d, HBONE %s:%d", rt.node,
-                 self._capture_ip, self._ports.outbound, self._capture_ip, self._ports.plaintext,
-                 self._listen_ip, self._ports.hbone)  # fmt: skip
+        log.info("proxy on node %s (%s): outbound %s:%d, plaintext %s:%d, HBONE %s:%d", rt.node,
+                 self._listen_ip, self._capture_ip, self._ports.outbound, self._capture_ip,
+                 self._ports.plaintext, self._capture_ip, self._ports.hbone)  # fmt: skip
 
     def stop(self) -> None:
         if not self._started:
@@ -279,6 +283,20 @@ class Proxy:
     def _release(self, entry: Entry) -> None:
         if entry.path is Path.HBONE_CLIENT:
             self._rt.pool.release(entry.engine_conn)
+
+    def _on_tick(self) -> None:
+        self._close_idle()
+        self._forget_departed()
+
+    def _forget_departed(self) -> None:
+        """Free the TLS contexts of workloads that left this node (one per local identity and role)."""
+        rt = self._rt
+        snap = rt.state()
+        if snap is self._seen_snapshot:  # snapshots are immutable: a new one is a new object
+            return
+        self._seen_snapshot = snap
+        td = snap.trust_domain
+        rt.tls.forget({str(w.spiffe_id(td)) for w in snap.workloads.values() if w.node == rt.node})
 
     def _close_idle(self) -> None:
         for conn_id in self._rt.pool.expired():

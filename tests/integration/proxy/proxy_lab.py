@@ -29,7 +29,14 @@ from agent.lab import control
 from agent.lab.plan import LabPlan, plan_lab
 from agent.lab.probe import echo_roundtrip
 from agent.redirect import pins
-from agent.redirect.marks import INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, ROUTE_MARK, ROUTE_MASK, ROUTE_TABLE
+from agent.redirect.marks import (
+    HBONE_PORT,
+    INBOUND_PLAINTEXT_PORT,
+    OUTBOUND_PORT,
+    ROUTE_MARK,
+    ROUTE_MASK,
+    ROUTE_TABLE,
+)
 from api.spiffe import SpiffeId
 from mgmt.ca import CertificateAuthority
 
@@ -39,8 +46,9 @@ ECHO, SHA_SINK, RESET, WHOAMI, COUNT_SINK = 8080, 8081, 8082, 8083, 8084
 SERVICE_IP, SERVICE_PORT = "10.96.0.10", 80  # Service "app/echo": port 80 -> pod-2-1:8080
 SERVICE_CIDR = "10.96.0.0/16"
 
-# New connections from enrolled pods -> 15001; new connections from other nodes to enrolled local pods ->
-# 15006 (plaintext inbound); packets of flows owned by a transparent proxy socket -> that socket.
+# New connections from enrolled pods -> 15001; new connections from other nodes to an enrolled local pod's
+# 15008 -> the HBONE listener (mTLS as that pod), to its other ports -> 15006 (plaintext inbound); packets
+# of flows owned by a transparent proxy socket (replies to HBONE sent from a pod's address) -> that socket.
 CAPTURE_RULES = """
 table ip ambit_proxy_test {{
   chain prerouting {{
@@ -48,6 +56,8 @@ table ip ambit_proxy_test {{
     meta l4proto tcp socket transparent 1 meta mark set {mark:#x} accept
     iifname "vp*" ip saddr {{ {pods} }} tcp flags & (syn | ack) == syn tproxy to :{outbound} \\
       meta mark set {mark:#x} accept
+    iifname "eth0" ip daddr {{ {pods} }} tcp dport {hbone} tcp flags & (syn | ack) == syn \\
+      tproxy to :{hbone} meta mark set {mark:#x} accept
     iifname "eth0" ip daddr {{ {pods} }} tcp flags & (syn | ack) == syn tproxy to :{plaintext} \\
       meta mark set {mark:#x} accept
   }}
@@ -68,6 +78,7 @@ def install_capture(netns: str, enrolled_ips: list[str]) -> None:
             mark=ROUTE_MARK,
             outbound=OUTBOUND_PORT,
             plaintext=INBOUND_PLAINTEXT_PORT,
+            hbone=HBONE_PORT,
             pods=", ".join(enrolled_ips),
         )
         run_in_netns(netns, ["nft", "-f", "-"], rules.encode())
@@ -190,7 +201,6 @@ def start(
             redirect = {"pin_dir": pin_dir, "enrolled": enrol}
         else:
             install_capture(node.netns, [p.ip for p in captured])
-        chain, key = issue(ca, SpiffeId.node(TRUST_DOMAIN, node.name))
         local = [w for w in workloads if w["node"] == node.name]
         cfg = {
             "node": node.name,
@@ -202,8 +212,6 @@ def start(
             "service_cidrs": [SERVICE_CIDR],
             "lookup_fail_file": str(lab.lookup_fail_file),
             "bundle_pem": ca.bundle_pem().decode(),
-            "node_chain_pem": chain,
-            "node_key_pem": key,
             "svids": {principal(w["name"]): issue(ca, SpiffeId.parse(principal(w["name"]))) for w in local},
             "deny": [list(d) for d in deny],
             "strict": sorted(strict_uids),

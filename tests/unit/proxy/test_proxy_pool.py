@@ -1,6 +1,7 @@
 from agent.proxy.pool import Pool
 
-KEY = ("spiffe://td/ns/a/sa/x", "node-2")
+SRC, DST = "spiffe://td/ns/a/sa/x", "spiffe://td/ns/b/sa/web"
+KEY = (SRC, "10.244.1.2", DST, "10.244.2.3")
 
 
 class Clock:
@@ -28,8 +29,12 @@ def test_reuses_a_connection_until_full_then_opens_another() -> None:
 def test_keys_never_share_connections() -> None:
     pool = Pool()
     pool.add(KEY, 1, "p", 1)
-    assert pool.acquire(("spiffe://td/ns/b/sa/y", "node-2"), 1) is None
-    assert pool.acquire(("spiffe://td/ns/a/sa/x", "node-3"), 1) is None
+    # any of source identity, source pod, destination identity (a reused pod IP) or destination pod
+    assert pool.acquire(("spiffe://td/ns/b/sa/y", "10.244.1.2", DST, "10.244.2.3"), 1) is None
+    assert pool.acquire((SRC, "10.244.1.9", DST, "10.244.2.3"), 1) is None
+    assert pool.acquire((SRC, "10.244.1.2", "spiffe://td/ns/c/sa/new", "10.244.2.3"), 1) is None
+    assert pool.acquire((SRC, "10.244.1.2", DST, "10.244.2.4"), 1) is None
+    assert pool.acquire(KEY, 1) is not None
 
 
 def test_prefers_handshaken_connection() -> None:
