@@ -112,6 +112,7 @@ class ProxyLab:
     plan: LabPlan
     workdir: Path
     extra_workloads: list[dict[str, str]] = field(default_factory=list)
+    foreign: set[str] = field(default_factory=set)  # nodes without an ambit proxy
 
     def pod_ip(self, pod: str) -> str:
         return self.plan.pod(pod).ip
@@ -174,6 +175,7 @@ def start(
     policies: Iterable[dict[str, Any]] = (),
     engine_threads: int | None = None,
     connections_per_key: int | None = None,
+    foreign: Iterable[str] = (),
 ) -> ProxyLab:
     """Lab up, capture installed, one proxy per node and test servers in every pod, all ready.
 
@@ -181,12 +183,14 @@ def start(
     `capture`: "nft" (tproxy rules installed here) or "bpf" (the proxy driver runs the Redirector).
     `policies`: policy documents (api.resources) decided by the product's PolicyEngine in every proxy.
     `engine_threads`, `connections_per_key`: the Proxy's knobs (None: its defaults).
+    `foreign`: nodes that run no ambit proxy (another HBONE implementation plays them, e.g. the fake
+    ztunnel): their config (certificates) is written and the nftables capture installed, nothing started.
     """
     enrolled_pods = None if enrolled is None else set(enrolled)
     strict_uids = set(strict)
     plan = plan_lab(nodes, pods, prefix)
     control.up(plan)
-    lab = ProxyLab(prefix, plan, workdir, list(extra_workloads))
+    lab = ProxyLab(prefix, plan, workdir, list(extra_workloads), set(foreign))
     ca = CertificateAuthority.generate_root(TRUST_DOMAIN)
     workloads = [
         {"name": p.name, "sa": service_account(p.name), "node": p.node, "ip": p.ip} for p in plan.pods()
@@ -195,7 +199,7 @@ def start(
     for node in plan.nodes:
         captured = [p for p in node.pods if enrolled_pods is None or p.name in enrolled_pods]
         redirect: dict[str, Any] | None = None
-        if capture == "bpf":
+        if capture == "bpf" and node.name not in lab.foreign:
             pin_dir = str(pins.lab_pin_dir(prefix, node.name))
             enrol = [(p.ip, f"app/{p.name}", f"app/{p.name}" in strict_uids) for p in captured]
             redirect = {"pin_dir": pin_dir, "enrolled": enrol}
@@ -234,6 +238,8 @@ def start(
         cfg_path = workdir / f"{node.name}.json"
         cfg_path.write_text(json.dumps(cfg))
         cfg_path.chmod(0o600)
+        if node.name in lab.foreign:
+            continue
         argv = [sys.executable, str(HERE / "proxy_driver.py"), str(cfg_path)]
         control.start_process(
             prefix, f"proxy-{node.name}", node.netns, argv, workdir / f"proxy-{node.name}.log"
@@ -249,9 +255,10 @@ def start(
 
 def _wait_ready(lab: ProxyLab, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
-    names = [f"proxy-{n.name}" for n in lab.plan.nodes]
+    ours = [n for n in lab.plan.nodes if n.name not in lab.foreign]
+    names = [f"proxy-{n.name}" for n in ours]
     while time.monotonic() < deadline:
-        proxies = all(lab.status(n.name) for n in lab.plan.nodes)
+        proxies = all(lab.status(n.name) for n in ours)
         servers = all("ready" in lab.log(f"servers-{p.name}") for p in lab.plan.pods())
         servers = servers and "ready" in lab.log(f"servers-{lab.plan.nodes[-1].name}")
         if proxies and servers:

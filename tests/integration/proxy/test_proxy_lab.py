@@ -138,8 +138,9 @@ def test_busy_key_spreads_over_connections(lab: ProxyLab) -> None:
 def test_same_node(lab: ProxyLab) -> None:
     """HBONE to a pod of this node: the same mTLS, identities and authorization, over a socket pair."""
     assert in_pod(lab, "pod-1-1", request, lab.pod_ip("pod-1-2"), ECHO, b"next door") == b"next door"
-    rec = _closed(lab, "node-1", ECHO, destination_ip=lab.pod_ip("pod-1-2"), direction="inbound")
-    assert (rec["source_ip"], rec["source_principal"]) == (lab.pod_ip("pod-1-1"), principal("pod-1-1"))
+    match = {"destination_ip": lab.pod_ip("pod-1-2"), "source_principal": principal("pod-1-1")}
+    rec = _closed(lab, "node-1", ECHO, direction="inbound", **match)
+    assert rec["source_ip"] == lab.pod_ip("pod-1-1")
     assert rec["destination_principal"] == principal("pod-1-2") and rec["tls_version"].startswith("TLSv1.3")
     lab.wait_status("node-1", lambda st: st["counters"].get("hbone_local_connections", 0) >= 1)
 
@@ -161,8 +162,8 @@ def test_true_source_ip_across_nodes(lab: ProxyLab) -> None:
 
 def test_outer_connection_runs_between_pod_addresses(lab: ProxyLab) -> None:
     """The pooled HBONE connection goes from the source pod's address to <destination pod ip>:15008."""
-    assert in_pod(lab, "pod-1-2", request, lab.pod_ip("pod-2-2"), ECHO, b"outer") == b"outer"
-    want = {"source": principal("pod-1-2"), "source_ip": lab.pod_ip("pod-1-2"),
+    assert in_pod(lab, "pod-1-1", request, lab.pod_ip("pod-2-2"), ECHO, b"outer") == b"outer"
+    want = {"source": principal("pod-1-1"), "source_ip": lab.pod_ip("pod-1-1"),
             "destination": principal("pod-2-2"), "peer": f"{lab.pod_ip('pod-2-2')}:{HBONE_PORT}"}  # fmt: skip
     lab.wait_status("node-1", lambda st: any(all(r[k] == v for k, v in want.items()) for r in st["pool"]))
 
@@ -290,7 +291,8 @@ def test_hbone_to_a_pod_address_is_served_as_mtls_never_plaintext(lab: ProxyLab)
     speaks only mTLS as that pod; plaintext gets no answer from the pod's own 15008 (an echo here)."""
     node1 = lab.plan.node("node-1").netns
     before = lab.status("node-2")["engine"]["errors_handshake"]
-    assert nsx.run_in(node1, connect_and_read, lab.pod_ip("pod-2-1"), HBONE_PORT) in ("reset", "eof")
+    plain = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert nsx.run_in(node1, connect_and_read, lab.pod_ip("pod-2-1"), HBONE_PORT, plain) in ("reset", "eof")
     lab.wait_status("node-2", lambda st: st["engine"]["errors_handshake"] > before)
 
 

@@ -1,0 +1,236 @@
+"""HBONE on the wire as Istio ambient's ztunnel speaks it, against the agent, both directions.
+
+node-1 runs the ambit proxy with the product's eBPF capture; node-2 runs no ambit at all: the fake ztunnel
+(fake_ztunnel.py, Python h2 + ssl) plays its node, serving `<pod ip>:15008` for node-2's pods (nftables
+tproxy) and dialling from node-2's pod addresses. Each test names the wire fact it checks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from agent import netns as nsx
+from agent.lab import control
+from tests.integration.proxy import fake_ztunnel
+from tests.integration.proxy.fake_ztunnel import FRAME, MAX_STREAMS, Request
+from tests.integration.proxy.proxy_lab import (
+    ECHO,
+    HERE,
+    WHOAMI,
+    ProxyLab,
+    connect_and_read,
+    in_pod,
+    principal,
+    request,
+)
+from tests.integration.proxy.proxy_lab import start as start_lab
+from tests.integration.proxy.proxy_lab import stop as stop_lab
+
+pytestmark = pytest.mark.root
+
+DENIED_SRC, DENIED_DST = "pod-2-2", "pod-1-2"  # ambit's policy (node-1) denies this pair
+IMPOSTOR = "pod-2-3"  # the fake ztunnel presents pod-2-1's SVID on this pod's address
+BAGGAGE = (
+    "k8s.cluster.name=Kubernetes,k8s.namespace.name=app,k8s.deployment.name=pod-2-1,"
+    "service.name=pod-2-1,service.version=v1"
+)
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyLab]:
+    prefix = "z" + uuid.uuid4().hex[:4] + "-"
+    workdir = tmp_path_factory.mktemp("ztunnelwire")
+    started = None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AMBIT_LAB_STATE_DIR", str(workdir))
+        mp.setenv("AMBIT_LAB_PREFIX", prefix)
+        try:
+            started = start_lab(
+                prefix,
+                workdir,
+                pods=3,
+                deny=[(principal(DENIED_SRC), f"app/{DENIED_DST}")],
+                capture="bpf",
+                foreign=["node-2"],
+            )
+            _start_fake_server(started)
+            yield started
+        finally:
+            if started is not None:
+                stop_lab(started)
+            else:
+                control.down(prefix)
+
+
+def _node2_cfg(lab: ProxyLab) -> dict[str, Any]:
+    return dict(json.loads((lab.workdir / "node-2.json").read_text()))
+
+
+def _svid(lab: ProxyLab, pod: str) -> tuple[str, str]:
+    chain, key = _node2_cfg(lab)["svids"][principal(pod)]
+    return str(chain), str(key)
+
+
+def _start_fake_server(lab: ProxyLab) -> None:
+    cfg = _node2_cfg(lab)
+    present = {lab.pod_ip(p): _svid(lab, p) for p in ("pod-2-1", "pod-2-2")}
+    present[lab.pod_ip(IMPOSTOR)] = _svid(lab, "pod-2-1")  # not the identity the mesh says lives there
+    path = lab.workdir / "fake-ztunnel.json"
+    doc = {
+        "present": present,
+        "bundle_pem": cfg["bundle_pem"],
+        "deny_ports": [WHOAMI],
+        "events": str(_events(lab)),
+    }
+    path.write_text(json.dumps(doc))
+    path.chmod(0o600)
+    argv = [sys.executable, str(HERE / "fake_ztunnel.py"), "serve", str(path)]
+    env_path = os.pathsep.join(sys.path)
+    argv = ["env", f"PYTHONPATH={env_path}", *argv]
+    control.start_process(lab.prefix, "fake-ztunnel", lab.plan.node("node-2").netns, argv,
+                          lab.workdir / "fake-ztunnel.log")  # fmt: skip
+    deadline = time.monotonic() + 15
+    while "ready" not in lab.log("fake-ztunnel"):
+        assert time.monotonic() < deadline, lab.log("fake-ztunnel")
+        time.sleep(0.05)
+
+
+def _events(lab: ProxyLab) -> Any:
+    return lab.workdir / "fake-ztunnel.events.jsonl"
+
+
+def _server_saw(lab: ProxyLab, predicate: Any, timeout: float = 10.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = _events(lab)
+        for line in path.read_text().splitlines() if path.exists() else []:
+            ev = json.loads(line)
+            if predicate(ev):
+                return dict(ev)
+        time.sleep(0.05)
+    raise AssertionError(f"the fake ztunnel never saw it: {path.read_text() if path.exists() else ''}")
+
+
+def _ztunnel_connects(lab: ProxyLab, src: str, dst: str, requests: list[Request]) -> dict[str, Any]:
+    """The fake ztunnel client on node-2, from `src`'s address to `<dst ip>:15008`, as `src`."""
+    chain, key = _svid(lab, src)
+    bundle = _node2_cfg(lab)["bundle_pem"]
+    args = (lab.pod_ip(src), lab.pod_ip(dst), chain, key, bundle, requests)
+    return dict(nsx.run_in(lab.plan.node("node-2").netns, fake_ztunnel.connect, *args, timeout=60))
+
+
+def _ztunnel_headers(lab: ProxyLab, src: str) -> tuple[tuple[str, str], ...]:
+    return (
+        ("forwarded", f'for="{lab.pod_ip(src)}:43210"'),
+        ("baggage", BAGGAGE),
+        ("traceparent", TRACEPARENT),
+    )
+
+
+# --- ztunnel -> ambit -------------------------------------------------------------------------------
+
+
+def test_ztunnel_client_reaches_an_ambit_pod(lab: ProxyLab) -> None:
+    """Dialled at <pod ip>:15008 from the source pod's IP, ambit presents the destination workload's SVID
+    (no SNI), accepts ztunnel's SETTINGS and 1 MiB frames, answers 200 and carries the bytes both ways;
+    the record names the source pod from the TCP peer address."""
+    payload = os.urandom(3 * FRAME + 12345)
+    target = f"{lab.pod_ip('pod-1-1')}:{ECHO}"
+    got = _ztunnel_connects(
+        lab, "pod-2-1", "pod-1-1", [Request(target, payload, _ztunnel_headers(lab, "pod-2-1"))]
+    )
+    assert got["server_id"] == principal("pod-1-1")  # the workload's SVID, never spiffe://td/node/N
+    assert (got["tls_version"], got["alpn"]) == ("TLSv1.3", "h2")
+    (stream,) = got["streams"]
+    assert stream["status"] == 200 and stream["echoed"], stream
+    # the fake sends the largest frames ambit allows (up to ztunnel's 1 MiB)
+    assert max(stream["frames"]) == min(FRAME, got["settings"]["max_frame_size"])
+    assert got["settings"]["max_concurrent_streams"] >= 100
+    rec = lab.wait_closed(
+        "node-1",
+        lambda ev: ev["direction"] == "inbound" and ev["source_principal"] == principal("pod-2-1")
+        and ev["destination_port"] == ECHO,
+    )  # fmt: skip
+    assert rec["source_ip"] == lab.pod_ip("pod-2-1")
+    assert rec["destination_principal"] == principal("pod-1-1")
+    assert rec["bytes_sent"] == rec["bytes_received"] == len(payload)
+
+
+def test_authority_must_be_the_dialled_address(lab: ProxyLab) -> None:
+    """A CONNECT naming another pod than the one dialled is refused 400 (as ztunnel does); the other
+    streams on the connection are unaffected."""
+    good = Request(f"{lab.pod_ip('pod-1-1')}:{ECHO}", b"ok", _ztunnel_headers(lab, "pod-2-1"))
+    other = Request(f"{lab.pod_ip('pod-1-2')}:{ECHO}", b"nope", _ztunnel_headers(lab, "pod-2-1"))
+    got = _ztunnel_connects(lab, "pod-2-1", "pod-1-1", [good, other])
+    assert [s["status"] for s in got["streams"]] == [200, 400]
+    assert got["streams"][0]["echoed"]
+    lab.wait_status("node-1", lambda st: st["counters"].get("inbound_refused_400", 0) >= 1)
+
+
+def test_ambit_denial_reaches_ztunnel_as_a_refusal(lab: ProxyLab) -> None:
+    target = f"{lab.pod_ip(DENIED_DST)}:{ECHO}"
+    got = _ztunnel_connects(
+        lab, DENIED_SRC, DENIED_DST, [Request(target, b"x", _ztunnel_headers(lab, DENIED_SRC))]
+    )
+    assert got["streams"][0]["status"] in (401, 403)
+    rec = lab.wait_closed(
+        "node-1", lambda ev: ev["source_principal"] == principal(DENIED_SRC) and ev["direction"] == "inbound"
+    )
+    assert rec["response_flags"] == "DENY" and rec["source_ip"] == lab.pod_ip(DENIED_SRC)
+
+
+# --- ambit -> ztunnel -------------------------------------------------------------------------------
+
+
+def test_ambit_client_reaches_a_ztunnel_pod(lab: ProxyLab) -> None:
+    """ambit dials <pod ip>:15008 from the source pod's IP, requires the destination workload's SVID,
+    presents the source's, and sends the CONNECT ztunnel expects."""
+    payload = os.urandom(200_000)
+    assert in_pod(lab, "pod-1-1", request, lab.pod_ip("pod-2-1"), ECHO, payload) == payload
+    seen = _server_saw(
+        lab, lambda ev: ev["kind"] == "request" and ev["headers"].get(":authority", "").endswith(f":{ECHO}")
+    )
+    assert seen["peer"][0] == lab.pod_ip("pod-1-1")  # the outer connection comes from the pod's address
+    assert seen["local"] == lab.pod_ip("pod-2-1")
+    assert seen["peer_id"] == principal("pod-1-1") and seen["alpn"] == "h2"
+    headers = seen["headers"]
+    assert headers[":method"] == "CONNECT" and headers[":authority"] == f"{lab.pod_ip('pod-2-1')}:{ECHO}"
+    assert headers["forwarded"] == f"for={lab.pod_ip('pod-1-1')}"
+    assert seen["status"] == 200
+    match = {"direction": "outbound", "destination_port": ECHO, "destination_ip": lab.pod_ip("pod-2-1")}
+    out = lab.wait_closed("node-1", lambda ev: all(ev[k] == v for k, v in match.items()))
+    assert out["destination_principal"] == principal("pod-2-1") and out["response_flags"] == "-"
+    assert out["bytes_sent"] == out["bytes_received"] == len(payload)
+
+
+def test_ztunnel_401_is_a_policy_denial(lab: ProxyLab) -> None:
+    assert in_pod(lab, "pod-1-1", connect_and_read, lab.pod_ip("pod-2-1"), WHOAMI) in ("reset", "eof")
+    _server_saw(lab, lambda ev: ev["kind"] == "request" and ev["status"] == 401)
+    rec = lab.wait_closed(
+        "node-1", lambda ev: ev["destination_port"] == WHOAMI and ev["direction"] == "outbound"
+    )
+    assert rec["response_flags"] == "DENY"
+
+
+def test_server_with_another_identity_is_refused(lab: ProxyLab) -> None:
+    """The server at pod-2-3's address presents pod-2-1's SVID: ambit requires pod-2-3's and refuses."""
+    assert in_pod(lab, "pod-1-1", connect_and_read, lab.pod_ip(IMPOSTOR), ECHO) in ("reset", "eof")
+    rec = lab.wait_closed("node-1", lambda ev: ev["destination_ip"] == lab.pod_ip(IMPOSTOR))
+    assert rec["response_flags"] == "UF" and "identity" in rec["error"]
+    lab.wait_status("node-1", lambda st: st["engine"]["errors_peer_identity"] >= 1)
+
+
+def test_ztunnel_advertises_200_streams_and_ambit_sees_them(lab: ProxyLab) -> None:
+    """The fake's SETTINGS reach ambit's client (what ztunnel advertises), and ambit's reach the fake."""
+    assert in_pod(lab, "pod-1-2", request, lab.pod_ip("pod-2-2"), ECHO, b"settings") == b"settings"
+    seen = _server_saw(lab, lambda ev: ev["kind"] == "request" and ev["peer"][0] == lab.pod_ip("pod-1-2"))
+    assert seen["settings"]["max_concurrent_streams"] >= 100 and MAX_STREAMS == 200
