@@ -127,6 +127,7 @@ class Agent:
             observer=FanOut(*observers),
             listen_ip=s.listen_ip,
             lookup=self.relay.lookup,
+            audit=audit.record if audit else None,  # identity refusals on 15008
         )
         self.proxy.start()
         self._stack.append(("proxy", self.proxy.stop))

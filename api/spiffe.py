@@ -67,6 +67,36 @@ class SpiffeId:
         return seg[1] if len(seg) == 2 and seg[0] == "node" else None
 
 
+def check_trust_domain(td: str) -> str:
+    """`td` when it is a valid SPIFFE trust domain name, else SpiffeIdError."""
+    if not _TD.match(td):
+        raise SpiffeIdError(f"bad trust domain {td!r}")
+    return td
+
+
+@dataclass(frozen=True)
+class TrustDomains:
+    """The trust domains whose identities this mesh believes: its own, plus configured aliases (Istio's
+    `trustDomainAliases`: identities of a domain being migrated from). An identity of any other domain, even
+    one signed by the same root, names nothing here: no namespace, no service account, no workload.
+
+    Every place that turns a peer's SPIFFE ID into a namespace or service account goes through `workload`,
+    so that decision is made once."""
+
+    local: str
+    aliases: frozenset[str] = frozenset()
+
+    def accepts(self, sid: SpiffeId) -> bool:
+        return sid.trust_domain == self.local or sid.trust_domain in self.aliases
+
+    def workload(self, sid: SpiffeId) -> SpiffeId | None:
+        """The workload identity `sid` stands for, in the local domain (an alias maps onto it), or None when
+        `sid` is not a workload ID (`/ns/<ns>/sa/<sa>`) of an accepted domain."""
+        if not self.accepts(sid) or sid.namespace is None:
+            return None
+        return sid if sid.trust_domain == self.local else SpiffeId(self.local, sid.path)
+
+
 def spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
     """The single SPIFFE URI SAN of a leaf certificate (raises ValueError otherwise)."""
     try:
@@ -77,3 +107,16 @@ def spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
     if len(uris) != 1:
         raise ValueError(f"certificate must carry exactly one URI SAN, has {len(uris)}")
     return SpiffeId.parse(uris[0])
+
+
+def leaf_spiffe_id(cert: x509.Certificate) -> SpiffeId:
+    """The SPIFFE ID of a peer's end-entity certificate. A CA certificate (basicConstraints CA:true) is
+    refused even when it chains to our root: an identity is a leaf's, never a signer's (X.509 path
+    validation alone lets a CA certificate stand as the end entity). Raises ValueError."""
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is not None and constraints.ca:
+        raise ValueError("a CA certificate (CA:true) was presented as an end-entity identity")
+    return spiffe_id_of(cert)

@@ -2,7 +2,7 @@
 
   ambit mgmt --config-dir D --state-dir S [--trust-domain cluster.local] [--listen 0.0.0.0:15012]
              [--bootstrap-listen 0.0.0.0:15013] [--join-token NODE ...] [--audit-log F]
-  ambit mgmt token --state-dir S --node N [--ttl 1h]
+  ambit mgmt token --state-dir S --node N [--ttl 1h] [--config-dir D]
   ambit mgmt rotate-root --state-dir S [--step prepare|activate|drop|all] [--wait SECONDS]
 
 The plane owns: the config store (D, watched), the CA (persisted in S), join tokens (file-backed in S, so
@@ -40,16 +40,43 @@ def parse_duration(text: str) -> dt.timedelta:
     return dt.timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
 
 
+def _store_nodes(snapshot: Any) -> frozenset[str]:
+    return frozenset(r.obj.name for r in snapshot.of_kind("Node"))
+
+
 def _cmd_token(args: argparse.Namespace) -> int:
     from api.spiffe import SpiffeId, SpiffeIdError
-    from mgmt.join_tokens import JoinTokens
+    from mgmt.join_tokens import JoinTokens, UnknownNodeError
 
     try:
         SpiffeId.node("check.local", args.node)
     except SpiffeIdError:
         raise UsageError(f"--node {args.node!r} is not a valid node name") from None
-    print(JoinTokens(Path(args.state_dir)).create(args.node, parse_duration(args.ttl)))
+    known = _config_nodes(Path(args.config_dir)) if args.config_dir else None
+    if known is None:
+        from mgmt.join_tokens import recorded_nodes
+
+        known = recorded_nodes(Path(args.state_dir))
+    if known is None:
+        raise UsageError(
+            f"cannot tell whether node {args.node!r} is in the config: pass --config-dir, or start the plane "
+            "with this --state-dir first"
+        )
+    try:
+        print(JoinTokens(Path(args.state_dir)).create(args.node, parse_duration(args.ttl), known))
+    except UnknownNodeError as exc:
+        raise UsageError(str(exc)) from None
     return 0
+
+
+def _config_nodes(config_dir: Path) -> frozenset[str]:
+    from mgmt.store import ConfigLoadError, read_config
+
+    try:
+        resources = read_config(config_dir)
+    except ConfigLoadError as exc:
+        raise UsageError(f"config rejected: {exc.errors[0]}") from None
+    return frozenset(r.obj.name for r in resources.values() if r.kind == "Node")
 
 
 # How long rotate-root waits for the running plane to confirm it loaded a step (it polls every second).
@@ -148,7 +175,7 @@ class Plane:
         from mgmt.bootstrap import BootstrapServer
         from mgmt.ca import CAError
         from mgmt.identity_service import add_identity_service
-        from mgmt.join_tokens import JoinTokens
+        from mgmt.join_tokens import JoinTokens, UnknownNodeError, record_nodes
         from mgmt.server import MgmtServer
         from mgmt.store import ConfigStore
 
@@ -171,6 +198,8 @@ class Plane:
             reloader.start()
             self._stops.append(reloader.stop)
         tokens = JoinTokens(state_dir)
+        record_nodes(state_dir, _store_nodes(store.current))  # for `ambit mgmt token`, refreshed per version
+        store.add_listener(lambda snapshot: record_nodes(state_dir, _store_nodes(snapshot)))
 
         def add_csr_service(grpc_server: Any) -> None:
             add_identity_service(grpc_server, ca, store, audit)
@@ -191,7 +220,13 @@ class Plane:
         store.watch()
         self._stops.append(store.stop)
         for node in a.join_token or ():
-            print(f"join-token {node} {tokens.create(node)}", flush=True)
+            try:
+                print(
+                    f"join-token {node} {tokens.create(node, known_nodes=_store_nodes(store.current))}",
+                    flush=True,
+                )
+            except UnknownNodeError as exc:
+                raise UsageError(str(exc)) from None
         print(
             f"mgmt: relay on port {server.port}, bootstrap on port {bootstrap.port}, config version "
             f"{store.version}, trust bundle {state_dir / ca_store.BUNDLE_FILE}",
@@ -229,7 +264,13 @@ def add_mgmt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     verbs = p.add_subparsers(dest="verb", metavar="VERB")
     token = verbs.add_parser("token", help="create a one-time join token for a node (prints it)")
     token.add_argument("--state-dir", required=True, help="the plane's state directory")
-    token.add_argument("--node", required=True, help="node name the token admits")
+    token.add_argument(
+        "--node", required=True, help="node name the token admits (must be a Node in the config)"
+    )
+    token.add_argument(
+        "--config-dir",
+        help="the plane's config directory (default: the node list the running plane recorded)",
+    )
     token.add_argument("--ttl", default="1h", help="token lifetime, e.g. 10m, 1h (default %(default)s)")
     rotate = verbs.add_parser(
         "rotate-root",

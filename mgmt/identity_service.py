@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from api import ca_pb2, ca_pb2_grpc
-from api.spiffe import SpiffeId, SpiffeIdError, spiffe_id_of
+from api.spiffe import SpiffeId, SpiffeIdError, leaf_spiffe_id
 from mgmt.ca import DEFAULT_LEAF_TTL, CertificateAuthority, certs_pem, serving_cert
 
 log = logging.getLogger(__name__)
@@ -101,13 +101,15 @@ class Refusals:
 
 
 def peer_spiffe_id(context: grpc.ServicerContext) -> SpiffeId | None:
-    """The SPIFFE ID in the verified client certificate of this call (None without one)."""
+    """The SPIFFE ID in the verified client certificate of this call (None without one, or when that
+    certificate is no end-entity SPIFFE identity, e.g. CA:true: `leaf_spiffe_id`)."""
     pem = (context.auth_context() or {}).get("x509_pem_cert")
     if not pem:
         return None
     try:
-        return spiffe_id_of(x509.load_pem_x509_certificate(pem[0]))
-    except ValueError:
+        return leaf_spiffe_id(x509.load_pem_x509_certificate(pem[0]))
+    except ValueError as exc:
+        log.warning("client certificate of %s refused: %s", context.peer(), exc)
         return None
 
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,9 @@ from api.spiffe import SpiffeId
 from mgmt.ca_store import check_private, write_file
 
 TOKENS_FILE = "join-tokens.json"
+# The node names of the running plane's current config, rewritten on every version: `ambit mgmt token`
+# (another process, maybe without the config) refuses to mint a token for a node the config does not list.
+NODES_FILE = "config-nodes.json"
 LOCK_FILE = "join-tokens.lock"
 DEFAULT_TOKEN_TTL = dt.timedelta(hours=1)
 # Expired and used tokens are remembered this long so a late replay is reported as expired/used.
@@ -34,6 +37,30 @@ class TokenError(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
+
+
+class UnknownNodeError(ValueError):
+    """A token was asked for a node the config does not list (one line, for the CLI)."""
+
+
+def record_nodes(state_dir: Path, nodes: Iterable[str]) -> None:
+    """What the plane calls on every accepted config version (atomic; 0600 like the rest of the state)."""
+    Path(state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_file(Path(state_dir) / NODES_FILE, json.dumps(sorted(set(nodes))).encode(), 0o600)
+
+
+def recorded_nodes(state_dir: Path) -> frozenset[str] | None:
+    """The node names the plane last recorded; None when no plane has run with this state dir."""
+    path = Path(state_dir) / NODES_FILE
+    if not path.exists():
+        return None
+    return frozenset(json.loads(path.read_text()))
+
+
+def check_known_node(node: str, known: Collection[str]) -> None:
+    if node not in known:
+        listed = ", ".join(sorted(known)[:10]) or "none"
+        raise UnknownNodeError(f"node {node!r} is not in the config (nodes: {listed})")
 
 
 def fingerprint(token: str) -> str:
@@ -67,8 +94,17 @@ class JoinTokens:
             if json.dumps(live, sort_keys=True) != before:
                 write_file(path, json.dumps(live, sort_keys=True).encode(), 0o600)
 
-    def create(self, node: str, ttl: dt.timedelta | float = DEFAULT_TOKEN_TTL) -> str:
+    def create(
+        self,
+        node: str,
+        ttl: dt.timedelta | float = DEFAULT_TOKEN_TTL,
+        known_nodes: Collection[str] | None = None,
+    ) -> str:
+        """A new token for `node`; with `known_nodes` (the config's Node names) an unknown node is refused
+        (UnknownNodeError): a token must never admit a node the mesh does not route to or scope for."""
         SpiffeId.node("example.org", node)  # validates the name with the SPIFFE path rules
+        if known_nodes is not None:
+            check_known_node(node, known_nodes)
         seconds = ttl.total_seconds() if isinstance(ttl, dt.timedelta) else float(ttl)
         if seconds <= 0:
             raise ValueError("join token TTL must be positive")

@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 
 from api import relay_pb2, relay_pb2_grpc
+from api.resources import ResourceKey
 from mgmt.identity_service import Audit, peer_spiffe_id
 from mgmt.scope import ScopeIndex, View, filter_types, key_type
 from mgmt.store import ConfigSnapshot, ConfigStore, StoredResource
@@ -147,13 +148,22 @@ class RelayService(relay_pb2_grpc.RelayServicer):
     def _peer_node(self, context: grpc.ServicerContext, method: str) -> str:
         sid = peer_spiffe_id(context)
         if sid is None:
-            reason = "no client certificate with a SPIFFE ID"
-        elif sid.trust_domain == self.trust_domain and sid.node_name:
-            return sid.node_name
-        else:
+            reason = "no client certificate with an end-entity SPIFFE ID"
+        elif sid.trust_domain != self.trust_domain or not sid.node_name:
             reason = f"{sid} is not a node identity of {self.trust_domain}"
-        self._refuse(context, method, "", "", reason)
+        elif not self._node_in_config(sid.node_name):
+            # A valid certificate of a node that was removed (or never added): it gets nothing, not even
+            # the cluster-wide part of a view.
+            reason = f"node {sid.node_name!r} is not in the config"
+        else:
+            return sid.node_name
+        self._refuse(context, method, (sid.node_name or "") if sid else "", "", reason)
         raise AssertionError("unreachable")  # _refuse aborts the RPC
+
+    def _node_in_config(self, node: str) -> bool:
+        with self._lock:
+            index = self._index
+        return str(ResourceKey("Node", "", node)) in index.snapshot.resources
 
     def _refuse(self, context: grpc.ServicerContext, method: str, node: str, asked: str, reason: str) -> None:
         self._count("refused")

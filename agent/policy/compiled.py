@@ -38,7 +38,7 @@ class Peer:
 
     __slots__ = ("principal", "path", "namespace", "port", "source_ip", "destination_ip", "_src", "_dst")
 
-    def __init__(self, attrs: ConnectionAttrs) -> None:
+    def __init__(self, attrs: ConnectionAttrs, trust_domain: str) -> None:
         sp = attrs.source_principal
         if sp is None:
             self.principal: str | None = None
@@ -46,9 +46,13 @@ class Peer:
             self.namespace: str | None = None
         else:
             self.principal = sp.trust_domain + sp.path
-            self.path = sp.path  # "/ns/<ns>/sa/<sa>" for a workload: what serviceAccounts match
-            seg = sp.path.split("/")
-            self.namespace = seg[2] if len(seg) == 5 and seg[1] == "ns" and seg[3] == "sa" else None
+            # A namespace or service account is only ever read from an identity of this mesh's domain (the
+            # proxy maps aliases onto it): `spiffe://evil.example/ns/demo/sa/x` is in no namespace.
+            ours = sp.trust_domain == trust_domain
+            self.path = (
+                sp.path if ours else None
+            )  # "/ns/<ns>/sa/<sa>" for a workload: what serviceAccounts match
+            self.namespace = sp.namespace if ours else None
         self.port = attrs.destination_port
         self.source_ip = attrs.source_ip
         self.destination_ip = attrs.destination_ip

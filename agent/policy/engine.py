@@ -153,10 +153,11 @@ def _workload_facts(config: CompiledConfig, uid: str, namespace: str) -> tuple[s
 def rego_input(attrs: ConnectionAttrs, labels: Mapping[str, str], trust_domain: str) -> dict[str, Any]:
     """The Rego `input` document: the connection attributes, plus what follows from them."""
     sp = attrs.source_principal
+    ours = sp is not None and sp.trust_domain == trust_domain  # no namespace from a foreign domain's ID
     return {
         "source_principal": str(sp) if sp is not None else None,
-        "source_namespace": sp.namespace if sp is not None else None,
-        "source_service_account": sp.service_account if sp is not None else None,
+        "source_namespace": sp.namespace if ours and sp is not None else None,
+        "source_service_account": sp.service_account if ours and sp is not None else None,
         "source_ip": attrs.source_ip,
         "destination_ip": attrs.destination_ip,
         "destination_port": attrs.destination_port,
@@ -302,7 +303,7 @@ class PolicyEngine:
             shadow = _select(config, namespace, labels, dry_run=True)
             sets = (enforced, shadow if shadow != enforced else None)
             config.sets[uid] = sets
-        peer = Peer(attrs)
+        peer = Peer(attrs, self.trust_domain)
         decision = self._evaluate(config, sets[0], peer, attrs)
         if sets[1] is None:
             return decision

@@ -13,6 +13,7 @@ Whether a well-formed claim is believed is `believe` (docs/proxy.md, "Source add
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -120,15 +121,28 @@ class ClaimView(Protocol):
 
     def workload_by_ip(self, ip: str) -> Workload | None: ...
 
+    def is_node_address(self, ip: str) -> bool: ...
 
-def believe(ip: str, peer: SpiffeId, view: ClaimView) -> tuple[bool, Workload | None]:
+
+class Belief(enum.Enum):
+    BELIEVED = "believed"  # the address of a workload whose identity is exactly the peer's
+    UNKNOWN = "unknown"  # no workload known at the address (after a lookup)
+    OTHER_IDENTITY = "other_identity"  # a workload of another identity: the peer does not hold it
+    NODE_ADDRESS = "node_address"  # a node's address (hostNetwork workloads share it): nobody's alone
+
+
+def believe(ip: str, peer: SpiffeId, view: ClaimView) -> tuple[Belief, Workload | None]:
     """Whether the authenticated `peer` may claim `ip` as its source, and the workload known there.
 
-    The claim is the peer node's word, so it must not name a pod of an identity the peer does not hold: a
-    workload known at `ip` must have exactly the peer's SPIFFE ID; an address unknown here (node-scoped
-    view) is believed from a workload identity of this trust domain only (not a node or foreign identity).
-    """
+    The claim is the peer node's word, so it is believed only when `ip` is an address of a workload whose
+    SPIFFE ID is exactly the peer's (the peer holds that identity's SVID, so it runs that workload). An
+    address nobody is known at, another identity's workload and a node's address are never believed.
+    `peer` must already be the accepted workload identity (inbound maps aliases onto this domain)."""
+    if view.is_node_address(ip):
+        return Belief.NODE_ADDRESS, None
     known = view.workload_by_ip(ip)
-    if known is not None:
-        return known.spiffe_id(view.trust_domain) == peer, known
-    return peer.trust_domain == view.trust_domain and peer.namespace is not None, None
+    if known is None:
+        return Belief.UNKNOWN, None
+    if known.spiffe_id(view.trust_domain) != peer:
+        return Belief.OTHER_IDENTITY, known
+    return Belief.BELIEVED, known

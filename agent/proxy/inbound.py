@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from agent.connections import ConnectionRecord, Direction
 from agent.policy.decision import ConnectionAttrs
-from agent.proxy.forwarded import ForwardedError, believe, parse_forwarded_for
+from agent.proxy.forwarded import Belief, ForwardedError, believe, parse_forwarded_for
 from agent.proxy.runtime import MeshView, Runtime, accept_batch
 from agent.proxy.sockets import (
     AuthorityError,
@@ -52,7 +52,11 @@ class ServerConn:
     local_ip: str
     peer_ip: str
     peer_port: int
+    # The workload identity streams are authorized as (an alias domain's mapped onto this mesh's); None
+    # until the engine verified the peer, and for good when the peer is refused (`refused` says why).
     principal: SpiffeId | None = None
+    presented: str = ""  # the SPIFFE ID in the client certificate, as presented
+    refused: str = ""
     tls_version: str = ""
     tls_cipher: str = ""
     peer_cert_sha256: str = ""
@@ -127,25 +131,57 @@ class Inbound:
         self.server_conns[conn_id] = ServerConn(local_ip, peer_ip, peer_port)
 
     def on_peer_verified(self, ev: Event) -> None:
+        """Only a workload identity of this mesh's trust domain (or an alias) may open streams on 15008:
+        anything else (another domain signed by the same root, a node's or the plane's identity, a
+        non-SPIFFE name) is refused before any stream is served: counted, audited, connection closed."""
         conn = self.server_conns.get(ev.conn_id)
         if conn is None:
             return
-        try:
-            conn.principal = SpiffeId.parse(ev.peer_id)
-        except SpiffeIdError:
-            self.rt.counters["hbone_bad_peer_id"] += 1
-            log.warning("HBONE peer %s presented a non-SPIFFE identity %r", conn.peer_ip, ev.peer_id)
         conn.tls_version, conn.tls_cipher = ev.tls_version, ev.tls_cipher
-        conn.peer_cert_sha256 = ev.peer_cert_sha256
+        conn.peer_cert_sha256, conn.presented = ev.peer_cert_sha256, ev.peer_id
+        try:
+            presented = SpiffeId.parse(ev.peer_id)
+        except SpiffeIdError:
+            self._refuse_peer(
+                ev.conn_id, conn, "hbone_bad_peer_id", f"non-SPIFFE identity {ev.peer_id[:128]!r}"
+            )
+            return
+        trust = self.rt.state().trust
+        conn.principal = trust.workload(presented)
+        if conn.principal is not None:
+            return
+        if not trust.accepts(presented):
+            why = f"trust domain {presented.trust_domain!r} is not this mesh's ({trust.local})"
+            self._refuse_peer(ev.conn_id, conn, "hbone_foreign_trust_domain", f"{presented}: {why}")
+        else:
+            self._refuse_peer(
+                ev.conn_id, conn, "hbone_not_workload", f"{presented} is not a workload identity"
+            )
+
+    def _refuse_peer(self, conn_id: int, conn: ServerConn, counter: str, why: str) -> None:
+        rt = self.rt
+        conn.refused = why
+        rt.counters[counter] += 1
+        rt.counters["hbone_peer_refused"] += 1
+        rt.audit("hbone_peer_refused", counter, why, peer_ip=conn.peer_ip, peer_id=conn.presented,
+                 peer_cert_sha256=conn.peer_cert_sha256)  # fmt: skip
+        try:
+            rt.engine.close(conn_id)  # GOAWAY: streams already sent are refused below, none is served
+        except EngineError as exc:  # already gone
+            log.debug("closing refused HBONE connection %d: %s", conn_id, exc)
 
     def on_conn_gone(self, conn_id: int) -> bool:
         return self.server_conns.pop(conn_id, None) is not None
 
-    def on_stream_request(self, ev: Event) -> None:
+    def on_stream_request(self, ev: Event, looked_up: bool = False) -> None:
         rt = self.rt
         conn = self.server_conns.get(ev.conn_id)
         if conn is None:
             self._refuse_stream(ev, STATUS_FORBIDDEN, "stream on an unknown connection")
+            return
+        if conn.principal is None:  # before anything else: a refused peer learns nothing about this node
+            why = conn.refused or "not verified yet"
+            self._refuse_stream(ev, STATUS_FORBIDDEN, f"peer {conn.peer_ip} refused: {why}")
             return
         try:
             dst_ip, dst_port = parse_authority(ev.authority)
@@ -163,10 +199,14 @@ class Inbound:
         if dst is None or dst.node != rt.node:
             self._refuse_stream(ev, STATUS_NOT_FOUND, f"{dst_ip} is not a workload on node {rt.node}")
             return
-        if conn.principal is None:
-            self._refuse_stream(ev, STATUS_FORBIDDEN, f"peer {conn.peer_ip} has no SPIFFE identity")
+        claim = self._parse_claim(ev, conn)
+        unknown = [ip for ip in dict.fromkeys((conn.peer_ip, claim)) if ip and self._unknown(snap, ip)]
+        if unknown and not looked_up and rt.lookup is not None:
+            # A claim (the TCP peer address, `forwarded`) can only be believed for a workload we know:
+            # learn who holds the addresses first.
+            self._lookup_claims(ev, unknown)
             return
-        claimed = self._peer_source(snap, conn) or self._claimed_source(ev, snap, conn)
+        claimed = self._peer_source(snap, conn) or self._believed_source(claim, snap, conn)
         if claimed is not None:
             src_ip, src = claimed
         else:
@@ -179,7 +219,7 @@ class Inbound:
             source_port=0,  # the CONNECT does not carry the client's port
             destination_ip=dst_ip,
             destination_port=dst_port,
-            source_principal=str(conn.principal),
+            source_principal=conn.presented or str(conn.principal),
             destination_principal=str(dst.spiffe_id(snap.trust_domain)),
             source_workload=src.uid if src is not None else "",
             destination_workload=dst.uid,
@@ -211,42 +251,74 @@ class Inbound:
         """(source IP, its workload when known) from the HBONE connection's TCP peer address, which is the
         source pod's own when the peer originates from it (as ztunnel and ambit do). The address is a claim
         like `forwarded` (a node can bind any address), so it gets the same trust decision
-        (`forwarded.believe`); an address outside the mesh's pod ranges (a peer node's own, an older
-        ambit dialling from its node address) is no pod and falls through to `forwarded`."""
+        (`forwarded.believe`: a workload of exactly the peer's identity); a node's address (an older
+        ambit dialling from its node) is no pod's and falls through to `forwarded`."""
         principal = conn.principal
-        if principal is None or not snap.in_mesh_range(conn.peer_ip):
+        if principal is None:
             return None
-        believed, known = believe(conn.peer_ip, principal, snap)
-        if not believed:
-            self.rt.counters["hbone_peer_address_rejected"] += 1
-            self.rt.warn.warning("hbone_peer_address", "HBONE peer %s (%s) is not its identity's address: "
-                                 "not believed as the source", conn.peer_ip, principal)  # fmt: skip
+        belief, known = believe(conn.peer_ip, principal, snap)
+        if belief is Belief.NODE_ADDRESS:  # an older peer dialling from its node: no pod address
+            return None
+        if belief is not Belief.BELIEVED:
+            rt = self.rt
+            rt.counters["hbone_peer_address_rejected"] += 1
+            rt.counters[f"hbone_peer_address_rejected_{belief.value}"] += 1
+            rt.warn.warning("hbone_peer_address", "HBONE peer %s (%s) is no address of its identity (%s): "
+                            "not believed as the source", conn.peer_ip, principal, belief.value)  # fmt: skip
             return None
         self.rt.counters["hbone_peer_address_used"] += 1
         return conn.peer_ip, known
 
-    def _claimed_source(
-        self, ev: Event, snap: MeshView, conn: ServerConn
-    ) -> tuple[str, Workload | None] | None:
-        """(source IP, its workload when known) from the stream's `forwarded` claim when it is well-formed
-        and believed (`forwarded.believe`: only for the peer's own identity), else None."""
-        rt = self.rt
+    def _parse_claim(self, ev: Event, conn: ServerConn) -> str | None:
+        """The IP the stream's `forwarded` header claims (None when absent or malformed, counted)."""
         try:
-            ip = parse_forwarded_for(ev.forwarded)
+            return parse_forwarded_for(ev.forwarded)
         except ForwardedError as exc:
-            rt.counters["hbone_forwarded_invalid"] += 1
-            log.info("HBONE stream from %s: ignoring forwarded header: %s", conn.peer_ip, exc)
+            self.rt.counters["hbone_forwarded_invalid"] += 1
+            self.rt.warn.warning("forwarded_invalid", "HBONE stream from %s: ignoring forwarded header: %s",
+                                 conn.peer_ip, exc)  # fmt: skip
             return None
+
+    @staticmethod
+    def _unknown(snap: MeshView, ip: str) -> bool:
+        return snap.workload_by_ip(ip) is None and not snap.is_node_address(ip)
+
+    def _lookup_claims(self, ev: Event, ips: list[str]) -> None:
+        rt = self.rt
+        ip, rest = ips[0], ips[1:]
+        rt.counters["hbone_forwarded_lookups"] += 1
+
+        def resume(err: Exception | None) -> None:
+            if err is None:
+                if rest:
+                    self._lookup_claims(ev, rest)
+                else:
+                    self.on_stream_request(ev, looked_up=True)
+                return
+            # Fail closed: without knowing who holds the claimed address the stream's source is unknown,
+            # and an ipBlocks DENY could be dodged by falling back to another address.
+            rt.counters["hbone_forwarded_lookup_failed"] += 1
+            self._refuse_stream(ev, STATUS_UNAVAILABLE, f"cannot check claimed source {ip}: {err}")
+
+        rt.lookup_off_loop(ip, resume)
+
+    def _believed_source(
+        self, ip: str | None, snap: MeshView, conn: ServerConn
+    ) -> tuple[str, Workload | None] | None:
+        """(source IP, its workload) when the claim is believed (`forwarded.believe`: the address of a
+        workload of exactly the peer's identity), else None (counted by why)."""
         principal = conn.principal
         if ip is None or principal is None:
             return None
-        believed, known = believe(ip, principal, snap)
-        if not believed:
+        belief, known = believe(ip, principal, snap)
+        if belief is not Belief.BELIEVED:
+            rt = self.rt
             rt.counters["hbone_forwarded_rejected"] += 1
-            log.warning("HBONE peer %s (%s) claimed source %s, which is not its identity's: ignored",
-                        conn.peer_ip, principal, ip)  # fmt: skip
+            rt.counters[f"hbone_forwarded_rejected_{belief.value}"] += 1
+            rt.warn.warning("forwarded_rejected", "HBONE peer %s (%s) claimed source %s (%s): ignored",
+                            conn.peer_ip, principal, ip, belief.value)  # fmt: skip
             return None
-        rt.counters["hbone_forwarded_used"] += 1
+        self.rt.counters["hbone_forwarded_used"] += 1
         return ip, known
 
     def _upstream_ready(self, entry: Entry, upstream: socket.socket, err: int) -> None:

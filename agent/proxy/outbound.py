@@ -62,7 +62,7 @@ class Outbound:
         if unknown and not looked_up and rt.lookup is not None:
             # Peer workloads reach this node on demand: ask the plane (blocking, so off the loop) before
             # deciding that the destination is outside the mesh.
-            self._lookup_then_route(client, record, rt.lookup)
+            self._lookup_then_route(client, record)
             return
         if service is not None:
             picked = self._endpoint(snap, service, dst_port)
@@ -82,9 +82,7 @@ class Outbound:
             return
         self._hbone(client, record, snap, src, dst)
 
-    def _lookup_then_route(
-        self, client: socket.socket, record: ConnectionRecord, lookup: Callable[[str], object]
-    ) -> None:
+    def _lookup_then_route(self, client: socket.socket, record: ConnectionRecord) -> None:
         ip = record.destination_ip
 
         def resume(err: Exception | None) -> None:
@@ -101,7 +99,7 @@ class Outbound:
             self._route(client, record, looked_up=True)
 
         self.rt.counters["outbound_waited_for_lookup"] += 1
-        self.rt.off_loop(f"lookup {ip}", lambda: _ignore(lookup(ip)), resume)
+        self.rt.lookup_off_loop(ip, resume)
 
     def _endpoint(self, snap: MeshView, service: Service, port: int) -> tuple[Workload, int] | None:
         """A random endpoint of `service` (spreads load as kube-proxy does) and the target port for `port`."""
@@ -207,7 +205,3 @@ class Outbound:
         self.rt.counters["hbone_local_connections"] += 1
         self.serve_local(theirs, dst_ip, src_ip, 0)
         return ours
-
-
-def _ignore(_: object) -> None:
-    """The lookup's answer lands in the snapshot (the relay merges it); the caller reads it from there."""

@@ -14,7 +14,7 @@ from agent.proxy.inbound import STATUS_FORBIDDEN, Inbound
 from agent.proxy.loop import ControlLoop
 from agent.proxy.outbound import Outbound
 from agent.proxy.pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_STREAMS, Pool
-from agent.proxy.runtime import Authorizer, MeshView, Runtime
+from agent.proxy.runtime import AuditSink, Authorizer, MeshView, Runtime
 from agent.proxy.sockets import listener
 from agent.proxy.status import refused_stream_flags
 from agent.proxy.table import ConnectionTable, Entry, Path
@@ -49,7 +49,7 @@ class Proxy:
     local workloads present their own SVIDs on both sides of HBONE). `listen_ip`: the node's address
     (logged; HBONE is served on every local pod's address). `lookup(ip)`: the
     relay's on-demand lookup (blocking; its answer is merged into `state()`), asked off the loop when a
-    destination is unknown.
+    destination is unknown. `audit(event, **fields)`: the agent's audit log, for identity refusals.
     Thread-safe: every public method may be called from any thread.
     """
 
@@ -71,6 +71,7 @@ class Proxy:
         preserve_source_ip: bool = True,
         tls12: bool = False,
         lookup: Callable[[str], object] | None = None,
+        audit: AuditSink | None = None,
     ) -> None:
         self._listen_ip = listen_ip
         self._capture_ip = capture_ip
@@ -91,6 +92,7 @@ class Proxy:
             tls=TlsContexts(engine, credentials, tls12=tls12),
             preserve_source_ip=preserve_source_ip,
             lookup=lookup,
+            audit_sink=audit,
         )
         self._inbound = Inbound(self._rt)
         self._outbound = Outbound(self._rt, self._inbound.serve)

@@ -21,9 +21,13 @@ from agent.proxy.sockets import original_destination, peer_address
 from agent.proxy.table import ConnectionTable, Entry
 from agent.proxy.tls import TlsContexts
 from api.resources.workload import Namespace, Service, Workload
+from api.spiffe import TrustDomains
 from native.engine import Engine, EngineError
 
 log = logging.getLogger("ambit.proxy")
+audit_log = logging.getLogger("ambit.audit")
+
+AuditSink = Callable[..., None]  # audit(event, **fields): the agent's JSON audit log (AuditLog.record)
 
 
 class MeshView(Protocol):
@@ -48,6 +52,11 @@ class MeshView(Protocol):
     def node_address(self, node_name: str) -> str | None: ...
 
     def in_mesh_range(self, ip: str) -> bool: ...
+
+    def is_node_address(self, ip: str) -> bool: ...
+
+    @property
+    def trust(self) -> TrustDomains: ...
 
     def namespace_of(self, w: Workload) -> Namespace | None: ...
 
@@ -77,6 +86,8 @@ class Runtime:
     counters: collections.Counter[str] = field(default_factory=collections.Counter)
     # Warnings a peer or an outage can repeat at will: one line per kind per interval (counters stay exact).
     warn: RateLimitedLog = field(default_factory=lambda: RateLimitedLog(log))
+    audit_sink: AuditSink | None = None
+    _audit_text: RateLimitedLog = field(default_factory=lambda: RateLimitedLog(audit_log))
     _waiting: dict[str, list[Callable[[Exception | None], None]]] = field(default_factory=dict)
 
     def off_loop(self, key: str, work: Callable[[], None], then: Callable[[Exception | None], None]) -> None:
@@ -97,9 +108,30 @@ class Runtime:
 
         self.workers.submit(run)
 
+    def lookup_off_loop(self, ip: str, then: Callable[[Exception | None], None]) -> None:
+        """Ask the plane who holds `ip` (RelayClient.lookup, blocking) on a worker; the answer lands in
+        state(), and `then(error or None)` runs on the loop. Requires `lookup`."""
+        lookup = self.lookup
+        assert lookup is not None
+
+        def ask() -> None:
+            lookup(ip)
+
+        self.off_loop(f"lookup {ip}", ask, then)
+
     def _resume(self, key: str, err: Exception | None) -> None:
         for then in self._waiting.pop(key, []):
             then(err)
+
+    def audit(self, event: str, key: str, reason: str, **fields: object) -> None:
+        """A security refusal: always to the audit log (one JSON line each), to the `ambit.audit` text log
+        rate-limited per `key` (a flood of refused peers must not flood the text log)."""
+        if self.audit_sink is not None:
+            try:
+                self.audit_sink(event, reason=reason, **fields)
+            except Exception:  # the audit log is not allowed to break the proxy; counted instead
+                self.counters["audit_errors"] += 1
+        self._audit_text.warning(key, "%s: %s %s", event, reason, fields)
 
     def authorize(self, attrs: ConnectionAttrs) -> Decision:
         """The policy engine's decision; a failing policy engine denies (fail closed) and is counted."""

@@ -18,6 +18,7 @@ from functools import cached_property
 from typing import Any
 
 from api.resources.workload import Namespace, Node, Service, ServiceCIDR, Workload
+from api.spiffe import TrustDomains
 
 CORE_KINDS = frozenset({"Workload", "Namespace", "Service", "Node", "ServiceCIDR"})
 
@@ -89,6 +90,13 @@ class MeshSnapshot:
         return {ip: s for _, s in sorted(self.services.items()) for ip in s.addresses}
 
     @cached_property
+    def trust(self) -> TrustDomains:
+        """This mesh's trust domain and the aliases MeshConfig names: the only identities believed."""
+        configs = [p for p in self.policies if p.kind == "MeshConfig"]
+        aliases = {a for p in configs for a in getattr(p, "trust_domain_aliases", ())}
+        return TrustDomains(self.trust_domain, frozenset(aliases - {self.trust_domain}))
+
+    @cached_property
     def _mesh_ranges(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         cidrs = [c for n in self.nodes.values() for c in n.pod_cidrs]
         cidrs += [c for s in self.service_cidrs.values() for c in s.cidrs]
@@ -101,6 +109,13 @@ class MeshSnapshot:
         except ValueError:
             return False
         return any(addr in net for net in self._mesh_ranges)
+
+    @cached_property
+    def _node_addresses(self) -> frozenset[str]:
+        return frozenset(a for n in self.nodes.values() for a in n.addresses)
+
+    def is_node_address(self, ip: str) -> bool:
+        return ip in self._node_addresses
 
     def workload_by_ip(self, ip: str) -> Workload | None:
         """The workload holding `ip`, if this node holds it (never asks the plane)."""

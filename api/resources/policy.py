@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from api.resources import Meta, ResourceError, register
+from api.spiffe import SpiffeIdError, check_trust_domain
 
 AMBIT_API = "ambit.io/v1"
 ISTIO_APIS = {"security.istio.io/v1", "security.istio.io/v1beta1", AMBIT_API}
@@ -205,6 +206,8 @@ class MeshConfig:
     root_namespace: str = DEFAULT_ROOT_NAMESPACE
     trust_domain: str | None = None
     default_mtls_mode: str = "PERMISSIVE"
+    # Identities of these domains are believed as if they were of this mesh's (api/spiffe.TrustDomains).
+    trust_domain_aliases: tuple[str, ...] = ()
     kind: str = "MeshConfig"
 
     @property
@@ -542,7 +545,8 @@ def _parse_rego_policy(meta: Meta, spec: Mapping[str, Any]) -> RegoPolicy:
 
 @register("MeshConfig", {AMBIT_API}, namespaced=False)
 def _parse_mesh_config(meta: Meta, spec: Mapping[str, Any]) -> MeshConfig:
-    _fields(spec, {"defaultDeny", "rootNamespace", "trustDomain", "defaultMtlsMode"}, "spec")
+    known = {"defaultDeny", "rootNamespace", "trustDomain", "trustDomainAliases", "defaultMtlsMode"}
+    _fields(spec, known, "spec")
     root = spec.get("rootNamespace", DEFAULT_ROOT_NAMESPACE)
     if not isinstance(root, str) or not root:
         raise ResourceError("spec.rootNamespace must be a non-empty string")
@@ -552,4 +556,11 @@ def _parse_mesh_config(meta: Meta, spec: Mapping[str, Any]) -> MeshConfig:
     mtls = spec.get("defaultMtlsMode", "PERMISSIVE")
     if mtls not in MTLS_MODES:
         raise ResourceError(f"spec.defaultMtlsMode {mtls!r} must be one of {', '.join(MTLS_MODES)}")
-    return MeshConfig(meta, _bool(spec.get("defaultDeny"), "spec.defaultDeny"), root, td, mtls)
+    aliases = spec.get("trustDomainAliases") or []
+    if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+        raise ResourceError("spec.trustDomainAliases must be a list of trust domain names")
+    try:
+        checked = tuple(check_trust_domain(a) for a in aliases)
+    except SpiffeIdError as exc:
+        raise ResourceError(f"spec.trustDomainAliases: {exc}") from None
+    return MeshConfig(meta, _bool(spec.get("defaultDeny"), "spec.defaultDeny"), root, td, mtls, checked)

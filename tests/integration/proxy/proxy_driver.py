@@ -173,6 +173,18 @@ class OnDemandView:
         return found
 
 
+class FileAudit:
+    """The agent's audit log as the proxy sees it (AuditLog.record): one JSON line per event."""
+
+    def __init__(self, path: Path) -> None:
+        self._out = open(path, "a", buffering=1)  # noqa: SIM115 (lives as long as the process)
+        self._lock = threading.Lock()
+
+    def __call__(self, event: str, /, **fields: Any) -> None:
+        with self._lock:
+            self._out.write(json.dumps({"event": event, **fields}) + "\n")
+
+
 def start_redirect(node: str, cfg: dict[str, Any]) -> Any:
     """The product's eBPF capture (H3's Redirector) for this node's enrolled pods."""
     from agent.redirect.redirector import Redirector
@@ -212,6 +224,7 @@ def main(config_path: str) -> int:
         engine_threads=cfg.get("engine_threads"),
         connections_per_key=cfg.get("connections_per_key"),
         lookup=view.lookup,
+        audit=FileAudit(Path(cfg["audit"])),
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

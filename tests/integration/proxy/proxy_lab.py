@@ -112,6 +112,7 @@ class ProxyLab:
     plan: LabPlan
     workdir: Path
     extra_workloads: list[dict[str, str]] = field(default_factory=list)
+    ca: CertificateAuthority | None = None  # the lab's CA: tests forge or issue client certificates with it
     foreign: set[str] = field(default_factory=set)  # nodes without an ambit proxy
 
     def pod_ip(self, pod: str) -> str:
@@ -155,6 +156,10 @@ class ProxyLab:
         """While it exists, the proxies' on-demand lookups fail (the plane is unreachable)."""
         return self.workdir / "lookups-fail"
 
+    def audit(self, node: str) -> list[dict[str, Any]]:
+        path = self.workdir / f"{node}.audit.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
     def log(self, name: str) -> str:
         path = self.workdir / f"{name}.log"
         return path.read_text() if path.exists() else ""
@@ -190,8 +195,8 @@ def start(
     strict_uids = set(strict)
     plan = plan_lab(nodes, pods, prefix)
     control.up(plan)
-    lab = ProxyLab(prefix, plan, workdir, list(extra_workloads), set(foreign))
     ca = CertificateAuthority.generate_root(TRUST_DOMAIN)
+    lab = ProxyLab(prefix, plan, workdir, list(extra_workloads), ca, set(foreign))
     workloads = [
         {"name": p.name, "sa": service_account(p.name), "node": p.node, "ip": p.ip} for p in plan.pods()
     ] + lab.extra_workloads
@@ -215,6 +220,7 @@ def start(
             "pod_cidrs": {n.name: [n.pod_cidr] for n in plan.nodes},
             "service_cidrs": [SERVICE_CIDR],
             "lookup_fail_file": str(lab.lookup_fail_file),
+            "audit": str(workdir / f"{node.name}.audit.jsonl"),
             "bundle_pem": ca.bundle_pem().decode(),
             "svids": {principal(w["name"]): issue(ca, SpiffeId.parse(principal(w["name"]))) for w in local},
             "deny": [list(d) for d in deny],
@@ -369,6 +375,52 @@ def connect_and_read(ip: str, port: int, payload: bytes = b"x", timeout: float =
         return "reset"
     except ConnectionRefusedError:
         return "refused"
+
+
+@dataclass(frozen=True)
+class Client:
+    """An HBONE client identity of the test's choosing (a real SVID, or one `tests.forge` made)."""
+
+    chain_pem: bytes
+    key_pem: bytes
+    bundle_pem: bytes
+
+
+def hbone_stream(pod_ip: str, expected_peer: str, client: Client, authority: str, forwarded: str = "") -> str:
+    """One CONNECT from `client` to the agent serving `pod_ip`:15008 (requiring `expected_peer`, the pod's
+    SVID), through the real engine (run it in a netns); sends b"x", half-closes. Returns "200 <answer>",
+    "refused <status>" or "failed <why>"."""
+    import select as select_
+
+    from native.engine import Engine
+
+    engine = Engine(threads=1)
+    engine.start()
+    try:
+        ctx = engine.tls_context(
+            server=False, chain_pem=client.chain_pem, key_pem=client.key_pem, bundle_pem=client.bundle_pem
+        )
+        sock = socket.create_connection((pod_ip, HBONE_PORT), timeout=10)
+        conn = engine.connect_hbone(sock.detach(), ctx, expected_peer)
+        app, local = socket.socketpair()
+        engine.open_stream(conn, authority, local.detach(), tag=7, forwarded=forwarded)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            for ev in engine.events():
+                if ev.kind == "stream_open" and ev.tag == 7:
+                    app.settimeout(10)
+                    app.sendall(b"x")
+                    app.shutdown(socket.SHUT_WR)
+                    answer = b"".join(iter(lambda: app.recv(65536), b""))
+                    return f"200 {answer.decode(errors='replace').strip()}"
+                if ev.kind == "stream_refused" and ev.tag == 7:
+                    return f"refused {ev.status}"
+                if ev.kind in ("conn_error", "stream_closed", "conn_closed"):
+                    return f"failed {ev.kind}: {ev.detail}"
+            select_.select([engine.eventfd], [], [], 0.5)
+        return "failed: timeout"
+    finally:
+        engine.stop()
 
 
 def in_pod(lab: ProxyLab, pod: str, fn: Any, *args: Any, timeout: float = 120.0) -> Any:

@@ -11,6 +11,7 @@ from api import relay_pb2, relay_pb2_grpc
 from api.spiffe import SpiffeId
 from mgmt.ca import CertificateAuthority
 from mgmt.server import SERVER_NAME, issue_key_and_chain, node_channel_credentials
+from tests.forge import forged_leaf
 from tests.relay_fixtures import TD, Plane
 
 OPTIONS = [("grpc.ssl_target_name_override", SERVER_NAME)]
@@ -85,3 +86,32 @@ def test_only_subscribed_types_are_pushed(plane: Plane, ca: CertificateAuthority
     assert [d.type for d in response.deltas] == ["Node"]
     assert sorted(r.key for r in response.deltas[0].resources) == ["Node/node-1", "Node/node-2"]
     assert response.version == plane.store.version and response.nonce
+
+
+def test_a_node_absent_from_config_gets_nothing(
+    plane: Plane, ca: CertificateAuthority, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A valid node certificate of a node the config does not list (removed, or never added)."""
+    caplog.set_level(logging.INFO, logger="ambit.audit")
+    channel, stub = _stub(plane, node_channel_credentials(ca, "node-77"))
+    with channel:
+        with pytest.raises(grpc.RpcError) as err:
+            _subscribe(stub, "node-77", ["Node", "Service"])
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "not in the config" in (err.value.details() or "")
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Lookup(relay_pb2.LookupRequest(node="node-77", address="10.244.2.2"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    audited = [(r.method, r.node) for r in _audits(caplog)]  # type: ignore[attr-defined]
+    assert audited == [("Subscribe", "node-77"), ("Lookup", "node-77")]
+    assert plane.server.relay.counters()["streams"] == 0
+
+
+def test_a_ca_certificate_is_no_client_identity(plane: Plane, ca: CertificateAuthority) -> None:
+    """CA:true signed by our root with a node's URI: gRPC's path validation takes it as a leaf; we do not."""
+    chain, key = forged_leaf(ca, f"spiffe://{TD}/node/node-1", is_ca=True)
+    channel, stub = _stub(plane, grpc.ssl_channel_credentials(ca.bundle_pem(), key, chain))
+    with channel, pytest.raises(grpc.RpcError) as err:
+        _subscribe(stub, "node-1", ["Node"])
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert plane.server.relay.counters()["streams"] == 0

@@ -317,3 +317,16 @@ def test_workload_only_update_reuses_compiled_policies_and_drops_memos() -> None
     assert after.version == 2 and after.rego is before.rego and after.authz is before.authz
     assert after.rego_cache == {} and after.sets == {}
     assert engine.authorize(conn()).allow
+
+
+def test_namespace_is_never_read_from_a_foreign_trust_domain() -> None:
+    """`spiffe://evil.example/ns/front/...` signed by the same root is not namespace front: a namespace
+    ALLOW does not match it (nor does a Rego policy see a namespace for it)."""
+    engine = engine_with([ap(action="ALLOW", rules=[src(namespaces=["front"])])])
+    assert engine.authorize(conn()).allow
+    assert not engine.authorize(conn("evil.example/ns/front/sa/client")).allow
+    deny_others = engine_with([ap(action="DENY", rules=[src(notNamespaces=["front"])])])
+    assert not deny_others.authorize(conn("evil.example/ns/front/sa/client")).allow
+    by_account = engine_with([ap(action="ALLOW", rules=[src(serviceAccounts=["front/client"])])])
+    assert by_account.authorize(conn()).allow
+    assert not by_account.authorize(conn("evil.example/ns/front/sa/client")).allow

@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import pytest
 
-from agent.proxy.forwarded import Forwarded, ForwardedError, believe, parse_forwarded, parse_forwarded_for
+from agent.proxy.forwarded import (
+    Belief,
+    Forwarded,
+    ForwardedError,
+    believe,
+    parse_forwarded,
+    parse_forwarded_for,
+)
 from agent.state import MeshSnapshot
 from api.resources import Meta
-from api.resources.workload import Namespace, Workload
+from api.resources.workload import Namespace, Node, Workload
 from api.spiffe import SpiffeId
 from native.engine import EngineError, forwarded_for
 
@@ -134,26 +141,32 @@ def _view() -> MeshSnapshot:
     pods = [
         Workload(Meta(name="a", namespace="app"), "sa-a", "node-1", ("10.244.1.2",)),
         Workload(Meta(name="b", namespace="app"), "sa-b", "node-1", ("10.244.1.3",)),
+        # A hostNetwork workload shares its node's address: that address is still nobody's alone.
+        Workload(Meta(name="h", namespace="app"), "sa-a", "node-1", ("172.30.0.1",)),
     ]
-    return MeshSnapshot.from_objects(1, "cluster.local", "node-2", [ns, *pods])
+    nodes = [Node(Meta(name="node-1"), ("172.30.0.1",))]
+    return MeshSnapshot.from_objects(1, "cluster.local", "node-2", [ns, *pods, *nodes])
+
+
+A = "spiffe://cluster.local/ns/app/sa/sa-a"
 
 
 @pytest.mark.parametrize(
-    "ip,peer,believed,workload",
+    "ip,peer,belief,workload",
     [
-        ("10.244.1.2", "spiffe://cluster.local/ns/app/sa/sa-a", True, "app/a"),  # its own pod
-        ("10.244.1.3", "spiffe://cluster.local/ns/app/sa/sa-a", False, "app/b"),  # another identity's pod
-        ("10.244.9.9", "spiffe://cluster.local/ns/app/sa/sa-a", True, None),  # unknown here: a workload id
-        ("10.244.9.9", "spiffe://cluster.local/node/node-1", False, None),  # a node identity claims nothing
-        ("10.244.9.9", "spiffe://other.td/ns/app/sa/sa-a", False, None),  # another trust domain
-        ("10.244.1.2", "spiffe://other.td/ns/app/sa/sa-a", False, "app/a"),
+        ("10.244.1.2", A, Belief.BELIEVED, "app/a"),  # its own pod
+        ("10.244.1.3", A, Belief.OTHER_IDENTITY, "app/b"),  # another identity's pod
+        ("10.244.9.9", A, Belief.UNKNOWN, None),  # nobody known there: never believed
+        ("172.30.0.1", A, Belief.NODE_ADDRESS, None),  # a node's address, even with a workload on it
+        ("10.244.9.9", "spiffe://cluster.local/node/node-1", Belief.UNKNOWN, None),
+        ("10.244.1.2", "spiffe://other.td/ns/app/sa/sa-a", Belief.OTHER_IDENTITY, "app/a"),
     ],
 )
-def test_a_claim_is_believed_only_for_the_peers_own_identity(
-    ip: str, peer: str, believed: bool, workload: str | None
+def test_a_claim_is_believed_only_for_a_workload_of_exactly_the_peers_identity(
+    ip: str, peer: str, belief: Belief, workload: str | None
 ) -> None:
-    ok, known = believe(ip, SpiffeId.parse(peer), _view())
-    assert ok is believed
+    got, known = believe(ip, SpiffeId.parse(peer), _view())
+    assert got is belief
     assert (known.uid if known else None) == workload
 
 
