@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,8 @@ class Event:
     tag: int
     authority: str = ""
     forwarded: str = ""  # stream_request: the raw `forwarded` header ("" when absent; never trusted here)
+    baggage: str = ""  # stream_request: the raw W3C `baggage` header (same rules)
+    traceparent: str = ""  # stream_request: the raw W3C `traceparent` header (same rules)
     peer_id: str = ""
     tls_version: str = ""
     tls_cipher: str = ""
@@ -75,6 +78,28 @@ def forwarded_for(ip: str) -> bytes:
     return f"for={addr.compressed}".encode()
 
 
+_TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+BAGGAGE_MAX = 511  # AMBIT_BAGGAGE_MAX minus the NUL
+
+
+def request_headers(forwarded: str = "", baggage: str = "", traceparent: str = "") -> bytes:
+    """The extra CONNECT header lines open_stream hands the engine: `forwarded` (an IP address, formatted
+    by forwarded_for), `baggage` (visible ASCII, at most BAGGAGE_MAX bytes) and `traceparent` (W3C version
+    00); raises EngineError for anything else, so a value never carries a line break or a second header."""
+    lines = []
+    if forwarded:
+        lines.append(b"forwarded: " + forwarded_for(forwarded))
+    if baggage:
+        if len(baggage) > BAGGAGE_MAX or not all(0x20 < ord(c) < 0x7F for c in baggage):
+            raise EngineError(f"baggage: {baggage[:64]!r} is not a bounded visible-ASCII value")
+        lines.append(b"baggage: " + baggage.encode())
+    if traceparent:
+        if not _TRACEPARENT.fullmatch(traceparent):
+            raise EngineError(f"traceparent: {traceparent[:64]!r} is not a W3C version 00 value")
+        lines.append(b"traceparent: " + traceparent.encode())
+    return b"".join(line + b"\n" for line in lines)
+
+
 def _text(field: object) -> str:
     return bytes(ffi.string(field)).decode("utf-8", "replace")
 
@@ -88,6 +113,8 @@ def _event(r: Any) -> Event:
         tag=int(r.tag),
         authority=_text(r.authority),
         forwarded=_text(r.forwarded),
+        baggage=_text(r.baggage),
+        traceparent=_text(r.traceparent),
         peer_id=_text(r.peer_id),
         tls_version=_text(r.tls_version),
         tls_cipher=_text(r.tls_cipher),
@@ -185,16 +212,24 @@ class Engine:
         return self._call(lib.ambit_connect_hbone, fd, ctx, expected_peer.encode(), tag)
 
     def open_stream(
-        self, conn_id: int, authority: str, local_fd: int, tag: int = 0, forwarded: str = ""
+        self,
+        conn_id: int,
+        authority: str,
+        local_fd: int,
+        tag: int = 0,
+        forwarded: str = "",
+        baggage: str = "",
+        traceparent: str = "",
     ) -> int:
         """A CONNECT stream to `authority`; `forwarded` (an IP address, or "") names the client to the peer
-        as the request header `forwarded: for=<ip>` (RFC 7239; IPv6 quoted and bracketed)."""
+        as the request header `forwarded: for=<ip>` (RFC 7239; IPv6 quoted and bracketed); `baggage` and
+        `traceparent` (W3C, or "") are sent as they are (see request_headers)."""
         try:
-            header = forwarded_for(forwarded) if forwarded else ffi.NULL
+            headers = request_headers(forwarded, baggage, traceparent) or ffi.NULL
         except EngineError:
             os.close(local_fd)  # the engine owns local_fd from the call on, even when it fails
             raise
-        return self._call(lib.ambit_open_stream, conn_id, authority.encode(), header, local_fd, tag)
+        return self._call(lib.ambit_open_stream, conn_id, authority.encode(), headers, local_fd, tag)
 
     def serve_hbone(self, fd: int, ctx: int, tag: int = 0) -> int:
         return self._call(lib.ambit_serve_hbone, fd, ctx, tag)

@@ -40,14 +40,35 @@ typedef struct hstream {
     int opened;                   /* client: 2xx received; server: accepted */
     int rejected;                 /* server: RST_STREAM(NO_ERROR) follows the response once it is sent */
     char *authority;
-    char *forwarded;              /* client: header sent; server: header received (NULL when absent) */
-    int forwarded_bad;            /* server: repeated or too long: reported as FORWARDED_INVALID */
+    char *req_headers;            /* client: the extra request header lines sent (NULL when none) */
+    char *hdr[3];                 /* server: forwarded, baggage, traceparent received (NULL when absent) */
+    int hdr_bad[3];               /* server: repeated or too long: reported as HEADER_INVALID */
     uint64_t bytes_in, bytes_out;
 } hstream;
 
-/* What stream_request carries for a forwarded header that cannot be one valid value: no RFC 7239
- * element starts with a space, so the proxy's strict parser rejects it (a truncated value might not be). */
-#define FORWARDED_INVALID " invalid (repeated or too long)"
+/* What stream_request carries for a reported header that cannot be one valid value: no RFC 7239 element,
+ * W3C baggage or traceparent starts with a space, so the proxy's strict parsers reject it (a truncated or
+ * combined value might not be). */
+#define HEADER_INVALID " invalid (repeated or too long)"
+
+/* The request headers a server reports raw (Python parses them) and a client may send besides :method and
+ * :authority, with the longest value kept (with NUL). Index = hstream.hdr slot. */
+static const struct {
+    const char *name;
+    size_t len, max;
+} REQ_HEADERS[3] = {
+    {"forwarded", 9, AMBIT_HEADER_MAX},
+    {"baggage", 7, AMBIT_BAGGAGE_MAX},
+    {"traceparent", 11, AMBIT_TRACEPARENT_MAX},
+};
+
+static int req_header_index(const uint8_t *name, size_t len)
+{
+    for (int i = 0; i < 3; i++)
+        if (len == REQ_HEADERS[i].len && !memcmp(name, REQ_HEADERS[i].name, len))
+            return i;
+    return -1;
+}
 
 
 typedef struct hconn {
@@ -189,7 +210,9 @@ static void stream_finish(hstream *s, const char *detail)
     abuf_free(&s->in);
     abuf_free(&s->out);
     free(s->authority);
-    free(s->forwarded);
+    free(s->req_headers);
+    for (int i = 0; i < 3; i++)
+        free(s->hdr[i]);
     free(s);
     mark_dirty(c);
 }
@@ -367,20 +390,21 @@ static int on_header(nghttp2_session *session, const nghttp2_frame *frame, const
 {
     (void)flags, (void)user_data;
     hstream *s = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
+    int i;
     if (!s || frame->hd.type != NGHTTP2_HEADERS)
         return 0;
     if (namelen == 7 && !memcmp(name, ":method", 7))
         s->is_connect = valuelen == 7 && !memcmp(value, "CONNECT", 7);
     else if (namelen == 10 && !memcmp(name, ":authority", 10) && !s->authority && valuelen < AMBIT_HEADER_MAX)
         s->authority = strndup((const char *)value, valuelen);
-    else if (namelen == 9 && !memcmp(name, "forwarded", 9) && frame->headers.cat == NGHTTP2_HCAT_REQUEST) {
+    else if (frame->headers.cat == NGHTTP2_HCAT_REQUEST && (i = req_header_index(name, namelen)) >= 0) {
         /* Kept raw and bounded; Python parses it. A second field line or an oversized one is never
          * combined or truncated (either could turn into a different valid claim). */
-        if (s->forwarded || s->forwarded_bad || valuelen >= AMBIT_HEADER_MAX) {
-            free(s->forwarded);
-            s->forwarded = NULL;
-            s->forwarded_bad = 1;
-        } else if (!(s->forwarded = strndup((const char *)value, valuelen))) {
+        if (s->hdr[i] || s->hdr_bad[i] || valuelen >= REQ_HEADERS[i].max) {
+            free(s->hdr[i]);
+            s->hdr[i] = NULL;
+            s->hdr_bad[i] = 1;
+        } else if (!(s->hdr[i] = strndup((const char *)value, valuelen))) {
             return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
         }
     }
@@ -403,7 +427,10 @@ static void server_request(hconn *c, hstream *s)
     ambit_event ev;
     event_init(&ev, AMBIT_EV_STREAM_REQUEST, c->id, s->id, c->tag);
     copy_str(ev.authority, sizeof(ev.authority), s->authority);
-    copy_str(ev.forwarded, sizeof(ev.forwarded), s->forwarded_bad ? FORWARDED_INVALID : s->forwarded);
+    char *reported[3] = {ev.forwarded, ev.baggage, ev.traceparent};
+    size_t caps[3] = {sizeof(ev.forwarded), sizeof(ev.baggage), sizeof(ev.traceparent)};
+    for (int i = 0; i < 3; i++)
+        copy_str(reported[i], caps[i], s->hdr_bad[i] ? HEADER_INVALID : s->hdr[i]);
     copy_str(ev.peer_id, sizeof(ev.peer_id), c->peer_id);
     event_emit(c->l->engine, &ev);
 }
@@ -955,6 +982,30 @@ static void refuse_unknown(ambit_loop *l, acmd *cmd, const char *why)
     event_emit(l->engine, &ev);
 }
 
+/* Splits "name: value\n" lines (in place) into nv[*n..]: only the names in REQ_HEADERS, each once, values
+ * bounded and free of CR/LF/NUL. Returns -1 for anything else. */
+static int split_req_headers(char *text, nghttp2_nv *nv, size_t *n)
+{
+    int seen[3] = {0, 0, 0};
+    char *line = text;
+    while (*line) {
+        char *end = strchr(line, '\n');
+        char *sep = strstr(line, ": ");
+        if (!end || !sep || sep > end || strchr(line, '\r'))
+            return -1;
+        int i = req_header_index((const uint8_t *)line, (size_t)(sep - line));
+        char *value = sep + 2;
+        size_t vlen = (size_t)(end - value);
+        if (i < 0 || seen[i]++ || vlen >= REQ_HEADERS[i].max)
+            return -1;
+        *end = '\0';
+        nv[(*n)++] = (nghttp2_nv){(uint8_t *)REQ_HEADERS[i].name, (uint8_t *)value, REQ_HEADERS[i].len, vlen,
+                                  NGHTTP2_NV_FLAG_NONE};
+        line = end + 1;
+    }
+    return 0;
+}
+
 void hconn_open_stream(ambit_loop *l, acmd *cmd)
 {
     hconn *c = amap_get(&l->conns, cmd->id);
@@ -967,8 +1018,13 @@ void hconn_open_stream(ambit_loop *l, acmd *cmd)
         refuse_unknown(l, cmd, "bad authority");
         return;
     }
-    if (cmd->text2 && (strlen(cmd->text2) >= AMBIT_HEADER_MAX || strpbrk(cmd->text2, "\r\n"))) {
-        refuse_unknown(l, cmd, "bad forwarded header");
+    nghttp2_nv nv[5] = {
+        {(uint8_t *)":method", (uint8_t *)"CONNECT", 7, 7, NGHTTP2_NV_FLAG_NONE},
+        {(uint8_t *)":authority", (uint8_t *)cmd->text, 10, strlen(cmd->text), NGHTTP2_NV_FLAG_NONE},
+    };
+    size_t nvlen = 2;
+    if (cmd->text2 && split_req_headers(cmd->text2, nv, &nvlen) < 0) {
+        refuse_unknown(l, cmd, "bad request headers");
         return;
     }
     hstream *s = stream_new(c, cmd->id2, cmd->tag);
@@ -976,19 +1032,15 @@ void hconn_open_stream(ambit_loop *l, acmd *cmd)
         refuse_unknown(l, cmd, "out of memory");
         return;
     }
+    /* The nv entries point into these strings, which the stream keeps (nghttp2 copies them anyway). */
     s->authority = cmd->text;
     cmd->text = NULL;
-    s->forwarded = cmd->text2;
+    s->req_headers = cmd->text2;
     cmd->text2 = NULL;
-    /* CONNECT carries :method and :authority (RFC 9113 8.5), and the source as `forwarded` (RFC 7239). */
-    nghttp2_nv nv[] = {
-        {(uint8_t *)":method", (uint8_t *)"CONNECT", 7, 7, NGHTTP2_NV_FLAG_NONE},
-        {(uint8_t *)":authority", (uint8_t *)s->authority, 10, strlen(s->authority), NGHTTP2_NV_FLAG_NONE},
-        {(uint8_t *)"forwarded", (uint8_t *)(s->forwarded ? s->forwarded : ""), 9,
-         s->forwarded ? strlen(s->forwarded) : 0, NGHTTP2_NV_FLAG_NONE},
-    };
+    /* CONNECT carries :method and :authority (RFC 9113 8.5), then the source as `forwarded` (RFC 7239) and
+     * the telemetry context (W3C baggage, traceparent) as ztunnel sends them. */
     nghttp2_data_provider prov = {.source.ptr = s, .read_callback = stream_read_cb};
-    int32_t h2id = nghttp2_submit_request(c->h2, NULL, nv, s->forwarded ? 3 : 2, &prov, s);
+    int32_t h2id = nghttp2_submit_request(c->h2, NULL, nv, nvlen, &prov, s);
     if (h2id < 0 || stream_attach(s, cmd) < 0) {
         s->h2_closed = 1;
         s->local_reset = 1;

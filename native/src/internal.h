@@ -22,6 +22,8 @@
 #define AMBIT_TLS_WBUF (256 * 1024)         /* TLS records coalesced per send() */
 #define AMBIT_TICK_MS 200
 #define AMBIT_HEADER_MAX 256          /* longest :authority / forwarded value kept (with NUL) */
+#define AMBIT_BAGGAGE_MAX 512         /* longest baggage value kept (with NUL) */
+#define AMBIT_TRACEPARENT_MAX 128     /* longest traceparent value kept (with NUL; a valid one has 55 chars) */
 
 /* Growable byte buffer with a consumed prefix. */
 typedef struct abuf {
@@ -74,7 +76,7 @@ typedef struct acmd {
     uint64_t tag;
     SSL_CTX *ctx;    /* one reference owned by the command */
     char *text;      /* expected peer / authority (malloc'd) */
-    char *text2;     /* forwarded header value (malloc'd) or NULL */
+    char *text2;     /* extra request header lines (malloc'd) or NULL */
     struct acmd *next;
 } acmd;
 

@@ -476,14 +476,14 @@ int64_t ambit_serve_hbone(ambit_engine *e, int fd, int64_t ctx, uint64_t tag, ch
     return post_conn(e, CMD_SERVE, fd, ctx, NULL, tag, err, errlen);
 }
 
-int64_t ambit_open_stream(ambit_engine *e, uint64_t conn_id, const char *authority, const char *forwarded,
+int64_t ambit_open_stream(ambit_engine *e, uint64_t conn_id, const char *authority, const char *headers,
                           int local_fd, uint64_t tag, char *err, size_t errlen)
 {
     acmd *c = cmd_prepare(e, CMD_OPEN_STREAM, local_fd, -1, err, errlen);
     if (!c)
         return -1;
-    int with_fwd = forwarded && *forwarded;
-    if (!(c->text = strdup(authority ? authority : "")) || (with_fwd && !(c->text2 = strdup(forwarded)))) {
+    int with_headers = headers && *headers;
+    if (!(c->text = strdup(authority ? authority : "")) || (with_headers && !(c->text2 = strdup(headers)))) {
         set_err(err, errlen, "out of memory");
         cmd_free(c);
         return -1;
