@@ -32,6 +32,7 @@ from agent.proxy.sockets import (
 )
 from agent.proxy.sources import SourceIndex
 from agent.proxy.table import Entry, Path
+from agent.proxy.telemetry import TelemetryError, parse_baggage, source_workload, trace_id
 from agent.redirect.marks import HBONE_PORT, INBOUND_PLAINTEXT_PORT
 from api.resources.workload import Workload
 from api.spiffe import SpiffeId, SpiffeIdError
@@ -221,12 +222,13 @@ class Inbound:
             destination_port=dst_port,
             source_principal=conn.presented or str(conn.principal),
             destination_principal=str(dst.spiffe_id(snap.trust_domain)),
-            source_workload=src.uid if src is not None else "",
+            source_workload=src.uid if src is not None else self._baggage_source(ev, conn),
             destination_workload=dst.uid,
             tls_version=conn.tls_version,
             tls_cipher=conn.tls_cipher,
             peer_cert_sha256=conn.peer_cert_sha256,
             start_time=time.time(),
+            trace_id=self._trace_id(ev, conn),
         )
         attrs = ConnectionAttrs(conn.principal, src_ip, dst_ip, dst_port, dst.uid, dst.namespace, tls=True)
         decision = rt.authorize(attrs)
@@ -320,6 +322,32 @@ class Inbound:
             return None
         self.rt.counters["hbone_forwarded_used"] += 1
         return ip, known
+
+    def _baggage_source(self, ev: Event, conn: ServerConn) -> str:
+        """The source workload the peer's baggage names (as ztunnel sends it), for a source the mesh view
+        does not know; only within the namespace of the peer's identity (telemetry.source_workload)."""
+        rt = self.rt
+        if not ev.baggage or conn.principal is None:
+            return ""
+        try:
+            fields = parse_baggage(ev.baggage)
+        except TelemetryError as exc:
+            rt.counters["hbone_baggage_invalid"] += 1
+            rt.warn.warning(
+                "baggage_invalid", "HBONE stream from %s: ignoring baggage: %s", conn.peer_ip, exc
+            )
+            return ""
+        uid = source_workload(fields, conn.principal)
+        rt.counters["hbone_baggage_used" if uid else "hbone_baggage_ignored"] += 1
+        return uid
+
+    def _trace_id(self, ev: Event, conn: ServerConn) -> str:
+        found = trace_id(ev.traceparent)
+        if ev.traceparent and not found:
+            self.rt.counters["hbone_traceparent_invalid"] += 1
+            self.rt.warn.warning("traceparent_invalid", "HBONE stream from %s: ignoring traceparent %r",
+                                 conn.peer_ip, ev.traceparent[:64])  # fmt: skip
+        return found
 
     def _upstream_ready(self, entry: Entry, upstream: socket.socket, err: int) -> None:
         rt = self.rt

@@ -22,6 +22,7 @@ from agent.proxy.sockets import (
     format_authority,
 )
 from agent.proxy.table import Entry, Path
+from agent.proxy.telemetry import baggage, new_traceparent, trace_id
 from agent.redirect.marks import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
 from api.resources.workload import Service, Workload
 from api.spiffe import SpiffeId
@@ -134,13 +135,15 @@ class Outbound:
             source_workload=src.uid,
             destination_workload=dst.uid,
         )
+        context = (baggage(src, rt.cluster), new_traceparent())
+        record = dataclasses.replace(record, trace_id=trace_id(context[1]))
         if rt.tls.has_client(src_id):
-            self._open(client, record, src_id, dst_id, dst.node == rt.node)
+            self._open(client, record, src_id, dst_id, dst.node == rt.node, context)
             return
 
         def resume(err: Exception | None) -> None:
             if err is None:
-                self._open(client, record, src_id, dst_id, dst.node == rt.node)
+                self._open(client, record, src_id, dst_id, dst.node == rt.node, context)
             else:
                 log.warning("no client certificate for %s: %s", src_id, err)
                 rt.refuse(client, record, "UF", f"no certificate for {src_id}: {err}")
@@ -149,10 +152,17 @@ class Outbound:
         rt.off_loop(str(src_id), lambda: rt.tls.fetch(src_id), resume)
 
     def _open(
-        self, client: socket.socket, record: ConnectionRecord, src_id: SpiffeId, dst_id: SpiffeId, local: bool
+        self,
+        client: socket.socket,
+        record: ConnectionRecord,
+        src_id: SpiffeId,
+        dst_id: SpiffeId,
+        local: bool,
+        context: tuple[str, str],
     ) -> None:
         """Open the CONNECT stream on a pooled connection from the source pod to `<destination pod>:15008`
-        (or a new one), requiring the destination workload's identity from the server (as ztunnel)."""
+        (or a new one), requiring the destination workload's identity from the server (as ztunnel), with
+        the telemetry `context` (baggage, traceparent) ztunnel sends."""
         rt = self.rt
         try:
             ctx, generation = rt.tls.client(src_id)
@@ -181,8 +191,9 @@ class Outbound:
         authority = format_authority(dst_ip, record.destination_port)
         try:
             entry.engine_stream = rt.engine.open_stream(
-                conn.conn_id, authority, client.detach(), entry.tag, forwarded=src_ip
-            )
+                conn.conn_id, authority, client.detach(), entry.tag, forwarded=src_ip, baggage=context[0],
+                traceparent=context[1],
+            )  # fmt: skip
         except EngineError as exc:  # the engine closed the client fd
             rt.pool.release(conn.conn_id)
             rt.table.finish(entry.tag, response_flags="UF", error=str(exc))

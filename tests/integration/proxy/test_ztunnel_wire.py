@@ -163,6 +163,31 @@ def test_ztunnel_client_reaches_an_ambit_pod(lab: ProxyLab) -> None:
     assert rec["source_ip"] == lab.pod_ip("pod-2-1")
     assert rec["destination_principal"] == principal("pod-1-1")
     assert rec["bytes_sent"] == rec["bytes_received"] == len(payload)
+    assert rec["trace_id"] == TRACEPARENT.split("-")[1]  # joins ztunnel's records of this connection
+
+
+def test_peer_baggage_names_a_source_the_mesh_does_not_know(lab: ProxyLab) -> None:
+    """From an address of node-2's pod range that no workload holds (ambit cannot believe it), the record
+    names the source workload from ztunnel's baggage, within the namespace of the peer's identity."""
+    unknown_ip = lab.pod_ip("pod-2-1").rsplit(".", 1)[0] + ".77"
+    chain, key = _svid(lab, "pod-2-1")
+    target = f"{lab.pod_ip('pod-1-1')}:{WHOAMI}"
+    headers = (("baggage", BAGGAGE.replace("pod-2-1", "orders")), ("traceparent", TRACEPARENT))
+    args = (
+        unknown_ip,
+        lab.pod_ip("pod-1-1"),
+        chain,
+        key,
+        _node2_cfg(lab)["bundle_pem"],
+        [Request(target, b"", headers)],
+    )
+    got = nsx.run_in(lab.plan.node("node-2").netns, fake_ztunnel.connect, *args, timeout=60)
+    assert got["streams"][0]["status"] == 200
+    rec = lab.wait_closed(
+        "node-1", lambda ev: ev["source_ip"] == unknown_ip and ev["destination_port"] == WHOAMI
+    )
+    assert rec["source_workload"] == "app/orders" and rec["source_principal"] == principal("pod-2-1")
+    lab.wait_status("node-1", lambda st: st["counters"].get("hbone_baggage_used", 0) >= 1)
 
 
 def test_authority_must_be_the_dialled_address(lab: ProxyLab) -> None:
@@ -206,10 +231,16 @@ def test_ambit_client_reaches_a_ztunnel_pod(lab: ProxyLab) -> None:
     assert headers[":method"] == "CONNECT" and headers[":authority"] == f"{lab.pod_ip('pod-2-1')}:{ECHO}"
     assert headers["forwarded"] == f"for={lab.pod_ip('pod-1-1')}"
     assert seen["status"] == 200
+    members = dict(m.split("=", 1) for m in headers["baggage"].split(","))
+    assert members["k8s.namespace.name"] == "app" and members["k8s.pod.name"] == "pod-1-1"
+    assert members["service.name"] == "pod-1-1" and members["k8s.cluster.name"]
+    version, trace, parent, flags = headers["traceparent"].split("-")
+    assert (version, len(trace), len(parent), flags) == ("00", 32, 16, "00")
     match = {"direction": "outbound", "destination_port": ECHO, "destination_ip": lab.pod_ip("pod-2-1")}
     out = lab.wait_closed("node-1", lambda ev: all(ev[k] == v for k, v in match.items()))
     assert out["destination_principal"] == principal("pod-2-1") and out["response_flags"] == "-"
     assert out["bytes_sent"] == out["bytes_received"] == len(payload)
+    assert out["trace_id"] == trace
 
 
 def test_ztunnel_401_is_a_policy_denial(lab: ProxyLab) -> None:
