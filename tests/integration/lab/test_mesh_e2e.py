@@ -74,7 +74,7 @@ def _set_policies(plan: LabPlan, docs: list[dict[str, object]]) -> None:
     raise AssertionError("policy change did not reach node-2")
 
 
-def test_cross_node_traffic_is_mtls_only_on_the_wire(meshlab: LabPlan) -> None:
+def test_cross_node_traffic_is_mtls_only_on_the_wire_between_pod_addresses(meshlab: LabPlan) -> None:
     _set_policies(meshlab, [])
     canary = b"e2e-canary-" + str(time.time_ns()).encode()
     capture = Capture(meshlab.fabric_netns, meshlab.node("node-1").fabric_ifname)
@@ -84,6 +84,9 @@ def test_cross_node_traffic_is_mtls_only_on_the_wire(meshlab: LabPlan) -> None:
     assert report.needle_hits == 0
     assert ECHO_PORT not in report.ports
     assert report.ports[HBONE_PORT] > 0
+    # The outer connection runs between the pods' own addresses, as ztunnel's does: never a node's.
+    hbone = {(client, server) for client, server, port in report.flows if port == HBONE_PORT}
+    assert hbone == {(meshlab.pod("pod-1-1").ip, meshlab.pod("pod-2-1").ip)}, report.flows
     closes = [
         r for r in _access_closes(meshlab, "node-2") if r["destination_ip"] == meshlab.pod("pod-2-1").ip
     ]
