@@ -58,6 +58,8 @@ class ServerConn:
     principal: SpiffeId | None = None
     presented: str = ""  # the SPIFFE ID in the client certificate, as presented
     refused: str = ""
+    handshaking: bool = True  # holds a unit of the per-source handshake budget until peer_verified
+    identity_held: str = ""  # the identity whose connection budget this connection holds a unit of
     tls_version: str = ""
     tls_cipher: str = ""
     peer_cert_sha256: str = ""
@@ -86,6 +88,14 @@ class Inbound:
         An address that is no local workload has no identity to present: the connection is closed."""
         rt = self.rt
         rt.counters["hbone_accepted"] += 1
+        budgets = rt.budgets
+        for budget in (budgets.hbone_handshakes, budgets.hbone_sources):
+            if budget.full(peer_ip):
+                # Unauthenticated: closed before any TLS state exists (no handshake memory to spend).
+                rt.warn.warning(budget.name, "HBONE from %s over its %s budget (%d): closed", peer_ip,
+                                budget.name, budget.limit)  # fmt: skip
+                sock.close()
+                return
         sock.setblocking(False)
         snap = rt.state()
         local = snap.workload_by_ip(local_ip)
@@ -130,6 +140,9 @@ class Inbound:
             log.warning("HBONE from %s: %s", peer_ip, exc)
             return
         self.server_conns[conn_id] = ServerConn(local_ip, peer_ip, peer_port)
+        budgets = rt.budgets
+        budgets.hbone_handshakes.take(peer_ip)
+        budgets.hbone_sources.take(peer_ip)
 
     def on_peer_verified(self, ev: Event) -> None:
         """Only a workload identity of this mesh's trust domain (or an alias) may open streams on 15008:
@@ -140,6 +153,7 @@ class Inbound:
             return
         conn.tls_version, conn.tls_cipher = ev.tls_version, ev.tls_cipher
         conn.peer_cert_sha256, conn.presented = ev.peer_cert_sha256, ev.peer_id
+        self._handshake_over(conn)
         try:
             presented = SpiffeId.parse(ev.peer_id)
         except SpiffeIdError:
@@ -148,8 +162,15 @@ class Inbound:
             )
             return
         trust = self.rt.state().trust
-        conn.principal = trust.workload(presented)
-        if conn.principal is not None:
+        principal = trust.workload(presented)
+        if principal is not None:
+            identities = self.rt.budgets.hbone_identities
+            if identities.full(str(principal)):
+                why = f"{principal} holds {identities.limit} connections ({identities.name})"
+                self._refuse_peer(ev.conn_id, conn, f"limit_{identities.name}", why)
+                return
+            identities.take(str(principal))
+            conn.principal, conn.identity_held = principal, str(principal)
             return
         if not trust.accepts(presented):
             why = f"trust domain {presented.trust_domain!r} is not this mesh's ({trust.local})"
@@ -172,7 +193,20 @@ class Inbound:
             log.debug("closing refused HBONE connection %d: %s", conn_id, exc)
 
     def on_conn_gone(self, conn_id: int) -> bool:
-        return self.server_conns.pop(conn_id, None) is not None
+        conn = self.server_conns.pop(conn_id, None)
+        if conn is None:
+            return False
+        budgets = self.rt.budgets
+        self._handshake_over(conn)
+        budgets.hbone_sources.give_back(conn.peer_ip)
+        if conn.identity_held:
+            budgets.hbone_identities.give_back(conn.identity_held)
+        return True
+
+    def _handshake_over(self, conn: ServerConn) -> None:
+        if conn.handshaking:
+            conn.handshaking = False
+            self.rt.budgets.hbone_handshakes.give_back(conn.peer_ip)
 
     def on_stream_request(self, ev: Event, looked_up: bool = False) -> None:
         rt = self.rt
@@ -238,6 +272,15 @@ class Inbound:
             self._reject(ev, STATUS_FORBIDDEN)
             rt.table.reject(record, "DENY", decision.reason)
             return
+        streams, identity = rt.budgets.hbone_streams, str(conn.principal)
+        if streams.full(identity):
+            # One identity must not hold this node's streams (fds, buffers) to the others' cost.
+            rt.warn.warning(
+                streams.name, "%s holds %d streams (limit): refusing its new ones", identity, streams.limit
+            )
+            self._reject(ev, STATUS_UNAVAILABLE)
+            rt.table.reject(record, "UO", f"{identity} is over its {streams.name} limit ({streams.limit})")
+            return
         spoof = src_ip if ((claimed is not None or src is not None) and rt.preserve_source_ip) else None
         try:
             upstream = connect_nonblocking((dst_ip, dst_port), source_ip=spoof)
@@ -246,7 +289,7 @@ class Inbound:
             rt.table.reject(record, "UF", f"connect: {exc}")
             return
         entry = Entry(rt.table.next_tag(), record, Path.HBONE_SERVER, attrs, ev.conn_id, ev.stream_id)
-        rt.table.add(entry)
+        rt.table.add(rt.hold(streams, identity, entry))
         rt.loop.watch_connect(upstream, lambda sock, err: self._upstream_ready(entry, sock, err))
 
     def _peer_source(self, snap: MeshView, conn: ServerConn) -> tuple[str, Workload | None] | None:
@@ -390,6 +433,8 @@ class Inbound:
     def _plaintext(self, client: socket.socket) -> None:
         rt = self.rt
         record = rt.accepted(client, Direction.INBOUND, "plaintext_accepted")
+        if rt.over_budget(rt.budgets.plaintext_sources, record.source_ip, client, record):
+            return
         src_ip, dst_ip, dst_port = record.source_ip, record.destination_ip, record.destination_port
         snap = rt.state()
         dst = snap.workload_by_ip(dst_ip)
@@ -425,5 +470,6 @@ class Inbound:
         except OSError as exc:
             rt.refuse(client, record, "UF", f"connect: {exc}")
             return
-        entry = rt.table.add(Entry(rt.table.next_tag(), record, Path.SPLICE, attrs))
+        entry = Entry(rt.table.next_tag(), record, Path.SPLICE, attrs)
+        rt.table.add(rt.hold(rt.budgets.plaintext_sources, record.source_ip, entry))
         rt.splice_when_connected(client, upstream, entry)

@@ -47,6 +47,8 @@ class Outbound:
     def handle(self, client: socket.socket) -> None:
         rt = self.rt
         record = rt.accepted(client, Direction.OUTBOUND, "outbound_accepted")
+        if rt.over_budget(rt.budgets.outbound_sources, record.source_ip, client, record):
+            return
         if record.destination_port in _LOOP_PORTS:
             where = f"{record.destination_ip}:{record.destination_port}"
             rt.refuse(client, record, "NR", f"destination {where} is a capture port (loop)")
@@ -102,6 +104,9 @@ class Outbound:
         self.rt.counters["outbound_waited_for_lookup"] += 1
         self.rt.lookup_off_loop(ip, resume)
 
+    def _held(self, entry: Entry) -> Entry:
+        return self.rt.hold(self.rt.budgets.outbound_sources, entry.record.source_ip, entry)
+
     def _endpoint(self, snap: MeshView, service: Service, port: int) -> tuple[Workload, int] | None:
         """A random endpoint of `service` (spreads load as kube-proxy does) and the target port for `port`."""
         target = next((p.target_port for p in service.ports if p.port == port), None)
@@ -119,7 +124,7 @@ class Outbound:
         except OSError as exc:
             rt.refuse(client, record, "UF", f"connect: {os.strerror(exc.errno or 0)}")
             return
-        entry = rt.table.add(Entry(rt.table.next_tag(), record, Path.SPLICE))
+        entry = rt.table.add(self._held(Entry(rt.table.next_tag(), record, Path.SPLICE)))
         rt.splice_when_connected(client, upstream, entry)
 
     def _hbone(
@@ -172,22 +177,24 @@ class Outbound:
             return
         src_ip, dst_ip = record.source_ip, record.destination_ip
         key = (str(src_id), src_ip, str(dst_id), dst_ip)
-        conn = rt.pool.acquire(key, generation)
+        where = format_authority(dst_ip, HBONE_PORT)
+        conn = rt.pool.acquire(key, generation, where, str(dst_id))
         if conn is None:
-            peer = format_authority(dst_ip, HBONE_PORT)
             try:
                 sock = self._local_hbone(src_ip, dst_ip) if local else self._dial(src_ip, dst_ip)
             except OSError as exc:
-                rt.refuse(client, record, "UF", f"connect {peer}: {exc}")
+                rt.refuse(client, record, "UF", f"connect {where}: {exc}")
                 return
             try:
                 conn_id = rt.engine.connect_hbone(sock.detach(), ctx, str(dst_id))
             except EngineError as exc:
-                rt.refuse(client, record, "UF", f"HBONE to {peer}: {exc}")
+                rt.refuse(client, record, "UF", f"HBONE to {where}: {exc}")
                 return
-            conn = rt.pool.add(key, conn_id, peer, generation)
+            conn = rt.pool.add(key, conn_id, where, generation, str(dst_id))
             rt.counters["hbone_connections_opened"] += 1
-        entry = rt.table.add(Entry(rt.table.next_tag(), record, Path.HBONE_CLIENT, engine_conn=conn.conn_id))
+        entry = rt.table.add(
+            self._held(Entry(rt.table.next_tag(), record, Path.HBONE_CLIENT, engine_conn=conn.conn_id))
+        )
         authority = format_authority(dst_ip, record.destination_port)
         try:
             entry.engine_stream = rt.engine.open_stream(

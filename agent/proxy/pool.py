@@ -11,7 +11,8 @@ than `spread` connections, a new stream gets a new connection. One TLS connectio
 on each node, so several busy streams on one connection would share one core for their crypto; spread over
 `spread` (2 x engine threads) connections they use every loop. New streams go to the least busy connection.
 Connections that carried no stream for `idle_timeout` seconds are handed back for a graceful close, and a
-connection is marked draining (no new streams) when its key's certificate rotates.
+connection is marked draining (no new streams) when its key's certificate rotates, or when the mesh view gives
+its destination address another identity (it goes to who the pod was, not who holds the address now).
 This module is pure bookkeeping: the caller opens and closes the engine connections.
 """
 
@@ -44,6 +45,7 @@ class PooledConnection:
     tls_version: str = ""
     tls_cipher: str = ""
     peer_cert_sha256: str = ""
+    peer_id: str = ""  # the SPIFFE ID the engine required of the server (the destination workload's)
 
 
 @dataclass
@@ -54,10 +56,14 @@ class Pool:
     clock: Callable[[], float] = time.monotonic
     _by_id: dict[int, PooledConnection] = field(default_factory=dict)
     _by_key: dict[PoolKey, list[PooledConnection]] = field(default_factory=dict)
+    drained_moved: int = 0  # connections drained because their destination's address or identity changed
 
-    def acquire(self, key: PoolKey, generation: int) -> PooledConnection | None:
+    def acquire(
+        self, key: PoolKey, generation: int, peer: str | None = None, peer_id: str | None = None
+    ) -> PooledConnection | None:
         """Reserve a stream slot on the least busy live connection of `key` (handshaken first on a tie);
-        None: open one (none has room, or all are busy and the key may spread over more)."""
+        None: open one (none has room, or all are busy and the key may spread over more). With `peer` /
+        `peer_id` (where the destination is now, who it must be), connections made to anything else drain."""
         best: PooledConnection | None = None
         live = 0
         for conn in self._by_key.get(key, ()):
@@ -65,6 +71,9 @@ class Pool:
                 continue
             if conn.generation != generation:
                 conn.draining = True  # opened with a rotated-out certificate: let it finish, reuse none
+                continue
+            if (peer is not None and conn.peer != peer) or (peer_id is not None and conn.peer_id != peer_id):
+                self._drain_moved(conn)
                 continue
             live += 1
             if conn.streams >= self.max_streams:
@@ -76,9 +85,11 @@ class Pool:
         self._reserve(best)
         return best
 
-    def add(self, key: PoolKey, conn_id: int, peer: str, generation: int) -> PooledConnection:
+    def add(
+        self, key: PoolKey, conn_id: int, peer: str, generation: int, peer_id: str = ""
+    ) -> PooledConnection:
         """Register a connection the caller just opened, with a slot reserved for its first stream."""
-        conn = PooledConnection(conn_id, key, peer, generation, opened_at=self.clock())
+        conn = PooledConnection(conn_id, key, peer, generation, opened_at=self.clock(), peer_id=peer_id)
         self._by_id[conn_id] = conn
         self._by_key.setdefault(key, []).append(conn)
         self._reserve(conn)
@@ -116,6 +127,23 @@ class Pool:
             if not siblings:
                 self._by_key.pop(conn.key, None)
         return conn
+
+    def drain_moved(self, route: Callable[[PoolKey], tuple[str, str] | None]) -> int:
+        """Drain every connection whose destination is no longer what it was opened to: `route(key)` is the
+        destination's (peer address, identity) now, None when it is gone. Live streams finish; none is added,
+        and `expired` closes each once idle. Returns how many were drained now."""
+        moved = [
+            c
+            for c in self._by_id.values()
+            if not (c.draining or c.closing) and route(c.key) != (c.peer, c.peer_id)
+        ]
+        for conn in moved:
+            self._drain_moved(conn)
+        return len(moved)
+
+    def _drain_moved(self, conn: PooledConnection) -> None:
+        conn.draining = True
+        self.drained_moved += 1
 
     def expired(self) -> list[int]:
         """Connections to close now: idle past the timeout, or draining with no stream left."""

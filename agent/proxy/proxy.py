@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from agent.connections import ConnectionObserver
 from agent.policy.decision import ConnectionAttrs
 from agent.proxy.inbound import STATUS_FORBIDDEN, Inbound
+from agent.proxy.limits import Budgets, Limits
 from agent.proxy.loop import ControlLoop
 from agent.proxy.outbound import Outbound
-from agent.proxy.pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_STREAMS, Pool
+from agent.proxy.pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_STREAMS, Pool, PoolKey
 from agent.proxy.runtime import AuditSink, Authorizer, MeshView, Runtime
-from agent.proxy.sockets import listener
+from agent.proxy.sockets import format_authority, listener
 from agent.proxy.status import refused_stream_flags
 from agent.proxy.table import ConnectionTable, Entry, Path
 from agent.proxy.tls import ProxyCredentials, TlsContexts
@@ -50,6 +51,7 @@ class Proxy:
     (logged; HBONE is served on every local pod's address). `lookup(ip)`: the
     relay's on-demand lookup (blocking; its answer is merged into `state()`), asked off the loop when a
     destination is unknown. `audit(event, **fields)`: the agent's audit log, for identity refusals.
+    `limits`: per source address / per peer identity budgets (agent/proxy/limits.py; None: the defaults).
     Thread-safe: every public method may be called from any thread.
     """
 
@@ -72,6 +74,7 @@ class Proxy:
         tls12: bool = False,
         lookup: Callable[[str], object] | None = None,
         audit: AuditSink | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self._listen_ip = listen_ip
         self._capture_ip = capture_ip
@@ -93,6 +96,7 @@ class Proxy:
             preserve_source_ip=preserve_source_ip,
             lookup=lookup,
             audit_sink=audit,
+            budgets=Budgets(limits or Limits()),
         )
         self._inbound = Inbound(self._rt)
         self._outbound = Outbound(self._rt, self._inbound.serve)
@@ -110,6 +114,7 @@ class Proxy:
         }
         self._started = False
         self._seen_snapshot: object = None
+        self._routed_snapshot: object = None
 
     @property
     def ports(self) -> Ports:
@@ -209,6 +214,8 @@ class Proxy:
             out = dict(self._rt.counters)
             out["connections_active"] = len(self._rt.table)
             out["hbone_pool_connections"] = len(self._rt.pool.connections())
+            out["hbone_pool_drained_moved"] = self._rt.pool.drained_moved
+            out.update(self._rt.budgets.counters())
             out["observer_errors"] = self._rt.table.observer_errors
             out["control_loop_errors"] = self._loop.callback_errors
             return out
@@ -301,11 +308,24 @@ class Proxy:
         rt.tls.forget({str(w.spiffe_id(td)) for w in snap.workloads.values() if w.node == rt.node})
 
     def _close_idle(self) -> None:
+        snap = self._rt.state()
+        if snap is not self._routed_snapshot:  # a new config: pooled connections to moved nodes drain
+            self._routed_snapshot = snap
+            self._rt.pool.drain_moved(lambda key: _hbone_route(snap, key))
         for conn_id in self._rt.pool.expired():
             try:
                 self._rt.engine.close(conn_id)
             except EngineError:
                 self._rt.pool.remove(conn_id)
+
+
+def _hbone_route(snap: MeshView, key: PoolKey) -> tuple[str, str] | None:
+    """Where a pooled connection's destination is now and who it must be: the pod's own address and the
+    identity the mesh view gives it now (its key's while the view does not know the address: node-scoped
+    views learn peers on demand, and forgetting one is no reason to drop its connection)."""
+    dst_id, dst_ip = key[2], key[3]
+    known = snap.workload_by_ip(dst_ip)
+    return format_authority(dst_ip, HBONE_PORT), str(known.spiffe_id(snap.trust_domain)) if known else dst_id
 
 
 def _bytes_towards_destination(entry: Entry, ev: Event) -> tuple[int, int]:

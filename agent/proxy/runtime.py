@@ -14,6 +14,7 @@ from typing import Protocol
 
 from agent.connections import ConnectionRecord, Direction
 from agent.policy.decision import ConnectionAttrs, Decision
+from agent.proxy.limits import Budget, Budgets, Limits
 from agent.proxy.lograte import RateLimitedLog
 from agent.proxy.loop import ControlLoop
 from agent.proxy.pool import Pool
@@ -27,6 +28,13 @@ from native.engine import Engine, EngineError
 
 log = logging.getLogger("ambit.proxy")
 audit_log = logging.getLogger("ambit.audit")
+
+MAX_OFF_LOOP_KEYS = 1024  # distinct blocking calls (SVID fetches, lookups) waiting for the two workers
+
+
+class OverloadedError(Exception):
+    """Too much blocking work is already waiting: refused rather than queued."""
+
 
 AuditSink = Callable[..., None]  # audit(event, **fields): the agent's JSON audit log (AuditLog.record)
 
@@ -89,12 +97,19 @@ class Runtime:
     # Warnings a peer or an outage can repeat at will: one line per kind per interval (counters stay exact).
     warn: RateLimitedLog = field(default_factory=lambda: RateLimitedLog(log))
     audit_sink: AuditSink | None = None
+    budgets: Budgets = field(default_factory=lambda: Budgets(Limits()))
     _audit_text: RateLimitedLog = field(default_factory=lambda: RateLimitedLog(audit_log))
     _waiting: dict[str, list[Callable[[Exception | None], None]]] = field(default_factory=dict)
 
     def off_loop(self, key: str, work: Callable[[], None], then: Callable[[Exception | None], None]) -> None:
         """Run blocking `work` (e.g. a first SVID fetch) on a worker, once per key however many wait for it;
         each `then(error or None)` runs on the control loop afterwards, so the loop itself never blocks."""
+        if key not in self._waiting and len(self._waiting) >= MAX_OFF_LOOP_KEYS:
+            # Bounded: a flood of distinct lookups (claimed sources, unknown destinations) must not queue
+            # without end; the caller fails closed on the error.
+            self.counters["off_loop_overloaded"] += 1
+            then(OverloadedError(f"{len(self._waiting)} blocking calls already waiting"))
+            return
         waiting = self._waiting.setdefault(key, [])
         waiting.append(then)
         if len(waiting) > 1:
@@ -166,6 +181,22 @@ class Runtime:
         client.close()
         self.counters[f"{record.direction.value}_refused_{flags}"] += 1
         self.table.reject(record, flags, error)
+
+    def hold(self, budget: Budget, key: str, entry: Entry) -> Entry:
+        """`entry` holds one unit of `budget` for `key` until the table finishes it (checked by `over_budget`
+        first; the loop is single-threaded, so nothing else takes a unit in between)."""
+        budget.take(key)
+        entry.on_finish = lambda: budget.give_back(key)
+        return entry
+
+    def over_budget(self, budget: Budget, key: str, client: socket.socket, record: ConnectionRecord) -> bool:
+        """When `key` has spent `budget`, refuse this new connection (UO): counted, logged rate-limited."""
+        if not budget.full(key):
+            return False
+        self.warn.warning(budget.name, "%s over its %s budget (%d): refusing its new connection",
+                          key, budget.name, budget.limit)  # fmt: skip
+        self.refuse(client, record, "UO", f"{key} is over its {budget.name} limit ({budget.limit})")
+        return True
 
     def splice_when_connected(self, client: socket.socket, upstream: socket.socket, entry: Entry) -> None:
         """Hand a plaintext pair to the engine once the upstream connect completes."""

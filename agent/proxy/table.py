@@ -14,6 +14,7 @@ import enum
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent.connections import ConnectionClose, ConnectionObserver, ConnectionRecord
@@ -40,6 +41,7 @@ class Entry:
     reported: bool = False
     response_flags: str = "-"
     error: str = ""
+    on_finish: Callable[[], None] | None = None  # gives back what the entry holds (a per-peer budget slot)
 
 
 class ConnectionTable:
@@ -85,6 +87,8 @@ class ConnectionTable:
         entry = self._entries.pop(tag, None)
         if entry is None:
             return None
+        if entry.on_finish is not None:
+            entry.on_finish()
         if response_flags is not None and entry.response_flags == "-":
             entry.response_flags = response_flags
         if error and not entry.error:

@@ -154,11 +154,17 @@ class OnDemandView:
     """Like the RelayClient: peers (workloads on other nodes) are known only after a lookup by IP."""
 
     def __init__(self, cfg: dict[str, Any]) -> None:
-        self._full = snapshot(cfg)
-        self.current = snapshot(cfg, local_only=bool(cfg.get("on_demand_peers")))
+        self.reloads = 0
+        self.reload(cfg)
         self.lookups = 0
         # While this file exists the plane is "unreachable": lookups fail (a relay hiccup).
         self._fail_file = Path(cfg["lookup_fail_file"]) if cfg.get("lookup_fail_file") else None
+
+    def reload(self, cfg: dict[str, Any]) -> None:
+        """A new config version (SIGUSR2 re-reads the config file): peers are learnt again on demand."""
+        self._full = snapshot(cfg)
+        self.current = snapshot(cfg, local_only=bool(cfg.get("on_demand_peers")))
+        self.reloads += 1
 
     def lookup(self, ip: str) -> Workload | None:
         self.lookups += 1
@@ -230,6 +236,7 @@ def main(config_path: str) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     # SIGUSR1 plays a policy update that denies everything: re-check and close live inbound connections.
     signal.signal(signal.SIGUSR1, lambda *_: close_inbound(proxy))
+    signal.signal(signal.SIGUSR2, lambda *_: view.reload(json.loads(Path(config_path).read_text())))
     proxy.start()
     redirector = start_redirect(cfg["node"], cfg["redirect"]) if cfg.get("redirect") else None
     status = Path(cfg["status"])
@@ -237,6 +244,7 @@ def main(config_path: str) -> int:
         doc = {
             "counters": proxy.counters(),
             "lookups": view.lookups,
+            "reloads": view.reloads,
             "engine": proxy.engine_counters(),
             "rows": proxy.rows(),
             "pool": proxy.pool_rows(),

@@ -41,6 +41,7 @@ from tests.integration.proxy.proxy_lab import (
     principal,
     request,
     send_and_hash,
+    service_account,
 )
 from tests.integration.proxy.proxy_lab import start as start_lab
 from tests.integration.proxy.proxy_lab import stop as stop_lab
@@ -374,6 +375,66 @@ def _new_closed(lab: ProxyLab, node: str, seen: int, port: int) -> dict[str, Any
                 return ev
         time.sleep(0.1)
     raise AssertionError(f"no new closed record for port {port} on {node}")
+
+
+def _reconfigure(lab: ProxyLab, node: str, change: Any) -> None:
+    """Rewrite `node`'s config with change(cfg) and have its proxy re-read it (a new config version)."""
+    path = lab.workdir / f"{node}.json"
+    cfg = json.loads(path.read_text())
+    change(cfg)
+    path.write_text(json.dumps(cfg))
+    before = lab.status(node).get("reloads", 0)
+    os.kill(_pid(lab, f"proxy-{node}"), signal.SIGUSR2)
+    lab.wait_status(node, lambda st: st.get("reloads", 0) > before)
+
+
+def _pid(lab: ProxyLab, name: str) -> int:
+    lab_state = state.load(lab.prefix)
+    assert lab_state is not None
+    (pid,) = [p.pid for p in lab_state.processes if p.name == name]
+    return pid
+
+
+def test_pooled_connections_follow_the_destination_pod_not_its_node(lab: ProxyLab) -> None:
+    """HBONE goes to the pod's own address: node-2 moving (here: to node-1's address) changes nothing, the
+    pooled connection keeps serving. The pod's address given to another identity drains it: a new stream
+    requires the new identity (which node-2's agent cannot present: UF), none reuses the old connection."""
+    node1, node2 = lab.plan.node("node-1").ip, lab.plan.node("node-2").ip
+    assert in_pod(lab, "pod-1-1", request, lab.pod_ip("pod-2-1"), ECHO, b"warm") == b"warm"
+    mine = (principal("pod-1-1"), principal("pod-2-1"), f"{lab.pod_ip('pod-2-1')}:{HBONE_PORT}", "ready")
+
+    def pooled(st: dict[str, Any]) -> list[int]:
+        return [
+            r["conn_id"] for r in st["pool"] if (r["source"], r["destination"], r["peer"], r["state"]) == mine
+        ]
+
+    lab.wait_status("node-1", pooled)
+    (conn_id, *_) = pooled(lab.status("node-1"))
+
+    def other_sa(cfg: dict[str, Any]) -> None:
+        for w in cfg["workloads"]:
+            if w["name"] == "pod-2-1":
+                w["sa"] = "someone-else"
+
+    def restore(cfg: dict[str, Any]) -> None:
+        cfg["nodes"]["node-2"] = node2
+        for w in cfg["workloads"]:
+            if w["name"] == "pod-2-1":
+                w["sa"] = service_account("pod-2-1")
+
+    try:
+        _reconfigure(lab, "node-1", lambda cfg: cfg["nodes"].update({"node-2": node1}))
+        assert in_pod(lab, "pod-1-1", request, lab.pod_ip("pod-2-1"), ECHO, b"moved") == b"moved"
+        assert conn_id in pooled(lab.status("node-1"))
+        _reconfigure(lab, "node-1", other_sa)
+        seen = len(lab.events("node-1"))
+        assert in_pod(lab, "pod-1-1", connect_and_read, lab.pod_ip("pod-2-1"), ECHO) in ("reset", "eof")
+        rec = _new_closed(lab, "node-1", seen, ECHO)
+        assert rec["response_flags"] == "UF" and "identity" in rec["error"]
+        lab.wait_status("node-1", lambda st: st["counters"].get("hbone_pool_drained_moved", 0) >= 1)
+    finally:
+        _reconfigure(lab, "node-1", restore)
+    assert in_pod(lab, "pod-1-1", request, lab.pod_ip("pod-2-1"), ECHO, b"back") == b"back"
 
 
 def _cut_by_policy(ip: str, port: int, agent_pid: int) -> str:

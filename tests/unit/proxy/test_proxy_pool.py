@@ -103,3 +103,34 @@ def test_idle_key_keeps_one_connection() -> None:
     for _ in range(5):  # one stream after another: never more than one connection
         pool.release(1)
         assert pool.acquire(KEY, 1) is conn
+
+
+PEER = "10.244.2.3:15008"
+
+
+def test_a_destination_that_changed_gets_new_connections_and_the_old_ones_drain() -> None:
+    pool = Pool(max_streams=10)
+    old = pool.add(KEY, 1, PEER, 1, DST)
+    assert pool.acquire(KEY, 1, PEER, DST) is old
+    # The address now needs another identity: the old connection takes no new stream, and closes once idle.
+    assert pool.acquire(KEY, 1, PEER, "spiffe://td/ns/c/sa/new") is None
+    assert old.draining and pool.drained_moved == 1
+    assert pool.expired() == []  # still carries its two streams
+    pool.release(1)
+    pool.release(1)
+    assert pool.expired() == [1]
+
+
+def test_drain_moved_follows_the_config_without_waiting_for_a_stream() -> None:
+    pool = Pool()
+    keys = [(SRC, "10.244.1.2", DST, f"10.244.2.{i}") for i in (3, 4, 5)]
+    renamed = pool.add(keys[0], 1, "10.244.2.3:15008", 1, DST)
+    gone = pool.add(keys[1], 2, "10.244.2.4:15008", 1, DST)
+    same = pool.add(keys[2], 3, "10.244.2.5:15008", 1, DST)
+    now = {
+        keys[0]: ("10.244.2.3:15008", "spiffe://td/ns/c/sa/new"),  # the address holds another identity
+        keys[2]: ("10.244.2.5:15008", DST),
+    }
+    assert pool.drain_moved(now.get) == 2
+    assert (renamed.draining, gone.draining, same.draining) == (True, True, False)
+    assert pool.drain_moved(now.get) == 0  # counted once
