@@ -33,6 +33,11 @@ typedef struct hstream {
     int readable, writable;
     int rdhup;                    /* the socket reported EOF/hang-up: read until read() says 0 */
     int tcp_eof, peer_eof, shut_wr, tcp_failed, local_reset, deferred;
+    int wr_dead;                  /* a write to the socket failed: what it still holds is read first */
+    int rst_pending;              /* the socket failed: RST_STREAM once the bytes read from it are sent */
+    struct hstream *req_next;     /* server: on the connection's list of requests not yet announced */
+    int announced;                /* server: stream_request emitted, Python's answer pending or given */
+    int quiet;                    /* server: reset before it was announced: counted, no event */
     int h2_closed;
     uint32_t h2_error;
     int is_connect;
@@ -87,6 +92,7 @@ typedef struct hconn {
     char peer_id[512];
     abuf wbuf;
     hstream *streams;
+    hstream *reqs, *reqs_tail;    /* server: requests of this read batch, announced once it is parsed */
     struct hconn *dirty_next;
     int on_dirty;
     int ending;                   /* END_*: set anywhere, acted on in conn_service */
@@ -187,7 +193,9 @@ static void stream_finish(hstream *s, const char *detail)
                                             : "";
     if (s->io.fd >= 0) {
         loop_del_fd(c->l, &s->io);
-        if (reset)
+        if (reset && !s->tcp_failed && !s->local_reset)
+            linger_reset(c->l, s->io.fd, &s->out); /* the peer's last bytes still reach the socket */
+        else if (reset)
             reset_close(s->io.fd);
         else
             close(s->io.fd);
@@ -197,7 +205,8 @@ static void stream_finish(hstream *s, const char *detail)
         ctr_add(e, AMBIT_C_STREAMS_RESET, 1);
     ctr_add(e, AMBIT_C_STREAMS_CLOSED, 1);
     ctr_add(e, AMBIT_C_STREAMS_ACTIVE, -1);
-    stream_emit_end(s, detail);
+    if (!s->quiet)
+        stream_emit_end(s, detail);
     if (s->h2id > 0 && !s->h2_closed && c->h2)
         nghttp2_session_set_stream_user_data(c->h2, s->h2id, NULL);
     if (s->prev)
@@ -217,12 +226,38 @@ static void stream_finish(hstream *s, const char *detail)
     mark_dirty(c);
 }
 
+static int stream_sending(const hstream *s)
+{
+    return s->h2id > 0 && !s->h2_closed && (!s->conn->server || s->opened);
+}
+
+/* The socket failed (e.g. the client reset it right after its last bytes). What was already read from it
+ * still goes to the peer, as a TCP receiver reads queued data before the reset; then RST_STREAM. */
 static void stream_tcp_fail(hstream *s)
 {
+    hconn *c = s->conn;
     s->tcp_failed = 1;
-    if (!s->h2_closed && s->h2id > 0)
-        nghttp2_submit_rst_stream(s->conn->h2, NGHTTP2_FLAG_NONE, s->h2id, NGHTTP2_CANCEL);
-    mark_dirty(s->conn);
+    if (stream_sending(s) && abuf_pending(&s->in) && !s->rst_pending) {
+        s->rst_pending = 1;
+        if (s->deferred) {
+            s->deferred = 0;
+            nghttp2_session_resume_data(c->h2, s->h2id);
+        }
+    } else if (!s->h2_closed && s->h2id > 0 && !s->rst_pending) {
+        nghttp2_submit_rst_stream(c->h2, NGHTTP2_FLAG_NONE, s->h2id, NGHTTP2_CANCEL);
+    }
+    mark_dirty(c);
+}
+
+/* The last byte read before the socket failed went out as DATA: now the reset. */
+static void stream_rst_if_sent(hstream *s)
+{
+    if (s->rst_pending == 1 && !abuf_pending(&s->in)) {
+        s->rst_pending = 2;
+        if (!s->h2_closed)
+            nghttp2_submit_rst_stream(s->conn->h2, NGHTTP2_FLAG_NONE, s->h2id, NGHTTP2_CANCEL);
+        mark_dirty(s->conn);
+    }
 }
 
 static void stream_ack(hstream *s, size_t n)
@@ -231,6 +266,21 @@ static void stream_ack(hstream *s, size_t n)
     nghttp2_session_consume(c->h2, s->h2id, n);
     ctr_add(c->l->engine, AMBIT_C_STREAM_BYTES_IN, (int64_t)n);
     mark_dirty(c);
+}
+
+/* Writing failed (the client reset the socket): bytes it sent before the reset are still queued in the
+ * socket and go to the peer first, so read on until the error shows up on the read side too. */
+static void stream_write_failed(hstream *s)
+{
+    s->wr_dead = 1;
+    if (abuf_pending(&s->out)) {
+        stream_ack(s, abuf_pending(&s->out)); /* dropped: nobody can receive it */
+        abuf_free(&s->out);
+    }
+    if (!stream_sending(s) || s->tcp_eof)
+        stream_tcp_fail(s);
+    else
+        s->readable = s->rdhup = 1;
 }
 
 /* Socket side of a stream: write what the peer sent, forward EOF, read while the buffer has room. */
@@ -243,7 +293,7 @@ static void stream_service(hstream *s)
     }
     int fd = s->io.fd;
     if (fd >= 0 && !s->tcp_failed) {
-        while (abuf_pending(&s->out) && s->writable) {
+        while (abuf_pending(&s->out) && s->writable && !s->wr_dead) {
             ssize_t n = write(fd, abuf_head(&s->out), abuf_pending(&s->out));
             if (n > 0) {
                 abuf_consume(&s->out, (size_t)n);
@@ -251,15 +301,15 @@ static void stream_service(hstream *s)
             } else if (n < 0 && errno == EAGAIN) {
                 s->writable = 0;
             } else if (n < 0 && errno != EINTR) {
-                stream_tcp_fail(s);
+                stream_write_failed(s);
                 break;
             }
         }
-        if (!s->tcp_failed && s->peer_eof && !abuf_pending(&s->out) && !s->shut_wr) {
+        if (!s->tcp_failed && !s->wr_dead && s->peer_eof && !abuf_pending(&s->out) && !s->shut_wr) {
             shutdown(fd, SHUT_WR);
             s->shut_wr = 1;
         }
-        int sending = s->h2id > 0 && !s->h2_closed && (!c->server || s->opened);
+        int sending = stream_sending(s);
         int got = 0;
         while (!s->tcp_failed && sending && s->readable && !s->tcp_eof &&
                abuf_pending(&s->in) < AMBIT_STREAM_INBUF) {
@@ -277,6 +327,8 @@ static void stream_service(hstream *s)
                  * hang-up was reported: that edge is gone and the EOF must still be read. */
                 if ((size_t)n < room && !s->rdhup)
                     s->readable = 0;
+            } else if (n == 0 && s->wr_dead) {
+                stream_tcp_fail(s);
             } else if (n == 0) {
                 s->tcp_eof = 1;
                 got = 1;
@@ -293,8 +345,11 @@ static void stream_service(hstream *s)
         if (got)
             mark_dirty(c);
     }
-    int drained = s->io.fd < 0 || s->tcp_failed || s->h2_error || !abuf_pending(&s->out);
-    if (s->h2_closed && drained)
+    int drained = s->io.fd < 0 || s->tcp_failed || s->wr_dead || s->h2_error || !abuf_pending(&s->out);
+    /* Reset by the peer while Python decides: kept (with the bytes it sent) until accept or reject, so an
+     * upload followed by a reset still reaches the pod, as it would over TCP. */
+    int awaiting = c->server && s->announced && !s->opened && !s->status && !s->local_reset && !c->tearing_down;
+    if (s->h2_closed && drained && !awaiting)
         stream_finish(s, NULL);
 }
 
@@ -328,7 +383,7 @@ static ssize_t stream_read_cb(nghttp2_session *session, int32_t stream_id, uint8
     hstream *s = source->ptr;
     size_t avail = abuf_pending(&s->in);
     size_t n = avail < length ? avail : length;
-    if (n == avail && s->tcp_eof)
+    if (n == avail && s->tcp_eof && !s->rst_pending)
         *data_flags |= NGHTTP2_DATA_FLAG_EOF; /* the socket's FIN becomes END_STREAM */
     else if (!n) {
         s->deferred = 1;
@@ -354,7 +409,9 @@ static int on_send_data(nghttp2_session *session, nghttp2_frame *frame, const ui
     abuf_consume(&s->in, length);
     s->bytes_out += length;
     ctr_add(c->l->engine, AMBIT_C_STREAM_BYTES_OUT, (int64_t)length);
-    if (s->readable && !s->tcp_eof)
+    if (s->rst_pending)
+        stream_rst_if_sent(s);
+    else if (s->readable && !s->tcp_eof)
         mark_ready(s);
     return 0;
 }
@@ -424,15 +481,40 @@ static void server_request(hconn *c, hstream *s)
         nghttp2_submit_response(c->h2, s->h2id, &nv, 1, NULL);
         return;
     }
-    ambit_event ev;
-    event_init(&ev, AMBIT_EV_STREAM_REQUEST, c->id, s->id, c->tag);
-    copy_str(ev.authority, sizeof(ev.authority), s->authority);
-    char *reported[3] = {ev.forwarded, ev.baggage, ev.traceparent};
-    size_t caps[3] = {sizeof(ev.forwarded), sizeof(ev.baggage), sizeof(ev.traceparent)};
-    for (int i = 0; i < 3; i++)
-        copy_str(reported[i], caps[i], s->hdr_bad[i] ? HEADER_INVALID : s->hdr[i]);
-    copy_str(ev.peer_id, sizeof(ev.peer_id), c->peer_id);
-    event_emit(c->l->engine, &ev);
+    /* Announced once the whole read batch is parsed: a stream the peer reset within the same batch (rapid
+     * reset: HEADERS then RST_STREAM) never costs Python an event. */
+    s->req_next = NULL;
+    if (c->reqs_tail)
+        c->reqs_tail->req_next = s;
+    else
+        c->reqs = s;
+    c->reqs_tail = s;
+}
+
+/* Emits stream_request for the requests of the batch just parsed; the ones already reset are counted. */
+static void announce_requests(hconn *c)
+{
+    hstream *s = c->reqs;
+    c->reqs = c->reqs_tail = NULL;
+    for (hstream *next; s; s = next) {
+        next = s->req_next;
+        if (s->h2_closed) {
+            s->quiet = 1;
+            ctr_add(c->l->engine, AMBIT_C_STREAMS_RESET_EARLY, 1);
+            mark_ready(s);
+            continue;
+        }
+        ambit_event ev;
+        event_init(&ev, AMBIT_EV_STREAM_REQUEST, c->id, s->id, c->tag);
+        copy_str(ev.authority, sizeof(ev.authority), s->authority);
+        char *reported[3] = {ev.forwarded, ev.baggage, ev.traceparent};
+        size_t caps[3] = {sizeof(ev.forwarded), sizeof(ev.baggage), sizeof(ev.traceparent)};
+        for (int i = 0; i < 3; i++)
+            copy_str(reported[i], caps[i], s->hdr_bad[i] ? HEADER_INVALID : s->hdr[i]);
+        copy_str(ev.peer_id, sizeof(ev.peer_id), c->peer_id);
+        s->announced = 1;
+        event_emit(c->l->engine, &ev);
+    }
 }
 
 static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, void *user_data)
@@ -474,7 +556,7 @@ static int on_data_chunk(nghttp2_session *session, uint8_t flags, int32_t stream
     (void)flags;
     hconn *c = user_data;
     hstream *s = nghttp2_session_get_stream_user_data(session, stream_id);
-    if (!s || s->tcp_failed || s->local_reset) {
+    if (!s || s->tcp_failed || s->local_reset || s->wr_dead) {
         if (s)
             s->unconsumed += len;
         else
@@ -702,6 +784,7 @@ static void conn_read(hconn *c)
             c->bytes_in += fill;
             ctr_add(c->l->engine, AMBIT_C_TLS_BYTES_IN, (int64_t)fill);
             ssize_t rv = nghttp2_session_mem_recv(c->h2, (const uint8_t *)buf, fill);
+            announce_requests(c);
             if (rv < 0) {
                 conn_fail(c, AMBIT_C_ERRORS_PROTOCOL, "h2 protocol error: %s", nghttp2_strerror((int)rv));
                 return;
@@ -827,6 +910,7 @@ static void conn_end(hconn *c)
     ambit_loop *l = c->l;
     ambit_engine *e = l->engine;
     c->tearing_down = 1;
+    c->reqs = c->reqs_tail = NULL;
     if (c->on_dirty) /* re-queued by its own flush (e.g. a GOAWAY sent while ending) */
         for (hconn **pp = &l->dirty; *pp; pp = &(*pp)->dirty_next)
             if (*pp == c) {
@@ -1057,7 +1141,8 @@ static hstream *server_stream(ambit_loop *l, acmd *cmd)
 {
     hconn *c = amap_get(&l->conns, cmd->id);
     hstream *s = amap_get(&l->streams, cmd->id2);
-    if (!c || !s || s->conn != c || !c->server || s->opened || s->status || s->h2_closed || c->ending) {
+    if (!c || !s || s->conn != c || !c->server || s->opened || s->status || c->ending ||
+        (s->h2_closed && !s->announced)) {
         ctr_add(l->engine, AMBIT_C_ERRORS_COMMAND, 1);
         return NULL;
     }
@@ -1081,7 +1166,8 @@ void hconn_accept(ambit_loop *l, acmd *cmd)
     nghttp2_data_provider prov = {.source.ptr = s, .read_callback = stream_read_cb};
     s->opened = 1;
     s->status = 200;
-    nghttp2_submit_response(c->h2, s->h2id, &nv, 1, &prov);
+    if (!s->h2_closed) /* else: reset meanwhile; its bytes are written, then the socket is reset */
+        nghttp2_submit_response(c->h2, s->h2id, &nv, 1, &prov);
     mark_ready(s);
     mark_dirty(c);
 }
@@ -1097,7 +1183,9 @@ void hconn_reject(ambit_loop *l, acmd *cmd)
     nghttp2_nv nv = {(uint8_t *)":status", (uint8_t *)status, 7, 3, NGHTTP2_NV_FLAG_NONE};
     s->status = cmd->status;
     s->rejected = 1;
-    nghttp2_submit_response(c->h2, s->h2id, &nv, 1, NULL);
+    if (!s->h2_closed)
+        nghttp2_submit_response(c->h2, s->h2id, &nv, 1, NULL);
+    mark_ready(s);
     mark_dirty(c);
 }
 

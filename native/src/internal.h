@@ -24,6 +24,7 @@
 #define AMBIT_HEADER_MAX 256          /* longest :authority / forwarded value kept (with NUL) */
 #define AMBIT_BAGGAGE_MAX 512         /* longest baggage value kept (with NUL) */
 #define AMBIT_TRACEPARENT_MAX 128     /* longest traceparent value kept (with NUL; a valid one has 55 chars) */
+#define AMBIT_LINGER_MS 2000          /* longest a reset socket waits to transmit its queued bytes */
 
 /* Growable byte buffer with a consumed prefix. */
 typedef struct abuf {
@@ -101,6 +102,7 @@ typedef struct ambit_loop {
     struct hstream *ready;   /* streams whose TCP side needs pumping */
     struct hconn *dirty;     /* connections with output to flush or state to check */
     struct apump *pumps_done; /* splices to free once the current epoll batch is handled */
+    struct alinger *lingers; /* reset sockets still transmitting their queued bytes (linger.c) */
     char *rbuf;              /* shared read buffer, AMBIT_READ_CHUNK */
 } ambit_loop;
 
@@ -167,6 +169,11 @@ void hconn_process_pending(ambit_loop *l);
 void hconn_destroy_all(ambit_loop *l);
 void hconn_tick(ambit_loop *l);
 uint64_t now_ms(void);
+
+/* linger.c: reset fd once the bytes in `out` (taken over) and the kernel's queue are transmitted. */
+void linger_reset(ambit_loop *l, int fd, abuf *out);
+void linger_tick(ambit_loop *l);
+void linger_reap(ambit_loop *l, int all);
 
 /* pump.c */
 void pump_start(ambit_loop *l, acmd *c);

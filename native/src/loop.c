@@ -19,7 +19,8 @@ static const char *counter_names[AMBIT_C_COUNT] = {
     "streams_opened", "streams_closed", "streams_active", "streams_refused", "streams_reset",
     "stream_bytes_in", "stream_bytes_out", "tls_bytes_in", "tls_bytes_out", "splices_opened",
     "splices_closed", "splices_active", "splice_bytes", "errors_handshake", "errors_peer_identity",
-    "errors_protocol", "errors_io", "errors_command", "events_dropped",
+    "errors_protocol", "errors_io", "errors_command", "events_dropped", "resets_lingered",
+    "streams_reset_early",
 };
 
 const char *ambit_counter_name(int index)
@@ -172,6 +173,7 @@ static void on_tick(ambit_loop *l, aio *io, uint32_t events)
     uint64_t v;
     (void)!read(io->fd, &v, sizeof(v));
     hconn_tick(l);
+    linger_tick(l);
 }
 
 uint64_t now_ms(void)
@@ -207,9 +209,11 @@ static void *loop_main(void *arg)
         }
         hconn_process_pending(l);
         pump_process_pending(l);
+        linger_reap(l, 0);
     }
     hconn_destroy_all(l);
     pump_destroy_all(l);
+    linger_reap(l, 1);
     return NULL;
 }
 

@@ -1,0 +1,124 @@
+/* Resetting a stream socket without losing what was already queued for it.
+ *
+ * A TCP peer that receives data and then a RST still reads that data (the kernel queues it ahead of the
+ * error). close() with SO_LINGER 0 instead discards whatever the socket has not transmitted yet, so a
+ * stream that ends with a reset right after its last DATA (a client that uploads and aborts, or a peer's
+ * RST_STREAM following its DATA) would lose those bytes on a fresh, cwnd-limited connection. A lingering
+ * socket keeps the bytes the stream had not written yet, writes them, waits until the kernel transmitted
+ * everything (SIOCOUTQNSD), then resets. Bounded: at most AMBIT_LINGER_MS, then reset regardless. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <linux/sockios.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+typedef struct alinger {
+    aio io;
+    abuf out;
+    uint64_t deadline_ms;
+    int done;
+    struct alinger *next;
+} alinger;
+
+/* Bytes the kernel still has to transmit (0 for sockets that are not TCP: their close keeps the data). */
+static int unsent(int fd)
+{
+    int n = 0;
+    if (ioctl(fd, SIOCOUTQNSD, &n) < 0)
+        return 0;
+    return n;
+}
+
+/* 1 when the socket may be reset now (everything transmitted, or it failed), 0 to keep waiting. */
+static int linger_progress(int fd, abuf *out)
+{
+    while (abuf_pending(out)) {
+        ssize_t n = write(fd, abuf_head(out), abuf_pending(out));
+        if (n > 0)
+            abuf_consume(out, (size_t)n);
+        else if (n < 0 && errno == EAGAIN)
+            return 0;
+        else if (n < 0 && errno == EINTR)
+            continue;
+        else
+            return 1; /* the socket failed: nothing more can be delivered */
+    }
+    return unsent(fd) == 0;
+}
+
+static void linger_end(ambit_loop *l, alinger *g)
+{
+    if (g->done)
+        return;
+    g->done = 1;
+    loop_del_fd(l, &g->io);
+    reset_close(g->io.fd);
+    g->io.fd = -1;
+    abuf_free(&g->out);
+}
+
+static void on_linger_io(ambit_loop *l, aio *io, uint32_t events)
+{
+    alinger *g = io->owner;
+    if (g->done)
+        return;
+    if ((events & (EPOLLERR | EPOLLHUP)) || linger_progress(io->fd, &g->out))
+        linger_end(l, g);
+}
+
+void linger_reset(ambit_loop *l, int fd, abuf *out)
+{
+    if (linger_progress(fd, out)) {
+        reset_close(fd);
+        abuf_free(out);
+        return;
+    }
+    alinger *g = calloc(1, sizeof(*g));
+    if (!g) {
+        reset_close(fd);
+        abuf_free(out);
+        return;
+    }
+    g->out = *out;
+    memset(out, 0, sizeof(*out));
+    g->io.owner = g;
+    g->io.on_event = on_linger_io;
+    g->deadline_ms = now_ms() + AMBIT_LINGER_MS;
+    if (loop_add_fd(l, &g->io, fd) < 0) {
+        reset_close(fd);
+        abuf_free(&g->out);
+        free(g);
+        return;
+    }
+    g->next = l->lingers;
+    l->lingers = g;
+    ctr_add(l->engine, AMBIT_C_RESETS_LINGERED, 1);
+}
+
+void linger_tick(ambit_loop *l)
+{
+    uint64_t now = now_ms();
+    for (alinger *g = l->lingers; g; g = g->next)
+        if (!g->done && (now >= g->deadline_ms || linger_progress(g->io.fd, &g->out)))
+            linger_end(l, g);
+}
+
+/* Frees ended entries; runs after an epoll batch, so no event of this batch still points at one. */
+void linger_reap(ambit_loop *l, int all)
+{
+    for (alinger **pp = &l->lingers; *pp;) {
+        alinger *g = *pp;
+        if (all)
+            linger_end(l, g);
+        if (g->done) {
+            *pp = g->next;
+            free(g);
+        } else {
+            pp = &g->next;
+        }
+    }
+}
