@@ -8,6 +8,7 @@ exercise the proxy alone.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -276,6 +277,20 @@ def _wait_ready(lab: ProxyLab, timeout: float = 30.0) -> None:
 
 def stop(lab: ProxyLab) -> None:
     control.down(lab.prefix)
+
+
+@contextlib.contextmanager
+def running(prefix: str, workdir: Path, **kwargs: Any) -> Iterator[ProxyLab]:
+    """start(prefix, workdir, **kwargs) for the block, torn down after it (also when start failed midway)."""
+    started = None
+    try:
+        started = start(prefix, workdir, **kwargs)
+        yield started
+    finally:
+        if started is not None:
+            stop(started)
+        else:
+            control.down(prefix)
 
 
 # --- clients, run inside a pod netns with agent.netns.run_in --------------------------------------

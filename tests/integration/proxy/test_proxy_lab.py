@@ -40,11 +40,10 @@ from tests.integration.proxy.proxy_lab import (
     in_pod,
     principal,
     request,
+    running,
     send_and_hash,
     service_account,
 )
-from tests.integration.proxy.proxy_lab import start as start_lab
-from tests.integration.proxy.proxy_lab import stop as stop_lab
 
 pytestmark = pytest.mark.root
 
@@ -78,24 +77,15 @@ def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AMBIT_LAB_STATE_DIR", str(workdir))
         mp.setenv("AMBIT_LAB_PREFIX", prefix)
-        started = None
-        try:
-            started = start_lab(
-                prefix,
-                workdir,
-                deny=[(principal(DENIED[0]), f"app/{DENIED[1]}")],
-                strict=[f"app/{STRICT_POD}"],
-                capture=request.param,
-                policies=[IP_BLOCK_POLICY],
-            )
+        with running(
+            prefix,
+            workdir,
+            deny=[(principal(DENIED[0]), f"app/{DENIED[1]}")],
+            strict=[f"app/{STRICT_POD}"],
+            capture=request.param,
+            policies=[IP_BLOCK_POLICY],
+        ) as started:
             yield started
-        finally:
-            if started is not None:
-                stop_lab(started)
-            else:
-                from agent.lab import control
-
-                control.down(prefix)
 
 
 def _closed(lab: ProxyLab, node: str, port: int, **match: object) -> dict[str, Any]:

@@ -30,9 +30,8 @@ from tests.integration.proxy.proxy_lab import (
     in_pod,
     principal,
     request,
+    running,
 )
-from tests.integration.proxy.proxy_lab import start as start_lab
-from tests.integration.proxy.proxy_lab import stop as stop_lab
 
 pytestmark = pytest.mark.root
 
@@ -49,26 +48,13 @@ TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyLab]:
     prefix = "z" + uuid.uuid4().hex[:4] + "-"
     workdir = tmp_path_factory.mktemp("ztunnelwire")
-    started = None
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AMBIT_LAB_STATE_DIR", str(workdir))
         mp.setenv("AMBIT_LAB_PREFIX", prefix)
-        try:
-            started = start_lab(
-                prefix,
-                workdir,
-                pods=3,
-                deny=[(principal(DENIED_SRC), f"app/{DENIED_DST}")],
-                capture="bpf",
-                foreign=["node-2"],
-            )
+        deny = [(principal(DENIED_SRC), f"app/{DENIED_DST}")]
+        with running(prefix, workdir, pods=3, deny=deny, capture="bpf", foreign=["node-2"]) as started:
             _start_fake_server(started)
             yield started
-        finally:
-            if started is not None:
-                stop_lab(started)
-            else:
-                control.down(prefix)
 
 
 def _node2_cfg(lab: ProxyLab) -> dict[str, Any]:
