@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from agent.connections import ConnectionRecord, Direction
 from agent.policy.decision import ConnectionAttrs
 from agent.proxy.forwarded import Belief, ForwardedError, believe, parse_forwarded_for
-from agent.proxy.runtime import MeshView, Runtime, accept_batch
+from agent.proxy.runtime import MeshView, Runtime
 from agent.proxy.sockets import (
     AuthorityError,
     connect_nonblocking,
@@ -74,7 +74,7 @@ class Inbound:
     # --- HBONE (15008) ---------------------------------------------------------------------------
 
     def on_hbone_readable(self, listener: socket.socket) -> None:
-        accept_batch(listener, self._accept)
+        self.rt.accept(listener, self._accept)
 
     def _accept(self, sock: socket.socket) -> None:
         """A peer dialled `<local pod ip>:15008` (steered here by the capture): serve it as that pod."""
@@ -115,8 +115,8 @@ class Inbound:
                 self._serve_as(sock, identity, local_ip, peer_ip, peer_port)
                 return
             rt.counters["hbone_no_identity"] += 1
-            log.warning("refusing HBONE from %s to %s: no certificate for %s: %s", peer_ip, local_ip,
-                        identity, err)  # fmt: skip
+            rt.warn.warning("hbone_no_identity", "refusing HBONE from %s to %s: no certificate for %s: %s",
+                            peer_ip, local_ip, identity, err)  # fmt: skip
             sock.close()
 
         rt.counters["hbone_waited_for_svid"] += 1
@@ -130,14 +130,15 @@ class Inbound:
             ctx = rt.tls.server(identity)
         except Exception as exc:  # no SVID (CA unreachable, ...): nothing to present
             rt.counters["hbone_no_identity"] += 1
-            log.warning("refusing HBONE from %s: no certificate for %s: %s", peer_ip, identity, exc)
+            rt.warn.warning("hbone_no_identity", "refusing HBONE from %s: no certificate for %s: %s", peer_ip,
+                            identity, exc)  # fmt: skip
             sock.close()
             return
         try:
             conn_id = rt.engine.serve_hbone(sock.detach(), ctx)
         except EngineError as exc:
             rt.counters["hbone_serve_errors"] += 1
-            log.warning("HBONE from %s: %s", peer_ip, exc)
+            rt.warn.warning("hbone_serve_errors", "HBONE from %s: %s", peer_ip, exc)
             return
         self.server_conns[conn_id] = ServerConn(local_ip, peer_ip, peer_port)
         budgets = rt.budgets
@@ -413,7 +414,8 @@ class Inbound:
 
     def _refuse_stream(self, ev: Event, status: int, why: str) -> None:
         self.rt.counters[f"inbound_refused_{status}"] += 1
-        log.info("HBONE stream %r refused (%d): %s", ev.authority, status, why)
+        what, key = ev.authority[:128], f"refused_{status}"
+        self.rt.warn.log(logging.INFO, key, "HBONE stream %r refused (%d): %s", what, status, why)
         self._reject(ev, status)
 
     def _reject(self, ev: Event, status: int) -> None:
@@ -428,7 +430,7 @@ class Inbound:
     # --- plaintext (15006) -----------------------------------------------------------------------
 
     def on_plaintext_readable(self, listener: socket.socket) -> None:
-        accept_batch(listener, self._plaintext)
+        self.rt.accept(listener, self._plaintext)
 
     def _plaintext(self, client: socket.socket) -> None:
         rt = self.rt

@@ -42,6 +42,7 @@ class ControlLoop:
         self._name = name
         self._sel = selectors.DefaultSelector()
         self._readers: dict[int, Callable[[], None]] = {}
+        self._paused: dict[int, float] = {}  # reader fd -> when to watch it again
         self._connects: dict[int, _Connect] = {}
         self._tickers: list[Callable[[], None]] = []
         self._soon: collections.deque[Callable[[], None]] = collections.deque()
@@ -56,8 +57,21 @@ class ControlLoop:
         self._sel.register(fd, selectors.EVENT_READ, None)
 
     def remove_reader(self, fd: int) -> None:
-        if self._readers.pop(fd, None) is not None:
+        if self._readers.pop(fd, None) is not None and self._paused.pop(fd, None) is None:
             self._sel.unregister(fd)
+
+    def pause_reader(self, fd: int, seconds: float) -> None:
+        """Stop watching reader `fd` for `seconds` (e.g. a listener at the fd limit: its backlog stays
+        readable, and retrying at once would spin the loop), then watch it again."""
+        if fd in self._readers and fd not in self._paused:
+            self._sel.unregister(fd)
+            self._paused[fd] = time.monotonic() + seconds
+
+    def _resume_readers(self, now: float) -> None:
+        for fd in [fd for fd, at in self._paused.items() if at <= now]:
+            del self._paused[fd]
+            if fd in self._readers:
+                self._sel.register(fd, selectors.EVENT_READ, None)
 
     def every_tick(self, callback: Callable[[], None]) -> None:
         self._tickers.append(callback)
@@ -103,6 +117,7 @@ class ControlLoop:
                 for key, _mask in ready:
                     self._dispatch(int(key.fd))
                 now = time.monotonic()
+                self._resume_readers(now)
                 self._expire_connects(now)
                 if now >= next_tick:
                     next_tick = now + TICK
@@ -125,7 +140,8 @@ class ControlLoop:
             self._finish_connect(pending, connect_result(pending.sock))
 
     def _next_deadline(self) -> float:
-        return min((c.deadline for c in self._connects.values()), default=float("inf"))
+        connects = min((c.deadline for c in self._connects.values()), default=float("inf"))
+        return min(connects, min(self._paused.values(), default=float("inf")))
 
     def _expire_connects(self, now: float) -> None:
         for pending in [c for c in self._connects.values() if c.deadline <= now]:

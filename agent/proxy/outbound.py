@@ -16,7 +16,7 @@ import socket
 from collections.abc import Callable
 
 from agent.connections import ConnectionRecord, Direction
-from agent.proxy.runtime import MeshView, Runtime, accept_batch
+from agent.proxy.runtime import MeshView, Runtime
 from agent.proxy.sockets import (
     connect_nonblocking,
     format_authority,
@@ -42,7 +42,7 @@ class Outbound:
         self.serve_local = serve_local
 
     def on_readable(self, listener: socket.socket) -> None:
-        accept_batch(listener, self.handle)
+        self.rt.accept(listener, self.handle)
 
     def handle(self, client: socket.socket) -> None:
         rt = self.rt
@@ -150,7 +150,7 @@ class Outbound:
             if err is None:
                 self._open(client, record, src_id, dst_id, dst.node == rt.node, context)
             else:
-                log.warning("no client certificate for %s: %s", src_id, err)
+                rt.warn.warning(f"svid {src_id}", "no client certificate for %s: %s", src_id, err)
                 rt.refuse(client, record, "UF", f"no certificate for {src_id}: {err}")
 
         rt.counters["outbound_waited_for_svid"] += 1
@@ -172,7 +172,7 @@ class Outbound:
         try:
             ctx, generation = rt.tls.client(src_id)
         except Exception as exc:  # no SVID (CA unreachable, not authorized for this identity, ...)
-            log.warning("no client certificate for %s: %s", src_id, exc)
+            rt.warn.warning(f"svid {src_id}", "no client certificate for %s: %s", src_id, exc)
             rt.refuse(client, record, "UF", f"no certificate for {src_id}: {exc}")
             return
         src_ip, dst_ip = record.source_ip, record.destination_ip

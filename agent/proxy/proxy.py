@@ -26,6 +26,7 @@ from native.engine import Engine, EngineError, Event
 log = logging.getLogger("ambit.proxy")
 
 EVENT_BATCH = 256
+PEER_IDENTITY_MISMATCH = "peer identity mismatch"  # the engine's conn_error detail (native/src/hbone.c)
 
 
 def default_engine_threads() -> int:
@@ -275,8 +276,17 @@ class Proxy:
         """The engine ends the connection's streams next (then conn_closed): make their records say why."""
         rt = self._rt
         rt.counters["hbone_connection_errors"] += 1
-        log.info("HBONE connection %d (peer %s) failed: %s", ev.conn_id, ev.peer_id or "?", ev.detail)
-        client = rt.pool.remove(ev.conn_id) is not None  # no new streams on it
+        pooled = rt.pool.remove(ev.conn_id)  # no new streams on it
+        client = pooled is not None
+        if pooled is not None and ev.detail.startswith(PEER_IDENTITY_MISMATCH):
+            # We refused the server: it is not the node the destination is scheduled on. A security event.
+            rt.counters["hbone_server_identity_refused"] += 1
+            presented = ev.peer_id or ev.detail.partition("got ")[2]
+            rt.audit("hbone_server_refused", "hbone_server_refused", ev.detail, peer=pooled.peer,
+                     peer_id=presented, expected_peer_id=pooled.peer_id, source=pooled.key[0])  # fmt: skip
+        else:  # per connection, often a peer's problem: counted always, the text log rate-limited
+            rt.warn.log(logging.INFO, "hbone_connection_errors", "HBONE connection %d (peer %s) failed: %s",
+                        ev.conn_id, ev.peer_id or "?", ev.detail)  # fmt: skip
         for entry in rt.table.on_engine_conn(ev.conn_id, Path.HBONE_CLIENT if client else Path.HBONE_SERVER):
             if entry.response_flags == "-":
                 rt.table.mark(entry, "UF", f"HBONE connection failed: {ev.detail}")

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from agent.connections import ConnectionRecord, Direction
 from agent.policy.decision import ConnectionAttrs, Decision
+from agent.proxy.accept import Acceptor
 from agent.proxy.limits import Budget, Budgets, Limits
 from agent.proxy.lograte import RateLimitedLog
 from agent.proxy.loop import ControlLoop
@@ -100,6 +101,13 @@ class Runtime:
     budgets: Budgets = field(default_factory=lambda: Budgets(Limits()))
     _audit_text: RateLimitedLog = field(default_factory=lambda: RateLimitedLog(audit_log))
     _waiting: dict[str, list[Callable[[Exception | None], None]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._acceptor = Acceptor(self.loop, self.counters, self.warn)
+
+    def accept(self, listener: socket.socket, handle: Callable[[socket.socket], None]) -> None:
+        """Accept on a listener (bounded batch; paused, not spinning, at the fd limit: accept.py)."""
+        self._acceptor.accept(listener, handle)
 
     def off_loop(self, key: str, work: Callable[[], None], then: Callable[[Exception | None], None]) -> None:
         """Run blocking `work` (e.g. a first SVID fetch) on a worker, once per key however many wait for it;
@@ -220,25 +228,3 @@ class Runtime:
             self.table.established(entry)
 
         self.loop.watch_connect(upstream, done)
-
-
-def accept_batch(listener: socket.socket, handle: Callable[[socket.socket], None], limit: int = 64) -> None:
-    """Accept what the backlog holds (bounded, so one busy listener cannot starve the loop)."""
-    for _ in range(limit):
-        try:
-            sock, _addr = listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:  # e.g. EMFILE: leave the rest in the backlog and retry next round
-            log.warning("accept on %s failed: %s", listener.getsockname(), exc)
-            return
-        try:
-            # Small HTTP/2 frames (HEADERS then DATA) must not wait out Nagle against a delayed ACK.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            handle(sock)
-        except OSError as exc:  # e.g. the client reset before we looked at it: common, not a bug
-            log.debug("accepted connection gone: %s", exc)
-            sock.close()  # no-op once the fd was handed to the engine (detached)
-        except Exception:
-            log.exception("handling an accepted connection failed")
-            sock.close()

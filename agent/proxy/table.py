@@ -4,7 +4,8 @@ Every connection the proxy handles gets an entry keyed by a tag (the engine echo
 An entry is reported to the observer as opened once its path is established (or at once when it ends
 before that, e.g. denied), and as closed exactly once, with the byte counts from the engine.
 Observers are other people's code: an exception there is logged and counted, never propagated. Every
-close is also logged at INFO with both SPIFFE IDs, the response flags and the byte counts.
+close is also logged at DEBUG with both SPIFFE IDs, the response flags and the byte counts (the access log
+is where connections are recorded; the text log keeps what an operator must act on).
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ class ConnectionTable:
         )
         self._notify("closed", close)
         r = entry.record
-        log.info("%s %s:%d (%s) -> %s:%d (%s) flags=%s sent=%d received=%d%s", r.direction.value,
+        # DEBUG: one line per connection is the access log's job (observer); the text log stays readable.
+        log.debug("%s %s:%d (%s) -> %s:%d (%s) flags=%s sent=%d received=%d%s", r.direction.value,
                  r.source_ip, r.source_port, r.source_principal or "-", r.destination_ip, r.destination_port,
                  r.destination_principal or "-", close.response_flags, bytes_sent, bytes_received,
                  f" error={close.error}" if close.error else "")  # fmt: skip

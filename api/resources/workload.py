@@ -9,7 +9,7 @@ with different values, `none` wins (the owner asked not to be captured). Other v
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,30 +50,26 @@ def _str(spec: Mapping[str, Any], name: str, required: bool = True, default: str
 
 
 def _ips(raw: Any, name: str) -> tuple[str, ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise ResourceError(f"spec.{name} must be a list of IP addresses")
-    out = []
-    for item in raw:
-        try:
-            out.append(str(ipaddress.ip_address(item)))
-        except (ValueError, TypeError):
-            raise ResourceError(f"spec.{name}: {item!r} is not an IP address") from None
-    return tuple(out)
+    return _parsed_list(raw, name, ipaddress.ip_address, "an IP address", "IP addresses")
 
 
 def _cidrs(raw: Any, name: str) -> tuple[str, ...]:
+    # ip_network is strict: host bits set (10.244.1.1/24) is a typo, not a range.
+    return _parsed_list(raw, name, ipaddress.ip_network, "a CIDR block", "CIDR blocks")
+
+
+def _parsed_list(raw: Any, name: str, parse: Callable[[Any], object], one: str, many: str) -> tuple[str, ...]:
+    """spec.<name>: a list of values `parse` accepts, normalized to their text (None: empty)."""
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        raise ResourceError(f"spec.{name} must be a list of CIDR blocks")
+        raise ResourceError(f"spec.{name} must be a list of {many}")
     out = []
     for item in raw:
         try:
-            out.append(str(ipaddress.ip_network(item)))  # strict: host bits set is a typo, not a range
+            out.append(str(parse(item)))
         except (ValueError, TypeError):
-            raise ResourceError(f"spec.{name}: {item!r} is not a CIDR block") from None
+            raise ResourceError(f"spec.{name}: {item!r} is not {one}") from None
     return tuple(out)
 
 

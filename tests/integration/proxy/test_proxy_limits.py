@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ from api.resources.workload import Namespace, Node, Workload
 from api.spiffe import SpiffeId
 from mgmt.ca import CertificateAuthority
 from native.engine import Engine
+from tests.relay_fixtures import wait_until
 from tests.unit.native.engine_testkit import TD, Events, Svid, issue
 
 pytestmark = pytest.mark.root
@@ -160,15 +160,6 @@ class Client:
         self.engine.stop()
 
 
-def _wait(pred: object, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():  # type: ignore[operator]
-            return True
-        time.sleep(0.02)
-    return False
-
-
 @pytest.mark.parametrize("node", [Limits(hbone_streams_per_identity=3)], indirect=True)
 def test_streams_per_identity(node: Agent) -> None:
     a, b = Client(node, A), Client(node, B)
@@ -180,7 +171,7 @@ def test_streams_per_identity(node: Agent) -> None:
         assert node.proxy.counters()["limit_refused_hbone_streams_per_identity"] == 1
         assert "UO" in node.observer.flags
         a.apps.pop().close()  # one of A's streams ends: its budget is back
-        assert _wait(lambda: a.stream(conns[1]) == "200")
+        assert wait_until(lambda: a.stream(conns[1]) == "200", 5)
     finally:
         a.close()
         b.close()
@@ -207,7 +198,7 @@ def test_pending_handshakes_per_source(node: Agent) -> None:
     at accept; another address completes its handshake and is served."""
     stalled = [socket.create_connection(node.hbone) for _ in range(2)]
     try:
-        assert _wait(lambda: node.proxy.counters().get("hbone_accepted", 0) >= 2)
+        assert wait_until(lambda: node.proxy.counters().get("hbone_accepted", 0) >= 2, 5)
         third = socket.create_connection(node.hbone, timeout=5)
         assert third.recv(1) == b""  # closed by the agent before any TLS
         third.close()

@@ -244,6 +244,9 @@ def test_server_with_another_identity_is_refused(lab: ProxyLab) -> None:
     rec = lab.wait_closed("node-1", lambda ev: ev["destination_ip"] == lab.pod_ip(IMPOSTOR))
     assert rec["response_flags"] == "UF" and "identity" in rec["error"]
     lab.wait_status("node-1", lambda st: st["engine"]["errors_peer_identity"] >= 1)
+    # An identity refusal is a security event: audited with what the server presented.
+    audited = [a for a in lab.audit("node-1") if a["event"] == "hbone_server_refused"]
+    assert audited and audited[-1]["peer_id"] == principal("pod-2-1") and "mismatch" in audited[-1]["reason"]
 
 
 def test_ztunnel_advertises_200_streams_and_ambit_sees_them(lab: ProxyLab) -> None:

@@ -70,14 +70,20 @@ def test_enrolled_pod_is_captured_with_original_destination(lab: LabPlan) -> Non
         assert greeting_of(pod.netns, remote.ip, ECHO_PORT) == remote.name
 
 
+def _strict_and_permissive(roles: ExitStack, lab: LabPlan) -> Agent:
+    """Servers in every pod; node-1's agent with pod-1-1 enrolled STRICT and pod-1-2 PERMISSIVE."""
+    pod_servers(roles, lab)
+    agent = start_agent(roles, lab, "node-1")
+    agent.call("enroll", lab.pod("pod-1-1").ip, "default/strict", True)
+    agent.call("enroll", lab.pod("pod-1-2").ip, "default/permissive", False)
+    return agent
+
+
 def test_strict_pod_fails_closed_without_listener(lab: LabPlan) -> None:
     node = lab.node("node-1")
     strict, permissive, remote = lab.pod("pod-1-1"), lab.pod("pod-1-2"), lab.pod("pod-2-1")
     with ExitStack() as roles:
-        pod_servers(roles, lab)
-        agent = start_agent(roles, lab, node.name)
-        agent.call("enroll", strict.ip, "default/strict", True)
-        agent.call("enroll", permissive.ip, "default/permissive", False)
+        agent = _strict_and_permissive(roles, lab)
         with pytest.raises(NetnsError, match="timed out"):
             greeting_of(strict.netns, remote.ip, ECHO_PORT, timeout=1.5)
         assert greeting_of(permissive.netns, remote.ip, ECHO_PORT) == remote.name
@@ -153,10 +159,7 @@ def test_strict_pod_refuses_plaintext_from_the_node_itself(lab: LabPlan) -> None
     node = lab.node("node-1")
     strict, permissive = lab.pod("pod-1-1"), lab.pod("pod-1-2")
     with ExitStack() as roles:
-        pod_servers(roles, lab)
-        agent = start_agent(roles, lab, node.name)
-        agent.call("enroll", strict.ip, "default/strict", True)
-        agent.call("enroll", permissive.ip, "default/permissive", False)
+        agent = _strict_and_permissive(roles, lab)
         with pytest.raises(NetnsError, match="timed out"):
             greeting_of(node.netns, strict.ip, ECHO_PORT, timeout=1.5)
         roles.enter_context(Listener(node.netns, marks.INBOUND_PLAINTEXT_PORT, "inbound"))
