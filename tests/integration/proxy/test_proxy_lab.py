@@ -427,6 +427,15 @@ def test_pooled_connections_follow_the_destination_pod_not_its_node(lab: ProxyLa
     assert in_pod(lab, "pod-1-1", request, lab.pod_ip("pod-2-1"), ECHO, b"back") == b"back"
 
 
+def test_hbone_to_an_address_of_no_local_workload_gets_no_identity(lab: ProxyLab) -> None:
+    """The node's own address is no workload's: there is no SVID to present (ztunnel cannot parse a node
+    identity anyway), so the connection is closed before any TLS, counted."""
+    node2 = lab.plan.node("node-2")
+    before = lab.status("node-2")["counters"].get("hbone_not_a_local_workload", 0)
+    assert nsx.run_in(lab.plan.node("node-1").netns, _raw, node2.ip, b"\x16\x03\x01") in ("closed", "reset")
+    lab.wait_status("node-2", lambda st: st["counters"].get("hbone_not_a_local_workload", 0) > before)
+
+
 def _cut_by_policy(ip: str, port: int, agent_pid: int) -> str:
     with socket.create_connection((ip, port), timeout=10) as sock:
         sock.sendall(b"before")
