@@ -273,15 +273,18 @@ class Inbound:
             self._reject(ev, STATUS_FORBIDDEN)
             rt.table.reject(record, "DENY", decision.reason)
             return
-        streams, identity = rt.budgets.hbone_streams, str(conn.principal)
-        if streams.full(identity):
-            # One identity must not hold this node's streams (fds, buffers) to the others' cost.
-            rt.warn.warning(
-                streams.name, "%s holds %d streams (limit): refusing its new ones", identity, streams.limit
-            )
-            self._reject(ev, STATUS_UNAVAILABLE)
-            rt.table.reject(record, "UO", f"{identity} is over its {streams.name} limit ({streams.limit})")
-            return
+        # One identity, or one peer node with all its identities, must not hold this node's streams (an fd
+        # and buffers each) to the others' cost.
+        budgets = rt.budgets
+        held = ((budgets.hbone_streams, str(conn.principal)), (budgets.hbone_source_streams, conn.peer_ip))
+        for budget, key in held:
+            if budget.full(key):
+                rt.warn.warning(
+                    budget.name, "%s holds %d streams (limit): refusing its new ones", key, budget.limit
+                )
+                self._reject(ev, STATUS_UNAVAILABLE)
+                rt.table.reject(record, "UO", f"{key} is over its {budget.name} limit ({budget.limit})")
+                return
         spoof = src_ip if ((claimed is not None or src is not None) and rt.preserve_source_ip) else None
         try:
             upstream = connect_nonblocking((dst_ip, dst_port), source_ip=spoof)
@@ -290,7 +293,9 @@ class Inbound:
             rt.table.reject(record, "UF", f"connect: {exc}")
             return
         entry = Entry(rt.table.next_tag(), record, Path.HBONE_SERVER, attrs, ev.conn_id, ev.stream_id)
-        rt.table.add(rt.hold(streams, identity, entry))
+        for budget, key in held:
+            rt.hold(budget, key, entry)
+        rt.table.add(entry)
         rt.loop.watch_connect(upstream, lambda sock, err: self._upstream_ready(entry, sock, err))
 
     def _peer_source(self, snap: MeshView, conn: ServerConn) -> tuple[str, Workload | None] | None:

@@ -24,6 +24,8 @@ class Limits:
     # 15008, per authenticated workload identity (across all its connections and source nodes).
     hbone_connections_per_identity: int = 512
     hbone_streams_per_identity: int = 4096
+    # ... and per source address: a peer node's identities together (each inbound stream holds an fd).
+    hbone_streams_per_source: int = 8192
     # Captured plaintext: per client address, on 15006 (from outside the mesh) and 15001 (a local pod).
     plaintext_connections_per_source: int = 1024
     outbound_connections_per_source: int = 4096
@@ -75,6 +77,7 @@ class Budgets:
             "hbone_connections_per_identity", limits.hbone_connections_per_identity
         )
         self.hbone_streams = Budget("hbone_streams_per_identity", limits.hbone_streams_per_identity)
+        self.hbone_source_streams = Budget("hbone_streams_per_source", limits.hbone_streams_per_source)
         self.plaintext_sources = Budget(
             "plaintext_connections_per_source", limits.plaintext_connections_per_source
         )
@@ -88,6 +91,7 @@ class Budgets:
             self.hbone_sources,
             self.hbone_identities,
             self.hbone_streams,
+            self.hbone_source_streams,
             self.plaintext_sources,
             self.outbound_sources,
         ]

@@ -194,7 +194,14 @@ class Runtime:
         """`entry` holds one unit of `budget` for `key` until the table finishes it (checked by `over_budget`
         first; the loop is single-threaded, so nothing else takes a unit in between)."""
         budget.take(key)
-        entry.on_finish = lambda: budget.give_back(key)
+        before = entry.on_finish  # an entry may hold units of several budgets
+
+        def give_back() -> None:
+            budget.give_back(key)
+            if before is not None:
+                before()
+
+        entry.on_finish = give_back
         return entry
 
     def over_budget(self, budget: Budget, key: str, client: socket.socket, record: ConnectionRecord) -> bool:

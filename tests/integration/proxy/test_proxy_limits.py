@@ -177,6 +177,20 @@ def test_streams_per_identity(node: Agent) -> None:
         b.close()
 
 
+@pytest.mark.parametrize("node", [Limits(hbone_streams_per_source=3)], indirect=True)
+def test_streams_per_source_address(node: Agent) -> None:
+    """One peer node's identities together (one address) are bounded; another address is served."""
+    a, b, elsewhere = Client(node, A), Client(node, B), Client(node, A, source_ip="127.0.0.2")
+    try:
+        assert [a.stream(a.connect()), b.stream(b.connect()), a.stream(a.connect())] == ["200"] * 3
+        assert b.stream(b.connect()) == "refused 503"
+        assert elsewhere.stream(elsewhere.connect()) == "200"
+        assert node.proxy.counters()["limit_refused_hbone_streams_per_source"] == 1
+    finally:
+        for c in (a, b, elsewhere):
+            c.close()
+
+
 @pytest.mark.parametrize("node", [Limits(hbone_connections_per_identity=2)], indirect=True)
 def test_connections_per_identity(node: Agent) -> None:
     a, b = Client(node, A), Client(node, B)

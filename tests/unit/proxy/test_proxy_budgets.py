@@ -22,6 +22,7 @@ def test_every_budget_is_reported() -> None:
         "limit_refused_hbone_connections_per_source",
         "limit_refused_hbone_connections_per_identity",
         "limit_refused_hbone_streams_per_identity",
+        "limit_refused_hbone_streams_per_source",
         "limit_refused_plaintext_connections_per_source",
         "limit_refused_outbound_connections_per_source",
     }
