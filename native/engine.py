@@ -32,6 +32,18 @@ _KINDS = {
     7: "stream_refused",
     8: "stream_closed",
     9: "splice_closed",
+    10: "peer_goaway",
+}
+# Engine limits (ambit_engine_set_limit); 0 means unlimited, see docs/engine.md.
+LIMITS = {
+    "pending_handshakes": 0,
+    "pending_per_source": 1,
+    "conns_per_source": 2,
+    "streams_per_peer": 3,
+    "max_concurrent_streams": 4,
+    "resets_per_s": 5,
+    "stream_buffer": 6,
+    "conn_buffer": 7,
 }
 _ERRLEN = 512
 
@@ -165,6 +177,21 @@ class Engine:
                 int(keepalive_idle_s * 1000),
                 int(keepalive_timeout_s * 1000),
             )
+
+    def set_limits(self, **limits: int) -> None:
+        """Caps by name (LIMITS), each refusing only the offending peer's new work, counted:
+        pending_handshakes (engine-wide) and pending_per_source, conns_per_source, streams_per_peer
+        (all connections of one authenticated identity), max_concurrent_streams (advertised to new
+        connections), resets_per_s (per connection; beyond it GOAWAY ENHANCE_YOUR_CALM), stream_buffer
+        and conn_buffer (bytes read from sockets awaiting the peer's window). 0 = unlimited."""
+        for name, value in limits.items():
+            which = LIMITS.get(name)
+            if which is None:
+                raise EngineError(f"unknown limit {name!r}")
+            with self._lock:
+                rv = int(lib.ambit_engine_set_limit(self._h(), which, int(value)))
+            if rv < 0:
+                raise EngineError(f"bad value {value!r} for limit {name}")
 
     def start(self) -> None:
         self._call(lib.ambit_engine_start)

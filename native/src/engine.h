@@ -19,6 +19,7 @@ enum ambit_event_kind {
     AMBIT_EV_STREAM_REFUSED,
     AMBIT_EV_STREAM_CLOSED,
     AMBIT_EV_SPLICE_CLOSED,
+    AMBIT_EV_PEER_GOAWAY,    /* client: the peer sent a graceful GOAWAY (status = its last stream id) */
 };
 
 /* One event handed to Python; fixed size so a batch is one copy out of the queue. */
@@ -69,7 +70,26 @@ enum ambit_counter {
     AMBIT_C_EVENTS_DROPPED,
     AMBIT_C_RESETS_LINGERED,
     AMBIT_C_STREAMS_RESET_EARLY,
+    AMBIT_C_REFUSED_HANDSHAKES,    /* pending-handshake caps (engine-wide, per source) */
+    AMBIT_C_REFUSED_CONNS_SOURCE,  /* connections per source address */
+    AMBIT_C_REFUSED_STREAMS_PEER,  /* served streams per peer identity */
+    AMBIT_C_REFUSED_STREAMS_CONN,  /* a peer exceeding our SETTINGS_MAX_CONCURRENT_STREAMS */
+    AMBIT_C_RESET_FLOODS,          /* connections ended for exceeding the stream reset budget */
+    AMBIT_C_MALLOC_TRIMS,
     AMBIT_C_COUNT
+};
+
+/* Limits (ambit_engine_set_limit), each refusing only the offending peer's new work; 0 = unlimited. */
+enum ambit_limit {
+    AMBIT_L_PENDING_HANDSHAKES,  /* server TLS handshakes in progress, engine-wide */
+    AMBIT_L_PENDING_PER_SOURCE,  /* ... from one source address */
+    AMBIT_L_CONNS_PER_SOURCE,    /* server connections from one source address */
+    AMBIT_L_STREAMS_PER_PEER,    /* served streams of one authenticated peer identity, all connections */
+    AMBIT_L_MAX_CONCURRENT_STREAMS, /* SETTINGS_MAX_CONCURRENT_STREAMS we advertise (new connections) */
+    AMBIT_L_RESETS_PER_S,        /* stream resets a peer may cause per second on one connection */
+    AMBIT_L_STREAM_BUFFER,       /* bytes buffered per stream socket->peer (reading pauses when full) */
+    AMBIT_L_CONN_BUFFER,         /* bytes buffered socket->peer over all streams of one connection */
+    AMBIT_L_COUNT
 };
 
 typedef struct ambit_engine ambit_engine;
@@ -84,6 +104,8 @@ void ambit_engine_free(ambit_engine *e);
 int ambit_engine_eventfd(ambit_engine *e);
 /* Handshake deadline, keepalive PING after idle, and PING answer deadline, in ms (0 disables each). */
 void ambit_engine_set_timeouts(ambit_engine *e, int handshake_ms, int keepalive_idle_ms, int keepalive_timeout_ms);
+/* Returns 0, or -1 for an unknown limit or a negative value. */
+int ambit_engine_set_limit(ambit_engine *e, int which, int value);
 int ambit_engine_events(ambit_engine *e, ambit_event *out, int max);
 void ambit_engine_counters(ambit_engine *e, uint64_t *out, int n);
 

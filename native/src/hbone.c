@@ -38,6 +38,7 @@ typedef struct hstream {
     struct hstream *req_next;     /* server: on the connection's list of requests not yet announced */
     int announced;                /* server: stream_request emitted, Python's answer pending or given */
     int quiet;                    /* server: reset before it was announced: counted, no event */
+    int peer_counted;             /* server: holds one of its peer identity's stream slots (limits.c) */
     int h2_closed;
     uint32_t h2_error;
     int is_connect;
@@ -100,6 +101,13 @@ typedef struct hconn {
     int closing, goaway_recv, tearing_down;
     char error[640];
     size_t conn_unconsumed;
+    size_t in_total;              /* socket->peer bytes buffered over all streams (AMBIT_L_CONN_BUFFER) */
+    int in_starved;               /* a stream stopped reading on in_total: wake them when it drains */
+    uint64_t src_key, peer_key;   /* server: limits.c accounting keys */
+    int hs_counted;               /* server: counted as a pending handshake */
+    int wbio_big;                 /* the write buffer BIO was grown after the handshake */
+    uint64_t reset_window_ms;     /* start of the current one-second reset budget window */
+    uint32_t resets_in_window;
     uint64_t bytes_in, bytes_out;
     uint64_t started_ms, last_rx_ms, ping_sent_ms;
 } hconn;
@@ -207,6 +215,9 @@ static void stream_finish(hstream *s, const char *detail)
     ctr_add(e, AMBIT_C_STREAMS_ACTIVE, -1);
     if (!s->quiet)
         stream_emit_end(s, detail);
+    if (s->peer_counted)
+        limits_stream_end(e, c->peer_key);
+    c->in_total -= abuf_pending(&s->in);
     if (s->h2id > 0 && !s->h2_closed && c->h2)
         nghttp2_session_set_stream_user_data(c->h2, s->h2id, NULL);
     if (s->prev)
@@ -311,9 +322,18 @@ static void stream_service(hstream *s)
         }
         int sending = stream_sending(s);
         int got = 0;
-        while (!s->tcp_failed && sending && s->readable && !s->tcp_eof &&
-               abuf_pending(&s->in) < AMBIT_STREAM_INBUF) {
-            size_t room = AMBIT_STREAM_INBUF - abuf_pending(&s->in);
+        ambit_engine *e = c->l->engine;
+        size_t cap = (size_t)__atomic_load_n(&e->limits[AMBIT_L_STREAM_BUFFER], __ATOMIC_RELAXED);
+        size_t conn_cap = (size_t)__atomic_load_n(&e->limits[AMBIT_L_CONN_BUFFER], __ATOMIC_RELAXED);
+        while (!s->tcp_failed && sending && s->readable && !s->tcp_eof && abuf_pending(&s->in) < cap) {
+            /* A peer that stops granting window pins at most cap per stream and conn_cap per connection. */
+            if (conn_cap && c->in_total >= conn_cap) {
+                c->in_starved = 1;
+                break;
+            }
+            size_t room = cap - abuf_pending(&s->in);
+            if (conn_cap && room > conn_cap - c->in_total)
+                room = conn_cap - c->in_total;
             if (abuf_reserve(&s->in, room) < 0) {
                 stream_tcp_fail(s);
                 break;
@@ -321,6 +341,7 @@ static void stream_service(hstream *s)
             ssize_t n = read(fd, s->in.data + s->in.len, room);
             if (n > 0) {
                 s->in.len += (size_t)n;
+                c->in_total += (size_t)n;
                 got = 1;
                 /* A short read drained the socket; edge-triggered epoll reports the next bytes, so skip
                  * the read() that would only say EAGAIN (one syscall per message per hop). Not once a
@@ -407,6 +428,13 @@ static int on_send_data(nghttp2_session *session, nghttp2_frame *frame, const ui
     abuf_append(&c->wbuf, framehd, 9);
     abuf_append(&c->wbuf, abuf_head(&s->in), length);
     abuf_consume(&s->in, length);
+    c->in_total -= length;
+    if (c->in_starved) { /* budget freed: the streams that stopped on it read again */
+        c->in_starved = 0;
+        for (hstream *o = c->streams; o; o = o->next)
+            if (o->readable && !o->tcp_eof && o != s)
+                mark_ready(o);
+    }
     s->bytes_out += length;
     ctr_add(c->l->engine, AMBIT_C_STREAM_BYTES_OUT, (int64_t)length);
     if (s->rst_pending)
@@ -434,9 +462,19 @@ static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame
     hconn *c = user_data;
     if (!c->server || frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST)
         return 0;
-    hstream *s = stream_new(c, engine_new_id(&c->l->engine->next_stream_id), c->tag);
-    if (!s)
+    ambit_engine *e = c->l->engine;
+    if (!limits_stream_start(e, c->peer_key)) {
+        /* This peer identity holds its share of streams (over all its connections): refuse only this one. */
+        ctr_add(e, AMBIT_C_REFUSED_STREAMS_PEER, 1);
+        nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, frame->hd.stream_id, NGHTTP2_REFUSED_STREAM);
+        return 0;
+    }
+    hstream *s = stream_new(c, engine_new_id(&e->next_stream_id), c->tag);
+    if (!s) {
+        limits_stream_end(e, c->peer_key);
         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE; /* nghttp2 resets this stream only */
+    }
+    s->peer_counted = 1;
     s->h2id = frame->hd.stream_id;
     nghttp2_session_set_stream_user_data(session, s->h2id, s);
     return 0;
@@ -491,14 +529,15 @@ static void server_request(hconn *c, hstream *s)
     c->reqs_tail = s;
 }
 
-/* Emits stream_request for the requests of the batch just parsed; the ones already reset are counted. */
+/* Emits stream_request for the requests of the batch just parsed; the ones already reset without sending
+ * a byte are counted (streams_reset_early) and dropped without any event. */
 static void announce_requests(hconn *c)
 {
     hstream *s = c->reqs;
     c->reqs = c->reqs_tail = NULL;
     for (hstream *next; s; s = next) {
         next = s->req_next;
-        if (s->h2_closed) {
+        if (s->h2_closed && !s->bytes_in) { /* with bytes it is announced: its upload must arrive */
             s->quiet = 1;
             ctr_add(c->l->engine, AMBIT_C_STREAMS_RESET_EARLY, 1);
             mark_ready(s);
@@ -517,16 +556,45 @@ static void announce_requests(hconn *c)
     }
 }
 
+/* Rapid reset (CVE-2023-44487): each peer reset costs us a stream's setup, so a connection may cause at
+ * most AMBIT_L_RESETS_PER_S per second; beyond, GOAWAY(ENHANCE_YOUR_CALM) and the connection ends. */
+static void conn_count_reset(hconn *c)
+{
+    ambit_engine *e = c->l->engine;
+    uint32_t budget = (uint32_t)__atomic_load_n(&e->limits[AMBIT_L_RESETS_PER_S], __ATOMIC_RELAXED);
+    uint64_t now = now_ms();
+    if (now - c->reset_window_ms >= 1000) {
+        c->reset_window_ms = now;
+        c->resets_in_window = 0;
+    }
+    if (!budget || ++c->resets_in_window <= budget || c->ending)
+        return;
+    ctr_add(e, AMBIT_C_RESET_FLOODS, 1);
+    nghttp2_session_terminate_session(c->h2, NGHTTP2_ENHANCE_YOUR_CALM);
+    conn_fail(c, AMBIT_C_ERRORS_PROTOCOL, "stream reset budget exceeded (rapid reset)%s", "");
+}
+
 static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, void *user_data)
 {
     hconn *c = user_data;
     if (frame->hd.type == NGHTTP2_GOAWAY) {
-        c->goaway_recv = 1;
-        if (frame->goaway.error_code != NGHTTP2_NO_ERROR)
+        if (frame->goaway.error_code != NGHTTP2_NO_ERROR) {
+            c->goaway_recv = 1;
             conn_fail(c, AMBIT_C_ERRORS_PROTOCOL, "peer sent GOAWAY: %s",
                       nghttp2_http2_strerror(frame->goaway.error_code));
+        } else if (!c->goaway_recv) {
+            /* Graceful: no new stream on this connection (open_stream refuses); the proxy re-pools. */
+            c->goaway_recv = 1;
+            ambit_event ev;
+            event_init(&ev, AMBIT_EV_PEER_GOAWAY, c->id, 0, c->tag);
+            copy_str(ev.peer_id, sizeof(ev.peer_id), c->peer_id);
+            ev.status = (int)frame->goaway.last_stream_id;
+            event_emit(c->l->engine, &ev);
+        }
         return 0;
     }
+    if (frame->hd.type == NGHTTP2_RST_STREAM)
+        conn_count_reset(c);
     hstream *s = frame->hd.stream_id ? nghttp2_session_get_stream_user_data(session, frame->hd.stream_id) : NULL;
     if (!s)
         return 0;
@@ -599,6 +667,8 @@ static int on_frame_send(nghttp2_session *session, const nghttp2_frame *frame, v
     if (frame->hd.type == NGHTTP2_GOAWAY && frame->goaway.error_code != NGHTTP2_NO_ERROR)
         conn_fail(c, AMBIT_C_ERRORS_PROTOCOL, "protocol error, sent GOAWAY: %s",
                   nghttp2_http2_strerror(frame->goaway.error_code));
+    if (frame->hd.type == NGHTTP2_RST_STREAM && frame->rst_stream.error_code == NGHTTP2_REFUSED_STREAM)
+        ctr_add(c->l->engine, AMBIT_C_REFUSED_STREAMS_CONN, 1);
     if (frame->hd.type == NGHTTP2_HEADERS && c->server) {
         hstream *s = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
         /* A refusal: the client may still be sending; NO_ERROR asks it to stop without error (RFC 9113
@@ -670,8 +740,9 @@ static int h2_setup(hconn *c)
         return -1;
     nghttp2_settings_entry iv[] = {
         {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, AMBIT_STREAM_WINDOW},
-        {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, 16384},
-        {NGHTTP2_SETTINGS_MAX_FRAME_SIZE, AMBIT_MAX_FRAME},
+        {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS,
+         (uint32_t)__atomic_load_n(&c->l->engine->limits[AMBIT_L_MAX_CONCURRENT_STREAMS], __ATOMIC_RELAXED)},
+        {NGHTTP2_SETTINGS_MAX_FRAME_SIZE, AMBIT_ACCEPT_FRAME},
         {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
     };
     if (nghttp2_submit_settings(c->h2, NGHTTP2_FLAG_NONE, iv, c->server ? 3 : 4) != 0)
@@ -703,7 +774,9 @@ static int conn_set_bios(hconn *c, int fd)
         BIO_set_callback_arg(sock, (char *)c);
     }
     BIO *buf = BIO_new(BIO_f_buffer());
-    if (!sock || !buf || BIO_set_write_buffer_size(buf, AMBIT_TLS_WBUF) != 1 || BIO_up_ref(sock) != 1) {
+    /* The buffer starts at BIO_f_buffer's default size and grows to AMBIT_TLS_WBUF after the handshake
+     * (conn_flush): an unauthenticated handshake must not cost a 256 KiB buffer. */
+    if (!sock || !buf || BIO_up_ref(sock) != 1) {
         BIO_free(sock);
         BIO_free(buf);
         return -1;
@@ -747,6 +820,16 @@ static void handshake_done(hconn *c)
         return;
     }
     copy_str(c->peer_id, sizeof(c->peer_id), ev.peer_id);
+    if (c->server) {
+        c->peer_key = limits_peer_key(c->peer_id);
+        limits_handshake_over(e, c->src_key);
+        c->hs_counted = 0;
+        /* The HTTP/2 session of a served connection exists only once its peer is authenticated. */
+        if (h2_setup(c) != 0) {
+            conn_fail(c, AMBIT_C_ERRORS_COMMAND, "cannot create HTTP/2 session%s", "");
+            return;
+        }
+    }
     ctr_add(e, AMBIT_C_HANDSHAKES_DONE, 1);
     if (SSL_session_reused(c->ssl))
         ctr_add(e, AMBIT_C_HANDSHAKES_RESUMED, 1);
@@ -822,6 +905,8 @@ static void conn_read(hconn *c)
 
 static void conn_flush(hconn *c)
 {
+    if (!c->wbio_big && !BIO_wpending(c->wbio)) /* resizing drops pending bytes: only when empty */
+        c->wbio_big = BIO_set_write_buffer_size(c->wbio, AMBIT_TLS_WBUF) == 1;
     for (;;) {
         if (abuf_pending(&c->wbuf) < AMBIT_WBUF_HIGH) {
             int rv = nghttp2_session_send(c->h2);
@@ -942,6 +1027,13 @@ static void conn_end(hconn *c)
         s->h2_closed = 1;
         stream_finish(s, "connection closed");
     }
+    if (c->ending == END_ERROR && c->state == HS_H2 && c->h2) {
+        /* Best effort: let the peer see our GOAWAY (protocol error, reset flood) before the reset. */
+        c->writable = 1;
+        conn_flush(c);
+    }
+    if (c->server)
+        limits_conn_end(e, c->src_key, c->hs_counted);
     if (c->ending == END_GRACEFUL && c->state == HS_H2) {
         SSL_shutdown(c->ssl); /* best effort close_notify; the socket is non-blocking */
     }
@@ -960,6 +1052,7 @@ static void conn_end(hconn *c)
     ev.bytes_in = c->bytes_in;
     ev.bytes_out = c->bytes_out;
     ctr_add(e, AMBIT_C_CONNS_CLOSED, 1);
+    __atomic_add_fetch(&e->freed_since_trim, 1, __ATOMIC_RELAXED);
     ctr_add(e, AMBIT_C_CONNS_ACTIVE, -1);
     event_emit(e, &ev);
     amap_del(&l->conns, c->id);
@@ -1007,14 +1100,29 @@ void hconn_process_pending(ambit_loop *l)
 void hconn_start(ambit_loop *l, acmd *cmd, int server)
 {
     ambit_engine *e = l->engine;
-    hconn *c = calloc(1, sizeof(*c));
-    const char *why = "out of memory";
+    const char *why = NULL;
+    uint64_t src = 0;
+    hconn *c = NULL;
+    if (server) {
+        src = limits_source_key(cmd->fd);
+        if ((why = limits_conn_start(e, src))) {
+            /* Over a cap: refused before any TLS state exists, counted; the client sees a reset. */
+            ctr_add(e, strstr(why, "connections") ? AMBIT_C_REFUSED_CONNS_SOURCE : AMBIT_C_REFUSED_HANDSHAKES, 1);
+            reset_close(cmd->fd);
+            cmd->fd = -1;
+            goto report;
+        }
+    }
+    c = calloc(1, sizeof(*c));
+    why = "out of memory";
     if (!c)
         goto fail;
     c->id = cmd->id;
     c->tag = cmd->tag;
     c->l = l;
     c->server = server;
+    c->src_key = src;
+    c->hs_counted = server;
     c->io.owner = c;
     c->io.on_event = on_conn_io;
     c->io.fd = -1;
@@ -1023,7 +1131,8 @@ void hconn_start(ambit_loop *l, acmd *cmd, int server)
     c->started_ms = c->last_rx_ms = now_ms();
     c->ssl = SSL_new(cmd->ctx);
     why = "cannot create TLS or HTTP/2 session";
-    if (!c->ssl || conn_set_bios(c, cmd->fd) < 0 || h2_setup(c) != 0 || amap_put(&l->conns, c->id, c) < 0)
+    if (!c->ssl || conn_set_bios(c, cmd->fd) < 0 || (!server && h2_setup(c) != 0) ||
+        amap_put(&l->conns, c->id, c) < 0)
         goto fail;
     if (server) {
         SSL_set_accept_state(c->ssl);
@@ -1045,8 +1154,11 @@ fail:
         free(c->expected_peer);
         free(c);
     }
+    if (server)
+        limits_conn_end(e, src, 1);
     ERR_clear_error();
     ctr_add(e, AMBIT_C_ERRORS_COMMAND, 1);
+report:;
     ambit_event ev;
     event_init(&ev, AMBIT_EV_CONN_ERROR, cmd->id, 0, cmd->tag);
     copy_str(ev.detail, sizeof(ev.detail), why);

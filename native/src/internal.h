@@ -15,7 +15,11 @@
 #define AMBIT_READ_CHUNK (256 * 1024)       /* one TLS read / socket read batch */
 #define AMBIT_WBUF_HIGH (256 * 1024)        /* pending TLS plaintext before we stop asking nghttp2 */
 #define AMBIT_STREAM_INBUF (128 * 1024)     /* TCP->h2 bytes buffered per stream (backpressure point) */
-#define AMBIT_MAX_FRAME (128 * 1024)       /* largest DATA frame we send / accept (SETTINGS_MAX_FRAME_SIZE) */
+#define AMBIT_MAX_FRAME (128 * 1024)       /* largest DATA frame we send (less if the peer allows less) */
+#define AMBIT_ACCEPT_FRAME (1024 * 1024)   /* largest frame we accept (SETTINGS_MAX_FRAME_SIZE; ztunnel: 1 MiB) */
+#define AMBIT_STREAM_INBUF_MAX (1024 * 1024) /* ceiling for AMBIT_L_STREAM_BUFFER */
+#define AMBIT_CONN_INBUF (4 * 1024 * 1024)   /* default AMBIT_L_CONN_BUFFER */
+#define AMBIT_DEFAULT_MAX_STREAMS 200        /* SETTINGS_MAX_CONCURRENT_STREAMS advertised (ztunnel-like) */
 #define AMBIT_STREAM_WINDOW (4 * 1024 * 1024)
 #define AMBIT_CONN_WINDOW (16 * 1024 * 1024)
 #define AMBIT_PIPE_SIZE (256 * 1024)
@@ -129,6 +133,12 @@ struct ambit_engine {
     int keepalive_idle_ms;    /* atomic; PING after this much silence, 0 disables */
     int keepalive_timeout_ms; /* atomic; no answer to the PING within this ends the connection */
     uint64_t counters[AMBIT_C_COUNT];
+    int limits[AMBIT_L_COUNT];   /* atomic */
+    pthread_mutex_t limits_lock; /* guards shares and pending_handshakes */
+    amap shares;                 /* source / peer key -> share (limits.c) */
+    uint32_t pending_handshakes;
+    uint64_t freed_since_trim;   /* atomic: connections freed since the last malloc_trim */
+    uint64_t last_trim_ms;       /* atomic */
 };
 
 /* Counters are bumped with relaxed atomics from any loop and read from Python. */
@@ -174,6 +184,16 @@ uint64_t now_ms(void);
 void linger_reset(ambit_loop *l, int fd, abuf *out);
 void linger_tick(ambit_loop *l);
 void linger_reap(ambit_loop *l, int all);
+
+/* limits.c: keys, then start/end accounting; conn_start returns NULL or why it is refused. */
+uint64_t limits_source_key(int fd);
+uint64_t limits_peer_key(const char *peer_id);
+const char *limits_conn_start(ambit_engine *e, uint64_t src);
+void limits_handshake_over(ambit_engine *e, uint64_t src);
+void limits_conn_end(ambit_engine *e, uint64_t src, int pending);
+int limits_stream_start(ambit_engine *e, uint64_t peer);
+void limits_stream_end(ambit_engine *e, uint64_t peer);
+void limits_free(ambit_engine *e);
 
 /* pump.c */
 void pump_start(ambit_loop *l, acmd *c);

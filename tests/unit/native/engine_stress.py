@@ -120,7 +120,8 @@ class Driver:
     def _open_all(self) -> None:
         for i in range(self.count):
             order = ORDERS[i % len(ORDERS)]
-            up = _payload(self.rng, random_size(self.rng))
+            # An abort without a byte may legitimately never reach the server (counted as an early reset).
+            up = _payload(self.rng, max(order == "client_abort", random_size(self.rng)))
             down = _payload(self.rng, random_size(self.rng))
             if order == "banner":
                 down = BANNER + down

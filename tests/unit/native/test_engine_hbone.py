@@ -80,6 +80,7 @@ def test_large_transfer_both_directions(engine: Engine, events: Events, pki: Pki
 
 
 def test_many_concurrent_streams(engine: Engine, events: Events, pki: Pki) -> None:
+    engine.set_limits(max_concurrent_streams=1000)
     t = tunnel(engine, events, pki)
     n = 250
     apps = []
