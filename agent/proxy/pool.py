@@ -141,6 +141,15 @@ class Pool:
             self._drain_moved(conn)
         return len(moved)
 
+    def drain(self, conn_id: int) -> bool:
+        """No new stream on this connection (the peer sent a graceful GOAWAY): its live streams finish and
+        `expired` closes it once idle. Returns whether it was pooled and live."""
+        conn = self._by_id.get(conn_id)
+        if conn is None or conn.draining or conn.closing:
+            return False
+        conn.draining = True
+        return True
+
     def _drain_moved(self, conn: PooledConnection) -> None:
         conn.draining = True
         self.drained_moved += 1

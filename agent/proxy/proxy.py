@@ -112,6 +112,7 @@ class Proxy:
             "splice_closed": self._on_stream_closed,
             "conn_error": self._on_conn_error,
             "conn_closed": self._on_conn_closed,
+            "peer_goaway": self._on_peer_goaway,
         }
         self._started = False
         self._seen_snapshot: object = None
@@ -290,6 +291,13 @@ class Proxy:
         for entry in rt.table.on_engine_conn(ev.conn_id, Path.HBONE_CLIENT if client else Path.HBONE_SERVER):
             if entry.response_flags == "-":
                 rt.table.mark(entry, "UF", f"HBONE connection failed: {ev.detail}")
+
+    def _on_peer_goaway(self, ev: Event) -> None:
+        """A graceful GOAWAY (ztunnel sends one when it drains): the engine refuses new streams on that
+        connection, so the pool stops handing it out; its streams finish, new ones get a new connection."""
+        if self._rt.pool.drain(ev.conn_id):
+            self._rt.counters["hbone_peer_goaway"] += 1
+            log.info("HBONE connection %d: peer %s sent GOAWAY: draining", ev.conn_id, ev.peer_id or "?")
 
     def _on_conn_closed(self, ev: Event) -> None:
         rt = self._rt

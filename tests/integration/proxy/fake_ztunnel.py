@@ -9,7 +9,8 @@ Wire facts played here (from ztunnel's behaviour and Istio's HBONE docs; no ztun
   (k8s.cluster.name, k8s.namespace.name, k8s.<kind>.name, service.name, service.version) and a W3C
   `traceparent`;
 - the server answers 400 when the authority's IP is not the address the connection was accepted on, 401
-  when policy denies, 200 otherwise (then the stream is the TCP payload: this fake echoes it).
+  when policy denies, 200 otherwise (then the stream is the TCP payload: this fake echoes it); draining, it
+  sends a graceful GOAWAY (NO_ERROR, the last stream it served) and keeps the connection open.
 
 `python fake_ztunnel.py serve CONFIG` runs the server (in a node netns, listening transparently on
 0.0.0.0:15008, the capture's tproxy hands it `<pod ip>:15008`), writing one JSON line per stream to
@@ -99,7 +100,8 @@ class _Stream:
     outgoing: bytearray = field(default_factory=bytearray)
     end_after: bool = False  # END_STREAM once outgoing is flushed
     received: bytearray = field(default_factory=bytearray)
-    ended: bool = False
+    sent_end: bool = False  # END_STREAM went out
+    goaway_after: bool = False  # server: a graceful GOAWAY once this stream is done (ztunnel draining)
     frames: list[int] = field(default_factory=list)  # sizes of the DATA frames we sent
 
 
@@ -115,6 +117,7 @@ def _flush(conn: h2.connection.H2Connection, sid: int, st: _Stream) -> None:
     if st.end_after:
         conn.end_stream(sid)
         st.end_after = False
+        st.sent_end = True
 
 
 def _pump(tls: ssl.SSLSocket, conn: h2.connection.H2Connection, timeout: float = 10.0) -> list[Any]:
@@ -146,6 +149,7 @@ class Server:
             for ip, (chain, key) in cfg["present"].items()
         }
         self.deny_ports = set(cfg.get("deny_ports", []))
+        self.goaway_ports = set(cfg.get("goaway_ports", []))
         self._out = open(cfg["events"], "a", buffering=1)  # noqa: SIM115 (lives as long as the process)
         self._lock = threading.Lock()
 
@@ -192,8 +196,8 @@ class Server:
         while True:
             try:
                 events = _pump(tls, conn, timeout=30.0)
-            except (ConnectionError, TimeoutError):
-                return
+            except (ConnectionError, TimeoutError, h2.exceptions.ProtocolError):
+                return  # h2 refuses frames after our GOAWAY: the connection is done
             for ev in events:
                 if isinstance(ev, h2.events.RequestReceived):
                     streams[ev.stream_id] = _Stream()
@@ -221,6 +225,11 @@ class Server:
                         _flush(conn, sid, st)
                     except h2.exceptions.StreamClosedError:
                         streams.pop(sid)
+                if st.goaway_after and st.sent_end:
+                    # Graceful: streams up to this one complete, no new one may start; the socket stays open.
+                    conn.close_connection(error_code=0, last_stream_id=sid)
+                    st.goaway_after = False
+                    self.emit({**base, "kind": "sent_goaway", "stream": sid})
 
     def _request(
         self,
@@ -250,6 +259,8 @@ class Server:
         conn.send_headers(ev.stream_id, [(":status", str(status))], end_stream=end)
         if end:
             streams.pop(ev.stream_id, None)
+        elif port.isdigit() and int(port) in self.goaway_ports:
+            streams[ev.stream_id].goaway_after = True
 
 
 # --- client ---------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from tests.integration.proxy.proxy_lab import (
 pytestmark = pytest.mark.root
 
 DENIED_SRC, DENIED_DST = "pod-2-2", "pod-1-2"  # ambit's policy (node-1) denies this pair
+GOAWAY_PORT = 9099  # after a stream to this port the fake ztunnel server sends a graceful GOAWAY
 IMPOSTOR = "pod-2-3"  # the fake ztunnel presents pod-2-1's SVID on this pod's address
 BAGGAGE = (
     "k8s.cluster.name=Kubernetes,k8s.namespace.name=app,k8s.deployment.name=pod-2-1,"
@@ -75,6 +76,7 @@ def _start_fake_server(lab: ProxyLab) -> None:
         "present": present,
         "bundle_pem": cfg["bundle_pem"],
         "deny_ports": [WHOAMI],
+        "goaway_ports": [GOAWAY_PORT],
         "events": str(_events(lab)),
     }
     path.write_text(json.dumps(doc))
@@ -138,9 +140,9 @@ def test_ztunnel_client_reaches_an_ambit_pod(lab: ProxyLab) -> None:
     assert (got["tls_version"], got["alpn"]) == ("TLSv1.3", "h2")
     (stream,) = got["streams"]
     assert stream["status"] == 200 and stream["echoed"], stream
-    # the fake sends the largest frames ambit allows (up to ztunnel's 1 MiB)
-    assert max(stream["frames"]) == min(FRAME, got["settings"]["max_frame_size"])
-    assert got["settings"]["max_concurrent_streams"] >= 100
+    # ambit accepts ztunnel's 1 MiB frames and advertises ztunnel's 200 concurrent streams
+    assert got["settings"]["max_frame_size"] == FRAME and max(stream["frames"]) == FRAME
+    assert got["settings"]["max_concurrent_streams"] == MAX_STREAMS
     rec = lab.wait_closed(
         "node-1",
         lambda ev: ev["direction"] == "inbound" and ev["source_principal"] == principal("pod-2-1")
@@ -253,4 +255,20 @@ def test_ztunnel_advertises_200_streams_and_ambit_sees_them(lab: ProxyLab) -> No
     """The fake's SETTINGS reach ambit's client (what ztunnel advertises), and ambit's reach the fake."""
     assert in_pod(lab, "pod-1-2", request, lab.pod_ip("pod-2-2"), ECHO, b"settings") == b"settings"
     seen = _server_saw(lab, lambda ev: ev["kind"] == "request" and ev["peer"][0] == lab.pod_ip("pod-1-2"))
-    assert seen["settings"]["max_concurrent_streams"] >= 100 and MAX_STREAMS == 200
+    assert seen["settings"]["max_concurrent_streams"] == MAX_STREAMS == 200
+    assert seen["settings"]["max_frame_size"] == FRAME
+
+
+def test_ztunnel_goaway_moves_new_streams_to_a_new_connection(lab: ProxyLab) -> None:
+    """ztunnel drains with a graceful GOAWAY and keeps the connection open: ambit's next stream to that pod
+    must not go to it (the engine would refuse it there) but over a new pooled connection."""
+    dst = lab.pod_ip("pod-2-2")
+    assert in_pod(lab, "pod-1-1", request, dst, GOAWAY_PORT, b"last") == b"last"
+    _server_saw(lab, lambda ev: ev["kind"] == "sent_goaway" and ev["peer"][0] == lab.pod_ip("pod-1-1"))
+    lab.wait_status("node-1", lambda st: st["counters"].get("hbone_peer_goaway", 0) >= 1)
+    assert in_pod(lab, "pod-1-1", request, dst, ECHO, b"after goaway") == b"after goaway"
+    new = _server_saw(
+        lab, lambda ev: ev["kind"] == "request" and ev["headers"][":authority"] == f"{dst}:{ECHO}"
+    )
+    old = _server_saw(lab, lambda ev: ev["kind"] == "sent_goaway" and ev["peer"][0] == lab.pod_ip("pod-1-1"))
+    assert new["peer"] != old["peer"]  # another outer connection (another source port)

@@ -134,3 +134,14 @@ def test_drain_moved_follows_the_config_without_waiting_for_a_stream() -> None:
     assert pool.drain_moved(now.get) == 2
     assert (renamed.draining, gone.draining, same.draining) == (True, True, False)
     assert pool.drain_moved(now.get) == 0  # counted once
+
+
+def test_a_drained_connection_takes_no_new_stream_and_closes_once_idle() -> None:
+    pool = Pool(max_streams=10)
+    conn = pool.add(KEY, 1, PEER, 1, DST)
+    assert pool.drain(1) and not pool.drain(1)  # the peer's GOAWAY, once
+    assert pool.acquire(KEY, 1, PEER, DST) is None  # a new connection instead
+    assert pool.expired() == []  # its stream still runs
+    pool.release(1)
+    assert pool.expired() == [1] and conn.closing
+    assert not pool.drain(99)
