@@ -17,6 +17,7 @@ system:
 	@bash scripts/setup-system.sh
 
 $(VENV)/.installed: pyproject.toml
+	@echo "setup: Python environment $(VENV) (pinned dependencies from pyproject.toml)"
 	@test -x $(PY) || $(SYSPY) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
 	@$(PY) -m pip install -q -e '.[dev]'
@@ -27,12 +28,14 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 api/.built: $(PROTOS) $(VENV)/.installed
+	@echo "setup: generating gRPC code from $(PROTOS)"
 	@if [ -n "$(PROTOS)" ]; then $(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS); fi
 	@touch $@
 
 protos: api/.built
 
 native/.built: $(NATIVE_SRC) $(VENV)/.installed
+	@echo "setup: building the C engine (native/)"
 	@$(PY) native/build_engine.py
 	@touch $@
 

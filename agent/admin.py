@@ -23,8 +23,10 @@ ENDPOINTS = {
     "/config_dump": "config_dump",
     "/workloads": "workloads",
     "/services": "services",
+    "/reachable": "reachable",
     "/policies": "policies",
     "/certs": "certs",
+    "/trust_bundle": "trust_bundle",
     "/connections": "connections",
     "/bpf": "bpf",
 }

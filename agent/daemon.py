@@ -12,6 +12,7 @@ import argparse
 import datetime as dt
 import faulthandler
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -20,9 +21,23 @@ from typing import Any
 from agent import enrolment
 from agent.identity.bootstrap import JoinError
 from agent.settings import PLANE_SERVER_NAME, AgentSettings, add_arguments
+from api import logformat
 
 log = logging.getLogger("ambit.agent")
 COUNTER_REFRESH_S = 2.0
+# SIGTERM to exit: Kubernetes waits 30 s before SIGKILL, but a rolling restart waits for us; well under 2 s.
+STOP_BUDGET_S = 1.3
+SIGNAL_POLL_S = 0.1
+
+
+class _Stopped(Exception):
+    """start() noticed a stop request between two steps."""
+
+
+def _exit_now(why: str) -> None:
+    log.error("%s: exiting now", why)
+    logging.shutdown()
+    os._exit(0)
 
 
 class _CountingAuthorizer:
@@ -91,8 +106,11 @@ class Agent:
         log.info("joining as node %s via %s", s.node, s.bootstrap)
         node_identity = join(s.bootstrap, token, s.node, bundle)
         del token
+        self._check_stopping()
 
-        self.metrics = Metrics(CollectorRegistry())
+        self.metrics = Metrics(
+            CollectorRegistry(), snapshot=lambda: self.relay.snapshot if self.relay else None
+        )
         audit = AuditLog(s.audit_log) if s.audit_log else None
         observers: list[Any] = [self.metrics]
         if s.access_log:
@@ -106,6 +124,7 @@ class Agent:
         )
         self.identity.start()
         self._stack.append(("identity", self.identity.stop))
+        self._check_stopping()
 
         self.policy = PolicyEngine(
             s.trust_domain, audit=(lambda rec: audit.record("decision", **rec)) if audit else None
@@ -131,12 +150,14 @@ class Agent:
         )
         self.proxy.start()
         self._stack.append(("proxy", self.proxy.stop))
+        self._check_stopping()
         if s.redirect:
             from agent.redirect.redirector import Redirector
 
             self.redirector = Redirector(s.node, s.pin_dir)
             self.redirector.start()
             self._stack.append(("redirect", lambda: self.redirector.stop(keep_datapath=s.keep_datapath)))
+            self._check_stopping()
         self.relay.start()
         self._stack.append(("relay", self.relay.stop))
         threading.Thread(target=self._refresh_loop, name="counters", daemon=True).start()
@@ -167,15 +188,51 @@ class Agent:
                 log.exception("stopping %s failed", name)
 
     def run_until_signal(self) -> int:
-        stop = threading.Event()
+        """Run until SIGTERM/SIGINT, then stop within STOP_BUDGET_S, whatever stage the agent is in.
+
+        start() runs on its own thread so the main thread is always free to take the signal: a join still
+        retrying, a BPF compile or a slow teardown cannot hold a rolling restart (25 s during bootstrap
+        before). A stage that does not finish within the budget is cut short by exiting the process; the
+        kernel frees its ports, and the next agent's start reconciles the datapath it left (pins, rules)."""
+        stop, signalled = threading.Event(), threading.Event()
+
+        def on_signal(*_: object) -> None:
+            signalled.set()
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-        self.start()
-        log.info("agent for node %s running", self.settings.node)
-        stop.wait()
+            signal.signal(sig, on_signal)
+        failed: list[BaseException] = []
+
+        def starter() -> None:
+            try:
+                self.start()
+                log.info("agent for node %s running", self.settings.node)
+            except BaseException as exc:  # re-raised on the main thread below
+                failed.append(exc)
+                stop.set()
+
+        thread = threading.Thread(target=starter, name="start", daemon=True)
+        thread.start()
+        # Short waits, not one: the kernel may deliver SIGTERM to any thread, and Python runs its handler
+        # only when the main thread next executes bytecode, which an untimed wait would never let it do.
+        while not stop.wait(SIGNAL_POLL_S):
+            pass
+        if failed and not signalled.is_set():
+            raise failed[0]  # start() failed on its own (and has undone what it did)
         log.info("shutting down (keep datapath: %s)", self.settings.keep_datapath)
+        self._stopping.set()
+        watchdog = threading.Timer(STOP_BUDGET_S, _exit_now, args=("stopping took too long",))
+        watchdog.daemon = True
+        watchdog.start()
+        thread.join()  # start() sees _stopping at its next step and undoes what it did
         self.stop()
+        watchdog.cancel()
         return 0
+
+    def _check_stopping(self) -> None:
+        if self._stopping.is_set():
+            raise _Stopped("stopped while starting")
 
     # -- config ----------------------------------------------------------------------------------------
 
@@ -250,12 +307,42 @@ class Agent:
         return {
             "workloads": self._workload_rows,
             "services": self._service_rows,
-            "policies": lambda: self.policy.rows() if self.policy else [],
-            "certs": lambda: self.identity.rows() if self.identity else [],
+            "reachable": self._reachable_rows,
+            "policies": self._policy_rows,
+            "certs": self._cert_rows,
+            "trust_bundle": self._trust_bundle_rows,
             "connections": lambda: self.proxy.rows() if self.proxy else [],
             "bpf": lambda: self.redirector.rows() if self.redirector else [],
             "config_dump": self._config_dump,
         }
+
+    def _trust_bundle_rows(self) -> list[dict[str, Any]]:
+        from agent.observe import views
+
+        return views.bundle(self.identity.trust_bundle_pem()) if self.identity else []
+
+    def _policy_rows(self) -> list[dict[str, Any]]:
+        from agent.observe import views
+
+        snap = self._snapshot()
+        rows = self.policy.rows() if self.policy else []
+        return views.policies(rows, snap.policies if snap else ())
+
+    def _cert_rows(self) -> list[dict[str, Any]]:
+        from agent.observe import views
+
+        if self.identity is None:
+            return []
+
+        def chain_of(row: dict[str, Any]) -> bytes | None:
+            # Only what is held: never a CSR from the admin API (pending or expired identities show none).
+            if row.get("state") == "node":
+                return bytes(self.identity.node_identity().chain_pem)
+            if row.get("state") == "valid":
+                return bytes(self.identity.svid_for(row["identity"]).chain_pem)
+            return None
+
+        return views.certificates(self.identity.rows(), chain_of, self.identity.trust_bundle_pem())
 
     def _snapshot(self) -> Any:
         return self.relay.snapshot if self.relay else None
@@ -276,6 +363,25 @@ class Agent:
                 "enrolled": w.uid in enrolled,
             }
             for w in sorted(snap.workloads.values(), key=lambda w: w.uid)
+        ]
+
+    def _reachable_rows(self) -> list[dict[str, Any]]:
+        """Every workload the node could reach (ztunnel's full list), asked of the plane when viewed."""
+        if self.relay is None:
+            return []
+        snap = self._snapshot()
+        held = set(snap.workloads) if snap else set()
+        td = self.settings.trust_domain
+        return [
+            {
+                "workload": w.uid,
+                "node": w.node,
+                "ips": ",".join(w.ips),
+                "identity": str(w.spiffe_id(td)),
+                "local": w.node == self.settings.node,
+                "held": w.uid in held,
+            }
+            for w in sorted(self.relay.reachable(), key=lambda w: w.uid)
         ]
 
     def _service_rows(self) -> list[dict[str, Any]]:
@@ -304,8 +410,8 @@ class Agent:
             "config_version": snap.version if snap else 0,
             "workloads": self._workload_rows(),
             "services": self._service_rows(),
-            "policies": self.policy.rows() if self.policy else [],
-            "certs": self.identity.rows() if self.identity else [],
+            "policies": self._policy_rows(),
+            "certs": self._cert_rows(),
         }
 
 
@@ -313,10 +419,7 @@ def _run(args: argparse.Namespace) -> int:
     settings = AgentSettings.from_args(args)
     # `kill -USR1 <pid>` dumps every thread's stack to the log: how a stuck agent gets debugged in place.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logformat.configure(settings.log_level, settings.log_format)
     try:
         return Agent(settings).run_until_signal()
     except JoinError as exc:
@@ -326,6 +429,18 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_agent_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("agent", help="run the node agent")
+    from agent.cliargs import add_command
+
+    p = add_command(
+        sub,
+        "agent",
+        "run the node agent",
+        (
+            "ambit mgmt token --state-dir /var/lib/ambit/mgmt --node node1 > /etc/ambit/join-token",
+            "ambit agent --node node1 --mgmt 10.0.0.10:15012 --bootstrap 10.0.0.10:15013 \\",
+            "    --trust-bundle /etc/ambit/ca-bundle.pem --join-token-file /etc/ambit/join-token \\",
+            "    --listen-ip 10.0.0.11 --access-log /var/log/ambit-access.jsonl --log-format json",
+        ),
+    )
     add_arguments(p)
     p.set_defaults(func=_run)

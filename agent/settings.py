@@ -40,6 +40,7 @@ class AgentSettings:
     access_log: Path | None = None
     audit_log: Path | None = None
     log_level: str = "info"
+    log_format: str = "text"  # or "json": one JSON object per line (api/logformat.py)
     bundle_refresh_s: float = 30.0
 
     @classmethod
@@ -79,6 +80,7 @@ class AgentSettings:
             access_log=Path(args.access_log) if args.access_log else None,
             audit_log=Path(args.audit_log) if args.audit_log else None,
             log_level=args.log_level,
+            log_format=args.log_format,
             bundle_refresh_s=args.bundle_refresh,
         )
 
@@ -110,3 +112,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds between trust-bundle polls (root rotation reaches the agent within this)",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"], help="stderr log: text or JSON")

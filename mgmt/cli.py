@@ -149,14 +149,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return _cmd_rotate_root(args)
     if not args.config_dir or not args.state_dir:
         raise UsageError("ambit mgmt needs --config-dir and --state-dir")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from api import logformat
+
+    logformat.configure("info", args.log_format)
     plane = Plane(args)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
         plane.start()
-        stop.wait()
+        # Timed waits: a signal the kernel hands to another thread runs its Python handler only once the
+        # main thread executes bytecode again.
+        while not stop.wait(0.2):
+            pass
     finally:
         plane.stop()
     return 0
@@ -201,8 +206,10 @@ class Plane:
         record_nodes(state_dir, _store_nodes(store.current))  # for `ambit mgmt token`, refreshed per version
         store.add_listener(lambda snapshot: record_nodes(state_dir, _store_nodes(snapshot)))
 
+        csr_services: list[Any] = []
+
         def add_csr_service(grpc_server: Any) -> None:
-            add_identity_service(grpc_server, ca, store, audit)
+            csr_services.append(add_identity_service(grpc_server, ca, store, audit))
 
         server = MgmtServer(
             store,
@@ -219,6 +226,15 @@ class Plane:
         self._stops.append(bootstrap.stop)
         store.watch()
         self._stops.append(store.stop)
+        if a.metrics_listen:
+            from mgmt.metrics import PlaneCollector, PlaneMetrics
+
+            joins = bootstrap.service.refusals
+            csr = csr_services[0].counters
+            collector = PlaneCollector(store, server.relay, ca, csr, lambda: dict(joins.counts))
+            metrics = PlaneMetrics(collector)
+            metrics.start(a.metrics_listen)
+            self._stops.append(metrics.stop)
         for node in a.join_token or ():
             try:
                 print(
@@ -243,7 +259,16 @@ class Plane:
 
 
 def add_mgmt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("mgmt", help="run the management plane (or `ambit mgmt token` for a join token)")
+    p = sub.add_parser(
+        "mgmt",
+        help="run the management plane (or `ambit mgmt token` for a join token)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  ambit mgmt --config-dir /etc/ambit/config --state-dir /var/lib/ambit/mgmt \\\n"
+        "      --metrics-listen 0.0.0.0:15014 --log-format json\n"
+        "  ambit mgmt token --state-dir /var/lib/ambit/mgmt --node node1 --ttl 1h\n"
+        "  ambit mgmt rotate-root --state-dir /var/lib/ambit/mgmt --step prepare",
+    )
     p.add_argument("--config-dir", help="directory of YAML resources (watched)")
     p.add_argument("--state-dir", help="CA, join tokens and config version (private, 0700)")
     p.add_argument(
@@ -260,6 +285,13 @@ def add_mgmt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         "root-cert.pem and optionally cert-chain.pem (default: a self-signed root kept in --state-dir)",
     )
     p.add_argument("--audit-log", help="JSON-lines audit log of refused requests and joins")
+    p.add_argument("--log-format", default="text", choices=["text", "json"], help="stderr log: text or JSON")
+    p.add_argument(
+        "--metrics-listen",
+        default="",
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics here (istiod uses 15014; default: off)",
+    )
     p.set_defaults(func=_cmd_run, verb=None)
     verbs = p.add_subparsers(dest="verb", metavar="VERB")
     token = verbs.add_parser("token", help="create a one-time join token for a node (prints it)")

@@ -27,7 +27,7 @@ import grpc
 from api import relay_pb2, relay_pb2_grpc
 from api.resources import ResourceKey
 from mgmt.identity_service import Audit, peer_spiffe_id
-from mgmt.scope import ScopeIndex, View, filter_types, key_type
+from mgmt.scope import LIST_ALL, ScopeIndex, View, filter_types, key_type
 from mgmt.store import ConfigSnapshot, ConfigStore, StoredResource
 
 log = logging.getLogger("ambit.mgmt.relay")
@@ -81,6 +81,7 @@ class RelayService(relay_pb2_grpc.RelayServicer):
         self._peers: dict[str, set[str]] = {}  # node -> peer workload keys it looked up
         self._acked: dict[str, int] = {}  # node -> last ACKed version
         self._nacks: dict[str, NackRecord] = {}  # node -> last NACK
+        self._node_replies: dict[str, dict[str, int]] = {}  # node -> {"acks": n, "nacks": n}, for metrics
         self._nonce = itertools.count(1)
         self._counters: dict[str, int] = dict.fromkeys(
             (
@@ -95,6 +96,7 @@ class RelayService(relay_pb2_grpc.RelayServicer):
                 "stale_acks",
                 "refused",
                 "lookups",
+                "listings",
             ),
             0,
         )
@@ -127,9 +129,16 @@ class RelayService(relay_pb2_grpc.RelayServicer):
                     "acked_version": self._acked.get(n, 0),
                     "peers": len(self._peers.get(n, ())),
                     "last_nack": str(self._nacks[n].error) if n in self._nacks else "",
+                    "acks": self._node_replies.get(n, {}).get("acks", 0),
+                    "nacks": self._node_replies.get(n, {}).get("nacks", 0),
                 }
                 for n in nodes
             ]
+
+    def _count_reply(self, node: str, which: str) -> None:
+        # _lock held. One entry per node that ever answered (authenticated nodes only, as _acked).
+        replies = self._node_replies.setdefault(node, {"acks": 0, "nacks": 0})
+        replies[which] += 1
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -274,12 +283,14 @@ class RelayService(relay_pb2_grpc.RelayServicer):
             with self._lock:
                 self._acked[stream.node] = pending.version
                 self._counters["acks"] += 1
+                self._count_reply(stream.node, "acks")
             return
         stream.nacked_version = pending.version
         record = NackRecord(stream.node, pending.version, pending.nonce, req.nack.error, time.time())
         with self._lock:
             self._nacks[stream.node] = record
             self._counters["nacks"] += 1
+            self._count_reply(stream.node, "nacks")
         log.warning(
             "node %s rejected version %d: %s",
             stream.node,
@@ -326,13 +337,14 @@ class RelayService(relay_pb2_grpc.RelayServicer):
     ) -> relay_pb2.LookupResponse:
         node = self._peer_node(context, "Lookup")
         self._check_node(context, "Lookup", node, request.node)
+        listing = request.address == LIST_ALL
         with self._lock:
             index = self._index
-            self._counters["lookups"] += 1
-        keys = index.lookup(request.address)
+            self._counters["listings" if listing else "lookups"] += 1
+        keys = index.all_workload_keys() if listing else index.lookup(request.address)
         local = index.local_keys(node)
         peers = [k for k in keys if k not in local]
-        if peers:
+        if peers and not listing:  # a listing is for the operator's eyes: nothing joins the subscription
             self._add_peers(node, peers)
         out = relay_pb2.LookupResponse(version=index.snapshot.version)
         for k in keys:

@@ -12,7 +12,11 @@ Scope decision (least privilege that still lets a node route and authorize):
   endpoints) returns them in minimal form (uid, service account, node, ips, ports) and from then on they stay
   in that node's subscription. Minimal form keeps exactly two kinds of label: the enrolment labels (the node
   must know whether to speak HBONE to the peer) and the keys some Service of the peer's namespace selects on
-  (so `Service.selects` picks endpoints on the node); every other label stays on the plane.
+  (so `Service.selects` picks endpoints on the node), plus the labels Istio's telemetry names a workload
+  by (TELEMETRY_LABELS: canonical service and revision, app, version: the node's metrics label both ends of
+  a connection with them, as ztunnel does); every other label stays on the plane.
+- a listing (Lookup of address "*", for `ambit debug reachable`): every workload in that same minimal form
+  (at most MAX_LISTED), which adds nothing to the node's subscription.
 Asking as another node than the certificate's is refused by the relay (PERMISSION_DENIED) and audited.
 """
 
@@ -27,6 +31,19 @@ from api.resources.workload import DATAPLANE_LABELS, Service, Workload
 from mgmt.store import ConfigSnapshot, StoredResource, canonical_json, content_hash
 
 CORE_KINDS = frozenset({"Workload", "Namespace", "Service", "Node"})
+LIST_ALL = "*"  # LookupRequest.address that lists every workload (api/relay.proto)
+MAX_LISTED = 10_000
+# Where Istio reads a workload's canonical service and revision (metrics' *_canonical_*, *_app, *_version).
+TELEMETRY_LABELS = frozenset(
+    {
+        "service.istio.io/canonical-name",
+        "service.istio.io/canonical-revision",
+        "app.kubernetes.io/name",
+        "app.kubernetes.io/version",
+        "app",
+        "version",
+    }
+)
 
 View = dict[str, StoredResource]  # by str(ResourceKey)
 
@@ -122,7 +139,7 @@ class ScopeIndex:
         return peer
 
     def _minimal_document(self, w: Workload) -> dict[str, Any]:
-        keep = self._selector_keys.get(w.namespace, set()) | set(DATAPLANE_LABELS)
+        keep = self._selector_keys.get(w.namespace, set()) | set(DATAPLANE_LABELS) | TELEMETRY_LABELS
         labels = {k: v for k, v in w.labels.items() if k in keep}
         metadata: dict[str, Any] = {"name": w.name, "namespace": w.namespace}
         if labels:
@@ -143,6 +160,11 @@ class ScopeIndex:
         for svc in self._service_by_ip.get(ip, ()):
             keys.extend(k for k, res in self._workloads.items() if svc.selects(res.obj))
         return sorted(set(keys))
+
+    def all_workload_keys(self) -> list[str]:
+        """Every workload (at most MAX_LISTED), for a node's `ambit debug reachable`: the minimal form a
+        lookup by IP would give anyway, listed without adding anything to the node's subscription."""
+        return sorted(self._workloads)[:MAX_LISTED]
 
     def is_workload(self, key: str) -> bool:
         return key in self._workloads

@@ -298,9 +298,12 @@ class ConfigStore:
             resources = read_config(self.config_dir, self._files)
         except ConfigLoadError as exc:
             with self._lock:
+                repeated = exc.errors == self._errors
                 self._errors = exc.errors
                 self._counters["rejected_loads"] += 1
-            for err in exc.errors:
+            # The watch reads a rejected tree once more (it may have been caught half-written): the same
+            # errors again are not news, so each is logged once.
+            for err in [] if repeated else exc.errors:
                 log.error("config rejected, keeping version %d: %s", self.version, err)
             return exc.errors
         self._accept(resources)

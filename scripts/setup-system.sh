@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(
     python3-bpfcc libbpfcc linux-headers-amd64 libssl-dev libnghttp2-dev python3-venv python3-dev
-    iproute2 nftables tcpdump stunnel4 gcc make
+    iproute2 nftables tcpdump stunnel4 gcc make curl prometheus vagrant
 )
 
 missing=()

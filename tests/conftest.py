@@ -58,6 +58,16 @@ def running_mesh(
         os.environ.pop("AMBIT_LAB_STATE_DIR", None)
 
 
+def ambit_cli(*args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """The real `ambit` command in a subprocess; with `check`, a non-zero exit fails with its output."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ambit {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
 def ambit_debug_json(prefix: str, node: str, view: str) -> Any:
     """`ambit debug --node NODE VIEW -o json` on a lab; asserts exit 0 and no private key in its output."""
     argv = [

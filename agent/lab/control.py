@@ -44,7 +44,7 @@ def up(plan: LabPlan, progress: Progress = _quiet) -> LabState:
     state.save(lab)
     try:
         progress(f"building {len(plan.nodes)} nodes x {len(plan.nodes[0].pods)} pods")
-        fabric.build(plan)
+        fabric.build(plan, progress)
     except Exception:
         down(plan.prefix, progress)
         raise

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from agent import netns as nsx
-from agent.lab import control, mesh
+from agent.errors import UsageError
+from agent.lab import control, fabric, mesh, state
 from agent.lab.capture import Capture
 from agent.lab.control import Progress
 from agent.lab.plan import LabPlan, plan_lab
@@ -39,26 +40,6 @@ def http_get(url: str, canary: str) -> tuple[int, str]:
         return 0, f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
 
 
-def _start_http_server(plan: LabPlan) -> None:
-    pod = plan.pod(SERVER_POD)
-    root = mesh.run_dir(plan.prefix) / "www"
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "index.html").write_text(f"hello from {pod.name}\n")
-    argv = [
-        sys.executable,
-        "-m",
-        "http.server",
-        str(mesh.APP_PORT),
-        "--bind",
-        pod.ip,
-        "--directory",
-        str(root),
-    ]
-    log = mesh.run_dir(plan.prefix) / "logs" / "http-server.log"
-    control.start_process(plan.prefix, f"http-{pod.name}", pod.netns, argv, log)
-    mesh.wait_listening(pod.netns, pod.ip, mesh.APP_PORT, f"HTTP server in {pod.name}")
-
-
 def _request(plan: LabPlan, src: str, canary: str) -> tuple[int, str]:
     url = f"http://{plan.pod(SERVER_POD).ip}:{mesh.APP_PORT}/"
     result: tuple[int, str] = nsx.run_in(plan.pod(src).netns, http_get, url, canary, timeout=20)
@@ -77,7 +58,7 @@ def _steps(plan: LabPlan, progress: Progress) -> list[str]:
     """Run the walk-through; returns the list of failed expectations (empty when all went as designed)."""
     failures: list[str] = []
     mesh.up(plan, progress, policies=[mesh.allow_only(SERVER_POD, [ALLOWED_POD])])
-    _start_http_server(plan)
+    mesh.start_http_server(plan, SERVER_POD)
     progress(f"policy: only {mesh.principal(ALLOWED_POD)} may reach {SERVER_POD}")
 
     src_node = plan.node(plan.pod(ALLOWED_POD).node)
@@ -114,10 +95,11 @@ def _steps(plan: LabPlan, progress: Progress) -> list[str]:
             "policy": r.get("policy", ""),
             "flags": r.get("response_flags", ""),
             "bytes": f"{r.get('bytes_sent', 0)}/{r.get('bytes_received', 0)}",
+            "reason": r.get("deny_reason", ""),
         }
         for r in _access_records(plan, server_node)
     ]
-    print(render(rows, "table", ["node", "source", "destination", "policy", "flags", "bytes"]))
+    print(render(rows, "table", ["node", "source", "destination", "policy", "flags", "bytes", "reason"]))
     if not any(r["source"].endswith(mesh.principal(ALLOWED_POD)) for r in rows):
         failures.append(f"{server_node}'s access log lacks the allowed connection's source identity")
     if not any(r["flags"] == "DENY" for r in rows):
@@ -125,7 +107,21 @@ def _steps(plan: LabPlan, progress: Progress) -> list[str]:
     return failures
 
 
+def demo_prefix(requested: str, progress: Progress) -> str:
+    """The demo removes the lab it builds at the end, so it must never run on a lab it did not create:
+    when `requested` is taken (state file or namespaces), it takes the first free `demoN-` prefix."""
+    for prefix in [requested, *(f"demo{i}-" for i in range(1, 10))]:
+        if state.load(prefix) is None and not fabric.existing_netns(prefix):
+            if prefix != requested:
+                progress(
+                    f"a lab with prefix {requested!r} is up and stays as it is; the demo uses {prefix!r}"
+                )
+            return prefix
+    raise UsageError(f"prefix {requested!r} and demo1- ... demo9- are all in use: pass a free --prefix")
+
+
 def run_demo(prefix: str, progress: Progress) -> int:
+    prefix = demo_prefix(prefix, progress)
     plan = plan_lab(2, 2, prefix)
     lab = control.up(plan, progress)
     try:

@@ -9,6 +9,7 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pyroute2 import NetNS, netns
@@ -107,10 +108,12 @@ def _route_between_nodes(plan: LabPlan) -> None:
                     ns.route("add", dst=other.pod_cidr, gateway=other.ip)
 
 
-def build(plan: LabPlan) -> None:
+def build(plan: LabPlan, progress: Callable[[str], None] | None = None) -> None:
     """Create every namespace, link and route of `plan`. The caller removes leftovers on failure."""
     _build_fabric(plan)
     for node in plan.nodes:
+        if progress is not None:
+            progress(f"{node.name}: namespace {node.netns}, {len(node.pods)} pods")
         _build_node(plan, node)
         for pod in node.pods:
             _build_pod(node, pod)

@@ -21,7 +21,7 @@ import yaml
 
 from agent import netns as nsx
 from agent.errors import UsageError
-from agent.lab import control, state
+from agent.lab import control, fabric, state
 from agent.lab.plan import LabPlan
 from agent.redirect.marks import HBONE_PORT
 from agent.redirect.pins import lab_pin_dir
@@ -31,9 +31,13 @@ MESH_NAMESPACE = "demo"
 TRUST_DOMAIN = "cluster.local"
 RELAY_PORT = 15012
 BOOTSTRAP_PORT = 15013
+PLANE_METRICS_PORT = 15014
+METRICS_PORT = 15020
 READY_PORT = 15021
 ADMIN_PORT = 15000
 APP_PORT = 8080
+SERVICE_NAME = "web"
+SERVICE_VIP = "10.96.0.10"
 
 
 def run_dir(prefix: str) -> Path:
@@ -75,7 +79,7 @@ def mesh_documents(plan: LabPlan, opted_out: frozenset[str] = frozenset()) -> li
                     "metadata": {
                         "name": pod.name,
                         "namespace": MESH_NAMESPACE,
-                        "labels": {"app": pod.name}
+                        "labels": {"app": pod.name, "version": "v1"}
                         | ({DATAPLANE_LABEL: "none"} if pod.name in opted_out else {}),
                     },
                     "spec": {
@@ -86,6 +90,19 @@ def mesh_documents(plan: LabPlan, opted_out: frozenset[str] = frozenset()) -> li
                     },
                 }
             )
+    # A Service in front of the README's HTTP server: a VIP to dial, and the destination_service of metrics.
+    docs.append(
+        {
+            "apiVersion": "ambit.io/v1",
+            "kind": "Service",
+            "metadata": {"name": SERVICE_NAME, "namespace": MESH_NAMESPACE},
+            "spec": {
+                "addresses": [SERVICE_VIP],
+                "ports": [{"port": 80, "targetPort": APP_PORT, "name": "http"}],
+                "selector": {"app": app_pod(plan)},
+            },
+        }
+    )
     return docs
 
 
@@ -139,16 +156,72 @@ def _ambit(*args: str) -> list[str]:
     return [sys.executable, "-m", "agent.cli", *args]
 
 
-def _wait(what: str, ready: Callable[[], bool], timeout: float, log: Path | None = None) -> None:
+def _wait(
+    what: str,
+    ready: Callable[[], bool],
+    timeout: float,
+    log: Path | None = None,
+    alive: Callable[[], bool] | None = None,
+) -> None:
+    """Until ready(); a process that exits meanwhile (`alive` false) fails at once, with its log's tail."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ready():
             return
+        if alive is not None and not alive():
+            raise UsageError(f"{what} exited before it was ready{_tail(log)}")
         time.sleep(0.1)
-    tail = ""
-    if log is not None and log.exists():
-        tail = "\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-    raise UsageError(f"{what} not ready after {timeout:.0f} s{tail}")
+    raise UsageError(f"{what} not ready after {timeout:.0f} s{_tail(log)}")
+
+
+def _tail(log: Path | None) -> str:
+    if log is None or not log.exists():
+        return ""
+    return "\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+
+
+def running(prefix: str, name: str) -> int:
+    """The pid of lab process `name` if it is alive, else 0 (so a second `lab mesh` keeps what runs)."""
+    lab = state.load(prefix)
+    for proc in lab.processes if lab else []:
+        if proc.name == name and proc.pid in fabric.pids_in_netns(proc.netns):
+            return proc.pid
+    return 0
+
+
+def config_dir(prefix: str) -> Path:
+    return run_dir(prefix) / "config"
+
+
+def config_problems(directory: str | Path) -> list[dict[str, str]]:
+    """What the plane would reject in `directory` (empty when it accepts it), as `where`/`reason` rows."""
+    from mgmt.store import ConfigLoadError, read_config
+
+    try:
+        read_config(Path(directory))
+    except ConfigLoadError as exc:
+        return [{"where": e.where, "reason": e.reason} for e in exc.errors]
+    return []
+
+
+def status_rows(prefix: str) -> list[dict[str, str]]:
+    """A row for the mesh config, when the lab runs a mesh: `lab status` shows config errors too."""
+    directory = config_dir(prefix)
+    if not directory.is_dir():
+        return []
+    problems = config_problems(directory)
+    verdict = "ok" if not problems else f"REJECTED: {problems[0]['where']}: {problems[0]['reason']}"
+    if len(problems) > 1:
+        verdict += f" (+{len(problems) - 1} more, see `ambit lab config check`)"
+    return [{"kind": "config", "name": "mesh", "netns": str(directory), "state": verdict}]
+
+
+def _report_config(prefix: str, progress: Callable[[str], None]) -> None:
+    problems = config_problems(config_dir(prefix))
+    for p in problems:
+        progress(f"config REJECTED by the plane: {p['where']}: {p['reason']}")
+    if problems:
+        progress("the plane keeps its last good config; fix the file(s), then `ambit lab config check`")
 
 
 def start_plane(plan: LabPlan, progress: Callable[[str], None]) -> Path:
@@ -159,7 +232,12 @@ def start_plane(plan: LabPlan, progress: Callable[[str], None]) -> Path:
     if not config.exists():
         write_config(plan)
     log = rd / "logs" / "mgmt.log"
-    progress(f"management plane on {plan.mgmt_ip}:{RELAY_PORT} (config {config})")
+    bundle = mgmt_state / "ca-bundle.pem"
+    pid = running(plan.prefix, "mgmt")
+    if pid:
+        progress(f"management plane already running (pid {pid})")
+        return mgmt_state
+    progress(f"starting the management plane on {plan.mgmt_ip}:{RELAY_PORT} (config {config})")
     control.start_process(
         plan.prefix,
         "mgmt",
@@ -176,15 +254,17 @@ def start_plane(plan: LabPlan, progress: Callable[[str], None]) -> Path:
             f"{plan.mgmt_ip}:{RELAY_PORT}",
             "--bootstrap-listen",
             f"{plan.mgmt_ip}:{BOOTSTRAP_PORT}",
+            "--metrics-listen",
+            f"{plan.mgmt_ip}:{PLANE_METRICS_PORT}",
         ),
         log,
     )
-    bundle = mgmt_state / "ca-bundle.pem"
     _wait(
         "management plane",
         lambda: bundle.exists() and _listening(plan.fabric_netns, plan.mgmt_ip, RELAY_PORT),
         30,
         log,
+        alive=lambda: bool(running(plan.prefix, "mgmt")),
     )
     return mgmt_state
 
@@ -238,9 +318,13 @@ def join_token(mgmt_state: Path, node: str) -> Path:
 def start_agent(plan: LabPlan, node_name: str, mgmt_state: Path, progress: Callable[[str], None]) -> None:
     node = plan.node(node_name)
     rd = run_dir(plan.prefix)
+    pid = running(plan.prefix, f"agent-{node.name}")
+    if pid:
+        progress(f"agent on {node.name} already running (pid {pid})")
+        return
     token = join_token(mgmt_state, node.name)
     log = rd / "logs" / f"agent-{node.name}.log"
-    progress(f"agent on {node.name} ({node.ip})")
+    progress(f"starting the agent on {node.name} ({node.ip})")
     control.start_process(
         plan.prefix,
         f"agent-{node.name}",
@@ -275,11 +359,21 @@ def start_agent(plan: LabPlan, node_name: str, mgmt_state: Path, progress: Calla
     )
 
 
-def wait_agents_ready(plan: LabPlan, timeout: float = 60.0) -> None:
+def wait_agents_ready(
+    plan: LabPlan, timeout: float = 60.0, progress: Callable[[str], None] | None = None
+) -> None:
     rd = run_dir(plan.prefix)
     for node in plan.nodes:
         log = rd / "logs" / f"agent-{node.name}.log"
-        _wait(f"agent on {node.name}", lambda n=node.netns: _agent_ready(n), timeout, log)  # type: ignore[misc]
+        if progress is not None:
+            progress(f"waiting for the agent on {node.name}: join, first config, BPF programs")
+        _wait(
+            f"agent on {node.name}",
+            lambda n=node.netns: _agent_ready(n),  # type: ignore[misc]
+            timeout,
+            log,
+            alive=lambda n=node.name: bool(running(plan.prefix, f"agent-{n}")),  # type: ignore[misc]
+        )
 
 
 def _agent_ready(netns_name: str) -> bool:
@@ -305,12 +399,51 @@ def _http_get(url: str) -> str:
         return str(resp.read().decode())
 
 
-def up(plan: LabPlan, progress: Callable[[str], None], policies: list[dict[str, Any]] | None = None) -> None:
-    """Start the plane and every agent on a lab that is up; returns once every agent is ready."""
+def start_http_server(plan: LabPlan, pod_name: str, progress: Callable[[str], None] | None = None) -> str:
+    """An HTTP server on pod_name:APP_PORT, as a lab process; kept if already running. Returns its URL."""
+    pod = plan.pod(pod_name)
+    url = f"http://{pod.ip}:{APP_PORT}/"
+    name = f"http-{pod.name}"
+    if running(plan.prefix, name):
+        return url
+    root = run_dir(plan.prefix) / "www"
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "index.html").write_text(f"hello from {pod.name}\n")
+    argv = [sys.executable, "-m", "http.server", str(APP_PORT), "--bind", pod.ip, "--directory", str(root)]
+    log = run_dir(plan.prefix) / "logs" / f"{name}.log"
+    if progress is not None:
+        progress(f"HTTP server in {pod.name}: {url}")
+    control.start_process(plan.prefix, name, pod.netns, argv, log)
+    wait_listening(pod.netns, pod.ip, APP_PORT, f"HTTP server in {pod.name}")
+    return url
+
+
+def app_pod(plan: LabPlan) -> str:
+    """The pod the README's example talks to: pod-2-1, or the last node's first pod on a smaller lab."""
+    names = {p.name for p in plan.pods()}
+    return "pod-2-1" if "pod-2-1" in names else plan.nodes[-1].pods[0].name
+
+
+def up(
+    plan: LabPlan,
+    progress: Callable[[str], None],
+    policies: list[dict[str, Any]] | None = None,
+    app: bool = False,
+) -> None:
+    """Start the plane and every agent on a lab that is up; returns once every agent is ready.
+
+    Idempotent: what already runs is kept, and the config directory is written only when it is new or
+    `policies` are given (a second `ambit lab mesh` keeps the operator's edits)."""
     control.require(plan.prefix)
-    write_config(plan, policies)
+    if policies is not None or not config_dir(plan.prefix).is_dir():
+        write_config(plan, policies)
     mgmt_state = start_plane(plan, progress)
+    _report_config(plan.prefix, progress)
     for node in plan.nodes:
         start_agent(plan, node.name, mgmt_state, progress)
-    wait_agents_ready(plan)
-    progress(f"mesh ready: {len(plan.nodes)} agents, HBONE on :{HBONE_PORT}")
+    wait_agents_ready(plan, progress=progress)
+    if app:
+        start_http_server(plan, app_pod(plan), progress)
+    progress(
+        f"mesh ready: {len(plan.nodes)} agents, HBONE on :{HBONE_PORT}, config in {config_dir(plan.prefix)}"
+    )

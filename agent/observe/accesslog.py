@@ -62,6 +62,8 @@ class AccessLog:
                 "bytes_sent": close.bytes_sent,
                 "bytes_received": close.bytes_received,
                 "response_flags": close.response_flags,
+                # Why policy refused it (the same text the audit log records), so one file tells the story.
+                "deny_reason": close.error if close.response_flags == "DENY" else "",
                 "error": close.error,
             }
         )

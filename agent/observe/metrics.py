@@ -12,30 +12,52 @@ import enum
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import psutil
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from agent.connections import ConnectionClose, ConnectionRecord, Direction
+from api.promstd import register_standard
 
 log = logging.getLogger(__name__)
 
 UNKNOWN = "unknown"
+# ztunnel's label set for its TCP metrics, in its order (Istio's standard metrics, TCP part).
 ISTIO_LABELS = (
     "reporter",
     "source_workload",
+    "source_canonical_service",
+    "source_canonical_revision",
     "source_workload_namespace",
     "source_principal",
+    "source_app",
+    "source_version",
+    "source_cluster",
+    "destination_service",
+    "destination_service_namespace",
+    "destination_service_name",
     "destination_workload",
+    "destination_canonical_service",
+    "destination_canonical_revision",
     "destination_workload_namespace",
     "destination_principal",
-    "connection_security_policy",
+    "destination_app",
+    "destination_version",
+    "destination_cluster",
+    "request_protocol",
     "response_flags",
+    "connection_security_policy",
 )
+DEFAULT_CLUSTER = "Kubernetes"  # Istio's default cluster ID
+SERVICE_DOMAIN = "svc.cluster.local"
+# Istio derives the canonical service and revision from these labels, first present wins.
+CANONICAL_NAME_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
+CANONICAL_REVISION_LABELS = ("service.istio.io/canonical-revision", "app.kubernetes.io/version", "version")
+# Connection lifetimes: from a health check's milliseconds to a long-lived stream's hour.
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 3600.0)
 
 
 def _split_uid(uid: str) -> tuple[str, str]:
@@ -46,27 +68,124 @@ def _split_uid(uid: str) -> tuple[str, str]:
     return (name or UNKNOWN), (ns or UNKNOWN)
 
 
-def istio_labels(record: ConnectionRecord, response_flags: str = "-") -> dict[str, str]:
-    src_name, src_ns = _split_uid(record.source_workload)
-    dst_name, dst_ns = _split_uid(record.destination_workload)
+def _first_label(labels: Mapping[str, str], keys: tuple[str, ...], default: str) -> str:
+    return next((labels[k] for k in keys if labels.get(k)), default)
+
+
+def _namespace_of(principal: str) -> str:
+    """The namespace a SPIFFE workload ID names (spiffe://TD/ns/NS/sa/SA), else unknown."""
+    parts = principal.split("/")
+    if len(parts) >= 7 and parts[3] == "ns" and parts[5] == "sa":
+        return parts[4] or UNKNOWN
+    return UNKNOWN
+
+
+def _workload_labels(side: str, uid: str, workload: Any, cluster: str, principal: str) -> dict[str, str]:
+    name, ns = _split_uid(uid or (workload.uid if workload is not None else ""))
+    if ns == UNKNOWN:
+        # A peer this node never looked up (the client of an inbound connection): its verified identity
+        # still names its namespace, as ztunnel derives it from the peer certificate.
+        ns = _namespace_of(principal)
+    if workload is None:
+        canonical, revision, where = name, UNKNOWN, UNKNOWN
+    else:
+        labels = dict(workload.labels)
+        canonical = _first_label(labels, CANONICAL_NAME_LABELS, workload.name)
+        revision = _first_label(labels, CANONICAL_REVISION_LABELS, "latest")
+        where = cluster
     return {
-        # ztunnel reports inbound connections as the destination, everything it originates as the source.
-        "reporter": "destination" if record.direction is Direction.INBOUND else "source",
-        "source_workload": src_name,
-        "source_workload_namespace": src_ns,
-        "source_principal": record.source_principal or UNKNOWN,
-        "destination_workload": dst_name,
-        "destination_workload_namespace": dst_ns,
-        "destination_principal": record.destination_principal or UNKNOWN,
-        "connection_security_policy": record.security_policy or UNKNOWN,
-        "response_flags": response_flags or "-",
+        f"{side}_workload": name,
+        f"{side}_canonical_service": canonical,
+        f"{side}_canonical_revision": revision,
+        f"{side}_workload_namespace": ns,
+        # As ztunnel: app and version are the canonical service and revision.
+        f"{side}_app": canonical,
+        f"{side}_version": revision,
+        f"{side}_cluster": where,
     }
 
 
-class _Snapshots(Collector):
-    """Values the daemon sets as whole snapshots (BPF and engine counters, cert expiry) and process stats.
+def _first_selecting(snapshot: Any, workload: Any) -> Any:
+    return next((s for _, s in sorted(snapshot.services.items()) if s.selects(workload)), None)
 
-    Collected at scrape time, so a counter that disappears from a snapshot disappears from /metrics.
+
+class _SelectingService:
+    """The first service selecting a workload, remembered per snapshot (snapshots are immutable), so a
+    mesh with many services costs one scan per workload and config version, not one per connection."""
+
+    def __init__(self) -> None:
+        self._snapshot: Any = None
+        self._by_uid: dict[str, Any] = {}
+
+    def __call__(self, snapshot: Any, workload: Any) -> Any:
+        if snapshot is not self._snapshot:
+            self._snapshot, self._by_uid = snapshot, {}
+        if workload.uid not in self._by_uid:
+            self._by_uid[workload.uid] = _first_selecting(snapshot, workload)
+        return self._by_uid[workload.uid]
+
+
+def _service_labels(
+    record: ConnectionRecord, snapshot: Any, workload: Any, selecting: Callable[[Any, Any], Any]
+) -> dict[str, str]:
+    """The destination service: the one whose address the client dialled, else one selecting the pod."""
+    service = None
+    if snapshot is not None:
+        service = snapshot.service_by_ip(record.destination_ip)
+        if service is None and workload is not None:
+            service = selecting(snapshot, workload)
+    if service is None:
+        return dict.fromkeys(
+            ("destination_service", "destination_service_namespace", "destination_service_name"), UNKNOWN
+        )
+    name, ns = _split_uid(service.uid)
+    return {
+        "destination_service": f"{name}.{ns}.{SERVICE_DOMAIN}",
+        "destination_service_namespace": ns,
+        "destination_service_name": name,
+    }
+
+
+def _lookup(snapshot: Any, uid: str, ip: str) -> Any:
+    if snapshot is None:
+        return None
+    return snapshot.workloads.get(uid) if uid else snapshot.workload_by_ip(ip)
+
+
+def istio_labels(
+    record: ConnectionRecord,
+    response_flags: str = "-",
+    snapshot: Any = None,
+    cluster: str = DEFAULT_CLUSTER,
+    selecting: Callable[[Any, Any], Any] = _first_selecting,
+) -> dict[str, str]:
+    """Istio's TCP labels of a connection; `snapshot` (the node's MeshSnapshot) adds what the record does
+    not carry: workload labels (canonical service, revision) and the destination service."""
+    src = _lookup(snapshot, record.source_workload, record.source_ip)
+    dst = _lookup(snapshot, record.destination_workload, record.destination_ip)
+    labels = {
+        # ztunnel reports inbound connections as the destination, everything it originates as the source.
+        "reporter": "destination" if record.direction is Direction.INBOUND else "source",
+        **_workload_labels("source", record.source_workload, src, cluster, record.source_principal),
+        "source_principal": record.source_principal or UNKNOWN,
+        **_service_labels(record, snapshot, dst, selecting),
+        **_workload_labels(
+            "destination", record.destination_workload, dst, cluster, record.destination_principal
+        ),
+        "destination_principal": record.destination_principal or UNKNOWN,
+        "request_protocol": "tcp",
+        "response_flags": response_flags or "-",
+        "connection_security_policy": record.security_policy or UNKNOWN,
+    }
+    return {name: labels[name] for name in ISTIO_LABELS}
+
+
+class _Snapshots(Collector):
+    """Values the daemon sets as whole snapshots (BPF and engine counters, cert expiry).
+
+    Collected at scrape time, so a counter that disappears from a snapshot disappears from /metrics. The
+    BPF and engine counters only grow (until the agent restarts), so they are exported as counters; the
+    engine's `*_active` values are levels, exported as gauges.
     """
 
     def __init__(self) -> None:
@@ -74,7 +193,6 @@ class _Snapshots(Collector):
         self._bpf: dict[str, float] = {}
         self._engine: dict[str, float] = {}
         self._cert_expiry: dict[str, float] = {}
-        self._process = psutil.Process()
 
     def set_bpf(self, counters: Mapping[str, int]) -> None:
         clean = _numeric(counters, "BPF")
@@ -97,8 +215,11 @@ class _Snapshots(Collector):
     def collect(self) -> Iterable[Metric]:
         with self._lock:
             bpf, engine, certs = dict(self._bpf), dict(self._engine), dict(self._cert_expiry)
-        yield _labelled_gauge("ambit_bpf_counter", "BPF datapath counters by path", "path", bpf)
-        yield _labelled_gauge("ambit_engine_counter", "C engine counters by name", "name", engine)
+        yield _labelled_counter("ambit_bpf_counter", "BPF datapath counters by path", "path", bpf)
+        levels = {k: v for k, v in engine.items() if k.endswith("_active")}
+        totals = {k: v for k, v in engine.items() if k not in levels}
+        yield _labelled_counter("ambit_engine_counter", "C engine counters by name", "name", totals)
+        yield _labelled_gauge("ambit_engine_active", "C engine live objects by kind", "name", levels)
         now = time.time()
         yield _labelled_gauge(
             "ambit_certificate_expiry_seconds",
@@ -112,23 +233,6 @@ class _Snapshots(Collector):
             "identity",
             certs,
         )
-        yield from self._process_metrics()
-
-    def _process_metrics(self) -> Iterable[Metric]:
-        try:
-            with self._process.oneshot():
-                cpu = self._process.cpu_times()
-                rss = self._process.memory_info().rss
-                fds = self._process.num_fds()
-                threads = self._process.num_threads()
-        except psutil.Error:
-            return
-        c = CounterMetricFamily("ambit_process_cpu_seconds", "CPU time of the agent process (user+system)")
-        c.add_metric([], cpu.user + cpu.system)
-        yield c
-        yield GaugeMetricFamily("ambit_process_resident_memory_bytes", "Resident memory", value=rss)
-        yield GaugeMetricFamily("ambit_process_open_fds", "Open file descriptors", value=fds)
-        yield GaugeMetricFamily("ambit_process_threads", "Threads of the agent process", value=threads)
 
 
 def _numeric(counters: Mapping[str, Any], what: str) -> dict[str, float]:
@@ -142,6 +246,13 @@ def _numeric(counters: Mapping[str, Any], what: str) -> dict[str, float]:
     return clean
 
 
+def _labelled_counter(name: str, doc: str, label: str, values: Mapping[str, float]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for key, value in sorted(values.items()):
+        family.add_metric([str(key)], float(value))
+    return family
+
+
 def _labelled_gauge(name: str, doc: str, label: str, values: Mapping[str, float]) -> GaugeMetricFamily:
     family = GaugeMetricFamily(name, doc, labels=[label])
     for key, value in sorted(values.items()):
@@ -152,8 +263,18 @@ def _labelled_gauge(name: str, doc: str, label: str, values: Mapping[str, float]
 class Metrics:
     """ConnectionObserver that feeds Istio's TCP metrics, plus the setters the daemon calls."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        snapshot: Callable[[], Any] | None = None,
+        cluster: str = DEFAULT_CLUSTER,
+        component: str = "agent",
+    ) -> None:
         self.registry = registry
+        self._snapshot = snapshot or (lambda: None)
+        self._selecting = _SelectingService()
+        self.cluster = cluster
+        register_standard(registry, component)
         self._opened = Counter(
             "istio_tcp_connections_opened", "TCP connections opened", ISTIO_LABELS, registry=registry
         )
@@ -172,6 +293,20 @@ class Metrics:
             ISTIO_LABELS,
             registry=registry,
         )
+        # A level, so dashboards need no opened-minus-closed arithmetic (wrong across counter resets and
+        # label sets: closes carry response flags, opens do not).
+        self._open = Gauge(
+            "ambit_tcp_connections_open", "Proxied TCP connections open now", ["reporter"], registry=registry
+        )
+        self._open_ids: dict[int, str] = {}  # conn_id -> reporter; as large as the proxy's own table
+        self._open_lock = threading.Lock()
+        self._duration = Histogram(
+            "ambit_tcp_connection_duration_seconds",
+            "Lifetime of proxied TCP connections, observed when they close",
+            ["reporter", "response_flags"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
         self._decisions = Counter(
             "ambit_policy_decisions", "Authorization decisions by action", ["action"], registry=registry
         )
@@ -184,12 +319,32 @@ class Metrics:
         registry.register(self._snapshots)
 
     # ConnectionObserver
+    def _labels(self, record: ConnectionRecord, response_flags: str = "-") -> dict[str, str]:
+        try:
+            snapshot = self._snapshot()
+        except Exception:  # labels from the record alone beat a lost count
+            log.exception("metrics: reading the mesh snapshot failed")
+            snapshot = None
+        return istio_labels(record, response_flags, snapshot, self.cluster, self._selecting)
+
     def opened(self, record: ConnectionRecord) -> None:
-        self._opened.labels(**istio_labels(record)).inc()
+        labels = self._labels(record)
+        self._opened.labels(**labels).inc()
+        with self._open_lock:
+            if record.conn_id not in self._open_ids:
+                self._open_ids[record.conn_id] = labels["reporter"]
+                self._open.labels(labels["reporter"]).inc()
 
     def closed(self, close: ConnectionClose) -> None:
-        labels = istio_labels(close.record, close.response_flags)
+        labels = self._labels(close.record, close.response_flags)
         self._closed.labels(**labels).inc()
+        with self._open_lock:
+            reporter = self._open_ids.pop(close.record.conn_id, None)
+            if reporter is not None:
+                self._open.labels(reporter).dec()
+        self._duration.labels(labels["reporter"], labels["response_flags"]).observe(
+            max(0.0, close.duration_s)
+        )
         if close.bytes_received > 0:
             self._sent.labels(**labels).inc(close.bytes_received)
         if close.bytes_sent > 0:

@@ -94,7 +94,10 @@ class HttpService:
         host, _ = self._address
         server_cls = _Server6 if ":" in host else _Server
         self._server = server_cls(self._address, self._handler_class())
-        self._thread = threading.Thread(target=self._server.serve_forever, name=self.name, daemon=True)
+        # A short poll: stop() waits for the loop to notice, and an agent has 2 s to exit on SIGTERM.
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.1,), name=self.name, daemon=True
+        )
         self._thread.start()
         log.info("%s listening on %s:%d", self.name, host, self.port)
 

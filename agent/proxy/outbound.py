@@ -198,8 +198,8 @@ class Outbound:
         authority = format_authority(dst_ip, record.destination_port)
         try:
             entry.engine_stream = rt.engine.open_stream(
-                conn.conn_id, authority, client.detach(), entry.tag, forwarded=src_ip, baggage=context[0],
-                traceparent=context[1],
+                conn.conn_id, authority, client.detach(), entry.tag, forwarded=src_ip,
+                headers=(("baggage", context[0]), ("traceparent", context[1])),
             )  # fmt: skip
         except EngineError as exc:  # the engine closed the client fd
             rt.pool.release(conn.conn_id)

@@ -294,7 +294,8 @@ class Proxy:
 
     def _on_peer_goaway(self, ev: Event) -> None:
         """A graceful GOAWAY (ztunnel sends one when it drains): the engine refuses new streams on that
-        connection, so the pool stops handing it out; its streams finish, new ones get a new connection."""
+        connection, so the pool stops handing it out; its streams finish, new ones get a new connection, and
+        the pool closes it once idle (draining, not forgotten: it is still ours to close)."""
         if self._rt.pool.drain(ev.conn_id):
             self._rt.counters["hbone_peer_goaway"] += 1
             log.info("HBONE connection %d: peer %s sent GOAWAY: draining", ev.conn_id, ev.peer_id or "?")

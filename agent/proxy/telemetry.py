@@ -18,10 +18,10 @@ from collections.abc import Mapping
 
 from api.resources.workload import Workload
 from api.spiffe import SpiffeId
-from native.engine import BAGGAGE_MAX
 
 DEFAULT_CLUSTER = "Kubernetes"  # Istio's default cluster ID
 MAX_MEMBERS = 16
+BAGGAGE_MAX = 511  # the engine reports a peer's baggage up to 511 bytes (ambit_event.baggage); sent within it
 # Istio's canonical service name and revision labels, then the Kubernetes recommended ones, then `app`.
 _NAME_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
 _VERSION_LABELS = ("service.istio.io/canonical-revision", "app.kubernetes.io/version", "version")

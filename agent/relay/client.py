@@ -28,6 +28,7 @@ from api.keepalive import RELAY_KEEPALIVE, Keepalive
 from api.resources import KINDS, key_of, load_kinds, parse
 from api.resources.workload import Workload
 
+LIST_ALL = "*"  # LookupRequest.address that lists every workload (api/relay.proto)
 log = logging.getLogger("ambit.agent.relay")
 
 BACKOFF_INITIAL = 0.2
@@ -279,6 +280,13 @@ class RelayClient:
                     self._looked_up[w.uid] = (resp.version, w)
             self._publish(self._snapshot.with_workloads(peers), notify)
         return self._snapshot.workload_by_ip(ip)
+
+    def reachable(self, timeout: float = LOOKUP_TIMEOUT) -> list[Workload]:
+        """Every workload of the mesh as the plane lists it (minimal form, as lookups give them), for
+        `ambit debug reachable`. Nothing is merged into the snapshot or added to the subscription."""
+        resp = self._lookup_rpc(LIST_ALL, timeout)
+        parsed = [_parse_resource(r, f"listing: {r.key}") for r in resp.resources]
+        return [w for w in parsed if isinstance(w, Workload)]
 
     def _lookup_rpc(self, ip: str, timeout: float) -> relay_pb2.LookupResponse:
         with self._conn_lock:

@@ -30,8 +30,8 @@ typedef struct ambit_event {
     uint64_t tag;
     char authority[256];
     char forwarded[256];     /* stream_request: the `forwarded` request header ("" when absent) */
-    char baggage[512];       /* stream_request: the `baggage` request header (W3C; "" when absent) */
-    char traceparent[128];   /* stream_request: the `traceparent` request header (W3C; "" when absent) */
+    char baggage[512];       /* stream_request: the peer's `baggage` header ("" when absent or too long) */
+    char traceparent[64];    /* stream_request: the peer's `traceparent` header (W3C, "" when absent) */
     char peer_id[512];
     char tls_version[16];
     char tls_cipher[64];
@@ -117,11 +117,11 @@ int ambit_free_tls_context(ambit_engine *e, int64_t ctx);
 /* Each returns an id (>0) or -1 with err set; fds passed in belong to the engine from then on, even on error. */
 int64_t ambit_connect_hbone(ambit_engine *e, int fd, int64_t ctx, const char *expected_peer, uint64_t tag,
                             char *err, size_t errlen);
-/* headers: extra CONNECT request headers as "name: value\n" lines (forwarded, baggage, traceparent: checked by
- * the Python side; the engine refuses CR, an unknown name, a repeated one, or an oversized value), NULL or ""
- * for none. */
-int64_t ambit_open_stream(ambit_engine *e, uint64_t conn_id, const char *authority, const char *headers,
-                          int local_fd, uint64_t tag, char *err, size_t errlen);
+/* forwarded: value of the `forwarded` request header (RFC 7239, e.g. "for=10.244.1.2"), NULL or "" for none.
+ * extra: more request headers as "name: value\n" lines (e.g. baggage, traceparent), NULL or "" for none;
+ * names lowercase [a-z0-9-], at most AMBIT_EXTRA_HEADERS of them, AMBIT_EXTRA_BYTES in all. */
+int64_t ambit_open_stream(ambit_engine *e, uint64_t conn_id, const char *authority, const char *forwarded,
+                          const char *extra, int local_fd, uint64_t tag, char *err, size_t errlen);
 int64_t ambit_serve_hbone(ambit_engine *e, int fd, int64_t ctx, uint64_t tag, char *err, size_t errlen);
 int ambit_accept_stream(ambit_engine *e, uint64_t conn_id, uint64_t stream_id, int upstream_fd, uint64_t tag,
                         char *err, size_t errlen);

@@ -46,35 +46,16 @@ typedef struct hstream {
     int opened;                   /* client: 2xx received; server: accepted */
     int rejected;                 /* server: RST_STREAM(NO_ERROR) follows the response once it is sent */
     char *authority;
-    char *req_headers;            /* client: the extra request header lines sent (NULL when none) */
-    char *hdr[3];                 /* server: forwarded, baggage, traceparent received (NULL when absent) */
-    int hdr_bad[3];               /* server: repeated or too long: reported as HEADER_INVALID */
+    char *forwarded;              /* client: header sent; server: header received (NULL when absent) */
+    int forwarded_bad;            /* server: repeated or too long: reported as FORWARDED_INVALID */
+    char *baggage, *traceparent;  /* server: telemetry headers received (NULL when absent, repeated, long) */
+    int baggage_bad, traceparent_bad;
     uint64_t bytes_in, bytes_out;
 } hstream;
 
-/* What stream_request carries for a reported header that cannot be one valid value: no RFC 7239 element,
- * W3C baggage or traceparent starts with a space, so the proxy's strict parsers reject it (a truncated or
- * combined value might not be). */
-#define HEADER_INVALID " invalid (repeated or too long)"
-
-/* The request headers a server reports raw (Python parses them) and a client may send besides :method and
- * :authority, with the longest value kept (with NUL). Index = hstream.hdr slot. */
-static const struct {
-    const char *name;
-    size_t len, max;
-} REQ_HEADERS[3] = {
-    {"forwarded", 9, AMBIT_HEADER_MAX},
-    {"baggage", 7, AMBIT_BAGGAGE_MAX},
-    {"traceparent", 11, AMBIT_TRACEPARENT_MAX},
-};
-
-static int req_header_index(const uint8_t *name, size_t len)
-{
-    for (int i = 0; i < 3; i++)
-        if (len == REQ_HEADERS[i].len && !memcmp(name, REQ_HEADERS[i].name, len))
-            return i;
-    return -1;
-}
+/* What stream_request carries for a forwarded header that cannot be one valid value: no RFC 7239
+ * element starts with a space, so the proxy's strict parser rejects it (a truncated value might not be). */
+#define FORWARDED_INVALID " invalid (repeated or too long)"
 
 
 typedef struct hconn {
@@ -230,9 +211,9 @@ static void stream_finish(hstream *s, const char *detail)
     abuf_free(&s->in);
     abuf_free(&s->out);
     free(s->authority);
-    free(s->req_headers);
-    for (int i = 0; i < 3; i++)
-        free(s->hdr[i]);
+    free(s->forwarded);
+    free(s->baggage);
+    free(s->traceparent);
     free(s);
     mark_dirty(c);
 }
@@ -480,29 +461,45 @@ static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame
     return 0;
 }
 
+/* Telemetry headers: the first value, bounded; a repeated or oversized one is dropped (never truncated). */
+static void keep_once(char **slot, int *bad, const uint8_t *value, size_t len, size_t cap)
+{
+    if (*slot || *bad || len >= cap) {
+        free(*slot);
+        *slot = NULL;
+        *bad = 1;
+        return;
+    }
+    *slot = strndup((const char *)value, len);
+}
+
 static int on_header(nghttp2_session *session, const nghttp2_frame *frame, const uint8_t *name, size_t namelen,
                      const uint8_t *value, size_t valuelen, uint8_t flags, void *user_data)
 {
     (void)flags, (void)user_data;
     hstream *s = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
-    int i;
     if (!s || frame->hd.type != NGHTTP2_HEADERS)
         return 0;
     if (namelen == 7 && !memcmp(name, ":method", 7))
         s->is_connect = valuelen == 7 && !memcmp(value, "CONNECT", 7);
     else if (namelen == 10 && !memcmp(name, ":authority", 10) && !s->authority && valuelen < AMBIT_HEADER_MAX)
         s->authority = strndup((const char *)value, valuelen);
-    else if (frame->headers.cat == NGHTTP2_HCAT_REQUEST && (i = req_header_index(name, namelen)) >= 0) {
+    else if (namelen == 9 && !memcmp(name, "forwarded", 9) && frame->headers.cat == NGHTTP2_HCAT_REQUEST) {
         /* Kept raw and bounded; Python parses it. A second field line or an oversized one is never
          * combined or truncated (either could turn into a different valid claim). */
-        if (s->hdr[i] || s->hdr_bad[i] || valuelen >= REQ_HEADERS[i].max) {
-            free(s->hdr[i]);
-            s->hdr[i] = NULL;
-            s->hdr_bad[i] = 1;
-        } else if (!(s->hdr[i] = strndup((const char *)value, valuelen))) {
+        if (s->forwarded || s->forwarded_bad || valuelen >= AMBIT_HEADER_MAX) {
+            free(s->forwarded);
+            s->forwarded = NULL;
+            s->forwarded_bad = 1;
+        } else if (!(s->forwarded = strndup((const char *)value, valuelen))) {
             return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
         }
     }
+    else if (namelen == 7 && !memcmp(name, "baggage", 7) && frame->headers.cat == NGHTTP2_HCAT_REQUEST)
+        keep_once(&s->baggage, &s->baggage_bad, value, valuelen, sizeof(((ambit_event *)0)->baggage));
+    else if (namelen == 11 && !memcmp(name, "traceparent", 11) && frame->headers.cat == NGHTTP2_HCAT_REQUEST)
+        keep_once(&s->traceparent, &s->traceparent_bad, value, valuelen,
+                  sizeof(((ambit_event *)0)->traceparent));
     else if (namelen == 7 && !memcmp(name, ":status", 7) && valuelen == 3)
         s->status = (value[0] - '0') * 100 + (value[1] - '0') * 10 + (value[2] - '0');
     return 0;
@@ -546,11 +543,10 @@ static void announce_requests(hconn *c)
         ambit_event ev;
         event_init(&ev, AMBIT_EV_STREAM_REQUEST, c->id, s->id, c->tag);
         copy_str(ev.authority, sizeof(ev.authority), s->authority);
-        char *reported[3] = {ev.forwarded, ev.baggage, ev.traceparent};
-        size_t caps[3] = {sizeof(ev.forwarded), sizeof(ev.baggage), sizeof(ev.traceparent)};
-        for (int i = 0; i < 3; i++)
-            copy_str(reported[i], caps[i], s->hdr_bad[i] ? HEADER_INVALID : s->hdr[i]);
+        copy_str(ev.forwarded, sizeof(ev.forwarded), s->forwarded_bad ? FORWARDED_INVALID : s->forwarded);
         copy_str(ev.peer_id, sizeof(ev.peer_id), c->peer_id);
+        copy_str(ev.baggage, sizeof(ev.baggage), s->baggage);
+        copy_str(ev.traceparent, sizeof(ev.traceparent), s->traceparent);
         s->announced = 1;
         event_emit(c->l->engine, &ev);
     }
@@ -1178,28 +1174,38 @@ static void refuse_unknown(ambit_loop *l, acmd *cmd, const char *why)
     event_emit(l->engine, &ev);
 }
 
-/* Splits "name: value\n" lines (in place) into nv[*n..]: only the names in REQ_HEADERS, each once, values
- * bounded and free of CR/LF/NUL. Returns -1 for anything else. */
-static int split_req_headers(char *text, nghttp2_nv *nv, size_t *n)
+/* "name: value\n" lines -> nv entries pointing into text (lengths only, no copy). -1 when malformed: names
+ * lowercase [a-z0-9-] and not one the engine owns or HTTP/2 forbids, values without CR/NUL, bounded. */
+static int parse_extra_headers(char *text, nghttp2_nv *nv)
 {
-    int seen[3] = {0, 0, 0};
-    char *line = text;
-    while (*line) {
+    static const char *const reserved[] = {"forwarded", "connection", "host", "te", "transfer-encoding",
+                                           "upgrade", "keep-alive", "proxy-connection", NULL};
+    int n = 0;
+    if (!text || !*text)
+        return 0;
+    if (strlen(text) > AMBIT_EXTRA_BYTES || strchr(text, '\r'))
+        return -1;
+    for (char *line = text; *line;) {
         char *end = strchr(line, '\n');
-        char *sep = strstr(line, ": ");
-        if (!end || !sep || sep > end || strchr(line, '\r'))
+        size_t len = end ? (size_t)(end - line) : strlen(line);
+        char *colon = memchr(line, ':', len);
+        if (!colon || colon == line || n == AMBIT_EXTRA_HEADERS)
             return -1;
-        int i = req_header_index((const uint8_t *)line, (size_t)(sep - line));
-        char *value = sep + 2;
-        size_t vlen = (size_t)(end - value);
-        if (i < 0 || seen[i]++ || vlen >= REQ_HEADERS[i].max)
-            return -1;
-        *end = '\0';
-        nv[(*n)++] = (nghttp2_nv){(uint8_t *)REQ_HEADERS[i].name, (uint8_t *)value, REQ_HEADERS[i].len, vlen,
-                                  NGHTTP2_NV_FLAG_NONE};
-        line = end + 1;
+        size_t nlen = (size_t)(colon - line);
+        for (size_t i = 0; i < nlen; i++)
+            if (!((line[i] >= 'a' && line[i] <= 'z') || (line[i] >= '0' && line[i] <= '9') || line[i] == '-'))
+                return -1;
+        for (int r = 0; reserved[r]; r++)
+            if (strlen(reserved[r]) == nlen && !memcmp(reserved[r], line, nlen))
+                return -1;
+        char *value = colon + 1;
+        while (value < line + len && *value == ' ')
+            value++;
+        nv[n++] = (nghttp2_nv){(uint8_t *)line, (uint8_t *)value, nlen, (size_t)(line + len - value),
+                               NGHTTP2_NV_FLAG_NONE};
+        line = end ? end + 1 : line + len;
     }
-    return 0;
+    return n;
 }
 
 void hconn_open_stream(ambit_loop *l, acmd *cmd)
@@ -1214,13 +1220,14 @@ void hconn_open_stream(ambit_loop *l, acmd *cmd)
         refuse_unknown(l, cmd, "bad authority");
         return;
     }
-    nghttp2_nv nv[5] = {
-        {(uint8_t *)":method", (uint8_t *)"CONNECT", 7, 7, NGHTTP2_NV_FLAG_NONE},
-        {(uint8_t *)":authority", (uint8_t *)cmd->text, 10, strlen(cmd->text), NGHTTP2_NV_FLAG_NONE},
-    };
-    size_t nvlen = 2;
-    if (cmd->text2 && split_req_headers(cmd->text2, nv, &nvlen) < 0) {
-        refuse_unknown(l, cmd, "bad request headers");
+    if (cmd->text2 && (strlen(cmd->text2) >= AMBIT_HEADER_MAX || strpbrk(cmd->text2, "\r\n"))) {
+        refuse_unknown(l, cmd, "bad forwarded header");
+        return;
+    }
+    nghttp2_nv nv[3 + AMBIT_EXTRA_HEADERS];
+    int extra = parse_extra_headers(cmd->text3, nv + 3);
+    if (extra < 0) {
+        refuse_unknown(l, cmd, "bad extra request header");
         return;
     }
     hstream *s = stream_new(c, cmd->id2, cmd->tag);
@@ -1228,15 +1235,23 @@ void hconn_open_stream(ambit_loop *l, acmd *cmd)
         refuse_unknown(l, cmd, "out of memory");
         return;
     }
-    /* The nv entries point into these strings, which the stream keeps (nghttp2 copies them anyway). */
     s->authority = cmd->text;
     cmd->text = NULL;
-    s->req_headers = cmd->text2;
+    s->forwarded = cmd->text2;
     cmd->text2 = NULL;
-    /* CONNECT carries :method and :authority (RFC 9113 8.5), then the source as `forwarded` (RFC 7239) and
-     * the telemetry context (W3C baggage, traceparent) as ztunnel sends them. */
+    /* CONNECT carries :method and :authority (RFC 9113 8.5), the source as `forwarded` (RFC 7239), then
+     * the caller's extra headers (nghttp2 copies them: cmd->text3 is freed after this command). */
+    nv[0] = (nghttp2_nv){(uint8_t *)":method", (uint8_t *)"CONNECT", 7, 7, NGHTTP2_NV_FLAG_NONE};
+    nv[1] = (nghttp2_nv){(uint8_t *)":authority", (uint8_t *)s->authority, 10, strlen(s->authority),
+                         NGHTTP2_NV_FLAG_NONE};
+    int nnv = 2;
+    if (s->forwarded)
+        nv[nnv++] = (nghttp2_nv){(uint8_t *)"forwarded", (uint8_t *)s->forwarded, 9, strlen(s->forwarded),
+                                 NGHTTP2_NV_FLAG_NONE};
+    for (int i = 0; i < extra; i++)
+        nv[nnv++] = nv[3 + i];
     nghttp2_data_provider prov = {.source.ptr = s, .read_callback = stream_read_cb};
-    int32_t h2id = nghttp2_submit_request(c->h2, NULL, nv, nvlen, &prov, s);
+    int32_t h2id = nghttp2_submit_request(c->h2, NULL, nv, (size_t)nnv, &prov, s);
     if (h2id < 0 || stream_attach(s, cmd) < 0) {
         s->h2_closed = 1;
         s->local_reset = 1;

@@ -26,8 +26,8 @@
 #define AMBIT_TLS_WBUF (256 * 1024)         /* TLS records coalesced per send() */
 #define AMBIT_TICK_MS 200
 #define AMBIT_HEADER_MAX 256          /* longest :authority / forwarded value kept (with NUL) */
-#define AMBIT_BAGGAGE_MAX 512         /* longest baggage value kept (with NUL) */
-#define AMBIT_TRACEPARENT_MAX 128     /* longest traceparent value kept (with NUL; a valid one has 55 chars) */
+#define AMBIT_EXTRA_HEADERS 8         /* extra request headers per CONNECT (open_stream) */
+#define AMBIT_EXTRA_BYTES 2048        /* their total size */
 #define AMBIT_LINGER_MS 2000          /* longest a reset socket waits to transmit its queued bytes */
 
 /* Growable byte buffer with a consumed prefix. */
@@ -81,7 +81,8 @@ typedef struct acmd {
     uint64_t tag;
     SSL_CTX *ctx;    /* one reference owned by the command */
     char *text;      /* expected peer / authority (malloc'd) */
-    char *text2;     /* extra request header lines (malloc'd) or NULL */
+    char *text2;     /* forwarded header value (malloc'd) or NULL */
+    char *text3;     /* extra request headers, "name: value\n" lines (malloc'd) or NULL */
     struct acmd *next;
 } acmd;
 

@@ -15,6 +15,7 @@
 
 #define TRIM_AFTER_FREED 64  /* connections freed since the last trim */
 #define TRIM_INTERVAL_MS 1000
+#define MMAP_THRESHOLD (128 * 1024)
 #define EVQ_MAX (1 << 16) /* events kept for a Python side that stops draining; beyond: counted, dropped */
 
 static const char *counter_names[AMBIT_C_COUNT] = {
@@ -93,6 +94,12 @@ int ambit_engine_events(ambit_engine *e, ambit_event *out, int max)
         e->ev_count--;
     }
     int more = e->ev_count > 0;
+    if (!more && e->ev_cap > 256) {
+        /* A burst (e.g. thousands of failed handshakes) grew the queue: give it back once drained. */
+        free(e->evq);
+        e->evq = NULL;
+        e->ev_cap = e->ev_head = 0;
+    }
     pthread_mutex_unlock(&e->ev_lock);
     if (more) {
         uint64_t one = 1;
@@ -145,6 +152,7 @@ static void cmd_free(acmd *c)
         SSL_CTX_free(c->ctx);
     free(c->text);
     free(c->text2);
+    free(c->text3);
     free(c);
 }
 
@@ -264,12 +272,21 @@ static void loop_post(ambit_loop *l, acmd *c)
     (void)!write(l->wakefd, &one, sizeof(one));
 }
 
+static void malloc_tune(void) { mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD); }
+
 ambit_engine *ambit_engine_new(int threads, char *err, size_t errlen)
 {
     if (threads < 1 || threads > 64) {
         set_err(err, errlen, "threads must be 1..64");
         return NULL;
     }
+    /* Per-connection buffers of 128 KiB and more (TLS read-ahead, record coalescing, stream buffers) are
+     * freed on the loop threads in bursts. With glibc's dynamic mmap threshold the first free raises the
+     * threshold and later buffers come from the thread arenas, whose freed space stays resident between
+     * live chunks (~2 KB per aborted handshake, for good). A fixed threshold keeps them mmapped, so
+     * freeing one returns it to the kernel. Process-wide, set once. */
+    static pthread_once_t malloc_once = PTHREAD_ONCE_INIT;
+    pthread_once(&malloc_once, malloc_tune);
     ambit_engine *e = calloc(1, sizeof(*e));
     if (!e) {
         set_err(err, errlen, "out of memory");
@@ -525,14 +542,16 @@ int64_t ambit_serve_hbone(ambit_engine *e, int fd, int64_t ctx, uint64_t tag, ch
     return post_conn(e, CMD_SERVE, fd, ctx, NULL, tag, err, errlen);
 }
 
-int64_t ambit_open_stream(ambit_engine *e, uint64_t conn_id, const char *authority, const char *headers,
-                          int local_fd, uint64_t tag, char *err, size_t errlen)
+int64_t ambit_open_stream(ambit_engine *e, uint64_t conn_id, const char *authority, const char *forwarded,
+                          const char *extra, int local_fd, uint64_t tag, char *err, size_t errlen)
 {
     acmd *c = cmd_prepare(e, CMD_OPEN_STREAM, local_fd, -1, err, errlen);
     if (!c)
         return -1;
-    int with_headers = headers && *headers;
-    if (!(c->text = strdup(authority ? authority : "")) || (with_headers && !(c->text2 = strdup(headers)))) {
+    int with_fwd = forwarded && *forwarded;
+    int with_extra = extra && *extra;
+    if (!(c->text = strdup(authority ? authority : "")) || (with_fwd && !(c->text2 = strdup(forwarded))) ||
+        (with_extra && !(c->text3 = strdup(extra)))) {
         set_err(err, errlen, "out of memory");
         cmd_free(c);
         return -1;

@@ -11,17 +11,13 @@ from pathlib import Path
 import pytest
 
 from agent.lab import fabric
+from tests.conftest import ambit_cli
 
 pytestmark = pytest.mark.root
 
 
 def ambit(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, timeout=120
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"ambit {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
+    return ambit_cli(*args, check=check, timeout=120)
 
 
 def netns_list() -> set[str]:

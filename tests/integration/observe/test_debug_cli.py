@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -107,3 +108,62 @@ def test_missing_provider_is_reported(admin: str) -> None:
     finally:
         server.stop()
     assert proc.returncode == 2 and "no certs provider" in proc.stderr
+
+
+def test_filters_in_any_position(admin: str) -> None:
+    by_ns = ambit("debug", "-n", "shop", "--admin", admin, "workloads", "-o", "json")
+    assert len(json.loads(by_ns.stdout)) == 2
+    assert json.loads(ambit("debug", "workloads", "-n", "other", "--admin", admin, "-o", "json").stdout) == []
+    web = json.loads(ambit("debug", "--workload", "web", "--admin", admin, "workloads", "-o", "json").stdout)
+    assert [w["uid"] for w in web] == ["shop/web"]
+    # An address matches an IP in a list and an ip:port column alike.
+    conns = json.loads(
+        ambit("debug", "connections", "--address", "10.244.1.3", "--admin", admin, "-o", "json").stdout
+    )
+    assert [c["id"] for c in conns] == [2]
+    by_ip = ambit("debug", "workloads", "--address", "10.244.1.2", "--admin", admin, "-o", "json")
+    assert [w["uid"] for w in json.loads(by_ip.stdout)] == ["shop/web"]
+
+
+def test_all_view(admin: str) -> None:
+    everything = json.loads(ambit("debug", "all", "--admin", admin, "-o", "json").stdout)
+    assert set(everything) == {
+        "workloads",
+        "services",
+        "reachable",
+        "policies",
+        "certs",
+        "trust-bundle",
+        "connections",
+        "bpf",
+    }
+    assert "no trust_bundle provider" in everything["trust-bundle"]["error"]  # a part that does not run
+    assert everything["workloads"] == PROVIDERS["workloads"]
+    only = json.loads(ambit("debug", "all", "--address", "10.244.1.3", "--admin", admin, "-o", "json").stdout)
+    assert [w["uid"] for w in only["workloads"]] == ["shop/database"] and len(only["connections"]) == 1
+    table = ambit("debug", "--admin", admin, "all")
+    assert table.returncode == 0 and "== WORKLOADS ==" in table.stdout and "== CERTS ==" in table.stdout
+
+
+# Stands in for `ssh -W 127.0.0.1:15000 node1`: copies its stdin to a TCP port and the answer back.
+BRIDGE = """
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(sys.stdin.buffer.read())
+s.shutdown(socket.SHUT_WR)
+while data := s.recv(65536):
+    sys.stdout.buffer.write(data)
+"""
+
+
+def test_tunnel_reaches_a_loopback_admin_api(admin: str, tmp_path: Path) -> None:
+    bridge = tmp_path / "bridge.py"
+    bridge.write_text(BRIDGE)
+    port = admin.rpartition(":")[2]
+    tunnel = f"{sys.executable} {bridge} {port}"
+    got = ambit("debug", "workloads", "--tunnel", tunnel, "-o", "json")
+    assert got.returncode == 0, got.stderr
+    assert json.loads(got.stdout) == PROVIDERS["workloads"]
+    refused = ambit("debug", "--tunnel", f"{sys.executable} {bridge} 1", "certs")
+    assert refused.returncode == 2 and refused.stderr.startswith("ambit: error: cannot reach")
+    assert len(refused.stderr.strip().splitlines()) == 1

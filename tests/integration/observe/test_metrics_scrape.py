@@ -25,6 +25,7 @@ from agent.observe.accesslog import AccessLog
 from agent.observe.fanout import FanOut
 from agent.observe.metrics import Metrics
 from agent.observe.servers import MetricsServer, ReadinessServer
+from api.promstd import build_version
 
 SRC_ID = "spiffe://cluster.local/ns/shop/sa/web"
 DST_ID = "spiffe://cluster.local/ns/shop/sa/db"
@@ -183,17 +184,36 @@ def test_tcp_counters_move_by_exactly_the_relayed_bytes(
         assert total(after, name) - total(before, name) == expected, name
 
     labels = next(dict(ls) for (n, ls) in after if n == "istio_tcp_connections_closed_total")
+    # Without a mesh snapshot only the record's own fields are known; the rest of Istio's set is "unknown".
     assert labels == {
         "reporter": "destination",
         "source_workload": "web",
+        "source_canonical_service": "web",
+        "source_canonical_revision": "unknown",
         "source_workload_namespace": "shop",
         "source_principal": SRC_ID,
+        "source_app": "web",
+        "source_version": "unknown",
+        "source_cluster": "unknown",
+        "destination_service": "unknown",
+        "destination_service_namespace": "unknown",
+        "destination_service_name": "unknown",
         "destination_workload": "db",
+        "destination_canonical_service": "db",
+        "destination_canonical_revision": "unknown",
         "destination_workload_namespace": "shop",
         "destination_principal": DST_ID,
-        "connection_security_policy": "mutual_tls",
+        "destination_app": "db",
+        "destination_version": "unknown",
+        "destination_cluster": "unknown",
+        "request_protocol": "tcp",
         "response_flags": "-",
+        "connection_security_policy": "mutual_tls",
     }
+    durations = [
+        (dict(ls), v) for (n, ls), v in after.items() if n == "ambit_tcp_connection_duration_seconds_count"
+    ]
+    assert durations == [({"reporter": "destination", "response_flags": "-"}, 5)]
 
     records = [json.loads(line) for line in access.path.read_text().splitlines()]
     assert len(records) == 5 and len({r["conn_id"] for r in records}) == 5
@@ -214,7 +234,7 @@ def test_daemon_setters_and_process_metrics(
     metrics.count_ack(True)
     metrics.count_ack(False)
     metrics.set_bpf_counters({"redirect_outbound": 9, "skip_agent_mark": 2})
-    metrics.set_engine_counters({"streams": 5})
+    metrics.set_engine_counters({"streams_opened": 5, "streams_active": 2})
     metrics.set_cert_expiry(SRC_ID, time.time() + 3600)
     got = scrape(server.port)
 
@@ -225,15 +245,49 @@ def test_daemon_setters_and_process_metrics(
     assert value("ambit_policy_decisions_total", action="ALLOW") == 1
     assert value("ambit_relay_config_version") == 42
     assert value("ambit_relay_acks_total") == 2 and value("ambit_relay_nacks_total") == 1
-    assert value("ambit_bpf_counter", path="redirect_outbound") == 9
-    assert value("ambit_engine_counter", name="streams") == 5
+    assert value("ambit_bpf_counter_total", path="redirect_outbound") == 9
+    assert value("ambit_engine_counter_total", name="streams_opened") == 5
+    assert value("ambit_engine_active", name="streams_active") == 2
     assert 0 < value("ambit_certificate_expiry_seconds", identity=SRC_ID) <= 3600
-    assert value("ambit_process_resident_memory_bytes") > 0
-    assert value("ambit_process_open_fds") > 0
-    assert value("ambit_process_cpu_seconds_total") > 0
+    # prometheus-client's standard collectors, not hand-rolled ones.
+    assert value("process_resident_memory_bytes") > 0
+    assert value("process_open_fds") > 0
+    assert value("process_cpu_seconds_total") > 0
+    assert not [n for n, _ in got if n.startswith("ambit_process_")]
+    assert value("ambit_build_info", version=build_version(), component="agent") == 1
 
     metrics.set_bpf_counters({"redirect_outbound": 11, "bad": "x"})  # type: ignore[dict-item]
-    assert ("ambit_bpf_counter", frozenset({("path", "skip_agent_mark")})) not in scrape(server.port)
+    assert ("ambit_bpf_counter_total", frozenset({("path", "skip_agent_mark")})) not in scrape(server.port)
+
+
+def test_types_and_no_created_series(
+    observed: tuple[CountingRelay, Metrics, MetricsServer, AccessLog],
+) -> None:
+    relay, metrics, server, _ = observed
+    _run(relay, [(100, 10)])
+    metrics.set_bpf_counters({"redirect_outbound": 1})
+    metrics.set_engine_counters({"conns_opened": 1, "conns_active": 1})
+    metrics.count_decision("ALLOW")
+    metrics.count_ack(True)
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as resp:
+        families = {f.name: f.type for f in text_string_to_metric_families(resp.read().decode())}
+    for counter in (
+        "istio_tcp_connections_opened",
+        "istio_tcp_connections_closed",
+        "istio_tcp_sent_bytes",
+        "istio_tcp_received_bytes",
+        "ambit_bpf_counter",
+        "ambit_engine_counter",
+        "ambit_policy_decisions",
+        "ambit_relay_acks",
+        "process_cpu_seconds",
+    ):
+        assert families.get(counter) == "counter", counter
+    assert families["ambit_tcp_connection_duration_seconds"] == "histogram"
+    assert families["ambit_engine_active"] == "gauge"
+    assert not [name for name in families if name.endswith("_created")]
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as resp:
+        assert "_created" not in resp.read().decode()
 
 
 def _status(url: str) -> int:

@@ -42,7 +42,8 @@ def test_node_never_receives_another_nodes_workloads(plane: Plane, ca: Certifica
             assert "other" not in snap.namespaces
         # On demand: the peer arrives in minimal form and then stays in the subscription.
         peer = client.lookup("10.244.2.100")
-        assert peer is not None and peer.uid == "other/secret-db" and dict(peer.labels) == {}
+        # Minimal form: only the telemetry labels (app) of its labels come along.
+        assert peer is not None and peer.uid == "other/secret-db" and dict(peer.labels) == {"app": "secret"}
         assert client.snapshot.workload_by_ip("10.244.2.100") == peer
         streamed = rec.wait_for(
             lambda s: s.workload_by_ip("10.244.2.100") is not None and not client._looked_up, SYNC_TIMEOUT

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
+
+import pytest
 
 from mgmt.store import ConfigStore
 from tests.relay_fixtures import workload_doc, write_docs, write_mesh
@@ -113,3 +116,19 @@ def test_missing_directory_is_an_error_not_a_crash(tmp_path: Path) -> None:
     errors = store.load()
     assert errors and "does not exist" in errors[0].reason
     assert store.version == 0
+
+
+def test_rejected_config_logged_once_until_it_changes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = _store(tmp_path)
+    store.load()
+    bad = tmp_path / "config" / "bad.yaml"
+    bad.write_text("kind: Nope\n")
+    with caplog.at_level(logging.ERROR, logger="ambit.mgmt.store"):
+        store.load()
+        store.load()  # what the watch's re-read of a rejected tree does
+        assert len([r for r in caplog.records if "config rejected" in r.message]) == 1
+        bad.write_text("kind: Nope2\n")
+        store.load()
+        assert len([r for r in caplog.records if "config rejected" in r.message]) == 2

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mgmt.scope import ScopeIndex
 from mgmt.store import ConfigStore
-from tests.relay_fixtures import write_mesh
+from tests.relay_fixtures import workload_doc, write_docs, write_mesh
 
 
 def _index(tmp_path: Path) -> ScopeIndex:
@@ -43,7 +43,8 @@ def test_lookup_yields_minimal_peer_documents(tmp_path: Path) -> None:
     assert index.lookup("not-an-ip") == []
     view = index.view("node-1", ["Workload/other/secret-db", "Workload/demo/web-21"])
     secret = json.loads(view["Workload/other/secret-db"].document)
-    assert secret["metadata"] == {"name": "secret-db", "namespace": "other"}  # no labels at all
+    # No label but the telemetry ones (no Service of "other" selects on anything).
+    assert secret["metadata"] == {"name": "secret-db", "namespace": "other", "labels": {"app": "secret"}}
     assert secret["spec"] == {
         "serviceAccount": "secret",
         "node": "node-2",
@@ -56,6 +57,18 @@ def test_lookup_yields_minimal_peer_documents(tmp_path: Path) -> None:
     # A peer's namespace comes along (enrolment), its policies do not.
     assert "Namespace/other" in view
     assert "AuthorizationPolicy/other/other-only" not in view
+
+
+def test_peer_keeps_telemetry_labels_only(tmp_path: Path) -> None:
+    write_mesh(tmp_path / "config", nodes=3)
+    extra = workload_doc("api-21", 2, "10.244.2.50")
+    extra["metadata"]["labels"] = {"app": "api", "version": "v2", "team": "secret-team"}
+    write_docs(tmp_path / "config" / "extra.yaml", [extra])
+    store = ConfigStore(tmp_path / "config")
+    assert store.load() == []
+    index = ScopeIndex(store.current)
+    peer = json.loads(index.view("node-1", ["Workload/demo/api-21"])["Workload/demo/api-21"].document)
+    assert peer["metadata"]["labels"] == {"app": "api", "version": "v2"}
 
 
 def test_own_workload_is_never_downgraded_to_peer_form(tmp_path: Path) -> None:
