@@ -1,8 +1,8 @@
 """Entering network namespaces: run a function or a program inside one.
 
 Python 3.11 has no os.setns, so libc's setns is called through ctypes. setns(CLONE_NEWNET) changes only
-the calling thread, so callers run in a forked child (run_in) or in a child before exec (popen_in): the
-caller's own namespace is never changed.
+the calling thread, so callers run in a forked child (run_in) or through nsenter (popen_in): the caller's
+own namespace is never changed.
 """
 
 from __future__ import annotations
@@ -11,12 +11,15 @@ import ctypes
 import os
 import pickle
 import subprocess
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 NETNS_DIR = Path("/run/netns")
+NSENTER = "/usr/bin/nsenter"  # util-linux, on every Debian system
+ENTER_TIMEOUT = 5.0
 CLONE_NEWNET = 0x40000000
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -74,7 +77,22 @@ def popen_in(name: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[
     """Start argv inside netns `name`; kwargs go to subprocess.Popen."""
     if not path_of(name).exists():
         raise NetnsError(f"network namespace {name!r} does not exist")
-    return subprocess.Popen(list(argv), preexec_fn=lambda: enter(name), **kwargs)
+    # nsenter rather than a preexec_fn: Python code between fork and exec runs gRPC's fork handlers, whose
+    # restarted poller thread aborts the child once close_fds closes its epoll fd (seen: rc -6, no output).
+    # nsenter execs argv itself, so the returned pid is argv's; it is waited for until it is inside the
+    # namespace, as a child that entered before exec would be (callers may look it up there at once).
+    proc = subprocess.Popen([NSENTER, f"--net={path_of(name)}", "--", *argv], **kwargs)
+    target = os.stat(path_of(name))
+    deadline = time.monotonic() + ENTER_TIMEOUT
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            st = os.stat(f"/proc/{proc.pid}/ns/net")
+        except OSError:
+            break
+        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+            break
+        time.sleep(0.001)
+    return proc
 
 
 def exec_in(name: str, argv: Sequence[str]) -> None:
