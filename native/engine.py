@@ -77,6 +77,16 @@ def crypto_version() -> str:
     return str(ffi.string(lib.ambit_crypto_version()).decode())
 
 
+def cert_is_ca(pem: bytes) -> bool:
+    """Whether the first certificate of `pem` may act as a CA (CA:true or keyCertSign): the check every
+    HBONE handshake applies to the peer's leaf (end entities must be CA:false), for reuse by the relay and
+    the plane. Raises EngineError when the PEM does not parse."""
+    rv = int(lib.ambit_cert_is_ca(pem, len(pem)))
+    if rv < 0:
+        raise EngineError("not a PEM certificate")
+    return rv == 1
+
+
 def forwarded_for(ip: str) -> bytes:
     """The RFC 7239 `forwarded` value naming `ip` as the client: for=192.0.2.1, for="[2001:db8::1]"."""
     try:

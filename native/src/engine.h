@@ -8,6 +8,9 @@
 
 /* Name and version of the crypto module the engine is linked against (reported for FIPS audits). */
 const char *ambit_crypto_version(void);
+/* 1 when the first certificate of `pem` may act as a CA (CA:true or keyCertSign), 0 for an end entity,
+ * -1 when it does not parse. The check every handshake applies to the peer's leaf, for reuse elsewhere. */
+int ambit_cert_is_ca(const char *pem, size_t len);
 
 enum ambit_event_kind {
     AMBIT_EV_HANDSHAKE_DONE = 1,

@@ -955,7 +955,9 @@ static void conn_handshake(hconn *c)
     }
     char msg[200];
     long vr = SSL_get_verify_result(c->ssl);
-    if (vr != X509_V_OK)
+    if (vr == X509_V_ERR_APPLICATION_VERIFICATION)
+        snprintf(msg, sizeof(msg), "TLS handshake failed: peer leaf certificate is a CA (CA:true)");
+    else if (vr != X509_V_OK)
         snprintf(msg, sizeof(msg), "TLS handshake failed: certificate verify: %s", X509_verify_cert_error_string(vr));
     else
         tls_last_error(msg, sizeof(msg), err == SSL_ERROR_SYSCALL ? "TLS handshake failed (connection closed)"
@@ -1035,7 +1037,11 @@ static void conn_end(hconn *c)
     }
     ERR_clear_error();
     loop_del_fd(l, &c->io);
-    if (c->ending == END_ERROR)
+    /* A failed handshake queued its TLS alert in the buffer BIO: send it, then a plain close (a reset
+     * could discard it), so the peer learns why instead of seeing a bare EOF. */
+    int alerted = c->state == HS_TLS && c->ssl && BIO_wpending(c->wbio) && BIO_flush(c->wbio) == 1;
+    ERR_clear_error();
+    if (c->ending == END_ERROR && !alerted)
         reset_close(c->io.fd);
     else
         close(c->io.fd);

@@ -98,6 +98,28 @@ void tls_client_session_prepare(SSL *ssl, SSL_CTX *ctx, const char *peer)
     pthread_mutex_unlock(&st->lock);
 }
 
+/* End-entity certificates must be CA:false: a leaf that can sign (basicConstraints CA:true, or keyCertSign)
+ * is refused, on both sides, as X509_V_ERR_APPLICATION_VERIFICATION (reported as such, see hbone.c). */
+static int verify_leaf(int ok, X509_STORE_CTX *store)
+{
+    if (ok && X509_STORE_CTX_get_error_depth(store) == 0 && X509_check_ca(X509_STORE_CTX_get_current_cert(store))) {
+        X509_STORE_CTX_set_error(store, X509_V_ERR_APPLICATION_VERIFICATION);
+        return 0;
+    }
+    return ok;
+}
+
+int ambit_cert_is_ca(const char *pem, size_t len)
+{
+    BIO *bio = BIO_new_mem_buf(pem, (int)len);
+    X509 *x = bio ? PEM_read_bio_X509(bio, NULL, NULL, NULL) : NULL;
+    int rv = x ? X509_check_ca(x) != 0 : -1;
+    X509_free(x);
+    BIO_free(bio);
+    ERR_clear_error();
+    return rv;
+}
+
 static int select_alpn(SSL *ssl, const unsigned char **out, unsigned char *outlen, const unsigned char *in,
                        unsigned int inlen, void *arg)
 {
@@ -172,7 +194,7 @@ SSL_CTX *tls_ctx_build(int server, const char *chain, size_t chain_len, const ch
     SSL_CTX_set_max_proto_version(ctx, TLS1_3_VERSION);
     /* Partial writes let one SSL_write move a large buffer as many records without copying it aside. */
     SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
-    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, verify_leaf);
     /* Read ahead with a large buffer: one recv() brings many records instead of two syscalls per record. */
     SSL_CTX_set_read_ahead(ctx, 1);
     SSL_CTX_set_default_read_buffer_len(ctx, TLS_READ_BUFFER);

@@ -40,14 +40,14 @@ BANNER = b"220 banner\r\n"
 _BLOCK = hashlib.shake_256(b"ambit-stress").digest(2 * MAX_SIZE)
 
 
-def random_size(rng: random.Random) -> int:
-    """0 B .. 1 MiB, log-uniform (many small streams, some large), with exact 0 and 1 MiB present."""
+def random_size(rng: random.Random, top: int = MAX_SIZE) -> int:
+    """0 B .. top (1 MiB), log-uniform (many small streams, some large), with exact 0 and top present."""
     r = rng.random()
     if r < 0.03:
         return 0
     if r < 0.05:
-        return MAX_SIZE
-    return min(MAX_SIZE, int(2 ** rng.uniform(0, 20)))
+        return top
+    return min(top, int(2 ** rng.uniform(0, top.bit_length() - 1)))
 
 
 @dataclass
@@ -92,11 +92,14 @@ def _payload(rng: random.Random, size: int) -> bytes:
 class Driver:
     """Drives `count` streams over `conns` client connections of `client` to `server` (may be one engine)."""
 
-    def __init__(self, client: Engine, server: Engine, pki: Pki, count: int, conns: int, seed: int) -> None:
+    def __init__(
+        self, client: Engine, server: Engine, pki: Pki, count: int, conns: int, seed: int, top: int = MAX_SIZE
+    ) -> None:
         self.client, self.server = client, server
         self.cev = Events(client)
         self.sev = self.cev if server is client else Events(server)
         self.rng = random.Random(seed)
+        self.top = top
         self.count = count
         self.sel = selectors.DefaultSelector()
         cctx, _ = contexts(client, pki)
@@ -121,8 +124,8 @@ class Driver:
         for i in range(self.count):
             order = ORDERS[i % len(ORDERS)]
             # An abort without a byte may legitimately never reach the server (counted as an early reset).
-            up = _payload(self.rng, max(order == "client_abort", random_size(self.rng)))
-            down = _payload(self.rng, random_size(self.rng))
+            up = _payload(self.rng, max(order == "client_abort", random_size(self.rng, self.top)))
+            down = _payload(self.rng, random_size(self.rng, self.top))
             if order == "banner":
                 down = BANNER + down
             app_sock, local = tcp_pair()
