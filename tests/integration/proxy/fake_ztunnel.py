@@ -266,6 +266,10 @@ class Server:
 # --- client ---------------------------------------------------------------------------------------
 
 
+class PeerIdentityError(ConnectionError):
+    """The server presented another identity than the destination workload's."""
+
+
 @dataclass(frozen=True)
 class Request:
     authority: str
@@ -280,12 +284,14 @@ def connect(
     key_pem: str,
     bundle_pem: str,
     requests: Iterable[Request],
+    expected_peer: str,
     timeout: float = 15.0,
 ) -> dict[str, Any]:
     """Play ztunnel's client: from `source_ip` (a pod's address, bound transparently) to
-    `<destination_ip>:15008`, one connection, the requests as concurrent streams, each echo read back.
-    Returns what was observed: the server's URI SAN, its SETTINGS, each stream's status, echo and frame
-    sizes."""
+    `<destination_ip>:15008`, requiring the server to be `expected_peer` (the destination workload's SPIFFE
+    ID: anything else fails the connection, PeerIdentityError), one connection, the requests as concurrent
+    streams, each echo read back. Returns what was observed: the server's URI SAN, its SETTINGS, each
+    stream's status, echo and frame sizes."""
     raw = socket.socket()
     raw.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
     raw.bind((source_ip, 0))
@@ -293,6 +299,8 @@ def connect(
     raw.connect((destination_ip, HBONE_PORT))
     ctx = _tls_context(False, chain_pem, key_pem, bundle_pem)
     with ctx.wrap_socket(raw, server_hostname=None) as tls:  # no SNI, as ztunnel
+        if peer_uri_san(tls) != expected_peer:
+            raise PeerIdentityError(f"server is {peer_uri_san(tls)!r}, not {expected_peer!r}")
         conn = _h2(client=True)
         todo = list(requests)
         streams: dict[int, _Stream] = {}

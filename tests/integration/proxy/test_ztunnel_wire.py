@@ -19,6 +19,7 @@ import pytest
 
 from agent import netns as nsx
 from agent.lab import control
+from agent.netns import NetnsError
 from tests.integration.proxy import fake_ztunnel
 from tests.integration.proxy.fake_ztunnel import FRAME, MAX_STREAMS, Request
 from tests.integration.proxy.proxy_lab import (
@@ -112,7 +113,7 @@ def _ztunnel_connects(lab: ProxyLab, src: str, dst: str, requests: list[Request]
     """The fake ztunnel client on node-2, from `src`'s address to `<dst ip>:15008`, as `src`."""
     chain, key = _svid(lab, src)
     bundle = _node2_cfg(lab)["bundle_pem"]
-    args = (lab.pod_ip(src), lab.pod_ip(dst), chain, key, bundle, requests)
+    args = (lab.pod_ip(src), lab.pod_ip(dst), chain, key, bundle, requests, principal(dst))
     return dict(nsx.run_in(lab.plan.node("node-2").netns, fake_ztunnel.connect, *args, timeout=60))
 
 
@@ -137,6 +138,12 @@ def test_ztunnel_client_reaches_an_ambit_pod(lab: ProxyLab) -> None:
         lab, "pod-2-1", "pod-1-1", [Request(target, payload, _ztunnel_headers(lab, "pod-2-1"))]
     )
     assert got["server_id"] == principal("pod-1-1")  # the workload's SVID, never spiffe://td/node/N
+    # ztunnel requires exactly that identity: the same client expecting another pod's fails the connection
+    with pytest.raises(NetnsError, match="PeerIdentityError"):
+        chain, key = _svid(lab, "pod-2-1")
+        args = (lab.pod_ip("pod-2-1"), lab.pod_ip("pod-1-1"), chain, key, _node2_cfg(lab)["bundle_pem"],
+                [Request(target, b"x")], principal("pod-1-2"))  # fmt: skip
+        nsx.run_in(lab.plan.node("node-2").netns, fake_ztunnel.connect, *args, timeout=60)
     assert (got["tls_version"], got["alpn"]) == ("TLSv1.3", "h2")
     (stream,) = got["streams"]
     assert stream["status"] == 200 and stream["echoed"], stream
@@ -168,6 +175,7 @@ def test_peer_baggage_names_a_source_the_mesh_does_not_know(lab: ProxyLab) -> No
         key,
         _node2_cfg(lab)["bundle_pem"],
         [Request(target, b"", headers)],
+        principal("pod-1-1"),
     )
     got = nsx.run_in(lab.plan.node("node-2").netns, fake_ztunnel.connect, *args, timeout=60)
     assert got["streams"][0]["status"] == 200
@@ -247,8 +255,11 @@ def test_server_with_another_identity_is_refused(lab: ProxyLab) -> None:
     assert rec["response_flags"] == "UF" and "identity" in rec["error"]
     lab.wait_status("node-1", lambda st: st["engine"]["errors_peer_identity"] >= 1)
     # An identity refusal is a security event: audited with what the server presented.
-    audited = [a for a in lab.audit("node-1") if a["event"] == "hbone_server_refused"]
-    assert audited and audited[-1]["peer_id"] == principal("pod-2-1") and "mismatch" in audited[-1]["reason"]
+    deadline = time.monotonic() + 10
+    while not (audited := [a for a in lab.audit("node-1") if a["event"] == "hbone_server_refused"]):
+        assert time.monotonic() < deadline, "no audit record"
+        time.sleep(0.05)
+    assert audited[-1]["peer_id"] == principal("pod-2-1") and "mismatch" in audited[-1]["reason"]
 
 
 def test_ztunnel_advertises_200_streams_and_ambit_sees_them(lab: ProxyLab) -> None:
