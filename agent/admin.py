@@ -29,6 +29,7 @@ ENDPOINTS = {
     "/trust_bundle": "trust_bundle",
     "/connections": "connections",
     "/bpf": "bpf",
+    "/threads": "threads",
 }
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 

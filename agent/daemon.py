@@ -15,10 +15,11 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
-from agent import enrolment
+from agent import enrolment, memory, threads
 from agent.identity.bootstrap import JoinError
 from agent.settings import PLANE_SERVER_NAME, AgentSettings, add_arguments
 from api import logformat
@@ -65,6 +66,7 @@ class Agent:
         self._ready = threading.Event()
         self._apply_lock = threading.Lock()
         self._recheck_wanted = threading.Event()
+        self._trimmer = memory.BurstTrimmer()
         self._stack: list[tuple[str, Callable[[], None]]] = []  # what to undo, in reverse order
         self.relay: Any = None
         self.identity: Any = None
@@ -83,11 +85,6 @@ class Agent:
             raise
 
     def _start(self) -> None:
-        if self.settings.redirect:
-            # bcc before regopy (the policy engine): in the other order bcc's first compile aborts with
-            # "double free or corruption" (observed on this machine; cause not isolated).
-            import bcc  # noqa: F401
-
         from prometheus_client import CollectorRegistry
 
         from agent.identity.bootstrap import join
@@ -148,7 +145,9 @@ class Agent:
             lookup=self.relay.lookup,
             audit=audit.record if audit else None,  # identity refusals on 15008
         )
+        before = threads.tids()
         self.proxy.start()
+        threads.name_native(before, "engine-loop")
         self._stack.append(("proxy", self.proxy.stop))
         self._check_stopping()
         if s.redirect:
@@ -160,20 +159,20 @@ class Agent:
             self._check_stopping()
         self.relay.start()
         self._stack.append(("relay", self.relay.stop))
-        threading.Thread(target=self._refresh_loop, name="counters", daemon=True).start()
-        threading.Thread(target=self._recheck_loop, name="policy-recheck", daemon=True).start()
+        threading.Thread(target=self._housekeeping_loop, name="housekeeping", daemon=True).start()
 
     def _servers(self, audit: Any) -> None:
         from agent.admin import AdminServer
-        from agent.observe.servers import MetricsServer, ReadinessServer
+        from agent.observe.servers import MetricsServer, ReadinessServer, ServiceGroup
 
         s = self.settings
         admin = AdminServer(s.admin, self._providers())
         metrics = MetricsServer(self.metrics.registry, s.metrics)
         ready = ReadinessServer(s.readiness, self._ready.is_set)
-        for name, server in (("admin", admin), ("metrics", metrics), ("readiness", ready)):
-            server.start()
-            self._stack.append((name, server.stop))
+        # One thread accepts on the three ports (requests still get a thread each).
+        servers = ServiceGroup("http", [admin, metrics, ready])
+        servers.start()
+        self._stack.append(("admin, metrics and readiness servers", servers.stop))
         if audit is not None:
             self._stack.append(("audit", audit.close))
 
@@ -277,29 +276,41 @@ class Agent:
         for ip, reason in result.failed.items():
             log.error("could not enrol %s: %s", ip, reason)
 
-    def _recheck_loop(self) -> None:
-        """A policy change applies to live connections too: close the ones it now denies."""
+    def _housekeeping_loop(self) -> None:
+        """The agent's periodic work on one thread: re-check live connections as soon as a policy change
+        is applied, refresh counters (and trim the heap after a burst) every COUNTER_REFRESH_S."""
+        next_refresh = time.monotonic() + COUNTER_REFRESH_S
         while not self._stopping.is_set():
-            if not self._recheck_wanted.wait(timeout=1.0):
-                continue
-            self._recheck_wanted.clear()
-            try:
-                for conn_id, decision in self.policy.recheck(self.proxy.inbound_connections()):
-                    self.proxy.close(conn_id, f"denied after policy change: {decision.reason}")
-            except Exception:
-                log.exception("re-checking live connections failed")
+            if self._recheck_wanted.wait(timeout=max(0.0, next_refresh - time.monotonic())):
+                self._recheck_wanted.clear()
+                self._recheck()
+            if time.monotonic() >= next_refresh:
+                self._refresh()
+                next_refresh = time.monotonic() + COUNTER_REFRESH_S
 
-    def _refresh_loop(self) -> None:
-        while not self._stopping.wait(COUNTER_REFRESH_S):
-            try:
-                if self.redirector is not None:
-                    self.metrics.set_bpf_counters(self.redirector.counters())
-                self.metrics.set_engine_counters(self.proxy.engine_counters())
-                for row in self.identity.rows():
-                    expiry = dt.datetime.fromisoformat(row["not_after"]).timestamp()
-                    self.metrics.set_cert_expiry(row["identity"], expiry)
-            except Exception:
-                log.exception("refreshing counters failed")
+    def _recheck(self) -> None:
+        """A policy change applies to live connections too: close the ones it now denies."""
+        try:
+            for conn_id, decision in self.policy.recheck(self.proxy.inbound_connections()):
+                self.proxy.close(conn_id, f"denied after policy change: {decision.reason}")
+        except Exception:
+            log.exception("re-checking live connections failed")
+
+    def _refresh(self) -> None:
+        try:
+            if self.redirector is not None:
+                self.metrics.set_bpf_counters(self.redirector.counters())
+            engine = self.proxy.engine_counters()
+            self.metrics.set_engine_counters(engine)
+            live = sum(engine.get(k, 0) for k in ("conns_active", "streams_active", "splices_active"))
+            if self._trimmer.observe(live):
+                log.debug("heap trimmed after a burst (%d live connections and streams)", live)
+            threads.name_os_threads()  # some start lazily (relay, lookups)
+            for row in self.identity.rows():
+                expiry = dt.datetime.fromisoformat(row["not_after"]).timestamp()
+                self.metrics.set_cert_expiry(row["identity"], expiry)
+        except Exception:
+            log.exception("refreshing counters failed")
 
     # -- admin -----------------------------------------------------------------------------------------
 
@@ -314,6 +325,7 @@ class Agent:
             "connections": lambda: self.proxy.rows() if self.proxy else [],
             "bpf": lambda: self.redirector.rows() if self.redirector else [],
             "config_dump": self._config_dump,
+            "threads": threads.rows,
         }
 
     def _trust_bundle_rows(self) -> list[dict[str, Any]]:
@@ -419,6 +431,7 @@ def _run(args: argparse.Namespace) -> int:
     settings = AgentSettings.from_args(args)
     # `kill -USR1 <pid>` dumps every thread's stack to the log: how a stuck agent gets debugged in place.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    memory.configure_malloc()
     logformat.configure(settings.log_level, settings.log_format)
     try:
         return Agent(settings).run_until_signal()

@@ -35,6 +35,7 @@ VIEWS = {
     "trust-bundle": "/trust_bundle",
     "connections": "/connections",
     "bpf": "/bpf",
+    "threads": "/threads",
     "config": "/config_dump",
 }
 
@@ -298,6 +299,7 @@ HELPS = {
     "trust-bundle": "the trust anchors the node verifies peers against",
     "connections": "live proxied connections",
     "bpf": "redirection datapath: enrolled pods, counters",
+    "threads": "every thread of the agent process (Python and native), by name",
     "config": "the whole config dump (secrets redacted)",
 }
 

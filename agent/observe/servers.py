@@ -1,13 +1,15 @@
 """Small HTTP services of the agent: metrics (:15020), readiness (:15021), and the base the admin API uses.
 
-Each runs a ThreadingHTTPServer on its own daemon thread so it can be started and stopped from Python
-objects (tests start several side by side on port 0).
+Each runs a ThreadingHTTPServer, on its own daemon thread (`start`, what tests use side by side on port 0)
+or with others on one accepting thread (`ServiceGroup`, what the agent uses for its three ports); every
+request is served on a thread of its own either way.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import selectors
 import socket
 import threading
 from collections.abc import Callable
@@ -88,24 +90,30 @@ class HttpService:
             raise RuntimeError(f"{self.name} server is not started")
         return int(self._server.server_address[1])
 
+    def bind(self) -> ThreadingHTTPServer:
+        """Listen without serving (a ServiceGroup accepts); start() is bind plus a thread of its own."""
+        if self._server is None:
+            host, _ = self._address
+            server_cls = _Server6 if ":" in host else _Server
+            self._server = server_cls(self._address, self._handler_class())
+            self._server.timeout = 0  # handle_request() from a group: only called once readable
+            log.info("%s listening on %s:%d", self.name, host, self.port)
+        return self._server
+
     def start(self) -> None:
         if self._server is not None:
             return
-        host, _ = self._address
-        server_cls = _Server6 if ":" in host else _Server
-        self._server = server_cls(self._address, self._handler_class())
+        server = self.bind()
         # A short poll: stop() waits for the loop to notice, and an agent has 2 s to exit on SIGTERM.
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, args=(0.1,), name=self.name, daemon=True
-        )
+        self._thread = threading.Thread(target=server.serve_forever, args=(0.1,), name=self.name, daemon=True)
         self._thread.start()
-        log.info("%s listening on %s:%d", self.name, host, self.port)
 
     def stop(self) -> None:
         server, self._server = self._server, None
         if server is None:
             return
-        server.shutdown()
+        if self._thread is not None:  # shutdown() waits for serve_forever, which a group member never runs
+            server.shutdown()
         server.server_close()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -151,6 +159,47 @@ class HttpService:
                 log.debug("%s: %s", service.name, format % args)
 
         return Handler
+
+
+class ServiceGroup:
+    """Several services accepting on one thread: a listening socket needs no thread of its own."""
+
+    POLL_S = 0.1  # how soon stop() is noticed (an agent has 2 s to exit on SIGTERM)
+
+    def __init__(self, name: str, services: list[HttpService]) -> None:
+        self.name = name
+        self._services = services
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        selector = selectors.DefaultSelector()
+        try:
+            for service in self._services:
+                server = service.bind()
+                selector.register(server.socket, selectors.EVENT_READ, server)
+        except BaseException:
+            selector.close()
+            self._close_services()
+            raise
+        self._thread = threading.Thread(target=self._serve, args=(selector,), name=self.name, daemon=True)
+        self._thread.start()
+
+    def _serve(self, selector: selectors.BaseSelector) -> None:
+        with selector:
+            while not self._stop.is_set():
+                for key, _ in selector.select(self.POLL_S):
+                    key.data.handle_request()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._close_services()
+
+    def _close_services(self) -> None:
+        for service in self._services:
+            service.stop()
 
 
 def text(status: int, body: str) -> Response:

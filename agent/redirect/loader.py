@@ -1,23 +1,21 @@
-"""Compiles and loads the tc programs of bpf/ with bcc, with their maps pinned in the agent's directory.
+"""Loads the compiled datapath into the kernel with bpf(2) alone: opens (or creates and pins) the maps in
+the agent's pin directory and loads each program with the agent's map fds put into its instructions.
 
-bcc rewrites map accesses (`table.lookup(...)`) only in the main source text, not in included files, so
-the local `#include "..."` lines of a program are expanded here into one text before compiling.
-Constants shared with Python (marks, ports) are passed as -D flags from marks.py, never restated in C.
+The instructions come from cache.py (compiled once per source/kernel/bcc by a child running bcc), so
+nothing here needs LLVM. A restarted agent finds the maps pinned by its predecessor and reuses them
+(enrolment survives); a pinned map whose kernel definition differs from the compiled one is refused.
 """
 
 from __future__ import annotations
 
-import re
+import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from agent.redirect import marks, pins
-
-BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
-# One program per hook; each lives in bpf/<hook>.c with an entry function of the same name.
-HOOKS = ("pod_ingress", "pod_egress", "uplink_ingress")
-_LOCAL_INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$')
+from agent.redirect import pins, syscall
+from agent.redirect.cache import Artifact, MapSpec
+from agent.redirect.maps import LayoutError
 
 
 class LoadError(RuntimeError):
@@ -27,69 +25,86 @@ class LoadError(RuntimeError):
 @dataclass
 class LoadedProgram:
     hook: str
-    bpf: Any  # bcc.BPF: keeps the program and map fds open
     fd: int
     pin: Path
 
     @property
     def prog_id(self) -> int:
-        return int(pins.fdinfo(self.fd).get("prog_id", "0"))
+        return int(syscall.fdinfo(self.fd).get("prog_id", "0"))
 
     @property
     def tag(self) -> str:
-        return pins.fdinfo(self.fd).get("prog_tag", "")
-
-    def table(self, name: str) -> Any:
-        return self.bpf.get_table(name)
+        return syscall.fdinfo(self.fd).get("prog_tag", "")
 
     def close(self) -> None:
-        self.bpf.cleanup()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
-def expand_includes(path: Path, seen: set[Path] | None = None) -> str:
-    """The source of `path` with each local include inlined once (include guards stay harmless)."""
-    seen = set() if seen is None else seen
-    lines = []
-    for line in path.read_text().splitlines():
-        match = _LOCAL_INCLUDE.match(line)
-        if not match:
-            lines.append(line)
-            continue
-        included = (path.parent / match.group(1)).resolve()
-        if included not in seen:
-            seen.add(included)
-            lines.append(expand_includes(included, seen))
-    return "\n".join(lines) + "\n"
+def _check_pinned(spec: MapSpec, opened: syscall.MapFd, path: Path) -> None:
+    """bcc used to reuse a pinned map without comparing it with the declaration; we compare every field."""
+    for what, kernel, ours in (
+        ("type", opened.map_type, spec.map_type),
+        ("keys", opened.key_size, spec.key_size),
+        ("values", opened.value_size, spec.value_size),
+        ("max entries", opened.max_entries, spec.max_entries),
+        ("flags", opened.map_flags, spec.flags),
+    ):
+        if kernel != ours:
+            unit = " bytes" if what in ("keys", "values") else ""
+            raise LayoutError(
+                f"pinned map {spec.name!r} has {what} of {kernel}{unit}, this agent's layout "
+                f"{ours}{unit}: an incompatible agent pinned it at {path}; stop that datapath without "
+                "--keep-datapath first"
+            )
 
 
-def cflags(pin_dir: Path) -> list[str]:
-    return [
-        f'-DAMBIT_PIN_DIR="{pin_dir}"',
-        f"-DAMBIT_ROUTE_MARK={marks.ROUTE_MARK:#x}",
-        f"-DAMBIT_ROUTE_MASK={marks.ROUTE_MASK:#x}",
-        f"-DAMBIT_AGENT_SOCKET_MARK={marks.AGENT_SOCKET_MARK:#x}",
-        f"-DAMBIT_OUTBOUND_PORT={marks.OUTBOUND_PORT}",
-        f"-DAMBIT_INBOUND_PLAINTEXT_PORT={marks.INBOUND_PLAINTEXT_PORT}",
-        f"-DAMBIT_HBONE_PORT={marks.HBONE_PORT}",
-    ]
-
-
-def load(hook: str, pin_dir: Path) -> LoadedProgram:
-    """Compile bpf/<hook>.c, load it as a tc classifier and pin it at <pin_dir>/prog_<hook>."""
-    from bcc import BPF  # imported late: only the datapath needs bcc (and its clang)
-
-    if '"' in str(pin_dir) or "\\" in str(pin_dir):
-        raise LoadError(f"unusable pin directory {pin_dir!r}")
-    source = BPF_DIR / f"{hook}.c"
+def open_maps(artifact: Artifact, pin_dir: Path) -> dict[str, syscall.MapFd]:
+    """Every map of the artifact: the one pinned in `pin_dir`, else a new one pinned there."""
+    opened: dict[str, syscall.MapFd] = {}
     try:
-        bpf = BPF(text=expand_includes(source), cflags=cflags(pin_dir))
-    except Exception as exc:
-        raise LoadError(f"compiling {source}: {exc}") from exc
-    program = LoadedProgram(hook=hook, bpf=bpf, fd=-1, pin=pin_dir / f"prog_{hook}")
+        for name, spec in artifact.maps.items():
+            path = pin_dir / spec.pin
+            try:
+                fd = syscall.obj_get(path)
+                created = False
+            except FileNotFoundError:
+                fd = syscall.map_create(
+                    spec.map_type, spec.key_size, spec.value_size, spec.max_entries, spec.flags, name
+                )
+                created = True
+            opened[name] = syscall.MapFd(fd, name)
+            _check_pinned(spec, opened[name], path)
+            if created:
+                pins.pin_fd(fd, path)
+    except BaseException:
+        close_maps(opened)
+        raise
+    return opened
+
+
+def close_maps(opened: dict[str, syscall.MapFd]) -> None:
+    for m in opened.values():
+        m.close()
+
+
+def load(hook: str, artifact: Artifact, maps: dict[str, syscall.MapFd], pin_dir: Path) -> LoadedProgram:
+    """Load `hook` as a tc classifier using `maps`, and pin it at <pin_dir>/prog_<hook>."""
+    spec = artifact.programs[hook]
+    insns = bytearray(spec.insns)
+    for index, name in spec.map_refs:
+        # ld_imm64 with src_reg BPF_PSEUDO_MAP_FD: the low 32 bits of its immediate name the map's fd.
+        insns[index * 8 + 4 : index * 8 + 8] = maps[name].fd.to_bytes(4, "little")
     try:
-        program.fd = bpf.load_func(hook.encode(), BPF.SCHED_CLS).fd
-        pins.pin_fd(program.fd, program.pin)
-    except Exception as exc:
-        program.close()
-        raise LoadError(f"loading {source}: {exc}") from exc
+        fd = syscall.prog_load(syscall.BPF_PROG_TYPE_SCHED_CLS, bytes(insns), spec.license, hook)
+    except syscall.BpfError as exc:
+        raise LoadError(f"loading {hook}: {exc}") from exc
+    program = LoadedProgram(hook=hook, fd=fd, pin=pin_dir / f"prog_{hook}")
+    try:
+        pins.pin_fd(fd, program.pin)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            program.close()
+        raise
     return program

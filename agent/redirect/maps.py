@@ -1,7 +1,8 @@
 """Python mirror of bpf/ambit_maps.h (the one place each map layout is restated) and typed map access.
 
-The structs below must match the header byte for byte; `check_layout` compares them with the types bcc
-generated from the C source at load time, so a drift fails the agent's start instead of corrupting maps.
+The structs below must match the header byte for byte; `check_layout` compares them with the layout bcc
+compiled from the C source (recorded in the compiled artifact, cache.py) and with the map the kernel
+holds, so a drift fails the agent's start instead of corrupting maps.
 """
 
 from __future__ import annotations
@@ -9,10 +10,13 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import socket
+import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-from agent.redirect import pins
+if TYPE_CHECKING:
+    from agent.redirect.cache import MapSpec
+    from agent.redirect.syscall import MapFd
 
 WORKLOAD_LEN = 120  # AMBIT_WORKLOAD_LEN
 MODE_PERMISSIVE = 0  # AMBIT_MODE_PERMISSIVE
@@ -77,30 +81,24 @@ class PodEntry:
     strict: bool
 
 
-def check_layout(
-    name: str, table: Any, key: type[ctypes.Structure] | type[ctypes.c_uint32], leaf: type[Any]
-) -> None:
-    """Fail when bcc's view of a map (from the C header) differs from this module's mirror."""
-    # Per-CPU maps: bcc's Leaf is the array of all CPUs' values, sLeaf the one-CPU value the C declares.
-    for what, ours, theirs in (("key", key, table.Key), ("value", leaf, getattr(table, "sLeaf", table.Leaf))):
-        if ctypes.sizeof(ours) != ctypes.sizeof(theirs):
+Mirror = type[ctypes.Structure] | type[ctypes.c_uint32] | type[ctypes.c_uint64]
+
+
+def check_layout(spec: MapSpec, key: Mirror, value: Mirror) -> None:
+    """Fail when the C declaration of a map (as compiled) differs from this mirror. The kernel's map is
+    compared with the compiled declaration when it is opened (loader.open_maps)."""
+    for what, ours, c_size, c_fields in (
+        ("key", key, spec.key_size, spec.key_fields),
+        ("value", value, spec.value_size, spec.value_fields),
+    ):
+        if ctypes.sizeof(ours) != c_size:
             raise LayoutError(
-                f"map {name!r} {what}: bpf/ambit_maps.h has {ctypes.sizeof(theirs)} bytes, "
+                f"map {spec.name!r} {what}: bpf/ambit_maps.h has {c_size} bytes, "
                 f"agent/redirect/maps.py {ctypes.sizeof(ours)}"
             )
         ours_fields = [f[0] for f in getattr(ours, "_fields_", [])]
-        theirs_fields = [f[0] for f in getattr(theirs, "_fields_", [])]
-        if ours_fields and ours_fields != theirs_fields:
-            raise LayoutError(f"map {name!r} {what}: fields {theirs_fields} in C, {ours_fields} here")
-        # bcc reuses a pinned map without comparing it with the declaration: a map pinned by an agent
-        # with another layout would be silently misread, so compare with what the kernel holds.
-        kernel = int(pins.fdinfo(table.map_fd).get(f"{what}_size", "-1"))
-        if kernel != ctypes.sizeof(ours):
-            raise LayoutError(
-                f"pinned map {name!r} has {what}s of {kernel} bytes, this agent's layout "
-                f"{ctypes.sizeof(ours)}: an incompatible agent pinned it; stop that datapath without "
-                "--keep-datapath first"
-            )
+        if ours_fields and ours_fields != list(c_fields):
+            raise LayoutError(f"map {spec.name!r} {what}: fields {list(c_fields)} in C, {ours_fields} here")
 
 
 def pod_key(ip: str) -> PodKey:
@@ -118,9 +116,9 @@ def _truncate_utf8(text: str, limit: int) -> bytes:
 class PodMap:
     """ambit_pods: enrolled pod IPs with their workload and mode."""
 
-    def __init__(self, table: Any) -> None:
-        check_layout("ambit_pods", table, PodKey, Pod)
-        self._table = table
+    def __init__(self, spec: MapSpec, opened: MapFd) -> None:
+        check_layout(spec, PodKey, Pod)
+        self._map = opened
 
     def put(self, ip: str, workload: str, strict: bool) -> None:
         value = Pod(
@@ -128,42 +126,47 @@ class PodMap:
             flags=0,
             workload=_truncate_utf8(workload, WORKLOAD_LEN - 1),
         )
-        self._table[pod_key(ip)] = value
+        self._map.update(bytes(pod_key(ip)), bytes(value))
 
     def delete(self, ip: str) -> bool:
-        try:
-            del self._table[pod_key(ip)]
-        except KeyError:
-            return False
-        return True
+        return self._map.delete(bytes(pod_key(ip)))
 
     def entries(self) -> dict[str, PodEntry]:
         out = {}
-        for key, value in self._table.items():
-            ip = socket.inet_ntoa(bytes(key))
-            out[ip] = PodEntry(value.workload.decode(errors="replace"), value.mode == MODE_STRICT)
+        for key in list(self._map.iter_keys()):
+            raw = self._map.lookup(key)
+            if raw is None:  # removed while we listed
+                continue
+            value = Pod.from_buffer_copy(raw)
+            out[socket.inet_ntoa(key)] = PodEntry(
+                value.workload.decode(errors="replace"), value.mode == MODE_STRICT
+            )
         return out
 
 
 class FlowMap:
     """ambit_captured: connections handed to a listener (LRU), value the listener's port."""
 
-    def __init__(self, table: Any) -> None:
-        check_layout("ambit_captured", table, FlowKey, ctypes.c_uint32)
-        self._table = table
+    def __init__(self, spec: MapSpec, opened: MapFd) -> None:
+        check_layout(spec, FlowKey, ctypes.c_uint32)
+        self._map = opened
 
     def count(self) -> int:
-        return sum(1 for _ in self._table)
+        return sum(1 for _ in self._map.iter_keys())
 
 
 class CounterMap:
     """ambit_counters: per-CPU packet counts per program path, summed over CPUs when read."""
 
-    def __init__(self, table: Any) -> None:
-        check_layout("ambit_counters", table, ctypes.c_uint32, ctypes.c_uint64)
-        if table.max_entries != len(COUNTERS):
-            raise LayoutError(f"ambit_counters has {table.max_entries} slots, maps.py names {len(COUNTERS)}")
-        self._table = table
+    def __init__(self, spec: MapSpec, opened: MapFd) -> None:
+        check_layout(spec, ctypes.c_uint32, ctypes.c_uint64)
+        if opened.max_entries != len(COUNTERS):
+            raise LayoutError(f"ambit_counters has {opened.max_entries} slots, maps.py names {len(COUNTERS)}")
+        self._map = opened
 
     def values(self) -> dict[str, int]:
-        return {name: int(sum(self._table[self._table.Key(i)])) for i, name in enumerate(COUNTERS)}
+        out = {}
+        for index, name in enumerate(COUNTERS):
+            raw = self._map.lookup(struct.pack("=I", index)) or b""
+            out[name] = sum(v for (v,) in struct.iter_unpack("=Q", raw))
+        return out

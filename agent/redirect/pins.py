@@ -7,15 +7,13 @@ state; it also means nothing removes them but us, so `cleanup_pins` exists for `
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
-import functools
-import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+
+from agent.redirect import syscall
 
 BPFFS = Path("/sys/fs/bpf")
 PIN_ROOT = BPFFS / "ambit"
@@ -60,27 +58,10 @@ def pin_fd(fd: int, path: Path) -> None:
     """Pin a map or program, replacing an older pin at `path` (a pin cannot be overwritten in place)."""
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-    if _bpf_obj_pin()(fd, str(path).encode()) != 0:
-        err = ctypes.get_errno()
-        raise PinError(f"cannot pin fd {fd} at {path}: {os.strerror(err)}")
-
-
-@functools.cache
-def _bpf_obj_pin() -> Any:
-    """libbcc's bpf_obj_pin, loaded on first use: cleanup_pins must work where bcc is not installed."""
-    lib = ctypes.CDLL("libbcc.so.0", use_errno=True)
-    lib.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
-    lib.bpf_obj_pin.restype = ctypes.c_int
-    return lib.bpf_obj_pin
-
-
-def fdinfo(fd: int) -> dict[str, str]:
-    """The kernel's description of a BPF fd (prog_id, prog_tag, map_id, ...)."""
-    info = {}
-    for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
-        key, _, value = line.partition(":")
-        info[key.strip()] = value.strip()
-    return info
+    try:
+        syscall.obj_pin(fd, path)
+    except syscall.BpfError as exc:
+        raise PinError(f"cannot pin fd {fd} at {path}: {exc.strerror}") from exc
 
 
 def remove_pin_dir(pin_dir: Path) -> None:

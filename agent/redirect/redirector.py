@@ -4,24 +4,23 @@ routing rule, and follows enrolment changes live.
 Runs in the node's network namespace (the calling thread's netns). Programs and maps are pinned under
 `pin_dir`, and tc filters keep their program alive, so stop(keep_datapath=True) leaves pods' traffic
 flowing through the pinned state; the next start() reuses the maps and swaps in its freshly loaded
-program atomically on every link a previous agent had attached.
+program atomically on every link a previous agent had attached. The programs' instructions come from
+the compile cache (cache.py): bcc runs in a child when they are not cached, never in this process.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
-from agent.redirect import loader, marks, pins, rules, tc
+from agent.redirect import cache, loader, marks, pins, rules, tc
 from agent.redirect.maps import CounterMap, FlowMap, PodEntry, PodMap, pod_key
+from agent.redirect.rtnl import NetlinkError, Route, RtNetlink
+from agent.redirect.sources import HOOKS
+from agent.redirect.syscall import MapFd
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +45,26 @@ class SyncResult:
 
 
 class Redirector:
-    def __init__(self, node: str, pin_dir: Path, uplink: str | None = None) -> None:
-        """`uplink`: the interface other nodes' traffic arrives on; found from the routes when None."""
+    def __init__(
+        self,
+        node: str,
+        pin_dir: Path,
+        uplink: str | None = None,
+        cache_dir: Path | None = None,
+        bpf_dir: Path | None = None,
+    ) -> None:
+        """`uplink`: the interface other nodes' traffic arrives on; found from the routes when None.
+        `cache_dir`: the compile cache (cache.DEFAULT_DIR); `bpf_dir`: the program sources (bpf/)."""
         self.node = node
         self.pin_dir = Path(pin_dir)
         self._uplink_name = uplink
+        self._cache_dir = cache_dir
+        self._bpf_dir = bpf_dir
         self._lock = threading.Lock()
-        self._ipr: IPRoute | None = None
+        self._ipr: RtNetlink | None = None
         self._programs: dict[str, loader.LoadedProgram] = {}
+        self._maps: dict[str, MapFd] = {}
+        self.bpf_origin = ""  # "cache" or "compiled": where the last start's instructions came from
         self._pods: PodMap | None = None
         self._counters: CounterMap | None = None
         self._flows: FlowMap | None = None
@@ -68,7 +79,7 @@ class Redirector:
                 return
             pins.ensure_bpffs()
             self.pin_dir.mkdir(parents=True, exist_ok=True)
-            self._ipr = IPRoute()
+            self._ipr = RtNetlink()
             try:
                 self._load()
                 rules.ensure(self._ipr)
@@ -107,6 +118,8 @@ class Redirector:
         for program in self._programs.values():
             program.close()
         self._programs.clear()
+        loader.close_maps(self._maps)
+        self._maps.clear()
         self._pods = self._counters = self._flows = None
         self._attached.clear()
         if self._ipr is not None:
@@ -114,13 +127,15 @@ class Redirector:
             self._ipr = None
 
     def _load(self) -> None:
-        for hook in loader.HOOKS:
-            self._programs[hook] = loader.load(hook, self.pin_dir)
-        # Both programs share the pinned maps: any program's handle reaches the same map.
-        program = self._programs[POD_HOOK]
-        self._pods = PodMap(program.table("ambit_pods"))
-        self._counters = CounterMap(program.table("ambit_counters"))
-        self._flows = FlowMap(program.table("ambit_captured"))
+        compiled = cache.artifact(self._cache_dir, self._bpf_dir)
+        self.bpf_origin = compiled.origin
+        self._maps = loader.open_maps(compiled, self.pin_dir)
+        # Checked against maps.py before any program that writes them is loaded.
+        self._pods = PodMap(compiled.maps["ambit_pods"], self._maps["ambit_pods"])
+        self._counters = CounterMap(compiled.maps["ambit_counters"], self._maps["ambit_counters"])
+        self._flows = FlowMap(compiled.maps["ambit_captured"], self._maps["ambit_captured"])
+        for hook in HOOKS:
+            self._programs[hook] = loader.load(hook, compiled, self._maps, self.pin_dir)
 
     def _adopt_attachments(self) -> None:
         """Put this run's programs on every link a previous agent attached (atomic replace)."""
@@ -213,19 +228,19 @@ class Redirector:
 
     def _ifname(self, index: int) -> str:
         assert self._ipr is not None
-        links = self._ipr.get_links(index)
-        return str(links[0].get_attr("IFLA_IFNAME")) if links else f"#{index}"
+        link = self._ipr.link(index)
+        return link.name if link is not None else f"#{index}"
 
     def _pod_link(self, pod_ip: str) -> int:
         """The node-side link of a local pod: where the route to its address points."""
         assert self._ipr is not None
         try:
-            route = self._ipr.route("get", dst=pod_ip)[0]
+            route = self._ipr.route_get(pod_ip)
         except NetlinkError as exc:
             raise RedirectError(f"no route to pod {pod_ip} on node {self.node}: {exc}") from exc
-        oif = route.get_attr("RTA_OIF")
+        oif = route.oif
         uplink = self._uplink_index()
-        if route["type"] != RTN_UNICAST or oif is None or oif == uplink or route.get_attr("RTA_GATEWAY"):
+        if route.type != RTN_UNICAST or oif is None or oif == uplink or route.gateway:
             via = self._ifname(oif) if oif else "nowhere"
             raise RedirectError(f"pod {pod_ip} is not on node {self.node}: its route goes via {via}")
         return int(oif)
@@ -234,38 +249,31 @@ class Redirector:
         """The named uplink; else the default route's link; else the link with a node-subnet address."""
         assert self._ipr is not None
         if self._uplink_name:
-            found = self._ipr.link_lookup(ifname=self._uplink_name)
-            if not found:
+            found = self._ipr.link_index(self._uplink_name)
+            if found is None:
                 raise RedirectError(f"uplink {self._uplink_name!r} not found on node {self.node}")
-            return int(found[0])
+            return found
         for route in self._main_routes():
-            if route["dst_len"] == 0 and route.get_attr("RTA_OIF"):
-                return int(route.get_attr("RTA_OIF"))
-        lo = self._ipr.link_lookup(ifname="lo")
-        for addr in self._ipr.get_addr(family=socket.AF_INET):
+            if route.dst_len == 0 and route.oif:
+                return route.oif
+        lo = self._ipr.link_index("lo")
+        for addr in self._ipr.ipv4_addresses():
             # Pod-side gateways are /32s; the node's own address sits in a subnet shared with other nodes.
-            if addr["prefixlen"] < 32 and addr["index"] not in lo:
-                return int(addr["index"])
+            if addr.prefixlen < 32 and addr.index != lo:
+                return addr.index
         return None
 
-    def _main_routes(self) -> list[Any]:
+    def _main_routes(self) -> list[Route]:
         assert self._ipr is not None
-        return [
-            r
-            for r in self._ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE)
-            if r["type"] == RTN_UNICAST
-        ]
+        return [r for r in self._ipr.routes(MAIN_TABLE) if r.type == RTN_UNICAST]
 
     def _pod_links(self) -> set[int]:
         """Links that carry a /32 route straight to one address: the node side of pod veths (CNI style)."""
         uplink = self._uplink_index()
         return {
-            int(r.get_attr("RTA_OIF"))
+            r.oif
             for r in self._main_routes()
-            if r["dst_len"] == 32
-            and r["scope"] == SCOPE_LINK
-            and not r.get_attr("RTA_GATEWAY")
-            and r.get_attr("RTA_OIF") not in (None, uplink)
+            if r.dst_len == 32 and r.scope == SCOPE_LINK and not r.gateway and r.oif not in (None, uplink)
         }
 
     def refresh_links(self) -> list[str]:
@@ -282,10 +290,10 @@ class Redirector:
         with self._lock:
             self._require_started()
             assert self._ipr is not None
-            found = self._ipr.link_lookup(ifname=ifname)
-            if not found:
+            found = self._ipr.link_index(ifname)
+            if found is None:
                 raise RedirectError(f"link {ifname!r} not found on node {self.node}")
-            self._attach_pod(int(found[0]))
+            self._attach_pod(found)
 
     def _attach_pod_links(self) -> list[str]:
         return [self._attach_pod(index) for index in sorted(self._pod_links() - self._attached_links())]
@@ -307,7 +315,9 @@ class Redirector:
             if self._ipr is None or self._pods is None or self._counters is None:
                 return []
             rows = [
-                _row("program", p.hook, str(p.prog_id), f"tag {p.tag}, pinned {p.pin}")
+                _row(
+                    "program", p.hook, str(p.prog_id), f"tag {p.tag}, pinned {p.pin}, from {self.bpf_origin}"
+                )
                 for p in self._programs.values()
             ]
             rows += [

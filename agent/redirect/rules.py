@@ -9,58 +9,40 @@ keeps the agent's socket mark bits from ever selecting the table.
 from __future__ import annotations
 
 import errno
-import socket
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from agent.redirect import marks
+from agent.redirect.rtnl import NetlinkError, RtNetlink
 
 RULE_PRIORITY = 100  # before `main` (32766) so steered packets never reach the forwarding routes
+RTN_LOCAL = 2
+RT_SCOPE_HOST = 254
 
 
-def _lo_index(ipr: IPRoute) -> int:
-    return int(ipr.link_lookup(ifname="lo")[0])
+def _lo_index(nl: RtNetlink) -> int:
+    index = nl.link_index("lo")
+    if index is None:
+        raise NetlinkError(errno.ENODEV, "no loopback link in this netns")
+    return index
 
 
-def _rule_args() -> dict[str, int]:
-    return {
-        "family": socket.AF_INET,
-        "fwmark": marks.ROUTE_MARK,
-        "fwmask": marks.ROUTE_MASK,
-        "table": marks.ROUTE_TABLE,
-        "priority": RULE_PRIORITY,
-    }
-
-
-def _route_args(ipr: IPRoute) -> dict[str, object]:
-    return {
-        "dst": "0.0.0.0/0",
-        "type": "local",
-        "scope": "host",
-        "oif": _lo_index(ipr),
-        "table": marks.ROUTE_TABLE,
-    }
-
-
-def present(ipr: IPRoute) -> dict[str, bool]:
-    rule = any(
-        r.get_attr("FRA_FWMARK") == marks.ROUTE_MARK and r.get_attr("FRA_TABLE") == marks.ROUTE_TABLE
-        for r in ipr.get_rules(family=socket.AF_INET)
-    )
-    route = bool(list(ipr.get_routes(family=socket.AF_INET, table=marks.ROUTE_TABLE)))
+def present(nl: RtNetlink) -> dict[str, bool]:
+    rule = any(r.fwmark == marks.ROUTE_MARK and r.table == marks.ROUTE_TABLE for r in nl.rules())
+    route = bool(nl.routes(marks.ROUTE_TABLE))
     return {"rule": rule, "route": route}
 
 
-def ensure(ipr: IPRoute) -> None:
+def ensure(nl: RtNetlink) -> None:
     """Install rule and route; idempotent (a restarted agent finds them in place)."""
-    if not present(ipr)["rule"]:
-        ipr.rule("add", **_rule_args())
-    ipr.route("replace", **_route_args(ipr))
+    if not present(nl)["rule"]:
+        nl.rule_add(marks.ROUTE_MARK, marks.ROUTE_MASK, marks.ROUTE_TABLE, RULE_PRIORITY)
+    nl.route_replace(marks.ROUTE_TABLE, _lo_index(nl), RT_SCOPE_HOST, RTN_LOCAL)
 
 
-def remove(ipr: IPRoute) -> None:
-    for undo in (lambda: ipr.rule("del", **_rule_args()), lambda: ipr.route("del", **_route_args(ipr))):
+def remove(nl: RtNetlink) -> None:
+    for undo in (
+        lambda: nl.rule_delete(marks.ROUTE_MARK, marks.ROUTE_MASK, marks.ROUTE_TABLE, RULE_PRIORITY),
+        lambda: nl.route_delete(marks.ROUTE_TABLE, _lo_index(nl), RT_SCOPE_HOST, RTN_LOCAL),
+    ):
         try:
             undo()
         except NetlinkError as exc:

@@ -1,7 +1,5 @@
-"""tc attachments of the datapath programs: a clsact qdisc and direct-action bpf filters, one per hook.
-
-A hook named `*_egress` sits at clsact egress, every other one at ingress; a link carries at most one of
-ours per direction (pod veths: pod_ingress and pod_egress).
+"""tc attachments of the datapath programs: a clsact qdisc and direct-action bpf filters, one per hook
+(pod veths carry pod_ingress at ingress and pod_egress at egress).
 
 Our filter is identified by a fixed priority and handle, so attaching again (a restarted agent loading
 a new program) is an atomic `replace`: packets never see a moment without a program. The kernel holds
@@ -13,10 +11,8 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
-from typing import Any
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from agent.redirect.rtnl import Filter, NetlinkError, RtNetlink
 
 INGRESS_PARENT = 0xFFFFFFF2  # clsact ingress (TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS))
 EGRESS_PARENT = 0xFFFFFFF3
@@ -34,87 +30,65 @@ class Attachment:
 
 
 def parent_of(hook: str) -> int:
+    """A hook named `*_egress` sits at clsact egress, any other at ingress (one of ours per direction)."""
     return EGRESS_PARENT if hook.endswith("_egress") else INGRESS_PARENT
 
 
-def _ensure_clsact(ipr: IPRoute, index: int) -> None:
+def _ensure_clsact(nl: RtNetlink, index: int) -> None:
     try:
-        ipr.tc("add", "clsact", index)
+        nl.clsact_add(index)
     except NetlinkError as exc:
         if exc.code != errno.EEXIST:
             raise
 
 
-def attach(ipr: IPRoute, index: int, prog_fd: int, hook: str) -> None:
+def attach(nl: RtNetlink, index: int, prog_fd: int, hook: str) -> None:
     """Attach (or atomically replace) our filter for `hook` on link `index` (its direction's only one)."""
-    _ensure_clsact(ipr, index)
-    ipr.tc(
-        "replace-filter",
-        "bpf",
-        index,
-        FILTER_HANDLE,
-        fd=prog_fd,
-        name=NAME_PREFIX + hook,
-        parent=parent_of(hook),
-        prio=FILTER_PRIO,
-        protocol=ETH_P_ALL,
-        classid=1,
-        direct_action=True,
+    _ensure_clsact(nl, index)
+    nl.bpf_filter_replace(
+        index, parent_of(hook), FILTER_PRIO, ETH_P_ALL, FILTER_HANDLE, prog_fd, NAME_PREFIX + hook
     )
 
 
-def _filters(ipr: IPRoute, index: int, parent: int) -> list[Any]:
+def _filters(nl: RtNetlink, index: int, parent: int) -> list[Filter]:
     try:
-        return list(ipr.get_filters(index=index, parent=parent))
+        return nl.filters(index, parent)
     except NetlinkError as exc:
         if exc.code in (errno.EINVAL, errno.ENOENT, errno.ENODEV):  # no clsact on the link, or link gone
             return []
         raise
 
 
-def _our_hook(msg: Any) -> str | None:
-    """The hook name of our bpf filter message, None for other filters (and the chain headers)."""
-    if msg.get_attr("TCA_KIND") != "bpf":
+def _our_hook(found: Filter) -> str | None:
+    """The hook name of our bpf filter, None for other filters (and the chain headers)."""
+    if found.kind != "bpf" or not found.bpf_name.startswith(NAME_PREFIX):
         return None
-    options = msg.get_attr("TCA_OPTIONS")
-    name = options.get_attr("TCA_BPF_NAME") if options is not None else None
-    if not name or not name.startswith(NAME_PREFIX):
-        return None
-    return str(name[len(NAME_PREFIX) :])
+    return found.bpf_name[len(NAME_PREFIX) :]
 
 
-def attachments(ipr: IPRoute) -> list[Attachment]:
+def attachments(nl: RtNetlink) -> list[Attachment]:
     """Our filters on every link of this netns, both directions (including ones a previous agent left)."""
     found = []
-    for link in ipr.get_links():
-        index = link["index"]
+    for link in nl.links():
         for parent in (INGRESS_PARENT, EGRESS_PARENT):
-            for msg in _filters(ipr, index, parent):
+            for msg in _filters(nl, link.index, parent):
                 hook = _our_hook(msg)
                 if hook is not None:
-                    found.append(Attachment(index, str(link.get_attr("IFLA_IFNAME")), hook))
+                    found.append(Attachment(link.index, link.name, hook))
                     break
     return found
 
 
-def detach(ipr: IPRoute, index: int, hook: str) -> None:
+def detach(nl: RtNetlink, index: int, hook: str) -> None:
     """Remove our filter for `hook` from link `index`; the clsact qdisc goes too when nothing uses it."""
     try:
-        ipr.tc(
-            "del-filter",
-            "bpf",
-            index,
-            FILTER_HANDLE,
-            parent=parent_of(hook),
-            prio=FILTER_PRIO,
-            protocol=ETH_P_ALL,
-        )
+        nl.bpf_filter_delete(index, parent_of(hook), FILTER_PRIO, ETH_P_ALL, FILTER_HANDLE)
     except NetlinkError as exc:
         if exc.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
             raise
-    if not _filters(ipr, index, INGRESS_PARENT) and not _filters(ipr, index, EGRESS_PARENT):
+    if not _filters(nl, index, INGRESS_PARENT) and not _filters(nl, index, EGRESS_PARENT):
         try:
-            ipr.tc("del", "clsact", index)
+            nl.clsact_delete(index)
         except NetlinkError as exc:
             if exc.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
                 raise

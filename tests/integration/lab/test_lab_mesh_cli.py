@@ -229,13 +229,10 @@ def test_cross_node_metrics_have_istio_types_and_labels(lab: tuple[LabPlan, str]
         "response_flags": "-",
         "connection_security_policy": "mutual_tls",
     }
-    # The destination names the client as fully as the source does: the HBONE connection comes from the
-    # client pod's own address, which the destination looks up (peers come on demand) and believes for the
-    # verified identity (issue 13: before, the destination said "unknown" for all but principal/namespace).
-    for node, reporter, want in (
-        ("node-1", "source", expected),
-        ("node-2", "destination", expected),
-    ):
+    # The destination node knows the client workload too: it looks up the source address the HBONE connection
+    # comes from (the client pod's own) to check that it belongs to the verified identity (docs/proxy.md,
+    # "Source address").
+    for node, reporter, want in (("node-1", "source", expected), ("node-2", "destination", expected)):
         families = list(text_string_to_metric_families(_scrape(plan, node)))
         types = {f.name: f.type for f in families}
         for name in (

@@ -33,13 +33,16 @@ def meshlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabPlan]:
 
 
 def _echo(plan: LabPlan, src: str, dst: str, payload: bytes) -> bytes | str:
+    """From pod `src`, or from a node's own netns (host network) when `src` names a node."""
+
     def run(ip: str) -> bytes | str:
         try:
             return echo_roundtrip(ip, ECHO_PORT, payload, timeout=5)
         except OSError as exc:
             return f"{type(exc).__name__}: {exc}"
 
-    result: bytes | str = nsx.run_in(plan.pod(src).netns, run, plan.pod(dst).ip, timeout=20)
+    netns = plan.node(src).netns if src.startswith("node-") else plan.pod(src).netns
+    result: bytes | str = nsx.run_in(netns, run, plan.pod(dst).ip, timeout=20)
     return result
 
 
@@ -277,11 +280,14 @@ def test_plaintext_from_outside_the_mesh_strict_refuses_permissive_accepts(meshl
     _set_policies(meshlab, [])
     try:
         _set_opted_out(meshlab, frozenset({"pod-1-2"}))
-        # PERMISSIVE (default): plaintext from the opted-out pod is accepted on 15006 and delivered.
+        # PERMISSIVE (default): plaintext from the opted-out pod is accepted on 15006 and delivered, and so
+        # is plaintext from pod-2-2's own node (a host-network process).
         assert _echo(meshlab, "pod-1-2", "pod-2-2", b"plain") == b"plain"
+        assert _echo(meshlab, "node-2", "pod-2-2", b"host") == b"host"
         strict = _policy("PeerAuthentication", "strict", {"mtls": {"mode": "STRICT"}})
         _set_policies(meshlab, [strict])
         assert _echo(meshlab, "pod-1-2", "pod-2-2", b"plain") != b"plain"
+        assert _echo(meshlab, "node-2", "pod-2-2", b"host") != b"host"  # STRICT: the node is no exception
         assert _echo(meshlab, "pod-1-1", "pod-2-2", b"mtls") == b"mtls"
     finally:
         _set_policies(meshlab, [])

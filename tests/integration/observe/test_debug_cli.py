@@ -136,6 +136,7 @@ def test_all_view(admin: str) -> None:
         "trust-bundle",
         "connections",
         "bpf",
+        "threads",
     }
     assert "no trust_bundle provider" in everything["trust-bundle"]["error"]  # a part that does not run
     assert everything["workloads"] == PROVIDERS["workloads"]

@@ -5,14 +5,15 @@ C source, they do not load it."""
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 from pathlib import Path
 
 import pytest
 
-from agent.redirect import loader, maps, pins
+from agent.redirect import maps, pins, sources, syscall
 
-HEADER = (loader.BPF_DIR / "ambit_maps.h").read_text()
+HEADER = (sources.BPF_DIR / "ambit_maps.h").read_text()
 
 
 def test_counter_enum_matches_python_names() -> None:
@@ -46,8 +47,8 @@ def test_pod_key_is_network_order_ipv4_only() -> None:
 
 
 def test_includes_are_inlined_once() -> None:
-    for hook in loader.HOOKS:
-        text = loader.expand_includes(loader.BPF_DIR / f"{hook}.c")
+    for hook in sources.HOOKS:
+        text = sources.expand_includes(sources.BPF_DIR / f"{hook}.c")
         assert '#include "' not in text
         assert text.count("BPF_TABLE_PINNED(") == 3
         assert f"int {hook}(struct __sk_buff *skb)" in text
@@ -64,19 +65,18 @@ def test_cleanup_pins_takes_only_the_lab_nodes(tmp_path: Path, monkeypatch: pyte
 
 
 def _start_over_foreign_pin(pin_dir: str) -> str:
-    from bcc import BPF
-
     from agent.redirect.redirector import Redirector
 
     # An agent with another layout pinned `pods` (8-byte values) before this one starts.
-    foreign = BPF(text=f'BPF_TABLE_PINNED("hash", u32, u64, ambit_pods, 16, "{pin_dir}/pods");')
+    foreign = syscall.map_create(syscall.BPF_MAP_TYPE_HASH, 4, 8, 16, 0, "ambit_pods")
+    pins.pin_fd(foreign, Path(pin_dir) / "pods")
     redirector = Redirector("node-x", Path(pin_dir))
     try:
         redirector.start()
     except maps.LayoutError as exc:
         return str(exc)
     finally:
-        foreign.cleanup()
+        os.close(foreign)
     redirector.stop()
     return "started"
 

@@ -145,3 +145,18 @@ def test_a_drained_connection_takes_no_new_stream_and_closes_once_idle() -> None
     pool.release(1)
     assert pool.expired() == [1] and conn.closing
     assert not pool.drain(99)
+
+
+def test_a_key_keeps_only_spread_idle_connections_after_a_burst() -> None:
+    clock = Clock()
+    pool = Pool(max_streams=1, idle_timeout=60, spread=2, clock=clock)
+    for conn_id in range(1, 6):  # a burst: five concurrent streams, one connection each
+        pool.add(KEY, conn_id, "p", 1)
+    for conn_id in range(1, 5):
+        clock.now += 1
+        pool.release(conn_id)
+    # Four idle, one busy: the two most recently used idle ones stay warm, the others close now.
+    assert sorted(pool.expired()) == [1, 2]
+    assert pool.expired() == []
+    pool.release(5)
+    assert pool.expired() == [3]  # 5 and 4 are the two warm ones now

@@ -1,0 +1,141 @@
+"""The whole node agent (`ambit agent`, real plane, eBPF capture) as an operator pays for it, in one run:
+
+- start-up to ready (readiness 200) and its CPU, cold (empty BPF compile cache) then warm (cached);
+- RSS per agent idle, holding 1,000 and 5,000 captured connections, and after they closed;
+- CPU per 1,000 requests/s (1-byte ping-pong on one connection), per agent, against stunnel's;
+- new connections/s and CPU per new connection (both tunnel ends), against plain TCP and stunnel
+  (bench_tunnel's stunnel harness, same topology: one tunnel process per node).
+
+Lab: 2 nodes x 2 pods; pod-1-1 -> pod-2-1 is captured (both agents on the path), pod-1-2 -> pod-2-2 is
+opted out (plain) and is also the stunnel path. Rows are ratios to a baseline of the same run.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent import netns as nsx
+from agent.lab import control, mesh
+from agent.lab.plan import LabPlan, plan_lab
+from agent.redirect import cache
+from tests.bench import bench_tunnel
+from tests.integration.agent import footprint
+from tests.integration.proxy import proxy_lab
+
+SECONDS = float(os.environ.get("AMBIT_BENCH_SECONDS", "2"))
+ECHO = proxy_lab.ECHO  # the port stunnel's server side forwards to
+HELD = (1000, 5000)
+PLAIN_PODS = frozenset({"pod-1-2", "pod-2-2"})
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+
+def _start_agent(plan: LabPlan, node: str, mgmt_state: Path) -> tuple[float, float]:
+    """(seconds to ready, CPU seconds at ready) of a fresh agent on `node`."""
+    started = time.monotonic()
+    mesh.start_agent(plan, node, mgmt_state, lambda _: None)
+    pid = footprint.pid_of(plan.prefix, f"agent-{node}")
+    while not mesh._agent_ready(plan.node(node).netns):
+        if time.monotonic() - started > 60:
+            raise RuntimeError(f"agent on {node} not ready after 60 s")
+        time.sleep(0.05)
+    return time.monotonic() - started, footprint.cpu_s(pid)
+
+
+def _settled_rss(pids: list[int], seconds: float = 3.0) -> float:
+    """The larger agent's RSS once things settled (idle timers, pooled connections closing)."""
+    time.sleep(seconds)
+    return max(footprint.rss_mib(p) for p in pids)
+
+
+def _measure(plan: LabPlan, workdir: Path) -> dict[str, float]:
+    out: dict[str, float] = {}
+    mesh.write_config(plan)
+    mesh.set_opted_out(plan, PLAIN_PODS)
+    mgmt_state = mesh.start_plane(plan, lambda _: None)
+    out["start-up cold"], out["start-up CPU cold"] = _start_agent(plan, "node-1", mgmt_state)
+    out["start-up warm"], out["start-up CPU warm"] = _start_agent(plan, "node-2", mgmt_state)
+    for pod in ("pod-2-1", "pod-2-2"):
+        mesh.start_echo_server(plan, pod, ECHO)
+    lab = proxy_lab.ProxyLab(plan.prefix, plan, workdir)
+    bench_tunnel._start_stunnel(lab, workdir)
+    agents = [footprint.pid_of(plan.prefix, f"agent-{n.name}") for n in plan.nodes]
+    tunnels = [footprint.pid_of(plan.prefix, f"stunnel-{side}") for side in ("client", "server")]
+    ambit_dst, plain_dst, stunnel_dst = plan.pod("pod-2-1").ip, plan.pod("pod-2-2").ip, plan.node("node-1").ip
+
+    out["agent RSS idle"] = _settled_rss(agents)
+    out["stunnel RSS idle"] = max(footprint.rss_mib(p) for p in tunnels)
+    with footprint.holder(plan, "pod-1-1", ambit_dst, ECHO) as holder:
+        for count in HELD:
+            holder(f"open {count - holder('open 0')}")
+            out[f"agent RSS {count} conns"] = max(footprint.rss_mib(p) for p in agents)
+        holder("close")
+    out["agent RSS after 5000 closed"] = _settled_rss(agents, 5.0)
+
+    def in_pod(pod: str, fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+        return lambda: nsx.run_in(plan.pod(pod).netns, fn, *args, timeout=SECONDS * 10 + 30)
+
+    paths = {  # name: (client pod, destination, port, the tunnel processes)
+        "plain": ("pod-1-2", plain_dst, ECHO, []),
+        "stunnel": ("pod-1-2", stunnel_dst, bench_tunnel.STUNNEL_PORTS[ECHO], tunnels),
+        "ambit": ("pod-1-1", ambit_dst, ECHO, agents),
+    }
+    for name in ("ambit", "stunnel"):
+        pod, dst, port, pids = paths[name]
+        done, cpu = footprint.cpu_during(pids, in_pod(pod, footprint.ping_pong, dst, port, SECONDS))
+        # Per tunnel process (the busier end): CPU-s per second, per 1,000 round trips per second.
+        out[f"{name}: CPU per 1,000 RR/s"] = max(cpu) / SECONDS / (done / SECONDS / 1000)
+    for name, (pod, dst, port, pids) in paths.items():
+        rate, cpu = footprint.cpu_during(pids, in_pod(pod, bench_tunnel.connection_rate, dst, port, SECONDS))
+        out[f"{name}: new connections/s"] = rate
+        if pids:
+            out[f"{name}: CPU per new connection"] = sum(cpu) / (rate * SECONDS) * 1e6
+    return out
+
+
+ROWS = (  # name, unit, baseline
+    ("start-up cold", "s", ""),
+    ("start-up warm", "s", "start-up cold"),
+    ("start-up CPU cold", "CPU-s", ""),
+    ("start-up CPU warm", "CPU-s", "start-up CPU cold"),
+    ("stunnel RSS idle", "MiB", ""),
+    ("agent RSS idle", "MiB", "stunnel RSS idle"),
+    ("agent RSS 1000 conns", "MiB", "agent RSS idle"),
+    ("agent RSS 5000 conns", "MiB", "agent RSS idle"),
+    ("agent RSS after 5000 closed", "MiB", "agent RSS idle"),
+    ("stunnel: CPU per 1,000 RR/s", "CPU-s/s", ""),
+    ("ambit: CPU per 1,000 RR/s", "CPU-s/s", "stunnel: CPU per 1,000 RR/s"),
+    ("plain: new connections/s", "conn/s", ""),
+    ("stunnel: new connections/s", "conn/s", "plain: new connections/s"),
+    ("ambit: new connections/s", "conn/s", "stunnel: new connections/s"),
+    ("stunnel: CPU per new connection", "us", ""),
+    ("ambit: CPU per new connection", "us", "stunnel: CPU per new connection"),
+)
+
+
+def run() -> list[dict[str, Any]]:
+    prefix = "ba" + uuid.uuid4().hex[:4] + "-"
+    with tempfile.TemporaryDirectory(prefix="ambit-bench-agent-") as tmp:
+        workdir = Path(tmp)
+        saved = {k: os.environ.get(k) for k in ("AMBIT_LAB_STATE_DIR", cache.DIR_ENV)}
+        os.environ["AMBIT_LAB_STATE_DIR"] = str(workdir)
+        os.environ[cache.DIR_ENV] = str(workdir / "bpf-cache")  # empty: the first agent starts cold
+        plan = plan_lab(2, 2, prefix)
+        control.up(plan)
+        try:
+            values = _measure(plan, workdir)
+        finally:
+            control.down(prefix)
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+    return [{"name": n, "value": values[n], "unit": u, "baseline": b} for n, u, b in ROWS]
