@@ -3,6 +3,7 @@
 Run by `make native`; the compiled module lands beside this file so the in-tree package imports it.
 """
 
+import os
 from pathlib import Path
 
 from cffi import FFI
@@ -21,6 +22,9 @@ def cdef_from_header(text: str) -> str:
 
 
 CDEF = cdef_from_header(HEADER.read_text())
+# AMBIT_ENGINE_SANITIZE=address builds an ASan engine (run it with libasan preloaded: docs/engine.md).
+_SANITIZER = os.environ.get("AMBIT_ENGINE_SANITIZE", "")
+SANITIZE = [f"-fsanitize={_SANITIZER}", "-fno-omit-frame-pointer", "-g"] if _SANITIZER else []
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
@@ -30,11 +34,10 @@ ffibuilder.set_source(
     sources=[str(p.relative_to(ROOT)) for p in sorted(SRC.glob("*.c"))],
     include_dirs=[str(SRC)],
     libraries=["ssl", "crypto", "nghttp2", "pthread"],
-    extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11", "-D_GNU_SOURCE"],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11", "-D_GNU_SOURCE", *SANITIZE],
+    extra_link_args=SANITIZE,
 )
 
 if __name__ == "__main__":
-    import os
-
     os.chdir(ROOT)
     ffibuilder.compile(tmpdir=str(ROOT), verbose=False)

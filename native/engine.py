@@ -181,7 +181,7 @@ class Engine:
         """Caps by name (LIMITS), each refusing only the offending peer's new work, counted:
         pending_handshakes (engine-wide) and pending_per_source, conns_per_source, streams_per_peer
         (all connections of one authenticated identity), max_concurrent_streams (advertised to new
-        connections), resets_per_s (per connection; beyond it GOAWAY ENHANCE_YOUR_CALM), stream_buffer
+        connections), resets_per_s (per peer identity; beyond it GOAWAY ENHANCE_YOUR_CALM), stream_buffer
         and conn_buffer (bytes read from sockets awaiting the peer's window). 0 = unlimited."""
         for name, value in limits.items():
             which = LIMITS.get(name)

@@ -552,8 +552,9 @@ static void announce_requests(hconn *c)
     }
 }
 
-/* Rapid reset (CVE-2023-44487): each peer reset costs us a stream's setup, so a connection may cause at
- * most AMBIT_L_RESETS_PER_S per second; beyond, GOAWAY(ENHANCE_YOUR_CALM) and the connection ends. */
+/* Rapid reset (CVE-2023-44487): each peer reset costs us a stream's setup, so a peer may cause at most
+ * AMBIT_L_RESETS_PER_S per second: over all connections of one authenticated identity when serving, per
+ * connection otherwise; beyond, GOAWAY(ENHANCE_YOUR_CALM) and the connection ends. */
 static void conn_count_reset(hconn *c)
 {
     ambit_engine *e = c->l->engine;
@@ -563,7 +564,8 @@ static void conn_count_reset(hconn *c)
         c->reset_window_ms = now;
         c->resets_in_window = 0;
     }
-    if (!budget || ++c->resets_in_window <= budget || c->ending)
+    int over = c->server && c->peer_key ? limits_reset(e, c->peer_key, now) : ++c->resets_in_window > budget;
+    if (!budget || !over || c->ending)
         return;
     ctr_add(e, AMBIT_C_RESET_FLOODS, 1);
     nghttp2_session_terminate_session(c->h2, NGHTTP2_ENHANCE_YOUR_CALM);
@@ -818,6 +820,7 @@ static void handshake_done(hconn *c)
     copy_str(c->peer_id, sizeof(c->peer_id), ev.peer_id);
     if (c->server) {
         c->peer_key = limits_peer_key(c->peer_id);
+        limits_peer_conn(e, c->peer_key, 1);
         limits_handshake_over(e, c->src_key);
         c->hs_counted = 0;
         /* The HTTP/2 session of a served connection exists only once its peer is authenticated. */
@@ -994,6 +997,12 @@ static void conn_end(hconn *c)
     ambit_engine *e = l->engine;
     c->tearing_down = 1;
     c->reqs = c->reqs_tail = NULL;
+    if (c->ending == END_ERROR && c->state == HS_H2 && c->h2) {
+        /* Best effort: let the peer see our GOAWAY (protocol error, reset flood) before the reset. Streams
+         * are still alive here: nghttp2 may call their data callbacks. */
+        c->writable = 1;
+        conn_flush(c);
+    }
     if (c->on_dirty) /* re-queued by its own flush (e.g. a GOAWAY sent while ending) */
         for (hconn **pp = &l->dirty; *pp; pp = &(*pp)->dirty_next)
             if (*pp == c) {
@@ -1025,13 +1034,11 @@ static void conn_end(hconn *c)
         s->h2_closed = 1;
         stream_finish(s, "connection closed");
     }
-    if (c->ending == END_ERROR && c->state == HS_H2 && c->h2) {
-        /* Best effort: let the peer see our GOAWAY (protocol error, reset flood) before the reset. */
-        c->writable = 1;
-        conn_flush(c);
-    }
-    if (c->server)
+    if (c->server) {
         limits_conn_end(e, c->src_key, c->hs_counted);
+        if (c->peer_key)
+            limits_peer_conn(e, c->peer_key, -1);
+    }
     if (c->ending == END_GRACEFUL && c->state == HS_H2) {
         SSL_shutdown(c->ssl); /* best effort close_notify; the socket is non-blocking */
     }

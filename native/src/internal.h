@@ -28,7 +28,7 @@
 #define AMBIT_HEADER_MAX 256          /* longest :authority / forwarded value kept (with NUL) */
 #define AMBIT_EXTRA_HEADERS 8         /* extra request headers per CONNECT (open_stream) */
 #define AMBIT_EXTRA_BYTES 2048        /* their total size */
-#define AMBIT_LINGER_MS 2000          /* longest a reset socket waits to transmit its queued bytes */
+#define AMBIT_LINGER_MS 2000          /* longest a reset socket waits without progress to transmit its bytes */
 
 /* Growable byte buffer with a consumed prefix. */
 typedef struct abuf {
@@ -194,6 +194,11 @@ void limits_handshake_over(ambit_engine *e, uint64_t src);
 void limits_conn_end(ambit_engine *e, uint64_t src, int pending);
 int limits_stream_start(ambit_engine *e, uint64_t peer);
 void limits_stream_end(ambit_engine *e, uint64_t peer);
+/* An authenticated connection of `peer` starts (+1) or ends (-1): its share (and reset window) lives while
+ * it has connections or streams. */
+void limits_peer_conn(ambit_engine *e, uint64_t peer, int delta);
+/* Counts one stream reset caused by `peer`; 1 when that exceeds its AMBIT_L_RESETS_PER_S budget. */
+int limits_reset(ambit_engine *e, uint64_t peer, uint64_t now);
 void limits_free(ambit_engine *e);
 
 /* pump.c */

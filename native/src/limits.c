@@ -13,8 +13,10 @@
 
 typedef struct share {
     uint32_t pending; /* server handshakes in progress */
-    uint32_t conns;   /* server connections (pending or established) */
+    uint32_t conns;   /* source: server connections (pending or established); peer: its connections */
     uint32_t streams; /* served streams of this peer identity */
+    uint32_t resets;  /* stream resets this peer identity caused in the current window */
+    uint64_t reset_window_ms;
 } share;
 
 static uint64_t fnv1a(const void *p, size_t n)
@@ -151,6 +153,40 @@ static void share_free(void *value, void *arg)
 {
     (void)arg;
     free(value);
+}
+
+void limits_peer_conn(ambit_engine *e, uint64_t peer, int delta)
+{
+    pthread_mutex_lock(&e->limits_lock);
+    share *s = share_get(e, peer, delta > 0);
+    if (s) {
+        if (delta > 0)
+            s->conns++;
+        else if (s->conns)
+            s->conns--;
+        share_drop_if_idle(e, peer, s);
+    }
+    pthread_mutex_unlock(&e->limits_lock);
+}
+
+int limits_reset(ambit_engine *e, uint64_t peer, uint64_t now)
+{
+    uint32_t budget = (uint32_t)limit(e, AMBIT_L_RESETS_PER_S);
+    int over = 0;
+    if (!budget)
+        return 0;
+    pthread_mutex_lock(&e->limits_lock);
+    share *s = share_get(e, peer, 1);
+    if (s) {
+        if (now - s->reset_window_ms >= 1000) {
+            s->reset_window_ms = now;
+            s->resets = 0;
+        }
+        over = ++s->resets > budget;
+        share_drop_if_idle(e, peer, s);
+    }
+    pthread_mutex_unlock(&e->limits_lock);
+    return over;
 }
 
 void limits_free(ambit_engine *e)

@@ -5,7 +5,8 @@
  * stream that ends with a reset right after its last DATA (a client that uploads and aborts, or a peer's
  * RST_STREAM following its DATA) would lose those bytes on a fresh, cwnd-limited connection. A lingering
  * socket keeps the bytes the stream had not written yet, writes them, waits until the kernel transmitted
- * everything (SIOCOUTQNSD), then resets. Bounded: at most AMBIT_LINGER_MS, then reset regardless. */
+ * everything (SIOCOUTQNSD), then resets. Bounded: after AMBIT_LINGER_MS without progress (the reader
+ * stopped reading), reset regardless; the bytes kept are at most what the stream had buffered. */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,19 +34,24 @@ static int unsent(int fd)
     return n;
 }
 
-/* 1 when the socket may be reset now (everything transmitted, or it failed), 0 to keep waiting. */
-static int linger_progress(int fd, abuf *out)
+/* 1 when the socket may be reset now (everything transmitted, or it failed), 0 to keep waiting; *moved
+ * tells whether bytes left our buffer. */
+static int linger_progress(int fd, abuf *out, int *moved)
 {
     while (abuf_pending(out)) {
         ssize_t n = write(fd, abuf_head(out), abuf_pending(out));
-        if (n > 0)
+        if (n > 0) {
             abuf_consume(out, (size_t)n);
-        else if (n < 0 && errno == EAGAIN)
+            *moved = 1;
+        }
+        else if (n < 0 && errno == EAGAIN) {
             return 0;
-        else if (n < 0 && errno == EINTR)
+        }
+        else if (n < 0 && errno == EINTR) {
             continue;
-        else
+        } else {
             return 1; /* the socket failed: nothing more can be delivered */
+        }
     }
     return unsent(fd) == 0;
 }
@@ -66,13 +72,17 @@ static void on_linger_io(ambit_loop *l, aio *io, uint32_t events)
     alinger *g = io->owner;
     if (g->done)
         return;
-    if ((events & (EPOLLERR | EPOLLHUP)) || linger_progress(io->fd, &g->out))
+    int moved = 0;
+    if ((events & (EPOLLERR | EPOLLHUP)) || linger_progress(io->fd, &g->out, &moved))
         linger_end(l, g);
+    else if (moved)
+        g->deadline_ms = now_ms() + AMBIT_LINGER_MS; /* a reader making progress gets everything */
 }
 
 void linger_reset(ambit_loop *l, int fd, abuf *out)
 {
-    if (linger_progress(fd, out)) {
+    int moved = 0;
+    if (linger_progress(fd, out, &moved)) {
         reset_close(fd);
         abuf_free(out);
         return;
@@ -102,9 +112,15 @@ void linger_reset(ambit_loop *l, int fd, abuf *out)
 void linger_tick(ambit_loop *l)
 {
     uint64_t now = now_ms();
-    for (alinger *g = l->lingers; g; g = g->next)
-        if (!g->done && (now >= g->deadline_ms || linger_progress(g->io.fd, &g->out)))
+    for (alinger *g = l->lingers; g; g = g->next) {
+        int moved = 0;
+        if (g->done)
+            continue;
+        if (linger_progress(g->io.fd, &g->out, &moved) || (!moved && now >= g->deadline_ms))
             linger_end(l, g);
+        else if (moved)
+            g->deadline_ms = now + AMBIT_LINGER_MS;
+    }
 }
 
 /* Frees ended entries; runs after an epoll batch, so no event of this batch still points at one. */

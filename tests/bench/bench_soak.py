@@ -43,13 +43,16 @@ def run() -> list[dict[str, Any]]:
         server.stop()
     if mismatches:
         raise AssertionError(f"soak: {len(mismatches)} of {done} streams lost bytes: {mismatches[:5]}")
+
+    def row(name: str, value: float, unit: str) -> dict[str, Any]:
+        return {"name": name, "value": value, "unit": unit, "baseline": ""}
+
     return [
-        {"name": "soak streams (SHA-256 checked both ways)", "value": done, "unit": "streams", "baseline": ""},
-        {"name": "soak streams/s (1,000 concurrent)", "value": done / seconds, "unit": "streams/s", "baseline": ""},
-        {"name": "soak streams with lost bytes", "value": len(mismatches), "unit": "streams", "baseline": ""},
-        {"name": "soak streams reset (aborting orderings)", "value": counters["streams_reset"], "unit": "streams",
-         "baseline": ""},
-    ]  # fmt: skip
+        row("soak streams (SHA-256 checked both ways)", done, "streams"),
+        row("soak streams/s (1,000 concurrent)", done / seconds, "streams/s"),
+        row("soak streams with lost bytes", len(mismatches), "streams"),
+        row("soak streams reset (aborting orderings)", counters["streams_reset"], "streams"),
+    ]
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ HTTP/2 client that holds or resets streams, process RSS."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import ssl
@@ -14,7 +15,6 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
-
 from engine_testkit import Events, Pki, Svid
 
 from native.engine import Engine
@@ -35,10 +35,8 @@ def client_hello() -> bytes:
     ctx.verify_mode = ssl.CERT_NONE
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     obj = ctx.wrap_bio(incoming, outgoing)
-    try:
+    with contextlib.suppress(ssl.SSLWantReadError):
         obj.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
     return outgoing.read()
 
 
@@ -141,7 +139,9 @@ class RawH2:
         """`raw`: a connected TCP socket the engine already serves."""
         self.sock = ctx.wrap_socket(raw)
         self.goaway = False
-        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        )
         self.h2.initiate_connection()
         self.flush()
         self.refused = 0

@@ -19,6 +19,7 @@ Used by the stress test (tests/unit/native/test_engine_stress.py) and the soak b
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import random
@@ -196,10 +197,8 @@ class Driver:
                     self.open_ends -= 1
                     end.shut = end.eof = True
                     return
-                try:
+                with contextlib.suppress(OSError):
                     end.sock.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
                 end.shut = True
         events = (0 if end.eof else selectors.EVENT_READ) | (
             0 if end.shut or not end.may_send else selectors.EVENT_WRITE
@@ -246,7 +245,9 @@ class Driver:
                 checks = checks[1:]
             for what, data, end in checks:
                 if (end.got, end.digest.hexdigest()) != (len(data), hashlib.sha256(data).hexdigest()):
-                    mismatches.append(f"stream {st.index} ({st.order}) {what}: {end.got} of {len(data)} bytes")
+                    mismatches.append(
+                        f"stream {st.index} ({st.order}) {what}: {end.got} of {len(data)} bytes"
+                    )
         for st in self.streams.values():
             st.app.sock.close()
             if st.upstream is not None:

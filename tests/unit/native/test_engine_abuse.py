@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import time
 
 from engine_abuse import Listener, RawH2, abort_handshakes, engine_with, settle, tls_client, wait_counter
 from engine_testkit import TD, Events, Pki, issue
@@ -109,6 +110,29 @@ def test_rapid_reset_has_a_budget(pki: Pki) -> None:
         assert len([e for e in evs if e.kind in ("stream_request", "stream_closed")]) < 50
         assert eng.counters()["streams_reset_early"] >= 150
         conn.close()
+        lst.close()
+
+
+def test_reset_budget_is_per_peer_identity(pki: Pki) -> None:
+    """30 connections of one identity, 100 resets each (under any per-connection budget): the identity's
+    budget (200/s over all its connections) ends them (per connection, none would be over 200)."""
+    with engine_with(pki, resets_per_s=200) as (eng, events, _, sctx):
+        lst = Listener(eng, sctx)
+        ctx = tls_client(pki, pki.client)
+        conns = [_raw_connected(lst, ctx) for _ in range(30)]
+        for conn in conns:
+            for i in range(100):
+                conn.reset(conn.open(f"10.244.2.2:{i + 1}"))
+            conn.flush()
+        # the first 200 resets are within budget; past them every connection that resets again ends
+        deadline = time.monotonic() + 30
+        while eng.counters()["reset_floods"] < 10 and time.monotonic() < deadline:
+            _drain(events)
+            time.sleep(0.05)
+        assert eng.counters()["reset_floods"] >= 10
+        assert len([e for e in _drain(events) if e.kind == "stream_request"]) < 200
+        for conn in conns:
+            conn.close()
         lst.close()
 
 

@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 
+import pytest
 from engine_testkit import CLIENT_ID, Events, Pki, contexts, fd_count, issue, make_pki, tcp_pair, tunnel
 
 from native.engine import Engine
@@ -143,16 +144,17 @@ def test_reset_stream_by_agent(engine: Engine, events: Events, pki: Pki) -> None
     assert up2.recv(10) == b"again"
 
 
-def test_reject_stream_reports_status(engine: Engine, events: Events, pki: Pki) -> None:
+@pytest.mark.parametrize("status", [403, 401])  # ztunnel denies with 401: reported as received
+def test_reject_stream_reports_status(engine: Engine, events: Events, pki: Pki, status: int) -> None:
     t = tunnel(engine, events, pki)
     app, local = socket.socketpair()
     sid = engine.open_stream(t.client, "10.244.2.2:22", local.detach())
     req = events.kind("stream_request", conn_id=t.server)
-    engine.reject_stream(t.server, req.stream_id, 403)
+    engine.reject_stream(t.server, req.stream_id, status)
     refused = events.kind("stream_refused", conn_id=t.client, stream_id=sid)
-    assert refused.status == 403
+    assert refused.status == status
     assert app.recv(10) == b""
-    assert events.kind("stream_closed", conn_id=t.server).status == 403
+    assert events.kind("stream_closed", conn_id=t.server).status == status
     assert engine.counters()["streams_refused"] == 1
 
 

@@ -19,7 +19,7 @@ from native.engine import Engine, EngineError, cert_is_ca
 def ca_true_leaf(pki: Pki, spiffe_id: str) -> Svid:
     """An SVID-shaped leaf (one URI SAN, signed by the mesh CA) that claims CA:true."""
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "evil")]))
@@ -29,7 +29,9 @@ def ca_true_leaf(pki: Pki, spiffe_id: str) -> Svid:
         .not_valid_before(now - dt.timedelta(minutes=1))
         .not_valid_after(now + dt.timedelta(hours=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=False
+        )
         .sign(pki.ca.key, hashes.SHA256())
     )
     return Svid(
@@ -65,7 +67,9 @@ def test_ca_true_client_leaf_is_refused_with_an_alert(engine: Engine, events: Ev
 def test_ca_true_server_leaf_is_refused(engine: Engine, events: Events, pki: Pki) -> None:
     bad = ca_true_leaf(pki, "spiffe://cluster.local/node/node-2")
     cctx, _ = contexts(engine, pki)
-    sctx = engine.tls_context(server=True, chain_pem=bad.chain_pem, key_pem=bad.key_pem, bundle_pem=pki.bundle)
+    sctx = engine.tls_context(
+        server=True, chain_pem=bad.chain_pem, key_pem=bad.key_pem, bundle_pem=pki.bundle
+    )
     a, b = tcp_pair()
     cid = engine.connect_hbone(a.detach(), cctx, bad.spiffe_id)
     engine.serve_hbone(b.detach(), sctx)
