@@ -96,6 +96,9 @@ class Inbound:
                                 budget.name, budget.limit)  # fmt: skip
                 sock.close()
                 return
+        # Held from here, also while a first SVID is fetched: connections waiting for it count too.
+        budgets.hbone_handshakes.take(peer_ip)
+        budgets.hbone_sources.take(peer_ip)
         sock.setblocking(False)
         snap = rt.state()
         local = snap.workload_by_ip(local_ip)
@@ -103,7 +106,7 @@ class Inbound:
             rt.counters["hbone_not_a_local_workload"] += 1
             rt.warn.warning("hbone_not_local", "refusing HBONE from %s to %s: not a workload on node %s",
                             peer_ip, local_ip, rt.node)  # fmt: skip
-            sock.close()
+            self._abandon(sock, peer_ip)
             return
         identity = local.spiffe_id(snap.trust_domain)
         if rt.tls.has_server(identity):
@@ -117,10 +120,17 @@ class Inbound:
             rt.counters["hbone_no_identity"] += 1
             rt.warn.warning("hbone_no_identity", "refusing HBONE from %s to %s: no certificate for %s: %s",
                             peer_ip, local_ip, identity, err)  # fmt: skip
-            sock.close()
+            self._abandon(sock, peer_ip)
 
         rt.counters["hbone_waited_for_svid"] += 1
         rt.off_loop(str(identity), lambda: rt.tls.fetch(identity), resume)
+
+    def _abandon(self, sock: socket.socket | None, peer_ip: str) -> None:
+        """Close an accepted connection before it became a served one, and give back its budget units."""
+        if sock is not None:
+            sock.close()
+        self.rt.budgets.hbone_handshakes.give_back(peer_ip)
+        self.rt.budgets.hbone_sources.give_back(peer_ip)
 
     def _serve_as(
         self, sock: socket.socket, identity: SpiffeId, local_ip: str, peer_ip: str, peer_port: int
@@ -132,18 +142,16 @@ class Inbound:
             rt.counters["hbone_no_identity"] += 1
             rt.warn.warning("hbone_no_identity", "refusing HBONE from %s: no certificate for %s: %s", peer_ip,
                             identity, exc)  # fmt: skip
-            sock.close()
+            self._abandon(sock, peer_ip)
             return
         try:
             conn_id = rt.engine.serve_hbone(sock.detach(), ctx)
-        except EngineError as exc:
+        except EngineError as exc:  # the engine owns (and closed) the fd
             rt.counters["hbone_serve_errors"] += 1
             rt.warn.warning("hbone_serve_errors", "HBONE from %s: %s", peer_ip, exc)
+            self._abandon(None, peer_ip)
             return
         self.server_conns[conn_id] = ServerConn(local_ip, peer_ip, peer_port)
-        budgets = rt.budgets
-        budgets.hbone_handshakes.take(peer_ip)
-        budgets.hbone_sources.take(peer_ip)
 
     def on_peer_verified(self, ev: Event) -> None:
         """Only a workload identity of this mesh's trust domain (or an alias) may open streams on 15008:
