@@ -38,6 +38,10 @@ def _cmd_lab_up(args: argparse.Namespace) -> int:
 
     plan = plan_lab(args.nodes, args.pods, args.prefix, args.node_cidr, args.pod_cidr)
     control.up(plan, _progress)
+    if args.kube:
+        from agent.lab import kubelab
+
+        kubelab.up(plan, _progress)
     return 0
 
 
@@ -111,7 +115,10 @@ def _cmd_lab_config_check(args: argparse.Namespace) -> int:
 def _cmd_lab_demo(args: argparse.Namespace) -> int:
     from agent.lab.demo import run_demo
 
-    return run_demo(args.prefix, _progress)
+    return run_demo(args.prefix, _progress, kube=args.kube)
+
+
+_KUBE_HELP = "workloads as Pods in a real Kubernetes API server (the plane watches it; docs/kube.md)"
 
 
 def add_lab(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -138,6 +145,7 @@ def add_lab(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     up.add_argument(
         "--pod-cidr", default=DEFAULT_POD_CIDR, help="pod addresses, a /24 per node (default %(default)s)"
     )
+    up.add_argument("--kube", action="store_true", help=_KUBE_HELP)
     up.set_defaults(func=_cmd_lab_up)
     down = verbs.add_parser("down", help="remove everything the lab made")
     down.set_defaults(func=_cmd_lab_down)
@@ -163,6 +171,7 @@ def add_lab(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     config_check.add_argument("--dir", default="", help="config directory (default: the lab mesh's)")
     config_check.set_defaults(func=_cmd_lab_config_check)
     demo = verbs.add_parser("demo", help="the `make lab` walk-through: up, traffic, down")
+    demo.add_argument("--kube", action="store_true", help=_KUBE_HELP + "; kubectl apply changes traffic")
     demo.set_defaults(func=_cmd_lab_demo)
     share(
         [lab, up, down, status, ex, check, mesh, config, config_check, demo],

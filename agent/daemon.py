@@ -101,7 +101,7 @@ class Agent:
         bundle = s.trust_bundle.read_bytes()
         token = s.join_token_file.read_text().strip()
         log.info("joining as node %s via %s", s.node, s.bootstrap)
-        node_identity = join(s.bootstrap, token, s.node, bundle)
+        node_identity = join(s.bootstrap, token, s.node, bundle, service_account=s.kube_token)
         del token
         self._check_stopping()
 

@@ -290,6 +290,20 @@ def _cmd_log_level(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    # The plane's admin API, not the agent's: what every node ACKed or NACKed (mgmt/admin.py).
+    status, body = fetch(args.plane, "GET", "/debug/status")
+    if status == 0:
+        raise UsageError(f"cannot reach the plane's admin API at {args.plane}: {body} (--plane HOST:PORT)")
+    if status != 200:
+        raise UsageError(f"plane at {args.plane} answered HTTP {status}: {body[:200]}")
+    data = json.loads(body)
+    _show(data["nodes"] if args.output == "table" else data, args.output)
+    if args.output == "table":
+        print(f"\nplane config version {data['version']} ({data['content_hash'][:12]})")
+    return 0
+
+
 HELPS = {
     "workloads": "workloads the node holds: its own, and the peers it looked up",
     "services": "services the node knows",
@@ -351,6 +365,10 @@ def add_debug_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     for name, text in HELPS.items():
         add_view(views, name, text, _cmd_view)
     add_view(views, "all", "every view above but config, in one answer", _cmd_all)
+    status = add_view(
+        views, "status", "per node: the config version it ACKed or NACKed (the plane's view)", _cmd_status
+    )
+    status.add_argument("--plane", default="127.0.0.1:15014", metavar="HOST:PORT", help="plane admin address")
     level = add_view(views, "log-level", "show or set the agent's log level", _cmd_log_level)
     level.add_argument("level", nargs="?", help="new level: critical|error|warning|info|debug")
     share([debug], DEBUG_OPTIONS)

@@ -28,7 +28,7 @@ class AgentSettings:
     mgmt: str  # relay + CA service (mTLS with the node certificate)
     bootstrap: str  # join-token exchange (server-auth TLS)
     trust_bundle: Path
-    join_token_file: Path
+    join_token_file: Path  # a one-time join token, or with kube_token the pod's ServiceAccount token
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     listen_ip: str = "0.0.0.0"  # where HBONE (15008) and plaintext inbound (15006) listen
     admin: str = "127.0.0.1:15000"
@@ -42,6 +42,7 @@ class AgentSettings:
     log_level: str = "info"
     log_format: str = "text"  # or "json": one JSON object per line (api/logformat.py)
     bundle_refresh_s: float = 30.0
+    kube_token: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> AgentSettings:
@@ -59,7 +60,10 @@ class AgentSettings:
             raise UsageError(
                 f"--bundle-refresh must be between 0.5 and 3600 seconds, got {args.bundle_refresh}"
             )
-        for what in ("trust_bundle", "join_token_file"):
+        if bool(args.join_token_file) == bool(args.kube_token_file):
+            raise UsageError("give one of --join-token-file (lab, VMs) or --kube-token-file (Kubernetes)")
+        token_arg = "join_token_file" if args.join_token_file else "kube_token_file"
+        for what in ("trust_bundle", token_arg):
             path = Path(getattr(args, what))
             if not path.is_file():
                 raise UsageError(f"--{what.replace('_', '-')} {path}: no such file")
@@ -68,7 +72,7 @@ class AgentSettings:
             mgmt=args.mgmt,
             bootstrap=args.bootstrap,
             trust_bundle=Path(args.trust_bundle),
-            join_token_file=Path(args.join_token_file),
+            join_token_file=Path(getattr(args, token_arg)),
             trust_domain=args.trust_domain,
             listen_ip=args.listen_ip,
             admin=args.admin,
@@ -82,6 +86,7 @@ class AgentSettings:
             log_level=args.log_level,
             log_format=args.log_format,
             bundle_refresh_s=args.bundle_refresh,
+            kube_token=bool(args.kube_token_file),
         )
 
 
@@ -90,7 +95,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mgmt", required=True, help="management plane relay address HOST:PORT (port 15012)")
     p.add_argument("--bootstrap", required=True, help="management plane bootstrap address HOST:PORT (15013)")
     p.add_argument("--trust-bundle", required=True, help="PEM file with the mesh's trust anchors")
-    p.add_argument("--join-token-file", required=True, help="file holding the one-time join token")
+    p.add_argument("--join-token-file", help="file holding the one-time join token")
+    p.add_argument(
+        "--kube-token-file",
+        help="on Kubernetes, instead: the pod's projected ServiceAccount token (audience ambit), re-read "
+        "at each join",
+    )
     p.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN, help="default %(default)s")
     p.add_argument("--listen-ip", default="0.0.0.0", help="address of the 15008/15006 listeners")
     p.add_argument("--admin", default="127.0.0.1:15000", help="admin HTTP (localhost only by default)")

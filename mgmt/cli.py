@@ -1,15 +1,17 @@
 """The `ambit mgmt` subcommand: run the management plane, or mint a node join token.
 
-  ambit mgmt --config-dir D --state-dir S [--trust-domain cluster.local] [--listen 0.0.0.0:15012]
-             [--bootstrap-listen 0.0.0.0:15013] [--join-token NODE ...] [--audit-log F]
+  ambit mgmt [--source files] --config-dir D --state-dir S [--trust-domain cluster.local]
+             [--listen 0.0.0.0:15012] [--bootstrap-listen 0.0.0.0:15013] [--join-token NODE ...]
+             [--audit-log F]
+  ambit mgmt --source kube [--kubeconfig F] --state-dir S [...]   (config from the Kubernetes API)
   ambit mgmt token --state-dir S --node N [--ttl 1h] [--config-dir D]
   ambit mgmt rotate-root --state-dir S [--step prepare|activate|drop|all] [--wait SECONDS]
 
-The plane owns: the config store (D, watched), the CA (persisted in S), join tokens (file-backed in S, so
-`ambit mgmt token` works while the plane runs), the mTLS relay + CSR service on --listen and the
-join-token bootstrap on --bootstrap-listen. The public trust bundle agents need is S/ca-bundle.pem.
-`rotate-root` rewrites the CA files in S; the running plane notices the new revision and reloads them
-(mgmt.ca_store.CaReloader), which is what the command waits for.
+The plane owns: the config store (D watched, or the API server's objects), the CA (persisted in S), join
+tokens (file-backed in S, so `ambit mgmt token` works while the plane runs), the mTLS relay + CSR
+service on --listen and the join-token bootstrap on --bootstrap-listen. The public trust bundle agents
+need is S/ca-bundle.pem. `rotate-root` rewrites the CA files in S; the running plane notices the new
+revision and reloads them (mgmt.ca_store.CaReloader), which is what the command waits for.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from agent.errors import UsageError
 
 DEFAULT_LISTEN = "0.0.0.0:15012"
 DEFAULT_BOOTSTRAP_LISTEN = "0.0.0.0:15013"
+KUBE_SYNC_TIMEOUT_S = 60.0  # first list of every watched type, before the plane serves anything
 _DURATION = re.compile(r"^(\d+)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 ROTATION_STEP_CHOICES = ("prepare", "activate", "drop", "all")  # mgmt.ca_store.ROTATION_STEPS + all
@@ -73,7 +76,8 @@ def _config_nodes(config_dir: Path) -> frozenset[str]:
     from mgmt.store import ConfigLoadError, read_config
 
     try:
-        resources = read_config(config_dir)
+        # Invalid documents are skipped (per-document validity): a Node whose document is broken is unknown.
+        resources, _ = read_config(config_dir)
     except ConfigLoadError as exc:
         raise UsageError(f"config rejected: {exc.errors[0]}") from None
     return frozenset(r.obj.name for r in resources.values() if r.kind == "Node")
@@ -147,8 +151,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return _cmd_token(args)
     if args.verb == "rotate-root":
         return _cmd_rotate_root(args)
-    if not args.config_dir or not args.state_dir:
-        raise UsageError("ambit mgmt needs --config-dir and --state-dir")
+    if not args.state_dir or (args.source == "files" and not args.config_dir):
+        raise UsageError("ambit mgmt needs --state-dir, and --config-dir with --source files")
     from api import logformat
 
     logformat.configure("info", args.log_format)
@@ -173,6 +177,7 @@ class Plane:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self._stops: list[Any] = []
+        self._config_counters: dict[str, Any] = {}  # the config source's, for the admin API
 
     def start(self) -> None:
         from api.jsonlog import AuditLog
@@ -181,18 +186,15 @@ class Plane:
         from mgmt.ca import CAError
         from mgmt.identity_service import add_identity_service
         from mgmt.join_tokens import JoinTokens, UnknownNodeError, record_nodes
+        from mgmt.metrics import PlaneCollector, PlaneMetrics
         from mgmt.server import MgmtServer
-        from mgmt.store import ConfigStore
 
         a = self.args
         state_dir = Path(a.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         # AuditLog.record(event, /, **fields) satisfies mgmt's Audit protocol at run time; mypy is stricter.
         audit: Any = AuditLog(a.audit_log) if a.audit_log else None
-        store = ConfigStore(a.config_dir, state_dir, trust_domain=a.trust_domain)
-        errors = store.load()
-        if errors:
-            raise UsageError("config rejected:\n  " + "\n  ".join(str(e) for e in errors))
+        store = self._config_store(state_dir)
         upstream = ca_store.Upstream.from_dir(Path(a.ca_dir)) if a.ca_dir else None
         try:
             ca = ca_store.load_or_create(state_dir, a.trust_domain, upstream)
@@ -221,20 +223,19 @@ class Plane:
         )
         server.start()
         self._stops.append(server.stop)
-        bootstrap = BootstrapServer(ca, tokens, a.bootstrap_listen, audit)
+        bootstrap = BootstrapServer(ca, tokens, a.bootstrap_listen, audit, kube=self._kube_verifier())
         bootstrap.start()
         self._stops.append(bootstrap.stop)
         store.watch()
         self._stops.append(store.stop)
-        if a.metrics_listen:
-            from mgmt.metrics import PlaneCollector, PlaneMetrics
-
-            joins = bootstrap.service.refusals
-            csr = csr_services[0].counters
-            collector = PlaneCollector(store, server.relay, ca, csr, lambda: dict(joins.counts))
-            metrics = PlaneMetrics(collector)
-            metrics.start(a.metrics_listen)
-            self._stops.append(metrics.stop)
+        csr = csr_services[0].counters
+        metrics = PlaneMetrics(PlaneCollector(store, server.relay, ca, csr, bootstrap.counters))
+        self._start_admission_and_admin(
+            ca,
+            server.relay,
+            {"csr": csr, "bootstrap": bootstrap.counters, **self._config_counters},
+            metrics.registry,
+        )
         for node in a.join_token or ():
             try:
                 print(
@@ -249,6 +250,74 @@ class Plane:
             file=sys.stderr,
             flush=True,
         )
+
+    def _kube_verifier(self) -> Any:
+        """With --kube-bootstrap: nodes may join with their agent pod's ServiceAccount token."""
+        a = self.args
+        if not a.kube_bootstrap:
+            return None
+        from mgmt.kube.client import api_client
+        from mgmt.kube_bootstrap import AgentPods, KubeNodeVerifier
+
+        return KubeNodeVerifier(api_client(a.kubeconfig), AgentPods.parse(a.kube_bootstrap))
+
+    def _start_admission_and_admin(
+        self, ca: Any, relay: Any, counters: dict[str, Any], registry: Any
+    ) -> None:
+        from mgmt.admin import ADMIN_LISTEN, PlaneAdmin
+
+        a = self.args
+        if a.webhook_listen:
+            from mgmt.webhook import WebhookServer
+
+            dns = tuple(d for d in a.webhook_dns.split(",") if d)
+
+            def mesh_configs() -> list[str]:
+                return [r.obj.meta.name for r in relay.store.current.of_kind("MeshConfig")]
+
+            webhook = WebhookServer(ca, a.trust_domain, a.webhook_listen, dns, mesh_configs)
+            webhook.start()
+            self._stops.append(webhook.stop)
+            counters["webhook"] = webhook.counters
+            print(f"mgmt: admission webhook on port {webhook.port}", file=sys.stderr, flush=True)
+        admin = PlaneAdmin(relay, a.admin_listen or ADMIN_LISTEN, counters, registry)
+        try:
+            admin.start()
+        except OSError as exc:
+            if a.admin_listen:  # asked for: the probes depend on it
+                raise UsageError(f"--admin-listen {a.admin_listen}: {exc}") from None
+            # The default port is taken (another plane on this host, a test): run without the admin API.
+            logging.getLogger("ambit.mgmt").warning("admin API not started on %s: %s", ADMIN_LISTEN, exc)
+            return
+        self._stops.append(admin.stop)
+        print(f"mgmt: admin on port {admin.port}", file=sys.stderr, flush=True)
+        admin.set_ready()
+
+    def _config_store(self, state_dir: Path) -> Any:
+        """The store, fed by the files (invalid documents are logged and skipped) or by the API server."""
+        from mgmt.store import ConfigStore
+
+        a = self.args
+        if a.source == "files":
+            store = ConfigStore(a.config_dir, state_dir, trust_domain=a.trust_domain)
+            for err in store.load():
+                print(f"mgmt: skipped invalid document: {err}", file=sys.stderr, flush=True)
+            self._config_counters = {"config": store.counters}
+            return store
+        from mgmt.kube.client import api_client
+        from mgmt.kube.source import KubeSource
+
+        store = ConfigStore(None, state_dir, trust_domain=a.trust_domain)
+        source = KubeSource(api_client(a.kubeconfig), store)
+        source.start()
+        self._stops.append(source.stop)
+        # invalid_objects, rejected_objects, per-type lists/relists/watches/errors, Events posted/dropped
+        self._config_counters = {"config": store.counters, "kube": source.counters}
+        if not source.wait_synced(KUBE_SYNC_TIMEOUT_S):
+            raise UsageError(
+                f"the Kubernetes API was not listed within {KUBE_SYNC_TIMEOUT_S:.0f} s (see the log)"
+            )
+        return store
 
     def stop(self) -> None:
         while self._stops:
@@ -265,11 +334,20 @@ def add_mgmt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
         "  ambit mgmt --config-dir /etc/ambit/config --state-dir /var/lib/ambit/mgmt \\\n"
-        "      --metrics-listen 0.0.0.0:15014 --log-format json\n"
+        "      --admin-listen 0.0.0.0:15014 --log-format json\n"
         "  ambit mgmt token --state-dir /var/lib/ambit/mgmt --node node1 --ttl 1h\n"
         "  ambit mgmt rotate-root --state-dir /var/lib/ambit/mgmt --step prepare",
     )
-    p.add_argument("--config-dir", help="directory of YAML resources (watched)")
+    p.add_argument(
+        "--source",
+        choices=["files", "kube"],
+        default="files",
+        help="config from --config-dir (files) or from the Kubernetes API (kube; docs/kube.md)",
+    )
+    p.add_argument("--config-dir", help="directory of YAML resources (watched; --source files)")
+    p.add_argument(
+        "--kubeconfig", help="--source kube: kubeconfig file (default: in-cluster, then $KUBECONFIG)"
+    )
     p.add_argument("--state-dir", help="CA, join tokens and config version (private, 0700)")
     p.add_argument(
         "--trust-domain", default="cluster.local", help="SPIFFE trust domain (default %(default)s)"
@@ -287,10 +365,26 @@ def add_mgmt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     p.add_argument("--audit-log", help="JSON-lines audit log of refused requests and joins")
     p.add_argument("--log-format", default="text", choices=["text", "json"], help="stderr log: text or JSON")
     p.add_argument(
+        "--admin-listen",
         "--metrics-listen",
-        default="",
+        dest="admin_listen",
         metavar="HOST:PORT",
-        help="serve Prometheus /metrics here (istiod uses 15014; default: off)",
+        help="istiod's 15014: Prometheus /metrics, readiness, per-node ACK/NACK status (`ambit debug "
+        "status`), counters (default 127.0.0.1:15014, skipped with a warning when that port is taken)",
+    )
+    p.add_argument(
+        "--webhook-listen", help="serve the validating admission webhook (HTTPS) here, e.g. 0.0.0.0:15017"
+    )
+    p.add_argument(
+        "--webhook-dns",
+        default="",
+        help="comma-separated DNS names of the webhook certificate (the Service: ambit-mgmt.NS.svc)",
+    )
+    p.add_argument(
+        "--kube-bootstrap",
+        metavar="NS/SA/DAEMONSET",
+        help="admit nodes presenting the ServiceAccount token of a pod of this agent DaemonSet on that node "
+        "(TokenReview; --kubeconfig or in-cluster credentials), e.g. ambit-system/ambit-agent/ambit-agent",
     )
     p.set_defaults(func=_cmd_run, verb=None)
     verbs = p.add_subparsers(dest="verb", metavar="VERB")

@@ -1,4 +1,5 @@
-"""The management plane's Prometheus metrics (`ambit mgmt --metrics-listen`, istiod's port 15014).
+"""The management plane's Prometheus metrics, served as /metrics by the plane's admin API (mgmt/admin.py,
+`ambit mgmt --admin-listen`, istiod's port 15014).
 
 Read at scrape time from the components' own counters, so nothing on a request path pays for them: the
 config store (version, loads accepted and rejected, errors in force), the relay (streams, responses,
@@ -14,7 +15,6 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
 from api.promstd import register_standard
@@ -49,8 +49,13 @@ class PlaneCollector(Collector):
         )
         yield GaugeMetricFamily(
             "ambit_mgmt_config_errors",
-            "Problems in the config directory now (its last change was rejected; the last good stays)",
+            "Invalid config documents or Kubernetes objects now (each skipped; its last good version stays)",
             value=len(self.store.errors),
+        )
+        yield CounterMetricFamily(
+            "ambit_mgmt_config_rejected_documents",
+            "Distinct invalid documents or objects the config source skipped since start",
+            value=store.get("rejected_documents", 0),
         )
         yield _counter(
             "ambit_mgmt_config_loads",
@@ -98,23 +103,9 @@ class PlaneCollector(Collector):
 
 
 class PlaneMetrics:
-    """The registry and its HTTP endpoint; stop() closes the listener."""
+    """The plane's registry: standard process metrics plus the collector (served by mgmt/admin.py)."""
 
     def __init__(self, collector: PlaneCollector) -> None:
         self.registry = CollectorRegistry()
         register_standard(self.registry, "mgmt")
         self.registry.register(collector)
-        self._server: Any = None
-        self.port = 0
-
-    def start(self, listen: str) -> None:
-        host, _, port = listen.rpartition(":")
-        self._server, _ = start_http_server(int(port), host.strip("[]") or "0.0.0.0", self.registry)
-        self.port = int(self._server.server_port)
-        log.info("plane metrics on %s:%d", host, self.port)
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None

@@ -68,6 +68,9 @@ class _Stream:
 
 _WAKE = object()
 _CLOSED = object()
+# A missed lookup is watched this long (over the agents' 5 s negative cache), at most this many per node.
+MISS_WATCH_S = 30.0
+MAX_MISSES_PER_NODE = 1024
 
 
 class RelayService(relay_pb2_grpc.RelayServicer):
@@ -79,6 +82,10 @@ class RelayService(relay_pb2_grpc.RelayServicer):
         self._index = ScopeIndex(store.current)
         self._streams: set[_Stream] = set()  # guarded by _lock
         self._peers: dict[str, set[str]] = {}  # node -> peer workload keys it looked up
+        # node -> address -> monotonic deadline: lookups that found nothing. A workload that appears at
+        # that address later joins the node's subscription, so the node (which caches the miss) learns it
+        # by push rather than after its negative cache expires: a new pod speaks HBONE from its first SYN.
+        self._misses: dict[str, dict[str, float]] = {}
         self._acked: dict[str, int] = {}  # node -> last ACKed version
         self._nacks: dict[str, NackRecord] = {}  # node -> last NACK
         self._node_replies: dict[str, dict[str, int]] = {}  # node -> {"acks": n, "nacks": n}, for metrics
@@ -119,21 +126,39 @@ class RelayService(relay_pb2_grpc.RelayServicer):
             return self._acked.get(node, 0)
 
     def rows(self) -> list[dict[str, Any]]:
+        """Per node, what it holds (like `istioctl proxy-status`): the version it ACKed, the last one it
+        NACKed and why, and a state against the plane's current version:
+
+        SYNCED (ACKed the current version), NACKED (rejected a version newer than what it ACKed: it runs
+        older config), STALE (connected, not yet at the current version), DISCONNECTED."""
+        current = self.store.version
         with self._lock:
             nodes = sorted({s.node for s in self._streams} | set(self._acked) | set(self._nacks))
             connected = {s.node for s in self._streams}
-            return [
-                {
-                    "node": n,
-                    "connected": n in connected,
-                    "acked_version": self._acked.get(n, 0),
-                    "peers": len(self._peers.get(n, ())),
-                    "last_nack": str(self._nacks[n].error) if n in self._nacks else "",
-                    "acks": self._node_replies.get(n, {}).get("acks", 0),
-                    "nacks": self._node_replies.get(n, {}).get("nacks", 0),
-                }
-                for n in nodes
-            ]
+            rows = []
+            for n in nodes:
+                acked = self._acked.get(n, 0)
+                nack = self._nacks.get(n)
+                if nack is not None and nack.version > acked:
+                    state = "NACKED"
+                elif n not in connected:
+                    state = "DISCONNECTED"
+                else:
+                    state = "SYNCED" if acked == current else "STALE"
+                rows.append(
+                    {
+                        "node": n,
+                        "state": state,
+                        "connected": n in connected,
+                        "acked_version": acked,
+                        "nacked_version": nack.version if nack else 0,
+                        "last_nack": nack.error if nack else "",
+                        "peers": len(self._peers.get(n, ())),
+                        "acks": self._node_replies.get(n, {}).get("acks", 0),
+                        "nacks": self._node_replies.get(n, {}).get("nacks", 0),
+                    }
+                )
+            return rows
 
     def _count_reply(self, node: str, which: str) -> None:
         # _lock held. One entry per node that ever answered (authenticated nodes only, as _acked).
@@ -149,9 +174,31 @@ class RelayService(relay_pb2_grpc.RelayServicer):
         index = ScopeIndex(snapshot)
         with self._lock:
             self._index = index
+            self._resolve_misses(index)
             streams = list(self._streams)
         for s in streams:
             s.inbox.put(_WAKE)
+
+    def _resolve_misses(self, index: ScopeIndex) -> None:
+        """Under the lock: addresses nodes missed that the new version has, become their peers."""
+        now = time.monotonic()
+        for node, misses in list(self._misses.items()):
+            local = index.local_keys(node)
+            for address, until in list(misses.items()):
+                keys = [k for k in index.lookup(address) if k not in local] if until > now else []
+                if until <= now or keys:
+                    del misses[address]
+                if keys:
+                    self._peers.setdefault(node, set()).update(keys)
+            if not misses:
+                del self._misses[node]
+
+    def _remember_miss(self, node: str, address: str) -> None:
+        with self._lock:
+            misses = self._misses.setdefault(node, {})
+            if len(misses) >= MAX_MISSES_PER_NODE and address not in misses:
+                del misses[min(misses, key=misses.__getitem__)]  # the oldest goes first
+            misses[address] = time.monotonic() + MISS_WATCH_S
 
     # -- identity --------------------------------------------------------------------------------------
     def _peer_node(self, context: grpc.ServicerContext, method: str) -> str:
@@ -346,6 +393,8 @@ class RelayService(relay_pb2_grpc.RelayServicer):
         peers = [k for k in keys if k not in local]
         if peers and not listing:  # a listing is for the operator's eyes: nothing joins the subscription
             self._add_peers(node, peers)
+        elif not keys:
+            self._remember_miss(node, request.address)
         out = relay_pb2.LookupResponse(version=index.snapshot.version)
         for k in keys:
             res = index.snapshot.resources[k] if k in local else index.peer_resource(k)

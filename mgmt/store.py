@@ -1,10 +1,14 @@
-"""The management plane's config store: a directory of Kubernetes-style YAML documents, watched live.
+"""The management plane's config store, and its file source: a directory of Kubernetes-style YAML, watched.
 
-Every document is parsed through `api.resources.parse` (all registered kinds, nothing hard-coded here). A
-load is all-or-nothing: one invalid document (bad YAML, unknown kind, bad field, duplicate name) rejects the
-whole change with `file:line: reason`, and the last good config stays in force. Each accepted change that
-alters the content gets the next version; the version and the content hash persist in the state dir so a
-restarted plane keeps counting from where it was (nodes resume from their ACKed version).
+`ConfigStore` owns the versioned ConfigSnapshot whatever feeds it: the file source here (`load`, `watch`), or
+the Kubernetes source (mgmt/kube), which hands it whole resource sets through `publish`. Each accepted
+change that alters the content gets the next version; the version and the content hash persist in the state
+dir so a restarted plane keeps counting from where it was (nodes resume from their ACKed version).
+
+Validity is per document: an invalid document (bad field, unknown kind, duplicate name or YAML key) is
+reported with `file:line: reason`, logged once, counted, and skipped; every other document applies. An
+object that was valid before and is now broken keeps its last good version in force (a typo in a DENY
+policy must not open what it denied); a file that no longer parses as YAML keeps all its last good objects.
 
 The watch polls mtimes (every 200 ms by default): inotify misses edits on some mounts (bind-mounted
 ConfigMaps, network filesystems), and a poll of a few hundred files costs nothing measurable.
@@ -18,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,8 @@ import yaml
 
 from api.resources import ResourceError, ResourceKey, key_of, load_kinds, parse
 from api.resources.workload import Workload
+from mgmt.documents import is_list, key_hint, normalized
+from mgmt.kube.translate import from_kubernetes
 
 log = logging.getLogger("ambit.mgmt.store")
 
@@ -49,6 +55,7 @@ class ConfigError:
 
     where: str
     reason: str
+    key: str = ""  # str(ResourceKey) of the object the document names, when it names one
 
     def __str__(self) -> str:
         return f"{self.where}: {self.reason}"
@@ -88,8 +95,30 @@ class ConfigLoadError(Exception):
         self.errors = errors
 
 
-# libyaml's loader parses ~10x faster than the pure-Python one and reports the same marks.
-_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# libyaml's parser runs ~10x faster than the pure-Python one and reports the same marks.
+_BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Loader(_BaseLoader):  # type: ignore[misc]
+    """The safe loader, refusing duplicate mapping keys: YAML says they are an error, PyYAML keeps the last
+    one silently (`action: DENY` then `action: ALLOW` further down would allow)."""
+
+
+def _mapping_without_duplicates(loader: Any, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return dict(loader.construct_mapping(node, deep=True))
+
+
+_Loader.add_constructor("tag:yaml.org,2002:map", _mapping_without_duplicates)
 
 
 @dataclass(frozen=True)
@@ -100,6 +129,7 @@ class _FileResult:
     read_at: float
     resources: tuple[StoredResource, ...]
     errors: tuple[ConfigError, ...]
+    readable: bool = True  # False: the file as a whole did not parse; its last good objects stay
 
 
 FileCache = dict[Path, _FileResult]
@@ -107,25 +137,52 @@ FileCache = dict[Path, _FileResult]
 RACY_WINDOW_S = 0.1
 
 
-def _documents(path: Path, text: str) -> list[tuple[int, Any]]:
-    """(1-based line, document) for every non-empty document of one YAML stream."""
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> ConfigError:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    line = mark.line + 1 if mark is not None else 1
+    problem = getattr(exc, "problem", None) or str(exc)
+    return ConfigError(f"{path}:{line}", f"invalid YAML: {problem}")
+
+
+def _documents(path: Path, text: str) -> tuple[list[tuple[int, Any]], list[ConfigError]]:
+    """(1-based line, document) for every non-empty document of one YAML stream, and the documents that
+    could not be constructed (a duplicate key spoils one document, not the file). A syntax error ends the
+    stream: raises ConfigLoadError, since nothing after it can be trusted to be what the author meant."""
     loader = _Loader(text)
     out: list[tuple[int, Any]] = []
+    errors: list[ConfigError] = []
     try:
         while loader.check_node():
             node = loader.get_node()
             if node is None:
                 continue
-            out.append((node.start_mark.line + 1, loader.construct_document(node)))
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else 1
-        raise ConfigLoadError([ConfigError(f"{path}:{line}", f"invalid YAML: {exc.problem}")]) from None
+            try:
+                doc = loader.construct_document(node)
+            except yaml.constructor.ConstructorError as exc:
+                errors.append(_yaml_error(path, exc))
+                continue
+            if doc is None:
+                continue
+            out.extend(_expand(node, doc))
     except yaml.YAMLError as exc:
-        raise ConfigLoadError([ConfigError(f"{path}:1", f"invalid YAML: {exc}")]) from None
+        raise ConfigLoadError([_yaml_error(path, exc)]) from None
     finally:
         loader.dispose()
-    return [(line, doc) for line, doc in out if doc is not None]
+    return out, errors
+
+
+def _expand(node: yaml.Node, doc: Any) -> list[tuple[int, Any]]:
+    """A `kind: List` (as `kubectl get` prints) becomes its items, each with its own line."""
+    if not is_list(doc):
+        return [(node.start_mark.line + 1, doc)]
+    items_node = next(
+        (v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == "items"), None
+    )
+    lines = [n.start_mark.line + 1 for n in items_node.value] if items_node is not None else []
+    return [
+        (lines[i] if i < len(lines) else node.start_mark.line + 1, item)
+        for i, item in enumerate(doc["items"])
+    ]
 
 
 def _stamp(path: Path) -> tuple[int, int, int]:
@@ -137,42 +194,48 @@ def _parse_file_cached(path: Path, cache: FileCache) -> _FileResult:
     try:
         stamp = _stamp(path)
     except OSError as exc:
-        return _FileResult((0, 0, 0), 0.0, (), (ConfigError(f"{path}:1", f"unreadable: {exc}"),))
+        return _FileResult((0, 0, 0), 0.0, (), (ConfigError(f"{path}:1", f"unreadable: {exc}"),), False)
     hit = cache.get(path)
     if hit is not None and hit.stamp == stamp and hit.read_at > stamp[1] / 1e9 + RACY_WINDOW_S:
         return hit
     read_at = time.time()
-    resources: list[StoredResource] = []
-    errors: list[ConfigError] = []
-    _parse_file(path, resources, errors)
-    result = _FileResult(stamp, read_at, tuple(resources), tuple(errors))
+    result = _parse_file(path, stamp, read_at)
     cache[path] = result
     return result
 
 
-def _parse_file(path: Path, into: list[StoredResource], errors: list[ConfigError]) -> None:
+def _parse_file(path: Path, stamp: tuple[int, int, int], read_at: float) -> _FileResult:
     try:
         text = path.read_text(encoding="utf-8")
-        docs = _documents(path, text)
+        docs, errors = _documents(path, text)
     except ConfigLoadError as exc:
-        errors.extend(exc.errors)
-        return
+        return _FileResult(stamp, read_at, (), tuple(exc.errors), False)
     except (OSError, UnicodeDecodeError) as exc:
-        errors.append(ConfigError(f"{path}:1", f"unreadable: {exc}"))
-        return
-    for line, doc in docs:
-        where = f"{path}:{line}"
-        try:
-            obj = parse(doc, where)
-            data = canonical_json(doc)
-        except ResourceError as exc:
-            errors.append(ConfigError(where, exc.reason))
-            continue
-        except (TypeError, ValueError) as exc:  # e.g. a YAML timestamp, which JSON cannot carry
-            errors.append(ConfigError(where, f"value not representable as JSON: {exc}"))
-            continue
-        key = key_of(obj)
-        into.append(StoredResource(key, obj, data, content_hash(data), where))
+        return _FileResult(stamp, read_at, (), (ConfigError(f"{path}:1", f"unreadable: {exc}"),), False)
+    resources: list[StoredResource] = []
+    for line, raw in docs:
+        native, translated = from_kubernetes(raw)
+        if native and translated is None:
+            continue  # a Kubernetes object that is not (yet) part of the mesh: a pending Pod, ...
+        res = stored(translated if native else raw, f"{path}:{line}")
+        if isinstance(res, ConfigError):
+            errors.append(res)
+        else:
+            resources.append(res)
+    return _FileResult(stamp, read_at, tuple(resources), tuple(errors))
+
+
+def stored(raw: Any, where: str) -> StoredResource | ConfigError:
+    """One document, normalized (mgmt/documents) and parsed, or why not (naming its key when it has one)."""
+    doc = normalized(raw)
+    try:
+        obj = parse(doc, where)
+        data = canonical_json(doc)
+    except ResourceError as exc:
+        return ConfigError(where, exc.reason, key_hint(doc))
+    except (TypeError, ValueError) as exc:  # e.g. a YAML timestamp, which JSON cannot carry
+        return ConfigError(where, f"value not representable as JSON: {exc}", key_hint(doc))
+    return StoredResource(key_of(obj), obj, data, content_hash(data), where)
 
 
 def _config_files(config_dir: Path) -> list[Path]:
@@ -186,34 +249,48 @@ def _hidden(path: Path) -> bool:
     return any(part.startswith(".") for part in path.parts[-1:])
 
 
-def read_config(config_dir: Path, cache: FileCache | None = None) -> dict[str, StoredResource]:
-    """Parse every YAML file under `config_dir`; raises ConfigLoadError listing every problem found.
+def read_config(
+    config_dir: Path,
+    cache: FileCache | None = None,
+    previous: Mapping[str, StoredResource] | None = None,
+) -> tuple[dict[str, StoredResource], list[ConfigError]]:
+    """Parse every YAML file under `config_dir`: the valid resources, and every problem found.
 
+    An invalid document is skipped; if it names an object of `previous` (the config in force), that last
+    good version is kept. A file that does not parse at all keeps every object `previous` had from it.
     With a `cache`, files whose stamp did not change are not parsed again (a 1,000-workload tree reloads
-    in the time of the one file that changed)."""
+    in the time of the one file that changed). Raises ConfigLoadError only when the directory is missing."""
     load_kinds()
     cache = {} if cache is None else cache
-    resources: dict[str, StoredResource] = {}
-    errors: list[ConfigError] = []
+    previous = previous or {}
     if not config_dir.is_dir():
         raise ConfigLoadError([ConfigError(str(config_dir), "config directory does not exist")])
     files = _config_files(config_dir)
     for gone in set(cache) - set(files):
         del cache[gone]
+    resources: dict[str, StoredResource] = {}
+    errors: list[ConfigError] = []
+    kept: list[StoredResource] = []
     for path in files:
         result = _parse_file_cached(path, cache)
         errors.extend(result.errors)
+        if not result.readable:
+            kept.extend(r for r in previous.values() if r.where.startswith(f"{path}:"))
+        kept.extend(previous[e.key] for e in result.errors if e.key in previous)
         for res in result.resources:
-            previous = resources.get(str(res.key))
-            if previous is not None:
-                errors.append(
-                    ConfigError(res.where, f"duplicate {res.key} (first defined at {previous.where})")
-                )
+            key = str(res.key)
+            first = resources.get(key)
+            if first is None:
+                resources[key] = res
                 continue
-            resources[str(res.key)] = res
-    if errors:
-        raise ConfigLoadError(errors)
-    return resources
+            # The definition in force wins over one added elsewhere later; otherwise the first in path order.
+            in_force = previous.get(key)
+            if in_force is not None and in_force.where == res.where:
+                resources[key], first, res = res, res, first
+            errors.append(ConfigError(res.where, f"duplicate {key} (first defined at {first.where})", key))
+    for res in kept:
+        resources.setdefault(str(res.key), res)
+    return resources, errors
 
 
 def _hash_of(resources: Mapping[str, StoredResource]) -> str:
@@ -231,12 +308,13 @@ class ConfigStore:
 
     def __init__(
         self,
-        config_dir: Path | str,
+        config_dir: Path | str | None,
         state_dir: Path | str | None = None,
         poll_interval: float = 0.2,
         trust_domain: str = "cluster.local",
     ) -> None:
-        self.config_dir = Path(config_dir)
+        # None: another source (mgmt/kube) publishes; load/watch/poll then have nothing to read.
+        self.config_dir = Path(config_dir) if config_dir is not None else None
         # Only to spell workload SPIFFE IDs for identities_on_node (the CSR service compares full IDs).
         self.trust_domain = trust_domain
         self.state_dir = Path(state_dir) if state_dir is not None else None
@@ -249,7 +327,13 @@ class ConfigStore:
         self._thread: threading.Thread | None = None
         self._signature: tuple[tuple[str, int, int], ...] | None = None
         self._files: FileCache = {}
-        self._counters = {"loads": 0, "rejected_loads": 0, "versions": 0}
+        self._counters = {
+            "loads": 0,
+            "rejected_loads": 0,
+            "versions": 0,
+            "invalid_documents": 0,  # now (a gauge)
+            "rejected_documents": 0,  # distinct problems seen since start
+        }
         self._persisted = self._read_persisted()
 
     # -- state -----------------------------------------------------------------------------------------
@@ -267,7 +351,7 @@ class ConfigStore:
 
     @property
     def errors(self) -> list[ConfigError]:
-        """The problems of the last rejected load (empty after an accepted one)."""
+        """The invalid documents of the last load, left out of the config (or why the load failed)."""
         with self._lock:
             return list(self._errors)
 
@@ -292,10 +376,13 @@ class ConfigStore:
 
     # -- loading ---------------------------------------------------------------------------------------
     def load(self) -> list[ConfigError]:
-        """Read the directory now. Returns the errors (empty: accepted); on errors the old config stays."""
+        """Read the directory now and apply every valid document. Returns the invalid ones (empty: all
+        applied); a missing directory changes nothing."""
+        if self.config_dir is None:
+            return []
         self._signature = self._scan()
         try:
-            resources = read_config(self.config_dir, self._files)
+            resources, errors = read_config(self.config_dir, self._files, self._current.resources)
         except ConfigLoadError as exc:
             with self._lock:
                 repeated = exc.errors == self._errors
@@ -306,13 +393,29 @@ class ConfigStore:
             for err in [] if repeated else exc.errors:
                 log.error("config rejected, keeping version %d: %s", self.version, err)
             return exc.errors
-        self._accept(resources)
-        return []
+        self.publish(resources, errors)
+        return errors
+
+    def publish(self, resources: Mapping[str, StoredResource], errors: Sequence[ConfigError] = ()) -> int:
+        """Make `resources` (by str(ResourceKey)) the config; `errors` are the source's invalid objects,
+        already left out. Returns the version now in force (unchanged when the content is)."""
+        self._report(errors)
+        self._accept(dict(resources))
+        return self.version
+
+    def _report(self, errors: Sequence[ConfigError]) -> None:
+        with self._lock:
+            before = {str(e) for e in self._errors}
+            self._errors = list(errors)
+            self._counters["invalid_documents"] = len(errors)
+            new = [e for e in errors if str(e) not in before]
+            self._counters["rejected_documents"] += len(new)
+        for err in new:  # once per distinct problem, not on every reload of an unrelated file
+            log.error("config: skipped invalid document: %s", err)
 
     def _accept(self, resources: dict[str, StoredResource]) -> None:
         digest = _hash_of(resources)
         with self._lock:
-            self._errors = []
             self._counters["loads"] += 1
             if digest == self._current.content_hash:
                 return
@@ -355,6 +458,8 @@ class ConfigStore:
 
     # -- watching --------------------------------------------------------------------------------------
     def _scan(self) -> tuple[tuple[str, int, int], ...]:
+        if self.config_dir is None:
+            return ()
         try:
             files = _config_files(self.config_dir)
         except OSError:
@@ -377,7 +482,7 @@ class ConfigStore:
         return True
 
     def watch(self) -> None:
-        if self._thread is not None:
+        if self._thread is not None or self.config_dir is None:
             return
         self._stop.clear()
         self._thread = threading.Thread(target=self._watch_loop, name="config-watch", daemon=True)

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from tests.kube_fixtures import kube_api, kube_crds  # noqa: F401 (the session's real API server)
+
 if TYPE_CHECKING:
     from agent.lab.plan import LabPlan
 
@@ -87,3 +89,27 @@ def ambit_debug_json(prefix: str, node: str, view: str) -> Any:
     assert out.returncode == 0, out.stderr
     assert "PRIVATE KEY" not in out.stdout
     return json.loads(out.stdout)
+
+
+@contextlib.contextmanager
+def live_connection(netns_name: str, ip: str, port: int) -> Iterator[subprocess.Popen[str]]:
+    """A long-lived echo connection held by a child in `netns_name`, established when this yields; the
+    child prints "closed..." and exits when the connection is closed on it (or after 30 s)."""
+    from agent import netns as nsx
+
+    code = (
+        "import socket\n"
+        f"s=socket.create_connection(('{ip}',{port}),timeout=30)\n"
+        "s.sendall(b'hi'); assert s.recv(2)==b'hi'; print('up',flush=True)\n"
+        "s.settimeout(30)\n"
+        "try:\n  d=s.recv(10)\n  print('closed' if d==b'' else 'data',flush=True)\n"
+        "except OSError as e: print('closed',type(e).__name__,flush=True)\n"
+    )
+    proc = nsx.popen_in(netns_name, [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "up"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()

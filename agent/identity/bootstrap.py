@@ -108,11 +108,19 @@ def join(
     trust_bundle_pem: bytes,
     timeout: float = 30.0,
     server_name: str = MGMT_SERVER_NAME,
+    service_account: bool = False,
 ) -> NodeIdentity:
-    """Join the mesh; retries while the plane is unreachable (up to `timeout` s), fails at once if refused."""
+    """Join the mesh; retries while the plane is unreachable (up to `timeout` s), fails at once if refused.
+
+    `service_account`: `token` is this agent pod's projected ServiceAccount token (audience ambit), not a
+    one-time join token; the plane checks it with the API server (mgmt/kube_bootstrap.py)."""
     key = new_key()
     # The trust domain is the plane's to say, so the CSR carries no SAN and the plane sets the node ID.
-    request = ca_pb2.JoinRequest(token=token, node=node, csr_pem=make_csr(key, None))
+    request = ca_pb2.JoinRequest(node=node, csr_pem=make_csr(key, None))
+    if service_account:
+        request.service_account_token = token
+    else:
+        request.token = token
     backoff = Backoff()
     deadline = time.monotonic() + timeout
     while True:

@@ -120,13 +120,20 @@ def demo_prefix(requested: str, progress: Progress) -> str:
     raise UsageError(f"prefix {requested!r} and demo1- ... demo9- are all in use: pass a free --prefix")
 
 
-def run_demo(prefix: str, progress: Progress) -> int:
+def run_demo(prefix: str, progress: Progress, kube: bool = False) -> int:
+    """`kube`: workloads and the policy come from a real API server (agent/lab/kubedemo.py)."""
     prefix = demo_prefix(prefix, progress)
     plan = plan_lab(2, 2, prefix)
     lab = control.up(plan, progress)
     try:
         print(render(control.status_rows(lab), "table", ["kind", "name", "node", "ip", "netns", "state"]))
-        failures = _steps(plan, progress)
+        if kube:
+            from agent.lab import kubedemo, kubelab
+
+            kubelab.up(plan, progress)
+            failures = kubedemo.steps(plan, progress)
+        else:
+            failures = _steps(plan, progress)
     except Exception as exc:
         progress(f"demo failed: {exc}")
         _show_logs(plan)

@@ -194,14 +194,15 @@ def config_dir(prefix: str) -> Path:
 
 
 def config_problems(directory: str | Path) -> list[dict[str, str]]:
-    """What the plane would reject in `directory` (empty when it accepts it), as `where`/`reason` rows."""
+    """The documents the plane would reject in `directory` (empty when it takes them all), as
+    `where`/`reason` rows (the plane skips each of them and applies the rest)."""
     from mgmt.store import ConfigLoadError, read_config
 
     try:
-        read_config(Path(directory))
-    except ConfigLoadError as exc:
-        return [{"where": e.where, "reason": e.reason} for e in exc.errors]
-    return []
+        _, errors = read_config(Path(directory))
+    except ConfigLoadError as exc:  # no such directory
+        errors = exc.errors
+    return [{"where": e.where, "reason": e.reason} for e in errors]
 
 
 def status_rows(prefix: str) -> list[dict[str, str]]:
@@ -221,7 +222,10 @@ def _report_config(prefix: str, progress: Callable[[str], None]) -> None:
     for p in problems:
         progress(f"config REJECTED by the plane: {p['where']}: {p['reason']}")
     if problems:
-        progress("the plane keeps its last good config; fix the file(s), then `ambit lab config check`")
+        progress(
+            "the plane applies the other documents and keeps the last good version of these objects; "
+            "fix the file(s), then `ambit lab config check`"
+        )
 
 
 def start_plane(plan: LabPlan, progress: Callable[[str], None]) -> Path:
@@ -232,20 +236,23 @@ def start_plane(plan: LabPlan, progress: Callable[[str], None]) -> Path:
     if not config.exists():
         write_config(plan)
     log = rd / "logs" / "mgmt.log"
+    from agent.lab import kubelab  # kubelab builds on this module
+
     bundle = mgmt_state / "ca-bundle.pem"
     pid = running(plan.prefix, "mgmt")
     if pid:
         progress(f"management plane already running (pid {pid})")
         return mgmt_state
-    progress(f"starting the management plane on {plan.mgmt_ip}:{RELAY_PORT} (config {config})")
+    source = "the lab's API server" if kubelab.active(plan.prefix) else config
+    progress(f"starting the management plane on {plan.mgmt_ip}:{RELAY_PORT} (config from {source})")
     control.start_process(
         plan.prefix,
         "mgmt",
         plan.fabric_netns,
         _ambit(
             "mgmt",
-            "--config-dir",
-            str(config),
+            # A lab brought up with --kube reads its config from the lab's API server instead.
+            *(kubelab.plane_source_args(plan.prefix) or ["--config-dir", str(config)]),
             "--state-dir",
             str(mgmt_state),
             "--trust-domain",
@@ -254,7 +261,7 @@ def start_plane(plan: LabPlan, progress: Callable[[str], None]) -> Path:
             f"{plan.mgmt_ip}:{RELAY_PORT}",
             "--bootstrap-listen",
             f"{plan.mgmt_ip}:{BOOTSTRAP_PORT}",
-            "--metrics-listen",
+            "--admin-listen",
             f"{plan.mgmt_ip}:{PLANE_METRICS_PORT}",
         ),
         log,

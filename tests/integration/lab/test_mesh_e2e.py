@@ -6,8 +6,6 @@ One lab for the module: 2 nodes x 2 pods; pod-2-1 and pod-2-2 run echo servers; 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -21,7 +19,7 @@ from agent.lab.capture import Capture
 from agent.lab.plan import LabPlan
 from agent.lab.probe import ECHO_PORT, echo_roundtrip
 from agent.redirect.marks import HBONE_PORT
-from tests.conftest import ambit_debug_json, running_mesh
+from tests.conftest import ambit_debug_json, live_connection, running_mesh
 
 pytestmark = pytest.mark.root
 
@@ -123,23 +121,10 @@ def test_policy_change_closes_live_connection(meshlab: LabPlan) -> None:
     _set_policies(meshlab, [])
     src, dst = meshlab.pod("pod-1-2"), meshlab.pod("pod-2-2")
     # A long-lived connection from pod-1-2 held by a child process in the pod's namespace.
-    code = (
-        "import socket,sys,time\n"
-        f"s=socket.create_connection(('{dst.ip}',{ECHO_PORT}),timeout=30)\n"
-        "s.sendall(b'hi'); assert s.recv(2)==b'hi'; print('up',flush=True)\n"
-        "s.settimeout(30)\n"
-        "try:\n  d=s.recv(10)\n  print('closed' if d==b'' else 'data',flush=True)\n"
-        "except OSError as e: print('closed',type(e).__name__,flush=True)\n"
-    )
-    proc = nsx.popen_in(src.netns, [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "up"
+    with live_connection(src.netns, dst.ip, ECHO_PORT) as proc:
         _set_policies(meshlab, [mesh.allow_only("pod-2-2", ["pod-1-1"])])
         proc.wait(timeout=5)  # the issue: closed within 5 s of the change reaching the node
-        assert proc.stdout.read().startswith("closed")
-    finally:
-        proc.kill()
+        assert proc.stdout is not None and proc.stdout.read().startswith("closed")
 
 
 def test_metrics_count_the_connections(meshlab: LabPlan) -> None:

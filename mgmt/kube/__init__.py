@@ -1,0 +1,1 @@
+"""The Kubernetes config source of the management plane (`ambit mgmt --source kube`): docs/kube.md."""

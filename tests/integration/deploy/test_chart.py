@@ -1,0 +1,168 @@
+"""The Helm chart: lint, template, and the rendered chart on the real API server (server-side dry run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from agent.lab.apiserver import ApiServer
+from tests.integration.deploy.conftest import CHART, helm, render
+from tests.kube_fixtures import unique
+from tests.relay_fixtures import wait_until
+
+
+def test_helm_lint(root_cert: Path) -> None:
+    out = helm("lint", "--strict", str(CHART), "--set-file", f"ca.rootCert={root_cert}")
+    assert "1 chart(s) linted, 0 chart(s) failed" in out.stdout
+
+
+def test_template_needs_the_root_certificate() -> None:
+    out = helm("template", "ambit", str(CHART), check=False)
+    assert out.returncode != 0 and "ca.rootCert" in out.stderr
+
+
+def _objects(text: str) -> dict[str, dict]:
+    return {f"{d['kind']}/{d['metadata']['name']}": d for d in yaml.safe_load_all(text) if d}
+
+
+def test_rendered_agent_and_plane(root_cert: Path) -> None:
+    objs = _objects(render("ambit-system", root_cert))
+    agent = objs["DaemonSet/ambit-agent"]["spec"]["template"]["spec"]
+    container = agent["containers"][0]
+    assert container["securityContext"]["privileged"] is True
+    assert agent["hostNetwork"] is True and agent["priorityClassName"] == "system-node-critical"
+    assert agent["tolerations"] == [{"operator": "Exists"}]
+    assert container["readinessProbe"]["httpGet"]["port"] == 15021
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/sys/fs/bpf"]["mountPropagation"] == "Bidirectional"
+    assert {"/lib/modules", "/usr/src"} <= set(mounts)
+    token = next(v for v in agent["volumes"] if v["name"] == "token")
+    assert token["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "ambit"
+    # The agent pod never gets the CA Secret (the kubelet of its node could read it).
+    assert not any("secret" in v for v in agent["volumes"])
+    plane = objs["Deployment/ambit-mgmt"]["spec"]["template"]["spec"]
+    assert next(v for v in plane["volumes"] if v["name"] == "ca")["secret"]["secretName"] == "ambit-ca"
+    assert next(v for v in plane["volumes"] if v["name"] == "state")["persistentVolumeClaim"]
+    webhook = objs["ValidatingWebhookConfiguration/ambit-validation"]["webhooks"][0]
+    assert webhook["clientConfig"]["service"] == {
+        "name": "ambit-mgmt",
+        "namespace": "ambit-system",
+        "path": "/validate",
+        "port": 443,
+    }
+
+
+def test_rendered_chart_passes_a_server_side_dry_run(kube_api: ApiServer, root_cert: Path) -> None:
+    ns = unique("chart")
+    kube_api.kubectl_run("create", "namespace", ns)
+    out = kube_api.kubectl_run("apply", "--dry-run=server", "-f", "-", stdin=render(ns, root_cert))
+    kinds = [line.split("/")[0] for line in out.stdout.splitlines()]
+    assert "daemonset.apps" in kinds and "deployment.apps" in kinds
+    assert all(line.endswith("(server dry run)") for line in out.stdout.splitlines())
+
+
+def test_unprivileged_agent_with_bidirectional_propagation_is_refused(
+    kube_api: ApiServer, root_cert: Path
+) -> None:
+    # Why the chart's agent is privileged: the old deploy/k8s/ambit.yaml had privileged: false.
+    ns = unique("chart")
+    kube_api.kubectl_run("create", "namespace", ns)
+    docs = [d for d in yaml.safe_load_all(render(ns, root_cert)) if d and d["kind"] == "DaemonSet"]
+    docs[0]["spec"]["template"]["spec"]["containers"][0]["securityContext"] = {"privileged": False}
+    out = kube_api.kubectl_run(
+        "apply", "--dry-run=server", "-f", "-", stdin=yaml.safe_dump(docs[0]), check=False
+    )
+    assert out.returncode != 0 and "Bidirectional" in out.stderr, out.stderr
+
+
+def test_cluster_role_grants_what_the_plane_uses_and_nothing_else(
+    kube_api: ApiServer, root_cert: Path
+) -> None:
+    ns = unique("rbac")
+    kube_api.kubectl_run("create", "namespace", ns)
+    rbac = [d for d in yaml.safe_load_all(render(ns, root_cert)) if d and d["kind"].startswith("ClusterRole")]
+    for d in rbac:
+        d["metadata"]["name"] = ns  # cluster-scoped: unique per test run on the shared API server
+    rbac[1]["roleRef"]["name"] = ns
+    kube_api.kubectl_run("apply", "-f", "-", stdin=yaml.safe_dump_all(rbac))
+    try:
+        user = f"system:serviceaccount:{ns}:ambit-mgmt"
+
+        from kubernetes import client
+
+        authz = client.AuthorizationV1Api(kube_api.client())
+
+        def can(verb: str, resource: str, subresource: str = "") -> bool:
+            # A SubjectAccessReview, as the authorizer answers it (no discovery as the impersonated user).
+            name, _, group = resource.partition(".")
+            attrs = client.V1ResourceAttributes(
+                verb=verb, resource=name, group=group, subresource=subresource
+            )
+            spec = client.V1SubjectAccessReviewSpec(
+                user=user, groups=["system:serviceaccounts"], resource_attributes=attrs
+            )
+            review = authz.create_subject_access_review(client.V1SubjectAccessReview(spec=spec))
+            return bool(review.status.allowed)
+
+        # The authorizer sees new roles through its own informer: wait until it has this one.
+        assert wait_until(lambda: can("watch", "pods"), 10.0)
+        for verb, resource in [
+            ("watch", "pods"),
+            ("list", "namespaces"),
+            ("watch", "services"),
+            ("watch", "nodes"),
+            ("watch", "endpointslices.discovery.k8s.io"),
+            ("watch", "authorizationpolicies.security.istio.io"),
+            ("watch", "peerauthentications.security.istio.io"),
+            ("watch", "regopolicies.ambit.io"),
+            ("watch", "meshconfigs.ambit.io"),
+            ("create", "tokenreviews.authentication.k8s.io"),
+            ("create", "events"),
+        ]:
+            assert can(verb, resource), f"cannot {verb} {resource}"
+        assert can("patch", "authorizationpolicies.security.istio.io", "status")
+        assert can("patch", "regopolicies.ambit.io", "status")
+        for verb, resource in [
+            ("get", "secrets"),
+            ("create", "pods"),
+            ("patch", "authorizationpolicies.security.istio.io"),
+            ("delete", "regopolicies.ambit.io"),
+            ("list", "configmaps"),
+        ]:
+            assert not can(verb, resource), f"may {verb} {resource}"
+    finally:
+        kube_api.kubectl_run("delete", "clusterrole,clusterrolebinding", ns, check=False)
+
+
+def test_rendered_command_lines_are_what_ambit_accepts(root_cert: Path) -> None:
+    # The chart and the CLI evolve apart; argparse is the judge of the flags the chart passes.
+    from agent.cli import build_parser
+
+    objs = _objects(render("ambit-system", root_cert))
+    plane_args = objs["Deployment/ambit-mgmt"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    plane = build_parser().parse_args(plane_args)
+    assert plane.source == "kube" and plane.kube_bootstrap == "ambit-system/ambit-agent/ambit-agent"
+    assert plane.webhook_dns == "ambit-mgmt.ambit-system.svc" and plane.ca_dir == "/etc/ambit/ca"
+    agent_args = objs["DaemonSet/ambit-agent"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    agent = build_parser().parse_args([a.replace("$(NODE_NAME)", "node-1") for a in agent_args])
+    assert agent.kube_token_file == "/var/run/secrets/ambit/token" and agent.join_token_file is None
+
+
+def test_cluster_role_reads_exactly_what_the_kube_source_watches(root_cert: Path) -> None:
+    from mgmt.kube import source
+
+    watched = {
+        (t.group_version.rpartition("/")[0], t.plural)
+        for t in (source.NAMESPACES, source.PODS, source.SERVICES, source.ENDPOINT_SLICES, source.NODES)
+        + (source.REGO_POLICIES, source.MESH_CONFIGS)
+    } | {(source.ISTIO_SECURITY, plural) for _, plural in source.ISTIO_KINDS}
+    role = _objects(render("ambit-system", root_cert))["ClusterRole/ambit-mgmt"]
+    readable = {
+        (group, resource)
+        for rule in role["rules"]
+        if {"list", "watch"} <= set(rule["verbs"])
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+    }
+    assert readable == watched

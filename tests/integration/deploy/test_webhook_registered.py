@@ -1,0 +1,100 @@
+"""The webhook registered with the real API server: `kubectl apply` of what OpenAPI cannot catch fails."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+
+import pytest
+import yaml
+
+from agent.lab.apiserver import ApiServer
+from mgmt.ca import CertificateAuthority
+from mgmt.webhook import WebhookServer
+from tests.kube_fixtures import unique
+from tests.relay_fixtures import wait_until
+
+META = "metadata: {{name: {name}, namespace: {ns}}}\n"
+REGO = "apiVersion: ambit.io/v1\nkind: RegoPolicy\n" + META + "spec: {{module: {module}}}\n"
+AP = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n" + META + "spec: {spec}\n"
+
+
+@pytest.fixture
+def registered(kube_crds: ApiServer) -> Iterator[tuple[ApiServer, str, WebhookServer]]:
+    ca = CertificateAuthority.generate_root("cluster.local")
+    # The API server dials the URL's host name and checks it against the certificate and caBundle.
+    server = WebhookServer(ca, "cluster.local", "127.0.0.1:0", ("localhost",))
+    server.start()
+    ns = unique("admission")
+    kube_crds.kubectl_run("create", "namespace", ns)
+    config = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": ns},
+        "webhooks": [
+            {
+                "name": "validation.ambit.io",
+                "admissionReviewVersions": ["v1"],
+                "sideEffects": "None",
+                "failurePolicy": "Fail",
+                "clientConfig": {
+                    "url": f"https://localhost:{server.port}/validate",
+                    "caBundle": base64.b64encode(ca.bundle_pem()).decode(),
+                },
+                # Only this test's namespace: the API server is shared by the whole session.
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+                "rules": [
+                    {
+                        "apiGroups": ["security.istio.io"],
+                        "apiVersions": ["v1", "v1beta1"],
+                        "operations": ["CREATE", "UPDATE"],
+                        "resources": ["authorizationpolicies", "peerauthentications"],
+                    },
+                    {
+                        "apiGroups": ["ambit.io"],
+                        "apiVersions": ["v1"],
+                        "operations": ["CREATE", "UPDATE"],
+                        "resources": ["regopolicies"],
+                    },
+                ],
+            }
+        ],
+    }
+    kube_crds.kubectl_run("apply", "-f", "-", stdin=yaml.safe_dump(config))
+    try:
+        yield kube_crds, ns, server
+    finally:
+        kube_crds.kubectl_run("delete", "validatingwebhookconfiguration", ns, check=False)
+        server.stop()
+
+
+def test_kubectl_apply_goes_through_the_webhook(registered: tuple[ApiServer, str, WebhookServer]) -> None:
+    api, ns, server = registered
+    broken = REGO.format(name="broken", ns=ns, module=json.dumps("package ambit\nauthz := input.x +"))
+    # The API server picks the new configuration up through its informer: wait until it calls us.
+    refused = None
+
+    def called() -> bool:
+        nonlocal refused
+        refused = api.kubectl_run("apply", "-f", "-", stdin=broken, check=False)
+        return refused.returncode != 0
+
+    assert wait_until(called, 15.0)
+    assert refused is not None
+    assert 'admission webhook "validation.ambit.io" denied the request' in refused.stderr
+    assert "module does not compile" in refused.stderr
+
+    bad_principal = AP.format(
+        name="p", ns=ns, spec='{rules: [{from: [{source: {principals: ["cluster.local/ns/x"]}}]}]}'
+    )
+    out = api.kubectl_run("apply", "-f", "-", stdin=bad_principal, check=False)
+    assert out.returncode != 0 and "<trust-domain>/ns/<namespace>/sa/<service-account>" in out.stderr
+
+    good = REGO.format(name="good", ns=ns, module=json.dumps("package ambit\ndefault authz := true"))
+    assert "created" in api.kubectl_run("apply", "-f", "-", stdin=good).stdout
+    l7 = AP.format(name="l7", ns=ns, spec="{rules: [{to: [{operation: {methods: [GET]}}]}]}")
+    out = api.kubectl_run("apply", "-f", "-", stdin=l7)
+    assert "created" in out.stdout and "Warning:" in out.stderr  # what the node enforces differently
+    counts = server.counters()
+    assert counts["rejected"] >= 2 and counts["allowed"] == 2
