@@ -8,13 +8,15 @@ PYTEST_ARGS ?=
 
 PROTOS := $(wildcard api/*.proto)
 NATIVE_SRC := $(wildcard native/src/*.c native/src/*.h) native/build_engine.py
+GATEWAY_SRC := $(wildcard gateway/native/src/*.c gateway/native/src/*.h) gateway/native/build_gateway.py \
+	native/src/util.c native/src/internal.h
 
 # `make lab KUBE=1`: the same demo with workloads and policies from a real Kubernetes API server.
 KUBE ?=
 
-.PHONY: setup system venv native protos kube test unit lint lab bench clean
+.PHONY: setup system venv native gateway protos kube test unit lint lab bench clean
 
-setup: system venv protos native kube
+setup: system venv protos native gateway kube
 
 system:
 	@bash scripts/setup-system.sh
@@ -44,6 +46,13 @@ native/.built: $(NATIVE_SRC) $(VENV)/.installed
 
 native: native/.built
 
+# The gateway's data plane (llhttp from Debian's node-llhttp sources, libmodsecurity, OpenSSL).
+gateway/native/.built: $(GATEWAY_SRC) $(VENV)/.installed
+	@$(PY) gateway/native/build_gateway.py
+	@touch $@
+
+gateway: gateway/native/.built
+
 # kube-apiserver, etcd and kubectl for the tests and `make lab KUBE=1`: built once per version, cached
 # outside the clone (a cold build takes 6-13 minutes; the script prints its progress).
 kube:
@@ -56,8 +65,8 @@ unit: setup
 	@$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
 lint: setup
-	@$(VENV)/bin/ruff check agent mgmt api native tests
-	@$(VENV)/bin/mypy agent mgmt native
+	@$(VENV)/bin/ruff check agent mgmt api native gateway tests
+	@$(VENV)/bin/mypy agent mgmt native gateway
 
 lab: setup
 	@$(VENV)/bin/ambit lab demo $(if $(KUBE),--kube)
@@ -66,6 +75,8 @@ bench: setup
 	@$(PY) -m tests.bench
 
 clean:
+	rm -rf $(VENV) api/.built native/.built native/_engine* native/src/*.o gateway/native/.built gateway/native/_gateway* build *.egg-info
+
 	rm -rf $(VENV) api/.built native/.built native/_engine* native/src/*.o build *.egg-info
 
 # helm for the chart tests (deploy/helm/ambit): built from the Go module proxy, cached outside the clone.

@@ -221,11 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     # Each area owns its own subcommand and arguments; imports stay light so `ambit --help` is fast.
     from agent.daemon import add_agent_command
     from agent.debug import add_debug_command
+    from gateway.cli import add_gateway_command
     from mgmt.cli import add_mgmt_command
 
     add_agent_command(sub)
     add_mgmt_command(sub)
     add_debug_command(sub)
+    add_gateway_command(sub)
     add_completion(sub)
     return parser
 

@@ -34,6 +34,7 @@ class ConnectionRecord:
     tls_cipher: str = ""
     peer_cert_sha256: str = ""
     start_time: float = 0.0  # time.time()
+    trace_id: str = ""  # W3C trace id of the HBONE stream (its traceparent): both sides record the same
 
 
 @dataclass(frozen=True)

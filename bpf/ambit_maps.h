@@ -58,6 +58,8 @@ enum ambit_counter {
 	AMBIT_CTR_INBOUND_PERMISSIVE_PASS, /* plaintext SYN to a PERMISSIVE pod passed: listener absent */
 	AMBIT_CTR_ASSIGN_ERROR,            /* bpf_sk_assign failed: packet dropped */
 	AMBIT_CTR_STRICT_UNMEDIATED_DROP,  /* SYN into a STRICT pod not made by the agent (e.g. from the node) */
+	AMBIT_CTR_HBONE_CAPTURED,          /* SYN to an enrolled pod's HBONE port assigned to the HBONE listener */
+	AMBIT_CTR_HBONE_NO_LISTENER_DROP,  /* SYN to an enrolled pod's HBONE port dropped: HBONE listener absent */
 	AMBIT_CTR_MAX
 };
 

@@ -139,4 +139,19 @@ static __always_inline int ambit_steer_to_listener(struct __sk_buff *skb, struct
 	return TC_ACT_OK;
 }
 
+/* A new connection to an enrolled pod's HBONE port: how ztunnel (and ambit) dial a pod. It goes to the
+ * agent's HBONE listener, which serves it as mTLS presenting that pod's identity, and never to the
+ * plaintext listener or the pod itself: without the HBONE listener it is dropped whatever the pod's mode
+ * (HBONE bytes are never handed to the pod's own port). */
+static __always_inline int ambit_steer_hbone(struct __sk_buff *skb, struct ambit_packet *pkt)
+{
+	return ambit_steer_to_listener(skb, pkt, AMBIT_HBONE_PORT, AMBIT_MODE_STRICT, AMBIT_CTR_HBONE_CAPTURED,
+				       AMBIT_CTR_HBONE_NO_LISTENER_DROP, AMBIT_CTR_HBONE_NO_LISTENER_DROP);
+}
+
+static __always_inline int ambit_is_hbone(struct ambit_packet *pkt)
+{
+	return pkt->tuple.ipv4.dport == bpf_htons(AMBIT_HBONE_PORT);
+}
+
 #endif

@@ -2,7 +2,7 @@
  * Existing agent sockets first (replies to connections the agent opened towards this pod, and flows
  * it already captured, even after the pod is unenrolled); then new connections of enrolled pods go to
  * the outbound listener with their original destination, and new plaintext connections from other pods
- * to an enrolled pod go to the inbound plaintext listener. */
+ * to an enrolled pod go to the inbound plaintext listener (to its HBONE port: the HBONE listener). */
 #include "ambit_steer.h"
 
 int pod_ingress(struct __sk_buff *skb)
@@ -23,6 +23,8 @@ int pod_ingress(struct __sk_buff *skb)
 		 * inbound listener as plaintext from other nodes (the uplink program). */
 		struct ambit_pod_key dst_key = {.ip = pkt.tuple.ipv4.daddr};
 		struct ambit_pod *dst = pkt.pure_syn ? ambit_pods.lookup(&dst_key) : NULL;
+		if (dst && ambit_is_hbone(&pkt))
+			return ambit_steer_hbone(skb, &pkt);
 		if (dst)
 			return ambit_steer_to_listener(skb, &pkt, AMBIT_INBOUND_PLAINTEXT_PORT, dst->mode,
 						       AMBIT_CTR_INBOUND_CAPTURED, AMBIT_CTR_INBOUND_STRICT_DROP,

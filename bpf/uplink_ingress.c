@@ -1,8 +1,10 @@
 /* tc ingress on the node's uplink (the interface holding the node IP): packets from other nodes.
- * Only packets addressed to an enrolled pod are looked at; mesh traffic arrives on the node address
- * (HBONE :15008) and is not touched. A plaintext new connection to an enrolled pod goes to the inbound
- * plaintext listener, so policy (e.g. STRICT mTLS) applies to it; later packets of that connection and
- * replies to agent connections that used the pod's address go to their socket. */
+ * Only packets addressed to an enrolled pod are looked at. Mesh traffic is addressed to the pod itself
+ * (`<pod ip>:15008`, as ztunnel dials it): a new connection to that port goes to the agent's HBONE
+ * listener. Any other new connection to an enrolled pod is plaintext and goes to the inbound plaintext
+ * listener, so policy (e.g. STRICT mTLS) applies to it; later packets of those connections and replies
+ * to agent connections that used a pod's address (its HBONE from the source pod's IP included) go to
+ * their socket. */
 #include "ambit_steer.h"
 
 int uplink_ingress(struct __sk_buff *skb)
@@ -24,6 +26,8 @@ int uplink_ingress(struct __sk_buff *skb)
 		ambit_count(AMBIT_CTR_ENROLLED_FLOW_PASS);
 		return TC_ACT_OK;
 	}
+	if (ambit_is_hbone(&pkt))
+		return ambit_steer_hbone(skb, &pkt);
 	return ambit_steer_to_listener(skb, &pkt, AMBIT_INBOUND_PLAINTEXT_PORT, pod->mode,
 				       AMBIT_CTR_INBOUND_CAPTURED, AMBIT_CTR_INBOUND_STRICT_DROP,
 				       AMBIT_CTR_INBOUND_PERMISSIVE_PASS);

@@ -6,6 +6,9 @@ set -euo pipefail
 packages=(
     python3-bpfcc libbpfcc linux-headers-amd64 libssl-dev libnghttp2-dev python3-venv python3-dev
     iproute2 nftables tcpdump stunnel4 gcc make curl prometheus vagrant
+    # gateway: libmodsecurity + OWASP CRS 3.3.4 for the WAF; llhttp's C sources (node-llhttp); nginx with
+    # the ModSecurity connector as the bench's comparison
+    libmodsecurity3 libmodsecurity-dev modsecurity-crs node-llhttp nginx libnginx-mod-http-modsecurity wrk
 )
 
 missing=()

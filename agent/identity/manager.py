@@ -135,7 +135,8 @@ class IdentityManager:
             self._listeners.append(listener)
 
     def node_identity(self) -> Svid:
-        """The node's own certificate and key as one consistent snapshot (the proxy's 15008 identity)."""
+        """The node's own certificate and key as one consistent snapshot (the relay's client identity; HBONE
+        presents workload SVIDs)."""
         return self.node.svid()
 
     def trust_bundle_pem(self) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import select
 import signal
+import socket
 import struct
 import subprocess
 import tempfile
@@ -26,6 +27,8 @@ class CaptureReport:
     packets: int = 0
     tcp_packets: int = 0
     ports: Counter[int] = field(default_factory=Counter)  # server-side port of each TCP packet
+    # (client IP, server IP, server port) of each TCP packet: who talks to whom on which port
+    flows: Counter[tuple[str, str, int]] = field(default_factory=Counter)
     needle_hits: int = 0  # packets whose payload contains the needle
 
     def only_ports(self, allowed: set[int]) -> bool:
@@ -116,6 +119,8 @@ def _count_frame(frame: bytes, needle: bytes, server_ports: set[int], report: Ca
     # Attribute the packet to the server side of its connection: the known port, else the lower one.
     port = dport if dport in server_ports else sport if sport in server_ports else min(sport, dport)
     report.ports[port] += 1
+    src, dst = socket.inet_ntoa(ip[12:16]), socket.inet_ntoa(ip[16:20])
+    report.flows[(src, dst, port) if port == dport else (dst, src, port)] += 1
     data_off = ((ip[ihl + 12] >> 4) & 0x0F) * 4
     if needle and needle in ip[ihl + data_off :]:
         report.needle_hits += 1

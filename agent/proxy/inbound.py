@@ -26,11 +26,13 @@ from agent.proxy.runtime import MeshView, Runtime
 from agent.proxy.sockets import (
     AuthorityError,
     connect_nonblocking,
+    original_destination,
     parse_authority,
     peer_address,
 )
 from agent.proxy.sources import SourceIndex
 from agent.proxy.table import Entry, Path
+from agent.proxy.telemetry import TelemetryError, parse_baggage, source_workload, trace_id
 from agent.redirect.marks import HBONE_PORT, INBOUND_PLAINTEXT_PORT
 from api.resources.workload import Workload
 from api.spiffe import SpiffeId, SpiffeIdError
@@ -46,8 +48,9 @@ STATUS_UNAVAILABLE = 503
 
 @dataclass
 class ServerConn:
-    """One HBONE connection a peer node opened to us."""
+    """One HBONE connection a peer opened to a local workload's address (`local_ip`:15008)."""
 
+    local_ip: str
     peer_ip: str
     peer_port: int
     # The workload identity streams are authorized as (an alias domain's mapped onto this mesh's); None
@@ -71,12 +74,20 @@ class Inbound:
     # --- HBONE (15008) ---------------------------------------------------------------------------
 
     def on_hbone_readable(self, listener: socket.socket) -> None:
-        self.rt.accept(listener, self._serve)
+        self.rt.accept(listener, self._accept)
 
-    def _serve(self, sock: socket.socket) -> None:
+    def _accept(self, sock: socket.socket) -> None:
+        """A peer dialled `<local pod ip>:15008` (steered here by the capture): serve it as that pod."""
+        local_ip, _ = original_destination(sock)
+        peer_ip, peer_port = peer_address(sock)
+        self.serve(sock, local_ip, peer_ip, peer_port)
+
+    def serve(self, sock: socket.socket, local_ip: str, peer_ip: str, peer_port: int) -> None:
+        """Serve HBONE on `sock`, presenting the SVID of the local workload that owns `local_ip` (the
+        address the peer dialled: ztunnel sends no SNI, so the address is all there is to choose by).
+        An address that is no local workload has no identity to present: the connection is closed."""
         rt = self.rt
         rt.counters["hbone_accepted"] += 1
-        peer_ip, peer_port = peer_address(sock)
         budgets = rt.budgets
         for budget in (budgets.hbone_handshakes, budgets.hbone_sources):
             if budget.full(peer_ip):
@@ -85,23 +96,62 @@ class Inbound:
                                 budget.name, budget.limit)  # fmt: skip
                 sock.close()
                 return
+        # Held from here, also while a first SVID is fetched: connections waiting for it count too.
+        budgets.hbone_handshakes.take(peer_ip)
+        budgets.hbone_sources.take(peer_ip)
         sock.setblocking(False)
-        try:
-            ctx = rt.tls.server()
-        except Exception as exc:  # no node identity yet: nothing to present
+        snap = rt.state()
+        local = snap.workload_by_ip(local_ip)
+        if local is None or local.node != rt.node:
+            rt.counters["hbone_not_a_local_workload"] += 1
+            rt.warn.warning("hbone_not_local", "refusing HBONE from %s to %s: not a workload on node %s",
+                            peer_ip, local_ip, rt.node)  # fmt: skip
+            self._abandon(sock, peer_ip)
+            return
+        identity = local.spiffe_id(snap.trust_domain)
+        if rt.tls.has_server(identity):
+            self._serve_as(sock, identity, local_ip, peer_ip, peer_port)
+            return
+
+        def resume(err: Exception | None) -> None:
+            if err is None:
+                self._serve_as(sock, identity, local_ip, peer_ip, peer_port)
+                return
             rt.counters["hbone_no_identity"] += 1
-            rt.warn.warning("hbone_no_identity", "refusing HBONE from %s: no node identity: %s", peer_ip, exc)
+            rt.warn.warning("hbone_no_identity", "refusing HBONE from %s to %s: no certificate for %s: %s",
+                            peer_ip, local_ip, identity, err)  # fmt: skip
+            self._abandon(sock, peer_ip)
+
+        rt.counters["hbone_waited_for_svid"] += 1
+        rt.off_loop(str(identity), lambda: rt.tls.fetch(identity), resume)
+
+    def _abandon(self, sock: socket.socket | None, peer_ip: str) -> None:
+        """Close an accepted connection before it became a served one, and give back its budget units."""
+        if sock is not None:
             sock.close()
+        self.rt.budgets.hbone_handshakes.give_back(peer_ip)
+        self.rt.budgets.hbone_sources.give_back(peer_ip)
+
+    def _serve_as(
+        self, sock: socket.socket, identity: SpiffeId, local_ip: str, peer_ip: str, peer_port: int
+    ) -> None:
+        rt = self.rt
+        try:
+            ctx = rt.tls.server(identity)
+        except Exception as exc:  # no SVID (CA unreachable, ...): nothing to present
+            rt.counters["hbone_no_identity"] += 1
+            rt.warn.warning("hbone_no_identity", "refusing HBONE from %s: no certificate for %s: %s", peer_ip,
+                            identity, exc)  # fmt: skip
+            self._abandon(sock, peer_ip)
             return
         try:
             conn_id = rt.engine.serve_hbone(sock.detach(), ctx)
-        except EngineError as exc:
+        except EngineError as exc:  # the engine owns (and closed) the fd
             rt.counters["hbone_serve_errors"] += 1
             rt.warn.warning("hbone_serve_errors", "HBONE from %s: %s", peer_ip, exc)
+            self._abandon(None, peer_ip)
             return
-        self.server_conns[conn_id] = ServerConn(peer_ip, peer_port)
-        budgets.hbone_handshakes.take(peer_ip)
-        budgets.hbone_sources.take(peer_ip)
+        self.server_conns[conn_id] = ServerConn(local_ip, peer_ip, peer_port)
 
     def on_peer_verified(self, ev: Event) -> None:
         """Only a workload identity of this mesh's trust domain (or an alias) may open streams on 15008:
@@ -182,17 +232,25 @@ class Inbound:
         except AuthorityError as exc:
             self._refuse_stream(ev, STATUS_BAD_REQUEST, str(exc))
             return
+        if dst_ip != conn.local_ip:
+            # As ztunnel: the connection was dialled to the destination pod itself; a CONNECT naming
+            # another address would borrow this pod's identity (its certificate) for someone else's.
+            why = f"authority {dst_ip} is not the address this connection was dialled to ({conn.local_ip})"
+            self._refuse_stream(ev, STATUS_BAD_REQUEST, why)
+            return
         snap = rt.state()
         dst = snap.workload_by_ip(dst_ip)
         if dst is None or dst.node != rt.node:
             self._refuse_stream(ev, STATUS_NOT_FOUND, f"{dst_ip} is not a workload on node {rt.node}")
             return
         claim = self._parse_claim(ev, conn)
-        if claim is not None and not looked_up and rt.lookup is not None and self._unknown(snap, claim):
-            # The claim can only be believed for a workload we know: learn who holds the address first.
-            self._lookup_claim(ev, claim)
+        unknown = [ip for ip in dict.fromkeys((conn.peer_ip, claim)) if ip and self._unknown(snap, ip)]
+        if unknown and not looked_up and rt.lookup is not None:
+            # A claim (the TCP peer address, `forwarded`) can only be believed for a workload we know:
+            # learn who holds the addresses first.
+            self._lookup_claims(ev, unknown)
             return
-        claimed = self._believed_source(claim, snap, conn)
+        claimed = self._peer_source(snap, conn) or self._believed_source(claim, snap, conn)
         if claimed is not None:
             src_ip, src = claimed
         else:
@@ -207,12 +265,13 @@ class Inbound:
             destination_port=dst_port,
             source_principal=conn.presented or str(conn.principal),
             destination_principal=str(dst.spiffe_id(snap.trust_domain)),
-            source_workload=src.uid if src is not None else "",
+            source_workload=src.uid if src is not None else self._baggage_source(ev, conn),
             destination_workload=dst.uid,
             tls_version=conn.tls_version,
             tls_cipher=conn.tls_cipher,
             peer_cert_sha256=conn.peer_cert_sha256,
             start_time=time.time(),
+            trace_id=self._trace_id(ev, conn),
         )
         attrs = ConnectionAttrs(conn.principal, src_ip, dst_ip, dst_port, dst.uid, dst.namespace, tls=True)
         decision = rt.authorize(attrs)
@@ -247,6 +306,28 @@ class Inbound:
         rt.table.add(entry)
         rt.loop.watch_connect(upstream, lambda sock, err: self._upstream_ready(entry, sock, err))
 
+    def _peer_source(self, snap: MeshView, conn: ServerConn) -> tuple[str, Workload | None] | None:
+        """(source IP, its workload when known) from the HBONE connection's TCP peer address, which is the
+        source pod's own when the peer originates from it (as ztunnel and ambit do). The address is a claim
+        like `forwarded` (a node can bind any address), so it gets the same trust decision
+        (`forwarded.believe`: a workload of exactly the peer's identity); a node's address (an older
+        ambit dialling from its node) is no pod's and falls through to `forwarded`."""
+        principal = conn.principal
+        if principal is None:
+            return None
+        belief, known = believe(conn.peer_ip, principal, snap)
+        if belief is Belief.NODE_ADDRESS:  # an older peer dialling from its node: no pod address
+            return None
+        if belief is not Belief.BELIEVED:
+            rt = self.rt
+            rt.counters["hbone_peer_address_rejected"] += 1
+            rt.counters[f"hbone_peer_address_rejected_{belief.value}"] += 1
+            rt.warn.warning("hbone_peer_address", "HBONE peer %s (%s) is no address of its identity (%s): "
+                            "not believed as the source", conn.peer_ip, principal, belief.value)  # fmt: skip
+            return None
+        self.rt.counters["hbone_peer_address_used"] += 1
+        return conn.peer_ip, known
+
     def _parse_claim(self, ev: Event, conn: ServerConn) -> str | None:
         """The IP the stream's `forwarded` header claims (None when absent or malformed, counted)."""
         try:
@@ -261,13 +342,17 @@ class Inbound:
     def _unknown(snap: MeshView, ip: str) -> bool:
         return snap.workload_by_ip(ip) is None and not snap.is_node_address(ip)
 
-    def _lookup_claim(self, ev: Event, ip: str) -> None:
+    def _lookup_claims(self, ev: Event, ips: list[str]) -> None:
         rt = self.rt
+        ip, rest = ips[0], ips[1:]
         rt.counters["hbone_forwarded_lookups"] += 1
 
         def resume(err: Exception | None) -> None:
             if err is None:
-                self.on_stream_request(ev, looked_up=True)
+                if rest:
+                    self._lookup_claims(ev, rest)
+                else:
+                    self.on_stream_request(ev, looked_up=True)
                 return
             # Fail closed: without knowing who holds the claimed address the stream's source is unknown,
             # and an ipBlocks DENY could be dodged by falling back to another address.
@@ -294,6 +379,32 @@ class Inbound:
             return None
         self.rt.counters["hbone_forwarded_used"] += 1
         return ip, known
+
+    def _baggage_source(self, ev: Event, conn: ServerConn) -> str:
+        """The source workload the peer's baggage names (as ztunnel sends it), for a source the mesh view
+        does not know; only within the namespace of the peer's identity (telemetry.source_workload)."""
+        rt = self.rt
+        if not ev.baggage or conn.principal is None:
+            return ""
+        try:
+            fields = parse_baggage(ev.baggage)
+        except TelemetryError as exc:
+            rt.counters["hbone_baggage_invalid"] += 1
+            rt.warn.warning(
+                "baggage_invalid", "HBONE stream from %s: ignoring baggage: %s", conn.peer_ip, exc
+            )
+            return ""
+        uid = source_workload(fields, conn.principal)
+        rt.counters["hbone_baggage_used" if uid else "hbone_baggage_ignored"] += 1
+        return uid
+
+    def _trace_id(self, ev: Event, conn: ServerConn) -> str:
+        found = trace_id(ev.traceparent)
+        if ev.traceparent and not found:
+            self.rt.counters["hbone_traceparent_invalid"] += 1
+            self.rt.warn.warning("traceparent_invalid", "HBONE stream from %s: ignoring traceparent %r",
+                                 conn.peer_ip, ev.traceparent[:64])  # fmt: skip
+        return found
 
     def _upstream_ready(self, entry: Entry, upstream: socket.socket, err: int) -> None:
         rt = self.rt

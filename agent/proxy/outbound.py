@@ -1,8 +1,9 @@
 """Outbound capture (:15001): connections a local pod opened, steered here by the redirect.
 
 The accepted socket's local address is the original destination. A destination workload that is in the
-mesh is reached through an HBONE stream on a pooled mTLS connection to its node, presenting the source
-workload's SVID; anything else passes through in plaintext from the node's own address.
+mesh is reached through an HBONE stream on a pooled mTLS connection from the source pod's address to
+`<destination pod ip>:15008`, presenting the source workload's SVID and requiring the destination's;
+anything else passes through in plaintext from the node's own address.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import os
 import random
 import socket
+from collections.abc import Callable
 
 from agent.connections import ConnectionRecord, Direction
 from agent.proxy.runtime import MeshView, Runtime
@@ -20,6 +22,7 @@ from agent.proxy.sockets import (
     format_authority,
 )
 from agent.proxy.table import Entry, Path
+from agent.proxy.telemetry import baggage, new_traceparent, trace_id
 from agent.redirect.marks import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
 from api.resources.workload import Service, Workload
 from api.spiffe import SpiffeId
@@ -32,8 +35,11 @@ _LOOP_PORTS = frozenset({OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT})
 
 
 class Outbound:
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: Runtime, serve_local: Callable[[socket.socket, str, str, int], None]) -> None:
+        """`serve_local(sock, local_ip, peer_ip, peer_port)`: the inbound HBONE server (`Inbound.serve`), for
+        destinations on this node."""
         self.rt = rt
+        self.serve_local = serve_local
 
     def on_readable(self, listener: socket.socket) -> None:
         self.rt.accept(listener, self.handle)
@@ -134,17 +140,15 @@ class Outbound:
             source_workload=src.uid,
             destination_workload=dst.uid,
         )
-        node_ip = snap.node_address(dst.node)
-        if node_ip is None:
-            rt.refuse(client, record, "UH", f"node {dst.node} of {dst.uid} has no address")
-            return
+        context = (baggage(src, rt.cluster), new_traceparent())
+        record = dataclasses.replace(record, trace_id=trace_id(context[1]))
         if rt.tls.has_client(src_id):
-            self._open(client, record, src_id, SpiffeId.node(td, dst.node), node_ip)
+            self._open(client, record, src_id, dst_id, dst.node == rt.node, context)
             return
 
         def resume(err: Exception | None) -> None:
             if err is None:
-                self._open(client, record, src_id, SpiffeId.node(td, dst.node), node_ip)
+                self._open(client, record, src_id, dst_id, dst.node == rt.node, context)
             else:
                 rt.warn.warning(f"svid {src_id}", "no client certificate for %s: %s", src_id, err)
                 rt.refuse(client, record, "UF", f"no certificate for {src_id}: {err}")
@@ -153,43 +157,69 @@ class Outbound:
         rt.off_loop(str(src_id), lambda: rt.tls.fetch(src_id), resume)
 
     def _open(
-        self, client: socket.socket, record: ConnectionRecord, src_id: SpiffeId, peer: SpiffeId, node_ip: str
+        self,
+        client: socket.socket,
+        record: ConnectionRecord,
+        src_id: SpiffeId,
+        dst_id: SpiffeId,
+        local: bool,
+        context: tuple[str, str],
     ) -> None:
-        """Open the CONNECT stream on a pooled connection to the destination node (or a new one)."""
+        """Open the CONNECT stream on a pooled connection from the source pod to `<destination pod>:15008`
+        (or a new one), requiring the destination workload's identity from the server (as ztunnel), with
+        the telemetry `context` (baggage, traceparent) ztunnel sends."""
         rt = self.rt
-        node = peer.node_name or ""
         try:
             ctx, generation = rt.tls.client(src_id)
         except Exception as exc:  # no SVID (CA unreachable, not authorized for this identity, ...)
             rt.warn.warning(f"svid {src_id}", "no client certificate for %s: %s", src_id, exc)
             rt.refuse(client, record, "UF", f"no certificate for {src_id}: {exc}")
             return
-        key = (str(src_id), node)
-        where = f"{node_ip}:{HBONE_PORT}"
-        conn = rt.pool.acquire(key, generation, where, str(peer))
+        src_ip, dst_ip = record.source_ip, record.destination_ip
+        key = (str(src_id), src_ip, str(dst_id), dst_ip)
+        where = format_authority(dst_ip, HBONE_PORT)
+        conn = rt.pool.acquire(key, generation, where, str(dst_id))
         if conn is None:
             try:
-                sock = connect_nonblocking((node_ip, HBONE_PORT))
+                sock = self._local_hbone(src_ip, dst_ip) if local else self._dial(src_ip, dst_ip)
             except OSError as exc:
-                rt.refuse(client, record, "UF", f"connect {node_ip}:{HBONE_PORT}: {exc}")
+                rt.refuse(client, record, "UF", f"connect {where}: {exc}")
                 return
             try:
-                conn_id = rt.engine.connect_hbone(sock.detach(), ctx, str(peer))
+                conn_id = rt.engine.connect_hbone(sock.detach(), ctx, str(dst_id))
             except EngineError as exc:
-                rt.refuse(client, record, "UF", f"HBONE to {node_ip}: {exc}")
+                rt.refuse(client, record, "UF", f"HBONE to {where}: {exc}")
                 return
-            conn = rt.pool.add(key, conn_id, where, generation, str(peer))
+            conn = rt.pool.add(key, conn_id, where, generation, str(dst_id))
             rt.counters["hbone_connections_opened"] += 1
         entry = rt.table.add(
             self._held(Entry(rt.table.next_tag(), record, Path.HBONE_CLIENT, engine_conn=conn.conn_id))
         )
-        authority = format_authority(record.destination_ip, record.destination_port)
+        authority = format_authority(dst_ip, record.destination_port)
         try:
             entry.engine_stream = rt.engine.open_stream(
-                conn.conn_id, authority, client.detach(), entry.tag, forwarded=record.source_ip
-            )
+                conn.conn_id, authority, client.detach(), entry.tag, forwarded=src_ip,
+                headers=(("baggage", context[0]), ("traceparent", context[1])),
+            )  # fmt: skip
         except EngineError as exc:  # the engine closed the client fd
             rt.pool.release(conn.conn_id)
             rt.table.finish(entry.tag, response_flags="UF", error=str(exc))
             return
         rt.counters["outbound_hbone_streams"] += 1
+
+    def _dial(self, src_ip: str, dst_ip: str) -> socket.socket:
+        """The outer connection, from the source pod's address (so the destination sees the same source as
+        ztunnel would, and sourceIps/ipBlocks mean the same on both sides) to `<dst ip>:15008`. Marked so
+        no capture program takes it; its replies reach it through the capture's socket lookup."""
+        source = src_ip if self.rt.preserve_source_ip else None
+        return connect_nonblocking((dst_ip, HBONE_PORT), source_ip=source)
+
+    def _local_hbone(self, src_ip: str, dst_ip: str) -> socket.socket:
+        """A destination on this node: the same HBONE (mTLS, the destination's certificate, inbound
+        authorization) over a socket pair, served as if accepted on `<dst ip>:15008` from the source pod.
+        A packet to a local pod's address from the agent itself would be routed into the pod, not to
+        the HBONE listener."""
+        ours, theirs = socket.socketpair()
+        self.rt.counters["hbone_local_connections"] += 1
+        self.serve_local(theirs, dst_ip, src_ip, 0)
+        return ours

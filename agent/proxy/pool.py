@@ -1,17 +1,20 @@
-"""HBONE connection pool: mTLS connections to peer nodes, shared by streams of the same source identity.
+"""HBONE connection pool: mTLS connections from one source pod to one destination pod, as ztunnel pools.
 
-A pool key is (source workload SPIFFE ID, destination node): the client certificate carries the source
-identity, so two identities never share a connection, and one connection reaches every pod of a node.
+A pool key is (source SPIFFE ID, source pod IP, destination SPIFFE ID, destination pod IP): the outer
+connection goes from the source pod's address to `<destination pod ip>:15008`, the client certificate
+carries the source identity and the server's the destination's, so none of the four may differ between
+streams sharing a connection (the expected peer is in the key so a reused pod IP never inherits a
+connection verified for its previous owner).
 Each connection carries at most `max_streams` concurrent CONNECT streams; the pool opens another when all
 are full. Busy keys are also spread: while every connection of a key carries a stream and the key has fewer
 than `spread` connections, a new stream gets a new connection. One TLS connection is one engine loop thread
 on each node, so several busy streams on one connection would share one core for their crypto; spread over
 `spread` (2 x engine threads) connections they use every loop. New streams go to the least busy connection.
 Connections that carried no stream for `idle_timeout` seconds are handed back for a graceful close, and a
-connection is marked draining (no new streams) when its key's certificate rotates, or when its node's
-address or identity changes (the connection goes to where the node was, not where it is). A key keeps at
-most `spread` idle connections warm: after a burst (5,000 streams open 50 connections) the surplus closes at
-once instead of holding its TLS and HTTP/2 buffers for `idle_timeout`.
+connection is marked draining (no new streams) when its key's certificate rotates, or when the mesh view gives
+its destination address another identity (it goes to who the pod was, not who holds the address now). A key
+keeps at most `spread` idle connections warm: after a burst (5,000 streams open 50 connections) the surplus
+closes at once instead of holding its TLS and HTTP/2 buffers for `idle_timeout`.
 This module is pure bookkeeping: the caller opens and closes the engine connections.
 """
 
@@ -21,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-PoolKey = tuple[str, str]  # (source SPIFFE ID, destination node name)
+PoolKey = tuple[str, str, str, str]  # (source SPIFFE ID, source IP, destination SPIFFE ID, destination IP)
 
 DEFAULT_MAX_STREAMS = 100
 DEFAULT_IDLE_TIMEOUT = 60.0
@@ -32,7 +35,7 @@ DEFAULT_SPREAD = 1
 class PooledConnection:
     conn_id: int
     key: PoolKey
-    peer: str  # "node-ip:15008"
+    peer: str  # "pod-ip:15008"
     generation: int  # credentials generation of the key when the connection was opened
     opened_at: float
     streams: int = 0
@@ -44,7 +47,7 @@ class PooledConnection:
     tls_version: str = ""
     tls_cipher: str = ""
     peer_cert_sha256: str = ""
-    peer_id: str = ""  # the SPIFFE ID the engine required of the server (the node's identity)
+    peer_id: str = ""  # the SPIFFE ID the engine required of the server (the destination workload's)
 
 
 @dataclass
@@ -55,14 +58,14 @@ class Pool:
     clock: Callable[[], float] = time.monotonic
     _by_id: dict[int, PooledConnection] = field(default_factory=dict)
     _by_key: dict[PoolKey, list[PooledConnection]] = field(default_factory=dict)
-    drained_moved: int = 0  # connections drained because their node's address or identity changed
+    drained_moved: int = 0  # connections drained because their destination's address or identity changed
 
     def acquire(
         self, key: PoolKey, generation: int, peer: str | None = None, peer_id: str | None = None
     ) -> PooledConnection | None:
         """Reserve a stream slot on the least busy live connection of `key` (handshaken first on a tie);
         None: open one (none has room, or all are busy and the key may spread over more). With `peer` /
-        `peer_id` (where the node is now, who it must be), connections made to anything else drain."""
+        `peer_id` (where the destination is now, who it must be), connections made to anything else drain."""
         best: PooledConnection | None = None
         live = 0
         for conn in self._by_key.get(key, ()):
@@ -127,18 +130,27 @@ class Pool:
                 self._by_key.pop(conn.key, None)
         return conn
 
-    def drain_moved(self, route: Callable[[str], tuple[str, str] | None]) -> int:
-        """Drain every connection whose node is no longer where it was opened to: `route(node)` is the node's
-        (peer address, identity) now, None when the node is gone. Live streams finish; none is added, and
-        `expired` closes each once idle. Returns how many were drained now."""
+    def drain_moved(self, route: Callable[[PoolKey], tuple[str, str] | None]) -> int:
+        """Drain every connection whose destination is no longer what it was opened to: `route(key)` is the
+        destination's (peer address, identity) now, None when it is gone. Live streams finish; none is added,
+        and `expired` closes each once idle. Returns how many were drained now."""
         moved = [
             c
             for c in self._by_id.values()
-            if not (c.draining or c.closing) and route(c.key[1]) != (c.peer, c.peer_id)
+            if not (c.draining or c.closing) and route(c.key) != (c.peer, c.peer_id)
         ]
         for conn in moved:
             self._drain_moved(conn)
         return len(moved)
+
+    def drain(self, conn_id: int) -> bool:
+        """No new stream on this connection (the peer sent a graceful GOAWAY): its live streams finish and
+        `expired` closes it once idle. Returns whether it was pooled and live."""
+        conn = self._by_id.get(conn_id)
+        if conn is None or conn.draining or conn.closing:
+            return False
+        conn.draining = True
+        return True
 
     def _drain_moved(self, conn: PooledConnection) -> None:
         conn.draining = True
@@ -171,7 +183,8 @@ class Pool:
             {
                 "conn_id": c.conn_id,
                 "source": c.key[0],
-                "node": c.key[1],
+                "source_ip": c.key[1],
+                "destination": c.key[2],
                 "peer": c.peer,
                 "state": _state(c),
                 "streams": c.streams,

@@ -14,14 +14,13 @@ from agent.proxy.inbound import STATUS_FORBIDDEN, Inbound
 from agent.proxy.limits import Budgets, Limits
 from agent.proxy.loop import ControlLoop
 from agent.proxy.outbound import Outbound
-from agent.proxy.pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_STREAMS, Pool
+from agent.proxy.pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_STREAMS, Pool, PoolKey
 from agent.proxy.runtime import AuditSink, Authorizer, MeshView, Runtime
-from agent.proxy.sockets import listener
+from agent.proxy.sockets import format_authority, listener
 from agent.proxy.status import refused_stream_flags
 from agent.proxy.table import ConnectionTable, Entry, Path
 from agent.proxy.tls import ProxyCredentials, TlsContexts
 from agent.redirect.marks import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
-from api.spiffe import SpiffeId
 from native.engine import Engine, EngineError, Event
 
 log = logging.getLogger("ambit.proxy")
@@ -44,12 +43,13 @@ class Ports:
 
 
 class Proxy:
-    """Listeners 15001 (outbound capture), 15006 (inbound plaintext), 15008 (HBONE) of one node.
+    """Listeners 15001 (outbound capture), 15006 (inbound plaintext), 15008 (HBONE to local pods) of one node.
 
     `engine_threads`: the engine's loop threads (None: `default_engine_threads()`); `connections_per_key`:
-    how many pooled connections concurrent streams of one (source identity, node) spread over (None: 2 x
-    engine threads). `credentials`: `svid_for(SpiffeId)`, `trust_bundle_pem()` and `node_identity()` (an
-    object with `chain_pem`/`key_pem`: the certificate the node presents on 15008). `lookup(ip)`: the
+    how many pooled connections concurrent streams of one (source pod, destination pod) spread over (None:
+    2 x engine threads). `credentials`: `svid_for(SpiffeId)` and `trust_bundle_pem()` (the IdentityManager:
+    local workloads present their own SVIDs on both sides of HBONE). `listen_ip`: the node's address
+    (logged; HBONE is served on every local pod's address). `lookup(ip)`: the
     relay's on-demand lookup (blocking; its answer is merged into `state()`), asked off the loop when a
     destination is unknown. `audit(event, **fields)`: the agent's audit log, for identity refusals.
     `limits`: per source address / per peer identity budgets (agent/proxy/limits.py; None: the defaults).
@@ -99,8 +99,8 @@ class Proxy:
             audit_sink=audit,
             budgets=Budgets(limits or Limits()),
         )
-        self._outbound = Outbound(self._rt)
         self._inbound = Inbound(self._rt)
+        self._outbound = Outbound(self._rt, self._inbound.serve)
         self._listeners: list[socket.socket] = []
         self._handlers: dict[str, Callable[[Event], None]] = {
             "handshake_done": self._on_handshake_done,
@@ -115,6 +115,7 @@ class Proxy:
             "peer_goaway": self._on_peer_goaway,
         }
         self._started = False
+        self._seen_snapshot: object = None
         self._routed_snapshot: object = None
 
     @property
@@ -130,7 +131,9 @@ class Proxy:
             self._listeners.append(out)
             plain = listener(self._capture_ip, self._ports.plaintext, transparent=True)
             self._listeners.append(plain)
-            hbone = listener(self._listen_ip, self._ports.hbone, transparent=False)
+            # HBONE arrives on `<local pod ip>:15008` (as ztunnel dials it), steered here by the capture
+            # like 15001/15006: the listener is transparent on the capture address, never the node's alone.
+            hbone = listener(self._capture_ip, self._ports.hbone, transparent=True)
             self._listeners.append(hbone)
         except BaseException:
             self._close_listeners()
@@ -141,12 +144,12 @@ class Proxy:
         self._loop.add_reader(plain.fileno(), lambda: self._inbound.on_plaintext_readable(plain))
         self._loop.add_reader(hbone.fileno(), lambda: self._inbound.on_hbone_readable(hbone))
         self._loop.add_reader(rt.engine.eventfd, self._drain_events)
-        self._loop.every_tick(self._close_idle)
+        self._loop.every_tick(self._on_tick)
         self._loop.start()
         self._started = True
-        log.info("proxy on node %s: outbound %s:%d, plaintext %s:%d, HBONE %s:%d", rt.node,
-                 self._capture_ip, self._ports.outbound, self._capture_ip, self._ports.plaintext,
-                 self._listen_ip, self._ports.hbone)  # fmt: skip
+        log.info("proxy on node %s (%s): outbound %s:%d, plaintext %s:%d, HBONE %s:%d", rt.node,
+                 self._listen_ip, self._capture_ip, self._ports.outbound, self._capture_ip,
+                 self._ports.plaintext, self._capture_ip, self._ports.hbone)  # fmt: skip
 
     def stop(self) -> None:
         if not self._started:
@@ -290,9 +293,12 @@ class Proxy:
                 rt.table.mark(entry, "UF", f"HBONE connection failed: {ev.detail}")
 
     def _on_peer_goaway(self, ev: Event) -> None:
-        """The peer drains this connection (graceful GOAWAY): its streams finish, new ones go elsewhere."""
-        self._rt.counters["hbone_peer_goaway"] += 1
-        self._rt.pool.remove(ev.conn_id)
+        """A graceful GOAWAY (ztunnel sends one when it drains): the engine refuses new streams on that
+        connection, so the pool stops handing it out; its streams finish, new ones get a new connection, and
+        the pool closes it once idle (draining, not forgotten: it is still ours to close)."""
+        if self._rt.pool.drain(ev.conn_id):
+            self._rt.counters["hbone_peer_goaway"] += 1
+            log.info("HBONE connection %d: peer %s sent GOAWAY: draining", ev.conn_id, ev.peer_id or "?")
 
     def _on_conn_closed(self, ev: Event) -> None:
         rt = self._rt
@@ -306,11 +312,25 @@ class Proxy:
         if entry.path is Path.HBONE_CLIENT:
             self._rt.pool.release(entry.engine_conn)
 
+    def _on_tick(self) -> None:
+        self._close_idle()
+        self._forget_departed()
+
+    def _forget_departed(self) -> None:
+        """Free the TLS contexts of workloads that left this node (one per local identity and role)."""
+        rt = self._rt
+        snap = rt.state()
+        if snap is self._seen_snapshot:  # snapshots are immutable: a new one is a new object
+            return
+        self._seen_snapshot = snap
+        td = snap.trust_domain
+        rt.tls.forget({str(w.spiffe_id(td)) for w in snap.workloads.values() if w.node == rt.node})
+
     def _close_idle(self) -> None:
         snap = self._rt.state()
         if snap is not self._routed_snapshot:  # a new config: pooled connections to moved nodes drain
             self._routed_snapshot = snap
-            self._rt.pool.drain_moved(lambda node: _hbone_route(snap, node))
+            self._rt.pool.drain_moved(lambda key: _hbone_route(snap, key))
         for conn_id in self._rt.pool.expired():
             try:
                 self._rt.engine.close(conn_id)
@@ -318,12 +338,13 @@ class Proxy:
                 self._rt.pool.remove(conn_id)
 
 
-def _hbone_route(snap: MeshView, node: str) -> tuple[str, str] | None:
-    """Where a node's HBONE listener is now and who it must be (as outbound opens pooled connections)."""
-    addr = snap.node_address(node)
-    if addr is None:
-        return None
-    return f"{addr}:{HBONE_PORT}", str(SpiffeId.node(snap.trust_domain, node))
+def _hbone_route(snap: MeshView, key: PoolKey) -> tuple[str, str] | None:
+    """Where a pooled connection's destination is now and who it must be: the pod's own address and the
+    identity the mesh view gives it now (its key's while the view does not know the address: node-scoped
+    views learn peers on demand, and forgetting one is no reason to drop its connection)."""
+    dst_id, dst_ip = key[2], key[3]
+    known = snap.workload_by_ip(dst_ip)
+    return format_authority(dst_ip, HBONE_PORT), str(known.spiffe_id(snap.trust_domain)) if known else dst_id
 
 
 def _bytes_towards_destination(entry: Entry, ev: Event) -> tuple[int, int]:

@@ -21,6 +21,7 @@ from agent.proxy.loop import ControlLoop
 from agent.proxy.pool import Pool
 from agent.proxy.sockets import original_destination, peer_address
 from agent.proxy.table import ConnectionTable, Entry
+from agent.proxy.telemetry import DEFAULT_CLUSTER
 from agent.proxy.tls import TlsContexts
 from api.resources.workload import Namespace, Service, Workload
 from api.spiffe import TrustDomains
@@ -87,6 +88,7 @@ class Runtime:
     pool: Pool
     tls: TlsContexts
     preserve_source_ip: bool
+    cluster: str = DEFAULT_CLUSTER  # k8s.cluster.name in the baggage HBONE streams carry
     # On-demand lookup of an unknown IP (RelayClient.lookup): blocking; merges what it finds into state().
     lookup: Callable[[str], object] | None = None
     workers: ThreadPoolExecutor = field(

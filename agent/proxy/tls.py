@@ -1,16 +1,16 @@
 """TLS contexts the proxy hands to the engine, rebuilt whenever the certificates behind them rotate.
 
-HBONE identities (see docs/proxy.md): the client presents the SOURCE workload's SVID, so the destination
-authorizes the true source principal; the server on 15008 presents its NODE identity, and the client
-checks that it is the node the destination workload is scheduled on. One client context per source
-identity; one server context. A context is replaced (and the old one freed: live connections keep their
-own reference inside the engine) when the certificate chain or the trust bundle changes; the generation
-number lets the pool stop reusing connections made with the old certificate.
+HBONE identities (see docs/proxy.md), as Istio ambient (ztunnel) has them: the client presents the SOURCE
+workload's SVID and requires the DESTINATION workload's; the server on `<pod ip>:15008` presents the SVID of
+the local workload that owns the address the connection was accepted on (chosen before the handshake: no
+SNI is sent). So there is one context per (role, local workload identity). A context is replaced (and the
+old one freed: live connections keep their own reference inside the engine) when the certificate chain or
+the trust bundle changes; the generation number lets the pool stop reusing connections made with the old
+certificate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,36 +26,11 @@ class Pem(Protocol):
 
 
 class ProxyCredentials(Protocol):
-    """What the proxy needs from identity: the IdentityManager plus the node identity."""
+    """What the proxy needs from identity (the IdentityManager): local workloads' SVIDs and the bundle."""
 
     def svid_for(self, spiffe_id: SpiffeId) -> Pem: ...
 
     def trust_bundle_pem(self) -> bytes: ...
-
-    def node_identity(self) -> Pem: ...
-
-
-class SvidSource(Protocol):
-    def svid_for(self, spiffe_id: SpiffeId) -> Pem: ...
-
-    def trust_bundle_pem(self) -> bytes: ...
-
-
-class NodeCredentials:
-    """ProxyCredentials from the IdentityManager (workload SVIDs, bundle) and the node's own identity."""
-
-    def __init__(self, svids: SvidSource, node_identity: Callable[[], Pem]) -> None:
-        self._svids = svids
-        self._node_identity = node_identity
-
-    def svid_for(self, spiffe_id: SpiffeId) -> Pem:
-        return self._svids.svid_for(spiffe_id)
-
-    def trust_bundle_pem(self) -> bytes:
-        return self._svids.trust_bundle_pem()
-
-    def node_identity(self) -> Pem:
-        return self._node_identity()
 
 
 class ContextFactory(Protocol):
@@ -79,31 +54,35 @@ class TlsContexts:
         self._engine = engine
         self._credentials = credentials
         self._tls12 = tls12
-        self._clients: dict[str, _Cached] = {}
-        self._server: _Cached | None = None
+        self._cached: dict[tuple[bool, str], _Cached] = {}  # by (server role, SPIFFE ID)
         self._generations = 0
 
     def has_client(self, source: SpiffeId) -> bool:
         """Whether a context for `source` exists, i.e. client() will not wait for a first SVID fetch."""
-        return str(source) in self._clients
+        return (False, str(source)) in self._cached
 
-    def fetch(self, source: SpiffeId) -> None:
-        """Fetch `source`'s SVID into the identity cache (blocking: call it off the control loop)."""
-        self._credentials.svid_for(source)
+    def has_server(self, local: SpiffeId) -> bool:
+        """Whether a server context for `local` exists, i.e. server() will not wait for a first fetch."""
+        return (True, str(local)) in self._cached
+
+    def fetch(self, identity: SpiffeId) -> None:
+        """Fetch `identity`'s SVID into the identity cache (blocking: call it off the control loop)."""
+        self._credentials.svid_for(identity)
 
     def client(self, source: SpiffeId) -> tuple[int, int]:
         """(context, generation) presenting `source`'s SVID; may block on the first SVID fetch."""
-        svid = self._credentials.svid_for(source)
-        cached = self._refresh(self._clients.get(str(source)), svid, server=False)
-        self._clients[str(source)] = cached
+        cached = self._context(source, server=False)
         return cached.ctx, cached.generation
 
-    def server(self) -> int:
-        self._server = self._refresh(self._server, self._credentials.node_identity(), server=True)
-        return self._server.ctx
+    def server(self, local: SpiffeId) -> int:
+        """The context presenting the SVID of `local`, the workload whose address a peer dialled."""
+        return self._context(local, server=True).ctx
 
-    def _refresh(self, cached: _Cached | None, pem: Pem, server: bool) -> _Cached:
+    def _context(self, identity: SpiffeId, server: bool) -> _Cached:
+        key = (server, str(identity))
+        pem = self._credentials.svid_for(identity)
         bundle = self._credentials.trust_bundle_pem()
+        cached = self._cached.get(key)
         if cached is not None and cached.chain_pem == pem.chain_pem and cached.bundle_pem == bundle:
             return cached
         ctx = self._engine.tls_context(
@@ -112,10 +91,15 @@ class TlsContexts:
         if cached is not None:
             self._engine.free_tls_context(cached.ctx)
         self._generations += 1
-        return _Cached(pem.chain_pem, bundle, ctx, self._generations)
+        self._cached[key] = _Cached(pem.chain_pem, bundle, ctx, self._generations)
+        return self._cached[key]
+
+    def forget(self, keep: set[str]) -> None:
+        """Free the contexts of identities no longer in `keep` (workloads that left this node)."""
+        for key in [k for k in self._cached if k[1] not in keep]:
+            self._engine.free_tls_context(self._cached.pop(key).ctx)
 
     def close(self) -> None:
-        for cached in [*self._clients.values(), *([self._server] if self._server else [])]:
+        for cached in self._cached.values():
             self._engine.free_tls_context(cached.ctx)
-        self._clients.clear()
-        self._server = None
+        self._cached.clear()

@@ -39,6 +39,8 @@ COUNTERS = (
     "inbound_permissive_pass",
     "assign_error",
     "strict_unmediated_drop",
+    "hbone_captured",
+    "hbone_no_listener_drop",
 )
 
 

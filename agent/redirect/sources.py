@@ -43,6 +43,7 @@ def cflags() -> list[str]:
         f"-DAMBIT_AGENT_SOCKET_MARK={marks.AGENT_SOCKET_MARK:#x}",
         f"-DAMBIT_OUTBOUND_PORT={marks.OUTBOUND_PORT}",
         f"-DAMBIT_INBOUND_PLAINTEXT_PORT={marks.INBOUND_PLAINTEXT_PORT}",
+        f"-DAMBIT_HBONE_PORT={marks.HBONE_PORT}",
     ]
 
 

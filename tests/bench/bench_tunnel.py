@@ -1,11 +1,14 @@
 """The HBONE tunnel against plain TCP and a stunnel mTLS tunnel, in one netns lab (2 nodes x 2 pods).
 
-- plain: pod-1-2 -> pod-2-2, neither enrolled (no capture, no proxy).
+- plain: pod-1-2 -> pod-2-2 (and pod-2-3), none enrolled (no capture, no proxy).
 - stunnel: pod-1-2 -> stunnel client in node-1 -> mTLS -> stunnel server in node-2 -> pod-2-2 (same
   topology as the mesh: one tunnel hop per node, certificates from the same CA).
-- ambit: pod-1-1 -> capture -> proxy node-1 -> HBONE (mTLS, HTTP/2 CONNECT) -> proxy node-2 -> pod-2-1.
+- ambit: pod-1-1 -> capture -> proxy node-1 -> HBONE (mTLS, HTTP/2 CONNECT) -> proxy node-2 -> pod-2-1 (and
+  pod-2-4).
 Cases: throughput with 1 and 4 streams, request/response latency p50/p99 on one connection, new
-connections per second (connect, 1-byte echo, close). Each case runs AMBIT_BENCH_SECONDS (default 2 s).
+connections per second (connect, 1-byte echo, close), to one destination pod and alternating between two
+(HBONE pools per (source pod, destination pod): two pool keys where pooling per node had one). Each case runs
+AMBIT_BENCH_SECONDS (default 2 s).
 The proxies run with the Proxy's defaults; AMBIT_BENCH_ENGINE_THREADS / AMBIT_BENCH_CONNECTIONS_PER_KEY
 override them (to compare configurations).
 Rows compare stunnel to plain, and ambit to both.
@@ -77,13 +80,15 @@ def request_response(ip: str, port: int, seconds: float) -> tuple[float, float]:
     return samples[len(samples) // 2] * 1e6, samples[int(len(samples) * 0.99)] * 1e6
 
 
-def connection_rate(ip: str, port: int, seconds: float) -> float:
-    """Connections per second: connect, one echoed byte, close, one after another."""
+def connection_rate(ip: str, port: int, seconds: float, *more_ips: str) -> float:
+    """Connections per second: connect, one echoed byte, close, one after another (round robin over `ip` and
+    `more_ips`: several destination pods, so several HBONE pool keys)."""
     done = 0
+    ips = (ip, *more_ips)
     deadline = time.monotonic() + seconds
     started = time.monotonic()
     while time.monotonic() < deadline:
-        with socket.create_connection((ip, port), timeout=30) as sock:
+        with socket.create_connection((ips[done % len(ips)], port), timeout=30) as sock:
             sock.sendall(b"x")
             if sock.recv(1) == b"x":
                 done += 1
@@ -155,21 +160,22 @@ def _wait_listening(lab: proxy_lab.ProxyLab, pod: str, ip: str, port: int) -> No
 
 # --- the run ------------------------------------------------------------------------------------
 
-Target = tuple[str, str, dict[int, int]]  # (client pod, destination ip, service port -> port to dial)
+# (client pod, destination ip, service port -> port to dial, more destination ips for the round robin case)
+Target = tuple[str, str, dict[int, int], tuple[str, ...]]
 
 
 def _cases(lab: proxy_lab.ProxyLab) -> dict[str, Target]:
     n1 = lab.plan.node("node-1")
     identity = {proxy_lab.ECHO: proxy_lab.ECHO, proxy_lab.COUNT_SINK: proxy_lab.COUNT_SINK}
     return {
-        "plain": ("pod-1-2", lab.pod_ip("pod-2-2"), identity),
-        "stunnel": ("pod-1-2", n1.ip, dict(STUNNEL_PORTS)),
-        "ambit": ("pod-1-1", lab.pod_ip("pod-2-1"), identity),
+        "plain": ("pod-1-2", lab.pod_ip("pod-2-2"), identity, (lab.pod_ip("pod-2-3"),)),
+        "stunnel": ("pod-1-2", n1.ip, dict(STUNNEL_PORTS), (n1.ip,)),
+        "ambit": ("pod-1-1", lab.pod_ip("pod-2-1"), identity, (lab.pod_ip("pod-2-4"),)),
     }
 
 
 def _measure(lab: proxy_lab.ProxyLab, target: Target) -> dict[str, float]:
-    pod, ip, ports = target
+    pod, ip, ports, more = target
     sink, echo = ports[proxy_lab.COUNT_SINK], ports[proxy_lab.ECHO]
 
     def run(fn: Callable[..., Any], *args: Any) -> Any:
@@ -182,6 +188,7 @@ def _measure(lab: proxy_lab.ProxyLab, target: Target) -> dict[str, float]:
         "RR latency p50": p50,
         "RR latency p99": p99,
         "new connections/s": run(connection_rate, ip, echo, SECONDS),
+        "new connections/s, 2 destination pods": run(connection_rate, ip, echo, SECONDS, *more),
     }
 
 
@@ -191,6 +198,7 @@ UNITS = {
     "RR latency p50": "us",
     "RR latency p99": "us",
     "new connections/s": "conn/s",
+    "new connections/s, 2 destination pods": "conn/s",
 }
 
 
@@ -212,7 +220,8 @@ def run() -> list[dict[str, Any]]:
             lab = proxy_lab.start(
                 prefix,
                 workdir,
-                enrolled=["pod-1-1", "pod-2-1"],
+                pods=4,
+                enrolled=["pod-1-1", "pod-2-1", "pod-2-4"],
                 engine_threads=_env_int("AMBIT_BENCH_ENGINE_THREADS"),
                 connections_per_key=_env_int("AMBIT_BENCH_CONNECTIONS_PER_KEY"),
             )

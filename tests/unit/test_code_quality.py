@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-PATHS = ["agent", "mgmt", "api", "native", "tests"]
+PATHS = ["agent", "mgmt", "api", "native", "gateway", "tests"]
 
 
 def test_ruff_clean() -> None:
@@ -18,6 +18,9 @@ def test_ruff_clean() -> None:
 
 def test_mypy_clean() -> None:
     proc = subprocess.run(
-        [str(BIN / "mypy"), "agent", "mgmt", "api", "native"], cwd=ROOT, capture_output=True, text=True
+        [str(BIN / "mypy"), "agent", "mgmt", "api", "native", "gateway"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

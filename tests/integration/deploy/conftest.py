@@ -111,8 +111,12 @@ def cluster(kube_api: ApiServer, tmp_path_factory: pytest.TempPathFactory) -> It
         core.create_namespaced_service_account(
             ns, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name=sa))
         )
-    for node in nodes:
+    for i, node in enumerate(nodes, start=1):
         core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=node)))
+        # As a kubelet reports it: the relay serves only nodes in the config, and a Node without an
+        # InternalIP is not one (the kube source skips it).
+        address = {"type": "InternalIP", "address": f"192.0.2.{i}"}
+        core.patch_node_status(node, {"status": {"addresses": [address]}})
     labels = {"app": "ambit-agent"}
     ds = client.V1DaemonSet(
         metadata=client.V1ObjectMeta(name="ambit-agent"),

@@ -152,7 +152,7 @@ def test_join_then_fetch_verified_svid(plane: Plane) -> None:
     assert str(X509Svid.parse(svid.chain_pem, svid.key_pem).spiffe_id) == CART
     rows = manager.rows()
     assert [r["identity"] for r in rows] == [str(node.spiffe_id), CART]
-    assert manager.node_identity().chain_pem == node.chain_pem  # what the proxy serves on 15008
+    assert manager.node_identity().chain_pem == node.chain_pem  # the node's own identity (the relay client's)
     assert rows[1]["serial"] == f"{svid.serial:x}" and rows[1]["rotate_in_s"] > 0
     assert {"not_before", "not_after", "issuer"} <= rows[1].keys()
     assert any(e["event"] == "csr_signed" and e["spiffe_id"] == CART for e in plane.audit.events)

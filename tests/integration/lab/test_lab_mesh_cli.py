@@ -229,8 +229,9 @@ def test_cross_node_metrics_have_istio_types_and_labels(lab: tuple[LabPlan, str]
         "response_flags": "-",
         "connection_security_policy": "mutual_tls",
     }
-    # The destination node knows the client workload too: it looks up the CONNECT's claimed source address
-    # to check that it belongs to the verified identity (docs/proxy.md, "Source address").
+    # The destination node knows the client workload too: it looks up the source address the HBONE connection
+    # comes from (the client pod's own) to check that it belongs to the verified identity (docs/proxy.md,
+    # "Source address").
     for node, reporter, want in (("node-1", "source", expected), ("node-2", "destination", expected)):
         families = list(text_string_to_metric_families(_scrape(plan, node)))
         types = {f.name: f.type for f in families}

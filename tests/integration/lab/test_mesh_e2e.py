@@ -44,12 +44,17 @@ def _echo(plan: LabPlan, src: str, dst: str, payload: bytes) -> bytes | str:
     return result
 
 
-def _metrics(plan: LabPlan, node: str) -> dict[str, float]:
+def _scrape(plan: LabPlan, node: str) -> str:
     def scrape() -> str:
         with urllib.request.urlopen("http://127.0.0.1:15020/metrics", timeout=5) as resp:
             return str(resp.read().decode())
 
     text: str = nsx.run_in(plan.node(node).netns, scrape, timeout=10)
+    return text
+
+
+def _metrics(plan: LabPlan, node: str) -> dict[str, float]:
+    text = _scrape(plan, node)
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -75,7 +80,7 @@ def _set_policies(plan: LabPlan, docs: list[dict[str, object]]) -> None:
     raise AssertionError("policy change did not reach node-2")
 
 
-def test_cross_node_traffic_is_mtls_only_on_the_wire(meshlab: LabPlan) -> None:
+def test_cross_node_traffic_is_mtls_only_on_the_wire_between_pod_addresses(meshlab: LabPlan) -> None:
     _set_policies(meshlab, [])
     canary = b"e2e-canary-" + str(time.time_ns()).encode()
     capture = Capture(meshlab.fabric_netns, meshlab.node("node-1").fabric_ifname)
@@ -85,6 +90,9 @@ def test_cross_node_traffic_is_mtls_only_on_the_wire(meshlab: LabPlan) -> None:
     assert report.needle_hits == 0
     assert ECHO_PORT not in report.ports
     assert report.ports[HBONE_PORT] > 0
+    # The outer connection runs between the pods' own addresses, as ztunnel's does: never a node's.
+    hbone = {(client, server) for client, server, port in report.flows if port == HBONE_PORT}
+    assert hbone == {(meshlab.pod("pod-1-1").ip, meshlab.pod("pod-2-1").ip)}, report.flows
     closes = [
         r for r in _access_closes(meshlab, "node-2") if r["destination_ip"] == meshlab.pod("pod-2-1").ip
     ]
@@ -130,6 +138,19 @@ def test_metrics_count_the_connections(meshlab: LabPlan) -> None:
         after = _metrics(meshlab, "node-2").get("istio_tcp_connections_closed_total", 0.0)
         time.sleep(0.1)
     assert after == before + 3
+    # The destination names the cross-node source (the HBONE peer address is the source pod's, believed
+    # for its identity): not Istio's "unknown".
+    sources = _closed_sources(meshlab, "node-2")
+    assert ("pod-1-1", mesh.MESH_NAMESPACE) in sources, sources
+
+
+def _closed_sources(plan: LabPlan, node: str) -> set[tuple[str, str]]:
+    return {
+        (s.labels.get("source_workload", ""), s.labels.get("source_workload_namespace", ""))
+        for family in text_string_to_metric_families(_scrape(plan, node))
+        for s in family.samples
+        if s.name == "istio_tcp_connections_closed_total" and s.labels.get("reporter") == "destination"
+    }
 
 
 @pytest.mark.parametrize(

@@ -47,7 +47,6 @@ class Pem:
 class StaticCredentials:
     def __init__(self, cfg: dict[str, Any]) -> None:
         self._bundle = cfg["bundle_pem"].encode()
-        self._node = Pem(cfg["node_chain_pem"].encode(), cfg["node_key_pem"].encode())
         self._svids = {k: Pem(v[0].encode(), v[1].encode()) for k, v in cfg["svids"].items()}
         # Like the IdentityManager, the first request for an identity waits for the CA.
         self._first_fetch_delay = float(cfg.get("first_fetch_delay", 0.0))
@@ -61,9 +60,6 @@ class StaticCredentials:
 
     def trust_bundle_pem(self) -> bytes:
         return self._bundle
-
-    def node_identity(self) -> Pem:
-        return self._node
 
 
 class ListAuthorizer:

@@ -8,6 +8,7 @@ exercise the proxy alone.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,9 @@ ECHO, SHA_SINK, RESET, WHOAMI, COUNT_SINK = 8080, 8081, 8082, 8083, 8084
 SERVICE_IP, SERVICE_PORT = "10.96.0.10", 80  # Service "app/echo": port 80 -> pod-2-1:8080
 SERVICE_CIDR = "10.96.0.0/16"
 
-# New connections from enrolled pods -> 15001; new connections from other nodes to enrolled local pods ->
-# 15006 (plaintext inbound); packets of flows owned by a transparent proxy socket -> that socket.
+# New connections from enrolled pods -> 15001; new connections from other nodes to an enrolled local pod's
+# 15008 -> the HBONE listener (mTLS as that pod), to its other ports -> 15006 (plaintext inbound); packets
+# of flows owned by a transparent proxy socket (replies to HBONE sent from a pod's address) -> that socket.
 CAPTURE_RULES = """
 table ip ambit_proxy_test {{
   chain prerouting {{
@@ -55,6 +57,8 @@ table ip ambit_proxy_test {{
     meta l4proto tcp socket transparent 1 meta mark set {mark:#x} accept
     iifname "vp*" ip saddr {{ {pods} }} tcp flags & (syn | ack) == syn tproxy to :{outbound} \\
       meta mark set {mark:#x} accept
+    iifname "eth0" ip daddr {{ {pods} }} tcp dport {hbone} tcp flags & (syn | ack) == syn \\
+      tproxy to :{hbone} meta mark set {mark:#x} accept
     iifname "eth0" ip daddr {{ {pods} }} tcp flags & (syn | ack) == syn tproxy to :{plaintext} \\
       meta mark set {mark:#x} accept
   }}
@@ -75,6 +79,7 @@ def install_capture(netns: str, enrolled_ips: list[str]) -> None:
             mark=ROUTE_MARK,
             outbound=OUTBOUND_PORT,
             plaintext=INBOUND_PLAINTEXT_PORT,
+            hbone=HBONE_PORT,
             pods=", ".join(enrolled_ips),
         )
         run_in_netns(netns, ["nft", "-f", "-"], rules.encode())
@@ -109,6 +114,7 @@ class ProxyLab:
     workdir: Path
     extra_workloads: list[dict[str, str]] = field(default_factory=list)
     ca: CertificateAuthority | None = None  # the lab's CA: tests forge or issue client certificates with it
+    foreign: set[str] = field(default_factory=set)  # nodes without an ambit proxy
 
     def pod_ip(self, pod: str) -> str:
         return self.plan.pod(pod).ip
@@ -175,6 +181,7 @@ def start(
     policies: Iterable[dict[str, Any]] = (),
     engine_threads: int | None = None,
     connections_per_key: int | None = None,
+    foreign: Iterable[str] = (),
 ) -> ProxyLab:
     """Lab up, capture installed, one proxy per node and test servers in every pod, all ready.
 
@@ -182,13 +189,15 @@ def start(
     `capture`: "nft" (tproxy rules installed here) or "bpf" (the proxy driver runs the Redirector).
     `policies`: policy documents (api.resources) decided by the product's PolicyEngine in every proxy.
     `engine_threads`, `connections_per_key`: the Proxy's knobs (None: its defaults).
+    `foreign`: nodes that run no ambit proxy (another HBONE implementation plays them, e.g. the fake
+    ztunnel): their config (certificates) is written and the nftables capture installed, nothing started.
     """
     enrolled_pods = None if enrolled is None else set(enrolled)
     strict_uids = set(strict)
     plan = plan_lab(nodes, pods, prefix)
     control.up(plan)
     ca = CertificateAuthority.generate_root(TRUST_DOMAIN)
-    lab = ProxyLab(prefix, plan, workdir, list(extra_workloads), ca)
+    lab = ProxyLab(prefix, plan, workdir, list(extra_workloads), ca, set(foreign))
     workloads = [
         {"name": p.name, "sa": service_account(p.name), "node": p.node, "ip": p.ip} for p in plan.pods()
     ] + lab.extra_workloads
@@ -196,13 +205,12 @@ def start(
     for node in plan.nodes:
         captured = [p for p in node.pods if enrolled_pods is None or p.name in enrolled_pods]
         redirect: dict[str, Any] | None = None
-        if capture == "bpf":
+        if capture == "bpf" and node.name not in lab.foreign:
             pin_dir = str(pins.lab_pin_dir(prefix, node.name))
             enrol = [(p.ip, f"app/{p.name}", f"app/{p.name}" in strict_uids) for p in captured]
             redirect = {"pin_dir": pin_dir, "enrolled": enrol}
         else:
             install_capture(node.netns, [p.ip for p in captured])
-        chain, key = issue(ca, SpiffeId.node(TRUST_DOMAIN, node.name))
         local = [w for w in workloads if w["node"] == node.name]
         cfg = {
             "node": node.name,
@@ -215,8 +223,6 @@ def start(
             "lookup_fail_file": str(lab.lookup_fail_file),
             "audit": str(workdir / f"{node.name}.audit.jsonl"),
             "bundle_pem": ca.bundle_pem().decode(),
-            "node_chain_pem": chain,
-            "node_key_pem": key,
             "svids": {principal(w["name"]): issue(ca, SpiffeId.parse(principal(w["name"]))) for w in local},
             "deny": [list(d) for d in deny],
             "strict": sorted(strict_uids),
@@ -239,6 +245,8 @@ def start(
         cfg_path = workdir / f"{node.name}.json"
         cfg_path.write_text(json.dumps(cfg))
         cfg_path.chmod(0o600)
+        if node.name in lab.foreign:
+            continue
         argv = [sys.executable, str(HERE / "proxy_driver.py"), str(cfg_path)]
         control.start_process(
             prefix, f"proxy-{node.name}", node.netns, argv, workdir / f"proxy-{node.name}.log"
@@ -254,9 +262,10 @@ def start(
 
 def _wait_ready(lab: ProxyLab, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
-    names = [f"proxy-{n.name}" for n in lab.plan.nodes]
+    ours = [n for n in lab.plan.nodes if n.name not in lab.foreign]
+    names = [f"proxy-{n.name}" for n in ours]
     while time.monotonic() < deadline:
-        proxies = all(lab.status(n.name) for n in lab.plan.nodes)
+        proxies = all(lab.status(n.name) for n in ours)
         servers = all("ready" in lab.log(f"servers-{p.name}") for p in lab.plan.pods())
         servers = servers and "ready" in lab.log(f"servers-{lab.plan.nodes[-1].name}")
         if proxies and servers:
@@ -268,6 +277,20 @@ def _wait_ready(lab: ProxyLab, timeout: float = 30.0) -> None:
 
 def stop(lab: ProxyLab) -> None:
     control.down(lab.prefix)
+
+
+@contextlib.contextmanager
+def running(prefix: str, workdir: Path, **kwargs: Any) -> Iterator[ProxyLab]:
+    """start(prefix, workdir, **kwargs) for the block, torn down after it (also when start failed midway)."""
+    started = None
+    try:
+        started = start(prefix, workdir, **kwargs)
+        yield started
+    finally:
+        if started is not None:
+            stop(started)
+        else:
+            control.down(prefix)
 
 
 # --- clients, run inside a pod netns with agent.netns.run_in --------------------------------------
@@ -378,9 +401,10 @@ class Client:
     bundle_pem: bytes
 
 
-def hbone_stream(node_ip: str, node: str, client: Client, authority: str, forwarded: str = "") -> str:
-    """One CONNECT from `client` to the agent of `node` at node_ip:15008, through the real engine (run it
-    in a netns); sends b"x", half-closes. Returns "200 <answer>", "refused <status>" or "failed <why>"."""
+def hbone_stream(pod_ip: str, expected_peer: str, client: Client, authority: str, forwarded: str = "") -> str:
+    """One CONNECT from `client` to the agent serving `pod_ip`:15008 (requiring `expected_peer`, the pod's
+    SVID), through the real engine (run it in a netns); sends b"x", half-closes. Returns "200 <answer>",
+    "refused <status>" or "failed <why>"."""
     import select as select_
 
     from native.engine import Engine
@@ -391,8 +415,8 @@ def hbone_stream(node_ip: str, node: str, client: Client, authority: str, forwar
         ctx = engine.tls_context(
             server=False, chain_pem=client.chain_pem, key_pem=client.key_pem, bundle_pem=client.bundle_pem
         )
-        sock = socket.create_connection((node_ip, HBONE_PORT), timeout=10)
-        conn = engine.connect_hbone(sock.detach(), ctx, str(SpiffeId.node(TRUST_DOMAIN, node)))
+        sock = socket.create_connection((pod_ip, HBONE_PORT), timeout=10)
+        conn = engine.connect_hbone(sock.detach(), ctx, expected_peer)
         app, local = socket.socketpair()
         engine.open_stream(conn, authority, local.detach(), tag=7, forwarded=forwarded)
         deadline = time.monotonic() + 15

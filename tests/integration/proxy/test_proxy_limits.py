@@ -137,7 +137,8 @@ class Client:
         sock = socket.socket()
         sock.bind((self.source_ip, 0))
         sock.connect(self.node.hbone)
-        return self.engine.connect_hbone(sock.detach(), self.ctx, str(SpiffeId.node(TD, NODE)))
+        # The agent presents the SVID of the workload that owns the dialled address (as ztunnel).
+        return self.engine.connect_hbone(sock.detach(), self.ctx, str(SpiffeId.workload(TD, "app", "server")))
 
     def stream(self, conn: int) -> str:
         """'200' (the stream is held open) or 'refused <status>' / 'failed <kind>'."""

@@ -173,3 +173,29 @@ def test_strict_pod_refuses_plaintext_from_the_node_itself(lab: LabPlan) -> None
         assert {("vp1", "pod_ingress"), ("vp1", "pod_egress")} <= hooks
         agent.call("unenroll", strict.ip)  # not enrolled: the node reaches it as before
         assert greeting_of(node.netns, strict.ip, ECHO_PORT) == strict.name
+
+
+def test_hbone_to_an_enrolled_pod_goes_to_the_hbone_listener(lab: LabPlan) -> None:
+    """<pod ip>:15008 (how ztunnel and ambit dial a pod) reaches the agent's HBONE listener, from another
+    node (uplink) and from a local pod that is not enrolled (pod veth); without the listener it is dropped
+    even for a PERMISSIVE pod (HBONE bytes never reach the pod's own 15008), while the pod's other ports
+    still pass."""
+    node = lab.node("node-2")
+    target, local_client, client = lab.pod("pod-2-1"), lab.pod("pod-2-2"), lab.pod("pod-1-2")
+    with ExitStack() as roles:
+        pod_servers(roles, lab)
+        roles.enter_context(Listener(target.netns, marks.HBONE_PORT, "pod's own 15008", transparent=False))
+        agent = start_agent(roles, lab, node.name)
+        agent.call("enroll", target.ip, "default/target", False)
+        with pytest.raises(NetnsError, match="timed out"):
+            greeting_of(client.netns, target.ip, marks.HBONE_PORT, timeout=1.5)
+        assert greeting_of(client.netns, target.ip, ECHO_PORT) == target.name  # PERMISSIVE, no 15006 listener
+        assert agent.call("counters")["hbone_no_listener_drop"] >= 1
+        hbone = roles.enter_context(Listener(node.netns, marks.HBONE_PORT, "hbone"))
+        assert greeting_of(client.netns, target.ip, marks.HBONE_PORT) == "hbone"
+        assert greeting_of(local_client.netns, target.ip, marks.HBONE_PORT) == "hbone"
+        assert [(a["peer"][0], tuple(a["orig_dst"])) for a in hbone.accepts()] == [
+            (client.ip, (target.ip, marks.HBONE_PORT)),
+            (local_client.ip, (target.ip, marks.HBONE_PORT)),
+        ]
+        assert agent.call("counters")["hbone_captured"] >= 2

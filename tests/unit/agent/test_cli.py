@@ -68,7 +68,7 @@ def test_version() -> None:
 
 
 def test_help_has_examples() -> None:
-    for argv in ([], ["lab"], ["debug"], ["agent"], ["mgmt"], ["completion"]):
+    for argv in ([], ["lab"], ["debug"], ["agent"], ["mgmt"], ["completion"], ["gateway"]):
         out = subprocess.run([*AMBIT, *argv, "--help"], capture_output=True, text=True, timeout=30)
         assert out.returncode == 0
         assert re.search(r"examples:\n  .*ambit ", out.stdout), argv

@@ -1,6 +1,7 @@
 from agent.proxy.pool import Pool
 
-KEY = ("spiffe://td/ns/a/sa/x", "node-2")
+SRC, DST = "spiffe://td/ns/a/sa/x", "spiffe://td/ns/b/sa/web"
+KEY = (SRC, "10.244.1.2", DST, "10.244.2.3")
 
 
 class Clock:
@@ -28,8 +29,12 @@ def test_reuses_a_connection_until_full_then_opens_another() -> None:
 def test_keys_never_share_connections() -> None:
     pool = Pool()
     pool.add(KEY, 1, "p", 1)
-    assert pool.acquire(("spiffe://td/ns/b/sa/y", "node-2"), 1) is None
-    assert pool.acquire(("spiffe://td/ns/a/sa/x", "node-3"), 1) is None
+    # any of source identity, source pod, destination identity (a reused pod IP) or destination pod
+    assert pool.acquire(("spiffe://td/ns/b/sa/y", "10.244.1.2", DST, "10.244.2.3"), 1) is None
+    assert pool.acquire((SRC, "10.244.1.9", DST, "10.244.2.3"), 1) is None
+    assert pool.acquire((SRC, "10.244.1.2", "spiffe://td/ns/c/sa/new", "10.244.2.3"), 1) is None
+    assert pool.acquire((SRC, "10.244.1.2", DST, "10.244.2.4"), 1) is None
+    assert pool.acquire(KEY, 1) is not None
 
 
 def test_prefers_handshaken_connection() -> None:
@@ -100,12 +105,15 @@ def test_idle_key_keeps_one_connection() -> None:
         assert pool.acquire(KEY, 1) is conn
 
 
-def test_a_node_that_moved_gets_new_connections_and_the_old_ones_drain() -> None:
+PEER = "10.244.2.3:15008"
+
+
+def test_a_destination_that_changed_gets_new_connections_and_the_old_ones_drain() -> None:
     pool = Pool(max_streams=10)
-    old = pool.add(KEY, 1, "172.30.0.2:15008", 1, "spiffe://td/node/node-2")
-    assert pool.acquire(KEY, 1, "172.30.0.2:15008", "spiffe://td/node/node-2") is old
-    # The Node's address changed: the old connection takes no new stream, and closes once idle.
-    assert pool.acquire(KEY, 1, "172.30.0.12:15008", "spiffe://td/node/node-2") is None
+    old = pool.add(KEY, 1, PEER, 1, DST)
+    assert pool.acquire(KEY, 1, PEER, DST) is old
+    # The address now needs another identity: the old connection takes no new stream, and closes once idle.
+    assert pool.acquire(KEY, 1, PEER, "spiffe://td/ns/c/sa/new") is None
     assert old.draining and pool.drained_moved == 1
     assert pool.expired() == []  # still carries its two streams
     pool.release(1)
@@ -115,20 +123,28 @@ def test_a_node_that_moved_gets_new_connections_and_the_old_ones_drain() -> None
 
 def test_drain_moved_follows_the_config_without_waiting_for_a_stream() -> None:
     pool = Pool()
-    moved = pool.add(KEY, 1, "172.30.0.2:15008", 1, "spiffe://td/node/node-2")
-    renamed = pool.add(
-        ("spiffe://td/ns/a/sa/x", "node-3"), 2, "172.30.0.3:15008", 1, "spiffe://td/node/node-3"
-    )
-    gone = pool.add(("spiffe://td/ns/a/sa/x", "node-4"), 3, "172.30.0.4:15008", 1, "spiffe://td/node/node-4")
-    same = pool.add(("spiffe://td/ns/a/sa/x", "node-5"), 4, "172.30.0.5:15008", 1, "spiffe://td/node/node-5")
+    keys = [(SRC, "10.244.1.2", DST, f"10.244.2.{i}") for i in (3, 4, 5)]
+    renamed = pool.add(keys[0], 1, "10.244.2.3:15008", 1, DST)
+    gone = pool.add(keys[1], 2, "10.244.2.4:15008", 1, DST)
+    same = pool.add(keys[2], 3, "10.244.2.5:15008", 1, DST)
     now = {
-        "node-2": ("172.30.0.12:15008", "spiffe://td/node/node-2"),  # new address
-        "node-3": ("172.30.0.3:15008", "spiffe://other/node/node-3"),  # new identity
-        "node-5": ("172.30.0.5:15008", "spiffe://td/node/node-5"),
+        keys[0]: ("10.244.2.3:15008", "spiffe://td/ns/c/sa/new"),  # the address holds another identity
+        keys[2]: ("10.244.2.5:15008", DST),
     }
-    assert pool.drain_moved(now.get) == 3
-    assert (moved.draining, renamed.draining, gone.draining, same.draining) == (True, True, True, False)
+    assert pool.drain_moved(now.get) == 2
+    assert (renamed.draining, gone.draining, same.draining) == (True, True, False)
     assert pool.drain_moved(now.get) == 0  # counted once
+
+
+def test_a_drained_connection_takes_no_new_stream_and_closes_once_idle() -> None:
+    pool = Pool(max_streams=10)
+    conn = pool.add(KEY, 1, PEER, 1, DST)
+    assert pool.drain(1) and not pool.drain(1)  # the peer's GOAWAY, once
+    assert pool.acquire(KEY, 1, PEER, DST) is None  # a new connection instead
+    assert pool.expired() == []  # its stream still runs
+    pool.release(1)
+    assert pool.expired() == [1] and conn.closing
+    assert not pool.drain(99)
 
 
 def test_a_key_keeps_only_spread_idle_connections_after_a_burst() -> None:

@@ -1,0 +1,73 @@
+"""`ambit gateway` as its own process: serves a config directory, SIGHUP reloads it (a refused config keeps
+the running one), SIGTERM stops it cleanly."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from tests.gateway_corpus import Backend, exchange, status_of
+from tests.gateway_fixtures import closed_port, gateway_doc, policy_doc, route_doc, service_doc, write_config
+
+ATTACK = (
+    b"GET /?q=1%27%20OR%201=1-- HTTP/1.1\r\nHost: a\r\nUser-Agent: t\r\nAccept: */*\r\n"
+    b"Connection: close\r\n\r\n"
+)
+
+
+def _wait_status(port: int, want: int, timeout: float = 20.0) -> int:
+    deadline, got = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline:
+        try:
+            got = status_of(exchange(port, ATTACK, timeout=5))
+        except OSError:
+            got = 0
+        if got == want:
+            return got
+        time.sleep(0.1)
+    return got
+
+
+def test_serve_reload_refuse_and_stop(tmp_path: Path) -> None:
+    backend = Backend()
+    port = closed_port()  # the gateway process binds it
+    docs = [
+        gateway_doc([{"name": "http", "port": port, "protocol": "HTTP"}]),
+        service_doc("app", backend.port),
+        route_doc("app", "app"),
+    ]
+    directory = write_config(tmp_path / "cfg", docs)
+    log = (tmp_path / "gateway.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "gateway", "--config-dir", str(directory), "--threads", "1"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        assert _wait_status(port, 200) == 200  # no WAF yet: the attack reaches the backend
+        (directory / "waf.yaml").write_text(yaml.safe_dump(policy_doc("crs", "Gateway", "edge")))
+        proc.send_signal(signal.SIGHUP)
+        assert _wait_status(port, 403) == 403
+        (directory / "waf.yaml").write_text(
+            yaml.safe_dump(policy_doc("crs", "Gateway", "edge", exclusions=[{"ruleIds": ["4242"]}]))
+        )
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)  # the refusal is logged; the running config must stay
+        assert status_of(exchange(port, ATTACK)) == 403
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+        backend.close()
+    text = (tmp_path / "gateway.log").read_text()
+    assert "reload refused, the previous config stays" in text and "4242 matches no CRS" in text
