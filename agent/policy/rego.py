@@ -4,6 +4,9 @@ regopy's public Output parses the result as JSON and fails on error results, los
 evaluation reads the raw output through regopy.rego_shared. A module is built into a bundle at config time
 (evaluation of a bundle is several times faster than re-planning a query) and probed once with a typical
 input: rego-cpp reports some static errors (an unknown function) only at evaluation.
+
+regopy (rego-cpp and its own OpenSSL copy: ~11 MB resident) is imported with the first RegoPolicy compiled,
+not with the agent: most nodes enforce none. Failing to load it is a compile error (the update NACKs).
 """
 
 from __future__ import annotations
@@ -12,10 +15,8 @@ import json
 import re
 import threading
 from collections.abc import Mapping
+from types import ModuleType
 from typing import Any
-
-from regopy import Interpreter, LogLevel, RegoError
-from regopy.rego_shared import rego_bundle_query, rego_free_output, rego_output_ok, rego_output_string
 
 from agent.policy.errors import PolicyError
 from api.resources.policy import RegoPolicy
@@ -76,6 +77,16 @@ def _verdict(raw: str) -> tuple[bool, str]:
     raise RegoEvalError(f"result must be a bool or {{allow: bool, reason: string}}, got {json.dumps(value)}")
 
 
+def _regopy() -> ModuleType:
+    """The regopy package, loaded on first use (with its rego_shared bindings)."""
+    try:
+        import regopy
+        import regopy.rego_shared  # noqa: F401  (the raw-output calls evaluate() uses)
+    except ImportError as exc:
+        raise PolicyError(f"RegoPolicy support does not load (regopy): {exc}") from None
+    return regopy
+
+
 class RegoModule:
     """One RegoPolicy, compiled. `evaluate` is thread-safe (one interpreter, one lock)."""
 
@@ -85,12 +96,13 @@ class RegoModule:
         self.namespace = policy.meta.namespace
         self.query = policy.query
         self._lock = threading.Lock()
-        self._rego = Interpreter()
-        self._rego.log_level = LogLevel.NONE  # rego-cpp otherwise prints parse errors on stdout
+        self._rp = rp = _regopy()
+        self._rego = rp.Interpreter()
+        self._rego.log_level = rp.LogLevel.NONE  # rego-cpp otherwise prints parse errors on stdout
         try:
             self._rego.add_module(policy.meta.name, policy.module)
             self._bundle = self._rego.build(policy.query)
-        except RegoError as exc:
+        except rp.RegoError as exc:
             raise PolicyError(
                 f"RegoPolicy {self.name}: module does not compile: {error_text(str(exc))}"
             ) from None
@@ -105,16 +117,17 @@ class RegoModule:
 
     def evaluate(self, document: Mapping[str, Any]) -> tuple[bool, str]:
         """(allow, reason) for one input document; RegoEvalError when the module errors."""
+        shared = self._rp.rego_shared
         with self._lock:
             try:
                 self._rego.set_input(dict(document))
-                out = rego_bundle_query(self._rego._impl, self._bundle._impl)
-            except RegoError as exc:
+                out = shared.rego_bundle_query(self._rego._impl, self._bundle._impl)
+            except self._rp.RegoError as exc:
                 raise RegoEvalError(error_text(str(exc))) from None
             try:
-                if not rego_output_ok(out):
+                if not shared.rego_output_ok(out):
                     raise RegoEvalError("evaluation error (e.g. conflicting values for a complete rule)")
-                raw = rego_output_string(out)
+                raw = shared.rego_output_string(out)
             finally:
-                rego_free_output(out)
+                shared.rego_free_output(out)
         return _verdict(raw)
