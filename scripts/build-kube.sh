@@ -26,6 +26,8 @@ if built; then
     echo "$DEST/bin"
     exit 0
 fi
+# The machine image installs Go under /usr/local/go; a non-login shell (CI) may not have it on PATH.
+[[ -x /usr/local/go/bin/go ]] && PATH="$PATH:/usr/local/go/bin"
 command -v go >/dev/null || { echo "build-kube: go is required (Debian 12: golang from backports or go.dev)" >&2; exit 1; }
 
 mkdir -p "$DEST"

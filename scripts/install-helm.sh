@@ -15,6 +15,8 @@ if [[ -x $HELM ]]; then
     exit 0
 fi
 [[ ${1:-} == --path ]] && exit 1
+# The machine image installs Go under /usr/local/go; a non-login shell (CI) may not have it on PATH.
+[[ -x /usr/local/go/bin/go ]] && PATH="$PATH:/usr/local/go/bin"
 command -v go >/dev/null || { echo "install-helm: go is required" >&2; exit 1; }
 mkdir -p "$DEST"
 exec 9>"$DEST/.lock"
