@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import re
 import socket
 
 from agent.redirect.marks import AGENT_SOCKET_MARK
@@ -86,6 +87,9 @@ def connect_result(sock: socket.socket) -> int:
     return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
 
 
+_PORT = re.compile(r"[1-9][0-9]{0,4}")
+
+
 def format_authority(ip: str, port: int) -> str:
     """CONNECT authority for a pod address: "ip:port", "[v6]:port"."""
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
@@ -99,8 +103,12 @@ def parse_authority(text: str) -> tuple[str, int]:
         host, sep, port_text = text[1:].partition("]:")
     else:
         host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or len(port_text) > 5:
+    if not sep or not host or _PORT.fullmatch(port_text) is None:
+        # Only canonical ASCII decimal: str.isdigit() also takes "08080" (two spellings of one port) and
+        # Unicode digits such as "²" that int() then rejects.
         raise AuthorityError(f"authority {text!r} is not ip:port")
+    if "%" in host:  # a scoped address names an interface of the sender's host, never a pod
+        raise AuthorityError(f"authority {text!r}: zone IDs are not allowed")
     try:
         addr = ipaddress.ip_address(host)
     except ValueError:

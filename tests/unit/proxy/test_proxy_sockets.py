@@ -33,7 +33,14 @@ def test_parse_authority(text: str, expected: tuple[str, int]) -> None:
 @pytest.mark.parametrize(
     "text",
     ["", "10.244.1.2", "host:80", "10.244.1.2:0", "10.244.1.2:65536", "10.244.1.2:-1", "fd00::1:80",
-     "[10.0.0.1]:80", "10.0.0.1:80x", "1.2.3.4:" + "9" * 70, "[fd00::1]80"],
+     "[10.0.0.1]:80", "10.0.0.1:80x", "1.2.3.4:" + "9" * 70, "[fd00::1]80",
+     # malformed ports: leading zeros, signs, spaces, non-ASCII digits, out of range, empty
+     "10.244.1.2:08080", "10.244.1.2:00080", "10.244.1.2:00", "10.244.1.2:+80", "10.244.1.2: 80",
+     "10.244.1.2:80 ", "10.244.1.2:8 0", "10.244.1.2:\u00b2", "10.244.1.2:\u0668\u0660", "10.244.1.2:99999",
+     "10.244.1.2:", "[fd00::1]:", "[fd00::1]:080", "[fd00::1]:65536",
+     # malformed hosts: spaces, IPv4 leading zeros, zone IDs, unbracketed or half-bracketed IPv6
+     " 10.244.1.2:80", "010.244.1.2:80", "[fe80::1%eth0]:80", "fe80::1%eth0:80", "::1:80", "[::1:80",
+     "::1]:80", "[]:80", ":80"],
 )  # fmt: skip
 def test_parse_authority_rejects(text: str) -> None:
     with pytest.raises(AuthorityError):
