@@ -13,6 +13,7 @@ HBONE peer; a connection's are TLS plaintext bytes; a splice's `bytes_in` is wha
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import os
 import threading
@@ -46,6 +47,50 @@ LIMITS = {
     "conn_buffer": 7,
 }
 _ERRLEN = 512
+
+
+class Ending(enum.Enum):
+    """How a stream or splice ended, from its close event's `detail` (the engine's vocabulary:
+    native/src/hbone.c stream_finish, native/src/pump.c). "Socket" is the stream's own TCP socket (the
+    client's on the connecting side, the destination pod's on the serving side); a splice's side a is
+    fd_a."""
+
+    NORMAL = ""  # END_STREAM / EOF both ways
+    PEER_RESET = "reset by peer"  # the HBONE peer reset the stream (RST_STREAM)
+    SOCKET_FAILED = "socket error"  # the stream's socket failed (the application reset it)
+    AGENT_RESET = "reset by agent"  # reset_stream(), or close() of a splice
+    CONNECTION_CLOSED = "connection closed"  # its HBONE connection ended before the stream did
+    SPLICE_A_FAILED = "a"  # "a: <strerror>": reading or writing fd_a failed
+    SPLICE_B_FAILED = "b"
+    OTHER = "other"  # an engine-side failure (e.g. a socket it could not watch)
+
+
+_SPLICE_BY_AGENT = "closed by agent"
+
+
+def ending(ev: Event) -> Ending:
+    """How the stream (stream_closed) or splice (splice_closed) of `ev` ended."""
+    if ev.kind == "splice_closed":
+        side = ev.detail.partition(":")[0]
+        if ev.detail == _SPLICE_BY_AGENT:
+            return Ending.AGENT_RESET
+        if side in ("a", "b") and ev.detail.startswith(side + ": "):
+            return Ending.SPLICE_A_FAILED if side == "a" else Ending.SPLICE_B_FAILED
+        return Ending.NORMAL if not ev.detail else Ending.OTHER
+    found = _STREAM_ENDINGS.get(ev.detail)
+    return Ending.OTHER if found is None else found
+
+
+_STREAM_ENDINGS = {
+    e.value: e
+    for e in (
+        Ending.NORMAL,
+        Ending.PEER_RESET,
+        Ending.SOCKET_FAILED,
+        Ending.AGENT_RESET,
+        Ending.CONNECTION_CLOSED,
+    )
+}
 
 
 class EngineError(Exception):

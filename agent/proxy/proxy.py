@@ -17,11 +17,11 @@ from agent.proxy.outbound import Outbound
 from agent.proxy.pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_STREAMS, Pool, PoolKey
 from agent.proxy.runtime import AuditSink, Authorizer, MeshView, Runtime
 from agent.proxy.sockets import format_authority, listener
-from agent.proxy.status import refused_stream_flags
+from agent.proxy.status import closed_flags, refused_stream_flags
 from agent.proxy.table import ConnectionTable, Entry, Path
 from agent.proxy.tls import ProxyCredentials, TlsContexts
 from agent.redirect.marks import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
-from native.engine import Engine, EngineError, Event
+from native.engine import Ending, Engine, EngineError, Event, ending
 
 log = logging.getLogger("ambit.proxy")
 
@@ -114,6 +114,8 @@ class Proxy:
             "conn_closed": self._on_conn_closed,
             "peer_goaway": self._on_peer_goaway,
         }
+        # Why an engine connection failed (conn_error), until its conn_closed: the streams it cut say so.
+        self._conn_errors: dict[int, str] = {}
         self._started = False
         self._seen_snapshot: object = None
         self._routed_snapshot: object = None
@@ -162,7 +164,7 @@ class Proxy:
         rt.engine.stop()
         with self._loop.lock:
             for entry in rt.table.entries():
-                rt.table.finish(entry.tag, error="proxy stopped")
+                rt.table.finish(entry.tag, response_flags="LR", error="proxy stopped")
             rt.tls.close()
 
     def _close_listeners(self) -> None:
@@ -262,23 +264,36 @@ class Proxy:
             return
         self._release(entry)
         flags = refused_stream_flags(ev.status)
-        why = f"stream refused ({ev.status or 'no status'}): {ev.detail}"
+        failed = self._conn_errors.get(entry.engine_conn)
+        why = (
+            f"HBONE connection failed: {failed}"
+            if failed
+            else f"stream refused ({ev.status or 'no status'}): {ev.detail}"
+        )
         self._rt.table.finish(ev.tag, response_flags=flags, error=why)
 
     def _on_stream_closed(self, ev: Event) -> None:
+        """A stream or splice that was up ended: its flag from how it ended and from our side of it
+        (status.closed_flags); `-` only for a clean end."""
         entry = self._rt.table.get(ev.tag)
         if entry is None:
             return
         self._release(entry)
         sent, received = _bytes_towards_destination(entry, ev)
-        self._rt.table.finish(ev.tag, sent, received, error=ev.detail)
+        end = ending(ev)
+        why = ev.detail
+        if end is Ending.CONNECTION_CLOSED and entry.engine_conn in self._conn_errors:
+            why = f"HBONE connection failed: {self._conn_errors[entry.engine_conn]}"
+        self._rt.table.finish(ev.tag, sent, received, response_flags=closed_flags(entry.path, end), error=why)
 
     def _on_conn_error(self, ev: Event) -> None:
-        """The engine ends the connection's streams next (then conn_closed): make their records say why."""
+        """The engine ends the connection's streams next (then conn_closed): those it cut say why. Streams
+        that had already ended cleanly and only waited to deliver their last bytes stay `-` (the engine
+        still delivers them)."""
         rt = self._rt
         rt.counters["hbone_connection_errors"] += 1
+        self._conn_errors[ev.conn_id] = ev.detail
         pooled = rt.pool.remove(ev.conn_id)  # no new streams on it
-        client = pooled is not None
         if pooled is not None and ev.detail.startswith(PEER_IDENTITY_MISMATCH):
             # We refused the server: it is not the node the destination is scheduled on. A security event.
             rt.counters["hbone_server_identity_refused"] += 1
@@ -288,9 +303,6 @@ class Proxy:
         else:  # per connection, often a peer's problem: counted always, the text log rate-limited
             rt.warn.log(logging.INFO, "hbone_connection_errors", "HBONE connection %d (peer %s) failed: %s",
                         ev.conn_id, ev.peer_id or "?", ev.detail)  # fmt: skip
-        for entry in rt.table.on_engine_conn(ev.conn_id, Path.HBONE_CLIENT if client else Path.HBONE_SERVER):
-            if entry.response_flags == "-":
-                rt.table.mark(entry, "UF", f"HBONE connection failed: {ev.detail}")
 
     def _on_peer_goaway(self, ev: Event) -> None:
         """A graceful GOAWAY (ztunnel sends one when it drains): the engine refuses new streams on that
@@ -304,9 +316,11 @@ class Proxy:
         rt = self._rt
         rt.pool.remove(ev.conn_id)
         self._inbound.on_conn_gone(ev.conn_id)
+        self._conn_errors.pop(ev.conn_id, None)
         for path in (Path.HBONE_CLIENT, Path.HBONE_SERVER):  # normally none left: streams end first
             for entry in rt.table.on_engine_conn(ev.conn_id, path):
-                rt.table.finish(entry.tag, error=ev.detail or "HBONE connection closed")
+                flags = closed_flags(path, Ending.CONNECTION_CLOSED)
+                rt.table.finish(entry.tag, response_flags=flags, error=ev.detail or "HBONE connection closed")
 
     def _release(self, entry: Entry) -> None:
         if entry.path is Path.HBONE_CLIENT:

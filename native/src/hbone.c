@@ -186,6 +186,8 @@ static void stream_finish(hstream *s, const char *detail)
             linger_reset(c->l, s->io.fd, &s->out); /* the peer's last bytes still reach the socket */
         else if (reset)
             reset_close(s->io.fd);
+        else if (abuf_pending(&s->out))
+            linger_close(c->l, s->io.fd, &s->out); /* ended cleanly, its connection gone: deliver the rest */
         else
             close(s->io.fd);
         s->io.fd = -1;
@@ -1029,10 +1031,13 @@ static void conn_end(hconn *c)
     }
     while (c->streams) {
         hstream *s = c->streams;
+        /* A stream already ended cleanly (END_STREAM both ways) only waited for its socket to take the
+         * last bytes: it ends as it would have, with an empty detail; the others were cut. */
+        int clean = s->h2_closed && s->h2_error == NGHTTP2_NO_ERROR;
         if (!s->h2_closed)
             s->h2_error = NGHTTP2_CANCEL;
         s->h2_closed = 1;
-        stream_finish(s, "connection closed");
+        stream_finish(s, clean ? NULL : "connection closed");
     }
     if (c->server) {
         limits_conn_end(e, c->src_key, c->hs_counted);

@@ -183,6 +183,8 @@ uint64_t now_ms(void);
 
 /* linger.c: reset fd once the bytes in `out` (taken over) and the kernel's queue are transmitted. */
 void linger_reset(ambit_loop *l, int fd, abuf *out);
+/* ... or, for a stream that ended cleanly, close it normally (FIN) once `out` is written. */
+void linger_close(ambit_loop *l, int fd, abuf *out);
 void linger_tick(ambit_loop *l);
 void linger_reap(ambit_loop *l, int all);
 
