@@ -233,11 +233,34 @@ def test_thousand_concurrent_streams(lab: ProxyLab) -> None:
     lab.wait_status("node-2", lambda st: st["counters"]["outbound_hbone_streams"] >= count)
 
 
-def test_peer_reset_reaches_the_client(lab: ProxyLab) -> None:
-    seen = in_pod(lab, "pod-1-1", connect_and_read, lab.pod_ip("pod-2-1"), RESET)
+def _both_records(lab: ProxyLab, src: str, dst: str, port: int) -> list[dict[str, Any]]:
+    """The source node's outbound and the destination node's inbound record of src -> dst:port."""
+    match = {"source_principal": principal(src), "destination_ip": lab.pod_ip(dst)}
+    return [
+        _closed(lab, lab.plan.pod(src).node, port, direction="outbound", **match),
+        _closed(lab, lab.plan.pod(dst).node, port, direction="inbound", **match),
+    ]
+
+
+@pytest.mark.parametrize("dst", ["pod-2-1", "pod-1-2"], ids=["cross-node", "same-node"])
+def test_normal_close_after_data_is_recorded_clean_on_both_sides(lab: ProxyLab, dst: str) -> None:
+    """Upload, half-close, the whole answer, EOF both ways: `-` and the byte counts on both nodes."""
+    payload = os.urandom(300_000)
+    answer = in_pod(lab, "pod-1-1", request, lab.pod_ip(dst), SHA_SINK, payload)
+    assert answer.decode().split() == [str(len(payload)), hashlib.sha256(payload).hexdigest()]
+    for rec in _both_records(lab, "pod-1-1", dst, SHA_SINK):
+        assert (rec["response_flags"], rec["error"]) == ("-", ""), rec
+        assert (rec["bytes_sent"], rec["bytes_received"]) == (len(payload), len(answer)), rec
+
+
+@pytest.mark.parametrize("dst", ["pod-2-1", "pod-1-2"], ids=["cross-node", "same-node"])
+def test_peer_reset_reaches_the_client(lab: ProxyLab, dst: str) -> None:
+    """The destination pod resets: an upstream reset (`UR`) on both nodes' records, never `-`."""
+    seen = in_pod(lab, "pod-1-1", connect_and_read, lab.pod_ip(dst), RESET)
     assert seen in ("reset", "eof")
-    _closed(lab, "node-2", RESET, direction="inbound")
-    assert in_pod(lab, "pod-1-1", request, lab.pod_ip("pod-2-1"), ECHO, b"still fine") == b"still fine"
+    for rec in _both_records(lab, "pod-1-1", dst, RESET):
+        assert rec["response_flags"] == "UR", rec
+    assert in_pod(lab, "pod-1-1", request, lab.pod_ip(dst), ECHO, b"still fine") == b"still fine"
 
 
 def _client_resets(ip: str, port: int) -> str:
@@ -251,11 +274,22 @@ def _client_resets(ip: str, port: int) -> str:
     return "done"
 
 
-def test_client_reset_is_propagated(lab: ProxyLab) -> None:
-    in_pod(lab, "pod-1-2", _client_resets, lab.pod_ip("pod-2-1"), ECHO)
-    match = {"source_principal": principal("pod-1-2"), "destination_workload": "app/pod-2-1"}
-    rec = _closed(lab, "node-2", ECHO, **match)
-    assert rec["bytes_sent"] == 1000
+@pytest.mark.parametrize("dst", ["pod-2-1", "pod-1-1"], ids=["cross-node", "same-node"])
+def test_client_reset_is_propagated(lab: ProxyLab, dst: str) -> None:
+    """The client resets after its data: a downstream reset (`DR`) on both nodes' records, bytes kept."""
+    in_pod(lab, "pod-1-2", _client_resets, lab.pod_ip(dst), ECHO)
+    for rec in _both_records(lab, "pod-1-2", dst, ECHO):
+        assert rec["response_flags"] == "DR" and rec["bytes_sent"] == 1000, rec
+
+
+def test_passthrough_resets_name_the_side_that_reset(lab: ProxyLab) -> None:
+    """Splices too: the server outside the mesh resets (`UR`), the client resets (`DR`)."""
+    outside = lab.plan.node("node-2").ip
+    assert in_pod(lab, "pod-1-1", connect_and_read, outside, RESET) in ("reset", "eof")
+    assert _closed(lab, "node-1", RESET, destination_ip=outside)["response_flags"] == "UR"
+    in_pod(lab, "pod-1-2", _client_resets, outside, ECHO)
+    rec = _closed(lab, "node-1", ECHO, destination_ip=outside, source_ip=lab.pod_ip("pod-1-2"))
+    assert rec["response_flags"] == "DR" and rec["bytes_sent"] == 1000, rec
 
 
 def test_denied_by_policy(lab: ProxyLab) -> None:
