@@ -58,7 +58,6 @@ class ServerConn:
     principal: SpiffeId | None = None
     presented: str = ""  # the SPIFFE ID in the client certificate, as presented
     refused: str = ""
-    handshaking: bool = True  # holds a unit of the per-source handshake budget until peer_verified
     identity_held: str = ""  # the identity whose connection budget this connection holds a unit of
     tls_version: str = ""
     tls_cipher: str = ""
@@ -88,17 +87,15 @@ class Inbound:
         An address that is no local workload has no identity to present: the connection is closed."""
         rt = self.rt
         rt.counters["hbone_accepted"] += 1
-        budgets = rt.budgets
-        for budget in (budgets.hbone_handshakes, budgets.hbone_sources):
-            if budget.full(peer_ip):
-                # Unauthenticated: closed before any TLS state exists (no handshake memory to spend).
-                rt.warn.warning(budget.name, "HBONE from %s over its %s budget (%d): closed", peer_ip,
-                                budget.name, budget.limit)  # fmt: skip
-                sock.close()
-                return
-        # Held from here, also while a first SVID is fetched: connections waiting for it count too.
-        budgets.hbone_handshakes.take(peer_ip)
-        budgets.hbone_sources.take(peer_ip)
+        # Pending handshakes and connections per source are the engine's to bound once it holds the socket
+        # (limits.py); until then (a first SVID may be fetched meanwhile) this budget holds the socket.
+        waiting = rt.budgets.hbone_waiting
+        if not waiting.take(peer_ip):
+            # Unauthenticated: closed before any TLS state exists (no handshake memory to spend).
+            rt.warn.warning(waiting.name, "HBONE from %s over its %s budget (%d): closed", peer_ip,
+                            waiting.name, waiting.limit)  # fmt: skip
+            sock.close()
+            return
         sock.setblocking(False)
         snap = rt.state()
         local = snap.workload_by_ip(local_ip)
@@ -126,11 +123,10 @@ class Inbound:
         rt.off_loop(str(identity), lambda: rt.tls.fetch(identity), resume)
 
     def _abandon(self, sock: socket.socket | None, peer_ip: str) -> None:
-        """Close an accepted connection before it became a served one, and give back its budget units."""
+        """Close an accepted connection before it became a served one, and give back its budget unit."""
         if sock is not None:
             sock.close()
-        self.rt.budgets.hbone_handshakes.give_back(peer_ip)
-        self.rt.budgets.hbone_sources.give_back(peer_ip)
+        self.rt.budgets.hbone_waiting.give_back(peer_ip)
 
     def _serve_as(
         self, sock: socket.socket, identity: SpiffeId, local_ip: str, peer_ip: str, peer_port: int
@@ -149,8 +145,9 @@ class Inbound:
         except EngineError as exc:  # the engine owns (and closed) the fd
             rt.counters["hbone_serve_errors"] += 1
             rt.warn.warning("hbone_serve_errors", "HBONE from %s: %s", peer_ip, exc)
-            self._abandon(None, peer_ip)
             return
+        finally:
+            rt.budgets.hbone_waiting.give_back(peer_ip)  # the engine's caps hold it from here
         self.server_conns[conn_id] = ServerConn(local_ip, peer_ip, peer_port)
 
     def on_peer_verified(self, ev: Event) -> None:
@@ -162,7 +159,6 @@ class Inbound:
             return
         conn.tls_version, conn.tls_cipher = ev.tls_version, ev.tls_cipher
         conn.peer_cert_sha256, conn.presented = ev.peer_cert_sha256, ev.peer_id
-        self._handshake_over(conn)
         try:
             presented = SpiffeId.parse(ev.peer_id)
         except SpiffeIdError:
@@ -205,17 +201,9 @@ class Inbound:
         conn = self.server_conns.pop(conn_id, None)
         if conn is None:
             return False
-        budgets = self.rt.budgets
-        self._handshake_over(conn)
-        budgets.hbone_sources.give_back(conn.peer_ip)
         if conn.identity_held:
-            budgets.hbone_identities.give_back(conn.identity_held)
+            self.rt.budgets.hbone_identities.give_back(conn.identity_held)
         return True
-
-    def _handshake_over(self, conn: ServerConn) -> None:
-        if conn.handshaking:
-            conn.handshaking = False
-            self.rt.budgets.hbone_handshakes.give_back(conn.peer_ip)
 
     def on_stream_request(self, ev: Event, looked_up: bool = False) -> None:
         rt = self.rt
@@ -281,10 +269,9 @@ class Inbound:
             self._reject(ev, STATUS_FORBIDDEN)
             rt.table.reject(record, "DENY", decision.reason)
             return
-        # One identity, or one peer node with all its identities, must not hold this node's streams (an fd
-        # and buffers each) to the others' cost.
-        budgets = rt.budgets
-        held = ((budgets.hbone_streams, str(conn.principal)), (budgets.hbone_source_streams, conn.peer_ip))
+        # One peer node with all its identities must not hold this node's streams (an fd and buffers each)
+        # to the others' cost (one identity's streams: the engine's streams_per_peer, limits.py).
+        held = ((rt.budgets.hbone_source_streams, conn.peer_ip),)
         for budget, key in held:
             if budget.full(key):
                 rt.warn.warning(

@@ -52,7 +52,8 @@ class Proxy:
     (logged; HBONE is served on every local pod's address). `lookup(ip)`: the
     relay's on-demand lookup (blocking; its answer is merged into `state()`), asked off the loop when a
     destination is unknown. `audit(event, **fields)`: the agent's audit log, for identity refusals.
-    `limits`: per source address / per peer identity budgets (agent/proxy/limits.py; None: the defaults).
+    `limits`: per source address / per peer identity limits (agent/proxy/limits.py; None: the defaults): the
+    engine's share is set on the engine here, the rest are the proxy's budgets.
     Thread-safe: every public method may be called from any thread.
     """
 
@@ -82,7 +83,9 @@ class Proxy:
         self._ports = ports
         self._loop = ControlLoop(name=f"ambit-proxy-{node}")
         threads = engine_threads or default_engine_threads()
+        limits = limits or Limits()
         engine = Engine(threads=threads)
+        engine.set_limits(**limits.engine())  # the engine owns these (limits.py): set before any connection
         self._rt = Runtime(
             node=node,
             state=state,
@@ -97,7 +100,7 @@ class Proxy:
             preserve_source_ip=preserve_source_ip,
             lookup=lookup,
             audit_sink=audit,
-            budgets=Budgets(limits or Limits()),
+            budgets=Budgets(limits),
         )
         self._inbound = Inbound(self._rt)
         self._outbound = Outbound(self._rt, self._inbound.serve)
