@@ -1230,8 +1230,9 @@ void hconn_open_stream(ambit_loop *l, acmd *cmd)
 {
     hconn *c = amap_get(&l->conns, cmd->id);
     if (!c || c->server || c->closing || c->ending || c->goaway_recv) {
+        /* A connection that failed but whose conn_error is not out yet says why (e.g. the peer's identity) */
         refuse_unknown(l, cmd, !c ? "no such connection" : c->server ? "not a client connection"
-                                                                     : "connection closing");
+                               : c->ending == END_ERROR ? c->error : "connection closing");
         return;
     }
     if (strlen(cmd->text) >= AMBIT_HEADER_MAX || !*cmd->text) {

@@ -242,13 +242,13 @@ def _both_records(lab: ProxyLab, src: str, dst: str, port: int) -> list[dict[str
     ]
 
 
-@pytest.mark.parametrize("dst", ["pod-2-1", "pod-1-2"], ids=["cross-node", "same-node"])
+@pytest.mark.parametrize("dst", ["pod-2-1", "pod-1-1"], ids=["cross-node", "same-node"])
 def test_normal_close_after_data_is_recorded_clean_on_both_sides(lab: ProxyLab, dst: str) -> None:
     """Upload, half-close, the whole answer, EOF both ways: `-` and the byte counts on both nodes."""
     payload = os.urandom(300_000)
-    answer = in_pod(lab, "pod-1-1", request, lab.pod_ip(dst), SHA_SINK, payload)
+    answer = in_pod(lab, "pod-1-2", request, lab.pod_ip(dst), SHA_SINK, payload)
     assert answer.decode().split() == [str(len(payload)), hashlib.sha256(payload).hexdigest()]
-    for rec in _both_records(lab, "pod-1-1", dst, SHA_SINK):
+    for rec in _both_records(lab, "pod-1-2", dst, SHA_SINK):
         assert (rec["response_flags"], rec["error"]) == ("-", ""), rec
         assert (rec["bytes_sent"], rec["bytes_received"]) == (len(payload), len(answer)), rec
 
