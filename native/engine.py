@@ -66,6 +66,14 @@ class Ending(enum.Enum):
 
 
 _SPLICE_BY_AGENT = "closed by agent"
+_HANDSHAKE_FAILED = "TLS handshake failed"
+
+
+def refused_certificate(ev: Event) -> bool:
+    """Whether a conn_error is the handshake refusing the peer's certificate (untrusted, CA:true, no
+    single URI SAN, not an accepted workload identity, none at all): an identity decision, unlike a
+    handshake that failed on garbage or a timeout."""
+    return ev.detail.startswith(_HANDSHAKE_FAILED) and ("certificate" in ev.detail or "identity" in ev.detail)
 
 
 def ending(ev: Event) -> Ending:
@@ -236,6 +244,19 @@ class Engine:
                 rv = int(lib.ambit_engine_set_limit(self._h(), which, int(value)))
             if rv < 0:
                 raise EngineError(f"bad value {value!r} for limit {name}")
+
+    def set_peer_trust_domains(self, domains: Sequence[str] | None) -> None:
+        """Served handshakes accept only a client whose single URI SAN is a workload ID
+        (spiffe://TD/ns/NS/sa/SA) of one of `domains` (none when empty); any other is refused in the
+        handshake, with a TLS alert (`conn_error` "TLS handshake failed: peer identity is no workload of an
+        accepted trust domain", its `peer_id` the presented ID). None (the default): no such rule."""
+        for td in domains or ():
+            if not td or any(ch in td for ch in "\n/\0"):
+                raise EngineError(f"bad trust domain {td!r}")
+        arg = ffi.NULL if domains is None else "\n".join(domains).encode()
+        with self._lock:
+            if int(lib.ambit_engine_set_peer_domains(self._h(), arg)) < 0:
+                raise EngineError("out of memory")
 
     def start(self) -> None:
         self._call(lib.ambit_engine_start)

@@ -36,7 +36,7 @@ from agent.proxy.telemetry import TelemetryError, parse_baggage, source_workload
 from agent.redirect.marks import HBONE_PORT, INBOUND_PLAINTEXT_PORT
 from api.resources.workload import Workload
 from api.spiffe import SpiffeId, SpiffeIdError
-from native.engine import EngineError, Event
+from native.engine import EngineError, Event, refused_certificate
 
 log = logging.getLogger("ambit.proxy")
 
@@ -185,13 +185,27 @@ class Inbound:
                 ev.conn_id, conn, "hbone_not_workload", f"{presented} is not a workload identity"
             )
 
-    def _refuse_peer(self, conn_id: int, conn: ServerConn, counter: str, why: str) -> None:
+    def on_conn_error(self, ev: Event) -> None:
+        """A served connection failed: when the handshake refused the client's certificate (the engine's
+        verdict, sent as a TLS alert: untrusted, CA:true, not a workload identity of an accepted domain),
+        that is an identity refusal like those at peer_verified: counted and audited."""
+        conn = self.server_conns.get(ev.conn_id)
+        if conn is None or conn.refused or not refused_certificate(ev):
+            return
+        conn.presented = ev.peer_id
+        self._audit_refusal(conn, "hbone_bad_certificate", ev.detail)
+
+    def _audit_refusal(self, conn: ServerConn, counter: str, why: str) -> None:
         rt = self.rt
         conn.refused = why
         rt.counters[counter] += 1
         rt.counters["hbone_peer_refused"] += 1
         rt.audit("hbone_peer_refused", counter, why, peer_ip=conn.peer_ip, peer_id=conn.presented,
                  peer_cert_sha256=conn.peer_cert_sha256)  # fmt: skip
+
+    def _refuse_peer(self, conn_id: int, conn: ServerConn, counter: str, why: str) -> None:
+        rt = self.rt
+        self._audit_refusal(conn, counter, why)
         try:
             rt.engine.close(conn_id)  # GOAWAY: streams already sent are refused below, none is served
         except EngineError as exc:  # already gone

@@ -140,7 +140,18 @@ struct ambit_engine {
     uint32_t pending_handshakes;
     uint64_t freed_since_trim;   /* atomic: connections freed since the last malloc_trim */
     uint64_t last_trim_ms;       /* atomic */
+    char *peer_domains;          /* "\nTD\n...\n" or NULL (ambit_engine_set_peer_domains), under limits_lock */
 };
+
+/* A handshake's verdict on the peer's leaf, made in the verify callback (so a refusal is a TLS alert):
+ * `why` empty while accepted; `presented` the leaf's URI SAN (server). Hung on the SSL (tls_verdict_attach). */
+typedef struct tls_verdict {
+    ambit_engine *engine;
+    int server;                  /* the client-identity rules apply */
+    int alert_sent;              /* OpenSSL wrote a TLS alert (info callback): close without a reset */
+    char why[160];
+    char presented[512];
+} tls_verdict;
 
 /* Counters are bumped with relaxed atomics from any loop and read from Python. */
 static inline void ctr_add(ambit_engine *e, int c, int64_t v)
@@ -168,6 +179,7 @@ SSL_CTX *tls_ctx_build(int server, const char *chain, size_t chain_len, const ch
 void tls_peer_info(SSL *ssl, ambit_event *ev);
 void tls_client_session_prepare(SSL *ssl, SSL_CTX *ctx, const char *peer);
 void tls_last_error(char *buf, size_t cap, const char *what);
+void tls_verdict_attach(SSL *ssl, tls_verdict *v);
 
 /* hbone.c */
 void hconn_start(ambit_loop *l, acmd *c, int server);
@@ -185,6 +197,8 @@ uint64_t now_ms(void);
 void linger_reset(ambit_loop *l, int fd, abuf *out);
 /* ... or, for a stream that ended cleanly, close it normally (FIN) once `out` is written. */
 void linger_close(ambit_loop *l, int fd, abuf *out);
+/* ... or, after a TLS alert: FIN, then read and discard until the peer closes (bounded), then close. */
+void linger_drain(ambit_loop *l, int fd);
 void linger_tick(ambit_loop *l);
 void linger_reap(ambit_loop *l, int all);
 

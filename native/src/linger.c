@@ -11,12 +11,18 @@
  * The same holds for a stream that ended cleanly (END_STREAM both ways) while its socket still had bytes to
  * take, when its connection goes away before they are written (a peer that closes right after its last
  * stream, with or without GOAWAY): linger_close writes them, then closes normally (FIN). Giving up after
- * AMBIT_LINGER_MS resets instead, so a truncated stream never looks complete to the reader. */
+ * AMBIT_LINGER_MS resets instead, so a truncated stream never looks complete to the reader.
+ *
+ * And for a connection refused in its TLS handshake: its alert is written, but close() with unread input
+ * (a TLS 1.3 client sends data right after its Finished) sends a RST that can destroy the alert at the
+ * peer before it is read. linger_drain sends FIN after the alert and reads and discards what comes until
+ * the peer closes, for at most AMBIT_DRAIN_MS / AMBIT_DRAIN_BYTES (not extended by progress), then closes. */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <linux/sockios.h>
 #include <unistd.h>
 
@@ -28,6 +34,8 @@ typedef struct alinger {
     uint64_t deadline_ms;
     int done;
     int graceful;                 /* close with FIN once `out` is written (linger_close), else reset */
+    int drain;                    /* linger_drain: read and discard until EOF, then close */
+    size_t drained;
     struct alinger *next;
 } alinger;
 
@@ -71,7 +79,7 @@ static void linger_end(ambit_loop *l, alinger *g, int complete)
         return;
     g->done = 1;
     loop_del_fd(l, &g->io);
-    if (g->graceful && complete)
+    if ((g->graceful && complete) || g->drain)
         close(g->io.fd);
     else
         reset_close(g->io.fd);
@@ -79,11 +87,37 @@ static void linger_end(ambit_loop *l, alinger *g, int complete)
     abuf_free(&g->out);
 }
 
+#define AMBIT_DRAIN_MS 1000
+#define AMBIT_DRAIN_BYTES (1024 * 1024)
+
+/* 1 once the peer closed (or failed, or sent too much), 0 while it may still send. */
+static int drain_progress(alinger *g)
+{
+    char buf[16384];
+    for (;;) {
+        ssize_t n = read(g->io.fd, buf, sizeof(buf));
+        if (n > 0) {
+            g->drained += (size_t)n;
+            if (g->drained >= AMBIT_DRAIN_BYTES)
+                return 1;
+        } else if (n < 0 && errno == EINTR) {
+            continue;
+        } else {
+            return !(n < 0 && errno == EAGAIN);
+        }
+    }
+}
+
 static void on_linger_io(ambit_loop *l, aio *io, uint32_t events)
 {
     alinger *g = io->owner;
     if (g->done)
         return;
+    if (g->drain) {
+        if ((events & (EPOLLERR | EPOLLHUP)) || drain_progress(g))
+            linger_end(l, g, 1);
+        return;
+    }
     int moved = 0, failed = 0;
     if (events & (EPOLLERR | EPOLLHUP))
         linger_end(l, g, 0);
@@ -128,6 +162,27 @@ static void linger_start(ambit_loop *l, int fd, abuf *out, int graceful)
         ctr_add(l->engine, AMBIT_C_RESETS_LINGERED, 1);
 }
 
+void linger_drain(ambit_loop *l, int fd)
+{
+    shutdown(fd, SHUT_WR); /* FIN right after what was written (the alert) */
+    alinger *g = calloc(1, sizeof(*g));
+    if (!g) {
+        close(fd);
+        return;
+    }
+    g->drain = 1;
+    g->io.owner = g;
+    g->io.on_event = on_linger_io;
+    g->deadline_ms = now_ms() + AMBIT_DRAIN_MS;
+    if (loop_add_fd(l, &g->io, fd) < 0) {
+        close(fd);
+        free(g);
+        return;
+    }
+    g->next = l->lingers;
+    l->lingers = g;
+}
+
 void linger_reset(ambit_loop *l, int fd, abuf *out)
 {
     linger_start(l, fd, out, 0);
@@ -145,6 +200,11 @@ void linger_tick(ambit_loop *l)
         int moved = 0, failed = 0;
         if (g->done)
             continue;
+        if (g->drain) {
+            if (now >= g->deadline_ms)
+                linger_end(l, g, 1);
+            continue;
+        }
         if (linger_progress(g->io.fd, &g->out, g->graceful, &moved, &failed))
             linger_end(l, g, !failed);
         else if (!moved && now >= g->deadline_ms)
