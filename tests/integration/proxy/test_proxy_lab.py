@@ -21,6 +21,7 @@ import pytest
 from agent import netns as nsx
 from agent.lab import state
 from agent.redirect.marks import HBONE_PORT, OUTBOUND_PORT
+from mgmt.ca import CertificateAuthority
 from tests.forge import forged_leaf
 from tests.integration.proxy.proxy_lab import (
     BANNER,
@@ -399,6 +400,65 @@ def test_hbone_refuses_every_identity_but_this_meshs_workloads(lab: ProxyLab, ur
     assert entry["event"] == "hbone_peer_refused" and entry["reason"]
     assert not [e for e in lab.events("node-2") if e.get("source_principal") == uri]  # no stream served
     lab.wait_status("node-2", lambda st: st["counters"].get("hbone_peer_refused", 0) >= 1)
+
+
+def _tls_verdict(ip: str, chain: bytes, key: bytes, bundle: bytes) -> str:
+    """A plain TLS 1.3 client on `ip`:15008 that sends the HTTP/2 preface right after its Finished: what
+    it observes ('served', or the error: an alert, or an EOF without one)."""
+    import tempfile
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cadata=bundle.decode())
+    with tempfile.TemporaryDirectory() as tmp:  # ssl loads keys from files only; a private dir, gone at once
+        chain_file, key_file = os.path.join(tmp, "chain"), os.path.join(tmp, "key")
+        with open(chain_file, "wb") as f:
+            f.write(chain)
+        with open(os.open(key_file, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
+            f.write(key)
+        ctx.load_cert_chain(chain_file, key_file)
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        with ctx.wrap_socket(socket.create_connection((ip, HBONE_PORT), timeout=5)) as tls:
+            tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            return "served" if tls.recv(100) else "EOF"
+    except (ssl.SSLError, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["untrusted", "ca_true", "foreign_domain", "node"],
+)
+def test_refused_client_certificates_get_a_tls_alert_and_are_audited(lab: ProxyLab, case: str) -> None:
+    """Refused on 15008 in the handshake, with a TLS alert (before: a foreign domain or node identity got
+    through the handshake and then a bare close; a CA:true or untrusted leaf often got an EOF, its alert
+    destroyed by a reset), and each refusal in the audit log (before: handshake refusals were not)."""
+    assert lab.ca is not None
+    uri = {
+        "untrusted": principal("pod-1-1"),
+        "ca_true": principal("pod-1-1"),
+        "foreign_domain": "spiffe://evil.example/ns/app/sa/sa-pod-1-1",
+        "node": f"spiffe://{TRUST_DOMAIN}/node/node-1",
+    }[case]
+    signer = CertificateAuthority.generate_root(TRUST_DOMAIN) if case == "untrusted" else lab.ca
+    chain, key = forged_leaf(signer, uri, is_ca=case == "ca_true")
+    before = len([a for a in lab.audit("node-2") if a["event"] == "hbone_peer_refused"])
+    node1 = lab.plan.node("node-1").netns
+    seen = [
+        nsx.run_in(node1, _tls_verdict, lab.pod_ip("pod-2-1"), chain, key, lab.ca.bundle_pem())
+        for _ in range(5)
+    ]
+    assert all("ALERT" in s.upper() for s in seen), seen
+    deadline = time.monotonic() + 10
+    while len(audited := [a for a in lab.audit("node-2") if a["event"] == "hbone_peer_refused"]) < before + 5:
+        assert time.monotonic() < deadline, audited[-3:]
+        time.sleep(0.1)
+    last = audited[-1]
+    assert last["reason"].startswith("TLS handshake failed") and last["peer_ip"] == lab.plan.node("node-1").ip
+    if case in ("foreign_domain", "node"):  # who was refused; never a stream of theirs
+        assert last["peer_id"] == uri
+        assert not [e for e in lab.events("node-2") if e.get("source_principal") == uri]
 
 
 @pytest.mark.parametrize(
