@@ -2,31 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
-from agent.connections import ConnectionClose, ConnectionRecord, Direction
+from agent.connections import ConnectionRecord, Direction
 from agent.proxy import live
 from agent.proxy.table import ConnectionTable, Entry, Path
 from native.engine import Engine
-
-
-class Closes:
-    def __init__(self) -> None:
-        self.closes: list[ConnectionClose] = []
-
-    def opened(self, record: ConnectionRecord) -> None:
-        pass
-
-    def closed(self, close: ConnectionClose) -> None:
-        self.closes.append(close)
-
-
-def _pair() -> tuple[socket.socket, socket.socket]:
-    with socket.create_server(("127.0.0.1", 0)) as lst:
-        a = socket.create_connection(lst.getsockname())
-        b, _ = lst.accept()
-    return a, b
+from tests.unit.native.engine_testkit import tcp_pair
+from tests.unit.proxy.test_proxy_table import Recorder
 
 
 def _entry(table: ConnectionTable, path: Path, engine_conn: int = -1, reported: bool = True) -> Entry:
@@ -49,9 +32,9 @@ def _rows_until(engine: Engine, table: ConnectionTable, sent: int) -> dict[int, 
 def test_live_counts_connecting_ended_and_stopped_engine() -> None:
     engine = Engine(threads=2)
     engine.start()
-    table = ConnectionTable(Closes())
-    client, a = _pair()
-    b, server = _pair()
+    table = ConnectionTable(Recorder())
+    client, a = tcp_pair()
+    b, server = tcp_pair()
     splice = _entry(table, Path.SPLICE, engine.splice(a.detach(), b.detach()))
     connecting = _entry(table, Path.HBONE_SERVER, reported=False)  # upstream connect still pending
     ended = _entry(table, Path.SPLICE, engine_conn=splice.engine_conn + 100)  # its close event in flight
