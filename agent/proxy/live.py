@@ -59,15 +59,19 @@ def _flow(e: Entry) -> tuple[int, int] | None:
 
 
 def _merge(p: Pending, stats: FlowStats | None) -> dict[str, object]:
-    out = dict(p.row)
+    state = p.row["state"]
+    sent: int | None = None
+    received: int | None = None
     if stats is not None and stats.state != "unknown":
-        out["state"] = _STATES.get(stats.state, stats.state)
+        state = _STATES.get(stats.state, stats.state)
         sent, received = towards_destination(p.path, stats.bytes_in, stats.bytes_out)
-        out["bytes_sent"], out["bytes_received"] = sent, received
     elif p.flow is None and not p.reported:  # still connecting upstream: nothing carried yet
-        out["bytes_sent"] = out["bytes_received"] = 0
-    else:
-        if stats is not None:
-            out["state"] = "closing"
-        out["bytes_sent"] = out["bytes_received"] = None
+        sent = received = 0
+    elif stats is not None:  # the engine ended it: the close event (and the access record) follows
+        state = "closing"
+    out: dict[str, object] = {}
+    for key, value in p.row.items():  # the counts beside state and age, before the identities
+        out[key] = state if key == "state" else value
+        if key == "age_s":
+            out["bytes_sent"], out["bytes_received"] = sent, received
     return out

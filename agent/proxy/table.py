@@ -147,13 +147,13 @@ def row(e: Entry, now: float) -> dict[str, object]:
         "direction": r.direction.value,
         "source": _endpoint(r.source_ip, r.source_port),
         "destination": _endpoint(r.destination_ip, r.destination_port),
+        "state": "established" if e.reported else "connecting",
+        "age_s": round(now - e.started, 1),
         "source_workload": r.source_workload,
         "destination_workload": r.destination_workload,
         "source_principal": r.source_principal,
         "destination_principal": r.destination_principal,
         "path": e.path.value,
-        "state": "established" if e.reported else "connecting",
-        "age_s": round(now - e.started, 1),
     }
 
 
