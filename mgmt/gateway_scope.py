@@ -191,3 +191,22 @@ def _attached(gw: Gateway, route: HTTPRoute) -> bool:
     if not any((p.namespace, p.name) == (gw.meta.namespace, gw.meta.name) for p in route.parent_refs):
         return False
     return any(lst.routes_from == "All" or route.meta.namespace == gw.meta.namespace for lst in gw.listeners)
+
+
+class CurrentGateways:
+    """The GatewayIndex of the config in force, rebuilt once per version (bootstrap and CSR service)."""
+
+    def __init__(self, current: Callable[[], ConfigSnapshot], trust_domain: str) -> None:
+        self._current = current
+        self._trust_domain = trust_domain
+        self._index: GatewayIndex | None = None
+
+    def index(self) -> GatewayIndex:
+        snapshot = self._current()
+        index = self._index
+        if index is None or index.snapshot is not snapshot:
+            index = self._index = GatewayIndex(snapshot, self._trust_domain)
+        return index
+
+    def is_gateway(self, sid: SpiffeId) -> bool:
+        return bool(self.index().served_by(sid))
