@@ -10,8 +10,10 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
+from agent.errors import UsageError
 from agent.lab import control, mesh
 
 
@@ -44,6 +46,7 @@ def start_from_plane(prefix: str, node_name: str, gateway: str, port: int) -> Pa
     rd = mesh.run_dir(prefix)
     mgmt_state = rd / "mgmt"
     label = "gateway-" + gateway.replace("/", "-")
+    _wait_recorded(mgmt_state, gateway)
     token = mesh.join_token(mgmt_state, label, gateway=gateway)
     logs = rd / "logs"
     audit = logs / f"{label}-audit.jsonl"
@@ -70,3 +73,15 @@ def start_from_plane(prefix: str, node_name: str, gateway: str, port: int) -> Pa
     control.start_process(prefix, label, node.netns, argv, logs / f"{label}.log")
     mesh.wait_listening(node.netns, node.ip, port, f"gateway {gateway} on {node.name}", timeout=30)
     return audit
+
+
+def _wait_recorded(mgmt_state: Path, gateway: str, timeout: float = 10.0) -> None:
+    """The plane names its config's Gateways in its state dir once it took a version with them; a Gateway
+    written just now into the config directory needs a moment (the plane polls the files)."""
+    from mgmt.join_tokens import GATEWAYS_FILE, recorded_nodes
+
+    deadline = time.monotonic() + timeout
+    while gateway not in (recorded_nodes(mgmt_state, GATEWAYS_FILE) or ()):
+        if time.monotonic() > deadline:
+            raise UsageError(f"the lab's plane took no config with Gateway {gateway} within {timeout:.0f} s")
+        time.sleep(0.1)
