@@ -21,6 +21,7 @@ retries); every refusal names its kind for the counter and the audit record, nev
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,23 +107,27 @@ class KubeNodeVerifier:
                 "api_unreachable", f"TokenReview failed: {type(exc).__name__}", True
             ) from None
 
-    def _pod(self, namespace: str, name: str) -> Any:
+    def _read(self, what: str, call: Callable[[], Any]) -> Any:
+        """The object `call` reads, None if it does not exist; any other failure is retryable."""
         from kubernetes.client.exceptions import ApiException
 
         try:
-            return self._core.read_namespaced_pod(name, namespace, _request_timeout=API_TIMEOUT_S)
+            return call()
         except ApiException as exc:
             if exc.status == 404:
-                raise KubeJoinError(
-                    "pod_gone", f"the token's pod {namespace}/{name} does not exist"
-                ) from None
-            raise KubeJoinError(
-                "api_error", f"reading pod {namespace}/{name}: HTTP {exc.status}", True
-            ) from None
+                return None
+            raise KubeJoinError("api_error", f"reading {what}: HTTP {exc.status}", True) from None
         except Exception as exc:
-            raise KubeJoinError(
-                "api_unreachable", f"reading pod {namespace}/{name}: {type(exc).__name__}", True
-            ) from None
+            raise KubeJoinError("api_unreachable", f"reading {what}: {type(exc).__name__}", True) from None
+
+    def _pod(self, namespace: str, name: str) -> Any:
+        pod = self._read(
+            f"pod {namespace}/{name}",
+            lambda: self._core.read_namespaced_pod(name, namespace, _request_timeout=API_TIMEOUT_S),
+        )
+        if pod is None:
+            raise KubeJoinError("pod_gone", f"the token's pod {namespace}/{name} does not exist")
+        return pod
 
     def _reviewed(self, token: str, username: str) -> tuple[str, str, str]:
         """(pod name, pod UID, node name or "") of a valid, pod-bound token of `username`."""
@@ -191,23 +196,17 @@ class KubeNodeVerifier:
         return AgentPod(namespace, pod_name, pod_uid, pod.spec.node_name or "")
 
     def _deployment_of(self, namespace: str, replica_set: str) -> str:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            rs = self._apps.read_namespaced_replica_set(
+        rs = self._read(
+            f"ReplicaSet {namespace}/{replica_set}",
+            lambda: self._apps.read_namespaced_replica_set(
                 replica_set, namespace, _request_timeout=API_TIMEOUT_S
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return ""
-            raise KubeJoinError(
-                "api_error", f"reading ReplicaSet {namespace}/{replica_set}: HTTP {exc.status}", True
-            ) from None
-        except Exception as exc:
-            raise KubeJoinError(
-                "api_unreachable", f"reading ReplicaSet {namespace}/{replica_set}: {type(exc).__name__}", True
-            ) from None
-        deployments = [o for o in _controllers(rs) if o.kind == "Deployment" and o.api_version == "apps/v1"]
+            ),
+        )
+        deployments = (
+            [o for o in _controllers(rs) if o.kind == "Deployment" and o.api_version == "apps/v1"]
+            if rs is not None
+            else []
+        )
         return str(deployments[0].name) if deployments else ""
 
 

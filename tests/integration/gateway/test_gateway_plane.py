@@ -47,10 +47,15 @@ DEST_ID = SpiffeId.workload(TD, "shop", "cart")
 GET = b"GET %s HTTP/1.1\r\nHost: shop\r\nUser-Agent: t\r\nAccept: */*\r\n\r\n"
 
 
-def _gateway(name: str, listeners: list[dict[str, Any]], **annotations: str) -> dict[str, Any]:
+def _meta(name: str, annotations: dict[str, str]) -> dict[str, Any]:
     md: dict[str, Any] = {"name": name, "namespace": "shop"}
     if annotations:
         md["annotations"] = annotations
+    return md
+
+
+def _gateway(name: str, listeners: list[dict[str, Any]], **annotations: str) -> dict[str, Any]:
+    md = _meta(name, annotations)
     return {
         "apiVersion": "gateway.networking.k8s.io/v1",
         "kind": "Gateway",
@@ -81,9 +86,7 @@ def _route(name: str, path: str, backend: str, gateway: str = "edge") -> dict[st
 
 
 def _service(name: str, port: int, **annotations: str) -> dict[str, Any]:
-    md: dict[str, Any] = {"name": name, "namespace": "shop"}
-    if annotations:
-        md["annotations"] = annotations
+    md = _meta(name, annotations)
     return {
         "apiVersion": "v1",
         "kind": "Service",
