@@ -1,4 +1,4 @@
-"""What a gateway may see (mgmt/gateway_scope.py) and what node agents never see (Secrets, Gateway API kinds)."""
+"""What a gateway may see (mgmt/gateway_scope.py); what node agents never see (Secrets, Gateway API)."""
 
 from __future__ import annotations
 
