@@ -17,7 +17,7 @@ Gateway it serves and receives exactly:
 A reference across namespaces (a certificate or backend in another namespace) needs a ReferenceGrant in
 Gateway API; ambit does not implement ReferenceGrant yet, so such a reference is refused: the object is not
 sent, and the refusal is counted and audited by the relay (the gateway then NACKs, naming what is missing).
-Nothing else reaches a gateway; Secrets never reach node agents (mgmt/scope.py leaves GATEWAY_KINDS out).
+Nothing else reaches a gateway; Secrets never reach node agents (mgmt/scope.py, NEVER_TO_NODES).
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ from api.resources.workload import Service
 from api.spiffe import SpiffeId, SpiffeIdError
 from mgmt.store import ConfigSnapshot, StoredResource
 
-# Kinds only gateways receive (a node agent neither needs nor may hold them: Secrets carry private keys).
-GATEWAY_KINDS = frozenset({"Gateway", "HTTPRoute", "WafPolicy", "Secret"})
 # What a gateway subscribes to (api/relay.proto Subscribe.types).
 GATEWAY_TYPES = ("Gateway", "HTTPRoute", "Namespace", "Secret", "Service", "WafPolicy", "Workload")
 SERVICE_ACCOUNT_ANNOTATION = "ambit.io/service-account"
