@@ -2,7 +2,7 @@
 config directory): it joins with a token minted for its Gateway, gets that Gateway's SVID by CSR (key in
 memory), pulls its scoped config over the relay, serves it (plain and HBONE backends: the HBONE server sees
 the plane-issued identity), follows config changes with a versioned ACK, NACKs a bad WafPolicy with its
-reason while the old config keeps serving, and renews its certificate. Refusals: wrong, expired, reused and
+reason while the old config keeps serving, renews its certificate and follows a root rotation. Refusals: wrong, expired, reused and
 misbound tokens, unknown Gateways, a gateway asking for another Gateway, for a Lookup, for another identity's
 certificate, and a listener Secret in another namespace: each refused, counted and audited."""
 
@@ -197,13 +197,18 @@ def plane(tmp_path: Path) -> Iterator[Plane]:
     backend.close()
 
 
-def _start_gateway(plane: Plane, tmp_path: Path) -> PlaneGateway:
+def _start_gateway(plane: Plane, tmp_path: Path, bundle_refresh_s: float = 30.0) -> PlaneGateway:
     options = ServerOptions(
         audit_log=tmp_path / "gw-audit.jsonl", sockets={"http": _RESERVED.pop(plane.gateway_port)}
     )
     gw = PlaneGateway(
         PlaneOptions(
-            plane.relay_target, plane.bootstrap_target, plane.ca.bundle_pem(), GATEWAY, plane.token()
+            plane.relay_target,
+            plane.bootstrap_target,
+            plane.ca.bundle_pem(),
+            GATEWAY,
+            plane.token(),
+            bundle_refresh_s=bundle_refresh_s,
         ),
         options,
     )
@@ -262,6 +267,30 @@ def test_gateway_serves_what_the_plane_sends_with_the_plane_issued_identity(
         meshed = exchange(plane.gateway_port, GET % b"/mesh/b")
         assert status_of(meshed) == 200 and plane.dest.requests[-1][0] == GATEWAY_ID
         assert plane.csr.counters().get("signed", 0) >= 1
+    finally:
+        gw.stop()
+
+
+def test_gateway_follows_a_root_rotation(plane: Plane, tmp_path: Path) -> None:
+    gw = _start_gateway(plane, tmp_path, bundle_refresh_s=0.2)
+    try:
+        assert gw.identity is not None
+        identity = gw.identity
+        plane.ca.prepare_root_rotation()
+        _wait(lambda: identity.trust_bundle_pem() == plane.ca.bundle_pem(), "the new root in the bundle")
+        plane.ca.activate_pending_root()
+        new_root = plane.ca.anchors()[0].subject
+
+        def reissued() -> bool:
+            return identity.node.leaf.issuer == new_root
+
+        _wait(reissued, "the certificate re-issued under the new root")
+        assert identity.counters["signer_changes"] >= 1
+        # Config keeps flowing across the rotation (established streams are never re-verified).
+        before = plane.store.version
+        plane.write(plane.docs([_route("new", "/new", "web")]))
+        _wait(lambda: plane.store.version > before and gw.version == plane.store.version, "the new version")
+        assert status_of(exchange(plane.gateway_port, GET % b"/new/x")) == 200
     finally:
         gw.stop()
 
