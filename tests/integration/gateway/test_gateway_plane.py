@@ -2,9 +2,10 @@
 config directory): it joins with a token minted for its Gateway, gets that Gateway's SVID by CSR (key in
 memory), pulls its scoped config over the relay, serves it (plain and HBONE backends: the HBONE server sees
 the plane-issued identity), follows config changes with a versioned ACK, NACKs a bad WafPolicy with its
-reason while the old config keeps serving, renews its certificate and follows a root rotation. Refusals: wrong, expired, reused and
-misbound tokens, unknown Gateways, a gateway asking for another Gateway, for a Lookup, for another identity's
-certificate, and a listener Secret in another namespace: each refused, counted and audited."""
+reason while the old config keeps serving, renews its certificate and follows a root rotation. Refusals:
+wrong, expired, reused and misbound tokens, unknown Gateways, a gateway asking for another Gateway, for a
+Lookup, for another identity's certificate, and a listener Secret in another namespace: each refused,
+counted and audited."""
 
 from __future__ import annotations
 
