@@ -21,7 +21,7 @@ from agent import netns as nsx
 from agent.lab import control, mesh
 from agent.lab import gateway as lab_gateway
 from agent.lab.plan import LabPlan
-from tests.conftest import running_mesh
+from tests.conftest import ambit_cli, running_mesh
 from tests.gateway_corpus import BACKEND_MARK, exchange, status_of
 from tests.gateway_fixtures import gateway_doc, policy_doc, route_doc, write_config
 
@@ -197,9 +197,21 @@ def test_gateway_from_the_plane_enters_the_mesh_with_its_own_identity(meshlab: L
     ]
     mesh.set_policies(meshlab, [only_gateway])
     _write_plane_config(meshlab, _plane_gateway_docs(meshlab, []))
-    audit = lab_gateway.start_from_plane(meshlab.prefix, "node-1", PLANE_GATEWAY, PLANE_GATEWAY_PORT)
+    started = ambit_cli(
+        "gateway",
+        "--lab-node",
+        "node-1",
+        "--gateway",
+        PLANE_GATEWAY,
+        "--port",
+        str(PLANE_GATEWAY_PORT),
+        "--prefix",
+        meshlab.prefix,
+    )
     label = "gateway-" + PLANE_GATEWAY.replace("/", "-")
-    log = mesh.run_dir(meshlab.prefix) / "logs" / f"{label}.log"
+    logs = mesh.run_dir(meshlab.prefix) / "logs"
+    log, audit = logs / f"{label}.log", logs / f"{label}-audit.jsonl"
+    assert str(audit) in started.stdout
     try:
         assert f"identity {PLANE_GATEWAY_ID} from the plane" in log.read_text()
         ok = _outside(meshlab, b"/hello")
