@@ -429,3 +429,32 @@ def test_a_secret_of_another_namespace_is_refused(plane: Plane) -> None:
     record = plane.audit("gateway_reference_refused")[-1]
     assert record["target"] == "bank/bank-tls" and record["identity"] == GATEWAY_ID
     assert "PRIVATE-KEY-MATERIAL" not in plane.audit_path.read_text()
+
+
+def test_a_stream_ends_when_its_identity_no_longer_serves_the_gateway(plane: Plane) -> None:
+    client = RelayClient(
+        plane.relay_target,
+        "gw",
+        _gateway_credentials(plane, GATEWAY_ID),
+        on_snapshot=lambda _: None,
+        server_name=SERVER_NAME,
+        types=GATEWAY_TYPES,
+        gateway=GATEWAY,
+        backoff_initial=0.05,
+        backoff_max=0.2,
+    )
+    client.start()
+    try:
+        _wait(lambda: _row(plane).get("state") == "SYNCED", "the first ACK")
+        docs = [d for d in plane.docs() if (d["kind"], d["metadata"]["name"]) != ("Gateway", "edge")]
+        moved = _gateway("edge", [{"name": "http", "port": plane.gateway_port, "protocol": "HTTP"}])
+        moved["metadata"]["annotations"] = {"ambit.io/service-account": "someone-else"}
+        plane.write([*docs, moved])
+
+        def refused() -> bool:
+            return any("no longer serves" in r["reason"] for r in plane.audit("relay_refused"))
+
+        _wait(refused, "the stream to be refused")
+        _wait(lambda: not _row(plane).get("connected"), "the stream to end")
+    finally:
+        client.stop()
