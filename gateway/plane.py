@@ -127,7 +127,11 @@ class PlaneGateway:
         with self._lock:
             if self.server is None:
                 server = GatewayServer(plan, dataclasses.replace(self.options, identity=self._svid()))
-                server.start()
+                try:
+                    server.start()
+                except Exception:
+                    server.stop()  # listeners already bound must not outlive the refused version
+                    raise
                 self.server = server
             else:
                 self.server.reload(plan)

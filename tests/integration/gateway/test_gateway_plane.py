@@ -458,3 +458,35 @@ def test_a_stream_ends_when_its_identity_no_longer_serves_the_gateway(plane: Pla
         _wait(lambda: not _row(plane).get("connected"), "the stream to end")
     finally:
         client.stop()
+
+
+def test_a_first_config_that_cannot_bind_is_nacked_and_leaves_nothing_bound(
+    plane: Plane, tmp_path: Path
+) -> None:
+    held = _RESERVED.pop(plane.gateway_port)  # the second listener's port stays taken
+    first = free_port()
+    _RESERVED.pop(first).close()
+    listeners = [
+        {"name": "a", "port": first, "protocol": "HTTP"},
+        {"name": "b", "port": plane.gateway_port, "protocol": "HTTP"},
+    ]
+    docs = [d for d in plane.docs() if (d["kind"], d["metadata"]["name"]) != ("Gateway", "edge")]
+    plane.write([*docs, _gateway("edge", listeners)])
+    _wait(lambda: plane.store.current.resources["Gateway/shop/edge"].obj.listeners[0].port == first, "config")
+    gw = PlaneGateway(
+        PlaneOptions(
+            plane.relay_target, plane.bootstrap_target, plane.ca.bundle_pem(), GATEWAY, plane.token()
+        ),
+        ServerOptions(),
+    )
+    gw.start()
+    try:
+        _wait(lambda: _row(plane).get("state") == "NACKED", "the NACK")
+        assert "in use" in str(_row(plane)["last_nack"]) and not gw.serving.is_set()
+        held.close()
+        before = plane.store.version
+        plane.write([*docs, _gateway("edge", listeners), _route("new", "/new", "web")])
+        _wait(lambda: plane.store.version > before and gw.version == plane.store.version, "the next version")
+        assert status_of(exchange(first, GET % b"/web/a")) == 200
+    finally:
+        gw.stop()
