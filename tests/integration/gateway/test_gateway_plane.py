@@ -337,6 +337,24 @@ def _gateway_credentials(plane: Plane, sid: str) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(plane.ca.bundle_pem(), key, chain)
 
 
+def _gateway_client(plane: Plane, validate: Callable[[Any], None] | None = None) -> RelayClient:
+    """A relay client with the gateway's identity (no data plane behind it), started."""
+    client = RelayClient(
+        plane.relay_target,
+        "gw",
+        _gateway_credentials(plane, GATEWAY_ID),
+        on_snapshot=lambda _: None,
+        validate=validate,
+        server_name=SERVER_NAME,
+        types=GATEWAY_TYPES,
+        gateway=GATEWAY,
+        backoff_initial=0.05,
+        backoff_max=0.2,
+    )
+    client.start()
+    return client
+
+
 def _channel(plane: Plane, sid: str) -> grpc.Channel:
     return grpc.secure_channel(
         plane.relay_target,
@@ -409,17 +427,7 @@ def test_a_secret_of_another_namespace_is_refused(plane: Plane) -> None:
             errors.append(str(exc))
             raise
 
-    client = RelayClient(
-        plane.relay_target,
-        "gw",
-        _gateway_credentials(plane, GATEWAY_ID),
-        on_snapshot=lambda _: None,
-        validate=validate,
-        server_name=SERVER_NAME,
-        types=GATEWAY_TYPES,
-        gateway=GATEWAY,
-    )
-    client.start()
+    client = _gateway_client(plane, validate)
     try:
         _wait(lambda: _row(plane).get("state") == "NACKED", "the NACK")
     finally:
@@ -432,18 +440,7 @@ def test_a_secret_of_another_namespace_is_refused(plane: Plane) -> None:
 
 
 def test_a_stream_ends_when_its_identity_no_longer_serves_the_gateway(plane: Plane) -> None:
-    client = RelayClient(
-        plane.relay_target,
-        "gw",
-        _gateway_credentials(plane, GATEWAY_ID),
-        on_snapshot=lambda _: None,
-        server_name=SERVER_NAME,
-        types=GATEWAY_TYPES,
-        gateway=GATEWAY,
-        backoff_initial=0.05,
-        backoff_max=0.2,
-    )
-    client.start()
+    client = _gateway_client(plane)
     try:
         _wait(lambda: _row(plane).get("state") == "SYNCED", "the first ACK")
         docs = [d for d in plane.docs() if (d["kind"], d["metadata"]["name"]) != ("Gateway", "edge")]
