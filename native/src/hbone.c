@@ -980,9 +980,9 @@ static void conn_handshake(hconn *c)
     char msg[200];
     long vr = SSL_get_verify_result(c->ssl);
     int counter = AMBIT_C_ERRORS_HANDSHAKE;
-    if (c->verdict.why[0]) { /* refused in verification, with an alert: say why and who it was */
+    copy_str(c->peer_id, sizeof(c->peer_id), c->verdict.presented); /* who the leaf claimed to be, if any */
+    if (c->verdict.why[0]) { /* refused in verification, with an alert: say why */
         snprintf(msg, sizeof(msg), "TLS handshake failed: %s", c->verdict.why);
-        copy_str(c->peer_id, sizeof(c->peer_id), c->verdict.presented);
         if (strstr(c->verdict.why, "identity"))
             counter = AMBIT_C_ERRORS_PEER_IDENTITY;
     } else if (vr == X509_V_ERR_APPLICATION_VERIFICATION)

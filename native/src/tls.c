@@ -198,16 +198,19 @@ static void on_tls_info(const SSL *ssl, int where, int ret)
  * Refused as X509_V_ERR_APPLICATION_VERIFICATION; the reason goes to the verdict (hbone.c reports it). */
 static int verify_leaf(int ok, X509_STORE_CTX *store)
 {
-    if (!ok || X509_STORE_CTX_get_error_depth(store) != 0)
+    if (X509_STORE_CTX_get_error_depth(store) != 0)
         return ok;
     X509 *leaf = X509_STORE_CTX_get_current_cert(store);
     SSL *ssl = X509_STORE_CTX_get_ex_data(store, SSL_get_ex_data_X509_STORE_CTX_idx());
     tls_verdict *v = ssl && verdict_index >= 0 ? SSL_get_ex_data(ssl, verdict_index) : NULL;
+    int has_uri = v && v->server && leaf_uri(leaf, v->presented, sizeof(v->presented)); /* claimed, for the audit */
+    if (!ok)
+        return 0;
     const char *why = NULL;
     if (X509_check_ca(leaf))
         why = "peer leaf certificate is a CA (CA:true)";
     if (v && v->server && !why) {
-        if (!leaf_uri(leaf, v->presented, sizeof(v->presented)))
+        if (!has_uri)
             why = "peer certificate has no single URI SAN";
         else if (!workload_of_accepted_domain(v->engine, v->presented))
             why = "peer identity is no workload of an accepted trust domain";
