@@ -98,6 +98,7 @@ class Inbound:
             return
         sock.setblocking(False)
         snap = rt.state()
+        rt.follow_trust(snap)  # the engine judges this handshake by the config it is served under
         local = snap.workload_by_ip(local_ip)
         if local is None or local.node != rt.node:
             rt.counters["hbone_not_a_local_workload"] += 1

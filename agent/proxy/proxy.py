@@ -121,7 +121,6 @@ class Proxy:
         # Why an engine connection failed (conn_error), until its conn_closed: the streams it cut say so.
         self._conn_errors: dict[int, str] = {}
         self._started = False
-        self._peer_domains: list[str] | None = None
         self._seen_snapshot: object = None
         self._routed_snapshot: object = None
 
@@ -133,7 +132,7 @@ class Proxy:
     def start(self) -> None:
         rt = self._rt
         rt.engine.start()
-        self._follow_trust(rt.state())  # before the first accept: foreign clients get a TLS alert
+        rt.follow_trust(rt.state())  # before the first accept: foreign clients get a TLS alert
         try:
             out = listener(self._capture_ip, self._ports.outbound, transparent=True)
             self._listeners.append(out)
@@ -348,17 +347,8 @@ class Proxy:
         if snap is self._seen_snapshot:  # snapshots are immutable: a new one is a new object
             return
         self._seen_snapshot = snap
-        self._follow_trust(snap)
         td = snap.trust_domain
         rt.tls.forget({str(w.spiffe_id(td)) for w in snap.workloads.values() if w.node == rt.node})
-
-    def _follow_trust(self, snap: MeshView) -> None:
-        """The engine refuses, in the handshake, any client that is no workload of this mesh's trust domain
-        or an alias (the same rule as `TrustDomains.workload`, checked again at peer_verified)."""
-        domains = sorted(d for d in {snap.trust.local, *snap.trust.aliases} if d)  # none before a config
-        if domains != self._peer_domains:
-            self._rt.engine.set_peer_trust_domains(domains)
-            self._peer_domains = domains
 
     def _close_idle(self) -> None:
         snap = self._rt.state()

@@ -128,12 +128,15 @@ def node(request: pytest.FixtureRequest) -> Iterator[Agent]:
 class Client:
     """HBONE connections of one identity through the real engine; streams are held until closed."""
 
-    def __init__(self, node: Agent, identity: SpiffeId, source_ip: str = "127.0.0.1") -> None:
+    def __init__(
+        self, node: Agent, identity: SpiffeId, source_ip: str = "127.0.0.1", svid: Svid | None = None
+    ) -> None:
+        """`svid`: a certificate the mesh CA would not issue (tests.forge), instead of one for `identity`."""
         self.node, self.source_ip = node, source_ip
         self.engine = Engine(threads=1)
         self.engine.start()
         self.events = Events(self.engine)
-        svid = issue(node.ca, identity)
+        svid = svid or issue(node.ca, identity)
         self.ctx = self.engine.tls_context(
             server=False, chain_pem=svid.chain_pem, key_pem=svid.key_pem, bundle_pem=node.ca.bundle_pem()
         )
