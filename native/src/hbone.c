@@ -980,8 +980,8 @@ static void conn_handshake(hconn *c)
     char msg[200];
     long vr = SSL_get_verify_result(c->ssl);
     int counter = AMBIT_C_ERRORS_HANDSHAKE;
-    copy_str(c->peer_id, sizeof(c->peer_id), c->verdict.presented); /* who the leaf claimed to be, if any */
-    if (c->verdict.why[0]) { /* refused in verification, with an alert: say why */
+    /* c->peer_id holds who the leaf claimed to be, if anyone (the verify callback wrote it) */
+    if (c->verdict.why) { /* refused in verification, with an alert: say why */
         snprintf(msg, sizeof(msg), "TLS handshake failed: %s", c->verdict.why);
         if (strstr(c->verdict.why, "identity"))
             counter = AMBIT_C_ERRORS_PEER_IDENTITY;
@@ -1178,6 +1178,8 @@ void hconn_start(ambit_loop *l, acmd *cmd, int server)
         goto fail;
     c->verdict.engine = e;
     c->verdict.server = server;
+    c->verdict.presented = c->peer_id;
+    c->verdict.presented_cap = sizeof(c->peer_id);
     tls_verdict_attach(c->ssl, &c->verdict);
     if (server) {
         SSL_set_accept_state(c->ssl);

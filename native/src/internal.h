@@ -151,8 +151,9 @@ typedef struct tls_verdict {
     ambit_engine *engine;
     int server;                  /* the client-identity rules apply */
     int alert_sent;              /* OpenSSL wrote a TLS alert (info callback): close without a reset */
-    char why[160];
-    char presented[512];
+    const char *why;             /* a static string, NULL while accepted */
+    char *presented;             /* the connection's peer_id buffer */
+    size_t presented_cap;
 } tls_verdict;
 
 /* Counters are bumped with relaxed atomics from any loop and read from Python. */

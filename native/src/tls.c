@@ -203,7 +203,7 @@ static int verify_leaf(int ok, X509_STORE_CTX *store)
     X509 *leaf = X509_STORE_CTX_get_current_cert(store);
     SSL *ssl = X509_STORE_CTX_get_ex_data(store, SSL_get_ex_data_X509_STORE_CTX_idx());
     tls_verdict *v = ssl && verdict_index >= 0 ? SSL_get_ex_data(ssl, verdict_index) : NULL;
-    int has_uri = v && v->server && leaf_uri(leaf, v->presented, sizeof(v->presented)); /* claimed, for the audit */
+    int has_uri = v && v->server && leaf_uri(leaf, v->presented, v->presented_cap); /* claimed, for the audit */
     if (!ok)
         return 0;
     const char *why = NULL;
@@ -218,7 +218,7 @@ static int verify_leaf(int ok, X509_STORE_CTX *store)
     if (!why)
         return 1;
     if (v)
-        copy_str(v->why, sizeof(v->why), why);
+        v->why = why;
     X509_STORE_CTX_set_error(store, X509_V_ERR_APPLICATION_VERIFICATION);
     return 0;
 }

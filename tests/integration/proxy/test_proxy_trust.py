@@ -21,6 +21,7 @@ from tests.integration.proxy.test_proxy_limits import (
     _echo_server,
     _Observer,
 )
+from tests.relay_fixtures import wait_until
 from tests.unit.native.engine_testkit import TD, Svid
 
 pytestmark = pytest.mark.root
@@ -53,7 +54,7 @@ def test_first_connection_after_the_first_config_is_served() -> None:
         foreign = Client(agent, SpiffeId.parse(uri), svid=Svid(uri, *forged_leaf(ca, uri)))
         try:
             assert foreign.stream(foreign.connect()).startswith("failed")  # refused in the handshake
-            assert proxy.counters()["hbone_bad_certificate"] == 1
+            assert wait_until(lambda: proxy.counters().get("hbone_bad_certificate", 0) == 1, 5)
         finally:
             foreign.close()
     finally:
