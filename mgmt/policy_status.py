@@ -30,6 +30,7 @@ PLURALS = {
     "PeerAuthentication": "peerauthentications",
     "RegoPolicy": "regopolicies",
     "MeshConfig": "meshconfigs",
+    "WafPolicy": "wafpolicies",
 }
 
 
@@ -106,11 +107,16 @@ class StatusWriter:
         if plural is None or not md.get("name") or not group:
             return
         body = _status_body(obj, problem)
-        if body is None:
-            return
-        write = _Write(group, version, plural, str(md.get("namespace") or ""), str(md["name"]), body)
+        if body is not None:
+            self.submit(group, version, plural, str(md.get("namespace") or ""), str(md["name"]), body)
+
+    def submit(
+        self, group: str, version: str, plural: str, namespace: str, name: str, body: dict[str, Any]
+    ) -> None:
+        """Queue one merge patch of an object's status subresource (mgmt/kube/gateway_status builds the
+        Gateway API's)."""
         try:
-            self._queue.put_nowait(write)
+            self._queue.put_nowait(_Write(group, version, plural, namespace, name, body))
         except queue.Full:
             self.counters["status_dropped"] += 1
 

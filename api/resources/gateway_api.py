@@ -338,3 +338,20 @@ def parse_secret(doc: Mapping[str, Any], where: str = "") -> TlsSecret:
         return TlsSecret(meta, _secret_value(doc, "tls.crt"), _secret_value(doc, "tls.key"))
     except ResourceError as exc:
         raise ResourceError(f"Secret {meta.name}: {exc.reason}", where) from None
+
+
+# The plane's store holds a TLS Secret as an ordinary document, its Kubernetes top-level fields under spec
+# (`spec: {type: kubernetes.io/tls, data: {tls.crt: <base64>, tls.key: <base64>}}`), so it parses, hashes
+# and travels like every other kind (mgmt/kube/translate.tls_secret writes this form). Only the gateway is
+# ever served one (mgmt/scope.py keeps Secrets out of every node's view).
+SECRET_API = "v1"
+
+
+@register("Secret", {SECRET_API})
+def _parse_stored_secret(meta: Meta, spec: Mapping[str, Any]) -> TlsSecret:
+    _fields(spec, {"type", "data"}, "spec")
+    if spec.get("type", "kubernetes.io/tls") != "kubernetes.io/tls":
+        raise ResourceError("only type kubernetes.io/tls is used by the gateway")
+    data = _map(spec.get("data") or {}, "spec.data")
+    _fields(data, {"tls.crt", "tls.key"}, "spec.data")
+    return TlsSecret(meta, _secret_value(spec, "tls.crt"), _secret_value(spec, "tls.key"))

@@ -6,8 +6,9 @@ identity of its own, as in Istio ambient). A Service becomes a `Service` when it
 ports, and each named `targetPort` resolved through the Service's EndpointSlices (the EndpointSlice
 controller's resolution against the pods' container ports; with several numbers for one name, the most
 common wins). Nodes give their InternalIP addresses and podCIDRs; Namespaces their labels. Policy kinds
-(Istio's AuthorizationPolicy and PeerAuthentication, ambit's RegoPolicy and MeshConfig) are the object
-itself, minus server state (mgmt/documents).
+(Istio's AuthorizationPolicy and PeerAuthentication, ambit's RegoPolicy and MeshConfig) and the Gateway API
+kinds (Gateway, HTTPRoute, ambit's WafPolicy) are the object itself, minus server state (mgmt/documents).
+A kubernetes.io/tls Secret keeps its certificate and key only; a ServiceCIDR its ranges.
 
 `None` means "not (yet) part of the mesh" (a pending pod, a headless Service), which is not an error.
 """
@@ -134,6 +135,38 @@ def policy(obj: Mapping[str, Any]) -> dict[str, Any]:
     return doc
 
 
+def service_cidr(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """A ServiceCIDR (networking.k8s.io/v1, cluster-scoped): its ranges. One being deleted stays until it
+    is gone: its addresses may still be allocated, and a range too many only refuses more (fail closed)."""
+    spec = obj.get("spec") or {}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "ServiceCIDR",
+        "metadata": {"name": (obj.get("metadata") or {}).get("name")},
+        "spec": {"cidrs": list(spec.get("cidrs") or ())},
+    }
+
+
+TLS_SECRET_TYPE = "kubernetes.io/tls"
+TLS_KEYS = ("tls.crt", "tls.key")
+
+
+def tls_secret(obj: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A kubernetes.io/tls Secret in the store's form (api/resources/gateway_api: its `type` and the two
+    PEM entries of `data`, base64 as the API serves them, under `spec`); other keys (ca.crt, ...) are not
+    kept. None for any other type of Secret: the gateway holds certificates, nothing else."""
+    if obj.get("type") != TLS_SECRET_TYPE:
+        return None
+    data = obj.get("data") or {}
+    kept = {k: data[k] for k in TLS_KEYS if isinstance(data, Mapping) and k in data}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _meta(obj),
+        "spec": {"type": TLS_SECRET_TYPE, "data": kept},
+    }
+
+
 def from_kubernetes(raw: Any) -> tuple[bool, dict[str, Any] | None]:
     """For the file source: (True, document or None) when `raw` is a core Kubernetes object in its own
     shape (`kubectl get pods,services,nodes -o yaml`), translated as the Kubernetes source would;
@@ -148,4 +181,6 @@ def from_kubernetes(raw: Any) -> tuple[bool, dict[str, Any] | None]:
         return True, service(raw)
     if kind == "Node" and isinstance(spec, Mapping) and "addresses" not in spec:
         return True, node(raw)
+    if kind == "Secret" and "spec" not in raw:
+        return True, tls_secret(raw)
     return False, None
