@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from api.resources import ResourceError, load_kinds, parse
-from api.resources.gateway_api import Gateway, HTTPRoute, Listener, RouteMatch, TlsSecret, parse_secret
+from api.resources.gateway_api import Gateway, HTTPRoute, Listener, RouteMatch, TlsSecret
 from api.resources.wafpolicy import WafPolicy
 from api.resources.workload import Service
 
@@ -117,9 +117,6 @@ def load_dir(directory: Path) -> Objects:
         for i, doc in enumerate(d for d in docs if d is not None):
             where = f"{path.name}#{i}"
             try:
-                if isinstance(doc, dict) and doc.get("kind") == "Secret":
-                    objs.secrets.append(parse_secret(doc, where))
-                    continue
                 add(objs, parse(doc, where))
             except ResourceError as exc:
                 raise GatewayConfigError(str(exc)) from None

@@ -152,9 +152,9 @@ TLS_KEYS = ("tls.crt", "tls.key")
 
 
 def tls_secret(obj: Mapping[str, Any]) -> dict[str, Any] | None:
-    """A kubernetes.io/tls Secret in the store's form (api/resources/gateway_api: its `type` and the two
-    PEM entries of `data`, base64 as the API serves them, under `spec`); other keys (ca.crt, ...) are not
-    kept. None for any other type of Secret: the gateway holds certificates, nothing else."""
+    """A kubernetes.io/tls Secret as the store holds it (api/resources/gateway_api: core v1 shape, `type`
+    and `data` beside metadata): the certificate chain and key only, base64 as the API serves them; other
+    keys (ca.crt, ...) are not kept. None for any other type: the gateway holds certificates, nothing else."""
     if obj.get("type") != TLS_SECRET_TYPE:
         return None
     data = obj.get("data") or {}
@@ -163,7 +163,8 @@ def tls_secret(obj: Mapping[str, Any]) -> dict[str, Any] | None:
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": _meta(obj),
-        "spec": {"type": TLS_SECRET_TYPE, "data": kept},
+        "type": TLS_SECRET_TYPE,
+        "data": kept,
     }
 
 
@@ -181,6 +182,4 @@ def from_kubernetes(raw: Any) -> tuple[bool, dict[str, Any] | None]:
         return True, service(raw)
     if kind == "Node" and isinstance(spec, Mapping) and "addresses" not in spec:
         return True, node(raw)
-    if kind == "Secret" and "spec" not in raw:
-        return True, tls_secret(raw)
     return False, None

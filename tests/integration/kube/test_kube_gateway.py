@@ -52,8 +52,13 @@ def _cert(host: str) -> tuple[bytes, bytes]:
 def _secret(ns: str, name: str, host: str) -> dict[str, Any]:
     crt, key = _cert(host)
     data = {"tls.crt": base64.b64encode(crt).decode(), "tls.key": base64.b64encode(key).decode()}
-    return {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
-            "metadata": {"name": name, "namespace": ns}, "data": data}  # fmt: skip
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "kubernetes.io/tls",
+        "metadata": {"name": name, "namespace": ns},
+        "data": data,
+    }
 
 
 def _apply(plane: KubePlane, *docs: Mapping[str, Any]) -> None:
@@ -61,8 +66,12 @@ def _apply(plane: KubePlane, *docs: Mapping[str, Any]) -> None:
 
 
 def _gateway_class(name: str, controller: str = CONTROLLER_NAME) -> dict[str, Any]:
-    return {"apiVersion": GW, "kind": "GatewayClass", "metadata": {"name": name},
-            "spec": {"controllerName": controller}}  # fmt: skip
+    return {
+        "apiVersion": GW,
+        "kind": "GatewayClass",
+        "metadata": {"name": name},
+        "spec": {"controllerName": controller},
+    }
 
 
 def _gateway(ns: str, cls: str, secret: str, name: str = "edge") -> dict[str, Any]:
@@ -73,15 +82,22 @@ def _gateway(ns: str, cls: str, secret: str, name: str = "edge") -> dict[str, An
         "spec": {
             "gatewayClassName": cls,
             "listeners": [
-                {"name": "https", "port": 8443, "protocol": "HTTPS", "hostname": "shop.example",
-                 "tls": {"certificateRefs": [{"kind": "Secret", "name": secret}]}},
+                {
+                    "name": "https",
+                    "port": 8443,
+                    "protocol": "HTTPS",
+                    "hostname": "shop.example",
+                    "tls": {"certificateRefs": [{"kind": "Secret", "name": secret}]},
+                },
                 {"name": "http", "port": 8080, "protocol": "HTTP"},
-            ],  # fmt: skip
+            ],
         },
     }
 
 
-def _route(ns: str, name: str, backend: Mapping[str, Any], parent_ns: str = "", path: str = "/") -> dict[str, Any]:
+def _route(
+    ns: str, name: str, backend: Mapping[str, Any], parent_ns: str = "", path: str = "/"
+) -> dict[str, Any]:
     parent: dict[str, Any] = {"name": "edge"}
     if parent_ns:
         parent["namespace"] = parent_ns
@@ -91,7 +107,9 @@ def _route(ns: str, name: str, backend: Mapping[str, Any], parent_ns: str = "", 
         "metadata": {"name": name, "namespace": ns},
         "spec": {
             "parentRefs": [parent],
-            "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": path}}], "backendRefs": [backend]}],
+            "rules": [
+                {"matches": [{"path": {"type": "PathPrefix", "value": path}}], "backendRefs": [backend]}
+            ],
         },
     }
 
@@ -120,13 +138,21 @@ def test_gateway_objects_and_the_referenced_secret_follow_the_api(kube_plane: Ku
     ns, cls = _setup(kube_plane)
     _service(kube_plane, ns)
     shop, other = _secret(ns, "shop-tls", "shop.example"), _secret(ns, "other-tls", "shop.example")
-    waf = {"apiVersion": "ambit.io/v1", "kind": "WafPolicy", "metadata": {"name": "strict", "namespace": ns},
-           "spec": {"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "edge"}],
-                    "paranoiaLevel": 2}}  # fmt: skip
+    waf = {
+        "apiVersion": "ambit.io/v1",
+        "kind": "WafPolicy",
+        "metadata": {"name": "strict", "namespace": ns},
+        "spec": {
+            "targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "edge"}],
+            "paranoiaLevel": 2,
+        },
+    }
     backend = {"name": "web", "port": 80}
     _apply(kube_plane, shop, other, _gateway(ns, cls, "shop-tls"), _route(ns, "shop", backend), waf)
     keys = [f"Gateway/{ns}/edge", f"HTTPRoute/{ns}/shop", f"WafPolicy/{ns}/strict", f"Secret/{ns}/shop-tls"]
-    assert wait_until(lambda: all(_held(kube_plane, k) for k in keys), SYNC_TIMEOUT), kube_plane.source.counters()
+    assert wait_until(lambda: all(_held(kube_plane, k) for k in keys), SYNC_TIMEOUT), (
+        kube_plane.source.counters()
+    )
     gw = _held(kube_plane, f"Gateway/{ns}/edge")
     assert [(lst.name, lst.port, lst.protocol) for lst in gw.listeners] == [
         ("https", 8443, "HTTPS"),
@@ -161,13 +187,16 @@ def test_gateway_objects_and_the_referenced_secret_follow_the_api(kube_plane: Ku
         )
 
     assert wait_until(edited, SYNC_TIMEOUT), kube_plane.source.counters()
-    assert _held(kube_plane, f"Secret/{ns}/other-tls").certificate_pem == base64.b64decode(other["data"]["tls.crt"])
+    assert _held(kube_plane, f"Secret/{ns}/other-tls").certificate_pem == base64.b64decode(
+        other["data"]["tls.crt"]
+    )
     # A changed certificate is followed too.
     renewed = _secret(ns, "other-tls", "shop.example")
     _apply(kube_plane, renewed)
     want = base64.b64decode(renewed["data"]["tls.crt"])
     assert wait_until(
-        lambda: getattr(_held(kube_plane, f"Secret/{ns}/other-tls"), "certificate_pem", b"") == want, SYNC_TIMEOUT
+        lambda: getattr(_held(kube_plane, f"Secret/{ns}/other-tls"), "certificate_pem", b"") == want,
+        SYNC_TIMEOUT,
     )
     kube_plane.api.kubectl_run("delete", "-n", ns, "httproute/shop", "wafpolicy/strict", "secret/other-tls")
     gone = [f"HTTPRoute/{ns}/shop", f"WafPolicy/{ns}/strict", f"Secret/{ns}/other-tls"]
@@ -222,11 +251,21 @@ def test_status_conditions_say_what_the_gateway_makes_of_each_object(kube_plane:
     kube.ensure_namespace(kube_plane.api.client(), elsewhere)
     _service(kube_plane, ns)
     foreign_class = unique("other")
-    bad_waf = {"apiVersion": "ambit.io/v1", "kind": "WafPolicy", "metadata": {"name": "typo", "namespace": ns},
-               "spec": {"targetRefs": [{"kind": "HTTPRoute", "name": "good"}],
-                        "exclusions": [{"ruleIds": ["999999999"]}]}}  # fmt: skip
-    good_waf = {"apiVersion": "ambit.io/v1", "kind": "WafPolicy", "metadata": {"name": "pl1", "namespace": ns},
-                "spec": {"targetRefs": [{"kind": "Gateway", "name": "edge"}]}}  # fmt: skip
+    bad_waf = {
+        "apiVersion": "ambit.io/v1",
+        "kind": "WafPolicy",
+        "metadata": {"name": "typo", "namespace": ns},
+        "spec": {
+            "targetRefs": [{"kind": "HTTPRoute", "name": "good"}],
+            "exclusions": [{"ruleIds": ["999999999"]}],
+        },
+    }
+    good_waf = {
+        "apiVersion": "ambit.io/v1",
+        "kind": "WafPolicy",
+        "metadata": {"name": "pl1", "namespace": ns},
+        "spec": {"targetRefs": [{"kind": "Gateway", "name": "edge"}]},
+    }
     _apply(
         kube_plane,
         _gateway_class(foreign_class, "example.com/another-controller"),
@@ -261,7 +300,9 @@ def test_status_conditions_say_what_the_gateway_makes_of_each_object(kube_plane:
     # good, missing, kind and cross attach (the parser refuses `kind`: it attaches nowhere); outsider is
     # from another namespace and the listeners admit the Gateway's own only.
     assert listeners["http"]["attachedRoutes"] == 3
-    assert listeners["https"]["supportedKinds"] == [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"}]
+    assert listeners["https"]["supportedKinds"] == [
+        {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"}
+    ]
     assert all(c["observedGeneration"] == 1 for c in gw["conditions"])
     assert _parent(kube_plane, ns, "good") == {
         "Accepted": ("True", "Accepted"),
@@ -298,8 +339,12 @@ def test_service_cidrs_are_mesh_ranges_on_the_nodes(kube_plane: KubePlane) -> No
     node = unique("node")
     kube.ensure_node(kube_plane.api.client(), node, "172.31.9.2", "10.252.0.0/24")
     name = unique("extra")
-    cidr = {"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR", "metadata": {"name": name},
-            "spec": {"cidrs": ["10.97.0.0/24"]}}  # fmt: skip
+    cidr = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "ServiceCIDR",
+        "metadata": {"name": name},
+        "spec": {"cidrs": ["10.97.0.0/24"]},
+    }
     with relay_client(kube_plane.target, kube_plane.ca, node) as (_, rec):
         # The API server's own default range (--service-cluster-ip-range) is a ServiceCIDR too.
         first = rec.wait_for(lambda s: "kubernetes" in s.service_cidrs, SYNC_TIMEOUT)
