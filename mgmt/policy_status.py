@@ -87,7 +87,7 @@ def _status_body(obj: Mapping[str, Any], problem: str | None) -> dict[str, Any] 
 class StatusWriter:
     def __init__(self, api_client: Any) -> None:
         self.api = api_client
-        self.counters = {"status_written": 0, "status_dropped": 0, "status_errors": 0}
+        self.counters = {"status_queued": 0, "status_written": 0, "status_dropped": 0, "status_errors": 0}
         self._queue: queue.Queue[_Write] = queue.Queue(QUEUE_SIZE)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="policy-status", daemon=True)
@@ -117,6 +117,7 @@ class StatusWriter:
         Gateway API's)."""
         try:
             self._queue.put_nowait(_Write(group, version, plural, namespace, name, body))
+            self.counters["status_queued"] += 1
         except queue.Full:
             self.counters["status_dropped"] += 1
 

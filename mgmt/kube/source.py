@@ -1,8 +1,11 @@
 """The Kubernetes config source: informers over the API server feeding the plane's ConfigStore.
 
-One Reflector (list + watch) per type: Namespaces, Pods, Services, EndpointSlices, Nodes and the policy
-CRDs (Istio's AuthorizationPolicy and PeerAuthentication at security.istio.io/v1, or v1beta1 where only
-that is served; ambit.io/v1 RegoPolicy and MeshConfig). Each object is translated (mgmt/kube/translate)
+One Reflector (list + watch) per type: Namespaces, Pods, Services, EndpointSlices, Nodes, ServiceCIDRs, the
+policy CRDs (Istio's AuthorizationPolicy and PeerAuthentication at security.istio.io/v1, or v1beta1 where
+only that is served; ambit.io/v1 RegoPolicy and MeshConfig) and the edge gateway's configuration (Gateway
+API v1 GatewayClass, Gateway, HTTPRoute; ambit.io/v1 WafPolicy; kubernetes.io/tls Secrets, of which only
+those our Gateways' listeners reference are kept). Gateway API status is written from the publish thread
+(mgmt/kube/gateway_status). Each object is translated (mgmt/kube/translate)
 into the document the file source would hold and parsed by the same code (mgmt/store.stored), so both
 sources give the store, the scope and the agents identical resources.
 
@@ -416,6 +419,7 @@ class KubeSource:
                 self._status.submit(*write)
             for obj, problem in self._gateway_status.waf_verdicts(raw, resources, invalid):
                 self._status.report(obj, problem)
+            self._counters["gateway_status_runs"] = self._counters.get("gateway_status_runs", 0) + 1
         except Exception:  # a status bug must not stop publishing
             self._counters["status_failures"] = self._counters.get("status_failures", 0) + 1
             log.exception("kube: computing Gateway API status")

@@ -321,6 +321,19 @@ def test_status_conditions_say_what_the_gateway_makes_of_each_object(kube_plane:
     assert _held(kube_plane, f"Gateway/{ns}/theirs") is None
     assert not (_get(kube_plane, "gateway", ns, "theirs").get("status") or {}).get("listeners")
 
+    # Recomputed with nothing changed (a new Service in the namespace), no status is written again: our
+    # own writes come back as MODIFIED events and must not loop.
+    before = kube_plane.source.counters()
+    _service(kube_plane, ns, "unrelated")
+    assert wait_until(
+        lambda: (
+            _held(kube_plane, f"Service/{ns}/unrelated") is not None
+            and kube_plane.source.counters()["gateway_status_runs"] > before["gateway_status_runs"]
+        ),
+        SYNC_TIMEOUT,
+    )
+    assert kube_plane.source.counters()["status_queued"] == before["status_queued"]
+
     # The listener's Secret goes away: the listener cannot resolve it and the Gateway is not programmed.
     kube_plane.api.kubectl_run("delete", "-n", ns, "secret/shop-tls")
 
