@@ -334,6 +334,50 @@ def test_status_conditions_say_what_the_gateway_makes_of_each_object(kube_plane:
     )
     assert kube_plane.source.counters()["status_queued"] == before["status_queued"]
 
+    # A custom rule libmodsecurity does not compile, and a second policy on the Gateway: both refused with
+    # the reason, and the Gateway (whose config the gateway would refuse) is not programmed.
+    broken = {
+        "apiVersion": "ambit.io/v1",
+        "kind": "WafPolicy",
+        "metadata": {"name": "broken", "namespace": ns},
+        "spec": {
+            "targetRefs": [{"kind": "HTTPRoute", "name": "missing"}],
+            "customRules": ['SecRule ARGS "@rx a" "id:10001,phase:2,nosuchaction"'],
+        },
+    }
+    dup = {
+        "apiVersion": "ambit.io/v1",
+        "kind": "WafPolicy",
+        "metadata": {"name": "zz-dup", "namespace": ns},
+        "spec": {"targetRefs": [{"kind": "Gateway", "name": "edge"}]},
+    }
+    _apply(kube_plane, broken, dup)
+
+    def refused(name: str) -> dict[str, Any]:
+        conds = (_get(kube_plane, "wafpolicy", ns, name).get("status") or {}).get("conditions") or [{}]
+        return dict(conds[0])
+
+    assert wait_until(lambda: refused("broken").get("status") == "False", SYNC_TIMEOUT)
+    assert "rules refused" in refused("broken")["message"]
+    assert wait_until(lambda: refused("zz-dup").get("status") == "False", SYNC_TIMEOUT)
+    assert f"{ns}/pl1 already targets Gateway {ns}/edge" in refused("zz-dup")["message"]
+    assert refused("pl1")["status"] == "True"
+    assert wait_until(
+        lambda: (
+            _conditions(_get(kube_plane, "gateway", ns, "edge")["status"])["Programmed"]
+            == ("False", "Invalid")
+        ),
+        SYNC_TIMEOUT,
+    )
+    kube_plane.api.kubectl_run("delete", "-n", ns, "wafpolicy/zz-dup", "wafpolicy/broken")
+    assert wait_until(
+        lambda: (
+            _conditions(_get(kube_plane, "gateway", ns, "edge")["status"])["Programmed"]
+            == ("True", "Programmed")
+        ),
+        SYNC_TIMEOUT,
+    )
+
     # The listener's Secret goes away: the listener cannot resolve it and the Gateway is not programmed.
     kube_plane.api.kubectl_run("delete", "-n", ns, "secret/shop-tls")
 
@@ -369,3 +413,52 @@ def test_service_cidrs_are_mesh_ranges_on_the_nodes(kube_plane: KubePlane) -> No
         kube_plane.api.kubectl_run("delete", "servicecidr", name, "--wait=true", "--timeout=30s")
         after = rec.wait_for(lambda s: name not in s.service_cidrs, SYNC_TIMEOUT)
         assert after is not None and not after.in_mesh_range("10.97.0.9")
+
+
+def test_a_secret_in_another_namespace_is_not_permitted_and_not_held(kube_plane: KubePlane) -> None:
+    ns, cls = _setup(kube_plane)
+    other = unique("gw")
+    kube.ensure_namespace(kube_plane.api.client(), other)
+    gw = _gateway(ns, cls, "their-tls")
+    gw["spec"]["listeners"][0]["tls"]["certificateRefs"][0]["namespace"] = other
+    _apply(kube_plane, _secret(other, "their-tls", "shop.example"), gw)
+
+    def listener() -> dict[str, tuple[str, str]]:
+        st = _get(kube_plane, "gateway", ns, "edge").get("status") or {}
+        return next((_conditions(x) for x in st.get("listeners") or () if x["name"] == "https"), {})
+
+    assert wait_until(lambda: listener().get("ResolvedRefs") == ("False", "RefNotPermitted"), SYNC_TIMEOUT)
+    assert _held(kube_plane, f"Gateway/{ns}/edge") is not None
+    assert _held(kube_plane, f"Secret/{other}/their-tls") is None
+    kube_plane.api.kubectl_run("delete", "gatewayclass", cls)
+
+
+def test_the_secrets_informer_is_sent_tls_secrets_only(kube_plane: KubePlane) -> None:
+    from kubernetes import client
+
+    from mgmt.kube.reflector import Reflector, ResourceType
+    from mgmt.kube.source import TLS_SECRETS
+
+    ns = unique("gw")
+    kube.ensure_namespace(kube_plane.api.client(), ns)
+    seen: list[str] = []
+
+    class Names:
+        def retain(self, rtype: ResourceType, names: set[str]) -> None:
+            seen.extend(names)
+
+        def apply(self, rtype: ResourceType, event: str, obj: dict[str, Any]) -> None:
+            seen.append(f"{obj['metadata']['namespace']}/{obj['metadata']['name']}")
+
+    reflector = Reflector(kube_plane.api.client(), TLS_SECRETS, Names())
+    reflector.start()
+    try:
+        assert reflector.synced.wait(SYNC_TIMEOUT)
+        opaque = client.V1Secret(metadata=client.V1ObjectMeta(name="opaque"), string_data={"password": "x"})
+        client.CoreV1Api(kube_plane.api.client()).create_namespaced_secret(ns, opaque)
+        _apply(kube_plane, _secret(ns, "cert", "shop.example"))
+        assert wait_until(lambda: f"{ns}/cert" in seen, SYNC_TIMEOUT)
+        # Watch events come in resourceVersion order: the opaque one, created first, was never sent.
+        assert f"{ns}/opaque" not in seen
+    finally:
+        reflector.stop()
