@@ -15,9 +15,8 @@ objects, so status never says Programmed for a config the gateway would refuse.
   NoMatchingListenerHostname, UnsupportedValue for a route the parser refuses) and `ResolvedRefs`
   (RefNotPermitted for a backend in another namespace, InvalidKind for a backend that is not a core
   Service, BackendNotFound for a Service or port that does not exist).
-- WafPolicy: `Accepted`, or False with the refusal: the parser's, or the gateway's config-time check
-  (exclusions naming no CRS rule or tag, custom rule directives; custom rules compiled by libmodsecurity
-  when the gateway's extension is present), or two policies on one target.
+- WafPolicy: `Accepted`, or False with the refusal: the parser's, the gateway's config-time check
+  (mgmt/waf_check), or two policies on one target.
 
 Every condition carries `observedGeneration`; `lastTransitionTime` moves only when the status flips. A patch
 is queued only when the object does not already carry exactly these conditions, so our own writes (which
@@ -27,15 +26,14 @@ come back as MODIFIED events) cost nothing.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from api.resources.gateway_api import GROUP, Gateway, HTTPRoute
-from api.resources.wafpolicy import WafPolicy
 from gateway import config as gwconfig
+from mgmt import waf_check
 from mgmt.store import StoredResource
 
 log = logging.getLogger("ambit.mgmt.kube")
@@ -44,7 +42,6 @@ CONTROLLER_NAME = "ambit.io/gateway-controller"
 VERSION = "v1"
 ROUTE_KIND = {"group": GROUP, "kind": "HTTPRoute"}
 MAX_MESSAGE = 1024  # the CRDs' limit on a condition message is 32 KiB; a reason needs far less
-MAX_WAF_VERDICTS = 256
 
 Write = tuple[str, str, str, str, str, dict[str, Any]]  # group, version, plural, namespace, name, body
 
@@ -131,9 +128,6 @@ def _ident(obj: Mapping[str, Any]) -> tuple[str, str]:
 
 class GatewayStatus:
     """Computes the status patches of every Gateway API object the plane owns (`writes`)."""
-
-    def __init__(self) -> None:
-        self._waf_verdicts: dict[str, str | None] = {}  # sha256 of a policy's rule text -> refusal
 
     def writes(
         self,
@@ -390,7 +384,7 @@ class GatewayStatus:
             problem = invalid.get(f"WafPolicy {name}")
             pol = parsed.get(name)
             if problem is None and pol is not None:
-                problem = self._waf_refusal(pol)
+                problem = waf_check.refusal(pol)
                 for ref in pol.target_refs:
                     key = (ref.kind, ref.namespace, ref.name)
                     if problem is None and key in claimed:
@@ -400,30 +394,6 @@ class GatewayStatus:
                     claimed.setdefault(key, name)
             out.append((obj, problem))
         return out
-
-    def _waf_refusal(self, policy: WafPolicy) -> str | None:
-        """The gateway's config-time check (gateway/waf.py), cached by rule text."""
-        try:
-            from gateway import waf
-        except ImportError:  # the gateway's extension is not built here: the parser's verdict stands
-            return None
-        try:
-            text = waf.rules_text(policy)
-        except (waf.WafConfigError, OSError) as exc:
-            return str(exc)
-        digest = hashlib.sha256(text.encode()).hexdigest()
-        if digest in self._waf_verdicts:
-            return self._waf_verdicts[digest]
-        verdict: str | None = None
-        if policy.custom_rules:  # exclusions were checked against the CRS catalogue; custom rules compile
-            try:
-                waf.WafRules(text)
-            except waf.DataplaneError as exc:
-                verdict = f"WafPolicy {policy.meta.namespace}/{policy.meta.name}: rules refused: {exc}"
-        if len(self._waf_verdicts) >= MAX_WAF_VERDICTS:
-            self._waf_verdicts.clear()
-        self._waf_verdicts[digest] = verdict
-        return verdict
 
 
 def _is_route_kind(kind: Mapping[str, Any]) -> bool:
