@@ -67,6 +67,7 @@ ISTIO_KINDS = (
     ("PeerAuthentication", "peerauthentications"),
 )
 COALESCE_S = 0.02
+SECRET_RELIST_WAIT_S = 5.0  # longest a publish waits for a Secrets relist (an API server that is down)
 SYNC_LOG_EVERY_S = 10.0
 
 Translator = Callable[[Mapping[str, Any]], "dict[str, Any] | None"]
@@ -129,6 +130,7 @@ class KubeSource:
         self._secret_refs: set[str] = set()  # "ns/name" of the Secrets our Gateways' listeners reference
         self._secrets_dropped: set[str] = set()  # TLS Secrets seen but not kept (no listener refers to them)
         self._gateway_dirty = False
+        self._secrets_relist_since: float | None = None  # monotonic time a relist of the Secrets was asked
         self._gateway_status = GatewayStatus()
         self._dirty = threading.Event()
         self._stop = threading.Event()
@@ -200,6 +202,8 @@ class KubeSource:
         with self._lock:
             for gone in self._names.get(rtype.kind, set()) - names:
                 self._delete(rtype, gone)
+            if rtype.kind == "Secret":
+                self._secrets_relist_since = None  # the relist, if one was asked, has handed everything over
         self._dirty.set()
 
     def apply(self, rtype: ResourceType, event: str, obj: dict[str, Any]) -> None:
@@ -323,6 +327,8 @@ class KubeSource:
             self._set("Secret", name, None, None)
         if wanted & self._secrets_dropped:
             self._counters["secret_relists"] += 1
+            if self._secrets_relist_since is None:
+                self._secrets_relist_since = time.monotonic()
             for r in self.reflectors:
                 if r.rtype.kind == "Secret":
                     r.relist()
@@ -395,8 +401,13 @@ class KubeSource:
                 time.sleep(0.05)
                 continue
             time.sleep(COALESCE_S)  # let the rest of a burst arrive
-            self._dirty.clear()
             with self._lock:
+                since = self._secrets_relist_since
+                if since is not None and time.monotonic() - since < SECRET_RELIST_WAIT_S:
+                    # A Gateway now references a Secret being read again: publishing first would hand
+                    # the gateway a listener without its certificate (it would refuse that version).
+                    continue
+                self._dirty.clear()
                 resources = dict(self._resources)
                 errors = [i.error for i in self._invalid.values()]
                 self._counters["invalid_objects"] = len(errors)

@@ -22,6 +22,7 @@ from cryptography.x509.oid import NameOID
 from agent.lab import kube
 from gateway import config as gwconfig
 from mgmt.kube.gateway_status import CONTROLLER_NAME
+from mgmt.store import ConfigSnapshot
 from tests.kube_fixtures import SYNC_TIMEOUT, KubePlane, unique
 from tests.relay_fixtures import relay_client, wait_until
 
@@ -174,7 +175,18 @@ def test_gateway_objects_and_the_referenced_secret_follow_the_api(kube_plane: Ku
     assert {e.policy.meta.name for e in plan.entries if e.policy} == {"strict"}
 
     # Edits follow: the route's path, and the listener now pointing at the other Secret (which the plane
-    # dropped on arrival, so it is read again) while the first one is let go.
+    # dropped on arrival, so it is read again) while the first one is let go. No version in between has
+    # the listener without its certificate (the gateway would refuse it).
+    incomplete: list[int] = []
+
+    def check(snap: ConfigSnapshot) -> None:
+        res = snap.resources.get(f"Gateway/{ns}/edge")
+        refs = {r.name for lst in res.obj.listeners for r in lst.certificate_refs} if res else set()
+        if any(f"Secret/{ns}/{name}" not in snap.resources for name in refs):
+            incomplete.append(snap.version)
+
+    relists = kube_plane.source.counters()["secret_relists"]
+    kube_plane.store.add_listener(check)
     _apply(kube_plane, _route(ns, "shop", backend, path="/api"), _gateway(ns, cls, "other-tls"))
 
     def edited() -> bool:
@@ -187,6 +199,9 @@ def test_gateway_objects_and_the_referenced_secret_follow_the_api(kube_plane: Ku
         )
 
     assert wait_until(edited, SYNC_TIMEOUT), kube_plane.source.counters()
+    kube_plane.store.remove_listener(check)
+    assert incomplete == []
+    assert kube_plane.source.counters()["secret_relists"] == relists + 1
     assert _held(kube_plane, f"Secret/{ns}/other-tls").certificate_pem == base64.b64decode(
         other["data"]["tls.crt"]
     )
