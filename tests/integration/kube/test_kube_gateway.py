@@ -115,6 +115,11 @@ def _route(
     }
 
 
+def _waf(ns: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    meta = {"name": name, "namespace": ns}
+    return {"apiVersion": "ambit.io/v1", "kind": "WafPolicy", "metadata": meta, "spec": spec}
+
+
 def _service(plane: KubePlane, ns: str, name: str = "web") -> None:
     from kubernetes import client
 
@@ -139,15 +144,14 @@ def test_gateway_objects_and_the_referenced_secret_follow_the_api(kube_plane: Ku
     ns, cls = _setup(kube_plane)
     _service(kube_plane, ns)
     shop, other = _secret(ns, "shop-tls", "shop.example"), _secret(ns, "other-tls", "shop.example")
-    waf = {
-        "apiVersion": "ambit.io/v1",
-        "kind": "WafPolicy",
-        "metadata": {"name": "strict", "namespace": ns},
-        "spec": {
+    waf = _waf(
+        ns,
+        "strict",
+        {
             "targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "edge"}],
             "paranoiaLevel": 2,
         },
-    }
+    )
     backend = {"name": "web", "port": 80}
     _apply(kube_plane, shop, other, _gateway(ns, cls, "shop-tls"), _route(ns, "shop", backend), waf)
     keys = [f"Gateway/{ns}/edge", f"HTTPRoute/{ns}/shop", f"WafPolicy/{ns}/strict", f"Secret/{ns}/shop-tls"]
@@ -266,21 +270,15 @@ def test_status_conditions_say_what_the_gateway_makes_of_each_object(kube_plane:
     kube.ensure_namespace(kube_plane.api.client(), elsewhere)
     _service(kube_plane, ns)
     foreign_class = unique("other")
-    bad_waf = {
-        "apiVersion": "ambit.io/v1",
-        "kind": "WafPolicy",
-        "metadata": {"name": "typo", "namespace": ns},
-        "spec": {
+    bad_waf = _waf(
+        ns,
+        "typo",
+        {
             "targetRefs": [{"kind": "HTTPRoute", "name": "good"}],
             "exclusions": [{"ruleIds": ["999999999"]}],
         },
-    }
-    good_waf = {
-        "apiVersion": "ambit.io/v1",
-        "kind": "WafPolicy",
-        "metadata": {"name": "pl1", "namespace": ns},
-        "spec": {"targetRefs": [{"kind": "Gateway", "name": "edge"}]},
-    }
+    )
+    good_waf = _waf(ns, "pl1", {"targetRefs": [{"kind": "Gateway", "name": "edge"}]})
     _apply(
         kube_plane,
         _gateway_class(foreign_class, "example.com/another-controller"),
@@ -351,21 +349,15 @@ def test_status_conditions_say_what_the_gateway_makes_of_each_object(kube_plane:
 
     # A custom rule libmodsecurity does not compile, and a second policy on the Gateway: both refused with
     # the reason, and the Gateway (whose config the gateway would refuse) is not programmed.
-    broken = {
-        "apiVersion": "ambit.io/v1",
-        "kind": "WafPolicy",
-        "metadata": {"name": "broken", "namespace": ns},
-        "spec": {
+    broken = _waf(
+        ns,
+        "broken",
+        {
             "targetRefs": [{"kind": "HTTPRoute", "name": "missing"}],
             "customRules": ['SecRule ARGS "@rx a" "id:10001,phase:2,nosuchaction"'],
         },
-    }
-    dup = {
-        "apiVersion": "ambit.io/v1",
-        "kind": "WafPolicy",
-        "metadata": {"name": "zz-dup", "namespace": ns},
-        "spec": {"targetRefs": [{"kind": "Gateway", "name": "edge"}]},
-    }
+    )
+    dup = _waf(ns, "zz-dup", {"targetRefs": [{"kind": "Gateway", "name": "edge"}]})
     _apply(kube_plane, broken, dup)
 
     def refused(name: str) -> dict[str, Any]:
