@@ -129,6 +129,7 @@ class KubeSource:
         self._gw = GatewayApiObjects()  # Gateway API objects as the API server has them (status included)
         self._secret_refs: set[str] = set()  # "ns/name" of the Secrets our Gateways' listeners reference
         self._secrets_dropped: set[str] = set()  # TLS Secrets seen but not kept (no listener refers to them)
+        self._foreign_refs: set[str] = set()  # listener references to another namespace's Secret (refused)
         self._gateway_dirty = False
         self._secrets_relist_since: float | None = None  # monotonic time a relist of the Secrets was asked
         self._gateway_status = GatewayStatus()
@@ -136,7 +137,13 @@ class KubeSource:
         self._stop = threading.Event()
         self._events = EventRecorder(api_client) if events else None
         self._status = StatusWriter(api_client) if events else None
-        self._counters = {"invalid_objects": 0, "rejected_objects": 0, "publishes": 0, "secret_relists": 0}
+        self._counters = {
+            "invalid_objects": 0,
+            "rejected_objects": 0,
+            "publishes": 0,
+            "secret_relists": 0,
+            "secret_refs_refused": 0,
+        }
         self.last_publish_at = 0.0  # monotonic time of the last publish (bench: event-to-version latency)
         self.reflectors = [Reflector(api_client, t, self) for t in watched_types(api_client)]
         self._translators: dict[str, Translator] = {
@@ -309,14 +316,22 @@ class KubeSource:
         """Which Secrets the held Gateways reference (in their own namespace only: another namespace's
         Secret would need a ReferenceGrant). One newly referenced that was seen and dropped is read
         again by a relist of the Secrets; one no longer referenced is forgotten."""
-        refs = {
-            f"{ref.namespace}/{ref.name}"
-            for res in self._resources.values()
-            if res.kind == "Gateway"
-            for lst in res.obj.listeners
-            for ref in lst.certificate_refs
-            if ref.kind == "Secret" and ref.namespace == res.obj.meta.namespace
-        }
+        refs: set[str] = set()
+        foreign: set[str] = set()
+        for res in self._resources.values():
+            if res.kind != "Gateway":
+                continue
+            for ref in (r for lst in res.obj.listeners for r in lst.certificate_refs if r.kind == "Secret"):
+                if ref.namespace == res.obj.meta.namespace:
+                    refs.add(f"{ref.namespace}/{ref.name}")
+                else:
+                    foreign.add(
+                        f"Gateway {res.key.namespace}/{res.key.name} -> Secret {ref.namespace}/{ref.name}"
+                    )
+        for refused in foreign - self._foreign_refs:  # once per reference, not per event
+            self._counters["secret_refs_refused"] += 1
+            log.warning("kube: %s not held: a Secret of another namespace needs a ReferenceGrant", refused)
+        self._foreign_refs = foreign
         if refs == self._secret_refs:
             return
         gone, wanted = self._secret_refs - refs, refs - self._secret_refs

@@ -437,6 +437,7 @@ def test_a_secret_in_another_namespace_is_not_permitted_and_not_held(kube_plane:
     assert wait_until(lambda: listener().get("ResolvedRefs") == ("False", "RefNotPermitted"), SYNC_TIMEOUT)
     assert _held(kube_plane, f"Gateway/{ns}/edge") is not None
     assert _held(kube_plane, f"Secret/{other}/their-tls") is None
+    assert kube_plane.source.counters()["secret_refs_refused"] >= 1
     kube_plane.api.kubectl_run("delete", "gatewayclass", cls)
 
 
