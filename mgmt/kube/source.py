@@ -130,6 +130,7 @@ class KubeSource:
         self._secret_refs: set[str] = set()  # "ns/name" of the Secrets our Gateways' listeners reference
         self._secrets_dropped: set[str] = set()  # TLS Secrets seen but not kept (no listener refers to them)
         self._foreign_refs: set[str] = set()  # listener references to another namespace's Secret (refused)
+        self._waf_refused: dict[str, str] = {}  # WafPolicy "ns/name" -> why it is refused (publish thread)
         self._gateway_dirty = False
         self._secrets_relist_since: float | None = None  # monotonic time a relist of the Secrets was asked
         self._gateway_status = GatewayStatus()
@@ -443,8 +444,17 @@ class KubeSource:
         try:
             for write in self._gateway_status.writes(raw, resources, invalid):
                 self._status.submit(*write)
-            for obj, problem in self._gateway_status.waf_verdicts(raw, resources, invalid):
+            verdicts = self._gateway_status.waf_verdicts(raw, resources, invalid)
+            refused: dict[str, str] = {}
+            for obj, problem in verdicts:
                 self._status.report(obj, problem)
+                name = object_name(obj)
+                if problem is not None:
+                    refused[name] = problem
+                    if self._waf_refused.get(name) != problem and f"WafPolicy {name}" not in invalid:
+                        log.warning("kube: WafPolicy %s: the gateway would refuse it: %s", name, problem)
+            self._waf_refused = refused  # logged once per verdict (the parser's are logged by _reject)
+            self._counters["waf_policies_refused"] = len(refused)
             self._counters["gateway_status_runs"] = self._counters.get("gateway_status_runs", 0) + 1
         except Exception:  # a status bug must not stop publishing
             self._counters["status_failures"] = self._counters.get("status_failures", 0) + 1

@@ -369,6 +369,7 @@ def test_status_conditions_say_what_the_gateway_makes_of_each_object(kube_plane:
     assert wait_until(lambda: refused("zz-dup").get("status") == "False", SYNC_TIMEOUT)
     assert f"{ns}/pl1 already targets Gateway {ns}/edge" in refused("zz-dup")["message"]
     assert refused("pl1")["status"] == "True"
+    assert kube_plane.source.counters()["waf_policies_refused"] >= 3  # typo, broken, zz-dup
     assert wait_until(
         lambda: (
             _conditions(_get(kube_plane, "gateway", ns, "edge")["status"])["Programmed"]
