@@ -41,6 +41,7 @@ log = logging.getLogger("ambit.mgmt.kube")
 CONTROLLER_NAME = "ambit.io/gateway-controller"
 VERSION = "v1"
 ROUTE_KIND = {"group": GROUP, "kind": "HTTPRoute"}
+DEPLOYMENT_ANNOTATION = "ambit.io/deployment"
 MAX_MESSAGE = 1024  # the CRDs' limit on a condition message is 32 KiB; a reason needs far less
 
 Write = tuple[str, str, str, str, str, dict[str, Any]]  # group, version, plural, namespace, name, body
@@ -54,10 +55,17 @@ class GatewayApiObjects:
     gateways: dict[str, Mapping[str, Any]] = field(default_factory=dict)
     routes: dict[str, Mapping[str, Any]] = field(default_factory=dict)
     waf_policies: dict[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Every Service's addresses ("ns/name" -> status.addresses entries): a Gateway's are its gateway's
+    # Service's (service_addresses).
+    services: dict[str, list[dict[str, str]]] = field(default_factory=dict)
 
     def copy(self) -> GatewayApiObjects:
         return GatewayApiObjects(
-            dict(self.classes), dict(self.gateways), dict(self.routes), dict(self.waf_policies)
+            dict(self.classes),
+            dict(self.gateways),
+            dict(self.routes),
+            dict(self.waf_policies),
+            dict(self.services),
         )
 
     def ours(self, gateway: Mapping[str, Any]) -> bool:
@@ -77,6 +85,31 @@ def kept(obj: Mapping[str, Any]) -> dict[str, Any]:
         "spec": obj.get("spec") or {},
         "status": obj.get("status") or {},
     }
+
+
+def service_addresses(svc: Mapping[str, Any]) -> list[dict[str, str]]:
+    """Where clients reach a Service: its load balancer's ingress (set by the cloud's controller), else its
+    cluster IPs."""
+    ingress = ((svc.get("status") or {}).get("loadBalancer") or {}).get("ingress") or ()
+    out = [
+        {"type": "IPAddress", "value": str(i["ip"])}
+        if i.get("ip")
+        else {"type": "Hostname", "value": str(i["hostname"])}
+        for i in ingress
+        if isinstance(i, Mapping) and (i.get("ip") or i.get("hostname"))
+    ]
+    if not out:
+        spec = svc.get("spec") or {}
+        ips = spec.get("clusterIPs") or [spec.get("clusterIP")]
+        out = [{"type": "IPAddress", "value": str(ip)} for ip in ips if ip and ip != "None"]
+    return out[:16]  # the CRD's bound
+
+
+def gateway_service(gw: Gateway) -> str:
+    """`ns/name` of the Service in front of the gateway serving `gw`: the chart names it as the Deployment,
+    `ambit.io/deployment` or `<gateway>-<class>` (mgmt/gateway_scope's names)."""
+    name = gw.meta.annotations.get(DEPLOYMENT_ANNOTATION) or f"{gw.meta.name}-{gw.gateway_class}"
+    return f"{gw.meta.namespace}/{name}"
 
 
 # ---- conditions ----
@@ -152,7 +185,8 @@ class GatewayStatus:
             gw = parsed.obj if parsed is not None else None
             if gw is not None:
                 ours[(gw.meta.namespace, gw.meta.name)] = gw
-            out.extend(self._gateway(gw_raw, gw, objs, invalid.get(f"Gateway {name}")))
+            addresses = raw.services.get(gateway_service(gw), []) if gw is not None else []
+            out.extend(self._gateway(gw_raw, gw, objs, invalid.get(f"Gateway {name}"), addresses))
         for name, route_raw in raw.routes.items():
             parsed = resources.get(f"HTTPRoute/{name}")
             route = parsed.obj if parsed is not None else None
@@ -174,7 +208,12 @@ class GatewayStatus:
 
     # -- Gateway -------------------------------------------------------------------------------------
     def _gateway(
-        self, raw: Mapping[str, Any], gw: Gateway | None, objs: gwconfig.Objects, problem: str | None
+        self,
+        raw: Mapping[str, Any],
+        gw: Gateway | None,
+        objs: gwconfig.Objects,
+        problem: str | None,
+        addresses: list[dict[str, str]],
     ) -> list[Write]:
         ns, name = _ident(raw)
         gen = _generation(raw)
@@ -203,8 +242,9 @@ class GatewayStatus:
                 _condition("Programmed", *programmed, gen, current),
             ]
             listeners = self._listeners(raw, gw, objs, programmed[0])
-        desired = {"conditions": conditions, "listeners": listeners}
-        if _same({"conditions": current, "listeners": status.get("listeners") or []}, desired):
+        desired = {"conditions": conditions, "listeners": listeners, "addresses": addresses}
+        carried = {k: status.get(k) or [] for k in ("listeners", "addresses")}
+        if _same({"conditions": current, **carried}, desired):
             return []
         return [(GROUP, VERSION, "gateways", ns, name, {"status": desired})]
 

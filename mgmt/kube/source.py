@@ -31,7 +31,7 @@ from typing import Any
 
 from mgmt.kube import translate
 from mgmt.kube.events import EventRecorder
-from mgmt.kube.gateway_status import GatewayApiObjects, GatewayStatus, kept
+from mgmt.kube.gateway_status import GatewayApiObjects, GatewayStatus, kept, service_addresses
 from mgmt.kube.reflector import Reflector, ResourceType, object_name
 from mgmt.policy_check import POLICY_KINDS, PolicyRejected, check_policy
 from mgmt.policy_status import StatusWriter
@@ -228,6 +228,7 @@ class KubeSource:
         self._names.setdefault(rtype.kind, set()).add(name)
         if rtype.kind == "Service":
             self._gateway_dirty = True  # a route's backends may have appeared or gone
+            self._gw.services[name] = service_addresses(obj)
             self._services[name] = _slim(obj)
             self._set_service(name)
         elif rtype.kind == "EndpointSlice":
@@ -256,6 +257,7 @@ class KubeSource:
             return
         if rtype.kind == "Service":
             self._services.pop(name, None)
+            self._gw.services.pop(name, None)
         if rtype.kind in GATEWAY_INPUTS:
             self._gateway_dirty = True
         if rtype.kind in ("GatewayClass", "Gateway", "HTTPRoute", "WafPolicy"):

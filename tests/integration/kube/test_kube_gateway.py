@@ -334,6 +334,25 @@ def test_status_conditions_say_what_the_gateway_makes_of_each_object(kube_plane:
     assert _held(kube_plane, f"Gateway/{ns}/theirs") is None
     assert not (_get(kube_plane, "gateway", ns, "theirs").get("status") or {}).get("listeners")
 
+    # The gateway's LoadBalancer Service (named as the chart names it) gets an address from the cloud's
+    # controller: that is the Gateway's address.
+    from kubernetes import client
+
+    svc = kube.service_body(ns, f"edge-{cls}", "", [(443, 8443)], {"app": f"edge-{cls}"})
+    svc["spec"]["type"] = "LoadBalancer"
+    core = client.CoreV1Api(kube_plane.api.client())
+    core.create_namespaced_service(ns, svc)
+    core.patch_namespaced_service_status(
+        f"edge-{cls}", ns, {"status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}]}}}
+    )
+    assert wait_until(
+        lambda: (
+            (_get(kube_plane, "gateway", ns, "edge")["status"].get("addresses"))
+            == [{"type": "IPAddress", "value": "203.0.113.7"}]
+        ),
+        SYNC_TIMEOUT,
+    )
+
     # Recomputed with nothing changed (a new Service in the namespace), no status is written again: our
     # own writes come back as MODIFIED events and must not loop.
     before = kube_plane.source.counters()
