@@ -1,7 +1,7 @@
-"""Kubernetes to the edge gateway, end to end: a Gateway, its HTTPRoute and its TLS Secret applied to a real
+"""Kubernetes to the edge gateway, end to end: a Gateway and its TLS Secret applied to a real
 API server reach the plane's store through the Kubernetes source, and a gateway (`ambit gateway --plane`,
 in process) that joined for that Gateway serves the listener with the Secret's certificate; a renewed
-Secret reaches new handshakes. Needs the gateway's plane mode (gateway/plane.py)."""
+Secret reaches new handshakes."""
 
 from __future__ import annotations
 
@@ -20,7 +20,13 @@ from cryptography.hazmat.primitives import serialization
 from agent.lab import kube
 from agent.lab.apiserver import ApiServer
 from api.jsonlog import AuditLog
+from gateway.plane import PlaneGateway, PlaneOptions
+from gateway.server import ServerOptions
+from mgmt.bootstrap import BootstrapServer
 from mgmt.ca import CertificateAuthority
+from mgmt.gateway_scope import CurrentGateways
+from mgmt.identity_service import add_identity_service
+from mgmt.join_tokens import JoinTokens
 from mgmt.kube.source import KubeSource
 from mgmt.server import MgmtServer
 from mgmt.store import ConfigStore
@@ -28,9 +34,6 @@ from tests.gateway_fixtures import _RESERVED, free_port
 from tests.integration.kube.test_kube_gateway import _gateway_class, _secret
 from tests.kube_fixtures import SYNC_TIMEOUT, unique
 from tests.relay_fixtures import wait_until
-
-plane_mode = pytest.importorskip("gateway.plane", reason="the gateway's plane mode (gateway-plane, issue 17)")
-gateway_scope = pytest.importorskip("mgmt.gateway_scope")
 
 TD = "cluster.local"
 HOST = "shop.example"
@@ -60,17 +63,13 @@ def _der(secret: dict[str, Any]) -> bytes:
 def plane(
     kube_crds: ApiServer, tmp_path: Path
 ) -> Iterator[tuple[ConfigStore, MgmtServer, Any, CertificateAuthority]]:
-    from mgmt.bootstrap import BootstrapServer
-    from mgmt.identity_service import add_identity_service
-    from mgmt.join_tokens import JoinTokens
-
     ca = CertificateAuthority.generate_root(TD)
     store = ConfigStore(None, tmp_path / "state", trust_domain=TD)
     source = KubeSource(kube_crds.client(), store)
     source.start()
     assert source.wait_synced(SYNC_TIMEOUT)
     audit: Any = AuditLog(tmp_path / "audit.jsonl")
-    gateways = gateway_scope.CurrentGateways(lambda: store.current, TD)
+    gateways = CurrentGateways(lambda: store.current, TD)
 
     def identity_service(grpc_server: Any) -> None:
         add_identity_service(grpc_server, ca, store, audit, gateways=gateways.is_gateway)
@@ -99,9 +98,6 @@ def plane(
 def test_a_kubernetes_secret_is_the_certificate_the_gateway_serves(
     kube_crds: ApiServer, plane: tuple[ConfigStore, MgmtServer, Any, CertificateAuthority], tmp_path: Path
 ) -> None:
-    from gateway.server import ServerOptions
-    from mgmt.join_tokens import JoinTokens
-
     store, server, bootstrap, ca = plane
     ns, cls = unique("shop"), unique("ambit")
     kube.ensure_namespace(kube_crds.client(), ns)
@@ -129,8 +125,8 @@ def test_a_kubernetes_secret_is_the_certificate_the_gateway_serves(
     kube_crds.kubectl_run("apply", "-f", "-", stdin=yaml.safe_dump_all(docs))
     assert wait_until(lambda: f"Secret/{ns}/shop-tls" in store.current.resources, SYNC_TIMEOUT)
     token = JoinTokens(tmp_path / "state").create_for_gateway(f"{ns}/edge", 60)
-    gw = plane_mode.PlaneGateway(
-        plane_mode.PlaneOptions(
+    gw = PlaneGateway(
+        PlaneOptions(
             f"127.0.0.1:{server.port}", f"127.0.0.1:{bootstrap.port}", ca.bundle_pem(), f"{ns}/edge", token
         ),
         ServerOptions(audit_log=tmp_path / "gw-audit.jsonl", sockets={"https": _RESERVED.pop(port)}),
