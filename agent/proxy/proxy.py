@@ -326,11 +326,17 @@ class Proxy:
         rt = self._rt
         rt.pool.remove(ev.conn_id)
         self._inbound.on_conn_gone(ev.conn_id)
-        self._conn_errors.pop(ev.conn_id, None)
-        for path in (Path.HBONE_CLIENT, Path.HBONE_SERVER):  # normally none left: streams end first
+        failed = self._conn_errors.pop(ev.conn_id, None)
+        why = f"HBONE connection failed: {failed}" if failed else ev.detail or "HBONE connection closed"
+        # Streams end first; left here are ones whose open_stream reached the engine after the connection was
+        # gone (their refusal follows): never up, an upstream failure; an established one was cut.
+        for path in (Path.HBONE_CLIENT, Path.HBONE_SERVER):
             for entry in rt.table.on_engine_conn(ev.conn_id, path):
-                flags = closed_flags(path, Ending.CONNECTION_CLOSED)
-                rt.table.finish(entry.tag, response_flags=flags, error=ev.detail or "HBONE connection closed")
+                never_up = path is Path.HBONE_CLIENT and not entry.reported
+                flags = (
+                    refused_stream_flags(None) if never_up else closed_flags(path, Ending.CONNECTION_CLOSED)
+                )
+                rt.table.finish(entry.tag, response_flags=flags, error=why)
 
     def _release(self, entry: Entry) -> None:
         if entry.path is Path.HBONE_CLIENT:
