@@ -5,8 +5,9 @@
  * stream that ends with a reset right after its last DATA (a client that uploads and aborts, or a peer's
  * RST_STREAM following its DATA) would lose those bytes on a fresh, cwnd-limited connection. A lingering
  * socket keeps the bytes the stream had not written yet, writes them, waits until the kernel transmitted
- * everything (SIOCOUTQNSD), then resets. Bounded: after AMBIT_LINGER_MS without progress (the reader
- * stopped reading), reset regardless; the bytes kept are at most what the stream had buffered.
+ * everything (SIOCOUTQNSD), then resets. Bounded: after AMBIT_LINGER_MS without progress (neither our
+ * buffer nor the kernel's queue shrank: the reader stopped reading), reset regardless; the bytes kept are
+ * at most what the stream had buffered.
  *
  * The same holds for a stream that ended cleanly (END_STREAM both ways) while its socket still had bytes to
  * take, when its connection goes away before they are written (a peer that closes right after its last
@@ -36,6 +37,7 @@ typedef struct alinger {
     int graceful;                 /* close with FIN once `out` is written (linger_close), else reset */
     int drain;                    /* linger_drain: read and discard until EOF, then close */
     size_t drained;
+    int unsent;                   /* the kernel's untransmitted bytes last seen: shrinking is progress */
     struct alinger *next;
 } alinger;
 
@@ -49,9 +51,10 @@ static int unsent(int fd)
 }
 
 /* 1 when the socket may be closed now (everything transmitted, or it failed: *failed), 0 to keep
- * waiting; *moved tells whether bytes left our buffer. A graceful close needs only our buffer written: a
+ * waiting; *moved tells whether bytes left our buffer or the kernel's queue shrank since *last (a reader
+ * that keeps reading, however slowly, gets everything). A graceful close needs only our buffer written: a
  * normal close() keeps what the kernel still queues. */
-static int linger_progress(int fd, abuf *out, int graceful, int *moved, int *failed)
+static int linger_progress(int fd, abuf *out, int graceful, int *last, int *moved, int *failed)
 {
     while (abuf_pending(out)) {
         ssize_t n = write(fd, abuf_head(out), abuf_pending(out));
@@ -69,7 +72,13 @@ static int linger_progress(int fd, abuf *out, int graceful, int *moved, int *fai
             return 1; /* the socket failed: nothing more can be delivered */
         }
     }
-    return graceful || unsent(fd) == 0;
+    if (graceful)
+        return 1;
+    int now = unsent(fd);
+    if (now < *last)
+        *moved = 1;
+    *last = now;
+    return now == 0;
 }
 
 /* `complete`: everything was handed to the kernel (a graceful linger then ends with FIN). */
@@ -121,7 +130,7 @@ static void on_linger_io(ambit_loop *l, aio *io, uint32_t events)
     int moved = 0, failed = 0;
     if (events & (EPOLLERR | EPOLLHUP))
         linger_end(l, g, 0);
-    else if (linger_progress(io->fd, &g->out, g->graceful, &moved, &failed))
+    else if (linger_progress(io->fd, &g->out, g->graceful, &g->unsent, &moved, &failed))
         linger_end(l, g, !failed);
     else if (moved)
         g->deadline_ms = now_ms() + AMBIT_LINGER_MS; /* a reader making progress gets everything */
@@ -129,8 +138,8 @@ static void on_linger_io(ambit_loop *l, aio *io, uint32_t events)
 
 static void linger_start(ambit_loop *l, int fd, abuf *out, int graceful)
 {
-    int moved = 0, failed = 0;
-    if (linger_progress(fd, out, graceful, &moved, &failed)) {
+    int moved = 0, failed = 0, last = 1 << 30;
+    if (linger_progress(fd, out, graceful, &last, &moved, &failed)) {
         if (graceful && !failed)
             close(fd);
         else
@@ -146,6 +155,7 @@ static void linger_start(ambit_loop *l, int fd, abuf *out, int graceful)
     }
     g->out = *out;
     g->graceful = graceful;
+    g->unsent = last;
     memset(out, 0, sizeof(*out));
     g->io.owner = g;
     g->io.on_event = on_linger_io;
@@ -205,7 +215,7 @@ void linger_tick(ambit_loop *l)
                 linger_end(l, g, 1);
             continue;
         }
-        if (linger_progress(g->io.fd, &g->out, g->graceful, &moved, &failed))
+        if (linger_progress(g->io.fd, &g->out, g->graceful, &g->unsent, &moved, &failed))
             linger_end(l, g, !failed);
         else if (!moved && now >= g->deadline_ms)
             linger_end(l, g, 0);
