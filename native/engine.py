@@ -33,7 +33,10 @@ _KINDS = {
     8: "stream_closed",
     9: "splice_closed",
     10: "peer_goaway",
+    11: "fast_open",  # the fast path opened a stream (status: client port, bytes_in: entry id)
+    12: "fast_miss",  # the fast path handed an accepted socket to Python (status: its fd, now the caller's)
 }
+FAST_MAX_CONNS = 8  # AMBIT_FAST_MAX_CONNS: pooled connections one fast path entry may name
 # Engine limits (ambit_engine_set_limit); 0 means unlimited, see docs/engine.md.
 LIMITS = {
     "pending_handshakes": 0,
@@ -283,7 +286,80 @@ class Engine:
                 return {}
             out = ffi.new("uint64_t[]", lib.AMBIT_C_COUNT)
             lib.ambit_engine_counters(self._handle, out, lib.AMBIT_C_COUNT)
-        return {_text(lib.ambit_counter_name(i)): int(out[i]) for i in range(lib.AMBIT_C_COUNT)}
+            fast = ffi.new("uint64_t[]", lib.AMBIT_FAST_C_COUNT)
+            lib.ambit_fastpath_counters(self._handle, fast, lib.AMBIT_FAST_C_COUNT)
+        names = {_text(lib.ambit_counter_name(i)): int(out[i]) for i in range(lib.AMBIT_C_COUNT)}
+        names.update(
+            {_text(lib.ambit_fastpath_counter_name(i)): int(fast[i]) for i in range(lib.AMBIT_FAST_C_COUNT)}
+        )
+        return names
+
+    # --- outbound fast path (docs/engine.md "Fast path") ---------------------------------------------
+
+    def fastpath_listen(self, fd: int) -> None:
+        """The engine accepts on listening socket `fd` (owned by the engine from the call on) from now on:
+        installed destinations open without Python, the rest arrive as `fast_miss` events (status = fd)."""
+        self._call(lib.ambit_fastpath_listen, fd)
+
+    def fastpath_set_capacity(self, entries: int) -> None:
+        with self._lock:
+            if int(lib.ambit_fastpath_set_capacity(self._h(), entries)) < 0:
+                raise EngineError(f"bad fast path capacity {entries!r}")
+
+    def fastpath_invalidate(self) -> int:
+        """Every installed entry stops opening streams (until removed and installed anew): the new
+        generation. Safe from any thread; takes none of the proxy's locks."""
+        with self._lock:
+            return int(lib.ambit_fastpath_invalidate(self._h())) if self._handle is not None else 0
+
+    def fastpath_generation(self) -> int:
+        with self._lock:
+            return int(lib.ambit_fastpath_generation(self._h())) if self._handle is not None else 0
+
+    def fastpath_put(
+        self,
+        entry_id: int,
+        generation: int,
+        source_ip: str,
+        destination_ip: str,
+        destination_port: int,
+        conns: Sequence[int],
+        *,
+        spread: int,
+        credits: int,
+        authority: str,
+        forwarded: str = "",
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """Install fast path entry `entry_id` (refused when `generation`, read before the routing decision,
+        is no longer the engine's): up to `credits` streams from `source_ip` to
+        `destination_ip:destination_port` on the least busy of `conns` (see `open_stream` for `authority`,
+        `forwarded`, `headers`; a fresh traceparent is added per stream). EngineError when the table is
+        full, the entry exists, or an argument is bad."""
+        if not 1 <= len(conns) <= FAST_MAX_CONNS:
+            raise EngineError(f"fast path entry needs 1..{FAST_MAX_CONNS} connections, got {len(conns)}")
+        header = forwarded_for(forwarded) if forwarded else ffi.NULL
+        extra = _extra_headers(headers) if headers else ffi.NULL
+        ids = ffi.new("uint64_t[]", list(conns))
+        self._call(
+            lib.ambit_fastpath_put, entry_id, generation, source_ip.encode(), destination_ip.encode(),
+            destination_port, ids, len(conns), spread, credits, authority.encode(), header, extra,
+        )  # fmt: skip
+
+    def fastpath_add_credits(self, entry_id: int, credits: int) -> bool:
+        """More streams for an installed entry; False when it is not installed (removed meanwhile)."""
+        with self._lock:
+            if self._handle is None:
+                return False
+            return int(lib.ambit_fastpath_add_credits(self._handle, entry_id, credits)) == 0
+
+    def fastpath_remove(self, entry_id: int) -> int:
+        """Remove a fast path entry: the credits it had left, or -1 when it is not installed. No stream is
+        opened by it once this returns."""
+        with self._lock:
+            if self._handle is None:
+                return -1
+            return int(lib.ambit_fastpath_remove(self._handle, entry_id))
 
     def __del__(self) -> None:
         self.stop()

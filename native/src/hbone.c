@@ -194,6 +194,8 @@ static void stream_finish(hstream *s, const char *detail)
         ctr_add(e, AMBIT_C_STREAMS_RESET, 1);
     ctr_add(e, AMBIT_C_STREAMS_CLOSED, 1);
     ctr_add(e, AMBIT_C_STREAMS_ACTIVE, -1);
+    if (s->tag & AMBIT_FAST_TAG_BIT)
+        fastpath_stream_done(e, c->id);
     if (!s->quiet)
         stream_emit_end(s, detail);
     if (s->peer_counted)
@@ -1219,6 +1221,12 @@ static int parse_extra_headers(char *text, nghttp2_nv *nv)
         line = end ? end + 1 : line + len;
     }
     return n;
+}
+
+int hconn_client_usable(ambit_loop *l, uint64_t id)
+{
+    hconn *c = amap_get(&l->conns, id);
+    return c && !c->server && !c->closing && !c->ending && !c->goaway_recv;
 }
 
 void hconn_open_stream(ambit_loop *l, acmd *cmd)

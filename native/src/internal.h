@@ -70,6 +70,7 @@ typedef struct aio {
 
 enum cmd_kind {
     CMD_CONNECT, CMD_SERVE, CMD_OPEN_STREAM, CMD_ACCEPT, CMD_REJECT, CMD_RESET, CMD_SPLICE, CMD_CLOSE,
+    CMD_FAST_OPEN,
 };
 
 typedef struct acmd {
@@ -83,6 +84,7 @@ typedef struct acmd {
     char *text;      /* expected peer / authority (malloc'd) */
     char *text2;     /* forwarded header value (malloc'd) or NULL */
     char *text3;     /* extra request headers, "name: value\n" lines (malloc'd) or NULL */
+    uint64_t aux;    /* CMD_FAST_OPEN: the fast path entry id */
     struct acmd *next;
 } acmd;
 
@@ -140,6 +142,7 @@ struct ambit_engine {
     uint32_t pending_handshakes;
     uint64_t freed_since_trim;   /* atomic: connections freed since the last malloc_trim */
     uint64_t last_trim_ms;       /* atomic */
+    struct fastpath *fast;       /* outbound fast path (fastpath.c), made on first use */
 };
 
 /* Counters are bumped with relaxed atomics from any loop and read from Python. */
@@ -152,7 +155,8 @@ uint64_t engine_new_id(uint64_t *counter);
 
 /* Event construction: a zeroed event with kind/ids set; emit copies it into the queue. */
 void event_init(ambit_event *ev, int kind, uint64_t conn_id, uint64_t stream_id, uint64_t tag);
-void event_emit(ambit_engine *e, const ambit_event *ev);
+/* 0, or -1 when the queue is at its bound and the event was dropped (counted). */
+int event_emit(ambit_engine *e, const ambit_event *ev);
 void copy_str(char *dst, size_t cap, const char *src);
 
 int loop_add_fd(ambit_loop *l, aio *io, int fd);
@@ -200,6 +204,16 @@ void limits_peer_conn(ambit_engine *e, uint64_t peer, int delta);
 /* Counts one stream reset caused by `peer`; 1 when that exceeds its AMBIT_L_RESETS_PER_S budget. */
 int limits_reset(ambit_engine *e, uint64_t peer, uint64_t now);
 void limits_free(ambit_engine *e);
+
+/* fastpath.c */
+#define AMBIT_FAST_TAG_BIT (1ULL << 62) /* tags of fast path streams (Python's own stay below) */
+void loop_post_cmd(ambit_engine *e, uint64_t id, acmd *c); /* to the loop owning id */
+void fastpath_run_open(ambit_loop *l, acmd *c);
+void fastpath_stream_done(ambit_engine *e, uint64_t conn_id);
+void fastpath_tick(ambit_loop *l);
+void fastpath_free(ambit_engine *e);
+/* hbone.c: whether a client connection still takes new streams (on its loop). */
+int hconn_client_usable(ambit_loop *l, uint64_t id);
 
 /* pump.c */
 void pump_start(ambit_loop *l, acmd *c);

@@ -53,7 +53,7 @@ void event_init(ambit_event *ev, int kind, uint64_t conn_id, uint64_t stream_id,
     ev->tag = tag;
 }
 
-void event_emit(ambit_engine *e, const ambit_event *ev)
+int event_emit(ambit_engine *e, const ambit_event *ev)
 {
     int wake = 0;
     pthread_mutex_lock(&e->ev_lock);
@@ -63,7 +63,7 @@ void event_emit(ambit_engine *e, const ambit_event *ev)
         if (!q) {
             pthread_mutex_unlock(&e->ev_lock);
             ctr_add(e, AMBIT_C_EVENTS_DROPPED, 1);
-            return;
+            return -1;
         }
         for (size_t i = 0; i < e->ev_count; i++)
             q[i] = e->evq[(e->ev_head + i) % e->ev_cap];
@@ -79,6 +79,7 @@ void event_emit(ambit_engine *e, const ambit_event *ev)
         uint64_t one = 1;
         (void)!write(e->evfd, &one, sizeof(one));
     }
+    return 0;
 }
 
 int ambit_engine_events(ambit_engine *e, ambit_event *out, int max)
@@ -162,6 +163,7 @@ static void cmd_run(ambit_loop *l, acmd *c)
     case CMD_CONNECT: hconn_start(l, c, 0); break;
     case CMD_SERVE: hconn_start(l, c, 1); break;
     case CMD_OPEN_STREAM: hconn_open_stream(l, c); break;
+    case CMD_FAST_OPEN: fastpath_run_open(l, c); break;
     case CMD_ACCEPT: hconn_accept(l, c); break;
     case CMD_REJECT: hconn_reject(l, c); break;
     case CMD_RESET: hconn_reset(l, c); break;
@@ -213,6 +215,7 @@ static void on_tick(ambit_loop *l, aio *io, uint32_t events)
     (void)!read(io->fd, &v, sizeof(v));
     hconn_tick(l);
     linger_tick(l);
+    fastpath_tick(l);
     if (l->index == 0)
         maybe_trim(l->engine);
 }
@@ -271,6 +274,8 @@ static void loop_post(ambit_loop *l, acmd *c)
     uint64_t one = 1;
     (void)!write(l->wakefd, &one, sizeof(one));
 }
+
+void loop_post_cmd(ambit_engine *e, uint64_t id, acmd *c) { loop_post(&e->loops[id % (uint64_t)e->nloops], c); }
 
 static void malloc_tune(void) { mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD); }
 
@@ -414,6 +419,7 @@ void ambit_engine_free(ambit_engine *e)
     pthread_mutex_destroy(&e->ev_lock);
     pthread_mutex_destroy(&e->ctx_lock);
     limits_free(e);
+    fastpath_free(e);
     pthread_mutex_destroy(&e->limits_lock);
     free(e);
 }

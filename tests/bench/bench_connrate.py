@@ -17,6 +17,7 @@ records each agent during the ambit case (flame graphs in DIR; needs py-spy in t
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import selectors
 import socket
@@ -38,6 +39,7 @@ from tests.integration.proxy import proxy_lab
 SECONDS = float(os.environ.get("AMBIT_BENCH_SECONDS", "2"))
 CONNECTORS = int(os.environ.get("AMBIT_BENCH_CONNECTORS", "8"))
 ECHO = proxy_lab.ECHO  # stunnel's server side forwards to this port
+METRICS_PORT = 15020
 REQUEST = b"GET / HTTP/1.0\r\n\r\n"  # small request; the echo is the response
 
 
@@ -93,9 +95,10 @@ def connect_rate(ip: str, port: int, seconds: float, connectors: int) -> tuple[i
     for _ in range(connectors):
         start()
     while sel.get_map():
-        for key, _mask in sel.select(5.0) or [(None, 0)]:
-            if key is None:
-                raise RuntimeError(f"no progress for 5 s ({len(sel.get_map())} connections in flight)")
+        ready = sel.select(5.0)
+        if not ready:
+            raise RuntimeError(f"no progress for 5 s ({len(sel.get_map())} connections in flight)")
+        for key, _mask in ready:
             state = key.data
             sock = state[0]
             ok = None
@@ -129,7 +132,8 @@ def connect_rate(ip: str, port: int, seconds: float, connectors: int) -> tuple[i
 def _start_echo(plan: LabPlan, pod: str) -> None:
     p = plan.pod(pod)
     argv = [sys.executable, "-c", f"from tests.bench.bench_connrate import serve; serve({ECHO})"]
-    control.start_process(plan.prefix, f"echo-{pod}", p.netns, argv, mesh.run_dir(plan.prefix) / f"echo-{pod}.log")
+    log = mesh.run_dir(plan.prefix) / f"echo-{pod}.log"
+    control.start_process(plan.prefix, f"echo-{pod}", p.netns, argv, log)
     mesh.wait_listening(p.netns, p.ip, ECHO, f"echo server in {pod}")
 
 
@@ -138,14 +142,41 @@ def _profile(pids: list[int], out: Path | None, seconds: float) -> list[subproce
         return []
     out.mkdir(parents=True, exist_ok=True)
     spy = Path(sys.executable).parent / "py-spy"
-    return [
-        subprocess.Popen(
-            [str(spy), "record", "--native", "-r", "200", "-d", str(int(seconds) + 1), "-f", "raw",
-             "-o", str(out / f"agent-{i + 1}.txt"), "-p", str(pid)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        for i, pid in enumerate(pids)
-    ]
+    procs = []
+    for i, pid in enumerate(pids):
+        argv = [str(spy), "record", "--native", "-r", "200", "-d", str(int(seconds) + 1), "-f", "raw",
+                "-o", str(out / f"agent-{i + 1}.txt"), "-p", str(pid)]  # fmt: skip
+        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return procs
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread name (comm) of a process: where a tunnel's per-connection time goes."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            comm = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        out[comm] = out.get(comm, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def _threads_report(name: str, pids: list[int], before: list[dict[str, float]], done: int) -> None:
+    for pid, was in zip(pids, before, strict=True):
+        now = thread_cpu(pid)
+        spent = {k: (v - was.get(k, 0.0)) / done * 1e6 for k, v in now.items()}
+        busy = ", ".join(f"{k} {v:.0f}" for k, v in sorted(spent.items(), key=lambda kv: -kv[1]) if v >= 5)
+        print(f"connrate {name} pid {pid}: us per connection by thread: {busy}", file=sys.stderr)
+
+
+def _fast_report(plan: LabPlan) -> None:
+    """The agents' fast path counters (hits, misses by reason), from their metrics endpoint."""
+    for node in plan.nodes:
+        text = nsx.run_in(node.netns, mesh._http_get, f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10)
+        lines = [ln for ln in text.splitlines() if "fastpath" in ln and not ln.startswith("#")]
+        print(f"connrate {node.name}: {'; '.join(lines)}", file=sys.stderr)
 
 
 def _measure(plan: LabPlan, workdir: Path) -> dict[str, float]:
@@ -171,13 +202,19 @@ def _measure(plan: LabPlan, workdir: Path) -> dict[str, float]:
         netns = plan.pod(pod).netns
         nsx.run_in(netns, connect_rate, dst, port, 0.3, CONNECTORS, timeout=30)  # warm: pools, sessions
         spies = _profile(pids, Path(profile_dir) if profile_dir and name == "ambit" else None, SECONDS)
+        threads_before = [thread_cpu(p) for p in pids]
         started = time.monotonic()
-        (done, failed), cpu = footprint.cpu_during(
-            pids, lambda: nsx.run_in(netns, connect_rate, dst, port, SECONDS, CONNECTORS, timeout=SECONDS * 10 + 30)
+        work = functools.partial(
+            nsx.run_in, netns, connect_rate, dst, port, SECONDS, CONNECTORS, timeout=SECONDS * 10 + 30
         )
+        (done, failed), cpu = footprint.cpu_during(pids, work)
         elapsed = time.monotonic() - started
         for spy in spies:
             spy.wait(timeout=60)
+        _threads_report(name, pids, threads_before, done)
+        if name == "ambit":
+            time.sleep(2.5)  # the agents publish engine counters every 2 s
+            _fast_report(plan)
         if failed:
             raise RuntimeError(f"{name}: {failed} of {done + failed} connections failed")
         out[f"{name}: new connections/s"] = done / elapsed
@@ -200,7 +237,11 @@ ROWS = (  # name, unit, baseline
     ("stunnel: CPU per new connection, source side", "us", ""),
     ("stunnel: CPU per new connection, destination side", "us", ""),
     ("ambit: CPU per new connection, source side", "us", "stunnel: CPU per new connection, source side"),
-    ("ambit: CPU per new connection, destination side", "us", "stunnel: CPU per new connection, destination side"),
+    (
+        "ambit: CPU per new connection, destination side",
+        "us",
+        "stunnel: CPU per new connection, destination side",
+    ),
 )
 
 
