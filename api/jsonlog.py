@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import datetime
 import enum
+import functools
 import json
 import logging
 import os
@@ -42,8 +43,10 @@ _PEM_KEY = re.compile(
 _KEY_MARKER = "PRIVATE KEY"
 
 
+@functools.lru_cache(maxsize=4096)
 def secret_name(name: str) -> bool:
-    """True when a field called `name` holds secret material (its value is never shown)."""
+    """True when a field called `name` holds secret material (its value is never shown). Cached: records
+    repeat the same few field names (an access log line: 25 of them, 21 regex searches uncached)."""
     return name.lower() not in _PUBLIC_NAMES and bool(_SECRET_NAME.search(name))
 
 
@@ -100,8 +103,8 @@ def _field(name: str, value: Any, depth: int) -> Any:
 
 def utc_iso(ts: float) -> str:
     """RFC 3339 UTC with milliseconds, the timestamp format of every log record."""
-    moment = datetime.datetime.fromtimestamp(ts, tz=datetime.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    ms = int(ts * 1000)  # floor, as datetime's microsecond // 1000; time.strftime is ~3x cheaper
+    return time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(ms // 1000)) + f"{ms % 1000:03d}Z"
 
 
 class JsonLog:

@@ -202,6 +202,12 @@ def start_redirect(node: str, cfg: dict[str, Any]) -> Any:
     return redirector
 
 
+def reload(view: OnDemandView, proxy: Proxy, config_path: str) -> None:
+    """A new config version, applied as the daemon applies one: the new view, then the proxy told."""
+    view.reload(json.loads(Path(config_path).read_text()))
+    proxy.mesh_changed()
+
+
 def close_inbound(proxy: Proxy) -> None:
     for conn_id, _attrs in proxy.inbound_connections():
         proxy.close(conn_id, "policy changed")
@@ -236,7 +242,7 @@ def main(config_path: str) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     # SIGUSR1 plays a policy update that denies everything: re-check and close live inbound connections.
     signal.signal(signal.SIGUSR1, lambda *_: close_inbound(proxy))
-    signal.signal(signal.SIGUSR2, lambda *_: view.reload(json.loads(Path(config_path).read_text())))
+    signal.signal(signal.SIGUSR2, lambda *_: reload(view, proxy, config_path))
     proxy.start()
     redirector = start_redirect(cfg["node"], cfg["redirect"]) if cfg.get("redirect") else None
     status = Path(cfg["status"])
