@@ -35,6 +35,8 @@ _KINDS = {
     10: "peer_goaway",
     11: "fast_open",  # the fast path opened a stream (status: client port, bytes_in: entry id)
     12: "fast_miss",  # the fast path handed an accepted socket to Python (status: its fd, now the caller's)
+    13: "upstream_failed",  # accept_connect: the engine's connect failed (status: errno, detail); 503 follows
+    14: "stream_accepted",  # accept_connect: connected, 200 sent
 }
 FAST_MAX_CONNS = 8  # AMBIT_FAST_MAX_CONNS: pooled connections one fast path entry may name
 # Engine limits (ambit_engine_set_limit); 0 means unlimited, see docs/engine.md.
@@ -266,6 +268,22 @@ class Engine:
 
     def accept_stream(self, conn_id: int, stream_id: int, upstream_fd: int, tag: int = 0) -> None:
         self._call(lib.ambit_accept_stream, conn_id, stream_id, upstream_fd, tag)
+
+    def accept_connect(
+        self,
+        conn_id: int,
+        stream_id: int,
+        destination: tuple[str, int],
+        source_ip: str | None,
+        mark: int,
+        tag: int = 0,
+    ) -> None:
+        """Accept a served stream once the engine's own connect to `destination` succeeds (from
+        `source_ip` with IP_TRANSPARENT when given; SO_MARK `mark`): `stream_accepted` then, else
+        `upstream_failed` and a 503. EngineError when the socket cannot be made (e.g. bind)."""
+        ip, port = destination
+        src = source_ip.encode() if source_ip else ffi.NULL
+        self._call(lib.ambit_accept_connect, conn_id, stream_id, ip.encode(), port, src, mark, tag)
 
     def reject_stream(self, conn_id: int, stream_id: int, status: int) -> None:
         self._call(lib.ambit_reject_stream, conn_id, stream_id, status)

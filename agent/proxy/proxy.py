@@ -115,6 +115,8 @@ class Proxy:
             "conn_error": self._on_conn_error,
             "conn_closed": self._on_conn_closed,
             "peer_goaway": self._on_peer_goaway,
+            "stream_accepted": self._inbound.on_stream_accepted,
+            "upstream_failed": self._inbound.on_upstream_failed,
             "fast_open": self._outbound.fast.on_open,
             "fast_miss": self._outbound.fast.on_miss,
         }

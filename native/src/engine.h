@@ -25,6 +25,8 @@ enum ambit_event_kind {
     AMBIT_EV_PEER_GOAWAY,    /* client: the peer sent a graceful GOAWAY (status = its last stream id) */
     AMBIT_EV_FAST_OPEN,      /* fast path opened a stream (see fastpath section below) */
     AMBIT_EV_FAST_MISS,      /* fast path handed an accepted socket to Python (status = its fd) */
+    AMBIT_EV_UPSTREAM_FAILED, /* accept_connect: the connect failed (status = errno, detail); 503 follows */
+    AMBIT_EV_STREAM_ACCEPTED, /* accept_connect: connected, 200 sent, the stream pumps */
 };
 
 /* One event handed to Python; fixed size so a batch is one copy out of the queue. */
@@ -130,6 +132,11 @@ int64_t ambit_open_stream(ambit_engine *e, uint64_t conn_id, const char *authori
 int64_t ambit_serve_hbone(ambit_engine *e, int fd, int64_t ctx, uint64_t tag, char *err, size_t errlen);
 int ambit_accept_stream(ambit_engine *e, uint64_t conn_id, uint64_t stream_id, int upstream_fd, uint64_t tag,
                         char *err, size_t errlen);
+/* Accept a served stream once the engine's connect to dst_ip:dst_port succeeds (from source_ip with
+ * IP_TRANSPARENT when not NULL/"", SO_MARK `mark` when not 0): AMBIT_EV_STREAM_ACCEPTED then, else
+ * AMBIT_EV_UPSTREAM_FAILED and a 503 (10 s connect deadline). -1: the socket could not be made (err). */
+int ambit_accept_connect(ambit_engine *e, uint64_t conn_id, uint64_t stream_id, const char *dst_ip, int dst_port,
+                         const char *source_ip, int mark, uint64_t tag, char *err, size_t errlen);
 int ambit_reject_stream(ambit_engine *e, uint64_t conn_id, uint64_t stream_id, int status, char *err,
                         size_t errlen);
 int ambit_reset_stream(ambit_engine *e, uint64_t conn_id, uint64_t stream_id, char *err, size_t errlen);

@@ -14,6 +14,7 @@
 
 #include "internal.h"
 
+#define STREAM_INBUF_FIRST (16 * 1024) /* first socket read of a stream; the buffer doubles from there */
 #define READY_ROUNDS 64 /* bound on pending work per loop turn, so epoll is polled fairly */
 
 enum { HS_TLS, HS_H2, HS_DONE };
@@ -317,6 +318,12 @@ static void stream_service(hstream *s)
             size_t room = cap - abuf_pending(&s->in);
             if (conn_cap && room > conn_cap - c->in_total)
                 room = conn_cap - c->in_total;
+            /* The buffer grows with what arrives (16 KiB, then doubling while reads fill it), not to its cap
+             * at the first read: 128 KiB per new stream was an mmap (glibc's M_MMAP_THRESHOLD) and a munmap
+             * with a TLB shootdown when it ended, for a request of a few bytes. */
+            size_t step = s->in.cap ? s->in.cap : STREAM_INBUF_FIRST;
+            if (room > step)
+                room = step;
             if (abuf_reserve(&s->in, room) < 0) {
                 stream_tcp_fail(s);
                 break;

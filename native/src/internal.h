@@ -70,7 +70,7 @@ typedef struct aio {
 
 enum cmd_kind {
     CMD_CONNECT, CMD_SERVE, CMD_OPEN_STREAM, CMD_ACCEPT, CMD_REJECT, CMD_RESET, CMD_SPLICE, CMD_CLOSE,
-    CMD_FAST_OPEN,
+    CMD_FAST_OPEN, CMD_ACCEPT_CONNECT,
 };
 
 typedef struct acmd {
@@ -110,6 +110,7 @@ typedef struct ambit_loop {
     struct hconn *dirty;     /* connections with output to flush or state to check */
     struct apump *pumps_done; /* splices to free once the current epoll batch is handled */
     struct alinger *lingers; /* reset sockets still transmitting their queued bytes (linger.c) */
+    struct upconn *upconns;  /* connects to pods of streams accepted once connected (upstream.c) */
     char *rbuf;              /* shared read buffer, AMBIT_READ_CHUNK */
 } ambit_loop;
 
@@ -214,6 +215,11 @@ void fastpath_tick(ambit_loop *l);
 void fastpath_free(ambit_engine *e);
 /* hbone.c: whether a client connection still takes new streams (on its loop). */
 int hconn_client_usable(ambit_loop *l, uint64_t id);
+
+/* upstream.c */
+void upstream_start(ambit_loop *l, acmd *c);
+void upstream_tick(ambit_loop *l);
+void upstream_destroy_all(ambit_loop *l);
 
 /* pump.c */
 void pump_start(ambit_loop *l, acmd *c);

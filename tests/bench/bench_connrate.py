@@ -143,6 +143,12 @@ def _profile(pids: list[int], out: Path | None, seconds: float) -> list[subproce
     out.mkdir(parents=True, exist_ok=True)
     spy = Path(sys.executable).parent / "py-spy"
     procs = []
+    if os.environ.get("AMBIT_BENCH_PERF"):  # the engine's C threads too (py-spy sees Python frames only)
+        for i, pid in enumerate(pids):
+            argv = ["perf", "record", "-F", "499", "-g", "-p", str(pid), "-o", str(out / f"perf-{i + 1}.data"),
+                    "--", "sleep", str(int(seconds))]  # fmt: skip
+            procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        return procs
     for i, pid in enumerate(pids):
         argv = [str(spy), "record", "--native", "-r", "200", "-d", str(int(seconds) + 1), "-f", "raw",
                 "-o", str(out / f"agent-{i + 1}.txt"), "-p", str(pid)]  # fmt: skip
