@@ -81,6 +81,8 @@ def _redact(value: Any, depth: int) -> Any:
         return redact_text(bytes(value).decode("utf-8", errors="replace"))
     if isinstance(value, enum.Enum):
         return _redact(value.value, depth + 1)
+    if type(value) is dict:
+        return _redact_dict(value, depth)
     if isinstance(value, Mapping):
         return {str(k): _field(str(k), v, depth) for k, v in value.items()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -93,6 +95,22 @@ def _redact(value: Any, depth: int) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     return redact_text(str(value))
+
+
+def _redact_dict(value: dict[Any, Any], depth: int) -> dict[str, Any]:
+    """`_field` for each item, with its common cases (text and numbers: every field of a log record)
+    inline: one access log record is 25 of them."""
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        name = k if type(k) is str else str(k)
+        kind = type(v)
+        if v is None or kind is int or kind is float or kind is bool:
+            out[name] = v
+        elif kind is str:
+            out[name] = REDACTED if v and secret_name(name) else redact_text(v)
+        else:
+            out[name] = _field(name, v, depth)
+    return out
 
 
 def _field(name: str, value: Any, depth: int) -> Any:

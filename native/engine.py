@@ -116,29 +116,33 @@ def _extra_headers(headers: Sequence[tuple[str, str]]) -> bytes:
     return "".join(out).encode()
 
 
-def _text(field: object) -> str:
+def _text(field: Any) -> str:
+    # Most text fields are empty for most kinds: test the first byte before building a string (an event
+    # is decoded per stream end on the proxy's hot path).
+    if field[0] == b"\0":
+        return ""
     return bytes(ffi.string(field)).decode("utf-8", "replace")
 
 
 def _event(r: Any) -> Event:
-    # r is a cffi `ambit_event` struct view
+    # r is a cffi `ambit_event` struct view; positional, in Event's field order
     return Event(
-        kind=_KINDS.get(r.kind, f"unknown_{r.kind}"),
-        conn_id=int(r.conn_id),
-        stream_id=int(r.stream_id),
-        tag=int(r.tag),
-        authority=_text(r.authority),
-        forwarded=_text(r.forwarded),
-        baggage=_text(r.baggage),
-        traceparent=_text(r.traceparent),
-        peer_id=_text(r.peer_id),
-        tls_version=_text(r.tls_version),
-        tls_cipher=_text(r.tls_cipher),
-        peer_cert_sha256=_text(r.peer_cert_sha256),
-        status=int(r.status),
-        bytes_in=int(r.bytes_in),
-        bytes_out=int(r.bytes_out),
-        detail=_text(r.detail),
+        _KINDS.get(r.kind, f"unknown_{r.kind}"),
+        int(r.conn_id),
+        int(r.stream_id),
+        int(r.tag),
+        _text(r.authority),
+        _text(r.forwarded),
+        _text(r.baggage),
+        _text(r.traceparent),
+        _text(r.peer_id),
+        _text(r.tls_version),
+        _text(r.tls_cipher),
+        _text(r.peer_cert_sha256),
+        int(r.status),
+        int(r.bytes_in),
+        int(r.bytes_out),
+        _text(r.detail),
     )
 
 

@@ -322,7 +322,7 @@ class Metrics:
         self._open = Gauge(
             "ambit_tcp_connections_open", "Proxied TCP connections open now", ["reporter"], registry=registry
         )
-        self._open_ids: dict[int, str] = {}  # conn_id -> reporter; as large as the proxy's own table
+        self._open_ids: dict[int, _Children] = {}  # conn_id -> its labels; as large as the proxy's table
         self._open_lock = threading.Lock()
         self._duration = Histogram(
             "ambit_tcp_connection_duration_seconds",
@@ -371,19 +371,18 @@ class Metrics:
     def opened(self, record: ConnectionRecord) -> None:
         labels = self._labels(record)
         labels.child(self._opened).inc()
-        reporter = labels.labels["reporter"]
         with self._open_lock:
             if record.conn_id not in self._open_ids:
-                self._open_ids[record.conn_id] = reporter
-                self._open.labels(reporter).inc()
+                self._open_ids[record.conn_id] = labels
+                labels.child(self._open, ("reporter",)).inc()
 
     def closed(self, close: ConnectionClose) -> None:
         labels = self._labels(close.record, close.response_flags)
         labels.child(self._closed).inc()
         with self._open_lock:
-            reporter = self._open_ids.pop(close.record.conn_id, None)
-            if reporter is not None:
-                self._open.labels(reporter).dec()
+            opened = self._open_ids.pop(close.record.conn_id, None)
+            if opened is not None:  # the gauge child it was counted in when it opened
+                opened.child(self._open, ("reporter",)).dec()
         labels.child(self._duration, ("reporter", "response_flags")).observe(max(0.0, close.duration_s))
         if close.bytes_received > 0:
             labels.child(self._sent).inc(close.bytes_received)

@@ -264,7 +264,7 @@ class Proxy:
         if entry is None:
             return
         conn = rt.pool.get(entry.engine_conn)
-        if conn is not None:
+        if conn is not None and entry.record.peer_cert_sha256 != conn.peer_cert_sha256:  # fast: already set
             rt.table.update_record(
                 entry, tls_version=conn.tls_version, tls_cipher=conn.tls_cipher,
                 peer_cert_sha256=conn.peer_cert_sha256,

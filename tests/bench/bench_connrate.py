@@ -157,15 +157,18 @@ def _profile(pids: list[int], out: Path | None, seconds: float) -> list[subproce
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds per thread name (comm) of a process: where a tunnel's per-connection time goes."""
+    """CPU seconds per thread name (comm) of a process, user and system apart: where a tunnel's
+    per-connection time goes."""
     out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             comm = (task / "comm").read_text().strip()
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:  # the thread ended
             continue
-        out[comm] = out.get(comm, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        for kind, value in (("user", fields[11]), ("sys", fields[12])):
+            out[f"{comm} {kind}"] = out.get(f"{comm} {kind}", 0.0) + int(value) / tick
     return out
 
 
