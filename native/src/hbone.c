@@ -318,10 +318,10 @@ static void stream_service(hstream *s)
             size_t room = cap - abuf_pending(&s->in);
             if (conn_cap && room > conn_cap - c->in_total)
                 room = conn_cap - c->in_total;
-            /* The buffer grows with what arrives (16 KiB, then doubling while reads fill it), not to its cap
-             * at the first read: 128 KiB per new stream was an mmap (glibc's M_MMAP_THRESHOLD) and a munmap
-             * with a TLB shootdown when it ended, for a request of a few bytes. */
-            size_t step = s->in.cap ? s->in.cap : STREAM_INBUF_FIRST;
+            /* The buffer grows read by read (16 KiB, then doubling up to the cap), not to its cap at the
+             * first read: 128 KiB per new stream was an mmap (glibc's M_MMAP_THRESHOLD) and a munmap with a
+             * TLB shootdown when it ended, for a request of a few bytes. */
+            size_t step = s->in.cap ? s->in.cap * 2 : STREAM_INBUF_FIRST;
             if (room > step)
                 room = step;
             if (abuf_reserve(&s->in, room) < 0) {
