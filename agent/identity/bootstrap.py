@@ -54,11 +54,13 @@ class NodeIdentity:
     key_pem: bytes = field(repr=False)
     trust_bundle_pem: bytes
     generation: int = 0  # bumped on every renewal so holders of channels know to reconnect
+    # An edge gateway's identity (spiffe://td/ns/N/sa/S) held the same way; "" for a node.
+    identity: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def spiffe_id(self) -> SpiffeId:
-        return SpiffeId.node(self.trust_domain, self.node)
+        return SpiffeId.parse(self.identity) if self.identity else SpiffeId.node(self.trust_domain, self.node)
 
     @property
     def leaf(self) -> x509.Certificate:
@@ -109,18 +111,22 @@ def join(
     timeout: float = 30.0,
     server_name: str = MGMT_SERVER_NAME,
     service_account: bool = False,
+    gateway: str = "",
 ) -> NodeIdentity:
     """Join the mesh; retries while the plane is unreachable (up to `timeout` s), fails at once if refused.
 
     `service_account`: `token` is this agent pod's projected ServiceAccount token (audience ambit), not a
-    one-time join token; the plane checks it with the API server (mgmt/kube_bootstrap.py)."""
+    one-time join token; the plane checks it with the API server (mgmt/kube_bootstrap.py).
+    `gateway` ("namespace/name", `node` then ""): join as the edge gateway serving that Gateway; the result
+    holds the gateway's SVID, renewed like a node certificate by the IdentityManager."""
     key = new_key()
-    # The trust domain is the plane's to say, so the CSR carries no SAN and the plane sets the node ID.
-    request = ca_pb2.JoinRequest(node=node, csr_pem=make_csr(key, None))
+    # The trust domain is the plane's to say, so the CSR carries no SAN and the plane sets the identity.
+    request = ca_pb2.JoinRequest(node=node, csr_pem=make_csr(key, None), gateway=gateway)
     if service_account:
         request.service_account_token = token
     else:
         request.token = token
+    who = f"Gateway {gateway}" if gateway else node
     backoff = Backoff()
     deadline = time.monotonic() + timeout
     while True:
@@ -131,17 +137,26 @@ def join(
             code = e.code()
             if code not in RETRYABLE or time.monotonic() >= deadline:
                 raise JoinError(
-                    f"join as {node} via {bootstrap_target} failed: {code.name}: {e.details()}", code
+                    f"join as {who} via {bootstrap_target} failed: {code.name}: {e.details()}", code
                 ) from None
             delay = min(backoff.next_delay(), max(0.0, deadline - time.monotonic()))
             log.warning(
                 "bootstrap %s unavailable (%s); retrying in %.1fs", bootstrap_target, code.name, delay
             )
             time.sleep(delay)
-    identity = NodeIdentity(
-        node, response.trust_domain, response.chain_pem, key_pem(key), response.trust_bundle_pem
-    )
-    if identity.leaf.public_key().public_numbers() != key.public_key().public_numbers():  # type: ignore[union-attr]
+    leaf = x509.load_pem_x509_certificates(response.chain_pem)[0]
+    if leaf.public_key().public_numbers() != key.public_key().public_numbers():  # type: ignore[union-attr]
         raise JoinError("the plane returned a certificate for another key")
+    sid = spiffe_id_of(leaf)
+    if gateway and (sid.trust_domain != response.trust_domain or sid.node_name or not sid.service_account):
+        raise JoinError(f"the plane returned {sid} for Gateway {gateway}, not a workload identity")
+    identity = NodeIdentity(
+        node,
+        response.trust_domain,
+        response.chain_pem,
+        key_pem(key),
+        response.trust_bundle_pem,
+        identity=str(sid) if gateway else "",
+    )
     log.info("joined as %s (serial %x)", identity.spiffe_id, identity.leaf.serial_number)
     return identity

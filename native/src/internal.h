@@ -70,7 +70,7 @@ typedef struct aio {
 
 enum cmd_kind {
     CMD_CONNECT, CMD_SERVE, CMD_OPEN_STREAM, CMD_ACCEPT, CMD_REJECT, CMD_RESET, CMD_SPLICE, CMD_CLOSE,
-    CMD_FAST_OPEN, CMD_ACCEPT_CONNECT,
+    CMD_FAST_OPEN, CMD_ACCEPT_CONNECT, CMD_FLOW_STATS,
 };
 
 typedef struct acmd {
@@ -85,6 +85,7 @@ typedef struct acmd {
     char *text2;     /* forwarded header value (malloc'd) or NULL */
     char *text3;     /* extra request headers, "name: value\n" lines (malloc'd) or NULL */
     uint64_t aux;    /* CMD_FAST_OPEN: the fast path entry id */
+    ambit_flow_query *query; /* CMD_FLOW_STATS: this loop's share of a query (flows.c) */
     struct acmd *next;
 } acmd;
 
@@ -220,6 +221,15 @@ int hconn_client_usable(ambit_loop *l, uint64_t id);
 void upstream_start(ambit_loop *l, acmd *c);
 void upstream_tick(ambit_loop *l);
 void upstream_destroy_all(ambit_loop *l);
+
+/* flows.c: a loop answers its items of a flow query; a query command dropped unrun (engine stopped)
+ * gives up its share. hconn/pump fill one item they own (1 found, 0 unknown). */
+void flows_answer(ambit_loop *l, ambit_flow_query *q);
+void flows_abandon(ambit_flow_query *q);
+int hconn_flow_stats(ambit_loop *l, ambit_flow_stats *item);
+int pump_flow_stats(ambit_loop *l, ambit_flow_stats *item);
+acmd *cmd_new(int kind);
+void loop_post(ambit_loop *l, acmd *c);
 
 /* pump.c */
 void pump_start(ambit_loop *l, acmd *c);
