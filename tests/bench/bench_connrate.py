@@ -145,8 +145,9 @@ def _profile(pids: list[int], out: Path | None, seconds: float) -> list[subproce
     procs = []
     if os.environ.get("AMBIT_BENCH_PERF"):  # the engine's C threads too (py-spy sees Python frames only)
         for i, pid in enumerate(pids):
-            argv = ["perf", "record", "-F", "499", "-g", "-p", str(pid), "-o", str(out / f"perf-{i + 1}.data"),
-                    "--", "sleep", str(int(seconds))]  # fmt: skip
+            data = f"{out}/perf-{i + 1}.data"
+            argv = ["perf", "record", "-F", "499", "-g", "-p", str(pid), "-o", data]
+            argv += ["--", "sleep", f"{seconds}"]
             procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         return procs
     for i, pid in enumerate(pids):
