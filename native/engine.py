@@ -402,12 +402,16 @@ class Engine:
     ) -> None:
         """Install fast path entry `entry_id` (refused when `generation`, read before the routing decision,
         is no longer the engine's): up to `credits` streams from `source_ip` to
-        `destination_ip:destination_port` on the least busy of `conns` (see `open_stream` for `authority`,
-        `forwarded`, `headers`; a fresh traceparent is added per stream). EngineError when the table is
+        `destination_ip:destination_port` on the least busy of `conns` (see `open_stream` for `authority`
+        and `headers`; a fresh traceparent is added per stream; `forwarded`, the client's IP, is sent with
+        each client's source port, `for="<ip>:<port>"`). EngineError when the table is
         full, the entry exists, or an argument is bad."""
         if not 1 <= len(conns) <= FAST_MAX_CONNS:
             raise EngineError(f"fast path entry needs 1..{FAST_MAX_CONNS} connections, got {len(conns)}")
-        header = forwarded_for(forwarded) if forwarded else ffi.NULL
+        header = ffi.NULL
+        if forwarded:
+            forwarded_for(forwarded)  # validates; the engine adds each client's port (for="<ip>:<port>")
+            header = str(ipaddress.ip_address(forwarded)).encode()
         extra = _extra_headers(headers) if headers else ffi.NULL
         ids = ffi.new("uint64_t[]", list(conns))
         self._call(

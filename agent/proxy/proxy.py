@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from agent.connections import ConnectionObserver
 from agent.policy.decision import ConnectionAttrs
 from agent.proxy import live
-from agent.proxy.inbound import STATUS_FORBIDDEN, Inbound
+from agent.proxy.inbound import Inbound
 from agent.proxy.limits import Budgets, Limits
 from agent.proxy.loop import ControlLoop
 from agent.proxy.outbound import Outbound
@@ -197,14 +197,14 @@ class Proxy:
             rt.table.mark(entry, "DENY", reason)
             rt.counters["closed_by_policy"] += 1
             try:
-                if not entry.reported and entry.path is not Path.HBONE_CLIENT:
+                if not entry.reported and entry.path is Path.SPLICE:
                     # Still connecting upstream: the connect callback finds the entry gone and drops it.
-                    if entry.path is Path.HBONE_SERVER:
-                        rt.engine.reject_stream(entry.engine_conn, entry.engine_stream, STATUS_FORBIDDEN)
                     rt.table.finish(conn_id)
                 elif entry.path is Path.SPLICE:
                     rt.engine.close(entry.engine_conn)  # the engine then reports splice_closed
                 else:
+                    # HBONE, also a served stream the engine may have answered 200 already (its connect to
+                    # the pod done, the stream_accepted event not seen yet): reset; its close event follows.
                     rt.engine.reset_stream(entry.engine_conn, entry.engine_stream)
             except EngineError as exc:  # already gone: its close event is on the way
                 log.debug("closing connection %d: %s", conn_id, exc)

@@ -202,8 +202,9 @@ int ambit_fastpath_set_capacity(ambit_engine *e, int capacity);
 /* Installs entry `entry_id` (Python's id, unique; `generation` read before the routing decision it
  * encodes, refused when stale) for streams from src_ip to dst_ip:dst_port on one of
  * `conns` (1..AMBIT_FAST_MAX_CONNS pooled client connections; the least busy is taken, and while all carry
- * a stream and nconns < spread it is a miss), at most `credits` of them. authority / forwarded / extra as
- * ambit_open_stream's (a fresh traceparent is appended to extra per stream). -1: full, exists, bad input. */
+ * a stream and nconns < spread it is a miss), at most `credits` of them. authority / extra as
+ * ambit_open_stream's (a fresh traceparent is appended to extra per stream); forwarded: the client's IP
+ * address (NULL: no header), sent as `forwarded: for="<ip>:<client port>"`. -1: full, exists, bad input. */
 /* Every entry installed so far stops opening streams (a new snapshot, policy or credentials); returns the
  * new generation. Callable from any thread without Python's locks. */
 uint64_t ambit_fastpath_invalidate(ambit_engine *e);

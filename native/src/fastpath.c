@@ -230,7 +230,7 @@ int ambit_fastpath_put(ambit_engine *e, uint64_t entry_id, uint64_t generation, 
     else if (nconns < 1 || nconns > AMBIT_FAST_MAX_CONNS || credits < 1 || spread < 1)
         why = "bad connections, spread or credits";
     else if (!authority || !*authority || strlen(authority) >= AMBIT_HEADER_MAX ||
-             (forwarded && (strlen(forwarded) >= AMBIT_HEADER_MAX || strpbrk(forwarded, "\r\n"))) ||
+             (forwarded && key_from_text(&(fkey){0}, forwarded, forwarded, 1) < 0) ||
              (extra && strlen(extra) > AMBIT_EXTRA_BYTES - FAST_TP_LINE))
         why = "bad authority or headers";
     if (why) {
@@ -359,6 +359,17 @@ static uint64_t pick(struct fastpath *f, fentry *x, int *miss)
     return best;
 }
 
+/* `forwarded: for="<ip>:<port>"` (RFC 7239 section 6; IPv6 bracketed) naming the client and its source
+ * port, as the ordinary path (Engine.open_stream with forwarded_port) and ztunnel send it. */
+static char *forwarded_for(const char *ip, int port)
+{
+    char buf[AMBIT_HEADER_MAX];
+    const char *fmt = strchr(ip, ':') ? "for=\"[%s]:%d\"" : "for=\"%s:%d\"";
+    if (snprintf(buf, sizeof(buf), fmt, ip, port) >= (int)sizeof(buf))
+        return NULL;
+    return strdup(buf);
+}
+
 static void accept_one(ambit_engine *e, struct fastpath *f, int fd)
 {
     fkey k;
@@ -380,7 +391,7 @@ static void accept_one(ambit_engine *e, struct fastpath *f, int fd)
     if (conn) {
         size_t extra = (x->extra ? strlen(x->extra) : 0) + FAST_TP_LINE;
         c->text = strdup(x->authority);
-        c->text2 = x->forwarded ? strdup(x->forwarded) : NULL;
+        c->text2 = x->forwarded ? forwarded_for(x->forwarded, src_port) : NULL;
         c->text3 = malloc(extra);
         if (!c->text || (x->forwarded && !c->text2) || !c->text3) {
             conn = 0;

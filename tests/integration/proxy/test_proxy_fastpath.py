@@ -114,6 +114,7 @@ def test_fast_connections_are_recorded_as_the_ordinary_path_records_them(lab: Pr
     # The traceparent the engine generated is the one sent: the destination's record joins on it.
     inbound = lab.wait_closed("node-2", lambda ev: ev["trace_id"] == last["trace_id"] and ev["trace_id"])
     assert inbound["source_ip"] == lab.pod_ip("pod-1-1") and inbound["response_flags"] == "-"
+    assert inbound["source_port"] == last["source_port"]  # forwarded: for="<ip>:<client port>" per stream
     opened = [e for e in lab.events("node-1") if e["event"] == "opened" and e["conn_id"] == last["conn_id"]]
     assert len(opened) == 1
     counters = lab.status("node-1")["counters"]

@@ -67,7 +67,8 @@ def test_installed_destination_opens_without_python(
     assert TRACEPARENT.fullmatch(opened.traceparent) and opened.tag >= 1 << 62
     req = events.kind("stream_request", conn_id=t.server)
     assert req.authority == f"10.244.2.2:{listener[1]}"
-    assert (req.forwarded, req.baggage) == ("for=10.244.1.2", BAGGAGE)
+    port = client.getsockname()[1]
+    assert (req.forwarded, req.baggage) == (f'for="10.244.1.2:{port}"', BAGGAGE)
     assert req.traceparent == opened.traceparent  # the one the record names is the one sent
     up, ours = socket.socketpair()
     engine.accept_stream(t.server, req.stream_id, ours.detach(), tag=5)
