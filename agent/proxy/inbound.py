@@ -256,8 +256,12 @@ class Inbound:
         else:
             src = self._sources.lookup(snap, conn.principal, conn.peer_ip)
             src_ip = src.ips[0] if src is not None else conn.peer_ip
+        attrs = ConnectionAttrs(conn.principal, src_ip, dst_ip, dst_port, dst.uid, dst.namespace, tls=True)
+        decision = rt.authorize(attrs)
+        tag = rt.table.next_tag()
+        # Built once, complete (the decision's policy, the table's tag): no replace per stream.
         record = ConnectionRecord(
-            conn_id=0,
+            conn_id=tag,
             direction=Direction.INBOUND,
             source_ip=src_ip,
             source_port=_source_port(src_ip, claim if claimed is not None else None, conn),
@@ -272,10 +276,8 @@ class Inbound:
             peer_cert_sha256=conn.peer_cert_sha256,
             start_time=time.time(),
             trace_id=self._trace_id(ev, conn),
+            policy=decision.policy,
         )
-        attrs = ConnectionAttrs(conn.principal, src_ip, dst_ip, dst_port, dst.uid, dst.namespace, tls=True)
-        decision = rt.authorize(attrs)
-        record = dataclasses.replace(record, policy=decision.policy)
         if not decision.allow:
             rt.counters["inbound_denied"] += 1
             self._reject(ev, STATUS_FORBIDDEN)
@@ -294,7 +296,7 @@ class Inbound:
                 rt.table.reject(record, "UO", f"{key} is over its {budget.name} limit ({budget.limit})")
                 return
         spoof = src_ip if ((claimed is not None or src is not None) and rt.preserve_source_ip) else None
-        entry = Entry(rt.table.next_tag(), record, Path.HBONE_SERVER, attrs, ev.conn_id, ev.stream_id)
+        entry = Entry(tag, record, Path.HBONE_SERVER, attrs, ev.conn_id, ev.stream_id)
         try:
             # The engine connects to the pod and answers 200 once connected (stream_accepted), or 503
             # (upstream_failed): no socket or connect watch in this loop.
