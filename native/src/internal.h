@@ -218,9 +218,9 @@ void fastpath_free(ambit_engine *e);
 int hconn_client_usable(ambit_loop *l, uint64_t id);
 
 /* upstream.c */
-void upstream_start(ambit_loop *l, acmd *c);
-void upstream_tick(ambit_loop *l);
-void upstream_destroy_all(ambit_loop *l);
+void accept_connect_start(ambit_loop *l, acmd *c);
+void accept_connect_tick(ambit_loop *l);
+void accept_connect_destroy_all(ambit_loop *l);
 
 /* flows.c: a loop answers its items of a flow query; a query command dropped unrun (engine stopped)
  * gives up its share. hconn/pump fill one item they own (1 found, 0 unknown). */

@@ -166,7 +166,7 @@ static void cmd_run(ambit_loop *l, acmd *c)
     case CMD_SERVE: hconn_start(l, c, 1); break;
     case CMD_OPEN_STREAM: hconn_open_stream(l, c); break;
     case CMD_FAST_OPEN: fastpath_run_open(l, c); break;
-    case CMD_ACCEPT_CONNECT: upstream_start(l, c); break;
+    case CMD_ACCEPT_CONNECT: accept_connect_start(l, c); break;
     case CMD_ACCEPT: hconn_accept(l, c); break;
     case CMD_REJECT: hconn_reject(l, c); break;
     case CMD_RESET: hconn_reset(l, c); break;
@@ -223,7 +223,7 @@ static void on_tick(ambit_loop *l, aio *io, uint32_t events)
     hconn_tick(l);
     linger_tick(l);
     fastpath_tick(l);
-    upstream_tick(l);
+    accept_connect_tick(l);
     if (l->index == 0)
         maybe_trim(l->engine);
 }
@@ -263,7 +263,7 @@ static void *loop_main(void *arg)
         pump_process_pending(l);
         linger_reap(l, 0);
     }
-    upstream_destroy_all(l);
+    accept_connect_destroy_all(l);
     hconn_destroy_all(l);
     pump_destroy_all(l);
     linger_reap(l, 1);

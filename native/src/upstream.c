@@ -180,7 +180,7 @@ static void on_upstream(ambit_loop *l, aio *io, uint32_t events)
     finish(l, u, error);
 }
 
-void upstream_start(ambit_loop *l, acmd *c)
+void accept_connect_start(ambit_loop *l, acmd *c)
 {
     char err[160];
     int fd = upstream_socket(c->text, c->status, c->text2, (int)c->aux, err, sizeof(err));
@@ -210,7 +210,7 @@ void upstream_start(ambit_loop *l, acmd *c)
     }
 }
 
-void upstream_tick(ambit_loop *l)
+void accept_connect_tick(ambit_loop *l)
 {
     uint64_t now = now_ms();
     for (upconn *u = l->upconns, *next; u; u = next) {
@@ -220,7 +220,7 @@ void upstream_tick(ambit_loop *l)
     }
 }
 
-void upstream_destroy_all(ambit_loop *l)
+void accept_connect_destroy_all(ambit_loop *l)
 {
     for (upconn *u = l->upconns, *next; u; u = next) {
         next = u->next;
