@@ -547,7 +547,8 @@ void fastpath_stream_done(ambit_engine *e, uint64_t conn_id)
     pthread_mutex_unlock(&f->lock);
 }
 
-/* After the loops stopped: the listener and the table go with the engine. */
+/* After the loops stopped: the listener, the table, and the fds of hand-offs never drained go with the
+ * engine. */
 void fastpath_free(ambit_engine *e)
 {
     struct fastpath *f = e->fast;
@@ -555,6 +556,11 @@ void fastpath_free(ambit_engine *e)
         return;
     if (f->listen_fd >= 0)
         close(f->listen_fd);
+    for (size_t i = 0; i < e->ev_count; i++) { /* accepted sockets Python never took */
+        const ambit_event *ev = &e->evq[(e->ev_head + i) % e->ev_cap];
+        if (ev->kind == AMBIT_EV_FAST_MISS && ev->status >= 0)
+            close(ev->status);
+    }
     for (size_t i = 0; i < f->nslots; i++)
         for (fentry *x = f->slots[i], *next; x; x = next) {
             next = x->chain;

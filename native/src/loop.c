@@ -424,11 +424,11 @@ void ambit_engine_free(ambit_engine *e)
     }
     if (e->evfd >= 0)
         close(e->evfd);
+    fastpath_free(e); /* before the event queue: undelivered hand-offs still own their fds */
     free(e->evq);
     pthread_mutex_destroy(&e->ev_lock);
     pthread_mutex_destroy(&e->ctx_lock);
     limits_free(e);
-    fastpath_free(e);
     pthread_mutex_destroy(&e->limits_lock);
     free(e);
 }

@@ -7,10 +7,11 @@ from __future__ import annotations
 import os
 import re
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
-from engine_testkit import Events, Pki, Tunnel, tunnel
+from engine_testkit import Events, Pki, Tunnel, fd_count, tunnel
 
 from native.engine import Engine, EngineError, Event
 
@@ -147,3 +148,22 @@ def test_connection_gone_between_lookup_and_open_goes_to_python(
     assert engine.counters()["fastpath_misses_conn_gone"] == 1
     assert engine.fastpath_remove(1) == 8  # the credit came back with the miss
     client.close()
+
+
+def test_hand_offs_never_drained_are_closed_with_the_engine() -> None:
+    """An accepted socket queued for Python (fast_miss) when the engine stops is closed, not leaked."""
+    before = fd_count()
+    eng = Engine(threads=1)
+    eng.start()
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(8)
+    addr = lst.getsockname()
+    eng.fastpath_listen(lst.detach())
+    client = socket.create_connection(addr)
+    deadline = time.monotonic() + 10
+    while eng.counters()["fastpath_misses"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    eng.stop()
+    client.close()
+    assert fd_count() == before
