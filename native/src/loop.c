@@ -53,6 +53,16 @@ void event_init(ambit_event *ev, int kind, uint64_t conn_id, uint64_t stream_id,
     ev->tag = tag;
 }
 
+/* On a loop thread the eventfd write that wakes Python waits for the end of the epoll batch being handled:
+ * the events of one batch (many connections' opens and closes under load) cost Python one wake-up. */
+static __thread int wake_deferred, wake_pending;
+
+static void wake_python(ambit_engine *e)
+{
+    uint64_t one = 1;
+    (void)!write(e->evfd, &one, sizeof(one));
+}
+
 int event_emit(ambit_engine *e, const ambit_event *ev)
 {
     int wake = 0;
@@ -75,10 +85,10 @@ int event_emit(ambit_engine *e, const ambit_event *ev)
     e->evq[(e->ev_head + e->ev_count) % e->ev_cap] = *ev;
     wake = e->ev_count++ == 0;
     pthread_mutex_unlock(&e->ev_lock);
-    if (wake) {
-        uint64_t one = 1;
-        (void)!write(e->evfd, &one, sizeof(one));
-    }
+    if (wake && wake_deferred)
+        wake_pending = 1;
+    else if (wake)
+        wake_python(e);
     return 0;
 }
 
@@ -251,6 +261,7 @@ static void *loop_main(void *arg)
     sigemptyset(&pipe_set);
     sigaddset(&pipe_set, SIGPIPE);
     pthread_sigmask(SIG_BLOCK, &pipe_set, NULL);
+    wake_deferred = 1;
     while (__atomic_load_n(&l->running, __ATOMIC_ACQUIRE)) {
         int n = epoll_wait(l->epfd, evs, 256, (l->ready || l->dirty) ? 0 : -1);
         if (n < 0 && errno != EINTR)
@@ -262,7 +273,13 @@ static void *loop_main(void *arg)
         hconn_process_pending(l);
         pump_process_pending(l);
         linger_reap(l, 0);
+        if (wake_pending) {
+            wake_pending = 0;
+            wake_python(l->engine);
+        }
     }
+    if (wake_pending)
+        wake_python(l->engine);
     accept_connect_destroy_all(l);
     hconn_destroy_all(l);
     pump_destroy_all(l);
