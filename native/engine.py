@@ -46,6 +46,8 @@ LIMITS = {
     "conn_buffer": 7,
 }
 _ERRLEN = 512
+# ambit_flow_state: what a live stream or splice is doing (docs/engine.md, "Live flows").
+FLOW_STATES = {0: "unknown", 1: "connecting", 2: "open", 3: "half_closed", 4: "closing"}
 
 
 class EngineError(Exception):
@@ -72,6 +74,16 @@ class Event:
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class FlowStats:
+    """A live stream's or splice's byte counts so far (same meaning as its end event's) and state; state
+    "unknown" (counts 0) when the engine holds no such stream or splice (ended, or never existed)."""
+
+    state: str
+    bytes_in: int
+    bytes_out: int
+
+
 def crypto_version() -> str:
     """The OpenSSL build the engine links, e.g. 'OpenSSL 3.0.19 ...'."""
     return str(ffi.string(lib.ambit_crypto_version()).decode())
@@ -87,17 +99,22 @@ def cert_is_ca(pem: bytes) -> bool:
     return rv == 1
 
 
-def forwarded_for(ip: str) -> bytes:
-    """The RFC 7239 `forwarded` value naming `ip` as the client: for=192.0.2.1, for="[2001:db8::1]"."""
+def forwarded_for(ip: str, port: int = 0) -> bytes:
+    """The RFC 7239 `forwarded` value naming `ip` (and its source `port` when not 0) as the client:
+    for=192.0.2.1, for="192.0.2.1:40000", for="[2001:db8::1]", for="[2001:db8::1]:40000" (a node with a
+    port, or an IPv6 one, is a quoted-string: RFC 7239 section 6)."""
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:
         raise EngineError(f"forwarded: {ip!r} is not an IP address") from None
+    if not 0 <= port <= 65535:
+        raise EngineError(f"forwarded: port {port} is not 0-65535")
+    suffix = f":{port}" if port else ""
     if addr.version == 6:
         if addr.scope_id:  # type: ignore[union-attr]
             raise EngineError(f"forwarded: {ip!r} has a zone")
-        return f'for="[{addr.compressed}]"'.encode()
-    return f"for={addr.compressed}".encode()
+        return f'for="[{addr.compressed}]{suffix}"'.encode()
+    return (f'for="{addr.compressed}{suffix}"' if port else f"for={addr.compressed}").encode()
 
 
 def _extra_headers(headers: Sequence[tuple[str, str]]) -> bytes:
@@ -245,13 +262,15 @@ class Engine:
         tag: int = 0,
         forwarded: str = "",
         headers: Sequence[tuple[str, str]] = (),
+        forwarded_port: int = 0,
     ) -> int:
         """A CONNECT stream to `authority`; `forwarded` (an IP address, or "") names the client to the peer
-        as the request header `forwarded: for=<ip>` (RFC 7239; IPv6 quoted and bracketed). `headers`: more
+        as the request header `forwarded: for=<ip>` (RFC 7239; IPv6 quoted and bracketed), with the client's
+        source port when `forwarded_port` is set (`for="<ip>:<port>"`, as ztunnel sends). `headers`: more
         request headers (e.g. baggage, traceparent): lowercase names, at most 8, 2 KiB in all; a malformed
         one raises EngineError (checked here) or refuses the stream (stream_refused, checked in C)."""
         try:
-            header = forwarded_for(forwarded) if forwarded else ffi.NULL
+            header = forwarded_for(forwarded, forwarded_port) if forwarded else ffi.NULL
             extra = _extra_headers(headers) if headers else ffi.NULL
         except EngineError:
             os.close(local_fd)  # the engine owns local_fd from the call on, even when it fails
@@ -276,6 +295,34 @@ class Engine:
     def close(self, conn_id: int) -> None:
         """Graceful end of an HBONE connection (GOAWAY, streams finish, close_notify) or of a splice."""
         self._call(lib.ambit_close, conn_id)
+
+    def flow_stats(self, flows: Sequence[tuple[int, int]], timeout_s: float = 2.0) -> list[FlowStats]:
+        """Live counts of `flows`, each (conn_id, stream_id) for a stream or (splice_id, 0) for a splice, in
+        order. Answered by the loop threads that own them (one command per loop per 4,096 flows); the
+        engine lock is only held to post, so events keep flowing while the loops answer. Raises
+        EngineError when the engine is stopped or a loop does not answer within `timeout_s`."""
+        out: list[FlowStats] = []
+        batch = int(lib.AMBIT_FLOW_QUERY_MAX)
+        for start in range(0, len(flows), batch):
+            out += self._flow_batch(flows[start : start + batch], timeout_s)
+        return out
+
+    def _flow_batch(self, flows: Sequence[tuple[int, int]], timeout_s: float) -> list[FlowStats]:
+        n = len(flows)
+        items = ffi.new("ambit_flow_stats[]", n)
+        for i, (conn_id, stream_id) in enumerate(flows):
+            items[i].conn_id, items[i].stream_id = conn_id, stream_id
+        err = ffi.new("char[]", _ERRLEN)
+        with self._lock:
+            query = lib.ambit_flow_query_post(self._h(), items, n, err, _ERRLEN)
+        if query == ffi.NULL:
+            raise EngineError(_text(err))
+        if lib.ambit_flow_query_wait(query, items, n, int(timeout_s * 1000)) < 0:
+            raise EngineError(f"engine loops did not answer a flow query within {timeout_s} s")
+        return [
+            FlowStats(FLOW_STATES.get(it.state, "unknown"), int(it.bytes_in), int(it.bytes_out))
+            for it in (items[i] for i in range(n))
+        ]
 
     def counters(self) -> dict[str, int]:
         with self._lock:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from agent.connections import ConnectionRecord, Direction
 from agent.policy.decision import ConnectionAttrs
-from agent.proxy.forwarded import Belief, ForwardedError, believe, parse_forwarded_for
+from agent.proxy.forwarded import Belief, Forwarded, ForwardedError, believe, parse_forwarded
 from agent.proxy.runtime import MeshView, Runtime
 from agent.proxy.sockets import (
     AuthorityError,
@@ -244,13 +244,14 @@ class Inbound:
             self._refuse_stream(ev, STATUS_NOT_FOUND, f"{dst_ip} is not a workload on node {rt.node}")
             return
         claim = self._parse_claim(ev, conn)
-        unknown = [ip for ip in dict.fromkeys((conn.peer_ip, claim)) if ip and self._unknown(snap, ip)]
+        claim_ip = claim.ip if claim is not None else None
+        unknown = [ip for ip in dict.fromkeys((conn.peer_ip, claim_ip)) if ip and self._unknown(snap, ip)]
         if unknown and not looked_up and rt.lookup is not None:
             # A claim (the TCP peer address, `forwarded`) can only be believed for a workload we know:
             # learn who holds the addresses first.
             self._lookup_claims(ev, unknown)
             return
-        claimed = self._peer_source(snap, conn) or self._believed_source(claim, snap, conn)
+        claimed = self._peer_source(snap, conn) or self._believed_source(claim_ip, snap, conn)
         if claimed is not None:
             src_ip, src = claimed
         else:
@@ -260,7 +261,7 @@ class Inbound:
             conn_id=0,
             direction=Direction.INBOUND,
             source_ip=src_ip,
-            source_port=0,  # the CONNECT does not carry the client's port
+            source_port=_source_port(src_ip, claim if claimed is not None else None, conn),
             destination_ip=dst_ip,
             destination_port=dst_port,
             source_principal=conn.presented or str(conn.principal),
@@ -328,10 +329,10 @@ class Inbound:
         self.rt.counters["hbone_peer_address_used"] += 1
         return conn.peer_ip, known
 
-    def _parse_claim(self, ev: Event, conn: ServerConn) -> str | None:
-        """The IP the stream's `forwarded` header claims (None when absent or malformed, counted)."""
+    def _parse_claim(self, ev: Event, conn: ServerConn) -> Forwarded | None:
+        """What the stream's `forwarded` header claims (None when absent or malformed, counted)."""
         try:
-            return parse_forwarded_for(ev.forwarded)
+            return parse_forwarded(ev.forwarded)
         except ForwardedError as exc:
             self.rt.counters["hbone_forwarded_invalid"] += 1
             self.rt.warn.warning("forwarded_invalid", "HBONE stream from %s: ignoring forwarded header: %s",
@@ -488,3 +489,12 @@ class Inbound:
         entry = Entry(rt.table.next_tag(), record, Path.SPLICE, attrs)
         rt.table.add(rt.hold(rt.budgets.plaintext_sources, record.source_ip, entry))
         rt.splice_when_connected(client, upstream, entry)
+
+
+def _source_port(src_ip: str, believed: Forwarded | None, conn: ServerConn) -> int:
+    """The client's source port: the one the peer's `forwarded` claim names with the source address
+    (`for="ip:port"`, as ztunnel and ambit send it) once that source is believed; else, when the source is
+    the HBONE connection's own peer, that connection's port (what ztunnel reports); else unknown (0)."""
+    if believed is not None and believed.ip == src_ip and believed.port:
+        return believed.port
+    return conn.peer_port if src_ip == conn.peer_ip else 0

@@ -199,6 +199,7 @@ class Outbound:
         try:
             entry.engine_stream = rt.engine.open_stream(
                 conn.conn_id, authority, client.detach(), entry.tag, forwarded=src_ip,
+                forwarded_port=record.source_port,
                 headers=(("baggage", context[0]), ("traceparent", context[1])),
             )  # fmt: skip
         except EngineError as exc:  # the engine closed the client fd

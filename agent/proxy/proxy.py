@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from agent.connections import ConnectionObserver
 from agent.policy.decision import ConnectionAttrs
+from agent.proxy import live
 from agent.proxy.inbound import STATUS_FORBIDDEN, Inbound
 from agent.proxy.limits import Budgets, Limits
 from agent.proxy.loop import ControlLoop
@@ -18,7 +19,7 @@ from agent.proxy.pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_STREAMS, Pool, Po
 from agent.proxy.runtime import AuditSink, Authorizer, MeshView, Runtime
 from agent.proxy.sockets import format_authority, listener
 from agent.proxy.status import refused_stream_flags
-from agent.proxy.table import ConnectionTable, Entry, Path
+from agent.proxy.table import ConnectionTable, Entry, Path, towards_destination
 from agent.proxy.tls import ProxyCredentials, TlsContexts
 from agent.redirect.marks import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
 from native.engine import Engine, EngineError, Event
@@ -200,8 +201,11 @@ class Proxy:
                 log.debug("closing connection %d: %s", conn_id, exc)
 
     def rows(self) -> list[dict[str, object]]:
+        """Live connections with their byte counts so far: the table is read under the control loop's
+        lock, the engine asked after it is released (its loops answer; events keep being handled)."""
         with self._loop.lock:
-            return self._rt.table.rows()
+            pending = live.snapshot(self._rt.table)
+        return live.rows(self._rt.engine, pending)
 
     def pool_rows(self) -> list[dict[str, object]]:
         with self._loop.lock:
@@ -348,12 +352,5 @@ def _hbone_route(snap: MeshView, key: PoolKey) -> tuple[str, str] | None:
 
 
 def _bytes_towards_destination(entry: Entry, ev: Event) -> tuple[int, int]:
-    """(sent to the destination, received from it) from the engine's counts.
-
-    Streams count DATA received from (bytes_in) and sent to (bytes_out) the HBONE peer, which is the
-    destination's side for our client streams and the source's side for streams we serve. Splices count
-    what was read from fd_a (bytes_in) and written to it (bytes_out); fd_a is always the client.
-    """
-    if entry.path is Path.HBONE_CLIENT:
-        return ev.bytes_out, ev.bytes_in
-    return ev.bytes_in, ev.bytes_out
+    """(sent to the destination, received from it) from the engine's counts at the end."""
+    return towards_destination(entry.path, ev.bytes_in, ev.bytes_out)

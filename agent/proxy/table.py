@@ -136,22 +136,38 @@ class ConnectionTable:
 
     def rows(self) -> list[dict[str, object]]:
         now = time.monotonic()
-        rows: list[dict[str, object]] = []
-        for e in self._entries.values():
-            r = e.record
-            rows.append(
-                {
-                    "id": e.tag,
-                    "direction": r.direction.value,
-                    "source": f"{r.source_ip}:{r.source_port}",
-                    "destination": f"{r.destination_ip}:{r.destination_port}",
-                    "source_principal": r.source_principal,
-                    "destination_principal": r.destination_principal,
-                    "source_workload": r.source_workload,
-                    "destination_workload": r.destination_workload,
-                    "path": e.path.value,
-                    "state": "established" if e.reported else "connecting",
-                    "age_s": round(now - e.started, 1),
-                }
-            )
-        return rows
+        return [row(e, now) for e in self._entries.values()]
+
+
+def row(e: Entry, now: float) -> dict[str, object]:
+    """The admin view of one live connection as the table knows it (live byte counts: proxy/live.py)."""
+    r = e.record
+    return {
+        "id": e.tag,
+        "direction": r.direction.value,
+        "source": _endpoint(r.source_ip, r.source_port),
+        "destination": _endpoint(r.destination_ip, r.destination_port),
+        "state": "established" if e.reported else "connecting",
+        "age_s": round(now - e.started, 1),
+        "source_workload": r.source_workload,
+        "destination_workload": r.destination_workload,
+        "source_principal": r.source_principal,
+        "destination_principal": r.destination_principal,
+        "path": e.path.value,
+    }
+
+
+def _endpoint(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def towards_destination(path: Path, bytes_in: int, bytes_out: int) -> tuple[int, int]:
+    """(sent to the destination, received from it) from the engine's counts of a stream or splice.
+
+    Streams count DATA received from (bytes_in) and sent to (bytes_out) the HBONE peer, which is the
+    destination's side for our client streams and the source's side for streams we serve. Splices count
+    what was read from fd_a (bytes_in) and written to it (bytes_out); fd_a is always the client.
+    """
+    if path is Path.HBONE_CLIENT:
+        return bytes_out, bytes_in
+    return bytes_in, bytes_out

@@ -134,4 +134,34 @@ int ambit_reset_stream(ambit_engine *e, uint64_t conn_id, uint64_t stream_id, ch
 int64_t ambit_splice(ambit_engine *e, int fd_a, int fd_b, uint64_t tag, char *err, size_t errlen);
 int ambit_close(ambit_engine *e, uint64_t conn_id, char *err, size_t errlen);
 
+/* Live byte counts and state of streams and splices (`ambit debug connections`), answered by the loop
+ * threads that own them: post one query (one command per loop that owns an item), then wait for it. The
+ * caller may wait without holding anything the loops need; a query outlives a timeout or engine stop. */
+enum ambit_flow_state {
+    AMBIT_FLOW_UNKNOWN = 0,  /* no such stream or splice (ended, or never existed) */
+    AMBIT_FLOW_CONNECTING,   /* client: CONNECT sent, no 2xx yet; server: announced, not accepted yet */
+    AMBIT_FLOW_OPEN,
+    AMBIT_FLOW_HALF_CLOSED,  /* one direction ended (EOF / END_STREAM), the other still carries bytes */
+    AMBIT_FLOW_CLOSING,      /* both directions ended or reset: the end event follows */
+};
+
+typedef struct ambit_flow_stats {
+    uint64_t conn_id;    /* in: HBONE connection id (with stream_id) or splice id (stream_id 0) */
+    uint64_t stream_id;  /* in: engine stream id, 0 for a splice */
+    int state;           /* out: AMBIT_FLOW_* */
+    uint64_t bytes_in;   /* out: as in the end event (stream: DATA from the peer; splice: read from fd_a) */
+    uint64_t bytes_out;  /* out: stream: DATA sent to the peer; splice: written to fd_a */
+} ambit_flow_stats;
+
+typedef struct ambit_flow_query ambit_flow_query;
+
+/* Items per query, at most (callers batch beyond it). */
+enum { AMBIT_FLOW_QUERY_MAX = 4096 };
+/* A query of n items (1..AMBIT_FLOW_QUERY_MAX), or NULL with err set (engine stopped, bad n, no memory). */
+ambit_flow_query *ambit_flow_query_post(ambit_engine *e, const ambit_flow_stats *items, int n, char *err,
+                                        size_t errlen);
+/* Waits up to timeout_ms for every loop's answer, copies the n items to out and frees the query (the
+ * loops drop their part when they answer). Returns the number of items found, or -1 on timeout. */
+int ambit_flow_query_wait(ambit_flow_query *q, ambit_flow_stats *out, int n, int timeout_ms);
+
 #endif

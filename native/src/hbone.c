@@ -218,6 +218,24 @@ static void stream_finish(hstream *s, const char *detail)
     mark_dirty(c);
 }
 
+/* flows.c: the live counts and state of stream item->stream_id, on the loop that owns it. */
+int hconn_flow_stats(ambit_loop *l, ambit_flow_stats *item)
+{
+    hstream *s = amap_get(&l->streams, item->stream_id);
+    if (!s || s->conn->id != item->conn_id)
+        return 0;
+    item->bytes_in = s->bytes_in;
+    item->bytes_out = s->bytes_out;
+    if (!s->opened)
+        item->state = AMBIT_FLOW_CONNECTING;
+    else if (s->local_reset || s->tcp_failed || s->rst_pending || s->wr_dead || s->h2_error ||
+             (s->tcp_eof && s->peer_eof))
+        item->state = AMBIT_FLOW_CLOSING;
+    else
+        item->state = s->tcp_eof || s->peer_eof ? AMBIT_FLOW_HALF_CLOSED : AMBIT_FLOW_OPEN;
+    return 1;
+}
+
 static int stream_sending(const hstream *s)
 {
     return s->h2id > 0 && !s->h2_closed && (!s->conn->server || s->opened);

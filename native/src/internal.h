@@ -70,6 +70,7 @@ typedef struct aio {
 
 enum cmd_kind {
     CMD_CONNECT, CMD_SERVE, CMD_OPEN_STREAM, CMD_ACCEPT, CMD_REJECT, CMD_RESET, CMD_SPLICE, CMD_CLOSE,
+    CMD_FLOW_STATS,
 };
 
 typedef struct acmd {
@@ -83,6 +84,7 @@ typedef struct acmd {
     char *text;      /* expected peer / authority (malloc'd) */
     char *text2;     /* forwarded header value (malloc'd) or NULL */
     char *text3;     /* extra request headers, "name: value\n" lines (malloc'd) or NULL */
+    ambit_flow_query *query; /* CMD_FLOW_STATS: this loop's share of a query (flows.c) */
     struct acmd *next;
 } acmd;
 
@@ -201,6 +203,15 @@ void limits_peer_conn(ambit_engine *e, uint64_t peer, int delta);
 /* Counts one stream reset caused by `peer`; 1 when that exceeds its AMBIT_L_RESETS_PER_S budget. */
 int limits_reset(ambit_engine *e, uint64_t peer, uint64_t now);
 void limits_free(ambit_engine *e);
+
+/* flows.c: a loop answers its items of a flow query; a query command dropped unrun (engine stopped)
+ * gives up its share. hconn/pump fill one item they own (1 found, 0 unknown). */
+void flows_answer(ambit_loop *l, ambit_flow_query *q);
+void flows_abandon(ambit_flow_query *q);
+int hconn_flow_stats(ambit_loop *l, ambit_flow_stats *item);
+int pump_flow_stats(ambit_loop *l, ambit_flow_stats *item);
+acmd *cmd_new(int kind);
+void loop_post(ambit_loop *l, acmd *c);
 
 /* pump.c */
 void pump_start(ambit_loop *l, acmd *c);

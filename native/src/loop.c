@@ -154,6 +154,8 @@ static void cmd_free(acmd *c)
     free(c->text);
     free(c->text2);
     free(c->text3);
+    if (c->query)
+        flows_abandon(c->query);
     free(c);
 }
 
@@ -167,6 +169,10 @@ static void cmd_run(ambit_loop *l, acmd *c)
     case CMD_REJECT: hconn_reject(l, c); break;
     case CMD_RESET: hconn_reset(l, c); break;
     case CMD_SPLICE: pump_start(l, c); break;
+    case CMD_FLOW_STATS:
+        flows_answer(l, c->query);
+        c->query = NULL;
+        break;
     case CMD_CLOSE:
         if (!hconn_close_cmd(l, c->id) && !pump_close_cmd(l, c->id))
             ctr_add(l->engine, AMBIT_C_ERRORS_COMMAND, 1);
@@ -275,7 +281,7 @@ static void *loop_main(void *arg)
     return NULL;
 }
 
-static void loop_post(ambit_loop *l, acmd *c)
+void loop_post(ambit_loop *l, acmd *c)
 {
     c->next = NULL;
     pthread_mutex_lock(&l->cmd_lock);
@@ -494,7 +500,7 @@ static SSL_CTX *ctx_ref(ambit_engine *e, int64_t id)
     return out;
 }
 
-static acmd *cmd_new(int kind)
+acmd *cmd_new(int kind)
 {
     acmd *c = calloc(1, sizeof(*c));
     if (c) {

@@ -96,6 +96,21 @@ static int pdir_run(pdir *d)
     return 0;
 }
 
+/* flows.c: the live counts and state of splice item->conn_id, on the loop that owns it. */
+int pump_flow_stats(ambit_loop *l, ambit_flow_stats *item)
+{
+    apump *p = amap_get(&l->splices, item->conn_id);
+    if (!p)
+        return 0;
+    item->bytes_in = p->ab.bytes;
+    item->bytes_out = p->ba.bytes;
+    if (p->failed || p->done || (p->ab.eof && p->ba.eof))
+        item->state = AMBIT_FLOW_CLOSING;
+    else
+        item->state = p->ab.eof || p->ba.eof ? AMBIT_FLOW_HALF_CLOSED : AMBIT_FLOW_OPEN;
+    return 1;
+}
+
 static void pump_free(ambit_loop *l, apump *p, int emit)
 {
     amap_del(&l->splices, p->id);

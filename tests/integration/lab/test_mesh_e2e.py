@@ -5,7 +5,10 @@ One lab for the module: 2 nodes x 2 pods; pod-2-1 and pod-2-2 run echo servers; 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -19,7 +22,7 @@ from agent.lab.capture import Capture
 from agent.lab.plan import LabPlan
 from agent.lab.probe import ECHO_PORT, echo_roundtrip
 from agent.redirect.marks import HBONE_PORT
-from tests.conftest import ambit_debug_json, live_connection, running_mesh
+from tests.conftest import ambit_cli, ambit_debug_json, live_connection, running_mesh
 
 pytestmark = pytest.mark.root
 
@@ -162,6 +165,100 @@ def test_debug_commands_on_live_agents(meshlab: LabPlan, sub: str) -> None:
         assert {r["workload"] for r in data} >= {"demo/pod-1-1", "demo/pod-1-2"}
     if sub == "certs":
         assert any("node/node-1" in json.dumps(r) for r in data)
+
+
+# A client that holds one echo connection open: prints its own source port, then for each number N read
+# from stdin sends N bytes, reads the N echoed back and prints how many it got.
+HELD_CLIENT = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
+print(s.getsockname()[1], flush=True)
+for line in sys.stdin:
+    n, got = int(line), 0
+    s.sendall(b"x" * n)
+    while got < n and (d := s.recv(n - got)):
+        got += len(d)
+    print(got, flush=True)
+"""
+
+
+@contextlib.contextmanager
+def _held_client(netns: str, ip: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    argv = [sys.executable, "-c", HELD_CLIENT, ip, str(ECHO_PORT)]
+    proc = nsx.popen_in(netns, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        yield proc, int(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _echo_more(proc: subprocess.Popen[str], n: int) -> None:
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(f"{n}\n")
+    proc.stdin.flush()
+    assert int(proc.stdout.readline()) == n
+
+
+def _connection_row(plan: LabPlan, node: str, want: dict[str, object]) -> dict[str, object]:
+    """The row of `ambit debug connections -o json` on `node` that has every field of `want` (polled: the
+    engine counts bytes on its own threads)."""
+    deadline = time.monotonic() + 15
+    while True:
+        rows = ambit_debug_json(plan.prefix, node, "connections")
+        for row in rows:
+            if all(row.get(k) == v for k, v in want.items()):
+                return dict(row)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{node}: no connection with {want}: {rows}")
+        time.sleep(0.2)
+
+
+def test_debug_connections_show_live_bytes_and_the_real_source_port(meshlab: LabPlan) -> None:
+    """A held cross-node connection: both nodes' views name the client's real source port and count its
+    bytes exactly while it is open (N, then N + M); the table shows the same."""
+    _set_policies(meshlab, [])
+    src, dst = meshlab.pod("pod-1-1"), meshlab.pod("pod-2-1")
+    with _held_client(src.netns, dst.ip) as (proc, port):
+        source, dest = f"{src.ip}:{port}", f"{dst.ip}:{ECHO_PORT}"
+        views = {"node-1": "outbound", "node-2": "inbound"}
+        total = 0
+        for step in (70_000, 1_234_567):  # N, then M more: the counts follow exactly
+            _echo_more(proc, step)
+            total += step
+            want = {"source": source, "destination": dest, "bytes_sent": total, "bytes_received": total}
+            for node, direction in views.items():
+                row = _connection_row(meshlab, node, want)
+                assert row["direction"] == direction and row["state"] == "established", row
+                assert row["source_principal"] == f"spiffe://{mesh.principal('pod-1-1')}", row
+                assert row["destination_principal"] == f"spiffe://{mesh.principal('pod-2-1')}", row
+        table = ambit_cli("debug", "--node", "node-2", "--prefix", meshlab.prefix, "connections").stdout
+        assert "BYTES_SENT" in table and source in table and str(total) in table
+    # Closed: gone from the view (its counts are in the access record now).
+    deadline = time.monotonic() + 15
+    while any(r["source"] == source for r in ambit_debug_json(meshlab.prefix, "node-2", "connections")):
+        assert time.monotonic() < deadline, "the closed connection stayed in node-2's view"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize(
+    "client,dst,node,path",
+    [("pod-1-1", "pod-1-2", "node-1", "hbone-in"), ("node-1", "pod-2-2", "node-2", "splice")],
+    ids=["same-node-hbone", "plaintext-15006"],
+)
+def test_debug_connections_source_port_on_every_inbound_path(
+    meshlab: LabPlan, client: str, dst: str, node: str, path: str
+) -> None:
+    """Same-node HBONE (a socket pair: only `forwarded` carries the port) and plaintext from outside the
+    mesh on 15006 (the accepted socket's peer) name the client's real port too."""
+    _set_policies(meshlab, [])
+    netns = meshlab.node(client).netns if client.startswith("node-") else meshlab.pod(client).netns
+    with _held_client(netns, meshlab.pod(dst).ip) as (proc, port):
+        _echo_more(proc, 4321)
+        want = {"direction": "inbound", "path": path, "destination": f"{meshlab.pod(dst).ip}:{ECHO_PORT}"}
+        row = _connection_row(meshlab, node, {**want, "bytes_sent": 4321, "bytes_received": 4321})
+        assert str(row["source"]).endswith(f":{port}"), row
 
 
 # -- the policy issue's end-to-end subset, through the real plane and agents ------------------------------

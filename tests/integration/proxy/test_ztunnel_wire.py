@@ -156,6 +156,7 @@ def test_ztunnel_client_reaches_an_ambit_pod(lab: ProxyLab) -> None:
         and ev["destination_port"] == ECHO,
     )  # fmt: skip
     assert rec["source_ip"] == lab.pod_ip("pod-2-1")
+    assert rec["source_port"] == 43210  # the client's port from ztunnel's `forwarded: for="ip:port"`
     assert rec["destination_principal"] == principal("pod-1-1")
     assert rec["bytes_sent"] == rec["bytes_received"] == len(payload)
     assert rec["trace_id"] == TRACEPARENT.split("-")[1]  # joins ztunnel's records of this connection
@@ -225,15 +226,17 @@ def test_ambit_client_reaches_a_ztunnel_pod(lab: ProxyLab) -> None:
     assert seen["peer_id"] == principal("pod-1-1") and seen["alpn"] == "h2"
     headers = seen["headers"]
     assert headers[":method"] == "CONNECT" and headers[":authority"] == f"{lab.pod_ip('pod-2-1')}:{ECHO}"
-    assert headers["forwarded"] == f"for={lab.pod_ip('pod-1-1')}"
+    match = {"direction": "outbound", "destination_port": ECHO, "destination_ip": lab.pod_ip("pod-2-1")}
+    out = lab.wait_closed("node-1", lambda ev: all(ev[k] == v for k, v in match.items()))
+    # As ztunnel: the client's address and its real source port (the captured socket's peer port).
+    assert out["source_port"] > 0
+    assert headers["forwarded"] == f'for="{lab.pod_ip("pod-1-1")}:{out["source_port"]}"'
     assert seen["status"] == 200
     members = dict(m.split("=", 1) for m in headers["baggage"].split(","))
     assert members["k8s.namespace.name"] == "app" and members["k8s.pod.name"] == "pod-1-1"
     assert members["service.name"] == "pod-1-1" and members["k8s.cluster.name"]
     version, trace, parent, flags = headers["traceparent"].split("-")
     assert (version, len(trace), len(parent), flags) == ("00", 32, 16, "00")
-    match = {"direction": "outbound", "destination_port": ECHO, "destination_ip": lab.pod_ip("pod-2-1")}
-    out = lab.wait_closed("node-1", lambda ev: all(ev[k] == v for k, v in match.items()))
     assert out["destination_principal"] == principal("pod-2-1") and out["response_flags"] == "-"
     assert out["bytes_sent"] == out["bytes_received"] == len(payload)
     assert out["trace_id"] == trace

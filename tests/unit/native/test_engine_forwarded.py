@@ -16,12 +16,21 @@ INVALID = " invalid (repeated or too long)"
 
 
 @pytest.mark.parametrize(
-    "ip,header", [("10.244.1.2", "for=10.244.1.2"), ("fd00::2", 'for="[fd00::2]"'), ("", "")]
+    "ip,port,header",
+    [
+        ("10.244.1.2", 0, "for=10.244.1.2"),
+        ("fd00::2", 0, 'for="[fd00::2]"'),
+        ("10.244.1.2", 40123, 'for="10.244.1.2:40123"'),  # with the client's port, as ztunnel sends it
+        ("fd00::2", 65535, 'for="[fd00::2]:65535"'),
+        ("", 0, ""),
+    ],
 )
-def test_open_stream_sends_forwarded(engine: Engine, events: Events, pki: Pki, ip: str, header: str) -> None:
+def test_open_stream_sends_forwarded(
+    engine: Engine, events: Events, pki: Pki, ip: str, port: int, header: str
+) -> None:
     t = tunnel(engine, events, pki)
     app, local = socket.socketpair()
-    engine.open_stream(t.client, "10.244.2.2:80", local.detach(), forwarded=ip)
+    engine.open_stream(t.client, "10.244.2.2:80", local.detach(), forwarded=ip, forwarded_port=port)
     req = events.kind("stream_request", conn_id=t.server)
     assert req.forwarded == header
     assert req.authority == "10.244.2.2:80"
@@ -34,6 +43,12 @@ def test_bad_forwarded_address_is_refused_and_fd_closed(engine: Engine, events: 
     with pytest.raises(EngineError):
         engine.open_stream(t.client, "10.244.2.2:80", local.detach(), forwarded="10.0.0.1\r\nx: y")
     assert app.recv(10) == b""  # the engine owned (and closed) the fd
+    app, local = socket.socketpair()
+    with pytest.raises(EngineError, match="port 65536"):
+        engine.open_stream(
+            t.client, "10.244.2.2:80", local.detach(), forwarded="10.0.0.1", forwarded_port=65536
+        )
+    assert app.recv(10) == b""
 
 
 def _raw_request(headers: list[tuple[str, str]]) -> bytes:

@@ -131,6 +131,8 @@ def test_what_the_engine_sends_parses_back() -> None:
     for ip in ("10.244.1.2", "fd00::2", "2001:db8:cafe::17"):
         assert parse_forwarded_for(forwarded_for(ip).decode()) == ip
     assert forwarded_for("fd00::2") == b'for="[fd00::2]"'
+    for ip, port in (("10.244.1.2", 40123), ("fd00::2", 1)):  # with the client's port: ip and port back
+        assert parse_forwarded(forwarded_for(ip, port).decode()) == Forwarded(ip, port)
     for bad in ("10.244.1.256", "fe80::1%eth0", "node-1", ""):
         with pytest.raises(EngineError):
             forwarded_for(bad)
