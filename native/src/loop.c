@@ -15,6 +15,7 @@
 
 #define TRIM_AFTER_CLOSED 64 /* connections, streams and splices closed since the last trim */
 #define TRIM_INTERVAL_MS 1000
+#define STARTUP_SETTLE_MS 2000 /* the agent is ready ~1 s after its engine started */
 #define MMAP_THRESHOLD (128 * 1024)
 #define MALLOC_ARENAS 2
 #define EVQ_MAX (1 << 16) /* events kept for a Python side that stops draining; beyond: counted, dropped */
@@ -203,7 +204,9 @@ static void on_wake(ambit_loop *l, aio *io, uint32_t events)
  * (a burst of 10,000 aborted handshakes left ~350 MB resident with nothing alive). While connections,
  * streams or splices close in numbers, at most once a second, hand the free pages back to the kernel;
  * once the burst is over, once more: for what closed after the last trim and what the host freed of
- * its own records meanwhile (malloc_trim walks every arena, the host's threads' too). */
+ * its own records meanwhile (malloc_trim walks every arena, the host's threads' too). Start-up counts as
+ * a burst: STARTUP_SETTLE_MS after the engine started, the host's start-up (imports, TLS contexts, the
+ * first config) is over, and what it freed goes back (~1 MiB for an idle agent). */
 static uint64_t closed_total(ambit_engine *e)
 {
     static const int closes[] = {AMBIT_C_CONNS_CLOSED, AMBIT_C_STREAMS_CLOSED, AMBIT_C_SPLICES_CLOSED};
@@ -216,7 +219,7 @@ static uint64_t closed_total(ambit_engine *e)
 static void maybe_trim(ambit_engine *e)
 {
     uint64_t now = now_ms();
-    if (now - e->last_trim_ms < TRIM_INTERVAL_MS)
+    if (now < e->trim_not_before_ms || now - e->last_trim_ms < TRIM_INTERVAL_MS)
         return;
     uint64_t closed = closed_total(e);
     int burst = closed - e->closed_at_trim >= TRIM_AFTER_CLOSED;
@@ -373,6 +376,8 @@ int ambit_engine_start(ambit_engine *e, char *err, size_t errlen)
         return -1;
     }
     e->started = 1;
+    e->trim_not_before_ms = now_ms() + STARTUP_SETTLE_MS;
+    e->trim_settling = 1;
     for (int i = 0; i < e->nloops; i++) {
         ambit_loop *l = &e->loops[i];
         l->running = 1;

@@ -65,3 +65,18 @@ def test_streams_closing_on_a_pooled_connection_trim(engine: Engine, events: Eve
         events.drain()
         time.sleep(0.05)
     assert engine.counters()["conns_active"] == 2
+
+
+def test_the_heap_is_trimmed_once_after_start_up() -> None:
+    # What the host's start-up freed (imports, TLS contexts, the first config) goes back: ~1 MiB per agent.
+    eng = Engine(threads=1)
+    eng.start()
+    try:
+        deadline = time.monotonic() + 10
+        while eng.counters()["malloc_trims"] == 0:
+            assert time.monotonic() < deadline, "no trim after start-up"
+            time.sleep(0.1)
+        time.sleep(1.5)  # and only once while nothing happens
+        assert eng.counters()["malloc_trims"] == 1
+    finally:
+        eng.stop()
