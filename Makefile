@@ -57,6 +57,7 @@ gateway: gateway/native/.built
 # outside the clone (a cold build takes 6-13 minutes; the script prints its progress).
 kube:
 	@bash scripts/build-kube.sh >/dev/null
+	@bash scripts/gateway-api-crds.sh >/dev/null
 
 test: setup
 	@bash scripts/run-tests.sh $(PYTEST_ARGS)

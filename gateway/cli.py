@@ -1,5 +1,6 @@
 """`ambit gateway`: run the edge gateway from a directory of Gateway/HTTPRoute/WafPolicy/Service/Secret
-YAML, or `--check` it (every WafPolicy compiled, every reference resolved) and exit."""
+YAML, or `--check` it (every WafPolicy compiled, every reference resolved) and exit; or, with `--plane`, as a
+client of the management plane (SVID by CSR, config over the relay: gateway/plane.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agent.errors import UsageError
+
 if TYPE_CHECKING:
     from gateway.hbone import Identity
 
@@ -23,6 +26,12 @@ def _run(args: argparse.Namespace) -> int:
     from gateway.waf import WafConfigError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if bool(args.config_dir) == bool(args.plane or args.lab_node):
+        raise UsageError("ambit gateway needs --config-dir D (files) or --plane ADDR (the management plane)")
+    if args.lab_node:
+        return _start_in_lab_from_plane(args)
+    if args.plane:
+        return _run_from_plane(args)
     directory = Path(args.config_dir)
     if args.lab_pod:
         return _start_in_lab(args, directory)
@@ -48,8 +57,6 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     server.start()
     done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
 
     def reload(*_: object) -> None:
         try:
@@ -59,8 +66,70 @@ def _run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGHUP, reload)
     print(f"ambit gateway: {plan.gateway} listening on {server.ports}", flush=True)
-    done.wait()
+    _wait_for_signal(done)
     server.stop()
+    return 0
+
+
+def _wait_for_signal(done: threading.Event) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    # Timed waits: a signal's Python handler runs only once the main thread executes bytecode again.
+    while not done.wait(0.5):
+        pass
+
+
+def _secret(args: argparse.Namespace) -> tuple[str, bool]:
+    """(token, is a ServiceAccount token) from the flags; the token is never logged."""
+    given = [bool(args.join_token), bool(args.join_token_file), bool(args.service_account_token_file)]
+    if sum(given) != 1:
+        raise UsageError(
+            "--plane needs one of --join-token-file F, --join-token T or --service-account-token-file F"
+        )
+    if args.service_account_token_file:
+        return Path(args.service_account_token_file).read_text().strip(), True
+    if args.join_token_file:
+        return Path(args.join_token_file).read_text().strip(), False
+    return str(args.join_token), False
+
+
+def _run_from_plane(args: argparse.Namespace) -> int:
+    from agent.identity.bootstrap import JoinError
+    from gateway.plane import PlaneGateway, PlaneOptions
+    from gateway.server import ServerOptions
+
+    if not args.gateway or not args.trust_bundle:
+        raise UsageError(
+            "--plane needs --gateway NAMESPACE/NAME and --trust-bundle F (the plane's CA bundle)"
+        )
+    if args.identity_dir:
+        raise UsageError("--identity-dir is for --config-dir: with --plane the SVID comes from the plane")
+    token, service_account = _secret(args)
+    host = args.plane.rpartition(":")[0]
+    plane = PlaneOptions(
+        relay=args.plane,
+        bootstrap=args.bootstrap or f"{host}:15013",
+        trust_bundle_pem=Path(args.trust_bundle).read_bytes(),
+        gateway=args.gateway,
+        token=token,
+        service_account=service_account,
+        bundle_refresh_s=args.bundle_refresh,
+    )
+    options = ServerOptions(
+        threads=args.threads,
+        audit_log=Path(args.audit_log) if args.audit_log else None,
+        metrics_listen=args.metrics,
+    )
+    gateway = PlaneGateway(plane, options)
+    done = threading.Event()
+    try:
+        gateway.start()
+    except JoinError as exc:
+        print(f"ambit gateway: {exc}", file=sys.stderr)
+        return 2
+    print(f"ambit gateway: {args.gateway} joined; config from {args.plane}", flush=True)
+    _wait_for_signal(done)
+    gateway.stop()
     return 0
 
 
@@ -96,6 +165,19 @@ def _start_in_lab(args: argparse.Namespace, directory: Path) -> int:
     return 0
 
 
+def _start_in_lab_from_plane(args: argparse.Namespace) -> int:
+    from agent.lab import gateway as lab_gateway
+
+    if not args.gateway or not args.port:
+        raise UsageError("--lab-node needs --gateway NAMESPACE/NAME and --port (its listener, to wait for)")
+    audit = lab_gateway.start_from_plane(args.prefix, args.lab_node, args.gateway, args.port)
+    print(
+        f"ambit gateway: {args.gateway} running on lab node {args.lab_node}, config from the lab's plane; "
+        f"audit log {audit}"
+    )
+    return 0
+
+
 def add_gateway_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from agent.cliargs import add_command
     from agent.lab.plan import DEFAULT_PREFIX
@@ -109,9 +191,31 @@ def add_gateway_command(sub: argparse._SubParsersAction) -> None:  # type: ignor
             "ambit gateway --config-dir edge/ --audit-log waf.jsonl --metrics 127.0.0.1:15020",
             "ambit gateway --config-dir edge/ --identity-dir svid/  # HBONE backends as the gateway",
             "ambit gateway --config-dir edge/ --lab-pod pod-1-2     # inside a lab pod (ambit lab mesh)",
+            "ambit gateway --plane 10.0.0.2:15012 --trust-bundle ca-bundle.pem --gateway shop/edge \\\n"
+            "      --join-token-file edge.token                    # SVID and config from the plane",
+            "ambit gateway --lab-node node-1 --gateway demo/edge --port 8000  # the lab's plane, on node-1",
         ),
     )
-    p.add_argument("--config-dir", required=True, help="directory of Gateway/HTTPRoute/WafPolicy/... YAML")
+    p.add_argument("--config-dir", default="", help="directory of Gateway/HTTPRoute/WafPolicy/... YAML")
+    p.add_argument(
+        "--plane", default="", help="the management plane's mTLS address host:port (instead of --config-dir)"
+    )
+    p.add_argument("--bootstrap", default="", help="--plane: its bootstrap address (default: port 15013)")
+    p.add_argument("--trust-bundle", default="", help="--plane: the plane's CA bundle (PEM), to verify it")
+    p.add_argument(
+        "--join-token-file", default="", help="--plane: file holding a token of `ambit mgmt token --gateway`"
+    )
+    p.add_argument(
+        "--join-token", default="", help="--plane: the token itself (visible in ps: prefer a file)"
+    )
+    p.add_argument(
+        "--service-account-token-file",
+        default="",
+        help="--plane on Kubernetes: the pod's projected ServiceAccount token (audience ambit)",
+    )
+    p.add_argument(
+        "--bundle-refresh", type=float, default=30.0, help="--plane: trust bundle poll interval, seconds"
+    )
     p.add_argument(
         "--gateway", default="", help="namespace/name of the Gateway to serve (default: the only one)"
     )
@@ -131,5 +235,11 @@ def add_gateway_command(sub: argparse._SubParsersAction) -> None:  # type: ignor
     )
     p.add_argument("--check", action="store_true", help="validate and compile the config, then exit")
     p.add_argument("--lab-pod", default="", help="start it in the background inside this lab pod (ambit lab)")
+    p.add_argument(
+        "--lab-node",
+        default="",
+        help="start it in the background on this lab node, as a client of the lab's plane (ambit lab mesh)",
+    )
+    p.add_argument("--port", type=int, default=0, help="--lab-node: the listener port to wait for")
     p.add_argument("--prefix", default=os.environ.get("AMBIT_LAB_PREFIX", DEFAULT_PREFIX), help="lab prefix")
     p.set_defaults(func=_run)

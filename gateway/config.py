@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from api.resources import ResourceError, load_kinds, parse
-from api.resources.gateway_api import Gateway, HTTPRoute, Listener, RouteMatch, TlsSecret, parse_secret
+from api.resources.gateway_api import Gateway, HTTPRoute, Listener, RouteMatch, TlsSecret
 from api.resources.wafpolicy import WafPolicy
 from api.resources.workload import Service
 
@@ -57,10 +57,24 @@ HBONE_PORT = 15008
 
 
 @dataclass(frozen=True)
+class HboneEndpoint:
+    server: tuple[str, int]  # the HBONE server: the destination pod's <ip>:15008, or the annotation's
+    peer: str  # SPIFFE id it must present
+    authority: str  # CONNECT target, "ip:port"
+
+
+@dataclass(frozen=True)
 class HboneBackend:
-    server: tuple[str, int]
-    peer: str
-    authorities: tuple[str, ...]  # CONNECT targets, "ip:port"
+    endpoints: tuple[HboneEndpoint, ...]  # requests go round robin over them (weights repeat entries)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A workload behind a Service, as the plane names it: `peer` is its SPIFFE id when it is in the mesh
+    (reached over HBONE at <ip>:15008), "" when it is not (plain TCP)."""
+
+    ip: str
+    peer: str = ""
 
 
 @dataclass(frozen=True)
@@ -100,6 +114,8 @@ class Objects:
     policies: list[WafPolicy] = field(default_factory=list)
     services: list[Service] = field(default_factory=list)
     secrets: list[TlsSecret] = field(default_factory=list)
+    # From the plane: a Service's endpoints by "namespace/name" (files give addresses, not endpoints).
+    endpoints: dict[str, tuple[Endpoint, ...]] = field(default_factory=dict)
 
 
 def load_dir(directory: Path) -> Objects:
@@ -117,9 +133,6 @@ def load_dir(directory: Path) -> Objects:
         for i, doc in enumerate(d for d in docs if d is not None):
             where = f"{path.name}#{i}"
             try:
-                if isinstance(doc, dict) and doc.get("kind") == "Secret":
-                    objs.secrets.append(parse_secret(doc, where))
-                    continue
                 add(objs, parse(doc, where))
             except ResourceError as exc:
                 raise GatewayConfigError(str(exc)) from None
@@ -228,7 +241,23 @@ def _hbone_backend(svc: Service, authorities: list[str]) -> HboneBackend | str:
         port_n = int(port)
     except ValueError:
         return f"Service {svc.meta.name}: {SERVER_ANNOTATION} {server!r} is not ip:port"
-    return HboneBackend((host.strip("[]"), port_n), peer, tuple(authorities))
+    return HboneBackend(tuple(HboneEndpoint((host.strip("[]"), port_n), peer, a) for a in authorities))
+
+
+def _ip_port(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ipaddress.ip_address(ip).version == 6 else f"{ip}:{port}"
+
+
+def _endpoint_targets(
+    endpoints: tuple[Endpoint, ...], target_port: int, weight: int
+) -> tuple[list[str], list[HboneEndpoint]]:
+    """A Service's endpoints from the plane: plain ip:port addresses and HBONE endpoints, weight times."""
+    plain = [_ip_port(e.ip, target_port) for e in endpoints if not e.peer]
+    hbone = [
+        HboneEndpoint((e.ip, HBONE_PORT), e.peer, _ip_port(e.ip, target_port)) for e in endpoints if e.peer
+    ]
+    n = min(weight, 16)
+    return plain * n, hbone * n
 
 
 def _backend_addresses(objs: Objects, route: HTTPRoute, rule_i: int) -> tuple[str, ...] | HboneBackend | str:
@@ -236,6 +265,7 @@ def _backend_addresses(objs: Objects, route: HTTPRoute, rule_i: int) -> tuple[st
     Service), or why not."""
     out: list[str] = []
     hbone: list[Service] = []
+    meshed: list[HboneEndpoint] = []
     for ref in route.rules[rule_i].backend_refs:
         svc = next(
             (s for s in objs.services if s.meta.name == ref.name and s.meta.namespace == ref.namespace), None
@@ -250,10 +280,17 @@ def _backend_addresses(objs: Objects, route: HTTPRoute, rule_i: int) -> tuple[st
             return f"Service {ref.namespace}/{ref.name}: {UPSTREAM_ANNOTATION} must be plain or hbone"
         if mode == "hbone":
             hbone.append(svc)
+        elif svc.uid in objs.endpoints:
+            plain, via_hbone = _endpoint_targets(objs.endpoints[svc.uid], port.target_port, ref.weight)
+            out.extend(plain)
+            meshed.extend(via_hbone)
+            continue
         for addr in svc.addresses:
-            ip = ipaddress.ip_address(addr)
-            text = f"[{ip}]:{port.target_port}" if ip.version == 6 else f"{ip}:{port.target_port}"
-            out.extend([text] * min(ref.weight, 16))
+            out.extend([_ip_port(addr, port.target_port)] * min(ref.weight, 16))
+    if meshed:
+        if out or hbone:
+            return "endpoints in the mesh and outside it (or annotated HBONE Services) in one rule"
+        return HboneBackend(tuple(meshed))
     if hbone:
         if len(route.rules[rule_i].backend_refs) != 1:
             return "an HBONE Service must be the rule's only backend"

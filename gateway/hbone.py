@@ -14,7 +14,7 @@ import logging
 import socket
 from dataclasses import dataclass, field
 
-from gateway.config import HboneBackend
+from gateway.config import HboneBackend, HboneEndpoint
 from native.engine import Engine, EngineError, Event
 
 log = logging.getLogger(__name__)
@@ -30,23 +30,34 @@ class Identity:
     bundle_pem: bytes = b""
 
 
+ConnKey = tuple[tuple[str, int], str]  # (HBONE server, the identity it must present)
+
+
 class HboneUpstreams:
-    """Opens CONNECT streams for the data plane's external backends (provider id = index of the target)."""
+    """Opens CONNECT streams for the data plane's external backends (provider id = index of the target).
+
+    One mTLS connection per (HBONE server, expected identity), shared by every backend that goes there."""
 
     def __init__(self, identity: Identity, targets: list[HboneBackend]) -> None:
         self.engine = Engine(threads=1)
         self.engine.start()
-        self._ctx = self.engine.tls_context(
+        self._identity = identity
+        self._ctx = self._context(identity)
+        self.targets = targets
+        self._conns: dict[ConnKey, int] = {}  # -> engine connection id
+        self._tags: dict[int, ConnKey] = {}  # engine tag -> connection key
+        self._next_tag = 0
+        self._rr = 0
+        self.streams_opened = 0
+        self.errors = 0
+
+    def _context(self, identity: Identity) -> int:
+        return self.engine.tls_context(
             server=False,
             chain_pem=identity.chain_pem,
             key_pem=identity.key_pem,
             bundle_pem=identity.bundle_pem,
         )
-        self.targets = targets
-        self._conns: dict[int, int] = {}  # provider -> engine connection id
-        self._rr = 0
-        self.streams_opened = 0
-        self.errors = 0
 
     @property
     def eventfd(self) -> int:
@@ -56,16 +67,18 @@ class HboneUpstreams:
         """A connected fd whose bytes go to the target over HBONE; -1 when it cannot be opened."""
         if not 0 <= provider < len(self.targets):
             return -1
-        target = self.targets[provider]
+        endpoints = self.targets[provider].endpoints
+        self._rr += 1
+        endpoint = endpoints[self._rr % len(endpoints)]
         ours, theirs = socket.socketpair()
         try:
-            conn = self._conn(provider, target)
-            self._rr += 1
-            authority = target.authorities[self._rr % len(target.authorities)]
-            self.engine.open_stream(conn, authority, theirs.detach(), tag=provider, forwarded=client_ip)
+            conn = self._conn(endpoint)
+            self.engine.open_stream(
+                conn, endpoint.authority, theirs.detach(), tag=provider, forwarded=client_ip
+            )
         except (EngineError, OSError) as exc:
             self.errors += 1
-            log.warning("HBONE to %s (%s) failed: %s", target.server, target.peer, exc)
+            log.warning("HBONE to %s (%s) failed: %s", endpoint.server, endpoint.peer, exc)
             ours.close()
             with contextlib.suppress(OSError):
                 theirs.close()
@@ -73,36 +86,54 @@ class HboneUpstreams:
         self.streams_opened += 1
         return ours.detach()
 
-    def _conn(self, provider: int, target: HboneBackend) -> int:
-        if provider in self._conns:
-            return self._conns[provider]
-        sock = socket.socket(socket.AF_INET6 if ":" in target.server[0] else socket.AF_INET)
+    def _conn(self, endpoint: HboneEndpoint) -> int:
+        key = (endpoint.server, endpoint.peer)
+        if key in self._conns:
+            return self._conns[key]
+        sock = socket.socket(socket.AF_INET6 if ":" in endpoint.server[0] else socket.AF_INET)
         sock.setblocking(False)
-        err = sock.connect_ex(target.server)
+        err = sock.connect_ex(endpoint.server)
         if err not in (0, 115):  # EINPROGRESS: the engine finishes the handshake
             sock.close()
-            raise OSError(err, f"connect {target.server}")
-        conn = self.engine.connect_hbone(sock.detach(), self._ctx, target.peer, tag=provider)
-        self._conns[provider] = conn
+            raise OSError(err, f"connect {endpoint.server}")
+        self._next_tag += 1
+        conn = self.engine.connect_hbone(sock.detach(), self._ctx, endpoint.peer, tag=self._next_tag)
+        self._conns[key] = conn
+        self._tags[self._next_tag] = key
         return conn
 
-    def retarget(self, targets: list[HboneBackend]) -> None:
-        """A new config's HBONE backends: connections for the old ones close once their streams end."""
+    def _close_all(self) -> None:
+        """New streams get new connections; the old ones close once their streams end."""
         for conn in self._conns.values():
             with contextlib.suppress(EngineError):
                 self.engine.close(conn)
         self._conns.clear()
+        self._tags.clear()
+
+    def retarget(self, targets: list[HboneBackend]) -> None:
+        """A new config's HBONE backends."""
+        self._close_all()
         self.targets = targets
+
+    def set_identity(self, identity: Identity) -> None:
+        """A renewed SVID or a new trust bundle: connections from now on present and trust the new ones."""
+        if identity == self._identity:
+            return
+        old, self._ctx = self._ctx, self._context(identity)
+        self._identity = identity
+        self._close_all()
+        self.engine.free_tls_context(old)  # live connections hold their own reference to it
 
     def drain(self) -> list[Event]:
         """Engine events: a failed or closed connection is forgotten (the next stream reconnects)."""
         events = self.engine.events()
         for ev in events:
-            if ev.kind in ("conn_error", "conn_closed") and self._conns.get(ev.tag) == ev.conn_id:
-                del self._conns[ev.tag]
+            key = self._tags.get(ev.tag) if ev.kind in ("conn_error", "conn_closed") else None
+            if key is not None and self._conns.get(key) == ev.conn_id:
+                del self._conns[key], self._tags[ev.tag]
                 if ev.kind == "conn_error":
                     self.errors += 1
-                    log.warning("HBONE connection to %s failed: %s", self.targets[ev.tag].server, ev.detail)
+                    log.warning("HBONE connection to %s (%s) failed: %s", key[0], key[1], ev.detail)
         return events
 
     def stop(self) -> None:

@@ -40,6 +40,8 @@ class GatewayServer:
         self._rules = RuleSetCache()
         self._slots: dict[str, int] = {}
         self.upstreams: HboneUpstreams | None = None
+        self.identity = self.options.identity  # replaced on renewal (set_identity)
+        self._drain_lock = threading.Lock()  # events and HBONE upstreams: one thread at a time
         self._plan = plan
         self._config = self._build(plan)  # compiles everything first: a bad policy fails before binding
         self.gateway = dp.Gateway(self.options.threads, self.options.limits)
@@ -47,7 +49,6 @@ class GatewayServer:
         self.audit = AuditLog(self.options.audit_log) if self.options.audit_log else None
         self.metrics = GatewayMetrics(self._route_stats, self.gateway.counters)
         self._stop = threading.Event()
-        self._drain_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._last_log = 0.0
         self._suppressed = 0
@@ -79,7 +80,8 @@ class GatewayServer:
                 targets.append(backend)
             else:
                 cfg.backend(list(backend))
-        self._hbone(targets)
+        if targets and self.identity is None:
+            raise gwconfig.GatewayConfigError("HBONE backends need the gateway's identity (--identity-dir)")
         for e in plan.entries:
             pol = e.policy
             waf = self._rules.compile(pol) if pol else None
@@ -102,15 +104,23 @@ class GatewayServer:
             )
         for warning in plan.warnings:
             log.warning("gateway config: %s", warning)
+        # Last: a config refused above (a bad policy) must leave the running one's HBONE targets alone.
+        self._hbone(targets)
         return cfg
 
     def _hbone(self, targets: list[gwconfig.HboneBackend]) -> None:
-        if targets and self.options.identity is None:
-            raise gwconfig.GatewayConfigError("HBONE backends need the gateway's identity (--identity-dir)")
-        if self.upstreams is not None:
-            self.upstreams.retarget(targets)
-        elif targets and self.options.identity is not None:
-            self.upstreams = HboneUpstreams(self.options.identity, targets)
+        with self._drain_lock:  # the event thread opens streams on the same upstreams
+            if self.upstreams is not None:
+                self.upstreams.retarget(targets)
+            elif targets and self.identity is not None:
+                self.upstreams = HboneUpstreams(self.identity, targets)
+
+    def set_identity(self, identity: Identity) -> None:
+        """The gateway's renewed SVID or a new trust bundle (from the plane): new HBONE connections use it."""
+        with self._drain_lock:
+            self.identity = identity
+            if self.upstreams is not None:
+                self.upstreams.set_identity(identity)
 
     def reload(self, plan: gwconfig.GatewayPlan) -> None:
         """New routes, backends, certificates and policies; listeners (ports) need a restart."""
@@ -158,8 +168,9 @@ class GatewayServer:
         return {route: self.gateway.route_stats(slot) for route, slot in self._slots.items()}
 
     def _event_loop(self) -> None:
-        fds = [self.gateway.eventfd] + ([self.upstreams.eventfd] if self.upstreams else [])
         while not self._stop.is_set():
+            # Upstreams appear with the first config that has HBONE backends (a reload, the plane).
+            fds = [self.gateway.eventfd] + ([self.upstreams.eventfd] if self.upstreams else [])
             ready, _, _ = select.select(fds, [], [], 0.5)
             if ready:
                 self.drain()

@@ -5,6 +5,7 @@
              [--audit-log F]
   ambit mgmt --source kube [--kubeconfig F] --state-dir S [...]   (config from the Kubernetes API)
   ambit mgmt token --state-dir S --node N [--ttl 1h] [--config-dir D]
+  ambit mgmt token --state-dir S --gateway NAMESPACE/NAME [--ttl 1h] [--config-dir D]
   ambit mgmt rotate-root --state-dir S [--step prepare|activate|drop|all] [--wait SECONDS]
 
 The plane owns: the config store (D watched, or the API server's objects), the CA (persisted in S), join
@@ -47,10 +48,25 @@ def _store_nodes(snapshot: Any) -> frozenset[str]:
     return frozenset(r.obj.name for r in snapshot.of_kind("Node"))
 
 
+def _store_gateways(snapshot: Any) -> frozenset[str]:
+    return frozenset(f"{r.key.namespace}/{r.key.name}" for r in snapshot.of_kind("Gateway"))
+
+
+def _record_names(state_dir: Path, snapshot: Any) -> None:
+    from mgmt.join_tokens import GATEWAYS_FILE, record_nodes
+
+    record_nodes(state_dir, _store_nodes(snapshot))
+    record_nodes(state_dir, _store_gateways(snapshot), GATEWAYS_FILE)
+
+
 def _cmd_token(args: argparse.Namespace) -> int:
     from api.spiffe import SpiffeId, SpiffeIdError
     from mgmt.join_tokens import JoinTokens, UnknownNodeError
 
+    if bool(args.node) == bool(args.gateway):
+        raise UsageError("ambit mgmt token needs --node N or --gateway NAMESPACE/NAME")
+    if args.gateway:
+        return _gateway_token(args)
     try:
         SpiffeId.node("check.local", args.node)
     except SpiffeIdError:
@@ -72,15 +88,41 @@ def _cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config_nodes(config_dir: Path) -> frozenset[str]:
-    from mgmt.store import ConfigLoadError, read_config
+def _gateway_token(args: argparse.Namespace) -> int:
+    from mgmt.join_tokens import GATEWAYS_FILE, JoinTokens, UnknownNodeError, recorded_nodes
+
+    known = (
+        _config_names(Path(args.config_dir), _store_gateways)
+        if args.config_dir
+        else recorded_nodes(Path(args.state_dir), GATEWAYS_FILE)
+    )
+    if known is None:
+        raise UsageError(
+            f"cannot tell whether Gateway {args.gateway!r} is in the config: pass --config-dir, or start the "
+            "plane with this --state-dir first"
+        )
+    try:
+        print(
+            JoinTokens(Path(args.state_dir)).create_for_gateway(args.gateway, parse_duration(args.ttl), known)
+        )
+    except (UnknownNodeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    return 0
+
+
+def _config_names(config_dir: Path, names: Any) -> frozenset[str]:
+    from mgmt.store import ConfigLoadError, ConfigSnapshot, read_config
 
     try:
-        # Invalid documents are skipped (per-document validity): a Node whose document is broken is unknown.
         resources, _ = read_config(config_dir)
     except ConfigLoadError as exc:
         raise UsageError(f"config rejected: {exc.errors[0]}") from None
-    return frozenset(r.obj.name for r in resources.values() if r.kind == "Node")
+    return frozenset(names(ConfigSnapshot(resources=resources)))
+
+
+def _config_nodes(config_dir: Path) -> frozenset[str]:
+    # Invalid documents are skipped (per-document validity): a Node whose document is broken is unknown.
+    return _config_names(config_dir, _store_nodes)
 
 
 # How long rotate-root waits for the running plane to confirm it loaded a step (it polls every second).
@@ -184,8 +226,9 @@ class Plane:
         from mgmt import ca_store
         from mgmt.bootstrap import BootstrapServer
         from mgmt.ca import CAError
+        from mgmt.gateway_scope import CurrentGateways
         from mgmt.identity_service import add_identity_service
-        from mgmt.join_tokens import JoinTokens, UnknownNodeError, record_nodes
+        from mgmt.join_tokens import JoinTokens, UnknownNodeError
         from mgmt.metrics import PlaneCollector, PlaneMetrics
         from mgmt.server import MgmtServer
 
@@ -205,13 +248,16 @@ class Plane:
             reloader.start()
             self._stops.append(reloader.stop)
         tokens = JoinTokens(state_dir)
-        record_nodes(state_dir, _store_nodes(store.current))  # for `ambit mgmt token`, refreshed per version
-        store.add_listener(lambda snapshot: record_nodes(state_dir, _store_nodes(snapshot)))
+        _record_names(state_dir, store.current)  # for `ambit mgmt token`, refreshed per version
+        store.add_listener(lambda snapshot: _record_names(state_dir, snapshot))
+        gateways = CurrentGateways(lambda: store.current, a.trust_domain)
 
         csr_services: list[Any] = []
 
         def add_csr_service(grpc_server: Any) -> None:
-            csr_services.append(add_identity_service(grpc_server, ca, store, audit))
+            csr_services.append(
+                add_identity_service(grpc_server, ca, store, audit, gateways=gateways.is_gateway)
+            )
 
         server = MgmtServer(
             store,
@@ -223,7 +269,9 @@ class Plane:
         )
         server.start()
         self._stops.append(server.stop)
-        bootstrap = BootstrapServer(ca, tokens, a.bootstrap_listen, audit, kube=self._kube_verifier())
+        bootstrap = BootstrapServer(
+            ca, tokens, a.bootstrap_listen, audit, kube=self._kube_verifier(), gateways=gateways.index
+        )
         bootstrap.start()
         self._stops.append(bootstrap.stop)
         store.watch()
@@ -336,6 +384,7 @@ def add_mgmt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         "  ambit mgmt --config-dir /etc/ambit/config --state-dir /var/lib/ambit/mgmt \\\n"
         "      --admin-listen 0.0.0.0:15014 --log-format json\n"
         "  ambit mgmt token --state-dir /var/lib/ambit/mgmt --node node1 --ttl 1h\n"
+        "  ambit mgmt token --state-dir /var/lib/ambit/mgmt --gateway shop/edge\n"
         "  ambit mgmt rotate-root --state-dir /var/lib/ambit/mgmt --step prepare",
     )
     p.add_argument(
@@ -388,10 +437,15 @@ def add_mgmt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     )
     p.set_defaults(func=_cmd_run, verb=None)
     verbs = p.add_subparsers(dest="verb", metavar="VERB")
-    token = verbs.add_parser("token", help="create a one-time join token for a node (prints it)")
+    token = verbs.add_parser(
+        "token", help="create a one-time join token for a node or an edge gateway (prints it)"
+    )
     token.add_argument("--state-dir", required=True, help="the plane's state directory")
+    token.add_argument("--node", help="node name the token admits (must be a Node in the config)")
     token.add_argument(
-        "--node", required=True, help="node name the token admits (must be a Node in the config)"
+        "--gateway",
+        metavar="NAMESPACE/NAME",
+        help="instead of --node: the Gateway whose SVID the token buys (`ambit gateway --plane`)",
     )
     token.add_argument(
         "--config-dir",

@@ -1,4 +1,5 @@
-"""The CSR service: node agents get SVIDs for the workloads scheduled on their own node, nothing else.
+"""The CSR service: node agents get SVIDs for the workloads scheduled on their own node, nothing else; an
+edge gateway (the identity of a Gateway of the config, mgmt/gateway_scope.py) renews its own SVID only.
 
 The caller is identified only by its mTLS client certificate (the gRPC server verified the chain against
 the CA bundle); its URI SAN must be a node ID of our trust domain. Every refusal gets a precise gRPC status,
@@ -11,6 +12,7 @@ import datetime as dt
 import logging
 import threading
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, NoReturn, Protocol
 
 import grpc
@@ -32,6 +34,10 @@ class Audit(Protocol):
 
 class Directory(Protocol):
     def identities_on_node(self, node: str) -> frozenset[str]: ...
+
+
+# Whether a SPIFFE ID is the identity of a Gateway of the config in force (mgmt/gateway_scope.py).
+GatewayIdentities = Callable[[SpiffeId], bool]
 
 
 class CsrError(ValueError):
@@ -166,9 +172,11 @@ class IdentityService(ca_pb2_grpc.IdentityServicer):
         audit: Audit | None = None,
         max_ttl: dt.timedelta = DEFAULT_LEAF_TTL,
         default_ttl: dt.timedelta | None = None,
+        gateways: GatewayIdentities | None = None,
     ) -> None:
         self._ca = ca
         self._directory = directory
+        self._gateways = gateways
         self._max_ttl = max_ttl
         self._default_ttl = default_ttl or max_ttl
         self._refusals = Refusals(audit, "csr_refused")
@@ -176,16 +184,20 @@ class IdentityService(ca_pb2_grpc.IdentityServicer):
     def counters(self) -> dict[str, int]:
         return dict(self._refusals.counts)
 
-    def _caller_node(self, context: grpc.ServicerContext) -> tuple[SpiffeId, str]:
+    def _caller(self, context: grpc.ServicerContext) -> tuple[SpiffeId, str | None]:
+        """(caller's identity, its node name), node name None for an edge gateway of the config."""
         peer = peer_spiffe_id(context)
-        if peer is None or peer.trust_domain != self._ca.trust_domain or peer.node_name is None:
-            self._refusals.refuse(
-                context,
-                grpc.StatusCode.UNAUTHENTICATED,
-                "caller is not a node of this trust domain",
-                peer=str(peer) if peer else "",
-            )
-        return peer, peer.node_name
+        if peer is not None and peer.trust_domain == self._ca.trust_domain:
+            if peer.node_name is not None:
+                return peer, peer.node_name
+            if self._gateways is not None and self._gateways(peer):
+                return peer, None
+        self._refusals.refuse(
+            context,
+            grpc.StatusCode.UNAUTHENTICATED,
+            "caller is not a node or gateway of this trust domain",
+            peer=str(peer) if peer else "",
+        )
 
     def _ttl(self, seconds: int) -> dt.timedelta:
         if seconds <= 0:
@@ -193,8 +205,10 @@ class IdentityService(ca_pb2_grpc.IdentityServicer):
         return min(dt.timedelta(seconds=seconds), self._max_ttl)
 
     def Sign(self, request: ca_pb2.SignRequest, context: grpc.ServicerContext) -> ca_pb2.SignResponse:  # noqa: N802
-        peer, node = self._caller_node(context)
-        fields = {"node": node, "spiffe_id": request.spiffe_id}
+        peer, node = self._caller(context)
+        fields = {"node": node or "", "spiffe_id": request.spiffe_id}
+        if node is None:
+            fields["gateway"] = str(peer)
         try:
             wanted = SpiffeId.parse(request.spiffe_id)
         except SpiffeIdError as e:
@@ -204,7 +218,12 @@ class IdentityService(ca_pb2_grpc.IdentityServicer):
             self._refusals.refuse(
                 context, grpc.StatusCode.PERMISSION_DENIED, f"{wanted} is outside the trust domain", **fields
             )
-        if not own_node and str(wanted) not in self._directory.identities_on_node(node):
+        if not own_node and node is None:
+            # A gateway renews its own SVID; it never speaks for anyone else.
+            self._refusals.refuse(
+                context, grpc.StatusCode.PERMISSION_DENIED, f"gateway {peer} may renew only itself", **fields
+            )
+        if not own_node and str(wanted) not in self._directory.identities_on_node(node or ""):
             self._refusals.refuse(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -224,13 +243,13 @@ class IdentityService(ca_pb2_grpc.IdentityServicer):
             serial=f"{leaf.serial_number:x}",
             not_after=leaf.not_valid_after_utc.isoformat(),
         )
-        log.info("signed %s for node %s (serial %x)", wanted, node, leaf.serial_number)
+        log.info("signed %s for %s (serial %x)", wanted, node or "itself", leaf.serial_number)
         return ca_pb2.SignResponse(chain_pem=certs_pem(chain), trust_bundle_pem=self._ca.bundle_pem())
 
     def TrustBundle(  # noqa: N802
         self, request: ca_pb2.TrustBundleRequest, context: grpc.ServicerContext
     ) -> ca_pb2.TrustBundleResponse:
-        self._caller_node(context)
+        self._caller(context)
         return ca_pb2.TrustBundleResponse(trust_bundle_pem=self._ca.bundle_pem())
 
 
@@ -240,8 +259,9 @@ def add_identity_service(
     directory: Directory,
     audit: Audit | None = None,
     max_ttl: dt.timedelta = DEFAULT_LEAF_TTL,
+    gateways: GatewayIdentities | None = None,
 ) -> IdentityService:
     """Register the CSR service on the plane's mTLS gRPC server; returns it (for `counters()`)."""
-    service = IdentityService(ca, directory, audit, max_ttl)
+    service = IdentityService(ca, directory, audit, max_ttl, gateways=gateways)
     ca_pb2_grpc.add_IdentityServicer_to_server(service, server)
     return service

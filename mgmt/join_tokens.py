@@ -25,6 +25,11 @@ TOKENS_FILE = "join-tokens.json"
 # The node names of the running plane's current config, rewritten on every version: `ambit mgmt token`
 # (another process, maybe without the config) refuses to mint a token for a node the config does not list.
 NODES_FILE = "config-nodes.json"
+# The same for the config's Gateways ("namespace/name"): `ambit mgmt token --gateway`.
+GATEWAYS_FILE = "config-gateways.json"
+# A token minted for an edge gateway is bound to this subject instead of a node name (node names are SPIFFE
+# path segments and never contain ':').
+GATEWAY_SUBJECT = "gateway:"
 LOCK_FILE = "join-tokens.lock"
 DEFAULT_TOKEN_TTL = dt.timedelta(hours=1)
 # Expired and used tokens are remembered this long so a late replay is reported as expired/used.
@@ -43,18 +48,23 @@ class UnknownNodeError(ValueError):
     """A token was asked for a node the config does not list (one line, for the CLI)."""
 
 
-def record_nodes(state_dir: Path, nodes: Iterable[str]) -> None:
+def record_nodes(state_dir: Path, nodes: Iterable[str], file: str = NODES_FILE) -> None:
     """What the plane calls on every accepted config version (atomic; 0600 like the rest of the state)."""
     Path(state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
-    write_file(Path(state_dir) / NODES_FILE, json.dumps(sorted(set(nodes))).encode(), 0o600)
+    write_file(Path(state_dir) / file, json.dumps(sorted(set(nodes))).encode(), 0o600)
 
 
-def recorded_nodes(state_dir: Path) -> frozenset[str] | None:
-    """The node names the plane last recorded; None when no plane has run with this state dir."""
-    path = Path(state_dir) / NODES_FILE
+def recorded_nodes(state_dir: Path, file: str = NODES_FILE) -> frozenset[str] | None:
+    """The node names (or, with GATEWAYS_FILE, Gateways) the plane last recorded; None when no plane has
+    run with this state dir."""
+    path = Path(state_dir) / file
     if not path.exists():
         return None
     return frozenset(json.loads(path.read_text()))
+
+
+def gateway_subject(gateway: str) -> str:
+    return f"{GATEWAY_SUBJECT}{gateway}"
 
 
 def check_known_node(node: str, known: Collection[str]) -> None:
@@ -105,16 +115,38 @@ class JoinTokens:
         SpiffeId.node("example.org", node)  # validates the name with the SPIFFE path rules
         if known_nodes is not None:
             check_known_node(node, known_nodes)
+        return self._mint(node, ttl)
+
+    def create_for_gateway(
+        self,
+        gateway: str,
+        ttl: dt.timedelta | float = DEFAULT_TOKEN_TTL,
+        known_gateways: Collection[str] | None = None,
+    ) -> str:
+        """A token an edge gateway trades for the SVID of Gateway `gateway` ("namespace/name"); with
+        `known_gateways` (the config's Gateways) an unknown one is refused (UnknownNodeError)."""
+        namespace, _, name = gateway.partition("/")
+        SpiffeId.workload("example.org", namespace or "-", name or "-")  # path segment rules for both
+        if not namespace or not name or "/" in name:
+            raise ValueError(f"gateway must be namespace/name, got {gateway!r}")
+        if known_gateways is not None and gateway not in known_gateways:
+            listed = ", ".join(sorted(known_gateways)[:10]) or "none"
+            raise UnknownNodeError(f"Gateway {gateway!r} is not in the config (gateways: {listed})")
+        return self._mint(gateway_subject(gateway), ttl)
+
+    def _mint(self, subject: str, ttl: dt.timedelta | float) -> str:
         seconds = ttl.total_seconds() if isinstance(ttl, dt.timedelta) else float(ttl)
         if seconds <= 0:
             raise ValueError("join token TTL must be positive")
         token = secrets.token_urlsafe(32)
         with self._locked() as entries:
-            entries[_digest(token)] = {"node": node, "expires": self._clock() + seconds, "used": False}
+            # "node" holds the subject: a node name, or gateway_subject() for a gateway's token.
+            entries[_digest(token)] = {"node": subject, "expires": self._clock() + seconds, "used": False}
         return token
 
     def consume(self, token: str) -> str:
-        """The node the token was minted for; raises TokenError if unknown, expired or already used."""
+        """The node (or gateway_subject()) the token was minted for; raises TokenError if unknown, expired
+        or already used."""
         with self._locked() as entries:
             entry = entries.get(_digest(token))
             if entry is None:

@@ -30,6 +30,7 @@ PLURALS = {
     "PeerAuthentication": "peerauthentications",
     "RegoPolicy": "regopolicies",
     "MeshConfig": "meshconfigs",
+    "WafPolicy": "wafpolicies",
 }
 
 
@@ -86,7 +87,7 @@ def _status_body(obj: Mapping[str, Any], problem: str | None) -> dict[str, Any] 
 class StatusWriter:
     def __init__(self, api_client: Any) -> None:
         self.api = api_client
-        self.counters = {"status_written": 0, "status_dropped": 0, "status_errors": 0}
+        self.counters = {"status_queued": 0, "status_written": 0, "status_dropped": 0, "status_errors": 0}
         self._queue: queue.Queue[_Write] = queue.Queue(QUEUE_SIZE)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="policy-status", daemon=True)
@@ -106,11 +107,17 @@ class StatusWriter:
         if plural is None or not md.get("name") or not group:
             return
         body = _status_body(obj, problem)
-        if body is None:
-            return
-        write = _Write(group, version, plural, str(md.get("namespace") or ""), str(md["name"]), body)
+        if body is not None:
+            self.submit(group, version, plural, str(md.get("namespace") or ""), str(md["name"]), body)
+
+    def submit(
+        self, group: str, version: str, plural: str, namespace: str, name: str, body: dict[str, Any]
+    ) -> None:
+        """Queue one merge patch of an object's status subresource (mgmt/kube/gateway_status builds the
+        Gateway API's)."""
         try:
-            self._queue.put_nowait(write)
+            self._queue.put_nowait(_Write(group, version, plural, namespace, name, body))
+            self.counters["status_queued"] += 1
         except queue.Full:
             self.counters["status_dropped"] += 1
 

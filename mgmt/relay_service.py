@@ -7,7 +7,10 @@ ACK/NACK, so a NACKed update is never stacked on. A reconnecting node states wha
 (`initial_resource_versions`), so it gets only what changed, even from a restarted plane.
 
 Identity: the node name comes from the client certificate's SPIFFE ID (spiffe://<td>/node/<name>); asking
-as another node, or without a node identity, is refused with PERMISSION_DENIED and audited.
+as another node, or without a node identity, is refused with PERMISSION_DENIED and audited. An edge gateway
+subscribes with its SVID (spiffe://<td>/ns/<ns>/sa/<sa>) for one Gateway that identity serves
+(`Subscribe.gateway`) and gets that Gateway's view only (mgmt/gateway_scope.py); references it may not follow
+(another namespace's Secret) are left out, counted and audited. Gateways do not Lookup.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import grpc
 
 from api import relay_pb2, relay_pb2_grpc
 from api.resources import ResourceKey
+from api.spiffe import SpiffeId
+from mgmt.gateway_scope import GatewayIndex, ReferenceRefusal, stream_name
 from mgmt.identity_service import Audit, peer_spiffe_id
 from mgmt.scope import LIST_ALL, ScopeIndex, View, filter_types, key_type
 from mgmt.store import ConfigSnapshot, ConfigStore, StoredResource
@@ -64,6 +69,9 @@ class _Stream:
     pending: _Pending | None = None
     nacked_version: int = -1
     greeted: bool = False  # the first response is sent even when empty: it tells the node it is current
+    gateway: str = ""  # an edge gateway's stream: the Gateway (namespace/name) it serves
+    identity: SpiffeId | None = None  # the gateway's certificate identity (re-checked on every version)
+    refusals_reported: int = -1  # the version whose refused references were last audited
 
 
 _WAKE = object()
@@ -80,6 +88,7 @@ class RelayService(relay_pb2_grpc.RelayServicer):
         self.audit = audit  # the plane's audit log (JSON lines); "ambit.audit" logging always gets a copy
         self._lock = threading.Lock()
         self._index = ScopeIndex(store.current)
+        self._gateways = GatewayIndex(store.current, trust_domain)
         self._streams: set[_Stream] = set()  # guarded by _lock
         self._peers: dict[str, set[str]] = {}  # node -> peer workload keys it looked up
         # node -> address -> monotonic deadline: lookups that found nothing. A workload that appears at
@@ -104,6 +113,8 @@ class RelayService(relay_pb2_grpc.RelayServicer):
                 "refused",
                 "lookups",
                 "listings",
+                "gateway_streams",
+                "references_refused",
             ),
             0,
         )
@@ -172,8 +183,10 @@ class RelayService(relay_pb2_grpc.RelayServicer):
     # -- config changes --------------------------------------------------------------------------------
     def _on_config(self, snapshot: ConfigSnapshot) -> None:
         index = ScopeIndex(snapshot)
+        gateways = GatewayIndex(snapshot, self.trust_domain)
         with self._lock:
             self._index = index
+            self._gateways = gateways
             self._resolve_misses(index)
             streams = list(self._streams)
         for s in streams:
@@ -235,6 +248,34 @@ class RelayService(relay_pb2_grpc.RelayServicer):
             self.audit.record("relay_refused", **fields)
         context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
 
+    def _gateway_caller(self, context: grpc.ServicerContext) -> SpiffeId | None:
+        """The caller's identity when it is a workload identity of our trust domain (an edge gateway's)."""
+        sid = peer_spiffe_id(context)
+        if sid is None or sid.trust_domain != self.trust_domain or sid.node_name or not sid.namespace:
+            return None
+        return sid
+
+    def _check_gateway(self, context: grpc.ServicerContext, sid: SpiffeId, sub: relay_pb2.Subscribe) -> str:
+        """The Gateway `sub` asks for, if `sid` serves it; otherwise the request is refused."""
+        with self._lock:
+            served = self._gateways.served_by(sid)
+        if sub.node:
+            reason = f"{sid} is a gateway identity: it may not subscribe as node {sub.node!r}"
+        elif not sub.gateway:
+            reason = f"{sid} is no node identity; a gateway names the Gateway it serves"
+        elif sub.gateway not in served:
+            reason = (
+                f"{sid} does not serve Gateway {sub.gateway!r} (it serves: {', '.join(served) or 'none'})"
+            )
+        else:
+            return sub.gateway
+        self._refuse(context, "Subscribe", str(sid), sub.gateway or sub.node, reason)
+        raise AssertionError("unreachable")
+
+    def _still_serves(self, stream: _Stream) -> bool:
+        with self._lock:
+            return self._gateways.spiffe_id(stream.gateway) == stream.identity
+
     def _check_node(self, context: grpc.ServicerContext, method: str, cert_node: str, asked: str) -> None:
         if asked and asked != cert_node:
             self._refuse(
@@ -245,14 +286,19 @@ class RelayService(relay_pb2_grpc.RelayServicer):
     def Subscribe(
         self, request_iterator: Iterator[relay_pb2.SubscribeRequest], context: grpc.ServicerContext
     ) -> Iterator[relay_pb2.SubscribeResponse]:
-        node = self._peer_node(context, "Subscribe")
+        gateway_id = self._gateway_caller(context)
+        node = "" if gateway_id is not None else self._peer_node(context, "Subscribe")
         first = next(request_iterator, None)
         if first is None:
             return
         if first.WhichOneof("request") != "subscribe":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first request must be a subscribe")
-        self._check_node(context, "Subscribe", node, first.subscribe.node)
-        stream = self._open(node, first.subscribe)
+        if gateway_id is not None:
+            gateway = self._check_gateway(context, gateway_id, first.subscribe)
+            stream = self._open(stream_name(gateway), first.subscribe, gateway, gateway_id)
+        else:
+            self._check_node(context, "Subscribe", node, first.subscribe.node)
+            stream = self._open(node, first.subscribe)
         context.add_callback(lambda: stream.inbox.put(_CLOSED))
         reader = threading.Thread(
             target=self._read, args=(request_iterator, stream), name=f"relay-read-{node}", daemon=True
@@ -264,18 +310,25 @@ class RelayService(relay_pb2_grpc.RelayServicer):
             with self._lock:
                 self._streams.discard(stream)
 
-    def _open(self, node: str, sub: relay_pb2.Subscribe) -> _Stream:
+    def _open(
+        self, node: str, sub: relay_pb2.Subscribe, gateway: str = "", identity: SpiffeId | None = None
+    ) -> _Stream:
         acked = {k: h for rv in sub.initial_resource_versions.values() for k, h in rv.versions.items()}
-        stream = _Stream(node, frozenset(sub.types), acked, sub.resume_version)
+        stream = _Stream(
+            node, frozenset(sub.types), acked, sub.resume_version, gateway=gateway, identity=identity
+        )
         with self._lock:
             index = self._index
-            # Peers the node held before (from a previous stream, maybe a previous plane) stay in scope:
-            # the same as looking their addresses up again.
-            local = index.local_keys(node)
-            held = {k for k in acked if key_type(k) == "Workload" and k not in local and index.is_workload(k)}
-            self._peers.setdefault(node, set()).update(held)
+            if not gateway:
+                # Peers the node held before (from a previous stream, maybe a previous plane) stay in scope:
+                # the same as looking their addresses up again.
+                local = index.local_keys(node)
+                held = {
+                    k for k in acked if key_type(k) == "Workload" and k not in local and index.is_workload(k)
+                }
+                self._peers.setdefault(node, set()).update(held)
             self._streams.add(stream)
-            self._counters["streams"] += 1
+            self._counters["gateway_streams" if gateway else "streams"] += 1
             if acked or sub.resume_version:
                 self._counters["resumed_streams"] += 1
         log.info(
@@ -298,6 +351,14 @@ class RelayService(relay_pb2_grpc.RelayServicer):
 
     def _serve(self, stream: _Stream, context: grpc.ServicerContext) -> Iterator[relay_pb2.SubscribeResponse]:
         while context.is_active():
+            if stream.gateway and not self._still_serves(stream):
+                self._refuse(
+                    context,
+                    "Subscribe",
+                    str(stream.identity),
+                    stream.gateway,
+                    f"{stream.identity} no longer serves Gateway {stream.gateway} (the config changed)",
+                )
             if stream.pending is None:
                 response = self._next_response(stream)
                 if response is not None:
@@ -314,7 +375,17 @@ class RelayService(relay_pb2_grpc.RelayServicer):
     ) -> None:
         which = req.WhichOneof("request")
         if which == "subscribe":
-            self._check_node(context, "Subscribe", stream.node, req.subscribe.node)
+            if stream.gateway:
+                if (req.subscribe.node, req.subscribe.gateway) != ("", stream.gateway):
+                    self._refuse(
+                        context,
+                        "Subscribe",
+                        str(stream.identity),
+                        req.subscribe.gateway or req.subscribe.node,
+                        f"a stream for Gateway {stream.gateway} cannot switch to another subscriber",
+                    )
+            else:
+                self._check_node(context, "Subscribe", stream.node, req.subscribe.node)
             stream.types = frozenset(req.subscribe.types)
             stream.nacked_version = -1  # a new request deserves an answer, even at a version it NACKed
             return
@@ -349,12 +420,47 @@ class RelayService(relay_pb2_grpc.RelayServicer):
     def _view(self, stream: _Stream) -> tuple[int, str, View]:
         with self._lock:
             index = self._index
+            gateways = self._gateways
             peers = set(self._peers.get(stream.node, ()))
+        if stream.gateway:
+            gv = gateways.view(stream.gateway, index.peer_resource)
+            self._report_refusals(stream, index.snapshot.version, gv.refusals)
+            return (
+                index.snapshot.version,
+                index.snapshot.content_hash,
+                filter_types(gv.resources, stream.types),
+            )
         return (
             index.snapshot.version,
             index.snapshot.content_hash,
             filter_types(index.view(stream.node, peers), stream.types),
         )
+
+    def _report_refusals(self, stream: _Stream, version: int, refusals: Iterable[ReferenceRefusal]) -> None:
+        """Each reference the gateway may not follow: counted, logged and audited once per version."""
+        if stream.refusals_reported == version:
+            return
+        stream.refusals_reported = version
+        for r in refusals:
+            self._count("references_refused")
+            fields = {
+                "gateway": r.gateway,
+                "identity": str(stream.identity),
+                "kind": r.kind,
+                "target": r.target,
+                "reason": r.reason,
+                "version": version,
+            }
+            audit_log.warning(
+                "gateway %s: %s %s not sent: %s",
+                r.gateway,
+                r.kind,
+                r.target,
+                r.reason,
+                extra={"event": "gateway_reference_refused", **fields},
+            )
+            if self.audit is not None:
+                self.audit.record("gateway_reference_refused", **fields)
 
     def _next_response(self, stream: _Stream) -> relay_pb2.SubscribeResponse | None:
         version, digest, view = self._view(stream)

@@ -8,6 +8,7 @@ Scope decision (least privilege that still lets a node route and authorize):
 - policy objects (every kind registered besides Workload/Namespace/Service/Node) in the namespaces of its
   own workloads, in the root namespace (MeshConfig's `root_namespace`, default "istio-system") and every
   cluster-scoped one;
+- never a Secret (NEVER_TO_NODES: the gateway's listener keys), whatever kinds the node subscribes to;
 - PEER workloads only on demand: a lookup by IP (a workload IP, or a service VIP which yields its
   endpoints) returns them in minimal form (uid, service account, node, ips, ports) and from then on they stay
   in that node's subscription. Minimal form keeps exactly two kinds of label: the enrolment labels (the node
@@ -31,6 +32,8 @@ from api.resources.workload import DATAPLANE_LABELS, Service, Workload
 from mgmt.store import ConfigSnapshot, StoredResource, canonical_json, content_hash
 
 CORE_KINDS = frozenset({"Workload", "Namespace", "Service", "Node"})
+# Listener certificates' private keys: for the gateway only, never in a node's view, whatever it subscribes.
+NEVER_TO_NODES = frozenset({"Secret"})
 LIST_ALL = "*"  # LookupRequest.address that lists every workload (api/relay.proto)
 MAX_LISTED = 10_000
 # Where Istio reads a workload's canonical service and revision (metrics' *_canonical_*, *_app, *_version).
@@ -77,6 +80,8 @@ class ScopeIndex:
 
     def _index(self, key: str, res: StoredResource) -> None:
         obj = res.obj
+        if res.kind in NEVER_TO_NODES:
+            return
         if res.kind == "Workload":
             self._workloads[key] = res
             self._by_node.setdefault(obj.node, []).append(res)

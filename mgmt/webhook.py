@@ -31,6 +31,7 @@ from agent.identity.svid import Svid
 from api.spiffe import SpiffeId
 from mgmt.ca import CertificateAuthority, certs_pem, private_key_pem
 from mgmt.policy_check import PolicyRejected, check_policy
+from mgmt.waf_check import check_waf_policy
 
 log = logging.getLogger("ambit.mgmt.webhook")
 
@@ -132,7 +133,10 @@ class Validator:
         namespace = request.get("namespace") or ""
         where = f"{obj.get('kind')} {namespace + '/' if namespace else ''}{request.get('name') or ''}"
         try:
-            policy = check_policy(obj, self.trust_domain, namespace if isinstance(namespace, str) else "")
+            if obj.get("kind") == "WafPolicy":  # the gateway's kind: its config-time check (mgmt/waf_check)
+                policy: Any = check_waf_policy(obj, namespace if isinstance(namespace, str) else "")
+            else:
+                policy = check_policy(obj, self.trust_domain, namespace if isinstance(namespace, str) else "")
             if policy.kind == "MeshConfig":
                 others = sorted(set(self._mesh_configs()) - {policy.meta.name})
                 if others:

@@ -7,6 +7,7 @@ watch-resume tests; it is ready again when the call returns.
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,10 +39,21 @@ def unique(prefix: str) -> str:
 CRDS = (Path(__file__).resolve().parents[1] / "deploy" / "crds").resolve()  # a link to the chart's crds/
 
 
+GATEWAY_API_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gateway-api-crds.sh"
+
+
+def gateway_api_crds() -> Path:
+    """The Gateway API CRDs (sigs.k8s.io/gateway-api, standard channel) that `make setup` cached."""
+    out = subprocess.run(["bash", str(GATEWAY_API_SCRIPT), "--path"], capture_output=True, text=True)
+    assert out.returncode == 0, "the Gateway API CRDs are not fetched: run `make setup`"
+    return Path(out.stdout.strip())
+
+
 def install_crds(server: ApiServer) -> None:
-    """The policy CRDs of deploy/crds (Istio's security.istio.io, ambit.io), established and served."""
-    server.kubectl_run("apply", "--server-side", "--force-conflicts", "-f", str(CRDS))
-    server.kubectl_run("wait", "--for=condition=Established", "--timeout=60s", "-f", str(CRDS))
+    """The CRDs of deploy/crds (Istio's security.istio.io, ambit.io) and Gateway API's, established."""
+    for crds in (CRDS, gateway_api_crds()):
+        server.kubectl_run("apply", "--server-side", "--force-conflicts", "-f", str(crds))
+        server.kubectl_run("wait", "--for=condition=Established", "--timeout=60s", "-f", str(crds))
 
 
 @pytest.fixture(scope="session")

@@ -54,11 +54,13 @@ class NodeIdentity:
     key_pem: bytes = field(repr=False)
     trust_bundle_pem: bytes
     generation: int = 0  # bumped on every renewal so holders of channels know to reconnect
+    # An edge gateway's identity (spiffe://td/ns/N/sa/S) held the same way; "" for a node.
+    identity: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def spiffe_id(self) -> SpiffeId:
-        return SpiffeId.node(self.trust_domain, self.node)
+        return SpiffeId.parse(self.identity) if self.identity else SpiffeId.node(self.trust_domain, self.node)
 
     @property
     def leaf(self) -> pki.CertFacts:
@@ -109,18 +111,22 @@ def join(
     timeout: float = 30.0,
     server_name: str = MGMT_SERVER_NAME,
     service_account: bool = False,
+    gateway: str = "",
 ) -> NodeIdentity:
     """Join the mesh; retries while the plane is unreachable (up to `timeout` s), fails at once if refused.
 
     `service_account`: `token` is this agent pod's projected ServiceAccount token (audience ambit), not a
-    one-time join token; the plane checks it with the API server (mgmt/kube_bootstrap.py)."""
-    # The trust domain is the plane's to say, so the CSR carries no SAN and the plane sets the node ID.
+    one-time join token; the plane checks it with the API server (mgmt/kube_bootstrap.py).
+    `gateway` ("namespace/name", `node` then ""): join as the edge gateway serving that Gateway; the result
+    holds the gateway's SVID, renewed like a node certificate by the IdentityManager."""
+    # The trust domain is the plane's to say, so the CSR carries no SAN and the plane sets the identity.
     key, csr = key_and_csr(None)
-    request = ca_pb2.JoinRequest(node=node, csr_pem=csr)
+    request = ca_pb2.JoinRequest(node=node, csr_pem=csr, gateway=gateway)
     if service_account:
         request.service_account_token = token
     else:
         request.token = token
+    who = f"Gateway {gateway}" if gateway else node
     backoff = Backoff()
     deadline = time.monotonic() + timeout
     while True:
@@ -131,7 +137,7 @@ def join(
             code = e.code()
             if code not in RETRYABLE or time.monotonic() >= deadline:
                 raise JoinError(
-                    f"join as {node} via {bootstrap_target} failed: {code.name}: {e.details()}", code
+                    f"join as {who} via {bootstrap_target} failed: {code.name}: {e.details()}", code
                 ) from None
             delay = min(backoff.next_delay(), max(0.0, deadline - time.monotonic()))
             log.warning(
@@ -140,6 +146,19 @@ def join(
             time.sleep(delay)
     if not pki.has_key(response.chain_pem, key):
         raise JoinError("the plane returned a certificate for another key")
-    identity = NodeIdentity(node, response.trust_domain, response.chain_pem, key, response.trust_bundle_pem)
+    try:
+        sid = SpiffeId.parse(pki.leaf_facts(response.chain_pem).spiffe_uri)
+    except ValueError as exc:
+        raise JoinError(f"the plane returned a certificate with no single SPIFFE ID: {exc}") from None
+    if gateway and (sid.trust_domain != response.trust_domain or sid.node_name or not sid.service_account):
+        raise JoinError(f"the plane returned {sid} for Gateway {gateway}, not a workload identity")
+    identity = NodeIdentity(
+        node,
+        response.trust_domain,
+        response.chain_pem,
+        key,
+        response.trust_bundle_pem,
+        identity=str(sid) if gateway else "",
+    )
     log.info("joined as %s (serial %x)", identity.spiffe_id, identity.leaf.serial)
     return identity

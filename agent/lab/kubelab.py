@@ -10,6 +10,7 @@ the status a kubelet reports (Running, podIP = the lab pod's address). The plane
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -28,6 +29,14 @@ from api.resources.workload import AMBIENT, DATAPLANE_LABEL
 
 CRDS = (Path(__file__).resolve().parents[2] / "deploy" / "crds").resolve()
 Progress = Callable[[str], None]
+
+
+def _gateway_api_crds() -> list[Path]:
+    """The Gateway API CRDs `make setup` cached (scripts/gateway-api-crds.sh), so the lab's API server takes
+    Gateways and HTTPRoutes; none when they are not fetched (the lab works without them)."""
+    script = Path(__file__).resolve().parents[2] / "scripts" / "gateway-api-crds.sh"
+    out = subprocess.run(["bash", str(script), "--path"], capture_output=True, text=True)
+    return [Path(out.stdout.strip())] if out.returncode == 0 else []
 
 
 def kube_dir(prefix: str) -> Path:
@@ -74,8 +83,9 @@ def up(plan: LabPlan, progress: Progress, skip_pods: Iterable[str] = ()) -> None
         log = {name: str(kube_dir(plan.prefix) / f"{name}.log") for name in server.pids}
         lab.processes += [LabProcess(n, pid, plan.fabric_netns, log[n]) for n, pid in server.pids.items()]
         state.save(lab)
-        kubectl(plan, "apply", "--server-side", "-f", str(CRDS))
-        kubectl(plan, "wait", "--for=condition=Established", "--timeout=60s", "-f", str(CRDS))
+        for crds in (CRDS, *_gateway_api_crds()):
+            kubectl(plan, "apply", "--server-side", "-f", str(crds))
+            kubectl(plan, "wait", "--for=condition=Established", "--timeout=60s", "-f", str(crds))
     skip = set(skip_pods)
     nsx.run_in(plan.fabric_netns, _write_cluster, str(kubeconfig(plan.prefix)), plan, skip, timeout=120)
     progress(

@@ -304,16 +304,18 @@ def _tcp_open(ip: str, port: int) -> bool:
         return False
 
 
-def join_token(mgmt_state: Path, node: str) -> Path:
-    """A fresh one-time token for `node`, in a 0600 file only the agent reads."""
+def join_token(mgmt_state: Path, node: str, gateway: str = "") -> Path:
+    """A fresh one-time token for `node` (or for Gateway `gateway`, then `node` names the file), in a 0600
+    file only the agent (gateway) reads."""
+    subject = ["--gateway", gateway] if gateway else ["--node", node]
     out = subprocess.run(
-        _ambit("mgmt", "token", "--state-dir", str(mgmt_state), "--node", node, "--ttl", "10m"),
+        _ambit("mgmt", "token", "--state-dir", str(mgmt_state), *subject, "--ttl", "10m"),
         capture_output=True,
         text=True,
         check=False,
     )
     if out.returncode != 0:
-        raise UsageError(f"join token for {node}: {out.stderr.strip() or out.stdout.strip()}")
+        raise UsageError(f"join token for {gateway or node}: {out.stderr.strip() or out.stdout.strip()}")
     path = mgmt_state.parent / "tokens" / f"{node}.token"
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

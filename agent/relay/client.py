@@ -64,8 +64,11 @@ class RelayClient:
         backoff_initial: float = BACKOFF_INITIAL,
         backoff_max: float = BACKOFF_MAX,
         keepalive: Keepalive = RELAY_KEEPALIVE,
+        gateway: str = "",
     ) -> None:
         load_kinds()
+        # An edge gateway's subscription (api/relay.proto Subscribe.gateway): `node` is then "" on the wire.
+        self.gateway = gateway
         self.target = target
         self.node = node
         self.types = tuple(sorted(KINDS)) if types is None else types
@@ -192,7 +195,12 @@ class RelayClient:
 
     def _subscribe_message(self) -> relay_pb2.Subscribe:
         with self._apply_lock:
-            sub = relay_pb2.Subscribe(node=self.node, types=self.types, resume_version=self.version)
+            sub = relay_pb2.Subscribe(
+                node="" if self.gateway else self.node,
+                types=self.types,
+                resume_version=self.version,
+                gateway=self.gateway,
+            )
             for key, held in self._held.items():
                 sub.initial_resource_versions[held.obj.kind].versions[key] = held.hash
         return sub

@@ -52,14 +52,19 @@ class KindInfo:
     api_versions: frozenset[str]
     namespaced: bool
     parse_spec: Parser
+    # Core kinds that keep their content beside metadata rather than under spec (a Secret's type and data):
+    # these top-level fields are handed to parse_spec as its "spec", and spec itself is not allowed.
+    top_level: frozenset[str] = frozenset()
 
 
 KINDS: dict[str, KindInfo] = {}
 
 
-def register(kind: str, api_versions: set[str], namespaced: bool = True) -> Callable[[Parser], Parser]:
+def register(
+    kind: str, api_versions: set[str], namespaced: bool = True, top_level: frozenset[str] = frozenset()
+) -> Callable[[Parser], Parser]:
     def deco(fn: Parser) -> Parser:
-        KINDS[kind] = KindInfo(kind, frozenset(api_versions), namespaced, fn)
+        KINDS[kind] = KindInfo(kind, frozenset(api_versions), namespaced, fn, top_level)
         return fn
 
     return deco
@@ -83,14 +88,15 @@ def parse(doc: Any, where: str = "") -> Any:
     """Parse one document into its domain object, or raise ResourceError naming `where` and the reason."""
     if not isinstance(doc, dict):
         raise ResourceError("document is not a mapping", where)
-    unknown = set(doc) - {"apiVersion", "kind", "metadata", "spec"}
-    if unknown:
-        raise ResourceError(f"unknown top-level field(s): {', '.join(sorted(unknown))}", where)
     kind = doc.get("kind")
     if kind not in KINDS:
         known = ", ".join(sorted(KINDS))
         raise ResourceError(f"unknown kind {kind!r} (known: {known})", where)
     info = KINDS[kind]
+    content = info.top_level or {"spec"}
+    unknown = set(doc) - {"apiVersion", "kind", "metadata"} - content
+    if unknown:
+        raise ResourceError(f"unknown top-level field(s): {', '.join(sorted(unknown))}", where)
     if doc.get("apiVersion") not in info.api_versions:
         raise ResourceError(
             f"{kind}: apiVersion must be one of {', '.join(sorted(info.api_versions))}, "
@@ -114,7 +120,7 @@ def parse(doc: Any, where: str = "") -> Any:
         _labels(md.get("labels"), where),
         _labels(md.get("annotations"), where, "annotations"),
     )
-    spec = doc.get("spec", {})
+    spec = {k: doc[k] for k in info.top_level if k in doc} if info.top_level else doc.get("spec", {})
     if spec is None:
         spec = {}
     if not isinstance(spec, dict):

@@ -315,9 +315,11 @@ class TlsSecret:
     kind: str = "Secret"
 
 
-def _secret_value(spec: Mapping[str, Any], name: str) -> bytes:
-    string = spec.get("stringData") or {}
-    data = spec.get("data") or {}
+def _secret_value(content: Mapping[str, Any], name: str) -> bytes:
+    string = content.get("stringData") or {}
+    data = content.get("data") or {}
+    if not isinstance(string, dict) or not isinstance(data, dict):
+        raise ResourceError("data and stringData must be mappings")
     if name in string and isinstance(string[name], str):
         return string[name].encode()
     if name in data and isinstance(data[name], str):
@@ -328,13 +330,13 @@ def _secret_value(spec: Mapping[str, Any], name: str) -> bytes:
     raise ResourceError(f"a kubernetes.io/tls Secret needs {name} in data or stringData")
 
 
-def parse_secret(doc: Mapping[str, Any], where: str = "") -> TlsSecret:
-    """Core v1 Secrets keep data/stringData/type at the top level, not under spec."""
-    md = _map(doc.get("metadata"), "metadata")
-    if doc.get("type", "kubernetes.io/tls") != "kubernetes.io/tls":
-        raise ResourceError("Secret: only type kubernetes.io/tls is used by the gateway", where)
-    meta = Meta(_name(md.get("name"), "metadata.name"), md.get("namespace", "default"))
-    try:
-        return TlsSecret(meta, _secret_value(doc, "tls.crt"), _secret_value(doc, "tls.key"))
-    except ResourceError as exc:
-        raise ResourceError(f"Secret {meta.name}: {exc.reason}", where) from None
+# Core v1 Secrets keep data/stringData/type at the top level, not under spec. Only TLS Secrets are
+# configuration (listener certificates); the relay hands them to gateways only, never to node agents
+# (mgmt/scope.py), and error messages never quote their content.
+@register("Secret", {"v1"}, top_level=frozenset({"type", "data", "stringData", "immutable"}))
+def _parse_secret(meta: Meta, content: Mapping[str, Any]) -> TlsSecret:
+    if content.get("type", "kubernetes.io/tls") != "kubernetes.io/tls":
+        raise ResourceError("only type kubernetes.io/tls is used by the gateway")
+    return TlsSecret(
+        Meta(meta.name, meta.namespace), _secret_value(content, "tls.crt"), _secret_value(content, "tls.key")
+    )

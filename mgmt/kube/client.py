@@ -25,4 +25,7 @@ def api_client(kubeconfig: str | None = None) -> Any:
             config.load_kube_config(client_configuration=cfg)
     except (ConfigException, OSError) as exc:
         raise UsageError(f"Kubernetes credentials: {exc}") from None
+    # One connection per watched type is held by its watch (17 types), plus Events and status writes: the
+    # default pool (5 per CPU) would discard and reopen connections.
+    cfg.connection_pool_maxsize = max(cfg.connection_pool_maxsize, 32)
     return client.ApiClient(cfg)

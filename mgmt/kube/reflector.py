@@ -45,6 +45,7 @@ class ResourceType:
     kind: str
     group_version: str  # "v1", "discovery.k8s.io/v1", "security.istio.io/v1"
     plural: str
+    field_selector: str = ""  # e.g. "type=kubernetes.io/tls": the server sends nothing else
 
     @property
     def path(self) -> str:
@@ -53,6 +54,9 @@ class ResourceType:
 
     def __str__(self) -> str:
         return f"{self.plural}.{self.group_version}"
+
+    def query(self) -> list[tuple[str, Any]]:
+        return [("fieldSelector", self.field_selector)] if self.field_selector else []
 
 
 class Handler(Protocol):
@@ -88,12 +92,14 @@ class Reflector:
         self.counters = {
             "lists": 0,
             "relists_gone": 0,
+            "relists_asked": 0,
             "watches": 0,
             "events": 0,
             "bookmarks": 0,
             "errors": 0,
         }
         self._stop = threading.Event()
+        self._relist = threading.Event()
         self._response: Any = None
         self._thread = threading.Thread(target=self._run, name=f"kube-{rtype.plural}", daemon=True)
 
@@ -108,6 +114,15 @@ class Reflector:
         """Ask the loop to end, and cut a blocked watch read short (closing the response from another
         thread does not wake a recv(); shutting the socket down does)."""
         self._stop.set()
+        self._cut_watch()
+
+    def relist(self) -> None:
+        """List again as soon as possible (the handler now wants objects it dropped: a Secret a Gateway
+        newly references). The current watch is cut; the list that follows hands over the whole set."""
+        self._relist.set()
+        self._cut_watch()
+
+    def _cut_watch(self) -> None:
         response = self._response
         sock = getattr(getattr(response, "connection", None), "sock", None)
         if sock is not None:
@@ -124,7 +139,10 @@ class Reflector:
         need_list = True
         while not self._stop.is_set():
             try:
-                if need_list:
+                if need_list or self._relist.is_set():
+                    if self._relist.is_set() and not need_list:
+                        self.counters["relists_asked"] += 1
+                    self._relist.clear()
                     self._list()
                     need_list = False
                     backoff.reset()
@@ -142,6 +160,8 @@ class Reflector:
             except Exception as exc:
                 if self._stop.is_set():
                     return
+                if self._relist.is_set():
+                    continue  # the watch was cut on purpose: list now, no backoff
                 self.counters["errors"] += 1
                 delay = backoff.next_delay()
                 log.warning("%s: %s; retrying in %.1f s", self.rtype, _brief(exc), delay)
@@ -175,7 +195,7 @@ class Reflector:
         names: set[str] = set()
         cont = ""
         while True:
-            query: list[tuple[str, Any]] = [("limit", PAGE_SIZE)]
+            query: list[tuple[str, Any]] = [("limit", PAGE_SIZE), *self.rtype.query()]
             if cont:
                 query.append(("continue", cont))
             response = self._get(query, READ_TIMEOUT_S)
@@ -197,6 +217,7 @@ class Reflector:
 
     def _watch(self) -> None:
         query = [
+            *self.rtype.query(),
             ("watch", "true"),
             ("allowWatchBookmarks", "true"),
             ("resourceVersion", self.resource_version),
@@ -206,8 +227,10 @@ class Reflector:
         self._response = response
         self.counters["watches"] += 1
         try:
+            if self._relist.is_set():
+                return  # asked while this watch was being opened: _cut_watch found no socket to cut
             for line in _lines(response):
-                if self._stop.is_set():
+                if self._stop.is_set() or self._relist.is_set():
                     return
                 self._event(json.loads(line))
         finally:

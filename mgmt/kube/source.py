@@ -1,8 +1,11 @@
 """The Kubernetes config source: informers over the API server feeding the plane's ConfigStore.
 
-One Reflector (list + watch) per type: Namespaces, Pods, Services, EndpointSlices, Nodes and the policy
-CRDs (Istio's AuthorizationPolicy and PeerAuthentication at security.istio.io/v1, or v1beta1 where only
-that is served; ambit.io/v1 RegoPolicy and MeshConfig). Each object is translated (mgmt/kube/translate)
+One Reflector (list + watch) per type: Namespaces, Pods, Services, EndpointSlices, Nodes, ServiceCIDRs, the
+policy CRDs (Istio's AuthorizationPolicy and PeerAuthentication at security.istio.io/v1, or v1beta1 where
+only that is served; ambit.io/v1 RegoPolicy and MeshConfig) and the edge gateway's configuration (Gateway
+API v1 GatewayClass, Gateway, HTTPRoute; ambit.io/v1 WafPolicy; kubernetes.io/tls Secrets, of which only
+those our Gateways' listeners reference are kept). Gateway API status is written from the publish thread
+(mgmt/kube/gateway_status). Each object is translated (mgmt/kube/translate)
 into the document the file source would hold and parsed by the same code (mgmt/store.stored), so both
 sources give the store, the scope and the agents identical resources.
 
@@ -28,6 +31,7 @@ from typing import Any
 
 from mgmt.kube import translate
 from mgmt.kube.events import EventRecorder
+from mgmt.kube.gateway_status import GatewayApiObjects, GatewayStatus, kept, service_addresses
 from mgmt.kube.reflector import Reflector, ResourceType, object_name
 from mgmt.policy_check import POLICY_KINDS, PolicyRejected, check_policy
 from mgmt.policy_status import StatusWriter
@@ -42,12 +46,28 @@ ENDPOINT_SLICES = ResourceType("EndpointSlice", "discovery.k8s.io/v1", "endpoint
 NODES = ResourceType("Node", "v1", "nodes")
 REGO_POLICIES = ResourceType("RegoPolicy", "ambit.io/v1", "regopolicies")
 MESH_CONFIGS = ResourceType("MeshConfig", "ambit.io/v1", "meshconfigs")
+# The mesh's Service ranges (Kubernetes >= 1.33): an address inside one whose lookup fails is refused.
+SERVICE_CIDRS = ResourceType("ServiceCIDR", "networking.k8s.io/v1", "servicecidrs")
+# The edge gateway's configuration (docs/gateway.md): Gateway API v1, ambit's WafPolicy, and the listener
+# certificates. Secrets are watched with a field selector: the API server sends only kubernetes.io/tls
+# ones (no ServiceAccount tokens, no docker configs), and of those the source keeps only the ones a
+# listener of one of our Gateways references in its own namespace (the others' data is dropped on arrival).
+GATEWAY_API = "gateway.networking.k8s.io/v1"
+GATEWAY_CLASSES = ResourceType("GatewayClass", GATEWAY_API, "gatewayclasses")
+GATEWAYS = ResourceType("Gateway", GATEWAY_API, "gateways")
+HTTP_ROUTES = ResourceType("HTTPRoute", GATEWAY_API, "httproutes")
+WAF_POLICIES = ResourceType("WafPolicy", "ambit.io/v1", "wafpolicies")
+TLS_SECRETS = ResourceType("Secret", "v1", "secrets", field_selector=f"type={translate.TLS_SECRET_TYPE}")
+GATEWAY_TYPES = (GATEWAY_CLASSES, GATEWAYS, HTTP_ROUTES, WAF_POLICIES, TLS_SECRETS)
+# What a Gateway's status depends on: a change of one of these recomputes it.
+GATEWAY_INPUTS = frozenset({t.kind for t in GATEWAY_TYPES} | {"Service"})
 ISTIO_SECURITY = "security.istio.io"
 ISTIO_KINDS = (
     ("AuthorizationPolicy", "authorizationpolicies"),
     ("PeerAuthentication", "peerauthentications"),
 )
 COALESCE_S = 0.02
+SECRET_RELIST_WAIT_S = 5.0  # longest a publish waits for a Secrets relist (an API server that is down)
 SYNC_LOG_EVERY_S = 10.0
 
 Translator = Callable[[Mapping[str, Any]], "dict[str, Any] | None"]
@@ -73,7 +93,18 @@ def istio_version(api_client: Any) -> str:
 def watched_types(api_client: Any) -> list[ResourceType]:
     version = istio_version(api_client)
     istio = [ResourceType(kind, f"{ISTIO_SECURITY}/{version}", plural) for kind, plural in ISTIO_KINDS]
-    return [NAMESPACES, PODS, SERVICES, ENDPOINT_SLICES, NODES, *istio, REGO_POLICIES, MESH_CONFIGS]
+    return [
+        NAMESPACES,
+        PODS,
+        SERVICES,
+        ENDPOINT_SLICES,
+        NODES,
+        SERVICE_CIDRS,
+        *istio,
+        REGO_POLICIES,
+        MESH_CONFIGS,
+        *GATEWAY_TYPES,
+    ]
 
 
 @dataclass
@@ -95,17 +126,32 @@ class KubeSource:
         self._services: dict[str, Mapping[str, Any]] = {}  # "ns/name" -> Service object
         self._slices: dict[str, dict[str, dict[str, int]]] = {}  # "ns/service" -> slice name -> ports
         self._slice_service: dict[str, str] = {}  # "ns/slice" -> "ns/service"
+        self._gw = GatewayApiObjects()  # Gateway API objects as the API server has them (status included)
+        self._secret_refs: set[str] = set()  # "ns/name" of the Secrets our Gateways' listeners reference
+        self._secrets_dropped: set[str] = set()  # TLS Secrets seen but not kept (no listener refers to them)
+        self._foreign_refs: set[str] = set()  # listener references to another namespace's Secret (refused)
+        self._waf_refused: dict[str, str] = {}  # WafPolicy "ns/name" -> why it is refused (publish thread)
+        self._gateway_dirty = False
+        self._secrets_relist_since: float | None = None  # monotonic time a relist of the Secrets was asked
+        self._gateway_status = GatewayStatus()
         self._dirty = threading.Event()
         self._stop = threading.Event()
         self._events = EventRecorder(api_client) if events else None
         self._status = StatusWriter(api_client) if events else None
-        self._counters = {"invalid_objects": 0, "rejected_objects": 0, "publishes": 0}
+        self._counters = {
+            "invalid_objects": 0,
+            "rejected_objects": 0,
+            "publishes": 0,
+            "secret_relists": 0,
+            "secret_refs_refused": 0,
+        }
         self.last_publish_at = 0.0  # monotonic time of the last publish (bench: event-to-version latency)
         self.reflectors = [Reflector(api_client, t, self) for t in watched_types(api_client)]
         self._translators: dict[str, Translator] = {
             "Namespace": translate.namespace,
             "Pod": translate.workload,
             "Node": translate.node,
+            "ServiceCIDR": translate.service_cidr,
         }
         self._publisher = threading.Thread(target=self._publish_loop, name="kube-publish", daemon=True)
 
@@ -164,6 +210,8 @@ class KubeSource:
         with self._lock:
             for gone in self._names.get(rtype.kind, set()) - names:
                 self._delete(rtype, gone)
+            if rtype.kind == "Secret":
+                self._secrets_relist_since = None  # the relist, if one was asked, has handed everything over
         self._dirty.set()
 
     def apply(self, rtype: ResourceType, event: str, obj: dict[str, Any]) -> None:
@@ -179,6 +227,8 @@ class KubeSource:
         name = object_name(obj)
         self._names.setdefault(rtype.kind, set()).add(name)
         if rtype.kind == "Service":
+            self._gateway_dirty = True  # a route's backends may have appeared or gone
+            self._gw.services[name] = service_addresses(obj)
             self._services[name] = _slim(obj)
             self._set_service(name)
         elif rtype.kind == "EndpointSlice":
@@ -189,6 +239,8 @@ class KubeSource:
             self._slice_service[name] = owner
             self._slices.setdefault(owner, {})[name] = translate.slice_ports(obj)
             self._set_service(owner)
+        elif rtype.kind in GATEWAY_INPUTS and rtype.kind != "Service":
+            self._upsert_gateway_api(rtype.kind, name, obj)
         else:
             translator = self._translators.get(rtype.kind, translate.policy)
             self._set(rtype.kind, name, translator(obj), obj)
@@ -205,7 +257,99 @@ class KubeSource:
             return
         if rtype.kind == "Service":
             self._services.pop(name, None)
+            self._gw.services.pop(name, None)
+        if rtype.kind in GATEWAY_INPUTS:
+            self._gateway_dirty = True
+        if rtype.kind in ("GatewayClass", "Gateway", "HTTPRoute", "WafPolicy"):
+            self._delete_gateway_api(rtype.kind, name)
+            return
+        if rtype.kind == "Secret":
+            self._secrets_dropped.discard(name)
         self._set(rtype.kind, name, None, None)
+
+    # -- Gateway API (under the lock) ------------------------------------------------------------------
+    def _raw_bucket(self, kind: str) -> dict[str, Mapping[str, Any]]:
+        return {
+            "GatewayClass": self._gw.classes,
+            "Gateway": self._gw.gateways,
+            "HTTPRoute": self._gw.routes,
+            "WafPolicy": self._gw.waf_policies,
+        }[kind]
+
+    def _upsert_gateway_api(self, kind: str, name: str, obj: Mapping[str, Any]) -> None:
+        self._gateway_dirty = True
+        if kind == "Secret":
+            self._set_secret(name, obj)
+            return
+        self._raw_bucket(kind)[name] = kept(obj)
+        if kind == "GatewayClass":  # which Gateways are ours may have changed
+            for gw in list(self._gw.gateways):
+                self._set_gateway(gw)
+        elif kind == "Gateway":
+            self._set_gateway(name)
+        else:
+            self._set(kind, name, translate.policy(obj), obj)
+
+    def _delete_gateway_api(self, kind: str, name: str) -> None:
+        self._raw_bucket(kind).pop(name, None)
+        if kind == "GatewayClass":
+            for gw in list(self._gw.gateways):
+                self._set_gateway(gw)
+            return
+        self._set(kind, name, None, None)
+        if kind == "Gateway":
+            self._refresh_secret_refs()
+
+    def _set_gateway(self, name: str) -> None:
+        """A Gateway is held only while its class is ours: another controller's Gateway is not config."""
+        raw = self._gw.gateways.get(name)
+        doc = translate.policy(raw) if raw is not None and self._gw.ours(raw) else None
+        self._set("Gateway", name, doc, raw)
+        self._refresh_secret_refs()
+
+    def _set_secret(self, name: str, obj: Mapping[str, Any]) -> None:
+        if name in self._secret_refs:
+            self._secrets_dropped.discard(name)
+            self._set("Secret", name, translate.tls_secret(obj), obj)
+        else:
+            self._secrets_dropped.add(name)
+            self._set("Secret", name, None, None)
+
+    def _refresh_secret_refs(self) -> None:
+        """Which Secrets the held Gateways reference (in their own namespace only: another namespace's
+        Secret would need a ReferenceGrant). One newly referenced that was seen and dropped is read
+        again by a relist of the Secrets; one no longer referenced is forgotten."""
+        refs: set[str] = set()
+        foreign: set[str] = set()
+        for res in self._resources.values():
+            if res.kind != "Gateway":
+                continue
+            for ref in (r for lst in res.obj.listeners for r in lst.certificate_refs if r.kind == "Secret"):
+                if ref.namespace == res.obj.meta.namespace:
+                    refs.add(f"{ref.namespace}/{ref.name}")
+                else:
+                    foreign.add(
+                        f"Gateway {res.key.namespace}/{res.key.name} -> Secret {ref.namespace}/{ref.name}"
+                    )
+        for refused in foreign - self._foreign_refs:  # once per reference, not per event
+            self._counters["secret_refs_refused"] += 1
+            log.warning("kube: %s not held: a Secret of another namespace needs a ReferenceGrant", refused)
+        self._foreign_refs = foreign
+        if refs == self._secret_refs:
+            return
+        gone, wanted = self._secret_refs - refs, refs - self._secret_refs
+        self._secret_refs = refs
+        for name in gone:
+            if f"Secret/{name}" in self._resources:
+                self._secrets_dropped.add(name)
+            self._set("Secret", name, None, None)
+        if wanted & self._secrets_dropped:
+            self._counters["secret_relists"] += 1
+            if self._secrets_relist_since is None:
+                self._secrets_relist_since = time.monotonic()
+            for r in self.reflectors:
+                if r.rtype.kind == "Secret":
+                    r.relist()
 
     @staticmethod
     def _slice_owner(obj: Mapping[str, Any]) -> str:
@@ -275,14 +419,48 @@ class KubeSource:
                 time.sleep(0.05)
                 continue
             time.sleep(COALESCE_S)  # let the rest of a burst arrive
-            self._dirty.clear()
             with self._lock:
+                since = self._secrets_relist_since
+                if since is not None and time.monotonic() - since < SECRET_RELIST_WAIT_S:
+                    # A Gateway now references a Secret being read again: publishing first would hand
+                    # the gateway a listener without its certificate (it would refuse that version).
+                    continue
+                self._dirty.clear()
                 resources = dict(self._resources)
                 errors = [i.error for i in self._invalid.values()]
                 self._counters["invalid_objects"] = len(errors)
+                gateway_dirty, self._gateway_dirty = self._gateway_dirty, False
+                raw = self._gw.copy() if gateway_dirty else None
+                invalid = {source: i.error.reason for source, i in self._invalid.items()}
             self.store.publish(resources, errors)
             self._counters["publishes"] += 1
             self.last_publish_at = time.monotonic()
+            if raw is not None:
+                self._write_gateway_status(raw, resources, invalid)
+
+    def _write_gateway_status(
+        self, raw: GatewayApiObjects, resources: dict[str, StoredResource], invalid: dict[str, str]
+    ) -> None:
+        if self._status is None:
+            return
+        try:
+            for write in self._gateway_status.writes(raw, resources, invalid):
+                self._status.submit(*write)
+            verdicts = self._gateway_status.waf_verdicts(raw, resources, invalid)
+            refused: dict[str, str] = {}
+            for obj, problem in verdicts:
+                self._status.report(obj, problem)
+                name = object_name(obj)
+                if problem is not None:
+                    refused[name] = problem
+                    if self._waf_refused.get(name) != problem and f"WafPolicy {name}" not in invalid:
+                        log.warning("kube: WafPolicy %s: the gateway would refuse it: %s", name, problem)
+            self._waf_refused = refused  # logged once per verdict (the parser's are logged by _reject)
+            self._counters["waf_policies_refused"] = len(refused)
+            self._counters["gateway_status_runs"] = self._counters.get("gateway_status_runs", 0) + 1
+        except Exception:  # a status bug must not stop publishing
+            self._counters["status_failures"] = self._counters.get("status_failures", 0) + 1
+            log.exception("kube: computing Gateway API status")
 
 
 def _slim(obj: Mapping[str, Any]) -> dict[str, Any]:

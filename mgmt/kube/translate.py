@@ -6,8 +6,9 @@ identity of its own, as in Istio ambient). A Service becomes a `Service` when it
 ports, and each named `targetPort` resolved through the Service's EndpointSlices (the EndpointSlice
 controller's resolution against the pods' container ports; with several numbers for one name, the most
 common wins). Nodes give their InternalIP addresses and podCIDRs; Namespaces their labels. Policy kinds
-(Istio's AuthorizationPolicy and PeerAuthentication, ambit's RegoPolicy and MeshConfig) are the object
-itself, minus server state (mgmt/documents).
+(Istio's AuthorizationPolicy and PeerAuthentication, ambit's RegoPolicy and MeshConfig) and the Gateway API
+kinds (Gateway, HTTPRoute, ambit's WafPolicy) are the object itself, minus server state (mgmt/documents).
+A kubernetes.io/tls Secret keeps its certificate and key only; a ServiceCIDR its ranges.
 
 `None` means "not (yet) part of the mesh" (a pending pod, a headless Service), which is not an error.
 """
@@ -132,6 +133,39 @@ def policy(obj: Mapping[str, Any]) -> dict[str, Any]:
     """A policy CRD object as its document (the Istio YAML a user applied, minus server state)."""
     doc: dict[str, Any] = normalized(dict(obj))
     return doc
+
+
+def service_cidr(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """A ServiceCIDR (networking.k8s.io/v1, cluster-scoped): its ranges. One being deleted stays until it
+    is gone: its addresses may still be allocated, and a range too many only refuses more (fail closed)."""
+    spec = obj.get("spec") or {}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "ServiceCIDR",
+        "metadata": {"name": (obj.get("metadata") or {}).get("name")},
+        "spec": {"cidrs": list(spec.get("cidrs") or ())},
+    }
+
+
+TLS_SECRET_TYPE = "kubernetes.io/tls"
+TLS_KEYS = ("tls.crt", "tls.key")
+
+
+def tls_secret(obj: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A kubernetes.io/tls Secret as the store holds it (api/resources/gateway_api: core v1 shape, `type`
+    and `data` beside metadata): the certificate chain and key only, base64 as the API serves them; other
+    keys (ca.crt, ...) are not kept. None for any other type: the gateway holds certificates, nothing else."""
+    if obj.get("type") != TLS_SECRET_TYPE:
+        return None
+    data = obj.get("data") or {}
+    kept = {k: data[k] for k in TLS_KEYS if isinstance(data, Mapping) and k in data}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _meta(obj),
+        "type": TLS_SECRET_TYPE,
+        "data": kept,
+    }
 
 
 def from_kubernetes(raw: Any) -> tuple[bool, dict[str, Any] | None]:

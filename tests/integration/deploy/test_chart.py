@@ -117,18 +117,30 @@ def test_cluster_role_grants_what_the_plane_uses_and_nothing_else(
             ("watch", "peerauthentications.security.istio.io"),
             ("watch", "regopolicies.ambit.io"),
             ("watch", "meshconfigs.ambit.io"),
+            ("watch", "wafpolicies.ambit.io"),
+            ("watch", "servicecidrs.networking.k8s.io"),
+            ("watch", "gatewayclasses.gateway.networking.k8s.io"),
+            ("watch", "gateways.gateway.networking.k8s.io"),
+            ("watch", "httproutes.gateway.networking.k8s.io"),
+            ("watch", "secrets"),
             ("create", "tokenreviews.authentication.k8s.io"),
             ("create", "events"),
         ]:
             assert can(verb, resource), f"cannot {verb} {resource}"
         assert can("patch", "authorizationpolicies.security.istio.io", "status")
         assert can("patch", "regopolicies.ambit.io", "status")
+        assert can("patch", "wafpolicies.ambit.io", "status")
+        for kind in ("gatewayclasses", "gateways", "httproutes"):
+            assert can("patch", f"{kind}.gateway.networking.k8s.io", "status")
+            assert not can("patch", f"{kind}.gateway.networking.k8s.io"), kind  # status only
         for verb, resource in [
             ("get", "secrets"),
             ("create", "pods"),
             ("patch", "authorizationpolicies.security.istio.io"),
             ("delete", "regopolicies.ambit.io"),
             ("list", "configmaps"),
+            ("create", "secrets"),
+            ("delete", "gateways.gateway.networking.k8s.io"),
         ]:
             assert not can(verb, resource), f"may {verb} {resource}"
     finally:
@@ -155,7 +167,8 @@ def test_cluster_role_reads_exactly_what_the_kube_source_watches(root_cert: Path
     watched = {
         (t.group_version.rpartition("/")[0], t.plural)
         for t in (source.NAMESPACES, source.PODS, source.SERVICES, source.ENDPOINT_SLICES, source.NODES)
-        + (source.REGO_POLICIES, source.MESH_CONFIGS)
+        + (source.SERVICE_CIDRS, source.REGO_POLICIES, source.MESH_CONFIGS)
+        + source.GATEWAY_TYPES
     } | {(source.ISTIO_SECURITY, plural) for _, plural in source.ISTIO_KINDS}
     role = _objects(render("ambit-system", root_cert))["ClusterRole/ambit-mgmt"]
     readable = {
@@ -166,3 +179,92 @@ def test_cluster_role_reads_exactly_what_the_kube_source_watches(root_cert: Path
         for resource in rule["resources"]
     }
     assert readable == watched
+
+
+GATEWAY_VALUES = (
+    "gateway.enabled=true",
+    "gateway.namespace=edge-ns",
+    "gateway.replicas=3",
+    "gateway.threads=4",
+    "gateway.resources.requests.cpu=4",
+    "gateway.service.type=NodePort",
+    "gateway.service.ports[0].name=https",
+    "gateway.service.ports[0].port=443",
+    "gateway.service.ports[0].targetPort=8443",
+    "gateway.service.ports[0].nodePort=30443",
+)
+
+
+def test_gateway_is_off_unless_enabled(root_cert: Path) -> None:
+    objs = _objects(render("ambit-system", root_cert))
+    assert not [k for k in objs if k.startswith(("GatewayClass/", "Deployment/edge"))]
+
+
+def test_rendered_gateway(root_cert: Path) -> None:
+    from mgmt.kube.gateway_status import CONTROLLER_NAME
+    from mgmt.kube_bootstrap import AUDIENCE
+
+    objs = _objects(render("ambit-system", root_cert, *GATEWAY_VALUES))
+    assert objs["GatewayClass/ambit"]["spec"]["controllerName"] == CONTROLLER_NAME
+    # Named <gateway>-<class> in the Gateway's namespace: the account and Deployment the plane admits.
+    deploy = objs["Deployment/edge-ambit"]
+    assert deploy["metadata"]["namespace"] == "edge-ns" and deploy["spec"]["replicas"] == 3
+    pod = deploy["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "edge-ambit" and pod["automountServiceAccountToken"] is False
+    assert objs["ServiceAccount/edge-ambit"]["metadata"]["namespace"] == "edge-ns"
+    container = pod["containers"][0]
+    assert "--gateway=edge-ns/edge" in container["args"] and "--threads=4" in container["args"]
+    assert container["resources"]["requests"]["cpu"] == 4
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    token = next(v for v in pod["volumes"] if v["name"] == "token")
+    assert token["projected"]["sources"][0]["serviceAccountToken"]["audience"] == AUDIENCE
+    assert not any("secret" in v for v in pod["volumes"])  # certificates come from the plane, in memory
+    # The trust bundle is copied into the gateway's namespace (a ConfigMap is namespaced).
+    bundles = [
+        d
+        for d in yaml.safe_load_all(render("ambit-system", root_cert, *GATEWAY_VALUES))
+        if d and d["kind"] == "ConfigMap"
+    ]
+    assert sorted(b["metadata"]["namespace"] for b in bundles) == ["ambit-system", "edge-ns"]
+    svc = objs["Service/edge-ambit"]["spec"]
+    assert svc["type"] == "NodePort" and svc["ports"][0]["nodePort"] == 30443
+    assert svc["selector"] == deploy["spec"]["selector"]["matchLabels"]
+    lb = _objects(render("ambit-system", root_cert, "gateway.enabled=true"))["Service/edge-ambit"]["spec"]
+    assert lb["type"] == "LoadBalancer" and lb["externalTrafficPolicy"] == "Local"
+    assert [(p["port"], p["targetPort"]) for p in lb["ports"]] == [(443, 8443), (80, 8080)]
+
+
+def test_helm_lint_with_the_gateway(root_cert: Path) -> None:
+    out = helm(
+        "lint",
+        "--strict",
+        str(CHART),
+        "--set-file",
+        f"ca.rootCert={root_cert}",
+        "--set",
+        "gateway.enabled=true",
+    )
+    assert "1 chart(s) linted, 0 chart(s) failed" in out.stdout
+
+
+def test_rendered_gateway_passes_a_server_side_dry_run(kube_crds: ApiServer, root_cert: Path) -> None:
+    ns = unique("chart")
+    kube_crds.kubectl_run("create", "namespace", ns)
+    docs = [
+        d
+        for d in yaml.safe_load_all(render(ns, root_cert, "gateway.enabled=true", f"gateway.className={ns}"))
+        if d and (d["metadata"].get("name", "").startswith("edge-") or d["kind"] == "GatewayClass")
+    ]
+    assert {d["kind"] for d in docs} == {"GatewayClass", "ServiceAccount", "Deployment", "Service"}
+    out = kube_crds.kubectl_run("apply", "--dry-run=server", "-f", "-", stdin=yaml.safe_dump_all(docs))
+    assert len(out.stdout.splitlines()) == 4
+    assert all(line.endswith("(server dry run)") for line in out.stdout.splitlines())
+
+
+def test_rendered_gateway_command_line_is_what_ambit_accepts(root_cert: Path) -> None:
+    from agent.cli import build_parser
+
+    args = _objects(render("ambit-system", root_cert, "gateway.enabled=true"))["Deployment/edge-ambit"]
+    parsed = build_parser().parse_args(args["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert parsed.plane == "ambit-mgmt.ambit-system.svc:15012" and parsed.gateway == "ambit-system/edge"
+    assert parsed.service_account_token_file == "/var/run/secrets/ambit/token"

@@ -36,6 +36,21 @@ apiVersion: ambit.io/v1
 kind: RegoPolicy
 metadata: {{name: good, namespace: {ns}}}
 spec: {{module: "package ambit\\ndefault authz := true"}}
+---
+apiVersion: ambit.io/v1
+kind: WafPolicy
+metadata: {{name: good, namespace: {ns}}}
+spec:
+  targetRefs: [{{group: gateway.networking.k8s.io, kind: HTTPRoute, name: shop}}]
+  mode: DetectOnly
+  paranoiaLevel: 2
+  inboundAnomalyThreshold: 7
+  requestBodyLimit: 65536
+  exclusions:
+    - {{ruleIds: ["942100", "920000-920999"]}}
+    - {{tags: [attack-sqli]}}
+    - {{ruleId: "942100", targets: ["ARGS:q", "REQUEST_COOKIES:/^sess/"]}}
+  customRules: ['SecRule ARGS:debug "@streq 1" "id:10001,phase:1,deny,status:403"']
 """
 
 
@@ -43,7 +58,7 @@ def test_valid_objects_apply_in_every_served_version(kube_crds: ApiServer) -> No
     ns = unique("crd")
     kube_crds.kubectl_run("create", "namespace", ns)
     out = kube_crds.kubectl_run("apply", "-f", "-", stdin=GOOD.format(ns=ns))
-    assert out.stdout.count(" created") == 4, out.stdout
+    assert out.stdout.count(" created") == 5, out.stdout
     # v1 and v1beta1 are one stored object; the query default comes from the schema.
     got = kube_crds.kubectl_run("get", "authorizationpolicies.v1.security.istio.io", "-n", ns, "-o", "name")
     assert sorted(got.stdout.split()) == [
@@ -64,6 +79,11 @@ AP = "apiVersion: security.istio.io/{version}\nkind: AuthorizationPolicy\n" + BA
 PA = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n" + BAD
 RP = "apiVersion: ambit.io/v1\nkind: RegoPolicy\n" + BAD
 MC = "apiVersion: ambit.io/v1\nkind: MeshConfig\nmetadata: {{name: bad}}\n"
+WP = (
+    "apiVersion: ambit.io/v1\nkind: WafPolicy\n"
+    + BAD
+    + "spec:\n  targetRefs: [{{kind: Gateway, name: edge}}]\n"
+)
 
 
 @pytest.mark.parametrize(
@@ -102,6 +122,18 @@ MC = "apiVersion: ambit.io/v1\nkind: MeshConfig\nmetadata: {{name: bad}}\n"
         (
             MC + "spec: {{rootNamespace: Ambit_System}}",
             "rootNamespace",
+        ),
+        (WP + "  mode: Blocking\n", 'Unsupported value: "Blocking"'),
+        (WP + "  paranoiaLevel: 5\n", "paranoiaLevel"),
+        (WP + "  exclusions: [{{ruleIds: [94210x]}}]\n", "ruleIds[0]"),
+        (WP + "  exclusions: [{{ruleId: '942100'}}]\n", "ruleId and targets go together"),
+        (WP + "  exclusions: [{{ruleId: '942100', targets: ['ARGS:a\"b']}}]\n", "targets[0]"),
+        (WP + "  paranoia: 2\n", 'unknown field "spec.paranoia"'),
+        (
+            "apiVersion: ambit.io/v1\nkind: WafPolicy\n"
+            + BAD
+            + "spec: {{targetRefs: [{{kind: Service, name: x}}]}}",
+            'Unsupported value: "Service"',
         ),
     ],
 )

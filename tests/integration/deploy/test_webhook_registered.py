@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -55,7 +56,7 @@ def registered(kube_crds: ApiServer) -> Iterator[tuple[ApiServer, str, WebhookSe
                         "apiGroups": ["ambit.io"],
                         "apiVersions": ["v1"],
                         "operations": ["CREATE", "UPDATE"],
-                        "resources": ["regopolicies"],
+                        "resources": ["regopolicies", "wafpolicies"],
                     },
                 ],
             }
@@ -69,19 +70,23 @@ def registered(kube_crds: ApiServer) -> Iterator[tuple[ApiServer, str, WebhookSe
         server.stop()
 
 
+def _first_refusal(api: ApiServer, doc: str) -> subprocess.CompletedProcess[str]:
+    """`kubectl apply` of `doc`, retried until refused: the API server picks a new webhook configuration
+    up through its informer."""
+    refused: list[subprocess.CompletedProcess[str]] = []
+
+    def called() -> bool:
+        refused.append(api.kubectl_run("apply", "-f", "-", stdin=doc, check=False))
+        return refused[-1].returncode != 0
+
+    assert wait_until(called, 15.0)
+    return refused[-1]
+
+
 def test_kubectl_apply_goes_through_the_webhook(registered: tuple[ApiServer, str, WebhookServer]) -> None:
     api, ns, server = registered
     broken = REGO.format(name="broken", ns=ns, module=json.dumps("package ambit\nauthz := input.x +"))
-    # The API server picks the new configuration up through its informer: wait until it calls us.
-    refused = None
-
-    def called() -> bool:
-        nonlocal refused
-        refused = api.kubectl_run("apply", "-f", "-", stdin=broken, check=False)
-        return refused.returncode != 0
-
-    assert wait_until(called, 15.0)
-    assert refused is not None
+    refused = _first_refusal(api, broken)
     assert 'admission webhook "validation.ambit.io" denied the request' in refused.stderr
     assert "module does not compile" in refused.stderr
 
@@ -98,3 +103,26 @@ def test_kubectl_apply_goes_through_the_webhook(registered: tuple[ApiServer, str
     assert "created" in out.stdout and "Warning:" in out.stderr  # what the node enforces differently
     counts = server.counters()
     assert counts["rejected"] >= 2 and counts["allowed"] == 2
+
+
+WAF = (
+    "apiVersion: ambit.io/v1\nkind: WafPolicy\n"
+    + META
+    + "spec: {{targetRefs: [{{kind: Gateway, name: edge}}], exclusions: [{exclusion}]}}\n"
+)
+
+
+def test_a_waf_policy_the_gateway_would_refuse_is_refused_at_apply(
+    registered: tuple[ApiServer, str, WebhookServer],
+) -> None:
+    api, ns, server = registered
+    # Legal to the schema, but the CRS 3.3.4 has no rule 999999 nor tag attack-sqlx: it would exclude nothing.
+    typo = WAF.format(name="typo", ns=ns, exclusion="{ruleIds: ['999999']}")
+    refused = _first_refusal(api, typo)
+    assert "exclusion rule id 999999 matches no CRS or custom rule" in refused.stderr
+    tag = WAF.format(name="tag", ns=ns, exclusion="{tags: [attack-sqlx]}")
+    out = api.kubectl_run("apply", "-f", "-", stdin=tag, check=False)
+    assert out.returncode != 0 and "'attack-sqlx' is on no CRS rule" in out.stderr
+    good = WAF.format(name="good", ns=ns, exclusion="{ruleIds: ['942100'], tags: [attack-sqli]}")
+    assert "created" in api.kubectl_run("apply", "-f", "-", stdin=good).stdout
+    assert server.counters()["rejected_WafPolicy"] >= 2

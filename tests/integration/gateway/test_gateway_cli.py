@@ -71,3 +71,19 @@ def test_serve_reload_refuse_and_stop(tmp_path: Path) -> None:
         backend.close()
     text = (tmp_path / "gateway.log").read_text()
     assert "reload refused, the previous config stays" in text and "4242 matches no CRS" in text
+
+
+def test_plane_mode_usage_errors(tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "agent.cli", "gateway", *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+    neither = run()
+    assert neither.returncode != 0 and "--config-dir D (files) or --plane ADDR" in neither.stderr
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_text("")
+    plane = ("--plane", "127.0.0.1:1", "--gateway", "shop/edge", "--trust-bundle", str(bundle))
+    no_token = run(*plane)
+    assert no_token.returncode != 0 and "--join-token-file F" in no_token.stderr
+    with_dir = run(*plane, "--join-token", "t", "--identity-dir", str(tmp_path))
+    assert with_dir.returncode != 0 and "the SVID comes from the plane" in with_dir.stderr

@@ -148,6 +148,8 @@ def test_plane_admin_api_counts_the_kube_source(kubelab_plan: LabPlan) -> None:
     counters = json.loads(nsx.run_in(kubelab_plan.fabric_netns, get, "/debug/counters", timeout=10))
     assert counters["kube"]["pods_lists"] >= 1 and counters["kube"]["pods_watches"] >= 1
     assert counters["kube"]["publishes"] >= 1
+    # The lab's API server serves the Gateway API (its CRDs are installed): the plane listed Gateways.
+    assert counters["kube"]["gateways_lists"] >= 1 and counters["kube"]["servicecidrs_lists"] >= 1
     assert counters["config"]["versions"] >= 1
     metrics = nsx.run_in(kubelab_plan.fabric_netns, get, "/metrics", timeout=10)
     assert "ambit_mgmt_config_rejected_documents_total" in metrics

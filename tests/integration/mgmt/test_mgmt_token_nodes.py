@@ -35,3 +35,27 @@ def test_unknown_node_gets_no_token(tmp_path: Path) -> None:
 def test_library_refuses_unknown_node(tmp_path: Path) -> None:
     with pytest.raises(UnknownNodeError, match="not in the config"):
         JoinTokens(tmp_path).create("node-9", 60, known_nodes={"node-1"})
+
+
+def test_gateway_tokens_only_for_gateways_of_the_config(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    write_mesh(config)
+    (config / "gw.yaml").write_text(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: edge, namespace: shop}\n"
+        "spec: {gatewayClassName: ambit, listeners: [{name: h, port: 80, protocol: HTTP}]}\n"
+    )
+    state = str(tmp_path / "state")
+    ok = _token("--state-dir", state, "--gateway", "shop/edge", "--config-dir", str(config))
+    assert ok.returncode == 0 and len(ok.stdout.strip()) > 20, ok.stderr
+    assert JoinTokens(Path(state)).consume(ok.stdout.strip()) == "gateway:shop/edge"
+    refused = _token("--state-dir", state, "--gateway", "shop/nope", "--config-dir", str(config))
+    assert (
+        refused.returncode != 0 and "'shop/nope' is not in the config (gateways: shop/edge)" in refused.stderr
+    )
+    assert "start the plane" in _token("--state-dir", state, "--gateway", "shop/edge").stderr
+    both = _token("--state-dir", state, "--gateway", "shop/edge", "--node", "node-1")
+    assert both.returncode != 0 and "--node N or --gateway" in both.stderr
+    assert (
+        "namespace/name"
+        in _token("--state-dir", state, "--gateway", "edge", "--config-dir", str(config)).stderr
+    )
