@@ -15,6 +15,7 @@
 
 #define TRIM_AFTER_CLOSED 64 /* connections, streams and splices closed since the last trim */
 #define TRIM_INTERVAL_MS 1000
+#define SETTLE_TRIMS 10        /* trims after a burst, at most, while closes trickle on */
 #define STARTUP_SETTLE_MS 2000 /* the agent is ready ~1 s after its engine started */
 #define MMAP_THRESHOLD (128 * 1024)
 #define MALLOC_ARENAS 2
@@ -203,8 +204,10 @@ static void on_wake(ambit_loop *l, aio *io, uint32_t events)
  * Connection state is allocated and freed on the loop threads, whose glibc arenas keep freed memory
  * (a burst of 10,000 aborted handshakes left ~350 MB resident with nothing alive). While connections,
  * streams or splices close in numbers, at most once a second, hand the free pages back to the kernel;
- * once the burst is over, once more: for what closed after the last trim and what the host freed of
- * its own records meanwhile (malloc_trim walks every arena, the host's threads' too). Start-up counts as
+ * then while they keep closing or the host is still draining their events (at most SETTLE_TRIMS times),
+ * and once more after a quiet second: for what closed after the last trim and what the host freed of its
+ * own records meanwhile, after the events (malloc_trim walks every arena, the host's threads' too). A
+ * measured agent side freed its records up to ~10 s after 4,000 connections closed. Start-up counts as
  * a burst: STARTUP_SETTLE_MS after the engine started, the host's start-up (imports, TLS contexts, the
  * first config) is over, and what it freed goes back (~1 MiB for an idle agent). */
 static uint64_t closed_total(ambit_engine *e)
@@ -222,10 +225,20 @@ static void maybe_trim(ambit_engine *e)
     if (now < e->trim_not_before_ms || now - e->last_trim_ms < TRIM_INTERVAL_MS)
         return;
     uint64_t closed = closed_total(e);
-    int burst = closed - e->closed_at_trim >= TRIM_AFTER_CLOSED;
-    if (!burst && !e->trim_settling)
+    uint64_t since = closed - e->closed_at_trim;
+    pthread_mutex_lock(&e->ev_lock);
+    int drained = e->ev_count == 0;
+    pthread_mutex_unlock(&e->ev_lock);
+    if (since >= TRIM_AFTER_CLOSED)
+        e->trim_settling = SETTLE_TRIMS;
+    else if (!e->trim_settling)
         return;
-    e->trim_settling = burst;
+    else if (since == 0 && drained && e->trim_drained)
+        e->trim_settling = 0; /* quiet, and the host had a second to handle the last events: the last trim */
+    else
+        e->trim_settling--; /* still closing (pooled connections after their streams), or the host still
+                             * handling the close events (it frees its records as it goes) */
+    e->trim_drained = drained;
     e->closed_at_trim = closed;
     e->last_trim_ms = now;
     malloc_trim(0);
@@ -377,7 +390,8 @@ int ambit_engine_start(ambit_engine *e, char *err, size_t errlen)
     }
     e->started = 1;
     e->trim_not_before_ms = now_ms() + STARTUP_SETTLE_MS;
-    e->trim_settling = 1;
+    e->trim_settling = SETTLE_TRIMS;
+    e->trim_drained = 1; /* start-up: one trim once it is over, no close events to wait for */
     for (int i = 0; i < e->nloops; i++) {
         ambit_loop *l = &e->loops[i];
         l->running = 1;
