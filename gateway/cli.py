@@ -49,13 +49,19 @@ def _run(args: argparse.Namespace) -> int:
             threads=args.threads,
             audit_log=Path(args.audit_log) if args.audit_log else None,
             metrics_listen=args.metrics,
+            listen_address=args.listen_address,
             identity=read_identity(Path(args.identity_dir)) if args.identity_dir else None,
         )
         server = GatewayServer(plan, options)
     except (gwconfig.GatewayConfigError, WafConfigError, dp.DataplaneError) as exc:
         print(f"ambit gateway: config refused: {exc}", file=sys.stderr)
         return 2
-    server.start()
+    try:
+        server.start()
+    except OSError as exc:
+        hint = "--listen-address overrides the Gateway's addresses"
+        print(f"ambit gateway: {exc.strerror} ({hint})", file=sys.stderr)
+        return 2
     done = threading.Event()
 
     def reload(*_: object) -> None:
@@ -119,6 +125,7 @@ def _run_from_plane(args: argparse.Namespace) -> int:
         threads=args.threads,
         audit_log=Path(args.audit_log) if args.audit_log else None,
         metrics_listen=args.metrics,
+        listen_address=args.listen_address,
     )
     gateway = PlaneGateway(plane, options)
     done = threading.Event()
@@ -224,6 +231,12 @@ def add_gateway_command(sub: argparse._SubParsersAction) -> None:  # type: ignor
         type=int,
         default=min(2, os.cpu_count() or 1),
         help="data plane loop threads; the WAF runs on each (default: 2 when there are 2+ CPUs)",
+    )
+    p.add_argument(
+        "--listen-address",
+        default="",
+        help="bind every listener on this address (default: the Gateway's spec.addresses[0], else 0.0.0.0; "
+        "on Kubernetes spec.addresses is the external address: the chart passes 0.0.0.0)",
     )
     p.add_argument("--audit-log", default="", help="JSON-lines audit log of WAF blocks and detections")
     p.add_argument("--metrics", default="", help="Prometheus listen address host:port (default: none)")

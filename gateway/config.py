@@ -154,7 +154,7 @@ def add(objs: Objects, res: Any) -> None:
     raise GatewayConfigError(f"{res.kind} {res.meta.name}: not a kind the gateway uses")
 
 
-def _host_intersection(listener: str, route: str) -> str | None:
+def host_intersection(listener: str, route: str) -> str | None:
     """The hostname requests must carry to reach `route` through `listener` ("" any); None if none can."""
     if not listener or listener == route:
         return route
@@ -189,7 +189,7 @@ def _sort_key(
     )
 
 
-def _certificates(
+def certificates(
     gw: Gateway, listener: Listener, objs: Objects, cert_dir: Path | None
 ) -> tuple[Certificate, ...]:
     certs = []
@@ -260,7 +260,7 @@ def _endpoint_targets(
     return plain * n, hbone * n
 
 
-def _backend_addresses(objs: Objects, route: HTTPRoute, rule_i: int) -> tuple[str, ...] | HboneBackend | str:
+def backend_addresses(objs: Objects, route: HTTPRoute, rule_i: int) -> tuple[str, ...] | HboneBackend | str:
     """The rule's backends as ip:port (weights are honoured by repeating addresses), an HBONE backend (one
     Service), or why not."""
     out: list[str] = []
@@ -309,7 +309,7 @@ def plan(objs: Objects, gateway: str = "", cert_dir: Path | None = None) -> Gate
     warnings: list[str] = []
     bind = gw.addresses[0] if gw.addresses else "0.0.0.0"
     listeners = tuple(
-        ListenerPlan(i + 1, lst.name, bind, lst.port, _certificates(gw, lst, objs, cert_dir))
+        ListenerPlan(i + 1, lst.name, bind, lst.port, certificates(gw, lst, objs, cert_dir))
         for i, lst in enumerate(gw.listeners)
     )
     ports = [lp.port for lp in listeners]
@@ -321,13 +321,13 @@ def plan(objs: Objects, gateway: str = "", cert_dir: Path | None = None) -> Gate
     attached: list[str] = []
     for route in sorted(objs.routes, key=lambda r: (r.meta.namespace, r.meta.name)):
         rname = f"{route.meta.namespace}/{route.meta.name}"
-        targets = _attached_listeners(gw, route)
+        targets = attached_listeners(gw, route)
         if not targets:
             continue
         attached.append(rname)
         policy = route_policies.get((route.meta.namespace, route.meta.name), gw_policy)
         for rule_i, rule in enumerate(route.rules):
-            addrs = _backend_addresses(objs, route, rule_i)
+            addrs = backend_addresses(objs, route, rule_i)
             if isinstance(addrs, str):
                 warnings.append(f"HTTPRoute {rname} rule {rule_i}: {addrs}; it answers 500")
                 backend = -1
@@ -339,7 +339,7 @@ def plan(objs: Objects, gateway: str = "", cert_dir: Path | None = None) -> Gate
             for lid, lst in targets:
                 hosts = [
                     h
-                    for h in (_host_intersection(lst.hostname, rh) for rh in route.hostnames or ("",))
+                    for h in (host_intersection(lst.hostname, rh) for rh in route.hostnames or ("",))
                     if h is not None
                 ]
                 for host in dict.fromkeys(hosts):
@@ -366,7 +366,7 @@ def plan(objs: Objects, gateway: str = "", cert_dir: Path | None = None) -> Gate
     )
 
 
-def _attached_listeners(gw: Gateway, route: HTTPRoute) -> list[tuple[int, Listener]]:
+def attached_listeners(gw: Gateway, route: HTTPRoute) -> list[tuple[int, Listener]]:
     out: list[tuple[int, Listener]] = []
     for ref in route.parent_refs:
         if (ref.namespace, ref.name) != (gw.meta.namespace, gw.meta.name):

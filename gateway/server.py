@@ -32,6 +32,9 @@ class ServerOptions:
     identity: Identity | None = None  # the gateway's SVID, for HBONE backends
     # listening sockets made by the caller (socket activation, tests), by listener name; the rest are bound
     sockets: Mapping[str, socket.socket] = field(default_factory=dict)
+    # binds every listener here instead of the Gateway's spec.addresses[0]: on Kubernetes that field names
+    # the external (load balancer) address, which the gateway pod does not hold
+    listen_address: str = ""
 
 
 class GatewayServer:
@@ -137,7 +140,8 @@ class GatewayServer:
 
     def start(self) -> None:
         for lst in self._plan.listeners:
-            sock = self.options.sockets.get(lst.name) or _bind(lst)
+            address = self.options.listen_address or lst.bind
+            sock = self.options.sockets.get(lst.name) or _bind(address, lst.port)
             self.ports[lst.name] = sock.getsockname()[1]
             self.gateway.listen(sock.detach(), lst.listener_id)
         self.gateway.apply(self._config)
@@ -244,11 +248,15 @@ class GatewayServer:
         )
 
 
-def _bind(lst: gwconfig.ListenerPlan) -> socket.socket:
-    family = socket.AF_INET6 if ":" in lst.bind else socket.AF_INET
+def _bind(address: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((lst.bind, lst.port))
+    try:
+        sock.bind((address, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {address}:{port}: {exc.strerror}") from None
     sock.listen(1024)
     return sock
 

@@ -265,7 +265,7 @@ class GatewayStatus:
         }
         attached = [0] * len(gw.listeners)
         for route in objs.routes:
-            for lid, _ in gwconfig._attached_listeners(gw, route):
+            for lid, _ in gwconfig.attached_listeners(gw, route):
                 attached[lid - 1] += 1
         ports = [lst.port for lst in gw.listeners]
         out = []
@@ -298,7 +298,7 @@ class GatewayStatus:
                 )
             elif resolved[0]:
                 try:
-                    gwconfig._certificates(gw, lst, objs, None)
+                    gwconfig.certificates(gw, lst, objs, None)
                 except gwconfig.GatewayConfigError as exc:
                     resolved = (False, "InvalidCertificateRef", str(exc))
             ok = accepted[0] and resolved[0] and gateway_ok
@@ -380,7 +380,7 @@ class GatewayStatus:
         if gw is None:
             return (False, "NoMatchingParent", "the parent Gateway is not valid"), resolved
         one = replace(route, parent_refs=(route.parent_refs[index],))
-        targets = gwconfig._attached_listeners(gw, one)
+        targets = gwconfig.attached_listeners(gw, one)
         ref = route.parent_refs[index]
         if not targets:
             named = [
@@ -398,7 +398,7 @@ class GatewayStatus:
             ), resolved
         hosts = route.hostnames or ("",)
         if not any(
-            gwconfig._host_intersection(lst.hostname, h) is not None for _, lst in targets for h in hosts
+            gwconfig.host_intersection(lst.hostname, h) is not None for _, lst in targets for h in hosts
         ):
             return (
                 False,
@@ -464,7 +464,7 @@ def _resolved_refs(
                 )
     if route is not None:
         for i in range(len(route.rules)):
-            found = gwconfig._backend_addresses(objs, route, i)
+            found = gwconfig.backend_addresses(objs, route, i)
             if isinstance(found, str):
                 missing = found.endswith("not found") or " has no port " in found
                 return False, "BackendNotFound" if missing else "UnsupportedProtocol", f"rule {i}: {found}"

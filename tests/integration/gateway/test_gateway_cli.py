@@ -87,3 +87,25 @@ def test_plane_mode_usage_errors(tmp_path: Path) -> None:
     assert no_token.returncode != 0 and "--join-token-file F" in no_token.stderr
     with_dir = run(*plane, "--join-token", "t", "--identity-dir", str(tmp_path))
     assert with_dir.returncode != 0 and "the SVID comes from the plane" in with_dir.stderr
+
+
+def test_listen_address_overrides_the_gateways_external_address(tmp_path: Path) -> None:
+    """On Kubernetes a Gateway's spec.addresses names its load balancer address, which the pod does not
+    hold: `--listen-address` (the chart passes 0.0.0.0) binds the listeners there instead."""
+    backend = Backend()
+    port = closed_port()
+    gw = gateway_doc([{"name": "http", "port": port, "protocol": "HTTP"}])
+    gw["spec"]["addresses"] = [{"type": "IPAddress", "value": "203.0.113.10"}]  # TEST-NET-3, not ours
+    docs = [gw, service_doc("app", backend.port), route_doc("app", "app")]
+    directory = write_config(tmp_path / "cfg", docs)
+    base = [sys.executable, "-m", "agent.cli", "gateway", "--config-dir", str(directory), "--threads", "1"]
+    refused = subprocess.run(base, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2, refused.stderr  # never a silent fallback to another address
+    assert "cannot listen on 203.0.113.10" in refused.stderr and "Traceback" not in refused.stderr
+    proc = subprocess.Popen([*base, "--listen-address", "127.0.0.1"], stdout=subprocess.DEVNULL)
+    try:
+        assert _wait_status(port, 200) == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        backend.close()
