@@ -118,6 +118,7 @@ static STACK_OF(X509) *read_chain(const char *pem, size_t len)
 {
     if (len > 0x7fffffff)
         return NULL;
+    ERR_clear_error(); /* the end of the input is told apart by the error it leaves */
     BIO *bio = BIO_new_mem_buf(pem, (int)len);
     STACK_OF(X509) *chain = bio ? sk_X509_new_null() : NULL;
     X509 *x;
@@ -177,11 +178,11 @@ static int uri_sans(X509 *x, ambit_cert_facts *out, char *err, size_t errlen)
         const ASN1_IA5STRING *uri = name->d.uniformResourceIdentifier;
         int n = ASN1_STRING_length(uri);
         const unsigned char *bytes = ASN1_STRING_get0_data(uri);
-        if (n < 0 || (size_t)n >= sizeof(out->uri) || memchr(bytes, '\0', (size_t)n)) {
+        if (n < 0 || (size_t)n >= sizeof(out->uri) || (n > 0 && memchr(bytes, '\0', (size_t)n))) {
             rv = fail(err, errlen, "URI SAN too long or with a NUL byte");
             break;
         }
-        if (out->uri_count++ == 0) {
+        if (out->uri_count++ == 0 && n > 0) {
             memcpy(out->uri, bytes, (size_t)n);
             out->uri[n] = '\0';
         }
@@ -243,11 +244,18 @@ int ambit_pki_last_signed_by(const char *chain_pem, size_t chain_len, const char
     return rv;
 }
 
+/* Never a pass phrase prompt (OpenSSL's default callback reads the terminal): an encrypted key is refused. */
+static int no_pass_phrase(char *buf, int size, int rwflag, void *u)
+{
+    (void)buf, (void)size, (void)rwflag, (void)u;
+    return 0;
+}
+
 int ambit_pki_cert_has_key(const char *cert_pem, size_t cert_len, const char *key_pem, size_t key_len)
 {
     STACK_OF(X509) *chain = read_chain(cert_pem, cert_len);
     BIO *bio = key_len <= 0x7fffffff ? BIO_new_mem_buf(key_pem, (int)key_len) : NULL;
-    EVP_PKEY *key = bio ? PEM_read_bio_PrivateKey(bio, NULL, NULL, NULL) : NULL;
+    EVP_PKEY *key = bio ? PEM_read_bio_PrivateKey(bio, NULL, no_pass_phrase, NULL) : NULL;
     EVP_PKEY *pub = chain ? X509_get0_pubkey(sk_X509_value(chain, 0)) : NULL;
     int rv = key && pub ? EVP_PKEY_eq(pub, key) == 1 : -1;
     EVP_PKEY_free(key);

@@ -130,3 +130,16 @@ def test_top_signed_by_checks_the_signature_not_only_the_name() -> None:
         .sign(key, hashes.SHA256())
     )
     assert not pki.top_signed_by(chain, impostor.public_bytes(serialization.Encoding.PEM))
+
+
+def test_an_encrypted_key_is_refused_without_a_pass_phrase_prompt() -> None:
+    root = CertificateAuthority.generate_root(TD)
+    key = ec.generate_private_key(ec.SECP256R1())
+    chain = certs_pem(root.issue(WORKLOAD, key.public_key()))
+    locked = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"),
+    )
+    assert not pki.has_key(chain, locked)
+    assert pki.has_key(chain, private_key_pem(key))
