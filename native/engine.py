@@ -1,4 +1,5 @@
-"""Python API over the cffi extension; the only module that touches `native._engine`.
+"""Python API over the cffi extension; with native/pki.py (certificates), the only module that touches
+`native._engine`.
 
 The engine runs its own epoll loop thread(s) in C. Python hands it sockets (by fd: the engine owns and
 closes them from then on), TLS material and decisions; it reports what happened as `Event`s, drained with

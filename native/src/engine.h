@@ -173,6 +173,37 @@ ambit_flow_query *ambit_flow_query_post(ambit_engine *e, const ambit_flow_stats 
  * loops drop their part when they answer). Returns the number of items found, or -1 on timeout. */
 int ambit_flow_query_wait(ambit_flow_query *q, ambit_flow_stats *out, int n, int timeout_ms);
 
+/* --- Keys and certificate facts for the agent's identity code (native/src/pki.c) ----------------------
+ * The engine already links OpenSSL, so the agent needs no second crypto library in its address space. */
+
+/* A fresh P-256 key (PKCS#8 PEM) and a CSR for it: empty subject, SHA-256, and when uri is not NULL one
+ * critical SAN with that single URI. Returns 0, or -1 with err set. Both outputs are NUL-terminated and
+ * malloc'd: release them with ambit_pki_free (it wipes them first: one is a private key). */
+int ambit_pki_key_and_csr(const char *uri, char **key_pem, char **csr_pem, char *err, size_t errlen);
+void ambit_pki_free(char *p);
+
+typedef struct ambit_cert_facts {
+    int64_t not_before;   /* unix seconds */
+    int64_t not_after;
+    int uri_count;        /* URI SANs */
+    char uri[2048];       /* the first URI SAN, "" when none */
+    char serial_hex[130]; /* the serial number in hex */
+    char subject[1024];   /* RFC 2253 (truncated when longer) */
+    char issuer[1024];
+} ambit_cert_facts;
+
+/* Facts of the index-th certificate of a PEM chain. Returns how many certificates the chain holds (more
+ * than index), or -1 with err set: no certificate, one that does not parse, index out of range, a
+ * duplicated SAN extension, a URI with a NUL byte or longer than uri holds (all refused, never truncated). */
+int ambit_pki_cert_facts(const char *pem, size_t len, int index, ambit_cert_facts *out, char *err,
+                         size_t errlen);
+/* 1 when the last certificate of chain_pem names the first of issuer_pem as its issuer and carries its
+ * valid signature, 0 when not, -1 when either does not parse. */
+int ambit_pki_last_signed_by(const char *chain_pem, size_t chain_len, const char *issuer_pem, size_t issuer_len);
+/* 1 when the first certificate of cert_pem carries the public key of key_pem, 0 when not, -1 when either
+ * does not parse. */
+int ambit_pki_cert_has_key(const char *cert_pem, size_t cert_len, const char *key_pem, size_t key_len);
+
 /* ---- Outbound fast path (fastpath.c; docs/engine.md "Fast path") ----
  * The engine accepts on the capture listener and opens the CONNECT stream itself for a (source ip,
  * destination ip:port) Python installed; anything else is handed to Python (AMBIT_EV_FAST_MISS, status =

@@ -1088,7 +1088,6 @@ static void conn_end(hconn *c)
     ev.bytes_in = c->bytes_in;
     ev.bytes_out = c->bytes_out;
     ctr_add(e, AMBIT_C_CONNS_CLOSED, 1);
-    __atomic_add_fetch(&e->freed_since_trim, 1, __ATOMIC_RELAXED);
     ctr_add(e, AMBIT_C_CONNS_ACTIVE, -1);
     event_emit(e, &ev);
     amap_del(&l->conns, c->id);

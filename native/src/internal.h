@@ -142,8 +142,11 @@ struct ambit_engine {
     pthread_mutex_t limits_lock; /* guards shares and pending_handshakes */
     amap shares;                 /* source / peer key -> share (limits.c) */
     uint32_t pending_handshakes;
-    uint64_t freed_since_trim;   /* atomic: connections freed since the last malloc_trim */
-    uint64_t last_trim_ms;       /* atomic */
+    uint64_t closed_at_trim;     /* connections, streams and splices closed at the last malloc_trim */
+    uint64_t last_trim_ms;       /* the trim's state is loop 0's alone (maybe_trim) */
+    int trim_settling;           /* trims left after a burst (or start-up) while closes trickle on */
+    int trim_drained;            /* the event queue was empty at the last trim */
+    uint64_t trim_not_before_ms; /* start-up: the first trim waits for the host's start-up to end */
     struct fastpath *fast;       /* outbound fast path (fastpath.c), made on first use */
 };
 
