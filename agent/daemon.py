@@ -247,6 +247,8 @@ class Agent:
         with self._apply_lock:
             if self.redirector is not None:
                 self._reconcile_enrolment(snapshot)
+            if self.proxy is not None:  # the engine's fast path entries stop now (takes no proxy lock)
+                self.proxy.mesh_changed()
             # Not on this (relay) thread: the proxy's loop may be waiting on the relay for a lookup.
             self._recheck_wanted.set()
             self.metrics.count_ack(True)

@@ -56,7 +56,17 @@ void event_init(ambit_event *ev, int kind, uint64_t conn_id, uint64_t stream_id,
     ev->tag = tag;
 }
 
-void event_emit(ambit_engine *e, const ambit_event *ev)
+/* On a loop thread the eventfd write that wakes Python waits for the end of the epoll batch being handled:
+ * the events of one batch (many connections' opens and closes under load) cost Python one wake-up. */
+static __thread int wake_deferred, wake_pending;
+
+static void wake_python(ambit_engine *e)
+{
+    uint64_t one = 1;
+    (void)!write(e->evfd, &one, sizeof(one));
+}
+
+int event_emit(ambit_engine *e, const ambit_event *ev)
 {
     int wake = 0;
     pthread_mutex_lock(&e->ev_lock);
@@ -66,7 +76,7 @@ void event_emit(ambit_engine *e, const ambit_event *ev)
         if (!q) {
             pthread_mutex_unlock(&e->ev_lock);
             ctr_add(e, AMBIT_C_EVENTS_DROPPED, 1);
-            return;
+            return -1;
         }
         for (size_t i = 0; i < e->ev_count; i++)
             q[i] = e->evq[(e->ev_head + i) % e->ev_cap];
@@ -78,10 +88,11 @@ void event_emit(ambit_engine *e, const ambit_event *ev)
     e->evq[(e->ev_head + e->ev_count) % e->ev_cap] = *ev;
     wake = e->ev_count++ == 0;
     pthread_mutex_unlock(&e->ev_lock);
-    if (wake) {
-        uint64_t one = 1;
-        (void)!write(e->evfd, &one, sizeof(one));
-    }
+    if (wake && wake_deferred)
+        wake_pending = 1;
+    else if (wake)
+        wake_python(e);
+    return 0;
 }
 
 int ambit_engine_events(ambit_engine *e, ambit_event *out, int max)
@@ -167,6 +178,8 @@ static void cmd_run(ambit_loop *l, acmd *c)
     case CMD_CONNECT: hconn_start(l, c, 0); break;
     case CMD_SERVE: hconn_start(l, c, 1); break;
     case CMD_OPEN_STREAM: hconn_open_stream(l, c); break;
+    case CMD_FAST_OPEN: fastpath_run_open(l, c); break;
+    case CMD_ACCEPT_CONNECT: accept_connect_start(l, c); break;
     case CMD_ACCEPT: hconn_accept(l, c); break;
     case CMD_REJECT: hconn_reject(l, c); break;
     case CMD_RESET: hconn_reset(l, c); break;
@@ -252,6 +265,8 @@ static void on_tick(ambit_loop *l, aio *io, uint32_t events)
     (void)!read(io->fd, &v, sizeof(v));
     hconn_tick(l);
     linger_tick(l);
+    fastpath_tick(l);
+    accept_connect_tick(l);
     if (l->index == 0)
         maybe_trim(l->engine);
 }
@@ -279,6 +294,7 @@ static void *loop_main(void *arg)
     sigemptyset(&pipe_set);
     sigaddset(&pipe_set, SIGPIPE);
     pthread_sigmask(SIG_BLOCK, &pipe_set, NULL);
+    wake_deferred = 1;
     while (__atomic_load_n(&l->running, __ATOMIC_ACQUIRE)) {
         int n = epoll_wait(l->epfd, evs, 256, (l->ready || l->dirty) ? 0 : -1);
         if (n < 0 && errno != EINTR)
@@ -290,7 +306,14 @@ static void *loop_main(void *arg)
         hconn_process_pending(l);
         pump_process_pending(l);
         linger_reap(l, 0);
+        if (wake_pending) {
+            wake_pending = 0;
+            wake_python(l->engine);
+        }
     }
+    if (wake_pending)
+        wake_python(l->engine);
+    accept_connect_destroy_all(l);
     hconn_destroy_all(l);
     pump_destroy_all(l);
     linger_reap(l, 1);
@@ -310,6 +333,8 @@ void loop_post(ambit_loop *l, acmd *c)
     uint64_t one = 1;
     (void)!write(l->wakefd, &one, sizeof(one));
 }
+
+void loop_post_cmd(ambit_engine *e, uint64_t id, acmd *c) { loop_post(&e->loops[id % (uint64_t)e->nloops], c); }
 
 /* The process's malloc policy, set when the engine is loaded (the host imports it before it starts its
  * threads, so they all get it). Per-connection buffers of 128 KiB and more (TLS read-ahead, record
@@ -457,6 +482,7 @@ void ambit_engine_free(ambit_engine *e)
     }
     if (e->evfd >= 0)
         close(e->evfd);
+    fastpath_free(e); /* before the event queue: undelivered hand-offs still own their fds */
     free(e->evq);
     pthread_mutex_destroy(&e->ev_lock);
     pthread_mutex_destroy(&e->ctx_lock);
