@@ -30,6 +30,7 @@ ENDPOINTS = {
     "/connections": "connections",
     "/bpf": "bpf",
     "/threads": "threads",
+    "/memory": "memory",
 }
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 

@@ -66,7 +66,6 @@ class Agent:
         self._ready = threading.Event()
         self._apply_lock = threading.Lock()
         self._recheck_wanted = threading.Event()
-        self._trimmer = memory.BurstTrimmer()
         self._stack: list[tuple[str, Callable[[], None]]] = []  # what to undo, in reverse order
         self.relay: Any = None
         self.identity: Any = None
@@ -249,6 +248,8 @@ class Agent:
         with self._apply_lock:
             if self.redirector is not None:
                 self._reconcile_enrolment(snapshot)
+            if self.proxy is not None:  # the engine's fast path entries stop now (takes no proxy lock)
+                self.proxy.mesh_changed()
             # Not on this (relay) thread: the proxy's loop may be waiting on the relay for a lookup.
             self._recheck_wanted.set()
             self.metrics.count_ack(True)
@@ -279,7 +280,7 @@ class Agent:
 
     def _housekeeping_loop(self) -> None:
         """The agent's periodic work on one thread: re-check live connections as soon as a policy change
-        is applied, refresh counters (and trim the heap after a burst) every COUNTER_REFRESH_S."""
+        is applied, refresh counters every COUNTER_REFRESH_S."""
         next_refresh = time.monotonic() + COUNTER_REFRESH_S
         while not self._stopping.is_set():
             if self._recheck_wanted.wait(timeout=max(0.0, next_refresh - time.monotonic())):
@@ -303,9 +304,6 @@ class Agent:
                 self.metrics.set_bpf_counters(self.redirector.counters())
             engine = self.proxy.engine_counters()
             self.metrics.set_engine_counters(engine)
-            live = sum(engine.get(k, 0) for k in ("conns_active", "streams_active", "splices_active"))
-            if self._trimmer.observe(live):
-                log.debug("heap trimmed after a burst (%d live connections and streams)", live)
             threads.name_os_threads()  # some start lazily (relay, lookups)
             for row in self.identity.rows():
                 expiry = dt.datetime.fromisoformat(row["not_after"]).timestamp()
@@ -327,6 +325,7 @@ class Agent:
             "bpf": lambda: self.redirector.rows() if self.redirector else [],
             "config_dump": self._config_dump,
             "threads": threads.rows,
+            "memory": memory.report,
         }
 
     def _trust_bundle_rows(self) -> list[dict[str, Any]]:
@@ -432,7 +431,9 @@ def _run(args: argparse.Namespace) -> int:
     settings = AgentSettings.from_args(args)
     # `kill -USR1 <pid>` dumps every thread's stack to the log: how a stuck agent gets debugged in place.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    memory.configure_malloc()
+    # The engine owns the process's malloc policy (set when it is loaded): load it before any thread starts.
+    import native.engine  # noqa: F401
+
     logformat.configure(settings.log_level, settings.log_format)
     try:
         return Agent(settings).run_until_signal()

@@ -16,8 +16,6 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import yaml
-
 from agent.cliargs import PREFIX_OPTION, Shared, add_command, share
 from agent.errors import UsageError
 from agent.output import FORMATS, render
@@ -36,6 +34,7 @@ VIEWS = {
     "connections": "/connections",
     "bpf": "/bpf",
     "threads": "/threads",
+    "memory": "/memory",
     "config": "/config_dump",
 }
 
@@ -168,6 +167,8 @@ def _show(data: Any, fmt: str) -> None:
     elif fmt == "json":
         print(json.dumps(data, indent=2, ensure_ascii=False))
     else:
+        import yaml  # only for -o yaml (the node agent builds this parser too)
+
         print(yaml.safe_dump(data, sort_keys=False, default_flow_style=False).rstrip())
 
 
@@ -178,7 +179,7 @@ def _cmd_view(args: argparse.Namespace) -> int:
         print(_rows_table(cert_lines(data)) if data else "(none)")
         return 0
     # A nested document has no table form: the config dump defaults to YAML.
-    fmt = "yaml" if args.view == "config" and args.output == "table" else args.output
+    fmt = "yaml" if args.view in ("config", "memory") and args.output == "table" else args.output
     _show(data, fmt)
     return 0
 
@@ -209,7 +210,7 @@ def _cmd_all(args: argparse.Namespace) -> int:
     data: dict[str, Any] = {}
     failures: list[UsageError] = []
     for view, path in VIEWS.items():
-        if view == "config":
+        if view in ("config", "memory"):  # not the mesh's state: the process's
             continue
         try:
             data[view] = filter_view(_query(args, "GET", path), filters)
@@ -314,6 +315,7 @@ HELPS = {
     "connections": "live proxied connections",
     "bpf": "redirection datapath: enrolled pods, counters",
     "threads": "every thread of the agent process (Python and native), by name",
+    "memory": "the agent process's memory: resident (anonymous, file-backed), largest mappings, modules",
     "config": "the whole config dump (secrets redacted)",
 }
 
@@ -364,7 +366,7 @@ def add_debug_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     views = debug.add_subparsers(dest="view", required=True, metavar="VIEW")
     for name, text in HELPS.items():
         add_view(views, name, text, _cmd_view)
-    add_view(views, "all", "every view above but config, in one answer", _cmd_all)
+    add_view(views, "all", "every view above but config and memory, in one answer", _cmd_all)
     status = add_view(
         views, "status", "per node: the config version it ACKed or NACKed (the plane's view)", _cmd_status
     )

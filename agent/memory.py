@@ -1,59 +1,53 @@
-"""The agent process's heap: glibc malloc settings and giving freed memory back after a burst.
+"""What the agent process holds in memory, for `GET :15000/memory` (`ambit debug memory`).
 
-Measured on a node agent after 5,000 held connections closed: every Python object is gone, yet ~35 MB
-of freed heap stays resident, because glibc returns memory to the kernel only from the top of each arena
-and raises its mmap threshold after large frees (so later large buffers come from the arenas too).
-A fixed mmap threshold keeps large buffers (the engine's 128-256 KiB I/O buffers) in their own mappings,
-returned on free; malloc_trim(0) after a burst ended releases the free pages inside the arenas.
+Totals from /proc/self/smaps_rollup (anonymous: private, what this process alone costs; file-backed:
+shared libraries' pages, clean and shared with other processes), the largest mappings, and the Python
+modules loaded: those an idle agent should not hold are imported only when first used (docs/footprint.md).
+The process's malloc policy (mmap threshold, arenas, trimming after bursts) is the engine's
+(native/src/loop.c), not this module's: the agent and the gateway both host the engine.
 """
 
 from __future__ import annotations
 
-import ctypes
-import logging
+import re
+import sys
+from pathlib import Path
 
-log = logging.getLogger(__name__)
-
-M_MMAP_THRESHOLD = -3  # malloc.h: fixing it also turns off glibc's dynamic threshold
-MMAP_THRESHOLD = 128 * 1024
-TRIM_MIN_DROP = 256  # connections fewer than the peak before a trim is worth its cost (one heap walk)
-
-_libc = ctypes.CDLL(None)
+_MAPPING = re.compile(r"^[0-9a-f]+-[0-9a-f]+ \S+ \S+ \S+ \S+\s*(.*)$")
+TOP_MAPPINGS = 12
 
 
-def configure_malloc() -> None:
-    """Call once, early (before the engine's threads allocate)."""
-    if not _libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD):
-        log.warning("mallopt(M_MMAP_THRESHOLD) refused: freed large buffers may stay resident")
+def rollup(pid: int | str = "self") -> dict[str, int]:
+    """/proc/PID/smaps_rollup in KiB: resident, of which anonymous and file-backed."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, _, rest = line.partition(":")
+        fields[key] = int(rest.split()[0])
+    return {
+        "rss_kib": fields["Rss"],
+        "anon_kib": fields["Anonymous"],
+        "file_kib": fields["Rss"] - fields["Anonymous"],
+    }
 
 
-def trim() -> None:
-    _libc.malloc_trim(0)
+def mappings(pid: int | str = "self") -> dict[str, int]:
+    """Resident KiB per mapped object: a file's base name, [heap], [stack], or [anon] for the rest."""
+    rss: dict[str, int] = {}
+    name = "[anon]"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        match = _MAPPING.match(line)
+        if match:
+            path = match.group(1).strip()
+            name = path.rsplit("/", 1)[-1] if path.startswith("/") else (path or "[anon]")
+        elif line.startswith("Rss:"):
+            rss[name] = rss.get(name, 0) + int(line.split()[1])
+    return rss
 
 
-class BurstTrimmer:
-    """Trims the heap once the live connections fell well below their peak since the last trim, and
-    again at each later observation while they keep falling (pooled connections close after their
-    streams, so a burst's memory is freed over a few seconds)."""
-
-    def __init__(self, min_drop: int = TRIM_MIN_DROP) -> None:
-        self._min_drop = min_drop
-        self._peak = 0
-        self._last = 0
-        self._settling = False
-        self.trims = 0
-
-    def observe(self, live: int) -> bool:
-        """Feed the current number of live connections and streams; True when it trimmed."""
-        self._peak = max(self._peak, live)
-        burst_ended = self._peak - live >= self._min_drop and live <= self._peak // 2
-        still_falling = self._settling and live < self._last
-        self._last = live
-        if not (burst_ended or still_falling):
-            self._settling = False
-            return False
-        trim()
-        self._peak = live
-        self._settling = True
-        self.trims += 1
-        return True
+def report() -> dict[str, object]:
+    biggest = sorted(mappings().items(), key=lambda kv: -kv[1])[:TOP_MAPPINGS]
+    return {
+        **rollup(),
+        "mappings": [{"mapping": name, "rss_kib": kib} for name, kib in biggest],
+        "python_modules": sorted(sys.modules),
+    }

@@ -6,8 +6,6 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-import yaml
-
 FORMATS = ("table", "json", "yaml")
 
 
@@ -15,6 +13,8 @@ def render(rows: Sequence[dict[str, Any]], fmt: str = "table", columns: Sequence
     if fmt == "json":
         return json.dumps(list(rows), indent=2, default=str)
     if fmt == "yaml":
+        import yaml  # only for -o yaml: every command loads this module, the node agent too
+
         return yaml.safe_dump(list(rows), sort_keys=False, default_flow_style=False).rstrip()
     if fmt != "table":
         raise ValueError(f"unknown output format {fmt!r} (choose {', '.join(FORMATS)})")

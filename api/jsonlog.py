@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import datetime
 import enum
+import functools
 import json
 import logging
 import os
@@ -42,8 +43,10 @@ _PEM_KEY = re.compile(
 _KEY_MARKER = "PRIVATE KEY"
 
 
+@functools.lru_cache(maxsize=4096)
 def secret_name(name: str) -> bool:
-    """True when a field called `name` holds secret material (its value is never shown)."""
+    """True when a field called `name` holds secret material (its value is never shown). Cached: records
+    repeat the same few field names (an access log line: 25 of them, 21 regex searches uncached)."""
     return name.lower() not in _PUBLIC_NAMES and bool(_SECRET_NAME.search(name))
 
 
@@ -78,6 +81,8 @@ def _redact(value: Any, depth: int) -> Any:
         return redact_text(bytes(value).decode("utf-8", errors="replace"))
     if isinstance(value, enum.Enum):
         return _redact(value.value, depth + 1)
+    if type(value) is dict:
+        return _redact_dict(value, depth)
     if isinstance(value, Mapping):
         return {str(k): _field(str(k), v, depth) for k, v in value.items()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -92,6 +97,22 @@ def _redact(value: Any, depth: int) -> Any:
     return redact_text(str(value))
 
 
+def _redact_dict(value: dict[Any, Any], depth: int) -> dict[str, Any]:
+    """`_field` for each item, with its common cases (text and numbers: every field of a log record)
+    inline: one access log record is 25 of them."""
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        name = k if type(k) is str else str(k)
+        kind = type(v)
+        if v is None or kind is int or kind is float or kind is bool:
+            out[name] = v
+        elif kind is str:
+            out[name] = REDACTED if v and secret_name(name) else redact_text(v)
+        else:
+            out[name] = _field(name, v, depth)
+    return out
+
+
 def _field(name: str, value: Any, depth: int) -> Any:
     if value not in (None, "", b"") and secret_name(name) and not isinstance(value, bool | int | float):
         return REDACTED
@@ -100,8 +121,8 @@ def _field(name: str, value: Any, depth: int) -> Any:
 
 def utc_iso(ts: float) -> str:
     """RFC 3339 UTC with milliseconds, the timestamp format of every log record."""
-    moment = datetime.datetime.fromtimestamp(ts, tz=datetime.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    ms = int(ts * 1000)  # floor, as datetime's microsecond // 1000; time.strftime is ~3x cheaper
+    return time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(ms // 1000)) + f"{ms % 1000:03d}Z"
 
 
 class JsonLog:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from cryptography import x509
+if TYPE_CHECKING:  # the node agent reads its certificates with native.pki and never loads cryptography
+    from cryptography import x509
 
 # Trust domain and path charset per the SPIFFE ID spec (lowercase letters, digits, '.', '-', '_').
 _TD = re.compile(r"^[a-z0-9._-]+$")
@@ -99,6 +101,8 @@ class TrustDomains:
 
 def spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
     """The single SPIFFE URI SAN of a leaf certificate (raises ValueError otherwise)."""
+    from cryptography import x509
+
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -113,6 +117,8 @@ def leaf_spiffe_id(cert: x509.Certificate) -> SpiffeId:
     """The SPIFFE ID of a peer's end-entity certificate. A CA certificate (basicConstraints CA:true) is
     refused even when it chains to our root: an identity is a leaf's, never a signer's (X.509 path
     validation alone lets a CA certificate stand as the end entity). Raises ValueError."""
+    from cryptography import x509
+
     try:
         constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:

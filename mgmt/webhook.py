@@ -25,9 +25,11 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from agent.identity.svid import Svid, key_pem, new_key
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent.identity.svid import Svid
 from api.spiffe import SpiffeId
-from mgmt.ca import CertificateAuthority, certs_pem
+from mgmt.ca import CertificateAuthority, certs_pem, private_key_pem
 from mgmt.policy_check import PolicyRejected, check_policy
 from mgmt.waf_check import check_waf_policy
 
@@ -55,10 +57,10 @@ class WebhookTls:
         self._renew_at = 0.0
 
     def _issue(self) -> ssl.SSLContext:
-        key = new_key()
+        key = ec.generate_private_key(ec.SECP256R1())
         spiffe_id = SpiffeId.parse(f"spiffe://{self._ca.trust_domain}/mgmt")
         chain = self._ca.issue(spiffe_id, key.public_key(), SERVING_TTL, self._dns_names)
-        svid = Svid.from_pem(str(spiffe_id), certs_pem(chain), key_pem(key))
+        svid = Svid.from_pem(str(spiffe_id), certs_pem(chain), private_key_pem(key))
         ctx = svid.ssl_context(self._ca.bundle_pem(), server=True)
         # The API server presents no client certificate to webhooks unless configured to; the verdict is
         # not a secret, so none is asked for.

@@ -1,4 +1,5 @@
-"""Python API over the cffi extension; the only module that touches `native._engine`.
+"""Python API over the cffi extension; with native/pki.py (certificates), the only module that touches
+`native._engine`.
 
 The engine runs its own epoll loop thread(s) in C. Python hands it sockets (by fd: the engine owns and
 closes them from then on), TLS material and decisions; it reports what happened as `Event`s, drained with
@@ -34,7 +35,12 @@ _KINDS = {
     8: "stream_closed",
     9: "splice_closed",
     10: "peer_goaway",
+    11: "fast_open",  # the fast path opened a stream (status: client port, bytes_in: entry id)
+    12: "fast_miss",  # the fast path handed an accepted socket to Python (status: its fd, now the caller's)
+    13: "upstream_failed",  # accept_connect: the engine's connect failed (status: errno, detail); 503 follows
+    14: "stream_accepted",  # accept_connect: connected, 200 sent
 }
+FAST_MAX_CONNS = 8  # AMBIT_FAST_MAX_CONNS: pooled connections one fast path entry may name
 # Engine limits (ambit_engine_set_limit); 0 means unlimited, see docs/engine.md.
 LIMITS = {
     "pending_handshakes": 0,
@@ -181,29 +187,33 @@ def _extra_headers(headers: Sequence[tuple[str, str]]) -> bytes:
     return "".join(out).encode()
 
 
-def _text(field: object) -> str:
+def _text(field: Any) -> str:
+    # Most text fields are empty for most kinds: test the first byte before building a string (an event
+    # is decoded per stream end on the proxy's hot path).
+    if field[0] == b"\0":
+        return ""
     return bytes(ffi.string(field)).decode("utf-8", "replace")
 
 
 def _event(r: Any) -> Event:
-    # r is a cffi `ambit_event` struct view
+    # r is a cffi `ambit_event` struct view; positional, in Event's field order
     return Event(
-        kind=_KINDS.get(r.kind, f"unknown_{r.kind}"),
-        conn_id=int(r.conn_id),
-        stream_id=int(r.stream_id),
-        tag=int(r.tag),
-        authority=_text(r.authority),
-        forwarded=_text(r.forwarded),
-        baggage=_text(r.baggage),
-        traceparent=_text(r.traceparent),
-        peer_id=_text(r.peer_id),
-        tls_version=_text(r.tls_version),
-        tls_cipher=_text(r.tls_cipher),
-        peer_cert_sha256=_text(r.peer_cert_sha256),
-        status=int(r.status),
-        bytes_in=int(r.bytes_in),
-        bytes_out=int(r.bytes_out),
-        detail=_text(r.detail),
+        _KINDS.get(r.kind, f"unknown_{r.kind}"),
+        int(r.conn_id),
+        int(r.stream_id),
+        int(r.tag),
+        _text(r.authority),
+        _text(r.forwarded),
+        _text(r.baggage),
+        _text(r.traceparent),
+        _text(r.peer_id),
+        _text(r.tls_version),
+        _text(r.tls_cipher),
+        _text(r.peer_cert_sha256),
+        int(r.status),
+        int(r.bytes_in),
+        int(r.bytes_out),
+        _text(r.detail),
     )
 
 
@@ -349,6 +359,22 @@ class Engine:
     def accept_stream(self, conn_id: int, stream_id: int, upstream_fd: int, tag: int = 0) -> None:
         self._call(lib.ambit_accept_stream, conn_id, stream_id, upstream_fd, tag)
 
+    def accept_connect(
+        self,
+        conn_id: int,
+        stream_id: int,
+        destination: tuple[str, int],
+        source_ip: str | None,
+        mark: int,
+        tag: int = 0,
+    ) -> None:
+        """Accept a served stream once the engine's own connect to `destination` succeeds (from
+        `source_ip` with IP_TRANSPARENT when given; SO_MARK `mark`): `stream_accepted` then, else
+        `upstream_failed` and a 503. EngineError when the socket cannot be made (e.g. bind)."""
+        ip, port = destination
+        src = source_ip.encode() if source_ip else ffi.NULL
+        self._call(lib.ambit_accept_connect, conn_id, stream_id, ip.encode(), port, src, mark, tag)
+
     def reject_stream(self, conn_id: int, stream_id: int, status: int) -> None:
         self._call(lib.ambit_reject_stream, conn_id, stream_id, status)
 
@@ -396,7 +422,84 @@ class Engine:
                 return {}
             out = ffi.new("uint64_t[]", lib.AMBIT_C_COUNT)
             lib.ambit_engine_counters(self._handle, out, lib.AMBIT_C_COUNT)
-        return {_text(lib.ambit_counter_name(i)): int(out[i]) for i in range(lib.AMBIT_C_COUNT)}
+            fast = ffi.new("uint64_t[]", lib.AMBIT_FAST_C_COUNT)
+            lib.ambit_fastpath_counters(self._handle, fast, lib.AMBIT_FAST_C_COUNT)
+        names = {_text(lib.ambit_counter_name(i)): int(out[i]) for i in range(lib.AMBIT_C_COUNT)}
+        names.update(
+            {_text(lib.ambit_fastpath_counter_name(i)): int(fast[i]) for i in range(lib.AMBIT_FAST_C_COUNT)}
+        )
+        return names
+
+    # --- outbound fast path (docs/engine.md "Fast path") ---------------------------------------------
+
+    def fastpath_listen(self, fd: int) -> None:
+        """The engine accepts on listening socket `fd` (owned by the engine from the call on) from now on:
+        installed destinations open without Python, the rest arrive as `fast_miss` events (status = fd)."""
+        self._call(lib.ambit_fastpath_listen, fd)
+
+    def fastpath_set_capacity(self, entries: int) -> None:
+        with self._lock:
+            if int(lib.ambit_fastpath_set_capacity(self._h(), entries)) < 0:
+                raise EngineError(f"bad fast path capacity {entries!r}")
+
+    def fastpath_invalidate(self) -> int:
+        """Every installed entry stops opening streams (until removed and installed anew): the new
+        generation. Safe from any thread; takes none of the proxy's locks."""
+        with self._lock:
+            return int(lib.ambit_fastpath_invalidate(self._h())) if self._handle is not None else 0
+
+    def fastpath_generation(self) -> int:
+        with self._lock:
+            return int(lib.ambit_fastpath_generation(self._h())) if self._handle is not None else 0
+
+    def fastpath_put(
+        self,
+        entry_id: int,
+        generation: int,
+        source_ip: str,
+        destination_ip: str,
+        destination_port: int,
+        conns: Sequence[int],
+        *,
+        spread: int,
+        credits: int,
+        authority: str,
+        forwarded: str = "",
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """Install fast path entry `entry_id` (refused when `generation`, read before the routing decision,
+        is no longer the engine's): up to `credits` streams from `source_ip` to
+        `destination_ip:destination_port` on the least busy of `conns` (see `open_stream` for `authority`
+        and `headers`; a fresh traceparent is added per stream; `forwarded`, the client's IP, is sent with
+        each client's source port, `for="<ip>:<port>"`). EngineError when the table is
+        full, the entry exists, or an argument is bad."""
+        if not 1 <= len(conns) <= FAST_MAX_CONNS:
+            raise EngineError(f"fast path entry needs 1..{FAST_MAX_CONNS} connections, got {len(conns)}")
+        header = ffi.NULL
+        if forwarded:
+            forwarded_for(forwarded)  # validates; the engine adds each client's port (for="<ip>:<port>")
+            header = str(ipaddress.ip_address(forwarded)).encode()
+        extra = _extra_headers(headers) if headers else ffi.NULL
+        ids = ffi.new("uint64_t[]", list(conns))
+        self._call(
+            lib.ambit_fastpath_put, entry_id, generation, source_ip.encode(), destination_ip.encode(),
+            destination_port, ids, len(conns), spread, credits, authority.encode(), header, extra,
+        )  # fmt: skip
+
+    def fastpath_add_credits(self, entry_id: int, credits: int) -> bool:
+        """More streams for an installed entry; False when it is not installed (removed meanwhile)."""
+        with self._lock:
+            if self._handle is None:
+                return False
+            return int(lib.ambit_fastpath_add_credits(self._handle, entry_id, credits)) == 0
+
+    def fastpath_remove(self, entry_id: int) -> int:
+        """Remove a fast path entry: the credits it had left, or -1 when it is not installed. No stream is
+        opened by it once this returns."""
+        with self._lock:
+            if self._handle is None:
+                return -1
+            return int(lib.ambit_fastpath_remove(self._handle, entry_id))
 
     def __del__(self) -> None:
         self.stop()

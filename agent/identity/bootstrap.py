@@ -14,12 +14,12 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
-from cryptography import x509
 
 from agent.identity.backoff import Backoff
-from agent.identity.svid import Svid, key_pem, make_csr, new_key
+from agent.identity.svid import Svid, key_and_csr
 from api import ca_pb2, ca_pb2_grpc
-from api.spiffe import SpiffeId, spiffe_id_of
+from api.spiffe import SpiffeId
+from native import pki
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,12 @@ class NodeIdentity:
         return SpiffeId.parse(self.identity) if self.identity else SpiffeId.node(self.trust_domain, self.node)
 
     @property
-    def leaf(self) -> x509.Certificate:
-        return x509.load_pem_x509_certificates(self.chain_pem)[0]
+    def leaf(self) -> pki.CertFacts:
+        return pki.leaf_facts(self.chain_pem)
 
     @property
     def not_after(self) -> dt.datetime:
-        return self.leaf.not_valid_after_utc
+        return self.leaf.not_after
 
     def credentials(self, trust_bundle: bytes | None = None) -> grpc.ChannelCredentials:
         """mTLS channel credentials for the plane (relay and CSR service) with the current node cert."""
@@ -85,7 +85,7 @@ class NodeIdentity:
             return Svid.from_pem(str(self.spiffe_id), self.chain_pem, self.key_pem)
 
     def renew(self, chain_pem: bytes, key_pem_bytes: bytes, trust_bundle_pem: bytes | None = None) -> None:
-        if str(spiffe_id_of(x509.load_pem_x509_certificates(chain_pem)[0])) != str(self.spiffe_id):
+        if str(SpiffeId.parse(pki.leaf_facts(chain_pem).spiffe_uri)) != str(self.spiffe_id):
             raise ValueError("renewed certificate is not this node's identity")
         with self._lock:
             self.chain_pem, self.key_pem = chain_pem, key_pem_bytes
@@ -119,9 +119,9 @@ def join(
     one-time join token; the plane checks it with the API server (mgmt/kube_bootstrap.py).
     `gateway` ("namespace/name", `node` then ""): join as the edge gateway serving that Gateway; the result
     holds the gateway's SVID, renewed like a node certificate by the IdentityManager."""
-    key = new_key()
     # The trust domain is the plane's to say, so the CSR carries no SAN and the plane sets the identity.
-    request = ca_pb2.JoinRequest(node=node, csr_pem=make_csr(key, None), gateway=gateway)
+    key, csr = key_and_csr(None)
+    request = ca_pb2.JoinRequest(node=node, csr_pem=csr, gateway=gateway)
     if service_account:
         request.service_account_token = token
     else:
@@ -144,19 +144,21 @@ def join(
                 "bootstrap %s unavailable (%s); retrying in %.1fs", bootstrap_target, code.name, delay
             )
             time.sleep(delay)
-    leaf = x509.load_pem_x509_certificates(response.chain_pem)[0]
-    if leaf.public_key().public_numbers() != key.public_key().public_numbers():  # type: ignore[union-attr]
+    if not pki.has_key(response.chain_pem, key):
         raise JoinError("the plane returned a certificate for another key")
-    sid = spiffe_id_of(leaf)
+    try:
+        sid = SpiffeId.parse(pki.leaf_facts(response.chain_pem).spiffe_uri)
+    except ValueError as exc:
+        raise JoinError(f"the plane returned a certificate with no single SPIFFE ID: {exc}") from None
     if gateway and (sid.trust_domain != response.trust_domain or sid.node_name or not sid.service_account):
         raise JoinError(f"the plane returned {sid} for Gateway {gateway}, not a workload identity")
     identity = NodeIdentity(
         node,
         response.trust_domain,
         response.chain_pem,
-        key_pem(key),
+        key,
         response.trust_bundle_pem,
         identity=str(sid) if gateway else "",
     )
-    log.info("joined as %s (serial %x)", identity.spiffe_id, identity.leaf.serial_number)
+    log.info("joined as %s (serial %x)", identity.spiffe_id, identity.leaf.serial)
     return identity

@@ -25,14 +25,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 
 from agent.identity.backoff import Backoff
 from agent.identity.bootstrap import MGMT_SERVER_NAME, RETRYABLE, NodeIdentity, channel_options
-from agent.identity.svid import Svid, key_pem, make_csr, new_key
+from agent.identity.svid import Svid, key_and_csr
 from api import ca_pb2, ca_pb2_grpc
-from api.spiffe import SpiffeId, SpiffeIdError, spiffe_id_of
+from api.spiffe import SpiffeId, SpiffeIdError
+from native import pki
 
 log = logging.getLogger(__name__)
 
@@ -198,10 +197,10 @@ class IdentityManager:
             rows = [
                 _row(
                     str(node.spiffe_id),
-                    leaf.serial_number,
-                    leaf.not_valid_before_utc,
-                    leaf.not_valid_after_utc,
-                    leaf.issuer.rfc4514_string(),
+                    leaf.serial,
+                    leaf.not_before,
+                    leaf.not_after,
+                    leaf.issuer,
                     self._node_rotate_at - now,
                     "node",
                 )
@@ -269,16 +268,16 @@ class IdentityManager:
 
     def _sign(self, sid: str) -> tuple[bytes, bytes]:
         """One CSR round trip: (chain PEM, key PEM), checked to be for `sid` and our key."""
-        key = new_key()
-        request = ca_pb2.SignRequest(spiffe_id=sid, csr_pem=make_csr(key, sid), ttl_seconds=self._ttl_s)
+        key, csr = key_and_csr(sid)
+        request = ca_pb2.SignRequest(spiffe_id=sid, csr_pem=csr, ttl_seconds=self._ttl_s)
         try:
             response = self._stub().Sign(request, timeout=self._fetch_timeout_s)
         except grpc.RpcError as e:
             self._count("fetch_errors")
             raise FetchError(f"{sid}: {e.code().name}: {e.details()}", e.code() in RETRYABLE) from None
         try:
-            leaf = x509.load_pem_x509_certificates(response.chain_pem)[0]
-            matches = str(spiffe_id_of(leaf)) == sid and leaf.public_key() == key.public_key()
+            leaf = pki.leaf_facts(response.chain_pem)
+            matches = str(SpiffeId.parse(leaf.spiffe_uri)) == sid and pki.has_key(response.chain_pem, key)
         except ValueError:
             matches = False
         if not matches:
@@ -286,7 +285,7 @@ class IdentityManager:
             raise FetchError(f"{sid}: the CA answered with a certificate for another identity or key", True)
         if response.trust_bundle_pem:
             self._set_bundle(response.trust_bundle_pem)
-        return response.chain_pem, key_pem(key)
+        return response.chain_pem, key
 
     def _fetch_blocking(self, sid: str) -> Svid:
         deadline = time.monotonic() + self._fetch_timeout_s
@@ -340,7 +339,7 @@ class IdentityManager:
         Called with the lock held; returns how many certificates were scheduled.
         """
         try:
-            signer = x509.load_pem_x509_certificates(bundle)[0]
+            pki.chain_facts(bundle)  # its first certificate is the signing root
         except ValueError:
             return 0
         now = time.time()
@@ -350,10 +349,10 @@ class IdentityManager:
 
         stale = 0
         for sid, svid in self._svids.items():
-            if sid in self._rotate_at and not _chains_to(svid.chain_pem, signer):
+            if sid in self._rotate_at and not pki.top_signed_by(svid.chain_pem, bundle):
                 self._rotate_at[sid] = min(self._rotate_at[sid], soon())
                 stale += 1
-        if not _chains_to(self.node.chain_pem, signer):
+        if not pki.top_signed_by(self.node.chain_pem, bundle):
             self._node_rotate_at = min(self._node_rotate_at, soon())
             stale += 1
         if stale:
@@ -443,27 +442,17 @@ class IdentityManager:
         with self._lock:
             self._node_rotate_at = self._schedule(time.time(), node.not_after.timestamp())
             self._backoffs.pop("", None)
-        log.info("renewed node identity %s (serial %x)", node.spiffe_id, node.leaf.serial_number)
+        log.info("renewed node identity %s (serial %x)", node.spiffe_id, node.leaf.serial)
         self._notify(IdentityChange("node", str(node.spiffe_id)))
 
 
 def _describe_bundle(bundle: bytes) -> str:
     """'N root(s) trusted, signing root <subject>' (public names only) for the log."""
     try:
-        roots = x509.load_pem_x509_certificates(bundle)
+        roots = pki.chain_facts(bundle)
     except ValueError:
         return "unparsable bundle"
-    return f"{len(roots)} root(s) trusted, signing root {roots[0].subject.rfc4514_string()}"
-
-
-def _chains_to(chain_pem: bytes, anchor: x509.Certificate) -> bool:
-    """Whether the top of `chain_pem` (leaf first, anchor excluded) was signed by `anchor`."""
-    try:
-        top = x509.load_pem_x509_certificates(chain_pem)[-1]
-        top.verify_directly_issued_by(anchor)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
+    return f"{len(roots)} root(s) trusted, signing root {roots[0].subject}"
 
 
 def _row(

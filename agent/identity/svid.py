@@ -12,28 +12,13 @@ import ssl
 import time
 from dataclasses import dataclass, field
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from native import pki
 
 
-def new_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def make_csr(key: ec.EllipticCurvePrivateKey, spiffe_id: str | None) -> bytes:
-    """A CSR with an empty subject and the single URI SAN the plane is asked to sign (none: plane decides)."""
-    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
-    if spiffe_id is not None:
-        san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)])
-        builder = builder.add_extension(san, critical=True)
-    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+def key_and_csr(spiffe_id: str | None) -> tuple[bytes, bytes]:
+    """A fresh P-256 key (PKCS#8 PEM) and a CSR for it with an empty subject and the single URI SAN the
+    plane is asked to sign (none: the plane decides). On the engine's OpenSSL (native/pki.py)."""
+    return pki.key_and_csr(spiffe_id)
 
 
 @dataclass(frozen=True)
@@ -51,21 +36,17 @@ class Svid:
     def from_pem(
         cls, spiffe_id: str, chain_pem: bytes, key_pem_bytes: bytes, received_at: float | None = None
     ) -> Svid:
-        leaf = x509.load_pem_x509_certificates(chain_pem)[0]
+        leaf = pki.leaf_facts(chain_pem)
         return cls(
             spiffe_id=spiffe_id,
             chain_pem=chain_pem,
             key_pem=key_pem_bytes,
-            not_after=leaf.not_valid_after_utc,
-            serial=leaf.serial_number,
-            not_before=leaf.not_valid_before_utc,
-            issuer=leaf.issuer.rfc4514_string(),
+            not_after=leaf.not_after,
+            serial=leaf.serial,
+            not_before=leaf.not_before,
+            issuer=leaf.issuer,
             received_at=time.time() if received_at is None else received_at,
         )
-
-    @property
-    def leaf(self) -> x509.Certificate:
-        return x509.load_pem_x509_certificates(self.chain_pem)[0]
 
     def expired(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) >= self.not_after.timestamp()

@@ -260,6 +260,25 @@ def _labelled_gauge(name: str, doc: str, label: str, values: Mapping[str, float]
     return family
 
 
+LABEL_CACHE_MAX = 4096  # distinct label sets remembered per snapshot (then forgotten all at once)
+
+
+class _Children:
+    """One label set and the metric children resolved for it (prometheus_client's `labels()` per call
+    validates and joins every value)."""
+
+    def __init__(self, labels: dict[str, str]) -> None:
+        self.labels = labels
+        self._children: dict[int, Any] = {}
+
+    def child(self, metric: Any, names: tuple[str, ...] | None = None) -> Any:
+        found = self._children.get(id(metric))
+        if found is None:
+            found = metric.labels(*(self.labels[n] for n in names)) if names else metric.labels(**self.labels)
+            self._children[id(metric)] = found
+        return found
+
+
 class Metrics:
     """ConnectionObserver that feeds Istio's TCP metrics, plus the setters the daemon calls."""
 
@@ -273,6 +292,11 @@ class Metrics:
         self.registry = registry
         self._snapshot = snapshot or (lambda: None)
         self._selecting = _SelectingService()
+        # Labels and their metric children per (record identity, flags), per snapshot: connections between
+        # the same two pods repeat them, and resolving 23 labels per record was a third of its cost.
+        self._label_cache: dict[tuple[Any, ...], _Children] = {}
+        self._label_snapshot: Any = None
+        self._label_lock = threading.Lock()
         self.cluster = cluster
         register_standard(registry, component)
         self._opened = Counter(
@@ -298,7 +322,7 @@ class Metrics:
         self._open = Gauge(
             "ambit_tcp_connections_open", "Proxied TCP connections open now", ["reporter"], registry=registry
         )
-        self._open_ids: dict[int, str] = {}  # conn_id -> reporter; as large as the proxy's own table
+        self._open_ids: dict[int, _Children] = {}  # conn_id -> its labels; as large as the proxy's table
         self._open_lock = threading.Lock()
         self._duration = Histogram(
             "ambit_tcp_connection_duration_seconds",
@@ -319,36 +343,51 @@ class Metrics:
         registry.register(self._snapshots)
 
     # ConnectionObserver
-    def _labels(self, record: ConnectionRecord, response_flags: str = "-") -> dict[str, str]:
+    def _labels(self, record: ConnectionRecord, response_flags: str = "-") -> _Children:
         try:
             snapshot = self._snapshot()
         except Exception:  # labels from the record alone beat a lost count
             log.exception("metrics: reading the mesh snapshot failed")
             snapshot = None
-        return istio_labels(record, response_flags, snapshot, self.cluster, self._selecting)
+        # Every record field istio_labels reads (the source IP only matters without a source workload).
+        key = (
+            record.direction, record.source_workload, "" if record.source_workload else record.source_ip,
+            record.destination_workload, record.destination_ip, record.source_principal,
+            record.destination_principal, record.security_policy, response_flags,
+        )  # fmt: skip
+        with self._label_lock:
+            if snapshot is not self._label_snapshot:
+                self._label_snapshot = snapshot
+                self._label_cache.clear()
+            hit = self._label_cache.get(key)
+        if hit is None:
+            hit = _Children(istio_labels(record, response_flags, snapshot, self.cluster, self._selecting))
+            with self._label_lock:
+                if len(self._label_cache) >= LABEL_CACHE_MAX:
+                    self._label_cache.clear()
+                self._label_cache[key] = hit
+        return hit
 
     def opened(self, record: ConnectionRecord) -> None:
         labels = self._labels(record)
-        self._opened.labels(**labels).inc()
+        labels.child(self._opened).inc()
         with self._open_lock:
             if record.conn_id not in self._open_ids:
-                self._open_ids[record.conn_id] = labels["reporter"]
-                self._open.labels(labels["reporter"]).inc()
+                self._open_ids[record.conn_id] = labels
+                labels.child(self._open, ("reporter",)).inc()
 
     def closed(self, close: ConnectionClose) -> None:
         labels = self._labels(close.record, close.response_flags)
-        self._closed.labels(**labels).inc()
+        labels.child(self._closed).inc()
         with self._open_lock:
-            reporter = self._open_ids.pop(close.record.conn_id, None)
-            if reporter is not None:
-                self._open.labels(reporter).dec()
-        self._duration.labels(labels["reporter"], labels["response_flags"]).observe(
-            max(0.0, close.duration_s)
-        )
+            opened = self._open_ids.pop(close.record.conn_id, None)
+            if opened is not None:  # the gauge child it was counted in when it opened
+                opened.child(self._open, ("reporter",)).dec()
+        labels.child(self._duration, ("reporter", "response_flags")).observe(max(0.0, close.duration_s))
         if close.bytes_received > 0:
-            self._sent.labels(**labels).inc(close.bytes_received)
+            labels.child(self._sent).inc(close.bytes_received)
         if close.bytes_sent > 0:
-            self._received.labels(**labels).inc(close.bytes_sent)
+            labels.child(self._received).inc(close.bytes_sent)
 
     # Setters for the daemon
     def count_decision(self, action: str | enum.Enum) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import socket
 import time
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from agent.proxy.sockets import (
 from agent.proxy.sources import SourceIndex
 from agent.proxy.table import Entry, Path
 from agent.proxy.telemetry import TelemetryError, parse_baggage, source_workload, trace_id
-from agent.redirect.marks import HBONE_PORT, INBOUND_PLAINTEXT_PORT
+from agent.redirect.marks import AGENT_SOCKET_MARK, HBONE_PORT, INBOUND_PLAINTEXT_PORT
 from api.resources.workload import Workload
 from api.spiffe import SpiffeId, SpiffeIdError
 from native.engine import EngineError, Event, refused_certificate
@@ -260,8 +259,12 @@ class Inbound:
         else:
             src = self._sources.lookup(snap, conn.principal, conn.peer_ip)
             src_ip = src.ips[0] if src is not None else conn.peer_ip
+        attrs = ConnectionAttrs(conn.principal, src_ip, dst_ip, dst_port, dst.uid, dst.namespace, tls=True)
+        decision = rt.authorize(attrs)
+        tag = rt.table.next_tag()
+        # Built once, complete (the decision's policy, the table's tag): no replace per stream.
         record = ConnectionRecord(
-            conn_id=0,
+            conn_id=tag,
             direction=Direction.INBOUND,
             source_ip=src_ip,
             source_port=_source_port(src_ip, claim if claimed is not None else None, conn),
@@ -276,10 +279,8 @@ class Inbound:
             peer_cert_sha256=conn.peer_cert_sha256,
             start_time=time.time(),
             trace_id=self._trace_id(ev, conn),
+            policy=decision.policy,
         )
-        attrs = ConnectionAttrs(conn.principal, src_ip, dst_ip, dst_port, dst.uid, dst.namespace, tls=True)
-        decision = rt.authorize(attrs)
-        record = dataclasses.replace(record, policy=decision.policy)
         if not decision.allow:
             rt.counters["inbound_denied"] += 1
             self._reject(ev, STATUS_FORBIDDEN)
@@ -297,17 +298,20 @@ class Inbound:
                 rt.table.reject(record, "UO", f"{key} is over its {budget.name} limit ({budget.limit})")
                 return
         spoof = src_ip if ((claimed is not None or src is not None) and rt.preserve_source_ip) else None
+        entry = Entry(tag, record, Path.HBONE_SERVER, attrs, ev.conn_id, ev.stream_id)
         try:
-            upstream = connect_nonblocking((dst_ip, dst_port), source_ip=spoof)
-        except OSError as exc:
+            # The engine connects to the pod and answers 200 once connected (stream_accepted), or 503
+            # (upstream_failed): no socket or connect watch in this loop.
+            rt.engine.accept_connect(
+                ev.conn_id, ev.stream_id, (dst_ip, dst_port), spoof, AGENT_SOCKET_MARK, entry.tag
+            )
+        except EngineError as exc:  # the socket could not be made (bind of the client's address, ...)
             self._reject(ev, STATUS_UNAVAILABLE)
             rt.table.reject(record, "UF", f"connect: {exc}")
             return
-        entry = Entry(rt.table.next_tag(), record, Path.HBONE_SERVER, attrs, ev.conn_id, ev.stream_id)
         for budget, key in held:
             rt.hold(budget, key, entry)
         rt.table.add(entry)
-        rt.loop.watch_connect(upstream, lambda sock, err: self._upstream_ready(entry, sock, err))
 
     def _peer_source(self, snap: MeshView, conn: ServerConn) -> tuple[str, Workload | None] | None:
         """(source IP, its workload when known) from the HBONE connection's TCP peer address, which is the
@@ -409,24 +413,21 @@ class Inbound:
                                  conn.peer_ip, ev.traceparent[:64])  # fmt: skip
         return found
 
-    def _upstream_ready(self, entry: Entry, upstream: socket.socket, err: int) -> None:
+    def on_stream_accepted(self, ev: Event) -> None:
+        """The engine's connect to the pod succeeded and the stream was answered 200."""
+        entry = self.rt.table.get(ev.tag)
+        if entry is None:  # closed (policy re-check, connection gone) meanwhile
+            return
+        self.rt.counters["inbound_hbone_streams"] += 1
+        self.rt.table.established(entry)
+
+    def on_upstream_failed(self, ev: Event) -> None:
+        """The engine's connect to the pod failed: the stream is refused 503 (the engine sends it)."""
         rt = self.rt
-        if rt.table.get(entry.tag) is not entry:  # closed (policy re-check, connection gone) meanwhile
-            upstream.close()
+        if rt.table.get(ev.tag) is None:
             return
-        if err:
-            upstream.close()
-            rt.counters["upstream_connect_errors"] += 1
-            self._reject_ids(entry.engine_conn, entry.engine_stream, STATUS_UNAVAILABLE)
-            rt.table.finish(entry.tag, response_flags="UF", error=f"connect: {os.strerror(err)}")
-            return
-        try:
-            rt.engine.accept_stream(entry.engine_conn, entry.engine_stream, upstream.detach(), entry.tag)
-        except EngineError as exc:
-            rt.table.finish(entry.tag, response_flags="UF", error=str(exc))
-            return
-        rt.counters["inbound_hbone_streams"] += 1
-        rt.table.established(entry)
+        rt.counters["upstream_connect_errors"] += 1
+        rt.table.finish(ev.tag, response_flags="UF", error=ev.detail)
 
     def _refuse_stream(self, ev: Event, status: int, why: str) -> None:
         self.rt.counters[f"inbound_refused_{status}"] += 1

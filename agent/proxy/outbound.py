@@ -16,6 +16,7 @@ import socket
 from collections.abc import Callable
 
 from agent.connections import ConnectionRecord, Direction
+from agent.proxy.fastpath import FastPath, Route
 from agent.proxy.runtime import MeshView, Runtime
 from agent.proxy.sockets import (
     connect_nonblocking,
@@ -40,6 +41,8 @@ class Outbound:
         destinations on this node."""
         self.rt = rt
         self.serve_local = serve_local
+        # The engine accepts on 15001 and opens what this installed; the rest comes back through `handle`.
+        self.fast = FastPath(rt, self.handle)
 
     def on_readable(self, listener: socket.socket) -> None:
         self.rt.accept(listener, self.handle)
@@ -58,6 +61,7 @@ class Outbound:
     def _route(self, client: socket.socket, record: ConnectionRecord, looked_up: bool) -> None:
         rt = self.rt
         src_ip, dst_ip, dst_port = record.source_ip, record.destination_ip, record.destination_port
+        fast_generation = self.fast.generation()  # before the snapshot: an entry must not outlive it
         snap = rt.state()
         dst = snap.workload_by_ip(dst_ip)
         service = snap.service_by_ip(dst_ip) if dst is None else None
@@ -75,6 +79,7 @@ class Outbound:
             dst, target_port = picked
             # The record names what is actually reached: the chosen endpoint.
             record = dataclasses.replace(record, destination_ip=dst.ips[0], destination_port=target_port)
+            fast_generation = -1  # an endpoint is chosen per connection: never a fast path entry
         if dst is None or not dst.enrolled(snap.namespace_of(dst)):
             self._passthrough(client, record)
             return
@@ -83,7 +88,7 @@ class Outbound:
             # Only a local workload's identity may be presented; without one there is nothing to present.
             rt.refuse(client, record, "NR", f"source {src_ip} is not a workload on node {rt.node}")
             return
-        self._hbone(client, record, snap, src, dst)
+        self._hbone(client, record, snap, src, dst, fast_generation)
 
     def _lookup_then_route(self, client: socket.socket, record: ConnectionRecord) -> None:
         ip = record.destination_ip
@@ -128,7 +133,13 @@ class Outbound:
         rt.splice_when_connected(client, upstream, entry)
 
     def _hbone(
-        self, client: socket.socket, record: ConnectionRecord, snap: MeshView, src: Workload, dst: Workload
+        self,
+        client: socket.socket,
+        record: ConnectionRecord,
+        snap: MeshView,
+        src: Workload,
+        dst: Workload,
+        fast_generation: int,
     ) -> None:
         rt = self.rt
         td = snap.trust_domain
@@ -143,12 +154,12 @@ class Outbound:
         context = (baggage(src, rt.cluster), new_traceparent())
         record = dataclasses.replace(record, trace_id=trace_id(context[1]))
         if rt.tls.has_client(src_id):
-            self._open(client, record, src_id, dst_id, dst.node == rt.node, context)
+            self._open(client, record, src_id, dst_id, dst.node == rt.node, context, fast_generation)
             return
 
         def resume(err: Exception | None) -> None:
             if err is None:
-                self._open(client, record, src_id, dst_id, dst.node == rt.node, context)
+                self._open(client, record, src_id, dst_id, dst.node == rt.node, context, -1)
             else:
                 rt.warn.warning(f"svid {src_id}", "no client certificate for %s: %s", src_id, err)
                 rt.refuse(client, record, "UF", f"no certificate for {src_id}: {err}")
@@ -164,10 +175,12 @@ class Outbound:
         dst_id: SpiffeId,
         local: bool,
         context: tuple[str, str],
+        fast_generation: int,
     ) -> None:
         """Open the CONNECT stream on a pooled connection from the source pod to `<destination pod>:15008`
         (or a new one), requiring the destination workload's identity from the server (as ztunnel), with
-        the telemetry `context` (baggage, traceparent) ztunnel sends."""
+        the telemetry `context` (baggage, traceparent) ztunnel sends. Then offer the route to the fast
+        path (`fast_generation` -1: not eligible)."""
         rt = self.rt
         try:
             ctx, generation = rt.tls.client(src_id)
@@ -207,6 +220,12 @@ class Outbound:
             rt.table.finish(entry.tag, response_flags="UF", error=str(exc))
             return
         rt.counters["outbound_hbone_streams"] += 1
+        if fast_generation >= 0:
+            route = Route(
+                (src_ip, dst_ip, record.destination_port), key, src_id, generation, fast_generation,
+                entry.record, authority, context[0],
+            )  # fmt: skip
+            self.fast.offer(route, conn)
 
     def _dial(self, src_ip: str, dst_ip: str) -> socket.socket:
         """The outer connection, from the source pod's address (so the destination sees the same source as

@@ -97,6 +97,16 @@ class Pool:
         self._reserve(conn)
         return conn
 
+    def reserve(self, conn_id: int) -> PooledConnection | None:
+        """A stream the engine opened on this connection by itself (the fast path): count it."""
+        conn = self._by_id.get(conn_id)
+        if conn is not None:
+            self._reserve(conn)
+        return conn
+
+    def connections_of(self, key: PoolKey) -> list[PooledConnection]:
+        return list(self._by_key.get(key, ()))
+
     def _reserve(self, conn: PooledConnection) -> None:
         conn.streams += 1
         conn.streams_total += 1

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from agent.connections import ConnectionObserver
 from agent.policy.decision import ConnectionAttrs
 from agent.proxy import live
-from agent.proxy.inbound import STATUS_FORBIDDEN, Inbound
+from agent.proxy.inbound import Inbound
 from agent.proxy.limits import Budgets, Limits
 from agent.proxy.loop import ControlLoop
 from agent.proxy.outbound import Outbound
@@ -78,6 +78,7 @@ class Proxy:
         lookup: Callable[[str], object] | None = None,
         audit: AuditSink | None = None,
         limits: Limits | None = None,
+        fast_path: bool = True,
     ) -> None:
         self._listen_ip = listen_ip
         self._capture_ip = capture_ip
@@ -105,6 +106,7 @@ class Proxy:
         )
         self._inbound = Inbound(self._rt)
         self._outbound = Outbound(self._rt, self._inbound.serve)
+        self._fast_path = fast_path
         self._listeners: list[socket.socket] = []
         self._handlers: dict[str, Callable[[Event], None]] = {
             "handshake_done": self._on_handshake_done,
@@ -117,6 +119,10 @@ class Proxy:
             "conn_error": self._on_conn_error,
             "conn_closed": self._on_conn_closed,
             "peer_goaway": self._on_peer_goaway,
+            "stream_accepted": self._inbound.on_stream_accepted,
+            "upstream_failed": self._inbound.on_upstream_failed,
+            "fast_open": self._outbound.fast.on_open,
+            "fast_miss": self._outbound.fast.on_miss,
         }
         # Why an engine connection failed (conn_error), until its conn_closed: the streams it cut say so.
         self._conn_errors: dict[int, str] = {}
@@ -147,7 +153,10 @@ class Proxy:
             rt.engine.stop()
             raise
         self._ports = Ports(*(s.getsockname()[1] for s in (out, plain, hbone)))
-        self._loop.add_reader(out.fileno(), lambda: self._outbound.on_readable(out))
+        if self._fast_path:  # the engine accepts on 15001 (a duplicate fd: ours stays for stop to close)
+            self._outbound.fast.start(os.dup(out.fileno()))
+        else:
+            self._loop.add_reader(out.fileno(), lambda: self._outbound.on_readable(out))
         self._loop.add_reader(plain.fileno(), lambda: self._inbound.on_plaintext_readable(plain))
         self._loop.add_reader(hbone.fileno(), lambda: self._inbound.on_hbone_readable(hbone))
         self._loop.add_reader(rt.engine.eventfd, self._drain_events)
@@ -194,17 +203,22 @@ class Proxy:
             rt.table.mark(entry, "DENY", reason)
             rt.counters["closed_by_policy"] += 1
             try:
-                if not entry.reported and entry.path is not Path.HBONE_CLIENT:
+                if not entry.reported and entry.path is Path.SPLICE:
                     # Still connecting upstream: the connect callback finds the entry gone and drops it.
-                    if entry.path is Path.HBONE_SERVER:
-                        rt.engine.reject_stream(entry.engine_conn, entry.engine_stream, STATUS_FORBIDDEN)
                     rt.table.finish(conn_id)
                 elif entry.path is Path.SPLICE:
                     rt.engine.close(entry.engine_conn)  # the engine then reports splice_closed
                 else:
+                    # HBONE, also a served stream the engine may have answered 200 already (its connect to
+                    # the pod done, the stream_accepted event not seen yet): reset; its close event follows.
                     rt.engine.reset_stream(entry.engine_conn, entry.engine_stream)
             except EngineError as exc:  # already gone: its close event is on the way
                 log.debug("closing connection %d: %s", conn_id, exc)
+
+    def mesh_changed(self) -> None:
+        """A new snapshot or policy was applied: the engine's fast path entries stop at once (any thread;
+        takes no proxy lock), and the next connection of each goes through Python again."""
+        self._outbound.fast.invalidate()
 
     def rows(self) -> list[dict[str, object]]:
         """Live connections with their byte counts so far: the table is read under the control loop's
@@ -227,6 +241,7 @@ class Proxy:
             out["connections_active"] = len(self._rt.table)
             out["hbone_pool_connections"] = len(self._rt.pool.connections())
             out["hbone_pool_drained_moved"] = self._rt.pool.drained_moved
+            out["fastpath_entries"] = len(self._outbound.fast)
             out.update(self._rt.budgets.counters())
             out["observer_errors"] = self._rt.table.observer_errors
             out["control_loop_errors"] = self._loop.callback_errors
@@ -259,7 +274,7 @@ class Proxy:
         if entry is None:
             return
         conn = rt.pool.get(entry.engine_conn)
-        if conn is not None:
+        if conn is not None and entry.record.peer_cert_sha256 != conn.peer_cert_sha256:  # fast: already set
             rt.table.update_record(
                 entry, tls_version=conn.tls_version, tls_cipher=conn.tls_cipher,
                 peer_cert_sha256=conn.peer_cert_sha256,
@@ -301,6 +316,7 @@ class Proxy:
         rt = self._rt
         rt.counters["hbone_connection_errors"] += 1
         self._conn_errors[ev.conn_id] = ev.detail
+        self._outbound.fast.forget_conn(ev.conn_id)
         pooled = rt.pool.remove(ev.conn_id)  # no new streams on it
         if pooled is not None and ev.detail.startswith(PEER_IDENTITY_MISMATCH):
             # We refused the server: it is not the node the destination is scheduled on. A security event.
@@ -318,12 +334,14 @@ class Proxy:
         """A graceful GOAWAY (ztunnel sends one when it drains): the engine refuses new streams on that
         connection, so the pool stops handing it out; its streams finish, new ones get a new connection, and
         the pool closes it once idle (draining, not forgotten: it is still ours to close)."""
+        self._outbound.fast.forget_conn(ev.conn_id)
         if self._rt.pool.drain(ev.conn_id):
             self._rt.counters["hbone_peer_goaway"] += 1
             log.info("HBONE connection %d: peer %s sent GOAWAY: draining", ev.conn_id, ev.peer_id or "?")
 
     def _on_conn_closed(self, ev: Event) -> None:
         rt = self._rt
+        self._outbound.fast.forget_conn(ev.conn_id)
         rt.pool.remove(ev.conn_id)
         self._inbound.on_conn_gone(ev.conn_id)
         failed = self._conn_errors.pop(ev.conn_id, None)
@@ -345,6 +363,7 @@ class Proxy:
     def _on_tick(self) -> None:
         self._close_idle()
         self._forget_departed()
+        self._outbound.fast.tick()
 
     def _forget_departed(self) -> None:
         """Free the TLS contexts of workloads that left this node (one per local identity and role)."""

@@ -56,7 +56,8 @@ class ConnectionTable:
         return next(self._tags)
 
     def add(self, entry: Entry) -> Entry:
-        entry.record = dataclasses.replace(entry.record, conn_id=entry.tag)
+        if entry.record.conn_id != entry.tag:
+            entry.record = dataclasses.replace(entry.record, conn_id=entry.tag)
         self._entries[entry.tag] = entry
         return entry
 

@@ -23,6 +23,10 @@ enum ambit_event_kind {
     AMBIT_EV_STREAM_CLOSED,
     AMBIT_EV_SPLICE_CLOSED,
     AMBIT_EV_PEER_GOAWAY,    /* client: the peer sent a graceful GOAWAY (status = its last stream id) */
+    AMBIT_EV_FAST_OPEN,      /* fast path opened a stream (see fastpath section below) */
+    AMBIT_EV_FAST_MISS,      /* fast path handed an accepted socket to Python (status = its fd) */
+    AMBIT_EV_UPSTREAM_FAILED, /* accept_connect: the connect failed (status = errno, detail); 503 follows */
+    AMBIT_EV_STREAM_ACCEPTED, /* accept_connect: connected, 200 sent, the stream pumps */
 };
 
 /* One event handed to Python; fixed size so a batch is one copy out of the queue. */
@@ -131,6 +135,11 @@ int64_t ambit_open_stream(ambit_engine *e, uint64_t conn_id, const char *authori
 int64_t ambit_serve_hbone(ambit_engine *e, int fd, int64_t ctx, uint64_t tag, char *err, size_t errlen);
 int ambit_accept_stream(ambit_engine *e, uint64_t conn_id, uint64_t stream_id, int upstream_fd, uint64_t tag,
                         char *err, size_t errlen);
+/* Accept a served stream once the engine's connect to dst_ip:dst_port succeeds (from source_ip with
+ * IP_TRANSPARENT when not NULL/"", SO_MARK `mark` when not 0): AMBIT_EV_STREAM_ACCEPTED then, else
+ * AMBIT_EV_UPSTREAM_FAILED and a 503 (10 s connect deadline). -1: the socket could not be made (err). */
+int ambit_accept_connect(ambit_engine *e, uint64_t conn_id, uint64_t stream_id, const char *dst_ip, int dst_port,
+                         const char *source_ip, int mark, uint64_t tag, char *err, size_t errlen);
 int ambit_reject_stream(ambit_engine *e, uint64_t conn_id, uint64_t stream_id, int status, char *err,
                         size_t errlen);
 int ambit_reset_stream(ambit_engine *e, uint64_t conn_id, uint64_t stream_id, char *err, size_t errlen);
@@ -166,5 +175,81 @@ ambit_flow_query *ambit_flow_query_post(ambit_engine *e, const ambit_flow_stats 
 /* Waits up to timeout_ms for every loop's answer, copies the n items to out and frees the query (the
  * loops drop their part when they answer). Returns the number of items found, or -1 on timeout. */
 int ambit_flow_query_wait(ambit_flow_query *q, ambit_flow_stats *out, int n, int timeout_ms);
+
+/* --- Keys and certificate facts for the agent's identity code (native/src/pki.c) ----------------------
+ * The engine already links OpenSSL, so the agent needs no second crypto library in its address space. */
+
+/* A fresh P-256 key (PKCS#8 PEM) and a CSR for it: empty subject, SHA-256, and when uri is not NULL one
+ * critical SAN with that single URI. Returns 0, or -1 with err set. Both outputs are NUL-terminated and
+ * malloc'd: release them with ambit_pki_free (it wipes them first: one is a private key). */
+int ambit_pki_key_and_csr(const char *uri, char **key_pem, char **csr_pem, char *err, size_t errlen);
+void ambit_pki_free(char *p);
+
+typedef struct ambit_cert_facts {
+    int64_t not_before;   /* unix seconds */
+    int64_t not_after;
+    int uri_count;        /* URI SANs */
+    char uri[2048];       /* the first URI SAN, "" when none */
+    char serial_hex[130]; /* the serial number in hex */
+    char subject[1024];   /* RFC 2253 (truncated when longer) */
+    char issuer[1024];
+} ambit_cert_facts;
+
+/* Facts of the index-th certificate of a PEM chain. Returns how many certificates the chain holds (more
+ * than index), or -1 with err set: no certificate, one that does not parse, index out of range, a
+ * duplicated SAN extension, a URI with a NUL byte or longer than uri holds (all refused, never truncated). */
+int ambit_pki_cert_facts(const char *pem, size_t len, int index, ambit_cert_facts *out, char *err,
+                         size_t errlen);
+/* 1 when the last certificate of chain_pem names the first of issuer_pem as its issuer and carries its
+ * valid signature, 0 when not, -1 when either does not parse. */
+int ambit_pki_last_signed_by(const char *chain_pem, size_t chain_len, const char *issuer_pem, size_t issuer_len);
+/* 1 when the first certificate of cert_pem carries the public key of key_pem, 0 when not, -1 when either
+ * does not parse. */
+int ambit_pki_cert_has_key(const char *cert_pem, size_t cert_len, const char *key_pem, size_t key_len);
+
+/* ---- Outbound fast path (fastpath.c; docs/engine.md "Fast path") ----
+ * The engine accepts on the capture listener and opens the CONNECT stream itself for a (source ip,
+ * destination ip:port) Python installed; anything else is handed to Python (AMBIT_EV_FAST_MISS, status =
+ * the accepted fd, now Python's). A hit emits AMBIT_EV_FAST_OPEN (conn_id, stream_id, tag = the engine's
+ * tag for the stream, status = the client's source port, bytes_in = the entry id, traceparent = the one
+ * sent, authority) before the stream's own events. */
+enum { AMBIT_FAST_MAX_CONNS = 8, AMBIT_FAST_DEFAULT_CAPACITY = 1024 };
+enum ambit_fast_counter {
+    AMBIT_FAST_C_ACCEPTED,
+    AMBIT_FAST_C_HITS,
+    AMBIT_FAST_C_MISSES,
+    AMBIT_FAST_C_MISSES_NO_ENTRY,
+    AMBIT_FAST_C_MISSES_NO_CREDIT,
+    AMBIT_FAST_C_MISSES_STALE,     /* the entry predates the last ambit_fastpath_invalidate */
+    AMBIT_FAST_C_MISSES_BUSY,
+    AMBIT_FAST_C_MISSES_CONN_GONE,
+    AMBIT_FAST_C_ACCEPT_ERRORS,
+    AMBIT_FAST_C_HANDOFFS_DROPPED,
+    AMBIT_FAST_C_ENTRIES,          /* a level: entries installed now */
+    AMBIT_FAST_C_COUNT
+};
+const char *ambit_fastpath_counter_name(int index);
+void ambit_fastpath_counters(ambit_engine *e, uint64_t *out, int n);
+/* The engine owns `fd` (a listening socket) from the call on, even on error; the engine must be started. */
+int ambit_fastpath_listen(ambit_engine *e, int fd, char *err, size_t errlen);
+int ambit_fastpath_set_capacity(ambit_engine *e, int capacity);
+/* Installs entry `entry_id` (Python's id, unique; `generation` read before the routing decision it
+ * encodes, refused when stale) for streams from src_ip to dst_ip:dst_port on one of
+ * `conns` (1..AMBIT_FAST_MAX_CONNS pooled client connections; the least busy is taken, and while all carry
+ * a stream and nconns < spread it is a miss), at most `credits` of them. authority / extra as
+ * ambit_open_stream's (a fresh traceparent is appended to extra per stream); forwarded: the client's IP
+ * address (NULL: no header), sent as `forwarded: for="<ip>:<client port>"`. -1: full, exists, bad input. */
+/* Every entry installed so far stops opening streams (a new snapshot, policy or credentials); returns the
+ * new generation. Callable from any thread without Python's locks. */
+uint64_t ambit_fastpath_invalidate(ambit_engine *e);
+uint64_t ambit_fastpath_generation(ambit_engine *e);
+int ambit_fastpath_put(ambit_engine *e, uint64_t entry_id, uint64_t generation, const char *src_ip, const char *dst_ip, int dst_port,
+                       const uint64_t *conns, int nconns, int spread, int credits, const char *authority,
+                       const char *forwarded, const char *extra, char *err, size_t errlen);
+/* More credits for an installed entry; -1 when there is no such entry (removed meanwhile). */
+int ambit_fastpath_add_credits(ambit_engine *e, uint64_t entry_id, int credits);
+/* Removes an entry; returns the credits it had left, or -1 when there is no such entry. No stream is
+ * opened by it once this returns. */
+int ambit_fastpath_remove(ambit_engine *e, uint64_t entry_id);
 
 #endif

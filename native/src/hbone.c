@@ -14,6 +14,7 @@
 
 #include "internal.h"
 
+#define STREAM_INBUF_FIRST (16 * 1024) /* first socket read of a stream; the buffer doubles from there */
 #define READY_ROUNDS 64 /* bound on pending work per loop turn, so epoll is polled fairly */
 
 enum { HS_TLS, HS_H2, HS_DONE };
@@ -197,6 +198,8 @@ static void stream_finish(hstream *s, const char *detail)
         ctr_add(e, AMBIT_C_STREAMS_RESET, 1);
     ctr_add(e, AMBIT_C_STREAMS_CLOSED, 1);
     ctr_add(e, AMBIT_C_STREAMS_ACTIVE, -1);
+    if (s->tag & AMBIT_FAST_TAG_BIT)
+        fastpath_stream_done(e, c->id);
     if (!s->quiet)
         stream_emit_end(s, detail);
     if (s->peer_counted)
@@ -336,6 +339,12 @@ static void stream_service(hstream *s)
             size_t room = cap - abuf_pending(&s->in);
             if (conn_cap && room > conn_cap - c->in_total)
                 room = conn_cap - c->in_total;
+            /* The buffer grows read by read (16 KiB, then doubling up to the cap), not to its cap at the
+             * first read: 128 KiB per new stream was an mmap (glibc's M_MMAP_THRESHOLD) and a munmap with a
+             * TLB shootdown when it ended, for a request of a few bytes. */
+            size_t step = s->in.cap ? s->in.cap * 2 : STREAM_INBUF_FIRST;
+            if (room > step)
+                room = step;
             if (abuf_reserve(&s->in, room) < 0) {
                 stream_tcp_fail(s);
                 break;
@@ -1094,7 +1103,6 @@ static void conn_end(hconn *c)
     ev.bytes_in = c->bytes_in;
     ev.bytes_out = c->bytes_out;
     ctr_add(e, AMBIT_C_CONNS_CLOSED, 1);
-    __atomic_add_fetch(&e->freed_since_trim, 1, __ATOMIC_RELAXED);
     ctr_add(e, AMBIT_C_CONNS_ACTIVE, -1);
     event_emit(e, &ev);
     amap_del(&l->conns, c->id);
@@ -1257,6 +1265,12 @@ static int parse_extra_headers(char *text, nghttp2_nv *nv)
         line = end ? end + 1 : line + len;
     }
     return n;
+}
+
+int hconn_client_usable(ambit_loop *l, uint64_t id)
+{
+    hconn *c = amap_get(&l->conns, id);
+    return c && !c->server && !c->closing && !c->ending && !c->goaway_recv;
 }
 
 void hconn_open_stream(ambit_loop *l, acmd *cmd)

@@ -70,7 +70,7 @@ typedef struct aio {
 
 enum cmd_kind {
     CMD_CONNECT, CMD_SERVE, CMD_OPEN_STREAM, CMD_ACCEPT, CMD_REJECT, CMD_RESET, CMD_SPLICE, CMD_CLOSE,
-    CMD_FLOW_STATS,
+    CMD_FAST_OPEN, CMD_ACCEPT_CONNECT, CMD_FLOW_STATS,
 };
 
 typedef struct acmd {
@@ -84,6 +84,7 @@ typedef struct acmd {
     char *text;      /* expected peer / authority (malloc'd) */
     char *text2;     /* forwarded header value (malloc'd) or NULL */
     char *text3;     /* extra request headers, "name: value\n" lines (malloc'd) or NULL */
+    uint64_t aux;    /* CMD_FAST_OPEN: the fast path entry id */
     ambit_flow_query *query; /* CMD_FLOW_STATS: this loop's share of a query (flows.c) */
     struct acmd *next;
 } acmd;
@@ -110,6 +111,7 @@ typedef struct ambit_loop {
     struct hconn *dirty;     /* connections with output to flush or state to check */
     struct apump *pumps_done; /* splices to free once the current epoll batch is handled */
     struct alinger *lingers; /* reset sockets still transmitting their queued bytes (linger.c) */
+    struct upconn *upconns;  /* connects to pods of streams accepted once connected (upstream.c) */
     char *rbuf;              /* shared read buffer, AMBIT_READ_CHUNK */
 } ambit_loop;
 
@@ -140,8 +142,12 @@ struct ambit_engine {
     pthread_mutex_t limits_lock; /* guards shares and pending_handshakes */
     amap shares;                 /* source / peer key -> share (limits.c) */
     uint32_t pending_handshakes;
-    uint64_t freed_since_trim;   /* atomic: connections freed since the last malloc_trim */
-    uint64_t last_trim_ms;       /* atomic */
+    uint64_t closed_at_trim;     /* connections, streams and splices closed at the last malloc_trim */
+    uint64_t last_trim_ms;       /* the trim's state is loop 0's alone (maybe_trim) */
+    int trim_settling;           /* trims left after a burst (or start-up) while closes trickle on */
+    int trim_drained;            /* the event queue was empty at the last trim */
+    uint64_t trim_not_before_ms; /* start-up: the first trim waits for the host's start-up to end */
+    struct fastpath *fast;       /* outbound fast path (fastpath.c), made on first use */
     char *peer_domains;          /* "\nTD\n...\n" or NULL (ambit_engine_set_peer_domains), under limits_lock */
 };
 
@@ -166,7 +172,8 @@ uint64_t engine_new_id(uint64_t *counter);
 
 /* Event construction: a zeroed event with kind/ids set; emit copies it into the queue. */
 void event_init(ambit_event *ev, int kind, uint64_t conn_id, uint64_t stream_id, uint64_t tag);
-void event_emit(ambit_engine *e, const ambit_event *ev);
+/* 0, or -1 when the queue is at its bound and the event was dropped (counted). */
+int event_emit(ambit_engine *e, const ambit_event *ev);
 void copy_str(char *dst, size_t cap, const char *src);
 
 int loop_add_fd(ambit_loop *l, aio *io, int fd);
@@ -219,6 +226,21 @@ void limits_peer_conn(ambit_engine *e, uint64_t peer, int delta);
 /* Counts one stream reset caused by `peer`; 1 when that exceeds its AMBIT_L_RESETS_PER_S budget. */
 int limits_reset(ambit_engine *e, uint64_t peer, uint64_t now);
 void limits_free(ambit_engine *e);
+
+/* fastpath.c */
+#define AMBIT_FAST_TAG_BIT (1ULL << 62) /* tags of fast path streams (Python's own stay below) */
+void loop_post_cmd(ambit_engine *e, uint64_t id, acmd *c); /* to the loop owning id */
+void fastpath_run_open(ambit_loop *l, acmd *c);
+void fastpath_stream_done(ambit_engine *e, uint64_t conn_id);
+void fastpath_tick(ambit_loop *l);
+void fastpath_free(ambit_engine *e);
+/* hbone.c: whether a client connection still takes new streams (on its loop). */
+int hconn_client_usable(ambit_loop *l, uint64_t id);
+
+/* upstream.c */
+void accept_connect_start(ambit_loop *l, acmd *c);
+void accept_connect_tick(ambit_loop *l);
+void accept_connect_destroy_all(ambit_loop *l);
 
 /* flows.c: a loop answers its items of a flow query; a query command dropped unrun (engine stopped)
  * gives up its share. hconn/pump fill one item they own (1 found, 0 unknown). */

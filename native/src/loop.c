@@ -13,9 +13,12 @@
 
 #include "internal.h"
 
-#define TRIM_AFTER_FREED 64  /* connections freed since the last trim */
+#define TRIM_AFTER_CLOSED 64 /* connections, streams and splices closed since the last trim */
 #define TRIM_INTERVAL_MS 1000
+#define SETTLE_TRIMS 10        /* trims after a burst, at most, while closes trickle on */
+#define STARTUP_SETTLE_MS 2000 /* the agent is ready ~1 s after its engine started */
 #define MMAP_THRESHOLD (128 * 1024)
+#define MALLOC_ARENAS 2
 #define EVQ_MAX (1 << 16) /* events kept for a Python side that stops draining; beyond: counted, dropped */
 
 static const char *counter_names[AMBIT_C_COUNT] = {
@@ -53,7 +56,17 @@ void event_init(ambit_event *ev, int kind, uint64_t conn_id, uint64_t stream_id,
     ev->tag = tag;
 }
 
-void event_emit(ambit_engine *e, const ambit_event *ev)
+/* On a loop thread the eventfd write that wakes Python waits for the end of the epoll batch being handled:
+ * the events of one batch (many connections' opens and closes under load) cost Python one wake-up. */
+static __thread int wake_deferred, wake_pending;
+
+static void wake_python(ambit_engine *e)
+{
+    uint64_t one = 1;
+    (void)!write(e->evfd, &one, sizeof(one));
+}
+
+int event_emit(ambit_engine *e, const ambit_event *ev)
 {
     int wake = 0;
     pthread_mutex_lock(&e->ev_lock);
@@ -63,7 +76,7 @@ void event_emit(ambit_engine *e, const ambit_event *ev)
         if (!q) {
             pthread_mutex_unlock(&e->ev_lock);
             ctr_add(e, AMBIT_C_EVENTS_DROPPED, 1);
-            return;
+            return -1;
         }
         for (size_t i = 0; i < e->ev_count; i++)
             q[i] = e->evq[(e->ev_head + i) % e->ev_cap];
@@ -75,10 +88,11 @@ void event_emit(ambit_engine *e, const ambit_event *ev)
     e->evq[(e->ev_head + e->ev_count) % e->ev_cap] = *ev;
     wake = e->ev_count++ == 0;
     pthread_mutex_unlock(&e->ev_lock);
-    if (wake) {
-        uint64_t one = 1;
-        (void)!write(e->evfd, &one, sizeof(one));
-    }
+    if (wake && wake_deferred)
+        wake_pending = 1;
+    else if (wake)
+        wake_python(e);
+    return 0;
 }
 
 int ambit_engine_events(ambit_engine *e, ambit_event *out, int max)
@@ -164,6 +178,8 @@ static void cmd_run(ambit_loop *l, acmd *c)
     case CMD_CONNECT: hconn_start(l, c, 0); break;
     case CMD_SERVE: hconn_start(l, c, 1); break;
     case CMD_OPEN_STREAM: hconn_open_stream(l, c); break;
+    case CMD_FAST_OPEN: fastpath_run_open(l, c); break;
+    case CMD_ACCEPT_CONNECT: accept_connect_start(l, c); break;
     case CMD_ACCEPT: hconn_accept(l, c); break;
     case CMD_REJECT: hconn_reject(l, c); break;
     case CMD_RESET: hconn_reset(l, c); break;
@@ -197,17 +213,47 @@ static void on_wake(ambit_loop *l, aio *io, uint32_t events)
     }
 }
 
-/* Connection state is allocated and freed on the loop threads, whose glibc arenas keep freed memory
- * (a burst of 10,000 aborted handshakes left ~350 MB resident with nothing alive). After a burst of
- * closed connections, at most once a second, hand the free pages back to the kernel. */
+/* The engine owns the process's malloc policy (the agent and the gateway both host it; docs/footprint.md).
+ * Connection state is allocated and freed on the loop threads, whose glibc arenas keep freed memory
+ * (a burst of 10,000 aborted handshakes left ~350 MB resident with nothing alive). While connections,
+ * streams or splices close in numbers, at most once a second, hand the free pages back to the kernel;
+ * then while they keep closing or the host is still draining their events (at most SETTLE_TRIMS times),
+ * and once more after a quiet second: for what closed after the last trim and what the host freed of its
+ * own records meanwhile, after the events (malloc_trim walks every arena, the host's threads' too). A
+ * measured agent side freed its records up to ~10 s after 4,000 connections closed. Start-up counts as
+ * a burst: STARTUP_SETTLE_MS after the engine started, the host's start-up (imports, TLS contexts, the
+ * first config) is over, and what it freed goes back (~1 MiB for an idle agent). */
+static uint64_t closed_total(ambit_engine *e)
+{
+    static const int closes[] = {AMBIT_C_CONNS_CLOSED, AMBIT_C_STREAMS_CLOSED, AMBIT_C_SPLICES_CLOSED};
+    uint64_t n = 0;
+    for (size_t i = 0; i < sizeof(closes) / sizeof(closes[0]); i++)
+        n += __atomic_load_n(&e->counters[closes[i]], __ATOMIC_RELAXED);
+    return n;
+}
+
 static void maybe_trim(ambit_engine *e)
 {
     uint64_t now = now_ms();
-    if (__atomic_load_n(&e->freed_since_trim, __ATOMIC_RELAXED) < TRIM_AFTER_FREED ||
-        now - __atomic_load_n(&e->last_trim_ms, __ATOMIC_RELAXED) < TRIM_INTERVAL_MS)
+    if (now < e->trim_not_before_ms || now - e->last_trim_ms < TRIM_INTERVAL_MS)
         return;
-    __atomic_store_n(&e->freed_since_trim, 0, __ATOMIC_RELAXED);
-    __atomic_store_n(&e->last_trim_ms, now, __ATOMIC_RELAXED);
+    uint64_t closed = closed_total(e);
+    uint64_t since = closed - e->closed_at_trim;
+    pthread_mutex_lock(&e->ev_lock);
+    int drained = e->ev_count == 0;
+    pthread_mutex_unlock(&e->ev_lock);
+    if (since >= TRIM_AFTER_CLOSED)
+        e->trim_settling = SETTLE_TRIMS;
+    else if (!e->trim_settling)
+        return;
+    else if (since == 0 && drained && e->trim_drained)
+        e->trim_settling = 0; /* quiet, and the host had a second to handle the last events: the last trim */
+    else
+        e->trim_settling--; /* still closing (pooled connections after their streams), or the host still
+                             * handling the close events (it frees its records as it goes) */
+    e->trim_drained = drained;
+    e->closed_at_trim = closed;
+    e->last_trim_ms = now;
     malloc_trim(0);
     ctr_add(e, AMBIT_C_MALLOC_TRIMS, 1);
 }
@@ -219,6 +265,8 @@ static void on_tick(ambit_loop *l, aio *io, uint32_t events)
     (void)!read(io->fd, &v, sizeof(v));
     hconn_tick(l);
     linger_tick(l);
+    fastpath_tick(l);
+    accept_connect_tick(l);
     if (l->index == 0)
         maybe_trim(l->engine);
 }
@@ -246,6 +294,7 @@ static void *loop_main(void *arg)
     sigemptyset(&pipe_set);
     sigaddset(&pipe_set, SIGPIPE);
     pthread_sigmask(SIG_BLOCK, &pipe_set, NULL);
+    wake_deferred = 1;
     while (__atomic_load_n(&l->running, __ATOMIC_ACQUIRE)) {
         int n = epoll_wait(l->epfd, evs, 256, (l->ready || l->dirty) ? 0 : -1);
         if (n < 0 && errno != EINTR)
@@ -257,7 +306,14 @@ static void *loop_main(void *arg)
         hconn_process_pending(l);
         pump_process_pending(l);
         linger_reap(l, 0);
+        if (wake_pending) {
+            wake_pending = 0;
+            wake_python(l->engine);
+        }
     }
+    if (wake_pending)
+        wake_python(l->engine);
+    accept_connect_destroy_all(l);
     hconn_destroy_all(l);
     pump_destroy_all(l);
     linger_reap(l, 1);
@@ -278,7 +334,21 @@ void loop_post(ambit_loop *l, acmd *c)
     (void)!write(l->wakefd, &one, sizeof(one));
 }
 
-static void malloc_tune(void) { mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD); }
+void loop_post_cmd(ambit_engine *e, uint64_t id, acmd *c) { loop_post(&e->loops[id % (uint64_t)e->nloops], c); }
+
+/* The process's malloc policy, set when the engine is loaded (the host imports it before it starts its
+ * threads, so they all get it). Per-connection buffers of 128 KiB and more (TLS read-ahead, record
+ * coalescing, stream buffers) are freed on the loop threads in bursts. With glibc's dynamic mmap threshold
+ * the first free raises the threshold and later buffers come from the thread arenas, whose freed space
+ * stays resident between live chunks (~2 KB per aborted handshake, for good). A fixed threshold keeps
+ * them mmapped, so freeing one returns it to the kernel. At most two arenas: glibc would make one per
+ * thread that allocates (up to 8 per core: gRPC's, the host's, the loops), each keeping its own free
+ * space; two cost 0.5-1 MiB less idle and 1-2 MiB less at 1,000 connections (docs/footprint.md). */
+__attribute__((constructor)) static void malloc_policy(void)
+{
+    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+    mallopt(M_ARENA_MAX, MALLOC_ARENAS);
+}
 
 ambit_engine *ambit_engine_new(int threads, char *err, size_t errlen)
 {
@@ -286,13 +356,6 @@ ambit_engine *ambit_engine_new(int threads, char *err, size_t errlen)
         set_err(err, errlen, "threads must be 1..64");
         return NULL;
     }
-    /* Per-connection buffers of 128 KiB and more (TLS read-ahead, record coalescing, stream buffers) are
-     * freed on the loop threads in bursts. With glibc's dynamic mmap threshold the first free raises the
-     * threshold and later buffers come from the thread arenas, whose freed space stays resident between
-     * live chunks (~2 KB per aborted handshake, for good). A fixed threshold keeps them mmapped, so
-     * freeing one returns it to the kernel. Process-wide, set once. */
-    static pthread_once_t malloc_once = PTHREAD_ONCE_INIT;
-    pthread_once(&malloc_once, malloc_tune);
     ambit_engine *e = calloc(1, sizeof(*e));
     if (!e) {
         set_err(err, errlen, "out of memory");
@@ -351,6 +414,9 @@ int ambit_engine_start(ambit_engine *e, char *err, size_t errlen)
         return -1;
     }
     e->started = 1;
+    e->trim_not_before_ms = now_ms() + STARTUP_SETTLE_MS;
+    e->trim_settling = SETTLE_TRIMS;
+    e->trim_drained = 1; /* start-up: one trim once it is over, no close events to wait for */
     for (int i = 0; i < e->nloops; i++) {
         ambit_loop *l = &e->loops[i];
         l->running = 1;
@@ -416,6 +482,7 @@ void ambit_engine_free(ambit_engine *e)
     }
     if (e->evfd >= 0)
         close(e->evfd);
+    fastpath_free(e); /* before the event queue: undelivered hand-offs still own their fds */
     free(e->evq);
     pthread_mutex_destroy(&e->ev_lock);
     pthread_mutex_destroy(&e->ctx_lock);

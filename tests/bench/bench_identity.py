@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.identity.bootstrap import join
 from agent.identity.manager import IdentityManager
-from agent.identity.svid import new_key
 from api.spiffe import SpiffeId
 from mgmt import ca_store
 from mgmt.bootstrap import BootstrapServer
@@ -50,7 +50,7 @@ def _fresh(manager: IdentityManager, spiffe_id: str) -> None:
 def run() -> list[dict[str, Any]]:
     state = Path(tempfile.mkdtemp(prefix="bench-identity-"))
     ca = ca_store.load_or_create(state, TD)
-    key = new_key().public_key()
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
     sign_rate = _rate(lambda i: ca.issue(SpiffeId.parse(IDS[i % len(IDS)]), key))
 
     tokens = JoinTokens(state)

@@ -40,10 +40,25 @@ def _agent_pid(plan: LabPlan, node: str) -> int:
 
 def test_no_llvm_and_no_rego_mapped_in_the_agent(meshlab: LabPlan) -> None:
     # rego-cpp (regopy's librego_shared, ~11 MB) is loaded only once a RegoPolicy applies; this mesh has none.
+    # cryptography's Rust bindings (~9 MiB): the agent's keys and certificates go through the engine's
+    # OpenSSL (native/pki.py).
     for node in meshlab.nodes:
         mapped = Path(f"/proc/{_agent_pid(meshlab, node.name)}/maps").read_text()
-        unwanted = ("libLLVM", "libclang", "libbcc", "librego_shared")
+        unwanted = ("libLLVM", "libclang", "libbcc", "librego_shared", "cryptography/hazmat/bindings")
         assert [lib for lib in unwanted if lib in mapped] == [], node.name
+
+
+# Packages an idle agent does not import (docs/footprint.md): each is loaded on first use, if ever.
+NOT_IMPORTED_IDLE = ("cryptography", "regopy", "yaml", "bcc", "pyroute2")
+
+
+def test_idle_agent_imports_none_of_the_lazy_packages(meshlab: LabPlan) -> None:
+    for node in meshlab.nodes:
+        memory = mesh.admin_get(meshlab, node.name, "/memory")
+        loaded = {name.split(".")[0] for name in memory["python_modules"]}
+        assert "native" in loaded and "grpc" in loaded  # the list is the agent's, not an empty answer
+        assert sorted(loaded & set(NOT_IMPORTED_IDLE)) == [], node.name
+        assert memory["rss_kib"] == memory["anon_kib"] + memory["file_kib"]
 
 
 def test_every_thread_is_named_and_counted(meshlab: LabPlan) -> None:

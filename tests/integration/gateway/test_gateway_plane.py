@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from agent.identity.bootstrap import JoinError, join
-from agent.identity.svid import make_csr, new_key
+from agent.identity.svid import key_and_csr
 from agent.relay.client import RelayClient
 from api import ca_pb2, ca_pb2_grpc, relay_pb2, relay_pb2_grpc
 from api.jsonlog import AuditLog
@@ -262,9 +262,9 @@ def test_gateway_serves_what_the_plane_sends_with_the_plane_issued_identity(
         assert status_of(exchange(plane.gateway_port, GET % b"/web?q=1%27%20OR%201=1--")) == 403
 
         # Renewal at any time (here: now): a new certificate, HBONE keeps working with it.
-        serial = gw.identity.node.leaf.serial_number
+        serial = gw.identity.node.leaf.serial
         gw.identity.rotate_now()
-        _wait(lambda: gw.identity is not None and gw.identity.node.leaf.serial_number != serial, "renewal")
+        _wait(lambda: gw.identity is not None and gw.identity.node.leaf.serial != serial, "renewal")
         meshed = exchange(plane.gateway_port, GET % b"/mesh/b")
         assert status_of(meshed) == 200 and plane.dest.requests[-1][0] == GATEWAY_ID
         assert plane.csr.counters().get("signed", 0) >= 1
@@ -283,7 +283,7 @@ def test_gateway_follows_a_root_rotation(plane: Plane, tmp_path: Path) -> None:
         new_root = plane.ca.anchors()[0].subject
 
         def reissued() -> bool:
-            return identity.node.leaf.issuer == new_root
+            return identity.node.leaf.issuer == new_root.rfc4514_string()
 
         _wait(reissued, "the certificate re-issued under the new root")
         assert identity.counters["signer_changes"] >= 1
@@ -384,9 +384,9 @@ def test_a_gateway_gets_its_own_gateway_only(plane: Plane) -> None:
         sign = ca_pb2_grpc.IdentityStub(channel)
         wanted = str(DEST_ID)
         with pytest.raises(grpc.RpcError) as exc:
-            sign.Sign(ca_pb2.SignRequest(spiffe_id=wanted, csr_pem=make_csr(new_key(), wanted)), timeout=5)
+            sign.Sign(ca_pb2.SignRequest(spiffe_id=wanted, csr_pem=key_and_csr(wanted)[1]), timeout=5)
         assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        own = sign.Sign(ca_pb2.SignRequest(spiffe_id=GATEWAY_ID, csr_pem=make_csr(new_key(), GATEWAY_ID)))
+        own = sign.Sign(ca_pb2.SignRequest(spiffe_id=GATEWAY_ID, csr_pem=key_and_csr(GATEWAY_ID)[1]))
         assert own.chain_pem
     # A workload identity that serves no Gateway is no gateway: no config, no certificates.
     with _channel(plane, str(DEST_ID)) as channel:

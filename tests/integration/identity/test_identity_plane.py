@@ -20,12 +20,13 @@ import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store
 from spiffe import X509Svid
 
 from agent.identity.bootstrap import JoinError, NodeIdentity, channel_options, join
 from agent.identity.manager import IdentityError, IdentityManager
-from agent.identity.svid import Svid, make_csr, new_key
+from agent.identity.svid import Svid, key_and_csr
 from api import ca_pb2, ca_pb2_grpc
 from api.spiffe import spiffe_id_of
 from mgmt import ca_store
@@ -140,10 +141,14 @@ def _anchors(bundle_pem: bytes) -> list[x509.Certificate]:
     return x509.load_pem_x509_certificates(bundle_pem)
 
 
+def _leaf(chain_pem: bytes) -> x509.Certificate:
+    return x509.load_pem_x509_certificates(chain_pem)[0]
+
+
 def test_join_then_fetch_verified_svid(plane: Plane) -> None:
     manager = plane.manager("node-1")
     node = manager.node
-    assert str(spiffe_id_of(node.leaf)) == f"spiffe://{TD}/node/node-1"
+    assert str(spiffe_id_of(_leaf(node.chain_pem))) == f"spiffe://{TD}/node/node-1"
     svid = manager.svid_for(CART)
     assert manager.svid_for(CART) is svid  # cached
     chain = x509.load_pem_x509_certificates(svid.chain_pem)
@@ -179,9 +184,9 @@ def test_intermediate_plane_under_external_root(tmp_path: Path) -> None:
 
 def test_refusals_have_clear_statuses_and_are_audited(plane: Plane) -> None:
     node = plane.join("node-1")
-    key = new_key()
+    key = ec.generate_private_key(ec.SECP256R1())
     # Another node's workload.
-    assert _refused(plane, node, PAY, make_csr(key, PAY)) == grpc.StatusCode.PERMISSION_DENIED
+    assert _refused(plane, node, PAY, key_and_csr(PAY)[1]) == grpc.StatusCode.PERMISSION_DENIED
     # Extra SANs in the CSR.
     extra = (
         x509.CertificateSigningRequestBuilder()
@@ -197,7 +202,7 @@ def test_refusals_have_clear_statuses_and_are_audited(plane: Plane) -> None:
     # Malformed CSR.
     assert _refused(plane, node, CART, b"garbage") == grpc.StatusCode.INVALID_ARGUMENT
     # A SPIFFE ID that is not one.
-    assert _refused(plane, node, "http://x/y", make_csr(key, CART)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert _refused(plane, node, "http://x/y", key_and_csr(CART)[1]) == grpc.StatusCode.INVALID_ARGUMENT
     codes = [(e["spiffe_id"], e["code"]) for e in plane.audit.events if e["event"] == "csr_refused"]
     assert codes == [
         (PAY, "PERMISSION_DENIED"),
@@ -215,7 +220,7 @@ def test_workload_certificate_cannot_request_svids(plane: Plane) -> None:
     manager = plane.manager("node-1")
     svid = manager.svid_for(CART)
     as_workload = NodeIdentity("node-1", TD, svid.chain_pem, svid.key_pem, manager.trust_bundle_pem())
-    assert _refused(plane, as_workload, CART, make_csr(new_key(), CART)) == grpc.StatusCode.UNAUTHENTICATED
+    assert _refused(plane, as_workload, CART, key_and_csr(CART)[1]) == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_join_token_refusals(plane: Plane) -> None:
@@ -349,7 +354,7 @@ def test_root_rotation_keeps_live_connections(plane: Plane) -> None:
         _wait(lambda: client_side.svid_for(PAY).serial != old_client.serial, "client rotation")
         new_client = client_side.svid_for(PAY)
         assert x509.load_pem_x509_certificates(new_client.chain_pem)[0].issuer == new_root.subject
-        _wait(lambda: server_side.node.leaf.issuer == new_root.subject, "node renewal")
+        _wait(lambda: _leaf(server_side.node.chain_pem).issuer == new_root.subject, "node renewal")
         assert _roundtrip(live) == PAY  # the connection from before the rotation is still up
         fresh = _connect(server.port, new_client, client_side.trust_bundle_pem())
         assert _roundtrip(fresh) == PAY
@@ -358,7 +363,7 @@ def test_root_rotation_keeps_live_connections(plane: Plane) -> None:
         mixed.close()
 
         # Step 3: once the old leaves are gone the old root leaves the bundle; live connections stay up.
-        _wait(lambda: client_side.node.leaf.issuer == new_root.subject, "node-2 renewal")
+        _wait(lambda: _leaf(client_side.node.chain_pem).issuer == new_root.subject, "node-2 renewal")
         plane.ca.drop_previous_roots()
         for manager in (server_side, client_side):
             assert _anchors(manager.refresh_bundle()) == [new_root]
@@ -402,8 +407,14 @@ def test_rotate_root_through_the_state_dir_reaches_plane_and_agents(plane: Plane
         _, revision = ca_store.rotate_step(plane.state, "activate")
         assert ca_store.wait_loaded(plane.state, revision, 10)
         for manager, sid in ((server_side, CART), (client_side, PAY)):
-            _wait(lambda m=manager, s=sid: m.svid_for(s).leaf.issuer == new_root.subject, f"{sid} re-issued")  # type: ignore[misc]
-            _wait(lambda m=manager: m.node.leaf.issuer == new_root.subject, "node certificate re-issued")  # type: ignore[misc]
+            _wait(
+                lambda m=manager, s=sid: _leaf(m.svid_for(s).chain_pem).issuer == new_root.subject,
+                f"{sid} re-issued",
+            )  # type: ignore[misc]
+            _wait(
+                lambda m=manager: _leaf(m.node.chain_pem).issuer == new_root.subject,
+                "node certificate re-issued",
+            )  # type: ignore[misc]
             assert manager.counters["signer_changes"] >= 1, manager.counters
         assert _roundtrip(live) == PAY
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from agent.connections import ConnectionClose, ConnectionRecord
 from agent.policy.decision import ConnectionAttrs, Decision
+from agent.proxy.limits import Limits
 from agent.proxy.proxy import Proxy
 from agent.relay.client import LookupFailed
 from agent.state import MeshSnapshot
@@ -202,6 +203,17 @@ def start_redirect(node: str, cfg: dict[str, Any]) -> Any:
     return redirector
 
 
+def _limits(cfg: dict[str, Any]) -> Limits | None:
+    outbound = cfg.get("outbound_connections_per_source")
+    return Limits(outbound_connections_per_source=outbound) if outbound else None
+
+
+def reload(view: OnDemandView, proxy: Proxy, config_path: str) -> None:
+    """A new config version, applied as the daemon applies one: the new view, then the proxy told."""
+    view.reload(json.loads(Path(config_path).read_text()))
+    proxy.mesh_changed()
+
+
 def close_inbound(proxy: Proxy) -> None:
     for conn_id, _attrs in proxy.inbound_connections():
         proxy.close(conn_id, "policy changed")
@@ -231,12 +243,13 @@ def main(config_path: str) -> int:
         connections_per_key=cfg.get("connections_per_key"),
         lookup=view.lookup,
         audit=FileAudit(Path(cfg["audit"])),
+        limits=_limits(cfg),
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     # SIGUSR1 plays a policy update that denies everything: re-check and close live inbound connections.
     signal.signal(signal.SIGUSR1, lambda *_: close_inbound(proxy))
-    signal.signal(signal.SIGUSR2, lambda *_: view.reload(json.loads(Path(config_path).read_text())))
+    signal.signal(signal.SIGUSR2, lambda *_: reload(view, proxy, config_path))
     proxy.start()
     redirector = start_redirect(cfg["node"], cfg["redirect"]) if cfg.get("redirect") else None
     status = Path(cfg["status"])

@@ -183,6 +183,7 @@ def start(
     engine_threads: int | None = None,
     connections_per_key: int | None = None,
     foreign: Iterable[str] = (),
+    outbound_limit: int | None = None,
 ) -> ProxyLab:
     """Lab up, capture installed, one proxy per node and test servers in every pod, all ready.
 
@@ -190,6 +191,7 @@ def start(
     `capture`: "nft" (tproxy rules installed here) or "bpf" (the proxy driver runs the Redirector).
     `policies`: policy documents (api.resources) decided by the product's PolicyEngine in every proxy.
     `engine_threads`, `connections_per_key`: the Proxy's knobs (None: its defaults).
+    `outbound_limit`: each pod's outbound connection budget (None: the Proxy's default).
     `foreign`: nodes that run no ambit proxy (another HBONE implementation plays them, e.g. the fake
     ztunnel): their config (certificates) is written and the nftables capture installed, nothing started.
     """
@@ -231,6 +233,7 @@ def start(
             "policies": list(policies),
             "engine_threads": engine_threads,
             "connections_per_key": connections_per_key,
+            "outbound_connections_per_source": outbound_limit,
             "services": [
                 {"name": "echo", "ip": SERVICE_IP, "port": SERVICE_PORT, "target": ECHO, "selects": "pod-2-1"}
             ],

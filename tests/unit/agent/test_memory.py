@@ -1,13 +1,15 @@
-from agent.memory import BurstTrimmer
+"""The admin API's memory view reads this process's own /proc files: real numbers, not a model."""
+
+import sys
+
+from agent import memory
 
 
-def test_trims_after_a_burst_and_while_it_settles_never_on_small_changes() -> None:
-    trimmer = BurstTrimmer(min_drop=100)
-    assert [trimmer.observe(n) for n in (0, 50, 10, 80, 30)] == [False] * 5  # small ups and downs
-    assert not trimmer.observe(1000)  # the burst
-    assert not trimmer.observe(600)  # still more than half of the peak
-    assert trimmer.observe(20)  # over: trim
-    assert trimmer.observe(5)  # pooled connections closing after their streams: again
-    assert not trimmer.observe(5)  # settled
-    assert not trimmer.observe(2)  # a fall after settling is a small change again
-    assert trimmer.trims == 2
+def test_report_totals_add_up_and_name_the_loaded_modules() -> None:
+    report = memory.report()
+    assert report["rss_kib"] == report["anon_kib"] + report["file_kib"] > 0  # type: ignore[operator]
+    names = [row["mapping"] for row in report["mappings"]]  # type: ignore[attr-defined]
+    assert len(names) <= memory.TOP_MAPPINGS and "[heap]" in memory.mappings()
+    assert any(name.startswith("python3") or name.startswith("libpython") for name in names)
+    assert "agent.memory" in report["python_modules"]  # type: ignore[operator]
+    assert sorted(sys.modules) == report["python_modules"]

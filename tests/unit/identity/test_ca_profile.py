@@ -13,9 +13,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 from spiffe import X509Svid
 
-from agent.identity.svid import key_pem, new_key
 from api.spiffe import SpiffeId
-from mgmt.ca import MGMT_SERVER_NAME, CAError, CertificateAuthority, serving_cert
+from mgmt.ca import MGMT_SERVER_NAME, CAError, CertificateAuthority, private_key_pem, serving_cert
 
 TD = "cluster.local"
 WORKLOAD = SpiffeId.workload(TD, "shop", "cart")
@@ -35,8 +34,8 @@ def _verify_client(anchors: list[x509.Certificate], chain: list[x509.Certificate
 def _issue(
     ca: CertificateAuthority, ttl: dt.timedelta = dt.timedelta(hours=24)
 ) -> tuple[list[x509.Certificate], bytes]:
-    key = new_key()
-    return ca.issue(WORKLOAD, key.public_key(), ttl), key_pem(key)
+    key = ec.generate_private_key(ec.SECP256R1())
+    return ca.issue(WORKLOAD, key.public_key(), ttl), private_key_pem(key)
 
 
 def test_leaf_profile_is_a_spiffe_x509_svid() -> None:
@@ -122,4 +121,6 @@ def test_root_rotation_keeps_old_root_until_dropped() -> None:
 def test_issue_refuses_foreign_trust_domain() -> None:
     ca = CertificateAuthority.generate_root(TD)
     with pytest.raises(ValueError, match="outside trust domain"):
-        ca.issue(SpiffeId.workload("evil.org", "a", "b"), new_key().public_key())
+        ca.issue(
+            SpiffeId.workload("evil.org", "a", "b"), ec.generate_private_key(ec.SECP256R1()).public_key()
+        )

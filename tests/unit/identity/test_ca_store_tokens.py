@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from agent.identity.svid import make_csr, new_key
+from agent.identity.svid import key_and_csr
 from mgmt import ca_store
 from mgmt.ca import CAError, CertificateAuthority, certs_pem, private_key_pem
 from mgmt.identity_service import CsrError, load_csr
@@ -101,13 +101,15 @@ def test_join_token_expires(tmp_path: Path) -> None:
 
 
 def test_csr_checks() -> None:
-    key = new_key()
-    assert load_csr(make_csr(key, URI), URI).public_numbers() == key.public_key().public_numbers()
-    assert load_csr(make_csr(key, None), URI)  # the plane sets the SAN
+    # The agent's CSRs (made on the engine's OpenSSL) as the plane reads them.
+    key_pem, csr = key_and_csr(URI)
+    key = serialization.load_pem_private_key(key_pem, None)
+    assert load_csr(csr, URI).public_numbers() == key.public_key().public_numbers()
+    assert load_csr(key_and_csr(None)[1], URI)  # the plane sets the SAN
     with pytest.raises(CsrError, match="malformed"):
         load_csr(b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n", URI)
     with pytest.raises(CsrError, match="SANs must be exactly"):
-        load_csr(make_csr(key, f"spiffe://{TD}/ns/other/sa/x"), URI)
+        load_csr(key_and_csr(f"spiffe://{TD}/ns/other/sa/x")[1], URI)
     extra = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([]))
@@ -115,13 +117,13 @@ def test_csr_checks() -> None:
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(URI), x509.DNSName("evil.example")]),
             critical=True,
         )
-        .sign(key, hashes.SHA256())
+        .sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
         .public_bytes(serialization.Encoding.PEM)
     )
     with pytest.raises(CsrError, match="SANs must be exactly"):
         load_csr(extra, URI)
     with pytest.raises(CsrError, match="must not carry SANs"):
-        load_csr(make_csr(key, URI), None)
+        load_csr(csr, None)
     rsa_csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([]))

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.cli import main
-from agent.identity.svid import new_key
 from api.spiffe import SpiffeId
 from mgmt import ca_store
 from mgmt.ca import CAError, CertificateAuthority
@@ -38,7 +38,7 @@ def test_steps_in_order_update_files_and_manifest(tmp_path: Path) -> None:
     activated, rev2 = ca_store.rotate_step(tmp_path, "activate")
     assert activated.cert == new_root and rev2 == rev1 + 1
     assert _bundle(tmp_path) == [new_root, old_root]  # the signer moved to the front
-    leaf = activated.issue(WORKLOAD, new_key().public_key())[0]
+    leaf = activated.issue(WORKLOAD, ec.generate_private_key(ec.SECP256R1()).public_key())[0]
     assert leaf.issuer == new_root.subject
 
     dropped, _ = ca_store.rotate_step(tmp_path, "drop")
@@ -92,7 +92,10 @@ def test_reloader_adopts_new_revisions_in_place(tmp_path: Path) -> None:
     assert live.generation > generation and ca_store.loaded_revision(tmp_path) == rev
     ca_store.rotate_step(tmp_path, "activate")
     assert reloader.poll()
-    assert live.issue(WORKLOAD, new_key().public_key())[0].issuer == live.cert.subject
+    assert (
+        live.issue(WORKLOAD, ec.generate_private_key(ec.SECP256R1()).public_key())[0].issuer
+        == live.cert.subject
+    )
     assert live.cert == prepared.pending[1]  # type: ignore[index]
 
 
