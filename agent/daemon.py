@@ -143,6 +143,7 @@ class Agent:
             listen_ip=s.listen_ip,
             lookup=self.relay.lookup,
             audit=audit.record if audit else None,  # identity refusals on 15008
+            limits=s.limits,  # --limit: the engine's share is set on the engine, the rest stay budgets
         )
         before = threads.tids()
         self.proxy.start()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import UsageError
+from agent.proxy.limits import Limits
 from api.spiffe import SpiffeId, SpiffeIdError
 
 DEFAULT_TRUST_DOMAIN = "cluster.local"
@@ -43,6 +44,7 @@ class AgentSettings:
     log_format: str = "text"  # or "json": one JSON object per line (api/logformat.py)
     bundle_refresh_s: float = 30.0
     kube_token: bool = False
+    limits: Limits = Limits()  # per-peer limits: the engine's share set at start, the rest the proxy's
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> AgentSettings:
@@ -87,7 +89,25 @@ class AgentSettings:
             log_format=args.log_format,
             bundle_refresh_s=args.bundle_refresh,
             kube_token=bool(args.kube_token_file),
+            limits=parse_limits(args.limit or []),
         )
+
+
+def parse_limits(items: list[str]) -> Limits:
+    """`--limit NAME=N` (repeatable) over the defaults in agent/proxy/limits.py; bad ones: UsageError."""
+    given: dict[str, int] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in Limits.names():
+            raise UsageError(f"--limit {item!r}: want NAME=N, NAME one of {', '.join(Limits.names())}")
+        if not value.strip().isdigit():
+            raise UsageError(f"--limit {item!r}: N must be an integer >= 0 (0: unlimited)")
+        given[name] = int(value)
+    try:
+        return Limits(**given)
+    except ValueError as exc:
+        raise UsageError(f"--limit: {exc}") from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -120,6 +140,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=30.0,
         help="seconds between trust-bundle polls (root rotation reaches the agent within this)",
+    )
+    defaults = Limits()
+    p.add_argument(
+        "--limit",
+        action="append",
+        metavar="NAME=N",
+        help="a per-peer limit (repeatable; 0 = unlimited); defaults: "
+        + ", ".join(f"{n}={getattr(defaults, n)}" for n in Limits.names()),
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="text", choices=["text", "json"], help="stderr log: text or JSON")

@@ -14,6 +14,7 @@ HBONE peer; a connection's are TLS plaintext bytes; a splice's `bytes_in` is wha
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import os
 import threading
@@ -54,6 +55,58 @@ LIMITS = {
 _ERRLEN = 512
 # ambit_flow_state: what a live stream or splice is doing (docs/engine.md, "Live flows").
 FLOW_STATES = {0: "unknown", 1: "connecting", 2: "open", 3: "half_closed", 4: "closing"}
+
+
+class Ending(enum.Enum):
+    """How a stream or splice ended, from its close event's `detail` (the engine's vocabulary:
+    native/src/hbone.c stream_finish, native/src/pump.c). "Socket" is the stream's own TCP socket (the
+    client's on the connecting side, the destination pod's on the serving side); a splice's side a is
+    fd_a."""
+
+    NORMAL = ""  # END_STREAM / EOF both ways
+    PEER_RESET = "reset by peer"  # the HBONE peer reset the stream (RST_STREAM)
+    SOCKET_FAILED = "socket error"  # the stream's socket failed (the application reset it)
+    AGENT_RESET = "reset by agent"  # reset_stream(), or close() of a splice
+    CONNECTION_CLOSED = "connection closed"  # its HBONE connection ended before the stream did
+    SPLICE_A_FAILED = "a"  # "a: <strerror>": reading or writing fd_a failed
+    SPLICE_B_FAILED = "b"
+    OTHER = "other"  # an engine-side failure (e.g. a socket it could not watch)
+
+
+_SPLICE_BY_AGENT = "closed by agent"
+_HANDSHAKE_FAILED = "TLS handshake failed"
+
+
+def refused_certificate(ev: Event) -> bool:
+    """Whether a conn_error is the handshake refusing the peer's certificate (untrusted, CA:true, no
+    single URI SAN, not an accepted workload identity, none at all): an identity decision, unlike a
+    handshake that failed on garbage or a timeout."""
+    return ev.detail.startswith(_HANDSHAKE_FAILED) and ("certificate" in ev.detail or "identity" in ev.detail)
+
+
+def ending(ev: Event) -> Ending:
+    """How the stream (stream_closed) or splice (splice_closed) of `ev` ended."""
+    if ev.kind == "splice_closed":
+        side = ev.detail.partition(":")[0]
+        if ev.detail == _SPLICE_BY_AGENT:
+            return Ending.AGENT_RESET
+        if side in ("a", "b") and ev.detail.startswith(side + ": "):
+            return Ending.SPLICE_A_FAILED if side == "a" else Ending.SPLICE_B_FAILED
+        return Ending.NORMAL if not ev.detail else Ending.OTHER
+    found = _STREAM_ENDINGS.get(ev.detail)
+    return Ending.OTHER if found is None else found
+
+
+_STREAM_ENDINGS = {
+    e.value: e
+    for e in (
+        Ending.NORMAL,
+        Ending.PEER_RESET,
+        Ending.SOCKET_FAILED,
+        Ending.AGENT_RESET,
+        Ending.CONNECTION_CLOSED,
+    )
+}
 
 
 class EngineError(Exception):
@@ -218,6 +271,19 @@ class Engine:
                 rv = int(lib.ambit_engine_set_limit(self._h(), which, int(value)))
             if rv < 0:
                 raise EngineError(f"bad value {value!r} for limit {name}")
+
+    def set_peer_trust_domains(self, domains: Sequence[str] | None) -> None:
+        """Served handshakes accept only a client whose single URI SAN is a workload ID
+        (spiffe://TD/ns/NS/sa/SA) of one of `domains` (none when empty); any other is refused in the
+        handshake, with a TLS alert (`conn_error` "TLS handshake failed: peer identity is no workload of an
+        accepted trust domain", its `peer_id` the presented ID). None (the default): no such rule."""
+        for td in domains or ():
+            if not td or any(ch in td for ch in "\n/\0"):
+                raise EngineError(f"bad trust domain {td!r}")
+        arg = ffi.NULL if domains is None else "\n".join(domains).encode()
+        with self._lock:
+            if int(lib.ambit_engine_set_peer_domains(self._h(), arg)) < 0:
+                raise EngineError("out of memory")
 
     def start(self) -> None:
         self._call(lib.ambit_engine_start)

@@ -35,7 +35,7 @@ from agent.proxy.telemetry import TelemetryError, parse_baggage, source_workload
 from agent.redirect.marks import AGENT_SOCKET_MARK, HBONE_PORT, INBOUND_PLAINTEXT_PORT
 from api.resources.workload import Workload
 from api.spiffe import SpiffeId, SpiffeIdError
-from native.engine import EngineError, Event
+from native.engine import EngineError, Event, refused_certificate
 
 log = logging.getLogger("ambit.proxy")
 
@@ -57,7 +57,6 @@ class ServerConn:
     principal: SpiffeId | None = None
     presented: str = ""  # the SPIFFE ID in the client certificate, as presented
     refused: str = ""
-    handshaking: bool = True  # holds a unit of the per-source handshake budget until peer_verified
     identity_held: str = ""  # the identity whose connection budget this connection holds a unit of
     tls_version: str = ""
     tls_cipher: str = ""
@@ -87,19 +86,18 @@ class Inbound:
         An address that is no local workload has no identity to present: the connection is closed."""
         rt = self.rt
         rt.counters["hbone_accepted"] += 1
-        budgets = rt.budgets
-        for budget in (budgets.hbone_handshakes, budgets.hbone_sources):
-            if budget.full(peer_ip):
-                # Unauthenticated: closed before any TLS state exists (no handshake memory to spend).
-                rt.warn.warning(budget.name, "HBONE from %s over its %s budget (%d): closed", peer_ip,
-                                budget.name, budget.limit)  # fmt: skip
-                sock.close()
-                return
-        # Held from here, also while a first SVID is fetched: connections waiting for it count too.
-        budgets.hbone_handshakes.take(peer_ip)
-        budgets.hbone_sources.take(peer_ip)
+        # Pending handshakes and connections per source are the engine's to bound once it holds the socket
+        # (limits.py); until then (a first SVID may be fetched meanwhile) this budget holds the socket.
+        waiting = rt.budgets.hbone_waiting
+        if not waiting.take(peer_ip):
+            # Unauthenticated: closed before any TLS state exists (no handshake memory to spend).
+            rt.warn.warning(waiting.name, "HBONE from %s over its %s budget (%d): closed", peer_ip,
+                            waiting.name, waiting.limit)  # fmt: skip
+            sock.close()
+            return
         sock.setblocking(False)
         snap = rt.state()
+        rt.follow_trust(snap)  # the engine judges this handshake by the config it is served under
         local = snap.workload_by_ip(local_ip)
         if local is None or local.node != rt.node:
             rt.counters["hbone_not_a_local_workload"] += 1
@@ -125,11 +123,10 @@ class Inbound:
         rt.off_loop(str(identity), lambda: rt.tls.fetch(identity), resume)
 
     def _abandon(self, sock: socket.socket | None, peer_ip: str) -> None:
-        """Close an accepted connection before it became a served one, and give back its budget units."""
+        """Close an accepted connection before it became a served one, and give back its budget unit."""
         if sock is not None:
             sock.close()
-        self.rt.budgets.hbone_handshakes.give_back(peer_ip)
-        self.rt.budgets.hbone_sources.give_back(peer_ip)
+        self.rt.budgets.hbone_waiting.give_back(peer_ip)
 
     def _serve_as(
         self, sock: socket.socket, identity: SpiffeId, local_ip: str, peer_ip: str, peer_port: int
@@ -148,8 +145,9 @@ class Inbound:
         except EngineError as exc:  # the engine owns (and closed) the fd
             rt.counters["hbone_serve_errors"] += 1
             rt.warn.warning("hbone_serve_errors", "HBONE from %s: %s", peer_ip, exc)
-            self._abandon(None, peer_ip)
             return
+        finally:
+            rt.budgets.hbone_waiting.give_back(peer_ip)  # the engine's caps hold it from here
         self.server_conns[conn_id] = ServerConn(local_ip, peer_ip, peer_port)
 
     def on_peer_verified(self, ev: Event) -> None:
@@ -161,7 +159,6 @@ class Inbound:
             return
         conn.tls_version, conn.tls_cipher = ev.tls_version, ev.tls_cipher
         conn.peer_cert_sha256, conn.presented = ev.peer_cert_sha256, ev.peer_id
-        self._handshake_over(conn)
         try:
             presented = SpiffeId.parse(ev.peer_id)
         except SpiffeIdError:
@@ -188,13 +185,27 @@ class Inbound:
                 ev.conn_id, conn, "hbone_not_workload", f"{presented} is not a workload identity"
             )
 
-    def _refuse_peer(self, conn_id: int, conn: ServerConn, counter: str, why: str) -> None:
+    def on_conn_error(self, ev: Event) -> None:
+        """A served connection failed: when the handshake refused the client's certificate (the engine's
+        verdict, sent as a TLS alert: untrusted, CA:true, not a workload identity of an accepted domain),
+        that is an identity refusal like those at peer_verified: counted and audited."""
+        conn = self.server_conns.get(ev.conn_id)
+        if conn is None or conn.refused or not refused_certificate(ev):
+            return
+        conn.presented = ev.peer_id
+        self._audit_refusal(conn, "hbone_bad_certificate", ev.detail)
+
+    def _audit_refusal(self, conn: ServerConn, counter: str, why: str) -> None:
         rt = self.rt
         conn.refused = why
         rt.counters[counter] += 1
         rt.counters["hbone_peer_refused"] += 1
         rt.audit("hbone_peer_refused", counter, why, peer_ip=conn.peer_ip, peer_id=conn.presented,
                  peer_cert_sha256=conn.peer_cert_sha256)  # fmt: skip
+
+    def _refuse_peer(self, conn_id: int, conn: ServerConn, counter: str, why: str) -> None:
+        rt = self.rt
+        self._audit_refusal(conn, counter, why)
         try:
             rt.engine.close(conn_id)  # GOAWAY: streams already sent are refused below, none is served
         except EngineError as exc:  # already gone
@@ -204,17 +215,9 @@ class Inbound:
         conn = self.server_conns.pop(conn_id, None)
         if conn is None:
             return False
-        budgets = self.rt.budgets
-        self._handshake_over(conn)
-        budgets.hbone_sources.give_back(conn.peer_ip)
         if conn.identity_held:
-            budgets.hbone_identities.give_back(conn.identity_held)
+            self.rt.budgets.hbone_identities.give_back(conn.identity_held)
         return True
-
-    def _handshake_over(self, conn: ServerConn) -> None:
-        if conn.handshaking:
-            conn.handshaking = False
-            self.rt.budgets.hbone_handshakes.give_back(conn.peer_ip)
 
     def on_stream_request(self, ev: Event, looked_up: bool = False) -> None:
         rt = self.rt
@@ -283,10 +286,9 @@ class Inbound:
             self._reject(ev, STATUS_FORBIDDEN)
             rt.table.reject(record, "DENY", decision.reason)
             return
-        # One identity, or one peer node with all its identities, must not hold this node's streams (an fd
-        # and buffers each) to the others' cost.
-        budgets = rt.budgets
-        held = ((budgets.hbone_streams, str(conn.principal)), (budgets.hbone_source_streams, conn.peer_ip))
+        # One peer node with all its identities must not hold this node's streams (an fd and buffers each)
+        # to the others' cost (one identity's streams: the engine's streams_per_peer, limits.py).
+        held = ((rt.budgets.hbone_source_streams, conn.peer_ip),)
         for budget, key in held:
             if budget.full(key):
                 rt.warn.warning(

@@ -18,11 +18,11 @@ from agent.proxy.outbound import Outbound
 from agent.proxy.pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_STREAMS, Pool, PoolKey
 from agent.proxy.runtime import AuditSink, Authorizer, MeshView, Runtime
 from agent.proxy.sockets import format_authority, listener
-from agent.proxy.status import refused_stream_flags
+from agent.proxy.status import closed_flags, refused_stream_flags
 from agent.proxy.table import ConnectionTable, Entry, Path, towards_destination
 from agent.proxy.tls import ProxyCredentials, TlsContexts
 from agent.redirect.marks import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
-from native.engine import Engine, EngineError, Event
+from native.engine import Ending, Engine, EngineError, Event, ending
 
 log = logging.getLogger("ambit.proxy")
 
@@ -53,7 +53,8 @@ class Proxy:
     (logged; HBONE is served on every local pod's address). `lookup(ip)`: the
     relay's on-demand lookup (blocking; its answer is merged into `state()`), asked off the loop when a
     destination is unknown. `audit(event, **fields)`: the agent's audit log, for identity refusals.
-    `limits`: per source address / per peer identity budgets (agent/proxy/limits.py; None: the defaults).
+    `limits`: per source address / per peer identity limits (agent/proxy/limits.py; None: the defaults): the
+    engine's share is set on the engine here, the rest are the proxy's budgets.
     Thread-safe: every public method may be called from any thread.
     """
 
@@ -84,7 +85,9 @@ class Proxy:
         self._ports = ports
         self._loop = ControlLoop(name=f"ambit-proxy-{node}")
         threads = engine_threads or default_engine_threads()
+        limits = limits or Limits()
         engine = Engine(threads=threads)
+        engine.set_limits(**limits.engine())  # the engine owns these (limits.py): set before any connection
         self._rt = Runtime(
             node=node,
             state=state,
@@ -99,7 +102,7 @@ class Proxy:
             preserve_source_ip=preserve_source_ip,
             lookup=lookup,
             audit_sink=audit,
-            budgets=Budgets(limits or Limits()),
+            budgets=Budgets(limits),
         )
         self._inbound = Inbound(self._rt)
         self._outbound = Outbound(self._rt, self._inbound.serve)
@@ -121,6 +124,8 @@ class Proxy:
             "fast_open": self._outbound.fast.on_open,
             "fast_miss": self._outbound.fast.on_miss,
         }
+        # Why an engine connection failed (conn_error), until its conn_closed: the streams it cut say so.
+        self._conn_errors: dict[int, str] = {}
         self._started = False
         self._seen_snapshot: object = None
         self._routed_snapshot: object = None
@@ -133,6 +138,7 @@ class Proxy:
     def start(self) -> None:
         rt = self._rt
         rt.engine.start()
+        rt.follow_trust(rt.state())  # before the first accept: foreign clients get a TLS alert
         try:
             out = listener(self._capture_ip, self._ports.outbound, transparent=True)
             self._listeners.append(out)
@@ -172,7 +178,7 @@ class Proxy:
         rt.engine.stop()
         with self._loop.lock:
             for entry in rt.table.entries():
-                rt.table.finish(entry.tag, error="proxy stopped")
+                rt.table.finish(entry.tag, response_flags="LR", error="proxy stopped")
             rt.tls.close()
 
     def _close_listeners(self) -> None:
@@ -281,24 +287,37 @@ class Proxy:
             return
         self._release(entry)
         flags = refused_stream_flags(ev.status)
-        why = f"stream refused ({ev.status or 'no status'}): {ev.detail}"
+        failed = self._conn_errors.get(entry.engine_conn)
+        why = (
+            f"HBONE connection failed: {failed}"
+            if failed
+            else f"stream refused ({ev.status or 'no status'}): {ev.detail}"
+        )
         self._rt.table.finish(ev.tag, response_flags=flags, error=why)
 
     def _on_stream_closed(self, ev: Event) -> None:
+        """A stream or splice that was up ended: its flag from how it ended and from our side of it
+        (status.closed_flags); `-` only for a clean end."""
         entry = self._rt.table.get(ev.tag)
         if entry is None:
             return
         self._release(entry)
         sent, received = _bytes_towards_destination(entry, ev)
-        self._rt.table.finish(ev.tag, sent, received, error=ev.detail)
+        end = ending(ev)
+        why = ev.detail
+        if end is Ending.CONNECTION_CLOSED and entry.engine_conn in self._conn_errors:
+            why = f"HBONE connection failed: {self._conn_errors[entry.engine_conn]}"
+        self._rt.table.finish(ev.tag, sent, received, response_flags=closed_flags(entry.path, end), error=why)
 
     def _on_conn_error(self, ev: Event) -> None:
-        """The engine ends the connection's streams next (then conn_closed): make their records say why."""
+        """The engine ends the connection's streams next (then conn_closed): those it cut say why. Streams
+        that had already ended cleanly and only waited to deliver their last bytes stay `-` (the engine
+        still delivers them)."""
         rt = self._rt
         rt.counters["hbone_connection_errors"] += 1
+        self._conn_errors[ev.conn_id] = ev.detail
         self._outbound.fast.forget_conn(ev.conn_id)
         pooled = rt.pool.remove(ev.conn_id)  # no new streams on it
-        client = pooled is not None
         if pooled is not None and ev.detail.startswith(PEER_IDENTITY_MISMATCH):
             # We refused the server: it is not the node the destination is scheduled on. A security event.
             rt.counters["hbone_server_identity_refused"] += 1
@@ -306,11 +325,10 @@ class Proxy:
             rt.audit("hbone_server_refused", "hbone_server_refused", ev.detail, peer=pooled.peer,
                      peer_id=presented, expected_peer_id=pooled.peer_id, source=pooled.key[0])  # fmt: skip
         else:  # per connection, often a peer's problem: counted always, the text log rate-limited
+            if pooled is None:
+                self._inbound.on_conn_error(ev)  # a refused client certificate is audited
             rt.warn.log(logging.INFO, "hbone_connection_errors", "HBONE connection %d (peer %s) failed: %s",
                         ev.conn_id, ev.peer_id or "?", ev.detail)  # fmt: skip
-        for entry in rt.table.on_engine_conn(ev.conn_id, Path.HBONE_CLIENT if client else Path.HBONE_SERVER):
-            if entry.response_flags == "-":
-                rt.table.mark(entry, "UF", f"HBONE connection failed: {ev.detail}")
 
     def _on_peer_goaway(self, ev: Event) -> None:
         """A graceful GOAWAY (ztunnel sends one when it drains): the engine refuses new streams on that
@@ -326,9 +344,17 @@ class Proxy:
         self._outbound.fast.forget_conn(ev.conn_id)
         rt.pool.remove(ev.conn_id)
         self._inbound.on_conn_gone(ev.conn_id)
-        for path in (Path.HBONE_CLIENT, Path.HBONE_SERVER):  # normally none left: streams end first
+        failed = self._conn_errors.pop(ev.conn_id, None)
+        why = f"HBONE connection failed: {failed}" if failed else ev.detail or "HBONE connection closed"
+        # Streams end first; left here are ones whose open_stream reached the engine after the connection was
+        # gone (their refusal follows): never up, an upstream failure; an established one was cut.
+        for path in (Path.HBONE_CLIENT, Path.HBONE_SERVER):
             for entry in rt.table.on_engine_conn(ev.conn_id, path):
-                rt.table.finish(entry.tag, error=ev.detail or "HBONE connection closed")
+                never_up = path is Path.HBONE_CLIENT and not entry.reported
+                flags = (
+                    refused_stream_flags(None) if never_up else closed_flags(path, Ending.CONNECTION_CLOSED)
+                )
+                rt.table.finish(entry.tag, response_flags=flags, error=why)
 
     def _release(self, entry: Entry) -> None:
         if entry.path is Path.HBONE_CLIENT:

@@ -101,9 +101,24 @@ class Runtime:
     budgets: Budgets = field(default_factory=lambda: Budgets(Limits()))
     _audit_text: RateLimitedLog = field(default_factory=lambda: RateLimitedLog(audit_log))
     _waiting: dict[str, list[Callable[[Exception | None], None]]] = field(default_factory=dict)
+    _trust_seen: object = None  # the snapshot follow_trust last looked at
+    _peer_domains: list[str] | None = None
 
     def __post_init__(self) -> None:
         self._acceptor = Acceptor(self.loop, self.counters, self.warn)
+
+    def follow_trust(self, snap: MeshView) -> None:
+        """Hand the engine the trust domains of `snap` (this mesh's and its aliases; none before a config):
+        it refuses, in the handshake, every client that is no workload of them (`TrustDomains.workload`, the
+        same rule, is checked again at peer_verified). Called before every served handshake, so the first
+        connections after a config change are judged by it. Cheap: snapshots are immutable objects."""
+        if snap is self._trust_seen:
+            return
+        self._trust_seen = snap
+        domains = sorted(d for d in {snap.trust.local, *snap.trust.aliases} if d)
+        if domains != self._peer_domains:
+            self.engine.set_peer_trust_domains(domains)
+            self._peer_domains = domains
 
     def accept(self, listener: socket.socket, handle: Callable[[socket.socket], None]) -> None:
         """Accept on a listener (bounded batch; paused, not spinning, at the fd limit: accept.py)."""

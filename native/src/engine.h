@@ -113,6 +113,9 @@ int ambit_engine_eventfd(ambit_engine *e);
 void ambit_engine_set_timeouts(ambit_engine *e, int handshake_ms, int keepalive_idle_ms, int keepalive_timeout_ms);
 /* Returns 0, or -1 for an unknown limit or a negative value. */
 int ambit_engine_set_limit(ambit_engine *e, int which, int value);
+/* Server handshakes accept only a client leaf whose single URI SAN is a workload ID (spiffe://TD/ns/NS/sa/SA)
+ * of one of these trust domains (newline-separated; "" = none; NULL = no rule): others get a TLS alert. */
+int ambit_engine_set_peer_domains(ambit_engine *e, const char *domains);
 int ambit_engine_events(ambit_engine *e, ambit_event *out, int max);
 void ambit_engine_counters(ambit_engine *e, uint64_t *out, int n);
 

@@ -86,6 +86,7 @@ typedef struct hconn {
     size_t in_total;              /* socket->peer bytes buffered over all streams (AMBIT_L_CONN_BUFFER) */
     int in_starved;               /* a stream stopped reading on in_total: wake them when it drains */
     uint64_t src_key, peer_key;   /* server: limits.c accounting keys */
+    tls_verdict verdict;          /* server: the verify callback's verdict on the client leaf (tls.c) */
     int hs_counted;               /* server: counted as a pending handshake */
     int wbio_big;                 /* the write buffer BIO was grown after the handshake */
     uint64_t reset_window_ms;     /* start of the current one-second reset budget window */
@@ -187,6 +188,8 @@ static void stream_finish(hstream *s, const char *detail)
             linger_reset(c->l, s->io.fd, &s->out); /* the peer's last bytes still reach the socket */
         else if (reset)
             reset_close(s->io.fd);
+        else if (abuf_pending(&s->out))
+            linger_close(c->l, s->io.fd, &s->out); /* ended cleanly, its connection gone: deliver the rest */
         else
             close(s->io.fd);
         s->io.fd = -1;
@@ -985,7 +988,13 @@ static void conn_handshake(hconn *c)
     }
     char msg[200];
     long vr = SSL_get_verify_result(c->ssl);
-    if (vr == X509_V_ERR_APPLICATION_VERIFICATION)
+    int counter = AMBIT_C_ERRORS_HANDSHAKE;
+    /* c->peer_id holds who the leaf claimed to be, if anyone (the verify callback wrote it) */
+    if (c->verdict.why) { /* refused in verification, with an alert: say why */
+        snprintf(msg, sizeof(msg), "TLS handshake failed: %s", c->verdict.why);
+        if (strstr(c->verdict.why, "identity"))
+            counter = AMBIT_C_ERRORS_PEER_IDENTITY;
+    } else if (vr == X509_V_ERR_APPLICATION_VERIFICATION)
         snprintf(msg, sizeof(msg), "TLS handshake failed: peer leaf certificate is a CA (CA:true)");
     else if (vr != X509_V_OK)
         snprintf(msg, sizeof(msg), "TLS handshake failed: certificate verify: %s", X509_verify_cert_error_string(vr));
@@ -993,7 +1002,7 @@ static void conn_handshake(hconn *c)
         tls_last_error(msg, sizeof(msg), err == SSL_ERROR_SYSCALL ? "TLS handshake failed (connection closed)"
                                                                   : "TLS handshake failed");
     ERR_clear_error();
-    conn_fail(c, AMBIT_C_ERRORS_HANDSHAKE, "%s", msg);
+    conn_fail(c, counter, "%s", msg);
 }
 
 static void conn_drive(hconn *c)
@@ -1056,10 +1065,13 @@ static void conn_end(hconn *c)
     }
     while (c->streams) {
         hstream *s = c->streams;
+        /* A stream already ended cleanly (END_STREAM both ways) only waited for its socket to take the
+         * last bytes: it ends as it would have, with an empty detail; the others were cut. */
+        int clean = s->h2_closed && s->h2_error == NGHTTP2_NO_ERROR;
         if (!s->h2_closed)
             s->h2_error = NGHTTP2_CANCEL;
         s->h2_closed = 1;
-        stream_finish(s, "connection closed");
+        stream_finish(s, clean ? NULL : "connection closed");
     }
     if (c->server) {
         limits_conn_end(e, c->src_key, c->hs_counted);
@@ -1071,12 +1083,15 @@ static void conn_end(hconn *c)
     }
     ERR_clear_error();
     loop_del_fd(l, &c->io);
-    /* A failed handshake queued its TLS alert in the buffer BIO: send it, then a plain close (a reset
-     * could discard it), so the peer learns why instead of seeing a bare EOF. */
-    int alerted = c->state == HS_TLS && c->ssl && BIO_wpending(c->wbio) && BIO_flush(c->wbio) == 1;
+    /* A failed handshake wrote a TLS alert (maybe flushed already): send what is left, then no reset (it
+     * could destroy the alert before the peer reads it), so the peer learns why instead of a bare EOF. */
+    int alerted = c->state == HS_TLS && c->ssl && c->verdict.alert_sent &&
+                  (!BIO_wpending(c->wbio) || BIO_flush(c->wbio) == 1);
     ERR_clear_error();
     if (c->ending == END_ERROR && !alerted)
         reset_close(c->io.fd);
+    else if (alerted)
+        linger_drain(l, c->io.fd); /* unread input would turn close() into a RST that can destroy the alert */
     else
         close(c->io.fd);
     SSL_free(c->ssl);
@@ -1169,6 +1184,11 @@ void hconn_start(ambit_loop *l, acmd *cmd, int server)
     if (!c->ssl || conn_set_bios(c, cmd->fd) < 0 || (!server && h2_setup(c) != 0) ||
         amap_put(&l->conns, c->id, c) < 0)
         goto fail;
+    c->verdict.engine = e;
+    c->verdict.server = server;
+    c->verdict.presented = c->peer_id;
+    c->verdict.presented_cap = sizeof(c->peer_id);
+    tls_verdict_attach(c->ssl, &c->verdict);
     if (server) {
         SSL_set_accept_state(c->ssl);
     } else {
@@ -1257,8 +1277,9 @@ void hconn_open_stream(ambit_loop *l, acmd *cmd)
 {
     hconn *c = amap_get(&l->conns, cmd->id);
     if (!c || c->server || c->closing || c->ending || c->goaway_recv) {
+        /* A connection that failed but whose conn_error is not out yet says why (e.g. the peer's identity) */
         refuse_unknown(l, cmd, !c ? "no such connection" : c->server ? "not a client connection"
-                                                                     : "connection closing");
+                               : c->ending == END_ERROR ? c->error : "connection closing");
         return;
     }
     if (strlen(cmd->text) >= AMBIT_HEADER_MAX || !*cmd->text) {

@@ -148,7 +148,19 @@ struct ambit_engine {
     int trim_drained;            /* the event queue was empty at the last trim */
     uint64_t trim_not_before_ms; /* start-up: the first trim waits for the host's start-up to end */
     struct fastpath *fast;       /* outbound fast path (fastpath.c), made on first use */
+    char *peer_domains;          /* "\nTD\n...\n" or NULL (ambit_engine_set_peer_domains), under limits_lock */
 };
+
+/* A handshake's verdict on the peer's leaf, made in the verify callback (so a refusal is a TLS alert):
+ * `why` empty while accepted; `presented` the leaf's URI SAN (server). Hung on the SSL (tls_verdict_attach). */
+typedef struct tls_verdict {
+    ambit_engine *engine;
+    int server;                  /* the client-identity rules apply */
+    int alert_sent;              /* OpenSSL wrote a TLS alert (info callback): close without a reset */
+    const char *why;             /* a static string, NULL while accepted */
+    char *presented;             /* the connection's peer_id buffer */
+    size_t presented_cap;
+} tls_verdict;
 
 /* Counters are bumped with relaxed atomics from any loop and read from Python. */
 static inline void ctr_add(ambit_engine *e, int c, int64_t v)
@@ -177,6 +189,7 @@ SSL_CTX *tls_ctx_build(int server, const char *chain, size_t chain_len, const ch
 void tls_peer_info(SSL *ssl, ambit_event *ev);
 void tls_client_session_prepare(SSL *ssl, SSL_CTX *ctx, const char *peer);
 void tls_last_error(char *buf, size_t cap, const char *what);
+void tls_verdict_attach(SSL *ssl, tls_verdict *v);
 
 /* hbone.c */
 void hconn_start(ambit_loop *l, acmd *c, int server);
@@ -192,6 +205,10 @@ uint64_t now_ms(void);
 
 /* linger.c: reset fd once the bytes in `out` (taken over) and the kernel's queue are transmitted. */
 void linger_reset(ambit_loop *l, int fd, abuf *out);
+/* ... or, for a stream that ended cleanly, close it normally (FIN) once `out` is written. */
+void linger_close(ambit_loop *l, int fd, abuf *out);
+/* ... or, after a TLS alert: FIN, then read and discard until the peer closes (bounded), then close. */
+void linger_drain(ambit_loop *l, int fd);
 void linger_tick(ambit_loop *l);
 void linger_reap(ambit_loop *l, int all);
 

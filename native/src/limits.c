@@ -28,12 +28,18 @@ static uint64_t fnv1a(const void *p, size_t n)
     return h;
 }
 
+/* The agent's own same-node HBONE runs over a socket pair (docs/proxy.md): no address to key by, and
+ * already bounded per source pod by the proxy before it exists; exempt from the per-source caps. */
+#define LOCAL_SOURCE 2
+
 uint64_t limits_source_key(int fd)
 {
     struct sockaddr_storage ss;
     socklen_t len = sizeof(ss);
     if (getpeername(fd, (struct sockaddr *)&ss, &len) < 0)
         return 1; /* unknown: one shared bucket */
+    if (ss.ss_family == AF_UNIX)
+        return LOCAL_SOURCE;
     if (ss.ss_family == AF_INET) {
         const struct sockaddr_in *in = (const struct sockaddr_in *)&ss;
         return (1ULL << 40) | ntohl(in->sin_addr.s_addr); /* exact */
@@ -81,9 +87,9 @@ const char *limits_conn_start(ambit_engine *e, uint64_t src)
         why = "out of memory";
     else if (total && e->pending_handshakes >= (uint32_t)total)
         why = "too many pending handshakes";
-    else if (per && s->pending >= (uint32_t)per)
+    else if (per && src != LOCAL_SOURCE && s->pending >= (uint32_t)per)
         why = "too many pending handshakes from this source";
-    else if (conns && s->conns >= (uint32_t)conns)
+    else if (conns && src != LOCAL_SOURCE && s->conns >= (uint32_t)conns)
         why = "too many connections from this source";
     if (!why) {
         s->pending++;

@@ -487,6 +487,7 @@ void ambit_engine_free(ambit_engine *e)
     pthread_mutex_destroy(&e->ev_lock);
     pthread_mutex_destroy(&e->ctx_lock);
     limits_free(e);
+    free(e->peer_domains);
     pthread_mutex_destroy(&e->limits_lock);
     free(e);
 }

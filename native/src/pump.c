@@ -54,7 +54,8 @@ static void pdir_close_pipe(pdir *d)
     d->pipe[0] = d->pipe[1] = -1;
 }
 
-/* Moves bytes until both ends would block; returns -1 on a socket error (errno set). */
+/* Moves bytes until both ends would block; returns -1 when reading the source failed, -2 when writing the
+ * destination failed (errno set), so the splice's detail names the socket at fault. */
 static int pdir_run(pdir *d)
 {
     const unsigned fl = SPLICE_F_NONBLOCK | SPLICE_F_MOVE;
@@ -82,7 +83,7 @@ static int pdir_run(pdir *d)
             } else if (n < 0 && errno == EAGAIN) {
                 d->dst_writable = 0;
             } else if (n < 0 && errno != EINTR) {
-                return -1;
+                return -2;
             }
         }
         if (!progress)
@@ -179,10 +180,12 @@ static void on_pump_event(ambit_loop *l, aio *io, uint32_t events)
     if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR))
         in->dst_writable = 1;
     uint64_t before = p->ab.bytes + p->ba.bytes;
-    if (pdir_run(&p->ab) < 0)
-        pump_fail(p, "a->b");
-    else if (pdir_run(&p->ba) < 0)
-        pump_fail(p, "b->a");
+    /* detail "a: <error>" or "b: <error>": the socket that failed (fd_a is the client's) */
+    int rv = pdir_run(&p->ab);
+    if (rv < 0)
+        pump_fail(p, rv == -1 ? "a" : "b");
+    else if ((rv = pdir_run(&p->ba)) < 0)
+        pump_fail(p, rv == -1 ? "b" : "a");
     ctr_add(l->engine, AMBIT_C_SPLICE_BYTES, (int64_t)(p->ab.bytes + p->ba.bytes - before));
     if (p->failed) {
         ctr_add(l->engine, AMBIT_C_ERRORS_IO, 1);

@@ -31,6 +31,7 @@ typedef struct session_store {
 } session_store;
 
 static int store_index = -1;
+static int verdict_index = -1; /* SSL ex_data: the tls_verdict of a server handshake */
 static pthread_once_t store_once = PTHREAD_ONCE_INIT;
 
 static void store_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void *argp)
@@ -48,7 +49,11 @@ static void store_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, lon
     free(st);
 }
 
-static void store_init(void) { store_index = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, store_free); }
+static void store_init(void)
+{
+    store_index = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, store_free);
+    verdict_index = SSL_get_ex_new_index(0, NULL, NULL, NULL, NULL);
+}
 
 void tls_last_error(char *buf, size_t cap, const char *what)
 {
@@ -98,15 +103,124 @@ void tls_client_session_prepare(SSL *ssl, SSL_CTX *ctx, const char *peer)
     pthread_mutex_unlock(&st->lock);
 }
 
-/* End-entity certificates must be CA:false: a leaf that can sign (basicConstraints CA:true, or keyCertSign)
- * is refused, on both sides, as X509_V_ERR_APPLICATION_VERIFICATION (reported as such, see hbone.c). */
+/* The single URI SAN of `cert` into out (1), or 0 when it has none, several, or one that does not fit. */
+static int leaf_uri(X509 *cert, char *out, size_t cap)
+{
+    GENERAL_NAMES *names = X509_get_ext_d2i(cert, NID_subject_alt_name, NULL, NULL);
+    const ASN1_IA5STRING *uri = NULL;
+    int uris = 0;
+    for (int i = 0; names && i < sk_GENERAL_NAME_num(names); i++) {
+        const GENERAL_NAME *gn = sk_GENERAL_NAME_value(names, i);
+        if (gn->type == GEN_URI) {
+            uri = gn->d.uniformResourceIdentifier;
+            uris++;
+        }
+    }
+    int ok = uris == 1 && uri && (size_t)uri->length < cap && memchr(uri->data, 0, (size_t)uri->length) == NULL;
+    if (ok) {
+        memcpy(out, uri->data, (size_t)uri->length);
+        out[uri->length] = 0;
+    }
+    GENERAL_NAMES_free(names);
+    return ok;
+}
+
+/* spiffe://TD/ns/NS/sa/SA with TD in the engine's list (the proxy's authority on the rest: api/spiffe.py);
+ * anything while no list is set (engine users other than the proxy). */
+static int workload_of_accepted_domain(ambit_engine *e, const char *uri)
+{
+    pthread_mutex_lock(&e->limits_lock);
+    int ruled = e->peer_domains != NULL;
+    pthread_mutex_unlock(&e->limits_lock);
+    if (!ruled)
+        return 1;
+    const char *prefix = "spiffe://";
+    if (strncmp(uri, prefix, strlen(prefix)) != 0)
+        return 0;
+    const char *td = uri + strlen(prefix), *slash = strchr(td, '/');
+    if (!slash || slash == td)
+        return 0;
+    const char *p = slash;
+    const char *tags[2] = {"/ns/", "/sa/"};
+    for (int i = 0; i < 2; i++) {
+        if (strncmp(p, tags[i], 4) != 0)
+            return 0;
+        p += 4;
+        size_t seg = strcspn(p, "/");
+        if (!seg)
+            return 0;
+        p += seg;
+    }
+    if (*p)
+        return 0;
+    int found = 0;
+    size_t n = (size_t)(slash - td);
+    pthread_mutex_lock(&e->limits_lock);
+    for (const char *d = e->peer_domains; d && (d = strchr(d, '\n')) && d[1]; d++)
+        if (!strncmp(d + 1, td, n) && d[1 + n] == '\n') {
+            found = 1;
+            break;
+        }
+    pthread_mutex_unlock(&e->limits_lock);
+    return found;
+}
+
+int ambit_engine_set_peer_domains(ambit_engine *e, const char *domains)
+{
+    char *list = NULL;
+    if (domains) { /* "" accepts no client at all */
+        size_t n = strlen(domains);
+        if (!(list = malloc(n + 3)))
+            return -1;
+        snprintf(list, n + 3, "\n%s\n", domains);
+    }
+    pthread_mutex_lock(&e->limits_lock);
+    char *old = e->peer_domains;
+    e->peer_domains = list;
+    pthread_mutex_unlock(&e->limits_lock);
+    free(old);
+    return 0;
+}
+
+void tls_verdict_attach(SSL *ssl, tls_verdict *v) { SSL_set_ex_data(ssl, verdict_index, v); }
+
+static void on_tls_info(const SSL *ssl, int where, int ret)
+{
+    (void)ret;
+    tls_verdict *v = (where & SSL_CB_WRITE_ALERT) ? SSL_get_ex_data(ssl, verdict_index) : NULL;
+    if (v)
+        v->alert_sent = 1;
+}
+
+/* Checks on the peer's leaf, inside verification so that a refusal sends a TLS alert (never a bare EOF):
+ * an end entity must be CA:false (a leaf that can sign: basicConstraints CA:true, or keyCertSign), on both
+ * sides; a server also requires the client's single URI SAN to be a workload of an accepted trust domain.
+ * Refused as X509_V_ERR_APPLICATION_VERIFICATION; the reason goes to the verdict (hbone.c reports it). */
 static int verify_leaf(int ok, X509_STORE_CTX *store)
 {
-    if (ok && X509_STORE_CTX_get_error_depth(store) == 0 && X509_check_ca(X509_STORE_CTX_get_current_cert(store))) {
-        X509_STORE_CTX_set_error(store, X509_V_ERR_APPLICATION_VERIFICATION);
+    if (X509_STORE_CTX_get_error_depth(store) != 0)
+        return ok;
+    X509 *leaf = X509_STORE_CTX_get_current_cert(store);
+    SSL *ssl = X509_STORE_CTX_get_ex_data(store, SSL_get_ex_data_X509_STORE_CTX_idx());
+    tls_verdict *v = ssl && verdict_index >= 0 ? SSL_get_ex_data(ssl, verdict_index) : NULL;
+    int has_uri = v && v->server && leaf_uri(leaf, v->presented, v->presented_cap); /* claimed, for the audit */
+    if (!ok)
         return 0;
+    const char *why = NULL;
+    if (X509_check_ca(leaf))
+        why = "peer leaf certificate is a CA (CA:true)";
+    if (v && v->server && !why) {
+        if (!has_uri)
+            why = "peer certificate has no single URI SAN";
+        else if (!workload_of_accepted_domain(v->engine, v->presented))
+            why = "peer identity is no workload of an accepted trust domain";
     }
-    return ok;
+    if (!why)
+        return 1;
+    if (v)
+        v->why = why;
+    X509_STORE_CTX_set_error(store, X509_V_ERR_APPLICATION_VERIFICATION);
+    return 0;
 }
 
 int ambit_cert_is_ca(const char *pem, size_t len)
@@ -195,6 +309,7 @@ SSL_CTX *tls_ctx_build(int server, const char *chain, size_t chain_len, const ch
     /* Partial writes let one SSL_write move a large buffer as many records without copying it aside. */
     SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
     SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, verify_leaf);
+    SSL_CTX_set_info_callback(ctx, on_tls_info);
     /* Read ahead with a large buffer: one recv() brings many records instead of two syscalls per record. */
     SSL_CTX_set_read_ahead(ctx, 1);
     SSL_CTX_set_default_read_buffer_len(ctx, TLS_READ_BUFFER);
@@ -237,20 +352,6 @@ void tls_peer_info(SSL *ssl, ambit_event *ev)
         for (unsigned i = 0; i < mdlen && 2 * i + 2 < sizeof(ev->peer_cert_sha256); i++)
             snprintf(ev->peer_cert_sha256 + 2 * i, 3, "%02x", md[i]);
     /* A SPIFFE SVID carries exactly one URI SAN; anything else yields no identity. */
-    GENERAL_NAMES *names = X509_get_ext_d2i(peer, NID_subject_alt_name, NULL, NULL);
-    const ASN1_IA5STRING *uri = NULL;
-    int uris = 0;
-    for (int i = 0; names && i < sk_GENERAL_NAME_num(names); i++) {
-        const GENERAL_NAME *gn = sk_GENERAL_NAME_value(names, i);
-        if (gn->type == GEN_URI) {
-            uri = gn->d.uniformResourceIdentifier;
-            uris++;
-        }
-    }
-    if (uris == 1 && uri && (size_t)uri->length < sizeof(ev->peer_id) &&
-        memchr(uri->data, 0, (size_t)uri->length) == NULL) {
-        memcpy(ev->peer_id, uri->data, (size_t)uri->length);
-        ev->peer_id[uri->length] = 0;
-    }
-    GENERAL_NAMES_free(names);
+    if (!leaf_uri(peer, ev->peer_id, sizeof(ev->peer_id)))
+        ev->peer_id[0] = 0;
 }

@@ -10,7 +10,9 @@ Wire facts played here (from ztunnel's behaviour and Istio's HBONE docs; no ztun
   `traceparent`;
 - the server answers 400 when the authority's IP is not the address the connection was accepted on, 401
   when policy denies, 200 otherwise (then the stream is the TCP payload: this fake echoes it); draining, it
-  sends a graceful GOAWAY (NO_ERROR, the last stream it served) and keeps the connection open.
+  sends a graceful GOAWAY (NO_ERROR, the last stream it served) and keeps the connection open. To test
+  what a peer may do after a stream completed, a stream to a `close_ports` port ends the connection right
+  after its END_STREAM (no GOAWAY), one to a `goaway_close_ports` port after a GOAWAY.
 
 `python fake_ztunnel.py serve CONFIG` runs the server (in a node netns, listening transparently on
 0.0.0.0:15008, the capture's tproxy hands it `<pod ip>:15008`), writing one JSON line per stream to
@@ -102,6 +104,7 @@ class _Stream:
     received: bytearray = field(default_factory=bytearray)
     sent_end: bool = False  # END_STREAM went out
     goaway_after: bool = False  # server: a graceful GOAWAY once this stream is done (ztunnel draining)
+    close_after: bool = False  # server: close the TCP connection once this stream is done
     frames: list[int] = field(default_factory=list)  # sizes of the DATA frames we sent
 
 
@@ -150,6 +153,8 @@ class Server:
         }
         self.deny_ports = set(cfg.get("deny_ports", []))
         self.goaway_ports = set(cfg.get("goaway_ports", []))
+        self.close_ports = set(cfg.get("close_ports", []))
+        self.goaway_close_ports = set(cfg.get("goaway_close_ports", []))
         self._out = open(cfg["events"], "a", buffering=1)  # noqa: SIM115 (lives as long as the process)
         self._lock = threading.Lock()
 
@@ -230,6 +235,10 @@ class Server:
                     conn.close_connection(error_code=0, last_stream_id=sid)
                     st.goaway_after = False
                     self.emit({**base, "kind": "sent_goaway", "stream": sid})
+                if st.close_after and st.sent_end:
+                    tls.sendall(conn.data_to_send())  # the last DATA, END_STREAM (and GOAWAY), then EOF
+                    self.emit({**base, "kind": "closed_after_stream", "stream": sid})
+                    return
 
     def _request(
         self,
@@ -261,6 +270,9 @@ class Server:
             streams.pop(ev.stream_id, None)
         elif port.isdigit() and int(port) in self.goaway_ports:
             streams[ev.stream_id].goaway_after = True
+        elif port.isdigit() and int(port) in self.close_ports | self.goaway_close_ports:
+            streams[ev.stream_id].goaway_after = int(port) in self.goaway_close_ports
+            streams[ev.stream_id].close_after = True
 
 
 # --- client ---------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Test servers run inside a lab pod (python pod_servers.py): echo, hashing sink, reset, whoami, count sink.
+"""Test servers run inside a lab pod (python pod_servers.py): echo, hashing sink, reset, whoami, count sink,
+banner + hashing sink.
 
 Plain blocking sockets, one thread per connection: the servers must be obviously correct, not fast.
 """
@@ -13,7 +14,8 @@ import sys
 import threading
 from collections.abc import Callable
 
-ECHO, SHA_SINK, RESET, WHOAMI, COUNT_SINK = 8080, 8081, 8082, 8083, 8084
+ECHO, SHA_SINK, RESET, WHOAMI, COUNT_SINK, BANNER_SHA = 8080, 8081, 8082, 8083, 8084, 8085
+BANNER = b"ambit-banner\n"
 HBONE_PORT = 15008  # agent.redirect.marks.HBONE_PORT (this script runs without the project on its path)
 BUF = 1 << 20
 
@@ -42,6 +44,12 @@ def _sha_sink(conn: socket.socket) -> None:
     conn.sendall(f"{total} {digest.hexdigest()}\n".encode())
 
 
+def _banner_sha(conn: socket.socket) -> None:
+    """Speaks first (a banner, as SMTP or SSH servers do), then is a hashing sink."""
+    conn.sendall(BANNER)
+    _sha_sink(conn)
+
+
 def _count_sink(conn: socket.socket) -> None:
     conn.sendall(f"{_drain(conn, None)}\n".encode())
 
@@ -65,6 +73,7 @@ HANDLERS: dict[int, Callable[[socket.socket], None]] = {
     RESET: _reset,
     WHOAMI: _whoami,
     COUNT_SINK: _count_sink,
+    BANNER_SHA: _banner_sha,
 }
 
 

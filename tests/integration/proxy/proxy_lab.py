@@ -43,7 +43,8 @@ from mgmt.ca import CertificateAuthority
 
 TRUST_DOMAIN = "cluster.local"
 HERE = Path(__file__).resolve().parent
-ECHO, SHA_SINK, RESET, WHOAMI, COUNT_SINK = 8080, 8081, 8082, 8083, 8084
+ECHO, SHA_SINK, RESET, WHOAMI, COUNT_SINK, BANNER_SHA = 8080, 8081, 8082, 8083, 8084, 8085
+BANNER = b"ambit-banner\n"  # pod_servers.BANNER
 SERVICE_IP, SERVICE_PORT = "10.96.0.10", 80  # Service "app/echo": port 80 -> pod-2-1:8080
 SERVICE_CIDR = "10.96.0.0/16"
 
@@ -364,6 +365,64 @@ def concurrent_echo(ip: str, port: int, count: int, timeout: float = 60.0) -> in
     for key in list(sel.get_map().values()):
         key.fileobj.close()  # type: ignore[union-attr]
     return ok
+
+
+@dataclass
+class _Upload:
+    payload: bytes
+    expect: bytes  # the sink's answer: "<length> <sha256>\n"
+    got: bytearray = field(default_factory=bytearray)  # banner, then the answer
+    sent: int = 0
+    phase: str = "banner"  # banner -> upload -> answer
+
+
+def banner_uploads(ip: str, port: int, count: int, size: int, timeout: float = 60.0) -> list[str]:
+    """`count` concurrent clients, each: connect, read the server's banner, send `size` random bytes,
+    half-close, read the server's "<length> <sha256>" of what it received. Returns the failures (empty when
+    every byte of every upload arrived)."""
+    sel = selectors.DefaultSelector()
+    for _ in range(count):
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex((ip, port))
+        payload = os.urandom(size)
+        expect = f"{size} {hashlib.sha256(payload).hexdigest()}\n".encode()
+        sel.register(sock, selectors.EVENT_READ, _Upload(payload, expect))
+    failures: list[str] = []
+    deadline = time.monotonic() + timeout
+    while sel.get_map() and time.monotonic() < deadline:
+        for key, mask in sel.select(1.0):
+            sock, st = key.fileobj, key.data  # type: ignore[assignment]
+            try:
+                if mask & selectors.EVENT_READ:
+                    data = sock.recv(65536)  # type: ignore[union-attr]
+                    st.got += data
+                    if st.phase == "banner" and len(st.got) >= len(BANNER):
+                        if bytes(st.got) != BANNER:
+                            raise ValueError(f"banner {bytes(st.got)!r}")
+                        st.got.clear()
+                        st.phase = "upload"
+                        sel.modify(sock, selectors.EVENT_WRITE, st)
+                        continue
+                    if not data:
+                        if st.phase != "answer" or bytes(st.got) != st.expect:
+                            raise ValueError(f"{st.phase}: got {bytes(st.got)!r}, want {st.expect!r}")
+                        sel.unregister(sock)
+                        sock.close()  # type: ignore[union-attr]
+                if mask & selectors.EVENT_WRITE and st.phase == "upload":
+                    st.sent += sock.send(memoryview(st.payload)[st.sent :])  # type: ignore[union-attr]
+                    if st.sent == len(st.payload):
+                        sock.shutdown(socket.SHUT_WR)  # type: ignore[union-attr]
+                        st.phase = "answer"
+                        sel.modify(sock, selectors.EVENT_READ, st)
+            except (OSError, ValueError) as exc:
+                failures.append(f"{type(exc).__name__}: {exc}")
+                sel.unregister(sock)
+                sock.close()  # type: ignore[union-attr]
+    for key in list(sel.get_map().values()):
+        failures.append(f"timed out in {key.data.phase}")
+        key.fileobj.close()  # type: ignore[union-attr]
+    return failures
 
 
 def hold_streams(ip: str, port: int, count: int, hold: float, timeout: float = 15.0) -> int:

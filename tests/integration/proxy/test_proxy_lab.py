@@ -21,8 +21,11 @@ import pytest
 from agent import netns as nsx
 from agent.lab import state
 from agent.redirect.marks import HBONE_PORT, OUTBOUND_PORT
+from mgmt.ca import CertificateAuthority
 from tests.forge import forged_leaf
 from tests.integration.proxy.proxy_lab import (
+    BANNER,
+    BANNER_SHA,
     ECHO,
     RESET,
     SERVICE_IP,
@@ -32,6 +35,7 @@ from tests.integration.proxy.proxy_lab import (
     WHOAMI,
     Client,
     ProxyLab,
+    banner_uploads,
     concurrent_echo,
     connect_and_read,
     environ_int,
@@ -233,11 +237,66 @@ def test_thousand_concurrent_streams(lab: ProxyLab) -> None:
     lab.wait_status("node-2", lambda st: st["counters"]["outbound_hbone_streams"] >= count)
 
 
-def test_peer_reset_reaches_the_client(lab: ProxyLab) -> None:
-    seen = in_pod(lab, "pod-1-1", connect_and_read, lab.pod_ip("pod-2-1"), RESET)
+def _both_records(lab: ProxyLab, src: str, dst: str, port: int) -> list[dict[str, Any]]:
+    """The source node's outbound and the destination node's inbound record of src -> dst:port."""
+    match = {"source_principal": principal(src), "destination_ip": lab.pod_ip(dst)}
+    return [
+        _closed(lab, lab.plan.pod(src).node, port, direction="outbound", **match),
+        _closed(lab, lab.plan.pod(dst).node, port, direction="inbound", **match),
+    ]
+
+
+@pytest.mark.parametrize("dst", ["pod-2-1", "pod-1-1"], ids=["cross-node", "same-node"])
+def test_normal_close_after_data_is_recorded_clean_on_both_sides(lab: ProxyLab, dst: str) -> None:
+    """Upload, half-close, the whole answer, EOF both ways: `-` and the byte counts on both nodes."""
+    payload = os.urandom(300_000)
+    answer = in_pod(lab, "pod-1-2", request, lab.pod_ip(dst), SHA_SINK, payload)
+    assert answer.decode().split() == [str(len(payload)), hashlib.sha256(payload).hexdigest()]
+    for rec in _both_records(lab, "pod-1-2", dst, SHA_SINK):
+        assert (rec["response_flags"], rec["error"]) == ("-", ""), rec
+        assert (rec["bytes_sent"], rec["bytes_received"]) == (len(payload), len(answer)), rec
+
+
+def test_concurrent_uploads_after_a_banner_lose_nothing(lab: ProxyLab) -> None:
+    """Issue 12's repro through the redirect and both proxies: 300 concurrent clients in one pod, each to a
+    pod on the other node, read the server's banner, upload 64 KiB, half-close; the server confirms every
+    byte (SHA-256) of every upload, and every access record on both nodes says `-` with the right counts
+    (before the engine fixes: ~10% of uploads lost, recorded `-` with 0 bytes sent)."""
+    count = environ_int("AMBIT_PROXY_BANNER_CLIENTS", 300)
+    size = 64 << 10
+    assert in_pod(lab, "pod-2-2", banner_uploads, lab.pod_ip("pod-1-1"), BANNER_SHA, count, size) == []
+    answer = len(f"{size} {'0' * 64}\n")
+    for node, direction in (("node-2", "outbound"), ("node-1", "inbound")):
+        deadline = time.monotonic() + 15
+        while len(recs := _all_closed(lab, node, BANNER_SHA, direction)) < count:
+            assert time.monotonic() < deadline, f"{node}: {len(recs)} of {count} records"
+            time.sleep(0.2)
+        assert len(recs) == count
+        wrong = [
+            r
+            for r in recs
+            if (r["response_flags"], r["bytes_sent"], r["bytes_received"])
+            != ("-", size, len(BANNER) + answer)
+        ]
+        assert not wrong, (node, len(wrong), wrong[:3])
+
+
+def _all_closed(lab: ProxyLab, node: str, port: int, direction: str) -> list[dict[str, Any]]:
+    return [
+        ev
+        for ev in lab.events(node)
+        if ev["event"] == "closed" and ev["destination_port"] == port and ev["direction"] == direction
+    ]
+
+
+@pytest.mark.parametrize("dst", ["pod-2-1", "pod-1-2"], ids=["cross-node", "same-node"])
+def test_peer_reset_reaches_the_client(lab: ProxyLab, dst: str) -> None:
+    """The destination pod resets: an upstream reset (`UR`) on both nodes' records, never `-`."""
+    seen = in_pod(lab, "pod-1-1", connect_and_read, lab.pod_ip(dst), RESET)
     assert seen in ("reset", "eof")
-    _closed(lab, "node-2", RESET, direction="inbound")
-    assert in_pod(lab, "pod-1-1", request, lab.pod_ip("pod-2-1"), ECHO, b"still fine") == b"still fine"
+    for rec in _both_records(lab, "pod-1-1", dst, RESET):
+        assert rec["response_flags"] == "UR", rec
+    assert in_pod(lab, "pod-1-1", request, lab.pod_ip(dst), ECHO, b"still fine") == b"still fine"
 
 
 def _client_resets(ip: str, port: int) -> str:
@@ -251,11 +310,22 @@ def _client_resets(ip: str, port: int) -> str:
     return "done"
 
 
-def test_client_reset_is_propagated(lab: ProxyLab) -> None:
-    in_pod(lab, "pod-1-2", _client_resets, lab.pod_ip("pod-2-1"), ECHO)
-    match = {"source_principal": principal("pod-1-2"), "destination_workload": "app/pod-2-1"}
-    rec = _closed(lab, "node-2", ECHO, **match)
-    assert rec["bytes_sent"] == 1000
+@pytest.mark.parametrize("dst", ["pod-2-1", "pod-1-1"], ids=["cross-node", "same-node"])
+def test_client_reset_is_propagated(lab: ProxyLab, dst: str) -> None:
+    """The client resets after its data: a downstream reset (`DR`) on both nodes' records, bytes kept."""
+    in_pod(lab, "pod-1-2", _client_resets, lab.pod_ip(dst), ECHO)
+    for rec in _both_records(lab, "pod-1-2", dst, ECHO):
+        assert rec["response_flags"] == "DR" and rec["bytes_sent"] == 1000, rec
+
+
+def test_passthrough_resets_name_the_side_that_reset(lab: ProxyLab) -> None:
+    """Splices too: the server outside the mesh resets (`UR`), the client resets (`DR`)."""
+    outside = lab.plan.node("node-2").ip
+    assert in_pod(lab, "pod-1-1", connect_and_read, outside, RESET) in ("reset", "eof")
+    assert _closed(lab, "node-1", RESET, destination_ip=outside)["response_flags"] == "UR"
+    in_pod(lab, "pod-1-2", _client_resets, outside, ECHO)
+    rec = _closed(lab, "node-1", ECHO, destination_ip=outside, source_ip=lab.pod_ip("pod-1-2"))
+    assert rec["response_flags"] == "DR" and rec["bytes_sent"] == 1000, rec
 
 
 def test_denied_by_policy(lab: ProxyLab) -> None:
@@ -330,6 +400,65 @@ def test_hbone_refuses_every_identity_but_this_meshs_workloads(lab: ProxyLab, ur
     assert entry["event"] == "hbone_peer_refused" and entry["reason"]
     assert not [e for e in lab.events("node-2") if e.get("source_principal") == uri]  # no stream served
     lab.wait_status("node-2", lambda st: st["counters"].get("hbone_peer_refused", 0) >= 1)
+
+
+def _tls_verdict(ip: str, chain: bytes, key: bytes, bundle: bytes) -> str:
+    """A plain TLS 1.3 client on `ip`:15008 that sends the HTTP/2 preface right after its Finished: what
+    it observes ('served', or the error: an alert, or an EOF without one)."""
+    import tempfile
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cadata=bundle.decode())
+    with tempfile.TemporaryDirectory() as tmp:  # ssl loads keys from files only; a private dir, gone at once
+        chain_file, key_file = os.path.join(tmp, "chain"), os.path.join(tmp, "key")
+        with open(chain_file, "wb") as f:
+            f.write(chain)
+        with open(os.open(key_file, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
+            f.write(key)
+        ctx.load_cert_chain(chain_file, key_file)
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        with ctx.wrap_socket(socket.create_connection((ip, HBONE_PORT), timeout=5)) as tls:
+            tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            return "served" if tls.recv(100) else "EOF"
+    except (ssl.SSLError, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["untrusted", "ca_true", "foreign_domain", "node"],
+)
+def test_refused_client_certificates_get_a_tls_alert_and_are_audited(lab: ProxyLab, case: str) -> None:
+    """Refused on 15008 in the handshake, with a TLS alert (before: a foreign domain or node identity got
+    through the handshake and then a bare close; a CA:true or untrusted leaf often got an EOF, its alert
+    destroyed by a reset), and each refusal in the audit log (before: handshake refusals were not)."""
+    assert lab.ca is not None
+    uri = {
+        "untrusted": principal("pod-1-1"),
+        "ca_true": principal("pod-1-1"),
+        "foreign_domain": "spiffe://evil.example/ns/app/sa/sa-pod-1-1",
+        "node": f"spiffe://{TRUST_DOMAIN}/node/node-1",
+    }[case]
+    signer = CertificateAuthority.generate_root(TRUST_DOMAIN) if case == "untrusted" else lab.ca
+    chain, key = forged_leaf(signer, uri, is_ca=case == "ca_true")
+    before = len([a for a in lab.audit("node-2") if a["event"] == "hbone_peer_refused"])
+    node1 = lab.plan.node("node-1").netns
+    seen = [
+        nsx.run_in(node1, _tls_verdict, lab.pod_ip("pod-2-1"), chain, key, lab.ca.bundle_pem())
+        for _ in range(5)
+    ]
+    assert all("ALERT" in s.upper() for s in seen), seen
+    deadline = time.monotonic() + 10
+    while len(audited := [a for a in lab.audit("node-2") if a["event"] == "hbone_peer_refused"]) < before + 5:
+        assert time.monotonic() < deadline, audited[-3:]
+        time.sleep(0.1)
+    last = audited[-1]
+    assert last["reason"].startswith("TLS handshake failed") and last["peer_ip"] == lab.plan.node("node-1").ip
+    assert last["peer_id"] == uri  # who the certificate claimed to be (unverified when the chain failed)
+    if case in ("foreign_domain", "node"):  # never a stream of theirs
+        assert not [e for e in lab.events("node-2") if e.get("source_principal") == uri]
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,10 @@ tproxy) and dialling from node-2's pod addresses. Each test names the wire fact 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import socket
 import sys
 import time
 import uuid
@@ -38,6 +40,7 @@ pytestmark = pytest.mark.root
 
 DENIED_SRC, DENIED_DST = "pod-2-2", "pod-1-2"  # ambit's policy (node-1) denies this pair
 GOAWAY_PORT = 9099  # after a stream to this port the fake ztunnel server sends a graceful GOAWAY
+CLOSE_PORT, GOAWAY_CLOSE_PORT = 9098, 9097  # ... ends the connection right after it (without, with GOAWAY)
 IMPOSTOR = "pod-2-3"  # the fake ztunnel presents pod-2-1's SVID on this pod's address
 BAGGAGE = (
     "k8s.cluster.name=Kubernetes,k8s.namespace.name=app,k8s.deployment.name=pod-2-1,"
@@ -78,6 +81,8 @@ def _start_fake_server(lab: ProxyLab) -> None:
         "bundle_pem": cfg["bundle_pem"],
         "deny_ports": [WHOAMI],
         "goaway_ports": [GOAWAY_PORT],
+        "close_ports": [CLOSE_PORT],
+        "goaway_close_ports": [GOAWAY_CLOSE_PORT],
         "events": str(_events(lab)),
     }
     path.write_text(json.dumps(doc))
@@ -286,3 +291,35 @@ def test_ztunnel_goaway_moves_new_streams_to_a_new_connection(lab: ProxyLab) -> 
     )
     old = _server_saw(lab, lambda ev: ev["kind"] == "sent_goaway" and ev["peer"][0] == lab.pod_ip("pod-1-1"))
     assert new["peer"] != old["peer"]  # another outer connection (another source port)
+
+
+def _upload_then_read_late(ip: str, port: int, size: int, delay: float) -> tuple[int, str]:
+    """Send `size` bytes, half-close, read nothing for `delay` s (the answer waits in the proxy), then read to
+    EOF; returns (bytes read, their sha256)."""
+    payload = hashlib.shake_256(b"late reader").digest(size)
+    with socket.create_connection((ip, port), timeout=30) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)  # the answer cannot hide in the kernel
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        time.sleep(delay)
+        digest, total = hashlib.sha256(), 0
+        while chunk := sock.recv(1 << 20):
+            digest.update(chunk)
+            total += len(chunk)
+    return total, digest.hexdigest()
+
+
+@pytest.mark.parametrize("port", [CLOSE_PORT, GOAWAY_CLOSE_PORT], ids=["eof", "goaway"])
+def test_peer_closing_after_a_complete_stream_loses_nothing(lab: ProxyLab, port: int) -> None:
+    """The stream ends cleanly (END_STREAM both ways) and the peer closes the connection at once, while
+    ambit still holds most of the answer for a client that reads late: the client gets every byte, then
+    EOF, and the record is `-` (was: the held bytes dropped with a clean EOF, and the record `UF`)."""
+    size = 3 << 20  # within the 4 MiB stream window: all of it arrives before the peer closes
+    got = in_pod(lab, "pod-1-2", _upload_then_read_late, lab.pod_ip("pod-2-1"), port, size, 1.0)
+    assert got == (size, hashlib.sha256(hashlib.shake_256(b"late reader").digest(size)).hexdigest())
+    _server_saw(
+        lab, lambda ev: ev["kind"] == "closed_after_stream" and ev["peer"][0] == lab.pod_ip("pod-1-2")
+    )
+    match = {"direction": "outbound", "destination_port": port, "source_ip": lab.pod_ip("pod-1-2")}
+    rec = lab.wait_closed("node-1", lambda ev: all(ev[k] == v for k, v in match.items()))
+    assert (rec["response_flags"], rec["bytes_sent"], rec["bytes_received"]) == ("-", size, size), rec

@@ -107,11 +107,25 @@ def test_a_node_absent_from_config_gets_nothing(
     assert plane.server.relay.counters()["streams"] == 0
 
 
-def test_a_ca_certificate_is_no_client_identity(plane: Plane, ca: CertificateAuthority) -> None:
-    """CA:true signed by our root with a node's URI: gRPC's path validation takes it as a leaf; we do not."""
-    chain, key = forged_leaf(ca, f"spiffe://{TD}/node/node-1", is_ca=True)
+@pytest.mark.parametrize(
+    ("uri", "is_ca", "why"),
+    [
+        (f"spiffe://{TD}/node/node-1", True, "no client certificate with an end-entity SPIFFE ID"),
+        ("spiffe://evil.example/node/node-1", False, "is not a node identity of"),
+    ],
+    ids=["ca-true", "foreign-domain"],
+)
+def test_a_ca_certificate_or_another_domain_is_no_client_identity(
+    plane: Plane, ca: CertificateAuthority, caplog: pytest.LogCaptureFixture, uri: str, is_ca: bool, why: str
+) -> None:
+    """Signed by our root: CA:true with a node's URI (gRPC's path validation takes it as a leaf; we do not),
+    or a node name in another trust domain. Refused with a clear status, and audited."""
+    caplog.set_level(logging.INFO, logger="ambit.audit")
+    chain, key = forged_leaf(ca, uri, is_ca=is_ca)
     channel, stub = _stub(plane, grpc.ssl_channel_credentials(ca.bundle_pem(), key, chain))
     with channel, pytest.raises(grpc.RpcError) as err:
         _subscribe(stub, "node-1", ["Node"])
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert why in (err.value.details() or "")
+    assert [r.reason for r in _audits(caplog)] == [err.value.details()]  # type: ignore[attr-defined]
     assert plane.server.relay.counters()["streams"] == 0

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import h2.settings
 from engine_abuse import Listener, RawH2, engine_with, tls_client, wait_counter
 from engine_testkit import TD, Events, Pki, issue
 
@@ -158,3 +159,53 @@ def _drain(events: Events) -> list[Event]:
     events.drain()
     out, events.seen = events.seen, []
     return out
+
+
+def _fill(socks: list[socket.socket], cap: int) -> int:
+    """Write into every socket until none takes more (the engine stopped reading them), at most `cap` bytes
+    each; returns the total taken."""
+    chunk, taken, idle = b"\0" * 65536, {s: 0 for s in socks}, 0
+    while idle < 5:
+        moved = False
+        for s in socks:
+            while taken[s] < cap:
+                try:
+                    taken[s] += s.send(chunk[: cap - taken[s]])
+                    moved = True
+                except BlockingIOError:
+                    break
+        idle = 0 if moved else idle + 1
+        time.sleep(0.05)  # let the engine read what it will
+    return sum(taken.values())
+
+
+def test_a_peer_granting_no_window_pins_bounded_memory(pki: Pki) -> None:
+    """A peer that opens 64 streams and never grants window (SETTINGS_INITIAL_WINDOW_SIZE 0) while the pods
+    behind them send: the engine buffers at most conn_buffer for the whole connection (each stream at most
+    stream_buffer), then stops reading the pods' sockets; their senders block (instead of 64 x 128 KiB =
+    8 MiB, or without per-stream bounds everything they send)."""
+    conn_buffer, streams = 256 << 10, 64
+    with engine_with(pki, conn_buffer=conn_buffer) as (eng, events, _, sctx):
+        lst = Listener(eng, sctx)
+        conn = _raw_connected(lst, tls_client(pki, pki.client))
+        conn.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        for i in range(streams):
+            conn.open(f"10.244.2.2:{i + 1}")
+        conn.flush()
+        pods = []
+        for _ in range(streams):
+            req = events.wait(lambda e: e.kind == "stream_request")
+            pod, ours = socket.socketpair()
+            pod.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            pod.setblocking(False)
+            eng.accept_stream(req.conn_id, req.stream_id, ours.detach())
+            pods.append(pod)
+        conn.pump(0.1)  # our SETTINGS ack, the 200s
+        held = _fill(pods, 1 << 20)
+        slack = streams * 16 * 1024  # what the socket pairs themselves hold (measured: ~8 KiB each)
+        assert held <= conn_buffer + slack, held
+        assert eng.counters()["conns_active"] == 1  # held, not failed
+        for pod in pods:
+            pod.close()
+        conn.close()
+        lst.close()

@@ -7,9 +7,10 @@ import os
 import socket
 import threading
 
+import pytest
 from engine_testkit import Events, fd_count, tcp_pair
 
-from native.engine import Engine
+from native.engine import Ending, Engine, ending
 
 
 def test_bytes_flow_both_ways_and_half_close(engine: Engine, events: Events) -> None:
@@ -56,16 +57,20 @@ def test_large_transfer_checksum(engine: Engine, events: Events) -> None:
     assert events.kind("splice_closed").bytes_in == len(payload)
 
 
-def test_reset_propagates(engine: Engine, events: Events) -> None:
+@pytest.mark.parametrize("side", ["a", "b"])
+def test_reset_propagates(engine: Engine, events: Events, side: str) -> None:
     client, a = tcp_pair()
     b, server = tcp_pair()
     engine.splice(a.detach(), b.detach())
     client.sendall(b"x")
     assert server.recv(1) == b"x"
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    client.close()  # RST
+    resetting, other = (client, server) if side == "a" else (server, client)
+    resetting.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    resetting.close()  # RST
     ev = events.kind("splice_closed")
-    assert ev.detail  # an error was seen and reported
+    assert ev.detail.startswith(f"{side}: ")  # the error names the socket that failed
+    assert ending(ev) is (Ending.SPLICE_A_FAILED if side == "a" else Ending.SPLICE_B_FAILED)
+    server = other
     try:
         data = server.recv(1)
     except ConnectionResetError:

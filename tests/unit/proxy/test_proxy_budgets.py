@@ -15,13 +15,16 @@ def test_budget_refuses_only_the_full_key_and_forgets_idle_ones() -> None:
     assert len(b) == 0  # bounded by live work: nothing stays for keys that left
 
 
+def test_zero_is_unlimited() -> None:
+    b = Budget("x", limit=0)
+    assert all(b.take("a") for _ in range(1000)) and b.refused == 0
+
+
 def test_every_budget_is_reported() -> None:
     counters = Budgets(Limits()).counters()
     assert set(counters) == {
-        "limit_refused_hbone_handshakes_per_source",
-        "limit_refused_hbone_connections_per_source",
+        "limit_refused_hbone_waiting_per_source",
         "limit_refused_hbone_connections_per_identity",
-        "limit_refused_hbone_streams_per_identity",
         "limit_refused_hbone_streams_per_source",
         "limit_refused_plaintext_connections_per_source",
         "limit_refused_outbound_connections_per_source",
