@@ -490,3 +490,59 @@ def test_the_secrets_informer_is_sent_tls_secrets_only(kube_plane: KubePlane) ->
         assert f"{ns}/opaque" not in seen
     finally:
         reflector.stop()
+
+
+def _reference_grant(ns: str, name: str, from_kind: str, from_ns: str, to_kind: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1beta1",
+        "kind": "ReferenceGrant",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "from": [{"group": "gateway.networking.k8s.io", "kind": from_kind, "namespace": from_ns}],
+            "to": [{"group": "", "kind": to_kind}],
+        },
+    }
+
+
+def test_a_reference_grant_permits_cross_namespace_refs_until_deleted(kube_plane: KubePlane) -> None:
+    ns, cls = _setup(kube_plane)
+    bank = unique("bank")
+    kube.ensure_namespace(kube_plane.api.client(), bank)
+    _service(kube_plane, bank, "pay")
+    gateway = _gateway(ns, cls, "bank-tls")
+    gateway["spec"]["listeners"][0]["tls"]["certificateRefs"][0]["namespace"] = bank
+    route = _route(ns, "pay", {"name": "pay", "namespace": bank, "port": 80})
+    # A grant from the wrong namespace allows nothing here.
+    wrong = _reference_grant(bank, "wrong", "Gateway", bank, "Secret")
+    _apply(kube_plane, _secret(bank, "bank-tls", "shop.example"), gateway, route, wrong)
+
+    def https() -> dict[str, tuple[str, str]]:
+        status = _get(kube_plane, "gateway", ns, "edge").get("status") or {}
+        found = [lst for lst in status.get("listeners") or () if lst["name"] == "https"]
+        return _conditions(found[0]) if found else {}
+
+    def states(want: str) -> bool:
+        expected = ("True", "ResolvedRefs") if want == "granted" else ("False", "RefNotPermitted")
+        return (
+            https().get("ResolvedRefs") == expected
+            and _parent(kube_plane, ns, "pay").get("ResolvedRefs") == expected
+        )
+
+    assert wait_until(lambda: states("refused"), SYNC_TIMEOUT), (https(), kube_plane.source.counters())
+    assert _held(kube_plane, f"Secret/{bank}/bank-tls") is None
+    assert kube_plane.source.counters()["secret_refs_refused"] >= 1
+    _apply(
+        kube_plane,
+        _reference_grant(bank, "certs", "Gateway", ns, "Secret"),
+        _reference_grant(bank, "backends", "HTTPRoute", ns, "Service"),
+    )
+    assert wait_until(lambda: states("granted"), SYNC_TIMEOUT), (https(), _parent(kube_plane, ns, "pay"))
+    assert _held(kube_plane, f"Secret/{bank}/bank-tls") is not None
+    assert _conditions(_get(kube_plane, "gateway", ns, "edge")["status"])["Programmed"] == (
+        "True",
+        "Programmed",
+    )
+    kube_plane.api.kubectl_run("delete", "-n", bank, "referencegrant/certs", "referencegrant/backends")
+    assert wait_until(lambda: states("refused"), SYNC_TIMEOUT), (https(), _parent(kube_plane, ns, "pay"))
+    assert wait_until(lambda: _held(kube_plane, f"Secret/{bank}/bank-tls") is None, SYNC_TIMEOUT)
+    kube_plane.api.kubectl_run("delete", "gatewayclass", cls)
