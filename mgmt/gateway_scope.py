@@ -29,23 +29,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from api.resources import ResourceKey
-from api.resources.gateway_api import Gateway, HTTPRoute, Reference, ReferenceGrant, granting
+from api.resources.gateway_api import GATEWAY_KINDS, Gateway, HTTPRoute, Reference, ReferenceGrant, granting
 from api.resources.wafpolicy import WafPolicy
 from api.resources.workload import Service
 from api.spiffe import SpiffeId, SpiffeIdError
 from mgmt.store import ConfigSnapshot, StoredResource
 
 # What a gateway subscribes to (api/relay.proto Subscribe.types).
-GATEWAY_TYPES = (
-    "Gateway",
-    "HTTPRoute",
-    "Namespace",
-    "ReferenceGrant",
-    "Secret",
-    "Service",
-    "WafPolicy",
-    "Workload",
-)
+GATEWAY_TYPES = GATEWAY_KINDS
 SERVICE_ACCOUNT_ANNOTATION = "ambit.io/service-account"
 DEPLOYMENT_ANNOTATION = "ambit.io/deployment"
 STREAM_PREFIX = "gateway:"

@@ -17,6 +17,18 @@ from api.resources import Meta, ResourceError, register
 
 GATEWAY_API = "gateway.networking.k8s.io/v1"
 GROUP = "gateway.networking.k8s.io"
+# The kinds a gateway's configuration is made of: what it subscribes to on the relay (api/relay.proto
+# Subscribe.types; gateway/plane.py) and what the plane's gateway scope may send (mgmt/gateway_scope.py).
+GATEWAY_KINDS = (
+    "Gateway",
+    "HTTPRoute",
+    "Namespace",
+    "ReferenceGrant",
+    "Secret",
+    "Service",
+    "WafPolicy",
+    "Workload",
+)
 # Certificates may also come from files beside the config: certificateRefs {group: ambit.io, kind: File,
 # name: edge} reads edge.crt and edge.key from the config directory.
 FILE_CERT_GROUP = "ambit.io"

@@ -403,7 +403,7 @@ def test_a_gateway_gets_its_own_gateway_only(plane: Plane) -> None:
 def test_a_secret_of_another_namespace_is_sent_only_while_a_reference_grant_allows_it(plane: Plane) -> None:
     import base64
 
-    from tests.gateway_fixtures import tls_material
+    from tests.gateway_fixtures import reference_grant_doc, tls_material, tls_secret_doc
 
     tls = {
         "name": "https",
@@ -413,27 +413,9 @@ def test_a_secret_of_another_namespace_is_sent_only_while_a_reference_grant_allo
     }
     http = {"name": "http", "port": plane.gateway_port, "protocol": "HTTP"}
     chain, key = tls_material(["bank.example"])[1]["bank.example"]
-    secret = {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": "bank-tls", "namespace": "bank"},
-        "type": "kubernetes.io/tls",
-        "data": {"tls.crt": base64.b64encode(chain).decode(), "tls.key": base64.b64encode(key).decode()},
-    }
-    grant = {
-        "apiVersion": "gateway.networking.k8s.io/v1beta1",
-        "kind": "ReferenceGrant",
-        "metadata": {"name": "edge-certs", "namespace": "bank"},
-        "spec": {
-            "from": [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "namespace": "shop"}],
-            "to": [{"group": "", "kind": "Secret", "name": "bank-tls"}],
-        },
-    }
-    # Allows Gateways of another namespace only: not this one.
-    near_miss = grant | {"metadata": {"name": "elsewhere", "namespace": "bank"}}
-    near_miss["spec"] = grant["spec"] | {
-        "from": [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "namespace": "bank"}]
-    }
+    secret = tls_secret_doc("bank-tls", "bank", chain, key)
+    grant = reference_grant_doc("edge-certs", "bank", "Gateway", "shop", "Secret", to_name="bank-tls")
+    near_miss = reference_grant_doc("elsewhere", "bank", "Gateway", "bank", "Secret")  # not from shop
     docs = [d for d in plane.docs() if d["metadata"]["name"] != "edge" or d["kind"] != "Gateway"]
     docs = [*docs, _gateway("edge", [http, tls]), secret]
     plane.write([*docs, near_miss])

@@ -23,6 +23,7 @@ from agent.lab import kube
 from gateway import config as gwconfig
 from mgmt.kube.gateway_status import CONTROLLER_NAME
 from mgmt.store import ConfigSnapshot
+from tests.gateway_fixtures import reference_grant_doc
 from tests.kube_fixtures import SYNC_TIMEOUT, KubePlane, unique
 from tests.relay_fixtures import relay_client, wait_until
 
@@ -492,18 +493,6 @@ def test_the_secrets_informer_is_sent_tls_secrets_only(kube_plane: KubePlane) ->
         reflector.stop()
 
 
-def _reference_grant(ns: str, name: str, from_kind: str, from_ns: str, to_kind: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "gateway.networking.k8s.io/v1beta1",
-        "kind": "ReferenceGrant",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {
-            "from": [{"group": "gateway.networking.k8s.io", "kind": from_kind, "namespace": from_ns}],
-            "to": [{"group": "", "kind": to_kind}],
-        },
-    }
-
-
 def test_a_reference_grant_permits_cross_namespace_refs_until_deleted(kube_plane: KubePlane) -> None:
     ns, cls = _setup(kube_plane)
     bank = unique("bank")
@@ -513,7 +502,7 @@ def test_a_reference_grant_permits_cross_namespace_refs_until_deleted(kube_plane
     gateway["spec"]["listeners"][0]["tls"]["certificateRefs"][0]["namespace"] = bank
     route = _route(ns, "pay", {"name": "pay", "namespace": bank, "port": 80})
     # A grant from the wrong namespace allows nothing here.
-    wrong = _reference_grant(bank, "wrong", "Gateway", bank, "Secret")
+    wrong = reference_grant_doc("wrong", bank, "Gateway", bank, "Secret")
     _apply(kube_plane, _secret(bank, "bank-tls", "shop.example"), gateway, route, wrong)
 
     def https() -> dict[str, tuple[str, str]]:
@@ -533,8 +522,8 @@ def test_a_reference_grant_permits_cross_namespace_refs_until_deleted(kube_plane
     assert kube_plane.source.counters()["secret_refs_refused"] >= 1
     _apply(
         kube_plane,
-        _reference_grant(bank, "certs", "Gateway", ns, "Secret"),
-        _reference_grant(bank, "backends", "HTTPRoute", ns, "Service"),
+        reference_grant_doc("certs", bank, "Gateway", ns, "Secret"),
+        reference_grant_doc("backends", bank, "HTTPRoute", ns, "Service"),
     )
     assert wait_until(lambda: states("granted"), SYNC_TIMEOUT), (https(), _parent(kube_plane, ns, "pay"))
     assert _held(kube_plane, f"Secret/{bank}/bank-tls") is not None

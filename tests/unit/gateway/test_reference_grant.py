@@ -4,7 +4,6 @@ the plane's gateway scope and Gateway API status all ask the same question (api/
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from mgmt.gateway_scope import GatewayIndex
 from mgmt.kube import translate
 from mgmt.kube.gateway_status import CONTROLLER_NAME, GatewayApiObjects, GatewayStatus, kept
 from mgmt.store import ConfigStore, StoredResource, stored
-from tests.gateway_fixtures import tls_material
+from tests.gateway_fixtures import reference_grant_doc, tls_material, tls_secret_doc
 
 GW = "gateway.networking.k8s.io/v1"
 TD = "cluster.local"
@@ -28,29 +27,11 @@ _, CERTS = tls_material(["bank.example", "shop.example"])
 def _grant(
     name: str, ns: str, from_kind: str, from_ns: str, to_kind: str, to_name: str = "", group: str = ""
 ) -> dict[str, Any]:
-    to: dict[str, Any] = {"group": group, "kind": to_kind}
-    if to_name:
-        to["name"] = to_name
-    return {
-        "apiVersion": "gateway.networking.k8s.io/v1beta1",
-        "kind": "ReferenceGrant",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {
-            "from": [{"group": "gateway.networking.k8s.io", "kind": from_kind, "namespace": from_ns}],
-            "to": [to],
-        },
-    }
+    return reference_grant_doc(name, ns, from_kind, from_ns, to_kind, to_name, group)
 
 
 def _secret(name: str, ns: str, host: str) -> dict[str, Any]:
-    chain, key = CERTS[host]
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": name, "namespace": ns},
-        "type": "kubernetes.io/tls",
-        "data": {"tls.crt": base64.b64encode(chain).decode(), "tls.key": base64.b64encode(key).decode()},
-    }
+    return tls_secret_doc(name, ns, *CERTS[host])
 
 
 def _service(name: str, ns: str, address: str) -> dict[str, Any]:
