@@ -288,6 +288,9 @@ class KubeSource:
             return
         if kind == "ReferenceGrant":  # no status of its own; which Secrets may be held may have changed
             self._set(kind, name, translate.policy(obj), obj)
+            if f"{kind} {name}" in self._invalid:
+                # A grant allows: unlike a policy, a broken edit revokes it rather than keep its last version.
+                self._resources.pop(_resource_key(kind, name), None)
             self._refresh_secret_refs()
             return
         self._raw_bucket(kind)[name] = kept(obj)

@@ -531,6 +531,18 @@ def test_a_reference_grant_permits_cross_namespace_refs_until_deleted(kube_plane
         "True",
         "Programmed",
     )
+    # An edit the parser refuses (the CRD's schema lets none through; delivered here as the watch would)
+    # revokes the grant at once: a grant is an allow, so no last valid version stays in force.
+    from mgmt.kube.source import REFERENCE_GRANTS
+
+    broken = reference_grant_doc("certs", bank, "Gateway", ns, "Secret", to_name="bank-tls")
+    broken["spec"]["to"][0]["name"] = ""
+    kube_plane.source.apply(REFERENCE_GRANTS, "MODIFIED", broken)
+    assert wait_until(lambda: _held(kube_plane, f"Secret/{bank}/bank-tls") is None, SYNC_TIMEOUT)
+    assert _held(kube_plane, f"ReferenceGrant/{bank}/certs") is None
+    # A real edit (now naming the Secret) is valid again.
+    _apply(kube_plane, reference_grant_doc("certs", bank, "Gateway", ns, "Secret", to_name="bank-tls"))
+    assert wait_until(lambda: _held(kube_plane, f"Secret/{bank}/bank-tls") is not None, SYNC_TIMEOUT)
     kube_plane.api.kubectl_run("delete", "-n", bank, "referencegrant/certs", "referencegrant/backends")
     assert wait_until(lambda: states("refused"), SYNC_TIMEOUT), (https(), _parent(kube_plane, ns, "pay"))
     assert wait_until(lambda: _held(kube_plane, f"Secret/{bank}/bank-tls") is None, SYNC_TIMEOUT)
