@@ -36,7 +36,7 @@ from mgmt.kube.gateway_status import GatewayApiObjects, GatewayStatus, kept, ser
 from mgmt.kube.reflector import Reflector, ResourceType, object_name
 from mgmt.policy_check import POLICY_KINDS, PolicyRejected, check_policy
 from mgmt.policy_status import StatusWriter
-from mgmt.store import ConfigError, ConfigStore, StoredResource, stored
+from mgmt.store import ALLOWS_ONLY, ConfigError, ConfigStore, StoredResource, stored
 
 log = logging.getLogger("ambit.mgmt.kube")
 
@@ -288,7 +288,7 @@ class KubeSource:
             return
         if kind == "ReferenceGrant":  # no status of its own; which Secrets may be held may have changed
             self._set(kind, name, translate.policy(obj), obj)
-            if f"{kind} {name}" in self._invalid:
+            if kind in ALLOWS_ONLY and f"{kind} {name}" in self._invalid:
                 # A grant allows: unlike a policy, a broken edit revokes it rather than keep its last version.
                 self._resources.pop(_resource_key(kind, name), None)
             self._refresh_secret_refs()
