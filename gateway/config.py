@@ -19,7 +19,16 @@ from typing import Any
 import yaml
 
 from api.resources import ResourceError, load_kinds, parse
-from api.resources.gateway_api import Gateway, HTTPRoute, Listener, RouteMatch, TlsSecret
+from api.resources.gateway_api import (
+    Gateway,
+    HTTPRoute,
+    Listener,
+    Reference,
+    ReferenceGrant,
+    RouteMatch,
+    TlsSecret,
+    permitted,
+)
 from api.resources.wafpolicy import WafPolicy
 from api.resources.workload import Service
 
@@ -83,7 +92,14 @@ class ListenerPlan:
     name: str
     bind: str
     port: int
-    certificates: tuple[Certificate, ...]  # empty: plain HTTP
+    certificates: tuple[Certificate, ...]  # empty: plain HTTP, unless refused
+    # Why the listener does not serve (a certificate it may not use): its port stays open but the engine
+    # has no config for it, so every connection is refused (counted) rather than served without TLS.
+    refused: str = ""
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.certificates or self.refused)
 
 
 @dataclass(frozen=True)
@@ -114,6 +130,7 @@ class Objects:
     policies: list[WafPolicy] = field(default_factory=list)
     services: list[Service] = field(default_factory=list)
     secrets: list[TlsSecret] = field(default_factory=list)
+    grants: list[ReferenceGrant] = field(default_factory=list)  # cross-namespace references allowed
     # From the plane: a Service's endpoints by "namespace/name" (files give addresses, not endpoints).
     endpoints: dict[str, tuple[Endpoint, ...]] = field(default_factory=dict)
 
@@ -146,6 +163,7 @@ def add(objs: Objects, res: Any) -> None:
         (WafPolicy, objs.policies),
         (Service, objs.services),
         (TlsSecret, objs.secrets),
+        (ReferenceGrant, objs.grants),
     )
     for kind, bucket in buckets:
         if isinstance(res, kind):
@@ -205,12 +223,28 @@ def certificates(
                 raise GatewayConfigError(f"{where}: {exc}") from None
             certs.append(Certificate(_dns_names(chain, where), chain, key))
             continue
+        ref_not_permitted(
+            objs, Reference("Gateway", gw.meta.namespace, "Secret", ref.namespace, ref.name), where
+        )
         found = [s for s in objs.secrets if s.meta.name == ref.name and s.meta.namespace == ref.namespace]
         if not found:
             raise GatewayConfigError(f"{where}: Secret {ref.namespace}/{ref.name} not found")
         chain = found[0].certificate_pem
         certs.append(Certificate(_dns_names(chain, where), chain, found[0].key_pem))
     return tuple(certs)
+
+
+class RefNotPermitted(GatewayConfigError):
+    """A reference to another namespace that no ReferenceGrant there allows (Gateway API's reason)."""
+
+
+def ref_not_permitted(objs: Objects, ref: Reference, where: str) -> None:
+    """Raise RefNotPermitted unless `ref` stays in its namespace or a ReferenceGrant allows it."""
+    if not permitted(objs.grants, ref):
+        raise RefNotPermitted(
+            f"{where}: {ref.to_kind} {ref.to_namespace}/{ref.to_name} is in another namespace and no "
+            f"ReferenceGrant there allows {ref.from_kind}s of namespace {ref.from_namespace} to refer to it"
+        )
 
 
 def _policies(objs: Objects, gw: Gateway) -> tuple[WafPolicy | None, dict[tuple[str, str], WafPolicy]]:
@@ -267,6 +301,11 @@ def backend_addresses(objs: Objects, route: HTTPRoute, rule_i: int) -> tuple[str
     hbone: list[Service] = []
     meshed: list[HboneEndpoint] = []
     for ref in route.rules[rule_i].backend_refs:
+        cross = Reference("HTTPRoute", route.meta.namespace, "Service", ref.namespace, ref.name)
+        try:
+            ref_not_permitted(objs, cross, "backend")
+        except RefNotPermitted as exc:
+            return str(exc)
         svc = next(
             (s for s in objs.services if s.meta.name == ref.name and s.meta.namespace == ref.namespace), None
         )
@@ -309,9 +348,9 @@ def plan(objs: Objects, gateway: str = "", cert_dir: Path | None = None) -> Gate
     warnings: list[str] = []
     bind = gw.addresses[0] if gw.addresses else "0.0.0.0"
     listeners = tuple(
-        ListenerPlan(i + 1, lst.name, bind, lst.port, certificates(gw, lst, objs, cert_dir))
-        for i, lst in enumerate(gw.listeners)
+        _listener_plan(gw, i + 1, lst, bind, objs, cert_dir, warnings) for i, lst in enumerate(gw.listeners)
     )
+    refused = {lp.listener_id for lp in listeners if lp.refused}
     ports = [lp.port for lp in listeners]
     if len(set(ports)) != len(ports):
         raise GatewayConfigError(f"Gateway {gw.meta.name}: one listener per port (SNI selects certificates)")
@@ -321,7 +360,7 @@ def plan(objs: Objects, gateway: str = "", cert_dir: Path | None = None) -> Gate
     attached: list[str] = []
     for route in sorted(objs.routes, key=lambda r: (r.meta.namespace, r.meta.name)):
         rname = f"{route.meta.namespace}/{route.meta.name}"
-        targets = attached_listeners(gw, route)
+        targets = [(lid, lst) for lid, lst in attached_listeners(gw, route) if lid not in refused]
         if not targets:
             continue
         attached.append(rname)
@@ -364,6 +403,18 @@ def plan(objs: Objects, gateway: str = "", cert_dir: Path | None = None) -> Gate
         tuple(attached),
         tuple(warnings),
     )
+
+
+def _listener_plan(
+    gw: Gateway, lid: int, lst: Listener, bind: str, objs: Objects, cert_dir: Path | None, warnings: list[str]
+) -> ListenerPlan:
+    """A listener whose certificate is in another namespace without a ReferenceGrant is refused alone
+    (Gateway API: the other listeners keep serving); any other certificate problem refuses the config."""
+    try:
+        return ListenerPlan(lid, lst.name, bind, lst.port, certificates(gw, lst, objs, cert_dir))
+    except RefNotPermitted as exc:
+        warnings.append(f"{exc}; listener {lst.name} refuses every connection")
+        return ListenerPlan(lid, lst.name, bind, lst.port, (), str(exc))
 
 
 def attached_listeners(gw: Gateway, route: HTTPRoute) -> list[tuple[int, Listener]]:

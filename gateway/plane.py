@@ -26,7 +26,7 @@ from agent.identity.bootstrap import MGMT_SERVER_NAME, join
 from agent.identity.manager import DEFAULT_BUNDLE_REFRESH_S, IdentityChange, IdentityManager
 from agent.relay.client import RelayClient
 from agent.state import MeshSnapshot
-from api.resources.gateway_api import Gateway, HTTPRoute, TlsSecret
+from api.resources.gateway_api import GATEWAY_KINDS, Gateway, HTTPRoute, ReferenceGrant, TlsSecret
 from api.resources.wafpolicy import WafPolicy
 from gateway import config as gwconfig
 from gateway.hbone import Identity
@@ -35,7 +35,7 @@ from gateway.server import GatewayServer, ServerOptions
 log = logging.getLogger(__name__)
 
 # What a gateway subscribes to; the plane sends each only as far as the Gateway references it.
-GATEWAY_TYPES = ("Gateway", "HTTPRoute", "Namespace", "Secret", "Service", "WafPolicy", "Workload")
+GATEWAY_TYPES = GATEWAY_KINDS
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def objects_of(snapshot: MeshSnapshot) -> gwconfig.Objects:
     in the mesh (HBONE with the workload's SPIFFE id) or not (plain TCP)."""
     objs = gwconfig.Objects()
     for obj in snapshot.policies:
-        if isinstance(obj, (Gateway, HTTPRoute, WafPolicy, TlsSecret)):
+        if isinstance(obj, (Gateway, HTTPRoute, WafPolicy, TlsSecret, ReferenceGrant)):
             gwconfig.add(objs, obj)
     for svc in snapshot.services.values():
         objs.services.append(svc)

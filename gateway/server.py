@@ -69,6 +69,8 @@ class GatewayServer:
     def _build(self, plan: gwconfig.GatewayPlan) -> dp.Config:
         cfg = dp.Config()
         for lst in plan.listeners:
+            if lst.refused:
+                continue  # no config for its id: the engine refuses (and counts) its connections
             tls = None
             if lst.certificates:
                 tls = dp.ServerTls()
@@ -127,8 +129,8 @@ class GatewayServer:
 
     def reload(self, plan: gwconfig.GatewayPlan) -> None:
         """New routes, backends, certificates and policies; listeners (ports) need a restart."""
-        old = [(lp.name, lp.bind, lp.port, bool(lp.certificates)) for lp in self._plan.listeners]
-        new = [(lp.name, lp.bind, lp.port, bool(lp.certificates)) for lp in plan.listeners]
+        old = [(lp.name, lp.bind, lp.port, lp.tls) for lp in self._plan.listeners]
+        new = [(lp.name, lp.bind, lp.port, lp.tls) for lp in plan.listeners]
         if old != new:
             raise gwconfig.GatewayConfigError("listeners changed: restart the gateway to change ports")
         cfg = self._build(plan)

@@ -11,12 +11,15 @@ Gateway it serves and receives exactly:
 - that Gateway;
 - the HTTPRoutes attached to it (a parentRef naming it, from a namespace its listeners admit);
 - the WafPolicies targeting the Gateway or one of those routes;
-- the Services those routes' backendRefs name in the route's own namespace, the Workloads those Services
-  select (the minimal form node agents get for peers) and the Namespaces of those Workloads (enrolment);
-- the TLS Secrets its listeners reference in the Gateway's own namespace.
-A reference across namespaces (a certificate or backend in another namespace) needs a ReferenceGrant in
-Gateway API; ambit does not implement ReferenceGrant yet, so such a reference is refused: the object is not
-sent, and the refusal is counted and audited by the relay (the gateway then NACKs, naming what is missing).
+- the Services those routes' backendRefs name, the Workloads those Services select (the minimal form node
+  agents get for peers) and the Namespaces of those Workloads (enrolment);
+- the TLS Secrets its listeners reference;
+- the ReferenceGrants that allow those of the references above that cross namespaces (the gateway's
+  planner checks them again: gateway/config.py).
+A reference to a Secret or Service of another namespace is followed only while a ReferenceGrant in that
+namespace allows it (gateway.networking.k8s.io/v1beta1: from the Gateway's or HTTPRoute's kind and
+namespace, to that kind and, if the grant names one, that name). Without one the object is not sent, and
+the refusal is counted and audited by the relay; removing the grant revokes it at the next version.
 Nothing else reaches a gateway; Secrets never reach node agents (mgmt/scope.py, NEVER_TO_NODES).
 """
 
@@ -26,14 +29,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from api.resources import ResourceKey
-from api.resources.gateway_api import Gateway, HTTPRoute
+from api.resources.gateway_api import GATEWAY_KINDS, Gateway, HTTPRoute, Reference, ReferenceGrant, granting
 from api.resources.wafpolicy import WafPolicy
 from api.resources.workload import Service
 from api.spiffe import SpiffeId, SpiffeIdError
 from mgmt.store import ConfigSnapshot, StoredResource
 
 # What a gateway subscribes to (api/relay.proto Subscribe.types).
-GATEWAY_TYPES = ("Gateway", "HTTPRoute", "Namespace", "Secret", "Service", "WafPolicy", "Workload")
+GATEWAY_TYPES = GATEWAY_KINDS
 SERVICE_ACCOUNT_ANNOTATION = "ambit.io/service-account"
 DEPLOYMENT_ANNOTATION = "ambit.io/deployment"
 STREAM_PREFIX = "gateway:"
@@ -113,22 +116,31 @@ class GatewayIndex:
         gw_key = str(ResourceKey("Gateway", gw.meta.namespace, gw.meta.name))
         out: dict[str, StoredResource] = {gw_key: res[gw_key]}
         refusals: list[ReferenceRefusal] = []
-        for lst in gw.listeners:
-            for ref in lst.certificate_refs:
-                if ref.kind != "Secret":
-                    continue
-                if ref.namespace != gw.meta.namespace:
+        grants: list[ReferenceGrant] = [g.obj for g in self.snapshot.of_kind("ReferenceGrant")]
+
+        def follow(ref: Reference, where: str) -> StoredResource | None:
+            """The target of `ref`, put in `out` (with its grant) if the gateway may follow it."""
+            if ref.from_namespace != ref.to_namespace:
+                grant = granting(grants, ref)
+                if grant is None:
                     refusals.append(
                         ReferenceRefusal(
                             name,
-                            "Secret",
-                            f"{ref.namespace}/{ref.name}",
-                            f"listener {lst.name}: a Secret of another namespace needs a ReferenceGrant, "
-                            "which ambit does not implement",
+                            ref.to_kind,
+                            f"{ref.to_namespace}/{ref.to_name}",
+                            f"{where}: no ReferenceGrant in namespace {ref.to_namespace} allows "
+                            f"{ref.from_kind}s of namespace {ref.from_namespace} to refer to it",
                         )
                     )
-                    continue
-                _take(out, res, ResourceKey("Secret", ref.namespace, ref.name))
+                    return None
+                _take(out, res, ResourceKey("ReferenceGrant", grant.meta.namespace, grant.meta.name))
+            return _take(out, res, ResourceKey(ref.to_kind, ref.to_namespace, ref.to_name))
+
+        for lst in gw.listeners:
+            for ref in lst.certificate_refs:
+                if ref.kind == "Secret":
+                    cross = Reference("Gateway", gw.meta.namespace, "Secret", ref.namespace, ref.name)
+                    follow(cross, f"listener {lst.name}")
         routes = [r for r in self.snapshot.of_kind("HTTPRoute") if _attached(gw, r.obj)]
         for r in routes:
             out[str(r.key)] = r
@@ -146,18 +158,8 @@ class GatewayIndex:
             route: HTTPRoute = r.obj
             for rule in route.rules:
                 for b in rule.backend_refs:
-                    if b.namespace != route.meta.namespace:
-                        refusals.append(
-                            ReferenceRefusal(
-                                name,
-                                "Service",
-                                f"{b.namespace}/{b.name}",
-                                f"HTTPRoute {route.meta.namespace}/{route.meta.name}: a backend in another "
-                                "namespace needs a ReferenceGrant, which ambit does not implement",
-                            )
-                        )
-                        continue
-                    svc = _take(out, res, ResourceKey("Service", b.namespace, b.name))
+                    backend = Reference("HTTPRoute", route.meta.namespace, "Service", b.namespace, b.name)
+                    svc = follow(backend, f"HTTPRoute {route.meta.namespace}/{route.meta.name}")
                     if svc is not None:
                         services.append(svc.obj)
         self._endpoints(out, services, minimal)

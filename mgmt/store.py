@@ -9,6 +9,7 @@ Validity is per document: an invalid document (bad field, unknown kind, duplicat
 reported with `file:line: reason`, logged once, counted, and skipped; every other document applies. An
 object that was valid before and is now broken keeps its last good version in force (a typo in a DENY
 policy must not open what it denied); a file that no longer parses as YAML keeps all its last good objects.
+Kinds that only allow (ALLOWS_ONLY: ReferenceGrant) are the exception: broken, they are dropped.
 
 The watch polls mtimes (every 200 ms by default): inotify misses edits on some mounts (bind-mounted
 ConfigMaps, network filesystems), and a poll of a few hundred files costs nothing measurable.
@@ -249,6 +250,11 @@ def _hidden(path: Path) -> bool:
     return any(part.startswith(".") for part in path.parts[-1:])
 
 
+# Kinds that only ever allow something (a ReferenceGrant lets a Gateway use another namespace's Secret): a
+# broken edit revokes them rather than keep the last good version, the fail-closed side for an allow.
+ALLOWS_ONLY = frozenset({"ReferenceGrant"})
+
+
 def read_config(
     config_dir: Path,
     cache: FileCache | None = None,
@@ -289,7 +295,8 @@ def read_config(
                 resources[key], first, res = res, res, first
             errors.append(ConfigError(res.where, f"duplicate {key} (first defined at {first.where})", key))
     for res in kept:
-        resources.setdefault(str(res.key), res)
+        if res.kind not in ALLOWS_ONLY:
+            resources.setdefault(str(res.key), res)
     return resources, errors
 
 

@@ -158,3 +158,35 @@ def tls_material(names: list[str]) -> tuple[bytes, dict[str, tuple[bytes, bytes]
             key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
         )
     return ca_cert.public_bytes(pem), out
+
+
+def reference_grant_doc(
+    name: str, ns: str, from_kind: str, from_ns: str, to_kind: str, to_name: str = "", group: str = ""
+) -> dict[str, Any]:
+    """A ReferenceGrant in `ns` letting `from_kind`s of `from_ns` refer to `to_kind` (group `group`, "" core)
+    objects of `ns`, or to the one named `to_name`."""
+    to: dict[str, Any] = {"group": group, "kind": to_kind}
+    if to_name:
+        to["name"] = to_name
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1beta1",
+        "kind": "ReferenceGrant",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "from": [{"group": "gateway.networking.k8s.io", "kind": from_kind, "namespace": from_ns}],
+            "to": [to],
+        },
+    }
+
+
+def tls_secret_doc(name: str, ns: str, chain: bytes, key: bytes) -> dict[str, Any]:
+    import base64
+
+    data = {"tls.crt": base64.b64encode(chain).decode(), "tls.key": base64.b64encode(key).decode()}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": ns},
+        "type": "kubernetes.io/tls",
+        "data": data,
+    }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +17,18 @@ from api.resources import Meta, ResourceError, register
 
 GATEWAY_API = "gateway.networking.k8s.io/v1"
 GROUP = "gateway.networking.k8s.io"
+# The kinds a gateway's configuration is made of: what it subscribes to on the relay (api/relay.proto
+# Subscribe.types; gateway/plane.py) and what the plane's gateway scope may send (mgmt/gateway_scope.py).
+GATEWAY_KINDS = (
+    "Gateway",
+    "HTTPRoute",
+    "Namespace",
+    "ReferenceGrant",
+    "Secret",
+    "Service",
+    "WafPolicy",
+    "Workload",
+)
 # Certificates may also come from files beside the config: certificateRefs {group: ambit.io, kind: File,
 # name: edge} reads edge.crt and edge.key from the config directory.
 FILE_CERT_GROUP = "ambit.io"
@@ -340,3 +352,99 @@ def _parse_secret(meta: Meta, content: Mapping[str, Any]) -> TlsSecret:
     return TlsSecret(
         Meta(meta.name, meta.namespace), _secret_value(content, "tls.crt"), _secret_value(content, "tls.key")
     )
+
+
+# ---- ReferenceGrant (gateway.networking.k8s.io/v1beta1; v1 serves the same objects) ----
+
+REFERENCE_GRANT_API = f"{GROUP}/v1beta1"
+_GRANT_BOUND = 16  # the CRD's maxItems for from and to
+
+
+@dataclass(frozen=True)
+class GrantFrom:
+    group: str
+    kind: str
+    namespace: str
+
+
+@dataclass(frozen=True)
+class GrantTo:
+    group: str
+    kind: str
+    name: str = ""  # "" every object of the kind in the grant's namespace
+
+
+@dataclass(frozen=True)
+class ReferenceGrant:
+    """Lives in the namespace of the referenced objects: lets the `from` kinds of other namespaces refer to
+    the `to` kinds (or one object, by name) of this one. Without one, a cross-namespace reference is
+    refused."""
+
+    meta: Meta
+    from_: tuple[GrantFrom, ...]
+    to: tuple[GrantTo, ...]
+    kind: str = "ReferenceGrant"
+
+
+def _grant_entries(raw: Any, where: str, keys: set[str], required: set[str]) -> list[Mapping[str, Any]]:
+    items = _list(raw, where, required=True)
+    if len(items) > _GRANT_BOUND:
+        raise ResourceError(f"{where}: at most {_GRANT_BOUND} entries")
+    out = []
+    for i, item in enumerate(items):
+        item = _map(item, f"{where}[{i}]")
+        _fields(item, keys, f"{where}[{i}]")
+        for k in sorted(required - {"group"}):
+            _name(item.get(k), f"{where}[{i}].{k}")
+        if not isinstance(item.get("group"), str):
+            raise ResourceError(f'{where}[{i}].group must be a string ("" for the core group)')
+        out.append(item)
+    return out
+
+
+@register("ReferenceGrant", {REFERENCE_GRANT_API, GATEWAY_API})
+def _parse_reference_grant(meta: Meta, spec: Mapping[str, Any]) -> ReferenceGrant:
+    _fields(spec, {"from", "to"}, "spec")
+    froms = _grant_entries(
+        spec.get("from"), "spec.from", {"group", "kind", "namespace"}, {"group", "kind", "namespace"}
+    )
+    tos = _grant_entries(spec.get("to"), "spec.to", {"group", "kind", "name"}, {"group", "kind"})
+    for i, t in enumerate(tos):
+        if "name" in t:
+            _name(t["name"], f"spec.to[{i}].name")
+    return ReferenceGrant(
+        meta,
+        tuple(GrantFrom(f["group"], f["kind"], f["namespace"]) for f in froms),
+        tuple(GrantTo(t["group"], t["kind"], t.get("name", "")) for t in tos),
+    )
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One cross-namespace reference: `from_kind` (a Gateway API kind) in `from_namespace` names `to_kind`
+    (a core kind: Secret, Service) `to_namespace`/`to_name`."""
+
+    from_kind: str
+    from_namespace: str
+    to_kind: str
+    to_namespace: str
+    to_name: str
+
+
+def granting(grants: Iterable[ReferenceGrant], ref: Reference) -> ReferenceGrant | None:
+    """The first grant (by name) that permits `ref`, None if none does. A reference inside one namespace
+    needs none; the caller asks only about the others. Exact matches only: group, kind and namespace of
+    the referrer, group and kind of the target and, when the grant names one, its name."""
+    for g in sorted(grants, key=lambda g: (g.meta.namespace, g.meta.name)):
+        if g.meta.namespace != ref.to_namespace:
+            continue
+        if not any(f == GrantFrom(GROUP, ref.from_kind, ref.from_namespace) for f in g.from_):
+            continue
+        if any(t.group == "" and t.kind == ref.to_kind and t.name in ("", ref.to_name) for t in g.to):
+            return g
+    return None
+
+
+def permitted(grants: Iterable[ReferenceGrant], ref: Reference) -> bool:
+    """Same namespace, or a ReferenceGrant in the target's namespace allows it."""
+    return ref.from_namespace == ref.to_namespace or granting(grants, ref) is not None

@@ -8,13 +8,13 @@ objects, so status never says Programmed for a config the gateway would refuse.
   not ours: the plane neither holds them nor writes their status.
 - Gateway: `Accepted` (it parses) and `Programmed` (the gateway's plan builds); per listener `Accepted`
   (PortUnavailable when another listener has its port), `ResolvedRefs` (InvalidCertificateRef: Secret
-  missing or not a certificate; RefNotPermitted: a Secret in another namespace, which needs a
-  ReferenceGrant this plane does not implement; InvalidRouteKinds), `Programmed`, `attachedRoutes`.
+  missing or not a certificate; RefNotPermitted: a Secret in another namespace that no ReferenceGrant
+  there allows; InvalidRouteKinds), `Programmed`, `attachedRoutes`.
 - HTTPRoute: one `status.parents` entry per parentRef to one of our Gateways (entries of other
   controllers are kept), with `Accepted` (NotAllowedByListeners, NoMatchingParent,
   NoMatchingListenerHostname, UnsupportedValue for a route the parser refuses) and `ResolvedRefs`
-  (RefNotPermitted for a backend in another namespace, InvalidKind for a backend that is not a core
-  Service, BackendNotFound for a Service or port that does not exist).
+  (RefNotPermitted for a backend in another namespace no ReferenceGrant allows, InvalidKind for a
+  backend that is not a core Service, BackendNotFound for a Service or port that does not exist).
 - WafPolicy: `Accepted`, or False with the refusal: the parser's, the gateway's config-time check
   (mgmt/waf_check), or two policies on one target.
 
@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from api.resources.gateway_api import GROUP, Gateway, HTTPRoute
+from api.resources.gateway_api import GROUP, Gateway, HTTPRoute, Reference
 from gateway import config as gwconfig
 from mgmt import waf_check
 from mgmt.store import StoredResource
@@ -172,7 +172,7 @@ class GatewayStatus:
         ("Kind ns/name") was refused."""
         objs = gwconfig.Objects()
         for res in resources.values():
-            if res.kind in ("Gateway", "HTTPRoute", "WafPolicy", "Service", "Secret"):
+            if res.kind in ("Gateway", "HTTPRoute", "WafPolicy", "Service", "Secret", "ReferenceGrant"):
                 gwconfig.add(objs, res.obj)
         out: list[Write] = []
         for name, cls in raw.classes.items():
@@ -286,19 +286,11 @@ class GatewayStatus:
                 supported = [ROUTE_KIND] if any(_is_route_kind(k) for k in wanted) else []
                 if not all(_is_route_kind(k) for k in wanted):
                     resolved = (False, "InvalidRouteKinds", "only HTTPRoute attaches to an ambit gateway")
-            foreign = [
-                r for r in lst.certificate_refs if r.kind == "Secret" and r.namespace != gw.meta.namespace
-            ]
-            if foreign:
-                resolved = (
-                    False,
-                    "RefNotPermitted",
-                    f"Secret {foreign[0].namespace}/{foreign[0].name} is in another namespace "
-                    "(ReferenceGrant is not supported): the plane does not hand it out",
-                )
-            elif resolved[0]:
+            if resolved[0]:
                 try:
                     gwconfig.certificates(gw, lst, objs, None)
+                except gwconfig.RefNotPermitted as exc:
+                    resolved = (False, "RefNotPermitted", str(exc))
                 except gwconfig.GatewayConfigError as exc:
                     resolved = (False, "InvalidCertificateRef", str(exc))
             ok = accepted[0] and resolved[0] and gateway_ok
@@ -443,7 +435,8 @@ def _is_route_kind(kind: Mapping[str, Any]) -> bool:
 def _resolved_refs(
     raw: Mapping[str, Any], route: HTTPRoute | None, objs: gwconfig.Objects
 ) -> tuple[bool, str, str]:
-    """ResolvedRefs of a route: every backendRef a Service of the route's namespace that exists."""
+    """ResolvedRefs of a route: every backendRef a Service that exists, of the route's namespace or of one
+    whose ReferenceGrant allows it."""
     ns, _ = _ident(raw)
     for i, rule in enumerate((raw.get("spec") or {}).get("rules") or ()):
         for ref in (rule or {}).get("backendRefs") or () if isinstance(rule, Mapping) else ():
@@ -455,13 +448,11 @@ def _resolved_refs(
                     "InvalidKind",
                     f"rule {i}: backend {ref.get('kind')} {ref.get('name')}: only core Services",
                 )
-            if ref.get("namespace", ns) != ns:
-                return (
-                    False,
-                    "RefNotPermitted",
-                    f"rule {i}: Service {ref.get('namespace')}/{ref.get('name')} is in another namespace "
-                    "(ReferenceGrant is not supported)",
-                )
+            cross = Reference("HTTPRoute", ns, "Service", str(ref.get("namespace", ns)), str(ref.get("name")))
+            try:
+                gwconfig.ref_not_permitted(objs, cross, f"rule {i}")
+            except gwconfig.RefNotPermitted as exc:
+                return False, "RefNotPermitted", str(exc)
     if route is not None:
         for i in range(len(route.rules)):
             found = gwconfig.backend_addresses(objs, route, i)

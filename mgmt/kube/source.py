@@ -3,9 +3,9 @@
 One Reflector (list + watch) per type: Namespaces, Pods, Services, EndpointSlices, Nodes, ServiceCIDRs, the
 policy CRDs (Istio's AuthorizationPolicy and PeerAuthentication at security.istio.io/v1, or v1beta1 where
 only that is served; ambit.io/v1 RegoPolicy and MeshConfig) and the edge gateway's configuration (Gateway
-API v1 GatewayClass, Gateway, HTTPRoute; ambit.io/v1 WafPolicy; kubernetes.io/tls Secrets, of which only
-those our Gateways' listeners reference are kept). Gateway API status is written from the publish thread
-(mgmt/kube/gateway_status). Each object is translated (mgmt/kube/translate)
+API v1 GatewayClass, Gateway, HTTPRoute, v1beta1 ReferenceGrant; ambit.io/v1 WafPolicy; kubernetes.io/tls
+Secrets, of which only those our Gateways' listeners may reference are kept). Gateway API status is
+written from the publish thread (mgmt/kube/gateway_status). Each object is translated (mgmt/kube/translate)
 into the document the file source would hold and parsed by the same code (mgmt/store.stored), so both
 sources give the store, the scope and the agents identical resources.
 
@@ -29,13 +29,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from api.resources.gateway_api import Reference, permitted
 from mgmt.kube import translate
 from mgmt.kube.events import EventRecorder
 from mgmt.kube.gateway_status import GatewayApiObjects, GatewayStatus, kept, service_addresses
 from mgmt.kube.reflector import Reflector, ResourceType, object_name
 from mgmt.policy_check import POLICY_KINDS, PolicyRejected, check_policy
 from mgmt.policy_status import StatusWriter
-from mgmt.store import ConfigError, ConfigStore, StoredResource, stored
+from mgmt.store import ALLOWS_ONLY, ConfigError, ConfigStore, StoredResource, stored
 
 log = logging.getLogger("ambit.mgmt.kube")
 
@@ -51,14 +52,18 @@ SERVICE_CIDRS = ResourceType("ServiceCIDR", "networking.k8s.io/v1", "servicecidr
 # The edge gateway's configuration (docs/gateway.md): Gateway API v1, ambit's WafPolicy, and the listener
 # certificates. Secrets are watched with a field selector: the API server sends only kubernetes.io/tls
 # ones (no ServiceAccount tokens, no docker configs), and of those the source keeps only the ones a
-# listener of one of our Gateways references in its own namespace (the others' data is dropped on arrival).
+# listener of one of our Gateways references, in its own namespace or in one whose ReferenceGrant allows
+# it (the others' data is dropped on arrival).
 GATEWAY_API = "gateway.networking.k8s.io/v1"
 GATEWAY_CLASSES = ResourceType("GatewayClass", GATEWAY_API, "gatewayclasses")
 GATEWAYS = ResourceType("Gateway", GATEWAY_API, "gateways")
 HTTP_ROUTES = ResourceType("HTTPRoute", GATEWAY_API, "httproutes")
 WAF_POLICIES = ResourceType("WafPolicy", "ambit.io/v1", "wafpolicies")
 TLS_SECRETS = ResourceType("Secret", "v1", "secrets", field_selector=f"type={translate.TLS_SECRET_TYPE}")
-GATEWAY_TYPES = (GATEWAY_CLASSES, GATEWAYS, HTTP_ROUTES, WAF_POLICIES, TLS_SECRETS)
+# Cross-namespace references (a listener's Secret, a route's backend) are followed only while one of these
+# in the target's namespace allows them. v1beta1 is the stored version (v1 serves the same objects).
+REFERENCE_GRANTS = ResourceType("ReferenceGrant", "gateway.networking.k8s.io/v1beta1", "referencegrants")
+GATEWAY_TYPES = (GATEWAY_CLASSES, GATEWAYS, HTTP_ROUTES, WAF_POLICIES, TLS_SECRETS, REFERENCE_GRANTS)
 # What a Gateway's status depends on: a change of one of these recomputes it.
 GATEWAY_INPUTS = frozenset({t.kind for t in GATEWAY_TYPES} | {"Service"})
 ISTIO_SECURITY = "security.istio.io"
@@ -129,7 +134,7 @@ class KubeSource:
         self._gw = GatewayApiObjects()  # Gateway API objects as the API server has them (status included)
         self._secret_refs: set[str] = set()  # "ns/name" of the Secrets our Gateways' listeners reference
         self._secrets_dropped: set[str] = set()  # TLS Secrets seen but not kept (no listener refers to them)
-        self._foreign_refs: set[str] = set()  # listener references to another namespace's Secret (refused)
+        self._foreign_refs: set[str] = set()  # listener references to another namespace's Secret, ungranted
         self._waf_refused: dict[str, str] = {}  # WafPolicy "ns/name" -> why it is refused (publish thread)
         self._gateway_dirty = False
         self._secrets_relist_since: float | None = None  # monotonic time a relist of the Secrets was asked
@@ -260,7 +265,7 @@ class KubeSource:
             self._gw.services.pop(name, None)
         if rtype.kind in GATEWAY_INPUTS:
             self._gateway_dirty = True
-        if rtype.kind in ("GatewayClass", "Gateway", "HTTPRoute", "WafPolicy"):
+        if rtype.kind in ("GatewayClass", "Gateway", "HTTPRoute", "WafPolicy", "ReferenceGrant"):
             self._delete_gateway_api(rtype.kind, name)
             return
         if rtype.kind == "Secret":
@@ -281,6 +286,13 @@ class KubeSource:
         if kind == "Secret":
             self._set_secret(name, obj)
             return
+        if kind == "ReferenceGrant":  # no status of its own; which Secrets may be held may have changed
+            self._set(kind, name, translate.policy(obj), obj)
+            if kind in ALLOWS_ONLY and f"{kind} {name}" in self._invalid:
+                # A grant allows: unlike a policy, a broken edit revokes it rather than keep its last version.
+                self._resources.pop(_resource_key(kind, name), None)
+            self._refresh_secret_refs()
+            return
         self._raw_bucket(kind)[name] = kept(obj)
         if kind == "GatewayClass":  # which Gateways are ours may have changed
             for gw in list(self._gw.gateways):
@@ -291,6 +303,10 @@ class KubeSource:
             self._set(kind, name, translate.policy(obj), obj)
 
     def _delete_gateway_api(self, kind: str, name: str) -> None:
+        if kind == "ReferenceGrant":  # a revoked grant: the Secret it allowed is dropped at once
+            self._set(kind, name, None, None)
+            self._refresh_secret_refs()
+            return
         self._raw_bucket(kind).pop(name, None)
         if kind == "GatewayClass":
             for gw in list(self._gw.gateways):
@@ -316,16 +332,18 @@ class KubeSource:
             self._set("Secret", name, None, None)
 
     def _refresh_secret_refs(self) -> None:
-        """Which Secrets the held Gateways reference (in their own namespace only: another namespace's
-        Secret would need a ReferenceGrant). One newly referenced that was seen and dropped is read
-        again by a relist of the Secrets; one no longer referenced is forgotten."""
+        """Which Secrets the held Gateways may reference (in their own namespace, or in one whose held
+        ReferenceGrant allows it). One newly referenced that was seen and dropped is read again by a
+        relist of the Secrets; one no longer referenced (or no longer granted) is forgotten."""
         refs: set[str] = set()
         foreign: set[str] = set()
+        grants = [r.obj for r in self._resources.values() if r.kind == "ReferenceGrant"]
         for res in self._resources.values():
             if res.kind != "Gateway":
                 continue
             for ref in (r for lst in res.obj.listeners for r in lst.certificate_refs if r.kind == "Secret"):
-                if ref.namespace == res.obj.meta.namespace:
+                cross = Reference("Gateway", res.obj.meta.namespace, "Secret", ref.namespace, ref.name)
+                if permitted(grants, cross):
                     refs.add(f"{ref.namespace}/{ref.name}")
                 else:
                     foreign.add(
@@ -333,7 +351,7 @@ class KubeSource:
                     )
         for refused in foreign - self._foreign_refs:  # once per reference, not per event
             self._counters["secret_refs_refused"] += 1
-            log.warning("kube: %s not held: a Secret of another namespace needs a ReferenceGrant", refused)
+            log.warning("kube: %s not held: no ReferenceGrant in its namespace allows it", refused)
         self._foreign_refs = foreign
         if refs == self._secret_refs:
             return

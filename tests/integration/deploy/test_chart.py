@@ -122,6 +122,7 @@ def test_cluster_role_grants_what_the_plane_uses_and_nothing_else(
             ("watch", "gatewayclasses.gateway.networking.k8s.io"),
             ("watch", "gateways.gateway.networking.k8s.io"),
             ("watch", "httproutes.gateway.networking.k8s.io"),
+            ("watch", "referencegrants.gateway.networking.k8s.io"),
             ("watch", "secrets"),
             ("create", "tokenreviews.authentication.k8s.io"),
             ("create", "events"),
@@ -141,6 +142,7 @@ def test_cluster_role_grants_what_the_plane_uses_and_nothing_else(
             ("list", "configmaps"),
             ("create", "secrets"),
             ("delete", "gateways.gateway.networking.k8s.io"),
+            ("create", "referencegrants.gateway.networking.k8s.io"),  # read only: users grant, not us
         ]:
             assert not can(verb, resource), f"may {verb} {resource}"
     finally:

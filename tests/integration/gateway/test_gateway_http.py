@@ -397,3 +397,60 @@ def test_metrics_endpoint(tmp_path: Path, backends: tuple[Backend, Backend]) -> 
         == 1
     )
     assert samples[("ambit_gateway_requests_total", ())] == 2
+
+
+def test_a_certificate_of_another_namespace_serves_only_while_granted(
+    tmp_path: Path, backends: tuple[Backend, Backend]
+) -> None:
+    from gateway.server import load_plan
+    from tests.gateway_fixtures import reference_grant_doc, tls_secret_doc
+
+    ca_pem, certs = tls_material(["bank.example"])
+    https_port, http_port = free_port(), free_port()
+    listeners = [
+        {
+            "name": "https",
+            "port": https_port,
+            "protocol": "HTTPS",
+            "tls": {"certificateRefs": [{"kind": "Secret", "name": "bank-tls", "namespace": "bank"}]},
+        },
+        {"name": "http", "port": http_port, "protocol": "HTTP"},
+    ]
+    docs = [
+        gateway_doc(listeners),
+        tls_secret_doc("bank-tls", "bank", *certs["bank.example"]),
+        service_doc("shop", backends[0].port),
+        route_doc("shop", "shop"),
+    ]
+    grant = reference_grant_doc("edge-certs", "bank", "Gateway", "default", "Secret", to_name="bank-tls")
+    ctx = ssl.create_default_context(cadata=ca_pem.decode())
+
+    def over_tls() -> int:
+        with (
+            socket.create_connection(("127.0.0.1", https_port)) as raw,
+            ctx.wrap_socket(raw, server_hostname="bank.example") as tls,
+        ):
+            tls.sendall(GET % (b"/ok", b"bank.example"))
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+            return status_of(data)
+
+    with running_gateway(write_config(tmp_path / "granted", [*docs, grant])) as server:
+        assert over_tls() == 200 and status_of(get(http_port, b"/ok")) == 200
+        # The grant removed: the next config refuses the https listener alone, which keeps its port and
+        # closes every connection (counted), never serving it in the clear; http keeps serving.
+        revoked = load_plan(write_config(tmp_path / "revoked", docs))
+        assert revoked.listeners[0].refused and "no ReferenceGrant" in revoked.listeners[0].refused
+        server.reload(revoked)
+        refused = server.gateway.counters()["conns_refused"]
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            over_tls()
+        with socket.create_connection(("127.0.0.1", https_port)) as raw:
+            raw.sendall(GET % (b"/ok", b"bank.example"))
+            with contextlib.suppress(ConnectionResetError):
+                assert raw.recv(100) == b""
+        assert server.gateway.counters()["conns_refused"] >= refused + 2
+        assert status_of(get(http_port, b"/ok")) == 200
+        server.reload(load_plan(write_config(tmp_path / "granted", [*docs, grant])))
+        assert over_tls() == 200

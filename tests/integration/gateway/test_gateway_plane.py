@@ -4,8 +4,8 @@ memory), pulls its scoped config over the relay, serves it (plain and HBONE back
 the plane-issued identity), follows config changes with a versioned ACK, NACKs a bad WafPolicy with its
 reason while the old config keeps serving, renews its certificate and follows a root rotation. Refusals:
 wrong, expired, reused and misbound tokens, unknown Gateways, a gateway asking for another Gateway, for a
-Lookup, for another identity's certificate, and a listener Secret in another namespace: each refused,
-counted and audited."""
+Lookup, for another identity's certificate, and a listener Secret in another namespace without a
+ReferenceGrant: each refused, counted and audited (and the Secret sent only while a grant allows it)."""
 
 from __future__ import annotations
 
@@ -400,43 +400,66 @@ def test_a_gateway_gets_its_own_gateway_only(plane: Plane) -> None:
     assert codes == ["PERMISSION_DENIED", "UNAUTHENTICATED"]  # another's certificate; no gateway at all
 
 
-def test_a_secret_of_another_namespace_is_refused(plane: Plane) -> None:
+def test_a_secret_of_another_namespace_is_sent_only_while_a_reference_grant_allows_it(plane: Plane) -> None:
+    import base64
+
+    from tests.gateway_fixtures import reference_grant_doc, tls_material, tls_secret_doc
+
     tls = {
         "name": "https",
         "port": 8443,
         "protocol": "HTTPS",
         "tls": {"certificateRefs": [{"kind": "Secret", "name": "bank-tls", "namespace": "bank"}]},
     }
-    secret = {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": "bank-tls", "namespace": "bank"},
-        "type": "kubernetes.io/tls",
-        "stringData": {"tls.crt": "x", "tls.key": "PRIVATE-KEY-MATERIAL"},
-    }
+    http = {"name": "http", "port": plane.gateway_port, "protocol": "HTTP"}
+    chain, key = tls_material(["bank.example"])[1]["bank.example"]
+    secret = tls_secret_doc("bank-tls", "bank", chain, key)
+    grant = reference_grant_doc("edge-certs", "bank", "Gateway", "shop", "Secret", to_name="bank-tls")
+    near_miss = reference_grant_doc("elsewhere", "bank", "Gateway", "bank", "Secret")  # not from shop
     docs = [d for d in plane.docs() if d["metadata"]["name"] != "edge" or d["kind"] != "Gateway"]
-    plane.write([*docs, _gateway("edge", [tls]), secret])
-    _wait(lambda: plane.store.current.resources.get("Secret/bank/bank-tls"), "the Secret in the store")
-    errors: list[str] = []
+    docs = [*docs, _gateway("edge", [http, tls]), secret]
+    plane.write([*docs, near_miss])
+    _wait(lambda: plane.store.current.resources.get("ReferenceGrant/bank/elsewhere"), "the store")
+    plans: dict[int, gwconfig.GatewayPlan] = {}
+    secrets: dict[int, list[str]] = {}
 
     def validate(snapshot: Any) -> None:
-        assert not [o for o in snapshot.policies if o.kind == "Secret"]  # never sent
-        try:
-            gwconfig.plan(objects_of(snapshot), GATEWAY)
-        except gwconfig.GatewayConfigError as exc:
-            errors.append(str(exc))
-            raise
+        secrets[snapshot.version] = [o.meta.name for o in snapshot.policies if o.kind == "Secret"]
+        plans[snapshot.version] = gwconfig.plan(objects_of(snapshot), GATEWAY)
+
+    def acked(version: int) -> bool:
+        row = _row(plane)
+        return row.get("acked_version") == version and version in plans
 
     client = _gateway_client(plane, validate)
     try:
-        _wait(lambda: _row(plane).get("state") == "NACKED", "the NACK")
+        v1 = plane.store.current.version
+        _wait(lambda: acked(v1), "the first ACK")
+        # Not granted: the Secret is not sent; the listener alone is refused (the http one keeps serving).
+        assert secrets[v1] == []
+        https = plans[v1].listeners[1]
+        assert https.refused and not https.certificates and "no ReferenceGrant" in https.refused
+        assert not plans[v1].listeners[0].refused
+        assert plane.server.relay.counters()["references_refused"] >= 1
+        record = plane.audit("gateway_reference_refused")[-1]
+        assert record["target"] == "bank/bank-tls" and record["identity"] == GATEWAY_ID
+        # Granted: the next version carries the Secret and the listener serves its certificate.
+        plane.write([*docs, near_miss, grant])
+        _wait(lambda: plane.store.current.version > v1, "the grant in the store")
+        v2 = plane.store.current.version
+        _wait(lambda: acked(v2), "the granted version")
+        assert secrets[v2] == ["bank-tls"]
+        assert plans[v2].listeners[1].certificates[0].names == ("bank.example",)
+        # Revoked: the next version no longer has it.
+        plane.write([*docs, near_miss])
+        _wait(lambda: plane.store.current.version > v2, "the revocation in the store")
+        v3 = plane.store.current.version
+        _wait(lambda: acked(v3), "the revoked version")
+        assert secrets[v3] == [] and plans[v3].listeners[1].refused
     finally:
         client.stop()
-    assert "Secret bank/bank-tls not found" in errors[0]
-    assert plane.server.relay.counters()["references_refused"] >= 1
-    record = plane.audit("gateway_reference_refused")[-1]
-    assert record["target"] == "bank/bank-tls" and record["identity"] == GATEWAY_ID
-    assert "PRIVATE-KEY-MATERIAL" not in plane.audit_path.read_text()
+    assert base64.b64encode(key).decode() not in plane.audit_path.read_text()
+    assert b"PRIVATE" not in plane.audit_path.read_bytes()
 
 
 def test_a_stream_ends_when_its_identity_no_longer_serves_the_gateway(plane: Plane) -> None:

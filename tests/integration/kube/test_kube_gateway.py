@@ -23,6 +23,7 @@ from agent.lab import kube
 from gateway import config as gwconfig
 from mgmt.kube.gateway_status import CONTROLLER_NAME
 from mgmt.store import ConfigSnapshot
+from tests.gateway_fixtures import reference_grant_doc
 from tests.kube_fixtures import SYNC_TIMEOUT, KubePlane, unique
 from tests.relay_fixtures import relay_client, wait_until
 
@@ -490,3 +491,59 @@ def test_the_secrets_informer_is_sent_tls_secrets_only(kube_plane: KubePlane) ->
         assert f"{ns}/opaque" not in seen
     finally:
         reflector.stop()
+
+
+def test_a_reference_grant_permits_cross_namespace_refs_until_deleted(kube_plane: KubePlane) -> None:
+    ns, cls = _setup(kube_plane)
+    bank = unique("bank")
+    kube.ensure_namespace(kube_plane.api.client(), bank)
+    _service(kube_plane, bank, "pay")
+    gateway = _gateway(ns, cls, "bank-tls")
+    gateway["spec"]["listeners"][0]["tls"]["certificateRefs"][0]["namespace"] = bank
+    route = _route(ns, "pay", {"name": "pay", "namespace": bank, "port": 80})
+    # A grant from the wrong namespace allows nothing here.
+    wrong = reference_grant_doc("wrong", bank, "Gateway", bank, "Secret")
+    _apply(kube_plane, _secret(bank, "bank-tls", "shop.example"), gateway, route, wrong)
+
+    def https() -> dict[str, tuple[str, str]]:
+        status = _get(kube_plane, "gateway", ns, "edge").get("status") or {}
+        found = [lst for lst in status.get("listeners") or () if lst["name"] == "https"]
+        return _conditions(found[0]) if found else {}
+
+    def states(want: str) -> bool:
+        expected = ("True", "ResolvedRefs") if want == "granted" else ("False", "RefNotPermitted")
+        return (
+            https().get("ResolvedRefs") == expected
+            and _parent(kube_plane, ns, "pay").get("ResolvedRefs") == expected
+        )
+
+    assert wait_until(lambda: states("refused"), SYNC_TIMEOUT), (https(), kube_plane.source.counters())
+    assert _held(kube_plane, f"Secret/{bank}/bank-tls") is None
+    assert kube_plane.source.counters()["secret_refs_refused"] >= 1
+    _apply(
+        kube_plane,
+        reference_grant_doc("certs", bank, "Gateway", ns, "Secret"),
+        reference_grant_doc("backends", bank, "HTTPRoute", ns, "Service"),
+    )
+    assert wait_until(lambda: states("granted"), SYNC_TIMEOUT), (https(), _parent(kube_plane, ns, "pay"))
+    assert _held(kube_plane, f"Secret/{bank}/bank-tls") is not None
+    assert _conditions(_get(kube_plane, "gateway", ns, "edge")["status"])["Programmed"] == (
+        "True",
+        "Programmed",
+    )
+    # An edit the parser refuses (the CRD's schema lets none through; delivered here as the watch would)
+    # revokes the grant at once: a grant is an allow, so no last valid version stays in force.
+    from mgmt.kube.source import REFERENCE_GRANTS
+
+    broken = reference_grant_doc("certs", bank, "Gateway", ns, "Secret", to_name="bank-tls")
+    broken["spec"]["to"][0]["name"] = ""
+    kube_plane.source.apply(REFERENCE_GRANTS, "MODIFIED", broken)
+    assert wait_until(lambda: _held(kube_plane, f"Secret/{bank}/bank-tls") is None, SYNC_TIMEOUT)
+    assert _held(kube_plane, f"ReferenceGrant/{bank}/certs") is None
+    # A real edit (now naming the Secret) is valid again.
+    _apply(kube_plane, reference_grant_doc("certs", bank, "Gateway", ns, "Secret", to_name="bank-tls"))
+    assert wait_until(lambda: _held(kube_plane, f"Secret/{bank}/bank-tls") is not None, SYNC_TIMEOUT)
+    kube_plane.api.kubectl_run("delete", "-n", bank, "referencegrant/certs", "referencegrant/backends")
+    assert wait_until(lambda: states("refused"), SYNC_TIMEOUT), (https(), _parent(kube_plane, ns, "pay"))
+    assert wait_until(lambda: _held(kube_plane, f"Secret/{bank}/bank-tls") is None, SYNC_TIMEOUT)
+    kube_plane.api.kubectl_run("delete", "gatewayclass", cls)

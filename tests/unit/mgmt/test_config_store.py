@@ -276,3 +276,24 @@ def test_invalid_document_logged_once_until_it_changes(
         bad.write_text("kind: Nope2\n")
         store.load()
         assert len([r for r in caplog.records if "skipped invalid document" in r.message]) == 2
+
+
+def test_a_reference_grant_that_turns_invalid_is_revoked_not_kept(tmp_path: Path) -> None:
+    """A grant only allows: its fail-closed side is to drop it, whether its document or its file broke."""
+    from tests.gateway_fixtures import reference_grant_doc
+
+    store = _store(tmp_path)
+    path = tmp_path / "config" / "grants.yaml"
+    grant = reference_grant_doc("certs", "bank", "Gateway", "shop", "Secret")
+    write_docs(path, [grant])
+    assert store.load() == []
+    assert "ReferenceGrant/bank/certs" in store.current.resources
+    grant["spec"]["to"][0]["name"] = ""
+    write_docs(path, [grant])
+    assert [e.key for e in store.load()] == ["ReferenceGrant/bank/certs"]
+    assert "ReferenceGrant/bank/certs" not in store.current.resources
+    write_docs(path, [reference_grant_doc("certs", "bank", "Gateway", "shop", "Secret")])
+    assert store.load() == [] and "ReferenceGrant/bank/certs" in store.current.resources
+    path.write_text(path.read_text() + "---\nkind: [unclosed\n")
+    assert len(store.load()) == 1
+    assert "ReferenceGrant/bank/certs" not in store.current.resources
