@@ -29,7 +29,7 @@ TOP = 64 * 1024
 
 _NETNS_SETUP = (
     "ip link set lo up && sysctl -qw net.ipv4.ip_local_port_range='1024 65535' net.ipv4.tcp_tw_reuse=1 "
-    "net.ipv4.tcp_max_tw_buckets=16384 && exec \"$0\" -m tests.bench.bench_soak --json"
+    'net.ipv4.tcp_max_tw_buckets=16384 && exec "$0" -m tests.bench.bench_soak --json'
 )
 
 
