@@ -200,11 +200,14 @@ class BootstrapServer:
     def start(self) -> None:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="bootstrap"))
         ca_pb2_grpc.add_BootstrapServicer_to_server(self.service, server)
-        self.port = server.add_secure_port(
-            self._listen, plane_server_credentials(self._ca, require_client_auth=False)
-        )
+        try:  # grpcio reports a failed bind as RuntimeError (older releases: port 0)
+            self.port = server.add_secure_port(
+                self._listen, plane_server_credentials(self._ca, require_client_auth=False)
+            )
+        except RuntimeError:
+            self.port = 0
         if not self.port:
-            raise OSError(f"bootstrap: cannot listen on {self._listen}")
+            raise OSError(f"bootstrap: cannot listen on {self._listen} (address in use or not local)")
         server.start()
         self._server = server
         log.info("bootstrap listening on %s (port %d)", self._listen, self.port)

@@ -203,7 +203,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        plane.start()
+        try:
+            plane.start()
+        except OSError as exc:  # a listener could not bind: one line, not a traceback
+            print(f"ambit mgmt: {exc}", file=sys.stderr)
+            return 1
         # Timed waits: a signal the kernel hands to another thread runs its Python handler only once the
         # main thread executes bytecode again.
         while not stop.wait(0.2):

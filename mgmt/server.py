@@ -84,9 +84,12 @@ class MgmtServer:
         for add in extra_services:
             add(self._server)
         credentials = plane_server_credentials(ca, require_client_auth=True)
-        self.port = self._server.add_secure_port(listen, credentials)
+        try:  # grpcio reports a failed bind as RuntimeError (older releases: port 0)
+            self.port = self._server.add_secure_port(listen, credentials)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {listen}")
+            raise OSError(f"cannot listen on {listen} (address in use or not local)")
 
     def start(self) -> None:
         self._server.start()

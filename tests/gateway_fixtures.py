@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from gateway.server import GatewayServer, ServerOptions, load_plan
+from tests.ports import unused_port
 
 # Listening sockets reserved by free_port(), handed to the gateway by running_gateway: the port stays ours
 # from the moment the test writes it into a config (other jobs on the machine cannot take it meanwhile).
@@ -31,9 +32,7 @@ def free_port() -> int:
 
 def closed_port() -> int:
     """A port nobody listens on now, for servers that bind by themselves (or for "nothing there")."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return unused_port()
 
 
 def gateway_doc(listeners: list[dict[str, Any]], name: str = "edge") -> dict[str, Any]:

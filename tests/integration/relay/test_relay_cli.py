@@ -15,6 +15,7 @@ from pathlib import Path
 from agent.identity.bootstrap import join
 from agent.relay.client import RelayClient
 from mgmt.server import SERVER_NAME
+from tests.ports import unused_port
 from tests.relay_fixtures import Recorder, workload_doc, write_docs, write_mesh
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -51,7 +52,7 @@ def mgmt_process(tmp: Path, args: list[str]) -> Iterator[tuple[subprocess.Popen[
 def test_join_pull_kill_restart(tmp_path: Path) -> None:
     config, state = tmp_path / "config", tmp_path / "state"
     write_mesh(config)
-    relay_port = _free_port()
+    relay_port = unused_port()
     common = ["--config-dir", str(config), "--state-dir", str(state), "--listen", f"127.0.0.1:{relay_port}"]
     with mgmt_process(tmp_path, [*common, "--bootstrap-listen", "127.0.0.1:0", "--join-token", "node-1"]) as (
         proc,
@@ -99,9 +100,20 @@ def _count(snapshot) -> int:  # type: ignore[no-untyped-def]
     )
 
 
-def _free_port() -> int:
+def test_a_taken_listen_address_is_a_one_line_error(tmp_path: Path) -> None:
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    config = tmp_path / "cfg"
+    config.mkdir()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "mgmt", "--config-dir", str(config), "--state-dir",
+             str(tmp_path / "state"), "--listen", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert proc.returncode == 1
+    assert f"ambit mgmt: cannot listen on 127.0.0.1:{port}" in proc.stderr
+    assert "Traceback" not in proc.stderr
