@@ -320,25 +320,18 @@ static void *loop_main(void *arg)
     return NULL;
 }
 
-/* Only a post to an empty queue wakes the loop: a non-empty queue's first command was posted with a wake
- * the loop has not yet answered with its take (on_wake reads the eventfd before it takes the whole queue,
- * and that post's write follows its append), so the take that runs it runs this one too. A burst of
- * commands (the proxy's accept_connects of one event drain) costs one eventfd write, not one each. */
 void loop_post(ambit_loop *l, acmd *c)
 {
     c->next = NULL;
     pthread_mutex_lock(&l->cmd_lock);
-    int was_empty = l->cmd_head == NULL;
     if (l->cmd_tail)
         l->cmd_tail->next = c;
     else
         l->cmd_head = c;
     l->cmd_tail = c;
     pthread_mutex_unlock(&l->cmd_lock);
-    if (was_empty) {
-        uint64_t one = 1;
-        (void)!write(l->wakefd, &one, sizeof(one));
-    }
+    uint64_t one = 1;
+    (void)!write(l->wakefd, &one, sizeof(one));
 }
 
 void loop_post_cmd(ambit_engine *e, uint64_t id, acmd *c) { loop_post(&e->loops[id % (uint64_t)e->nloops], c); }
