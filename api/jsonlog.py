@@ -18,7 +18,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -125,17 +125,43 @@ def utc_iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(ms // 1000)) + f"{ms % 1000:03d}Z"
 
 
+# One encoder for every line (json.dumps with options builds a new one per call); it holds no state.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_batching = threading.local()  # .logs: the deferrable JsonLogs written in this thread's `batched()`
+
+
+@contextlib.contextmanager
+def batched() -> Iterator[None]:
+    """Within this block, this thread's writes to deferrable JsonLogs (access logs) are flushed once at
+    its end instead of once per record: one write(2) per event drain, not per connection. Lines stay in
+    the process (the file object's buffer) only until the block ends; audit logs are never deferred."""
+    if getattr(_batching, "logs", None) is not None:  # nested: the outer block flushes
+        yield
+        return
+    logs: set[JsonLog] = set()
+    _batching.logs = logs
+    try:
+        yield
+    finally:
+        _batching.logs = None
+        for one in logs:
+            one.flush()
+
+
 class JsonLog:
     """Appends one JSON object per line to `path`; thread-safe; rotates to path.1..path.N by size.
 
     A failing disk never breaks the caller: write errors are counted (`.errors`) and logged once per
-    burst, and the record is dropped.
+    burst, and the record is dropped. `deferrable`: a write inside `batched()` is flushed at its end.
     """
 
-    def __init__(self, path: str | Path, max_bytes: int = 50 * 1024 * 1024, backups: int = 3) -> None:
+    def __init__(
+        self, path: str | Path, max_bytes: int = 50 * 1024 * 1024, backups: int = 3, deferrable: bool = False
+    ) -> None:
         if max_bytes <= 0 or backups < 0:
             raise ValueError("max_bytes must be > 0 and backups >= 0")
         self.path = Path(path)
+        self.deferrable = deferrable
         self.max_bytes = max_bytes
         self.backups = backups
         self.records = 0
@@ -146,7 +172,7 @@ class JsonLog:
         self._failing = False
 
     def write(self, record: Mapping[str, Any]) -> None:
-        line = json.dumps(redact(record), separators=(",", ":"), ensure_ascii=False) + "\n"
+        line = _ENCODER.encode(redact(record)) + "\n"
         size = len(line.encode("utf-8"))
         with self._lock:
             try:
@@ -154,16 +180,33 @@ class JsonLog:
                 if self._size and self._size + size > self.max_bytes:
                     out = self._rotate()
                 out.write(line)
-                out.flush()
+                batch = getattr(_batching, "logs", None) if self.deferrable else None
+                if batch is None:
+                    out.flush()
+                else:
+                    batch.add(self)
                 self._size += size
                 self.records += 1
                 self._failing = False
             except OSError as exc:
-                self.errors += 1
-                self._close()
-                if not self._failing:
-                    log.error("cannot write log %s: %s (records dropped until it recovers)", self.path, exc)
-                self._failing = True
+                self._failed(exc)
+
+    def flush(self) -> None:
+        """Write out what `batched()` deferred (a failure: counted and logged as a failed write)."""
+        with self._lock:
+            if self._out is None:
+                return
+            try:
+                self._out.flush()
+            except OSError as exc:
+                self._failed(exc)
+
+    def _failed(self, exc: OSError) -> None:
+        self.errors += 1
+        self._close()
+        if not self._failing:
+            log.error("cannot write log %s: %s (records dropped until it recovers)", self.path, exc)
+        self._failing = True
 
     def close(self) -> None:
         with self._lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -43,6 +44,8 @@ class SpiffeId:
 
     @classmethod
     def workload(cls, trust_domain: str, namespace: str, service_account: str) -> SpiffeId:
+        if cls is SpiffeId:  # the proxy asks this per stream (source and destination): parsed once
+            return _workload_id(trust_domain, namespace, service_account)
         return cls.parse(f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
 
     @classmethod
@@ -126,3 +129,8 @@ def leaf_spiffe_id(cert: x509.Certificate) -> SpiffeId:
     if constraints is not None and constraints.ca:
         raise ValueError("a CA certificate (CA:true) was presented as an end-entity identity")
     return spiffe_id_of(cert)
+
+
+@functools.lru_cache(maxsize=4096)  # bounded; SpiffeId is immutable, a failed parse is not cached
+def _workload_id(trust_domain: str, namespace: str, service_account: str) -> SpiffeId:
+    return SpiffeId.parse(f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")

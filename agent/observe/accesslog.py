@@ -37,7 +37,7 @@ class AccessLog:
         self, path: str | Path, log_start: bool = False, max_bytes: int = 50 * 1024 * 1024, backups: int = 3
     ) -> None:
         self.log_start = log_start
-        self._log = JsonLog(path, max_bytes=max_bytes, backups=backups)
+        self._log = JsonLog(path, max_bytes=max_bytes, backups=backups, deferrable=True)
 
     @property
     def path(self) -> Path:

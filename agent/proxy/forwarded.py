@@ -14,6 +14,7 @@ Whether a well-formed claim is believed is `believe` (docs/proxy.md, "Source add
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -102,17 +103,38 @@ def _node(node: str, quoted: bool) -> tuple[str, int | None]:
         port = int(port_text)
     if "%" in text:
         raise ForwardedError("forwarded address has a zone")
+    address, fault = _address(text, version)
+    if fault is _Fault.NOT_AN_IP:
+        raise ForwardedError(f"forwarded node is not an IP address: {node[:64]!r}")
+    if fault is _Fault.BRACKETING:
+        raise ForwardedError(f"forwarded node {node[:64]!r}: IPv6 must be bracketed, IPv4 must not")
+    if fault is _Fault.NOT_A_POD:
+        raise ForwardedError(f"forwarded address {address} cannot be a pod")
+    return address, port
+
+
+class _Fault(enum.Enum):
+    NONE = "none"
+    NOT_AN_IP = "not_an_ip"
+    BRACKETING = "bracketing"
+    NOT_A_POD = "not_a_pod"
+
+
+@functools.lru_cache(maxsize=4096)  # a peer claims the same few pod addresses stream after stream
+def _address(text: str, version: int) -> tuple[str, _Fault]:
+    """(`text` normalized, what is wrong with it as a pod's address of IP `version`): a pure function of
+    its arguments, so its verdicts, refusals included, are cached."""
     try:
         addr = ipaddress.ip_address(text)
     except ValueError:
-        raise ForwardedError(f"forwarded node is not an IP address: {node[:64]!r}") from None
+        return text, _Fault.NOT_AN_IP
     if addr.version != version:
-        raise ForwardedError(f"forwarded node {node[:64]!r}: IPv6 must be bracketed, IPv4 must not")
+        return text, _Fault.BRACKETING
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped  # a dual-stack socket's view of an IPv4 client: policies see the IPv4 address
     if addr.is_unspecified or addr.is_loopback or addr.is_multicast:
-        raise ForwardedError(f"forwarded address {addr} cannot be a pod")
-    return addr.compressed, port
+        return str(addr), _Fault.NOT_A_POD
+    return addr.compressed, _Fault.NONE
 
 
 class ClaimView(Protocol):

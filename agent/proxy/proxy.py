@@ -22,6 +22,7 @@ from agent.proxy.status import closed_flags, refused_stream_flags
 from agent.proxy.table import ConnectionTable, Entry, Path, towards_destination
 from agent.proxy.tls import ProxyCredentials, TlsContexts
 from agent.redirect.marks import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
+from api.jsonlog import batched
 from native.engine import Ending, Engine, EngineError, Event, ending
 
 log = logging.getLogger("ambit.proxy")
@@ -250,6 +251,10 @@ class Proxy:
     # --- engine events (control loop thread, lock held) -----------------------------------------
 
     def _drain_events(self) -> None:
+        with batched():  # the access log lines of this drain's records: one write, at its end
+            self._drain_batch()
+
+    def _drain_batch(self) -> None:
         while True:
             events = self._rt.engine.events(EVENT_BATCH)
             for ev in events:

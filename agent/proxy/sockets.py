@@ -8,6 +8,7 @@ handed to the engine once the kernel reports it established (SO_ERROR == 0).
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import re
 import socket
@@ -95,6 +96,7 @@ def format_authority(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
+@functools.lru_cache(maxsize=4096)  # streams to a pod name the same few authorities; refusals: not cached
 def parse_authority(text: str) -> tuple[str, int]:
     """Parse a CONNECT authority that must be a literal IP and a port (HBONE never carries host names)."""
     if len(text) > 64:

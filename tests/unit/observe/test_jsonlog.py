@@ -1,4 +1,4 @@
-"""api.jsonlog: redaction of keys and tokens, rotation, concurrent writers, failing disks."""
+"""api.jsonlog: redaction of keys and tokens, rotation, concurrent writers, failing disks, batched flushes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import threading
 from pathlib import Path
 
-from api.jsonlog import REDACTED, JsonLog, redact, secret_name, utc_iso
+from api.jsonlog import REDACTED, JsonLog, batched, redact, secret_name, utc_iso
 
 PEM_KEY = "\n".join(
     [
@@ -104,3 +104,24 @@ def test_unwritable_path_is_counted_not_raised(tmp_path: Path) -> None:
     log.write({"a": 1})
     log.write({"a": 2})
     assert log.errors == 2 and log.records == 0
+
+
+def test_batched_defers_only_deferrable_logs_to_the_end_of_the_block(tmp_path: Path) -> None:
+    access = JsonLog(tmp_path / "access.log", deferrable=True)
+    audit = JsonLog(tmp_path / "audit.log")
+    with batched():
+        access.write({"n": 1})
+        with batched():  # nested: the outer block flushes
+            access.write({"n": 2})
+        audit.write({"n": 3})
+        assert not (tmp_path / "access.log").read_text()  # one write(2) for the batch, at its end
+        assert (tmp_path / "audit.log").read_text().count("\n") == 1  # audit records: never deferred
+        seen: list[str] = []
+        other = threading.Thread(target=lambda: (access.write({"n": 4}), seen.append("done")))
+        other.start()
+        other.join()  # another thread's write is flushed at once (and with it what this one buffered)
+        assert seen == ["done"]
+    lines = [json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()]
+    assert [r["n"] for r in lines] == [1, 2, 4] and access.records == 3
+    access.write({"n": 5})  # outside a batch: flushed per record again
+    assert (tmp_path / "access.log").read_text().count("\n") == 4

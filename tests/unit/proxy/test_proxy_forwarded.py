@@ -123,8 +123,19 @@ def test_claim_fields(value: str, claim: Forwarded) -> None:
     ],
 )
 def test_refused(value: str) -> None:
-    with pytest.raises(ForwardedError):
-        parse_forwarded_for(value)
+    for _ in range(2):  # the address verdicts are cached: a refusal stays a refusal the second time
+        with pytest.raises(ForwardedError):
+            parse_forwarded_for(value)
+
+
+def test_cached_address_verdicts_keep_the_claims_own_port_and_text() -> None:
+    assert parse_forwarded('for="10.1.2.3:40000"') == Forwarded("10.1.2.3", 40000)
+    assert parse_forwarded('for="10.1.2.3:40001"') == Forwarded("10.1.2.3", 40001)  # same address, cached
+    assert parse_forwarded('for="[::ffff:10.1.2.3]:7"') == Forwarded("10.1.2.3", 7)
+    for value, why in (('for="[::1]:7"', "::1 cannot be a pod"), ('for="[10.1.2.3]"', "must be bracketed")):
+        for _ in range(2):
+            with pytest.raises(ForwardedError, match=why):
+                parse_forwarded(value)
 
 
 def test_what_the_engine_sends_parses_back() -> None:
