@@ -17,7 +17,8 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -133,17 +134,21 @@ ROWS = (  # name, unit, baseline
 )
 
 
-def run() -> list[dict[str, Any]]:
-    prefix = "ba" + uuid.uuid4().hex[:4] + "-"
-    with tempfile.TemporaryDirectory(prefix="ambit-bench-agent-") as tmp:
+@contextmanager
+def lab_mesh(name: str, subdirs: Mapping[str, str] | None = None) -> Iterator[tuple[LabPlan, Path]]:
+    """A 2-node lab mesh (2 pods a node) under a temporary state directory of its own; `subdirs` sets more
+    environment variables to directories inside it. Torn down, and the environment restored, after."""
+    prefix = "b" + name[0] + uuid.uuid4().hex[:4] + "-"
+    with tempfile.TemporaryDirectory(prefix=f"ambit-bench-{name}-") as tmp:
         workdir = Path(tmp)
-        saved = {k: os.environ.get(k) for k in ("AMBIT_LAB_STATE_DIR", cache.DIR_ENV)}
-        os.environ["AMBIT_LAB_STATE_DIR"] = str(workdir)
-        os.environ[cache.DIR_ENV] = str(workdir / "bpf-cache")  # empty: the first agent starts cold
+        env = {"AMBIT_LAB_STATE_DIR": str(workdir)}
+        env.update({key: str(workdir / sub) for key, sub in (subdirs or {}).items()})
+        saved = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
         plan = plan_lab(2, 2, prefix)
         control.up(plan)
         try:
-            values = _measure(plan, workdir)
+            yield plan, workdir
         finally:
             control.down(prefix)
             for key, value in saved.items():
@@ -151,4 +156,10 @@ def run() -> list[dict[str, Any]]:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+
+
+def run() -> list[dict[str, Any]]:
+    # an empty BPF cache: the first agent starts cold
+    with lab_mesh("agent", {cache.DIR_ENV: "bpf-cache"}) as (plan, workdir):
+        values = _measure(plan, workdir)
     return [{"name": n, "value": values[n], "unit": u, "baseline": b} for n, u, b in ROWS]

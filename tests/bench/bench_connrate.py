@@ -23,15 +23,13 @@ import selectors
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 from agent import netns as nsx
 from agent.lab import control, mesh
-from agent.lab.plan import LabPlan, plan_lab
+from agent.lab.plan import LabPlan
 from tests.bench import bench_agent, bench_tunnel
 from tests.integration.agent import footprint
 from tests.integration.proxy import proxy_lab
@@ -256,20 +254,7 @@ ROWS = (  # name, unit, baseline
 
 
 def run() -> list[dict[str, Any]]:
-    prefix = "bc" + uuid.uuid4().hex[:4] + "-"
-    with tempfile.TemporaryDirectory(prefix="ambit-bench-connrate-") as tmp:
-        workdir = Path(tmp)
-        saved = os.environ.get("AMBIT_LAB_STATE_DIR")
-        os.environ["AMBIT_LAB_STATE_DIR"] = str(workdir)
-        plan = plan_lab(2, 2, prefix)
-        control.up(plan)
-        try:
-            values = _measure(plan, workdir)
-        finally:
-            control.down(prefix)
-            if saved is None:
-                os.environ.pop("AMBIT_LAB_STATE_DIR", None)
-            else:
-                os.environ["AMBIT_LAB_STATE_DIR"] = saved
+    with bench_agent.lab_mesh("connrate") as (plan, workdir):
+        values = _measure(plan, workdir)
     values["ambit vs plain: new connections/s"] = values["ambit: new connections/s"]
     return [{"name": n, "value": values[n], "unit": u, "baseline": b} for n, u, b in ROWS]
