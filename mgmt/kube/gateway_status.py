@@ -33,7 +33,7 @@ from typing import Any
 
 from api.resources.gateway_api import GROUP, Gateway, HTTPRoute, Reference
 from gateway import config as gwconfig
-from mgmt import waf_check
+from mgmt import gateway_scope, waf_check
 from mgmt.store import StoredResource
 
 log = logging.getLogger("ambit.mgmt.kube")
@@ -41,7 +41,6 @@ log = logging.getLogger("ambit.mgmt.kube")
 CONTROLLER_NAME = "ambit.io/gateway-controller"
 VERSION = "v1"
 ROUTE_KIND = {"group": GROUP, "kind": "HTTPRoute"}
-DEPLOYMENT_ANNOTATION = "ambit.io/deployment"
 MAX_MESSAGE = 1024  # the CRDs' limit on a condition message is 32 KiB; a reason needs far less
 
 Write = tuple[str, str, str, str, str, dict[str, Any]]  # group, version, plural, namespace, name, body
@@ -106,10 +105,9 @@ def service_addresses(svc: Mapping[str, Any]) -> list[dict[str, str]]:
 
 
 def gateway_service(gw: Gateway) -> str:
-    """`ns/name` of the Service in front of the gateway serving `gw`: the chart names it as the Deployment,
-    `ambit.io/deployment` or `<gateway>-<class>` (mgmt/gateway_scope's names)."""
-    name = gw.meta.annotations.get(DEPLOYMENT_ANNOTATION) or f"{gw.meta.name}-{gw.gateway_class}"
-    return f"{gw.meta.namespace}/{name}"
+    """`ns/name` of the Service in front of the gateway serving `gw`: the chart names it as the Deployment
+    the plane admits gateway pods from (`gateway_scope.deployment`)."""
+    return f"{gw.meta.namespace}/{gateway_scope.deployment(gw)}"
 
 
 # ---- conditions ----
