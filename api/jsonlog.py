@@ -119,10 +119,22 @@ def _field(name: str, value: Any, depth: int) -> Any:
     return _redact(value, depth + 1)
 
 
+# Formatted seconds: a burst of records (an access log line has a start and an end) shares a few.
+_SECONDS: dict[int, str] = {}
+_SECONDS_MAX = 64
+
+
 def utc_iso(ts: float) -> str:
     """RFC 3339 UTC with milliseconds, the timestamp format of every log record."""
     ms = int(ts * 1000)  # floor, as datetime's microsecond // 1000; time.strftime is ~3x cheaper
-    return time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(ms // 1000)) + f"{ms % 1000:03d}Z"
+    second = ms // 1000
+    prefix = _SECONDS.get(second)
+    if prefix is None:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
+        if len(_SECONDS) >= _SECONDS_MAX:
+            _SECONDS.clear()  # a racing thread at worst formats its second again
+        _SECONDS[second] = prefix
+    return f"{prefix}{ms % 1000:03d}Z"
 
 
 # One encoder for every line (json.dumps with options builds a new one per call); it holds no state.
@@ -146,6 +158,11 @@ def batched() -> Iterator[None]:
         _batching.logs = None
         for one in logs:
             one.flush()
+
+
+def encode(value: Any) -> str:
+    """`value` redacted and encoded as compact JSON, as `JsonLog.write` writes it."""
+    return _ENCODER.encode(redact(value))
 
 
 class JsonLog:
@@ -172,8 +189,13 @@ class JsonLog:
         self._failing = False
 
     def write(self, record: Mapping[str, Any]) -> None:
-        line = _ENCODER.encode(redact(record)) + "\n"
-        size = len(line.encode("utf-8"))
+        self.write_encoded(encode(record))
+
+    def write_encoded(self, text: str) -> None:
+        """Append one line already encoded as a JSON object by `encode()` (so redacted): for writers that
+        assemble their lines from encoded parts they cache (the access log, per connection)."""
+        line = text + "\n"
+        size = len(line) if line.isascii() else len(line.encode("utf-8"))
         with self._lock:
             try:
                 out = self._open()
