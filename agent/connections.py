@@ -5,9 +5,10 @@ The proxy owns the connections; observers only receive these immutable records.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Direction(enum.Enum):
@@ -35,6 +36,21 @@ class ConnectionRecord:
     peer_cert_sha256: str = ""
     start_time: float = 0.0  # time.time()
     trace_id: str = ""  # W3C trace id of the HBONE stream (its traceparent): both sides record the same
+
+    def derive(self, **changes: Any) -> ConnectionRecord:
+        """A copy with `changes`, as `dataclasses.replace` makes it but built from this record's fields
+        without running the generated constructor (a frozen dataclass's sets each of its 17 fields through
+        object.__setattr__): the proxy derives one record per connection from a template."""
+        if not changes.keys() <= _RECORD_FIELDS:
+            raise TypeError(f"not ConnectionRecord fields: {sorted(changes.keys() - _RECORD_FIELDS)}")
+        new = object.__new__(ConnectionRecord)
+        fields = new.__dict__
+        fields.update(self.__dict__)
+        fields.update(changes)
+        return new
+
+
+_RECORD_FIELDS = frozenset(f.name for f in dataclasses.fields(ConnectionRecord))
 
 
 @dataclass(frozen=True)

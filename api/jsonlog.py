@@ -18,9 +18,9 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -139,25 +139,43 @@ def utc_iso(ts: float) -> str:
 
 # One encoder for every line (json.dumps with options builds a new one per call); it holds no state.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-_batching = threading.local()  # .logs: the deferrable JsonLogs written in this thread's `batched()`
+_batching = threading.local()  # .sinks: what this thread's `batched()` block flushes at its end
 
 
-@contextlib.contextmanager
-def batched() -> Iterator[None]:
+class _Sink(Protocol):
+    def flush(self) -> None: ...
+
+
+class batched:  # noqa: N801 (used as a function: `with batched():`)
     """Within this block, this thread's writes to deferrable JsonLogs (access logs) are flushed once at
     its end instead of once per record: one write(2) per event drain, not per connection. Lines stay in
-    the process (the file object's buffer) only until the block ends; audit logs are never deferred."""
-    if getattr(_batching, "logs", None) is not None:  # nested: the outer block flushes
-        yield
-        return
-    logs: set[JsonLog] = set()
-    _batching.logs = logs
-    try:
-        yield
-    finally:
-        _batching.logs = None
-        for one in logs:
+    the process (the file object's buffer) only until the block ends; audit logs are never deferred.
+    Other sinks (the connection metrics) defer their updates the same way (`defer`). A class, not a
+    generator context manager: the proxy enters one per event drain."""
+
+    __slots__ = ("_outer",)
+
+    def __enter__(self) -> None:
+        self._outer = getattr(_batching, "sinks", None) is not None  # nested: the outer block flushes
+        if not self._outer:
+            _batching.sinks = set()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._outer:
+            return
+        sinks, _batching.sinks = _batching.sinks, None
+        for one in sinks:
             one.flush()
+
+
+def defer(sink: _Sink) -> bool:
+    """Inside this thread's `batched()` block: `sink.flush()` runs once at its end (however often this is
+    called) and True is returned; outside one False (the caller applies its update at once)."""
+    sinks: set[_Sink] | None = getattr(_batching, "sinks", None)
+    if sinks is None:
+        return False
+    sinks.add(sink)
+    return True
 
 
 def encode(value: Any) -> str:
@@ -202,11 +220,8 @@ class JsonLog:
                 if self._size and self._size + size > self.max_bytes:
                     out = self._rotate()
                 out.write(line)
-                batch = getattr(_batching, "logs", None) if self.deferrable else None
-                if batch is None:
+                if not (self.deferrable and defer(self)):
                     out.flush()
-                else:
-                    batch.add(self)
                 self._size += size
                 self.records += 1
                 self._failing = False

@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from agent.connections import ConnectionClose, ConnectionRecord, Direction
+from api.jsonlog import defer
 from api.promstd import register_standard
 
 log = logging.getLogger(__name__)
@@ -324,6 +325,10 @@ class Metrics:
         )
         self._open_ids: dict[int, _Children] = {}  # conn_id -> its labels; as large as the proxy's table
         self._open_lock = threading.Lock()
+        # (label set, metric) -> amount, deferred within an event drain (api.jsonlog.batched): a drain of
+        # N connections between the same pods makes one inc per metric, not N.
+        self._pending: dict[tuple[_Children, Any], int] = {}
+        self._pending_lock = threading.Lock()
         self._duration = Histogram(
             "ambit_tcp_connection_duration_seconds",
             "Lifetime of proxied TCP connections, observed when they close",
@@ -370,24 +375,59 @@ class Metrics:
 
     def opened(self, record: ConnectionRecord) -> None:
         labels = self._labels(record)
-        labels.child(self._opened).inc()
         with self._open_lock:
-            if record.conn_id not in self._open_ids:
+            if record.conn_id in self._open_ids:
+                counted = False
+            else:
                 self._open_ids[record.conn_id] = labels
-                labels.child(self._open, ("reporter",)).inc()
+                counted = True
+        if defer(self):  # in an event drain: one inc per label set at its end (flush)
+            with self._pending_lock:
+                pending = self._pending
+                pending[(labels, self._opened)] = pending.get((labels, self._opened), 0) + 1
+                if counted:
+                    pending[(labels, self._open)] = pending.get((labels, self._open), 0) + 1
+            return
+        labels.child(self._opened).inc()
+        if counted:
+            labels.child(self._open, ("reporter",)).inc()
 
     def closed(self, close: ConnectionClose) -> None:
-        labels = self._labels(close.record, close.response_flags)
-        labels.child(self._closed).inc()
         with self._open_lock:
             opened = self._open_ids.pop(close.record.conn_id, None)
-            if opened is not None:  # the gauge child it was counted in when it opened
-                opened.child(self._open, ("reporter",)).dec()
+        # A clean close has the labels its open had (the record is the same, flags "-"): no second lookup.
+        labels = opened if opened is not None and close.response_flags == "-" else None
+        if labels is None:
+            labels = self._labels(close.record, close.response_flags)
         labels.child(self._duration, ("reporter", "response_flags")).observe(max(0.0, close.duration_s))
-        if close.bytes_received > 0:
-            labels.child(self._sent).inc(close.bytes_received)
-        if close.bytes_sent > 0:
-            labels.child(self._received).inc(close.bytes_sent)
+        updates = [(labels, self._closed, 1), (labels, self._sent, close.bytes_received),
+                   (labels, self._received, close.bytes_sent)]  # fmt: skip
+        if opened is not None:  # the gauge child it was counted in when it opened
+            updates.append((opened, self._open, -1))
+        if defer(self):
+            with self._pending_lock:
+                pending = self._pending
+                for children, metric, amount in updates:
+                    if amount:
+                        pending[(children, metric)] = pending.get((children, metric), 0) + amount
+            return
+        for children, metric, amount in updates:
+            if amount:
+                self._apply(children, metric, amount)
+
+    def flush(self) -> None:
+        """Apply the updates deferred in an event drain (`api.jsonlog.batched`): one per label set."""
+        with self._pending_lock:
+            pending, self._pending = self._pending, {}
+        for (children, metric), amount in pending.items():
+            if amount:
+                self._apply(children, metric, amount)
+
+    def _apply(self, children: _Children, metric: Any, amount: int) -> None:
+        if metric is self._open:
+            children.child(metric, ("reporter",)).inc(amount)
+        elif amount > 0:  # counters; a negative byte count never reaches them
+            children.child(metric).inc(amount)
 
     # Setters for the daemon
     def count_decision(self, action: str | enum.Enum) -> None:
