@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 
 class Direction(enum.Enum):
@@ -53,8 +53,10 @@ class ConnectionRecord:
 _RECORD_FIELDS = frozenset(f.name for f in dataclasses.fields(ConnectionRecord))
 
 
-@dataclass(frozen=True)
-class ConnectionClose:
+class ConnectionClose(NamedTuple):
+    """How a connection ended (immutable). A named tuple: one is built per connection on the proxy's hot
+    path, and a frozen dataclass's constructor costs several times as much."""
+
     record: ConnectionRecord
     bytes_sent: int  # towards the destination
     bytes_received: int  # from the destination

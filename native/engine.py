@@ -198,8 +198,9 @@ def _text(field: Any) -> str:
 
 def _layout() -> tuple[int, list[tuple[int, int]], int, tuple[int, int]]:
     """The ambit_event struct as the decoder reads it: its size, (offset, size) of each text field in
-    Event's order up to `status`, the offset of `status` (then bytes_in, bytes_out) and `detail`'s span. The numeric fields must sit where
-    the two `struct` formats below read them: checked here, at import, against cffi's view of engine.h."""
+    Event's order up to `status`, the offset of `status` (then bytes_in, bytes_out) and `detail`'s span.
+    The numeric fields must sit where the two `struct` formats below read them: checked here, at import,
+    against cffi's view of engine.h."""
     size = int(ffi.sizeof("ambit_event"))
     fields = dict(ffi.typeof("ambit_event").fields)
     off = {name: int(ffi.offsetof("ambit_event", name)) for name in fields}

@@ -99,13 +99,9 @@ class ConnectionTable:
             entry.error = error
         self.established(entry)
         close = ConnectionClose(
-            record=entry.record,
-            bytes_sent=bytes_sent,
-            bytes_received=bytes_received,
-            duration_s=time.monotonic() - entry.started,
-            response_flags=entry.response_flags,
-            error=entry.error,
-        )
+            entry.record, bytes_sent, bytes_received, time.monotonic() - entry.started, entry.response_flags,
+            entry.error,
+        )  # fmt: skip
         try:
             self._observer.closed(close)
         except Exception:
