@@ -16,6 +16,8 @@ class Direction(enum.Enum):
     INBOUND = "inbound"  # arrived on 15008 (HBONE) or 15006 (plaintext), delivered to a local pod
     PASSTHROUGH = "passthrough"  # captured, destination not in the mesh: forwarded in clear
 
+    __hash__ = object.__hash__  # members are singletons: a C identity hash (Enum's is Python, per lookup)
+
 
 @dataclass(frozen=True)
 class ConnectionRecord:

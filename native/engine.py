@@ -73,6 +73,8 @@ class Ending(enum.Enum):
     SPLICE_B_FAILED = "b"
     OTHER = "other"  # an engine-side failure (e.g. a socket it could not watch)
 
+    __hash__ = object.__hash__  # members are singletons: a C identity hash (Enum's is Python, per lookup)
+
 
 _SPLICE_BY_AGENT = "closed by agent"
 _HANDSHAKE_FAILED = "TLS handshake failed"
@@ -227,12 +229,12 @@ def _decode(raw: bytes, n: int) -> list[Event]:
     detail_off, detail_len = _EV_DETAIL
     for base in range(0, n * _EV_SIZE, _EV_SIZE):
         kind, conn_id, stream_id, tag = _EV_HEAD.unpack_from(raw, base)
-        texts = [_cstr(raw, base + o, size) if raw[base + o] else "" for o, size in _EV_TEXTS]
-        status, bytes_in, bytes_out = _EV_TAIL.unpack_from(raw, base + _EV_STATUS)
+        fields: list[Any] = [_KINDS.get(kind) or f"unknown_{kind}", conn_id, stream_id, tag]
+        fields += [_cstr(raw, base + o, size) if raw[base + o] else "" for o, size in _EV_TEXTS]
+        fields += _EV_TAIL.unpack_from(raw, base + _EV_STATUS)  # status, bytes_in, bytes_out
         at = base + detail_off
-        detail = _cstr(raw, at, detail_len) if raw[at] else ""
-        name = _KINDS.get(kind) or f"unknown_{kind}"
-        out.append(Event(name, conn_id, stream_id, tag, *texts, status, bytes_in, bytes_out, detail))
+        fields.append(_cstr(raw, at, detail_len) if raw[at] else "")
+        out.append(Event._make(fields))
     return out
 
 

@@ -28,6 +28,8 @@ class Path(enum.Enum):
     HBONE_SERVER = "hbone-in"  # a stream a peer opened on 15008
     SPLICE = "splice"  # plaintext pump: passthrough or 15006
 
+    __hash__ = object.__hash__  # members are singletons: a C identity hash (Enum's is Python, per lookup)
+
 
 @dataclass
 class Entry:
