@@ -255,6 +255,7 @@ class Engine:
         self._lock = threading.Lock()  # guards _handle against stop() racing a call
         self._buf = ffi.new("ambit_event[]", 256)
         self._buf_len = 256
+        self._err = ffi.new("char[]", _ERRLEN)  # _call's, under _lock
         self.eventfd: int = int(lib.ambit_engine_eventfd(handle))
 
     def _h(self) -> object:
@@ -263,11 +264,12 @@ class Engine:
         return self._handle
 
     def _call(self, fn: object, *args: object) -> int:
-        err = ffi.new("char[]", _ERRLEN)
-        with self._lock:
+        with self._lock:  # one error buffer for every call: they hold the lock (a cffi allocation saved)
+            err = self._err
+            err[0] = b"\0"
             rv = int(fn(self._h(), *args, err, _ERRLEN))  # type: ignore[operator]
-        if rv < 0:
-            raise EngineError(_text(err))
+            if rv < 0:
+                raise EngineError(_text(err))
         return rv
 
     def set_timeouts(

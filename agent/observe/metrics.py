@@ -339,6 +339,7 @@ class Metrics:
         self._decisions = Counter(
             "ambit_policy_decisions", "Authorization decisions by action", ["action"], registry=registry
         )
+        self._decision_children: dict[str | enum.Enum, Any] = {}
         self._relay_version = Gauge(
             "ambit_relay_config_version", "Config version last applied from the relay", registry=registry
         )
@@ -430,8 +431,13 @@ class Metrics:
 
     # Setters for the daemon
     def count_decision(self, action: str | enum.Enum) -> None:
-        value = action.value if isinstance(action, enum.Enum) else action
-        self._decisions.labels(action=str(value).upper()).inc()
+        child = self._decision_children.get(action)  # per inbound connection: labels() validates each time
+        if child is None:
+            value = action.value if isinstance(action, enum.Enum) else action
+            child = self._decisions.labels(action=str(value).upper())
+            if len(self._decision_children) < 64:  # actions are a handful; anything else is not cached
+                self._decision_children[action] = child
+        child.inc()
 
     def set_cert_expiry(self, identity: str, not_after: float) -> None:
         self._snapshots.set_cert_expiry(identity, not_after)
