@@ -70,7 +70,7 @@ static void wake_python(ambit_engine *e)
  * nothing) wake Python at most EV_LAZY_MS after the first of them, or once EV_LAZY_MAX are queued, or with
  * the next event that needs a decision: under load one wake-up carries many connections' events instead of
  * one or two. Only on loop threads (the loop that queued them arms its epoll timeout for the deadline). */
-#define EV_LAZY_MS 2
+#define EV_LAZY_MS 5
 #define EV_LAZY_MAX 128
 
 static int event_lazy(int kind)
