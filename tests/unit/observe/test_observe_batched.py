@@ -12,28 +12,15 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from agent.connections import ConnectionClose, ConnectionRecord, Direction
+from agent.connections import ConnectionClose, ConnectionRecord
 from agent.observe import accesslog
 from agent.observe.accesslog import AccessLog
 from agent.observe.fanout import FanOut
 from agent.observe.metrics import Metrics
 from api.jsonlog import JsonLog, batched, utc_iso
+from tests.unit.observe.test_observe_fanout import RECORD
 
-BASE = ConnectionRecord(
-    conn_id=0,
-    direction=Direction.OUTBOUND,
-    source_ip="10.244.1.2",
-    source_port=0,
-    destination_ip="10.244.2.2",
-    destination_port=8080,
-    source_principal="spiffe://cluster.local/ns/a/sa/x",
-    destination_principal="spiffe://cluster.local/ns/b/sa/y",
-    source_workload="a/x",
-    destination_workload="b/y",
-    tls_version="TLSv1.3",
-    tls_cipher="TLS_AES_128_GCM_SHA256",
-    peer_cert_sha256="ab" * 32,
-)
+BASE = RECORD.derive(conn_id=0, source_port=0, policy="", start_time=0.0)  # per connection: derived below
 OTHER = BASE.derive(destination_ip="10.244.2.3", destination_workload="b/z")
 
 
