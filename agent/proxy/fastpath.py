@@ -186,8 +186,8 @@ class FastPath:
         src_ip, budget = fe.key[0], rt.budgets.outbound_sources
         entry.on_finish = lambda: budget.give_back(src_ip)  # the unit reserved for this credit
         rt.table.add(entry)
-        # Up from here: its CONNECT is on a verified pooled connection, and the engine sends no stream_open for
-        # a fast stream (one event less per connection); a refusal still ends it with its flag.
+        # Up from here: its CONNECT is on a verified pooled connection, and the engine sends no stream_open
+        # for a fast stream (one event less per connection); a refusal still ends it with its flag.
         rt.table.established(entry)
         rt.counters["outbound_hbone_streams"] += 1
         if conn is None or conn.streams >= rt.pool.max_streams:
