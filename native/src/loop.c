@@ -150,6 +150,13 @@ int loop_add_fd(ambit_loop *l, aio *io, int fd)
     return epoll_ctl(l->epfd, EPOLL_CTL_ADD, fd, &ev);
 }
 
+int loop_move_fd(ambit_loop *l, aio *io, int fd)
+{
+    io->fd = fd;
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = io};
+    return epoll_ctl(l->epfd, EPOLL_CTL_MOD, fd, &ev);
+}
+
 void loop_del_fd(ambit_loop *l, aio *io)
 {
     if (io->fd >= 0)
