@@ -115,15 +115,16 @@ static int key_from_text(fkey *k, const char *src, const char *dst, int port)
     return 0;
 }
 
-/* The accepted socket's key: its peer is the source pod, its local address the original destination (the
- * redirect assigned the SYN to the transparent listener, so getsockname() returns what the pod dialled). */
-static int key_from_fd(fkey *k, int fd, int *src_port)
+/* The accepted socket's key: its peer (as accept4 gave it) is the source pod, its local address the
+ * original destination (the redirect assigned the SYN to the transparent listener, so getsockname()
+ * returns what the pod dialled). */
+static int key_from_fd(fkey *k, int fd, const struct sockaddr_storage *peer, int *src_port)
 {
-    struct sockaddr_storage a, b;
-    socklen_t al = sizeof(a), bl = sizeof(b);
+    struct sockaddr_storage b;
+    const struct sockaddr_storage a = *peer;
+    socklen_t bl = sizeof(b);
     memset(k, 0, sizeof(*k));
-    if (getpeername(fd, (struct sockaddr *)&a, &al) < 0 || getsockname(fd, (struct sockaddr *)&b, &bl) < 0 ||
-        a.ss_family != b.ss_family)
+    if (getsockname(fd, (struct sockaddr *)&b, &bl) < 0 || a.ss_family != b.ss_family)
         return -1;
     k->family = (uint8_t)a.ss_family;
     if (a.ss_family == AF_INET) {
@@ -370,14 +371,14 @@ static char *forwarded_for(const char *ip, int port)
     return strdup(buf);
 }
 
-static void accept_one(ambit_engine *e, struct fastpath *f, int fd)
+/* `peer`: what accept4 said (no getpeername); TCP_NODELAY comes from the listener (fastpath_listen). */
+static void accept_one(ambit_engine *e, struct fastpath *f, int fd, const struct sockaddr_storage *peer)
 {
     fkey k;
     int src_port = 0, miss = AMBIT_FAST_C_MISSES_NO_ENTRY;
-    set_nodelay(fd);
     fctr(f, AMBIT_FAST_C_ACCEPTED, 1);
     acmd *c = calloc(1, sizeof(*c));
-    if (!c || key_from_fd(&k, fd, &src_port) < 0) {
+    if (!c || key_from_fd(&k, fd, peer, &src_port) < 0) {
         free(c);
         hand_off(e, fd, 0); /* Python reports what it can (a connection already gone, out of memory) */
         return;
@@ -426,9 +427,11 @@ static void on_listen(ambit_loop *l, aio *io, uint32_t events)
     ambit_engine *e = l->engine;
     struct fastpath *f = e->fast;
     for (int i = 0; i < FAST_ACCEPT_BATCH; i++) {
-        int fd = accept4(io->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        struct sockaddr_storage peer;
+        socklen_t plen = sizeof(peer);
+        int fd = accept4(io->fd, (struct sockaddr *)&peer, &plen, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd >= 0) {
-            accept_one(e, f, fd);
+            accept_one(e, f, fd, &peer);
             continue;
         }
         if (errno == EAGAIN || errno == EINTR)
@@ -462,6 +465,7 @@ int ambit_fastpath_listen(ambit_engine *e, int fd, char *err, size_t errlen)
                       : set_nonblock(fd) < 0                      ? "bad file descriptor"
                                                                   : NULL;
     if (!why) {
+        set_nodelay(fd); /* inherited by every accepted socket: one setsockopt, not one per connection */
         f->loop = &e->loops[0];
         f->listen_io.fd = fd;
         f->listen_io.on_event = on_listen;
@@ -503,7 +507,7 @@ void fastpath_run_open(ambit_loop *l, acmd *c)
     unsigned char r[24];
     int usable = hconn_client_usable(l, c->id);
     /* Without randomness for a trace id Python opens it instead (its own generator). */
-    if (!usable || RAND_bytes(r, sizeof(r)) != 1) {
+    if (!usable || rand_take(r, sizeof(r)) != 0) {
         undo_take(f, c);
         if (!usable)
             fctr(f, AMBIT_FAST_C_MISSES_CONN_GONE, 1);

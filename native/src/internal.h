@@ -85,6 +85,7 @@ typedef struct acmd {
     char *text2;     /* forwarded header value (malloc'd) or NULL */
     char *text3;     /* extra request headers, "name: value\n" lines (malloc'd) or NULL */
     uint64_t aux;    /* CMD_FAST_OPEN: the fast path entry id */
+    int fd_registered; /* CMD_ACCEPT from upstream.c: fd is in this loop's epoll already (MOD, not ADD) */
     ambit_flow_query *query; /* CMD_FLOW_STATS: this loop's share of a query (flows.c) */
     struct acmd *next;
 } acmd;
@@ -177,10 +178,13 @@ int event_emit(ambit_engine *e, const ambit_event *ev);
 void copy_str(char *dst, size_t cap, const char *src);
 
 int loop_add_fd(ambit_loop *l, aio *io, int fd);
+/* An fd already in the loop's epoll changes hands: its events go to io from now on (one MOD, no DEL+ADD). */
+int loop_move_fd(ambit_loop *l, aio *io, int fd);
 void loop_del_fd(ambit_loop *l, aio *io);
 void reset_close(int fd);
 void set_nodelay(int fd);
 int set_nonblock(int fd);
+int rand_take(unsigned char *out, size_t n);
 
 /* tls.c */
 SSL_CTX *tls_ctx_build(int server, const char *chain, size_t chain_len, const char *key, size_t key_len,

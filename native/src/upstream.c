@@ -145,10 +145,11 @@ static void refuse(ambit_loop *l, uint64_t conn_id, uint64_t stream_id, uint64_t
 static void finish(ambit_loop *l, upconn *u, int error)
 {
     unlink_up(l, u);
-    if (u->io.fd >= 0)
-        loop_del_fd(l, &u->io);
+    /* A connected socket stays registered: the stream takes its epoll entry over (one MOD, not DEL+ADD). */
     acmd c = {.kind = CMD_ACCEPT, .id = u->conn_id, .id2 = u->stream_id, .fd = u->io.fd, .fd2 = -1,
-              .tag = u->tag};
+              .tag = u->tag, .fd_registered = 1};
+    if (error || u->io.fd < 0)
+        loop_del_fd(l, &u->io);
     if (error) {
         if (u->io.fd >= 0)
             close(u->io.fd);
@@ -162,6 +163,7 @@ static void finish(ambit_loop *l, upconn *u, int error)
             event_init(&ev, AMBIT_EV_STREAM_ACCEPTED, u->conn_id, u->stream_id, u->tag);
             event_emit(l->engine, &ev);
         } else { /* the stream ended (or was refused by Python) meanwhile: its end event is on its way */
+            loop_del_fd(l, &u->io); /* close() alone may leave it registered (a forked child's copy) */
             close(c.fd);
         }
     }
@@ -173,10 +175,13 @@ static void on_upstream(ambit_loop *l, aio *io, uint32_t events)
     upconn *u = io->owner;
     if (!(events & (EPOLLOUT | EPOLLERR | EPOLLHUP)))
         return;
+    /* A failed connect always raises EPOLLERR: writable without it is connected, no SO_ERROR to ask. */
     int error = 0;
     socklen_t len = sizeof(error);
-    if (getsockopt(io->fd, SOL_SOCKET, SO_ERROR, &error, &len) < 0)
+    if ((events & (EPOLLERR | EPOLLHUP)) && getsockopt(io->fd, SOL_SOCKET, SO_ERROR, &error, &len) < 0)
         error = errno;
+    else if ((events & (EPOLLERR | EPOLLHUP)) && !error)
+        error = ECONNREFUSED; /* hung up with the error already taken: the connect did not complete */
     finish(l, u, error);
 }
 
