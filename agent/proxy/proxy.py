@@ -190,8 +190,11 @@ class Proxy:
     # --- control API ---------------------------------------------------------------------------
 
     def inbound_connections(self) -> list[tuple[int, ConnectionAttrs]]:
-        """Live inbound connections and the attributes they were authorized on (for policy re-checks)."""
+        """Live inbound connections and the attributes they were authorized on (for policy re-checks). The
+        engine's queued events are handled first: informational ones wait up to a few ms for a wake-up
+        (docs/engine.md), and a stream the fast path accepted must be re-checked too."""
         with self._loop.lock:
+            self._drain_queued()
             return [(e.tag, e.attrs) for e in self._rt.table.entries() if e.attrs is not None]
 
     def close(self, conn_id: int, reason: str) -> None:
@@ -225,6 +228,7 @@ class Proxy:
         """Live connections with their byte counts so far: the table is read under the control loop's
         lock, the engine asked after it is released (its loops answer; events keep being handled)."""
         with self._loop.lock:
+            self._drain_queued()  # flows whose open event still waits for its wake-up are listed too
             pending = live.snapshot(self._rt.table)
         return live.rows(self._rt.engine, pending)
 
@@ -250,6 +254,11 @@ class Proxy:
 
     # --- engine events (control loop thread, lock held) -----------------------------------------
 
+    def _drain_queued(self) -> None:
+        """Handle what the engine has queued now, off its wake-up (the caller holds the loop lock)."""
+        if self._started:
+            self._drain_events()  # each handler's failure is contained and counted there
+
     def _drain_events(self) -> None:
         with batched():  # the access log lines of this drain's records: one write, at its end
             self._drain_batch()
@@ -257,6 +266,8 @@ class Proxy:
     def _drain_batch(self) -> None:
         while True:
             events = self._rt.engine.events(EVENT_BATCH)
+            self._rt.counters["engine_event_drains"] += 1  # events per drain: what a wake-up carries
+            self._rt.counters["engine_events"] += len(events)
             for ev in events:
                 handler = self._handlers.get(ev.kind)
                 if handler is None:

@@ -130,6 +130,8 @@ struct ambit_engine {
     pthread_mutex_t ev_lock;
     ambit_event *evq;
     size_t ev_head, ev_count, ev_cap;
+    int ev_woken;            /* under ev_lock: Python was woken for the queued events (until it drains) */
+    uint64_t ev_lazy_since;  /* under ev_lock: when the oldest unwoken (informational) event was queued */
     pthread_mutex_t ctx_lock;
     tls_ctx_entry *ctxs;
     uint64_t next_id;        /* atomic: connection and splice ids (one space: close() takes either) */
