@@ -268,6 +268,19 @@ class PolicyEngine:
             self._emit(config, attrs, decision)
         return decision
 
+    def reusable(self, attrs: ConnectionAttrs, decision: Decision) -> bool:
+        """Whether `decision` (this engine's for `attrs`) is what an identical connection gets until the
+        next update: a plain ALLOW (no AUDIT match, no dry-run difference: those are audited per
+        connection), no RegoPolicy anywhere in the config (its modules are other people's code, judged
+        per connection), and no audit of every decision. The proxy's inbound fast path relies on it."""
+        return (
+            decision.allow
+            and not decision.audited
+            and not decision.dry_run
+            and not self._config.rego
+            and not self._audit_all
+        )
+
     def denies(self, attrs: ConnectionAttrs) -> bool:
         """Whether the current policies deny an (established) connection; not counted, not audited."""
         return not self._decide_or_deny(self._config, attrs).allow

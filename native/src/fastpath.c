@@ -551,6 +551,7 @@ void fastpath_stream_done(ambit_engine *e, uint64_t conn_id)
  * engine. */
 void fastpath_free(ambit_engine *e)
 {
+    fastin_free(e);
     struct fastpath *f = e->fast;
     if (!f)
         return;

@@ -148,6 +148,7 @@ struct ambit_engine {
     int trim_drained;            /* the event queue was empty at the last trim */
     uint64_t trim_not_before_ms; /* start-up: the first trim waits for the host's start-up to end */
     struct fastpath *fast;       /* outbound fast path (fastpath.c), made on first use */
+    struct fastin *fast_in;      /* inbound fast path (fastpath_in.c), made on first use */
     char *peer_domains;          /* "\nTD\n...\n" or NULL (ambit_engine_set_peer_domains), under limits_lock */
 };
 
@@ -234,6 +235,12 @@ void fastpath_run_open(ambit_loop *l, acmd *c);
 void fastpath_stream_done(ambit_engine *e, uint64_t conn_id);
 void fastpath_tick(ambit_loop *l);
 void fastpath_free(ambit_engine *e);
+/* fastpath_in.c: 1 when an entry accepted this announced served stream (its events are emitted), 0 when
+ * it is Python's (stream_request). fastin_free: with the engine (fastpath_free calls it). */
+#define AMBIT_FASTIN_TAG_BIT (1ULL << 61)
+int fastin_try(ambit_loop *l, uint64_t conn_id, uint64_t stream_id, const char *authority, const char *forwarded,
+               int forwarded_bad, const char *traceparent);
+void fastin_free(ambit_engine *e);
 /* hbone.c: whether a client connection still takes new streams (on its loop). */
 int hconn_client_usable(ambit_loop *l, uint64_t id);
 

@@ -74,6 +74,9 @@ class ListAuthorizer:
             return Decision(False, "app/deny-list", "denied by test list")
         return Decision(True, "", "allow all")
 
+    def reusable(self, attrs: ConnectionAttrs, decision: Decision) -> bool:
+        return decision.allow  # a fixed list: the same attributes get the same answer until a reload
+
     def mtls_mode(self, workload: Workload, port: int) -> str:
         return "STRICT" if workload.uid in self._strict else "PERMISSIVE"
 
@@ -88,6 +91,9 @@ class PolicyAuthorizer:
     def authorize(self, attrs: ConnectionAttrs) -> Decision:
         decision: Decision = self._engine.authorize(attrs)
         return decision if not decision.allow else self._fallback.authorize(attrs)
+
+    def reusable(self, attrs: ConnectionAttrs, decision: Decision) -> bool:
+        return bool(self._engine.reusable(attrs, decision))
 
     def mtls_mode(self, workload: Workload, port: int) -> str:
         return self._fallback.mtls_mode(workload, port)
