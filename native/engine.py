@@ -39,7 +39,7 @@ _KINDS = {
     12: "fast_miss",  # the fast path handed an accepted socket to Python (status: its fd, now the caller's)
     13: "upstream_failed",  # accept_connect: the engine's connect failed (status: errno, detail); 503 follows
     14: "stream_accepted",  # accept_connect: connected, 200 sent
-    15: "fast_accept",  # inbound fast path accepted a served stream (bytes_in: entry id, status: claim port)
+    15: "fast_accept",  # inbound fast path accepted a stream (bytes_in: entry, bytes_out: 0 up / 1 failed)
 }
 FAST_MAX_CONNS = 8  # AMBIT_FAST_MAX_CONNS: pooled connections one fast path entry may name
 # Engine limits (ambit_engine_set_limit); 0 means unlimited, see docs/engine.md.

@@ -157,8 +157,10 @@ class InboundFastPath:
     # --- engine events -----------------------------------------------------------------------------
 
     def on_accept(self, ev: Event) -> None:
-        """The engine accepted a stream for entry `ev.bytes_in` (the claim's port in `ev.status`) and is
-        connecting to the pod: the same table entry, budget unit and record as the ordinary path's."""
+        """The engine accepted a stream for entry `ev.bytes_in` (the claim's port in `ev.status`) and its
+        connect to the pod ended (`ev.bytes_out` 0: connected, the stream_accepted of the ordinary path;
+        1: failed, upstream_failed follows): the same table entry, budget unit and record as the ordinary
+        path gives it."""
         rt = self._rt
         fe = self._by_id.get(ev.bytes_in)
         if fe is None:  # cannot happen: entries stay known while their units are in flight
@@ -181,6 +183,9 @@ class InboundFastPath:
         entry.on_finish = lambda: budget.give_back(peer)  # the unit reserved for this credit
         rt.table.add(entry)
         rt.counters["fastpath_in_accepted"] += 1
+        if ev.bytes_out == 0:  # connected and answered 200 (else upstream_failed follows: inbound.py)
+            rt.counters["inbound_hbone_streams"] += 1
+            rt.table.established(entry)
         if fe.removed or self._stale(fe):
             self._decide_again(entry)
 

@@ -255,9 +255,10 @@ int ambit_fastpath_remove(ambit_engine *e, uint64_t entry_id);
 
 /* ---- Inbound fast path (fastpath_in.c; docs/engine.md "Inbound fast path") ----
  * A served CONNECT matching an entry (its connection, its raw :authority, the source its `forwarded` claims)
- * is accepted by the engine as ambit_accept_connect would, without a stream_request: AMBIT_EV_FAST_ACCEPT
- * (conn_id, stream_id, tag = the engine's tag for the stream, bytes_in = the entry id, status = the port the
- * claim names or 0, traceparent = the request's) comes first, then stream_accepted / upstream_failed. */
+ * is accepted by the engine as ambit_accept_connect would, without a stream_request. Once its connect to the
+ * pod ended, AMBIT_EV_FAST_ACCEPT (conn_id, stream_id, tag = the engine's tag for the stream, bytes_in = the
+ * entry id, bytes_out = 0 connected and answered 200 (no stream_accepted follows) or 1 failed
+ * (upstream_failed follows), status = the port the claim names or 0, traceparent = the request's). */
 enum { AMBIT_FASTIN_DEFAULT_CAPACITY = 4096 };
 enum ambit_fastin_counter {
     AMBIT_FASTIN_C_HITS,

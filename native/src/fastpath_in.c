@@ -10,8 +10,9 @@
  * snapshot, policy or identity change: older entries are misses), with `credits` streams before it looks
  * again. Everything else is an ordinary stream_request: a miss never accepts and never refuses.
  *
- * Python still sees every stream: AMBIT_EV_FAST_ACCEPT first (its record), then the stream's usual
- * stream_accepted / upstream_failed / stream_closed. The table holds at most `capacity` entries. */
+ * Python still sees every stream: one AMBIT_EV_FAST_ACCEPT once the connect to the pod ended (upstream.c;
+ * it stands for stream_accepted, or precedes upstream_failed), then its stream_closed. The table holds at
+ * most `capacity` entries. */
 #include <arpa/inet.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -342,28 +343,24 @@ int fastin_try(ambit_loop *l, uint64_t conn_id, uint64_t stream_id, const char *
         miss(f, why);
         return 0;
     }
-    ambit_event ev;
-    event_init(&ev, AMBIT_EV_FAST_ACCEPT, conn_id, stream_id, c.tag);
-    ev.bytes_in = entry_id;
-    ev.status = port;
-    copy_str(ev.traceparent, sizeof(ev.traceparent), traceparent);
-    if (event_emit(e, &ev) < 0) {
-        /* Python could never record it: refused (503) rather than served unseen; the credit goes back. */
-        pthread_mutex_lock(&f->lock);
-        ientry *back = amap_get(&f->by_id, entry_id);
-        if (back)
-            back->credits++;
-        pthread_mutex_unlock(&f->lock);
-        ictr(f, AMBIT_FASTIN_C_HANDOFFS_DROPPED, 1);
-        acmd r = {.kind = CMD_REJECT, .id = conn_id, .id2 = stream_id, .fd = -1, .fd2 = -1, .status = 503};
-        hconn_reject(l, &r);
-        return 1;
-    }
     ictr(f, AMBIT_FASTIN_C_HITS, 1);
+    fast_accept fa = {.entry = entry_id, .port = port};
+    copy_str(fa.traceparent, sizeof(fa.traceparent), traceparent);
     c.text = dst_ip;
     c.text2 = src_ip[0] ? src_ip : NULL;
-    accept_connect_start(l, &c); /* on this loop, as ambit_accept_connect's command runs */
+    accept_connect_fast(l, &c, &fa); /* on this loop, as ambit_accept_connect's command runs */
     return 1;
+}
+
+void fastin_unseen(ambit_engine *e, uint64_t entry_id)
+{
+    struct fastin *f = e->fast_in;
+    pthread_mutex_lock(&f->lock);
+    ientry *back = amap_get(&f->by_id, entry_id);
+    if (back)
+        back->credits++;
+    pthread_mutex_unlock(&f->lock);
+    ictr(f, AMBIT_FASTIN_C_HANDOFFS_DROPPED, 1);
 }
 
 void fastin_free(ambit_engine *e)

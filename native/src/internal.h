@@ -241,11 +241,20 @@ void fastpath_free(ambit_engine *e);
 int fastin_try(ambit_loop *l, uint64_t conn_id, uint64_t stream_id, const char *authority, const char *forwarded,
                int forwarded_bad, const char *traceparent);
 void fastin_free(ambit_engine *e);
+/* A hit whose event could not be queued: the entry (when still installed) gets its credit back, counted. */
+void fastin_unseen(ambit_engine *e, uint64_t entry_id);
 /* hbone.c: whether a client connection still takes new streams (on its loop). */
 int hconn_client_usable(ambit_loop *l, uint64_t id);
 
-/* upstream.c */
+/* upstream.c; accept_connect_fast: for the inbound fast path, whose one event (AMBIT_EV_FAST_ACCEPT, from
+ * `fa`) is emitted once the connect ended, in place of stream_accepted. */
+typedef struct fast_accept {
+    uint64_t entry;         /* the fastpath_in entry that accepted the stream */
+    int port;               /* the source port its `forwarded` named, 0 when none */
+    char traceparent[64];   /* the request's, as stream_request would report it */
+} fast_accept;
 void accept_connect_start(ambit_loop *l, acmd *c);
+void accept_connect_fast(ambit_loop *l, acmd *c, const fast_accept *fa);
 void accept_connect_tick(ambit_loop *l);
 void accept_connect_destroy_all(ambit_loop *l);
 
