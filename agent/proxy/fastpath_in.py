@@ -45,7 +45,7 @@ from native.engine import EngineError, Event
 log = logging.getLogger("ambit.proxy")
 
 DEFAULT_CAPACITY = 4096
-DEFAULT_CREDITS = 64
+DEFAULT_CREDITS = 128  # of hbone_streams_per_source's 8,192: a busy peer's burst outruns a top-up
 
 InKey = tuple[int, str, str]  # (served connection id, raw :authority, claimed source IP or "")
 

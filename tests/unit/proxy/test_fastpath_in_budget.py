@@ -56,9 +56,10 @@ class _Authorizer:
 class _Credentials:
     def __init__(self, pki: Pki) -> None:
         self._pki = pki
+        self.rotated = False
 
     def svid_for(self, spiffe_id: SpiffeId) -> object:
-        return self._pki.server
+        return self._pki.client if self.rotated else self._pki.server
 
     def trust_bundle_pem(self) -> bytes:
         return self._pki.bundle
@@ -158,3 +159,19 @@ def test_table_bound_stale_generation_and_new_snapshot(rt: Runtime) -> None:
     fast.tick()
     assert len(fast) == 0 and _engine_entries(rt) == 0
     assert rt.budgets.hbone_source_streams.held(PEER) == 0
+
+
+def test_a_rotated_or_forgotten_destination_certificate_removes_its_entries(rt: Runtime) -> None:
+    fast = _fast(rt)
+    fast.offer(_allowed(rt, fast))
+    fast.tick()
+    assert len(fast) == 1
+    rt.tls._credentials.rotated = True  # type: ignore[attr-defined]  # the destination's SVID renewed
+    rt.tls.server(DST)  # the next served connection builds the new context
+    fast.tick()
+    assert len(fast) == 0 and _engine_entries(rt) == 0
+    fast.offer(_allowed(rt, fast))
+    assert len(fast) == 1
+    rt.tls.forget(set())  # the destination left the node
+    fast.tick()
+    assert len(fast) == 0 and rt.budgets.hbone_source_streams.held(PEER) == 0
