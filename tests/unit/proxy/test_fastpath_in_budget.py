@@ -21,7 +21,7 @@ from agent.proxy.tls import TlsContexts
 from agent.state import MeshSnapshot
 from api.resources.workload import Workload
 from api.spiffe import SpiffeId
-from native.engine import Engine
+from native.engine import Engine, Event
 from tests.unit.native.engine_testkit import Pki, make_pki
 
 TD = "cluster.local"
@@ -42,9 +42,10 @@ class _Authorizer:
 
     def __init__(self) -> None:
         self.reuse = True
+        self.deny = False
 
     def authorize(self, attrs: ConnectionAttrs) -> Decision:
-        return ALLOW
+        return Decision(False, "app/deny", "denied now") if self.deny else ALLOW
 
     def reusable(self, attrs: ConnectionAttrs, decision: Decision) -> bool:
         return self.reuse
@@ -175,3 +176,22 @@ def test_a_rotated_or_forgotten_destination_certificate_removes_its_entries(rt: 
     rt.tls.forget(set())  # the destination left the node
     fast.tick()
     assert len(fast) == 0 and rt.budgets.hbone_source_streams.held(PEER) == 0
+
+
+def test_a_stream_accepted_in_an_ended_generation_is_decided_again(rt: Runtime) -> None:
+    """The engine accepted it before the change; Python sees its event after (the re-check of live
+    connections may have run before it was in the table): the current policy decides, and denies."""
+    fast = _fast(rt)
+    fast.offer(_allowed(rt, fast))
+    (entry_id,) = [fe.id for fe in fast._by_key.values()]
+    tag = (1 << 61) | 1
+    fresh = Event("fast_accept", 7, 1, tag, status=40001, bytes_in=entry_id)
+    fast.on_accept(fresh)
+    accepted = rt.table.get(tag)
+    assert accepted is not None and accepted.response_flags == "-" and accepted.record.source_port == 40001
+    rt.authorizer.deny = True  # type: ignore[attr-defined]  # a DENY arrives, then mesh_changed
+    fast.invalidate()
+    fast.on_accept(Event("fast_accept", 7, 2, tag + 1, status=40002, bytes_in=entry_id))
+    late = rt.table.get(tag + 1)
+    assert late is not None and late.response_flags == "DENY"  # reset; its close event reports DENY
+    assert rt.counters["fastpath_in_redecided"] == 1 and rt.counters["closed_by_policy"] == 1
