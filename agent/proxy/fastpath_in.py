@@ -162,16 +162,11 @@ class InboundFastPath:
         1: failed, upstream_failed follows): the same table entry, budget unit and record as the ordinary
         path gives it."""
         rt = self._rt
-        fe = self._by_id.get(ev.bytes_in)
+        fe = self._spent(ev.bytes_in)
         if fe is None:  # cannot happen: entries stay known while their units are in flight
             rt.counters["fastpath_in_unknown_entry"] += 1
             rt.engine.reset_stream(ev.conn_id, ev.stream_id)
             return
-        fe.held -= 1
-        if fe.removed and fe.held == 0:
-            del self._by_id[fe.id]
-        elif not fe.removed and fe.held <= self.credits // 2:
-            self._top_up(fe)
         a = fe.allowed
         port = ev.status if a.port_from_claim and ev.status else fe.fallback_port
         record = ConnectionRecord(**{
@@ -188,6 +183,19 @@ class InboundFastPath:
             rt.table.established(entry)
         if fe.removed or self._stale(fe):
             self._decide_again(entry)
+
+    def _spent(self, entry_id: int) -> InEntry | None:
+        """One of the entry's credits became a stream (its budget unit goes with the stream): a removed
+        entry is forgotten with its last unit, a live one topped up once half its credits are spent."""
+        fe = self._by_id.get(entry_id)
+        if fe is not None:
+            fe.held -= 1
+            if not fe.removed:
+                if fe.held <= self.credits // 2:
+                    self._top_up(fe)
+            elif not fe.held:
+                del self._by_id[entry_id]
+        return fe
 
     def _stale(self, fe: InEntry) -> bool:
         """Whether the world the entry encodes may have changed since it was installed."""

@@ -35,11 +35,12 @@ typedef struct ientry {
 } ientry;
 
 struct fastin {
-    pthread_mutex_t lock;
+    pthread_mutex_t lock;      /* the table and the entries' credits */
     ientry **slots;
-    size_t nslots, count, capacity;
+    size_t nslots, count;
+    size_t capacity;           /* atomic */
     amap by_id;
-    uint64_t generation;
+    uint64_t generation;       /* atomic: bumped by ambit_fastin_invalidate */
     uint64_t next_tag;
     uint64_t counters[AMBIT_FASTIN_C_COUNT];
 };
@@ -57,23 +58,11 @@ const char *ambit_fastin_counter_name(int index)
 
 static void ictr(struct fastin *f, int c, int64_t v) { __atomic_add_fetch(&f->counters[c], (uint64_t)v, __ATOMIC_RELAXED); }
 
+static void fastin_init(void *table) { ((struct fastin *)table)->capacity = AMBIT_FASTIN_DEFAULT_CAPACITY; }
+
 static struct fastin *fastin_of(ambit_engine *e)
 {
-    struct fastin *f = __atomic_load_n(&e->fast_in, __ATOMIC_ACQUIRE);
-    if (f)
-        return f;
-    f = calloc(1, sizeof(*f));
-    if (!f)
-        return NULL;
-    pthread_mutex_init(&f->lock, NULL);
-    f->capacity = AMBIT_FASTIN_DEFAULT_CAPACITY;
-    struct fastin *expected = NULL;
-    if (!__atomic_compare_exchange_n(&e->fast_in, &expected, f, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
-        pthread_mutex_destroy(&f->lock);
-        free(f);
-        return expected;
-    }
-    return f;
+    return fast_table_of((void **)&e->fast_in, sizeof(struct fastin), fastin_init);
 }
 
 static uint64_t key_hash(uint64_t conn_id, const char *authority, const char *claim)
@@ -156,37 +145,28 @@ static int parse_claim(const char *v, char *ip, int *port)
     return 0;
 }
 
+/* Capacity and generation are single words, read and written atomically: an invalidation takes no lock
+ * (it may come from any thread), and a put or lookup racing it sees either value, which is safe either way:
+ * an entry put in the old generation is a miss from the bump on. */
 int ambit_fastin_set_capacity(ambit_engine *e, int capacity)
 {
     struct fastin *f = fastin_of(e);
     if (!f || capacity < 0)
         return -1;
-    pthread_mutex_lock(&f->lock);
-    f->capacity = (size_t)capacity;
-    pthread_mutex_unlock(&f->lock);
+    __atomic_store_n(&f->capacity, (size_t)capacity, __ATOMIC_RELAXED);
     return 0;
 }
 
 uint64_t ambit_fastin_invalidate(ambit_engine *e)
 {
     struct fastin *f = fastin_of(e);
-    if (!f)
-        return 0;
-    pthread_mutex_lock(&f->lock);
-    uint64_t g = ++f->generation;
-    pthread_mutex_unlock(&f->lock);
-    return g;
+    return f ? __atomic_add_fetch(&f->generation, 1, __ATOMIC_SEQ_CST) : 0;
 }
 
 uint64_t ambit_fastin_generation(ambit_engine *e)
 {
     struct fastin *f = fastin_of(e);
-    if (!f)
-        return 0;
-    pthread_mutex_lock(&f->lock);
-    uint64_t g = f->generation;
-    pthread_mutex_unlock(&f->lock);
-    return g;
+    return f ? __atomic_load_n(&f->generation, __ATOMIC_SEQ_CST) : 0;
 }
 
 static int fits(const char *s, size_t cap) { return s && strlen(s) < cap; }
@@ -229,17 +209,12 @@ int ambit_fastin_put(ambit_engine *e, uint64_t entry_id, uint64_t generation, ui
     x->credits = credits;
     x->generation = generation;
     pthread_mutex_lock(&f->lock);
-    if (!f->nslots) {
-        f->slots = calloc(1024, sizeof(*f->slots));
-        f->nslots = f->slots ? 1024 : 0;
-    }
-    if (!f->nslots || generation != f->generation || f->count >= f->capacity ||
-        find(f, conn_id, authority, claim_ip) || amap_get(&f->by_id, entry_id) ||
-        amap_put(&f->by_id, entry_id, x) < 0) {
-        why = !f->nslots                    ? "out of memory"
-              : generation != f->generation ? "stale generation"
-              : f->count >= f->capacity     ? "table full"
-                                            : "entry exists";
+    int ready = fast_slots_ready((void **)&f->slots, &f->nslots);
+    why = fast_put_refused(ready, generation != __atomic_load_n(&f->generation, __ATOMIC_SEQ_CST),
+                           f->count >= __atomic_load_n(&f->capacity, __ATOMIC_RELAXED),
+                           ready && (find(f, conn_id, authority, claim_ip) || amap_get(&f->by_id, entry_id)));
+    if (why || amap_put(&f->by_id, entry_id, x) < 0) {
+        why = why ? why : "out of memory";
         pthread_mutex_unlock(&f->lock);
         free(x);
         ictr(f, AMBIT_FASTIN_C_REFUSED, 1);
@@ -255,17 +230,22 @@ int ambit_fastin_put(ambit_engine *e, uint64_t entry_id, uint64_t generation, ui
     return 0;
 }
 
+/* `n` more credits for an installed entry (Python's top-up, or one given back): 0, -1 when not installed. */
+static int credit(struct fastin *f, uint64_t entry_id, int n)
+{
+    pthread_mutex_lock(&f->lock);
+    ientry *x = amap_get(&f->by_id, entry_id);
+    int found = x != NULL;
+    if (found)
+        x->credits += n;
+    pthread_mutex_unlock(&f->lock);
+    return found ? 0 : -1;
+}
+
 int ambit_fastin_add_credits(ambit_engine *e, uint64_t entry_id, int credits)
 {
     struct fastin *f = fastin_of(e);
-    if (!f || credits < 1)
-        return -1;
-    pthread_mutex_lock(&f->lock);
-    ientry *x = amap_get(&f->by_id, entry_id);
-    if (x)
-        x->credits += credits;
-    pthread_mutex_unlock(&f->lock);
-    return x ? 0 : -1;
+    return f && credits > 0 ? credit(f, entry_id, credits) : -1;
 }
 
 int ambit_fastin_remove(ambit_engine *e, uint64_t entry_id)
@@ -275,18 +255,16 @@ int ambit_fastin_remove(ambit_engine *e, uint64_t entry_id)
         return -1;
     pthread_mutex_lock(&f->lock);
     ientry *x = amap_del(&f->by_id, entry_id);
-    int left = -1;
-    if (x) {
-        left = x->credits;
-        for (ientry **pp = slot_of(f, x->conn_id, x->authority, x->claim); *pp; pp = &(*pp)->chain)
-            if (*pp == x) {
-                *pp = x->chain;
-                break;
-            }
+    ientry **pp = x ? slot_of(f, x->conn_id, x->authority, x->claim) : NULL;
+    while (pp && *pp && *pp != x)
+        pp = &(*pp)->chain;
+    if (pp && *pp) { /* an entry in by_id is always in its slot's chain */
+        *pp = x->chain;
         f->count--;
         ictr(f, AMBIT_FASTIN_C_ENTRIES, -1);
     }
     pthread_mutex_unlock(&f->lock);
+    int left = x ? x->credits : -1;
     free(x);
     return left;
 }
@@ -325,7 +303,7 @@ int fastin_try(ambit_loop *l, uint64_t conn_id, uint64_t stream_id, const char *
     ientry *x = f->count ? find(f, conn_id, authority, claim) : NULL;
     if (!x)
         why = AMBIT_FASTIN_C_MISSES_NO_ENTRY;
-    else if (x->generation != f->generation)
+    else if (x->generation != __atomic_load_n(&f->generation, __ATOMIC_SEQ_CST))
         why = AMBIT_FASTIN_C_MISSES_STALE;
     else if (x->credits <= 0)
         why = AMBIT_FASTIN_C_MISSES_NO_CREDIT;
@@ -354,13 +332,8 @@ int fastin_try(ambit_loop *l, uint64_t conn_id, uint64_t stream_id, const char *
 
 void fastin_unseen(ambit_engine *e, uint64_t entry_id)
 {
-    struct fastin *f = e->fast_in;
-    pthread_mutex_lock(&f->lock);
-    ientry *back = amap_get(&f->by_id, entry_id);
-    if (back)
-        back->credits++;
-    pthread_mutex_unlock(&f->lock);
-    ictr(f, AMBIT_FASTIN_C_HANDOFFS_DROPPED, 1);
+    credit(e->fast_in, entry_id, 1); /* removed meanwhile: nothing to give back to */
+    ictr(e->fast_in, AMBIT_FASTIN_C_HANDOFFS_DROPPED, 1);
 }
 
 void fastin_free(ambit_engine *e)

@@ -230,6 +230,13 @@ void limits_free(ambit_engine *e);
 
 /* fastpath.c */
 #define AMBIT_FAST_TAG_BIT (1ULL << 62) /* tags of fast path streams (Python's own stay below) */
+/* A fast path table (its first member a pthread_mutex_t) made on first use by whichever thread comes first:
+ * `size` bytes zeroed, the lock initialised, then `init`; NULL when out of memory. */
+void *fast_table_of(void **slot, size_t size, void (*init)(void *table));
+/* Under the table's lock: its hash slots, made on the first put (0 when out of memory); why a put is
+ * refused (NULL: it is not), the same checks in the same order for both tables. */
+int fast_slots_ready(void **slots, size_t *nslots);
+const char *fast_put_refused(int ready, int stale, int full, int exists);
 void loop_post_cmd(ambit_engine *e, uint64_t id, acmd *c); /* to the loop owning id */
 void fastpath_run_open(ambit_loop *l, acmd *c);
 void fastpath_stream_done(ambit_engine *e, uint64_t conn_id);
