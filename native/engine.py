@@ -40,6 +40,7 @@ _KINDS = {
     12: "fast_miss",  # the fast path handed an accepted socket to Python (status: its fd, now the caller's)
     13: "upstream_failed",  # accept_connect: the engine's connect failed (status: errno, detail); 503 follows
     14: "stream_accepted",  # accept_connect: connected, 200 sent
+    15: "fast_accept",  # inbound fast path accepted a stream (bytes_in: entry, bytes_out: 0 up / 1 failed)
 }
 FAST_MAX_CONNS = 8  # AMBIT_FAST_MAX_CONNS: pooled connections one fast path entry may name
 # Engine limits (ambit_engine_set_limit); 0 means unlimited, see docs/engine.md.
@@ -453,10 +454,14 @@ class Engine:
             lib.ambit_engine_counters(self._handle, out, lib.AMBIT_C_COUNT)
             fast = ffi.new("uint64_t[]", lib.AMBIT_FAST_C_COUNT)
             lib.ambit_fastpath_counters(self._handle, fast, lib.AMBIT_FAST_C_COUNT)
+            fast_in = ffi.new("uint64_t[]", lib.AMBIT_FASTIN_C_COUNT)
+            lib.ambit_fastin_counters(self._handle, fast_in, lib.AMBIT_FASTIN_C_COUNT)
         names = {_text(lib.ambit_counter_name(i)): int(out[i]) for i in range(lib.AMBIT_C_COUNT)}
         names.update(
             {_text(lib.ambit_fastpath_counter_name(i)): int(fast[i]) for i in range(lib.AMBIT_FAST_C_COUNT)}
         )
+        fast_in_names = (_text(lib.ambit_fastin_counter_name(i)) for i in range(lib.AMBIT_FASTIN_C_COUNT))
+        names.update({name: int(fast_in[i]) for i, name in enumerate(fast_in_names)})
         return names
 
     # --- outbound fast path (docs/engine.md "Fast path") ---------------------------------------------
@@ -529,6 +534,60 @@ class Engine:
             if self._handle is None:
                 return -1
             return int(lib.ambit_fastpath_remove(self._handle, entry_id))
+
+    # --- inbound fast path (docs/engine.md "Inbound fast path") ---------------------------------------
+
+    def fastin_set_capacity(self, entries: int) -> None:
+        with self._lock:
+            if int(lib.ambit_fastin_set_capacity(self._h(), entries)) < 0:
+                raise EngineError(f"bad inbound fast path capacity {entries!r}")
+
+    def fastin_invalidate(self) -> int:
+        """Every installed inbound entry stops matching: the new generation. Any thread, no proxy lock."""
+        with self._lock:
+            return int(lib.ambit_fastin_invalidate(self._h())) if self._handle is not None else 0
+
+    def fastin_generation(self) -> int:
+        with self._lock:
+            return int(lib.ambit_fastin_generation(self._h())) if self._handle is not None else 0
+
+    def fastin_put(
+        self,
+        entry_id: int,
+        generation: int,
+        conn_id: int,
+        authority: str,
+        claim_ip: str,
+        destination: tuple[str, int],
+        source_ip: str | None,
+        mark: int,
+        credits: int,
+    ) -> None:
+        """Install inbound entry `entry_id` (refused when `generation`, read before the decision, is stale):
+        up to `credits` streams on served connection `conn_id` with :authority exactly `authority` and a
+        `forwarded` claiming `claim_ip` ("" = no header) are accepted as `accept_connect(conn_id, sid,
+        destination, source_ip, mark)` would. EngineError when stale, full, present, or an argument is bad."""
+        ip, port = destination
+        src = source_ip.encode() if source_ip else ffi.NULL
+        self._call(
+            lib.ambit_fastin_put, entry_id, generation, conn_id, authority.encode(), claim_ip.encode(),
+            ip.encode(), port, src, mark, credits,
+        )  # fmt: skip
+
+    def fastin_add_credits(self, entry_id: int, credits: int) -> bool:
+        """More streams for an installed inbound entry; False when it is not installed."""
+        with self._lock:
+            if self._handle is None:
+                return False
+            return int(lib.ambit_fastin_add_credits(self._handle, entry_id, credits)) == 0
+
+    def fastin_remove(self, entry_id: int) -> int:
+        """Remove an inbound entry: the credits it had left, or -1 when not installed. It matches no stream
+        once this returns."""
+        with self._lock:
+            if self._handle is None:
+                return -1
+            return int(lib.ambit_fastin_remove(self._handle, entry_id))
 
     def __del__(self) -> None:
         self.stop()

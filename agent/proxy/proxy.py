@@ -124,6 +124,7 @@ class Proxy:
             "upstream_failed": self._inbound.on_upstream_failed,
             "fast_open": self._outbound.fast.on_open,
             "fast_miss": self._outbound.fast.on_miss,
+            "fast_accept": self._inbound.fast.on_accept,
         }
         # Why an engine connection failed (conn_error), until its conn_closed: the streams it cut say so.
         self._conn_errors: dict[int, str] = {}
@@ -156,6 +157,7 @@ class Proxy:
         self._ports = Ports(*(s.getsockname()[1] for s in (out, plain, hbone)))
         if self._fast_path:  # the engine accepts on 15001 (a duplicate fd: ours stays for stop to close)
             self._outbound.fast.start(os.dup(out.fileno()))
+            self._inbound.fast.start()  # and served streams identical to allowed ones (fastpath_in.py)
         else:
             self._loop.add_reader(out.fileno(), lambda: self._outbound.on_readable(out))
         self._loop.add_reader(plain.fileno(), lambda: self._inbound.on_plaintext_readable(plain))
@@ -223,6 +225,7 @@ class Proxy:
         """A new snapshot or policy was applied: the engine's fast path entries stop at once (any thread;
         takes no proxy lock), and the next connection of each goes through Python again."""
         self._outbound.fast.invalidate()
+        self._inbound.fast.invalidate()
 
     def rows(self) -> list[dict[str, object]]:
         """Live connections with their byte counts so far: the table is read under the control loop's
@@ -247,6 +250,7 @@ class Proxy:
             out["hbone_pool_connections"] = len(self._rt.pool.connections())
             out["hbone_pool_drained_moved"] = self._rt.pool.drained_moved
             out["fastpath_entries"] = len(self._outbound.fast)
+            out["fastpath_in_entries"] = len(self._inbound.fast)
             out.update(self._rt.budgets.counters())
             out["observer_errors"] = self._rt.table.observer_errors
             out["control_loop_errors"] = self._loop.callback_errors
@@ -380,6 +384,7 @@ class Proxy:
         self._close_idle()
         self._forget_departed()
         self._outbound.fast.tick()
+        self._inbound.fast.tick()
 
     def _forget_departed(self) -> None:
         """Free the TLS contexts of workloads that left this node (one per local identity and role)."""
