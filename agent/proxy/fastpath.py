@@ -254,6 +254,20 @@ class FastPath:
             if rotated or self._usable(fe.pool_key, fe.tls_generation) != fe.conns:
                 self._remove(fe)
 
+    def reclaim(self, source_ip: str) -> int:
+        """`source_ip` has spent its outbound budget: the credits its entries hold but no connection uses
+        yet go back to it (those entries are removed; the next routed connection installs one anew with
+        at most half of what is left), so a pod below its limit is never refused for the fast path's
+        reservation. How many units came back."""
+        budget = self._rt.budgets.outbound_sources
+        before = budget.held(source_ip)
+        for fe in [fe for fe in self._by_key.values() if fe.key[0] == source_ip]:
+            self._remove(fe)
+        freed = before - budget.held(source_ip)
+        if freed:
+            self._rt.counters["fastpath_reclaimed"] += freed
+        return freed
+
     def forget_conn(self, conn_id: int) -> None:
         """A pooled connection drained, failed, closed or filled up: no fast stream on it any more."""
         for fe in [fe for fe in self._by_key.values() if conn_id in fe.conns]:
