@@ -81,6 +81,7 @@ static int event_lazy(int kind)
     case AMBIT_EV_STREAM_CLOSED:
     case AMBIT_EV_SPLICE_CLOSED:
     case AMBIT_EV_STREAM_ACCEPTED:
+    case AMBIT_EV_FAST_ACCEPT:
         return 1;
     default:
         return 0;

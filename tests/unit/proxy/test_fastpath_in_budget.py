@@ -195,3 +195,15 @@ def test_a_stream_accepted_in_an_ended_generation_is_decided_again(rt: Runtime) 
     late = rt.table.get(tag + 1)
     assert late is not None and late.response_flags == "DENY"  # reset; its close event reports DENY
     assert rt.counters["fastpath_in_redecided"] == 1 and rt.counters["closed_by_policy"] == 1
+
+
+def test_one_peer_cannot_fill_the_table_past_its_budget(rt: Runtime) -> None:
+    """Distinct authorities (or claims) from one peer: each entry reserves at most half of what its
+    budget has left, so the peer runs out of entries long before the table does, never past its limit."""
+    fast = _fast(rt, capacity=100)
+    for port in range(8000, 8010):
+        fast.offer(_allowed(rt, fast, authority=f"10.244.2.2:{port}"))
+    held = rt.budgets.hbone_source_streams.held(PEER)
+    assert len(fast) == 5 and held == LIMIT - 1  # credits 8, 6, 3, 1, 1 of LIMIT 20
+    fast.clear()
+    assert rt.budgets.hbone_source_streams.held(PEER) == 0
