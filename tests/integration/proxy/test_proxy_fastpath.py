@@ -164,11 +164,19 @@ def test_a_burst_of_fast_connections_is_recorded_exactly(lab: ProxyLab) -> None:
     def new(node: str) -> list[dict[str, Any]]:
         return [r for r in _closed(lab, node, "pod-1-1") if r["conn_id"] not in seen or node != "node-1"]
 
+    src = lab.pod_ip("pod-1-1")
+
+    def idle(st: dict[str, Any]) -> bool:  # node-1 holds none of pod-1-1's connections (budget units)
+        return not [r for r in st.get("rows", []) if str(r.get("source", "")).startswith(f"{src}:")]
+
     rounds, at_once = 5, LIMIT - 2
     for done in range(1, rounds + 1):
-        assert in_pod(lab, "pod-1-1", hold_answered, lab.pod_ip("pod-2-1"), ECHO, at_once) == at_once
-        # the round's units are back (its records written) before the next round
-        lab.wait_status("node-1", lambda st, n=done: len(new("node-1")) >= n * at_once)
+        lab.wait_status("node-1", idle, timeout=30)
+        answered = in_pod(lab, "pod-1-1", hold_answered, lab.pod_ip("pod-2-1"), ECHO, at_once)
+        why = [(r["response_flags"], r["error"]) for r in new("node-1")[-at_once:]]
+        assert answered == at_once, f"round {done}: {answered} of {at_once} answered; last records {why}"
+        # the round's records are written (and its units back) before the next round
+        lab.wait_status("node-1", lambda st, n=done: len(new("node-1")) >= n * at_once, timeout=30)
     total = rounds * at_once
     lab.wait_status("node-1", lambda st: len(new("node-1")) >= total)
     time.sleep(0.5)  # nothing more may follow
@@ -181,7 +189,7 @@ def test_a_burst_of_fast_connections_is_recorded_exactly(lab: ProxyLab) -> None:
     assert sorted(e["conn_id"] for e in opened) == sorted(ids)
     traces = {r["trace_id"] for r in burst}
     assert len(traces) == total and "" not in traces
-    lab.wait_status("node-2", lambda st: traces <= {r["trace_id"] for r in new("node-2")})
+    lab.wait_status("node-2", lambda st: traces <= {r["trace_id"] for r in new("node-2")}, timeout=30)
     assert sum(r["trace_id"] in traces for r in new("node-2")) == total
     counters = lab.status("node-1")["counters"]
     assert counters["engine_events"] >= counters["engine_event_drains"] > 0
