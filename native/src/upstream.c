@@ -76,6 +76,11 @@ static int upstream_socket(const char *dst_ip, int dst_port, const char *source_
     else if (source_ip && (family == AF_INET ? setsockopt(fd, SOL_IP, IP_TRANSPARENT, &one, sizeof(one))
                                              : setsockopt(fd, SOL_IPV6, IPV6_TRANSPARENT, &one, sizeof(one))) < 0)
         what = "IP_TRANSPARENT";
+    /* The port comes at connect(), unique per 4-tuple, not at bind(): bind(ip, 0) reserves a port against
+     * every destination and skips every port any earlier socket of that address still holds (TIME_WAIT
+     * too), so the connects of one busy client address scanned an ever fuller range, then failed. */
+    else if (source_ip && setsockopt(fd, SOL_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one)) < 0) /* v6 too */
+        what = "IP_BIND_ADDRESS_NO_PORT";
     else if (source_ip && bind(fd, (struct sockaddr *)&src, slen) < 0)
         what = "bind";
     else if (connect(fd, (struct sockaddr *)&dst, dlen) < 0 && errno != EINPROGRESS)
