@@ -3,9 +3,10 @@ network namespace of its own (test_engine_ports.py runs it under `unshare --net`
 
 It narrows the ephemeral port range to 2 unused ports, holds two streams to one upstream through
 `accept_connect` from 127.0.0.1 (both ports in use), then accepts a stream to a second upstream from the
-same address and prints, as JSON, the kinds of the events that answered each. Before, the engine bound (address, 0), which
-reserves a port against every destination (TIME_WAIT sockets too): the third connect failed at bind; now
-the port is chosen at connect (IP_BIND_ADDRESS_NO_PORT), unique per 4-tuple, as an ordinary client's is."""
+same address and prints, as JSON, the kinds of the events that answered each. Before, the engine bound
+(address, 0), which reserves a port against every destination (TIME_WAIT sockets too): the third connect
+failed at bind; now the port is chosen at connect (IP_BIND_ADDRESS_NO_PORT), unique per 4-tuple, as an
+ordinary client's is."""
 
 from __future__ import annotations
 
