@@ -19,6 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 from engine_testkit import Events, make_pki, tunnel  # noqa: E402
 
+from agent.proxy.sockets import connect_nonblocking  # noqa: E402
 from native.engine import Engine, EngineError  # noqa: E402
 
 ANSWERS = ("stream_accepted", "upstream_failed")
@@ -47,6 +48,13 @@ def main() -> None:
             continue
         answer = events.wait(lambda e, r=req: e.stream_id == r.stream_id and e.kind in ANSWERS)
         out.append(answer.kind if answer.kind == "stream_accepted" else f"{answer.kind}: {answer.detail}")
+    # The agent's own connects from a client's address (agent/proxy/sockets.py) share ports the same way.
+    try:
+        sock = connect_nonblocking(servers[1].getsockname(), "127.0.0.1")
+        out.append("agent connect started")
+        sock.close()
+    except OSError as e:
+        out.append(f"agent connect: {e}")
     engine.stop()
     print(json.dumps(out))
 
