@@ -115,6 +115,7 @@ def _measure(plan: LabPlan, workdir: Path) -> dict[str, float]:
         out[f"{name}: new connections/s"] = rate
         if pids:
             out[f"{name}: CPU per new connection"] = sum(cpu) / (rate * SECONDS) * 1e6
+    out["ambit vs plain: new connections/s"] = out["ambit: new connections/s"]
     for name, target in TARGETS.items():
         out[f"target: {name}"] = target
         out[f"{name}, vs target"] = out[name]
@@ -144,6 +145,7 @@ ROWS = (  # name, unit, baseline
     ("plain: new connections/s", "conn/s", ""),
     ("stunnel: new connections/s", "conn/s", "plain: new connections/s"),
     ("ambit: new connections/s", "conn/s", "stunnel: new connections/s"),
+    ("ambit vs plain: new connections/s", "conn/s", "plain: new connections/s"),
     ("stunnel: CPU per new connection", "us", ""),
     ("ambit: CPU per new connection", "us", "stunnel: CPU per new connection"),
 )
