@@ -7,6 +7,8 @@
   issue 15's target (0.05 core); warm start-up against its target (2 s);
 - new connections/s and CPU per new connection (both tunnel ends), against plain TCP and stunnel
   (bench_tunnel's stunnel harness, same topology: one tunnel process per node).
+The CPU per 1,000 RR/s and new connection rows are medians of AMBIT_BENCH_REPS (default 3) interleaved
+repetitions (tests/bench/paired.py), with their spread.
 
 Lab: 2 nodes x 3 pods; pod-1-1 (and pod-1-3, for the held connections) -> pod-2-1 is captured (both agents
 on the path), pod-1-2 -> pod-2-2 is opted out (plain) and is also the stunnel path. Rows are ratios to a
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 import tempfile
 import time
 import uuid
@@ -29,11 +32,12 @@ from agent import netns as nsx
 from agent.lab import control, mesh
 from agent.lab.plan import LabPlan, plan_lab
 from agent.redirect import cache
-from tests.bench import bench_tunnel
+from tests.bench import bench_tunnel, paired
 from tests.integration.agent import footprint
 from tests.integration.proxy import proxy_lab
 
 SECONDS = float(os.environ.get("AMBIT_BENCH_SECONDS", "2"))
+REPS = int(os.environ.get("AMBIT_BENCH_REPS", "3"))
 ECHO = proxy_lab.ECHO  # the port stunnel's server side forwards to
 # Issue 15's 1,000 and 5,000 connections, held by two client pods (half each): one client pod may hold at
 # most 4,096 outbound connections (and one identity 4,096 HBONE streams) on an agent (agent/proxy/limits.py).
@@ -105,16 +109,28 @@ def _measure(plan: LabPlan, workdir: Path) -> dict[str, float]:
         "stunnel": ("pod-1-2", stunnel_dst, bench_tunnel.STUNNEL_PORTS[ECHO], tunnels),
         "ambit": ("pod-1-1", ambit_dst, ECHO, agents),
     }
-    for name in ("ambit", "stunnel"):
+
+    def rr_cpu(name: str) -> dict[str, float]:
         pod, dst, port, pids = paths[name]
+        if not pids:
+            return {}
         done, cpu = footprint.cpu_during(pids, in_pod(pod, footprint.ping_pong, dst, port, SECONDS))
         # Per tunnel process (the busier end): CPU-s per second, per 1,000 round trips per second.
-        out[f"{name}: CPU per 1,000 RR/s"] = max(cpu) / SECONDS / (done / SECONDS / 1000)
-    for name, (pod, dst, port, pids) in paths.items():
+        return {"CPU per 1,000 RR/s": max(cpu) / SECONDS / (done / SECONDS / 1000)}
+
+    def new_conns(name: str) -> dict[str, float]:
+        pod, dst, port, pids = paths[name]
         rate, cpu = footprint.cpu_during(pids, in_pod(pod, bench_tunnel.connection_rate, dst, port, SECONDS))
-        out[f"{name}: new connections/s"] = rate
-        if pids:
-            out[f"{name}: CPU per new connection"] = sum(cpu) / (rate * SECONDS) * 1e6
+        return {"new connections/s": rate} | (
+            {"CPU per new connection": sum(cpu) / (rate * SECONDS) * 1e6} if pids else {}
+        )
+
+    # single runs of these swing 2-4x with the machine's load: interleaved repetitions, medians
+    samples = paired.interleave(tuple(paths), [rr_cpu, new_conns], REPS)
+    for name, metrics in samples.items():
+        for metric, values in metrics.items():
+            out[f"{name}: {metric}"] = statistics.median(values)
+            out[f"{name}: {metric}, spread"] = paired.spread_pct(values)
     out["ambit vs plain: new connections/s"] = out["ambit: new connections/s"]
     for name, target in TARGETS.items():
         out[f"target: {name}"] = target
@@ -139,12 +155,15 @@ ROWS = (  # name, unit, baseline
     ("target: agent RSS 1000 conns", "MB", ""),
     ("agent RSS 1000 conns, MB", "MB", "target: agent RSS 1000 conns"),
     ("stunnel: CPU per 1,000 RR/s", "CPU-s/s", ""),
+    ("stunnel: CPU per 1,000 RR/s, spread", "%", ""),
     ("ambit: CPU per 1,000 RR/s", "CPU-s/s", "stunnel: CPU per 1,000 RR/s"),
+    ("ambit: CPU per 1,000 RR/s, spread", "%", ""),
     ("target: ambit: CPU per 1,000 RR/s", "CPU-s/s", ""),
     ("ambit: CPU per 1,000 RR/s, vs target", "CPU-s/s", "target: ambit: CPU per 1,000 RR/s"),
     ("plain: new connections/s", "conn/s", ""),
     ("stunnel: new connections/s", "conn/s", "plain: new connections/s"),
     ("ambit: new connections/s", "conn/s", "stunnel: new connections/s"),
+    ("ambit: new connections/s, spread", "%", ""),
     ("ambit vs plain: new connections/s", "conn/s", "plain: new connections/s"),
     ("stunnel: CPU per new connection", "us", ""),
     ("ambit: CPU per new connection", "us", "stunnel: CPU per new connection"),
