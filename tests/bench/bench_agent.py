@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import statistics
 import tempfile
 import time
 import uuid
@@ -126,11 +125,7 @@ def _measure(plan: LabPlan, workdir: Path) -> dict[str, float]:
         )
 
     # single runs of these swing 2-4x with the machine's load: interleaved repetitions, medians
-    samples = paired.interleave(tuple(paths), [rr_cpu, new_conns], REPS)
-    for name, metrics in samples.items():
-        for metric, values in metrics.items():
-            out[f"{name}: {metric}"] = statistics.median(values)
-            out[f"{name}: {metric}, spread"] = paired.spread_pct(values)
+    out.update(paired.medians(paired.interleave(tuple(paths), [rr_cpu, new_conns], REPS)))
     out["ambit vs plain: new connections/s"] = out["ambit: new connections/s"]
     for name, target in TARGETS.items():
         out[f"target: {name}"] = target
@@ -170,6 +165,23 @@ ROWS = (  # name, unit, baseline
 )
 
 
+def start_paths(
+    plan: LabPlan, workdir: Path, start_server: Callable[[LabPlan, str], None]
+) -> tuple[list[int], list[int]]:
+    """The plane, both agents (ready), a server in each destination pod (pod-2-1 captured, pod-2-2 plain)
+    and stunnel up, as bench_connrate and bench_datapath use them: (agent pids, stunnel pids)."""
+    mesh.write_config(plan)
+    mesh.set_opted_out(plan, PLAIN_PODS)
+    mgmt_state = mesh.start_plane(plan, lambda _: None)
+    for node in ("node-1", "node-2"):
+        _start_agent(plan, node, mgmt_state)
+    for pod in ("pod-2-1", "pod-2-2"):
+        start_server(plan, pod)
+    bench_tunnel._start_stunnel(proxy_lab.ProxyLab(plan.prefix, plan, workdir), workdir)
+    agents = [footprint.pid_of(plan.prefix, f"agent-{n.name}") for n in plan.nodes]
+    return agents, [footprint.pid_of(plan.prefix, f"stunnel-{side}") for side in ("client", "server")]
+
+
 @contextmanager
 def lab_mesh(
     name: str, subdirs: Mapping[str, str] | None = None, pods: int = 2
@@ -185,6 +197,7 @@ def lab_mesh(
         os.environ.update(env)
         plan = plan_lab(2, pods, prefix)
         control.up(plan)
+        bench_tunnel.widen_port_ranges(plan)
         try:
             yield plan, workdir
         finally:

@@ -23,7 +23,6 @@ import functools
 import os
 import selectors
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -192,17 +191,7 @@ def _fast_report(plan: LabPlan) -> None:
 
 
 def _measure(plan: LabPlan, workdir: Path) -> dict[str, float]:
-    mesh.write_config(plan)
-    mesh.set_opted_out(plan, bench_agent.PLAIN_PODS)
-    mgmt_state = mesh.start_plane(plan, lambda _: None)
-    for node in ("node-1", "node-2"):
-        bench_agent._start_agent(plan, node, mgmt_state)
-    for pod in ("pod-2-1", "pod-2-2"):
-        _start_echo(plan, pod)
-    lab = proxy_lab.ProxyLab(plan.prefix, plan, workdir)
-    bench_tunnel._start_stunnel(lab, workdir)
-    agents = [footprint.pid_of(plan.prefix, f"agent-{n.name}") for n in plan.nodes]
-    tunnels = [footprint.pid_of(plan.prefix, f"stunnel-{side}") for side in ("client", "server")]
+    agents, tunnels = bench_agent.start_paths(plan, workdir, _start_echo)
     paths = {  # name: (client pod, destination, port, the tunnel processes)
         "plain": ("pod-1-2", plan.pod("pod-2-2").ip, ECHO, []),
         "stunnel": ("pod-1-2", plan.node("node-1").ip, bench_tunnel.STUNNEL_PORTS[ECHO], tunnels),
@@ -242,12 +231,7 @@ def _measure(plan: LabPlan, workdir: Path) -> dict[str, float]:
     samples = paired.interleave(tuple(paths), [one], REPS)
     time.sleep(2.5)  # the agents publish engine counters every 2 s
     _fast_report(plan)
-    values: dict[str, float] = {}
-    for name, metrics in samples.items():
-        for metric, runs in metrics.items():
-            values[f"{name}: {metric}"] = statistics.median(runs)
-            values[f"{name}: {metric}, spread"] = paired.spread_pct(runs)
-    return values
+    return paired.medians(samples)
 
 
 ROWS = (  # name, unit, baseline

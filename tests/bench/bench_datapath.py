@@ -56,16 +56,7 @@ Target = tuple[str, str, dict[int, int], list[int]]  # client pod, destination, 
 
 def start(plan: LabPlan, workdir: Path) -> dict[str, Target]:
     """The plane, both agents, the pods' test servers and stunnel up; the paths to measure."""
-    mesh.write_config(plan)
-    mesh.set_opted_out(plan, bench_agent.PLAIN_PODS)
-    mgmt_state = mesh.start_plane(plan, lambda _: None)
-    for node in ("node-1", "node-2"):
-        bench_agent._start_agent(plan, node, mgmt_state)
-    for pod in ("pod-2-1", "pod-2-2"):
-        _start_servers(plan, pod)
-    bench_tunnel._start_stunnel(proxy_lab.ProxyLab(plan.prefix, plan, workdir), workdir)
-    agents = [footprint.pid_of(plan.prefix, f"agent-{n.name}") for n in plan.nodes]
-    tunnels = [footprint.pid_of(plan.prefix, f"stunnel-{side}") for side in ("client", "server")]
+    agents, tunnels = bench_agent.start_paths(plan, workdir, _start_servers)
     identity = {proxy_lab.ECHO: proxy_lab.ECHO, proxy_lab.COUNT_SINK: proxy_lab.COUNT_SINK}
     return {  # path: (client pod, destination, service port -> port to dial, the tunnel processes)
         "plain": ("pod-1-2", plan.pod("pod-2-2").ip, identity, []),

@@ -36,6 +36,16 @@ def spread_pct(values: Sequence[float]) -> float:
     return (max(values) - min(values)) / mid * 100 if mid else 0.0
 
 
+def medians(samples: Samples) -> dict[str, float]:
+    """{"path: metric": median, "path: metric, spread": spread_pct} of every path and metric."""
+    out: dict[str, float] = {}
+    for path, metrics in samples.items():
+        for metric, values in metrics.items():
+            out[f"{path}: {metric}"] = statistics.median(values)
+            out[f"{path}: {metric}, spread"] = spread_pct(values)
+    return out
+
+
 def rows(
     samples: Samples,
     units: Mapping[str, str],
