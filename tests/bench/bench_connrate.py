@@ -234,6 +234,10 @@ def _measure(plan: LabPlan, workdir: Path) -> dict[str, float]:
     return paired.medians(samples)
 
 
+# Issue 15's targets: ztunnel (release build) in the independent harness on this machine, 8 connectors, both
+# tunnel processes: ambit should reach at least its connections/s (ratio >= 1) at no more CPU (ratio <= 1).
+ZTUNNEL = {"new connections/s": 2930.0, "CPU per new connection": 445.0}
+
 ROWS = (  # name, unit, baseline
     ("plain: new connections/s", "conn/s", ""),
     ("stunnel: new connections/s", "conn/s", "plain: new connections/s"),
@@ -244,6 +248,10 @@ ROWS = (  # name, unit, baseline
     ("stunnel: CPU per new connection", "us", ""),
     ("ambit: CPU per new connection", "us", "stunnel: CPU per new connection"),
     ("ambit: CPU per new connection, spread", "%", ""),
+    ("target: ztunnel new connections/s", "conn/s", ""),
+    ("ambit: new connections/s, vs ztunnel", "conn/s", "target: ztunnel new connections/s"),
+    ("target: ztunnel CPU per new connection", "us", ""),
+    ("ambit: CPU per new connection, vs ztunnel", "us", "target: ztunnel CPU per new connection"),
     ("stunnel: CPU per new connection, source side", "us", ""),
     ("stunnel: CPU per new connection, destination side", "us", ""),
     ("ambit: CPU per new connection, source side", "us", "stunnel: CPU per new connection, source side"),
@@ -259,4 +267,7 @@ def run() -> list[dict[str, Any]]:
     with bench_agent.lab_mesh("connrate") as (plan, workdir):
         values = _measure(plan, workdir)
     values["ambit vs plain: new connections/s"] = values["ambit: new connections/s"]
+    for name, target in ZTUNNEL.items():
+        values[f"target: ztunnel {name}"] = target
+        values[f"ambit: {name}, vs ztunnel"] = values[f"ambit: {name}"]
     return [{"name": n, "value": values[n], "unit": u, "baseline": b} for n, u, b in ROWS]
