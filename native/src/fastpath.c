@@ -71,24 +71,48 @@ const char *ambit_fastpath_counter_name(int index)
 
 static void fctr(struct fastpath *f, int c, int64_t v) { __atomic_add_fetch(&f->counters[c], (uint64_t)v, __ATOMIC_RELAXED); }
 
-static struct fastpath *fast_of(ambit_engine *e)
+void *fast_table_of(void **slot, size_t size, void (*init)(void *table))
 {
-    struct fastpath *f = __atomic_load_n(&e->fast, __ATOMIC_ACQUIRE);
-    if (f)
-        return f;
-    f = calloc(1, sizeof(*f));
-    if (!f)
+    void *t = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
+    if (t)
+        return t;
+    if (!(t = calloc(1, size)))
         return NULL;
-    pthread_mutex_init(&f->lock, NULL);
-    f->listen_fd = -1;
-    f->capacity = AMBIT_FAST_DEFAULT_CAPACITY;
-    struct fastpath *expected = NULL;
-    if (!__atomic_compare_exchange_n(&e->fast, &expected, f, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
-        pthread_mutex_destroy(&f->lock);
-        free(f);
+    pthread_mutex_init((pthread_mutex_t *)t, NULL); /* every table's first member is its lock */
+    init(t);
+    void *expected = NULL;
+    if (!__atomic_compare_exchange_n(slot, &expected, t, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        pthread_mutex_destroy((pthread_mutex_t *)t);
+        free(t);
         return expected;
     }
-    return f;
+    return t;
+}
+
+#define FAST_SLOTS 1024 /* hash slots of a table, made on its first put */
+
+int fast_slots_ready(void **slots, size_t *nslots)
+{
+    if (!*nslots && (*slots = calloc(FAST_SLOTS, sizeof(void *))))
+        *nslots = FAST_SLOTS;
+    return *nslots != 0;
+}
+
+const char *fast_put_refused(int ready, int stale, int full, int exists)
+{
+    return !ready ? "out of memory" : stale ? "stale generation" : full ? "table full" : exists ? "entry exists" : NULL;
+}
+
+static void fast_init(void *table)
+{
+    struct fastpath *f = table;
+    f->listen_fd = -1;
+    f->capacity = AMBIT_FAST_DEFAULT_CAPACITY;
+}
+
+static struct fastpath *fast_of(ambit_engine *e)
+{
+    return fast_table_of((void **)&e->fast, sizeof(struct fastpath), fast_init);
 }
 
 static uint64_t key_hash(const fkey *k)
@@ -115,15 +139,16 @@ static int key_from_text(fkey *k, const char *src, const char *dst, int port)
     return 0;
 }
 
-/* The accepted socket's key: its peer is the source pod, its local address the original destination (the
- * redirect assigned the SYN to the transparent listener, so getsockname() returns what the pod dialled). */
-static int key_from_fd(fkey *k, int fd, int *src_port)
+/* The accepted socket's key: its peer (as accept4 gave it) is the source pod, its local address the
+ * original destination (the redirect assigned the SYN to the transparent listener, so getsockname()
+ * returns what the pod dialled). */
+static int key_from_fd(fkey *k, int fd, const struct sockaddr_storage *peer, int *src_port)
 {
-    struct sockaddr_storage a, b;
-    socklen_t al = sizeof(a), bl = sizeof(b);
+    struct sockaddr_storage b;
+    const struct sockaddr_storage a = *peer;
+    socklen_t bl = sizeof(b);
     memset(k, 0, sizeof(*k));
-    if (getpeername(fd, (struct sockaddr *)&a, &al) < 0 || getsockname(fd, (struct sockaddr *)&b, &bl) < 0 ||
-        a.ss_family != b.ss_family)
+    if (getsockname(fd, (struct sockaddr *)&b, &bl) < 0 || a.ss_family != b.ss_family)
         return -1;
     k->family = (uint8_t)a.ss_family;
     if (a.ss_family == AF_INET) {
@@ -253,16 +278,11 @@ int ambit_fastpath_put(ambit_engine *e, uint64_t entry_id, uint64_t generation, 
     x->credits = credits;
     x->generation = generation;
     pthread_mutex_lock(&f->lock);
-    if (!f->nslots) {
-        f->slots = calloc(1024, sizeof(*f->slots));
-        f->nslots = f->slots ? 1024 : 0;
-    }
-    if (!f->nslots || generation != f->generation || find(f, &k) || amap_get(&f->by_id, entry_id) ||
-        f->count >= f->capacity || amap_put(&f->by_id, entry_id, x) < 0) {
-        why = !f->nslots                    ? "out of memory"
-              : generation != f->generation ? "stale generation"
-              : f->count >= f->capacity     ? "table full"
-                                            : "entry exists";
+    int ready = fast_slots_ready((void **)&f->slots, &f->nslots);
+    why = fast_put_refused(ready, generation != f->generation, f->count >= f->capacity,
+                           ready && (find(f, &k) || amap_get(&f->by_id, entry_id)));
+    if (why || amap_put(&f->by_id, entry_id, x) < 0) {
+        why = why ? why : "out of memory";
         pthread_mutex_unlock(&f->lock);
         entry_free(x);
         copy_str(err, errlen, why);
@@ -370,14 +390,14 @@ static char *forwarded_for(const char *ip, int port)
     return strdup(buf);
 }
 
-static void accept_one(ambit_engine *e, struct fastpath *f, int fd)
+/* `peer`: what accept4 said (no getpeername); TCP_NODELAY comes from the listener (fastpath_listen). */
+static void accept_one(ambit_engine *e, struct fastpath *f, int fd, const struct sockaddr_storage *peer)
 {
     fkey k;
     int src_port = 0, miss = AMBIT_FAST_C_MISSES_NO_ENTRY;
-    set_nodelay(fd);
     fctr(f, AMBIT_FAST_C_ACCEPTED, 1);
     acmd *c = calloc(1, sizeof(*c));
-    if (!c || key_from_fd(&k, fd, &src_port) < 0) {
+    if (!c || key_from_fd(&k, fd, peer, &src_port) < 0) {
         free(c);
         hand_off(e, fd, 0); /* Python reports what it can (a connection already gone, out of memory) */
         return;
@@ -426,9 +446,11 @@ static void on_listen(ambit_loop *l, aio *io, uint32_t events)
     ambit_engine *e = l->engine;
     struct fastpath *f = e->fast;
     for (int i = 0; i < FAST_ACCEPT_BATCH; i++) {
-        int fd = accept4(io->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        struct sockaddr_storage peer;
+        socklen_t plen = sizeof(peer);
+        int fd = accept4(io->fd, (struct sockaddr *)&peer, &plen, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd >= 0) {
-            accept_one(e, f, fd);
+            accept_one(e, f, fd, &peer);
             continue;
         }
         if (errno == EAGAIN || errno == EINTR)
@@ -462,6 +484,7 @@ int ambit_fastpath_listen(ambit_engine *e, int fd, char *err, size_t errlen)
                       : set_nonblock(fd) < 0                      ? "bad file descriptor"
                                                                   : NULL;
     if (!why) {
+        set_nodelay(fd); /* inherited by every accepted socket: one setsockopt, not one per connection */
         f->loop = &e->loops[0];
         f->listen_io.fd = fd;
         f->listen_io.on_event = on_listen;
@@ -503,7 +526,7 @@ void fastpath_run_open(ambit_loop *l, acmd *c)
     unsigned char r[24];
     int usable = hconn_client_usable(l, c->id);
     /* Without randomness for a trace id Python opens it instead (its own generator). */
-    if (!usable || RAND_bytes(r, sizeof(r)) != 1) {
+    if (!usable || rand_take(r, sizeof(r)) != 0) {
         undo_take(f, c);
         if (!usable)
             fctr(f, AMBIT_FAST_C_MISSES_CONN_GONE, 1);
@@ -551,6 +574,7 @@ void fastpath_stream_done(ambit_engine *e, uint64_t conn_id)
  * engine. */
 void fastpath_free(ambit_engine *e)
 {
+    fastin_free(e);
     struct fastpath *f = e->fast;
     if (!f)
         return;

@@ -8,6 +8,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <openssl/crypto.h>
+#include <openssl/rand.h>
+
 #include "internal.h"
 
 int abuf_reserve(abuf *b, size_t extra)
@@ -187,4 +190,25 @@ void reset_close(int fd)
     struct linger lg = {1, 0};
     setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
     close(fd);
+}
+
+/* Random bytes for trace ids, taken from a per-thread pool that RAND_bytes refills: OpenSSL checks for a
+ * fork (getpid) at every call, a syscall per new connection for 24 bytes. 0, or -1 without randomness. */
+#define RAND_POOL 1536
+static __thread unsigned char rand_pool[RAND_POOL];
+static __thread size_t rand_left;
+
+int rand_take(unsigned char *out, size_t n)
+{
+    if (n > RAND_POOL)
+        return RAND_bytes(out, (int)n) == 1 ? 0 : -1;
+    if (rand_left < n) {
+        if (RAND_bytes(rand_pool, RAND_POOL) != 1)
+            return -1;
+        rand_left = RAND_POOL;
+    }
+    memcpy(out, rand_pool + RAND_POOL - rand_left, n);
+    OPENSSL_cleanse(rand_pool + RAND_POOL - rand_left, n); /* handed out once */
+    rand_left -= n;
+    return 0;
 }

@@ -11,8 +11,8 @@ registration, the first read and half-close:
   then uploads (the shape of a server-speaks-first protocol: SMTP, SSH, MySQL);
 - `late`: the app uploads only after the whole download arrived (a request after a long greeting);
 - `client_abort` / `server_abort`: one side sends everything, then resets its socket (TCP RST) as soon as
-  its kernel transmitted the bytes: the other side must still get every byte, as over plain TCP (only the
-  aborting side's data is checked).
+  its peer acknowledged the bytes (not merely sent: a lost segment's retransmission dies with the RST):
+  the other side must still get every byte, as over plain TCP (only the aborting side's data is checked).
 
 Used by the stress test (tests/unit/native/test_engine_stress.py) and the soak bench (tests/bench).
 """
@@ -26,6 +26,7 @@ import random
 import selectors
 import socket
 import struct
+import termios
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from native.engine import Engine
 
 MAX_SIZE = 1 << 20
 ORDERS = ("eager", "banner", "late", "client_abort", "server_abort")
-SIOCOUTQNSD = 0x894B  # bytes the kernel has not transmitted yet
+SIOCOUTQ = termios.TIOCOUTQ  # bytes the peer has not acknowledged yet (sent or not)
 BANNER = b"220 banner\r\n"
 _BLOCK = hashlib.shake_256(b"ambit-stress").digest(2 * MAX_SIZE)
 
@@ -63,7 +64,7 @@ class End:
     digest: hashlib._Hash = field(default_factory=hashlib.sha256)
     eof: bool = False
     may_send: bool = True
-    abort: bool = False  # reset the socket once everything is sent and transmitted
+    abort: bool = False  # reset the socket once everything is sent and acknowledged
     closed: bool = False
 
 
@@ -94,9 +95,11 @@ class Driver:
     """Drives `count` streams over `conns` client connections of `client` to `server` (may be one engine)."""
 
     def __init__(
-        self, client: Engine, server: Engine, pki: Pki, count: int, conns: int, seed: int, top: int = MAX_SIZE
-    ) -> None:
+        self, client: Engine, server: Engine, pki: Pki, count: int, conns: int, seed: int,
+        top: int = MAX_SIZE, orders: tuple[str, ...] = ORDERS,
+    ) -> None:  # fmt: skip
         self.client, self.server = client, server
+        self.orders = orders
         self.cev = Events(client)
         self.sev = self.cev if server is client else Events(server)
         self.rng = random.Random(seed)
@@ -123,7 +126,7 @@ class Driver:
 
     def _open_all(self) -> None:
         for i in range(self.count):
-            order = ORDERS[i % len(ORDERS)]
+            order = self.orders[i % len(self.orders)]
             # An abort without a byte may legitimately never reach the server (counted as an early reset).
             up = _payload(self.rng, max(order == "client_abort", random_size(self.rng, self.top)))
             down = _payload(self.rng, random_size(self.rng, self.top))
@@ -213,7 +216,7 @@ class Driver:
         """Resets (SO_LINGER 0) the aborting sockets whose bytes all left their kernel."""
         keep = []
         for end in self.aborting:
-            if struct.unpack("i", fcntl.ioctl(end.sock, SIOCOUTQNSD, b"\0" * 4))[0]:
+            if struct.unpack("i", fcntl.ioctl(end.sock, SIOCOUTQ, b"\0" * 4))[0]:
                 keep.append(end)
                 continue
             end.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -263,7 +266,7 @@ class Driver:
 
 def run_stress(
     pki: Pki, count: int, threads: int, cross_node: bool, conns: int = 4, seed: int = 1,
-    on_engines: Callable[[Engine, Engine], None] | None = None,
+    on_engines: Callable[[Engine, Engine], None] | None = None, orders: tuple[str, ...] = ORDERS,
 ) -> Result:  # fmt: skip
     """`count` streams over `conns` connections; cross_node: client and server in two engines (two nodes)."""
     client = Engine(threads=threads)
@@ -273,7 +276,7 @@ def run_stress(
         server = Engine(threads=threads)
         server.start()
     try:
-        driver = Driver(client, server, pki, count, conns, seed)
+        driver = Driver(client, server, pki, count, conns, seed, orders=orders)
         result = driver.run()
         if on_engines is not None:
             on_engines(client, server)
