@@ -519,10 +519,19 @@ void fastpath_run_open(ambit_loop *l, acmd *c)
     r[16] |= 1;
     ambit_event ev;
     event_init(&ev, AMBIT_EV_FAST_OPEN, c->id, c->id2, c->tag);
-    int n = snprintf(ev.traceparent, sizeof(ev.traceparent), "00-");
-    for (int i = 0; i < 24; i++)
-        n += snprintf(ev.traceparent + n, sizeof(ev.traceparent) - (size_t)n, i == 16 ? "-%02x" : "%02x", r[i]);
-    snprintf(ev.traceparent + n, sizeof(ev.traceparent) - (size_t)n, "-00");
+    /* "00-<32 hex trace id>-<16 hex span id>-00" (55 chars), hex by table: 26 snprintf calls per new
+     * connection were a visible share of the loop's user time. */
+    static const char hex[] = "0123456789abcdef";
+    char *t = ev.traceparent;
+    memcpy(t, "00-", 3);
+    t += 3;
+    for (int i = 0; i < 24; i++) {
+        if (i == 16)
+            *t++ = '-';
+        *t++ = hex[r[i] >> 4];
+        *t++ = hex[r[i] & 15];
+    }
+    memcpy(t, "-00", 4); /* with the NUL */
     size_t used = strlen(c->text3);
     snprintf(c->text3 + used, FAST_TP_LINE, "traceparent: %.55s\n", ev.traceparent);
     ev.status = c->status; /* the client's source port */
