@@ -55,6 +55,9 @@ class _CountingAuthorizer:
             self._metrics.count_decision("AUDIT")
         return decision
 
+    def reusable(self, attrs: Any, decision: Any) -> bool:
+        return bool(self._policy.reusable(attrs, decision))  # the inbound fast path (proxy/fastpath_in.py)
+
     def mtls_mode(self, workload: Any, port: int) -> str:
         return str(self._policy.mtls_mode(workload, port))
 

@@ -18,9 +18,9 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -119,33 +119,68 @@ def _field(name: str, value: Any, depth: int) -> Any:
     return _redact(value, depth + 1)
 
 
+# Formatted seconds: a burst of records (an access log line has a start and an end) shares a few.
+_SECONDS: dict[int, str] = {}
+_SECONDS_MAX = 64
+
+
 def utc_iso(ts: float) -> str:
     """RFC 3339 UTC with milliseconds, the timestamp format of every log record."""
     ms = int(ts * 1000)  # floor, as datetime's microsecond // 1000; time.strftime is ~3x cheaper
-    return time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(ms // 1000)) + f"{ms % 1000:03d}Z"
+    second = ms // 1000
+    prefix = _SECONDS.get(second)
+    if prefix is None:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
+        if len(_SECONDS) >= _SECONDS_MAX:
+            _SECONDS.clear()  # a racing thread at worst formats its second again
+        _SECONDS[second] = prefix
+    return f"{prefix}{ms % 1000:03d}Z"
 
 
 # One encoder for every line (json.dumps with options builds a new one per call); it holds no state.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-_batching = threading.local()  # .logs: the deferrable JsonLogs written in this thread's `batched()`
+_batching = threading.local()  # .sinks: what this thread's `batched()` block flushes at its end
 
 
-@contextlib.contextmanager
-def batched() -> Iterator[None]:
+class _Sink(Protocol):
+    def flush(self) -> None: ...
+
+
+class batched:  # noqa: N801 (used as a function: `with batched():`)
     """Within this block, this thread's writes to deferrable JsonLogs (access logs) are flushed once at
     its end instead of once per record: one write(2) per event drain, not per connection. Lines stay in
-    the process (the file object's buffer) only until the block ends; audit logs are never deferred."""
-    if getattr(_batching, "logs", None) is not None:  # nested: the outer block flushes
-        yield
-        return
-    logs: set[JsonLog] = set()
-    _batching.logs = logs
-    try:
-        yield
-    finally:
-        _batching.logs = None
-        for one in logs:
+    the process (the file object's buffer) only until the block ends; audit logs are never deferred.
+    Other sinks (the connection metrics) defer their updates the same way (`defer`). A class, not a
+    generator context manager: the proxy enters one per event drain."""
+
+    __slots__ = ("_outer",)
+
+    def __enter__(self) -> None:
+        self._outer = getattr(_batching, "sinks", None) is not None  # nested: the outer block flushes
+        if not self._outer:
+            _batching.sinks = set()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._outer:
+            return
+        sinks, _batching.sinks = _batching.sinks, None
+        for one in sinks:
             one.flush()
+
+
+def defer(sink: _Sink) -> bool:
+    """Inside this thread's `batched()` block: `sink.flush()` runs once at its end (however often this is
+    called) and True is returned; outside one False (the caller applies its update at once)."""
+    sinks: set[_Sink] | None = getattr(_batching, "sinks", None)
+    if sinks is None:
+        return False
+    sinks.add(sink)
+    return True
+
+
+def encode(value: Any) -> str:
+    """`value` redacted and encoded as compact JSON, as `JsonLog.write` writes it."""
+    return _ENCODER.encode(redact(value))
 
 
 class JsonLog:
@@ -172,19 +207,21 @@ class JsonLog:
         self._failing = False
 
     def write(self, record: Mapping[str, Any]) -> None:
-        line = _ENCODER.encode(redact(record)) + "\n"
-        size = len(line.encode("utf-8"))
+        self.write_encoded(encode(record))
+
+    def write_encoded(self, text: str) -> None:
+        """Append one line already encoded as a JSON object by `encode()` (so redacted): for writers that
+        assemble their lines from encoded parts they cache (the access log, per connection)."""
+        line = text + "\n"
+        size = len(line) if line.isascii() else len(line.encode("utf-8"))
         with self._lock:
             try:
                 out = self._open()
                 if self._size and self._size + size > self.max_bytes:
                     out = self._rotate()
                 out.write(line)
-                batch = getattr(_batching, "logs", None) if self.deferrable else None
-                if batch is None:
+                if not (self.deferrable and defer(self)):
                     out.flush()
-                else:
-                    batch.add(self)
                 self._size += size
                 self.records += 1
                 self._failing = False

@@ -17,10 +17,11 @@ from __future__ import annotations
 import enum
 import ipaddress
 import os
+import struct
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from native._engine import ffi, lib  # type: ignore[import-not-found]
 
@@ -39,6 +40,7 @@ _KINDS = {
     12: "fast_miss",  # the fast path handed an accepted socket to Python (status: its fd, now the caller's)
     13: "upstream_failed",  # accept_connect: the engine's connect failed (status: errno, detail); 503 follows
     14: "stream_accepted",  # accept_connect: connected, 200 sent
+    15: "fast_accept",  # inbound fast path accepted a stream (bytes_in: entry, bytes_out: 0 up / 1 failed)
 }
 FAST_MAX_CONNS = 8  # AMBIT_FAST_MAX_CONNS: pooled connections one fast path entry may name
 # Engine limits (ambit_engine_set_limit); 0 means unlimited, see docs/engine.md.
@@ -71,6 +73,8 @@ class Ending(enum.Enum):
     SPLICE_A_FAILED = "a"  # "a: <strerror>": reading or writing fd_a failed
     SPLICE_B_FAILED = "b"
     OTHER = "other"  # an engine-side failure (e.g. a socket it could not watch)
+
+    __hash__ = object.__hash__  # members are singletons: a C identity hash (Enum's is Python, per lookup)
 
 
 _SPLICE_BY_AGENT = "closed by agent"
@@ -113,8 +117,10 @@ class EngineError(Exception):
     """A call the engine refused (bad argument, stopped engine, bad TLS material)."""
 
 
-@dataclass(frozen=True)
-class Event:
+class Event(NamedTuple):
+    """One engine event (immutable). A named tuple, not a dataclass: one is built per event on the proxy's
+    hot path, and a frozen dataclass's constructor costs several times as much."""
+
     kind: str
     conn_id: int
     stream_id: int
@@ -188,33 +194,54 @@ def _extra_headers(headers: Sequence[tuple[str, str]]) -> bytes:
 
 
 def _text(field: Any) -> str:
-    # Most text fields are empty for most kinds: test the first byte before building a string (an event
-    # is decoded per stream end on the proxy's hot path).
     if field[0] == b"\0":
         return ""
     return bytes(ffi.string(field)).decode("utf-8", "replace")
 
 
-def _event(r: Any) -> Event:
-    # r is a cffi `ambit_event` struct view; positional, in Event's field order
-    return Event(
-        _KINDS.get(r.kind, f"unknown_{r.kind}"),
-        int(r.conn_id),
-        int(r.stream_id),
-        int(r.tag),
-        _text(r.authority),
-        _text(r.forwarded),
-        _text(r.baggage),
-        _text(r.traceparent),
-        _text(r.peer_id),
-        _text(r.tls_version),
-        _text(r.tls_cipher),
-        _text(r.peer_cert_sha256),
-        int(r.status),
-        int(r.bytes_in),
-        int(r.bytes_out),
-        _text(r.detail),
-    )
+def _layout() -> tuple[int, list[tuple[int, int]], int, tuple[int, int]]:
+    """The ambit_event struct as the decoder reads it: its size, (offset, size) of each text field in
+    Event's order up to `status`, the offset of `status` (then bytes_in, bytes_out) and `detail`'s span.
+    The numeric fields must sit where the two `struct` formats below read them: checked here, at import,
+    against cffi's view of engine.h."""
+    size = int(ffi.sizeof("ambit_event"))
+    fields = dict(ffi.typeof("ambit_event").fields)
+    off = {name: int(ffi.offsetof("ambit_event", name)) for name in fields}
+    if (off["conn_id"], off["stream_id"], off["tag"]) != (8, 16, 24) or (
+        off["bytes_in"] - off["status"],
+        off["bytes_out"] - off["status"],
+    ) != (4, 12):
+        raise ImportError("native engine: ambit_event layout is not the one native/engine.py decodes")
+    texts = ("authority", "forwarded", "baggage", "traceparent", "peer_id", "tls_version", "tls_cipher",
+             "peer_cert_sha256")  # fmt: skip
+    spans = [(off[t], int(ffi.sizeof(fields[t].type))) for t in (*texts, "detail")]
+    return size, spans[:-1], off["status"], spans[-1]
+
+
+_EV_SIZE, _EV_TEXTS, _EV_STATUS, _EV_DETAIL = _layout()
+_EV_HEAD = struct.Struct("=i4xQQQ")  # kind, conn_id, stream_id, tag
+_EV_TAIL = struct.Struct("=iQQ")  # status, bytes_in, bytes_out
+
+
+def _decode(raw: bytes, n: int) -> list[Event]:
+    """`n` events from a copy of the engine's buffer: numeric fields by two struct reads each, a text
+    field only when its first byte is not NUL (most are empty for most kinds)."""
+    out = []
+    detail_off, detail_len = _EV_DETAIL
+    for base in range(0, n * _EV_SIZE, _EV_SIZE):
+        kind, conn_id, stream_id, tag = _EV_HEAD.unpack_from(raw, base)
+        fields: list[Any] = [_KINDS.get(kind) or f"unknown_{kind}", conn_id, stream_id, tag]
+        fields += [_cstr(raw, base + o, size) if raw[base + o] else "" for o, size in _EV_TEXTS]
+        fields += _EV_TAIL.unpack_from(raw, base + _EV_STATUS)  # status, bytes_in, bytes_out
+        at = base + detail_off
+        fields.append(_cstr(raw, at, detail_len) if raw[at] else "")
+        out.append(Event._make(fields))
+    return out
+
+
+def _cstr(raw: bytes, at: int, size: int) -> str:
+    end = raw.find(b"\0", at, at + size)
+    return raw[at : (at + size if end < 0 else end)].decode("utf-8", "replace")
 
 
 class Engine:
@@ -229,6 +256,7 @@ class Engine:
         self._lock = threading.Lock()  # guards _handle against stop() racing a call
         self._buf = ffi.new("ambit_event[]", 256)
         self._buf_len = 256
+        self._err = ffi.new("char[]", _ERRLEN)  # _call's, under _lock
         self.eventfd: int = int(lib.ambit_engine_eventfd(handle))
 
     def _h(self) -> object:
@@ -237,11 +265,12 @@ class Engine:
         return self._handle
 
     def _call(self, fn: object, *args: object) -> int:
-        err = ffi.new("char[]", _ERRLEN)
-        with self._lock:
+        with self._lock:  # one error buffer for every call: they hold the lock (a cffi allocation saved)
+            err = self._err
+            err[0] = b"\0"
             rv = int(fn(self._h(), *args, err, _ERRLEN))  # type: ignore[operator]
-        if rv < 0:
-            raise EngineError(_text(err))
+            if rv < 0:
+                raise EngineError(_text(err))
         return rv
 
     def set_timeouts(
@@ -304,7 +333,8 @@ class Engine:
                 self._buf = ffi.new("ambit_event[]", max_events)
                 self._buf_len = max_events
             n = int(lib.ambit_engine_events(self._handle, self._buf, max_events))
-            return [_event(self._buf[i]) for i in range(n)]
+            raw = ffi.buffer(self._buf, n * _EV_SIZE)[:] if n else b""  # one copy; the buffer is reused
+        return _decode(raw, n)
 
     def tls_context(
         self, *, server: bool, chain_pem: bytes, key_pem: bytes, bundle_pem: bytes, tls12: bool = False
@@ -424,10 +454,14 @@ class Engine:
             lib.ambit_engine_counters(self._handle, out, lib.AMBIT_C_COUNT)
             fast = ffi.new("uint64_t[]", lib.AMBIT_FAST_C_COUNT)
             lib.ambit_fastpath_counters(self._handle, fast, lib.AMBIT_FAST_C_COUNT)
+            fast_in = ffi.new("uint64_t[]", lib.AMBIT_FASTIN_C_COUNT)
+            lib.ambit_fastin_counters(self._handle, fast_in, lib.AMBIT_FASTIN_C_COUNT)
         names = {_text(lib.ambit_counter_name(i)): int(out[i]) for i in range(lib.AMBIT_C_COUNT)}
         names.update(
             {_text(lib.ambit_fastpath_counter_name(i)): int(fast[i]) for i in range(lib.AMBIT_FAST_C_COUNT)}
         )
+        fast_in_names = (_text(lib.ambit_fastin_counter_name(i)) for i in range(lib.AMBIT_FASTIN_C_COUNT))
+        names.update({name: int(fast_in[i]) for i, name in enumerate(fast_in_names)})
         return names
 
     # --- outbound fast path (docs/engine.md "Fast path") ---------------------------------------------
@@ -500,6 +534,60 @@ class Engine:
             if self._handle is None:
                 return -1
             return int(lib.ambit_fastpath_remove(self._handle, entry_id))
+
+    # --- inbound fast path (docs/engine.md "Inbound fast path") ---------------------------------------
+
+    def fastin_set_capacity(self, entries: int) -> None:
+        with self._lock:
+            if int(lib.ambit_fastin_set_capacity(self._h(), entries)) < 0:
+                raise EngineError(f"bad inbound fast path capacity {entries!r}")
+
+    def fastin_invalidate(self) -> int:
+        """Every installed inbound entry stops matching: the new generation. Any thread, no proxy lock."""
+        with self._lock:
+            return int(lib.ambit_fastin_invalidate(self._h())) if self._handle is not None else 0
+
+    def fastin_generation(self) -> int:
+        with self._lock:
+            return int(lib.ambit_fastin_generation(self._h())) if self._handle is not None else 0
+
+    def fastin_put(
+        self,
+        entry_id: int,
+        generation: int,
+        conn_id: int,
+        authority: str,
+        claim_ip: str,
+        destination: tuple[str, int],
+        source_ip: str | None,
+        mark: int,
+        credits: int,
+    ) -> None:
+        """Install inbound entry `entry_id` (refused when `generation`, read before the decision, is stale):
+        up to `credits` streams on served connection `conn_id` with :authority exactly `authority` and a
+        `forwarded` claiming `claim_ip` ("" = no header) are accepted as `accept_connect(conn_id, sid,
+        destination, source_ip, mark)` would. EngineError when stale, full, present, or an argument is bad."""
+        ip, port = destination
+        src = source_ip.encode() if source_ip else ffi.NULL
+        self._call(
+            lib.ambit_fastin_put, entry_id, generation, conn_id, authority.encode(), claim_ip.encode(),
+            ip.encode(), port, src, mark, credits,
+        )  # fmt: skip
+
+    def fastin_add_credits(self, entry_id: int, credits: int) -> bool:
+        """More streams for an installed inbound entry; False when it is not installed."""
+        with self._lock:
+            if self._handle is None:
+                return False
+            return int(lib.ambit_fastin_add_credits(self._handle, entry_id, credits)) == 0
+
+    def fastin_remove(self, entry_id: int) -> int:
+        """Remove an inbound entry: the credits it had left, or -1 when not installed. It matches no stream
+        once this returns."""
+        with self._lock:
+            if self._handle is None:
+                return -1
+            return int(lib.ambit_fastin_remove(self._handle, entry_id))
 
     def __del__(self) -> None:
         self.stop()

@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from agent.connections import ConnectionClose, ConnectionRecord, Direction
+from api.jsonlog import defer
 from api.promstd import register_standard
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ SERVICE_DOMAIN = "svc.cluster.local"
 CANONICAL_NAME_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
 CANONICAL_REVISION_LABELS = ("service.istio.io/canonical-revision", "app.kubernetes.io/version", "version")
 # Connection lifetimes: from a health check's milliseconds to a long-lived stream's hour.
+_OPENED, _OPEN, _CLOSED, _SENT, _RECEIVED = range(5)  # a label set's deferred counts (Metrics._pending)
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 3600.0)
 
 
@@ -323,7 +325,10 @@ class Metrics:
             "ambit_tcp_connections_open", "Proxied TCP connections open now", ["reporter"], registry=registry
         )
         self._open_ids: dict[int, _Children] = {}  # conn_id -> its labels; as large as the proxy's table
-        self._open_lock = threading.Lock()
+        # Counts deferred within an event drain (api.jsonlog.batched), per label set (_OPENED.._RECEIVED):
+        # a drain of N connections between the same pods makes one inc per metric, not N.
+        self._pending: dict[_Children, list[int]] = {}
+        self._conn_lock = threading.Lock()  # _open_ids and _pending
         self._duration = Histogram(
             "ambit_tcp_connection_duration_seconds",
             "Lifetime of proxied TCP connections, observed when they close",
@@ -334,6 +339,7 @@ class Metrics:
         self._decisions = Counter(
             "ambit_policy_decisions", "Authorization decisions by action", ["action"], registry=registry
         )
+        self._decision_children: dict[str | enum.Enum, Any] = {}
         self._relay_version = Gauge(
             "ambit_relay_config_version", "Config version last applied from the relay", registry=registry
         )
@@ -370,29 +376,68 @@ class Metrics:
 
     def opened(self, record: ConnectionRecord) -> None:
         labels = self._labels(record)
-        labels.child(self._opened).inc()
-        with self._open_lock:
-            if record.conn_id not in self._open_ids:
+        deferred = defer(self)  # in an event drain: one inc per label set at its end (flush)
+        with self._conn_lock:
+            counted = record.conn_id not in self._open_ids
+            if counted:
                 self._open_ids[record.conn_id] = labels
-                labels.child(self._open, ("reporter",)).inc()
+            if deferred:
+                acc = self._pending.get(labels) or self._pending.setdefault(labels, [0, 0, 0, 0, 0])
+                acc[_OPENED] += 1
+                acc[_OPEN] += counted
+                return
+        labels.child(self._opened).inc()
+        if counted:
+            labels.child(self._open, ("reporter",)).inc()
 
     def closed(self, close: ConnectionClose) -> None:
-        labels = self._labels(close.record, close.response_flags)
-        labels.child(self._closed).inc()
-        with self._open_lock:
+        deferred = defer(self)
+        with self._conn_lock:
             opened = self._open_ids.pop(close.record.conn_id, None)
-            if opened is not None:  # the gauge child it was counted in when it opened
-                opened.child(self._open, ("reporter",)).dec()
+        # A clean close has the labels its open had (the record is the same, flags "-"): no second lookup.
+        labels = opened if opened is not None and close.response_flags == "-" else None
+        if labels is None:
+            labels = self._labels(close.record, close.response_flags)
         labels.child(self._duration, ("reporter", "response_flags")).observe(max(0.0, close.duration_s))
-        if close.bytes_received > 0:
-            labels.child(self._sent).inc(close.bytes_received)
-        if close.bytes_sent > 0:
-            labels.child(self._received).inc(close.bytes_sent)
+        sent, received = max(0, close.bytes_received), max(0, close.bytes_sent)  # Istio's server-side view
+        if deferred:
+            with self._conn_lock:
+                acc = self._pending.get(labels) or self._pending.setdefault(labels, [0, 0, 0, 0, 0])
+                acc[_CLOSED] += 1
+                acc[_SENT] += sent
+                acc[_RECEIVED] += received
+                if opened is not None:  # the gauge child it was counted in when it opened
+                    was = self._pending.get(opened) or self._pending.setdefault(opened, [0, 0, 0, 0, 0])
+                    was[_OPEN] -= 1
+            return
+        self._apply(labels, [0, 0, 1, sent, received])
+        if opened is not None:
+            opened.child(self._open, ("reporter",)).dec()
+
+    def flush(self) -> None:
+        """Apply the updates deferred in an event drain (`api.jsonlog.batched`): one per label set."""
+        with self._conn_lock:
+            pending, self._pending = self._pending, {}
+        for labels, acc in pending.items():
+            self._apply(labels, acc)
+
+    def _apply(self, labels: _Children, acc: list[int]) -> None:
+        for index, metric in ((_OPENED, self._opened), (_CLOSED, self._closed), (_SENT, self._sent),
+                              (_RECEIVED, self._received)):  # fmt: skip
+            if acc[index]:
+                labels.child(metric).inc(acc[index])
+        if acc[_OPEN]:
+            labels.child(self._open, ("reporter",)).inc(acc[_OPEN])
 
     # Setters for the daemon
     def count_decision(self, action: str | enum.Enum) -> None:
-        value = action.value if isinstance(action, enum.Enum) else action
-        self._decisions.labels(action=str(value).upper()).inc()
+        child = self._decision_children.get(action)  # per inbound connection: labels() validates each time
+        if child is None:
+            value = action.value if isinstance(action, enum.Enum) else action
+            child = self._decisions.labels(action=str(value).upper())
+            if len(self._decision_children) < 64:  # actions are a handful; anything else is not cached
+                self._decision_children[action] = child
+        child.inc()
 
     def set_cert_expiry(self, identity: str, not_after: float) -> None:
         self._snapshots.set_cert_expiry(identity, not_after)

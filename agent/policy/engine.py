@@ -268,6 +268,17 @@ class PolicyEngine:
             self._emit(config, attrs, decision)
         return decision
 
+    def reusable(self, attrs: ConnectionAttrs, decision: Decision) -> bool:
+        """Whether `decision` (this engine's for `attrs`) is what an identical connection gets until the
+        next update: a plain ALLOW (no AUDIT match, no dry-run difference: those are audited per
+        connection), no RegoPolicy applying to the destination, enforced or dry-run (its module is other
+        people's code, judged per connection), and no audit of every decision. The proxy's inbound fast
+        path relies on it; a workload not decided under the current config says no."""
+        if not decision.allow or decision.audited or decision.dry_run or self._audit_all:
+            return False
+        sets = self._config.sets.get(attrs.destination_workload)
+        return sets is not None and not sets[0].rego and (sets[1] is None or not sets[1].rego)
+
     def denies(self, attrs: ConnectionAttrs) -> bool:
         """Whether the current policies deny an (established) connection; not counted, not audited."""
         return not self._decide_or_deny(self._config, attrs).allow

@@ -20,7 +20,6 @@ entry did not use is given back when it is removed.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import socket
@@ -56,9 +55,6 @@ class FastEntry:
     conns: tuple[int, ...]
     held: int  # budget units reserved for credits not yet turned into connections
     removed: bool = False
-
-    def __post_init__(self) -> None:
-        self.fields = {f.name: getattr(self.template, f.name) for f in dataclasses.fields(self.template)}
 
 
 @dataclass(frozen=True)
@@ -179,15 +175,13 @@ class FastPath:
         rt.counters["outbound_accepted"] += 1
         rt.counters["fastpath_opened"] += 1
         conn = rt.pool.reserve(ev.conn_id)
-        tls = {} if conn is None else {
-            "tls_version": conn.tls_version, "tls_cipher": conn.tls_cipher,
-            "peer_cert_sha256": conn.peer_cert_sha256,
-        }  # fmt: skip
-        # The constructor from the template's fields (dataclasses.replace costs ~4x as much, per connection).
-        record = ConnectionRecord(**{
-            **fe.fields, **tls, "conn_id": ev.tag, "source_port": ev.status, "start_time": time.time(),
-            "trace_id": trace_id(ev.traceparent),
-        })  # fmt: skip
+        template = fe.template
+        record = template.derive(
+            conn_id=ev.tag, source_port=ev.status, start_time=time.time(), trace_id=trace_id(ev.traceparent),
+            tls_version=template.tls_version if conn is None else conn.tls_version,
+            tls_cipher=template.tls_cipher if conn is None else conn.tls_cipher,
+            peer_cert_sha256=template.peer_cert_sha256 if conn is None else conn.peer_cert_sha256,
+        )  # fmt: skip
         entry = Entry(ev.tag, record, Path.HBONE_CLIENT, engine_conn=ev.conn_id, engine_stream=ev.stream_id)
         src_ip, budget = fe.key[0], rt.budgets.outbound_sources
         entry.on_finish = lambda: budget.give_back(src_ip)  # the unit reserved for this credit

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from agent.connections import ConnectionRecord, Direction
 from agent.policy.decision import ConnectionAttrs
+from agent.proxy.fastpath_in import Allowed, InboundFastPath
 from agent.proxy.forwarded import Belief, Forwarded, ForwardedError, believe, parse_forwarded
 from agent.proxy.runtime import MeshView, Runtime
 from agent.proxy.sockets import (
@@ -68,6 +69,7 @@ class Inbound:
         self.rt = rt
         self.server_conns: dict[int, ServerConn] = {}
         self._sources = SourceIndex()
+        self.fast = InboundFastPath(rt)  # streams identical to ones allowed here, accepted by the engine
 
     # --- HBONE (15008) ---------------------------------------------------------------------------
 
@@ -190,6 +192,8 @@ class Inbound:
         verdict, sent as a TLS alert: untrusted, CA:true, not a workload identity of an accepted domain),
         that is an identity refusal like those at peer_verified: counted and audited."""
         conn = self.server_conns.get(ev.conn_id)
+        if conn is not None:
+            self.fast.forget_conn(ev.conn_id)  # its streams end next: no more accepted unasked
         if conn is None or conn.refused or not refused_certificate(ev):
             return
         conn.presented = ev.peer_id
@@ -215,12 +219,14 @@ class Inbound:
         conn = self.server_conns.pop(conn_id, None)
         if conn is None:
             return False
+        self.fast.forget_conn(conn_id)
         if conn.identity_held:
             self.rt.budgets.hbone_identities.give_back(conn.identity_held)
         return True
 
     def on_stream_request(self, ev: Event, looked_up: bool = False) -> None:
         rt = self.rt
+        generation = self.fast.generation()  # before anything the decision reads (fastpath_in.py)
         conn = self.server_conns.get(ev.conn_id)
         if conn is None:
             self._refuse_stream(ev, STATUS_FORBIDDEN, "stream on an unknown connection")
@@ -312,6 +318,15 @@ class Inbound:
         for budget, key in held:
             rt.hold(budget, key, entry)
         rt.table.add(entry)
+        if self.fast.enabled and src is not None and (claim is not None or not ev.forwarded):
+            # Known source (the record needs no baggage), no malformed claim: identical streams may be
+            # accepted by the engine from now on, when the decision allows that (fastpath_in.offer).
+            self.fast.offer(Allowed(
+                generation, snap, ev.conn_id, ev.authority, claim.ip if claim is not None else "", attrs,
+                decision, record, (dst_ip, dst_port), spoof, AGENT_SOCKET_MARK, conn.peer_ip, conn.peer_port,
+                port_from_claim=claimed is not None and claim is not None and claim.ip == src_ip,
+                local=dst.spiffe_id(snap.trust_domain),
+            ))  # fmt: skip
 
     def _peer_source(self, snap: MeshView, conn: ServerConn) -> tuple[str, Workload | None] | None:
         """(source IP, its workload when known) from the HBONE connection's TCP peer address, which is the

@@ -12,7 +12,7 @@ import contextlib
 import errno
 import logging
 import os
-import selectors
+import select
 import socket
 import threading
 import time
@@ -25,6 +25,7 @@ log = logging.getLogger("ambit.proxy")
 
 CONNECT_TIMEOUT = 10.0
 TICK = 1.0
+_NEVER = float("inf")
 
 ConnectDone = Callable[[socket.socket, int], None]  # (socket, 0 or errno)
 
@@ -40,38 +41,41 @@ class ControlLoop:
     def __init__(self, name: str = "ambit-proxy") -> None:
         self.lock = threading.RLock()
         self._name = name
-        self._sel = selectors.DefaultSelector()
+        # epoll itself, not selectors: its select() builds a SelectorKey list per wake-up.
+        self._sel = select.epoll()
         self._readers: dict[int, Callable[[], None]] = {}
         self._paused: dict[int, float] = {}  # reader fd -> when to watch it again
         self._connects: dict[int, _Connect] = {}
         self._tickers: list[Callable[[], None]] = []
         self._soon: collections.deque[Callable[[], None]] = collections.deque()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._sel.register(self._wake_r, select.EPOLLIN)
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.callback_errors = 0
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
         self._readers[fd] = callback
-        self._sel.register(fd, selectors.EVENT_READ, None)
+        self._sel.register(fd, select.EPOLLIN)
 
     def remove_reader(self, fd: int) -> None:
         if self._readers.pop(fd, None) is not None and self._paused.pop(fd, None) is None:
-            self._sel.unregister(fd)
+            self._unwatch(fd)
 
     def pause_reader(self, fd: int, seconds: float) -> None:
         """Stop watching reader `fd` for `seconds` (e.g. a listener at the fd limit: its backlog stays
         readable, and retrying at once would spin the loop), then watch it again."""
         if fd in self._readers and fd not in self._paused:
-            self._sel.unregister(fd)
+            self._unwatch(fd)
             self._paused[fd] = time.monotonic() + seconds
 
     def _resume_readers(self, now: float) -> None:
+        if not self._paused:  # the common case, per wake-up
+            return
         for fd in [fd for fd, at in self._paused.items() if at <= now]:
             del self._paused[fd]
             if fd in self._readers:
-                self._sel.register(fd, selectors.EVENT_READ, None)
+                self._sel.register(fd, select.EPOLLIN)
 
     def every_tick(self, callback: Callable[[], None]) -> None:
         self._tickers.append(callback)
@@ -88,7 +92,7 @@ class ControlLoop:
         """Call done(sock, err) once a non-blocking connect finishes (err 0) or fails or times out."""
         fd = sock.fileno()
         self._connects[fd] = _Connect(sock, done, time.monotonic() + timeout)
-        self._sel.register(fd, selectors.EVENT_WRITE, None)
+        self._sel.register(fd, select.EPOLLOUT)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
@@ -110,12 +114,12 @@ class ControlLoop:
         next_tick = time.monotonic() + TICK
         while not self._stopping:
             timeout = max(0.0, min(next_tick, self._next_deadline()) - time.monotonic())
-            ready = self._sel.select(timeout)
+            ready = self._sel.poll(timeout)
             with self.lock:
                 if self._stopping:
                     return
-                for key, _mask in ready:
-                    self._dispatch(int(key.fd))
+                for fd, _mask in ready:
+                    self._dispatch(fd)
                 now = time.monotonic()
                 self._resume_readers(now)
                 self._expire_connects(now)
@@ -140,17 +144,25 @@ class ControlLoop:
             self._finish_connect(pending, connect_result(pending.sock))
 
     def _next_deadline(self) -> float:
-        connects = min((c.deadline for c in self._connects.values()), default=float("inf"))
-        return min(connects, min(self._paused.values(), default=float("inf")))
+        if not (self._connects or self._paused):  # the common case, per wake-up
+            return _NEVER
+        connects = min((c.deadline for c in self._connects.values()), default=_NEVER)
+        return min(connects, min(self._paused.values(), default=_NEVER))
 
     def _expire_connects(self, now: float) -> None:
+        if not self._connects:
+            return
         for pending in [c for c in self._connects.values() if c.deadline <= now]:
             self._finish_connect(pending, errno.ETIMEDOUT)
+
+    def _unwatch(self, fd: int) -> None:
+        with contextlib.suppress(OSError):  # closed since it was registered: epoll dropped it already
+            self._sel.unregister(fd)
 
     def _finish_connect(self, pending: _Connect, err: int) -> None:
         fd = pending.sock.fileno()
         self._connects.pop(fd, None)
-        self._sel.unregister(fd)
+        self._unwatch(fd)
         self._call(lambda: pending.done(pending.sock, err))
 
     def _call(self, fn: Callable[[], None]) -> None:

@@ -124,6 +124,7 @@ class Proxy:
             "upstream_failed": self._inbound.on_upstream_failed,
             "fast_open": self._outbound.fast.on_open,
             "fast_miss": self._outbound.fast.on_miss,
+            "fast_accept": self._inbound.fast.on_accept,
         }
         # Why an engine connection failed (conn_error), until its conn_closed: the streams it cut say so.
         self._conn_errors: dict[int, str] = {}
@@ -156,6 +157,7 @@ class Proxy:
         self._ports = Ports(*(s.getsockname()[1] for s in (out, plain, hbone)))
         if self._fast_path:  # the engine accepts on 15001 (a duplicate fd: ours stays for stop to close)
             self._outbound.fast.start(os.dup(out.fileno()))
+            self._inbound.fast.start()  # and served streams identical to allowed ones (fastpath_in.py)
         else:
             self._loop.add_reader(out.fileno(), lambda: self._outbound.on_readable(out))
         self._loop.add_reader(plain.fileno(), lambda: self._inbound.on_plaintext_readable(plain))
@@ -190,8 +192,11 @@ class Proxy:
     # --- control API ---------------------------------------------------------------------------
 
     def inbound_connections(self) -> list[tuple[int, ConnectionAttrs]]:
-        """Live inbound connections and the attributes they were authorized on (for policy re-checks)."""
+        """Live inbound connections and the attributes they were authorized on (for policy re-checks). The
+        engine's queued events are handled first: informational ones wait up to a few ms for a wake-up
+        (docs/engine.md), and a stream the fast path accepted must be re-checked too."""
         with self._loop.lock:
+            self._drain_queued()
             return [(e.tag, e.attrs) for e in self._rt.table.entries() if e.attrs is not None]
 
     def close(self, conn_id: int, reason: str) -> None:
@@ -220,11 +225,13 @@ class Proxy:
         """A new snapshot or policy was applied: the engine's fast path entries stop at once (any thread;
         takes no proxy lock), and the next connection of each goes through Python again."""
         self._outbound.fast.invalidate()
+        self._inbound.fast.invalidate()
 
     def rows(self) -> list[dict[str, object]]:
         """Live connections with their byte counts so far: the table is read under the control loop's
         lock, the engine asked after it is released (its loops answer; events keep being handled)."""
         with self._loop.lock:
+            self._drain_queued()  # flows whose open event still waits for its wake-up are listed too
             pending = live.snapshot(self._rt.table)
         return live.rows(self._rt.engine, pending)
 
@@ -243,12 +250,18 @@ class Proxy:
             out["hbone_pool_connections"] = len(self._rt.pool.connections())
             out["hbone_pool_drained_moved"] = self._rt.pool.drained_moved
             out["fastpath_entries"] = len(self._outbound.fast)
+            out["fastpath_in_entries"] = len(self._inbound.fast)
             out.update(self._rt.budgets.counters())
             out["observer_errors"] = self._rt.table.observer_errors
             out["control_loop_errors"] = self._loop.callback_errors
             return out
 
     # --- engine events (control loop thread, lock held) -----------------------------------------
+
+    def _drain_queued(self) -> None:
+        """Handle what the engine has queued now, off its wake-up (the caller holds the loop lock)."""
+        if self._started:
+            self._drain_events()  # each handler's failure is contained and counted there
 
     def _drain_events(self) -> None:
         with batched():  # the access log lines of this drain's records: one write, at its end
@@ -257,6 +270,8 @@ class Proxy:
     def _drain_batch(self) -> None:
         while True:
             events = self._rt.engine.events(EVENT_BATCH)
+            self._rt.counters["engine_event_drains"] += 1  # events per drain: what a wake-up carries
+            self._rt.counters["engine_events"] += len(events)
             for ev in events:
                 handler = self._handlers.get(ev.kind)
                 if handler is None:
@@ -369,6 +384,7 @@ class Proxy:
         self._close_idle()
         self._forget_departed()
         self._outbound.fast.tick()
+        self._inbound.fast.tick()
 
     def _forget_departed(self) -> None:
         """Free the TLS contexts of workloads that left this node (one per local identity and role)."""

@@ -182,6 +182,20 @@ class Runtime:
             log.exception("authorizer failed: %s -> %s", attrs.source_principal, attrs.destination_workload)
             return Decision(allow=False, policy="", reason=f"authorizer error: {type(exc).__name__}")
 
+    def reusable(self, attrs: ConnectionAttrs, decision: Decision) -> bool:
+        """Whether an identical connection gets the identical decision until the policy changes (the
+        inbound fast path may then accept it unasked): only when the authorizer says so (`reusable`);
+        an authorizer without that method, or one that fails, says no."""
+        check = getattr(self.authorizer, "reusable", None)
+        if check is None:
+            return False
+        try:
+            return bool(check(attrs, decision))
+        except Exception:
+            self.counters["authorizer_errors"] += 1
+            log.exception("authorizer failed to say whether a decision is reusable")
+            return False
+
     def accepted(self, client: socket.socket, direction: Direction, counter: str) -> ConnectionRecord:
         """The record of a connection a capture listener accepted: its original destination and peer."""
         self.counters[counter] += 1

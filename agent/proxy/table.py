@@ -10,7 +10,6 @@ is where connections are recorded; the text log keeps what an operator must act 
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import itertools
 import logging
@@ -28,6 +27,8 @@ class Path(enum.Enum):
     HBONE_CLIENT = "hbone-out"  # a stream we opened on a pooled connection
     HBONE_SERVER = "hbone-in"  # a stream a peer opened on 15008
     SPLICE = "splice"  # plaintext pump: passthrough or 15006
+
+    __hash__ = object.__hash__  # members are singletons: a C identity hash (Enum's is Python, per lookup)
 
 
 @dataclass
@@ -57,7 +58,7 @@ class ConnectionTable:
 
     def add(self, entry: Entry) -> Entry:
         if entry.record.conn_id != entry.tag:
-            entry.record = dataclasses.replace(entry.record, conn_id=entry.tag)
+            entry.record = entry.record.derive(conn_id=entry.tag)
         self._entries[entry.tag] = entry
         return entry
 
@@ -65,13 +66,16 @@ class ConnectionTable:
         return self._entries.get(tag)
 
     def update_record(self, entry: Entry, **changes: object) -> None:
-        entry.record = dataclasses.replace(entry.record, **changes)  # type: ignore[arg-type]
+        entry.record = entry.record.derive(**changes)
 
     def established(self, entry: Entry) -> None:
         """The path is up: report the connection as opened."""
         if not entry.reported:
             entry.reported = True
-            self._notify("opened", entry.record)
+            try:
+                self._observer.opened(entry.record)
+            except Exception:  # an observer bug must not take the data path down
+                self._observer_failed("opened")
 
     def mark(self, entry: Entry, response_flags: str, error: str) -> None:
         """Note why a connection is being ended before the engine reports its close."""
@@ -97,14 +101,15 @@ class ConnectionTable:
             entry.error = error
         self.established(entry)
         close = ConnectionClose(
-            record=entry.record,
-            bytes_sent=bytes_sent,
-            bytes_received=bytes_received,
-            duration_s=time.monotonic() - entry.started,
-            response_flags=entry.response_flags,
-            error=entry.error,
-        )
-        self._notify("closed", close)
+            entry.record, bytes_sent, bytes_received, time.monotonic() - entry.started, entry.response_flags,
+            entry.error,
+        )  # fmt: skip
+        try:
+            self._observer.closed(close)
+        except Exception:
+            self._observer_failed("closed")
+        if not log.isEnabledFor(logging.DEBUG):  # its arguments alone cost a microsecond per connection
+            return entry
         r = entry.record
         # DEBUG: one line per connection is the access log's job (observer); the text log stays readable.
         log.debug("%s %s:%d (%s) -> %s:%d (%s) flags=%s sent=%d received=%d%s", r.direction.value,
@@ -128,12 +133,9 @@ class ConnectionTable:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _notify(self, what: str, arg: object) -> None:
-        try:
-            getattr(self._observer, what)(arg)
-        except Exception:  # an observer bug must not take the data path down
-            self.observer_errors += 1
-            log.exception("connection observer failed in %s", what)
+    def _observer_failed(self, what: str) -> None:
+        self.observer_errors += 1
+        log.exception("connection observer failed in %s", what)
 
     def rows(self) -> list[dict[str, object]]:
         now = time.monotonic()

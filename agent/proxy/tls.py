@@ -65,6 +65,12 @@ class TlsContexts:
         """Whether a server context for `local` exists, i.e. server() will not wait for a first fetch."""
         return (True, str(local)) in self._cached
 
+    def server_generation(self, local: SpiffeId) -> int:
+        """The generation of `local`'s server context, -1 when there is none (never fetched, forgotten):
+        a new number once its certificate or the bundle rotated. Never fetches."""
+        cached = self._cached.get((True, str(local)))
+        return cached.generation if cached is not None else -1
+
     def fetch(self, identity: SpiffeId) -> None:
         """Fetch `identity`'s SVID into the identity cache (blocking: call it off the control loop)."""
         self._credentials.svid_for(identity)

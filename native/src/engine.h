@@ -27,6 +27,7 @@ enum ambit_event_kind {
     AMBIT_EV_FAST_MISS,      /* fast path handed an accepted socket to Python (status = its fd) */
     AMBIT_EV_UPSTREAM_FAILED, /* accept_connect: the connect failed (status = errno, detail); 503 follows */
     AMBIT_EV_STREAM_ACCEPTED, /* accept_connect: connected, 200 sent, the stream pumps */
+    AMBIT_EV_FAST_ACCEPT,    /* inbound fast path accepted a served stream (see the inbound section below) */
 };
 
 /* One event handed to Python; fixed size so a batch is one copy out of the queue. */
@@ -251,5 +252,41 @@ int ambit_fastpath_add_credits(ambit_engine *e, uint64_t entry_id, int credits);
 /* Removes an entry; returns the credits it had left, or -1 when there is no such entry. No stream is
  * opened by it once this returns. */
 int ambit_fastpath_remove(ambit_engine *e, uint64_t entry_id);
+
+/* ---- Inbound fast path (fastpath_in.c; docs/engine.md "Inbound fast path") ----
+ * A served CONNECT matching an entry (its connection, its raw :authority, the source its `forwarded` claims)
+ * is accepted by the engine as ambit_accept_connect would, without a stream_request. Once its connect to the
+ * pod ended, AMBIT_EV_FAST_ACCEPT (conn_id, stream_id, tag = the engine's tag for the stream, bytes_in = the
+ * entry id, bytes_out = 0 connected and answered 200 (no stream_accepted follows) or 1 failed
+ * (upstream_failed follows), status = the port the claim names or 0, traceparent = the request's). */
+enum { AMBIT_FASTIN_DEFAULT_CAPACITY = 4096 };
+enum ambit_fastin_counter {
+    AMBIT_FASTIN_C_HITS,
+    AMBIT_FASTIN_C_MISSES,
+    AMBIT_FASTIN_C_MISSES_NO_ENTRY,
+    AMBIT_FASTIN_C_MISSES_STALE,      /* the entry predates the last ambit_fastin_invalidate */
+    AMBIT_FASTIN_C_MISSES_NO_CREDIT,
+    AMBIT_FASTIN_C_MISSES_CLAIM,      /* a `forwarded` value outside the strict subset the engine reads */
+    AMBIT_FASTIN_C_REFUSED,           /* ambit_fastin_put refused: stale, full, exists */
+    AMBIT_FASTIN_C_HANDOFFS_DROPPED,  /* a hit whose event could not be queued: refused 503 instead */
+    AMBIT_FASTIN_C_ENTRIES,           /* a level: entries installed now */
+    AMBIT_FASTIN_C_COUNT
+};
+const char *ambit_fastin_counter_name(int index);
+void ambit_fastin_counters(ambit_engine *e, uint64_t *out, int n);
+int ambit_fastin_set_capacity(ambit_engine *e, int capacity);
+/* Every entry installed so far stops matching; the new generation. Any thread, no Python lock needed. */
+uint64_t ambit_fastin_invalidate(ambit_engine *e);
+uint64_t ambit_fastin_generation(ambit_engine *e);
+/* Installs entry `entry_id` (unique; `generation` read before the decision it encodes, refused when
+ * stale): up to `credits` streams on served connection `conn_id` whose :authority is exactly `authority`
+ * and whose `forwarded` claims `claim_ip` ("" = no header; an IPv4 address otherwise) are connected to
+ * dst_ip:dst_port from source_ip (NULL: not spoofed) with SO_MARK `mark`. -1: stale, full, exists, bad. */
+int ambit_fastin_put(ambit_engine *e, uint64_t entry_id, uint64_t generation, uint64_t conn_id,
+                     const char *authority, const char *claim_ip, const char *dst_ip, int dst_port,
+                     const char *source_ip, int mark, int credits, char *err, size_t errlen);
+int ambit_fastin_add_credits(ambit_engine *e, uint64_t entry_id, int credits);
+/* The credits it had left, or -1 when there is no such entry; it matches no stream once this returns. */
+int ambit_fastin_remove(ambit_engine *e, uint64_t entry_id);
 
 #endif

@@ -71,24 +71,48 @@ const char *ambit_fastpath_counter_name(int index)
 
 static void fctr(struct fastpath *f, int c, int64_t v) { __atomic_add_fetch(&f->counters[c], (uint64_t)v, __ATOMIC_RELAXED); }
 
-static struct fastpath *fast_of(ambit_engine *e)
+void *fast_table_of(void **slot, size_t size, void (*init)(void *table))
 {
-    struct fastpath *f = __atomic_load_n(&e->fast, __ATOMIC_ACQUIRE);
-    if (f)
-        return f;
-    f = calloc(1, sizeof(*f));
-    if (!f)
+    void *t = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
+    if (t)
+        return t;
+    if (!(t = calloc(1, size)))
         return NULL;
-    pthread_mutex_init(&f->lock, NULL);
-    f->listen_fd = -1;
-    f->capacity = AMBIT_FAST_DEFAULT_CAPACITY;
-    struct fastpath *expected = NULL;
-    if (!__atomic_compare_exchange_n(&e->fast, &expected, f, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
-        pthread_mutex_destroy(&f->lock);
-        free(f);
+    pthread_mutex_init((pthread_mutex_t *)t, NULL); /* every table's first member is its lock */
+    init(t);
+    void *expected = NULL;
+    if (!__atomic_compare_exchange_n(slot, &expected, t, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        pthread_mutex_destroy((pthread_mutex_t *)t);
+        free(t);
         return expected;
     }
-    return f;
+    return t;
+}
+
+#define FAST_SLOTS 1024 /* hash slots of a table, made on its first put */
+
+int fast_slots_ready(void **slots, size_t *nslots)
+{
+    if (!*nslots && (*slots = calloc(FAST_SLOTS, sizeof(void *))))
+        *nslots = FAST_SLOTS;
+    return *nslots != 0;
+}
+
+const char *fast_put_refused(int ready, int stale, int full, int exists)
+{
+    return !ready ? "out of memory" : stale ? "stale generation" : full ? "table full" : exists ? "entry exists" : NULL;
+}
+
+static void fast_init(void *table)
+{
+    struct fastpath *f = table;
+    f->listen_fd = -1;
+    f->capacity = AMBIT_FAST_DEFAULT_CAPACITY;
+}
+
+static struct fastpath *fast_of(ambit_engine *e)
+{
+    return fast_table_of((void **)&e->fast, sizeof(struct fastpath), fast_init);
 }
 
 static uint64_t key_hash(const fkey *k)
@@ -254,16 +278,11 @@ int ambit_fastpath_put(ambit_engine *e, uint64_t entry_id, uint64_t generation, 
     x->credits = credits;
     x->generation = generation;
     pthread_mutex_lock(&f->lock);
-    if (!f->nslots) {
-        f->slots = calloc(1024, sizeof(*f->slots));
-        f->nslots = f->slots ? 1024 : 0;
-    }
-    if (!f->nslots || generation != f->generation || find(f, &k) || amap_get(&f->by_id, entry_id) ||
-        f->count >= f->capacity || amap_put(&f->by_id, entry_id, x) < 0) {
-        why = !f->nslots                    ? "out of memory"
-              : generation != f->generation ? "stale generation"
-              : f->count >= f->capacity     ? "table full"
-                                            : "entry exists";
+    int ready = fast_slots_ready((void **)&f->slots, &f->nslots);
+    why = fast_put_refused(ready, generation != f->generation, f->count >= f->capacity,
+                           ready && (find(f, &k) || amap_get(&f->by_id, entry_id)));
+    if (why || amap_put(&f->by_id, entry_id, x) < 0) {
+        why = why ? why : "out of memory";
         pthread_mutex_unlock(&f->lock);
         entry_free(x);
         copy_str(err, errlen, why);
@@ -567,6 +586,7 @@ void fastpath_stream_done(ambit_engine *e, uint64_t conn_id)
  * engine. */
 void fastpath_free(ambit_engine *e)
 {
+    fastin_free(e);
     struct fastpath *f = e->fast;
     if (!f)
         return;

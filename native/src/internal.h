@@ -130,6 +130,8 @@ struct ambit_engine {
     pthread_mutex_t ev_lock;
     ambit_event *evq;
     size_t ev_head, ev_count, ev_cap;
+    int ev_woken;            /* under ev_lock: Python was woken for the queued events (until it drains) */
+    uint64_t ev_lazy_since;  /* under ev_lock: when the oldest unwoken (informational) event was queued */
     pthread_mutex_t ctx_lock;
     tls_ctx_entry *ctxs;
     uint64_t next_id;        /* atomic: connection and splice ids (one space: close() takes either) */
@@ -149,6 +151,7 @@ struct ambit_engine {
     int trim_drained;            /* the event queue was empty at the last trim */
     uint64_t trim_not_before_ms; /* start-up: the first trim waits for the host's start-up to end */
     struct fastpath *fast;       /* outbound fast path (fastpath.c), made on first use */
+    struct fastin *fast_in;      /* inbound fast path (fastpath_in.c), made on first use */
     char *peer_domains;          /* "\nTD\n...\n" or NULL (ambit_engine_set_peer_domains), under limits_lock */
 };
 
@@ -233,16 +236,38 @@ void limits_free(ambit_engine *e);
 
 /* fastpath.c */
 #define AMBIT_FAST_TAG_BIT (1ULL << 62) /* tags of fast path streams (Python's own stay below) */
+/* A fast path table (its first member a pthread_mutex_t) made on first use by whichever thread comes first:
+ * `size` bytes zeroed, the lock initialised, then `init`; NULL when out of memory. */
+void *fast_table_of(void **slot, size_t size, void (*init)(void *table));
+/* Under the table's lock: its hash slots, made on the first put (0 when out of memory); why a put is
+ * refused (NULL: it is not), the same checks in the same order for both tables. */
+int fast_slots_ready(void **slots, size_t *nslots);
+const char *fast_put_refused(int ready, int stale, int full, int exists);
 void loop_post_cmd(ambit_engine *e, uint64_t id, acmd *c); /* to the loop owning id */
 void fastpath_run_open(ambit_loop *l, acmd *c);
 void fastpath_stream_done(ambit_engine *e, uint64_t conn_id);
 void fastpath_tick(ambit_loop *l);
 void fastpath_free(ambit_engine *e);
+/* fastpath_in.c: 1 when an entry accepted this announced served stream (its events are emitted), 0 when
+ * it is Python's (stream_request). fastin_free: with the engine (fastpath_free calls it). */
+#define AMBIT_FASTIN_TAG_BIT (1ULL << 61)
+int fastin_try(ambit_loop *l, uint64_t conn_id, uint64_t stream_id, const char *authority, const char *forwarded,
+               int forwarded_bad, const char *traceparent);
+void fastin_free(ambit_engine *e);
+/* A hit whose event could not be queued: the entry (when still installed) gets its credit back, counted. */
+void fastin_unseen(ambit_engine *e, uint64_t entry_id);
 /* hbone.c: whether a client connection still takes new streams (on its loop). */
 int hconn_client_usable(ambit_loop *l, uint64_t id);
 
-/* upstream.c */
+/* upstream.c; accept_connect_fast: for the inbound fast path, whose one event (AMBIT_EV_FAST_ACCEPT, from
+ * `fa`) is emitted once the connect ended, in place of stream_accepted. */
+typedef struct fast_accept {
+    uint64_t entry;         /* the fastpath_in entry that accepted the stream */
+    int port;               /* the source port its `forwarded` named, 0 when none */
+    char traceparent[64];   /* the request's, as stream_request would report it */
+} fast_accept;
 void accept_connect_start(ambit_loop *l, acmd *c);
+void accept_connect_fast(ambit_loop *l, acmd *c, const fast_accept *fa);
 void accept_connect_tick(ambit_loop *l);
 void accept_connect_destroy_all(ambit_loop *l);
 

@@ -66,6 +66,49 @@ static void wake_python(ambit_engine *e)
     (void)!write(e->evfd, &one, sizeof(one));
 }
 
+/* Informational events (a fast path stream opened, a stream up or ended: Python records them, decides
+ * nothing) wake Python at most EV_LAZY_MS after the first of them, or once EV_LAZY_MAX are queued, or with
+ * the next event that needs a decision: under load one wake-up carries many connections' events instead of
+ * one or two. Only on loop threads (the loop that queued them arms its epoll timeout for the deadline). */
+#define EV_LAZY_MS 5
+#define EV_LAZY_MAX 128
+
+static int event_lazy(int kind)
+{
+    switch (kind) {
+    case AMBIT_EV_FAST_OPEN:
+    case AMBIT_EV_STREAM_OPEN:
+    case AMBIT_EV_STREAM_CLOSED:
+    case AMBIT_EV_SPLICE_CLOSED:
+    case AMBIT_EV_STREAM_ACCEPTED:
+    case AMBIT_EV_FAST_ACCEPT:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/* End of a loop batch: -1 when no informational event waits, 0 when Python was just woken for them, else
+ * the ms left until their deadline (the loop's epoll timeout). */
+static int event_lazy_due(ambit_engine *e)
+{
+    int left = -1;
+    pthread_mutex_lock(&e->ev_lock);
+    if (!e->ev_woken && e->ev_count) {
+        uint64_t now = now_ms();
+        if (now >= e->ev_lazy_since + EV_LAZY_MS) {
+            e->ev_woken = 1;
+            left = 0;
+        } else {
+            left = (int)(e->ev_lazy_since + EV_LAZY_MS - now);
+        }
+    }
+    pthread_mutex_unlock(&e->ev_lock);
+    if (left == 0)
+        wake_python(e);
+    return left;
+}
+
 int event_emit(ambit_engine *e, const ambit_event *ev)
 {
     int wake = 0;
@@ -86,7 +129,14 @@ int event_emit(ambit_engine *e, const ambit_event *ev)
         e->ev_cap = cap;
     }
     e->evq[(e->ev_head + e->ev_count) % e->ev_cap] = *ev;
-    wake = e->ev_count++ == 0;
+    e->ev_count++;
+    if (!e->ev_woken) {
+        if (!wake_deferred || !event_lazy(ev->kind) || e->ev_count >= EV_LAZY_MAX) {
+            wake = e->ev_woken = 1;
+        } else if (e->ev_count == 1) {
+            e->ev_lazy_since = now_ms();
+        }
+    }
     pthread_mutex_unlock(&e->ev_lock);
     if (wake && wake_deferred)
         wake_pending = 1;
@@ -108,6 +158,8 @@ int ambit_engine_events(ambit_engine *e, ambit_event *out, int max)
         e->ev_count--;
     }
     int more = e->ev_count > 0;
+    if (!more)
+        e->ev_woken = 0; /* the next event wakes (or, informational, starts a deadline) anew */
     if (!more && e->ev_cap > 256) {
         /* A burst (e.g. thousands of failed handshakes) grew the queue: give it back once drained. */
         free(e->evq);
@@ -302,8 +354,9 @@ static void *loop_main(void *arg)
     sigaddset(&pipe_set, SIGPIPE);
     pthread_sigmask(SIG_BLOCK, &pipe_set, NULL);
     wake_deferred = 1;
+    int lazy_ms = -1; /* informational events this loop queued are due in lazy_ms */
     while (__atomic_load_n(&l->running, __ATOMIC_ACQUIRE)) {
-        int n = epoll_wait(l->epfd, evs, 256, (l->ready || l->dirty) ? 0 : -1);
+        int n = epoll_wait(l->epfd, evs, 256, (l->ready || l->dirty) ? 0 : lazy_ms);
         if (n < 0 && errno != EINTR)
             break;
         for (int i = 0; i < n; i++) {
@@ -317,8 +370,9 @@ static void *loop_main(void *arg)
             wake_pending = 0;
             wake_python(l->engine);
         }
+        lazy_ms = event_lazy_due(l->engine);
     }
-    if (wake_pending)
+    if (wake_pending || lazy_ms > 0)
         wake_python(l->engine);
     accept_connect_destroy_all(l);
     hconn_destroy_all(l);

@@ -27,6 +27,7 @@ typedef struct upconn {
     aio io;
     uint64_t conn_id, stream_id, tag;
     uint64_t deadline_ms;
+    fast_accept fast;        /* inbound fast path: what its event reports (entry 0: Python accepted it) */
     struct upconn *next;
 } upconn;
 
@@ -129,9 +130,31 @@ static void unlink_up(ambit_loop *l, upconn *u)
         }
 }
 
-static void refuse(ambit_loop *l, uint64_t conn_id, uint64_t stream_id, uint64_t tag, int error,
-                   const char *detail)
+/* The inbound fast path's one event for the stream (fastpath_in.c accepted it without Python): when the
+ * connect ended, so a stream that connects costs Python this event alone. `state` (bytes_out): 0 connected
+ * and answered 200, 1 connect failed (upstream_failed follows). -1 when it cannot be queued: the caller
+ * refuses the stream rather than serve it unseen, and the entry gets its credit back. */
+static int fast_event(ambit_loop *l, uint64_t conn_id, uint64_t stream_id, uint64_t tag, const fast_accept *fa,
+                      int state)
 {
+    ambit_event ev;
+    event_init(&ev, AMBIT_EV_FAST_ACCEPT, conn_id, stream_id, tag);
+    ev.bytes_in = fa->entry;
+    ev.bytes_out = (uint64_t)state;
+    ev.status = fa->port;
+    copy_str(ev.traceparent, sizeof(ev.traceparent), fa->traceparent);
+    if (event_emit(l->engine, &ev) < 0) {
+        fastin_unseen(l->engine, fa->entry);
+        return -1;
+    }
+    return 0;
+}
+
+static void refuse(ambit_loop *l, uint64_t conn_id, uint64_t stream_id, uint64_t tag, int error,
+                   const char *detail, const fast_accept *fa)
+{
+    if (fa && fa->entry)
+        fast_event(l, conn_id, stream_id, tag, fa, 1); /* unqueued: the 503 below is all that happens */
     ambit_event ev;
     event_init(&ev, AMBIT_EV_UPSTREAM_FAILED, conn_id, stream_id, tag);
     ev.status = error;
@@ -155,16 +178,27 @@ static void finish(ambit_loop *l, upconn *u, int error)
             close(u->io.fd);
         char detail[128];
         snprintf(detail, sizeof(detail), "connect: %s", strerror(error));
-        refuse(l, u->conn_id, u->stream_id, u->tag, error, detail);
+        refuse(l, u->conn_id, u->stream_id, u->tag, error, detail, &u->fast);
+    } else if (u->fast.entry && fast_event(l, u->conn_id, u->stream_id, u->tag, &u->fast, 0) < 0) {
+        loop_del_fd(l, &u->io); /* still registered (kept for the stream to take over) */
+        close(c.fd);
+        acmd r = {.kind = CMD_REJECT, .id = u->conn_id, .id2 = u->stream_id, .fd = -1, .fd2 = -1, .status = 503};
+        hconn_reject(l, &r);
     } else {
         hconn_accept(l, &c);
-        if (c.fd < 0) {
+        if (c.fd >= 0) { /* the stream ended (or was refused by Python) meanwhile */
+            loop_del_fd(l, &u->io); /* close() alone may leave it registered (a forked child's copy) */
+            close(c.fd);
+            if (u->fast.entry) { /* its end event went out under the serve tag: Python's record ends here */
+                ambit_event ev;
+                event_init(&ev, AMBIT_EV_STREAM_CLOSED, u->conn_id, u->stream_id, u->tag);
+                copy_str(ev.detail, sizeof(ev.detail), "connection closed");
+                event_emit(l->engine, &ev);
+            }
+        } else if (!u->fast.entry) {
             ambit_event ev;
             event_init(&ev, AMBIT_EV_STREAM_ACCEPTED, u->conn_id, u->stream_id, u->tag);
             event_emit(l->engine, &ev);
-        } else { /* the stream ended (or was refused by Python) meanwhile: its end event is on its way */
-            loop_del_fd(l, &u->io); /* close() alone may leave it registered (a forked child's copy) */
-            close(c.fd);
         }
     }
     free(u);
@@ -185,20 +219,24 @@ static void on_upstream(ambit_loop *l, aio *io, uint32_t events)
     finish(l, u, error);
 }
 
-void accept_connect_start(ambit_loop *l, acmd *c)
+void accept_connect_start(ambit_loop *l, acmd *c) { accept_connect_fast(l, c, NULL); }
+
+void accept_connect_fast(ambit_loop *l, acmd *c, const fast_accept *fa)
 {
     char err[160];
     int fd = upstream_socket(c->text, c->status, c->text2, (int)c->aux, err, sizeof(err));
     if (fd < 0) {
-        refuse(l, c->id, c->id2, c->tag, EIO, err);
+        refuse(l, c->id, c->id2, c->tag, EIO, err, fa);
         return;
     }
     upconn *u = calloc(1, sizeof(*u));
     if (!u) {
         close(fd);
-        refuse(l, c->id, c->id2, c->tag, ENOMEM, "connect: out of memory");
+        refuse(l, c->id, c->id2, c->tag, ENOMEM, "connect: out of memory", fa);
         return;
     }
+    if (fa)
+        u->fast = *fa;
     u->conn_id = c->id;
     u->stream_id = c->id2;
     u->tag = c->tag;

@@ -65,6 +65,10 @@ class StaticCredentials:
 
 class ListAuthorizer:
     def __init__(self, cfg: dict[str, Any]) -> None:
+        self.reload(cfg)
+
+    def reload(self, cfg: dict[str, Any]) -> None:
+        """A new config version's deny list (SIGUSR2), in force before the proxy is told."""
         self._deny = {tuple(d) for d in cfg.get("deny", [])}
         self._strict = set(cfg.get("strict", []))
 
@@ -73,6 +77,9 @@ class ListAuthorizer:
         if (src, attrs.destination_workload) in self._deny:
             return Decision(False, "app/deny-list", "denied by test list")
         return Decision(True, "", "allow all")
+
+    def reusable(self, attrs: ConnectionAttrs, decision: Decision) -> bool:
+        return decision.allow  # a fixed list: the same attributes get the same answer until a reload
 
     def mtls_mode(self, workload: Workload, port: int) -> str:
         return "STRICT" if workload.uid in self._strict else "PERMISSIVE"
@@ -88,6 +95,13 @@ class PolicyAuthorizer:
     def authorize(self, attrs: ConnectionAttrs) -> Decision:
         decision: Decision = self._engine.authorize(attrs)
         return decision if not decision.allow else self._fallback.authorize(attrs)
+
+    def reusable(self, attrs: ConnectionAttrs, decision: Decision) -> bool:
+        return bool(self._engine.reusable(attrs, decision))
+
+    def reload(self, cfg: dict[str, Any]) -> None:
+        self._engine.update(snapshot(cfg))
+        self._fallback.reload(cfg)
 
     def mtls_mode(self, workload: Workload, port: int) -> str:
         return self._fallback.mtls_mode(workload, port)
@@ -208,9 +222,13 @@ def _limits(cfg: dict[str, Any]) -> Limits | None:
     return Limits(outbound_connections_per_source=outbound) if outbound else None
 
 
-def reload(view: OnDemandView, proxy: Proxy, config_path: str) -> None:
-    """A new config version, applied as the daemon applies one: the new view, then the proxy told."""
-    view.reload(json.loads(Path(config_path).read_text()))
+def reload(
+    view: OnDemandView, authz: ListAuthorizer | PolicyAuthorizer, proxy: Proxy, config_path: str
+) -> None:
+    """A new config version, applied as the daemon applies one: policies, the new view, the proxy told."""
+    cfg = json.loads(Path(config_path).read_text())
+    authz.reload(cfg)
+    view.reload(cfg)
     proxy.mesh_changed()
 
 
@@ -229,11 +247,12 @@ def main(config_path: str) -> int:
 
     load_kinds()
     view = OnDemandView(cfg)
+    authz = authorizer(cfg, view.current)
     proxy = Proxy(
         cfg["node"],
         lambda: view.current,
         StaticCredentials(cfg),
-        authorizer(cfg, view.current),
+        authz,
         FileObserver(Path(cfg["events"])),
         cfg["listen_ip"],
         max_streams=cfg.get("max_streams", 100),
@@ -249,7 +268,7 @@ def main(config_path: str) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     # SIGUSR1 plays a policy update that denies everything: re-check and close live inbound connections.
     signal.signal(signal.SIGUSR1, lambda *_: close_inbound(proxy))
-    signal.signal(signal.SIGUSR2, lambda *_: reload(view, proxy, config_path))
+    signal.signal(signal.SIGUSR2, lambda *_: reload(view, authz, proxy, config_path))
     proxy.start()
     redirector = start_redirect(cfg["node"], cfg["redirect"]) if cfg.get("redirect") else None
     status = Path(cfg["status"])

@@ -151,3 +151,34 @@ def test_fast_path_never_takes_a_pod_past_its_budget(lab: ProxyLab) -> None:
     st = lab.wait_status("node-1", lambda st: st["counters"].get("outbound_refused_UO", 0) >= 4)
     assert st["counters"]["limit_refused_outbound_connections_per_source"] >= 4
     assert sum(r["response_flags"] == "UO" for r in _closed(lab, "node-1", "pod-1-2")) >= 4
+
+
+def test_a_burst_of_fast_connections_is_recorded_exactly(lab: ProxyLab) -> None:
+    """Concurrent connections share event drains (the engine batches their informational events' wake-up):
+    each still gets exactly one opened and one closed record on both nodes, and the counts add up."""
+    _warm(lab)
+    seen = {r["conn_id"] for r in _closed(lab, "node-1", "pod-1-1")}
+    # Well within pod-1-1's budget (the fast path reserves up to half of what is left for its credits).
+    rounds, at_once = 10, 3
+    for _ in range(rounds):
+        assert in_pod(lab, "pod-1-1", hold_answered, lab.pod_ip("pod-2-1"), ECHO, at_once) == at_once
+    total = rounds * at_once
+
+    def new(node: str) -> list[dict[str, Any]]:
+        return [r for r in _closed(lab, node, "pod-1-1") if r["conn_id"] not in seen or node != "node-1"]
+
+    lab.wait_status("node-1", lambda st: len(new("node-1")) >= total)
+    time.sleep(0.5)  # nothing more may follow
+    burst = new("node-1")
+    assert len(burst) == total and len({r["conn_id"] for r in burst}) == total
+    assert any(r["conn_id"] >= FAST_TAG for r in burst)
+    assert all((r["response_flags"], r["bytes_sent"], r["bytes_received"]) == ("-", 1, 1) for r in burst)
+    ids = {r["conn_id"] for r in burst}
+    opened = [e for e in lab.events("node-1") if e["event"] == "opened" and e["conn_id"] in ids]
+    assert sorted(e["conn_id"] for e in opened) == sorted(ids)
+    traces = {r["trace_id"] for r in burst}
+    assert len(traces) == total and "" not in traces
+    lab.wait_status("node-2", lambda st: traces <= {r["trace_id"] for r in new("node-2")})
+    assert sum(r["trace_id"] in traces for r in new("node-2")) == total
+    counters = lab.status("node-1")["counters"]
+    assert counters["engine_events"] >= counters["engine_event_drains"] > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import socket
 import threading
 
@@ -96,3 +97,25 @@ def test_close_by_agent_and_stop_frees_fds() -> None:
     for s in keep:
         s.close()
     assert fd_count() == before
+
+
+def test_informational_events_wake_python_without_a_decision_event(engine: Engine) -> None:
+    """splice_closed is informational: the engine defers its wake-up (at most a few ms, docs/engine.md
+    "Events"), but never loses it: the eventfd turns readable with nothing else happening, and a burst of
+    closes arrives complete, each exactly once."""
+    ids = []
+    ends = []
+    for tag in range(40):
+        client, a = socket.socketpair()
+        b, server = socket.socketpair()
+        ids.append(engine.splice(a.detach(), b.detach(), tag=tag))
+        ends += [client, server]
+    for sock in ends:
+        sock.close()
+    got: list[int] = []
+    while len(got) < len(ids):
+        readable, _, _ = select.select([engine.eventfd], [], [], 20)
+        assert readable, f"the engine never woke Python (got {len(got)} of {len(ids)} splice_closed)"
+        got += [ev.conn_id for ev in engine.events() if ev.kind == "splice_closed"]
+    assert sorted(got) == sorted(ids)
+    assert engine.events() == []

@@ -330,3 +330,31 @@ def test_namespace_is_never_read_from_a_foreign_trust_domain() -> None:
     by_account = engine_with([ap(action="ALLOW", rules=[src(serviceAccounts=["front/client"])])])
     assert by_account.authorize(conn()).allow
     assert not by_account.authorize(conn("evil.example/ns/front/sa/client")).allow
+
+
+def test_only_plain_allows_without_rego_are_reusable() -> None:
+    """`reusable` (the proxy's inbound fast path accepts identical streams unasked when it says yes): a
+    plain ALLOW, never a denial, an AUDIT match, a dry-run difference, a destination a RegoPolicy
+    (enforced or dry-run) applies to, or an engine that audits every decision."""
+    allow = [ap(action="ALLOW", rules=[src(namespaces=["front"])])]
+    engine = engine_with(allow)
+    d = engine.authorize(conn())
+    assert d.allow and engine.reusable(conn(), d)
+    assert not engine.reusable(conn(dst="shop/other"), d)  # not decided under this config
+    denied = engine_with([ap(action="DENY", rules=[{}])])
+    assert not denied.reusable(conn(), denied.authorize(conn()))
+    audited = engine_with([*allow, ap(name="a", action="AUDIT", rules=[{}])])
+    d = audited.authorize(conn())
+    assert d.allow and d.audited and not audited.reusable(conn(), d)
+    shadow = engine_with([*allow, ap(name="s", action="DENY", rules=[{}], dry_run=True)])
+    d = shadow.authorize(conn())
+    assert d.allow and d.dry_run and not shadow.reusable(conn(), d)
+    with_rego = engine_with([*allow, rego(REGO_PORTS)])
+    d = with_rego.authorize(conn())
+    assert d.allow and not with_rego.reusable(conn(), d)
+    all_audited = engine_with(allow, audit=lambda record: None, audit_all=True)
+    d = all_audited.authorize(conn())
+    assert d.allow and not all_audited.reusable(conn(), d)
+    engine.update(snapshot([*allow, rego(REGO_PORTS)], version=2))  # a RegoPolicy arrives
+    d = engine.authorize(conn())
+    assert d.allow and not engine.reusable(conn(), d)
