@@ -186,6 +186,9 @@ class FastPath:
         src_ip, budget = fe.key[0], rt.budgets.outbound_sources
         entry.on_finish = lambda: budget.give_back(src_ip)  # the unit reserved for this credit
         rt.table.add(entry)
+        # Up from here: its CONNECT is on a verified pooled connection, and the engine sends no stream_open
+        # for a fast stream (one event less per connection); a refusal still ends it with its flag.
+        rt.table.established(entry)
         rt.counters["outbound_hbone_streams"] += 1
         if conn is None or conn.streams >= rt.pool.max_streams:
             self.forget_conn(ev.conn_id)
@@ -250,6 +253,20 @@ class FastPath:
                 rotated = True
             if rotated or self._usable(fe.pool_key, fe.tls_generation) != fe.conns:
                 self._remove(fe)
+
+    def reclaim(self, source_ip: str) -> int:
+        """`source_ip` has spent its outbound budget: the credits its entries hold but no connection uses
+        yet go back to it (those entries are removed; the next routed connection installs one anew with
+        at most half of what is left), so a pod below its limit is never refused for the fast path's
+        reservation. How many units came back."""
+        budget = self._rt.budgets.outbound_sources
+        before = budget.held(source_ip)
+        for fe in [fe for fe in self._by_key.values() if fe.key[0] == source_ip]:
+            self._remove(fe)
+        freed = before - budget.held(source_ip)
+        if freed:
+            self._rt.counters["fastpath_reclaimed"] += freed
+        return freed
 
     def forget_conn(self, conn_id: int) -> None:
         """A pooled connection drained, failed, closed or filled up: no fast stream on it any more."""

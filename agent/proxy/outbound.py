@@ -50,7 +50,10 @@ class Outbound:
     def handle(self, client: socket.socket) -> None:
         rt = self.rt
         record = rt.accepted(client, Direction.OUTBOUND, "outbound_accepted")
-        if rt.over_budget(rt.budgets.outbound_sources, record.source_ip, client, record):
+        budget = rt.budgets.outbound_sources
+        if budget.full(record.source_ip):  # part of it may be credits the fast path reserved, unused
+            self.fast.reclaim(record.source_ip)
+        if rt.over_budget(budget, record.source_ip, client, record):
             return
         if record.destination_port in _LOOP_PORTS:
             where = f"{record.destination_ip}:{record.destination_port}"

@@ -6,7 +6,8 @@
  *
  * Python stays the decider: it installs an entry only after routing a connection of that (source,
  * destination) itself, removes it on every snapshot, credential or pool change, and sees every fast
- * connection in its events (AMBIT_EV_FAST_OPEN first, then the stream's usual stream_open/closed).
+ * connection in its events (AMBIT_EV_FAST_OPEN first, then the stream's usual events but stream_open:
+ * Python records a fast stream as up from its fast_open).
  * Credits bound what an entry may open before Python looks again (Python reserves one unit of the
  * source's connection budget per credit), and the table holds at most `capacity` entries. */
 #include <arpa/inet.h>

@@ -644,11 +644,15 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, v
             server_request(c, s);
         } else if (!c->server && s->status >= 200 && s->status < 300 && !s->opened) {
             s->opened = 1;
-            ambit_event ev;
-            event_init(&ev, AMBIT_EV_STREAM_OPEN, c->id, s->id, s->tag);
-            ev.status = s->status;
-            copy_str(ev.authority, sizeof(ev.authority), s->authority);
-            event_emit(c->l->engine, &ev);
+            /* A fast path stream was reported (fast_open) when it was opened: Python records it as up from
+             * there, so its 200 costs Python no event (a refusal or an end still reports as usual). */
+            if (!(s->tag & AMBIT_FAST_TAG_BIT)) {
+                ambit_event ev;
+                event_init(&ev, AMBIT_EV_STREAM_OPEN, c->id, s->id, s->tag);
+                ev.status = s->status;
+                copy_str(ev.authority, sizeof(ev.authority), s->authority);
+                event_emit(c->l->engine, &ev);
+            }
         }
     }
     if ((frame->hd.type == NGHTTP2_HEADERS || frame->hd.type == NGHTTP2_DATA) &&

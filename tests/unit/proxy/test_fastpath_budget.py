@@ -118,3 +118,21 @@ def test_table_bound_and_stale_generation(rt: Runtime) -> None:
     fast.offer(_route(fast, generation=stale), rt.pool.get(101))  # type: ignore[arg-type]
     assert len(fast) == 0 and rt.counters["fastpath_install_refused"] == 1
     assert rt.budgets.outbound_sources.held("10.244.1.2") == 0
+
+
+def test_a_spent_budget_takes_back_the_unused_credits(rt: Runtime) -> None:
+    """A pod below its limit is never refused for the fast path's reservation: when its budget is spent,
+    the credits its entries hold unused come back (the entries go; the next routed connection reinstalls)."""
+    fast = _fast(rt)
+    route = _route(fast)
+    fast.offer(route, _ready(rt, route, 101))
+    budget = rt.budgets.outbound_sources
+    reserved = budget.held("10.244.1.2")
+    for _ in range(LIMIT - reserved):  # connections of the ordinary path fill the rest
+        budget.take("10.244.1.2")
+    assert budget.full("10.244.1.2")
+    assert fast.reclaim("10.244.1.2") == reserved
+    assert len(fast) == 0 and not budget.full("10.244.1.2")
+    assert budget.held("10.244.1.2") == LIMIT - reserved and rt.counters["fastpath_reclaimed"] == reserved
+    assert rt.engine.counters()["fastpath_entries"] == 0
+    assert fast.reclaim("10.244.1.2") == 0  # nothing reserved any more
