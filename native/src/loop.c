@@ -388,7 +388,7 @@ static void *loop_main(void *arg)
  * costs one eventfd write, and the loop one read, not one each. (Reverted once: the stress test lost
  * server_abort bytes with it; the cause was the linger's "transmitted" test (linger.c), which only showed
  * under that timing: with the old linger and this wake-up 1 of 24 loaded runs lost bytes, with the fixed
- * linger 0 of 24.) */
+ * linger 0 of 48.) */
 void loop_post(ambit_loop *l, acmd *c)
 {
     c->next = NULL;

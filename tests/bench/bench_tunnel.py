@@ -8,10 +8,13 @@
 Cases: throughput with 1 and 4 streams, request/response latency p50/p99 on one connection, new
 connections per second (connect, 1-byte echo, close), to one destination pod and alternating between two
 (HBONE pools per (source pod, destination pod): two pool keys where pooling per node had one). Each case runs
-AMBIT_BENCH_SECONDS (default 2 s).
+AMBIT_BENCH_SECONDS (default 2 s), for plain, stunnel and ambit in turn, AMBIT_BENCH_REPS times (default 3;
+tests/bench/paired.py: medians, spread, per-repetition ratios).
+This is the proxy alone (nftables tproxy capture, the proxy driver): the whole agent (eBPF capture, plane)
+against stunnel is bench_datapath (throughput, RR) and bench_agent / bench_connrate (new connections).
 The proxies run with the Proxy's defaults; AMBIT_BENCH_ENGINE_THREADS / AMBIT_BENCH_CONNECTIONS_PER_KEY
 override them (to compare configurations).
-Rows compare stunnel to plain, and ambit to both.
+Rows compare stunnel to plain, and ambit to stunnel.
 """
 
 from __future__ import annotations
@@ -26,11 +29,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent import netns
 from agent.lab import control
+from agent.lab.plan import LabPlan
 from api.spiffe import SpiffeId
+from tests.bench import paired
 from tests.integration.proxy import proxy_lab
 
 SECONDS = float(os.environ.get("AMBIT_BENCH_SECONDS", "2"))
+REPS = int(os.environ.get("AMBIT_BENCH_REPS", "3"))
 STUNNEL_PORTS = {proxy_lab.COUNT_SINK: 19084, proxy_lab.ECHO: 19080}  # client-side listen port per service
 STUNNEL_SERVER_PORT = 19443
 CHUNK = 1 << 20
@@ -158,13 +165,28 @@ def _wait_listening(lab: proxy_lab.ProxyLab, pod: str, ip: str, port: int) -> No
     raise RuntimeError(f"{ip}:{port} not answering from {pod}")
 
 
+def wide_port_range() -> None:
+    """In a lab netns: the full ephemeral port range and TIME_WAIT reuse for new connections. Repeated
+    connection-rate runs leave ~10,000 TIME_WAIT sockets per destination each (plain TCP runs at ~5,000
+    connections/s); with the default ~28,000 ports, a third repetition searched a nearly full range (plain
+    fell from ~5,000 to ~300 connections/s). Every path gets the same range."""
+    Path("/proc/sys/net/ipv4/ip_local_port_range").write_text("1024 65535")
+    Path("/proc/sys/net/ipv4/tcp_tw_reuse").write_text("1")
+
+
+def widen_port_ranges(plan: LabPlan) -> None:
+    """wide_port_range in every pod and node of the lab."""
+    for name in [p.netns for p in plan.pods()] + [n.netns for n in plan.nodes]:
+        netns.run_in(name, wide_port_range, timeout=10)
+
+
 # --- the run ------------------------------------------------------------------------------------
 
 # (client pod, destination ip, service port -> port to dial, more destination ips for the round robin case)
 Target = tuple[str, str, dict[int, int], tuple[str, ...]]
 
 
-def _cases(lab: proxy_lab.ProxyLab) -> dict[str, Target]:
+def _targets(lab: proxy_lab.ProxyLab) -> dict[str, Target]:
     n1 = lab.plan.node("node-1")
     identity = {proxy_lab.ECHO: proxy_lab.ECHO, proxy_lab.COUNT_SINK: proxy_lab.COUNT_SINK}
     return {
@@ -174,22 +196,42 @@ def _cases(lab: proxy_lab.ProxyLab) -> dict[str, Target]:
     }
 
 
-def _measure(lab: proxy_lab.ProxyLab, target: Target) -> dict[str, float]:
-    pod, ip, ports, more = target
-    sink, echo = ports[proxy_lab.COUNT_SINK], ports[proxy_lab.ECHO]
+def _cases(lab: proxy_lab.ProxyLab, targets: dict[str, Target]) -> list[paired.Case]:
+    """The measurements, each of one path by name (paired.interleave runs them path after path)."""
 
-    def run(fn: Callable[..., Any], *args: Any) -> Any:
-        return proxy_lab.in_pod(lab, pod, fn, *args, timeout=SECONDS * 10 + 30)
+    def run(path: str, fn: Callable[..., Any], *args: Any) -> Any:
+        return proxy_lab.in_pod(lab, targets[path][0], fn, *args, timeout=SECONDS * 10 + 30)
 
-    p50, p99 = run(request_response, ip, echo, SECONDS)
-    return {
-        "throughput 1 stream": run(throughput, ip, sink, 1, SECONDS),
-        "throughput 4 streams": run(throughput, ip, sink, 4, SECONDS),
-        "RR latency p50": p50,
-        "RR latency p99": p99,
-        "new connections/s": run(connection_rate, ip, echo, SECONDS),
-        "new connections/s, 2 destination pods": run(connection_rate, ip, echo, SECONDS, *more),
-    }
+    def port(path: str, service: int) -> int:
+        return targets[path][2][service]
+
+    def streams(count: int, metric: str) -> paired.Case:
+        return lambda p: {
+            metric: run(p, throughput, targets[p][1], port(p, proxy_lab.COUNT_SINK), count, SECONDS)
+        }
+
+    def rr(p: str) -> dict[str, float]:
+        p50, p99 = run(p, request_response, targets[p][1], port(p, proxy_lab.ECHO), SECONDS)
+        return {"RR latency p50": p50, "RR latency p99": p99}
+
+    def rate(metric: str, *, spread: bool) -> paired.Case:
+        def case(p: str) -> dict[str, float]:
+            _pod, ip, _ports, more = targets[p]
+            return {
+                metric: run(
+                    p, connection_rate, ip, port(p, proxy_lab.ECHO), SECONDS, *(more if spread else ())
+                )
+            }
+
+        return case
+
+    return [
+        streams(1, "throughput 1 stream"),
+        streams(4, "throughput 4 streams"),
+        rr,
+        rate("new connections/s", spread=False),
+        rate("new connections/s, 2 destination pods", spread=True),
+    ]
 
 
 UNITS = {
@@ -200,10 +242,6 @@ UNITS = {
     "new connections/s": "conn/s",
     "new connections/s, 2 destination pods": "conn/s",
 }
-
-
-def _row(name: str, value: float, unit: str, baseline: str = "") -> dict[str, Any]:
-    return {"name": name, "value": value, "unit": unit, "baseline": baseline}
 
 
 def _env_int(name: str) -> int | None:
@@ -226,14 +264,10 @@ def run() -> list[dict[str, Any]]:
                 connections_per_key=_env_int("AMBIT_BENCH_CONNECTIONS_PER_KEY"),
             )
             _start_stunnel(lab, workdir)
-            results = {path: _measure(lab, target) for path, target in _cases(lab).items()}
+            # no widen_port_ranges here: with it, a connect from pod-1-2 in this nftables lab timed out
+            # (SYNs unanswered for 30 s) in the one run tried; the agent benches use it (lab_mesh)
+            targets = _targets(lab)
+            samples = paired.interleave(tuple(targets), _cases(lab, targets), REPS)
         finally:
             control.down(prefix)
-    rows = []
-    for metric, unit in UNITS.items():
-        plain, stunnel, ambit = (results[p][metric] for p in ("plain", "stunnel", "ambit"))
-        rows.append(_row(f"plain: {metric}", plain, unit))
-        rows.append(_row(f"stunnel: {metric}", stunnel, unit, f"plain: {metric}"))
-        rows.append(_row(f"ambit: {metric}", ambit, unit, f"plain: {metric}"))
-        rows.append(_row(f"ambit vs stunnel: {metric}", ambit, unit, f"stunnel: {metric}"))
-    return rows
+    return paired.rows(samples, UNITS, {"ambit": "stunnel", "stunnel": "plain"}, ("ambit", "stunnel"))

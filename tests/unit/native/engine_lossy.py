@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from engine_stress import run_stress  # noqa: E402
 from engine_testkit import make_pki  # noqa: E402
 
-DROP_ONE_IN = 10
+DROP_ONE_IN = 20
 STREAMS = 300
 ABORTS = ("client_abort", "server_abort")
 _NFT = f"""
