@@ -5,20 +5,9 @@ connect bound (address, 0) and the third failed with EADDRINUSE."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
-HERE = os.path.dirname(__file__)
-ROOT = os.path.join(HERE, "..", "..", "..")
+from engine_testkit import run_in_own_netns
 
 
 def test_connects_from_one_address_share_ports_across_destinations() -> None:
-    proc = subprocess.run(
-        ["unshare", "--net", "--", sys.executable, os.path.join(HERE, "engine_ports.py")],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    answers = json.loads(proc.stdout.strip().splitlines()[-1])
+    answers = run_in_own_netns("engine_ports.py", timeout=60)
     assert answers == ["stream_accepted"] * 3 + ["agent connect started"]
