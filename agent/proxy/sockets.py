@@ -18,6 +18,9 @@ from agent.redirect.marks import AGENT_SOCKET_MARK
 # IP_TRANSPARENT lets a listener accept connections addressed to any IP (tc/tproxy steered them here) and
 # lets an upstream socket bind a non-local source address (the client pod's IP). Needs CAP_NET_ADMIN.
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+# The port of a socket bound to (ip, 0) is picked at connect, unique per 4-tuple, not reserved at bind against
+# every destination (a bind(ip, 0) skips every port that ip's TIME_WAIT sockets hold: see docs/engine.md).
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 LISTEN_BACKLOG = 4096
 
 
@@ -72,6 +75,7 @@ def connect_nonblocking(
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if source_ip is not None:
             sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((source_ip, 0))
         sock.setblocking(False)
         rc = sock.connect_ex((ip, port))

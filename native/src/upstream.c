@@ -51,10 +51,32 @@ static int addr_of(const char *ip, int port, struct sockaddr_storage *out, sockl
     return -1;
 }
 
+/* The client's own port when it is free here (no port search at all: the search through ports that
+ * earlier connects of this address hold in TIME_WAIT grew to milliseconds per connect under a steady
+ * connection rate), else one the kernel picks at connect. */
+static int bind_source(int fd, struct sockaddr_storage *src, socklen_t slen, int port)
+{
+    if (port > 0 && port <= 65535) {
+        if (src->ss_family == AF_INET)
+            ((struct sockaddr_in *)src)->sin_port = htons((uint16_t)port);
+        else
+            ((struct sockaddr_in6 *)src)->sin6_port = htons((uint16_t)port);
+        if (bind(fd, (struct sockaddr *)src, slen) == 0)
+            return 0;
+        if (errno != EADDRINUSE)
+            return -1;
+        if (src->ss_family == AF_INET)
+            ((struct sockaddr_in *)src)->sin_port = 0;
+        else
+            ((struct sockaddr_in6 *)src)->sin6_port = 0;
+    }
+    return bind(fd, (struct sockaddr *)src, slen);
+}
+
 /* The socket a pod is reached with: marked (never captured again), from `source_ip` (IP_TRANSPARENT, the
  * client's address) when given, connect started. */
-static int upstream_socket(const char *dst_ip, int dst_port, const char *source_ip, int mark, char *err,
-                           size_t errlen)
+static int upstream_socket(const char *dst_ip, int dst_port, const char *source_ip, int source_port, int mark,
+                           char *err, size_t errlen)
 {
     struct sockaddr_storage dst, src;
     socklen_t dlen, slen;
@@ -76,7 +98,12 @@ static int upstream_socket(const char *dst_ip, int dst_port, const char *source_
     else if (source_ip && (family == AF_INET ? setsockopt(fd, SOL_IP, IP_TRANSPARENT, &one, sizeof(one))
                                              : setsockopt(fd, SOL_IPV6, IPV6_TRANSPARENT, &one, sizeof(one))) < 0)
         what = "IP_TRANSPARENT";
-    else if (source_ip && bind(fd, (struct sockaddr *)&src, slen) < 0)
+    /* The port comes at connect(), unique per 4-tuple, not at bind(): bind(ip, 0) reserves a port against
+     * every destination and skips every port any earlier socket of that address still holds (TIME_WAIT
+     * too), so the connects of one busy client address scanned an ever fuller range, then failed. */
+    else if (source_ip && setsockopt(fd, SOL_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one)) < 0) /* v6 too */
+        what = "IP_BIND_ADDRESS_NO_PORT";
+    else if (source_ip && bind_source(fd, &src, slen, source_port) < 0)
         what = "bind";
     else if (connect(fd, (struct sockaddr *)&dst, dlen) < 0 && errno != EINPROGRESS)
         what = "connect";
@@ -224,7 +251,7 @@ void accept_connect_start(ambit_loop *l, acmd *c) { accept_connect_fast(l, c, NU
 void accept_connect_fast(ambit_loop *l, acmd *c, const fast_accept *fa)
 {
     char err[160];
-    int fd = upstream_socket(c->text, c->status, c->text2, (int)c->aux, err, sizeof(err));
+    int fd = upstream_socket(c->text, c->status, c->text2, fa ? fa->port : 0, (int)c->aux, err, sizeof(err));
     if (fd < 0) {
         refuse(l, c->id, c->id2, c->tag, EIO, err, fa);
         return;

@@ -1,13 +1,18 @@
-"""Helpers for the native engine tests: a real CA and SVIDs, event waiting, fd counting, TCP pairs."""
+"""Helpers for the native engine tests: a real CA and SVIDs, event waiting, fd counting, TCP pairs, scripts
+run in a network namespace of their own."""
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -132,3 +137,15 @@ def tunnel(engine: Engine, events: Events, pki: Pki, expected_peer: str | None =
     t.client = engine.connect_hbone(a.detach(), cctx, expected_peer or pki.server.spiffe_id, tag=1)
     t.server = engine.serve_hbone(b.detach(), sctx, tag=2)
     return t
+
+
+def run_in_own_netns(script: str, timeout: float) -> Any:
+    """Runs tests/unit/native/`script` under `unshare --net` (its own loopback, sysctls, nftables) and
+    returns the JSON of its last output line."""
+    here = os.path.dirname(__file__)
+    proc = subprocess.run(
+        ["unshare", "--net", "--", sys.executable, os.path.join(here, script)],
+        cwd=os.path.join(here, "..", "..", ".."), capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -216,3 +216,35 @@ def test_a_hit_whose_upstream_fails_is_refused_503(engine: Engine, events: Event
     assert events.kind("upstream_failed", tag=fast.tag).status > 0
     assert events.kind("stream_refused", conn_id=t.client).status == 503
     app.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("taken", [False, True], ids=["port-free", "port-taken"])
+def test_the_pod_sees_the_client_port_when_it_is_free(
+    engine: Engine, events: Events, pki: Pki, taken: bool
+) -> None:
+    """From the client's address, the engine connects from the port `forwarded` names (no port search
+    through the TIME_WAIT of earlier connects); a port already held here falls back to one the kernel
+    picks."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    t = _ready(engine, events, pki)
+    engine.fastin_put(
+        1, engine.fastin_generation(), t.server, AUTHORITY, CLAIM, srv.getsockname(), "127.0.0.1", 0, 8
+    )
+    port = _free_port()
+    holder = socket.socket()
+    if taken:
+        holder.bind(("127.0.0.1", port))
+    app = _open(t, port=port)
+    events.kind("fast_accept", conn_id=t.server)
+    pod, peer = srv.accept()
+    assert peer[0] == "127.0.0.1" and (peer[1] == port) is not taken
+    app.sendall(b"x")
+    assert pod.recv(1) == b"x"
+    for s in (app, pod, holder, srv):
+        s.close()

@@ -7,22 +7,11 @@ reset that would make the test flaky."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
-HERE = os.path.dirname(__file__)
-ROOT = os.path.join(HERE, "..", "..", "..")
+from engine_testkit import run_in_own_netns
 
 
 def test_aborted_streams_lose_nothing_over_a_lossy_network() -> None:
-    proc = subprocess.run(
-        ["unshare", "--net", "--", sys.executable, os.path.join(HERE, "engine_lossy.py")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_in_own_netns("engine_lossy.py", timeout=300)
     dropped = result.pop("nft")
     assert dropped and "packets 0 " not in dropped[0], dropped  # the loss really happened
     lost = {name: mismatches[:5] for name, mismatches in result.items() if mismatches}
