@@ -78,8 +78,6 @@ bench: setup
 clean:
 	rm -rf $(VENV) api/.built native/.built native/_engine* native/src/*.o gateway/native/.built gateway/native/_gateway* build *.egg-info
 
-	rm -rf $(VENV) api/.built native/.built native/_engine* native/src/*.o build *.egg-info
-
 # helm for the chart tests (deploy/helm/ambit): built from the Go module proxy, cached outside the clone.
 setup: helm
 .PHONY: helm image
