@@ -4,6 +4,7 @@ Run by `make gateway`; links libmodsecurity (Debian libmodsecurity3), OpenSSL, a
 C sources Debian's node-llhttp package ships (/usr/share/llhttp), so nothing is vendored here.
 """
 
+import os
 from pathlib import Path
 
 from cffi import FFI
@@ -14,6 +15,9 @@ SRC = HERE / "src"
 LLHTTP_SRC = Path("/usr/share/llhttp")
 LLHTTP_INCLUDE = Path("/usr/share/include/llhttp")
 HEADER = SRC / "gw.h"
+# AMBIT_ENGINE_SANITIZE=address builds an ASan gateway too (as native/build_engine.py; docs/engine.md).
+_SANITIZER = os.environ.get("AMBIT_ENGINE_SANITIZE", "")
+SANITIZE = [f"-fsanitize={_SANITIZER}", "-fno-omit-frame-pointer", "-g"] if _SANITIZER else []
 
 
 def cdef_from_header(text: str) -> str:
@@ -32,11 +36,13 @@ ffibuilder.set_source(
     + [str(LLHTTP_SRC / name) for name in ("llhttp.c", "api.c", "http.c")],
     include_dirs=[str(SRC), str(LLHTTP_INCLUDE)],
     libraries=["modsecurity", "ssl", "crypto", "nghttp2", "pthread"],
-    extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11", "-D_GNU_SOURCE", "-Wno-unused-parameter"],
+    extra_compile_args=[
+        "-O2", "-Wall", "-Wextra", "-std=gnu11", "-D_GNU_SOURCE", "-Wno-unused-parameter", *SANITIZE,
+    ],
+    extra_link_args=SANITIZE,
 )
 
 if __name__ == "__main__":
-    import os
     import shutil
 
     os.chdir(ROOT)

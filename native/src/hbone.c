@@ -205,7 +205,9 @@ static void stream_finish(hstream *s, const char *detail)
     if (s->peer_counted)
         limits_stream_end(e, c->peer_key);
     c->in_total -= abuf_pending(&s->in);
-    if (s->h2id > 0 && !s->h2_closed && c->h2)
+    /* nghttp2 must never call back with a freed stream: also when it was closed here before nghttp2 closed it
+     * (a request whose socket could not be attached: its HEADERS are still queued, then cancelled). */
+    if (s->h2id > 0 && c->h2)
         nghttp2_session_set_stream_user_data(c->h2, s->h2id, NULL);
     if (s->prev)
         s->prev->next = s->next;
@@ -408,8 +410,10 @@ static int stream_attach(hstream *s, acmd *cmd, int readable)
 {
     ambit_loop *l = s->conn->l;
     s->io.on_event = on_stream_io;
-    if ((cmd->fd_registered ? loop_move_fd(l, &s->io, cmd->fd) : loop_add_fd(l, &s->io, cmd->fd)) < 0)
+    if ((cmd->fd_registered ? loop_move_fd(l, &s->io, cmd->fd) : loop_add_fd(l, &s->io, cmd->fd)) < 0) {
+        s->io.fd = -1; /* not taken: the caller still owns (and closes) the fd, stream_finish must not */
         return -1;
+    }
     cmd->fd = -1;
     s->writable = 1;
     s->readable = readable;

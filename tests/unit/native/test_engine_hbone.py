@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import tempfile
 import threading
 
 import pytest
@@ -230,3 +231,42 @@ def test_stop_frees_everything(pki: Pki) -> None:
     for s in held:
         s.close()
     assert fd_count() == before
+
+
+def test_unpollable_stream_socket_is_refused_once(engine: Engine, events: Events, pki: Pki) -> None:
+    """A local fd epoll refuses (here a regular file) refuses its stream ("epoll"), and nothing else: the
+    stream was freed while nghttp2 still held it for the queued HEADERS (a use-after-free on the loop
+    thread, "double free or corruption" without ASan), and the fd was closed twice (the second close hit
+    whatever reused the number meanwhile: the thread below keeps taking the lowest free numbers)."""
+    t = tunnel(engine, events, pki)
+    events.kind("handshake_done", conn_id=t.client)
+    with tempfile.TemporaryFile() as f:
+        ino = os.fstat(f.fileno()).st_ino
+        stop, lost = threading.Event(), []
+
+        def take_numbers() -> None:
+            while not stop.is_set():
+                held = [os.dup(f.fileno()) for _ in range(32)]
+                for fd in held:
+                    try:
+                        if os.fstat(fd).st_ino != ino:
+                            lost.append(fd)
+                        os.close(fd)
+                    except OSError:
+                        lost.append(fd)  # closed by someone else
+
+        taker = threading.Thread(target=take_numbers)
+        taker.start()
+        try:
+            for i in range(50):
+                engine.open_stream(t.client, "10.244.2.2:80", os.dup(f.fileno()), tag=100 + i)
+                assert events.kind("stream_refused", tag=100 + i).detail == "epoll"
+        finally:
+            stop.set()
+            taker.join()
+    assert lost == []
+    app, upstream, _, _ = t.open()  # the connection still carries streams
+    app.sendall(b"after")
+    assert upstream.recv(16) == b"after"
+    app.close()
+    upstream.close()
