@@ -113,6 +113,7 @@ typedef struct ambit_loop {
     struct apump *pumps_done; /* splices to free once the current epoll batch is handled */
     struct alinger *lingers; /* reset sockets still transmitting their queued bytes (linger.c) */
     struct upconn *upconns;  /* connects to pods of streams accepted once connected (upstream.c) */
+    int upconns_tick_due;    /* the tick ran: expire connects after the epoll batch (upstream.c) */
     char *rbuf;              /* shared read buffer, AMBIT_READ_CHUNK */
 } ambit_loop;
 

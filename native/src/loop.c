@@ -325,7 +325,8 @@ static void on_tick(ambit_loop *l, aio *io, uint32_t events)
     hconn_tick(l);
     linger_tick(l);
     fastpath_tick(l);
-    accept_connect_tick(l);
+    /* Not here: an expired connect is freed, and an event for it may still follow in this batch. */
+    l->upconns_tick_due = 1;
     if (l->index == 0)
         maybe_trim(l->engine);
 }
@@ -362,6 +363,10 @@ static void *loop_main(void *arg)
         for (int i = 0; i < n; i++) {
             aio *io = evs[i].data.ptr;
             io->on_event(l, io, evs[i].events);
+        }
+        if (l->upconns_tick_due) {
+            l->upconns_tick_due = 0;
+            accept_connect_tick(l);
         }
         hconn_process_pending(l);
         pump_process_pending(l);

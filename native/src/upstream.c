@@ -280,6 +280,8 @@ void accept_connect_fast(ambit_loop *l, acmd *c, const fast_accept *fa)
     }
 }
 
+/* Called by loop_main after an epoll batch, never inside one: finish() frees connects whose events that
+ * batch may still hold. */
 void accept_connect_tick(ambit_loop *l)
 {
     uint64_t now = now_ms();
