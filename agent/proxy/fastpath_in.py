@@ -278,6 +278,20 @@ class InboundFastPath:
         for fe in list(self._by_key.values()):
             self._remove(fe)
 
+    def reclaim(self, peer_ip: str) -> int:
+        """`peer_ip` has spent its stream budget: the credits its entries hold but no stream uses yet go
+        back to it (those entries are removed; the next allowed stream installs one anew with at most half
+        of what is left), so a peer below its limit is never refused for the fast path's reservation (as
+        the outbound fast path's reclaim). How many units came back."""
+        budget = self._rt.budgets.hbone_source_streams
+        before = budget.held(peer_ip)
+        for fe in [fe for fe in self._by_key.values() if fe.allowed.peer_ip == peer_ip]:
+            self._remove(fe)
+        freed = before - budget.held(peer_ip)
+        if freed:
+            self._rt.counters["fastpath_in_reclaimed"] += freed
+        return freed
+
     def _remove(self, fe: InEntry) -> None:
         left = self._rt.engine.fastin_remove(fe.id)
         self._by_key.pop(fe.key, None)

@@ -296,6 +296,8 @@ class Inbound:
         # to the others' cost (one identity's streams: the engine's streams_per_peer, limits.py).
         held = ((rt.budgets.hbone_source_streams, conn.peer_ip),)
         for budget, key in held:
+            if budget.at_limit(key):  # part of it may be credits the fast path reserved, unused
+                self.fast.reclaim(key)
             if budget.full(key):
                 rt.warn.warning(
                     budget.name, "%s holds %d streams (limit): refusing its new ones", key, budget.limit

@@ -95,9 +95,13 @@ class Budget:
     _live: collections.Counter[str] = field(default_factory=collections.Counter)
     refused: int = 0
 
+    def at_limit(self, key: str) -> bool:
+        """Whether `key` is at its limit (0: unlimited), uncounted: a look before giving units back."""
+        return bool(self.limit) and self._live.get(key, 0) >= self.limit
+
     def full(self, key: str) -> bool:
         """Whether `key` is at its limit (0: unlimited): its new work is refused (counted here)."""
-        if not self.limit or self._live.get(key, 0) < self.limit:
+        if not self.at_limit(key):
             return False
         self.refused += 1
         return True

@@ -51,7 +51,7 @@ class Outbound:
         rt = self.rt
         record = rt.accepted(client, Direction.OUTBOUND, "outbound_accepted")
         budget = rt.budgets.outbound_sources
-        if budget.full(record.source_ip):  # part of it may be credits the fast path reserved, unused
+        if budget.at_limit(record.source_ip):  # part of it may be credits the fast path reserved, unused
             self.fast.reclaim(record.source_ip)
         if rt.over_budget(budget, record.source_ip, client, record):
             return

@@ -207,3 +207,18 @@ def test_one_peer_cannot_fill_the_table_past_its_budget(rt: Runtime) -> None:
     assert len(fast) == 5 and held == LIMIT - 1  # credits 8, 6, 3, 1, 1 of LIMIT 20
     fast.clear()
     assert rt.budgets.hbone_source_streams.held(PEER) == 0
+
+
+def test_a_spent_budget_takes_back_the_unused_credits(rt: Runtime) -> None:
+    """The entries' reserved credits filled the peer's budget with no stream using them: the ordinary path,
+    finding the budget spent, takes them back before it refuses anything."""
+    fast = _fast(rt, capacity=100)
+    for port in range(8000, 8010):
+        fast.offer(_allowed(rt, fast, authority=f"10.244.2.2:{port}"))
+    budget = rt.budgets.hbone_source_streams
+    budget.take(PEER)  # one ordinary stream on top: the peer looks full
+    assert budget.at_limit(PEER)
+    assert fast.reclaim(PEER) == LIMIT - 1
+    assert len(fast) == 0 and _engine_entries(rt) == 0 and budget.held(PEER) == 1
+    assert rt.counters["fastpath_in_reclaimed"] == LIMIT - 1
+    assert fast.reclaim("172.30.0.99") == 0  # another peer's budget is not touched
