@@ -123,7 +123,7 @@ class FastPath:
             return
         budget = rt.budgets.outbound_sources
         src_ip = route.key[0]
-        credits = min(self.credits, (budget.limit - budget.held(src_ip)) // 2)
+        credits = budget.room(src_ip, self.credits)
         if credits < 1:
             return  # the source is near its budget: each new connection is checked the ordinary way
         entry = FastEntry(
@@ -198,7 +198,7 @@ class FastPath:
         """Half its credits spent: grant more (reserving their budget units), one engine call per half."""
         budget = self._rt.budgets.outbound_sources
         src_ip = fe.key[0]
-        more = min(self.credits - fe.held, (budget.limit - budget.held(src_ip)) // 2)
+        more = budget.room(src_ip, self.credits - fe.held)
         if more < 1 or not self._rt.engine.fastpath_add_credits(fe.id, more):
             return  # near the budget, or removed: new connections take the ordinary path
         for _ in range(more):

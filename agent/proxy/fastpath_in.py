@@ -123,7 +123,7 @@ class InboundFastPath:
             rt.counters["fastpath_in_table_full"] += 1
             return
         budget = rt.budgets.hbone_source_streams
-        credits = min(self.credits, self._room(allowed.peer_ip))
+        credits = budget.room(allowed.peer_ip, self.credits)
         tls_generation = rt.tls.server_generation(allowed.local)
         if credits < 1 or tls_generation < 0:
             return  # the peer is near its budget: each stream is checked the ordinary way
@@ -220,16 +220,10 @@ class InboundFastPath:
         except EngineError as exc:  # already gone: its close event is on the way
             log.debug("resetting stream %d: %s", entry.tag, exc)
 
-    def _room(self, peer: str) -> int:
-        """Credits the peer's stream budget can reserve: half what it has left, so streams the ordinary
-        path checks keep the other half (all of `credits` when the budget is unlimited)."""
-        budget = self._rt.budgets.hbone_source_streams
-        return self.credits if not budget.limit else (budget.limit - budget.held(peer)) // 2
-
     def _top_up(self, fe: InEntry) -> None:
         """Half its credits spent: more (their budget units reserved), one engine call per half."""
         budget, peer = self._rt.budgets.hbone_source_streams, fe.allowed.peer_ip
-        more = min(self.credits - fe.held, self._room(peer))
+        more = budget.room(peer, self.credits - fe.held)
         if more < 1 or not self._rt.engine.fastin_add_credits(fe.id, more):
             return
         for _ in range(more):

@@ -123,6 +123,11 @@ class Budget:
     def held(self, key: str) -> int:
         return self._live.get(key, 0)
 
+    def room(self, key: str, want: int) -> int:
+        """Units a reservation for `key` may take (the fast paths' credits): at most `want` and at most half
+        of what `key` has left, so work checked one by one keeps the other half (`want` when unlimited)."""
+        return want if not self.limit else min(want, (self.limit - self.held(key)) // 2)
+
     def __len__(self) -> int:
         return len(self._live)
 

@@ -136,3 +136,14 @@ def test_a_spent_budget_takes_back_the_unused_credits(rt: Runtime) -> None:
     assert budget.held("10.244.1.2") == LIMIT - reserved and rt.counters["fastpath_reclaimed"] == reserved
     assert rt.engine.counters()["fastpath_entries"] == 0
     assert fast.reclaim("10.244.1.2") == 0  # nothing reserved any more
+
+
+def test_an_unlimited_budget_still_gets_entries(rt: Runtime) -> None:
+    """`outbound_connections_per_source=0` is unlimited: entries get all their credits (before, credits were
+    computed from a limit of 0, came out negative and the fast path never installed an entry)."""
+    rt.budgets.outbound_sources.limit = 0
+    fast = _fast(rt)
+    route = _route(fast)
+    fast.offer(route, _ready(rt, route, 101))
+    assert len(fast) == 1 and rt.engine.counters()["fastpath_entries"] == 1
+    assert rt.budgets.outbound_sources.held("10.244.1.2") == 8  # all its credits, still accounted

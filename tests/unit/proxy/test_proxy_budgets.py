@@ -20,6 +20,15 @@ def test_zero_is_unlimited() -> None:
     assert all(b.take("a") for _ in range(1000)) and b.refused == 0
 
 
+def test_room_is_half_of_what_is_left_at_most_what_is_wanted() -> None:
+    b = Budget("x", limit=10)
+    assert b.room("a", 8) == 5
+    for _ in range(9):
+        b.take("a")
+    assert b.room("a", 8) == 0 and b.room("b", 3) == 3  # another key has its own budget
+    assert Budget("y", limit=0).room("a", 8) == 8  # unlimited
+
+
 def test_every_budget_is_reported() -> None:
     counters = Budgets(Limits()).counters()
     assert set(counters) == {
